@@ -1,0 +1,3 @@
+//! The `hush` command-line client.
+
+fn main() {}

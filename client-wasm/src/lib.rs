@@ -1,0 +1,1 @@
+//! hush-client (skeleton; filled in by later work).

@@ -1,0 +1,1 @@
+//! hush-crypto (skeleton; filled in by later work).

@@ -1,0 +1,308 @@
+//! The end-to-end encrypted envelope and its plaintext header.
+//!
+//! The header is written by hand at fixed offsets (see `docs/PROTOCOL.md`)
+//! rather than through serde, because its exact bytes are the associated data
+//! that the AEAD authenticates: the relay can read the routing fields (ids,
+//! sender seq) but cannot change a single bit of them without the recipient
+//! rejecting the envelope. The relay stores and forwards [`Envelope::to_bytes`]
+//! verbatim.
+
+use crate::ProtocolError;
+use crate::ids::{ConversationId, DeviceId, MessageId};
+use crate::limits::{MAX_ENVELOPE_LEN, MAX_RATCHET_HEADER_LEN};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Version byte of the envelope header layout.
+pub const ENVELOPE_VERSION: u8 = 1;
+
+/// Header flag: a [`SessionInitHeader`] follows the ratchet header.
+pub const FLAG_SESSION_INIT: u8 = 0b0000_0001;
+
+/// Bytes of the header before the variable-length ratchet header.
+pub const FIXED_HEADER_LEN: usize = 83;
+
+/// Bytes of an encoded [`SessionInitHeader`].
+pub const SESSION_INIT_LEN: usize = 72;
+
+/// Smallest possible ciphertext: the 16-byte Poly1305 tag of an empty payload.
+pub const MIN_CIPHERTEXT_LEN: usize = 16;
+
+/// Marks "no one-time prekey was used" in [`SessionInitHeader`]'s encoding.
+const NO_ONE_TIME_PREKEY: u32 = u32::MAX;
+
+/// What a sender attaches to its first messages to an offline recipient: the
+/// inputs the recipient needs to run the X3DH-style agreement from its prekeys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInitHeader {
+    /// Initiator's long-term X25519 agreement public key.
+    pub initiator_identity: [u8; 32],
+    /// Initiator's ephemeral X25519 public key.
+    pub ephemeral: [u8; 32],
+    /// Which of the recipient's signed prekeys was used.
+    pub signed_prekey_id: u32,
+    /// Which one-time prekey was used, if one was available.
+    pub one_time_prekey_id: Option<u32>,
+}
+
+/// The plaintext header of an envelope. Everything here is visible to the
+/// relay; everything here is also authenticated end to end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopeHeader {
+    /// Sender-minted, time-ordered id; the relay's dedup key with the sender.
+    pub message_id: MessageId,
+    /// The sending device.
+    pub sender_device: DeviceId,
+    /// The device whose inbox receives this envelope.
+    pub recipient_device: DeviceId,
+    /// The conversation the message belongs to.
+    pub conversation_id: ConversationId,
+    /// Per (sender device, conversation, recipient device) contiguous counter,
+    /// starting at 1: the recipient detects gaps in it end to end.
+    pub sender_seq: u64,
+    /// Sender's clock at sealing time, ms since the Unix epoch (display only).
+    pub sent_at_ms: u64,
+    /// The double-ratchet header, encoded by `hush-crypto`
+    /// (at most [`MAX_RATCHET_HEADER_LEN`] bytes).
+    pub ratchet: Vec<u8>,
+    /// Present on messages sent before the recipient has replied.
+    pub session_init: Option<SessionInitHeader>,
+}
+
+impl EnvelopeHeader {
+    /// Length of this header once encoded.
+    pub fn encoded_len(&self) -> usize {
+        FIXED_HEADER_LEN
+            + self.ratchet.len()
+            + if self.session_init.is_some() {
+                SESSION_INIT_LEN
+            } else {
+                0
+            }
+    }
+
+    /// The exact header bytes: what goes on the wire and what the AEAD
+    /// authenticates as associated data.
+    ///
+    /// Fails only if the ratchet header exceeds [`MAX_RATCHET_HEADER_LEN`].
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.write(&mut out)?;
+        Ok(out)
+    }
+
+    fn write(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        if self.ratchet.len() > MAX_RATCHET_HEADER_LEN {
+            return Err(ProtocolError::TooLarge {
+                what: "ratchet header",
+                len: self.ratchet.len(),
+                max: MAX_RATCHET_HEADER_LEN,
+            });
+        }
+        let flags = if self.session_init.is_some() {
+            FLAG_SESSION_INIT
+        } else {
+            0
+        };
+        out.push(ENVELOPE_VERSION);
+        out.push(flags);
+        out.extend_from_slice(self.message_id.as_bytes());
+        out.extend_from_slice(self.sender_device.as_bytes());
+        out.extend_from_slice(self.recipient_device.as_bytes());
+        out.extend_from_slice(self.conversation_id.as_bytes());
+        out.extend_from_slice(&self.sender_seq.to_be_bytes());
+        out.extend_from_slice(&self.sent_at_ms.to_be_bytes());
+        // Checked above: fits in a byte.
+        out.push(self.ratchet.len() as u8);
+        out.extend_from_slice(&self.ratchet);
+        if let Some(init) = &self.session_init {
+            out.extend_from_slice(&init.initiator_identity);
+            out.extend_from_slice(&init.ephemeral);
+            out.extend_from_slice(&init.signed_prekey_id.to_be_bytes());
+            out.extend_from_slice(
+                &init
+                    .one_time_prekey_id
+                    .unwrap_or(NO_ONE_TIME_PREKEY)
+                    .to_be_bytes(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Parse a header from the front of `bytes`; returns it and its length.
+    pub fn parse(bytes: &[u8]) -> Result<(EnvelopeHeader, usize), ProtocolError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let version = r.u8()?;
+        if version != ENVELOPE_VERSION {
+            return Err(ProtocolError::UnsupportedVersion(version));
+        }
+        let flags = r.u8()?;
+        if flags & !FLAG_SESSION_INIT != 0 {
+            return Err(ProtocolError::Malformed("envelope flags"));
+        }
+        let message_id = MessageId(r.array()?);
+        let sender_device = DeviceId(r.array()?);
+        let recipient_device = DeviceId(r.array()?);
+        let conversation_id = ConversationId(r.array()?);
+        let sender_seq = u64::from_be_bytes(r.array()?);
+        let sent_at_ms = u64::from_be_bytes(r.array()?);
+        let ratchet_len = usize::from(r.u8()?);
+        if ratchet_len > MAX_RATCHET_HEADER_LEN {
+            return Err(ProtocolError::TooLarge {
+                what: "ratchet header",
+                len: ratchet_len,
+                max: MAX_RATCHET_HEADER_LEN,
+            });
+        }
+        let ratchet = r.take(ratchet_len)?.to_vec();
+        let session_init = if flags & FLAG_SESSION_INIT != 0 {
+            let initiator_identity = r.array()?;
+            let ephemeral = r.array()?;
+            let signed_prekey_id = u32::from_be_bytes(r.array()?);
+            let otk = u32::from_be_bytes(r.array()?);
+            Some(SessionInitHeader {
+                initiator_identity,
+                ephemeral,
+                signed_prekey_id,
+                one_time_prekey_id: (otk != NO_ONE_TIME_PREKEY).then_some(otk),
+            })
+        } else {
+            None
+        };
+        let header = EnvelopeHeader {
+            message_id,
+            sender_device,
+            recipient_device,
+            conversation_id,
+            sender_seq,
+            sent_at_ms,
+            ratchet,
+            session_init,
+        };
+        Ok((header, r.pos))
+    }
+}
+
+/// An envelope: plaintext header plus ChaCha20-Poly1305 ciphertext.
+///
+/// On the wire (inside frames) an envelope is one postcard byte string holding
+/// [`Envelope::to_bytes`]; the relay stores those bytes unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The authenticated plaintext header.
+    pub header: EnvelopeHeader,
+    /// The AEAD output (padded payload + 16-byte tag); opaque to the relay.
+    pub ciphertext: Vec<u8>,
+}
+
+impl Envelope {
+    /// Encode header then ciphertext, enforcing [`MAX_ENVELOPE_LEN`].
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
+        let len = self.encoded_len();
+        if len > MAX_ENVELOPE_LEN {
+            return Err(ProtocolError::TooLarge {
+                what: "envelope",
+                len,
+                max: MAX_ENVELOPE_LEN,
+            });
+        }
+        if self.ciphertext.len() < MIN_CIPHERTEXT_LEN {
+            return Err(ProtocolError::Malformed("ciphertext shorter than a tag"));
+        }
+        let mut out = Vec::with_capacity(len);
+        self.header.write(&mut out)?;
+        out.extend_from_slice(&self.ciphertext);
+        Ok(out)
+    }
+
+    /// Length of [`Envelope::to_bytes`].
+    pub fn encoded_len(&self) -> usize {
+        self.header.encoded_len() + self.ciphertext.len()
+    }
+
+    /// Decode an envelope, checking the size limit before anything else.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Envelope, ProtocolError> {
+        if bytes.len() > MAX_ENVELOPE_LEN {
+            return Err(ProtocolError::TooLarge {
+                what: "envelope",
+                len: bytes.len(),
+                max: MAX_ENVELOPE_LEN,
+            });
+        }
+        let (header, used) = EnvelopeHeader::parse(bytes)?;
+        let ciphertext = bytes.get(used..).unwrap_or_default();
+        if ciphertext.len() < MIN_CIPHERTEXT_LEN {
+            return Err(ProtocolError::Truncated {
+                needed: MIN_CIPHERTEXT_LEN - ciphertext.len(),
+            });
+        }
+        Ok(Envelope {
+            header,
+            ciphertext: ciphertext.to_vec(),
+        })
+    }
+
+    /// The header's bytes: the AEAD's associated data.
+    pub fn associated_data(&self) -> Result<Vec<u8>, ProtocolError> {
+        self.header.to_bytes()
+    }
+}
+
+impl Serialize for Envelope {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let bytes = self.to_bytes().map_err(serde::ser::Error::custom)?;
+        s.serialize_bytes(&bytes)
+    }
+}
+
+impl<'de> Deserialize<'de> for Envelope {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Envelope;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("envelope bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Envelope, E> {
+                Envelope::from_bytes(v).map_err(E::custom)
+            }
+            fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<Envelope, E> {
+                self.visit_bytes(v)
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Envelope, E> {
+                self.visit_bytes(&v)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+/// A bounds-checked cursor over a byte slice.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        let end = self.pos.checked_add(n).ok_or(ProtocolError::Truncated { needed: n })?;
+        match self.bytes.get(self.pos..end) {
+            Some(s) => {
+                self.pos = end;
+                Ok(s)
+            }
+            None => Err(ProtocolError::Truncated {
+                needed: end - self.bytes.len(),
+            }),
+        }
+    }
+
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+}

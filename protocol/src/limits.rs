@@ -1,0 +1,38 @@
+//! Size limits shared by relay and clients.
+//!
+//! They are part of the protocol: a peer that exceeds one gets a typed
+//! refusal ([`crate::ErrorCode::TooLarge`] or [`crate::ErrorCode::BadFrame`]).
+//! Decoders compare declared lengths against these constants before
+//! allocating, which is what keeps a hostile peer from exhausting memory.
+
+/// Largest encoded envelope (header + ciphertext), in bytes.
+pub const MAX_ENVELOPE_LEN: usize = 64 * 1024;
+
+/// Most envelopes in one `Send` batch.
+pub const MAX_BATCH: usize = 32;
+
+/// Most envelopes in one pulled page (the client may ask for fewer).
+pub const MAX_PAGE: u16 = 200;
+
+/// Byte budget of one page or push: the relay stops filling a page early
+/// rather than exceed it, so a page always fits in a frame.
+pub const MAX_PAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// Largest frame body (everything after the 4-byte length prefix).
+/// A full batch or page plus per-item overhead fits with room to spare.
+pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
+
+/// Most one-time prekeys in one publish request.
+pub const MAX_ONE_TIME_PREKEYS: usize = 200;
+
+/// Most devices in one user's signed device list.
+pub const MAX_DEVICES_PER_USER: usize = 16;
+
+/// Most dropped sender-seq ranges reported in one truncated page.
+pub const MAX_DROPPED_RANGES: usize = 1024;
+
+/// Longest human-readable string in a frame (error messages, close reasons).
+pub const MAX_TEXT_LEN: usize = 256;
+
+/// Longest ratchet header carried inside an envelope header.
+pub const MAX_RATCHET_HEADER_LEN: usize = 96;

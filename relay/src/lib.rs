@@ -1,0 +1,1 @@
+//! hush-relay (skeleton; filled in by later work).

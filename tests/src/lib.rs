@@ -1,0 +1,1 @@
+//! hush-tests (skeleton; filled in by later work).
