@@ -1,0 +1,1 @@
+//! In-memory [`super::Store`] (to be written).

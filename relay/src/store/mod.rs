@@ -1,0 +1,243 @@
+//! Durable storage of the relay, behind the [`Store`] trait.
+//!
+//! The relay keeps, per recipient device, an inbox of opaque envelope bytes
+//! keyed by a contiguous relay seq, plus the small amount of metadata it needs
+//! to route, deduplicate, expire and authenticate. Two implementations:
+//!
+//! - [`redb_store::RedbStore`] — the real one, a single redb file; every
+//!   mutating call is one write transaction committed with
+//!   `Durability::Immediate`, so when it returns the change survives `kill -9`.
+//! - [`memory::MemoryStore`] — the same semantics in memory, for the
+//!   deterministic simulator and unit tests.
+//!
+//! The store never reads a clock: callers pass `now_ms`, so retention can be
+//! tested with virtual time. It never sees plaintext: envelopes arrive as the
+//! sender's bytes and leave unchanged. Group commit (batching concurrent sends
+//! into one transaction) is the caller's job: [`Store::commit`] takes a batch.
+
+pub mod memory;
+pub mod redb_store;
+
+use hush_protocol::{
+    ConversationId, DeviceId, DeviceRegistration, MessageId, OneTimePrekey, PrekeyBundle,
+    SignedDeviceList, SignedPrekey, Truncation, UserKey,
+};
+
+/// Inbox and retention limits enforced inside the commit transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Most unacknowledged envelopes one inbox may hold.
+    pub max_inbox_messages: u64,
+    /// Most unacknowledged envelope bytes one inbox may hold.
+    pub max_inbox_bytes: u64,
+    /// Most one-time prekeys one device may keep on the relay.
+    pub max_one_time_prekeys: u32,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            max_inbox_messages: 100_000,
+            max_inbox_bytes: 1024 * 1024 * 1024,
+            max_one_time_prekeys: 1_000,
+        }
+    }
+}
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    /// Keys and certificate as registered.
+    pub registration: DeviceRegistration,
+    /// When it registered (relay clock).
+    pub registered_at_ms: u64,
+}
+
+/// An envelope to commit, with the plaintext header fields the relay reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEnvelope {
+    /// Inbox it goes to (= header's recipient device).
+    pub recipient: DeviceId,
+    /// Sending device (= header's sender device, = the authenticated device).
+    pub sender: DeviceId,
+    /// Header's message id; with sender and recipient, the dedup key.
+    pub message_id: MessageId,
+    /// Header's conversation id (kept in tombstones).
+    pub conversation: ConversationId,
+    /// Header's sender seq (kept in tombstones).
+    pub sender_seq: u64,
+    /// The envelope exactly as received (`Envelope::to_bytes`).
+    pub bytes: Vec<u8>,
+    /// When it is purged if still unacknowledged.
+    pub expires_at_ms: u64,
+}
+
+/// The fate of one [`NewEnvelope`] in a committed batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Stored under this relay seq in the recipient's inbox.
+    Stored {
+        /// The new relay seq.
+        seq: u64,
+    },
+    /// Already stored earlier (same sender, recipient and message id, not
+    /// yet expired): the original seq, nothing written.
+    Duplicate {
+        /// The original relay seq.
+        seq: u64,
+    },
+    /// Not stored, nothing written for it.
+    Refused(Refusal),
+}
+
+/// Why an envelope was not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The recipient device is not registered.
+    UnknownRecipient,
+    /// The recipient's inbox holds `max_inbox_messages` already.
+    QuotaMessages,
+    /// The recipient's inbox would exceed `max_inbox_bytes`.
+    QuotaBytes,
+}
+
+/// One stored envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEnvelope {
+    /// Its relay seq.
+    pub seq: u64,
+    /// The envelope bytes as the sender sent them.
+    pub bytes: Vec<u8>,
+}
+
+/// A page read from an inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxPage {
+    /// Envelopes with seq > `after`, ascending, at most `limit` and at most
+    /// `max_bytes` in total (but always at least one if any exists).
+    pub envelopes: Vec<StoredEnvelope>,
+    /// Envelopes still stored after the last one of this page.
+    pub remaining: u64,
+    /// Set when envelopes with seq > `after` were purged before being acked:
+    /// the tombstones of those seqs, merged into per-(sender, conversation)
+    /// sender-seq ranges.
+    pub truncated: Option<Truncation>,
+}
+
+/// Counters of one inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InboxState {
+    /// Highest relay seq ever assigned in this inbox (0 = none).
+    pub head: u64,
+    /// Highest seq the device acknowledged (everything ≤ it is deleted).
+    pub acked: u64,
+    /// Envelopes currently stored.
+    pub depth: u64,
+    /// Bytes currently stored.
+    pub bytes: u64,
+}
+
+/// What one purge pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PurgeStats {
+    /// Envelopes removed because they expired unread (tombstones written).
+    pub expired: u64,
+    /// Dedup entries removed.
+    pub dedup_removed: u64,
+}
+
+/// Storage failures. Bad input from peers is not a `StoreError` (the server
+/// validates first); these are conflicts the caller reports as typed refusals,
+/// or real IO/corruption problems.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The device id is registered with different keys.
+    #[error("device already registered with different keys")]
+    AlreadyRegistered,
+    /// The device is not registered.
+    #[error("unknown device")]
+    UnknownDevice,
+    /// A device list with this or a newer version is already stored.
+    #[error("stale device list: stored version {stored}")]
+    StaleDeviceList {
+        /// The version already stored.
+        stored: u64,
+    },
+    /// The database file failed or holds something unreadable.
+    #[error("storage failure: {0}")]
+    Backend(String),
+}
+
+/// The relay's storage. All methods are synchronous and may block on disk;
+/// async callers run them on a blocking thread. Every mutating method is
+/// atomic and durable when it returns `Ok`.
+pub trait Store: Send + Sync + 'static {
+    /// Register a device. Registering the same keys again is a no-op
+    /// (returns the existing record); different keys under the same id fail
+    /// with [`StoreError::AlreadyRegistered`].
+    fn register_device(
+        &self,
+        registration: &DeviceRegistration,
+        now_ms: u64,
+    ) -> Result<DeviceRecord, StoreError>;
+
+    /// Look a device up.
+    fn device(&self, device: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
+
+    /// Commit a batch of envelopes in ONE durable transaction and return one
+    /// outcome per input, in order. Within the batch, envelopes to the same
+    /// inbox get consecutive seqs in input order; a duplicate inside the batch
+    /// gets the seq of its first occurrence.
+    fn commit(&self, batch: &[NewEnvelope]) -> Result<Vec<CommitOutcome>, StoreError>;
+
+    /// Read up to `limit` envelopes with seq > `after` from `device`'s inbox,
+    /// stopping early once `max_bytes` would be exceeded.
+    fn pull(
+        &self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<InboxPage, StoreError>;
+
+    /// Cumulative acknowledgement: delete every envelope and tombstone with
+    /// seq ≤ `up_to` (clamped to the inbox head) and remember the cursor.
+    /// Returns the acked cursor now in force (never moves backwards).
+    fn ack(&self, device: &DeviceId, up_to: u64) -> Result<u64, StoreError>;
+
+    /// Counters of one inbox (zeros for an empty or unknown one).
+    fn inbox_state(&self, device: &DeviceId) -> Result<InboxState, StoreError>;
+
+    /// Remove envelopes whose `expires_at_ms` ≤ `now_ms` (at most `max` per
+    /// call, oldest first), writing a tombstone (sender, conversation, sender
+    /// seq) for each, and drop expired dedup entries.
+    fn purge_expired(&self, now_ms: u64, max: usize) -> Result<PurgeStats, StoreError>;
+
+    /// Replace the device's signed prekey and append one-time prekeys (ids
+    /// already present are ignored; the pool is capped at
+    /// `max_one_time_prekeys`). Returns the one-time prekeys now available.
+    fn publish_prekeys(
+        &self,
+        device: &DeviceId,
+        signed_prekey: &SignedPrekey,
+        one_time: &[OneTimePrekey],
+    ) -> Result<u32, StoreError>;
+
+    /// A bundle for starting a session with `device`, removing the one-time
+    /// prekey it hands out (each is handed out at most once). `None` if the
+    /// device has published no signed prekey.
+    fn take_prekey_bundle(&self, device: &DeviceId) -> Result<Option<PrekeyBundle>, StoreError>;
+
+    /// One-time prekeys the device has left.
+    fn one_time_prekeys_left(&self, device: &DeviceId) -> Result<u32, StoreError>;
+
+    /// Store a user's signed device list if its version is newer than the
+    /// stored one (the caller has checked the signature).
+    fn publish_device_list(&self, list: &SignedDeviceList) -> Result<u64, StoreError>;
+
+    /// A user's latest device list.
+    fn device_list(&self, user: &UserKey) -> Result<Option<SignedDeviceList>, StoreError>;
+
+    /// Total envelopes stored across all inboxes (for the inbox-depth metric).
+    fn total_depth(&self) -> Result<u64, StoreError>;
+}

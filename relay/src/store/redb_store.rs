@@ -1,0 +1,1 @@
+//! redb-backed [`super::Store`] (to be written).
