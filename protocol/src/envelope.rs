@@ -28,7 +28,9 @@ pub const SESSION_INIT_LEN: usize = 72;
 pub const MIN_CIPHERTEXT_LEN: usize = 16;
 
 /// Marks "no one-time prekey was used" in [`SessionInitHeader`]'s encoding.
-const NO_ONE_TIME_PREKEY: u32 = u32::MAX;
+/// Reserved: no one-time prekey may carry this id, since a header naming it
+/// would decode as "none used".
+pub const NO_ONE_TIME_PREKEY: u32 = u32::MAX;
 
 /// What a sender attaches to its first messages to an offline recipient: the
 /// inputs the recipient needs to run the X3DH-style agreement from its prekeys.
@@ -90,7 +92,8 @@ impl EnvelopeHeader {
         Ok(out)
     }
 
-    fn write(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    /// The checks [`EnvelopeHeader::to_bytes`] makes before writing anything.
+    fn check(&self) -> Result<(), ProtocolError> {
         if self.ratchet.len() > MAX_RATCHET_HEADER_LEN {
             return Err(ProtocolError::TooLarge {
                 what: "ratchet header",
@@ -98,6 +101,17 @@ impl EnvelopeHeader {
                 max: MAX_RATCHET_HEADER_LEN,
             });
         }
+        if let Some(init) = &self.session_init
+            && init.one_time_prekey_id == Some(NO_ONE_TIME_PREKEY)
+        {
+            // It would be written as "no one-time prekey" and read back as None.
+            return Err(ProtocolError::Malformed("reserved one-time prekey id"));
+        }
+        Ok(())
+    }
+
+    fn write(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        self.check()?;
         let flags = if self.session_init.is_some() {
             FLAG_SESSION_INIT
         } else {
@@ -197,6 +211,17 @@ pub struct Envelope {
 impl Envelope {
     /// Encode header then ciphertext, enforcing [`MAX_ENVELOPE_LEN`].
     pub fn to_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
+        self.check()?;
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.header.write(&mut out)?;
+        out.extend_from_slice(&self.ciphertext);
+        Ok(out)
+    }
+
+    /// Every check [`Envelope::to_bytes`] makes, without encoding. Frame
+    /// validation runs it so that an unencodable envelope in a batch is
+    /// reported with its real error rather than as an opaque serializer failure.
+    pub(crate) fn check(&self) -> Result<(), ProtocolError> {
         let len = self.encoded_len();
         if len > MAX_ENVELOPE_LEN {
             return Err(ProtocolError::TooLarge {
@@ -208,10 +233,7 @@ impl Envelope {
         if self.ciphertext.len() < MIN_CIPHERTEXT_LEN {
             return Err(ProtocolError::Malformed("ciphertext shorter than a tag"));
         }
-        let mut out = Vec::with_capacity(len);
-        self.header.write(&mut out)?;
-        out.extend_from_slice(&self.ciphertext);
-        Ok(out)
+        self.header.check()
     }
 
     /// Length of [`Envelope::to_bytes`].
@@ -265,7 +287,10 @@ impl<'de> Deserialize<'de> for Envelope {
             fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Envelope, E> {
                 Envelope::from_bytes(v).map_err(E::custom)
             }
-            fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<Envelope, E> {
+            fn visit_borrowed_bytes<E: serde::de::Error>(
+                self,
+                v: &'de [u8],
+            ) -> Result<Envelope, E> {
                 self.visit_bytes(v)
             }
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Envelope, E> {
@@ -284,7 +309,10 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
-        let end = self.pos.checked_add(n).ok_or(ProtocolError::Truncated { needed: n })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(ProtocolError::Truncated { needed: n })?;
         match self.bytes.get(self.pos..end) {
             Some(s) => {
                 self.pos = end;
@@ -304,5 +332,97 @@ impl<'a> Reader<'a> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N)?);
         Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::value::{BytesDeserializer, Error as ValueError};
+
+    fn sample(ratchet: usize, ct: usize, init: bool) -> Envelope {
+        Envelope {
+            header: EnvelopeHeader {
+                message_id: MessageId([1; 16]),
+                sender_device: DeviceId([2; 16]),
+                recipient_device: DeviceId([3; 16]),
+                conversation_id: ConversationId([4; 16]),
+                sender_seq: 5,
+                sent_at_ms: 6,
+                ratchet: vec![7; ratchet],
+                session_init: init.then_some(SessionInitHeader {
+                    initiator_identity: [8; 32],
+                    ephemeral: [9; 32],
+                    signed_prekey_id: 10,
+                    one_time_prekey_id: Some(11),
+                }),
+            },
+            ciphertext: vec![12; ct],
+        }
+    }
+
+    #[test]
+    fn reader_never_overflows_or_overreads() {
+        let mut r = Reader {
+            bytes: &[1, 2, 3],
+            pos: 1,
+        };
+        assert_eq!(
+            r.take(usize::MAX),
+            Err(ProtocolError::Truncated { needed: usize::MAX })
+        );
+        assert_eq!(r.take(5), Err(ProtocolError::Truncated { needed: 3 }));
+        assert_eq!(r.pos, 1, "a failed take consumes nothing");
+        assert_eq!(r.take(2), Ok(&[2u8, 3][..]));
+        assert_eq!(r.u8(), Err(ProtocolError::Truncated { needed: 1 }));
+        assert_eq!(r.array::<4>(), Err(ProtocolError::Truncated { needed: 4 }));
+    }
+
+    #[test]
+    fn encoded_len_counts_every_part() {
+        assert_eq!(sample(0, 16, false).encoded_len(), FIXED_HEADER_LEN + 16);
+        assert_eq!(
+            sample(40, 100, true).encoded_len(),
+            FIXED_HEADER_LEN + 40 + SESSION_INIT_LEN + 100
+        );
+        let e = sample(40, 100, true);
+        assert_eq!(e.to_bytes().map(|b| b.len()), Ok(e.encoded_len()));
+    }
+
+    #[test]
+    fn one_time_prekey_absence_uses_the_reserved_id() {
+        let mut e = sample(0, 16, true);
+        if let Some(init) = &mut e.header.session_init {
+            init.one_time_prekey_id = None;
+        }
+        let bytes = e.to_bytes().unwrap_or_default();
+        assert_eq!(
+            &bytes[FIXED_HEADER_LEN + 68..FIXED_HEADER_LEN + 72],
+            &[0xFF; 4]
+        );
+        assert_eq!(Envelope::from_bytes(&bytes), Ok(e));
+    }
+
+    #[test]
+    fn serde_carries_envelopes_as_byte_strings() {
+        let e = sample(3, 20, true);
+        let bytes = e.to_bytes().unwrap_or_default();
+        let de = BytesDeserializer::<ValueError>::new(&bytes);
+        assert_eq!(Envelope::deserialize(de), Ok(e));
+        let mut bad = bytes.clone();
+        bad[0] = 9;
+        let de = BytesDeserializer::<ValueError>::new(&bad);
+        assert!(Envelope::deserialize(de).is_err());
+    }
+
+    #[test]
+    fn serializing_an_invalid_envelope_fails_instead_of_writing_garbage() {
+        let short = sample(0, 15, false);
+        assert!(postcard::to_allocvec(&short).is_err());
+        let ok = sample(0, 16, false);
+        let encoded = postcard::to_allocvec(&ok).unwrap_or_default();
+        // A byte string: one length byte (99 < 128) then the envelope.
+        assert_eq!(encoded.first(), Some(&99u8));
+        assert_eq!(postcard::from_bytes::<Envelope>(&encoded), Ok(ok));
     }
 }

@@ -123,3 +123,51 @@ pub(crate) fn truncate_text(s: &mut String) {
         s.truncate(cut);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::MAX_TEXT_LEN;
+
+    #[test]
+    fn truncate_text_cuts_on_a_char_boundary() {
+        let mut ascii = "a".repeat(MAX_TEXT_LEN + 10);
+        truncate_text(&mut ascii);
+        assert_eq!(ascii.len(), MAX_TEXT_LEN);
+
+        // 3-byte chars: 256 is not a boundary, 255 is.
+        let mut wide = "€".repeat(100);
+        truncate_text(&mut wide);
+        assert_eq!(wide.len(), 255);
+        assert!(wide.chars().all(|c| c == '€'));
+
+        let mut short = String::from("fine");
+        truncate_text(&mut short);
+        assert_eq!(short, "fine");
+    }
+
+    #[test]
+    fn wire_error_new_truncates_and_leaves_retry_unset() {
+        let e = WireError::new(ErrorCode::Quota, "x".repeat(1000));
+        assert_eq!(e.message.len(), MAX_TEXT_LEN);
+        assert_eq!(e.retry_after_ms, None);
+        assert_eq!(e.code, ErrorCode::Quota);
+        assert!(e.to_string().starts_with("Quota: xxx"));
+    }
+
+    #[test]
+    fn protocol_errors_describe_themselves() {
+        let e = ProtocolError::TooLarge {
+            what: "frame",
+            len: 9,
+            max: 8,
+        };
+        assert_eq!(e.to_string(), "frame too large: 9 > 8");
+        assert_eq!(e.code(), ErrorCode::TooLarge);
+        assert_eq!(
+            ProtocolError::Truncated { needed: 2 }.to_string(),
+            "truncated input: needed 2 more bytes"
+        );
+        assert_eq!(ProtocolError::TrailingBytes(3).code(), ErrorCode::BadFrame);
+    }
+}

@@ -8,11 +8,11 @@
 //! wasm32 and derives from the Rust types, so the types below *are* the
 //! schema. Every decoded frame is then checked against [`crate::limits`].
 
-use crate::envelope::Envelope;
+use crate::PROTOCOL_VERSION;
+use crate::envelope::{Envelope, NO_ONE_TIME_PREKEY};
 use crate::error::{ErrorCode, ProtocolError, WireError, truncate_text};
 use crate::ids::{ConversationId, DeviceId, MessageId, UserKey};
 use crate::limits::*;
-use crate::PROTOCOL_VERSION;
 use serde::{Deserialize, Serialize};
 
 /// Domain-separation prefix of the connection-authentication signature.
@@ -231,6 +231,9 @@ pub enum Request {
 }
 
 /// A frame from the relay.
+// Frames live only between decode and dispatch, so the size of the largest
+// variant costs nothing worth a `Box` in the public API.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerFrame {
     /// The reply to request `request_id`.
@@ -401,17 +404,26 @@ impl ClientFrame {
     /// Check the limits postcard cannot express.
     pub fn validate(&self) -> Result<(), ProtocolError> {
         match &self.request {
-            Request::Send { envelopes } => too_large("send batch", envelopes.len(), MAX_BATCH),
+            Request::Send { envelopes } => {
+                too_large("send batch", envelopes.len(), MAX_BATCH)?;
+                envelopes.iter().try_for_each(Envelope::check)
+            }
             Request::Pull { limit, .. } => {
                 too_large("page limit", usize::from(*limit), usize::from(MAX_PAGE))
             }
             Request::PublishPrekeys {
                 one_time_prekeys, ..
-            } => too_large(
-                "one-time prekeys",
-                one_time_prekeys.len(),
-                MAX_ONE_TIME_PREKEYS,
-            ),
+            } => {
+                too_large(
+                    "one-time prekeys",
+                    one_time_prekeys.len(),
+                    MAX_ONE_TIME_PREKEYS,
+                )?;
+                if one_time_prekeys.iter().any(|k| k.id == NO_ONE_TIME_PREKEY) {
+                    return Err(ProtocolError::Malformed("reserved one-time prekey id"));
+                }
+                Ok(())
+            }
             Request::PublishDeviceList { list } => {
                 too_large("device list", list.list.devices.len(), MAX_DEVICES_PER_USER)
             }
@@ -435,13 +447,23 @@ impl ServerFrame {
                     }
                     Ok(())
                 }
-                Response::Sent { outcomes } => too_large("send outcomes", outcomes.len(), MAX_BATCH),
+                Response::Sent { outcomes } => {
+                    too_large("send outcomes", outcomes.len(), MAX_BATCH)?;
+                    outcomes.iter().try_for_each(|o| match o {
+                        SendOutcome::Refused { error, .. } => {
+                            too_large("text", error.message.len(), MAX_TEXT_LEN)
+                        }
+                        SendOutcome::Stored { .. } => Ok(()),
+                    })
+                }
                 Response::DeviceList(l) => {
                     too_large("device list", l.list.devices.len(), MAX_DEVICES_PER_USER)
                 }
                 _ => Ok(()),
             },
-            ServerFrame::Error { error, .. } => too_large("text", error.message.len(), MAX_TEXT_LEN),
+            ServerFrame::Error { error, .. } => {
+                too_large("text", error.message.len(), MAX_TEXT_LEN)
+            }
             ServerFrame::Closing { reason, .. } => too_large("text", reason.len(), MAX_TEXT_LEN),
         }
     }
@@ -494,7 +516,9 @@ pub fn encode_server_frame(frame: &ServerFrame) -> Result<Vec<u8>, ProtocolError
 /// Split off the version byte of a frame body and decode the rest.
 fn decode_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ProtocolError> {
     too_large("frame", body.len(), MAX_FRAME_LEN)?;
-    let (&version, rest) = body.split_first().ok_or(ProtocolError::Truncated { needed: 1 })?;
+    let (&version, rest) = body
+        .split_first()
+        .ok_or(ProtocolError::Truncated { needed: 1 })?;
     if version != PROTOCOL_VERSION {
         return Err(ProtocolError::UnsupportedVersion(version));
     }
@@ -613,12 +637,16 @@ impl FrameBuffer {
 
     /// The next complete request, if any.
     pub fn next_client_frame(&mut self) -> Result<Option<ClientFrame>, ProtocolError> {
-        self.next_body()?.map(|b| decode_client_body(&b)).transpose()
+        self.next_body()?
+            .map(|b| decode_client_body(&b))
+            .transpose()
     }
 
     /// The next complete relay frame, if any.
     pub fn next_server_frame(&mut self) -> Result<Option<ServerFrame>, ProtocolError> {
-        self.next_body()?.map(|b| decode_server_body(&b)).transpose()
+        self.next_body()?
+            .map(|b| decode_server_body(&b))
+            .transpose()
     }
 }
 
@@ -658,5 +686,87 @@ mod sig_serde {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
         d.deserialize_bytes(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::value::{Error as ValueError, SeqDeserializer};
+
+    fn sig_from_seq(items: Vec<u8>) -> Result<[u8; 64], ValueError> {
+        sig_serde::deserialize(SeqDeserializer::<_, ValueError>::new(items.into_iter()))
+    }
+
+    #[test]
+    fn signatures_also_decode_from_sequences() {
+        // Self-describing formats (client storage) may present bytes as a sequence.
+        assert_eq!(sig_from_seq(vec![7; 64]), Ok([7; 64]));
+        assert!(sig_from_seq(vec![7; 63]).is_err());
+        assert!(sig_from_seq(vec![7; 65]).is_err());
+    }
+
+    #[test]
+    fn signatures_are_length_prefixed_byte_strings() {
+        let f = ClientFrame {
+            request_id: 1,
+            request: Request::Auth { signature: [3; 64] },
+        };
+        let body = postcard::to_allocvec(&f).unwrap_or_default();
+        assert_eq!(&body[..3], &[1, 1, 64]);
+        assert_eq!(body.len(), 3 + 64);
+    }
+
+    #[test]
+    fn split_frame_reports_what_is_missing() {
+        assert_eq!(
+            split_frame(&[]),
+            Err(ProtocolError::Truncated { needed: 4 })
+        );
+        assert_eq!(
+            split_frame(&[0, 0]),
+            Err(ProtocolError::Truncated { needed: 2 })
+        );
+        assert_eq!(
+            split_frame(&[0, 0, 0, 3, 1]),
+            Err(ProtocolError::Truncated { needed: 2 })
+        );
+        assert_eq!(split_frame(&[0, 0, 0, 1, 1]), Ok(&[1u8][..]));
+        assert_eq!(
+            split_frame(&[0, 0, 0, 1, 1, 9]),
+            Err(ProtocolError::TrailingBytes(1))
+        );
+    }
+
+    #[test]
+    fn frame_buffer_keeps_bytes_of_the_next_frame() {
+        let a = encode_client_frame(&ClientFrame {
+            request_id: 1,
+            request: Request::Ping,
+        })
+        .unwrap_or_default();
+        let b = encode_client_frame(&ClientFrame {
+            request_id: 2,
+            request: Request::Ack { up_to: 9 },
+        })
+        .unwrap_or_default();
+        let mut buf = FrameBuffer::new();
+        buf.extend(&a);
+        buf.extend(&b[..3]);
+        assert_eq!(buf.next_body(), Ok(Some(a[4..].to_vec())));
+        assert_eq!(buf.buffered(), 3);
+        assert_eq!(buf.wanted(), Ok(1));
+        assert_eq!(buf.next_body(), Ok(None));
+        buf.extend(&b[3..]);
+        assert_eq!(buf.next_body(), Ok(Some(b[4..].to_vec())));
+        assert_eq!(buf.buffered(), 0);
+    }
+
+    #[test]
+    fn auth_challenge_bytes_bind_challenge_and_device() {
+        let m = auth_challenge_bytes(&[1; 32], &DeviceId([2; 16]));
+        assert_eq!(m.len(), AUTH_DOMAIN.len() + 32 + 16);
+        assert!(m.starts_with(AUTH_DOMAIN));
+        assert_ne!(m, auth_challenge_bytes(&[1; 32], &DeviceId([3; 16])));
     }
 }

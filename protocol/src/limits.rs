@@ -36,3 +36,34 @@ pub const MAX_TEXT_LEN: usize = 256;
 
 /// Longest ratchet header carried inside an envelope header.
 pub const MAX_RATCHET_HEADER_LEN: usize = 96;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Worst-case postcard overhead of one envelope inside a frame: a varint
+    /// byte-string length (3 bytes up to 2^21) plus, in pages, a u64 seq (10).
+    const PER_ENVELOPE_OVERHEAD: usize = 3 + 10;
+
+    #[test]
+    fn a_full_batch_fits_in_a_frame() {
+        let worst = 1 + 5 + 1 + 1 + MAX_BATCH * (MAX_ENVELOPE_LEN + PER_ENVELOPE_OVERHEAD);
+        assert!(worst <= MAX_FRAME_LEN, "{worst} > {MAX_FRAME_LEN}");
+    }
+
+    #[test]
+    fn a_full_page_fits_in_a_frame() {
+        // The relay stops a page at MAX_PAGE_BYTES of envelopes, but always
+        // sends at least one, so one envelope may exceed the budget.
+        let envelopes = MAX_PAGE_BYTES + MAX_ENVELOPE_LEN;
+        let per_item = usize::from(MAX_PAGE) * PER_ENVELOPE_OVERHEAD;
+        let truncation = 20 + 3 + MAX_DROPPED_RANGES * (16 + 16 + 10 + 10);
+        let worst = 16 + envelopes + per_item + truncation;
+        assert!(worst <= MAX_FRAME_LEN, "{worst} > {MAX_FRAME_LEN}");
+    }
+
+    // Relations the encoders rely on, checked at compile time.
+    const _: () = assert!(MAX_RATCHET_HEADER_LEN <= u8::MAX as usize);
+    const _: () = assert!(MAX_TEXT_LEN < MAX_FRAME_LEN);
+    const _: () = assert!(MAX_ENVELOPE_LEN <= MAX_PAGE_BYTES);
+}
