@@ -14,9 +14,15 @@
 //! tested with virtual time. It never sees plaintext: envelopes arrive as the
 //! sender's bytes and leave unchanged. Group commit (batching concurrent sends
 //! into one transaction) is the caller's job: [`Store::commit`] takes a batch.
+//!
+//! The redb file's tables and byte layouts are specified in `docs/STORAGE.md`.
 
+mod keys;
 pub mod memory;
 pub mod redb_store;
+mod rules;
+mod tables;
+mod tombstones;
 
 use hush_protocol::{
     ConversationId, DeviceId, DeviceRegistration, MessageId, OneTimePrekey, PrekeyBundle,
@@ -187,7 +193,9 @@ pub trait Store: Send + Sync + 'static {
     /// Commit a batch of envelopes in ONE durable transaction and return one
     /// outcome per input, in order. Within the batch, envelopes to the same
     /// inbox get consecutive seqs in input order; a duplicate inside the batch
-    /// gets the seq of its first occurrence.
+    /// gets the seq of its first occurrence. A dedup entry lives until
+    /// [`Store::purge_expired`] passes the envelope's `expires_at_ms` (acking
+    /// does not remove it), so a late retry still gets the original seq.
     fn commit(&self, batch: &[NewEnvelope]) -> Result<Vec<CommitOutcome>, StoreError>;
 
     /// Read up to `limit` envelopes with seq > `after` from `device`'s inbox,
@@ -216,6 +224,7 @@ pub trait Store: Send + Sync + 'static {
     /// Replace the device's signed prekey and append one-time prekeys (ids
     /// already present are ignored; the pool is capped at
     /// `max_one_time_prekeys`). Returns the one-time prekeys now available.
+    /// Fails with [`StoreError::UnknownDevice`] if the device is not registered.
     fn publish_prekeys(
         &self,
         device: &DeviceId,
@@ -225,7 +234,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// A bundle for starting a session with `device`, removing the one-time
     /// prekey it hands out (each is handed out at most once). `None` if the
-    /// device has published no signed prekey.
+    /// device has published no signed prekey; [`StoreError::UnknownDevice`] if
+    /// it is not registered. The lowest-id one-time prekey goes first.
     fn take_prekey_bundle(&self, device: &DeviceId) -> Result<Option<PrekeyBundle>, StoreError>;
 
     /// One-time prekeys the device has left.

@@ -1,0 +1,168 @@
+//! Decisions both stores make identically: quota admission and page budgets.
+//!
+//! Keeping them in one place is what lets the conformance suite hold the
+//! memory store and the redb store to the same answers.
+
+use super::{InboxState, Refusal, StoreLimits};
+
+/// Whether an envelope of `len` bytes fits in an inbox in `state`. The
+/// message quota is checked first, so an inbox that is full on both counts
+/// reports [`Refusal::QuotaMessages`].
+pub(crate) fn admit(state: &InboxState, len: u64, limits: &StoreLimits) -> Result<(), Refusal> {
+    if state.depth >= limits.max_inbox_messages {
+        return Err(Refusal::QuotaMessages);
+    }
+    match state.bytes.checked_add(len) {
+        Some(total) if total <= limits.max_inbox_bytes => Ok(()),
+        _ => Err(Refusal::QuotaBytes),
+    }
+}
+
+/// Record an admitted envelope in the inbox counters and return its seq.
+/// `None` only if the seq space is exhausted (2^64 envelopes).
+pub(crate) fn assign(state: &mut InboxState, len: u64) -> Option<u64> {
+    let seq = state.head.checked_add(1)?;
+    state.head = seq;
+    state.depth = state.depth.saturating_add(1);
+    state.bytes = state.bytes.saturating_add(len);
+    Some(seq)
+}
+
+/// Remove an envelope of `len` bytes from the inbox counters (ack or purge).
+pub(crate) fn release(state: &mut InboxState, len: u64) {
+    state.depth = state.depth.saturating_sub(1);
+    state.bytes = state.bytes.saturating_sub(len);
+}
+
+/// The size limits of one page being filled.
+#[derive(Debug)]
+pub(crate) struct PageBudget {
+    limit: usize,
+    max_bytes: usize,
+    count: usize,
+    bytes: usize,
+}
+
+impl PageBudget {
+    /// A budget of at most `limit` envelopes and `max_bytes` bytes.
+    pub(crate) fn new(limit: usize, max_bytes: usize) -> Self {
+        PageBudget {
+            limit,
+            max_bytes,
+            count: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Take an envelope of `len` bytes if it fits; the first one always fits
+    /// the byte budget, so a page is never empty because of one large
+    /// envelope.
+    pub(crate) fn take(&mut self, len: usize) -> bool {
+        if self.count >= self.limit {
+            return false;
+        }
+        let total = self.bytes.saturating_add(len);
+        if self.count > 0 && total > self.max_bytes {
+            return false;
+        }
+        self.count += 1;
+        self.bytes = total;
+        true
+    }
+}
+
+/// How to count the envelopes left after a page, whichever side is cheaper.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RemainingScan {
+    /// Count stored seqs in `(acked, after]` and subtract them and the page
+    /// from the depth.
+    Below {
+        /// The last seq to count (the pull's `after`).
+        after: u64,
+    },
+    /// Count stored seqs above the page's last seq directly.
+    Above {
+        /// The page's last seq (or `after` for an empty page).
+        boundary: u64,
+    },
+}
+
+/// Choose the scan that visits fewer rows at worst: the rows in
+/// `(acked, after]` (usually none — a pull acks the previous page) or the
+/// rows in `(boundary, head]`.
+pub(crate) fn remaining_scan(state: &InboxState, after: u64, boundary: u64) -> RemainingScan {
+    if after.saturating_sub(state.acked) <= state.head.saturating_sub(boundary) {
+        RemainingScan::Below { after }
+    } else {
+        RemainingScan::Above { boundary }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admit_checks_messages_then_bytes() {
+        let limits = StoreLimits {
+            max_inbox_messages: 2,
+            max_inbox_bytes: 100,
+            max_one_time_prekeys: 1,
+        };
+        let mut s = InboxState::default();
+        assert_eq!(admit(&s, 100, &limits), Ok(()));
+        assert_eq!(admit(&s, 101, &limits), Err(Refusal::QuotaBytes));
+        assert_eq!(assign(&mut s, 60), Some(1));
+        assert_eq!(admit(&s, 41, &limits), Err(Refusal::QuotaBytes));
+        assert_eq!(admit(&s, 40, &limits), Ok(()));
+        assert_eq!(assign(&mut s, 40), Some(2));
+        assert_eq!(admit(&s, 0, &limits), Err(Refusal::QuotaMessages));
+        release(&mut s, 60);
+        assert_eq!(s.depth, 1);
+        assert_eq!(s.bytes, 40);
+        assert_eq!(s.head, 2);
+        let full = InboxState {
+            head: u64::MAX,
+            bytes: u64::MAX,
+            ..InboxState::default()
+        };
+        assert_eq!(admit(&full, 1, &limits), Err(Refusal::QuotaBytes));
+        let mut exhausted = full;
+        assert_eq!(assign(&mut exhausted, 1), None);
+    }
+
+    #[test]
+    fn budget_limits_count_and_bytes_but_takes_one() {
+        let mut b = PageBudget::new(3, 10);
+        assert!(b.take(50));
+        assert!(!b.take(1));
+        let mut b = PageBudget::new(3, 10);
+        assert!(b.take(4));
+        assert!(b.take(6));
+        assert!(!b.take(1));
+        let mut b = PageBudget::new(2, 100);
+        assert!(b.take(1));
+        assert!(b.take(1));
+        assert!(!b.take(1));
+        assert!(!PageBudget::new(0, 100).take(1));
+    }
+
+    #[test]
+    fn remaining_scan_picks_the_smaller_side() {
+        let s = InboxState {
+            head: 100,
+            acked: 10,
+            depth: 90,
+            bytes: 0,
+        };
+        assert_eq!(
+            remaining_scan(&s, 10, 20),
+            RemainingScan::Below { after: 10 }
+        );
+        assert_eq!(
+            remaining_scan(&s, 95, 96),
+            RemainingScan::Above { boundary: 96 }
+        );
+        assert_eq!(remaining_scan(&s, 0, 5), RemainingScan::Below { after: 0 });
+    }
+}

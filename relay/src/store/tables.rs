@@ -1,0 +1,534 @@
+//! The redb tables and the byte layouts of their values.
+//!
+//! Values are written by hand at fixed offsets with big-endian integers (no
+//! serializer), so `docs/STORAGE.md` can specify them byte for byte and a
+//! future version can read them without this code. Every decoder checks the
+//! exact length before reading and reports a mismatch as
+//! [`StoreError::Backend`] ("corrupt …"): bytes read from disk never cause a
+//! panic.
+
+use super::keys::{DedupExpiryKey, DedupKey, ExpiryKey, InboxKey, OtkKey};
+use super::tombstones::Tombstone;
+use super::{DeviceRecord, InboxState, StoreError};
+use hush_protocol::{
+    ConversationId, DeviceEntry, DeviceId, DeviceList, DeviceRegistration, SignedDeviceList,
+    SignedPrekey, UserKey,
+};
+use redb::TableDefinition;
+
+/// `device ‖ seq` → [`InboxRow`] (48-byte header + envelope bytes).
+pub(crate) const INBOX: TableDefinition<&InboxKey, &[u8]> = TableDefinition::new("inbox");
+/// `sender ‖ recipient ‖ message id` → [`DedupEntry`] (16 bytes).
+pub(crate) const DEDUP: TableDefinition<&DedupKey, &[u8]> = TableDefinition::new("dedup");
+/// `expires_at ‖ sender ‖ recipient ‖ message id` → `()`.
+pub(crate) const DEDUP_EXPIRY: TableDefinition<&DedupExpiryKey, ()> =
+    TableDefinition::new("dedup_expiry");
+/// `device` → [`InboxState`] (32 bytes).
+pub(crate) const INBOX_META: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("inbox_meta");
+/// `device` → [`DeviceRecord`] (168 bytes).
+pub(crate) const DEVICES: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("devices");
+/// `device` → [`SignedPrekey`] (100 bytes).
+pub(crate) const SIGNED_PREKEYS: TableDefinition<&[u8; 16], &[u8]> =
+    TableDefinition::new("signed_prekeys");
+/// `device ‖ id` → one-time prekey public key (32 bytes).
+pub(crate) const ONE_TIME_PREKEYS: TableDefinition<&OtkKey, &[u8]> =
+    TableDefinition::new("one_time_prekeys");
+/// `user` → [`SignedDeviceList`] (76 + 80·n bytes).
+pub(crate) const DEVICE_LISTS: TableDefinition<&[u8; 32], &[u8]> =
+    TableDefinition::new("device_lists");
+/// `expires_at ‖ device ‖ seq` → `()`.
+pub(crate) const EXPIRY: TableDefinition<&ExpiryKey, ()> = TableDefinition::new("expiry");
+/// `device ‖ seq` → [`Tombstone`] (40 bytes).
+pub(crate) const TOMBSTONES: TableDefinition<&InboxKey, &[u8]> = TableDefinition::new("tombstones");
+/// Name → value: the file format version (`"format"` → u32 BE).
+pub(crate) const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info");
+
+/// Key of the format version in [`INFO`].
+pub(crate) const FORMAT_KEY: &str = "format";
+/// The layout described in `docs/STORAGE.md`.
+pub(crate) const FORMAT_VERSION: u32 = 1;
+
+/// A bounds-checked reader over a value read from disk.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    /// Start reading a value that must be exactly `len` bytes long (or at
+    /// least `len` when `exact` is false).
+    fn new(
+        bytes: &'a [u8],
+        len: usize,
+        exact: bool,
+        what: &'static str,
+    ) -> Result<Self, StoreError> {
+        if bytes.len() < len || (exact && bytes.len() != len) {
+            return Err(corrupt(what));
+        }
+        Ok(Reader {
+            bytes,
+            pos: 0,
+            what,
+        })
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], StoreError> {
+        let end = self.pos + N;
+        let slice = self.bytes.get(self.pos..end).ok_or(corrupt(self.what))?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(slice);
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, StoreError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    fn rest(self) -> &'a [u8] {
+        self.bytes.get(self.pos..).unwrap_or_default()
+    }
+}
+
+/// The error for a value whose bytes do not match its layout.
+pub(crate) fn corrupt(what: &str) -> StoreError {
+    StoreError::Backend(format!("corrupt {what}"))
+}
+
+/// Bytes of an inbox row before the envelope.
+pub(crate) const INBOX_HEADER_LEN: usize = 48;
+
+/// The metadata kept with each stored envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct InboxRowHeader {
+    /// When the envelope is purged if still unacknowledged.
+    pub expires_at_ms: u64,
+    /// Sending device (for the tombstone).
+    pub sender: DeviceId,
+    /// Conversation (for the tombstone).
+    pub conversation: ConversationId,
+    /// Sender seq (for the tombstone).
+    pub sender_seq: u64,
+}
+
+impl InboxRowHeader {
+    /// The tombstone left behind when this envelope expires unread.
+    pub(crate) fn tombstone(&self) -> Tombstone {
+        Tombstone {
+            sender: self.sender,
+            conversation: self.conversation,
+            sender_seq: self.sender_seq,
+        }
+    }
+}
+
+/// `expires_at u64 ‖ sender 16 ‖ conversation 16 ‖ sender_seq u64 ‖ envelope`.
+pub(crate) fn encode_inbox_row(header: &InboxRowHeader, envelope: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(INBOX_HEADER_LEN + envelope.len());
+    v.extend_from_slice(&header.expires_at_ms.to_be_bytes());
+    v.extend_from_slice(header.sender.as_bytes());
+    v.extend_from_slice(header.conversation.as_bytes());
+    v.extend_from_slice(&header.sender_seq.to_be_bytes());
+    v.extend_from_slice(envelope);
+    v
+}
+
+/// Split an inbox row into its header and the envelope bytes.
+pub(crate) fn decode_inbox_row(bytes: &[u8]) -> Result<(InboxRowHeader, &[u8]), StoreError> {
+    let mut r = Reader::new(bytes, INBOX_HEADER_LEN, false, "inbox row")?;
+    let header = InboxRowHeader {
+        expires_at_ms: r.u64()?,
+        sender: DeviceId(r.array()?),
+        conversation: ConversationId(r.array()?),
+        sender_seq: r.u64()?,
+    };
+    Ok((header, r.rest()))
+}
+
+/// A dedup entry: the seq the message got and when the entry expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DedupEntry {
+    /// Relay seq in the recipient's inbox.
+    pub seq: u64,
+    /// When the entry is dropped (the envelope's expiry).
+    pub expires_at_ms: u64,
+}
+
+/// `seq u64 ‖ expires_at u64`.
+pub(crate) fn encode_dedup(entry: &DedupEntry) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&entry.seq.to_be_bytes());
+    v[8..].copy_from_slice(&entry.expires_at_ms.to_be_bytes());
+    v
+}
+
+/// Inverse of [`encode_dedup`].
+pub(crate) fn decode_dedup(bytes: &[u8]) -> Result<DedupEntry, StoreError> {
+    let mut r = Reader::new(bytes, 16, true, "dedup entry")?;
+    Ok(DedupEntry {
+        seq: r.u64()?,
+        expires_at_ms: r.u64()?,
+    })
+}
+
+/// `head u64 ‖ acked u64 ‖ depth u64 ‖ bytes u64`.
+pub(crate) fn encode_state(state: &InboxState) -> [u8; 32] {
+    let mut v = [0u8; 32];
+    v[..8].copy_from_slice(&state.head.to_be_bytes());
+    v[8..16].copy_from_slice(&state.acked.to_be_bytes());
+    v[16..24].copy_from_slice(&state.depth.to_be_bytes());
+    v[24..].copy_from_slice(&state.bytes.to_be_bytes());
+    v
+}
+
+/// Inverse of [`encode_state`].
+pub(crate) fn decode_state(bytes: &[u8]) -> Result<InboxState, StoreError> {
+    let mut r = Reader::new(bytes, 32, true, "inbox meta")?;
+    Ok(InboxState {
+        head: r.u64()?,
+        acked: r.u64()?,
+        depth: r.u64()?,
+        bytes: r.u64()?,
+    })
+}
+
+/// Length of an encoded [`DeviceRecord`].
+const DEVICE_LEN: usize = 168;
+
+/// `user 32 ‖ signing_key 32 ‖ agreement_key 32 ‖ user_signature 64 ‖
+/// registered_at u64` (the device id is the key).
+pub(crate) fn encode_device(record: &DeviceRecord) -> Vec<u8> {
+    let reg = &record.registration;
+    let mut v = Vec::with_capacity(DEVICE_LEN);
+    v.extend_from_slice(reg.user.as_bytes());
+    v.extend_from_slice(&reg.signing_key);
+    v.extend_from_slice(&reg.agreement_key);
+    v.extend_from_slice(&reg.user_signature);
+    v.extend_from_slice(&record.registered_at_ms.to_be_bytes());
+    v
+}
+
+/// Inverse of [`encode_device`].
+pub(crate) fn decode_device(device: DeviceId, bytes: &[u8]) -> Result<DeviceRecord, StoreError> {
+    let mut r = Reader::new(bytes, DEVICE_LEN, true, "device record")?;
+    Ok(DeviceRecord {
+        registration: DeviceRegistration {
+            device,
+            user: UserKey(r.array()?),
+            signing_key: r.array()?,
+            agreement_key: r.array()?,
+            user_signature: r.array()?,
+        },
+        registered_at_ms: r.u64()?,
+    })
+}
+
+/// `id u32 ‖ public 32 ‖ signature 64`.
+pub(crate) fn encode_signed_prekey(spk: &SignedPrekey) -> [u8; 100] {
+    let mut v = [0u8; 100];
+    v[..4].copy_from_slice(&spk.id.to_be_bytes());
+    v[4..36].copy_from_slice(&spk.public);
+    v[36..].copy_from_slice(&spk.signature);
+    v
+}
+
+/// Inverse of [`encode_signed_prekey`].
+pub(crate) fn decode_signed_prekey(bytes: &[u8]) -> Result<SignedPrekey, StoreError> {
+    let mut r = Reader::new(bytes, 100, true, "signed prekey")?;
+    Ok(SignedPrekey {
+        id: r.u32()?,
+        public: r.array()?,
+        signature: r.array()?,
+    })
+}
+
+/// A one-time prekey's value is its 32-byte public key.
+pub(crate) fn decode_otk_public(bytes: &[u8]) -> Result<[u8; 32], StoreError> {
+    Reader::new(bytes, 32, true, "one-time prekey")?.array()
+}
+
+/// Bytes of one [`DeviceEntry`] in an encoded device list.
+const DEVICE_ENTRY_LEN: usize = 80;
+/// Bytes of an encoded device list before its entries.
+const DEVICE_LIST_HEADER_LEN: usize = 76;
+
+/// `version u64 ‖ signature 64 ‖ count u32 ‖ count × (device 16 ‖
+/// signing_key 32 ‖ agreement_key 32)` (the user is the key).
+pub(crate) fn encode_device_list(list: &SignedDeviceList) -> Result<Vec<u8>, StoreError> {
+    let devices = &list.list.devices;
+    let count = u32::try_from(devices.len())
+        .map_err(|_| StoreError::Backend("device list too long to store".into()))?;
+    let mut v = Vec::with_capacity(DEVICE_LIST_HEADER_LEN + devices.len() * DEVICE_ENTRY_LEN);
+    v.extend_from_slice(&list.list.version.to_be_bytes());
+    v.extend_from_slice(&list.signature);
+    v.extend_from_slice(&count.to_be_bytes());
+    for d in devices {
+        v.extend_from_slice(d.device.as_bytes());
+        v.extend_from_slice(&d.signing_key);
+        v.extend_from_slice(&d.agreement_key);
+    }
+    Ok(v)
+}
+
+/// Inverse of [`encode_device_list`].
+pub(crate) fn decode_device_list(
+    user: UserKey,
+    bytes: &[u8],
+) -> Result<SignedDeviceList, StoreError> {
+    const WHAT: &str = "device list";
+    let mut r = Reader::new(bytes, DEVICE_LIST_HEADER_LEN, false, WHAT)?;
+    let version = r.u64()?;
+    let signature = r.array()?;
+    let count = usize::try_from(r.u32()?).map_err(|_| corrupt(WHAT))?;
+    let body = r.rest();
+    if count.checked_mul(DEVICE_ENTRY_LEN) != Some(body.len()) {
+        return Err(corrupt(WHAT));
+    }
+    let mut r = Reader::new(body, body.len(), true, WHAT)?;
+    let mut devices = Vec::with_capacity(count);
+    for _ in 0..count {
+        devices.push(DeviceEntry {
+            device: DeviceId(r.array()?),
+            signing_key: r.array()?,
+            agreement_key: r.array()?,
+        });
+    }
+    Ok(SignedDeviceList {
+        list: DeviceList {
+            user,
+            version,
+            devices,
+        },
+        signature,
+    })
+}
+
+/// `sender 16 ‖ conversation 16 ‖ sender_seq u64`.
+pub(crate) fn encode_tombstone(t: &Tombstone) -> [u8; 40] {
+    let mut v = [0u8; 40];
+    v[..16].copy_from_slice(t.sender.as_bytes());
+    v[16..32].copy_from_slice(t.conversation.as_bytes());
+    v[32..].copy_from_slice(&t.sender_seq.to_be_bytes());
+    v
+}
+
+/// Inverse of [`encode_tombstone`].
+pub(crate) fn decode_tombstone(bytes: &[u8]) -> Result<Tombstone, StoreError> {
+    let mut r = Reader::new(bytes, 40, true, "tombstone")?;
+    Ok(Tombstone {
+        sender: DeviceId(r.array()?),
+        conversation: ConversationId(r.array()?),
+        sender_seq: r.u64()?,
+    })
+}
+
+/// The format version value stored under [`FORMAT_KEY`].
+pub(crate) fn decode_format(bytes: &[u8]) -> Result<u32, StoreError> {
+    Reader::new(bytes, 4, true, "format version")?.u32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn is_corrupt<T: std::fmt::Debug>(r: Result<T, StoreError>) -> bool {
+        matches!(r, Err(StoreError::Backend(m)) if m.starts_with("corrupt"))
+    }
+
+    fn sample_list(n: usize) -> SignedDeviceList {
+        SignedDeviceList {
+            list: DeviceList {
+                user: UserKey([9; 32]),
+                version: 7,
+                devices: (0..n)
+                    .map(|i| DeviceEntry {
+                        device: DeviceId([i as u8; 16]),
+                        signing_key: [i as u8 + 1; 32],
+                        agreement_key: [i as u8 + 2; 32],
+                    })
+                    .collect(),
+            },
+            signature: [3; 64],
+        }
+    }
+
+    #[test]
+    fn values_round_trip() {
+        let header = InboxRowHeader {
+            expires_at_ms: 5,
+            sender: DeviceId([1; 16]),
+            conversation: ConversationId([2; 16]),
+            sender_seq: 77,
+        };
+        let row = encode_inbox_row(&header, b"envelope");
+        assert_eq!(row.len(), INBOX_HEADER_LEN + 8);
+        assert_eq!(decode_inbox_row(&row).unwrap(), (header, &b"envelope"[..]));
+
+        let d = DedupEntry {
+            seq: 3,
+            expires_at_ms: 9,
+        };
+        assert_eq!(decode_dedup(&encode_dedup(&d)).unwrap(), d);
+
+        let s = InboxState {
+            head: 1,
+            acked: 2,
+            depth: 3,
+            bytes: 4,
+        };
+        assert_eq!(decode_state(&encode_state(&s)).unwrap(), s);
+
+        let rec = DeviceRecord {
+            registration: DeviceRegistration {
+                device: DeviceId([4; 16]),
+                user: UserKey([5; 32]),
+                signing_key: [6; 32],
+                agreement_key: [7; 32],
+                user_signature: [8; 64],
+            },
+            registered_at_ms: 1234,
+        };
+        let enc = encode_device(&rec);
+        assert_eq!(enc.len(), DEVICE_LEN);
+        assert_eq!(decode_device(DeviceId([4; 16]), &enc).unwrap(), rec);
+
+        let spk = SignedPrekey {
+            id: 11,
+            public: [1; 32],
+            signature: [2; 64],
+        };
+        assert_eq!(
+            decode_signed_prekey(&encode_signed_prekey(&spk)).unwrap(),
+            spk
+        );
+
+        for n in [0, 1, 16] {
+            let list = sample_list(n);
+            let enc = encode_device_list(&list).unwrap();
+            assert_eq!(enc.len(), DEVICE_LIST_HEADER_LEN + n * DEVICE_ENTRY_LEN);
+            assert_eq!(decode_device_list(UserKey([9; 32]), &enc).unwrap(), list);
+        }
+
+        let t = Tombstone {
+            sender: DeviceId([1; 16]),
+            conversation: ConversationId([2; 16]),
+            sender_seq: u64::MAX,
+        };
+        assert_eq!(decode_tombstone(&encode_tombstone(&t)).unwrap(), t);
+    }
+
+    #[test]
+    fn layouts_match_the_spec() {
+        // §2.3 example: head 10, acked 3, depth 7, bytes 112.
+        let s = InboxState {
+            head: 10,
+            acked: 3,
+            depth: 7,
+            bytes: 112,
+        };
+        let mut expect = Vec::new();
+        for n in [10u64, 3, 7, 0x70] {
+            expect.extend_from_slice(&n.to_be_bytes());
+        }
+        assert_eq!(encode_state(&s).to_vec(), expect);
+        // §2.4 row header offsets.
+        let header = InboxRowHeader {
+            expires_at_ms: 0x0102_0304_0506_0708,
+            sender: DeviceId([0x11; 16]),
+            conversation: ConversationId([0x22; 16]),
+            sender_seq: 5,
+        };
+        let row = encode_inbox_row(&header, &[0xEE; 3]);
+        assert_eq!(&row[..8], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&row[8..24], &[0x11; 16]);
+        assert_eq!(&row[24..40], &[0x22; 16]);
+        assert_eq!(&row[40..48], &5u64.to_be_bytes());
+        assert_eq!(&row[48..], &[0xEE; 3]);
+        // §2.2 device record offsets.
+        let rec = DeviceRecord {
+            registration: DeviceRegistration {
+                device: DeviceId([0; 16]),
+                user: UserKey([1; 32]),
+                signing_key: [2; 32],
+                agreement_key: [3; 32],
+                user_signature: [4; 64],
+            },
+            registered_at_ms: 9,
+        };
+        let v = encode_device(&rec);
+        assert_eq!((v[0], v[32], v[64], v[96], v[159]), (1, 2, 3, 4, 4));
+        assert_eq!(&v[160..], &9u64.to_be_bytes());
+        // §2.7 dedup value and §2.9 signed prekey.
+        let d = encode_dedup(&DedupEntry {
+            seq: 1,
+            expires_at_ms: 2,
+        });
+        assert_eq!(
+            (&d[..8], &d[8..]),
+            (&1u64.to_be_bytes()[..], &2u64.to_be_bytes()[..])
+        );
+        let spk = encode_signed_prekey(&SignedPrekey {
+            id: 0x0102_0304,
+            public: [5; 32],
+            signature: [6; 64],
+        });
+        assert_eq!(
+            (&spk[..4], spk[4], spk[35], spk[36]),
+            (&[1u8, 2, 3, 4][..], 5, 5, 6)
+        );
+        // §2.11 device list offsets.
+        let v = encode_device_list(&sample_list(2)).unwrap();
+        assert_eq!(&v[..8], &7u64.to_be_bytes());
+        assert_eq!(&v[8..72], &[3; 64]);
+        assert_eq!(&v[72..76], &2u32.to_be_bytes());
+        assert_eq!((v[76 + 80], v[92 + 80], v[124 + 80]), (1, 2, 3));
+        // §2.6 tombstone.
+        let t = encode_tombstone(&Tombstone {
+            sender: DeviceId([7; 16]),
+            conversation: ConversationId([8; 16]),
+            sender_seq: 3,
+        });
+        assert_eq!((t[0], t[16], &t[32..]), (7, 8, &3u64.to_be_bytes()[..]));
+    }
+
+    #[test]
+    fn wrong_lengths_are_corrupt_not_panics() {
+        assert!(is_corrupt(decode_inbox_row(&[0; 47])));
+        assert!(is_corrupt(decode_dedup(&[0; 15])));
+        assert!(is_corrupt(decode_dedup(&[0; 17])));
+        assert!(is_corrupt(decode_state(&[0; 31])));
+        assert!(is_corrupt(decode_device(DeviceId([0; 16]), &[0; 169])));
+        assert!(is_corrupt(decode_signed_prekey(&[0; 99])));
+        assert!(is_corrupt(decode_otk_public(&[0; 33])));
+        assert!(is_corrupt(decode_tombstone(&[])));
+        assert!(is_corrupt(decode_format(&[0; 3])));
+        // A device list whose count disagrees with its length.
+        let mut enc = encode_device_list(&sample_list(2)).unwrap();
+        enc[75] = 3;
+        assert!(is_corrupt(decode_device_list(UserKey([0; 32]), &enc)));
+        enc[72..76].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(is_corrupt(decode_device_list(UserKey([0; 32]), &enc)));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = decode_inbox_row(&bytes);
+            let _ = decode_dedup(&bytes);
+            let _ = decode_state(&bytes);
+            let _ = decode_device(DeviceId([0; 16]), &bytes);
+            let _ = decode_signed_prekey(&bytes);
+            let _ = decode_otk_public(&bytes);
+            let _ = decode_device_list(UserKey([0; 32]), &bytes);
+            let _ = decode_tombstone(&bytes);
+            let _ = decode_format(&bytes);
+        }
+    }
+}

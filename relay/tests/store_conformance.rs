@@ -1,0 +1,1021 @@
+//! The storage conformance suite: every case runs against both
+//! [`MemoryStore`] and [`RedbStore`], so the simulator's store and the real one
+//! cannot drift apart.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use hush_protocol::limits::MAX_DROPPED_RANGES;
+use hush_protocol::{
+    ConversationId, DeviceEntry, DeviceId, DeviceList, DeviceRegistration, DroppedRange, MessageId,
+    OneTimePrekey, SignedDeviceList, SignedPrekey, UserKey,
+};
+use hush_relay::store::memory::MemoryStore;
+use hush_relay::store::redb_store::RedbStore;
+use hush_relay::store::{
+    CommitOutcome, InboxState, NewEnvelope, PurgeStats, Refusal, Store, StoreError, StoreLimits,
+};
+use std::collections::BTreeSet;
+use std::ops::Deref;
+
+/// A store under test, with whatever must outlive it (the redb file's dir).
+struct Made<S> {
+    store: S,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl<S> Deref for Made<S> {
+    type Target = S;
+    fn deref(&self) -> &S {
+        &self.store
+    }
+}
+
+fn make_memory(limits: StoreLimits) -> Made<MemoryStore> {
+    Made {
+        store: MemoryStore::new(limits),
+        _dir: None,
+    }
+}
+
+fn make_redb(limits: StoreLimits) -> Made<RedbStore> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("relay.redb"), limits).unwrap();
+    Made {
+        store,
+        _dir: Some(dir),
+    }
+}
+
+/// Generates one `#[test]` per case and per store.
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $( #[test] fn $case() { super::$case(&super::make_memory); } )*
+        }
+        mod redb {
+            $( #[test] fn $case() { super::$case(&super::make_redb); } )*
+        }
+    };
+}
+
+conformance!(
+    registration_is_idempotent_and_conflicts_fail,
+    commit_assigns_contiguous_seqs_per_inbox,
+    dedup_within_a_batch_returns_the_first_seq,
+    dedup_across_batches_survives_ack,
+    dedup_key_is_sender_recipient_and_message_id,
+    unknown_recipient_is_refused_alone,
+    quota_by_messages_refuses_without_partial_writes,
+    quota_by_bytes_refuses_without_partial_writes,
+    empty_batch_commits_nothing,
+    pull_pages_by_limit_with_remaining,
+    pull_respects_max_bytes_but_returns_one,
+    remaining_is_exact_around_holes_and_unacked_prefixes,
+    ack_deletes_is_monotonic_and_clamps,
+    purge_writes_tombstones_and_pull_reports_merged_ranges,
+    purge_is_oldest_first_and_bounded_by_max,
+    ack_past_tombstones_clears_truncation,
+    truncation_with_nothing_retained_points_past_head,
+    truncation_caps_ranges_but_counts_all,
+    expired_dedup_entries_are_dropped,
+    prekeys_are_handed_out_once_lowest_first,
+    prekey_pool_is_capped,
+    bundle_needs_registration_and_signed_prekey,
+    device_lists_only_move_forward,
+    counters_of_unknown_and_many_inboxes,
+    concurrent_commits_and_pulls_stay_consistent,
+);
+
+type Make<S> = dyn Fn(StoreLimits) -> Made<S>;
+
+const R: u8 = 9;
+const R2: u8 = 8;
+const A: u8 = 1;
+const B: u8 = 2;
+const LATER: u64 = 1_000_000;
+
+fn dev(n: u8) -> DeviceId {
+    DeviceId([n; 16])
+}
+
+fn conv(n: u8) -> ConversationId {
+    ConversationId([n; 16])
+}
+
+fn reg(n: u8) -> DeviceRegistration {
+    DeviceRegistration {
+        device: dev(n),
+        user: UserKey([n; 32]),
+        signing_key: [n; 32],
+        agreement_key: [n.wrapping_add(100); 32],
+        user_signature: [n; 64],
+    }
+}
+
+fn mid(n: u64) -> MessageId {
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&n.to_be_bytes());
+    MessageId(b)
+}
+
+/// Envelope bytes that identify the message, `len` long (at least 8).
+fn body(msg: u64, len: usize) -> Vec<u8> {
+    let mut b = msg.to_be_bytes().to_vec();
+    b.resize(len.max(8), (msg % 251) as u8);
+    b
+}
+
+/// An envelope from `from` to `to`, message `msg`, 16 bytes, far expiry.
+fn env(from: u8, to: u8, msg: u64) -> NewEnvelope {
+    NewEnvelope {
+        recipient: dev(to),
+        sender: dev(from),
+        message_id: mid(msg),
+        conversation: conv(1),
+        sender_seq: msg,
+        bytes: body(msg, 16),
+        expires_at_ms: LATER,
+    }
+}
+
+trait EnvExt {
+    fn len(self, len: usize) -> Self;
+    fn expires(self, at: u64) -> Self;
+    fn in_conv(self, c: u8, sender_seq: u64) -> Self;
+}
+
+impl EnvExt for NewEnvelope {
+    fn len(mut self, len: usize) -> Self {
+        self.bytes = body(
+            u64::from_be_bytes(self.message_id.0[..8].try_into().unwrap()),
+            len,
+        );
+        self
+    }
+    fn expires(mut self, at: u64) -> Self {
+        self.expires_at_ms = at;
+        self
+    }
+    fn in_conv(mut self, c: u8, sender_seq: u64) -> Self {
+        self.conversation = conv(c);
+        self.sender_seq = sender_seq;
+        self
+    }
+}
+
+fn stored(seq: u64) -> CommitOutcome {
+    CommitOutcome::Stored { seq }
+}
+
+fn dup(seq: u64) -> CommitOutcome {
+    CommitOutcome::Duplicate { seq }
+}
+
+fn refused(r: Refusal) -> CommitOutcome {
+    CommitOutcome::Refused(r)
+}
+
+/// A store with the given devices registered.
+fn with_devices<S: Store>(make: &Make<S>, limits: StoreLimits, devices: &[u8]) -> Made<S> {
+    let s = make(limits);
+    for &d in devices {
+        s.register_device(&reg(d), 1).unwrap();
+    }
+    s
+}
+
+fn seqs_of<S: Store>(s: &S, device: u8, after: u64) -> Vec<u64> {
+    let page = s.pull(&dev(device), after, usize::MAX, usize::MAX).unwrap();
+    page.envelopes.iter().map(|e| e.seq).collect()
+}
+
+fn range(sender: u8, c: u8, first: u64, last: u64) -> DroppedRange {
+    DroppedRange {
+        sender: dev(sender),
+        conversation: conv(c),
+        first_seq: first,
+        last_seq: last,
+    }
+}
+
+fn registration_is_idempotent_and_conflicts_fail<S: Store>(make: &Make<S>) {
+    let s = make(StoreLimits::default());
+    assert_eq!(s.device(&dev(A)).unwrap(), None);
+    let first = s.register_device(&reg(A), 100).unwrap();
+    assert_eq!(first.registration, reg(A));
+    assert_eq!(first.registered_at_ms, 100);
+    // Same keys again: a no-op returning the original record.
+    let again = s.register_device(&reg(A), 200).unwrap();
+    assert_eq!(again, first);
+    // Different keys under the same id: refused, original kept.
+    let mut other = reg(A);
+    other.signing_key = [0xEE; 32];
+    assert!(matches!(
+        s.register_device(&other, 300),
+        Err(StoreError::AlreadyRegistered)
+    ));
+    let mut other_user = reg(A);
+    other_user.user = UserKey([0xEE; 32]);
+    assert!(matches!(
+        s.register_device(&other_user, 300),
+        Err(StoreError::AlreadyRegistered)
+    ));
+    assert_eq!(s.device(&dev(A)).unwrap(), Some(first));
+    assert_eq!(s.device(&dev(B)).unwrap(), None);
+}
+
+fn commit_assigns_contiguous_seqs_per_inbox<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R, R2]);
+    let batch = [
+        env(A, R, 1).len(10),
+        env(A, R2, 2).len(20),
+        env(B, R, 3).len(30),
+        env(A, R, 4).len(40),
+        env(B, R2, 5).len(50),
+    ];
+    assert_eq!(
+        s.commit(&batch).unwrap(),
+        vec![stored(1), stored(1), stored(2), stored(3), stored(2)]
+    );
+    let next = [env(A, R2, 6), env(A, R, 7)];
+    assert_eq!(s.commit(&next).unwrap(), vec![stored(3), stored(4)]);
+    assert_eq!(
+        s.inbox_state(&dev(R)).unwrap(),
+        InboxState {
+            head: 4,
+            acked: 0,
+            depth: 4,
+            bytes: 10 + 30 + 40 + 16,
+        }
+    );
+    assert_eq!(s.inbox_state(&dev(R2)).unwrap().head, 3);
+    let page = s.pull(&dev(R), 0, 100, usize::MAX).unwrap();
+    let got: Vec<(u64, Vec<u8>)> = page
+        .envelopes
+        .into_iter()
+        .map(|e| (e.seq, e.bytes))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, body(1, 10)),
+            (2, body(3, 30)),
+            (3, body(4, 40)),
+            (4, body(7, 16)),
+        ]
+    );
+    assert_eq!(page.remaining, 0);
+    assert_eq!(page.truncated, None);
+    assert_eq!(s.total_depth().unwrap(), 7);
+}
+
+fn dedup_within_a_batch_returns_the_first_seq<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R, R2]);
+    let batch = [
+        env(A, R, 1),
+        env(A, R, 2),
+        env(A, R, 1),
+        env(A, R2, 1),
+        env(A, R, 2),
+        env(A, R, 3),
+    ];
+    assert_eq!(
+        s.commit(&batch).unwrap(),
+        vec![stored(1), stored(2), dup(1), stored(1), dup(2), stored(3)]
+    );
+    assert_eq!(s.inbox_state(&dev(R)).unwrap().depth, 3);
+    assert_eq!(seqs_of(&*s, R, 0), vec![1, 2, 3]);
+}
+
+fn dedup_across_batches_survives_ack<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R]);
+    assert_eq!(
+        s.commit(&[env(A, R, 1), env(A, R, 2)]).unwrap(),
+        vec![stored(1), stored(2)]
+    );
+    assert_eq!(
+        s.commit(&[env(A, R, 2), env(A, R, 3)]).unwrap(),
+        vec![dup(2), stored(3)]
+    );
+    assert_eq!(s.ack(&dev(R), 3).unwrap(), 3);
+    // A late retry after the recipient acknowledged: still the original seq.
+    assert_eq!(
+        s.commit(&[env(A, R, 1), env(A, R, 3)]).unwrap(),
+        vec![dup(1), dup(3)]
+    );
+    let state = s.inbox_state(&dev(R)).unwrap();
+    assert_eq!((state.head, state.depth, state.bytes), (3, 0, 0));
+    assert!(seqs_of(&*s, R, 0).is_empty());
+}
+
+fn dedup_key_is_sender_recipient_and_message_id<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R, R2]);
+    assert_eq!(
+        s.commit(&[env(A, R, 1), env(B, R, 1), env(A, R2, 1)])
+            .unwrap(),
+        vec![stored(1), stored(2), stored(1)]
+    );
+    assert_eq!(
+        s.commit(&[env(B, R, 1), env(A, R2, 1), env(A, R, 1)])
+            .unwrap(),
+        vec![dup(2), dup(1), dup(1)]
+    );
+}
+
+fn unknown_recipient_is_refused_alone<S: Store>(make: &Make<S>) {
+    const U: u8 = 77;
+    let s = with_devices(make, StoreLimits::default(), &[R]);
+    assert_eq!(
+        s.commit(&[env(A, R, 1), env(A, U, 2), env(A, R, 3)])
+            .unwrap(),
+        vec![stored(1), refused(Refusal::UnknownRecipient), stored(2)]
+    );
+    assert_eq!(s.inbox_state(&dev(U)).unwrap(), InboxState::default());
+    assert_eq!(s.total_depth().unwrap(), 2);
+    // Nothing was remembered for the refused envelope: once the device
+    // exists, the same message is stored, not reported as a duplicate.
+    s.register_device(&reg(U), 5).unwrap();
+    assert_eq!(s.commit(&[env(A, U, 2)]).unwrap(), vec![stored(1)]);
+}
+
+fn quota_by_messages_refuses_without_partial_writes<S: Store>(make: &Make<S>) {
+    let limits = StoreLimits {
+        max_inbox_messages: 3,
+        ..StoreLimits::default()
+    };
+    let s = with_devices(make, limits, &[R, R2]);
+    let batch = [
+        env(A, R, 1),
+        env(A, R, 2),
+        env(A, R2, 3),
+        env(A, R, 4),
+        env(A, R, 5),
+        env(A, R2, 6),
+    ];
+    assert_eq!(
+        s.commit(&batch).unwrap(),
+        vec![
+            stored(1),
+            stored(2),
+            stored(1),
+            stored(3),
+            refused(Refusal::QuotaMessages),
+            stored(2),
+        ]
+    );
+    assert_eq!(
+        s.inbox_state(&dev(R)).unwrap(),
+        InboxState {
+            head: 3,
+            acked: 0,
+            depth: 3,
+            bytes: 48,
+        }
+    );
+    assert_eq!(seqs_of(&*s, R, 0), vec![1, 2, 3]);
+    assert_eq!(s.total_depth().unwrap(), 5);
+    // A retry of an already stored message is still a duplicate when full.
+    assert_eq!(s.commit(&[env(A, R, 2)]).unwrap(), vec![dup(2)]);
+    // Acking makes room; the refused message is stored anew, contiguously.
+    assert_eq!(s.ack(&dev(R), 1).unwrap(), 1);
+    assert_eq!(
+        s.commit(&[env(A, R, 5), env(A, R, 7)]).unwrap(),
+        vec![stored(4), refused(Refusal::QuotaMessages)]
+    );
+    assert_eq!(seqs_of(&*s, R, 0), vec![2, 3, 4]);
+}
+
+fn quota_by_bytes_refuses_without_partial_writes<S: Store>(make: &Make<S>) {
+    let limits = StoreLimits {
+        max_inbox_bytes: 100,
+        ..StoreLimits::default()
+    };
+    let s = with_devices(make, limits, &[R]);
+    let batch = [
+        env(A, R, 1).len(40),
+        env(A, R, 2).len(40),
+        env(A, R, 3).len(40),
+        env(A, R, 4).len(20),
+        env(A, R, 5).len(8),
+        env(A, R, 6).len(101),
+    ];
+    assert_eq!(
+        s.commit(&batch).unwrap(),
+        vec![
+            stored(1),
+            stored(2),
+            refused(Refusal::QuotaBytes),
+            stored(3),
+            refused(Refusal::QuotaBytes),
+            refused(Refusal::QuotaBytes),
+        ]
+    );
+    let state = s.inbox_state(&dev(R)).unwrap();
+    assert_eq!((state.head, state.depth, state.bytes), (3, 3, 100));
+    let page = s.pull(&dev(R), 0, 10, usize::MAX).unwrap();
+    let lens: Vec<usize> = page.envelopes.iter().map(|e| e.bytes.len()).collect();
+    assert_eq!(lens, vec![40, 40, 20]);
+    // Bytes are released by ack and the refused envelope then fits.
+    s.ack(&dev(R), 1).unwrap();
+    assert_eq!(s.inbox_state(&dev(R)).unwrap().bytes, 60);
+    assert_eq!(s.commit(&[env(A, R, 3).len(40)]).unwrap(), vec![stored(4)]);
+}
+
+fn empty_batch_commits_nothing<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R]);
+    assert_eq!(s.commit(&[]).unwrap(), vec![]);
+    assert_eq!(s.inbox_state(&dev(R)).unwrap(), InboxState::default());
+}
+
+fn pull_pages_by_limit_with_remaining<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R]);
+    let batch: Vec<_> = (1..=10).map(|m| env(A, R, m)).collect();
+    s.commit(&batch).unwrap();
+    let d = dev(R);
+    let p = s.pull(&d, 0, 4, usize::MAX).unwrap();
+    assert_eq!(
+        p.envelopes.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(p.envelopes[2].bytes, body(3, 16));
+    assert_eq!(p.remaining, 6);
+    let p = s.pull(&d, 4, 4, usize::MAX).unwrap();
+    assert_eq!(
+        p.envelopes.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![5, 6, 7, 8]
+    );
+    assert_eq!(p.remaining, 2);
+    let p = s.pull(&d, 8, 4, usize::MAX).unwrap();
+    assert_eq!(
+        p.envelopes.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![9, 10]
+    );
+    assert_eq!(p.remaining, 0);
+    let p = s.pull(&d, 10, 4, usize::MAX).unwrap();
+    assert!(p.envelopes.is_empty());
+    assert_eq!(p.remaining, 0);
+    let p = s.pull(&d, u64::MAX, 4, usize::MAX).unwrap();
+    assert!(p.envelopes.is_empty());
+    assert_eq!((p.remaining, p.truncated), (0, None));
+    // A zero limit returns nothing but still counts what is waiting.
+    let p = s.pull(&d, 3, 0, usize::MAX).unwrap();
+    assert!(p.envelopes.is_empty());
+    assert_eq!(p.remaining, 7);
+    // Pulling never deletes.
+    assert_eq!(s.inbox_state(&d).unwrap().depth, 10);
+}
+
+fn pull_respects_max_bytes_but_returns_one<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R]);
+    let mut batch = vec![env(A, R, 1).len(1000)];
+    batch.extend((2..=5).map(|m| env(A, R, m).len(100)));
+    s.commit(&batch).unwrap();
+    let d = dev(R);
+    let count = |after, max_bytes| s.pull(&d, after, 100, max_bytes).unwrap().envelopes.len();
+    // The first envelope alone exceeds the budget: still returned, alone.
+    assert_eq!(count(0, 500), 1);
+    assert_eq!(count(0, 0), 1);
+    assert_eq!(count(0, 1099), 1);
+    assert_eq!(count(0, 1100), 2);
+    assert_eq!(count(1, 250), 2);
+    assert_eq!(count(1, 300), 3);
+    assert_eq!(count(1, 10), 1);
+    let p = s.pull(&d, 1, 100, 250).unwrap();
+    assert_eq!(p.remaining, 2);
+}
+
+fn remaining_is_exact_around_holes_and_unacked_prefixes<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R]);
+    let batch: Vec<_> = (1..=10)
+        .map(|m| {
+            let e = env(A, R, m);
+            if matches!(m, 2 | 5 | 9) {
+                e.expires(50)
+            } else {
+                e
+            }
+        })
+        .collect();
+    s.commit(&batch).unwrap();
+    let d = dev(R);
+    let page = |after, limit| {
+        let p = s.pull(&d, after, limit, usize::MAX).unwrap();
+        (
+            p.envelopes.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            p.remaining,
+        )
+    };
+    assert_eq!(page(0, 3), (vec![1, 2, 3], 7));
+    assert_eq!(page(8, 1), (vec![9], 1));
+    assert_eq!(page(5, 2), (vec![6, 7], 3));
+    // Purge seqs 2, 5 and 9: stored are 1 3 4 6 7 8 10.
+    assert_eq!(s.purge_expired(50, 100).unwrap().expired, 3);
+    assert_eq!(page(0, 2), (vec![1, 3], 5));
+    assert_eq!(page(6, 1), (vec![7], 2));
+    assert_eq!(page(3, 2), (vec![4, 6], 3));
+    assert_eq!(page(1, 1), (vec![3], 5));
+    assert_eq!(page(8, 1), (vec![10], 0));
+    s.ack(&d, 3).unwrap();
+    // Stored are 4 6 7 8 10.
+    assert_eq!(page(6, 1), (vec![7], 2));
+    assert_eq!(page(2, 0), (vec![], 5));
+    assert_eq!(page(0, 1), (vec![4], 4));
+    assert_eq!(page(9, 5), (vec![10], 0));
+    assert_eq!(page(10, 5), (vec![], 0));
+}
+
+fn ack_deletes_is_monotonic_and_clamps<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R, R2]);
+    let batch: Vec<_> = (1..=10).map(|m| env(A, R, m)).collect();
+    s.commit(&batch).unwrap();
+    s.commit(&[env(A, R2, 11)]).unwrap();
+    let d = dev(R);
+    assert_eq!(s.ack(&d, 3).unwrap(), 3);
+    assert_eq!(
+        s.inbox_state(&d).unwrap(),
+        InboxState {
+            head: 10,
+            acked: 3,
+            depth: 7,
+            bytes: 7 * 16,
+        }
+    );
+    assert_eq!(seqs_of(&*s, R, 0), (4..=10).collect::<Vec<_>>());
+    // Never backwards.
+    assert_eq!(s.ack(&d, 2).unwrap(), 3);
+    assert_eq!(s.ack(&d, 3).unwrap(), 3);
+    assert_eq!(s.ack(&d, 0).unwrap(), 3);
+    assert_eq!(s.inbox_state(&d).unwrap().depth, 7);
+    // Clamped to the head.
+    assert_eq!(s.ack(&d, 1_000).unwrap(), 10);
+    assert_eq!(
+        s.inbox_state(&d).unwrap(),
+        InboxState {
+            head: 10,
+            acked: 10,
+            depth: 0,
+            bytes: 0,
+        }
+    );
+    let p = s.pull(&d, 0, 100, usize::MAX).unwrap();
+    assert!(p.envelopes.is_empty());
+    assert_eq!((p.remaining, p.truncated), (0, None));
+    // Seqs are never reused, and the clamp means new envelopes stay unacked.
+    assert_eq!(s.commit(&[env(A, R, 12)]).unwrap(), vec![stored(11)]);
+    assert_eq!(seqs_of(&*s, R, 0), vec![11]);
+    assert_eq!(s.ack(&d, u64::MAX).unwrap(), 11);
+    // Other inboxes are untouched; unknown ones ack nothing.
+    assert_eq!(s.inbox_state(&dev(R2)).unwrap().depth, 1);
+    assert_eq!(s.ack(&dev(55), 5).unwrap(), 0);
+    assert_eq!(s.total_depth().unwrap(), 1);
+}
+
+/// R's inbox after [`purge_fixture`]: seqs 4 and 8 survive; 1 2 3 5 6 7
+/// became tombstones.
+fn purge_fixture<S: Store>(make: &Make<S>) -> Made<S> {
+    let s = with_devices(make, StoreLimits::default(), &[R]);
+    let batch = [
+        env(A, R, 1).in_conv(1, 1).expires(100),
+        env(B, R, 2).in_conv(2, 7).expires(100),
+        env(A, R, 3).in_conv(1, 2).expires(100),
+        env(A, R, 4).in_conv(1, 3).expires(5_000),
+        env(A, R, 5).in_conv(1, 5).expires(100),
+        env(A, R, 6).in_conv(3, 1).expires(90),
+        env(B, R, 7).in_conv(2, 8).expires(100),
+        env(A, R, 8).in_conv(1, 4).expires(5_000),
+    ];
+    s.commit(&batch).unwrap();
+    assert_eq!(
+        s.purge_expired(99, 100).unwrap(),
+        PurgeStats {
+            expired: 1,
+            dedup_removed: 1,
+        }
+    );
+    assert_eq!(
+        s.purge_expired(100, 100).unwrap(),
+        PurgeStats {
+            expired: 5,
+            dedup_removed: 5,
+        }
+    );
+    assert_eq!(s.purge_expired(100, 100).unwrap(), PurgeStats::default());
+    s
+}
+
+fn purge_writes_tombstones_and_pull_reports_merged_ranges<S: Store>(make: &Make<S>) {
+    let s = purge_fixture(make);
+    let d = dev(R);
+    assert_eq!(
+        s.inbox_state(&d).unwrap(),
+        InboxState {
+            head: 8,
+            acked: 0,
+            depth: 2,
+            bytes: 32,
+        }
+    );
+    assert_eq!(s.total_depth().unwrap(), 2);
+
+    let p = s.pull(&d, 0, 100, usize::MAX).unwrap();
+    assert_eq!(
+        p.envelopes.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![4, 8]
+    );
+    assert_eq!(p.envelopes[0].bytes, body(4, 16));
+    assert_eq!(p.remaining, 0);
+    let t = p.truncated.unwrap();
+    assert_eq!(t.oldest_retained, 4);
+    assert_eq!(t.dropped_count, 6);
+    assert_eq!(
+        t.dropped,
+        vec![
+            range(A, 1, 1, 2),
+            range(A, 1, 5, 5),
+            range(A, 3, 1, 1),
+            range(B, 2, 7, 8),
+        ]
+    );
+
+    // From a later cursor only the later tombstones count.
+    let p = s.pull(&d, 4, 100, usize::MAX).unwrap();
+    assert_eq!(
+        p.envelopes.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![8]
+    );
+    let t = p.truncated.unwrap();
+    assert_eq!((t.oldest_retained, t.dropped_count), (8, 3));
+    assert_eq!(
+        t.dropped,
+        vec![range(A, 1, 5, 5), range(A, 3, 1, 1), range(B, 2, 8, 8)]
+    );
+    // The truncation does not depend on the page size.
+    let p = s.pull(&d, 4, 0, usize::MAX).unwrap();
+    assert_eq!(p.truncated.unwrap().oldest_retained, 8);
+    // Past the last tombstone: no truncation.
+    assert_eq!(s.pull(&d, 7, 100, usize::MAX).unwrap().truncated, None);
+    assert_eq!(s.pull(&d, 8, 100, usize::MAX).unwrap().truncated, None);
+}
+
+fn purge_is_oldest_first_and_bounded_by_max<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R, R2]);
+    s.commit(&[
+        env(A, R, 1).expires(30),
+        env(A, R2, 2).expires(10),
+        env(A, R, 3).expires(20),
+        env(A, R2, 4).expires(40),
+        env(A, R, 5).expires(50),
+    ])
+    .unwrap();
+    assert_eq!(s.purge_expired(u64::MAX, 0).unwrap(), PurgeStats::default());
+    assert_eq!(
+        s.purge_expired(35, 2).unwrap(),
+        PurgeStats {
+            expired: 2,
+            dedup_removed: 2,
+        }
+    );
+    // The two oldest went: R2's seq 1 (at 10) and R's seq 2 (at 20).
+    assert_eq!(seqs_of(&*s, R, 0), vec![1, 3]);
+    assert_eq!(seqs_of(&*s, R2, 0), vec![2]);
+    assert_eq!(
+        s.purge_expired(35, 10).unwrap(),
+        PurgeStats {
+            expired: 1,
+            dedup_removed: 1,
+        }
+    );
+    assert_eq!(seqs_of(&*s, R, 0), vec![3]);
+    assert_eq!(s.purge_expired(35, 10).unwrap(), PurgeStats::default());
+    assert_eq!(s.purge_expired(1_000, 10).unwrap().expired, 2);
+    assert_eq!(s.total_depth().unwrap(), 0);
+    let t = s
+        .pull(&dev(R), 0, 10, usize::MAX)
+        .unwrap()
+        .truncated
+        .unwrap();
+    assert_eq!((t.oldest_retained, t.dropped_count), (4, 3));
+    // Acked envelopes are not purged again (their index entries are gone).
+    s.commit(&[env(A, R, 6).expires(2_000)]).unwrap();
+    s.ack(&dev(R), 4).unwrap();
+    assert_eq!(s.purge_expired(3_000, 10).unwrap().expired, 0);
+}
+
+fn ack_past_tombstones_clears_truncation<S: Store>(make: &Make<S>) {
+    let s = purge_fixture(make);
+    let d = dev(R);
+    assert_eq!(s.ack(&d, 3).unwrap(), 3);
+    let t = s.pull(&d, 0, 100, usize::MAX).unwrap().truncated.unwrap();
+    assert_eq!((t.oldest_retained, t.dropped_count), (4, 3));
+    assert_eq!(s.ack(&d, 7).unwrap(), 7);
+    let p = s.pull(&d, 0, 100, usize::MAX).unwrap();
+    assert_eq!(p.truncated, None);
+    assert_eq!(
+        p.envelopes.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![8]
+    );
+    assert_eq!(s.inbox_state(&d).unwrap().depth, 1);
+}
+
+fn truncation_with_nothing_retained_points_past_head<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R]);
+    s.commit(&[
+        env(A, R, 1).expires(100),
+        env(A, R, 2).expires(100),
+        env(A, R, 3).expires(100),
+    ])
+    .unwrap();
+    s.purge_expired(100, 10).unwrap();
+    let p = s.pull(&dev(R), 0, 10, usize::MAX).unwrap();
+    assert!(p.envelopes.is_empty());
+    assert_eq!(p.remaining, 0);
+    let t = p.truncated.unwrap();
+    assert_eq!((t.oldest_retained, t.dropped_count), (4, 3));
+    assert_eq!(t.dropped, vec![range(A, 1, 1, 3)]);
+    assert_eq!(s.commit(&[env(A, R, 4)]).unwrap(), vec![stored(4)]);
+    let p = s.pull(&dev(R), 0, 10, usize::MAX).unwrap();
+    assert_eq!(p.truncated.unwrap().oldest_retained, 4);
+}
+
+fn truncation_caps_ranges_but_counts_all<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R]);
+    let n = MAX_DROPPED_RANGES as u64 + 6;
+    // Sender seqs 2, 4, 6, …: no two adjacent, so every tombstone is a range.
+    for chunk in (1..=n).collect::<Vec<_>>().chunks(200) {
+        let batch: Vec<_> = chunk
+            .iter()
+            .map(|&m| env(A, R, m).in_conv(1, m * 2).expires(10))
+            .collect();
+        s.commit(&batch).unwrap();
+    }
+    assert_eq!(s.purge_expired(10, usize::MAX).unwrap().expired, n);
+    let t = s
+        .pull(&dev(R), 0, 10, usize::MAX)
+        .unwrap()
+        .truncated
+        .unwrap();
+    assert_eq!(t.dropped_count, n);
+    assert_eq!(t.dropped.len(), MAX_DROPPED_RANGES);
+    assert_eq!(t.dropped[0], range(A, 1, 2, 2));
+    assert_eq!(t.oldest_retained, n + 1);
+}
+
+fn expired_dedup_entries_are_dropped<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R]);
+    assert_eq!(
+        s.commit(&[env(A, R, 1).expires(100)]).unwrap(),
+        vec![stored(1)]
+    );
+    s.ack(&dev(R), 1).unwrap();
+    assert_eq!(s.purge_expired(99, 10).unwrap(), PurgeStats::default());
+    assert_eq!(s.commit(&[env(A, R, 1)]).unwrap(), vec![dup(1)]);
+    // The envelope was acked, so only the dedup entry expires.
+    assert_eq!(
+        s.purge_expired(100, 10).unwrap(),
+        PurgeStats {
+            expired: 0,
+            dedup_removed: 1,
+        }
+    );
+    // Past the retention window a retry is a new message.
+    assert_eq!(s.commit(&[env(A, R, 1)]).unwrap(), vec![stored(2)]);
+}
+
+fn spk(id: u32) -> SignedPrekey {
+    SignedPrekey {
+        id,
+        public: [id as u8; 32],
+        signature: [id as u8 + 1; 64],
+    }
+}
+
+fn otk(id: u32) -> OneTimePrekey {
+    OneTimePrekey {
+        id,
+        public: [(id % 256) as u8; 32],
+    }
+}
+
+fn prekeys_are_handed_out_once_lowest_first<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R]);
+    let d = dev(R);
+    assert_eq!(
+        s.publish_prekeys(&d, &spk(1), &[otk(5), otk(1), otk(3)])
+            .unwrap(),
+        3
+    );
+    assert_eq!(s.one_time_prekeys_left(&d).unwrap(), 3);
+    let b = s.take_prekey_bundle(&d).unwrap().unwrap();
+    assert_eq!(b.device, d);
+    assert_eq!(b.user, reg(R).user);
+    assert_eq!(b.signing_key, reg(R).signing_key);
+    assert_eq!(b.agreement_key, reg(R).agreement_key);
+    assert_eq!(b.signed_prekey, spk(1));
+    assert_eq!(b.one_time_prekey, Some(otk(1)));
+    assert_eq!(s.one_time_prekeys_left(&d).unwrap(), 2);
+    let b = s.take_prekey_bundle(&d).unwrap().unwrap();
+    assert_eq!(b.one_time_prekey, Some(otk(3)));
+    // Republishing replaces the signed prekey; a known id is ignored, even
+    // with another key, and an id handed out before can come back.
+    let mut clash = otk(5);
+    clash.public = [0xAA; 32];
+    assert_eq!(
+        s.publish_prekeys(&d, &spk(2), &[clash, otk(2), otk(1)])
+            .unwrap(),
+        3
+    );
+    let mut handed = Vec::new();
+    for _ in 0..3 {
+        let b = s.take_prekey_bundle(&d).unwrap().unwrap();
+        assert_eq!(b.signed_prekey, spk(2));
+        handed.push(b.one_time_prekey.unwrap());
+    }
+    assert_eq!(handed, vec![otk(1), otk(2), otk(5)]);
+    // Exhausted: the bundle still comes, without a one-time prekey.
+    let b = s.take_prekey_bundle(&d).unwrap().unwrap();
+    assert_eq!(b.one_time_prekey, None);
+    assert_eq!(s.one_time_prekeys_left(&d).unwrap(), 0);
+    // Publishing with no one-time prekeys reports the pool and keeps it.
+    assert_eq!(s.publish_prekeys(&d, &spk(3), &[]).unwrap(), 0);
+    assert_eq!(
+        s.take_prekey_bundle(&d).unwrap().unwrap().signed_prekey,
+        spk(3)
+    );
+}
+
+fn prekey_pool_is_capped<S: Store>(make: &Make<S>) {
+    let limits = StoreLimits {
+        max_one_time_prekeys: 4,
+        ..StoreLimits::default()
+    };
+    let s = with_devices(make, limits, &[R]);
+    let d = dev(R);
+    let many: Vec<_> = (10..16).map(otk).collect();
+    assert_eq!(s.publish_prekeys(&d, &spk(1), &many).unwrap(), 4);
+    // Full: a lower id is not added either.
+    assert_eq!(s.publish_prekeys(&d, &spk(1), &[otk(1)]).unwrap(), 4);
+    assert_eq!(
+        s.take_prekey_bundle(&d).unwrap().unwrap().one_time_prekey,
+        Some(otk(10))
+    );
+    assert_eq!(
+        s.publish_prekeys(&d, &spk(1), &[otk(1), otk(2)]).unwrap(),
+        4
+    );
+    let mut ids = Vec::new();
+    while let Some(k) = s.take_prekey_bundle(&d).unwrap().unwrap().one_time_prekey {
+        ids.push(k.id);
+    }
+    assert_eq!(ids, vec![1, 11, 12, 13]);
+}
+
+fn bundle_needs_registration_and_signed_prekey<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R]);
+    let d = dev(R);
+    assert_eq!(s.take_prekey_bundle(&d).unwrap(), None);
+    assert_eq!(s.one_time_prekeys_left(&d).unwrap(), 0);
+    let stranger = dev(66);
+    assert!(matches!(
+        s.publish_prekeys(&stranger, &spk(1), &[otk(1)]),
+        Err(StoreError::UnknownDevice)
+    ));
+    assert!(matches!(
+        s.take_prekey_bundle(&stranger),
+        Err(StoreError::UnknownDevice)
+    ));
+    assert_eq!(s.one_time_prekeys_left(&stranger).unwrap(), 0);
+    // Another device's pool is separate.
+    s.register_device(&reg(R2), 1).unwrap();
+    s.publish_prekeys(&dev(R2), &spk(9), &[otk(1)]).unwrap();
+    assert_eq!(s.take_prekey_bundle(&d).unwrap(), None);
+    assert_eq!(s.one_time_prekeys_left(&dev(R2)).unwrap(), 1);
+}
+
+fn device_list(user: u8, version: u64, devices: &[u8]) -> SignedDeviceList {
+    SignedDeviceList {
+        list: DeviceList {
+            user: UserKey([user; 32]),
+            version,
+            devices: devices
+                .iter()
+                .map(|&d| DeviceEntry {
+                    device: dev(d),
+                    signing_key: [d; 32],
+                    agreement_key: [d + 1; 32],
+                })
+                .collect(),
+        },
+        signature: [version as u8; 64],
+    }
+}
+
+fn device_lists_only_move_forward<S: Store>(make: &Make<S>) {
+    let s = make(StoreLimits::default());
+    let user = UserKey([A; 32]);
+    assert_eq!(s.device_list(&user).unwrap(), None);
+    assert_eq!(s.publish_device_list(&device_list(A, 1, &[1])).unwrap(), 1);
+    assert_eq!(s.device_list(&user).unwrap(), Some(device_list(A, 1, &[1])));
+    assert!(matches!(
+        s.publish_device_list(&device_list(A, 1, &[1, 2])),
+        Err(StoreError::StaleDeviceList { stored: 1 })
+    ));
+    assert!(matches!(
+        s.publish_device_list(&device_list(A, 0, &[])),
+        Err(StoreError::StaleDeviceList { stored: 1 })
+    ));
+    assert_eq!(
+        s.publish_device_list(&device_list(A, 3, &[1, 2, 3]))
+            .unwrap(),
+        3
+    );
+    assert!(matches!(
+        s.publish_device_list(&device_list(A, 2, &[1])),
+        Err(StoreError::StaleDeviceList { stored: 3 })
+    ));
+    assert_eq!(
+        s.device_list(&user).unwrap(),
+        Some(device_list(A, 3, &[1, 2, 3]))
+    );
+    // Users are independent; an empty list is a valid list.
+    assert_eq!(s.publish_device_list(&device_list(B, 1, &[])).unwrap(), 1);
+    assert_eq!(
+        s.device_list(&UserKey([B; 32])).unwrap(),
+        Some(device_list(B, 1, &[]))
+    );
+    assert_eq!(
+        s.publish_device_list(&device_list(A, u64::MAX, &[4]))
+            .unwrap(),
+        u64::MAX
+    );
+}
+
+fn counters_of_unknown_and_many_inboxes<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[10, 11, 12]);
+    assert_eq!(s.inbox_state(&dev(99)).unwrap(), InboxState::default());
+    assert_eq!(s.total_depth().unwrap(), 0);
+    let p = s.pull(&dev(99), 0, 10, usize::MAX).unwrap();
+    assert!(p.envelopes.is_empty());
+    assert_eq!((p.remaining, p.truncated), (0, None));
+    let batch: Vec<_> = (0..30u64).map(|m| env(A, 10 + (m % 3) as u8, m)).collect();
+    s.commit(&batch).unwrap();
+    assert_eq!(s.total_depth().unwrap(), 30);
+    s.ack(&dev(10), 4).unwrap();
+    s.ack(&dev(11), 10).unwrap();
+    assert_eq!(s.total_depth().unwrap(), 30 - 4 - 10);
+    for d in 10..=12 {
+        let st = s.inbox_state(&dev(d)).unwrap();
+        assert_eq!(st.head, 10);
+        assert_eq!(st.depth, seqs_of(&*s, d, 0).len() as u64);
+    }
+}
+
+fn concurrent_commits_and_pulls_stay_consistent<S: Store>(make: &Make<S>) {
+    const WRITERS: u64 = 2;
+    const BATCHES: u64 = 25;
+    const PER_BATCH: u64 = 4;
+    let s = with_devices(make, StoreLimits::default(), &[R]);
+    let store: &S = &s;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let mut checks = 0u32;
+            loop {
+                let finished = done.load(std::sync::atomic::Ordering::Acquire);
+                // Every snapshot shows a gap-free prefix of the inbox.
+                let seqs = seqs_of(store, R, 0);
+                let expect: Vec<u64> = (1..=seqs.len() as u64).collect();
+                assert_eq!(seqs, expect);
+                checks += 1;
+                if finished {
+                    return checks;
+                }
+            }
+        });
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                scope.spawn(move || {
+                    for b in 0..BATCHES {
+                        let batch: Vec<_> = (0..PER_BATCH)
+                            .map(|i| env(A, R, 1 + w * 10_000 + b * PER_BATCH + i))
+                            .collect();
+                        for o in store.commit(&batch).unwrap() {
+                            assert!(matches!(o, CommitOutcome::Stored { .. }));
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        assert!(reader.join().unwrap() >= 1);
+    });
+    let total = WRITERS * BATCHES * PER_BATCH;
+    let page = s.pull(&dev(R), 0, usize::MAX, usize::MAX).unwrap();
+    assert_eq!(page.envelopes.len() as u64, total);
+    let distinct: BTreeSet<_> = page.envelopes.iter().map(|e| e.bytes.clone()).collect();
+    assert_eq!(distinct.len() as u64, total);
+    assert_eq!(s.inbox_state(&dev(R)).unwrap().head, total);
+}
