@@ -1,1 +1,33 @@
-//! hush-relay (skeleton; filled in by later work).
+//! `hush-relay`: a durable QUIC store-and-forward server for end-to-end
+//! encrypted envelopes. It routes by the plaintext envelope header and
+//! cannot read anything else.
+//!
+//! Layout:
+//! - [`store`] — durable storage behind the [`store::Store`] trait (redb).
+//! - [`core`] — the protocol logic as a sans-IO state machine
+//!   ([`core::RelayCore`], [`core::Session`]); the simulator drives it directly.
+//! - [`server`] — the running relay: QUIC endpoint with ALPN dispatch, the
+//!   connection driver, group commit, retention, certificate renewal
+//!   ([`RelayHandle`]).
+//! - [`tls`] — certificates (operator PEM files or a renewable dev cert).
+//! - [`http`] — health, metrics and certificate hash over HTTP/1.1.
+//! - [`config`] — flags, `HUSH_*` environment and TOML file.
+//! - [`metrics`], [`clock`], [`error`].
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod clock;
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::Config;
+pub use error::RelayError;
+pub use metrics::Metrics;
+pub use server::{RelayHandle, StartOptions};

@@ -1,0 +1,599 @@
+//! The relay's settings: command-line flags, `HUSH_*` environment variables
+//! and an optional TOML file, merged with precedence
+//! **flag > environment > file > default**.
+//!
+//! Flags and environment variables are parsed by clap into a [`Cli`] whose
+//! fields are all optional (so "not given" is distinguishable from "given
+//! the default"); the file, if any, fills the gaps; defaults fill the rest.
+//! The result is a plain [`Config`] value that the server takes as is, which
+//! is also how tests configure a relay without touching the process
+//! environment.
+
+use crate::error::RelayError;
+use crate::store::StoreLimits;
+use clap::Parser;
+use clap::builder::BoolishValueParser;
+use hush_protocol::limits::MAX_ENVELOPE_LEN;
+use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default UDP address of the QUIC endpoint.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 4433);
+/// Default retention of unacknowledged envelopes: 7 days.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default per-connection send rate, envelopes per second.
+pub const DEFAULT_SEND_RATE: u32 = 200;
+/// Smallest `--max-envelope` accepted: a header with a short ratchet header
+/// and an empty payload must still fit.
+pub const MIN_MAX_ENVELOPE: usize = 256;
+/// Longest retention accepted (10 years): keeps expiry arithmetic far from overflow.
+pub const MAX_RETENTION: Duration = Duration::from_secs(3650 * 24 * 3600);
+
+/// Resolved relay settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// UDP address of the QUIC endpoint (both `hush/1` and `h3`).
+    pub listen: SocketAddr,
+    /// Directory holding the database and generated certificates; created if missing.
+    pub data_dir: PathBuf,
+    /// Address of the HTTP listener (health, metrics, certificate hash), if any.
+    pub http: Option<SocketAddr>,
+    /// Generate (and renew) a short-lived self-signed certificate in the data dir.
+    pub dev_cert: bool,
+    /// PEM certificate chain (with `key`), instead of `dev_cert`.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (with `cert`).
+    pub key: Option<PathBuf>,
+    /// How long an unacknowledged envelope is kept.
+    pub retention: Duration,
+    /// Largest envelope accepted, bytes (at most the protocol's 64 KiB).
+    pub max_envelope: usize,
+    /// Most unacknowledged envelopes per inbox.
+    pub inbox_max_messages: u64,
+    /// Most unacknowledged envelope bytes per inbox.
+    pub inbox_max_bytes: u64,
+    /// Envelopes per second one connection may send (0 = unlimited).
+    pub send_rate: u32,
+    /// Serve the demo page on the HTTP listener.
+    pub demo: bool,
+    /// How often the retention purge runs (not a flag: tests shorten it).
+    pub purge_interval: Duration,
+    /// How often the certificate is checked for renewal or replacement.
+    pub cert_check_interval: Duration,
+    /// How long shutdown waits for connections to close before giving up.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Defaults for a relay whose data lives in `data_dir`. This is what the
+    /// binary uses when nothing is given, except that it listens on an
+    /// ephemeral port (`127.0.0.1:0`), runs the HTTP listener on an
+    /// ephemeral port too, and uses a dev certificate: the settings tests want.
+    pub fn default_for(data_dir: PathBuf) -> Config {
+        let mut c = Config::defaults(data_dir);
+        c.listen = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        c.http = Some(SocketAddr::new(
+            std::net::IpAddr::V4(Ipv4Addr::LOCALHOST),
+            0,
+        ));
+        c.dev_cert = true;
+        c
+    }
+
+    /// The documented defaults (no certificate source chosen).
+    fn defaults(data_dir: PathBuf) -> Config {
+        let limits = StoreLimits::default();
+        Config {
+            listen: DEFAULT_LISTEN,
+            data_dir,
+            http: None,
+            dev_cert: false,
+            cert: None,
+            key: None,
+            retention: DEFAULT_RETENTION,
+            max_envelope: MAX_ENVELOPE_LEN,
+            inbox_max_messages: limits.max_inbox_messages,
+            inbox_max_bytes: limits.max_inbox_bytes,
+            send_rate: DEFAULT_SEND_RATE,
+            demo: false,
+            purge_interval: Duration::from_secs(5),
+            cert_check_interval: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+
+    /// Parse flags from `args` (the first item is the program name), read
+    /// `HUSH_*` variables from the process environment, then the config file.
+    pub fn parse_from<I, T>(args: I) -> Result<Config, RelayError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args).map_err(|e| RelayError::Config(e.to_string()))?;
+        Config::from_cli(&cli)
+    }
+
+    /// Merge parsed flags/environment with the config file they name and the defaults.
+    pub fn from_cli(cli: &Cli) -> Result<Config, RelayError> {
+        let file = match &cli.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let mut c = Config::defaults(PathBuf::from("hush-data"));
+        macro_rules! pick {
+            ($field:ident) => {
+                cli.$field.clone().or(file.$field.clone())
+            };
+        }
+        if let Some(v) = pick!(listen) {
+            c.listen = v;
+        }
+        if let Some(v) = pick!(data) {
+            c.data_dir = v;
+        }
+        c.http = pick!(http);
+        c.dev_cert = pick!(dev_cert).unwrap_or(false);
+        c.cert = pick!(cert);
+        c.key = pick!(key);
+        if let Some(v) = &cli.retention {
+            c.retention = v.0;
+        } else if let Some(v) = &file.retention {
+            c.retention = parse_retention(v).map_err(|e| RelayError::Config(e.to_string()))?;
+        }
+        if let Some(v) = pick!(max_envelope) {
+            c.max_envelope = usize::try_from(v.0).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = pick!(inbox_max_messages) {
+            c.inbox_max_messages = v;
+        }
+        if let Some(v) = pick!(inbox_max_bytes) {
+            c.inbox_max_bytes = v.0;
+        }
+        if let Some(v) = pick!(send_rate) {
+            c.send_rate = v;
+        }
+        c.demo = pick!(demo).unwrap_or(false);
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Reject contradictory or out-of-range settings with a message naming the option.
+    pub fn validate(&self) -> Result<(), RelayError> {
+        let err = |m: String| Err(RelayError::Config(m));
+        match (self.dev_cert, &self.cert, &self.key) {
+            (true, None, None) => {}
+            (true, _, _) => return err("--dev-cert cannot be combined with --cert/--key".into()),
+            (false, Some(_), Some(_)) => {}
+            (false, Some(_), None) => return err("--cert needs --key".into()),
+            (false, None, Some(_)) => return err("--key needs --cert".into()),
+            (false, None, None) => {
+                return err(
+                    "no certificate: pass --cert FILE --key FILE, or --dev-cert for a \
+                     self-signed development certificate"
+                        .into(),
+                );
+            }
+        }
+        if self.max_envelope < MIN_MAX_ENVELOPE || self.max_envelope > MAX_ENVELOPE_LEN {
+            return err(format!(
+                "--max-envelope {} is outside {MIN_MAX_ENVELOPE}..={MAX_ENVELOPE_LEN} bytes",
+                self.max_envelope
+            ));
+        }
+        if self.retention.is_zero() || self.retention > MAX_RETENTION {
+            return err(format!(
+                "--retention {} is outside 1s..={}",
+                format_duration(self.retention),
+                format_duration(MAX_RETENTION)
+            ));
+        }
+        if self.inbox_max_messages == 0 {
+            return err("--inbox-max-messages must be at least 1".into());
+        }
+        if self.inbox_max_bytes < self.max_envelope as u64 {
+            return err(format!(
+                "--inbox-max-bytes {} is smaller than --max-envelope {}",
+                self.inbox_max_bytes, self.max_envelope
+            ));
+        }
+        Ok(())
+    }
+
+    /// The store limits these settings imply.
+    pub fn store_limits(&self) -> StoreLimits {
+        StoreLimits {
+            max_inbox_messages: self.inbox_max_messages,
+            max_inbox_bytes: self.inbox_max_bytes,
+            ..StoreLimits::default()
+        }
+    }
+
+    /// Retention in milliseconds.
+    pub fn retention_ms(&self) -> u64 {
+        u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The settings as a TOML config file (what `--print-config` shows).
+    pub fn to_toml(&self) -> String {
+        let f = FileConfig {
+            listen: Some(self.listen),
+            data: Some(self.data_dir.clone()),
+            http: self.http,
+            dev_cert: Some(self.dev_cert),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            retention: Some(format_duration(self.retention)),
+            max_envelope: Some(ByteSize(self.max_envelope as u64)),
+            inbox_max_messages: Some(self.inbox_max_messages),
+            inbox_max_bytes: Some(ByteSize(self.inbox_max_bytes)),
+            send_rate: Some(self.send_rate),
+            demo: Some(self.demo),
+        };
+        toml::to_string(&f).unwrap_or_default()
+    }
+}
+
+/// Command-line flags. Every flag can also be set by the environment
+/// variable named in its help (`HUSH_<FLAG>`); a flag wins over its variable.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "hush-relay",
+    version,
+    about = "Hush relay: stores end-to-end encrypted envelopes until their devices fetch them.",
+    long_about = "Hush relay: a durable QUIC store-and-forward server for end-to-end encrypted \
+                  envelopes. It cannot read what it stores.\n\n\
+                  Settings come from flags, then HUSH_* environment variables, then the \
+                  --config file, then defaults (in that order of precedence)."
+)]
+pub struct Cli {
+    /// UDP address of the QUIC endpoint (native clients and browsers share it)
+    /// [default: 127.0.0.1:4433]
+    #[arg(long, env = "HUSH_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Data directory: database and generated certificates; created if missing
+    /// [default: ./hush-data]
+    #[arg(long, env = "HUSH_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+
+    /// Address of the HTTP listener for /healthz, /metrics and /certificate.sha256
+    /// [default: none]
+    #[arg(long, env = "HUSH_HTTP", value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+
+    /// Use a self-signed ECDSA certificate for localhost, valid < 14 days, stored
+    /// in the data directory and renewed automatically (development and browsers
+    /// pinning its hash)
+    #[arg(
+        long,
+        env = "HUSH_DEV_CERT",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
+    pub dev_cert: Option<bool>,
+
+    /// PEM certificate chain for the name clients connect to (needs --key)
+    #[arg(long, env = "HUSH_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// PEM private key of --cert
+    #[arg(long, env = "HUSH_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// How long unacknowledged envelopes are kept, with a unit: s, m, h or d
+    /// (e.g. 30d) [default: 7d]
+    #[arg(long, env = "HUSH_RETENTION", value_name = "DURATION", value_parser = parse_retention_arg)]
+    pub retention: Option<Retention>,
+
+    /// Largest envelope accepted, bytes (K/M suffixes allowed), at most 64K
+    /// [default: 64K]
+    #[arg(long, env = "HUSH_MAX_ENVELOPE", value_name = "SIZE", value_parser = parse_size_arg)]
+    pub max_envelope: Option<ByteSize>,
+
+    /// Most unacknowledged envelopes one device's inbox may hold [default: 100000]
+    #[arg(long, env = "HUSH_INBOX_MAX_MESSAGES", value_name = "N")]
+    pub inbox_max_messages: Option<u64>,
+
+    /// Most unacknowledged bytes one device's inbox may hold (K/M/G suffixes)
+    /// [default: 1G]
+    #[arg(long, env = "HUSH_INBOX_MAX_BYTES", value_name = "SIZE", value_parser = parse_size_arg)]
+    pub inbox_max_bytes: Option<ByteSize>,
+
+    /// Envelopes per second one connection may send; 0 means unlimited [default: 200]
+    #[arg(long, env = "HUSH_SEND_RATE", value_name = "N")]
+    pub send_rate: Option<u32>,
+
+    /// Serve the demo chat page on the HTTP listener (when built in)
+    #[arg(
+        long,
+        env = "HUSH_DEMO",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
+    pub demo: Option<bool>,
+
+    /// TOML file with any of the settings above (keys as the flag names without
+    /// dashes in front, e.g. `retention = "30d"`); unknown keys are rejected
+    #[arg(long, env = "HUSH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Print the resolved settings as TOML and exit
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// The TOML config file. Keys are the flag names (`dev-cert`, `send-rate`, …).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    /// See `--listen`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// See `--data`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<PathBuf>,
+    /// See `--http`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<SocketAddr>,
+    /// See `--dev-cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dev_cert: Option<bool>,
+    /// See `--cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// See `--key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// See `--retention` (a string such as `"30d"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention: Option<String>,
+    /// See `--max-envelope` (an integer, or a string with a suffix).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_envelope: Option<ByteSize>,
+    /// See `--inbox-max-messages`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inbox_max_messages: Option<u64>,
+    /// See `--inbox-max-bytes` (an integer, or a string with a suffix).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inbox_max_bytes: Option<ByteSize>,
+    /// See `--send-rate`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send_rate: Option<u32>,
+    /// See `--demo`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub demo: Option<bool>,
+}
+
+impl FileConfig {
+    /// Parse TOML text; the error names the offending key.
+    pub fn parse(text: &str) -> Result<FileConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim().to_string())
+    }
+
+    /// Read and parse a config file. Relative paths inside it are taken
+    /// relative to the file's directory, so a service's config works from any
+    /// working directory.
+    pub fn load(path: &Path) -> Result<FileConfig, RelayError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RelayError::File {
+            what: "config file",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut f = FileConfig::parse(&text)
+            .map_err(|e| RelayError::Config(format!("config file {}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut f.data, &mut f.cert, &mut f.key].into_iter().flatten() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// A retention period parsed from `30d`-style text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention(pub Duration);
+
+fn parse_retention_arg(s: &str) -> Result<Retention, String> {
+    parse_retention(s).map(Retention)
+}
+
+/// Parse a duration with a unit suffix: `90s`, `15m`, `12h`, `30d`.
+pub fn parse_retention(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    if digits.is_empty() {
+        return Err(format!(
+            "retention '{s}': expected a number with a unit, e.g. 7d"
+        ));
+    }
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("retention '{s}': number too large"))?;
+    let secs_per = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "" => {
+            return Err(format!(
+                "retention '{s}': add a unit: s, m, h or d (e.g. {s}d)"
+            ));
+        }
+        other => {
+            return Err(format!(
+                "retention '{s}': unknown unit '{other}' (use s, m, h or d)"
+            ));
+        }
+    };
+    let secs = n
+        .checked_mul(secs_per)
+        .ok_or_else(|| format!("retention '{s}': too long"))?;
+    let d = Duration::from_secs(secs);
+    if d.is_zero() {
+        return Err(format!("retention '{s}': must be longer than zero"));
+    }
+    if d > MAX_RETENTION {
+        return Err(format!("retention '{s}': longer than 3650d"));
+    }
+    Ok(d)
+}
+
+/// Format a duration in the largest unit that divides it (`7d`, `90m`, `45s`).
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s == 0 {
+        return "0s".into();
+    }
+    for (unit, per) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if s.is_multiple_of(per) {
+            return format!("{}{unit}", s / per);
+        }
+    }
+    format!("{s}s")
+}
+
+/// A byte count, written as an integer or with a binary suffix (`64K`, `1G`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+fn parse_size_arg(s: &str) -> Result<ByteSize, String> {
+    parse_size(s).map(ByteSize)
+}
+
+/// Parse `65536`, `64K`, `64KiB`, `16M`, `1G` (binary multiples, case-insensitive).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("size '{s}': expected a number of bytes, e.g. 65536 or 64K"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "size '{s}': unknown unit '{other}' (use K, M or G)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}': too large"))
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte count: an integer or a string such as \"64K\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a byte count cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                parse_size(v).map(ByteSize).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_units() {
+        assert_eq!(parse_retention("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_retention("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_retention("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_retention(" 45s "), Ok(Duration::from_secs(45)));
+        assert!(parse_retention("7").unwrap_err().contains("add a unit"));
+        assert!(parse_retention("7w").unwrap_err().contains("unknown unit"));
+        assert!(parse_retention("0d").is_err());
+        assert!(parse_retention("d").is_err());
+        assert!(parse_retention("99999999999999999999d").is_err());
+        assert!(parse_retention("3651d").is_err());
+        assert_eq!(format_duration(Duration::from_secs(7 * 86_400)), "7d");
+        assert_eq!(format_duration(Duration::from_secs(5400)), "90m");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536"), Ok(65_536));
+        assert_eq!(parse_size("64K"), Ok(65_536));
+        assert_eq!(parse_size("64KiB"), Ok(65_536));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("1T").is_err());
+        assert!(parse_size("x").is_err());
+    }
+
+    #[test]
+    fn file_rejects_unknown_key_by_name() {
+        let err = FileConfig::parse("listen = \"127.0.0.1:1\"\nretension = \"7d\"\n").unwrap_err();
+        assert!(err.contains("retension"), "{err}");
+    }
+
+    #[test]
+    fn file_accepts_sizes_as_int_or_string() {
+        let f = FileConfig::parse("max-envelope = \"32K\"\ninbox-max-bytes = 1048576\n").unwrap();
+        assert_eq!(f.max_envelope, Some(ByteSize(32 * 1024)));
+        assert_eq!(f.inbox_max_bytes, Some(ByteSize(1 << 20)));
+    }
+
+    #[test]
+    fn validate_needs_exactly_one_certificate_source() {
+        let mut c = Config::default_for(PathBuf::from("x"));
+        assert!(c.validate().is_ok());
+        c.cert = Some("c.pem".into());
+        assert!(c.validate().is_err());
+        c.dev_cert = false;
+        assert!(c.validate().unwrap_err().to_string().contains("--key"));
+        c.key = Some("k.pem".into());
+        assert!(c.validate().is_ok());
+        c.max_envelope = MAX_ENVELOPE_LEN + 1;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--max-envelope")
+        );
+    }
+
+    #[test]
+    fn to_toml_round_trips() {
+        let mut c = Config::default_for(PathBuf::from("/var/lib/hush"));
+        c.retention = Duration::from_secs(30 * 86_400);
+        let f = FileConfig::parse(&c.to_toml()).unwrap();
+        assert_eq!(f.retention.as_deref(), Some("30d"));
+        assert_eq!(f.data, Some(PathBuf::from("/var/lib/hush")));
+        assert_eq!(f.dev_cert, Some(true));
+    }
+}

@@ -1,0 +1,870 @@
+//! The relay's protocol logic as a state machine, with no sockets, tasks or
+//! clocks.
+//!
+//! One [`Session`] per connection holds where that connection stands
+//! (unauthenticated → challenged → authenticated, live or not, what it was
+//! sent). [`RelayCore::handle`] takes one decoded request plus the current
+//! time and a fresh random challenge, reads or writes the [`Store`], and
+//! returns [`Action`]s: frames to send, envelopes to commit, "this device
+//! authenticated", "this session is now live", "close". The async server
+//! executes those actions; the deterministic simulator executes them over a
+//! `MemoryStore` with virtual time. Everything that decides *what* the relay
+//! answers lives here; only *when* and *over what* lives in `server/`.
+//!
+//! Sends are split in two so that group commit can batch across connections:
+//! `handle` validates a `Send` and returns [`Action::Commit`] with the
+//! envelopes that passed; whoever commits them calls
+//! [`RelayCore::finish_send`] with the store's outcomes to get the reply.
+
+use crate::metrics::Metrics;
+use crate::store::{CommitOutcome, NewEnvelope, Refusal, Store, StoreError};
+use ed25519_dalek::{Signature, VerifyingKey};
+use hush_protocol::limits::{MAX_PAGE, MAX_PAGE_BYTES};
+use hush_protocol::{
+    AuthOk, ClientFrame, Delivered, DeviceId, Envelope, ErrorCode, MessageId, Page, ProtocolError,
+    Request, Response, SendOutcome, ServerFrame, SignedDeviceList, WireError, auth_challenge_bytes,
+};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// Default push window: pushed-but-unacknowledged envelopes a live session
+/// may have outstanding before the relay waits for an `Ack`.
+pub const DEFAULT_PUSH_WINDOW: u64 = 1024;
+
+/// Per-relay settings of the protocol logic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoreConfig {
+    /// Largest envelope accepted, bytes.
+    pub max_envelope: usize,
+    /// Lifetime of an unacknowledged envelope, ms.
+    pub retention_ms: u64,
+    /// Envelopes per second per connection (0 = unlimited).
+    pub send_rate: u32,
+    /// Envelopes a connection may send in one burst.
+    pub send_burst: u32,
+    /// Pushed-but-unacknowledged envelopes allowed per live session.
+    pub push_window: u64,
+}
+
+impl CoreConfig {
+    /// Settings derived from the relay configuration; the burst allows two
+    /// seconds' worth of sends and at least one full batch.
+    pub fn from_config(c: &crate::Config) -> CoreConfig {
+        CoreConfig {
+            max_envelope: c.max_envelope,
+            retention_ms: c.retention_ms(),
+            send_rate: c.send_rate,
+            send_burst: c
+                .send_rate
+                .saturating_mul(2)
+                .max(hush_protocol::limits::MAX_BATCH as u32),
+            push_window: DEFAULT_PUSH_WINDOW,
+        }
+    }
+}
+
+/// Where a connection stands in authentication.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SessionState {
+    /// Nothing yet (or the last challenge was used up).
+    Start,
+    /// `Hello` answered; the next `Auth`/`Register` must sign this challenge.
+    Challenged {
+        /// The device that said hello.
+        device: DeviceId,
+        /// The single-use challenge.
+        challenge: [u8; 32],
+    },
+    /// Proven: the connection acts as this device.
+    Authenticated {
+        /// The device.
+        device: DeviceId,
+    },
+}
+
+impl std::fmt::Debug for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Challenges are never printed.
+        match self {
+            SessionState::Start => f.write_str("Start"),
+            SessionState::Challenged { device, .. } => {
+                write!(f, "Challenged({})", short_id(device))
+            }
+            SessionState::Authenticated { device } => {
+                write!(f, "Authenticated({})", short_id(device))
+            }
+        }
+    }
+}
+
+/// A device id cut to 8 hex digits: enough to correlate log lines, not
+/// enough to be the id.
+pub fn short_id(device: &DeviceId) -> String {
+    let mut s = device.to_hex();
+    s.truncate(8);
+    s
+}
+
+/// A token bucket in milli-envelopes, refilled from the caller's clock.
+#[derive(Debug, Clone)]
+struct TokenBucket {
+    /// Envelopes per second (0 = unlimited).
+    rate: u64,
+    capacity_milli: u64,
+    tokens_milli: u64,
+    last_ms: u64,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32, now_ms: u64) -> Self {
+        let capacity_milli = u64::from(burst.max(1)) * 1000;
+        TokenBucket {
+            rate: u64::from(rate),
+            capacity_milli,
+            tokens_milli: capacity_milli,
+            last_ms: now_ms,
+        }
+    }
+
+    /// Take one token, or say how long until one is available.
+    fn take(&mut self, now_ms: u64) -> Result<(), u32> {
+        if self.rate == 0 {
+            return Ok(());
+        }
+        let elapsed = now_ms.saturating_sub(self.last_ms);
+        self.last_ms = self.last_ms.max(now_ms);
+        // rate envelopes/s = rate milli-envelopes/ms.
+        self.tokens_milli = self
+            .tokens_milli
+            .saturating_add(elapsed.saturating_mul(self.rate))
+            .min(self.capacity_milli);
+        if self.tokens_milli >= 1000 {
+            self.tokens_milli -= 1000;
+            Ok(())
+        } else {
+            let missing = 1000 - self.tokens_milli;
+            let wait = missing.div_ceil(self.rate);
+            Err(u32::try_from(wait).unwrap_or(u32::MAX))
+        }
+    }
+}
+
+/// One connection's protocol state.
+#[derive(Debug, Clone)]
+pub struct Session {
+    state: SessionState,
+    /// Pushing new envelopes as they are committed.
+    live: bool,
+    /// Highest relay seq sent to this connection (page or push).
+    delivered: u64,
+    /// Highest seq acknowledged (by this connection or before it).
+    acked: u64,
+    /// The last push stopped because the window was full.
+    window_full: bool,
+    bucket: TokenBucket,
+}
+
+impl Session {
+    /// A fresh, unauthenticated session.
+    pub fn new(config: &CoreConfig, now_ms: u64) -> Session {
+        Session {
+            state: SessionState::Start,
+            live: false,
+            delivered: 0,
+            acked: 0,
+            window_full: false,
+            bucket: TokenBucket::new(config.send_rate, config.send_burst, now_ms),
+        }
+    }
+
+    /// The authentication state.
+    pub fn state(&self) -> &SessionState {
+        &self.state
+    }
+
+    /// The authenticated device, if any.
+    pub fn device(&self) -> Option<DeviceId> {
+        match self.state {
+            SessionState::Authenticated { device } => Some(device),
+            _ => None,
+        }
+    }
+
+    /// Whether newly committed envelopes are pushed to this session.
+    pub fn is_live(&self) -> bool {
+        self.live
+    }
+
+    /// Highest relay seq delivered on this connection.
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+}
+
+/// What the caller must do after [`RelayCore::handle`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send this frame to the connection.
+    Send(ServerFrame),
+    /// Commit these envelopes (possibly batched with other connections'),
+    /// then pass the outcome to [`RelayCore::finish_send`] and send its frame.
+    Commit(PendingSend),
+    /// The connection now acts as this device (a newer connection of the
+    /// same device replaces older ones).
+    Authenticated(DeviceId),
+    /// The session drained its inbox: from now on, call [`RelayCore::pump`]
+    /// whenever this device's inbox gains envelopes.
+    Live(DeviceId),
+    /// Close the connection after sending what precedes this action.
+    Close {
+        /// Why.
+        code: ErrorCode,
+        /// For people.
+        reason: String,
+    },
+}
+
+/// Envelopes of one `Send` that passed validation, waiting to be committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingSend {
+    /// What to commit.
+    pub envelopes: Vec<NewEnvelope>,
+    /// How to turn the commit outcomes into the reply.
+    pub ticket: SendTicket,
+}
+
+/// The bookkeeping needed to answer a `Send` once its envelopes are committed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SendTicket {
+    request_id: u32,
+    slots: Vec<Slot>,
+    batch_len: usize,
+}
+
+impl SendTicket {
+    /// The request this answers.
+    pub fn request_id(&self) -> u32 {
+        self.request_id
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Slot {
+    /// Refused before commit.
+    Done(SendOutcome),
+    /// The `index`-th envelope of the commit batch.
+    Batch {
+        message_id: MessageId,
+        recipient: DeviceId,
+    },
+}
+
+/// The relay's request logic over a [`Store`].
+pub struct RelayCore<S: Store + ?Sized> {
+    store: Arc<S>,
+    config: CoreConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl<S: Store + ?Sized> std::fmt::Debug for RelayCore<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayCore")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A refusal of a whole request.
+struct Refuse(ErrorCode, String);
+
+impl From<StoreError> for Refuse {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::AlreadyRegistered => Refuse(
+                ErrorCode::AlreadyRegistered,
+                "device already registered with different keys".into(),
+            ),
+            StoreError::UnknownDevice => Refuse(ErrorCode::UnknownDevice, "unknown device".into()),
+            StoreError::StaleDeviceList { stored } => Refuse(
+                ErrorCode::Forbidden,
+                format!("stale device list: version {stored} is already stored"),
+            ),
+            StoreError::Backend(msg) => {
+                tracing::error!("store failure: {msg}");
+                Refuse(ErrorCode::Internal, "storage failure; retry later".into())
+            }
+        }
+    }
+}
+
+fn refuse<T>(code: ErrorCode, msg: impl Into<String>) -> Result<T, Refuse> {
+    Err(Refuse(code, msg.into()))
+}
+
+/// Verify an Ed25519 signature strictly (no malleable or small-order keys).
+fn verify(public: &[u8; 32], message: &[u8], signature: &[u8; 64]) -> bool {
+    match VerifyingKey::from_bytes(public) {
+        Ok(key) => key
+            .verify_strict(message, &Signature::from_bytes(signature))
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+impl<S: Store + ?Sized> RelayCore<S> {
+    /// Logic over `store`, counting into `metrics`.
+    pub fn new(store: Arc<S>, config: CoreConfig, metrics: Arc<Metrics>) -> Self {
+        RelayCore {
+            store,
+            config,
+            metrics,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A new connection's session.
+    pub fn new_session(&self, now_ms: u64) -> Session {
+        Session::new(&self.config, now_ms)
+    }
+
+    /// Handle one request. `challenge` must be fresh random bytes (it is used
+    /// only if the request is a `Hello`).
+    pub fn handle(
+        &self,
+        session: &mut Session,
+        frame: ClientFrame,
+        now_ms: u64,
+        challenge: [u8; 32],
+    ) -> Vec<Action> {
+        let id = frame.request_id;
+        let mut actions = Vec::new();
+        let result = match (frame.request, session.device()) {
+            (Request::Ping, _) => Ok(Response::Pong {
+                relay_time_ms: now_ms,
+            }),
+            (Request::Hello { device }, None) => {
+                session.state = SessionState::Challenged { device, challenge };
+                Ok(Response::Challenge { challenge })
+            }
+            (Request::Auth { signature }, None) => {
+                self.auth(session, &signature, now_ms, &mut actions)
+            }
+            (
+                Request::Register {
+                    registration,
+                    signature,
+                },
+                None,
+            ) => self.register(session, registration, &signature, now_ms, &mut actions),
+            (Request::Hello { .. } | Request::Auth { .. } | Request::Register { .. }, Some(_)) => {
+                refuse(ErrorCode::Forbidden, "already authenticated")
+            }
+            (_, None) => refuse(ErrorCode::NotAuthenticated, "authenticate first"),
+            (Request::Send { envelopes }, Some(device)) => {
+                match self.send(session, device, id, envelopes, now_ms) {
+                    Ok(action) => {
+                        actions.push(action);
+                        return actions;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            (Request::Pull { after, limit, ack }, Some(device)) => {
+                self.pull(session, device, after, limit, ack, &mut actions)
+            }
+            (Request::Ack { up_to }, Some(device)) => match self.store.ack(&device, up_to) {
+                Ok(cursor) => {
+                    session.acked = session.acked.max(cursor);
+                    let frame = ServerFrame::Response {
+                        request_id: id,
+                        response: Response::Acked { up_to: cursor },
+                    };
+                    actions.push(Action::Send(frame));
+                    if session.live && session.window_full {
+                        actions.extend(self.pump(session));
+                    }
+                    return actions;
+                }
+                Err(e) => Err(e.into()),
+            },
+            (
+                Request::PublishPrekeys {
+                    signed_prekey,
+                    one_time_prekeys,
+                },
+                Some(device),
+            ) => self
+                .store
+                .publish_prekeys(&device, &signed_prekey, &one_time_prekeys)
+                .map(|left| Response::PrekeysPublished {
+                    one_time_prekeys_left: left,
+                })
+                .map_err(Refuse::from),
+            (Request::FetchPrekeys { device: target }, Some(_)) => self.fetch_prekeys(&target),
+            (Request::PublishDeviceList { list }, Some(device)) => {
+                self.publish_device_list(&device, &list)
+            }
+            (Request::FetchDeviceList { user }, Some(_)) => match self.store.device_list(&user) {
+                Ok(Some(list)) => Ok(Response::DeviceList(list)),
+                Ok(None) => refuse(ErrorCode::UnknownDevice, "no device list for this user"),
+                Err(e) => Err(e.into()),
+            },
+        };
+        match result {
+            Ok(response) => actions.insert(
+                0,
+                Action::Send(ServerFrame::Response {
+                    request_id: id,
+                    response,
+                }),
+            ),
+            Err(Refuse(code, message)) => {
+                self.metrics.refused(code);
+                actions.insert(0, Action::Send(ServerFrame::error(id, code, message)));
+            }
+        }
+        actions
+    }
+
+    /// The reply to a frame that could not be decoded: an error, then close.
+    /// Other connections are unaffected.
+    pub fn malformed(&self, err: &ProtocolError) -> Vec<Action> {
+        let code = err.code();
+        self.metrics.refused(code);
+        vec![
+            Action::Send(ServerFrame::error(0, code, err.to_string())),
+            Action::Close {
+                code,
+                reason: "malformed frame".into(),
+            },
+        ]
+    }
+
+    fn auth(
+        &self,
+        session: &mut Session,
+        signature: &[u8; 64],
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) -> Result<Response, Refuse> {
+        // The challenge is single-use whatever happens next.
+        let SessionState::Challenged { device, challenge } =
+            std::mem::replace(&mut session.state, SessionState::Start)
+        else {
+            return refuse(ErrorCode::BadAuth, "no challenge: send Hello first");
+        };
+        let Some(record) = self.store.device(&device)? else {
+            return refuse(ErrorCode::UnknownDevice, "device is not registered");
+        };
+        let message = auth_challenge_bytes(&challenge, &device);
+        if !verify(&record.registration.signing_key, &message, signature) {
+            tracing::debug!(device = %short_id(&device), "authentication failed");
+            return refuse(ErrorCode::BadAuth, "bad signature");
+        }
+        self.authenticated(session, device, now_ms, actions)
+    }
+
+    fn register(
+        &self,
+        session: &mut Session,
+        registration: hush_protocol::DeviceRegistration,
+        signature: &[u8; 64],
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) -> Result<Response, Refuse> {
+        let SessionState::Challenged { device, challenge } =
+            std::mem::replace(&mut session.state, SessionState::Start)
+        else {
+            return refuse(ErrorCode::BadAuth, "no challenge: send Hello first");
+        };
+        if registration.device != device {
+            return refuse(
+                ErrorCode::BadAuth,
+                "registration is for another device than Hello",
+            );
+        }
+        if !verify(
+            registration.user.as_bytes(),
+            &registration.certificate_bytes(),
+            &registration.user_signature,
+        ) {
+            return refuse(ErrorCode::BadAuth, "bad device certificate signature");
+        }
+        let message = auth_challenge_bytes(&challenge, &device);
+        if !verify(&registration.signing_key, &message, signature) {
+            return refuse(ErrorCode::BadAuth, "bad signature");
+        }
+        self.store.register_device(&registration, now_ms)?;
+        tracing::info!(device = %short_id(&device), "device registered");
+        self.authenticated(session, device, now_ms, actions)
+    }
+
+    fn authenticated(
+        &self,
+        session: &mut Session,
+        device: DeviceId,
+        now_ms: u64,
+        actions: &mut Vec<Action>,
+    ) -> Result<Response, Refuse> {
+        let inbox = self.store.inbox_state(&device)?;
+        let left = self.store.one_time_prekeys_left(&device)?;
+        session.state = SessionState::Authenticated { device };
+        session.acked = inbox.acked;
+        session.delivered = inbox.acked;
+        session.live = false;
+        actions.push(Action::Authenticated(device));
+        Ok(Response::Authenticated(AuthOk {
+            device,
+            inbox_head: inbox.head,
+            acked: inbox.acked,
+            one_time_prekeys_left: left,
+            relay_time_ms: now_ms,
+        }))
+    }
+
+    fn send(
+        &self,
+        session: &mut Session,
+        device: DeviceId,
+        request_id: u32,
+        envelopes: Vec<Envelope>,
+        now_ms: u64,
+    ) -> Result<Action, Refuse> {
+        Metrics::add(&self.metrics.sends_total, envelopes.len() as u64);
+        let expires_at_ms = now_ms.saturating_add(self.config.retention_ms);
+        let mut slots = Vec::with_capacity(envelopes.len());
+        let mut batch = Vec::with_capacity(envelopes.len());
+        for env in envelopes {
+            let h = &env.header;
+            let refused = |code, msg: String, retry: Option<u32>| {
+                self.metrics.refused(code);
+                let mut error = WireError::new(code, msg);
+                error.retry_after_ms = retry;
+                Slot::Done(SendOutcome::Refused {
+                    message_id: h.message_id,
+                    recipient: h.recipient_device,
+                    error,
+                })
+            };
+            if h.sender_device != device {
+                slots.push(refused(
+                    ErrorCode::Forbidden,
+                    "sender device is not the authenticated device".into(),
+                    None,
+                ));
+                continue;
+            }
+            let len = env.encoded_len();
+            if len > self.config.max_envelope {
+                slots.push(refused(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "envelope of {len} bytes exceeds {}",
+                        self.config.max_envelope
+                    ),
+                    None,
+                ));
+                continue;
+            }
+            if let Err(wait) = session.bucket.take(now_ms) {
+                slots.push(refused(
+                    ErrorCode::RateLimited,
+                    format!("over {} envelopes/s", self.config.send_rate),
+                    Some(wait),
+                ));
+                continue;
+            }
+            let bytes = match env.to_bytes() {
+                Ok(b) => b,
+                Err(e) => {
+                    slots.push(refused(ErrorCode::BadFrame, e.to_string(), None));
+                    continue;
+                }
+            };
+            slots.push(Slot::Batch {
+                message_id: h.message_id,
+                recipient: h.recipient_device,
+            });
+            batch.push(NewEnvelope {
+                recipient: h.recipient_device,
+                sender: h.sender_device,
+                message_id: h.message_id,
+                conversation: h.conversation_id,
+                sender_seq: h.sender_seq,
+                bytes,
+                expires_at_ms,
+            });
+        }
+        let ticket = SendTicket {
+            request_id,
+            slots,
+            batch_len: batch.len(),
+        };
+        if batch.is_empty() {
+            return Ok(Action::Send(self.finish_send(ticket, Ok(Vec::new()))));
+        }
+        Ok(Action::Commit(PendingSend {
+            envelopes: batch,
+            ticket,
+        }))
+    }
+
+    /// The `Sent` reply for a committed (or failed) batch: one outcome per
+    /// envelope of the original request, in order.
+    pub fn finish_send(
+        &self,
+        ticket: SendTicket,
+        result: Result<Vec<CommitOutcome>, StoreError>,
+    ) -> ServerFrame {
+        let failure = match &result {
+            Err(e) => {
+                tracing::error!("commit failed: {e}");
+                Some("storage failure; retry later")
+            }
+            Ok(v) if v.len() != ticket.batch_len => {
+                tracing::error!(
+                    "commit returned {} outcomes for {}",
+                    v.len(),
+                    ticket.batch_len
+                );
+                Some("storage failure; retry later")
+            }
+            Ok(_) => None,
+        };
+        let mut committed = result.unwrap_or_default().into_iter();
+        let mut outcomes = Vec::with_capacity(ticket.slots.len());
+        for slot in ticket.slots {
+            let (message_id, recipient) = match slot {
+                Slot::Done(o) => {
+                    outcomes.push(o);
+                    continue;
+                }
+                Slot::Batch {
+                    message_id,
+                    recipient,
+                } => (message_id, recipient),
+            };
+            let refused = |code, msg: &str| {
+                self.metrics.refused(code);
+                SendOutcome::Refused {
+                    message_id,
+                    recipient,
+                    error: WireError::new(code, msg),
+                }
+            };
+            let outcome = match (failure, committed.next()) {
+                (Some(msg), _) => refused(ErrorCode::Internal, msg),
+                (None, None) => refused(ErrorCode::Internal, "storage failure; retry later"),
+                (None, Some(CommitOutcome::Stored { seq })) => {
+                    Metrics::add(&self.metrics.envelopes_stored_total, 1);
+                    SendOutcome::Stored {
+                        message_id,
+                        recipient,
+                        seq,
+                        duplicate: false,
+                    }
+                }
+                (None, Some(CommitOutcome::Duplicate { seq })) => {
+                    Metrics::add(&self.metrics.duplicate_sends_total, 1);
+                    SendOutcome::Stored {
+                        message_id,
+                        recipient,
+                        seq,
+                        duplicate: true,
+                    }
+                }
+                (None, Some(CommitOutcome::Refused(r))) => match r {
+                    Refusal::UnknownRecipient => refused(
+                        ErrorCode::UnknownDevice,
+                        "recipient device is not registered",
+                    ),
+                    Refusal::QuotaMessages => {
+                        refused(ErrorCode::Quota, "recipient inbox is full (messages)")
+                    }
+                    Refusal::QuotaBytes => {
+                        refused(ErrorCode::Quota, "recipient inbox is full (bytes)")
+                    }
+                },
+            };
+            outcomes.push(outcome);
+        }
+        ServerFrame::Response {
+            request_id: ticket.request_id,
+            response: Response::Sent { outcomes },
+        }
+    }
+
+    fn pull(
+        &self,
+        session: &mut Session,
+        device: DeviceId,
+        after: u64,
+        limit: u16,
+        ack: u64,
+        actions: &mut Vec<Action>,
+    ) -> Result<Response, Refuse> {
+        if ack > 0 {
+            let cursor = self.store.ack(&device, ack)?;
+            session.acked = session.acked.max(cursor);
+        }
+        let limit = usize::from(limit.clamp(1, MAX_PAGE));
+        let page = self.store.pull(&device, after, limit, MAX_PAGE_BYTES)?;
+        let envelopes = decode_stored(page.envelopes)?;
+        if page.truncated.is_some() {
+            Metrics::add(&self.metrics.truncations_total, 1);
+        }
+        session.delivered = envelopes.last().map_or(after, |d| d.seq);
+        session.window_full = false;
+        let was_live = session.live;
+        session.live = page.remaining == 0;
+        if session.live && !was_live {
+            actions.push(Action::Live(device));
+        }
+        Ok(Response::Page(Page {
+            envelopes,
+            remaining: page.remaining,
+            truncated: page.truncated,
+        }))
+    }
+
+    /// Push what was committed to a live session's inbox since it was last
+    /// served, in relay-seq order, up to the push window. Call it whenever
+    /// the device's inbox gains envelopes; it is cheap and idempotent.
+    pub fn pump(&self, session: &mut Session) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let Some(device) = session.device() else {
+            return actions;
+        };
+        while session.live {
+            let outstanding = session.delivered.saturating_sub(session.acked);
+            let room = self.config.push_window.saturating_sub(outstanding);
+            if room == 0 {
+                session.window_full = true;
+                break;
+            }
+            session.window_full = false;
+            let limit = usize::try_from(room.min(u64::from(MAX_PAGE))).unwrap_or(1);
+            let page = match self
+                .store
+                .pull(&device, session.delivered, limit, MAX_PAGE_BYTES)
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    let Refuse(code, msg) = Refuse::from(e);
+                    self.metrics.refused(code);
+                    actions.push(Action::Send(ServerFrame::error(0, code, msg)));
+                    session.live = false;
+                    break;
+                }
+            };
+            if page.truncated.is_some() {
+                // Envelopes expired before they could be pushed: the client
+                // must see the tombstones, which only a Pull carries.
+                session.live = false;
+                self.metrics.refused(ErrorCode::ExpiredCursor);
+                actions.push(Action::Send(ServerFrame::error(
+                    0,
+                    ErrorCode::ExpiredCursor,
+                    "envelopes expired before delivery; pull to resynchronise",
+                )));
+                break;
+            }
+            let envelopes = match decode_stored(page.envelopes) {
+                Ok(e) => e,
+                Err(Refuse(code, msg)) => {
+                    self.metrics.refused(code);
+                    actions.push(Action::Send(ServerFrame::error(0, code, msg)));
+                    session.live = false;
+                    break;
+                }
+            };
+            let Some(last) = envelopes.last() else {
+                break;
+            };
+            session.delivered = last.seq;
+            actions.push(Action::Send(ServerFrame::Push { envelopes }));
+            if page.remaining == 0 {
+                break;
+            }
+        }
+        actions
+    }
+
+    fn fetch_prekeys(&self, target: &DeviceId) -> Result<Response, Refuse> {
+        if self.store.device(target)?.is_none() {
+            return refuse(ErrorCode::UnknownDevice, "device is not registered");
+        }
+        match self.store.take_prekey_bundle(target)? {
+            Some(bundle) => Ok(Response::Prekeys(bundle)),
+            None => refuse(ErrorCode::NoPrekeys, "device has published no prekeys"),
+        }
+    }
+
+    fn publish_device_list(
+        &self,
+        publisher: &DeviceId,
+        list: &SignedDeviceList,
+    ) -> Result<Response, Refuse> {
+        let Some(record) = self.store.device(publisher)? else {
+            return refuse(ErrorCode::UnknownDevice, "device is not registered");
+        };
+        if record.registration.user != list.list.user {
+            return refuse(
+                ErrorCode::Forbidden,
+                "only a device of this user may publish its device list",
+            );
+        }
+        let bytes = list
+            .list
+            .signing_bytes()
+            .map_err(|e| Refuse(ErrorCode::BadFrame, e.to_string()))?;
+        if !verify(list.list.user.as_bytes(), &bytes, &list.signature) {
+            return refuse(ErrorCode::BadAuth, "bad device list signature");
+        }
+        let version = self.store.publish_device_list(list)?;
+        Ok(Response::DeviceListPublished { version })
+    }
+
+    /// Sample the stored-envelope total into the inbox-depth gauge.
+    pub fn refresh_depth(&self) {
+        if let Ok(depth) = self.store.total_depth() {
+            self.metrics.inbox_depth.store(depth, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Stored bytes back to envelopes. They were validated on the way in, so a
+/// failure means the store returned something it was never given.
+fn decode_stored(stored: Vec<crate::store::StoredEnvelope>) -> Result<Vec<Delivered>, Refuse> {
+    stored
+        .into_iter()
+        .map(|s| {
+            Envelope::from_bytes(&s.bytes)
+                .map(|envelope| Delivered {
+                    seq: s.seq,
+                    envelope,
+                })
+                .map_err(|e| {
+                    tracing::error!(seq = s.seq, "stored envelope does not decode: {e}");
+                    Refuse(ErrorCode::Internal, "stored envelope unreadable".into())
+                })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

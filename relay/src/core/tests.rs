@@ -1,0 +1,746 @@
+//! Unit tests of the protocol logic over the in-memory store.
+
+use super::*;
+use crate::store::StoreLimits;
+use crate::store::memory::MemoryStore;
+use ed25519_dalek::{Signer, SigningKey};
+use hush_protocol::{
+    ConversationId, DeviceEntry, DeviceList, DeviceRegistration, EnvelopeHeader, OneTimePrekey,
+    SignedPrekey, UserKey,
+};
+
+const NOW: u64 = 1_800_000_000_000;
+
+struct Device {
+    id: DeviceId,
+    user: SigningKey,
+    key: SigningKey,
+}
+
+impl Device {
+    fn new(n: u8, user_seed: u8) -> Device {
+        Device {
+            id: DeviceId([n; 16]),
+            user: SigningKey::from_bytes(&[user_seed; 32]),
+            key: SigningKey::from_bytes(&[n.wrapping_add(100); 32]),
+        }
+    }
+
+    fn user_key(&self) -> UserKey {
+        UserKey(self.user.verifying_key().to_bytes())
+    }
+
+    fn registration(&self) -> DeviceRegistration {
+        let mut r = DeviceRegistration {
+            device: self.id,
+            user: self.user_key(),
+            signing_key: self.key.verifying_key().to_bytes(),
+            agreement_key: [9; 32],
+            user_signature: [0; 64],
+        };
+        r.user_signature = self.user.sign(&r.certificate_bytes()).to_bytes();
+        r
+    }
+
+    fn sign_challenge(&self, challenge: &[u8; 32]) -> [u8; 64] {
+        self.key
+            .sign(&auth_challenge_bytes(challenge, &self.id))
+            .to_bytes()
+    }
+}
+
+fn core_with(config: CoreConfig) -> RelayCore<MemoryStore> {
+    RelayCore::new(
+        Arc::new(MemoryStore::new(StoreLimits::default())),
+        config,
+        Arc::new(Metrics::new()),
+    )
+}
+
+fn default_config() -> CoreConfig {
+    CoreConfig {
+        max_envelope: hush_protocol::limits::MAX_ENVELOPE_LEN,
+        retention_ms: 7 * 86_400_000,
+        send_rate: 0,
+        send_burst: 32,
+        push_window: DEFAULT_PUSH_WINDOW,
+    }
+}
+
+fn req(request_id: u32, request: Request) -> ClientFrame {
+    ClientFrame {
+        request_id,
+        request,
+    }
+}
+
+/// The single frame of a reply.
+fn frame(actions: &[Action]) -> &ServerFrame {
+    match actions.first() {
+        Some(Action::Send(f)) => f,
+        other => panic!("expected a frame first, got {other:?}"),
+    }
+}
+
+fn error_code(actions: &[Action]) -> ErrorCode {
+    match frame(actions) {
+        ServerFrame::Error { error, .. } => error.code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn challenge_of(actions: &[Action]) -> [u8; 32] {
+    match frame(actions) {
+        ServerFrame::Response {
+            response: Response::Challenge { challenge },
+            ..
+        } => *challenge,
+        other => panic!("expected a challenge, got {other:?}"),
+    }
+}
+
+/// Register `d` on a fresh session and return the authenticated session.
+fn register(core: &RelayCore<MemoryStore>, d: &Device, challenge: [u8; 32]) -> Session {
+    let mut s = core.new_session(NOW);
+    let c = challenge_of(&core.handle(
+        &mut s,
+        req(1, Request::Hello { device: d.id }),
+        NOW,
+        challenge,
+    ));
+    let actions = core.handle(
+        &mut s,
+        req(
+            2,
+            Request::Register {
+                registration: d.registration(),
+                signature: d.sign_challenge(&c),
+            },
+        ),
+        NOW,
+        [0; 32],
+    );
+    assert!(
+        matches!(
+            frame(&actions),
+            ServerFrame::Response {
+                response: Response::Authenticated(_),
+                ..
+            }
+        ),
+        "{actions:?}"
+    );
+    assert!(actions.contains(&Action::Authenticated(d.id)));
+    s
+}
+
+fn envelope(from: &Device, to: &Device, seq: u64, body: usize) -> Envelope {
+    Envelope {
+        header: EnvelopeHeader {
+            message_id: MessageId::new(NOW, [seq as u8; 10]),
+            sender_device: from.id,
+            recipient_device: to.id,
+            conversation_id: ConversationId([3; 16]),
+            sender_seq: seq,
+            sent_at_ms: NOW,
+            ratchet: vec![1; 40],
+            session_init: None,
+        },
+        ciphertext: vec![0xAB; body.max(16)],
+    }
+}
+
+/// Handle a Send and commit it directly (what the writer does).
+fn send(
+    core: &RelayCore<MemoryStore>,
+    s: &mut Session,
+    envelopes: Vec<Envelope>,
+    now: u64,
+) -> Vec<SendOutcome> {
+    let mut actions = core.handle(s, req(7, Request::Send { envelopes }), now, [0; 32]);
+    assert_eq!(actions.len(), 1);
+    let reply = match actions.remove(0) {
+        Action::Commit(p) => core.finish_send(p.ticket, core.store().commit(&p.envelopes)),
+        Action::Send(f) => f,
+        other => panic!("unexpected {other:?}"),
+    };
+    match reply {
+        ServerFrame::Response {
+            request_id: 7,
+            response: Response::Sent { outcomes },
+        } => outcomes,
+        other => panic!("expected Sent, got {other:?}"),
+    }
+}
+
+fn pull(
+    core: &RelayCore<MemoryStore>,
+    s: &mut Session,
+    after: u64,
+    ack: u64,
+) -> (Page, Vec<Action>) {
+    let actions = core.handle(
+        s,
+        req(
+            9,
+            Request::Pull {
+                after,
+                limit: 200,
+                ack,
+            },
+        ),
+        NOW,
+        [0; 32],
+    );
+    match frame(&actions) {
+        ServerFrame::Response {
+            response: Response::Page(p),
+            ..
+        } => (p.clone(), actions),
+        other => panic!("expected a page, got {other:?}"),
+    }
+}
+
+fn pushed_seqs(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .flat_map(|a| match a {
+            Action::Send(ServerFrame::Push { envelopes }) => {
+                envelopes.iter().map(|d| d.seq).collect::<Vec<_>>()
+            }
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+#[test]
+fn register_then_auth_and_bad_signature_consumes_the_challenge() {
+    let core = core_with(default_config());
+    let alice = Device::new(1, 50);
+    register(&core, &alice, [11; 32]);
+
+    let mut s = core.new_session(NOW);
+    // A wrong signature fails and uses up the challenge.
+    let c = challenge_of(&core.handle(
+        &mut s,
+        req(1, Request::Hello { device: alice.id }),
+        NOW,
+        [12; 32],
+    ));
+    let mut bad = alice.sign_challenge(&c);
+    bad[0] ^= 1;
+    let a = core.handle(
+        &mut s,
+        req(2, Request::Auth { signature: bad }),
+        NOW,
+        [0; 32],
+    );
+    assert_eq!(error_code(&a), ErrorCode::BadAuth);
+    let good = alice.sign_challenge(&c);
+    let a = core.handle(
+        &mut s,
+        req(3, Request::Auth { signature: good }),
+        NOW,
+        [0; 32],
+    );
+    assert_eq!(
+        error_code(&a),
+        ErrorCode::BadAuth,
+        "challenge is single-use"
+    );
+    assert_eq!(s.device(), None);
+
+    // A fresh Hello gives a fresh challenge and the connection may retry.
+    let c2 = challenge_of(&core.handle(
+        &mut s,
+        req(4, Request::Hello { device: alice.id }),
+        NOW,
+        [13; 32],
+    ));
+    assert_ne!(c, c2);
+    let a = core.handle(
+        &mut s,
+        req(
+            5,
+            Request::Auth {
+                signature: alice.sign_challenge(&c2),
+            },
+        ),
+        NOW,
+        [0; 32],
+    );
+    match frame(&a) {
+        ServerFrame::Response {
+            request_id: 5,
+            response: Response::Authenticated(ok),
+        } => {
+            assert_eq!(ok.device, alice.id);
+            assert_eq!(ok.relay_time_ms, NOW);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.device(), Some(alice.id));
+    assert_eq!(core.metrics().refusals(ErrorCode::BadAuth), 2);
+}
+
+#[test]
+fn signature_for_one_challenge_fails_on_another_session() {
+    let core = core_with(default_config());
+    let alice = Device::new(1, 50);
+    register(&core, &alice, [11; 32]);
+    let mut s1 = core.new_session(NOW);
+    let c1 = challenge_of(&core.handle(
+        &mut s1,
+        req(1, Request::Hello { device: alice.id }),
+        NOW,
+        [21; 32],
+    ));
+    let captured = alice.sign_challenge(&c1);
+    let mut s2 = core.new_session(NOW);
+    let _ = challenge_of(&core.handle(
+        &mut s2,
+        req(1, Request::Hello { device: alice.id }),
+        NOW,
+        [22; 32],
+    ));
+    let a = core.handle(
+        &mut s2,
+        req(
+            2,
+            Request::Auth {
+                signature: captured,
+            },
+        ),
+        NOW,
+        [0; 32],
+    );
+    assert_eq!(error_code(&a), ErrorCode::BadAuth);
+}
+
+#[test]
+fn unknown_device_and_unauthenticated_requests_are_refused() {
+    let core = core_with(default_config());
+    let ghost = Device::new(9, 90);
+    let mut s = core.new_session(NOW);
+    for r in [
+        Request::Pull {
+            after: 0,
+            limit: 10,
+            ack: 0,
+        },
+        Request::Ack { up_to: 1 },
+        Request::FetchPrekeys { device: ghost.id },
+        Request::Send { envelopes: vec![] },
+    ] {
+        assert_eq!(
+            error_code(&core.handle(&mut s, req(1, r), NOW, [0; 32])),
+            ErrorCode::NotAuthenticated
+        );
+    }
+    assert!(matches!(
+        frame(&core.handle(&mut s, req(1, Request::Ping), NOW, [0; 32])),
+        ServerFrame::Response {
+            response: Response::Pong { relay_time_ms: NOW },
+            ..
+        }
+    ));
+    let c = challenge_of(&core.handle(
+        &mut s,
+        req(2, Request::Hello { device: ghost.id }),
+        NOW,
+        [5; 32],
+    ));
+    let a = core.handle(
+        &mut s,
+        req(
+            3,
+            Request::Auth {
+                signature: ghost.sign_challenge(&c),
+            },
+        ),
+        NOW,
+        [0; 32],
+    );
+    assert_eq!(error_code(&a), ErrorCode::UnknownDevice);
+}
+
+#[test]
+fn registration_needs_a_valid_certificate_and_matching_hello() {
+    let core = core_with(default_config());
+    let alice = Device::new(1, 50);
+    let mut s = core.new_session(NOW);
+    let c = challenge_of(&core.handle(
+        &mut s,
+        req(1, Request::Hello { device: alice.id }),
+        NOW,
+        [1; 32],
+    ));
+    let mut reg = alice.registration();
+    reg.user_signature[5] ^= 1;
+    let a = core.handle(
+        &mut s,
+        req(
+            2,
+            Request::Register {
+                registration: reg,
+                signature: alice.sign_challenge(&c),
+            },
+        ),
+        NOW,
+        [0; 32],
+    );
+    assert_eq!(error_code(&a), ErrorCode::BadAuth);
+    // Hello for another device than the registration.
+    let other = Device::new(2, 50);
+    let c = challenge_of(&core.handle(
+        &mut s,
+        req(3, Request::Hello { device: other.id }),
+        NOW,
+        [2; 32],
+    ));
+    let a = core.handle(
+        &mut s,
+        req(
+            4,
+            Request::Register {
+                registration: alice.registration(),
+                signature: alice.sign_challenge(&c),
+            },
+        ),
+        NOW,
+        [0; 32],
+    );
+    assert_eq!(error_code(&a), ErrorCode::BadAuth);
+    assert_eq!(
+        core.store().device(&alice.id).unwrap(),
+        None,
+        "nothing registered"
+    );
+}
+
+#[test]
+fn send_refusals_are_per_envelope_and_write_nothing() {
+    let mut config = default_config();
+    config.max_envelope = 1000;
+    let core = core_with(config);
+    let alice = Device::new(1, 50);
+    let bob = Device::new(2, 60);
+    let ghost = Device::new(3, 70);
+    let mut sa = register(&core, &alice, [1; 32]);
+    register(&core, &bob, [2; 32]);
+
+    let outcomes = send(
+        &core,
+        &mut sa,
+        vec![
+            envelope(&alice, &bob, 1, 100),
+            envelope(&bob, &alice, 2, 100),   // forged sender
+            envelope(&alice, &bob, 3, 5000),  // too large
+            envelope(&alice, &ghost, 4, 100), // unknown recipient
+            envelope(&alice, &bob, 5, 100),
+        ],
+        NOW,
+    );
+    let codes: Vec<Option<ErrorCode>> = outcomes
+        .iter()
+        .map(|o| match o {
+            SendOutcome::Stored { .. } => None,
+            SendOutcome::Refused { error, .. } => Some(error.code),
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        vec![
+            None,
+            Some(ErrorCode::Forbidden),
+            Some(ErrorCode::TooLarge),
+            Some(ErrorCode::UnknownDevice),
+            None
+        ]
+    );
+    let state = core.store().inbox_state(&bob.id).unwrap();
+    assert_eq!(
+        (state.head, state.depth),
+        (2, 2),
+        "only the two valid envelopes were written"
+    );
+    assert_eq!(core.store().inbox_state(&alice.id).unwrap().depth, 0);
+
+    // A retry is a duplicate with the original seq.
+    let again = send(&core, &mut sa, vec![envelope(&alice, &bob, 1, 100)], NOW);
+    assert!(
+        matches!(
+            again[0],
+            SendOutcome::Stored {
+                seq: 1,
+                duplicate: true,
+                ..
+            }
+        ),
+        "{again:?}"
+    );
+    assert_eq!(core.store().inbox_state(&bob.id).unwrap().depth, 2);
+    assert_eq!(Metrics::get(&core.metrics().duplicate_sends_total), 1);
+}
+
+#[test]
+fn rate_limit_refuses_with_retry_after_and_refills_with_time() {
+    let mut config = default_config();
+    config.send_rate = 10;
+    config.send_burst = 3;
+    let core = core_with(config);
+    let alice = Device::new(1, 50);
+    let bob = Device::new(2, 60);
+    let mut sa = register(&core, &alice, [1; 32]);
+    register(&core, &bob, [2; 32]);
+    let batch: Vec<Envelope> = (1..=5).map(|i| envelope(&alice, &bob, i, 50)).collect();
+    let outcomes = send(&core, &mut sa, batch, NOW);
+    let stored = outcomes
+        .iter()
+        .filter(|o| matches!(o, SendOutcome::Stored { .. }))
+        .count();
+    assert_eq!(stored, 3);
+    match &outcomes[3] {
+        SendOutcome::Refused { error, .. } => {
+            assert_eq!(error.code, ErrorCode::RateLimited);
+            assert_eq!(
+                error.retry_after_ms,
+                Some(100),
+                "10/s: one token per 100 ms"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // 100 ms later exactly one more fits.
+    let later = send(
+        &core,
+        &mut sa,
+        vec![envelope(&alice, &bob, 6, 50), envelope(&alice, &bob, 7, 50)],
+        NOW + 100,
+    );
+    assert!(matches!(later[0], SendOutcome::Stored { .. }));
+    assert!(matches!(later[1], SendOutcome::Refused { .. }));
+}
+
+#[test]
+fn pull_acks_pages_goes_live_and_pushes_contiguously_within_the_window() {
+    let mut config = default_config();
+    config.push_window = 3;
+    let core = core_with(config);
+    let alice = Device::new(1, 50);
+    let bob = Device::new(2, 60);
+    let mut sa = register(&core, &alice, [1; 32]);
+    let mut sb = register(&core, &bob, [2; 32]);
+    send(
+        &core,
+        &mut sa,
+        (1..=2).map(|i| envelope(&alice, &bob, i, 50)).collect(),
+        NOW,
+    );
+
+    let (page, actions) = pull(&core, &mut sb, 0, 0);
+    assert_eq!(
+        page.envelopes.iter().map(|d| d.seq).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(page.remaining, 0);
+    assert!(actions.contains(&Action::Live(bob.id)));
+    assert!(sb.is_live());
+
+    // New envelopes are pushed after seq 2, up to the window (3 unacked).
+    send(
+        &core,
+        &mut sa,
+        (3..=6).map(|i| envelope(&alice, &bob, i, 50)).collect(),
+        NOW,
+    );
+    assert_eq!(pushed_seqs(&core.pump(&mut sb)), vec![3]);
+    assert!(core.pump(&mut sb).is_empty(), "window full");
+
+    // A cumulative ack opens the window and pushes the rest.
+    let a = core.handle(&mut sb, req(11, Request::Ack { up_to: 3 }), NOW, [0; 32]);
+    assert!(matches!(
+        frame(&a),
+        ServerFrame::Response {
+            response: Response::Acked { up_to: 3 },
+            ..
+        }
+    ));
+    assert_eq!(pushed_seqs(&a), vec![4, 5, 6]);
+    assert_eq!(
+        core.store().inbox_state(&bob.id).unwrap().depth,
+        3,
+        "acked ones deleted"
+    );
+
+    // Merged ack on the next pull deletes the rest; a re-pull starts after it.
+    let (page, _) = pull(&core, &mut sb, 6, 6);
+    assert!(page.envelopes.is_empty());
+    assert_eq!(core.store().inbox_state(&bob.id).unwrap().depth, 0);
+}
+
+#[test]
+fn prekeys_and_device_lists() {
+    let core = core_with(default_config());
+    let alice = Device::new(1, 50);
+    let alice2 = Device::new(4, 50); // same user
+    let bob = Device::new(2, 60);
+    let mut sa = register(&core, &alice, [1; 32]);
+    let mut sb = register(&core, &bob, [2; 32]);
+    let a = core.handle(
+        &mut sb,
+        req(1, Request::FetchPrekeys { device: alice.id }),
+        NOW,
+        [0; 32],
+    );
+    assert_eq!(error_code(&a), ErrorCode::NoPrekeys);
+    let a = core.handle(
+        &mut sb,
+        req(
+            1,
+            Request::FetchPrekeys {
+                device: DeviceId([77; 16]),
+            },
+        ),
+        NOW,
+        [0; 32],
+    );
+    assert_eq!(error_code(&a), ErrorCode::UnknownDevice);
+    let publish = Request::PublishPrekeys {
+        signed_prekey: SignedPrekey {
+            id: 1,
+            public: [5; 32],
+            signature: [6; 64],
+        },
+        one_time_prekeys: vec![
+            OneTimePrekey {
+                id: 1,
+                public: [7; 32],
+            },
+            OneTimePrekey {
+                id: 2,
+                public: [8; 32],
+            },
+        ],
+    };
+    let a = core.handle(&mut sa, req(2, publish), NOW, [0; 32]);
+    assert!(matches!(
+        frame(&a),
+        ServerFrame::Response {
+            response: Response::PrekeysPublished {
+                one_time_prekeys_left: 2
+            },
+            ..
+        }
+    ));
+    let a = core.handle(
+        &mut sb,
+        req(3, Request::FetchPrekeys { device: alice.id }),
+        NOW,
+        [0; 32],
+    );
+    match frame(&a) {
+        ServerFrame::Response {
+            response: Response::Prekeys(b),
+            ..
+        } => {
+            assert_eq!(b.device, alice.id);
+            assert!(b.one_time_prekey.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let mut list = SignedDeviceList {
+        list: DeviceList {
+            user: alice.user_key(),
+            version: 1,
+            devices: vec![DeviceEntry {
+                device: alice.id,
+                signing_key: [1; 32],
+                agreement_key: [2; 32],
+            }],
+        },
+        signature: [0; 64],
+    };
+    list.signature = alice
+        .user
+        .sign(&list.list.signing_bytes().unwrap())
+        .to_bytes();
+    // Bob's device may not publish Alice's list.
+    let a = core.handle(
+        &mut sb,
+        req(4, Request::PublishDeviceList { list: list.clone() }),
+        NOW,
+        [0; 32],
+    );
+    assert_eq!(error_code(&a), ErrorCode::Forbidden);
+    // A tampered list fails its signature.
+    let mut tampered = list.clone();
+    tampered.list.version = 2;
+    let a = core.handle(
+        &mut sa,
+        req(5, Request::PublishDeviceList { list: tampered }),
+        NOW,
+        [0; 32],
+    );
+    assert_eq!(error_code(&a), ErrorCode::BadAuth);
+    // Another device of the same user may.
+    let mut sa2 = register(&core, &alice2, [3; 32]);
+    let a = core.handle(
+        &mut sa2,
+        req(6, Request::PublishDeviceList { list: list.clone() }),
+        NOW,
+        [0; 32],
+    );
+    assert!(matches!(
+        frame(&a),
+        ServerFrame::Response {
+            response: Response::DeviceListPublished { version: 1 },
+            ..
+        }
+    ));
+    let a = core.handle(
+        &mut sb,
+        req(
+            7,
+            Request::FetchDeviceList {
+                user: alice.user_key(),
+            },
+        ),
+        NOW,
+        [0; 32],
+    );
+    assert!(
+        matches!(frame(&a), ServerFrame::Response { response: Response::DeviceList(l), .. } if *l == list)
+    );
+    // Republishing the same version is stale.
+    let a = core.handle(
+        &mut sa,
+        req(8, Request::PublishDeviceList { list }),
+        NOW,
+        [0; 32],
+    );
+    assert_eq!(error_code(&a), ErrorCode::Forbidden);
+}
+
+#[test]
+fn malformed_frames_get_an_error_then_close() {
+    let core = core_with(default_config());
+    let actions = core.malformed(&ProtocolError::Malformed("frame body"));
+    assert_eq!(error_code(&actions), ErrorCode::BadFrame);
+    assert!(matches!(
+        actions.last(),
+        Some(Action::Close {
+            code: ErrorCode::BadFrame,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn token_bucket_survives_clock_going_backwards() {
+    let mut b = TokenBucket::new(1, 1, 10_000);
+    assert!(b.take(10_000).is_ok());
+    assert_eq!(b.take(5_000), Err(1000));
+    assert!(b.take(11_000).is_ok());
+}

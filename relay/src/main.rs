@@ -1,0 +1,86 @@
+//! `hush-relay`: run a Hush relay.
+//!
+//! Prints, once listening, `hush-relay listening on <addr>`, `http on <addr>`
+//! (when enabled) and `certificate sha256: <hex>` on stdout — scripts parse
+//! these to find ephemeral ports — and logs to stderr (`RUST_LOG`, default
+//! `info`). Stops gracefully on SIGTERM or Ctrl-C and exits 0.
+
+use clap::Parser;
+use hush_relay::config::Cli;
+use hush_relay::{Config, RelayError, RelayHandle, SystemClock};
+use std::process::ExitCode;
+use std::sync::Arc;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::from_cli(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hush-relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hush-relay: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hush-relay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), RelayError> {
+    let relay = RelayHandle::start(config, Arc::new(SystemClock)).await?;
+    println!("hush-relay listening on {}", relay.quic_addr());
+    if let Some(addr) = relay.http_addr() {
+        println!("http on {addr}");
+    }
+    println!("certificate sha256: {}", relay.cert_sha256_hex());
+    wait_for_stop_signal().await;
+    relay.shutdown().await
+}
+
+/// SIGTERM (service managers) or Ctrl-C.
+async fn wait_for_stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot watch SIGTERM ({e}); stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,348 @@
+//! Counters, gauges and histograms, rendered in the Prometheus text format.
+//!
+//! Plain atomics instead of a metrics framework: the relay exports a dozen
+//! series, and the hot paths (commit, pull) only do relaxed atomic adds.
+//! Nothing here ever holds a device id, a message id or any envelope byte:
+//! metrics are aggregate by construction.
+
+use hush_protocol::ErrorCode;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Every refusal code, in wire order (index = position in this list).
+const ALL_CODES: [ErrorCode; 15] = [
+    ErrorCode::UnknownDevice,
+    ErrorCode::BadAuth,
+    ErrorCode::TooLarge,
+    ErrorCode::Quota,
+    ErrorCode::RateLimited,
+    ErrorCode::ExpiredCursor,
+    ErrorCode::BadFrame,
+    ErrorCode::UnsupportedVersion,
+    ErrorCode::NotAuthenticated,
+    ErrorCode::Forbidden,
+    ErrorCode::AlreadyRegistered,
+    ErrorCode::NoPrekeys,
+    ErrorCode::Replaced,
+    ErrorCode::ShuttingDown,
+    ErrorCode::Internal,
+];
+
+/// The label value of a refusal code (`kind="…"`).
+pub fn code_label(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::UnknownDevice => "unknown_device",
+        ErrorCode::BadAuth => "bad_auth",
+        ErrorCode::TooLarge => "too_large",
+        ErrorCode::Quota => "quota",
+        ErrorCode::RateLimited => "rate_limited",
+        ErrorCode::ExpiredCursor => "expired_cursor",
+        ErrorCode::BadFrame => "bad_frame",
+        ErrorCode::UnsupportedVersion => "unsupported_version",
+        ErrorCode::NotAuthenticated => "not_authenticated",
+        ErrorCode::Forbidden => "forbidden",
+        ErrorCode::AlreadyRegistered => "already_registered",
+        ErrorCode::NoPrekeys => "no_prekeys",
+        ErrorCode::Replaced => "replaced",
+        ErrorCode::ShuttingDown => "shutting_down",
+        ErrorCode::Internal => "internal",
+    }
+}
+
+fn code_index(code: ErrorCode) -> usize {
+    ALL_CODES.iter().position(|c| *c == code).unwrap_or(0)
+}
+
+/// A histogram with fixed upper bounds (Prometheus `le` buckets).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// One counter per bound plus one for `+Inf` (not cumulative).
+    buckets: Vec<AtomicU64>,
+    /// Sum of observations, as `f64` bits.
+    sum: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    /// A histogram over ascending `bounds`.
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicU64::new(0f64.to_bits()),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Record one observation.
+    pub fn observe(&self, value: f64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(self.bounds.len());
+        if let Some(b) = self.buckets.get(i) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        // A CAS loop: contention is low (one writer task, a few readers).
+        let _ = self
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + value).to_bits())
+            });
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Record a duration in seconds.
+    pub fn observe_duration(&self, d: Duration) {
+        self.observe(d.as_secs_f64());
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Sum of all observations.
+    pub fn sum(&self) -> f64 {
+        f64::from_bits(self.sum.load(Ordering::Relaxed))
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0u64;
+        for (bound, bucket) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        if let Some(inf) = self.buckets.last() {
+            cumulative += inf.load(Ordering::Relaxed);
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum());
+        let _ = writeln!(out, "{name}_count {}", self.count());
+    }
+}
+
+const LATENCY_BOUNDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+const BATCH_BOUNDS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
+/// All of the relay's metrics. Shared as `Arc<Metrics>`.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Envelopes received in `Send` requests (stored, duplicate or refused).
+    pub sends_total: AtomicU64,
+    /// Envelopes newly stored.
+    pub envelopes_stored_total: AtomicU64,
+    /// Envelopes that were retries of already stored ones.
+    pub duplicate_sends_total: AtomicU64,
+    /// Group-commit transactions.
+    pub commit_batches_total: AtomicU64,
+    /// Envelopes per group-commit transaction.
+    pub commit_batch_size: Histogram,
+    /// Wall time of one group-commit transaction (durable).
+    pub commit_latency_seconds: Histogram,
+    /// Wall time of serving one `Pull`.
+    pub pull_latency_seconds: Histogram,
+    /// Envelopes currently stored across all inboxes (sampled).
+    pub inbox_depth: AtomicU64,
+    /// Pages that reported expired envelopes (`truncated`).
+    pub truncations_total: AtomicU64,
+    /// Envelopes removed by retention.
+    pub expired_total: AtomicU64,
+    /// Connections currently open.
+    pub connections: AtomicI64,
+    /// Connections accepted since start.
+    pub connections_total: AtomicU64,
+    /// Refusals by code.
+    refusals: [AtomicU64; ALL_CODES.len()],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// All zeros.
+    pub fn new() -> Self {
+        Metrics {
+            sends_total: AtomicU64::new(0),
+            envelopes_stored_total: AtomicU64::new(0),
+            duplicate_sends_total: AtomicU64::new(0),
+            commit_batches_total: AtomicU64::new(0),
+            commit_batch_size: Histogram::new(BATCH_BOUNDS),
+            commit_latency_seconds: Histogram::new(LATENCY_BOUNDS),
+            pull_latency_seconds: Histogram::new(LATENCY_BOUNDS),
+            inbox_depth: AtomicU64::new(0),
+            truncations_total: AtomicU64::new(0),
+            expired_total: AtomicU64::new(0),
+            connections: AtomicI64::new(0),
+            connections_total: AtomicU64::new(0),
+            refusals: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    /// Count one refusal of kind `code`.
+    pub fn refused(&self, code: ErrorCode) {
+        if let Some(c) = self.refusals.get(code_index(code)) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Refusals of kind `code` so far.
+    pub fn refusals(&self, code: ErrorCode) -> u64 {
+        self.refusals
+            .get(code_index(code))
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// Add `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Read a counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {v}");
+        };
+        let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            let _ = writeln!(out, "{name} {v}");
+        };
+        counter(
+            &mut out,
+            "hush_sends_total",
+            "Envelopes received in Send requests.",
+            Self::get(&self.sends_total),
+        );
+        counter(
+            &mut out,
+            "hush_envelopes_stored_total",
+            "Envelopes durably stored.",
+            Self::get(&self.envelopes_stored_total),
+        );
+        counter(
+            &mut out,
+            "hush_duplicate_sends_total",
+            "Envelopes recognised as retries of stored ones.",
+            Self::get(&self.duplicate_sends_total),
+        );
+        counter(
+            &mut out,
+            "hush_commit_batches_total",
+            "Group-commit transactions.",
+            Self::get(&self.commit_batches_total),
+        );
+        self.commit_batch_size.render(
+            &mut out,
+            "hush_commit_batch_size",
+            "Envelopes per group-commit transaction.",
+        );
+        self.commit_latency_seconds.render(
+            &mut out,
+            "hush_commit_latency_seconds",
+            "Duration of one durable group-commit transaction.",
+        );
+        self.pull_latency_seconds.render(
+            &mut out,
+            "hush_pull_latency_seconds",
+            "Duration of serving one Pull.",
+        );
+        gauge(
+            &mut out,
+            "hush_inbox_depth",
+            "Envelopes stored across all inboxes.",
+            i64::try_from(Self::get(&self.inbox_depth)).unwrap_or(i64::MAX),
+        );
+        counter(
+            &mut out,
+            "hush_truncations_total",
+            "Pages that reported envelopes expired unread.",
+            Self::get(&self.truncations_total),
+        );
+        counter(
+            &mut out,
+            "hush_expired_total",
+            "Envelopes removed by retention.",
+            Self::get(&self.expired_total),
+        );
+        gauge(
+            &mut out,
+            "hush_connections",
+            "Connections currently open.",
+            self.connections.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "hush_connections_total",
+            "Connections accepted.",
+            Self::get(&self.connections_total),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP hush_refusals_total Requests or envelopes refused, by kind."
+        );
+        let _ = writeln!(out, "# TYPE hush_refusals_total counter");
+        for code in ALL_CODES {
+            let _ = writeln!(
+                out,
+                "hush_refusals_total{{kind=\"{}\"}} {}",
+                code_label(code),
+                self.refusals(code)
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new(&[1.0, 10.0]);
+        h.observe(0.5);
+        h.observe(5.0);
+        h.observe(50.0);
+        let mut out = String::new();
+        h.render(&mut out, "x", "test");
+        assert!(out.contains("x_bucket{le=\"1\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_sum 55.5\n"), "{out}");
+        assert!(out.contains("x_count 3\n"), "{out}");
+    }
+
+    #[test]
+    fn refusals_render_per_kind() {
+        let m = Metrics::new();
+        m.refused(ErrorCode::RateLimited);
+        m.refused(ErrorCode::RateLimited);
+        m.refused(ErrorCode::Internal);
+        let text = m.render();
+        assert!(text.contains("hush_refusals_total{kind=\"rate_limited\"} 2\n"));
+        assert!(text.contains("hush_refusals_total{kind=\"internal\"} 1\n"));
+        assert!(text.contains("hush_refusals_total{kind=\"bad_auth\"} 0\n"));
+        assert_eq!(m.refusals(ErrorCode::RateLimited), 2);
+    }
+}

@@ -1,0 +1,402 @@
+//! The connection driver: runs one device's framed conversation over any
+//! pair of byte-stream halves.
+//!
+//! It is generic over `AsyncRead`/`AsyncWrite` so the same code serves a
+//! native QUIC bidirectional stream (`hush/1`) and, later, a WebTransport
+//! bidirectional stream (`h3`). It owns the transport concerns the sans-IO
+//! [`crate::core::RelayCore`] leaves out: reading and framing bytes, time,
+//! randomness, running store calls off the async threads, handing envelopes
+//! to the group-commit writer, waking on inbox changes, replacement by a
+//! newer connection, the authentication deadline and shutdown.
+
+use super::Shared;
+use super::writer::{CommitRequest, CommitResult};
+use crate::core::{Action, SendTicket, Session, short_id};
+use crate::store::StoreError;
+use hush_protocol::{ClientFrame, DeviceId, ErrorCode, FrameBuffer, Request, ServerFrame};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{oneshot, watch};
+
+/// A connection must authenticate within this time.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
+/// `Send` requests of one connection that may await their commit at once;
+/// beyond this the driver stops reading (backpressure).
+pub const MAX_IN_FLIGHT_SENDS: usize = 16;
+/// Bound on writing the last frames of a closing connection.
+const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Read buffer size.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverEnd {
+    /// The peer closed its side of the stream.
+    PeerClosed,
+    /// A newer connection of the same device took over.
+    Replaced,
+    /// The relay is shutting down.
+    ShuttingDown,
+    /// The relay closed the connection over a protocol violation.
+    Refused {
+        /// The wire code sent to the peer.
+        code: ErrorCode,
+        /// Why.
+        reason: String,
+    },
+    /// The connection did not authenticate within [`AUTH_TIMEOUT`].
+    AuthTimeout,
+    /// The transport failed (reset, timeout, connection lost).
+    Transport(String),
+}
+
+enum Flow {
+    Continue,
+    End(DriverEnd),
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    conn_id: u64,
+    session: Session,
+    frames: FrameBuffer,
+    /// `Send`s waiting for the writer, in the order they were queued (the
+    /// writer answers in that order).
+    pending: VecDeque<(SendTicket, oneshot::Receiver<CommitResult>)>,
+    device: Option<DeviceId>,
+    inbox: Option<watch::Receiver<u64>>,
+    replaced: Option<oneshot::Receiver<()>>,
+}
+
+/// Serve one connection until it ends; returns why it ended. The caller
+/// closes the transport (with a code derived from the result).
+pub(crate) async fn drive<R, W>(shared: Arc<Shared>, reader: &mut R, writer: &mut W) -> DriverEnd
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let now = shared.clock.now_ms();
+    let mut conn = Conn {
+        session: shared.core.new_session(now),
+        shared,
+        conn_id,
+        frames: FrameBuffer::new(),
+        pending: VecDeque::new(),
+        device: None,
+        inbox: None,
+        replaced: None,
+    };
+    let end = conn.run(reader, writer).await;
+    conn.inbox = None;
+    conn.replaced = None;
+    if let Some(device) = conn.device {
+        conn.shared.hub.release(device, conn.conn_id);
+        tracing::debug!(device = %short_id(&device), end = ?end, "connection ended");
+    }
+    let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, writer.shutdown()).await;
+    end
+}
+
+/// The next commit answer, in queue order (pending forever if none).
+async fn next_commit(
+    pending: &mut VecDeque<(SendTicket, oneshot::Receiver<CommitResult>)>,
+) -> CommitResult {
+    match pending.front_mut() {
+        Some((_, rx)) => rx
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Backend("commit writer stopped".into()))),
+        None => std::future::pending().await,
+    }
+}
+
+/// True when a newer connection claimed the device.
+async fn wait_replaced(rx: &mut Option<oneshot::Receiver<()>>) -> bool {
+    let Some(r) = rx.as_mut() else {
+        return std::future::pending().await;
+    };
+    let replaced = r.await.is_ok();
+    *rx = None;
+    replaced
+}
+
+/// True when the device's inbox gained envelopes.
+async fn inbox_changed(rx: &mut Option<watch::Receiver<u64>>) -> bool {
+    let Some(r) = rx.as_mut() else {
+        return std::future::pending().await;
+    };
+    let ok = r.changed().await.is_ok();
+    if !ok {
+        *rx = None;
+    }
+    ok
+}
+
+impl Conn {
+    async fn run<R, W>(&mut self, reader: &mut R, writer: &mut W) -> DriverEnd
+    where
+        R: AsyncRead + Unpin + Send,
+        W: AsyncWrite + Unpin + Send,
+    {
+        let auth_deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
+        let mut shutdown = self.shared.shutdown.clone();
+        let mut buf = vec![0u8; READ_CHUNK];
+        // Once set, no more requests are read: answer the pending sends, then end.
+        let mut draining: Option<DriverEnd> = None;
+        if *shutdown.borrow_and_update() {
+            draining = Some(DriverEnd::ShuttingDown);
+        }
+        loop {
+            if let Some(end) = &draining
+                && self.pending.is_empty()
+            {
+                let end = end.clone();
+                self.farewell(&end, writer).await;
+                return end;
+            }
+            let reading = draining.is_none() && self.pending.len() < MAX_IN_FLIGHT_SENDS;
+            tokio::select! {
+                result = next_commit(&mut self.pending) => {
+                    let Some((ticket, _)) = self.pending.pop_front() else { continue };
+                    let frame = self.shared.core.finish_send(ticket, result);
+                    // While draining the peer may be gone; keep answering the rest.
+                    if let Err(e) = write_frame(writer, &frame).await
+                        && draining.is_none()
+                    {
+                        return e;
+                    }
+                }
+                replaced = wait_replaced(&mut self.replaced), if draining.is_none() => {
+                    if replaced {
+                        draining = Some(DriverEnd::Replaced);
+                    }
+                }
+                changed = shutdown.changed(), if draining.is_none() => {
+                    // A dropped sender also means the relay is going away.
+                    let _ = changed;
+                    draining = Some(DriverEnd::ShuttingDown);
+                }
+                changed = inbox_changed(&mut self.inbox), if draining.is_none() && self.session.is_live() => {
+                    if changed
+                        && let Flow::End(end) = self.pump(writer).await
+                    {
+                        return end;
+                    }
+                }
+                _ = tokio::time::sleep_until(auth_deadline), if draining.is_none() && self.device.is_none() => {
+                    let frame = ServerFrame::closing(ErrorCode::NotAuthenticated, "authentication timed out");
+                    let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, write_frame(writer, &frame)).await;
+                    return DriverEnd::AuthTimeout;
+                }
+                read = reader.read(&mut buf), if reading => {
+                    match read {
+                        Ok(0) => draining = Some(DriverEnd::PeerClosed),
+                        Ok(n) => {
+                            self.frames.extend(buf.get(..n).unwrap_or_default());
+                            if let Flow::End(end) = self.process_frames(writer).await {
+                                return end;
+                            }
+                        }
+                        Err(e) => return DriverEnd::Transport(e.to_string()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handle every complete frame in the buffer.
+    async fn process_frames<W>(&mut self, writer: &mut W) -> Flow
+    where
+        W: AsyncWrite + Unpin + Send,
+    {
+        loop {
+            let actions = match self.frames.next_client_frame() {
+                Ok(Some(frame)) => self.handle(frame).await,
+                Ok(None) => return Flow::Continue,
+                Err(e) => {
+                    tracing::debug!(conn = self.conn_id, "malformed frame: {e}");
+                    self.shared.core.malformed(&e)
+                }
+            };
+            if let Flow::End(end) = self.execute(actions, writer).await {
+                return Flow::End(end);
+            }
+        }
+    }
+
+    /// Run one request through the core. Requests that touch the store run
+    /// on a blocking thread; `Send` (validated in memory, committed by the
+    /// writer) and `Ping` run inline.
+    async fn handle(&mut self, frame: ClientFrame) -> Vec<Action> {
+        let now = self.shared.clock.now_ms();
+        let mut challenge = [0u8; 32];
+        if matches!(frame.request, Request::Hello { .. })
+            && getrandom::fill(&mut challenge).is_err()
+        {
+            tracing::error!("system randomness unavailable");
+            return vec![
+                Action::Send(ServerFrame::error(
+                    frame.request_id,
+                    ErrorCode::Internal,
+                    "relay cannot make a challenge",
+                )),
+                Action::Close {
+                    code: ErrorCode::Internal,
+                    reason: "randomness unavailable".into(),
+                },
+            ];
+        }
+        if matches!(frame.request, Request::Send { .. } | Request::Ping) {
+            return self
+                .shared
+                .core
+                .handle(&mut self.session, frame, now, challenge);
+        }
+        let is_pull = matches!(frame.request, Request::Pull { .. });
+        let started = Instant::now();
+        let shared = Arc::clone(&self.shared);
+        let mut session = self.session.clone();
+        let request_id = frame.request_id;
+        let joined = tokio::task::spawn_blocking(move || {
+            let actions = shared.core.handle(&mut session, frame, now, challenge);
+            (session, actions)
+        })
+        .await;
+        if is_pull {
+            self.shared
+                .metrics
+                .pull_latency_seconds
+                .observe_duration(started.elapsed());
+        }
+        match joined {
+            Ok((session, actions)) => {
+                self.session = session;
+                actions
+            }
+            Err(e) => {
+                tracing::error!("request task failed: {e}");
+                vec![Action::Send(ServerFrame::error(
+                    request_id,
+                    ErrorCode::Internal,
+                    "internal error",
+                ))]
+            }
+        }
+    }
+
+    /// Push newly committed envelopes to a live session.
+    async fn pump<W>(&mut self, writer: &mut W) -> Flow
+    where
+        W: AsyncWrite + Unpin + Send,
+    {
+        // Mark the change seen BEFORE reading the store: a commit landing
+        // after this point triggers another wake-up.
+        if let Some(rx) = self.inbox.as_mut() {
+            rx.borrow_and_update();
+        }
+        let shared = Arc::clone(&self.shared);
+        let mut session = self.session.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let actions = shared.core.pump(&mut session);
+            (session, actions)
+        })
+        .await;
+        match joined {
+            Ok((session, actions)) => {
+                self.session = session;
+                self.execute(actions, writer).await
+            }
+            Err(e) => Flow::End(DriverEnd::Transport(format!("push task failed: {e}"))),
+        }
+    }
+
+    async fn execute<W>(&mut self, actions: Vec<Action>, writer: &mut W) -> Flow
+    where
+        W: AsyncWrite + Unpin + Send,
+    {
+        for action in actions {
+            match action {
+                Action::Send(frame) => {
+                    if let Err(end) = write_frame(writer, &frame).await {
+                        return Flow::End(end);
+                    }
+                }
+                Action::Commit(pending) => {
+                    let (tx, rx) = oneshot::channel();
+                    let request = CommitRequest {
+                        envelopes: pending.envelopes,
+                        reply: tx,
+                    };
+                    if let Err(refused) = self.shared.commits.send(request).await {
+                        let _ = refused
+                            .0
+                            .reply
+                            .send(Err(StoreError::Backend("relay is shutting down".into())));
+                    }
+                    self.pending.push_back((pending.ticket, rx));
+                }
+                Action::Authenticated(device) => {
+                    let claim = self.shared.hub.claim(device, self.conn_id);
+                    self.device = Some(device);
+                    self.inbox = Some(claim.inbox);
+                    self.replaced = Some(claim.replaced);
+                    tracing::debug!(device = %short_id(&device), conn = self.conn_id, "authenticated");
+                }
+                Action::Live(device) => {
+                    tracing::trace!(device = %short_id(&device), "live");
+                }
+                Action::Close { code, reason } => {
+                    return Flow::End(DriverEnd::Refused { code, reason });
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    /// The last frame of a connection the relay ends.
+    async fn farewell<W>(&mut self, end: &DriverEnd, writer: &mut W)
+    where
+        W: AsyncWrite + Unpin + Send,
+    {
+        let frame = match end {
+            DriverEnd::Replaced => ServerFrame::closing(
+                ErrorCode::Replaced,
+                "a newer connection of this device took over",
+            ),
+            DriverEnd::ShuttingDown => ServerFrame::closing(
+                ErrorCode::ShuttingDown,
+                "relay is shutting down; reconnect later",
+            ),
+            _ => return,
+        };
+        let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, write_frame(writer, &frame)).await;
+    }
+}
+
+/// Encode and write one frame.
+async fn write_frame<W>(writer: &mut W, frame: &ServerFrame) -> Result<(), DriverEnd>
+where
+    W: AsyncWrite + Unpin + Send,
+{
+    let bytes = match hush_protocol::encode_server_frame(frame) {
+        Ok(b) => b,
+        Err(e) => {
+            // Only a bug can get here (the core builds frames within limits).
+            tracing::error!("unencodable server frame: {e}");
+            let fallback = ServerFrame::error(0, ErrorCode::Internal, "internal error");
+            hush_protocol::encode_server_frame(&fallback)
+                .map_err(|e| DriverEnd::Transport(e.to_string()))?
+        }
+    };
+    writer
+        .write_all(&bytes)
+        .await
+        .map_err(|e| DriverEnd::Transport(e.to_string()))?;
+    writer
+        .flush()
+        .await
+        .map_err(|e| DriverEnd::Transport(e.to_string()))
+}

@@ -1,0 +1,451 @@
+//! The running relay: QUIC endpoint, group-commit writer, retention purge,
+//! certificate renewal and the HTTP listener, wired around one
+//! [`RelayCore`].
+//!
+//! [`RelayHandle::start`] returns once every socket is bound;
+//! [`RelayHandle::shutdown`] stops accepting, lets connections finish their
+//! pending sends (the writer commits and answers everything already queued),
+//! says `Closing{ShuttingDown}` to the rest, closes the endpoint and waits a
+//! bounded time for the peers to be told.
+
+pub mod driver;
+pub mod hub;
+pub mod quic;
+pub mod writer;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::core::{CoreConfig, RelayCore};
+use crate::error::RelayError;
+use crate::http::{HttpState, StaticFiles};
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::store::redb_store::RedbStore;
+use crate::tls::{CertSource, CertState, dev_cert_usable};
+use hub::DeviceHub;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "hush.redb";
+/// Envelopes removed per purge transaction (a pass loops until done).
+pub const PURGE_CHUNK: usize = 1000;
+
+/// State shared by every connection.
+pub(crate) struct Shared {
+    pub(crate) core: RelayCore<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) hub: Arc<DeviceHub>,
+    pub(crate) commits: mpsc::Sender<writer::CommitRequest>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) next_conn_id: AtomicU64,
+}
+
+/// Optional parts a caller can plug into the relay.
+#[derive(Clone, Default)]
+pub struct StartOptions {
+    /// Files served on the HTTP listener when `--demo` is on.
+    pub static_files: Option<Arc<dyn StaticFiles>>,
+}
+
+impl std::fmt::Debug for StartOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StartOptions")
+            .field("static_files", &self.static_files.is_some())
+            .finish()
+    }
+}
+
+/// A running relay.
+pub struct RelayHandle {
+    quic_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    cert: Arc<CertState>,
+    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    shutdown_tx: watch::Sender<bool>,
+    writer_stop: oneshot::Sender<()>,
+    accept_task: JoinHandle<()>,
+    writer_task: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for RelayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayHandle")
+            .field("quic_addr", &self.quic_addr)
+            .field("http_addr", &self.http_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn create_data_dir(dir: &Path) -> Result<(), RelayError> {
+    let err = |source| RelayError::File {
+        what: "data directory",
+        path: dir.to_path_buf(),
+        source,
+    };
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        #[cfg(unix)]
+        {
+            // Holds the database (routing metadata) and the dev key.
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+impl RelayHandle {
+    /// Open the store in the data directory, bind, and start serving.
+    /// Returns once the QUIC (and HTTP) sockets are listening.
+    pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RelayHandle, RelayError> {
+        RelayHandle::start_with(config, clock, StartOptions::default()).await
+    }
+
+    /// [`RelayHandle::start`] with optional parts.
+    pub async fn start_with(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        options: StartOptions,
+    ) -> Result<RelayHandle, RelayError> {
+        config.validate()?;
+        create_data_dir(&config.data_dir)?;
+        let path = config.data_dir.join(DB_FILE);
+        let limits = config.store_limits();
+        let store = tokio::task::spawn_blocking(move || RedbStore::open(path, limits))
+            .await
+            .map_err(|e| RelayError::Internal(format!("opening store: {e}")))??;
+        RelayHandle::start_with_store(config, clock, Arc::new(store), options).await
+    }
+
+    /// Start over a given store (e.g. a `MemoryStore` in tests). The store's
+    /// own limits apply; `config`'s inbox limits are not re-applied to it.
+    pub async fn start_with_store(
+        config: Config,
+        clock: Arc<dyn Clock>,
+        store: Arc<dyn Store>,
+        options: StartOptions,
+    ) -> Result<RelayHandle, RelayError> {
+        config.validate()?;
+        create_data_dir(&config.data_dir)?;
+        let metrics = Arc::new(Metrics::new());
+        let core = RelayCore::new(
+            Arc::clone(&store),
+            CoreConfig::from_config(&config),
+            Arc::clone(&metrics),
+        );
+
+        // Certificate.
+        let source = match (&config.cert, &config.key) {
+            (Some(cert), Some(key)) if !config.dev_cert => CertSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => CertSource::Dev(config.data_dir.clone()),
+        };
+        let material = {
+            let source = source.clone();
+            tokio::task::spawn_blocking(move || source.load(unix_now()))
+                .await
+                .map_err(|e| RelayError::Internal(format!("loading certificate: {e}")))??
+        };
+        let server_config = quic::server_config(&material)?;
+        let cert = Arc::new(CertState::new(material.info.clone()));
+
+        // Expired envelopes go before anyone can pull them.
+        purge_pass(&store, clock.as_ref(), &metrics).await?;
+        core.refresh_depth();
+
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            RelayError::Net {
+                what: "QUIC",
+                addr: config.listen,
+                source,
+            }
+        })?;
+        let quic_addr = endpoint.local_addr().map_err(|source| RelayError::Net {
+            what: "QUIC",
+            addr: config.listen,
+            source,
+        })?;
+        let http_listener =
+            match config.http {
+                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(
+                    |source| RelayError::Net {
+                        what: "HTTP",
+                        addr,
+                        source,
+                    },
+                )?),
+                None => None,
+            };
+        let http_addr = match &http_listener {
+            Some(l) => Some(l.local_addr().map_err(|source| RelayError::Net {
+                what: "HTTP",
+                addr: config.http.unwrap_or(quic_addr),
+                source,
+            })?),
+            None => None,
+        };
+
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (commit_tx, commit_rx) = mpsc::channel(writer::QUEUE_DEPTH);
+        let (writer_stop, writer_stop_rx) = oneshot::channel();
+        let hub = Arc::new(DeviceHub::default());
+        let shared = Arc::new(Shared {
+            core,
+            clock: Arc::clone(&clock),
+            hub: Arc::clone(&hub),
+            commits: commit_tx,
+            metrics: Arc::clone(&metrics),
+            shutdown: shutdown_rx.clone(),
+            next_conn_id: AtomicU64::new(1),
+        });
+
+        let writer_task = tokio::spawn(writer::run(
+            commit_rx,
+            writer_stop_rx,
+            Arc::clone(&store),
+            hub,
+            Arc::clone(&metrics),
+        ));
+        let accept_task = tokio::spawn(quic::accept_loop(
+            endpoint.clone(),
+            Arc::clone(&shared),
+            shutdown_rx.clone(),
+            config.shutdown_grace,
+        ));
+        let mut background = vec![
+            tokio::spawn(purge_loop(
+                Arc::clone(&shared),
+                config.purge_interval,
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(cert_loop(
+                endpoint.clone(),
+                source,
+                Arc::clone(&cert),
+                config.cert_check_interval,
+                shutdown_rx.clone(),
+            )),
+        ];
+        if let Some(listener) = http_listener {
+            if config.demo && options.static_files.is_none() {
+                tracing::warn!("--demo: this build has no demo page; / answers 404");
+            }
+            let refresh_shared = Arc::clone(&shared);
+            let state = Arc::new(HttpState {
+                metrics: Arc::clone(&metrics),
+                cert: Arc::clone(&cert),
+                refresh_metrics: Some(Arc::new(move || refresh_shared.core.refresh_depth())),
+                static_files: if config.demo {
+                    options.static_files
+                } else {
+                    None
+                },
+            });
+            background.push(tokio::spawn(crate::http::serve(
+                listener,
+                state,
+                shutdown_rx,
+            )));
+        }
+        tracing::info!(%quic_addr, http = ?http_addr, "relay started");
+        Ok(RelayHandle {
+            quic_addr,
+            http_addr,
+            cert,
+            metrics,
+            shared,
+            endpoint,
+            shutdown_tx,
+            writer_stop,
+            accept_task,
+            writer_task,
+            background,
+            grace: config.shutdown_grace,
+        })
+    }
+
+    /// The bound UDP address of the QUIC endpoint.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// The bound address of the HTTP listener, if enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// DER of the certificate currently served (clients pin it).
+    pub fn cert_der(&self) -> Vec<u8> {
+        self.cert.get().der.clone()
+    }
+
+    /// Hex SHA-256 of [`RelayHandle::cert_der`].
+    pub fn cert_sha256_hex(&self) -> String {
+        self.cert.get().sha256_hex.clone()
+    }
+
+    /// The relay's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Run one retention pass at the clock's current time; returns how many
+    /// envelopes expired.
+    pub async fn purge_now(&self) -> Result<u64, RelayError> {
+        let expired = purge_pass(
+            self.shared.core.store(),
+            self.shared.clock.as_ref(),
+            &self.metrics,
+        )
+        .await?;
+        let shared = Arc::clone(&self.shared);
+        let _ = tokio::task::spawn_blocking(move || shared.core.refresh_depth()).await;
+        Ok(expired)
+    }
+
+    /// Stop gracefully: refuse new connections, answer pending sends, tell
+    /// open connections `ShuttingDown`, close the endpoint and wait (bounded)
+    /// for peers to be told.
+    pub async fn shutdown(self) -> Result<(), RelayError> {
+        tracing::info!("shutting down");
+        let _ = self.shutdown_tx.send(true);
+        // Connections drain (their pending commits are still answered).
+        if let Err(e) = self.accept_task.await {
+            tracing::warn!("accept loop ended abnormally: {e}");
+        }
+        // Then the writer commits whatever is still queued and stops.
+        let _ = self.writer_stop.send(());
+        if let Err(e) = self.writer_task.await {
+            tracing::warn!("commit writer ended abnormally: {e}");
+        }
+        for task in self.background {
+            if tokio::time::timeout(self.grace, task).await.is_err() {
+                tracing::warn!("a background task did not stop in time");
+            }
+        }
+        self.endpoint.close(
+            quic::close_code::SHUTTING_DOWN.into(),
+            b"relay shutting down",
+        );
+        if tokio::time::timeout(self.grace, self.endpoint.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!("peers did not acknowledge the close in time");
+        }
+        tracing::info!("relay stopped");
+        Ok(())
+    }
+}
+
+/// One retention pass: purge in chunks until nothing more has expired.
+async fn purge_pass(
+    store: &Arc<dyn Store>,
+    clock: &dyn Clock,
+    metrics: &Metrics,
+) -> Result<u64, RelayError> {
+    let now = clock.now_ms();
+    let mut total = 0u64;
+    // Bounded: a pass never runs forever even if the store keeps reporting work.
+    for _ in 0..10_000 {
+        let s = Arc::clone(store);
+        let stats = tokio::task::spawn_blocking(move || s.purge_expired(now, PURGE_CHUNK))
+            .await
+            .map_err(|e| RelayError::Internal(format!("purge task: {e}")))??;
+        total += stats.expired;
+        Metrics::add(&metrics.expired_total, stats.expired);
+        let chunk = PURGE_CHUNK as u64;
+        if stats.expired < chunk && stats.dedup_removed < chunk {
+            break;
+        }
+    }
+    if total > 0 {
+        tracing::info!(expired = total, "retention purge");
+    }
+    Ok(total)
+}
+
+async fn purge_loop(shared: Arc<Shared>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        if let Err(e) =
+            purge_pass(shared.core.store(), shared.clock.as_ref(), &shared.metrics).await
+        {
+            tracing::error!("retention purge failed: {e}");
+        }
+        let s = Arc::clone(&shared);
+        let _ = tokio::task::spawn_blocking(move || s.core.refresh_depth()).await;
+    }
+}
+
+/// Renew the dev certificate before it nears expiry, or pick up replaced
+/// certificate files, and swap the endpoint's TLS config (new connections
+/// only; open ones keep theirs).
+async fn cert_loop(
+    endpoint: quinn::Endpoint,
+    source: CertSource,
+    state: Arc<CertState>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let current = state.get();
+        if matches!(source, CertSource::Dev(_)) && dev_cert_usable(&current, unix_now()) {
+            continue;
+        }
+        let s = source.clone();
+        let loaded = match tokio::task::spawn_blocking(move || s.load(unix_now())).await {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                tracing::error!("certificate reload failed: {e}");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!("certificate reload task failed: {e}");
+                continue;
+            }
+        };
+        if loaded.info.sha256_hex == current.sha256_hex {
+            continue;
+        }
+        match quic::server_config(&loaded) {
+            Ok(config) => {
+                if *shutdown.borrow() {
+                    // Shutdown already refused new connections; keep it so.
+                    return;
+                }
+                endpoint.set_server_config(Some(config));
+                tracing::info!(sha256 = %loaded.info.sha256_hex, "certificate replaced");
+                state.set(loaded.info);
+            }
+            Err(e) => tracing::error!("new certificate unusable: {e}"),
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The QUIC endpoint: one UDP port, protocol chosen by ALPN.
+//!
+//! TLS offers `h3` and `hush/1`. The negotiated protocol is read from the
+//! handshake data as soon as the TLS handshake has produced it — before the
+//! connection is fully established — and the still-connecting connection is
+//! dispatched: `hush/1` to the native handler (one bidirectional stream,
+//! frames both ways), `h3` to the WebTransport handler. Handing over the
+//! `Connecting` rather than a `Connection` is what a WebTransport server
+//! library needs (`with_quic_connecting`), so adding browsers later only
+//! replaces [`serve_h3`].
+
+use super::Shared;
+use super::driver::{DriverEnd, drive};
+use crate::error::RelayError;
+use crate::tls::CertMaterial;
+use hush_protocol::{ALPN_H3, ALPN_HUSH};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// QUIC idle timeout: a device whose connection shows no sign of life for
+/// this long is gone (its lease on presence expires).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keep-alive interval: well inside the idle timeout, so a live but quiet
+/// connection is never mistaken for a dead one.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Flow-control window of one whole connection, bytes.
+pub const CONNECTION_RECEIVE_WINDOW: u32 = 2 * hush_protocol::limits::MAX_FRAME_LEN as u32;
+/// A native client must open its stream within this time.
+pub const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Application close codes of the QUIC connection.
+pub mod close_code {
+    /// Normal end (the peer closed its stream).
+    pub const OK: u32 = 0;
+    /// A newer connection of the same device took over.
+    pub const REPLACED: u32 = 1;
+    /// The relay is shutting down.
+    pub const SHUTTING_DOWN: u32 = 2;
+    /// The peer violated the protocol (malformed frame, …).
+    pub const PROTOCOL: u32 = 3;
+    /// The peer did not authenticate in time.
+    pub const AUTH_TIMEOUT: u32 = 4;
+    /// The peer opened no stream in time.
+    pub const NO_STREAM: u32 = 5;
+    /// The negotiated ALPN is not served (yet).
+    pub const UNSUPPORTED_ALPN: u32 = 0x10;
+}
+
+/// The transport settings shared by both protocols.
+pub fn transport_config() -> Result<quinn::TransportConfig, RelayError> {
+    let mut t = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
+        .map_err(|e| RelayError::Config(format!("idle timeout: {e}")))?;
+    t.max_idle_timeout(Some(idle));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    // Bound what one connection can make the relay buffer, including data
+    // on streams it never reads (a native client may open only one):
+    // two maximal frames' worth.
+    t.receive_window(quinn::VarInt::from_u32(CONNECTION_RECEIVE_WINDOW));
+    Ok(t)
+}
+
+/// A quinn server config for `material`.
+pub fn server_config(material: &CertMaterial) -> Result<quinn::ServerConfig, RelayError> {
+    let crypto = crate::tls::quic_server_config(material)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config()?));
+    Ok(config)
+}
+
+/// Accept connections until shutdown, then give the open ones `grace` to
+/// finish their pending work and say goodbye.
+pub(crate) async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => {
+                    connections.spawn(serve_incoming(incoming, Arc::clone(&shared)));
+                }
+                None => break,
+            },
+            _ = shutdown.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    // Refuse new connections; the open ones see the shutdown signal.
+    endpoint.set_server_config(None);
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            "connections did not close within the grace period"
+        );
+        connections.abort_all();
+    }
+}
+
+/// Counts an open connection for as long as it lives.
+struct ConnectionGauge(Arc<crate::Metrics>);
+
+impl ConnectionGauge {
+    fn new(m: Arc<crate::Metrics>) -> Self {
+        m.connections.fetch_add(1, Ordering::Relaxed);
+        m.connections_total.fetch_add(1, Ordering::Relaxed);
+        ConnectionGauge(m)
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let remote = incoming.remote_address();
+    let mut connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%remote, "connection refused: {e}");
+            return;
+        }
+    };
+    let mut shutdown = shared.shutdown.clone();
+    let handshake = tokio::select! {
+        h = connecting.handshake_data() => h.map(negotiated_alpn),
+        _ = shutdown.wait_for(|stop| *stop) => return,
+    };
+    let protocol = match handshake {
+        Ok(protocol) => protocol,
+        Err(e) => {
+            tracing::debug!(%remote, "handshake failed: {e}");
+            return;
+        }
+    };
+    let _gauge = ConnectionGauge::new(Arc::clone(&shared.metrics));
+    match protocol.as_deref() {
+        Some(p) if p == ALPN_HUSH => serve_native(connecting, shared).await,
+        Some(p) if p == ALPN_H3 => serve_h3(connecting).await,
+        _ => {
+            // TLS only completes with an offered ALPN, so this is a peer
+            // that negotiated none at all.
+            if let Ok(conn) = connecting.await {
+                conn.close(
+                    close_code::UNSUPPORTED_ALPN.into(),
+                    b"no application protocol",
+                );
+            }
+        }
+    }
+}
+
+/// The ALPN protocol the TLS handshake settled on.
+fn negotiated_alpn(data: Box<dyn std::any::Any>) -> Option<Vec<u8>> {
+    data.downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()
+        .and_then(|d| d.protocol)
+}
+
+/// Browsers (WebTransport over HTTP/3) are not served by this build yet:
+/// complete the handshake and close with a clear reason.
+async fn serve_h3(connecting: quinn::Connecting) {
+    if let Ok(conn) = connecting.await {
+        conn.close(
+            close_code::UNSUPPORTED_ALPN.into(),
+            b"WebTransport (h3) is not served by this relay yet; native clients use ALPN hush/1",
+        );
+    }
+}
+
+/// The native protocol: the client opens one bidirectional stream and the
+/// framed conversation runs on it.
+async fn serve_native(connecting: quinn::Connecting, shared: Arc<Shared>) {
+    let conn = match connecting.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!("connection failed: {e}");
+            return;
+        }
+    };
+    let mut shutdown = shared.shutdown.clone();
+    let opened = tokio::select! {
+        opened = tokio::time::timeout(STREAM_TIMEOUT, conn.accept_bi()) => opened,
+        _ = shutdown.wait_for(|stop| *stop) => {
+            conn.close(close_code::SHUTTING_DOWN.into(), b"relay shutting down");
+            return;
+        }
+    };
+    let (mut send, mut recv) = match opened {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(_)) => return,
+        Err(_) => {
+            conn.close(close_code::NO_STREAM.into(), b"no stream opened");
+            return;
+        }
+    };
+    let end = drive(shared, &mut recv, &mut send).await;
+    let (code, reason): (u32, &[u8]) = match &end {
+        DriverEnd::PeerClosed => (close_code::OK, b"bye"),
+        DriverEnd::Replaced => (close_code::REPLACED, b"replaced by a newer connection"),
+        DriverEnd::ShuttingDown => (close_code::SHUTTING_DOWN, b"relay shutting down"),
+        DriverEnd::Refused { .. } => (close_code::PROTOCOL, b"protocol violation"),
+        DriverEnd::AuthTimeout => (close_code::AUTH_TIMEOUT, b"authentication timed out"),
+        DriverEnd::Transport(_) => return,
+    };
+    // The driver finished the stream; give the last frames a moment to be
+    // acknowledged before the close discards anything unsent.
+    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    conn.close(code.into(), reason);
+}

@@ -1,0 +1,269 @@
+//! The relay over real QUIC and HTTP on 127.0.0.1: authentication, ALPN
+//! dispatch, replacement, live push, malformed input, HTTP endpoints and
+//! graceful shutdown.
+
+// Helpers below fail the test by panicking, as test code does.
+#![allow(clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{Client, Device, client_endpoint, http_get, within};
+use hush_protocol::{ErrorCode, Request, Response, SendOutcome, ServerFrame};
+use hush_relay::{Config, ManualClock, RelayHandle};
+use std::sync::Arc;
+
+async fn start(dir: &tempfile::TempDir) -> RelayHandle {
+    let config = Config::default_for(dir.path().join("data"));
+    RelayHandle::start(config, Arc::new(ManualClock::new(1_800_000_000_000)))
+        .await
+        .expect("relay starts")
+}
+
+fn error_code(f: &ServerFrame) -> ErrorCode {
+    match f {
+        ServerFrame::Error { error, .. } => error.code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_succeeds_fails_and_a_signature_does_not_replay_on_another_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(&dir).await;
+    let cert = relay.cert_der();
+    let alice = Device::new(1);
+
+    // Before authentication only Hello/Auth/Register/Ping are allowed.
+    let mut c1 = Client::connect(relay.quic_addr(), &cert).await;
+    let f = c1
+        .request(Request::Pull {
+            after: 0,
+            limit: 10,
+            ack: 0,
+        })
+        .await;
+    assert_eq!(error_code(&f), ErrorCode::NotAuthenticated);
+    // Unknown device.
+    let f = alice.auth(&mut c1).await;
+    assert_eq!(error_code(&f), ErrorCode::UnknownDevice);
+    alice.register(&mut c1).await;
+
+    // Capture a valid signature on connection 2.
+    let mut c2 = Client::connect(relay.quic_addr(), &cert).await;
+    let challenge2 = c2.challenge(alice.id).await;
+    let captured = alice.sign(&challenge2);
+
+    // Replaying it on connection 3 fails: its challenge differs.
+    let mut c3 = Client::connect(relay.quic_addr(), &cert).await;
+    let challenge3 = c3.challenge(alice.id).await;
+    assert_ne!(challenge2, challenge3);
+    let f = c3
+        .request(Request::Auth {
+            signature: captured,
+        })
+        .await;
+    assert_eq!(error_code(&f), ErrorCode::BadAuth);
+    // The same connection may retry with a fresh challenge.
+    let f = alice.auth(&mut c3).await;
+    match f {
+        ServerFrame::Response {
+            response: Response::Authenticated(ok),
+            ..
+        } => {
+            assert_eq!(ok.device, alice.id)
+        }
+        other => panic!("{other:?}"),
+    }
+    // Connection 1 (registered as alice) was replaced by connection 3.
+    let mut closing = None;
+    while let Some(f) = c1.next_frame().await {
+        if let ServerFrame::Closing { code, .. } = f {
+            closing = Some(code);
+        }
+    }
+    assert_eq!(closing, Some(ErrorCode::Replaced));
+    // And connection 3 still works.
+    let f = c3.request(Request::Ping).await;
+    assert!(matches!(
+        f,
+        ServerFrame::Response {
+            response: Response::Pong { .. },
+            ..
+        }
+    ));
+    assert_eq!(relay.metrics().refusals(ErrorCode::BadAuth), 1);
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h3_is_closed_with_a_reason_while_hush_works_on_the_same_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(&dir).await;
+
+    let h3 = client_endpoint(&relay.cert_der(), hush_protocol::ALPN_H3);
+    let conn = within(
+        "h3 connect",
+        h3.connect(relay.quic_addr(), "localhost").unwrap(),
+    )
+    .await
+    .expect("TLS with ALPN h3 completes");
+    match within("h3 close", conn.closed()).await {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            let reason = String::from_utf8_lossy(&close.reason).to_string();
+            assert!(reason.contains("WebTransport"), "{reason}");
+            assert!(reason.contains("hush/1"), "{reason}");
+        }
+        other => panic!("expected an application close, got {other:?}"),
+    }
+
+    let mut native = Client::connect(relay.quic_addr(), &relay.cert_der()).await;
+    let f = native.request(Request::Ping).await;
+    assert!(matches!(
+        f,
+        ServerFrame::Response {
+            response: Response::Pong {
+                relay_time_ms: 1_800_000_000_000
+            },
+            ..
+        }
+    ));
+    relay.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_are_stored_then_pushed_live_and_shutdown_says_goodbye() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(&dir).await;
+    let cert = relay.cert_der();
+    let (alice, bob) = (Device::new(1), Device::new(2));
+    let mut ca = Client::connect(relay.quic_addr(), &cert).await;
+    alice.register(&mut ca).await;
+    let mut cb = Client::connect(relay.quic_addr(), &cert).await;
+    bob.register(&mut cb).await;
+
+    // Bob drains his (empty) inbox and becomes live.
+    let f = cb
+        .request(Request::Pull {
+            after: 0,
+            limit: 200,
+            ack: 0,
+        })
+        .await;
+    assert!(
+        matches!(&f, ServerFrame::Response { response: Response::Page(p), .. } if p.remaining == 0)
+    );
+
+    let f = ca
+        .request(Request::Send {
+            envelopes: vec![alice.envelope_to(&bob, 1), alice.envelope_to(&bob, 2)],
+        })
+        .await;
+    match f {
+        ServerFrame::Response {
+            response: Response::Sent { outcomes },
+            ..
+        } => {
+            let seqs: Vec<u64> = outcomes
+                .iter()
+                .map(|o| match o {
+                    SendOutcome::Stored {
+                        seq,
+                        duplicate: false,
+                        ..
+                    } => *seq,
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            assert_eq!(seqs, vec![1, 2]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Pushed in order, contiguous with the (empty) page.
+    let mut pushed = Vec::new();
+    while pushed.len() < 2 {
+        match cb.next_frame().await.expect("a push") {
+            ServerFrame::Push { envelopes } => pushed.extend(envelopes),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(pushed.iter().map(|d| d.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(pushed[0].envelope, alice.envelope_to(&bob, 1));
+    let f = cb.request(Request::Ack { up_to: 2 }).await;
+    assert!(matches!(
+        f,
+        ServerFrame::Response {
+            response: Response::Acked { up_to: 2 },
+            ..
+        }
+    ));
+
+    // A malformed frame closes only that connection.
+    let mut bad = Client::connect(relay.quic_addr(), &cert).await;
+    bad.write_raw(&[0, 0, 0, 3, 1, 0xFF, 0xFF]).await;
+    let f = bad.next_frame().await.expect("an error frame");
+    assert_eq!(error_code(&f), ErrorCode::BadFrame);
+    assert!(bad.next_frame().await.is_none(), "then the stream ends");
+    let f = ca.request(Request::Ping).await;
+    assert!(matches!(
+        f,
+        ServerFrame::Response {
+            response: Response::Pong { .. },
+            ..
+        }
+    ));
+
+    let m = relay.metrics();
+    assert_eq!(hush_relay::Metrics::get(&m.envelopes_stored_total), 2);
+    assert!(m.commit_batch_size.count() >= 1);
+
+    // Graceful shutdown: live connections are told, then closed.
+    let shutdown = tokio::spawn(relay.shutdown());
+    let mut saw = None;
+    while let Some(f) = cb.next_frame().await {
+        if let ServerFrame::Closing { code, .. } = f {
+            saw = Some(code);
+        }
+    }
+    assert_eq!(saw, Some(ErrorCode::ShuttingDown));
+    within("shutdown", shutdown).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_endpoints_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(&dir).await;
+    let http = relay.http_addr().expect("HTTP enabled");
+
+    let (status, _, body) = http_get(http, "GET /healthz HTTP/1.1").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+
+    let (status, head, body) = http_get(http, "GET /certificate.sha256 HTTP/1.1").await;
+    assert_eq!(status, 200);
+    assert_eq!(body.trim(), relay.cert_sha256_hex());
+    assert!(head.contains("Access-Control-Allow-Origin: *"));
+
+    // Open one connection so the counters move.
+    let _c = Client::connect(relay.quic_addr(), &relay.cert_der()).await;
+    let (head, body) = common::eventually("the connection to be counted", || async {
+        let (status, head, body) = http_get(http, "GET /metrics HTTP/1.1").await;
+        assert_eq!(status, 200);
+        body.contains("hush_connections_total 1")
+            .then_some((head, body))
+    })
+    .await;
+    assert!(head.contains("text/plain; version=0.0.4"));
+    for series in [
+        "hush_sends_total 0",
+        "hush_connections_total 1",
+        "hush_inbox_depth 0",
+        "hush_commit_latency_seconds_bucket{le=\"+Inf\"} 0",
+        "hush_refusals_total{kind=\"quota\"} 0",
+    ] {
+        assert!(body.contains(series), "missing {series} in\n{body}");
+    }
+
+    assert_eq!(http_get(http, "GET / HTTP/1.1").await.0, 404);
+    assert_eq!(http_get(http, "POST /healthz HTTP/1.1").await.0, 405);
+    assert_eq!(http_get(http, "GET /healthz SPDY/9").await.0, 505);
+    relay.shutdown().await.unwrap();
+}
