@@ -4,8 +4,10 @@
 //! - `GET /metrics` → Prometheus text
 //! - `GET /certificate.sha256` → hex SHA-256 of the current certificate (what
 //!   a browser page pins for WebTransport to a self-signed relay)
+//! - `GET /relay.json` → where and how a page reaches the relay:
+//!   `{"quic":"HOST:PORT","webtransport":"https://HOST:PORT/","certificateSha256":"HEX"}`
 //! - anything else → served from [`StaticFiles`] when the demo is enabled
-//!   and built in, 404 otherwise.
+//!   (`--demo`, see [`crate::demo`]), 404 otherwise.
 //!
 //! Hand-written on a TCP listener because it needs so little: one request
 //! per connection (`Connection: close`), request line and headers capped at
@@ -15,6 +17,7 @@
 use crate::metrics::Metrics;
 use crate::tls::CertState;
 use std::borrow::Cow;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,6 +34,9 @@ pub const MAX_CONCURRENT: usize = 64;
 /// One static file.
 #[derive(Debug, Clone)]
 pub struct StaticFile {
+    /// Status line, e.g. `200 OK` (or `503 Service Unavailable` for a page
+    /// that explains why the real one is missing).
+    pub status: &'static str,
     /// `Content-Type` header value.
     pub content_type: Cow<'static, str>,
     /// The bytes.
@@ -45,6 +51,8 @@ pub trait StaticFiles: Send + Sync + 'static {
 
 /// What the HTTP handlers read.
 pub struct HttpState {
+    /// The bound address of the QUIC endpoint (advertised by `/relay.json`).
+    pub quic_addr: SocketAddr,
     /// Metrics to render.
     pub metrics: Arc<Metrics>,
     /// The certificate in use.
@@ -90,6 +98,9 @@ struct Reply {
     status: &'static str,
     content_type: Cow<'static, str>,
     body: Cow<'static, [u8]>,
+    /// `no-store` for live values; `no-cache` (revalidate every time) for
+    /// the demo's files, so a rebuilt relay's page is never stale.
+    cache: &'static str,
     extra: &'static str,
 }
 
@@ -99,6 +110,7 @@ impl Reply {
             status,
             content_type: Cow::Borrowed("text/plain; charset=utf-8"),
             body: Cow::Owned(body.into().into_bytes()),
+            cache: "no-store",
             extra: "",
         }
     }
@@ -111,11 +123,12 @@ async fn handle(mut stream: TcpStream, state: &HttpState) {
         Err(_) => Reply::text("408 Request Timeout", "request timeout\n"),
     };
     let head = format!(
-        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
+        "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: {}\r\n\
          X-Content-Type-Options: nosniff\r\n{}Connection: close\r\n\r\n",
         reply.status,
         reply.content_type,
         reply.body.len(),
+        reply.cache,
         reply.extra
     );
     let write = async {
@@ -184,6 +197,7 @@ async fn route(head: &str, state: &HttpState) -> Reply {
                 status: "200 OK",
                 content_type: Cow::Borrowed("text/plain; version=0.0.4; charset=utf-8"),
                 body: Cow::Owned(state.metrics.render().into_bytes()),
+                cache: "no-store",
                 extra: "",
             }
         }
@@ -193,14 +207,155 @@ async fn route(head: &str, state: &HttpState) -> Reply {
             r.extra = "Access-Control-Allow-Origin: *\r\n";
             r
         }
+        "/relay.json" => {
+            let quic = advertised_quic_addr(state.quic_addr, header(head, "host"));
+            let body = format!(
+                "{{\"quic\":\"{quic}\",\"webtransport\":\"https://{quic}/\",\
+                 \"certificateSha256\":\"{}\"}}\n",
+                state.cert.get().sha256_hex
+            );
+            Reply {
+                status: "200 OK",
+                content_type: Cow::Borrowed("application/json"),
+                body: Cow::Owned(body.into_bytes()),
+                cache: "no-store",
+                // Public information, as is the certificate hash.
+                extra: "Access-Control-Allow-Origin: *\r\n",
+            }
+        }
         _ => match state.static_files.as_ref().and_then(|s| s.get(path)) {
             Some(file) => Reply {
-                status: "200 OK",
+                status: file.status,
                 content_type: file.content_type,
                 body: file.body,
+                cache: "no-cache",
                 extra: "",
             },
             None => Reply::text("404 Not Found", "not found\n"),
         },
+    }
+}
+
+/// The value of the first `name` header of a request head (case-insensitive).
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim()
+            .eq_ignore_ascii_case(name)
+            .then_some(value.trim())
+    })
+}
+
+/// The QUIC address clients should dial, as `host:port`. A relay bound to a
+/// specific address names it; one bound to every interface (`0.0.0.0`,
+/// `[::]`) names the host the page was fetched from (the `Host` header)
+/// with the QUIC port — or the unspecified address if that header is
+/// missing or malformed.
+pub fn advertised_quic_addr(quic: SocketAddr, host_header: Option<&str>) -> String {
+    if !quic.ip().is_unspecified() {
+        return quic.to_string();
+    }
+    match host_header.and_then(host_without_port) {
+        Some(host) => format!("{host}:{}", quic.port()),
+        None => quic.to_string(),
+    }
+}
+
+/// The host part of a `Host` header value (`name`, `name:port`, `[v6]`,
+/// `[v6]:port`), if it is a plausible DNS name or IP literal. Anything else
+/// (quotes, spaces, slashes…) is refused, so the value is safe in JSON and
+/// in a URL.
+fn host_without_port(value: &str) -> Option<&str> {
+    if value.is_empty() || value.len() > 255 {
+        return None;
+    }
+    let host = if let Some(rest) = value.strip_prefix('[') {
+        let end = rest.find(']')?;
+        let inner = rest.get(..end)?;
+        let after = rest.get(end + 1..)?;
+        let port_ok = after.is_empty()
+            || after
+                .strip_prefix(':')
+                .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        let ok = !inner.is_empty()
+            && port_ok
+            && inner
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        return ok.then(|| value.get(..end + 2)).flatten();
+    } else {
+        match value.split_once(':') {
+            Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                host
+            }
+            Some(_) => return None,
+            None => value,
+        }
+    };
+    let ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    ok.then_some(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_found_case_insensitively() {
+        let head = "GET / HTTP/1.1\r\nhOsT: example.org:8080\r\nX: y";
+        assert_eq!(header(head, "Host"), Some("example.org:8080"));
+        assert_eq!(header(head, "missing"), None);
+        // The request line is not a header.
+        assert_eq!(header("GET /a:b HTTP/1.1", "GET /a"), None);
+    }
+
+    #[test]
+    fn advertised_address() {
+        let bound: SocketAddr = "127.0.0.1:4433".parse().unwrap();
+        assert_eq!(
+            advertised_quic_addr(bound, Some("evil\"x")),
+            "127.0.0.1:4433"
+        );
+        let any: SocketAddr = "0.0.0.0:4433".parse().unwrap();
+        assert_eq!(
+            advertised_quic_addr(any, Some("chat.example.org:8080")),
+            "chat.example.org:4433"
+        );
+        assert_eq!(
+            advertised_quic_addr(any, Some("192.168.1.5")),
+            "192.168.1.5:4433"
+        );
+        assert_eq!(
+            advertised_quic_addr(any, Some("[fe80::1]:8080")),
+            "[fe80::1]:4433"
+        );
+        assert_eq!(advertised_quic_addr(any, Some("[::1]")), "[::1]:4433");
+        for bad in [
+            "",
+            "a b",
+            "x\"y",
+            "host:",
+            "host:80:90",
+            "[::1",
+            "[]:1",
+            "[::1]x",
+            "a/b",
+        ] {
+            assert_eq!(
+                advertised_quic_addr(any, Some(bad)),
+                "0.0.0.0:4433",
+                "{bad}"
+            );
+        }
+        assert_eq!(advertised_quic_addr(any, None), "0.0.0.0:4433");
+        let any6: SocketAddr = "[::]:4433".parse().unwrap();
+        assert_eq!(
+            advertised_quic_addr(any6, Some("localhost:8080")),
+            "localhost:4433"
+        );
+        assert_eq!(advertised_quic_addr(any6, None), "[::]:4433");
     }
 }

@@ -6,11 +6,13 @@
 //! - [`store`] — durable storage behind the [`store::Store`] trait (redb).
 //! - [`core`] — the protocol logic as a sans-IO state machine
 //!   ([`core::RelayCore`], [`core::Session`]); the simulator drives it directly.
-//! - [`server`] — the running relay: QUIC endpoint with ALPN dispatch, the
+//! - [`server`] — the running relay: QUIC endpoint with ALPN dispatch
+//!   (native `hush/1` and WebTransport for browsers on the same port), the
 //!   connection driver, group commit, retention, certificate renewal
 //!   ([`RelayHandle`]).
 //! - [`tls`] — certificates (operator PEM files or a renewable dev cert).
-//! - [`http`] — health, metrics and certificate hash over HTTP/1.1.
+//! - [`http`] — health, metrics, certificate hash and `/relay.json` over
+//!   HTTP/1.1; with `--demo`, the browser demo embedded by [`demo`].
 //! - [`config`] — flags, `HUSH_*` environment and TOML file.
 //! - [`metrics`], [`clock`], [`error`].
 #![forbid(unsafe_code)]
@@ -19,6 +21,7 @@
 pub mod clock;
 pub mod config;
 pub mod core;
+pub mod demo;
 pub mod error;
 pub mod http;
 pub mod metrics;

@@ -2,12 +2,13 @@
 //! pair of byte-stream halves.
 //!
 //! It is generic over `AsyncRead`/`AsyncWrite` so the same code serves a
-//! native QUIC bidirectional stream (`hush/1`) and, later, a WebTransport
-//! bidirectional stream (`h3`). It owns the transport concerns the sans-IO
-//! [`crate::core::RelayCore`] leaves out: reading and framing bytes, time,
-//! randomness, running store calls off the async threads, handing envelopes
-//! to the group-commit writer, waking on inbox changes, replacement by a
-//! newer connection, the authentication deadline and shutdown.
+//! native QUIC bidirectional stream (`hush/1`) and a WebTransport
+//! bidirectional stream (`h3`, see [`super::webtransport`]). It owns the
+//! transport concerns the sans-IO [`crate::core::RelayCore`] leaves out:
+//! reading and framing bytes, time, randomness, running store calls off the
+//! async threads, handing envelopes to the group-commit writer, waking on
+//! inbox changes, replacement by a newer connection, the authentication
+//! deadline and shutdown.
 
 use super::Shared;
 use super::writer::{CommitRequest, CommitResult};

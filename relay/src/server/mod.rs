@@ -11,6 +11,7 @@
 pub mod driver;
 pub mod hub;
 pub mod quic;
+pub mod webtransport;
 pub mod writer;
 
 use crate::clock::Clock;
@@ -50,7 +51,8 @@ pub(crate) struct Shared {
 /// Optional parts a caller can plug into the relay.
 #[derive(Clone, Default)]
 pub struct StartOptions {
-    /// Files served on the HTTP listener when `--demo` is on.
+    /// Files served on the HTTP listener when `--demo` is on, instead of
+    /// the demo embedded at build time.
     pub static_files: Option<Arc<dyn StaticFiles>>,
 }
 
@@ -247,19 +249,28 @@ impl RelayHandle {
             )),
         ];
         if let Some(listener) = http_listener {
-            if config.demo && options.static_files.is_none() {
-                tracing::warn!("--demo: this build has no demo page; / answers 404");
-            }
+            // `--demo` serves the page embedded at build time unless the
+            // caller brought its own files.
+            let static_files = match (config.demo, options.static_files) {
+                (false, _) => None,
+                (true, Some(files)) => Some(files),
+                (true, None) => {
+                    if !crate::demo::DemoFiles::embedded().is_built() {
+                        tracing::warn!(
+                            "--demo: this relay was built without the demo's wasm package; \
+                             run `cargo xtask build-wasm` and rebuild"
+                        );
+                    }
+                    Some(crate::demo::embedded())
+                }
+            };
             let refresh_shared = Arc::clone(&shared);
             let state = Arc::new(HttpState {
+                quic_addr,
                 metrics: Arc::clone(&metrics),
                 cert: Arc::clone(&cert),
                 refresh_metrics: Some(Arc::new(move || refresh_shared.core.refresh_depth())),
-                static_files: if config.demo {
-                    options.static_files
-                } else {
-                    None
-                },
+                static_files,
             });
             background.push(tokio::spawn(crate::http::serve(
                 listener,

@@ -4,10 +4,11 @@
 //! handshake data as soon as the TLS handshake has produced it — before the
 //! connection is fully established — and the still-connecting connection is
 //! dispatched: `hush/1` to the native handler (one bidirectional stream,
-//! frames both ways), `h3` to the WebTransport handler. Handing over the
-//! `Connecting` rather than a `Connection` is what a WebTransport server
-//! library needs (`with_quic_connecting`), so adding browsers later only
-//! replaces [`serve_h3`].
+//! frames both ways), `h3` to the WebTransport handler
+//! ([`super::webtransport`]: one session on path `/`, one bidirectional
+//! stream, the same frames). Handing over the `Connecting` rather than a
+//! `Connection` is what the WebTransport library needs
+//! (`IncomingSessionFuture::with_quic_connecting`).
 
 use super::Shared;
 use super::driver::{DriverEnd, drive};
@@ -45,7 +46,7 @@ pub mod close_code {
     pub const AUTH_TIMEOUT: u32 = 4;
     /// The peer opened no stream in time.
     pub const NO_STREAM: u32 = 5;
-    /// The negotiated ALPN is not served (yet).
+    /// No application protocol was negotiated.
     pub const UNSUPPORTED_ALPN: u32 = 0x10;
 }
 
@@ -148,7 +149,7 @@ async fn serve_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
     let _gauge = ConnectionGauge::new(Arc::clone(&shared.metrics));
     match protocol.as_deref() {
         Some(p) if p == ALPN_HUSH => serve_native(connecting, shared).await,
-        Some(p) if p == ALPN_H3 => serve_h3(connecting).await,
+        Some(p) if p == ALPN_H3 => super::webtransport::serve(connecting, shared).await,
         _ => {
             // TLS only completes with an offered ALPN, so this is a peer
             // that negotiated none at all.
@@ -167,17 +168,6 @@ fn negotiated_alpn(data: Box<dyn std::any::Any>) -> Option<Vec<u8>> {
     data.downcast::<quinn::crypto::rustls::HandshakeData>()
         .ok()
         .and_then(|d| d.protocol)
-}
-
-/// Browsers (WebTransport over HTTP/3) are not served by this build yet:
-/// complete the handshake and close with a clear reason.
-async fn serve_h3(connecting: quinn::Connecting) {
-    if let Ok(conn) = connecting.await {
-        conn.close(
-            close_code::UNSUPPORTED_ALPN.into(),
-            b"WebTransport (h3) is not served by this relay yet; native clients use ALPN hush/1",
-        );
-    }
 }
 
 /// The native protocol: the client opens one bidirectional stream and the
@@ -207,16 +197,24 @@ async fn serve_native(connecting: quinn::Connecting, shared: Arc<Shared>) {
         }
     };
     let end = drive(shared, &mut recv, &mut send).await;
-    let (code, reason): (u32, &[u8]) = match &end {
-        DriverEnd::PeerClosed => (close_code::OK, b"bye"),
-        DriverEnd::Replaced => (close_code::REPLACED, b"replaced by a newer connection"),
-        DriverEnd::ShuttingDown => (close_code::SHUTTING_DOWN, b"relay shutting down"),
-        DriverEnd::Refused { .. } => (close_code::PROTOCOL, b"protocol violation"),
-        DriverEnd::AuthTimeout => (close_code::AUTH_TIMEOUT, b"authentication timed out"),
-        DriverEnd::Transport(_) => return,
+    let Some((code, reason)) = close_for(&end) else {
+        return;
     };
     // The driver finished the stream; give the last frames a moment to be
     // acknowledged before the close discards anything unsent.
     let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
     conn.close(code.into(), reason);
+}
+
+/// The application close (code, reason) of a connection whose driver ended
+/// with `end`; `None` when the transport is already gone.
+pub(crate) fn close_for(end: &DriverEnd) -> Option<(u32, &'static [u8])> {
+    Some(match end {
+        DriverEnd::PeerClosed => (close_code::OK, b"bye"),
+        DriverEnd::Replaced => (close_code::REPLACED, b"replaced by a newer connection"),
+        DriverEnd::ShuttingDown => (close_code::SHUTTING_DOWN, b"relay shutting down"),
+        DriverEnd::Refused { .. } => (close_code::PROTOCOL, b"protocol violation"),
+        DriverEnd::AuthTimeout => (close_code::AUTH_TIMEOUT, b"authentication timed out"),
+        DriverEnd::Transport(_) => return None,
+    })
 }

@@ -1,5 +1,6 @@
-//! Shared harness of the relay's own integration tests: a tiny native QUIC
-//! client, device keys, a raw HTTP GET, and one bounded wait for everything.
+//! Shared harness of the relay's own integration tests: a tiny client over
+//! native QUIC (`hush/1`) or WebTransport (`h3`, as a browser connects),
+//! device keys, a raw HTTP GET, and one bounded wait for everything.
 #![allow(dead_code)]
 // Test harness: a failed expectation is a failed test, by panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -15,7 +16,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The one bound on every wait in these tests.
 pub const STEP: Duration = Duration::from_secs(10);
@@ -47,17 +48,44 @@ pub fn client_endpoint(cert_der: &[u8], alpn: &[u8]) -> quinn::Endpoint {
     endpoint
 }
 
-/// One native (`hush/1`) connection with its stream.
+/// The connection under a [`Client`]'s stream (kept alive with it).
+pub enum Transport {
+    /// Raw QUIC, ALPN `hush/1`.
+    Native {
+        endpoint: quinn::Endpoint,
+        conn: quinn::Connection,
+    },
+    /// A WebTransport session, ALPN `h3`.
+    WebTransport {
+        endpoint: wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client>,
+        conn: wtransport::Connection,
+    },
+}
+
+/// One connection with its one bidirectional stream.
 pub struct Client {
-    pub endpoint: quinn::Endpoint,
-    pub conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    pub transport: Transport,
+    send: Box<dyn AsyncWrite + Unpin + Send>,
+    recv: Box<dyn AsyncRead + Unpin + Send>,
     frames: FrameBuffer,
     next_id: u32,
 }
 
+/// A WebTransport client endpoint that accepts exactly the certificate
+/// whose SHA-256 is `cert_sha256_hex`, as a browser's `serverCertificateHashes`.
+pub fn webtransport_endpoint(
+    cert_sha256_hex: &str,
+) -> wtransport::Endpoint<wtransport::endpoint::endpoint_side::Client> {
+    let hash: [u8; 32] = hex::decode(cert_sha256_hex).unwrap().try_into().unwrap();
+    let config = wtransport::ClientConfig::builder()
+        .with_bind_address("127.0.0.1:0".parse().unwrap())
+        .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(hash)])
+        .build();
+    wtransport::Endpoint::client(config).unwrap()
+}
+
 impl Client {
+    /// A native `hush/1` connection.
     pub async fn connect(addr: SocketAddr, cert_der: &[u8]) -> Client {
         let endpoint = client_endpoint(cert_der, hush_protocol::ALPN_HUSH);
         let conn = within("QUIC connect", endpoint.connect(addr, "localhost").unwrap())
@@ -65,10 +93,32 @@ impl Client {
             .expect("connected");
         let (send, recv) = within("open stream", conn.open_bi()).await.unwrap();
         Client {
-            endpoint,
-            conn,
-            send,
-            recv,
+            transport: Transport::Native { endpoint, conn },
+            send: Box::new(send),
+            recv: Box::new(recv),
+            frames: FrameBuffer::new(),
+            next_id: 1,
+        }
+    }
+
+    /// A WebTransport session to `https://ADDR/` (as a browser opens it)
+    /// with one bidirectional stream.
+    pub async fn connect_webtransport(addr: SocketAddr, cert_sha256_hex: &str) -> Client {
+        let endpoint = webtransport_endpoint(cert_sha256_hex);
+        let conn = within(
+            "WebTransport session",
+            endpoint.connect(format!("https://{addr}/")),
+        )
+        .await
+        .expect("session accepted");
+        let (send, recv) = within("open stream", async {
+            conn.open_bi().await.unwrap().await.unwrap()
+        })
+        .await;
+        Client {
+            transport: Transport::WebTransport { endpoint, conn },
+            send: Box::new(send),
+            recv: Box::new(recv),
             frames: FrameBuffer::new(),
             next_id: 1,
         }
@@ -76,6 +126,12 @@ impl Client {
 
     pub async fn write_raw(&mut self, bytes: &[u8]) {
         self.send.write_all(bytes).await.unwrap();
+        self.send.flush().await.unwrap();
+    }
+
+    /// End this side of the stream (the peer reads end-of-stream).
+    pub async fn finish(&mut self) {
+        self.send.shutdown().await.unwrap();
     }
 
     pub async fn send_request(&mut self, request: Request) -> u32 {
@@ -99,8 +155,8 @@ impl Client {
                 }
                 let mut buf = [0u8; 8192];
                 match self.recv.read(&mut buf).await {
-                    Ok(Some(n)) => self.frames.extend(&buf[..n]),
-                    Ok(None) | Err(_) => return None,
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => self.frames.extend(&buf[..n]),
                 }
             }
         })
@@ -223,8 +279,10 @@ pub async fn http_get(addr: SocketAddr, request_line: &str) -> (u16, String, Str
         s.write_all(format!("{request_line}\r\nHost: x\r\n\r\n").as_bytes())
             .await
             .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.unwrap();
+        // Binary bodies (wasm) are compared by length and type only.
+        let out = String::from_utf8_lossy(&raw).into_owned();
         let (head, body) = out.split_once("\r\n\r\n").expect("a complete response");
         let status = head
             .split(' ')
