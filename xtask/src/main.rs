@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo xtask test [--quick]         every test of the project; installs what is missing
+//! cargo xtask build-wasm             the browser package (npm `hush-client`) into web-demo/pkg/
 //! cargo xtask demo [-- RELAY-ARGS]   the relay with the demo page on http://127.0.0.1:8080
 //! cargo xtask bench [-- BENCH-ARGS]  the benchmarks that exist
 //! cargo xtask fuzz TARGET [SECS]     one fuzz target for SECS seconds (default 60)
@@ -21,9 +22,16 @@ type Result<T = (), E = Box<dyn Error>> = std::result::Result<T, E>;
 
 const WASM_TARGET: &str = "wasm32-unknown-unknown";
 
-/// Crates that must build for the browser. hush-client joins once its wasm32 build
-/// is in place.
-const WASM_CRATES: &[&str] = &["hush-crypto", "hush-protocol"];
+/// Crates that must build (and pass clippy) for the browser. Their wasm32-only code
+/// (hush-client's `src/wasm/`) is invisible to the native clippy run.
+const WASM_CRATES: &[&str] = &["hush-crypto", "hush-protocol", "hush-client"];
+
+/// Where the browser package is written (served by the demo, used by its tests).
+const WASM_PKG_DIR: &str = "web-demo/pkg";
+/// The cargo profile of the browser build (root Cargo.toml: opt-level "s", fat LTO).
+const WASM_PROFILE: &str = "wasm-release";
+/// Files copied verbatim from client-wasm/pkg-template/ into the package.
+const PKG_TEMPLATE_FILES: &[&str] = &["package.json", "README.md"];
 
 /// Crate folders and their package names, for finding benchmarks.
 const CRATES: &[(&str, &str)] = &[
@@ -56,6 +64,7 @@ usage: cargo xtask <command>
 commands:
   test [--quick]        run every test of the project; installs what is missing first
                         (--quick: only `cargo test --workspace`: no setup, fmt, clippy, wasm, fuzz)
+  build-wasm            build the browser package `hush-client` into web-demo/pkg/
   demo [-- ARGS]        build and run the relay with the demo page on http://127.0.0.1:8080
   bench [-- ARGS]       run the benchmarks that exist (ARGS go to the bench binaries)
   fuzz TARGET [SECS]    run one fuzz target for SECS seconds (default 60; needs nightly)
@@ -80,6 +89,12 @@ fn dispatch(args: &[String]) -> Result {
     env::set_current_dir(workspace_root()?)?;
     match command.as_str() {
         "test" => test(rest),
+        "build-wasm" => {
+            if let Some(extra) = rest.first() {
+                return Err(format!("`build-wasm` takes no arguments (got `{extra}`)").into());
+            }
+            build_wasm_package()
+        }
         "demo" => demo(rest),
         "bench" => bench(rest),
         "fuzz" => fuzz(rest),
@@ -298,14 +313,122 @@ fn cargo_test() -> Result<Outcome> {
     Ok(Outcome::Passed)
 }
 
+/// Clippy for wasm32 (the browser-only code paths), then the browser package.
 fn wasm_build() -> Result<Outcome> {
     let mut cmd = cargo();
-    cmd.args(["build", "--target", WASM_TARGET]);
+    cmd.args(["clippy", "--target", WASM_TARGET]);
     for krate in WASM_CRATES {
         cmd.args(["-p", krate]);
     }
+    cmd.args(["--", "-D", "warnings"]);
     run(&mut cmd)?;
+    build_wasm_package()?;
     Ok(Outcome::Passed)
+}
+
+/// `cargo xtask build-wasm`: hush-client for wasm32 in the `wasm-release` profile,
+/// then wasm-bindgen (ES module for browsers without a bundler, TypeScript
+/// declarations), the npm package files from client-wasm/pkg-template/, and
+/// wasm-opt when the npm `binaryen` package provides it.
+fn build_wasm_package() -> Result {
+    ensure_wasm_target()?;
+    ensure_wasm_bindgen()?;
+    run(cargo().args([
+        "build",
+        "-p",
+        "hush-client",
+        "--lib",
+        "--target",
+        WASM_TARGET,
+        "--profile",
+        WASM_PROFILE,
+    ]))?;
+    let wasm = target_dir()
+        .join(WASM_TARGET)
+        .join(WASM_PROFILE)
+        .join("hush_client.wasm");
+    if !wasm.is_file() {
+        return Err(format!("the build did not produce {}", wasm.display()).into());
+    }
+    let out = Path::new(WASM_PKG_DIR);
+    fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    run(Command::new("wasm-bindgen")
+        .args([
+            "--target",
+            "web",
+            "--typescript",
+            "--remove-name-section",
+            "--out-dir",
+        ])
+        .arg(out)
+        .arg(&wasm))?;
+    let template = Path::new("client-wasm/pkg-template");
+    for file in PKG_TEMPLATE_FILES {
+        let from = template.join(file);
+        fs::copy(&from, out.join(file))
+            .map_err(|e| format!("cannot copy {}: {e}", from.display()))?;
+    }
+    let bg = out.join("hush_client_bg.wasm");
+    match npm_wasm_opt() {
+        Some(wasm_opt) => {
+            let before = file_size(&bg)?;
+            let optimised = out.join("hush_client_bg.opt.wasm");
+            run(Command::new(&wasm_opt)
+                .args(WASM_OPT_ARGS)
+                .arg(&bg)
+                .arg("-o")
+                .arg(&optimised))?;
+            fs::rename(&optimised, &bg)?;
+            println!("wasm-opt: {} -> {} bytes", before, file_size(&bg)?);
+        }
+        None => println!(
+            "wasm-opt skipped: no npm `binaryen` in web-demo/node_modules (Debian's wasm-opt breaks wasm-bindgen output, so it is never used)"
+        ),
+    }
+    let mut listing = Vec::new();
+    for entry in fs::read_dir(out)? {
+        let path = entry?.path();
+        if path.is_file() {
+            listing.push(path);
+        }
+    }
+    listing.sort();
+    println!("browser package in {}:", out.display());
+    for path in listing {
+        println!("  {:>9} bytes  {}", file_size(&path)?, path.display());
+    }
+    Ok(())
+}
+
+/// wasm-opt passes for the package: size first, keeping the features the Rust
+/// wasm32 target emits (and wasm-bindgen relies on) enabled.
+const WASM_OPT_ARGS: &[&str] = &[
+    "-Os",
+    "--enable-bulk-memory",
+    "--enable-mutable-globals",
+    "--enable-nontrapping-float-to-int",
+    "--enable-sign-ext",
+    "--enable-reference-types",
+    "--enable-multivalue",
+];
+
+/// wasm-opt from the npm `binaryen` package, if installed for the web demo.
+fn npm_wasm_opt() -> Option<PathBuf> {
+    let bin = Path::new("web-demo/node_modules/.bin/wasm-opt");
+    bin.is_file().then(|| bin.to_path_buf())
+}
+
+/// Cargo's target directory (CARGO_TARGET_DIR when set, relative to the root).
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"))
+}
+
+fn file_size(path: &Path) -> Result<u64> {
+    Ok(fs::metadata(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .len())
 }
 
 fn fuzz_build() -> Result<Outcome> {
@@ -456,6 +579,8 @@ fn ensure_npm_packages(dir: &Path) -> Result {
 // ---------------------------------------------------------------------------
 
 fn demo(args: &[String]) -> Result {
+    println!("==> demo: building the browser package");
+    build_wasm_package()?;
     println!("==> demo: building the relay (release; the first build takes a few minutes)");
     println!("    then open {DEMO_URL} (QUIC/WebTransport on 127.0.0.1:4433, data in ./hush-data)");
     println!("    Ctrl-C stops the relay");

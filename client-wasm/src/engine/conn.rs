@@ -1,0 +1,612 @@
+//! The connection to the relay: authentication, request bookkeeping,
+//! prekey and device-list publication, device-list and prekey fetches.
+
+use super::{Dirty, Engine, Event, Link, Pending};
+use crate::error::ClientError;
+use crate::sig;
+use crate::state::{Contact, KnownDevices};
+use hush_crypto::{DevicePublic, PrekeyBundle as CryptoBundle, initiate};
+use hush_protocol::{
+    AuthOk, ClientFrame, DeviceId, DeviceList, ErrorCode, OneTimePrekey, PrekeyBundle, Request,
+    Response, ServerFrame, SignedDeviceList, SignedPrekey, UserKey, WireError,
+};
+
+/// Re-fetch device lists on an unknown sender at most this often.
+const UNKNOWN_SENDER_REFRESH_MS: u64 = 5_000;
+/// Re-fetch device lists this often while envelopes wait for their sender.
+const PARKED_REFRESH_MS: u64 = 30_000;
+
+impl Engine {
+    pub(crate) fn on_connected(&mut self, _now: u64) -> Result<(), ClientError> {
+        self.link = Link {
+            connected: true,
+            next_request: 1,
+            ..Link::default()
+        };
+        let device = self.device.device;
+        self.request(Request::Hello { device }, Pending::Hello);
+        Ok(())
+    }
+
+    pub(crate) fn on_disconnected(&mut self, now: u64) {
+        if self.link.ready {
+            // A connection that worked restarts the backoff.
+            self.reconnect_attempts = 0;
+        }
+        self.link = Link::default();
+        let delay = self.backoff(
+            self.cfg.reconnect_base_ms,
+            self.cfg.reconnect_max_ms,
+            self.reconnect_attempts,
+        );
+        self.reconnect_attempts = self.reconnect_attempts.saturating_add(1);
+        self.reconnect_at = now.saturating_add(delay);
+    }
+
+    /// Queue a request frame and remember what its answer is for.
+    pub(crate) fn request(&mut self, request: Request, pending: Pending) -> u32 {
+        let id = self.link.next_request.max(1);
+        self.link.next_request = id.wrapping_add(1).max(1);
+        self.link.requests.insert(id, pending);
+        self.step.frames.push(ClientFrame {
+            request_id: id,
+            request,
+        });
+        id
+    }
+
+    /// Give up on this connection: the driver closes it and reports
+    /// `Disconnected`; we reconnect with backoff.
+    pub(crate) fn drop_connection(&mut self, now: u64) {
+        self.step.close = true;
+        self.on_disconnected(now);
+    }
+
+    pub(crate) fn on_frame(&mut self, now: u64, frame: ServerFrame) -> Result<(), ClientError> {
+        if !self.link.connected {
+            return Ok(());
+        }
+        match frame {
+            ServerFrame::Response {
+                request_id,
+                response,
+            } => match self.link.requests.remove(&request_id) {
+                Some(p) => self.on_response(now, p, response)?,
+                None => self.event(Event::Warning("relay answered an unknown request".into())),
+            },
+            ServerFrame::Error { request_id, error } => {
+                if request_id == 0 {
+                    self.on_unsolicited_error(now, error)?;
+                } else if let Some(p) = self.link.requests.remove(&request_id) {
+                    self.on_error(now, p, error)?;
+                }
+            }
+            ServerFrame::Push { envelopes } => self.on_push(now, envelopes)?,
+            ServerFrame::Closing { code, .. } => {
+                if code != ErrorCode::ShuttingDown && code != ErrorCode::Replaced {
+                    self.event(Event::Warning(format!(
+                        "relay closed the connection: {code:?}"
+                    )));
+                }
+                self.drop_connection(now);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_response(&mut self, now: u64, p: Pending, r: Response) -> Result<(), ClientError> {
+        match (p, r) {
+            (Pending::Hello, Response::Challenge { challenge }) => {
+                let device = self.device.device;
+                let signature = sig::auth_signature(&self.device.identity, &challenge, &device)?;
+                if self.device.registered {
+                    self.request(Request::Auth { signature }, Pending::Auth);
+                } else {
+                    let registration =
+                        sig::registration(&self.device.user, &self.device.identity, device)?;
+                    self.request(
+                        Request::Register {
+                            registration,
+                            signature,
+                        },
+                        Pending::Register,
+                    );
+                }
+            }
+            (Pending::Auth | Pending::Register, Response::Authenticated(ok)) => {
+                self.on_authenticated(now, ok)?
+            }
+            (Pending::Send(items), Response::Sent { outcomes }) => {
+                self.on_sent(now, items, outcomes)?
+            }
+            (Pending::Pull, Response::Page(page)) => self.on_page(now, page)?,
+            (Pending::Ack, Response::Acked { .. }) => {}
+            (
+                Pending::PublishPrekeys { signed, one_time },
+                Response::PrekeysPublished {
+                    one_time_prekeys_left,
+                },
+            ) => {
+                self.link.publishing_prekeys = false;
+                self.link.one_time_left = one_time_prekeys_left;
+                self.prekeys.published_signed = Some(signed);
+                self.prekeys
+                    .unpublished
+                    .retain(|(id, _)| !one_time.contains(id));
+                self.touch(Dirty::Prekeys);
+                self.publish_prekeys_if_needed(now)?;
+            }
+            (Pending::FetchPrekeys(d), Response::Prekeys(bundle)) => {
+                self.link.fetching_prekeys.remove(&d);
+                self.on_bundle(now, d, bundle)?;
+            }
+            (Pending::PublishDeviceList(v), Response::DeviceListPublished { version }) => {
+                self.link.publishing_list = false;
+                if version >= v
+                    && let Some(list) = self.own.to_publish.take()
+                {
+                    self.set_own_list(now, list);
+                }
+            }
+            (Pending::FetchDeviceList(user), Response::DeviceList(list)) => {
+                self.link.fetching_lists.remove(&user);
+                self.on_device_list(now, user, list)?;
+            }
+            (_, _) => {
+                self.event(Event::Warning(
+                    "relay sent an answer of the wrong kind".into(),
+                ));
+                self.drop_connection(now);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_error(&mut self, now: u64, p: Pending, e: WireError) -> Result<(), ClientError> {
+        match p {
+            Pending::Hello | Pending::Auth | Pending::Register => {
+                match e.code {
+                    // The relay lost our registration (or never committed it):
+                    // register again with the same keys on the next connection.
+                    ErrorCode::UnknownDevice => {
+                        self.device.registered = false;
+                        self.touch(Dirty::Device);
+                    }
+                    code => self.event(Event::Warning(format!("authentication refused: {code:?}"))),
+                }
+                self.drop_connection(now);
+            }
+            Pending::Send(items) => {
+                let wait = e.retry_after_ms.map(u64::from);
+                self.on_send_refused(now, &items, wait);
+            }
+            Pending::Pull => {
+                // Resynchronise from scratch on a fresh connection.
+                self.drop_connection(now);
+            }
+            Pending::Ack => {}
+            Pending::PublishPrekeys { .. } => {
+                self.link.publishing_prekeys = false;
+            }
+            Pending::FetchPrekeys(d) => {
+                self.link.fetching_prekeys.remove(&d);
+                self.link.prekey_failures.insert(d, now);
+            }
+            Pending::PublishDeviceList(_) => {
+                self.link.publishing_list = false;
+                // Someone published a newer list first: merge ourselves into it.
+                let me = self.user_key();
+                self.fetch_list(me);
+            }
+            Pending::FetchDeviceList(user) => {
+                self.link.fetching_lists.remove(&user);
+                if user == self.user_key() {
+                    self.own.known.fetched_ms = Some(now);
+                    self.ensure_listed(now)?;
+                } else if let Some(c) = self.contacts.get_mut(&user) {
+                    c.known.fetched_ms = Some(now);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_unsolicited_error(&mut self, now: u64, e: WireError) -> Result<(), ClientError> {
+        match e.code {
+            // Envelopes expired before they could be pushed: pull to get the
+            // truncation (with the tombstones naming what was dropped).
+            ErrorCode::ExpiredCursor => {
+                self.link.live = false;
+                if !self.link.pulling {
+                    self.send_pull();
+                }
+            }
+            code => {
+                self.event(Event::Warning(format!("relay error: {code:?}")));
+                if matches!(code, ErrorCode::Internal | ErrorCode::BadFrame) {
+                    self.drop_connection(now);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn on_authenticated(&mut self, now: u64, ok: AuthOk) -> Result<(), ClientError> {
+        if ok.device != self.device.device {
+            self.drop_connection(now);
+            return Ok(());
+        }
+        self.link.ready = true;
+        self.reconnect_attempts = 0;
+        if !self.device.registered {
+            self.device.registered = true;
+            self.touch(Dirty::Device);
+        }
+        if ok.acked > self.cursor.through {
+            // The relay deleted envelopes we never stored (only possible if
+            // local storage was lost): sender seqs will reveal and repair them.
+            self.cursor.through = ok.acked;
+            self.touch(Dirty::Cursor);
+        }
+        self.link.acked_sent = ok.acked;
+        self.link.one_time_left = ok.one_time_prekeys_left;
+        self.publish_prekeys_if_needed(now)?;
+        self.publish_own_list();
+        self.refresh_lists(now);
+        self.send_pull();
+        self.reset_transmissions(now);
+        Ok(())
+    }
+
+    /// Rotate the signed prekey when due and top up one-time prekeys; publish
+    /// whatever the relay has not confirmed.
+    pub(crate) fn publish_prekeys_if_needed(&mut self, now: u64) -> Result<(), ClientError> {
+        if !self.link.ready || self.link.publishing_prekeys {
+            return Ok(());
+        }
+        if self.prekeys.secrets.needs_rotation(now) {
+            self.prekeys
+                .secrets
+                .rotate_signed_prekey(&self.device.identity, &mut self.rng, now)?;
+            self.prekeys.published_signed = None;
+            self.touch(Dirty::Prekeys);
+        }
+        if self.link.one_time_left < self.cfg.one_time_prekeys_low
+            && self.prekeys.unpublished.is_empty()
+        {
+            // A full local pool (the relay lost keys) is not an error: the
+            // signed prekey alone still lets peers start sessions.
+            if let Ok(fresh) = self
+                .prekeys
+                .secrets
+                .generate_one_time_prekeys(&mut self.rng, self.cfg.one_time_prekeys_batch)
+            {
+                self.prekeys.unpublished.extend(fresh);
+                self.touch(Dirty::Prekeys);
+            }
+        }
+        let (id, public, signature) = self.prekeys.secrets.signed_prekey();
+        if self.prekeys.published_signed == Some(id) && self.prekeys.unpublished.is_empty() {
+            return Ok(());
+        }
+        let batch: Vec<(u32, [u8; 32])> = self
+            .prekeys
+            .unpublished
+            .iter()
+            .take(hush_protocol::limits::MAX_ONE_TIME_PREKEYS)
+            .copied()
+            .collect();
+        self.link.publishing_prekeys = true;
+        self.request(
+            Request::PublishPrekeys {
+                signed_prekey: SignedPrekey {
+                    id,
+                    public,
+                    signature,
+                },
+                one_time_prekeys: batch
+                    .iter()
+                    .map(|&(id, public)| OneTimePrekey { id, public })
+                    .collect(),
+            },
+            Pending::PublishPrekeys {
+                signed: id,
+                one_time: batch.iter().map(|(id, _)| *id).collect(),
+            },
+        );
+        Ok(())
+    }
+
+    pub(crate) fn publish_own_list(&mut self) {
+        if !self.link.ready || self.link.publishing_list {
+            return;
+        }
+        if let Some(list) = self.own.to_publish.clone() {
+            let v = list.list.version;
+            self.link.publishing_list = true;
+            self.request(
+                Request::PublishDeviceList { list },
+                Pending::PublishDeviceList(v),
+            );
+        }
+    }
+
+    fn set_own_list(&mut self, now: u64, list: SignedDeviceList) {
+        let changed = self.own.known.list.as_ref() != Some(&list);
+        self.own.known.list = Some(list);
+        self.own.known.fetched_ms = Some(now);
+        self.touch(Dirty::Own);
+        if changed {
+            let user = self.user_key();
+            let devices = self.devices_of(&user);
+            self.event(Event::DevicesChanged { user, devices });
+        }
+    }
+
+    /// A device always keeps itself in its user's list: if the latest list
+    /// lacks us (a new device, or a concurrent publication), sign one that
+    /// adds us and publish it.
+    fn ensure_listed(&mut self, now: u64) -> Result<(), ClientError> {
+        let me = self.device.device;
+        if self.own.known.contains(&me) {
+            return Ok(());
+        }
+        let base_version = self
+            .own
+            .known
+            .version()
+            .max(self.own.to_publish.as_ref().map_or(0, |l| l.list.version));
+        let mut devices: Vec<_> = self.own.known.devices().cloned().collect();
+        if devices.len() >= hush_protocol::limits::MAX_DEVICES_PER_USER {
+            self.event(Event::Warning(
+                "this user already has the maximum number of devices".into(),
+            ));
+            return Ok(());
+        }
+        devices.push(self.own_entry());
+        let list = DeviceList {
+            user: self.user_key(),
+            version: base_version.saturating_add(1),
+            devices,
+        };
+        self.own.to_publish = Some(sig::sign_device_list(&self.device.user, list)?);
+        self.touch(Dirty::Own);
+        let _ = now;
+        self.publish_own_list();
+        Ok(())
+    }
+
+    fn fetch_list(&mut self, user: UserKey) {
+        if self.link.ready && self.link.fetching_lists.insert(user) {
+            self.request(
+                Request::FetchDeviceList { user },
+                Pending::FetchDeviceList(user),
+            );
+        }
+    }
+
+    /// Fetch the device lists of this user and of every contact.
+    pub(crate) fn refresh_lists(&mut self, now: u64) {
+        if !self.link.ready {
+            return;
+        }
+        self.lists_refreshed_at = Some(now);
+        let me = self.user_key();
+        self.fetch_list(me);
+        let users: Vec<UserKey> = self.contacts.keys().copied().collect();
+        for u in users {
+            self.fetch_list(u);
+        }
+    }
+
+    pub(crate) fn maybe_refresh_lists(&mut self, now: u64) {
+        let stale = self
+            .lists_refreshed_at
+            .is_none_or(|t| now >= t.saturating_add(self.cfg.device_list_max_age_ms));
+        if stale {
+            self.refresh_lists(now);
+        }
+    }
+
+    /// An envelope came from a device no verified list names yet (a new
+    /// device of a contact or of this user): re-fetch the lists, at most
+    /// every few seconds, and again later while envelopes stay parked.
+    pub(crate) fn refresh_for_unknown_sender(&mut self, now: u64) {
+        let recent = self
+            .unknown_refreshed_at
+            .is_some_and(|t| now < t.saturating_add(UNKNOWN_SENDER_REFRESH_MS));
+        if !recent && self.link.ready {
+            self.unknown_refreshed_at = Some(now);
+            self.refresh_lists(now);
+        }
+    }
+
+    /// While envelopes are parked, keep re-fetching lists now and then.
+    pub(crate) fn parked_refresh_at(&self) -> Option<u64> {
+        if self.parked.is_empty() {
+            return None;
+        }
+        Some(
+            self.unknown_refreshed_at
+                .map_or(0, |t| t.saturating_add(PARKED_REFRESH_MS)),
+        )
+    }
+
+    fn on_device_list(
+        &mut self,
+        now: u64,
+        user: UserKey,
+        list: SignedDeviceList,
+    ) -> Result<(), ClientError> {
+        if sig::verify_device_list(&list, &user).is_err() {
+            self.event(Event::Warning(
+                "the relay served a device list with a bad signature".into(),
+            ));
+            return Ok(());
+        }
+        if user == self.user_key() {
+            if list.list.version >= self.own.known.version() {
+                self.set_own_list(now, list);
+            } else {
+                self.own.known.fetched_ms = Some(now);
+                self.touch(Dirty::Own);
+            }
+            self.ensure_listed(now)?;
+        } else {
+            let Some(c) = self.contacts.get_mut(&user) else {
+                return Ok(());
+            };
+            c.known.fetched_ms = Some(now);
+            let newer = list.list.version >= c.known.version();
+            let changed = newer && c.known.list.as_ref() != Some(&list);
+            if newer {
+                c.known.list = Some(list);
+            }
+            self.touch(Dirty::Contact(user));
+            if changed {
+                let devices = self.devices_of(&user);
+                self.event(Event::DevicesChanged { user, devices });
+            }
+        }
+        self.on_lists_changed(now)?;
+        Ok(())
+    }
+
+    /// After any device-list update: targets of removed devices are dropped,
+    /// unresolved fan-outs resolve, parked envelopes are retried.
+    pub(crate) fn on_lists_changed(&mut self, now: u64) -> Result<(), ClientError> {
+        self.drop_unlisted_targets();
+        self.retry_parked(now)?;
+        Ok(())
+    }
+
+    fn on_bundle(
+        &mut self,
+        now: u64,
+        d: DeviceId,
+        bundle: PrekeyBundle,
+    ) -> Result<(), ClientError> {
+        if self.sessions.get(&d).is_some_and(|s| !s.entries.is_empty()) {
+            return Ok(());
+        }
+        let Some((user, entry)) = self.peer(&d) else {
+            return Ok(());
+        };
+        let matches = bundle.device == d
+            && bundle.user == user
+            && bundle.signing_key == entry.signing_key
+            && bundle.agreement_key == entry.agreement_key;
+        if !matches {
+            self.event(Event::Warning(
+                "the relay served a prekey bundle that does not match the device list".into(),
+            ));
+            self.link.prekey_failures.insert(d, now);
+            return Ok(());
+        }
+        let cb = CryptoBundle {
+            identity: DevicePublic {
+                signing: entry.signing_key,
+                agreement: entry.agreement_key,
+            },
+            signed_prekey_id: bundle.signed_prekey.id,
+            signed_prekey: bundle.signed_prekey.public,
+            signed_prekey_sig: bundle.signed_prekey.signature,
+            one_time_prekey: bundle.one_time_prekey.map(|k| (k.id, k.public)),
+        };
+        match initiate(&self.device.identity, &cb, &mut self.rng) {
+            Ok((session, init)) => {
+                let me = self.device.device;
+                let slot = self.sessions.entry(d).or_default();
+                slot.entries.push(crate::state::SessionEntry {
+                    session,
+                    initiator: me,
+                    ephemeral: init.ephemeral,
+                });
+                self.touch(Dirty::Session(d));
+            }
+            Err(_) => {
+                self.event(Event::Warning("a prekey bundle failed verification".into()));
+                self.link.prekey_failures.insert(d, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Ask the relay for a device's prekeys, unless a fetch is running or
+    /// failed recently.
+    pub(crate) fn want_session(&mut self, now: u64, d: DeviceId) {
+        if !self.link.ready || self.link.fetching_prekeys.contains(&d) {
+            return;
+        }
+        if let Some(&t) = self.link.prekey_failures.get(&d)
+            && now < t.saturating_add(self.cfg.retry_max_ms)
+        {
+            return;
+        }
+        self.link.fetching_prekeys.insert(d);
+        self.request(
+            Request::FetchPrekeys { device: d },
+            Pending::FetchPrekeys(d),
+        );
+    }
+
+    pub(crate) fn send_pull(&mut self) {
+        let through = self.cursor.through;
+        self.link.pulling = true;
+        self.link.acked_sent = self.link.acked_sent.max(through);
+        self.link.ack_due = None;
+        self.request(
+            Request::Pull {
+                after: through,
+                limit: self
+                    .cfg
+                    .page_limit
+                    .clamp(1, hush_protocol::limits::MAX_PAGE),
+                ack: through,
+            },
+            Pending::Pull,
+        );
+    }
+
+    pub(crate) fn send_ack(&mut self) {
+        let through = self.cursor.through;
+        self.link.ack_due = None;
+        if through > self.link.acked_sent {
+            self.link.acked_sent = through;
+            self.request(Request::Ack { up_to: through }, Pending::Ack);
+        }
+    }
+
+    /// Add (or update) a contact and fetch their devices.
+    pub(crate) fn add_contact(
+        &mut self,
+        now: u64,
+        user: UserKey,
+        relay: String,
+        name: String,
+    ) -> hush_protocol::ConversationId {
+        let conversation = self.conversation_with(&user);
+        let is_new = !self.contacts.contains_key(&user);
+        let c = self.contacts.entry(user).or_insert_with(|| Contact {
+            user,
+            relay: relay.clone(),
+            name: name.clone(),
+            conversation,
+            known: KnownDevices::default(),
+        });
+        c.relay = relay;
+        c.name = name.clone();
+        self.conversations.insert(conversation, user);
+        self.touch(Dirty::Contact(user));
+        if is_new {
+            self.event(Event::ContactAdded {
+                user,
+                name,
+                conversation,
+            });
+            self.fetch_list(user);
+        }
+        let _ = now;
+        conversation
+    }
+}

@@ -1,0 +1,959 @@
+//! The sync engine: a deterministic state machine.
+//!
+//! [`Engine::handle`] takes the current time and one [`Input`] and returns a
+//! [`Step`]. Nothing inside reads a clock, opens a socket, touches a disk or
+//! draws OS randomness: the RNG is a ChaCha20 generator seeded by the driver,
+//! so one seed and one input sequence always produce the same outputs.
+//!
+//! Submodules: [`conn`](self) (connection, auth, relay requests, device lists,
+//! prekeys), `send` (outbox, fan-out, sealing, retries, re-sends, tail
+//! probes), `recv` (pull/push, decryption, dedup, ordering, control items,
+//! receipts, gap repair) and `commands` (what the app asks for).
+
+mod commands;
+mod conn;
+mod inspect;
+mod recv;
+mod send;
+#[cfg(test)]
+mod tests;
+
+use crate::codes::{ContactCode, LinkCode, conversation_between};
+use crate::error::ClientError;
+use crate::state::*;
+use crate::storage::{self, StorageOp, keys};
+use chacha20::ChaCha20Rng;
+use hush_crypto::{DeviceIdentity, PrekeySecrets, UserIdentity};
+use hush_protocol::{
+    ClientFrame, ConversationId, DeviceEntry, DeviceId, DeviceList, MessageId, ServerFrame, UserKey,
+};
+use rand_core::{Rng, SeedableRng};
+use std::collections::{BTreeMap, BTreeSet};
+use zeroize::Zeroizing;
+
+pub use crate::state::{Counters, MessageState, Removal};
+pub use inspect::{Backlog, OpenGap};
+
+/// Timing and size knobs. The defaults are the product's; tests and the
+/// simulator shorten some of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// How long sent messages stay in the outbox to answer resend requests.
+    pub outbox_retention_ms: u64,
+    /// How long recall/delete tombstones are kept (a recalled message that
+    /// arrives later than this would show again).
+    pub tombstone_ttl_ms: u64,
+    /// A message not stored by the relay within this time becomes `Failed`.
+    pub send_deadline_ms: u64,
+    /// First retry delay of a transmission (doubles per attempt).
+    pub retry_base_ms: u64,
+    /// Largest retry delay.
+    pub retry_max_ms: u64,
+    /// First reconnect delay (doubles per failed attempt).
+    pub reconnect_base_ms: u64,
+    /// Largest reconnect delay.
+    pub reconnect_max_ms: u64,
+    /// Live pushes are acknowledged at most this long after they were stored.
+    pub ack_window_ms: u64,
+    /// …or as soon as this many are stored and unacknowledged.
+    pub ack_batch: u64,
+    /// Receipts to one device are batched over this window.
+    pub receipt_window_ms: u64,
+    /// A hole in a stream waits this long (in case the missing envelopes are
+    /// merely late) before a resend request goes out.
+    pub gap_grace_ms: u64,
+    /// First delay before repeating an unanswered resend request.
+    pub resend_retry_ms: u64,
+    /// Largest delay between repeated resend requests.
+    pub resend_retry_max_ms: u64,
+    /// A stream tail not covered by a receipt is re-sent after this delay…
+    pub probe_base_ms: u64,
+    /// …doubling up to this.
+    pub probe_max_ms: u64,
+    /// Device lists older than this are re-fetched before fan-out.
+    pub device_list_max_age_ms: u64,
+    /// A link code is valid this long.
+    pub link_code_ttl_ms: u64,
+    /// Envelopes per pulled page (at most 200).
+    pub page_limit: u16,
+    /// Publish more one-time prekeys when the relay holds fewer than this.
+    pub one_time_prekeys_low: u32,
+    /// How many one-time prekeys to add at a time.
+    pub one_time_prekeys_batch: u32,
+}
+
+/// A day in ms.
+pub const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            outbox_retention_ms: 14 * DAY_MS,
+            tombstone_ttl_ms: 60 * DAY_MS,
+            send_deadline_ms: 5 * 60 * 1000,
+            retry_base_ms: 1_000,
+            retry_max_ms: 32_000,
+            reconnect_base_ms: 1_000,
+            reconnect_max_ms: 30_000,
+            ack_window_ms: 500,
+            ack_batch: 64,
+            receipt_window_ms: 1_000,
+            gap_grace_ms: 3_000,
+            resend_retry_ms: 60_000,
+            resend_retry_max_ms: 3_600_000,
+            probe_base_ms: 30_000,
+            probe_max_ms: 6 * 3_600_000,
+            device_list_max_age_ms: 3_600_000,
+            link_code_ttl_ms: 10 * 60 * 1000,
+            page_limit: hush_protocol::limits::MAX_PAGE,
+            one_time_prekeys_low: 20,
+            one_time_prekeys_batch: 50,
+        }
+    }
+}
+
+/// What happened, for the engine to react to.
+// Inputs live for one `handle` call; on wasm32 (4-byte pointers) `Frame` is
+// over clippy's size-difference limit, which a `Box` would not pay back.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// The transport to the relay is up (a fresh connection).
+    Connected,
+    /// The transport is down, or a connection attempt failed.
+    Disconnected,
+    /// A frame arrived from the relay.
+    Frame(ServerFrame),
+    /// A timer fired (or the driver just wants timers checked).
+    Tick,
+    /// The app asks for something.
+    Command(Command),
+}
+
+/// What the app can ask.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Send a text message in a conversation (see [`Engine::conversation_with`]).
+    SendText {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The text (at most [`crate::payload::MAX_TEXT_BYTES`] bytes).
+        text: String,
+    },
+    /// Mark received messages read: syncs to this user's other devices and
+    /// sends read receipts to the authors' devices.
+    MarkRead {
+        /// The conversation.
+        conversation: ConversationId,
+        /// `(message id, author device)` of each message read.
+        messages: Vec<(MessageId, DeviceId)>,
+    },
+    /// Delete messages for this user (on all of their devices).
+    Delete {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The messages.
+        ids: Vec<MessageId>,
+    },
+    /// Recall (delete for everyone) a message this user sent.
+    Recall {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The message.
+        id: MessageId,
+    },
+    /// Add a contact from their contact code.
+    AddContact {
+        /// The code.
+        code: ContactCode,
+    },
+    /// Issue a one-time code for linking a new device to this user.
+    CreateLinkCode,
+    /// Send a `Failed` message again (same id, so never a duplicate).
+    Retry {
+        /// The message.
+        id: MessageId,
+    },
+}
+
+/// The direct answer to a command.
+#[derive(Clone)]
+pub enum Reply {
+    /// The id of the message just queued (`SendText`, `Recall`).
+    Message(MessageId),
+    /// The conversation with the contact just added.
+    Contact(ConversationId),
+    /// A link code (secret: show it to the user only).
+    LinkCode(Zeroizing<String>),
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reply::Message(id) => write!(f, "Message({id})"),
+            Reply::Contact(c) => write!(f, "Contact({c})"),
+            Reply::LinkCode(_) => f.write_str("LinkCode([redacted])"),
+        }
+    }
+}
+
+/// Where the engine stands with the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// No transport; the driver should dial at [`Step::connect_at`].
+    Offline,
+    /// Transport up, authenticating.
+    Connecting,
+    /// Authenticated, pulling the backlog.
+    Syncing,
+    /// Backlog drained; new envelopes are pushed live.
+    Live,
+}
+
+/// Something the app shows or reacts to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A message was stored and can be shown (in sender order per stream).
+    Message(HistoryRecord),
+    /// The delivery state of a message this user sent changed.
+    MessageState {
+        /// The message.
+        id: MessageId,
+        /// Its conversation.
+        conversation: ConversationId,
+        /// The new state.
+        state: MessageState,
+    },
+    /// A message was recalled or deleted (remove it if shown; it may be one
+    /// that never arrived here, in which case it never will be shown).
+    MessageRemoved {
+        /// The message.
+        id: MessageId,
+        /// Its conversation.
+        conversation: ConversationId,
+        /// How.
+        reason: Removal,
+    },
+    /// Messages were marked read on another device of this user.
+    ReadSynced {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The messages.
+        ids: Vec<MessageId>,
+    },
+    /// Backlog sync progress ("N of M"): envelopes handled so far in this
+    /// sync and the total known.
+    SyncProgress {
+        /// Handled.
+        done: u64,
+        /// Total.
+        total: u64,
+    },
+    /// Missing messages were detected and requested from their sender.
+    GapDetected {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The sending device.
+        from_device: DeviceId,
+        /// How many sender seqs are missing.
+        count: u64,
+    },
+    /// Previously missing messages arrived.
+    GapRecovered {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The sending device.
+        from_device: DeviceId,
+        /// How many.
+        count: u64,
+    },
+    /// "N messages could not be recovered": the sender no longer has them.
+    Unrecoverable {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The sending device.
+        from_device: DeviceId,
+        /// How many.
+        count: u64,
+    },
+    /// The ratchet with a peer device advanced to a new epoch (a DH step or a
+    /// forced reseed): fresh keys from here on.
+    KeyRotation {
+        /// The peer device.
+        device: DeviceId,
+        /// The session's epoch.
+        epoch: u64,
+    },
+    /// Connection state changed.
+    Connection(ConnectionState),
+    /// A contact was added (here or on another device of this user).
+    ContactAdded {
+        /// Their identity.
+        user: UserKey,
+        /// Display name.
+        name: String,
+        /// The conversation with them.
+        conversation: ConversationId,
+    },
+    /// A user's verified device list changed.
+    DevicesChanged {
+        /// The user.
+        user: UserKey,
+        /// Devices now listed.
+        devices: Vec<DeviceId>,
+    },
+    /// A new device joined this user through a link code issued here.
+    DeviceLinked {
+        /// The new device.
+        device: DeviceId,
+    },
+    /// This (new) device was welcomed by the device that issued the link code.
+    Linked,
+    /// The relay refused something in a way the user may need to know.
+    Warning(String),
+}
+
+/// Everything one call of [`Engine::handle`] asks the driver to do, in this
+/// order: make `storage` durable (one atomic batch), then send `frames`,
+/// then deliver `events` (and `reply`); sleep until `wake_at` (or the next
+/// input); dial at `connect_at` while offline; drop the connection if `close`.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// One atomic batch; durable before anything below happens.
+    pub storage: Vec<StorageOp>,
+    /// Frames to send, in order.
+    pub frames: Vec<ClientFrame>,
+    /// Events for the app, in order.
+    pub events: Vec<Event>,
+    /// The answer to a command.
+    pub reply: Option<Reply>,
+    /// Call `handle(now, Input::Tick)` at this time at the latest.
+    pub wake_at: Option<u64>,
+    /// While offline: open a connection at this time.
+    pub connect_at: Option<u64>,
+    /// Close the current connection (the engine saw a protocol violation).
+    pub close: bool,
+}
+
+/// Records changed during a step (written at its end).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Dirty {
+    Device,
+    Prekeys,
+    Cursor,
+    Counters,
+    Own,
+    Contact(UserKey),
+    Session(DeviceId),
+    Out(DeviceId, ConversationId),
+    In(DeviceId, ConversationId),
+    Held(DeviceId, ConversationId, u64),
+    Outbox(MessageId),
+    Tomb(MessageId),
+    Link([u8; 16]),
+    Parked(u64),
+    Receipt(DeviceId),
+}
+
+/// A request in flight and what its answer is for.
+#[derive(Debug, Clone)]
+pub(crate) enum Pending {
+    Hello,
+    Auth,
+    Register,
+    Send(Vec<(MessageId, DeviceId)>),
+    Pull,
+    Ack,
+    PublishPrekeys { signed: u32, one_time: Vec<u32> },
+    FetchPrekeys(DeviceId),
+    PublishDeviceList(u64),
+    FetchDeviceList(UserKey),
+}
+
+/// Transient per-connection state (lost on disconnect, rebuilt on connect).
+#[derive(Debug, Default)]
+pub(crate) struct Link {
+    pub connected: bool,
+    pub ready: bool,
+    pub live: bool,
+    pub pulling: bool,
+    pub next_request: u32,
+    pub requests: BTreeMap<u32, Pending>,
+    /// Highest relay seq acknowledged to the relay on this connection.
+    pub acked_sent: u64,
+    pub ack_due: Option<u64>,
+    pub sync_done: u64,
+    pub sync_total: u64,
+    /// Transmissions waiting for a `Sent` answer.
+    pub in_flight: BTreeSet<(MessageId, DeviceId)>,
+    pub fetching_prekeys: BTreeSet<DeviceId>,
+    pub fetching_lists: BTreeSet<UserKey>,
+    pub publishing_list: bool,
+    pub publishing_prekeys: bool,
+    /// One-time prekeys the relay reported left.
+    pub one_time_left: u32,
+    /// Devices whose prekey fetch failed, and when.
+    pub prekey_failures: BTreeMap<DeviceId, u64>,
+}
+
+/// The engine. See the crate docs for the driver contract.
+pub struct Engine {
+    pub(crate) cfg: EngineConfig,
+    pub(crate) rng: ChaCha20Rng,
+    pub(crate) device: DeviceRecord,
+    pub(crate) prekeys: PrekeyRecord,
+    pub(crate) cursor: Cursor,
+    pub(crate) counters: Counters,
+    pub(crate) own: OwnDevices,
+    pub(crate) contacts: BTreeMap<UserKey, Contact>,
+    pub(crate) conversations: BTreeMap<ConversationId, UserKey>,
+    pub(crate) sessions: BTreeMap<DeviceId, SessionSlot>,
+    pub(crate) out_streams: BTreeMap<(DeviceId, ConversationId), OutStream>,
+    pub(crate) in_streams: BTreeMap<(DeviceId, ConversationId), InStream>,
+    pub(crate) held: BTreeMap<(DeviceId, ConversationId, u64), HeldItem>,
+    pub(crate) outbox: BTreeMap<MessageId, OutboxEntry>,
+    /// Outbox entries that still need work, in creation order.
+    pub(crate) active: BTreeSet<(u64, MessageId)>,
+    pub(crate) tombs: BTreeMap<MessageId, Tombstone>,
+    pub(crate) links: BTreeMap<[u8; 16], LinkToken>,
+    pub(crate) parked: BTreeMap<u64, Parked>,
+    pub(crate) receipts: BTreeMap<DeviceId, PendingReceipt>,
+    // Transient.
+    pub(crate) link: Link,
+    pub(crate) reconnect_attempts: u32,
+    pub(crate) reconnect_at: u64,
+    pub(crate) housekeeping_at: u64,
+    pub(crate) lists_refreshed_at: Option<u64>,
+    pub(crate) unknown_refreshed_at: Option<u64>,
+    pub(crate) dirty: BTreeSet<Dirty>,
+    pub(crate) step: Step,
+    pub(crate) history_ops: Vec<StorageOp>,
+    pub(crate) last_state: Option<ConnectionState>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("device", &self.device.device)
+            .field("user", &self.user_key())
+            .field("contacts", &self.contacts.len())
+            .field("outbox", &self.outbox.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn random_array<const N: usize>(rng: &mut ChaCha20Rng) -> [u8; N] {
+    let mut out = [0u8; N];
+    rng.fill_bytes(&mut out);
+    out
+}
+
+impl Engine {
+    fn blank(
+        cfg: EngineConfig,
+        rng: ChaCha20Rng,
+        device: DeviceRecord,
+        prekeys: PrekeyRecord,
+    ) -> Self {
+        Engine {
+            cfg,
+            rng,
+            device,
+            prekeys,
+            cursor: Cursor::default(),
+            counters: Counters::default(),
+            own: OwnDevices::default(),
+            contacts: BTreeMap::new(),
+            conversations: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            out_streams: BTreeMap::new(),
+            in_streams: BTreeMap::new(),
+            held: BTreeMap::new(),
+            outbox: BTreeMap::new(),
+            active: BTreeSet::new(),
+            tombs: BTreeMap::new(),
+            links: BTreeMap::new(),
+            parked: BTreeMap::new(),
+            receipts: BTreeMap::new(),
+            link: Link::default(),
+            reconnect_attempts: 0,
+            reconnect_at: 0,
+            housekeeping_at: 0,
+            lists_refreshed_at: None,
+            unknown_refreshed_at: None,
+            dirty: BTreeSet::new(),
+            step: Step::default(),
+            history_ops: Vec::new(),
+            last_state: None,
+        }
+    }
+
+    fn new_device(
+        now_ms: u64,
+        rng: &mut ChaCha20Rng,
+        user: UserIdentity,
+        relay: String,
+        name: String,
+    ) -> (DeviceRecord, PrekeyRecord) {
+        let identity = DeviceIdentity::generate(rng);
+        let prekeys = PrekeySecrets::new(&identity, rng, now_ms);
+        let device = DeviceRecord {
+            device: DeviceId(random_array(rng)),
+            identity,
+            user,
+            relay,
+            name,
+            registered: false,
+            at_rest: SecretKey(random_array(rng)),
+            link: None,
+        };
+        let prekeys = PrekeyRecord {
+            secrets: prekeys,
+            published_signed: None,
+            unpublished: Vec::new(),
+        };
+        (device, prekeys)
+    }
+
+    /// Create a new user with this as its first device. The returned step
+    /// holds the storage batch to persist (and asks the driver to connect).
+    pub fn create(
+        now_ms: u64,
+        seed: [u8; 32],
+        relay: &str,
+        name: &str,
+        cfg: EngineConfig,
+    ) -> Result<(Engine, Step), ClientError> {
+        let mut rng = ChaCha20Rng::from_seed(seed);
+        let user = UserIdentity::generate(&mut rng);
+        let (device, prekeys) = Self::new_device(now_ms, &mut rng, user, relay.into(), name.into());
+        let mut engine = Self::blank(cfg, rng, device, prekeys);
+        let entry = engine.own_entry();
+        let list = DeviceList {
+            user: engine.user_key(),
+            version: 1,
+            devices: vec![entry],
+        };
+        let signed = crate::sig::sign_device_list(&engine.device.user, list)?;
+        engine.own.known.list = Some(signed.clone());
+        engine.own.to_publish = Some(signed);
+        engine.mark_all_dirty();
+        let step = engine.finish(now_ms)?;
+        Ok((engine, step))
+    }
+
+    /// Create a new device of an existing user from a link code made on one
+    /// of its devices.
+    pub fn join(
+        now_ms: u64,
+        seed: [u8; 32],
+        code: &LinkCode,
+        cfg: EngineConfig,
+    ) -> Result<(Engine, Step), ClientError> {
+        let mut rng = ChaCha20Rng::from_seed(seed);
+        let user = code.user_identity()?;
+        let (mut device, prekeys) = Self::new_device(
+            now_ms,
+            &mut rng,
+            user,
+            code.relay.clone(),
+            code.name.clone(),
+        );
+        device.link = Some(PendingLink {
+            inviter: code.inviter,
+            token: code.token,
+            hello_sent: false,
+        });
+        let mut engine = Self::blank(cfg, rng, device, prekeys);
+        engine.mark_all_dirty();
+        let step = engine.finish(now_ms)?;
+        Ok((engine, step))
+    }
+
+    /// Rebuild an engine from the records of [`crate::Storage::load_state`]
+    /// (after a restart or a crash). `seed` must be fresh randomness.
+    pub fn load(
+        records: Vec<crate::storage::Record>,
+        seed: [u8; 32],
+        cfg: EngineConfig,
+    ) -> Result<Engine, ClientError> {
+        let rng = ChaCha20Rng::from_seed(seed);
+        let mut device = None;
+        let mut prekeys = None;
+        let mut rest = Vec::new();
+        for (k, v) in records {
+            if k == keys::DEVICE {
+                device = Some(storage::decode::<DeviceRecord>(&k, &v)?);
+            } else if k == keys::PREKEYS {
+                prekeys = Some(storage::decode::<PrekeyRecord>(&k, &v)?);
+            } else {
+                rest.push((k, v));
+            }
+        }
+        let (Some(device), Some(prekeys)) = (device, prekeys) else {
+            return Err(ClientError::NoDevice);
+        };
+        let mut e = Self::blank(cfg, rng, device, prekeys);
+        for (k, v) in rest {
+            e.load_record(&k, &v)?;
+        }
+        for (local, id) in e
+            .outbox
+            .values()
+            .filter(|o| send::needs_work(o))
+            .map(|o| (o.local_seq, o.id))
+            .collect::<Vec<_>>()
+        {
+            e.active.insert((local, id));
+        }
+        Ok(e)
+    }
+
+    fn load_record(&mut self, k: &[u8], v: &[u8]) -> Result<(), ClientError> {
+        let corrupt = || crate::error::StorageError::Corrupt {
+            key: keys::printable(k),
+        };
+        let ids = |prefix: &[u8]| keys::ids_after(k, prefix).ok_or_else(corrupt);
+        if k == keys::CURSOR {
+            self.cursor = storage::decode(k, v)?;
+        } else if k == keys::COUNTERS {
+            self.counters = storage::decode(k, v)?;
+        } else if k == keys::OWN {
+            self.own = storage::decode(k, v)?;
+        } else if k.starts_with(keys::CONTACT) {
+            let c: Contact = storage::decode(k, v)?;
+            self.conversations.insert(c.conversation, c.user);
+            self.contacts.insert(c.user, c);
+        } else if k.starts_with(keys::SESSION) {
+            let b = ids(keys::SESSION)?;
+            let d = DeviceId(keys::arr(b, 0).ok_or_else(corrupt)?);
+            self.sessions.insert(d, storage::decode(k, v)?);
+        } else if k.starts_with(keys::OUT) {
+            let b = ids(keys::OUT)?;
+            let d = DeviceId(keys::arr(b, 0).ok_or_else(corrupt)?);
+            let c = ConversationId(keys::arr(b, 16).ok_or_else(corrupt)?);
+            self.out_streams.insert((d, c), storage::decode(k, v)?);
+        } else if k.starts_with(keys::IN) {
+            let b = ids(keys::IN)?;
+            let d = DeviceId(keys::arr(b, 0).ok_or_else(corrupt)?);
+            let c = ConversationId(keys::arr(b, 16).ok_or_else(corrupt)?);
+            self.in_streams.insert((d, c), storage::decode(k, v)?);
+        } else if k.starts_with(keys::HELD) {
+            let b = ids(keys::HELD)?;
+            let d = DeviceId(keys::arr(b, 0).ok_or_else(corrupt)?);
+            let c = ConversationId(keys::arr(b, 16).ok_or_else(corrupt)?);
+            let s = u64::from_be_bytes(keys::arr(b, 32).ok_or_else(corrupt)?);
+            self.held.insert((d, c, s), storage::decode(k, v)?);
+        } else if k.starts_with(keys::OUTBOX) {
+            let o: OutboxEntry = storage::decode(k, v)?;
+            self.outbox.insert(o.id, o);
+        } else if k.starts_with(keys::TOMB) {
+            let b = ids(keys::TOMB)?;
+            let id = MessageId(keys::arr(b, 0).ok_or_else(corrupt)?);
+            self.tombs.insert(id, storage::decode(k, v)?);
+        } else if k.starts_with(keys::LINK) {
+            let b = ids(keys::LINK)?;
+            self.links
+                .insert(keys::arr(b, 0).ok_or_else(corrupt)?, storage::decode(k, v)?);
+        } else if k.starts_with(keys::PARKED) {
+            let b = ids(keys::PARKED)?;
+            let s = u64::from_be_bytes(keys::arr(b, 0).ok_or_else(corrupt)?);
+            self.parked.insert(s, storage::decode(k, v)?);
+        } else if k.starts_with(keys::RECEIPTS) {
+            let b = ids(keys::RECEIPTS)?;
+            let d = DeviceId(keys::arr(b, 0).ok_or_else(corrupt)?);
+            self.receipts.insert(d, storage::decode(k, v)?);
+        }
+        // Unknown keys are ignored: a newer version may have written them.
+        Ok(())
+    }
+
+    fn mark_all_dirty(&mut self) {
+        self.dirty.insert(Dirty::Device);
+        self.dirty.insert(Dirty::Prekeys);
+        self.dirty.insert(Dirty::Cursor);
+        self.dirty.insert(Dirty::Counters);
+        self.dirty.insert(Dirty::Own);
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> DeviceId {
+        self.device.device
+    }
+
+    /// This user's identity key.
+    pub fn user_key(&self) -> UserKey {
+        UserKey(self.device.user.public())
+    }
+
+    /// The code others use to add this user as a contact.
+    pub fn contact_code(&self) -> ContactCode {
+        ContactCode {
+            user: self.user_key(),
+            relay: self.device.relay.clone(),
+            name: self.device.name.clone(),
+        }
+    }
+
+    /// The relay address this device uses.
+    pub fn relay(&self) -> &str {
+        &self.device.relay
+    }
+
+    /// The conversation with a contact (whether or not it has messages yet).
+    pub fn conversation_with(&self, user: &UserKey) -> ConversationId {
+        conversation_between(&self.user_key(), user)
+    }
+
+    /// The contacts: (identity, display name, conversation).
+    pub fn contacts(&self) -> Vec<(UserKey, String, ConversationId)> {
+        self.contacts
+            .values()
+            .map(|c| (c.user, c.name.clone(), c.conversation))
+            .collect()
+    }
+
+    /// Devices currently listed for a user (this user included).
+    pub fn devices_of(&self, user: &UserKey) -> Vec<DeviceId> {
+        let known = if *user == self.user_key() {
+            Some(&self.own.known)
+        } else {
+            self.contacts.get(user).map(|c| &c.known)
+        };
+        known
+            .map(|k| k.devices().map(|e| e.device).collect())
+            .unwrap_or_default()
+    }
+
+    /// The quality counters (duplicates, out-of-order, gaps…).
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// The state of a message this device still has in its outbox.
+    pub fn message_state(&self, id: &MessageId) -> Option<MessageState> {
+        self.outbox.get(id).map(|o| o.state)
+    }
+
+    /// Messages in the outbox that are not yet stored by the relay.
+    pub fn unsent(&self) -> usize {
+        self.outbox
+            .values()
+            .filter(|o| o.kind == EntryKind::Chat && o.state == MessageState::Sending)
+            .count()
+    }
+
+    /// Where the engine stands with the relay.
+    pub fn connection_state(&self) -> ConnectionState {
+        if !self.link.connected {
+            ConnectionState::Offline
+        } else if !self.link.ready {
+            ConnectionState::Connecting
+        } else if self.link.live {
+            ConnectionState::Live
+        } else {
+            ConnectionState::Syncing
+        }
+    }
+
+    /// While offline, when the driver should dial.
+    pub fn connect_at(&self) -> Option<u64> {
+        (!self.link.connected).then_some(self.reconnect_at)
+    }
+
+    /// Handle one input at time `now_ms` (ms since the Unix epoch, the
+    /// driver's clock). See [`Step`] for what the driver must do with the result.
+    ///
+    /// On `Err` the engine may be ahead of storage: the driver must drop it
+    /// and rebuild it with [`Engine::load`] (as after a crash).
+    pub fn handle(&mut self, now_ms: u64, input: Input) -> Result<Step, ClientError> {
+        match input {
+            Input::Connected => self.on_connected(now_ms)?,
+            Input::Disconnected => self.on_disconnected(now_ms),
+            Input::Frame(frame) => self.on_frame(now_ms, frame)?,
+            Input::Tick => {}
+            Input::Command(c) => self.on_command(now_ms, c)?,
+        }
+        self.run_timers(now_ms)?;
+        self.finish(now_ms)
+    }
+
+    /// Everything time-driven: retries, receipts, acks, gap requests, probes,
+    /// failure deadlines, expiry.
+    fn run_timers(&mut self, now: u64) -> Result<(), ClientError> {
+        if now >= self.housekeeping_at {
+            self.housekeeping(now);
+            self.housekeeping_at = now.saturating_add(60_000);
+        }
+        self.check_deadlines(now);
+        if self.link.ready {
+            self.maybe_refresh_lists(now);
+            if self.parked_refresh_at().is_some_and(|t| now >= t) {
+                self.refresh_for_unknown_sender(now);
+            }
+            self.maybe_link_hello(now)?;
+            self.pump_outbox(now)?;
+            self.flush_receipts(now)?;
+            self.request_gaps(now)?;
+            self.run_probes(now)?;
+            self.pump_outbox(now)?;
+            if self.link.ack_due.is_some_and(|t| now >= t) {
+                self.send_ack();
+            }
+        }
+        Ok(())
+    }
+
+    /// Turn dirty records into the step's storage batch and compute timers.
+    fn finish(&mut self, now: u64) -> Result<Step, ClientError> {
+        let mut ops = std::mem::take(&mut self.history_ops);
+        for d in std::mem::take(&mut self.dirty) {
+            ops.push(self.op_for(&d)?);
+        }
+        let mut step = std::mem::take(&mut self.step);
+        step.storage = ops;
+        let state = self.connection_state();
+        if self.last_state != Some(state) {
+            self.last_state = Some(state);
+            step.events.push(Event::Connection(state));
+        }
+        step.wake_at = self.next_wake(now);
+        step.connect_at = self.connect_at();
+        Ok(step)
+    }
+
+    fn op_for(&self, d: &Dirty) -> Result<StorageOp, ClientError> {
+        fn put<T: serde::Serialize>(key: Vec<u8>, v: &T) -> Result<StorageOp, ClientError> {
+            Ok(StorageOp::Put {
+                key,
+                value: storage::encode(v)?,
+            })
+        }
+        fn put_or_delete<T: serde::Serialize>(
+            key: Vec<u8>,
+            v: Option<&T>,
+        ) -> Result<StorageOp, ClientError> {
+            match v {
+                Some(v) => put(key, v),
+                None => Ok(StorageOp::Delete { key }),
+            }
+        }
+        match d {
+            Dirty::Device => put(keys::DEVICE.to_vec(), &self.device),
+            Dirty::Prekeys => put(keys::PREKEYS.to_vec(), &self.prekeys),
+            Dirty::Cursor => put(keys::CURSOR.to_vec(), &self.cursor),
+            Dirty::Counters => put(keys::COUNTERS.to_vec(), &self.counters),
+            Dirty::Own => put(keys::OWN.to_vec(), &self.own),
+            Dirty::Contact(u) => put_or_delete(keys::contact(u), self.contacts.get(u)),
+            Dirty::Session(d) => put_or_delete(keys::session(d), self.sessions.get(d)),
+            Dirty::Out(d, c) => {
+                put_or_delete(keys::out_stream(d, c), self.out_streams.get(&(*d, *c)))
+            }
+            Dirty::In(d, c) => put_or_delete(keys::in_stream(d, c), self.in_streams.get(&(*d, *c))),
+            Dirty::Held(d, c, s) => {
+                put_or_delete(keys::held(d, c, *s), self.held.get(&(*d, *c, *s)))
+            }
+            Dirty::Outbox(id) => put_or_delete(keys::outbox(id), self.outbox.get(id)),
+            Dirty::Tomb(id) => put_or_delete(keys::tombstone(id), self.tombs.get(id)),
+            Dirty::Link(t) => put_or_delete(keys::link(t), self.links.get(t)),
+            Dirty::Parked(s) => put_or_delete(keys::parked(*s), self.parked.get(s)),
+            Dirty::Receipt(d) => put_or_delete(keys::receipts(d), self.receipts.get(d)),
+        }
+    }
+
+    fn next_wake(&self, now: u64) -> Option<u64> {
+        // Only future times: a timer that is due but could not act yet (e.g.
+        // a gap request before the sync drained) is retried at the next
+        // input or the next future timer, never in a busy loop.
+        let mut times: Vec<u64> = vec![self.housekeeping_at];
+        times.extend(
+            self.outbox
+                .values()
+                .filter(|o| o.state == MessageState::Sending)
+                .map(|o| o.deadline_ms),
+        );
+        if self.link.ready {
+            times.extend(self.link.ack_due);
+            times.extend(self.receipts.values().map(|r| r.due_ms));
+            times.extend(self.in_streams.values().filter_map(|s| s.request_at));
+            times.extend(self.out_streams.values().filter_map(|s| s.probe_at));
+            times.extend(
+                self.active
+                    .iter()
+                    .filter_map(|(_, id)| self.outbox.get(id))
+                    .filter(|o| send::wants_transmission(o))
+                    .map(|o| o.retry_at),
+            );
+            times.extend(
+                self.lists_refreshed_at
+                    .map(|t| t.saturating_add(self.cfg.device_list_max_age_ms)),
+            );
+            times.extend(self.parked_refresh_at());
+        } else if !self.link.connected {
+            times.push(self.reconnect_at);
+        }
+        times.into_iter().filter(|&t| t > now).min()
+    }
+
+    /// Mark a record to be written at the end of the step.
+    pub(crate) fn touch(&mut self, d: Dirty) {
+        self.dirty.insert(d);
+    }
+
+    pub(crate) fn event(&mut self, e: Event) {
+        self.step.events.push(e);
+    }
+
+    /// Jittered exponential delay: `base · 2^attempt` capped at `max`, then
+    /// ±20 % from the engine's RNG.
+    pub(crate) fn backoff(&mut self, base: u64, max: u64, attempt: u32) -> u64 {
+        let d = base.saturating_mul(1u64 << attempt.min(30)).min(max);
+        let spread = d / 5;
+        if spread == 0 {
+            return d;
+        }
+        let r = self.rng.next_u64() % (2 * spread + 1);
+        d - spread + r
+    }
+
+    /// Double a delay (starting from `base`) up to `max`, with jitter.
+    pub(crate) fn next_delay(&mut self, current: u64, base: u64, max: u64) -> u64 {
+        let d = if current == 0 {
+            base
+        } else {
+            current.saturating_mul(2).min(max)
+        };
+        let spread = d / 5;
+        if spread == 0 {
+            return d;
+        }
+        let r = self.rng.next_u64() % (2 * spread + 1);
+        d - spread + r
+    }
+
+    pub(crate) fn own_entry(&self) -> DeviceEntry {
+        let p = self.device.identity.public();
+        DeviceEntry {
+            device: self.device.device,
+            signing_key: p.signing,
+            agreement_key: p.agreement,
+        }
+    }
+
+    pub(crate) fn mint_id(&mut self, now: u64) -> MessageId {
+        MessageId::new(now, random_array(&mut self.rng))
+    }
+
+    /// The user a device belongs to and its listed keys, from verified lists.
+    pub(crate) fn peer(&self, d: &DeviceId) -> Option<(UserKey, DeviceEntry)> {
+        if let Some(e) = self.own.known.devices().find(|e| e.device == *d) {
+            return Some((self.user_key(), e.clone()));
+        }
+        self.contacts.values().find_map(|c| {
+            c.known
+                .devices()
+                .find(|e| e.device == *d)
+                .map(|e| (c.user, e.clone()))
+        })
+    }
+}

@@ -1,0 +1,850 @@
+//! Receiving: pages and pushes, decryption, dedup, ordering by sender seq,
+//! control items, receipts and gap repair.
+//!
+//! Relay-seq layer: everything with a relay seq at or below the cursor is
+//! already handled; a page or push advances the cursor in the same batch as
+//! the stored messages, and the acknowledgement (merged into the next `Pull`,
+//! or a windowed `Ack` while live) goes out only after that batch.
+//!
+//! Sender-seq layer, per (sender device, conversation): `delivered` is the
+//! contiguous prefix; chat items above it are held (stored, not shown) until
+//! the hole fills, control items are applied at once but still recorded.
+//! Holes are requested from the sender after a grace period once the sync
+//! has drained; the sender re-sends or answers "unavailable", which the
+//! recipient reports and skips. Nothing is ever reordered by wall clock.
+
+use super::{Dirty, Engine, Event};
+use crate::codes::control_conversation;
+use crate::error::ClientError;
+use crate::payload::{Body, MAX_LIST, Payload, SeqRange, to_ranges};
+use crate::state::{
+    EntryKind, HeldItem, HistoryRecord, InStream, Parked, PendingReceipt, Removal, SessionEntry,
+    Tombstone,
+};
+use crate::storage::{self, StorageOp, keys};
+use hush_crypto::{DevicePublic, RatchetHeader, SessionInit, respond};
+use hush_protocol::{
+    ConversationId, Delivered, DeviceEntry, DeviceId, Envelope, MessageId, Page, Truncation,
+    UserKey,
+};
+
+/// Most seqs handled from one resend request or "unavailable" answer.
+const MAX_SEQS_PER_REQUEST: u64 = 10_000;
+
+impl Engine {
+    pub(crate) fn on_page(&mut self, now: u64, page: Page) -> Result<(), ClientError> {
+        self.link.pulling = false;
+        let n = page.envelopes.len() as u64;
+        for d in page.envelopes {
+            if d.seq > self.cursor.through {
+                self.process(now, d.seq, &d.envelope, false)?;
+                self.cursor.through = d.seq;
+                self.touch(Dirty::Cursor);
+            } else {
+                self.count_duplicate();
+            }
+        }
+        if let Some(t) = page.truncated {
+            self.on_truncation(now, &t);
+        }
+        self.link.sync_done = self.link.sync_done.saturating_add(n);
+        self.link.sync_total = self.link.sync_done.saturating_add(page.remaining);
+        self.event(Event::SyncProgress {
+            done: self.link.sync_done,
+            total: self.link.sync_total,
+        });
+        if page.remaining > 0 && n > 0 {
+            // The merged ack: this pull acknowledges the page just stored.
+            self.send_pull();
+        } else {
+            self.link.live = true;
+            self.send_ack();
+        }
+        Ok(())
+    }
+
+    pub(crate) fn on_push(
+        &mut self,
+        now: u64,
+        envelopes: Vec<Delivered>,
+    ) -> Result<(), ClientError> {
+        for d in envelopes {
+            if d.seq <= self.cursor.through {
+                self.count_duplicate();
+                continue;
+            }
+            if d.seq != self.cursor.through.saturating_add(1) {
+                // A hole in relay seqs: never acknowledge past it; pull instead.
+                self.link.live = false;
+                if !self.link.pulling {
+                    self.send_pull();
+                }
+                break;
+            }
+            self.process(now, d.seq, &d.envelope, false)?;
+            self.cursor.through = d.seq;
+            self.touch(Dirty::Cursor);
+        }
+        if self.link.live {
+            let unacked = self.cursor.through.saturating_sub(self.link.acked_sent);
+            if unacked >= self.cfg.ack_batch {
+                self.send_ack();
+            } else if unacked > 0 && self.link.ack_due.is_none() {
+                self.link.ack_due = Some(now.saturating_add(self.cfg.ack_window_ms));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_truncation(&mut self, now: u64, t: &Truncation) {
+        for r in &t.dropped {
+            if self.peer(&r.sender).is_none() || r.last_seq < r.first_seq {
+                continue;
+            }
+            let key = (r.sender, r.conversation);
+            let st = self.in_streams.entry(key).or_default();
+            st.highest = st.highest.max(r.last_seq);
+            if st.has_gap() {
+                st.gap_since.get_or_insert(now);
+                // The relay told us these expired: no grace period needed.
+                st.request_at = Some(now);
+            }
+            self.touch(Dirty::In(key.0, key.1));
+        }
+        if t.dropped_count > 0 && t.dropped.is_empty() {
+            self.event(Event::Warning(format!(
+                "{} envelopes expired on the relay before this device read them",
+                t.dropped_count
+            )));
+        }
+    }
+
+    /// Handle one envelope. Returns false if it was parked (sender unknown).
+    fn process(
+        &mut self,
+        now: u64,
+        relay_seq: u64,
+        env: &Envelope,
+        from_parked: bool,
+    ) -> Result<bool, ClientError> {
+        let h = &env.header;
+        let me = self.device.device;
+        if h.recipient_device != me || h.sender_seq == 0 || h.sender_device == me {
+            self.reject();
+            return Ok(true);
+        }
+        let d = h.sender_device;
+        let conv = h.conversation_id;
+        let seq = h.sender_seq;
+        if let Some(st) = self.in_streams.get(&(d, conv))
+            && (seq <= st.delivered || st.above.contains(&seq))
+        {
+            self.count_duplicate();
+            // The sender may be probing because our receipt was lost.
+            self.schedule_receipt(now, d, conv);
+            return Ok(true);
+        }
+        let Some((user, entry)) = self.peer(&d) else {
+            if !from_parked {
+                self.parked.insert(
+                    relay_seq,
+                    Parked {
+                        envelope: env.to_bytes()?,
+                        parked_ms: now,
+                    },
+                );
+                self.touch(Dirty::Parked(relay_seq));
+                self.refresh_for_unknown_sender(now);
+            }
+            return Ok(false);
+        };
+        let is_control = conv == control_conversation(&me, &d);
+        if !is_control {
+            let known = if user == self.user_key() {
+                self.conversations.contains_key(&conv)
+            } else {
+                self.contacts
+                    .get(&user)
+                    .is_some_and(|c| c.conversation == conv)
+            };
+            if !known {
+                self.reject();
+                return Ok(true);
+            }
+        }
+        let plaintext = match self.open_envelope(now, d, &entry, env) {
+            Ok(p) => p,
+            Err(_) => {
+                // Undecryptable: dropped without recording its seq, so a real
+                // message the relay mangled is requested again as a gap.
+                self.reject();
+                return Ok(true);
+            }
+        };
+        let payload = Payload::decode(&plaintext)
+            .ok()
+            .filter(|p| p.body.is_chat() != is_control);
+        let st = self.in_streams.entry((d, conv)).or_default();
+        st.highest = st.highest.max(seq);
+        let recovered = st.requested.remove(&seq);
+        self.touch(Dirty::In(d, conv));
+        if recovered {
+            self.counters.recovered = self.counters.recovered.saturating_add(1);
+            self.touch(Dirty::Counters);
+            if !is_control {
+                self.event(Event::GapRecovered {
+                    conversation: conv,
+                    from_device: d,
+                    count: 1,
+                });
+            }
+        }
+        let Some(payload) = payload else {
+            // It opened but makes no sense: record the seq so it is not
+            // requested forever, and count it.
+            self.reject();
+            if let Some(st) = self.in_streams.get_mut(&(d, conv)) {
+                st.above.insert(seq);
+            }
+            self.advance(now, d, conv)?;
+            return Ok(true);
+        };
+        if is_control {
+            let elicits = payload.body.ack_eliciting();
+            if let Some(st) = self.in_streams.get_mut(&(d, conv)) {
+                st.above.insert(seq);
+            }
+            self.apply_control(now, d, user, payload)?;
+            self.advance(now, d, conv)?;
+            if elicits {
+                self.schedule_receipt(now, d, conv);
+            }
+        } else {
+            let next = self
+                .in_streams
+                .get(&(d, conv))
+                .map_or(1, |s| s.delivered.saturating_add(1));
+            if seq == next {
+                self.deliver_chat(now, d, user, conv, seq, payload)?;
+                if let Some(st) = self.in_streams.get_mut(&(d, conv)) {
+                    st.delivered = seq;
+                }
+            } else {
+                self.counters.out_of_order = self.counters.out_of_order.saturating_add(1);
+                self.touch(Dirty::Counters);
+                self.held.insert(
+                    (d, conv, seq),
+                    HeldItem {
+                        payload,
+                        from_user: user,
+                    },
+                );
+                self.touch(Dirty::Held(d, conv, seq));
+                if let Some(st) = self.in_streams.get_mut(&(d, conv)) {
+                    st.above.insert(seq);
+                }
+            }
+            self.advance(now, d, conv)?;
+            self.schedule_receipt(now, d, conv);
+        }
+        Ok(true)
+    }
+
+    fn count_duplicate(&mut self) {
+        self.counters.duplicates_dropped = self.counters.duplicates_dropped.saturating_add(1);
+        self.touch(Dirty::Counters);
+    }
+
+    fn reject(&mut self) {
+        self.counters.rejected = self.counters.rejected.saturating_add(1);
+        self.touch(Dirty::Counters);
+    }
+
+    /// Open with the session the header names (answering its X3DH init if
+    /// new), else with each session held for the device. Transactional: a
+    /// failure changes nothing.
+    fn open_envelope(
+        &mut self,
+        now: u64,
+        d: DeviceId,
+        peer: &DeviceEntry,
+        env: &Envelope,
+    ) -> Result<Vec<u8>, ClientError> {
+        let h = &env.header;
+        let rh = RatchetHeader::from_bytes(&h.ratchet)?;
+        let ad = env.associated_data()?;
+        let me = self.device.device;
+        let slot = self.sessions.entry(d).or_default();
+        let epochs: Vec<u64> = slot.entries.iter().map(|e| e.session.epoch()).collect();
+        let mut opened: Option<(usize, Vec<u8>)> = None;
+        if let Some(init) = &h.session_init
+            && let Some(i) = slot
+                .entries
+                .iter()
+                .position(|e| e.ephemeral == init.ephemeral)
+            && let Some(e) = slot.entries.get_mut(i)
+        {
+            opened = Some((
+                i,
+                e.session
+                    .open(&mut self.rng, now, &rh, &ad, &env.ciphertext)?,
+            ));
+        }
+        if opened.is_none()
+            && let Some(init) = &h.session_init
+        {
+            // A new session from the peer: answer its X3DH. Prekey consumption
+            // is committed only if the first message opens with it.
+            let ci = SessionInit {
+                initiator_identity: init.initiator_identity,
+                ephemeral: init.ephemeral,
+                signed_prekey_id: init.signed_prekey_id,
+                one_time_prekey_id: init.one_time_prekey_id,
+            };
+            let public = DevicePublic {
+                signing: peer.signing_key,
+                agreement: peer.agreement_key,
+            };
+            let mut prekeys = self.prekeys.secrets.clone();
+            let mut session = respond(&self.device.identity, &mut prekeys, &ci, &public)?;
+            let pt = session.open(&mut self.rng, now, &rh, &ad, &env.ciphertext)?;
+            self.prekeys.secrets = prekeys;
+            self.touch(Dirty::Prekeys);
+            let entry = SessionEntry {
+                session,
+                initiator: d,
+                ephemeral: init.ephemeral,
+            };
+            let slot = self.sessions.entry(d).or_default();
+            // Both sides initiated at once: both keep sending on the session
+            // initiated by the lower device id; the other stays for opening.
+            let ours_pending = slot
+                .entries
+                .first()
+                .is_some_and(|e| e.initiator == me && e.session.needs_init_header().is_some());
+            if ours_pending && me < d {
+                slot.entries.insert(1, entry);
+            } else {
+                slot.entries.insert(0, entry);
+            }
+            slot.entries.truncate(4);
+            self.touch(Dirty::Session(d));
+            self.event(Event::KeyRotation {
+                device: d,
+                epoch: self
+                    .sessions
+                    .get(&d)
+                    .and_then(|s| s.entries.first())
+                    .map_or(0, |e| e.session.epoch()),
+            });
+            return Ok(pt);
+        }
+        if opened.is_none() {
+            let slot = self.sessions.entry(d).or_default();
+            for (i, e) in slot.entries.iter_mut().enumerate() {
+                if let Ok(pt) = e
+                    .session
+                    .open(&mut self.rng, now, &rh, &ad, &env.ciphertext)
+                {
+                    opened = Some((i, pt));
+                    break;
+                }
+            }
+        }
+        let Some((i, pt)) = opened else {
+            return Err(ClientError::Crypto(hush_crypto::CryptoError::DecryptFailed));
+        };
+        self.touch(Dirty::Session(d));
+        let after = self
+            .sessions
+            .get(&d)
+            .and_then(|s| s.entries.get(i))
+            .map(|e| e.session.epoch());
+        if let Some(epoch) = after
+            && i == 0
+            && epochs.first().is_some_and(|&b| b != epoch)
+        {
+            self.event(Event::KeyRotation { device: d, epoch });
+        }
+        Ok(pt)
+    }
+
+    /// Release everything contiguous above `delivered`.
+    fn advance(&mut self, now: u64, d: DeviceId, conv: ConversationId) -> Result<(), ClientError> {
+        loop {
+            let Some(st) = self.in_streams.get_mut(&(d, conv)) else {
+                return Ok(());
+            };
+            let next = st.delivered.saturating_add(1);
+            if !st.above.remove(&next) {
+                break;
+            }
+            st.delivered = next;
+            if let Some(item) = self.held.remove(&(d, conv, next)) {
+                self.touch(Dirty::Held(d, conv, next));
+                self.deliver_chat(now, d, item.from_user, conv, next, item.payload)?;
+            }
+        }
+        self.touch(Dirty::In(d, conv));
+        if let Some(st) = self.in_streams.get_mut(&(d, conv)) {
+            if st.has_gap() {
+                if st.gap_since.is_none() {
+                    st.gap_since = Some(now);
+                    st.request_at = Some(now.saturating_add(self.cfg.gap_grace_ms));
+                    st.request_delay_ms = 0;
+                }
+            } else {
+                st.gap_since = None;
+                st.request_at = None;
+                st.request_delay_ms = 0;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn deliver_chat(
+        &mut self,
+        now: u64,
+        d: DeviceId,
+        user: UserKey,
+        conv: ConversationId,
+        seq: u64,
+        payload: Payload,
+    ) -> Result<(), ClientError> {
+        match payload.body {
+            Body::Text { text, sent_at_ms } => {
+                if self.tombs.contains_key(&payload.id) {
+                    self.counters.suppressed = self.counters.suppressed.saturating_add(1);
+                    self.touch(Dirty::Counters);
+                    return Ok(());
+                }
+                let record = HistoryRecord {
+                    id: payload.id,
+                    conversation: conv,
+                    from_user: user,
+                    from_device: d,
+                    sender_seq: seq,
+                    sent_at_ms,
+                    stored_at_ms: now,
+                    text,
+                    outgoing: user == self.user_key(),
+                };
+                self.store_history(&record)?;
+                self.event(Event::Message(record));
+            }
+            Body::Recall { target } => {
+                // Only the author's user may recall: a peer naming one of our
+                // own messages is ignored.
+                let ours = self
+                    .outbox
+                    .get(&target)
+                    .is_some_and(|o| o.kind == EntryKind::Chat);
+                if user == self.user_key() || !ours {
+                    self.apply_removal(now, conv, target, Removal::Recalled);
+                }
+            }
+            _ => self.reject(),
+        }
+        Ok(())
+    }
+
+    pub(crate) fn store_history(&mut self, record: &HistoryRecord) -> Result<(), ClientError> {
+        let order = self.counters.next_order;
+        self.counters.next_order = order.saturating_add(1);
+        self.touch(Dirty::Counters);
+        self.history_ops.push(StorageOp::Put {
+            key: keys::history_message(&record.conversation, &record.id),
+            value: storage::encode(record)?,
+        });
+        self.history_ops.push(StorageOp::Put {
+            key: keys::history_order(&record.conversation, order),
+            value: storage::encode(&record.id)?,
+        });
+        Ok(())
+    }
+
+    /// Recall or delete: tombstone (so a late arrival stays hidden) and
+    /// erase from history.
+    pub(crate) fn apply_removal(
+        &mut self,
+        now: u64,
+        conv: ConversationId,
+        id: MessageId,
+        reason: Removal,
+    ) {
+        if self.tombs.contains_key(&id) {
+            return;
+        }
+        self.tombs.insert(
+            id,
+            Tombstone {
+                reason,
+                conversation: conv,
+                at_ms: now,
+            },
+        );
+        self.touch(Dirty::Tomb(id));
+        self.history_ops.push(StorageOp::Delete {
+            key: keys::history_message(&conv, &id),
+        });
+        self.event(Event::MessageRemoved {
+            id,
+            conversation: conv,
+            reason,
+        });
+    }
+
+    fn apply_control(
+        &mut self,
+        now: u64,
+        d: DeviceId,
+        user: UserKey,
+        payload: Payload,
+    ) -> Result<(), ClientError> {
+        let own = user == self.user_key();
+        match payload.body {
+            Body::Receipt { delivered, read } => self.on_receipt(now, d, &delivered, &read),
+            Body::ReadSync { conversation, ids } if own => {
+                for id in &ids {
+                    self.history_ops.push(StorageOp::Put {
+                        key: keys::history_read(id),
+                        value: storage::encode(&())?,
+                    });
+                }
+                self.event(Event::ReadSynced { conversation, ids });
+            }
+            Body::DeleteSync { conversation, ids } if own => {
+                for id in ids {
+                    self.apply_removal(now, conversation, id, Removal::Deleted);
+                }
+            }
+            Body::ResendRequest { conversation, seqs } => {
+                self.on_resend_request(now, d, user, conversation, &seqs)?
+            }
+            Body::ResendUnavailable { conversation, seqs } => {
+                self.on_unavailable(now, d, conversation, &seqs)?
+            }
+            Body::LinkHello { token } if own => {
+                let valid = self
+                    .links
+                    .remove(&token)
+                    .is_some_and(|l| now < l.expires_ms);
+                self.touch(Dirty::Link(token));
+                if valid {
+                    let contacts = self.contact_infos();
+                    self.queue_control(now, d, Body::LinkWelcome { contacts })?;
+                    self.event(Event::DeviceLinked { device: d });
+                } else {
+                    self.reject();
+                }
+            }
+            Body::LinkWelcome { contacts } if own => {
+                let expected = self.device.link.as_ref().is_some_and(|l| l.inviter == d);
+                if expected {
+                    for c in contacts {
+                        let u = UserKey(c.user);
+                        if u != self.user_key() {
+                            self.add_contact(now, u, c.relay, c.name);
+                        }
+                    }
+                    self.device.link = None;
+                    self.touch(Dirty::Device);
+                    self.event(Event::Linked);
+                }
+            }
+            Body::ContactAdded { contact } if own => {
+                let u = UserKey(contact.user);
+                if u != self.user_key() {
+                    self.add_contact(now, u, contact.relay, contact.name);
+                }
+            }
+            _ => self.reject(),
+        }
+        Ok(())
+    }
+
+    pub(crate) fn contact_infos(&self) -> Vec<crate::payload::ContactInfo> {
+        self.contacts
+            .values()
+            .take(MAX_LIST)
+            .map(|c| crate::payload::ContactInfo {
+                user: c.user.0,
+                relay: c.relay.clone(),
+                name: c.name.clone(),
+            })
+            .collect()
+    }
+
+    fn on_resend_request(
+        &mut self,
+        now: u64,
+        d: DeviceId,
+        user: UserKey,
+        conv: ConversationId,
+        ranges: &[SeqRange],
+    ) -> Result<(), ClientError> {
+        let me = self.device.device;
+        let allowed = conv == control_conversation(&me, &d)
+            || if user == self.user_key() {
+                self.conversations.contains_key(&conv)
+            } else {
+                self.contacts
+                    .get(&user)
+                    .is_some_and(|c| c.conversation == conv)
+            };
+        if !allowed {
+            self.reject();
+            return Ok(());
+        }
+        let mut unavailable = Vec::new();
+        let mut budget = MAX_SEQS_PER_REQUEST;
+        for r in ranges {
+            let mut s = r.first;
+            while s <= r.last && budget > 0 {
+                budget -= 1;
+                if !self.resend(now, d, conv, s)? {
+                    unavailable.push(s);
+                }
+                s = match s.checked_add(1) {
+                    Some(n) => n,
+                    None => break,
+                };
+            }
+        }
+        if !unavailable.is_empty() {
+            let mut ranges = to_ranges(unavailable);
+            ranges.truncate(MAX_LIST);
+            self.queue_control(
+                now,
+                d,
+                Body::ResendUnavailable {
+                    conversation: conv,
+                    seqs: ranges,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn on_unavailable(
+        &mut self,
+        now: u64,
+        d: DeviceId,
+        conv: ConversationId,
+        ranges: &[SeqRange],
+    ) -> Result<(), ClientError> {
+        let is_chat = conv != control_conversation(&self.device.device, &d);
+        let Some(st) = self.in_streams.get_mut(&(d, conv)) else {
+            return Ok(());
+        };
+        let mut count = 0u64;
+        let mut budget = MAX_SEQS_PER_REQUEST;
+        for r in ranges {
+            let mut s = r.first.max(st.delivered.saturating_add(1));
+            while s <= r.last.min(st.highest) && budget > 0 {
+                budget -= 1;
+                if st.above.insert(s) {
+                    count += 1;
+                }
+                st.requested.remove(&s);
+                s = s.saturating_add(1);
+            }
+        }
+        self.touch(Dirty::In(d, conv));
+        if count > 0 && is_chat {
+            self.counters.unrecoverable = self.counters.unrecoverable.saturating_add(count);
+            self.touch(Dirty::Counters);
+            self.event(Event::Unrecoverable {
+                conversation: conv,
+                from_device: d,
+                count,
+            });
+        }
+        self.advance(now, d, conv)
+    }
+
+    /// Batch a receipt for `conv` to device `d` (one per window per device).
+    pub(crate) fn schedule_receipt(&mut self, now: u64, d: DeviceId, conv: ConversationId) {
+        let window = self.cfg.receipt_window_ms;
+        let r = self.receipts.entry(d).or_insert_with(|| PendingReceipt {
+            due_ms: now.saturating_add(window),
+            ..PendingReceipt::default()
+        });
+        if r.delivered.insert(conv) {
+            self.touch(Dirty::Receipt(d));
+        }
+    }
+
+    /// Queue a read receipt for the author device of a message.
+    pub(crate) fn schedule_read(&mut self, now: u64, d: DeviceId, id: MessageId) {
+        let window = self.cfg.receipt_window_ms;
+        let r = self.receipts.entry(d).or_insert_with(|| PendingReceipt {
+            due_ms: now.saturating_add(window),
+            ..PendingReceipt::default()
+        });
+        r.read.push(id);
+        self.touch(Dirty::Receipt(d));
+    }
+
+    pub(crate) fn flush_receipts(&mut self, now: u64) -> Result<(), ClientError> {
+        let due: Vec<DeviceId> = self
+            .receipts
+            .iter()
+            .filter(|(_, r)| now >= r.due_ms)
+            .map(|(d, _)| *d)
+            .collect();
+        for d in due {
+            let Some(r) = self.receipts.remove(&d) else {
+                continue;
+            };
+            self.touch(Dirty::Receipt(d));
+            let delivered: Vec<(ConversationId, u64)> = r
+                .delivered
+                .iter()
+                .filter_map(|c| {
+                    self.in_streams
+                        .get(&(d, *c))
+                        .map(|s| (*c, s.delivered))
+                        .filter(|(_, t)| *t > 0)
+                })
+                .take(MAX_LIST)
+                .collect();
+            if self.peer(&d).is_none() {
+                continue;
+            }
+            let mut reads = r.read.chunks(MAX_LIST);
+            let first = reads.next().map(<[MessageId]>::to_vec).unwrap_or_default();
+            if !delivered.is_empty() || !first.is_empty() {
+                self.queue_control(
+                    now,
+                    d,
+                    Body::Receipt {
+                        delivered,
+                        read: first,
+                    },
+                )?;
+            }
+            for more in reads {
+                self.queue_control(
+                    now,
+                    d,
+                    Body::Receipt {
+                        delivered: Vec::new(),
+                        read: more.to_vec(),
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ask senders for what is still missing, once the sync has drained.
+    pub(crate) fn request_gaps(&mut self, now: u64) -> Result<(), ClientError> {
+        if !self.link.live {
+            return Ok(());
+        }
+        let due: Vec<(DeviceId, ConversationId)> = self
+            .in_streams
+            .iter()
+            .filter(|(_, s)| s.request_at.is_some_and(|t| now >= t))
+            .map(|(k, _)| *k)
+            .collect();
+        let me = self.device.device;
+        for (d, conv) in due {
+            let Some(st) = self.in_streams.get_mut(&(d, conv)) else {
+                continue;
+            };
+            let missing: Vec<u64> = st.missing().take(MAX_SEQS_PER_REQUEST as usize).collect();
+            if missing.is_empty() {
+                st.request_at = None;
+                st.gap_since = None;
+                self.touch(Dirty::In(d, conv));
+                continue;
+            }
+            let fresh: Vec<u64> = missing
+                .iter()
+                .copied()
+                .filter(|s| !st.requested.contains(s))
+                .collect();
+            st.requested.extend(fresh.iter().copied());
+            let delay = st.request_delay_ms;
+            self.touch(Dirty::In(d, conv));
+            if !fresh.is_empty() {
+                self.counters.gaps_detected = self
+                    .counters
+                    .gaps_detected
+                    .saturating_add(fresh.len() as u64);
+                self.touch(Dirty::Counters);
+                if conv != control_conversation(&me, &d) {
+                    self.event(Event::GapDetected {
+                        conversation: conv,
+                        from_device: d,
+                        count: fresh.len() as u64,
+                    });
+                }
+            }
+            let mut ranges = to_ranges(missing);
+            ranges.truncate(MAX_LIST);
+            if self.peer(&d).is_some() {
+                self.queue_control(
+                    now,
+                    d,
+                    Body::ResendRequest {
+                        conversation: conv,
+                        seqs: ranges,
+                    },
+                )?;
+            }
+            let next = self.next_delay(
+                delay,
+                self.cfg.resend_retry_ms,
+                self.cfg.resend_retry_max_ms,
+            );
+            if let Some(st) = self.in_streams.get_mut(&(d, conv)) {
+                st.request_delay_ms = next;
+                st.request_at = Some(now.saturating_add(next));
+            }
+        }
+        Ok(())
+    }
+
+    /// Retry envelopes parked because their sender was unknown.
+    pub(crate) fn retry_parked(&mut self, now: u64) -> Result<(), ClientError> {
+        let seqs: Vec<u64> = self.parked.keys().copied().collect();
+        for s in seqs {
+            let Some(p) = self.parked.get(&s) else {
+                continue;
+            };
+            let env = match Envelope::from_bytes(&p.envelope) {
+                Ok(e) => e,
+                Err(_) => {
+                    self.parked.remove(&s);
+                    self.touch(Dirty::Parked(s));
+                    self.reject();
+                    continue;
+                }
+            };
+            if self.process(now, s, &env, true)? {
+                self.parked.remove(&s);
+                self.touch(Dirty::Parked(s));
+            }
+        }
+        Ok(())
+    }
+
+    /// Diagnostics: the highest sender seq from device `d` in `conv` up to
+    /// which everything is delivered (or declared unrecoverable) here.
+    pub fn delivered_through(&self, d: &DeviceId, conv: &ConversationId) -> u64 {
+        self.in_streams
+            .get(&(*d, *conv))
+            .map_or(0, |s: &InStream| s.delivered)
+    }
+
+    /// Diagnostics: the highest sender seq this device assigned in its
+    /// stream to device `d` in `conv`.
+    pub fn sent_through(&self, d: &DeviceId, conv: &ConversationId) -> u64 {
+        self.out_streams
+            .get(&(*d, *conv))
+            .map_or(0, |s| s.next_seq.saturating_sub(1))
+    }
+}

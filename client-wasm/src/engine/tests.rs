@@ -1,0 +1,811 @@
+//! Engine tests against hand-fed frames: a tiny in-memory relay written here
+//! (no sockets, no clocks) with switches to drop, duplicate and reorder
+//! envelopes, and drivers that follow the storage → frames → events contract.
+
+use super::*;
+use crate::storage::Storage;
+use crate::storage::memory::MemoryStorage;
+use hush_protocol::{
+    AuthOk, ClientFrame, Delivered, DeviceRegistration, Envelope, OneTimePrekey, Page,
+    PrekeyBundle, Request, Response, SendOutcome, ServerFrame, SignedDeviceList, SignedPrekey,
+};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+const T0: u64 = 1_700_000_000_000;
+
+#[derive(Default)]
+struct FakeRelay {
+    registered: BTreeMap<DeviceId, DeviceRegistration>,
+    inbox: BTreeMap<DeviceId, BTreeMap<u64, Envelope>>,
+    head: BTreeMap<DeviceId, u64>,
+    dedup: BTreeSet<(DeviceId, DeviceId, MessageId)>,
+    lists: BTreeMap<UserKey, SignedDeviceList>,
+    signed: BTreeMap<DeviceId, SignedPrekey>,
+    otks: BTreeMap<DeviceId, Vec<OneTimePrekey>>,
+    /// Every envelope byte the relay ever stored.
+    seen_bytes: Vec<Vec<u8>>,
+    /// Drop the next N envelopes sent to this device (the relay loses them).
+    lose_next: BTreeMap<DeviceId, usize>,
+    /// Serve pulls from the acknowledged point, ignoring `after` (a relay
+    /// that redelivers what it was not told is stored).
+    redeliver_unacked: bool,
+}
+
+impl FakeRelay {
+    fn handle(&mut self, who: DeviceId, f: ClientFrame) -> Vec<(DeviceId, ServerFrame)> {
+        let id = f.request_id;
+        let resp = |r: Response| {
+            vec![(
+                who,
+                ServerFrame::Response {
+                    request_id: id,
+                    response: r,
+                },
+            )]
+        };
+        match f.request {
+            Request::Hello { .. } => resp(Response::Challenge { challenge: [1; 32] }),
+            Request::Register { registration, .. } => {
+                self.registered.insert(who, registration);
+                resp(Response::Authenticated(self.auth_ok(who)))
+            }
+            Request::Auth { .. } => resp(Response::Authenticated(self.auth_ok(who))),
+            Request::PublishPrekeys {
+                signed_prekey,
+                one_time_prekeys,
+            } => {
+                self.signed.insert(who, signed_prekey);
+                let pool = self.otks.entry(who).or_default();
+                pool.extend(one_time_prekeys);
+                let left = pool.len() as u32;
+                resp(Response::PrekeysPublished {
+                    one_time_prekeys_left: left,
+                })
+            }
+            Request::FetchPrekeys { device } => {
+                let (Some(reg), Some(spk)) =
+                    (self.registered.get(&device), self.signed.get(&device))
+                else {
+                    return vec![(
+                        who,
+                        ServerFrame::error(id, hush_protocol::ErrorCode::NoPrekeys, "none"),
+                    )];
+                };
+                let otk = self.otks.get_mut(&device).and_then(|p| p.pop());
+                resp(Response::Prekeys(PrekeyBundle {
+                    device,
+                    user: reg.user,
+                    signing_key: reg.signing_key,
+                    agreement_key: reg.agreement_key,
+                    signed_prekey: spk.clone(),
+                    one_time_prekey: otk,
+                }))
+            }
+            Request::PublishDeviceList { list } => {
+                let stored = self
+                    .lists
+                    .get(&list.list.user)
+                    .map_or(0, |l| l.list.version);
+                if list.list.version <= stored {
+                    return vec![(
+                        who,
+                        ServerFrame::error(id, hush_protocol::ErrorCode::Forbidden, "stale"),
+                    )];
+                }
+                let v = list.list.version;
+                self.lists.insert(list.list.user, list);
+                resp(Response::DeviceListPublished { version: v })
+            }
+            Request::FetchDeviceList { user } => match self.lists.get(&user) {
+                Some(l) => resp(Response::DeviceList(l.clone())),
+                None => vec![(
+                    who,
+                    ServerFrame::error(id, hush_protocol::ErrorCode::UnknownDevice, "none"),
+                )],
+            },
+            Request::Send { envelopes } => {
+                let mut outcomes = Vec::new();
+                let mut pushes = Vec::new();
+                for env in envelopes {
+                    let h = env.header.clone();
+                    self.seen_bytes.push(env.to_bytes().unwrap_or_default());
+                    let key = (h.sender_device, h.recipient_device, h.message_id);
+                    let seq = if self.dedup.contains(&key) {
+                        0
+                    } else {
+                        self.dedup.insert(key);
+                        let lose = self
+                            .lose_next
+                            .get_mut(&h.recipient_device)
+                            .filter(|n| **n > 0);
+                        let head = self.head.entry(h.recipient_device).or_default();
+                        *head += 1;
+                        let s = *head;
+                        if let Some(n) = lose {
+                            *n -= 1;
+                        } else {
+                            self.inbox
+                                .entry(h.recipient_device)
+                                .or_default()
+                                .insert(s, env.clone());
+                            pushes.push((
+                                h.recipient_device,
+                                Delivered {
+                                    seq: s,
+                                    envelope: env,
+                                },
+                            ));
+                        }
+                        s
+                    };
+                    outcomes.push(SendOutcome::Stored {
+                        message_id: h.message_id,
+                        recipient: h.recipient_device,
+                        seq,
+                        duplicate: seq == 0,
+                    });
+                }
+                let mut out = resp(Response::Sent { outcomes });
+                for (d, del) in pushes {
+                    out.push((
+                        d,
+                        ServerFrame::Push {
+                            envelopes: vec![del],
+                        },
+                    ));
+                }
+                out
+            }
+            Request::Pull { after, limit, ack } => {
+                if !self.redeliver_unacked {
+                    self.ack(who, ack);
+                }
+                let inbox = self.inbox.entry(who).or_default();
+                let from = if self.redeliver_unacked { 0 } else { after };
+                let envelopes: Vec<Delivered> = inbox
+                    .range(from + 1..)
+                    .take(usize::from(limit))
+                    .map(|(s, e)| Delivered {
+                        seq: *s,
+                        envelope: e.clone(),
+                    })
+                    .collect();
+                let last = envelopes.last().map_or(after, |d| d.seq);
+                let remaining = inbox.range(last + 1..).count() as u64;
+                resp(Response::Page(Page {
+                    envelopes,
+                    remaining,
+                    truncated: None,
+                }))
+            }
+            Request::Ack { up_to } => {
+                self.ack(who, up_to);
+                resp(Response::Acked { up_to })
+            }
+            Request::Ping => resp(Response::Pong { relay_time_ms: 0 }),
+        }
+    }
+
+    fn ack(&mut self, who: DeviceId, up_to: u64) {
+        if let Some(inbox) = self.inbox.get_mut(&who) {
+            let keep = inbox.split_off(&(up_to + 1));
+            *inbox = keep;
+        }
+    }
+
+    fn auth_ok(&self, who: DeviceId) -> AuthOk {
+        AuthOk {
+            device: who,
+            inbox_head: self.head.get(&who).copied().unwrap_or(0),
+            acked: 0,
+            one_time_prekeys_left: self.otks.get(&who).map_or(0, |p| p.len() as u32),
+            relay_time_ms: 0,
+        }
+    }
+}
+
+struct Client {
+    engine: Engine,
+    storage: MemoryStorage,
+    connected: bool,
+    queue: VecDeque<ServerFrame>,
+    events: Vec<Event>,
+    /// Crash after the next step that stores something and acks.
+    crash_after_storage: bool,
+}
+
+struct Net {
+    relay: FakeRelay,
+    clients: Vec<Client>,
+    now: u64,
+    seed: u8,
+}
+
+impl Net {
+    fn new() -> Net {
+        Net {
+            relay: FakeRelay::default(),
+            clients: Vec::new(),
+            now: T0,
+            seed: 1,
+        }
+    }
+
+    fn cfg() -> EngineConfig {
+        EngineConfig::default()
+    }
+
+    fn add(&mut self, engine: Engine, step: Step) -> usize {
+        let mut storage = MemoryStorage::new();
+        storage.apply(&step.storage).unwrap();
+        self.clients.push(Client {
+            engine,
+            storage,
+            connected: false,
+            queue: VecDeque::new(),
+            events: step.events,
+            crash_after_storage: false,
+        });
+        self.clients.len() - 1
+    }
+
+    fn create(&mut self, name: &str) -> usize {
+        self.seed += 1;
+        let (e, s) = Engine::create(self.now, [self.seed; 32], "relay", name, Self::cfg()).unwrap();
+        let i = self.add(e, s);
+        self.connect(i);
+        i
+    }
+
+    fn join(&mut self, inviter: usize) -> usize {
+        let Some(Reply::LinkCode(text)) = self.command(inviter, Command::CreateLinkCode) else {
+            panic!("no link code");
+        };
+        let code = LinkCode::parse(&text).unwrap();
+        self.seed += 1;
+        let (e, s) = Engine::join(self.now, [self.seed; 32], &code, Self::cfg()).unwrap();
+        let i = self.add(e, s);
+        self.connect(i);
+        i
+    }
+
+    fn input(&mut self, i: usize, input: Input) -> Option<Reply> {
+        let step = self.clients[i].engine.handle(self.now, input).unwrap();
+        let c = &mut self.clients[i];
+        c.storage.apply(&step.storage).unwrap();
+        let stored_message = step.events.iter().any(|e| matches!(e, Event::Message(_)));
+        if c.crash_after_storage && stored_message {
+            // The process dies after the batch is durable, before any frame.
+            c.crash_after_storage = false;
+            let records = c.storage.load_state().unwrap();
+            c.engine = Engine::load(records, [99; 32], Self::cfg()).unwrap();
+            c.connected = false;
+            c.queue.clear();
+            return None;
+        }
+        c.events.extend(step.events);
+        if step.close {
+            c.connected = false;
+        }
+        let me = c.engine.device_id();
+        if std::env::var("HUSH_TEST_TRACE").is_ok() {
+            eprintln!(
+                "{} c{i} frames {:?}",
+                self.now - T0,
+                step.frames
+                    .iter()
+                    .map(|f| format!("{:?}", f.request)
+                        .chars()
+                        .take(70)
+                        .collect::<String>())
+                    .collect::<Vec<_>>()
+            );
+        }
+        if c.connected {
+            for f in step.frames {
+                for (to, frame) in self.relay.handle(me, f) {
+                    if let Some(t) = self
+                        .clients
+                        .iter_mut()
+                        .find(|c| c.engine.device_id() == to && c.connected)
+                    {
+                        t.queue.push_back(frame);
+                    }
+                }
+            }
+        }
+        step.reply
+    }
+
+    fn connect(&mut self, i: usize) {
+        self.clients[i].connected = true;
+        self.input(i, Input::Connected);
+        self.settle();
+    }
+
+    fn disconnect(&mut self, i: usize) {
+        self.clients[i].connected = false;
+        self.clients[i].queue.clear();
+        self.input(i, Input::Disconnected);
+    }
+
+    fn command(&mut self, i: usize, c: Command) -> Option<Reply> {
+        let r = self.input(i, Input::Command(c));
+        self.settle();
+        r
+    }
+
+    /// Deliver queued frames until nothing moves.
+    fn settle(&mut self) {
+        for _ in 0..10_000 {
+            let Some(i) = self.clients.iter().position(|c| !c.queue.is_empty()) else {
+                return;
+            };
+            let Some(f) = self.clients[i].queue.pop_front() else {
+                continue;
+            };
+            self.input(i, Input::Frame(f));
+        }
+        panic!("network did not settle");
+    }
+
+    /// Advance time, firing every client's timers along the way.
+    fn advance(&mut self, ms: u64) {
+        let end = self.now + ms;
+        while self.now < end {
+            self.now = (self.now + 250).min(end);
+            for i in 0..self.clients.len() {
+                if !self.clients[i].connected {
+                    self.clients[i].connected = true;
+                    self.input(i, Input::Connected);
+                }
+                self.input(i, Input::Tick);
+            }
+            self.settle();
+        }
+    }
+
+    fn messages(&self, i: usize) -> Vec<HistoryRecord> {
+        self.clients[i]
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn befriend(&mut self, a: usize, b: usize) -> ConversationId {
+        let ca = self.clients[a].engine.contact_code();
+        let cb = self.clients[b].engine.contact_code();
+        let Some(Reply::Contact(conv)) = self.command(a, Command::AddContact { code: cb }) else {
+            panic!("no contact");
+        };
+        self.command(b, Command::AddContact { code: ca });
+        conv
+    }
+
+    fn send(&mut self, i: usize, conv: ConversationId, text: &str) -> MessageId {
+        let Some(Reply::Message(id)) = self.command(
+            i,
+            Command::SendText {
+                conversation: conv,
+                text: text.into(),
+            },
+        ) else {
+            panic!("no id");
+        };
+        id
+    }
+}
+
+#[test]
+fn first_connection_registers_then_publishes_and_pulls() {
+    let (mut e, step) = Engine::create(T0, [1; 32], "relay", "a", EngineConfig::default()).unwrap();
+    assert!(
+        !step.storage.is_empty(),
+        "identity is stored before anything else"
+    );
+    assert_eq!(step.connect_at, Some(0));
+    let s = e.handle(T0, Input::Connected).unwrap();
+    assert!(matches!(s.frames[0].request, Request::Hello { .. }));
+    let s = e
+        .handle(
+            T0,
+            Input::Frame(ServerFrame::Response {
+                request_id: s.frames[0].request_id,
+                response: Response::Challenge { challenge: [5; 32] },
+            }),
+        )
+        .unwrap();
+    let Request::Register { registration, .. } = &s.frames[0].request else {
+        panic!("expected Register, got {:?}", s.frames[0].request);
+    };
+    assert_eq!(registration.device, e.device_id());
+    let s = e
+        .handle(
+            T0,
+            Input::Frame(ServerFrame::Response {
+                request_id: s.frames[0].request_id,
+                response: Response::Authenticated(AuthOk {
+                    device: e.device_id(),
+                    inbox_head: 0,
+                    acked: 0,
+                    one_time_prekeys_left: 0,
+                    relay_time_ms: 0,
+                }),
+            }),
+        )
+        .unwrap();
+    let kinds: Vec<&Request> = s.frames.iter().map(|f| &f.request).collect();
+    assert!(kinds.iter().any(|r| matches!(r, Request::PublishPrekeys { one_time_prekeys, .. } if !one_time_prekeys.is_empty())));
+    assert!(
+        kinds
+            .iter()
+            .any(|r| matches!(r, Request::PublishDeviceList { .. }))
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|r| matches!(r, Request::Pull { after: 0, .. }))
+    );
+    assert_eq!(e.connection_state(), ConnectionState::Syncing);
+}
+
+#[test]
+fn message_reaches_both_users_devices_once_and_relay_sees_no_plaintext() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let b2 = net.join(b);
+    net.advance(2_000);
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let id = net.send(a, conv, "hush-unit-secret-1");
+    net.advance(3_000);
+    for r in [b, b2] {
+        let got = net.messages(r);
+        assert_eq!(
+            got.len(),
+            1,
+            "device {r} got {got:?}: {:#?}",
+            net.clients[r].events
+        );
+        assert_eq!(got[0].id, id);
+        assert_eq!(got[0].text, "hush-unit-secret-1");
+        assert_eq!(got[0].sender_seq, 1);
+    }
+    assert!(net.clients[a].events.iter().any(|e| matches!(
+        e,
+        Event::MessageState {
+            state: MessageState::Delivered,
+            ..
+        }
+    )));
+    let marker = b"hush-unit-secret";
+    assert!(!net.relay.seen_bytes.is_empty());
+    assert!(
+        net.relay
+            .seen_bytes
+            .iter()
+            .all(|b| !b.windows(marker.len()).any(|w| w == marker))
+    );
+    // The app reads history from storage, not from the engine.
+    let h = crate::storage::history(&net.clients[b].storage, &conv, None, 10).unwrap();
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].record.text, "hush-unit-secret-1");
+}
+
+#[test]
+fn crash_after_storing_before_ack_redelivers_and_dedups() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    net.clients[b].crash_after_storage = true;
+    net.relay.redeliver_unacked = true;
+    let id = net.send(a, conv, "once");
+    // Bob stored the message, then died before acknowledging or showing it.
+    assert_eq!(net.messages(b).len(), 0);
+    net.advance(5_000);
+    let got: Vec<MessageId> = net.messages(b).iter().map(|r| r.id).collect();
+    assert!(got.len() <= 1, "shown twice: {got:?}");
+    let h = crate::storage::history(&net.clients[b].storage, &conv, None, 10).unwrap();
+    assert_eq!(h.iter().filter(|e| e.record.id == id).count(), 1);
+    assert!(
+        net.clients[b].engine.counters().duplicates_dropped >= 1,
+        "the redelivery was recognised"
+    );
+}
+
+#[test]
+fn lost_message_is_requested_and_resent_in_order() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let bd = net.clients[b].engine.device_id();
+    net.relay.lose_next.insert(bd, 1);
+    let m1 = net.send(a, conv, "one");
+    let m2 = net.send(a, conv, "two");
+    net.advance(1_000);
+    // Two arrived, one is missing: nothing is shown out of order.
+    assert!(net.messages(b).is_empty());
+    assert_eq!(net.clients[b].engine.counters().out_of_order, 1);
+    net.advance(10_000);
+    let got: Vec<MessageId> = net.messages(b).iter().map(|r| r.id).collect();
+    assert_eq!(got, vec![m1, m2]);
+    let c = net.clients[b].engine.counters();
+    assert_eq!((c.gaps_detected, c.recovered), (1, 1));
+    assert!(
+        net.clients[b]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::GapDetected { count: 1, .. }))
+    );
+    assert!(
+        net.clients[b]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::GapRecovered { .. }))
+    );
+}
+
+#[test]
+fn lost_tail_is_recovered_by_the_senders_probe() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    net.relay
+        .lose_next
+        .insert(net.clients[b].engine.device_id(), 1);
+    let m = net.send(a, conv, "last words");
+    net.advance(5_000);
+    assert!(
+        net.messages(b).is_empty(),
+        "nothing after it reveals the loss"
+    );
+    net.advance(60_000);
+    assert_eq!(
+        net.messages(b).iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![m]
+    );
+    assert!(net.clients[a].engine.counters().probes >= 1);
+}
+
+#[test]
+fn unavailable_messages_are_reported_and_skipped() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    net.relay
+        .lose_next
+        .insert(net.clients[b].engine.device_id(), 1);
+    let _lost = net.send(a, conv, "gone");
+    // The sender forgets it (its outbox expired) before anyone asks.
+    let gone: Vec<MessageId> = net.clients[a].engine.outbox_ids();
+    for id in gone {
+        net.clients[a].engine.outbox.remove(&id);
+    }
+    let m2 = net.send(a, conv, "after");
+    net.advance(10_000);
+    let got: Vec<MessageId> = net.messages(b).iter().map(|r| r.id).collect();
+    assert_eq!(got, vec![m2], "the stream moves on past the hole");
+    assert!(
+        net.clients[b]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Unrecoverable { count: 1, .. }))
+    );
+    assert_eq!(net.clients[b].engine.counters().unrecoverable, 1);
+}
+
+#[test]
+fn read_and_delete_sync_to_other_devices_and_read_reaches_sender() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let b2 = net.join(b);
+    net.advance(2_000);
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let m = net.send(a, conv, "read me");
+    net.advance(2_000);
+    let ad = net.clients[a].engine.device_id();
+    net.command(
+        b,
+        Command::MarkRead {
+            conversation: conv,
+            messages: vec![(m, ad)],
+        },
+    );
+    net.advance(3_000);
+    assert!(
+        net.clients[b2]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::ReadSynced { ids, .. } if ids == &vec![m]))
+    );
+    assert!(net.clients[a].events.iter().any(
+        |e| matches!(e, Event::MessageState { id, state: MessageState::Read, .. } if *id == m)
+    ));
+    net.command(
+        b2,
+        Command::Delete {
+            conversation: conv,
+            ids: vec![m],
+        },
+    );
+    net.advance(3_000);
+    for r in [b, b2] {
+        assert!(
+            crate::storage::history(&net.clients[r].storage, &conv, None, 10)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            crate::storage::tombstone(&net.clients[r].storage, &m)
+                .unwrap()
+                .is_some()
+        );
+    }
+    // Alice still has her message.
+    assert_eq!(
+        crate::storage::history(&net.clients[a].storage, &conv, None, 10)
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn recall_arriving_before_its_target_hides_the_target() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    // Bob's engine learns of the recall first (e.g. from Alice's other device).
+    let target = MessageId::new(T0, [7; 10]);
+    net.clients[b]
+        .engine
+        .apply_removal(net.now, conv, target, Removal::Recalled);
+    let ad = net.clients[a].engine.device_id();
+    let au = net.clients[a].engine.user_key();
+    let payload = crate::payload::Payload {
+        id: target,
+        body: crate::payload::Body::Text {
+            text: "oops".into(),
+            sent_at_ms: T0,
+        },
+    };
+    net.clients[b]
+        .engine
+        .deliver_chat(net.now, ad, au, conv, 1, payload)
+        .unwrap();
+    assert!(
+        !net.clients[b]
+            .engine
+            .step
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Message(_)))
+    );
+    assert_eq!(net.clients[b].engine.counters().suppressed, 1);
+}
+
+#[test]
+fn offline_sends_fail_after_deadline_and_retry_keeps_the_id() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    net.disconnect(a);
+    let id = {
+        let r = net.clients[a]
+            .engine
+            .handle(
+                net.now,
+                Input::Command(Command::SendText {
+                    conversation: conv,
+                    text: "x".into(),
+                }),
+            )
+            .unwrap();
+        net.clients[a].storage.apply(&r.storage).unwrap();
+        let Some(Reply::Message(id)) = r.reply else {
+            panic!()
+        };
+        id
+    };
+    net.now += 6 * 60 * 1000;
+    let s = net.clients[a].engine.handle(net.now, Input::Tick).unwrap();
+    assert!(s.events.iter().any(|e| matches!(
+        e,
+        Event::MessageState {
+            state: MessageState::Failed,
+            ..
+        }
+    )));
+    assert_eq!(
+        net.clients[a].engine.message_state(&id),
+        Some(MessageState::Failed)
+    );
+    assert!(matches!(
+        net.clients[a].engine.handle(
+            net.now,
+            Input::Command(Command::Retry {
+                id: MessageId([1; 16])
+            })
+        ),
+        Err(ClientError::Unknown(_))
+    ));
+    net.clients[a].connected = true;
+    net.input(a, Input::Connected);
+    net.settle();
+    net.command(a, Command::Retry { id });
+    net.advance(5_000);
+    assert_eq!(
+        net.messages(b).iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![id]
+    );
+    assert_eq!(
+        net.clients[a].engine.message_state(&id),
+        Some(MessageState::Delivered)
+    );
+}
+
+#[test]
+fn reconnect_backoff_grows_with_jitter_and_caps() {
+    let (mut e, _) = Engine::create(T0, [3; 32], "relay", "a", EngineConfig::default()).unwrap();
+    let mut delays = Vec::new();
+    let mut now = T0;
+    for _ in 0..8 {
+        let s = e.handle(now, Input::Disconnected).unwrap();
+        let at = s.connect_at.unwrap();
+        delays.push(at - now);
+        now = at;
+    }
+    assert!(delays[0] >= 800 && delays[0] <= 1_200, "{delays:?}");
+    assert!(delays[2] >= 3_200 && delays[2] <= 4_800, "{delays:?}");
+    assert!(delays.iter().all(|d| *d <= 36_000), "{delays:?}");
+    assert!(delays[7] >= 24_000, "{delays:?}");
+}
+
+#[test]
+fn corrupt_storage_is_a_typed_error() {
+    let (_, step) = Engine::create(T0, [3; 32], "relay", "a", EngineConfig::default()).unwrap();
+    let mut s = MemoryStorage::new();
+    s.apply(&step.storage).unwrap();
+    s.apply(&[StorageOp::Put {
+        key: keys::CURSOR.to_vec(),
+        value: vec![1, 0xff, 0xff],
+    }])
+    .unwrap();
+    let r = Engine::load(s.load_state().unwrap(), [1; 32], EngineConfig::default());
+    assert!(matches!(
+        r,
+        Err(ClientError::Storage(crate::StorageError::Corrupt { .. }))
+    ));
+    assert!(matches!(
+        Engine::load(Vec::new(), [1; 32], EngineConfig::default()),
+        Err(ClientError::NoDevice)
+    ));
+}
+
+#[test]
+fn debug_output_never_shows_secrets() {
+    let (e, _) = Engine::create(T0, [3; 32], "relay", "a", EngineConfig::default()).unwrap();
+    let key = hex::encode(e.device.at_rest.0);
+    let dump = format!("{:?} {:?}", e.device, e);
+    assert!(!dump.contains(&key));
+    assert!(dump.contains("redacted"));
+}

@@ -1,0 +1,247 @@
+//! What travels inside an envelope's ciphertext.
+//!
+//! Every envelope carries one [`Payload`]: the message's *logical* id and a
+//! [`Body`]. The logical id is the one the app sees; the envelope header's
+//! message id is the *transport* id the relay deduplicates by. They are equal
+//! for a first transmission (and its retries), and differ for a re-send
+//! answering a resend request or a tail probe: the re-sent envelope gets a
+//! fresh transport id so the relay stores it even while its dedup entry for the
+//! original is still alive, and the recipient recognises it by sender seq and
+//! logical id. The relay cannot tell payload kinds apart: chat messages,
+//! receipts and resend requests are all padded ciphertext.
+
+use crate::error::ClientError;
+use hush_protocol::{ConversationId, MessageId};
+use serde::{Deserialize, Serialize};
+
+/// Longest chat text in bytes (keeps every padded payload inside one envelope).
+pub const MAX_TEXT_BYTES: usize = 16_000;
+/// Most items in one list inside a control payload (ids, ranges, contacts).
+pub const MAX_LIST: usize = 512;
+
+/// An inclusive range of sender seqs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqRange {
+    /// First seq (inclusive).
+    pub first: u64,
+    /// Last seq (inclusive).
+    pub last: u64,
+}
+
+impl SeqRange {
+    /// Number of seqs in the range (0 if malformed).
+    pub fn len(&self) -> u64 {
+        if self.last < self.first {
+            0
+        } else {
+            self.last - self.first + 1
+        }
+    }
+
+    /// True for a malformed (empty) range.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Compress an ascending list of seqs into ranges.
+pub fn to_ranges(seqs: impl IntoIterator<Item = u64>) -> Vec<SeqRange> {
+    let mut out: Vec<SeqRange> = Vec::new();
+    for s in seqs {
+        match out.last_mut() {
+            Some(r) if r.last.checked_add(1) == Some(s) => r.last = s,
+            _ => out.push(SeqRange { first: s, last: s }),
+        }
+    }
+    out
+}
+
+/// A contact as carried in link and contact-sync payloads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactInfo {
+    /// The contact's identity key.
+    pub user: [u8; 32],
+    /// Relay address.
+    pub relay: String,
+    /// Display name.
+    pub name: String,
+}
+
+/// The decrypted content of an envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Payload {
+    /// Logical message id (the app's id; the same on every device and every re-send).
+    pub id: MessageId,
+    /// What it says.
+    pub body: Body,
+}
+
+/// The payload kinds. Chat kinds travel in a chat conversation and are
+/// delivered in sender-seq order; control kinds travel in the device pair's
+/// control conversation and are applied on arrival.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// A chat message.
+    Text {
+        /// The text.
+        text: String,
+        /// Sender's clock when the message was written (ms since the epoch).
+        sent_at_ms: u64,
+    },
+    /// Delete-for-everyone of an earlier message of the same user.
+    Recall {
+        /// The message recalled.
+        target: MessageId,
+    },
+    /// Delivery and read receipts (control; never answered by a receipt).
+    Receipt {
+        /// Per conversation: every sender seq up to this one from the receipt's
+        /// recipient to its sender has been stored.
+        delivered: Vec<(ConversationId, u64)>,
+        /// Messages of the receipt's recipient that its sender's user has read.
+        read: Vec<MessageId>,
+    },
+    /// Read state for the user's own other devices.
+    ReadSync {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Messages read.
+        ids: Vec<MessageId>,
+    },
+    /// Deletions (for this user only) for the user's own other devices.
+    DeleteSync {
+        /// The conversation.
+        conversation: ConversationId,
+        /// Messages deleted.
+        ids: Vec<MessageId>,
+    },
+    /// "I am missing these sender seqs of yours in this conversation."
+    ResendRequest {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The missing seqs.
+        seqs: Vec<SeqRange>,
+    },
+    /// "I no longer have these; stop waiting for them."
+    ResendUnavailable {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The seqs that cannot be re-sent.
+        seqs: Vec<SeqRange>,
+    },
+    /// A new device introduces itself to the device that made its link code.
+    LinkHello {
+        /// The link code's one-time token.
+        token: [u8; 16],
+    },
+    /// The inviting device's answer: the user's contacts.
+    LinkWelcome {
+        /// Contacts to add.
+        contacts: Vec<ContactInfo>,
+    },
+    /// A contact added on another device of the same user.
+    ContactAdded {
+        /// The contact.
+        contact: ContactInfo,
+    },
+}
+
+impl Body {
+    /// Chat kinds are ordered by sender seq and shown; control kinds are not.
+    pub fn is_chat(&self) -> bool {
+        matches!(self, Body::Text { .. } | Body::Recall { .. })
+    }
+
+    /// Whether the sender expects a delivery receipt (and re-sends the tail of
+    /// its stream until it gets one). Receipts are not receipted, which is what
+    /// keeps two devices from acknowledging each other forever.
+    pub fn ack_eliciting(&self) -> bool {
+        !matches!(self, Body::Receipt { .. })
+    }
+
+    fn check(&self) -> Result<(), ClientError> {
+        let too_long = |n: usize| n > MAX_LIST;
+        let bad = match self {
+            Body::Text { text, .. } => text.len() > MAX_TEXT_BYTES,
+            Body::Recall { .. } | Body::LinkHello { .. } => false,
+            Body::Receipt { delivered, read } => too_long(delivered.len()) || too_long(read.len()),
+            Body::ReadSync { ids, .. } | Body::DeleteSync { ids, .. } => too_long(ids.len()),
+            Body::ResendRequest { seqs, .. } | Body::ResendUnavailable { seqs, .. } => {
+                too_long(seqs.len()) || seqs.iter().any(SeqRange::is_empty)
+            }
+            Body::LinkWelcome { contacts } => too_long(contacts.len()),
+            Body::ContactAdded { .. } => false,
+        };
+        if bad {
+            return Err(ClientError::Protocol(
+                hush_protocol::ProtocolError::Malformed("payload limits"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Payload {
+    /// Encode (postcard, version byte first). Padding is added by the ratchet.
+    pub fn encode(&self) -> Result<Vec<u8>, ClientError> {
+        self.body.check()?;
+        postcard::to_extend(self, vec![PAYLOAD_VERSION])
+            .map_err(|_| ClientError::Protocol(hush_protocol::ProtocolError::Malformed("payload")))
+    }
+
+    /// Decode and check limits.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ClientError> {
+        let malformed =
+            || ClientError::Protocol(hush_protocol::ProtocolError::Malformed("payload"));
+        let (&v, rest) = bytes.split_first().ok_or_else(malformed)?;
+        if v != PAYLOAD_VERSION {
+            return Err(malformed());
+        }
+        let p: Payload = postcard::from_bytes(rest).map_err(|_| malformed())?;
+        p.body.check()?;
+        Ok(p)
+    }
+}
+
+/// Version byte in front of every encoded payload.
+pub const PAYLOAD_VERSION: u8 = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_round_trip_and_limits() {
+        let p = Payload {
+            id: MessageId([3; 16]),
+            body: Body::Text {
+                text: "hi".into(),
+                sent_at_ms: 5,
+            },
+        };
+        assert_eq!(Payload::decode(&p.encode().unwrap()).unwrap(), p);
+        let big = Payload {
+            id: MessageId([3; 16]),
+            body: Body::Text {
+                text: "x".repeat(MAX_TEXT_BYTES + 1),
+                sent_at_ms: 5,
+            },
+        };
+        assert!(big.encode().is_err());
+        assert!(Payload::decode(&[9, 1, 2]).is_err());
+        assert!(Payload::decode(&[]).is_err());
+    }
+
+    #[test]
+    fn ranges_compress() {
+        assert_eq!(
+            to_ranges([1, 2, 3, 5, 7, 8]),
+            vec![
+                SeqRange { first: 1, last: 3 },
+                SeqRange { first: 5, last: 5 },
+                SeqRange { first: 7, last: 8 }
+            ]
+        );
+        assert!(to_ranges([]).is_empty());
+    }
+}

@@ -1,0 +1,202 @@
+//! Durable client state behind a small transactional key-value interface.
+//!
+//! The engine never calls storage. It *emits* a batch of [`StorageOp`]s per
+//! step, and the driver makes the batch durable (atomically) before it
+//! performs any other output of that step. At start-up the driver reads every
+//! engine record with [`Storage::load_state`] and hands them to
+//! [`crate::Engine::load`]. That keeps the engine synchronous and sans-IO,
+//! and lets an asynchronous backend (IndexedDB in the browser) implement the
+//! same two operations with `await`s in the driver.
+//!
+//! Keys live in two namespaces (see [`keys`] for the full layout):
+//!
+//! - `s/…` — engine state, loaded at start: identity, prekeys, sessions,
+//!   contacts, device lists, stream states, outbox, held out-of-order
+//!   messages, tombstones, counters, relay cursor.
+//! - `h/…` — history, written by the engine and only read by the app through
+//!   [`history`], never loaded into the engine.
+//!
+//! Values are one format byte ([`RECORD_VERSION`]) then postcard.
+//! Implementations: [`memory::MemoryStorage`] (tests, simulator) and, natively,
+//! [`file::FileStorage`] (a redb database: crash-safe, checksummed pages,
+//! repaired on open after a crash).
+
+pub mod keys;
+pub mod memory;
+
+#[cfg(not(target_arch = "wasm32"))]
+pub mod file;
+
+use crate::error::StorageError;
+use crate::state::{HistoryRecord, MessageState, Tombstone};
+use hush_protocol::{ConversationId, MessageId};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// One stored record: key and encoded value.
+pub type Record = (Vec<u8>, Vec<u8>);
+
+/// Format byte in front of every stored value.
+pub const RECORD_VERSION: u8 = 1;
+
+/// One write of a batch.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StorageOp {
+    /// Insert or replace a record.
+    Put {
+        /// The key (see [`keys`]).
+        key: Vec<u8>,
+        /// The encoded value.
+        value: Vec<u8>,
+    },
+    /// Remove a record (no-op if absent).
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
+}
+
+impl StorageOp {
+    /// The key this op writes.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            StorageOp::Put { key, .. } | StorageOp::Delete { key } => key,
+        }
+    }
+}
+
+impl std::fmt::Debug for StorageOp {
+    // Values hold secrets and message text: never print them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StorageOp::Put { key, value } => {
+                write!(f, "Put({}, {} bytes)", keys::printable(key), value.len())
+            }
+            StorageOp::Delete { key } => write!(f, "Delete({})", keys::printable(key)),
+        }
+    }
+}
+
+/// A transactional key-value store.
+///
+/// Contract: [`Storage::apply`] is atomic (all ops or none) and durable when
+/// it returns `Ok` (after a crash, either the whole batch is there or none of
+/// it). If `apply` fails the driver must not perform the step's other outputs;
+/// it drops the engine and rebuilds it from storage, exactly as after a crash.
+pub trait Storage {
+    /// Every record whose key starts with `prefix`, ascending by key.
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<Record>, StorageError>;
+
+    /// Up to `limit` records whose key starts with `prefix` and is strictly
+    /// below `before` (when given), in *descending* key order.
+    fn scan_back(
+        &self,
+        prefix: &[u8],
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Record>, StorageError>;
+
+    /// One record.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// Apply a batch atomically and durably.
+    fn apply(&mut self, batch: &[StorageOp]) -> Result<(), StorageError>;
+
+    /// Every engine record (the `s/` namespace), for [`crate::Engine::load`].
+    fn load_state(&self) -> Result<Vec<Record>, StorageError> {
+        self.scan_prefix(keys::STATE)
+    }
+}
+
+/// Encode a record: format byte then postcard.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
+    postcard::to_extend(value, vec![RECORD_VERSION])
+        .map_err(|_| StorageError::Backend("record does not encode".into()))
+}
+
+/// Decode a record, reporting the key on failure.
+pub fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StorageError> {
+    let corrupt = || StorageError::Corrupt {
+        key: keys::printable(key),
+    };
+    match bytes.split_first() {
+        Some((&RECORD_VERSION, rest)) => postcard::from_bytes(rest).map_err(|_| corrupt()),
+        _ => Err(corrupt()),
+    }
+}
+
+/// One message of a conversation's history, as the app shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// Position in this device's history of the conversation (ascending in
+    /// delivery order; pass it as `before` to page backwards).
+    pub order: u64,
+    /// The stored message.
+    pub record: HistoryRecord,
+    /// Marked read on this device or another device of the user.
+    pub read: bool,
+    /// For messages this user sent: the delivery state.
+    pub state: Option<MessageState>,
+}
+
+/// Page backwards through a conversation's history: up to `limit` messages
+/// delivered before position `before` (or the newest ones), returned oldest
+/// first. Deleted and recalled messages are left out.
+pub fn history<S: Storage + ?Sized>(
+    storage: &S,
+    conversation: &ConversationId,
+    before: Option<u64>,
+    limit: usize,
+) -> Result<Vec<HistoryEntry>, StorageError> {
+    let prefix = keys::history_order_prefix(conversation);
+    let before_key = before.map(|o| keys::history_order(conversation, o));
+    let mut out = Vec::new();
+    let mut cursor = before_key;
+    // Erased messages leave order records behind; keep paging until `limit`
+    // live messages are found or the conversation's start is reached.
+    while out.len() < limit {
+        let want = limit - out.len();
+        let rows = storage.scan_back(&prefix, cursor.as_deref(), want)?;
+        if rows.is_empty() {
+            break;
+        }
+        for (k, v) in &rows {
+            let order = keys::order_of(k).ok_or_else(|| StorageError::Corrupt {
+                key: keys::printable(k),
+            })?;
+            let id: MessageId = decode(k, v)?;
+            if storage.get(&keys::tombstone(&id))?.is_some() {
+                continue;
+            }
+            let mkey = keys::history_message(conversation, &id);
+            let Some(raw) = storage.get(&mkey)? else {
+                continue;
+            };
+            let record: HistoryRecord = decode(&mkey, &raw)?;
+            let read = storage.get(&keys::history_read(&id))?.is_some();
+            let skey = keys::history_state(&id);
+            let state = match storage.get(&skey)? {
+                Some(raw) => Some(decode::<MessageState>(&skey, &raw)?),
+                None => None,
+            };
+            out.push(HistoryEntry {
+                order,
+                record,
+                read,
+                state,
+            });
+        }
+        cursor = rows.last().map(|(k, _)| k.clone());
+    }
+    out.reverse();
+    Ok(out)
+}
+
+/// Whether a message was removed (recalled or deleted), and how.
+pub fn tombstone<S: Storage + ?Sized>(
+    storage: &S,
+    id: &MessageId,
+) -> Result<Option<Tombstone>, StorageError> {
+    let key = keys::tombstone(id);
+    storage.get(&key)?.map(|v| decode(&key, &v)).transpose()
+}

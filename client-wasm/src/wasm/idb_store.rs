@@ -1,0 +1,371 @@
+//! IndexedDB storage: the browser's durable home of a device.
+//!
+//! One database per storage name (`hush-client/<name>`), so two pages that
+//! open different storage names are two independent devices. Two object
+//! stores hold the engine's records under their full binary keys (IndexedDB
+//! orders binary keys bytewise, exactly the order [`crate::storage::keys`]
+//! is designed for):
+//!
+//! - `state` — the `s/…` namespace, read whole at start-up;
+//! - `history` — the `h/…` namespace, paged by the app and never loaded
+//!   into the engine.
+//!
+//! [`IdbStore::apply`] is the driver contract's "durable first": the whole
+//! batch goes into ONE readwrite transaction with `durability: "strict"`
+//! (the browser flushes to disk before reporting completion), and the call
+//! returns only when the transaction's `complete` event fired. An aborted
+//! or failed transaction applies none of the batch.
+
+use crate::StorageError;
+use crate::storage::StorageOp;
+use crate::storage::keys;
+use idb::{CursorDirection, Factory, KeyRange, ObjectStore, Query, Transaction};
+use js_sys::{ArrayBuffer, JsString, Uint8Array};
+use std::future::IntoFuture;
+use wasm_bindgen::closure::Closure;
+use wasm_bindgen::{JsCast, JsValue};
+use web_sys::{IdbDatabase, IdbTransactionDurability, IdbTransactionMode, IdbTransactionOptions};
+
+const STATE: &str = "state";
+const HISTORY: &str = "history";
+/// Version of the database layout (bumped with an upgrade step if the
+/// object stores ever change).
+const DB_VERSION: u32 = 1;
+
+/// The IndexedDB database name of a storage name.
+pub(crate) fn database_name(storage: &str) -> String {
+    format!("hush-client/{storage}")
+}
+
+fn backend(what: &str, e: impl std::fmt::Display) -> StorageError {
+    StorageError::Backend(format!("IndexedDB {what}: {e}"))
+}
+
+fn js_backend(what: &str, e: &JsValue) -> StorageError {
+    let text = e
+        .dyn_ref::<js_sys::Error>()
+        .map(|err| String::from(err.message()))
+        .or_else(|| e.as_string())
+        .unwrap_or_else(|| "unknown error".into());
+    StorageError::Backend(format!("IndexedDB {what}: {text}"))
+}
+
+/// The bytes of a stored key or value (an `ArrayBuffer` or a typed array).
+fn bytes_of(key_hint: &[u8], v: &JsValue) -> Result<Vec<u8>, StorageError> {
+    if v.is_instance_of::<ArrayBuffer>() || v.is_instance_of::<Uint8Array>() {
+        Ok(Uint8Array::new(v).to_vec())
+    } else {
+        Err(StorageError::Corrupt {
+            key: keys::printable(key_hint),
+        })
+    }
+}
+
+fn js_bytes(b: &[u8]) -> JsValue {
+    Uint8Array::from(b).into()
+}
+
+fn store_for(key: &[u8]) -> &'static str {
+    if key.starts_with(keys::HISTORY) {
+        HISTORY
+    } else {
+        STATE
+    }
+}
+
+/// Keys `[prefix, upper)` where `upper` is the end of the prefix or `before`,
+/// whichever is lower.
+fn prefix_range(prefix: &[u8], before: Option<&[u8]>) -> Result<KeyRange, StorageError> {
+    let upper = match (before, keys::prefix_end(prefix)) {
+        (Some(b), Some(end)) => Some(b.min(end.as_slice()).to_vec()),
+        (Some(b), None) => Some(b.to_vec()),
+        (None, end) => end,
+    };
+    let lower = js_bytes(prefix);
+    match upper {
+        Some(u) => KeyRange::bound(&lower, &js_bytes(&u), Some(false), Some(true)),
+        None => KeyRange::lower_bound(&lower, Some(false)),
+    }
+    .map_err(|e| backend("key range", e))
+}
+
+/// An open client database.
+pub(crate) struct IdbStore {
+    db: IdbDatabase,
+    name: String,
+    // Keeps the `versionchange` handler alive as long as the connection.
+    _on_version_change: Closure<dyn FnMut(web_sys::Event)>,
+}
+
+impl std::fmt::Debug for IdbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdbStore")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl IdbStore {
+    /// Open (creating on first use) the database of a storage name.
+    pub async fn open(storage: &str) -> Result<IdbStore, StorageError> {
+        let name = database_name(storage);
+        let factory = Factory::new().map_err(|e| backend("is not available", e))?;
+        let mut request = factory
+            .open(&name, Some(DB_VERSION))
+            .map_err(|e| backend("open", e))?;
+        request.on_upgrade_needed(|event| {
+            use idb::DatabaseEvent;
+            // Runs inside the versionchange transaction; a failure here
+            // aborts it and the open request below reports the error.
+            if let Ok(db) = event.database() {
+                let names = db.store_names();
+                for store in [STATE, HISTORY] {
+                    if !names.iter().any(|n| n == store) {
+                        let _ = db.create_object_store(store, idb::ObjectStoreParams::new());
+                    }
+                }
+            }
+        });
+        let database = request.await.map_err(|e| backend("open", e))?;
+        let db = IdbDatabase::from(database);
+        let names = db.object_store_names();
+        for store in [STATE, HISTORY] {
+            if !names.contains(store) {
+                db.close();
+                return Err(StorageError::Backend(format!(
+                    "IndexedDB database `{name}` has no `{store}` store (not a Hush client database?)"
+                )));
+            }
+        }
+        // Another page deleting or upgrading this database must not be
+        // blocked forever by this connection: close it. Later writes then
+        // fail with a storage error, which the app sees.
+        let handle = db.clone();
+        let on_version_change =
+            Closure::<dyn FnMut(web_sys::Event)>::new(move |_e: web_sys::Event| handle.close());
+        db.set_onversionchange(Some(on_version_change.as_ref().unchecked_ref()));
+        Ok(IdbStore {
+            db,
+            name,
+            _on_version_change: on_version_change,
+        })
+    }
+
+    /// Close the connection (pending transactions still finish).
+    pub fn close(&self) {
+        self.db.set_onversionchange(None);
+        self.db.close();
+    }
+
+    fn transaction(&self, mode: IdbTransactionMode) -> Result<Transaction, StorageError> {
+        let stores = [JsString::from(STATE), JsString::from(HISTORY)];
+        let options = IdbTransactionOptions::new();
+        // Durable before "complete": what the driver contract needs. Read
+        // transactions ignore the hint.
+        options.set_durability(IdbTransactionDurability::Strict);
+        let txn = self
+            .db
+            .transaction_with_str_sequence_and_mode_and_options(&stores, mode, &options)
+            .map_err(|e| js_backend("transaction", &e))?;
+        Ok(Transaction::from(txn))
+    }
+
+    fn stores(txn: &Transaction) -> Result<(ObjectStore, ObjectStore), StorageError> {
+        let state = txn
+            .object_store(STATE)
+            .map_err(|e| backend("object store", e))?;
+        let history = txn
+            .object_store(HISTORY)
+            .map_err(|e| backend("object store", e))?;
+        Ok((state, history))
+    }
+
+    /// Apply a batch atomically and durably: one readwrite transaction,
+    /// awaited until the browser reports it committed.
+    pub async fn apply(&self, batch: &[StorageOp]) -> Result<(), StorageError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let txn = self.transaction(IdbTransactionMode::Readwrite)?;
+        let (state, history) = Self::stores(&txn)?;
+        for op in batch {
+            let store = if store_for(op.key()) == HISTORY {
+                &history
+            } else {
+                &state
+            };
+            let key = js_bytes(op.key());
+            // Requests are queued in order; a failing one aborts the whole
+            // transaction, which the completion below reports.
+            match op {
+                StorageOp::Put { value, .. } => {
+                    store
+                        .put(&js_bytes(value), Some(&key))
+                        .map_err(|e| backend("put", e))?;
+                }
+                StorageOp::Delete { .. } => {
+                    store
+                        .delete(Query::Key(key))
+                        .map_err(|e| backend("delete", e))?;
+                }
+            }
+        }
+        let outcome = txn
+            .commit()
+            .map_err(|e| backend("commit", e))?
+            .await
+            .map_err(|e| backend("transaction", e))?;
+        if outcome.is_committed() {
+            Ok(())
+        } else {
+            Err(StorageError::Backend(
+                "IndexedDB transaction was aborted (quota exceeded or database closed?)".into(),
+            ))
+        }
+    }
+
+    /// Every engine record (`s/…`), ascending by key.
+    pub async fn load_state(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let txn = self.transaction(IdbTransactionMode::Readonly)?;
+        let (state, _) = Self::stores(&txn)?;
+        let range = prefix_range(keys::STATE, None)?;
+        // Both requests get their handlers now (`into_future`), before the
+        // first answer can arrive.
+        let keys_req = state
+            .get_all_keys(Some(Query::KeyRange(range.clone())), None)
+            .map_err(|e| backend("read", e))?
+            .into_future();
+        let values_req = state
+            .get_all(Some(Query::KeyRange(range)), None)
+            .map_err(|e| backend("read", e))?
+            .into_future();
+        let ks = keys_req.await.map_err(|e| backend("read", e))?;
+        let vs = values_req.await.map_err(|e| backend("read", e))?;
+        if ks.len() != vs.len() {
+            return Err(StorageError::Backend(
+                "IndexedDB returned different numbers of keys and values".into(),
+            ));
+        }
+        let mut out = Vec::with_capacity(ks.len());
+        for (k, v) in ks.iter().zip(vs.iter()) {
+            let key = bytes_of(b"s/?", k)?;
+            let value = bytes_of(&key, v)?;
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// A read-only view for several reads that see one consistent snapshot.
+    pub fn reader(&self) -> Result<Reader, StorageError> {
+        let txn = self.transaction(IdbTransactionMode::Readonly)?;
+        let (state, history) = Self::stores(&txn)?;
+        Ok(Reader {
+            _txn: txn,
+            state,
+            history,
+        })
+    }
+}
+
+/// Reads inside one read-only transaction.
+///
+/// IndexedDB ends a transaction once no request is pending when control
+/// returns to the event loop, so a reader must only await its own requests
+/// (never timers or the network) and be dropped after its last read.
+pub(crate) struct Reader {
+    _txn: Transaction,
+    state: ObjectStore,
+    history: ObjectStore,
+}
+
+impl Reader {
+    fn store(&self, key: &[u8]) -> &ObjectStore {
+        if store_for(key) == HISTORY {
+            &self.history
+        } else {
+            &self.state
+        }
+    }
+
+    /// Start reading one record; await the result with [`PendingGet::value`].
+    /// Starting several reads before awaiting any lets IndexedDB serve them
+    /// in one go (each gets its handlers at once, so none can be missed).
+    pub fn start_get(&self, key: &[u8]) -> Result<PendingGet, StorageError> {
+        let req = self
+            .store(key)
+            .get(Query::Key(js_bytes(key)))
+            .map_err(|e| backend("read", e))?
+            .into_future();
+        Ok(PendingGet {
+            key: key.to_vec(),
+            req,
+        })
+    }
+
+    /// Up to `limit` records under `prefix` strictly below `before`, in
+    /// descending key order (the same contract as `Storage::scan_back`).
+    pub async fn scan_back(
+        &self,
+        prefix: &[u8],
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let range = prefix_range(prefix, before)?;
+        let cursor = self
+            .store(prefix)
+            .open_cursor(Some(Query::KeyRange(range)), Some(CursorDirection::Prev))
+            .map_err(|e| backend("cursor", e))?
+            .await
+            .map_err(|e| backend("cursor", e))?;
+        let Some(cursor) = cursor else {
+            return Ok(out);
+        };
+        let mut cursor = cursor.into_managed();
+        while out.len() < limit {
+            let (Some(k), Some(v)) = (
+                cursor.key().map_err(|e| backend("cursor", e))?,
+                cursor.value().map_err(|e| backend("cursor", e))?,
+            ) else {
+                break;
+            };
+            let key = bytes_of(prefix, &k)?;
+            let value = bytes_of(&key, &v)?;
+            out.push((key, value));
+            if out.len() < limit {
+                cursor.next(None).await.map_err(|e| backend("cursor", e))?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A read in flight.
+pub(crate) struct PendingGet {
+    key: Vec<u8>,
+    req: idb::request::futures::GetStoreRequestFuture,
+}
+
+impl PendingGet {
+    /// The record, once IndexedDB answered.
+    pub async fn value(self) -> Result<Option<Vec<u8>>, StorageError> {
+        let v = self.req.await.map_err(|e| backend("read", e))?;
+        match v {
+            Some(v) if !v.is_undefined() => Ok(Some(bytes_of(&self.key, &v)?)),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Delete a storage name's database (every record of that device).
+pub(crate) async fn delete_database(storage: &str) -> Result<(), StorageError> {
+    let factory = Factory::new().map_err(|e| backend("is not available", e))?;
+    factory
+        .delete(&database_name(storage))
+        .map_err(|e| backend("delete database", e))?
+        .await
+        .map_err(|e| backend("delete database", e))
+}

@@ -1,0 +1,197 @@
+//! The browser driver and JavaScript bindings (wasm32 only).
+//!
+//! Built into the npm package `hush-client` (`cargo xtask build-wasm`):
+//!
+//! ```js
+//! import init, { Client } from "hush-client";
+//! await init();
+//! const client = await Client.open({
+//!   relayUrl: "https://127.0.0.1:4433/", certHash: "<hex sha256>",
+//!   storage: "alice", name: "Alice",   // `name` creates the user on first open
+//! });
+//! client.on("message", (m) => console.log(m.contact, m.text));
+//! await client.addContact("Bob", bobsContactCode);
+//! const id = await client.send("Bob", "hi");
+//! ```
+//!
+//! Modules:
+//! - [`client`] — the `Client` class: options, commands, getters, listeners.
+//! - `driver` — the single-threaded loop around the engine that performs
+//!   every step in the driver-contract order (storage durable, then frames,
+//!   then events), timers, reconnects, rebuild after a failure.
+//! - `idb_store` — IndexedDB storage: one database per storage name, one
+//!   readwrite transaction (strict durability) per step.
+//! - `history` — history pages and message look-ups read from IndexedDB.
+//! - `transport` — WebTransport session and frame stream.
+//! - `lock` — one open client per storage name across tabs (Web Locks).
+//! - `convert` — events, entries, errors and options at the JS boundary.
+
+pub mod client;
+mod convert;
+mod driver;
+mod history;
+mod idb_store;
+mod lock;
+mod transport;
+
+pub use client::Client;
+
+use wasm_bindgen::prelude::wasm_bindgen;
+
+#[wasm_bindgen(typescript_custom_section)]
+const TS_TYPES: &'static str = r#"
+/** Options of `Client.open`. */
+export interface OpenOptions {
+  /** Storage name: one IndexedDB database, one device. */
+  storage: string;
+  /** WebTransport URL of the relay, e.g. "https://127.0.0.1:4433/". Required to create a user; defaults to the stored relay. */
+  relayUrl?: string;
+  /** Hex SHA-256 of a self-signed relay certificate (what the relay serves at /certificate.sha256). */
+  certHash?: string;
+  /** Display name; creates a new user when the storage holds no device yet. */
+  name?: string;
+  /** Connect right away (default true); `false` waits for `setOnline(true)`. */
+  online?: boolean;
+}
+
+/** Options of `Client.link`. */
+export interface LinkOptions {
+  /** Storage name for the new device (must be empty). */
+  storage: string;
+  /** The `hush-link:` code made by `linkCode()` on an existing device. */
+  code: string;
+  relayUrl?: string;
+  certHash?: string;
+  online?: boolean;
+}
+
+export interface HistoryOptions {
+  /** Page backwards from this position (an entry's `order`); omit for the newest. */
+  before?: number;
+  /** Messages per page: default 50, at most 500. */
+  limit?: number;
+}
+
+export type MessageState = "sending" | "stored" | "delivered" | "read" | "failed";
+export type ConnectionState = "offline" | "connecting" | "syncing" | "live";
+
+/** Stable codes of the `HushError`s the client rejects with. */
+export type HushErrorCode =
+  | "invalid_argument" | "unknown" | "not_allowed" | "bad_code" | "too_large"
+  | "storage" | "crypto" | "protocol" | "no_device" | "locked" | "closed"
+  | "busy" | "unsupported" | "internal";
+
+/** Every rejection is an `Error` with `name === "HushError"` and a `code`. */
+export interface HushError extends Error {
+  name: "HushError";
+  code: HushErrorCode;
+}
+
+/** A stored message (ids are lowercase hex; times are ms since the epoch). */
+export interface MessageRecord {
+  id: string;
+  conversation: string;
+  /** Display name of the contact the conversation is with. */
+  contact: string | null;
+  fromUser: string;
+  fromDevice: string;
+  senderSeq: number;
+  sentAt: number;
+  storedAt: number;
+  text: string;
+  /** Written by this user (on this or another of their devices). */
+  outgoing: boolean;
+}
+
+export interface HistoryEntry extends MessageRecord {
+  /** Position in this device's history; pass as `before` to page back. */
+  order: number;
+  read: boolean;
+  /** Delivery state of a message this user sent. */
+  state: MessageState | null;
+}
+
+export interface MessageEvent extends MessageRecord { type: "message" }
+export interface StateEvent { type: "state"; id: string; conversation: string; state: MessageState }
+export interface RemovedEvent { type: "removed"; id: string; conversation: string; reason: "recalled" | "deleted" }
+export interface ReadEvent { type: "read"; conversation: string; ids: string[] }
+export interface ProgressEvent { type: "progress"; done: number; total: number }
+export interface GapEvent {
+  type: "gap";
+  kind: "detected" | "recovered" | "unrecoverable";
+  conversation: string;
+  contact: string | null;
+  fromDevice: string;
+  count: number;
+}
+export interface RotationEvent { type: "rotation"; device: string; epoch: number }
+export interface ConnectionEvent { type: "connection"; state: ConnectionState }
+export interface ContactEvent { type: "contact"; user: string; name: string; conversation: string }
+export interface DevicesEvent { type: "devices"; user: string; contact: string | null; devices: string[] }
+/** `self: true` on a new device once welcomed; `false` (with `device`) on the device that issued the code. */
+export interface LinkedEvent { type: "linked"; self: boolean; device?: string }
+export interface WarningEvent { type: "warning"; message: string }
+/** A failure; `fatal: false` means the client rebuilt itself from storage and carries on. */
+export interface ErrorEvent { type: "error"; code: HushErrorCode; message: string; fatal: boolean }
+
+export type HushEvent =
+  | MessageEvent | StateEvent | RemovedEvent | ReadEvent | ProgressEvent | GapEvent
+  | RotationEvent | ConnectionEvent | ContactEvent | DevicesEvent | LinkedEvent
+  | WarningEvent | ErrorEvent;
+
+export interface HushEventMap {
+  message: MessageEvent;
+  state: StateEvent;
+  removed: RemovedEvent;
+  read: ReadEvent;
+  progress: ProgressEvent;
+  gap: GapEvent;
+  rotation: RotationEvent;
+  connection: ConnectionEvent;
+  contact: ContactEvent;
+  devices: DevicesEvent;
+  linked: LinkedEvent;
+  warning: WarningEvent;
+  error: ErrorEvent;
+  "*": HushEvent;
+}
+export type HushEventType = keyof HushEventMap;
+
+export interface Conversation { conversation: string; name: string; user: string; devices: number }
+
+export interface Status {
+  storage: string;
+  state: ConnectionState;
+  /** What `setOnline` last asked for. */
+  online: boolean;
+  device: string;
+  user: string;
+  name: string;
+  /** Relay address as contact codes carry it (host:port). */
+  relay: string;
+  relayUrl: string;
+  /** Messages not yet stored by the relay. */
+  unsent: number;
+}
+
+export interface Counters {
+  duplicatesDropped: number;
+  outOfOrder: number;
+  gapsDetected: number;
+  recovered: number;
+  unrecoverable: number;
+  rejected: number;
+  resent: number;
+  probes: number;
+  suppressed: number;
+}
+
+export interface Client {
+  /** Listen to events of one type (`"*"` for all); returns a function that removes the listener. */
+  on<K extends HushEventType>(eventType: K, listener: (event: HushEventMap[K]) => void): () => void;
+  /** Stop listening (the same type and function given to `on`). */
+  off<K extends HushEventType>(eventType: K, listener: (event: HushEventMap[K]) => void): void;
+  addEventListener<K extends HushEventType>(eventType: K, listener: (event: HushEventMap[K]) => void): void;
+  removeEventListener<K extends HushEventType>(eventType: K, listener: (event: HushEventMap[K]) => void): void;
+}
+"#;
