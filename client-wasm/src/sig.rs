@@ -6,50 +6,18 @@
 //! ([`hush_protocol::DeviceRegistration::certificate_bytes`], signed by the
 //! user identity) and the device list
 //! ([`hush_protocol::DeviceList::signing_bytes`], signed by the user identity).
-//! `hush-crypto` signs with its own domain-separated layout instead, so this
-//! module produces the protocol's layout from the same keys. It reads the
-//! Ed25519 seed out of the identity's versioned record and checks that it
-//! reproduces the identity's public key, so a change of the record format
-//! shows up as a typed error, never as a wrong signature.
+//! These layouts carry their own domain prefixes, so they are signed with
+//! `hush-crypto`'s `sign_prefixed` (plain Ed25519 over the given bytes) and
+//! checked with `verify_prefixed`.
 //!
 //! Peers verify device lists here too ([`verify_device_list`]), with the
 //! user key pinned by the contact code.
 
 use crate::error::ClientError;
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
-use hush_crypto::{CryptoError, DeviceIdentity, UserIdentity};
+use hush_crypto::{CryptoError, DeviceIdentity, UserIdentity, verify_prefixed};
 use hush_protocol::{
     DeviceId, DeviceList, DeviceRegistration, SignedDeviceList, UserKey, auth_challenge_bytes,
 };
-use zeroize::Zeroizing;
-
-/// Recover the Ed25519 key from a `V1` record: variant 0, then the 32-byte seed.
-fn seed_key(record: &[u8], expected_public: &[u8; 32]) -> Result<SigningKey, ClientError> {
-    let seed: Zeroizing<[u8; 32]> = Zeroizing::new(
-        record
-            .get(1..33)
-            .filter(|_| record.first() == Some(&0))
-            .and_then(|s| s.try_into().ok())
-            .ok_or(ClientError::Crypto(CryptoError::MalformedState(
-                "identity record",
-            )))?,
-    );
-    let key = SigningKey::from_bytes(&seed);
-    if key.verifying_key().to_bytes() != *expected_public {
-        return Err(ClientError::Crypto(CryptoError::MalformedState(
-            "identity record layout",
-        )));
-    }
-    Ok(key)
-}
-
-fn device_key(identity: &DeviceIdentity) -> Result<SigningKey, ClientError> {
-    seed_key(&identity.to_bytes()?, &identity.public().signing)
-}
-
-fn user_key(identity: &UserIdentity) -> Result<SigningKey, ClientError> {
-    seed_key(&identity.to_bytes()?, &identity.public())
-}
 
 /// The `Auth`/`Register` proof for this connection's challenge.
 pub(crate) fn auth_signature(
@@ -57,9 +25,7 @@ pub(crate) fn auth_signature(
     challenge: &[u8; 32],
     device: &DeviceId,
 ) -> Result<[u8; 64], ClientError> {
-    Ok(device_key(identity)?
-        .sign(&auth_challenge_bytes(challenge, device))
-        .to_bytes())
+    Ok(identity.sign_prefixed(&auth_challenge_bytes(challenge, device)))
 }
 
 /// A device registration with the user identity's certificate signature.
@@ -76,7 +42,7 @@ pub(crate) fn registration(
         agreement_key: public.agreement,
         user_signature: [0u8; 64],
     };
-    reg.user_signature = user_key(user)?.sign(&reg.certificate_bytes()).to_bytes();
+    reg.user_signature = user.sign_prefixed(&reg.certificate_bytes());
     Ok(reg)
 }
 
@@ -85,7 +51,7 @@ pub(crate) fn sign_device_list(
     user: &UserIdentity,
     list: DeviceList,
 ) -> Result<SignedDeviceList, ClientError> {
-    let signature = user_key(user)?.sign(&list.signing_bytes()?).to_bytes();
+    let signature = user.sign_prefixed(&list.signing_bytes()?);
     Ok(SignedDeviceList { list, signature })
 }
 
@@ -98,19 +64,19 @@ pub fn verify_device_list(list: &SignedDeviceList, user: &UserKey) -> Result<(),
     if list.list.devices.len() > hush_protocol::limits::MAX_DEVICES_PER_USER {
         return Err(ClientError::Crypto(CryptoError::MalformedDeviceList));
     }
-    let key = VerifyingKey::from_bytes(user.as_bytes())
-        .map_err(|_| ClientError::Crypto(CryptoError::BadKey))?;
-    key.verify_strict(
+    verify_prefixed(
+        user.as_bytes(),
         &list.list.signing_bytes()?,
-        &Signature::from_bytes(&list.signature),
+        &list.signature,
     )
-    .map_err(|_| ClientError::Crypto(CryptoError::BadSignature))
+    .map_err(ClientError::Crypto)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use chacha20::ChaCha20Rng;
+    use ed25519_dalek::{Signature, VerifyingKey};
     use rand_core::SeedableRng;
 
     #[test]

@@ -96,6 +96,17 @@ pub fn verify(public: &[u8; 32], msg: &[u8], sig: &[u8; 64]) -> Result<(), Crypt
     verify_domain(public, DOMAIN_GENERIC, &[msg], sig)
 }
 
+/// Verifies a signature made by `sign_prefixed` over bytes that carry their own
+/// Hush wire-protocol domain prefix (strict Ed25519 verification).
+///
+/// # Errors
+/// [`CryptoError::BadKey`] for an invalid public key, [`CryptoError::BadSignature`] otherwise.
+pub fn verify_prefixed(public: &[u8; 32], msg: &[u8], sig: &[u8; 64]) -> Result<(), CryptoError> {
+    let key = VerifyingKey::from_bytes(public).map_err(|_| CryptoError::BadKey)?;
+    key.verify_strict(msg, &Signature::from_bytes(sig))
+        .map_err(|_| CryptoError::BadSignature)
+}
+
 /// Verifies a relay authentication response (the relay calls this).
 ///
 /// The signed bytes are `"hush-auth-v1" ‖ 0x00 ‖ device_id ‖ challenge`, binding the
@@ -169,6 +180,13 @@ impl DeviceIdentity {
     /// Signs an application message (domain [`DOMAIN_GENERIC`]); check with [`verify`].
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         sign_domain(&self.signing, DOMAIN_GENERIC, &[msg])
+    }
+
+    /// Signs bytes that already begin with a Hush wire-protocol domain prefix
+    /// (`hush-protocol`'s auth-challenge layout): plain Ed25519 over `msg`,
+    /// checked with [`verify_prefixed`]. Never pass bytes without such a prefix.
+    pub fn sign_prefixed(&self, msg: &[u8]) -> [u8; 64] {
+        self.signing.sign(msg).to_bytes()
     }
 
     /// Answers a relay authentication challenge; checked by [`verify_auth_challenge`].
@@ -379,6 +397,14 @@ impl UserIdentity {
     /// The Ed25519 public key peers pin for this user.
     pub fn public(&self) -> [u8; 32] {
         self.signing.verifying_key().to_bytes()
+    }
+
+    /// Signs bytes that already begin with a Hush wire-protocol domain prefix
+    /// (`hush-protocol`'s device-certificate and device-list layouts): plain
+    /// Ed25519 over `msg`, checked with [`verify_prefixed`]. Never pass bytes without
+    /// such a prefix.
+    pub fn sign_prefixed(&self, msg: &[u8]) -> [u8; 64] {
+        self.signing.sign(msg).to_bytes()
     }
 
     /// Signs a device list; the entries are sorted by device id first.

@@ -75,6 +75,7 @@ pub use header::{RATCHET_HEADER_LEN, RatchetHeader, SESSION_INIT_LEN, SessionIni
 pub use identity::{
     DOMAIN_AUTH, DOMAIN_DEVICES, DOMAIN_GENERIC, DOMAIN_PREKEY, DeviceEntry, DeviceIdentity,
     DevicePublic, MAX_DEVICES, SignedDeviceList, UserIdentity, verify, verify_auth_challenge,
+    verify_prefixed,
 };
 pub use kdf::{MESSAGE_INFO, RATCHET_INFO, RESEED_INFO, X3DH_INFO};
 pub use padding::{LARGE_BUCKET_STEP, MIN_BUCKET, pad, padded_len, unpad};
