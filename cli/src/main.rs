@@ -1,3 +1,213 @@
-//! The `hush` command-line client.
+//! `hush`: the Hush command-line client.
+//!
+//! Each invocation is one short-lived process working on one device's home
+//! directory (`--home`, `$HUSH_HOME` or `~/.hush`). See `hush --help`.
 
-fn main() {}
+use clap::{Parser, Subcommand};
+use hush_cli::CliError;
+use hush_cli::commands;
+use hush_cli::driver::StopSignal;
+use hush_cli::home::Home;
+use hush_cli::output::{Style, err_line};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// End-to-end encrypted messages through a Hush relay.
+///
+/// Exit status: 0 success; 1 error; 2 usage; 3 relay unreachable;
+/// 4 certificate mismatch or untrusted; 5 not confirmed in time (a sent
+/// message stays in the outbox); 6 not initialised, already initialised, or
+/// the home directory is in use by another hush process.
+#[derive(Debug, Parser)]
+#[command(name = "hush", version)]
+struct Cli {
+    /// This device's directory (default: $HUSH_HOME, else ~/.hush).
+    #[arg(long, global = true, env = "HUSH_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create this device: a new user, or (with --link) another device of an existing one.
+    Init {
+        /// The relay, HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        relay: String,
+        /// Pin the relay's certificate by the SHA-256 of its DER (hex).
+        /// Without it, the certificate must verify against the system roots.
+        #[arg(long, value_name = "HEX")]
+        cert_hash: Option<String>,
+        /// Your display name (new users; default $USER).
+        #[arg(long, conflicts_with = "link")]
+        name: Option<String>,
+        /// A link code from `hush link-code` on one of your devices.
+        #[arg(long, value_name = "CODE")]
+        link: Option<String>,
+        /// With --link: how long to wait for the other device's welcome.
+        #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds)]
+        wait: Duration,
+    },
+    /// Print this user's contact code (give it to people who should reach you).
+    Code,
+    /// Print a one-time code that links a new device to this user (secret).
+    LinkCode,
+    /// Manage contacts.
+    Contact {
+        #[command(subcommand)]
+        command: ContactCmd,
+    },
+    /// Send a message; exits 0 once the relay stored it.
+    Send {
+        /// The contact's name.
+        name: String,
+        /// The text.
+        text: String,
+        /// How long to try before giving up (the message stays in the outbox).
+        #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = seconds)]
+        wait: Duration,
+    },
+    /// Connect, fetch everything waiting, repair gaps, print new messages, exit.
+    Sync {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for senders to resend missing messages.
+        #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds)]
+        wait: Duration,
+    },
+    /// Stay connected and print messages as they arrive (until Ctrl-C / SIGTERM).
+    Listen {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Outbox states, open gaps and counters (offline).
+    Status {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the conversation with a contact (offline).
+    History {
+        /// The contact's name.
+        name: String,
+        /// How many of the latest messages.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark every message from a contact read (syncs to your other devices,
+    /// sends read receipts).
+    Read {
+        /// The contact's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ContactCmd {
+    /// Add a contact under a name of your choice.
+    Add {
+        /// The name to use for them.
+        name: String,
+        /// Their contact code (`hush-contact:…`).
+        code: String,
+    },
+    /// List contacts.
+    List {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn seconds(text: &str) -> Result<Duration, String> {
+    let v: f64 = text.parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !v.is_finite() || !(0.0..=86_400.0).contains(&v) {
+        return Err("must be between 0 and 86400 seconds".into());
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn style(json: bool) -> Style {
+    if json { Style::Json } else { Style::Human }
+}
+
+/// SIGINT or SIGTERM.
+fn stop_signal() -> StopSignal {
+    Box::pin(async {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    })
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let home = Home::resolve(cli.home)?;
+    match cli.command {
+        Cmd::Init {
+            relay,
+            cert_hash,
+            name,
+            link,
+            wait,
+        } => commands::init(&home, relay, cert_hash, name, link, wait).await,
+        Cmd::Code => commands::code(&home),
+        Cmd::LinkCode => commands::link_code(&home).await,
+        Cmd::Contact {
+            command: ContactCmd::Add { name, code },
+        } => commands::contact_add(&home, name, code).await,
+        Cmd::Contact {
+            command: ContactCmd::List { json },
+        } => commands::contact_list(&home, style(json)),
+        Cmd::Send { name, text, wait } => commands::send(&home, name, text, wait).await,
+        Cmd::Sync { json, wait } => commands::sync(&home, style(json), wait).await,
+        Cmd::Listen { json } => commands::listen(&home, style(json), stop_signal()).await,
+        Cmd::Status { json } => commands::status(&home, style(json)),
+        Cmd::History { name, limit, json } => commands::history(&home, name, limit, style(json)),
+        Cmd::Read { name } => commands::read(&home, name).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            err_line(&format!("hush: cannot start the runtime: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            err_line(&format!("hush: {e}"));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

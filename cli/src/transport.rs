@@ -1,0 +1,403 @@
+//! The native transport: one QUIC connection to the relay with ALPN
+//! `hush/1`, one bidirectional stream, length-prefixed frames both ways.
+//!
+//! Certificates are checked in one of two ways:
+//!
+//! - **pinned** (`--cert-hash HEX`): exactly the certificate whose DER hashes
+//!   to that SHA-256 is accepted — what a relay with a self-signed
+//!   development certificate needs. The handshake signature is still
+//!   verified with the certificate's key, so holding a copy of the
+//!   certificate is not enough to impersonate the relay. A different
+//!   certificate is reported with both hashes, so the user can tell a
+//!   renewed certificate from an impostor.
+//! - **system roots**: ordinary WebPKI verification against the operating
+//!   system's trust store, for relays with a CA-issued certificate.
+//!
+//! Frames are read by a separate task that decodes them and hands them over
+//! a bounded channel: decoding overlaps with the engine's work, and when
+//! the engine falls behind the channel fills, the task stops reading and
+//! QUIC flow control slows the relay down.
+
+use crate::error::CliError;
+use hush_protocol::{ALPN_HUSH, FrameBuffer, ServerFrame};
+use rustls::DigitallySignedStruct;
+use rustls::SignatureScheme;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// A quiet connection is given up after this long (keep-alives every third
+/// of it keep a healthy idle `listen` connection open).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A write that makes no progress for this long means the connection is dead.
+const WRITE_BOUND: Duration = Duration::from_secs(10);
+/// Frames buffered between the reader task and the engine.
+const FRAME_QUEUE: usize = 64;
+/// Bytes asked of the stream per read.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// How the relay's certificate is checked.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum CertCheck {
+    /// Accept exactly the certificate with this DER SHA-256.
+    Pinned([u8; 32]),
+    /// Verify against the operating system's trust roots.
+    SystemRoots,
+}
+
+impl std::fmt::Debug for CertCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertCheck::Pinned(h) => write!(f, "Pinned({})", hex::encode(h)),
+            CertCheck::SystemRoots => f.write_str("SystemRoots"),
+        }
+    }
+}
+
+impl CertCheck {
+    /// Parse `--cert-hash`: 64 hex digits, optionally with `:` separators.
+    pub fn parse_hash(text: &str) -> Result<[u8; 32], CliError> {
+        let clean: String = text.trim().chars().filter(|c| *c != ':').collect();
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(&clean, &mut out).map_err(|e| CliError::Invalid {
+            what: "certificate hash",
+            reason: format!("{e} (expected 64 hex digits, the SHA-256 of the relay's certificate)"),
+        })?;
+        Ok(out)
+    }
+}
+
+/// Where the relay is and how to trust it.
+#[derive(Debug, Clone)]
+pub struct RelayTarget {
+    /// `HOST:PORT`.
+    pub addr: String,
+    /// Certificate check.
+    pub cert: CertCheck,
+}
+
+/// Split `HOST:PORT` (IPv6 hosts in brackets) into the TLS server name and
+/// the address to resolve.
+fn server_name(addr: &str) -> Result<String, CliError> {
+    let invalid = |reason: &str| CliError::Invalid {
+        what: "relay address",
+        reason: format!("{addr:?}: {reason} (expected HOST:PORT)"),
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| invalid("no port"))?;
+    port.parse::<u16>().map_err(|_| invalid("bad port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(invalid("no host"));
+    }
+    Ok(host.to_string())
+}
+
+/// Check a relay address without connecting.
+pub fn validate_addr(addr: &str) -> Result<(), CliError> {
+    server_name(addr).map(|_| ())
+}
+
+/// Accepts exactly one certificate (by DER SHA-256) and remembers what a
+/// mismatching relay presented.
+#[derive(Debug)]
+struct PinnedVerifier {
+    expected: [u8; 32],
+    presented: Arc<Mutex<Option<[u8; 32]>>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let mut got = [0u8; 32];
+        got.copy_from_slice(Sha256::digest(end_entity.as_ref()).as_slice());
+        if got == self.expected {
+            return Ok(ServerCertVerified::assertion());
+        }
+        if let Ok(mut slot) = self.presented.lock() {
+            *slot = Some(got);
+        }
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::ApplicationVerificationFailure,
+        ))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+fn system_roots() -> Result<rustls::RootCertStore, CliError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (_added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if roots.is_empty() {
+        return Err(CliError::Transport(
+            "no trust roots found in the system store; pass --cert-hash to pin the relay's certificate"
+                .into(),
+        ));
+    }
+    Ok(roots)
+}
+
+fn client_config(
+    cert: CertCheck,
+    presented: Arc<Mutex<Option<[u8; 32]>>>,
+) -> Result<quinn::ClientConfig, CliError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| CliError::Transport(format!("TLS: {e}")))?;
+    let mut tls = match cert {
+        CertCheck::Pinned(expected) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                expected,
+                presented,
+                algorithms: provider.signature_verification_algorithms,
+            }))
+            .with_no_client_auth(),
+        CertCheck::SystemRoots => builder
+            .with_root_certificates(system_roots()?)
+            .with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![ALPN_HUSH.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| CliError::Transport(format!("QUIC TLS: {e}")))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
+        .map_err(|e| CliError::Transport(format!("idle timeout: {e}")))?;
+    transport.max_idle_timeout(Some(idle));
+    transport.keep_alive_interval(Some(IDLE_TIMEOUT / 3));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// What the reader task hands the driver.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A decoded frame from the relay.
+    Frame(ServerFrame),
+    /// The stream ended or failed (the reason, for diagnostics).
+    Closed(String),
+}
+
+/// One open connection to the relay.
+pub struct Conn {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+    frames: mpsc::Receiver<Incoming>,
+    reader: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("remote", &self.connection.remote_address())
+            .finish_non_exhaustive()
+    }
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    let mut addrs = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("cannot resolve: {e}"))?;
+    addrs.next().ok_or_else(|| "name resolves to no address".to_string())
+}
+
+/// Open a connection and its stream within `bound`.
+///
+/// A certificate problem is its own error (retrying cannot fix it); every
+/// other failure is [`CliError::Unreachable`].
+pub async fn connect(target: &RelayTarget, bound: Duration) -> Result<Conn, CliError> {
+    let unreachable = |reason: String| CliError::Unreachable {
+        addr: target.addr.clone(),
+        reason,
+    };
+    let host = server_name(&target.addr)?;
+    let presented = Arc::new(Mutex::new(None));
+    let config = client_config(target.cert, presented.clone())?;
+    let attempt = async {
+        let remote = resolve(&target.addr).await.map_err(unreachable)?;
+        let local: SocketAddr = if remote.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let mut endpoint = quinn::Endpoint::client(local)
+            .map_err(|e| CliError::Transport(format!("UDP socket: {e}")))?;
+        endpoint.set_default_client_config(config);
+        let connecting = endpoint
+            .connect(remote, &host)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let connection = match connecting.await {
+            Ok(c) => c,
+            Err(e) => {
+                let pinned = presented.lock().ok().and_then(|g| *g);
+                return Err(match (pinned, target.cert) {
+                    (Some(got), CertCheck::Pinned(expected)) => CliError::CertMismatch {
+                        presented: hex::encode(got),
+                        expected: hex::encode(expected),
+                    },
+                    (None, CertCheck::SystemRoots) if is_cert_error(&e) => CliError::CertUntrusted {
+                        addr: target.addr.clone(),
+                        reason: e.to_string(),
+                    },
+                    _ => unreachable(e.to_string()),
+                });
+            }
+        };
+        let (send, recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| unreachable(format!("opening a stream: {e}")))?;
+        Ok((endpoint, connection, send, recv))
+    };
+    let (endpoint, connection, send, recv) = match tokio::time::timeout(bound, attempt).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(unreachable("no answer to the QUIC handshake".into()));
+        }
+    };
+    let (tx, frames) = mpsc::channel(FRAME_QUEUE);
+    let reader = tokio::spawn(read_frames(recv, tx));
+    Ok(Conn {
+        endpoint,
+        connection,
+        send,
+        frames,
+        reader,
+    })
+}
+
+fn is_cert_error(e: &quinn::ConnectionError) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    text.contains("certificate") || text.contains("unknownissuer") || text.contains("unknown issuer")
+}
+
+/// Read and decode frames until the stream ends; report why it ended.
+async fn read_frames(mut recv: quinn::RecvStream, tx: mpsc::Sender<Incoming>) {
+    let mut buffer = FrameBuffer::new();
+    let mut chunk = vec![0u8; READ_CHUNK];
+    let reason = loop {
+        match recv.read(&mut chunk).await {
+            Ok(Some(n)) => {
+                buffer.extend(chunk.get(..n).unwrap_or_default());
+                loop {
+                    match buffer.next_server_frame() {
+                        Ok(Some(frame)) => {
+                            if tx.send(Incoming::Frame(frame)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            let _ = tx
+                                .send(Incoming::Closed(format!("undecodable frame from the relay: {e}")))
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            }
+            Ok(None) => break "the relay closed the stream".to_string(),
+            Err(e) => break format!("connection lost: {e}"),
+        }
+    };
+    let _ = tx.send(Incoming::Closed(reason)).await;
+}
+
+impl Conn {
+    /// Write bytes (whole frames) to the stream.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        match tokio::time::timeout(WRITE_BOUND, self.send.write_all(bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("write failed: {e}")),
+            Err(_) => Err("write stalled".into()),
+        }
+    }
+
+    /// The next frame (or the end of the stream). Cancel-safe.
+    pub async fn next(&mut self) -> Incoming {
+        self.frames
+            .recv()
+            .await
+            .unwrap_or_else(|| Incoming::Closed("reader stopped".into()))
+    }
+
+    /// A frame that is already waiting, if any.
+    pub fn try_next(&mut self) -> Option<Incoming> {
+        self.frames.try_recv().ok()
+    }
+
+    /// Close the connection and give the close a moment to reach the relay.
+    pub async fn close(mut self) {
+        let _ = self.send.finish();
+        self.connection.close(0u32.into(), b"bye");
+        self.reader.abort();
+        let _ = tokio::time::timeout(Duration::from_millis(300), self.endpoint.wait_idle()).await;
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_parse_with_or_without_colons() {
+        let h = "ab".repeat(32);
+        assert_eq!(CertCheck::parse_hash(&h).unwrap(), [0xab; 32]);
+        let colons = vec!["ab"; 32].join(":");
+        assert_eq!(CertCheck::parse_hash(&colons).unwrap(), [0xab; 32]);
+        assert!(CertCheck::parse_hash("abcd").is_err());
+        assert!(CertCheck::parse_hash(&"zz".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn addresses_need_host_and_port() {
+        assert_eq!(server_name("127.0.0.1:4433").unwrap(), "127.0.0.1");
+        assert_eq!(server_name("relay.example:443").unwrap(), "relay.example");
+        assert_eq!(server_name("[::1]:4433").unwrap(), "::1");
+        assert!(server_name("127.0.0.1").is_err());
+        assert!(server_name(":4433").is_err());
+        assert!(server_name("host:99999").is_err());
+    }
+}

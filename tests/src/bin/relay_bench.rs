@@ -1,0 +1,666 @@
+//! `relay_bench`: throughput and latency of the Hush relay on this machine.
+//!
+//! ```text
+//! cargo run --release -p hush-tests --bin relay_bench [-- --quick] [--dir DIR]
+//! ```
+//!
+//! Everything runs in one process on 127.0.0.1: an in-process relay
+//! (`RelayHandle`, real redb store with durable commits, real QUIC) and the
+//! clients that load it, so relay and clients share the machine's cores. It
+//! prints, in one run:
+//!
+//! 1. the machine's raw limits: fsyncs/s (1 KiB write + `sync_data` in a loop)
+//!    and plain redb inserts/s of 1 KiB values at several batch sizes per
+//!    durable transaction, in the same filesystem as the relay's data;
+//! 2. durable ingest of 1 KiB envelopes from 64 concurrent senders (each
+//!    keeping a few 32-envelope `Send`s in flight; every ack comes after the
+//!    group commit's fsync): envelopes/s and mean envelopes per commit;
+//! 3. ack latency (request written → `Sent` decoded) at a fixed offered load
+//!    of single-envelope sends (default 10,000/s), p50/p99/p99.9/max;
+//! 4. one device pulling 100,000 stored envelopes in pages of 200, read-only
+//!    and then with merged acknowledgements (each pull deletes the previous
+//!    page): envelopes/s.
+//!
+//! Numbers, targets and the command go into BENCHMARKS.md ("## Relay").
+
+use hush_protocol::{
+    ClientFrame, DeviceId, Envelope, MessageId, Request, Response, SendOutcome, ServerFrame,
+    encode_client_frame,
+};
+use hush_relay::{Config, RelayHandle, SystemClock};
+use hush_tests::tls::cert_sha256;
+use hush_tests::{DeviceIdentity, RelayTarget, TestDevice, conversation, make_envelope_sized};
+use std::collections::HashMap;
+use std::error::Error;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// Size of every benchmark envelope, encoded.
+const ENVELOPE_LEN: usize = 1024;
+/// Envelopes per `Send` in the ingest and preload phases (the protocol maximum).
+const BATCH: usize = 32;
+/// `Send`s each ingest connection keeps in flight.
+const WINDOW: usize = 4;
+/// Inboxes the ingest phase spreads envelopes over.
+const INGEST_RECIPIENTS: usize = 16;
+/// Connections carrying the latency phase's load.
+const LATENCY_CONNECTIONS: usize = 16;
+
+#[derive(Debug, Clone)]
+struct Args {
+    dir: Option<PathBuf>,
+    senders: usize,
+    ingest: Duration,
+    latency_rate: u64,
+    latency: Duration,
+    pull_count: u64,
+    fsync_probe: Duration,
+    redb_values: usize,
+    phases: Vec<String>,
+}
+
+impl Args {
+    fn runs(&self, phase: &str) -> bool {
+        self.phases.iter().any(|p| p == phase)
+    }
+
+    fn parse() -> BenchResult<Args> {
+        let mut args = Args {
+            dir: None,
+            senders: 64,
+            ingest: Duration::from_secs(10),
+            latency_rate: 10_000,
+            latency: Duration::from_secs(10),
+            pull_count: 100_000,
+            fsync_probe: Duration::from_secs(3),
+            redb_values: 20_000,
+            phases: ["raw", "ingest", "latency", "pull"]
+                .map(String::from)
+                .to_vec(),
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(a) = it.next() {
+            let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
+            match a.as_str() {
+                "--quick" => {
+                    args.ingest = Duration::from_secs(2);
+                    args.latency = Duration::from_secs(2);
+                    args.pull_count = 10_000;
+                    args.fsync_probe = Duration::from_millis(500);
+                    args.redb_values = 4_000;
+                }
+                "--dir" => args.dir = Some(PathBuf::from(value()?)),
+                "--senders" => args.senders = value()?.parse()?,
+                "--ingest-secs" => args.ingest = Duration::from_secs_f64(value()?.parse()?),
+                "--latency-rate" => args.latency_rate = value()?.parse()?,
+                "--latency-secs" => args.latency = Duration::from_secs_f64(value()?.parse()?),
+                "--pull-count" => args.pull_count = value()?.parse()?,
+                "--phases" => {
+                    args.phases = value()?.split(',').map(String::from).collect();
+                }
+                "-h" | "--help" => {
+                    println!(
+                        "relay_bench [--quick] [--dir DIR] [--senders N] [--ingest-secs S] \
+                         [--latency-rate N] [--latency-secs S] [--pull-count N] \
+                         [--phases raw,ingest,latency,pull]"
+                    );
+                    std::process::exit(0);
+                }
+                other => return Err(format!("unknown argument {other}").into()),
+            }
+        }
+        Ok(args)
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay_bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> BenchResult<()> {
+    let args = Args::parse()?;
+    let temp = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            tempfile::Builder::new()
+                .prefix("relay-bench")
+                .tempdir_in(d)?
+        }
+        None => tempfile::Builder::new().prefix("relay-bench").tempdir()?,
+    };
+    let root = temp.path().to_path_buf();
+    println!("relay_bench: data under {}", root.display());
+    println!(
+        "machine: {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    if args.runs("raw") {
+        raw_phase(&root, &args)?;
+    }
+    if args.runs("ingest") {
+        println!("\n## 2. durable ingest, {} senders, 1 KiB envelopes", args.senders);
+        let ingest = ingest_phase(&root.join("ingest"), &args).await?;
+        println!(
+            "ingest: {:.0} envelopes/s ({} stored in {:.2} s), mean commit batch {:.1} envelopes \
+             ({} commits, mean commit {:.2} ms)",
+            ingest.stored as f64 / ingest.secs,
+            ingest.stored,
+            ingest.secs,
+            ingest.mean_batch,
+            ingest.commits,
+            ingest.mean_commit_ms
+        );
+    }
+    if args.runs("latency") {
+        println!("\n## 3. ack latency at {}/s offered", args.latency_rate);
+        let lat = latency_phase(&root.join("latency"), &args).await?;
+        println!(
+            "latency: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms over {} sends \
+             (achieved {:.0}/s; mean commit batch {:.1})",
+            lat.p50_ms,
+            lat.p99_ms,
+            lat.p999_ms,
+            lat.max_ms,
+            lat.samples,
+            lat.achieved_rate,
+            lat.mean_batch
+        );
+    }
+    if args.runs("pull") {
+        println!("\n## 4. pull of {} stored envelopes by one device", args.pull_count);
+        let pull = pull_phase(&root.join("pull"), &args).await?;
+        println!(
+            "pull read-only: {:.0} envelopes/s ({:.2} s); pull with merged acks: {:.0} envelopes/s \
+             ({:.2} s); preload took {:.2} s",
+            pull.count as f64 / pull.read_secs,
+            pull.read_secs,
+            pull.count as f64 / pull.ack_secs,
+            pull.ack_secs,
+            pull.preload_secs
+        );
+    }
+    Ok(())
+}
+
+fn raw_phase(root: &Path, args: &Args) -> BenchResult<()> {
+    println!("\n## 1. raw limits (same filesystem)");
+    let (fsyncs, fsync_secs) = fsync_rate(root, args.fsync_probe)?;
+    println!(
+        "fsync: {:.0}/s ({} × [1 KiB write + sync_data], mean {:.3} ms)",
+        fsyncs as f64 / fsync_secs,
+        fsyncs,
+        fsync_secs * 1000.0 / fsyncs.max(1) as f64
+    );
+    for per_txn in [1usize, 32, 512, 4096] {
+        let total = if per_txn == 1 {
+            (args.redb_values / 10).max(200)
+        } else {
+            args.redb_values.max(per_txn * 4)
+        };
+        let rate = redb_rate(root, per_txn, total)?;
+        println!("redb: {rate:.0} inserts/s of 1 KiB values, {per_txn} per durable transaction");
+    }
+    Ok(())
+}
+
+fn fsync_rate(dir: &Path, probe: Duration) -> BenchResult<(u64, f64)> {
+    let path = dir.join("fsync-probe");
+    let mut f = File::create(&path)?;
+    let block = [0x5au8; 1024];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < probe {
+        f.write_all(&block)?;
+        f.sync_data()?;
+        n += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(path)?;
+    Ok((n, secs))
+}
+
+const PROBE_TABLE: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("probe");
+
+fn redb_rate(dir: &Path, per_txn: usize, total: usize) -> BenchResult<f64> {
+    let path = dir.join(format!("probe-{per_txn}.redb"));
+    let db = redb::Database::create(&path)?;
+    let value = vec![0xa5u8; 1024];
+    let start = Instant::now();
+    let mut key = 0u64;
+    while (key as usize) < total {
+        let txn = db.begin_write()?;
+        {
+            let mut table = txn.open_table(PROBE_TABLE)?;
+            for _ in 0..per_txn {
+                table.insert(key, value.as_slice())?;
+                key += 1;
+            }
+        }
+        txn.commit()?;
+    }
+    let rate = key as f64 / start.elapsed().as_secs_f64();
+    drop(db);
+    std::fs::remove_file(path)?;
+    Ok(rate)
+}
+
+async fn start_relay(dir: &Path) -> BenchResult<(RelayHandle, RelayTarget)> {
+    let mut config = Config::default_for(dir.to_path_buf());
+    config.send_rate = 0;
+    config.http = None;
+    config.inbox_max_messages = 100_000_000;
+    config.inbox_max_bytes = 1 << 40;
+    let relay = RelayHandle::start(config, Arc::new(SystemClock)).await?;
+    let target = RelayTarget {
+        addr: relay.quic_addr(),
+        cert_sha256: cert_sha256(&relay.cert_der()),
+    };
+    Ok((relay, target))
+}
+
+async fn register_all(target: RelayTarget, ids: &[DeviceIdentity]) -> BenchResult<Vec<TestDevice>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(TestDevice::register_new(id, target).await?);
+    }
+    Ok(out)
+}
+
+/// Makes 1 KiB envelopes for one sender cheaply: one template, fresh ids.
+struct EnvelopeFactory {
+    template: Envelope,
+    sender_index: u16,
+    counter: u64,
+    seqs: HashMap<DeviceId, u64>,
+}
+
+impl EnvelopeFactory {
+    fn new(sender: &DeviceIdentity, sender_index: u16) -> Self {
+        let template = make_envelope_sized(
+            sender.device(),
+            sender.device(),
+            conversation(u64::from(sender_index)),
+            0,
+            ENVELOPE_LEN,
+            0x3c,
+        );
+        EnvelopeFactory {
+            template,
+            sender_index,
+            counter: 0,
+            seqs: HashMap::new(),
+        }
+    }
+
+    fn make(&mut self, recipient: DeviceId) -> Envelope {
+        self.counter += 1;
+        let seq = self.seqs.entry(recipient).or_insert(0);
+        *seq += 1;
+        let mut random = [0u8; 10];
+        random[..2].copy_from_slice(&self.sender_index.to_be_bytes());
+        random[2..].copy_from_slice(&self.counter.to_be_bytes());
+        let mut e = self.template.clone();
+        e.header.message_id = MessageId::new(e.header.sent_at_ms, random);
+        e.header.recipient_device = recipient;
+        e.header.sender_seq = *seq;
+        e
+    }
+}
+
+fn count_stored(outcomes: &[SendOutcome]) -> BenchResult<u64> {
+    let mut n = 0;
+    for o in outcomes {
+        match o {
+            SendOutcome::Stored { .. } => n += 1,
+            SendOutcome::Refused { error, .. } => return Err(format!("refused: {error}").into()),
+        }
+    }
+    Ok(n)
+}
+
+/// One sender keeping `WINDOW` batches in flight until `deadline` or until
+/// `budget` envelopes were sent; returns how many were stored.
+async fn pipelined_sender(
+    dev: TestDevice,
+    mut factory: EnvelopeFactory,
+    recipients: Vec<DeviceId>,
+    deadline: Option<Instant>,
+    mut budget: u64,
+) -> BenchResult<u64> {
+    let (mut writer, mut reader, _conn, _endpoint) = dev.into_split();
+    let mut inflight = 0usize;
+    let mut stored = 0u64;
+    let mut next_recipient = 0usize;
+    loop {
+        while inflight < WINDOW && budget > 0 && deadline.is_none_or(|d| Instant::now() < d) {
+            let n = budget.min(BATCH as u64) as usize;
+            let mut envelopes = Vec::with_capacity(n);
+            for _ in 0..n {
+                let r = recipients[next_recipient % recipients.len()];
+                next_recipient += 1;
+                envelopes.push(factory.make(r));
+            }
+            budget -= n as u64;
+            writer.write_request(Request::Send { envelopes }).await?;
+            inflight += 1;
+        }
+        if inflight == 0 {
+            return Ok(stored);
+        }
+        match reader.next_frame().await? {
+            ServerFrame::Response {
+                response: Response::Sent { outcomes },
+                ..
+            } => {
+                stored += count_stored(&outcomes)?;
+                inflight -= 1;
+            }
+            other => return Err(format!("unexpected frame {other:?}").into()),
+        }
+    }
+}
+
+struct IngestStats {
+    stored: u64,
+    secs: f64,
+    mean_batch: f64,
+    commits: u64,
+    mean_commit_ms: f64,
+}
+
+async fn ingest_phase(dir: &Path, args: &Args) -> BenchResult<IngestStats> {
+    let (relay, target) = start_relay(dir).await?;
+    let recipient_ids: Vec<_> = (0..INGEST_RECIPIENTS)
+        .map(|i| DeviceIdentity::from_seed(10_000 + i as u64))
+        .collect();
+    for d in register_all(target, &recipient_ids).await? {
+        d.close();
+    }
+    let recipients: Vec<DeviceId> = recipient_ids.iter().map(DeviceIdentity::device).collect();
+    let sender_ids: Vec<_> = (0..args.senders)
+        .map(|i| DeviceIdentity::from_seed(20_000 + i as u64))
+        .collect();
+    let senders = register_all(target, &sender_ids).await?;
+    let metrics = relay.metrics();
+    let batches_before = metrics.commit_batch_size.count();
+    let sum_before = metrics.commit_batch_size.sum();
+    let commit_time_before = metrics.commit_latency_seconds.sum();
+
+    let start = Instant::now();
+    let deadline = start + args.ingest;
+    let mut tasks = Vec::new();
+    for (i, (dev, id)) in senders.into_iter().zip(&sender_ids).enumerate() {
+        let mut rs = recipients.clone();
+        rs.rotate_left(i % INGEST_RECIPIENTS);
+        let factory = EnvelopeFactory::new(id, i as u16);
+        tasks.push(tokio::spawn(pipelined_sender(
+            dev,
+            factory,
+            rs,
+            Some(deadline),
+            u64::MAX,
+        )));
+    }
+    let mut stored = 0;
+    for t in tasks {
+        stored += t.await??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let commits = metrics.commit_batch_size.count() - batches_before;
+    let mean_batch = (metrics.commit_batch_size.sum() - sum_before) / commits.max(1) as f64;
+    let mean_commit_ms = (metrics.commit_latency_seconds.sum() - commit_time_before) * 1000.0
+        / commits.max(1) as f64;
+    relay.shutdown().await?;
+    Ok(IngestStats {
+        stored,
+        secs,
+        mean_batch,
+        commits,
+        mean_commit_ms,
+    })
+}
+
+struct LatencyStats {
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    samples: usize,
+    achieved_rate: f64,
+    mean_batch: f64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
+
+async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
+    let (relay, target) = start_relay(dir).await?;
+    let recipient = DeviceIdentity::from_seed(30_000);
+    register_all(target, std::slice::from_ref(&recipient)).await?;
+    let ids: Vec<_> = (0..LATENCY_CONNECTIONS)
+        .map(|i| DeviceIdentity::from_seed(31_000 + i as u64))
+        .collect();
+    let devices = register_all(target, &ids).await?;
+    let warmup = Duration::from_millis(500);
+    let total = warmup + args.latency;
+
+    let samples: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::new()));
+    let answered = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    let mut factories = Vec::new();
+    let mut readers = Vec::new();
+    let mut keep = Vec::new();
+    let bench_start = Instant::now();
+    for (i, (dev, id)) in devices.into_iter().zip(&ids).enumerate() {
+        let (writer, mut reader, conn, endpoint) = dev.into_split();
+        keep.push((conn, endpoint));
+        let started: Arc<Mutex<HashMap<u32, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+        writers.push((writer, Arc::clone(&started), 0u32));
+        factories.push(EnvelopeFactory::new(id, i as u16));
+        let samples = Arc::clone(&samples);
+        let answered = Arc::clone(&answered);
+        readers.push(tokio::spawn(async move {
+            loop {
+                let frame = match reader.next_frame().await {
+                    Ok(f) => f,
+                    Err(_) => return,
+                };
+                let now = Instant::now();
+                if let ServerFrame::Response { request_id, .. } = frame {
+                    let t0 = started
+                        .lock()
+                        .map(|mut m| m.remove(&request_id))
+                        .unwrap_or(None);
+                    if let Some(t0) = t0 {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                        if t0.duration_since(bench_start) >= warmup
+                            && let Ok(mut s) = samples.lock()
+                        {
+                            s.push(now - t0);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+
+    let metrics = relay.metrics();
+    let mut batches_before = 0;
+    let mut sum_before = 0.0;
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sent = 0u64;
+    let mut measured_sent = 0u64;
+    let mut warm = false;
+    let recipient_id = recipient.device();
+    loop {
+        ticker.tick().await;
+        let elapsed = bench_start.elapsed();
+        if elapsed >= total {
+            break;
+        }
+        if !warm && elapsed >= warmup {
+            warm = true;
+            batches_before = metrics.commit_batch_size.count();
+            sum_before = metrics.commit_batch_size.sum();
+        }
+        let due = (elapsed.as_secs_f64() * args.latency_rate as f64) as u64;
+        while sent < due {
+            let c = (sent as usize) % LATENCY_CONNECTIONS;
+            let (writer, started, next_id) = &mut writers[c];
+            *next_id += 1;
+            let frame = encode_client_frame(&ClientFrame {
+                request_id: *next_id,
+                request: Request::Send {
+                    envelopes: vec![factories[c].make(recipient_id)],
+                },
+            })?;
+            if let Ok(mut m) = started.lock() {
+                m.insert(*next_id, Instant::now());
+            }
+            writer.write_raw(&frame).await?;
+            sent += 1;
+            if warm {
+                measured_sent += 1;
+            }
+        }
+    }
+    // Let the last answers arrive (bounded).
+    let _ = hush_tests::wait_until(Duration::from_secs(10), "last answers", || {
+        answered.load(Ordering::Relaxed) >= sent
+    })
+    .await;
+    let commits = metrics.commit_batch_size.count() - batches_before;
+    let mean_batch = (metrics.commit_batch_size.sum() - sum_before) / commits.max(1) as f64;
+    for r in readers {
+        r.abort();
+    }
+    drop(writers);
+    drop(keep);
+    relay.shutdown().await?;
+
+    let mut s = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    s.sort();
+    if (s.len() as u64) < measured_sent {
+        println!(
+            "warning: {} of {} measured sends were not answered in time",
+            measured_sent - s.len() as u64,
+            measured_sent
+        );
+    }
+    Ok(LatencyStats {
+        p50_ms: percentile(&s, 0.50),
+        p99_ms: percentile(&s, 0.99),
+        p999_ms: percentile(&s, 0.999),
+        max_ms: s.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        samples: s.len(),
+        achieved_rate: measured_sent as f64 / args.latency.as_secs_f64(),
+        mean_batch,
+    })
+}
+
+struct PullStats {
+    count: u64,
+    preload_secs: f64,
+    read_secs: f64,
+    ack_secs: f64,
+}
+
+async fn pull_phase(dir: &Path, args: &Args) -> BenchResult<PullStats> {
+    let (relay, target) = start_relay(dir).await?;
+    let reader_id = DeviceIdentity::from_seed(40_000);
+    register_all(target, std::slice::from_ref(&reader_id)).await?;
+    let sender_ids: Vec<_> = (0..args.senders)
+        .map(|i| DeviceIdentity::from_seed(41_000 + i as u64))
+        .collect();
+    let senders = register_all(target, &sender_ids).await?;
+    let per = args.pull_count / args.senders as u64;
+    let extra = args.pull_count % args.senders as u64;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, (dev, id)) in senders.into_iter().zip(&sender_ids).enumerate() {
+        let budget = per + u64::from((i as u64) < extra);
+        let factory = EnvelopeFactory::new(id, i as u16);
+        tasks.push(tokio::spawn(pipelined_sender(
+            dev,
+            factory,
+            vec![reader_id.device()],
+            None,
+            budget,
+        )));
+    }
+    let mut stored = 0;
+    for t in tasks {
+        stored += t.await??;
+    }
+    let preload_secs = start.elapsed().as_secs_f64();
+    if stored != args.pull_count {
+        return Err(format!("preloaded {stored} of {}", args.pull_count).into());
+    }
+
+    let mut dev = TestDevice::login(&reader_id, target).await?;
+    // Read-only pass: pages of 200, nothing acknowledged.
+    let start = Instant::now();
+    let mut after = 0;
+    let mut got = 0u64;
+    loop {
+        let page = dev.pull(after, 200, 0).await?;
+        got += page.envelopes.len() as u64;
+        if let Some(last) = page.envelopes.last() {
+            after = last.seq;
+        }
+        if page.remaining == 0 || page.envelopes.is_empty() {
+            break;
+        }
+    }
+    let read_secs = start.elapsed().as_secs_f64();
+    if got != stored {
+        return Err(format!("read-only pull got {got} of {stored}").into());
+    }
+
+    // Merged-ack pass: every pull deletes the previous page.
+    let start = Instant::now();
+    let mut after = 0;
+    let mut got = 0u64;
+    loop {
+        let page = dev.pull(after, 200, after).await?;
+        got += page.envelopes.len() as u64;
+        match page.envelopes.last() {
+            Some(last) => after = last.seq,
+            None => break,
+        }
+    }
+    let ack_secs = start.elapsed().as_secs_f64();
+    if got != stored {
+        return Err(format!("acking pull got {got} of {stored}").into());
+    }
+    drop(dev);
+    relay.shutdown().await?;
+    Ok(PullStats {
+        count: stored,
+        preload_secs,
+        read_secs,
+        ack_secs,
+    })
+}

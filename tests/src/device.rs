@@ -1,0 +1,528 @@
+//! A test device: one QUIC connection to the relay speaking `hush/1`.
+//!
+//! The protocol runs over a single bidirectional stream: the device writes
+//! length-prefixed [`ClientFrame`]s and reads [`ServerFrame`]s, each reply
+//! echoing its request id. Pushes may arrive between replies; [`TestDevice`]
+//! queues them so request helpers and [`TestDevice::next_push`] never lose one.
+//! Every wait is bounded by [`ConnectOptions`].
+
+use crate::identity::DeviceIdentity;
+use crate::tls::client_config;
+use crate::wait::within;
+use crate::{HarnessError, Result};
+use hush_protocol::{
+    ALPN_HUSH, AuthOk, ClientFrame, Delivered, DeviceId, Envelope, ErrorCode, FrameBuffer,
+    OneTimePrekey, Page, PrekeyBundle, Request, Response, SendOutcome, ServerFrame,
+    SignedDeviceList, SignedPrekey, UserKey, encode_client_frame,
+};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Where a relay listens and which certificate it must present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayTarget {
+    /// The QUIC address.
+    pub addr: SocketAddr,
+    /// SHA-256 of the relay certificate's DER encoding.
+    pub cert_sha256: [u8; 32],
+}
+
+/// Timeouts and protocol choice of a test connection.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Bound on the QUIC handshake.
+    pub connect_timeout: Duration,
+    /// Bound on waiting for any one reply.
+    pub request_timeout: Duration,
+    /// QUIC idle timeout: how long a silent (e.g. killed) relay takes to be
+    /// noticed when no reply is awaited.
+    pub idle_timeout: Duration,
+    /// ALPN to offer.
+    pub alpn: Vec<u8>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(10),
+            alpn: ALPN_HUSH.to_vec(),
+        }
+    }
+}
+
+/// The sending half of a device's stream.
+#[derive(Debug)]
+pub struct FrameWriter {
+    send: quinn::SendStream,
+    next_request_id: u32,
+}
+
+impl FrameWriter {
+    /// Encode and write a request; returns its request id.
+    pub async fn write_request(&mut self, request: Request) -> Result<u32> {
+        self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
+        let id = self.next_request_id;
+        let bytes = encode_client_frame(&ClientFrame {
+            request_id: id,
+            request,
+        })?;
+        self.write_raw(&bytes).await?;
+        Ok(id)
+    }
+
+    /// Write arbitrary bytes on the stream (for malformed-frame tests).
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.send
+            .write_all(bytes)
+            .await
+            .map_err(|e| HarnessError::Connection(format!("write: {e}")))
+    }
+}
+
+/// The receiving half of a device's stream.
+#[derive(Debug)]
+pub struct FrameReader {
+    recv: quinn::RecvStream,
+    buf: FrameBuffer,
+    chunk: Vec<u8>,
+}
+
+impl FrameReader {
+    /// The next frame from the relay (unbounded: wrap it in
+    /// [`crate::within`]).
+    pub async fn next_frame(&mut self) -> Result<ServerFrame> {
+        loop {
+            if let Some(frame) = self.buf.next_server_frame()? {
+                return Ok(frame);
+            }
+            match self.recv.read(&mut self.chunk).await {
+                Ok(Some(n)) => self.buf.extend(&self.chunk[..n]),
+                Ok(None) => {
+                    return Err(HarnessError::Connection("relay finished the stream".into()));
+                }
+                Err(e) => return Err(HarnessError::Connection(format!("read: {e}"))),
+            }
+        }
+    }
+}
+
+/// A device connected to a relay over QUIC.
+pub struct TestDevice {
+    identity: DeviceIdentity,
+    options: ConnectOptions,
+    // Kept so the client socket lives as long as the connection.
+    _endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    writer: FrameWriter,
+    reader: FrameReader,
+    pushes: VecDeque<Vec<Delivered>>,
+    auth: Option<AuthOk>,
+}
+
+impl std::fmt::Debug for TestDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestDevice")
+            .field("device", &self.identity.device())
+            .field("remote", &self.connection.remote_address())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestDevice {
+    /// Connect (not yet authenticated) with default options.
+    pub async fn connect(identity: &DeviceIdentity, target: RelayTarget) -> Result<TestDevice> {
+        Self::connect_with(identity, target, ConnectOptions::default()).await
+    }
+
+    /// Connect and register the device (`Hello` + `Register`).
+    pub async fn register_new(
+        identity: &DeviceIdentity,
+        target: RelayTarget,
+    ) -> Result<TestDevice> {
+        let mut d = Self::connect(identity, target).await?;
+        d.register().await?;
+        Ok(d)
+    }
+
+    /// Connect and authenticate an already registered device (`Hello` + `Auth`).
+    pub async fn login(identity: &DeviceIdentity, target: RelayTarget) -> Result<TestDevice> {
+        let mut d = Self::connect(identity, target).await?;
+        d.auth().await?;
+        Ok(d)
+    }
+
+    /// Connect with explicit options.
+    pub async fn connect_with(
+        identity: &DeviceIdentity,
+        target: RelayTarget,
+        options: ConnectOptions,
+    ) -> Result<TestDevice> {
+        let config = client_config(target.cert_sha256, &options.alpn, options.idle_timeout)?;
+        let bind: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let mut endpoint = quinn::Endpoint::client(bind)?;
+        endpoint.set_default_client_config(config);
+        let connecting = endpoint
+            .connect(target.addr, "localhost")
+            .map_err(|e| HarnessError::Connect(e.to_string()))?;
+        let connection = within(options.connect_timeout, "QUIC handshake", connecting)
+            .await?
+            .map_err(|e| HarnessError::Connect(e.to_string()))?;
+        let (send, recv) = within(options.connect_timeout, "open stream", connection.open_bi())
+            .await?
+            .map_err(|e| HarnessError::Connect(e.to_string()))?;
+        Ok(TestDevice {
+            identity: identity.clone(),
+            options,
+            _endpoint: endpoint,
+            connection,
+            writer: FrameWriter {
+                send,
+                next_request_id: 0,
+            },
+            reader: FrameReader {
+                recv,
+                buf: FrameBuffer::new(),
+                chunk: vec![0; 64 * 1024],
+            },
+            pushes: VecDeque::new(),
+            auth: None,
+        })
+    }
+
+    /// The device's identity.
+    pub fn identity(&self) -> &DeviceIdentity {
+        &self.identity
+    }
+
+    /// The device id.
+    pub fn device(&self) -> DeviceId {
+        self.identity.device()
+    }
+
+    /// What the relay said when this connection authenticated.
+    pub fn auth_ok(&self) -> Option<&AuthOk> {
+        self.auth.as_ref()
+    }
+
+    /// The underlying QUIC connection.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.connection
+    }
+
+    /// Split into the raw halves (for benchmarks that pipeline requests).
+    /// Keep the connection alive as long as the halves are used.
+    pub fn into_split(self) -> (FrameWriter, FrameReader, quinn::Connection, quinn::Endpoint) {
+        (self.writer, self.reader, self.connection, self._endpoint)
+    }
+
+    /// Write a request and return its id without waiting for the reply.
+    pub async fn write_request(&mut self, request: Request) -> Result<u32> {
+        self.writer.write_request(request).await
+    }
+
+    /// Write arbitrary bytes on the stream (for malformed-frame tests).
+    pub async fn raw_write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.writer.write_raw(bytes).await
+    }
+
+    /// The next frame from the wire, whatever it is, within `bound`.
+    pub async fn next_frame(&mut self, bound: Duration) -> Result<ServerFrame> {
+        within(bound, "a frame from the relay", self.reader.next_frame()).await?
+    }
+
+    /// Send `request` and return the relay's reply frame to it (a
+    /// `Response` or an `Error`). Pushes that arrive meanwhile are queued.
+    pub async fn request_frame(&mut self, request: Request) -> Result<ServerFrame> {
+        let what = format!("reply to {}", request_name(&request));
+        let id = self.writer.write_request(request).await?;
+        let bound = self.options.request_timeout;
+        let reader = &mut self.reader;
+        let pushes = &mut self.pushes;
+        within(bound, &what, async move {
+            loop {
+                match reader.next_frame().await? {
+                    ServerFrame::Push { envelopes } => pushes.push_back(envelopes),
+                    ServerFrame::Closing { code, reason } => {
+                        return Err(HarnessError::Closing { code, reason });
+                    }
+                    f @ ServerFrame::Response { request_id, .. } if request_id == id => {
+                        return Ok(f);
+                    }
+                    f @ ServerFrame::Error { request_id, .. }
+                        if request_id == id || request_id == 0 =>
+                    {
+                        return Ok(f);
+                    }
+                    other => return Err(HarnessError::Unexpected(Box::new(other))),
+                }
+            }
+        })
+        .await?
+    }
+
+    /// Send `request` and return its response; an error frame becomes
+    /// [`HarnessError::Refused`].
+    pub async fn request(&mut self, request: Request) -> Result<Response> {
+        match self.request_frame(request).await? {
+            ServerFrame::Response { response, .. } => Ok(response),
+            ServerFrame::Error { error, .. } => Err(HarnessError::Refused(error)),
+            other => Err(HarnessError::Unexpected(Box::new(other))),
+        }
+    }
+
+    /// `Hello`: returns this connection's challenge.
+    pub async fn hello(&mut self) -> Result<[u8; 32]> {
+        let device = self.identity.device();
+        match self.request(Request::Hello { device }).await? {
+            Response::Challenge { challenge } => Ok(challenge),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `Hello` + `Register` with this identity's registration.
+    pub async fn register(&mut self) -> Result<AuthOk> {
+        let challenge = self.hello().await?;
+        let registration = self.identity.registration();
+        let signature = self.identity.sign_challenge(&challenge);
+        let ok = authenticated(
+            self.request(Request::Register {
+                registration,
+                signature,
+            })
+            .await?,
+        )?;
+        self.auth = Some(ok.clone());
+        Ok(ok)
+    }
+
+    /// `Hello` + `Auth`.
+    pub async fn auth(&mut self) -> Result<AuthOk> {
+        let challenge = self.hello().await?;
+        let signature = self.identity.sign_challenge(&challenge);
+        let ok = authenticated(self.request(Request::Auth { signature }).await?)?;
+        self.auth = Some(ok.clone());
+        Ok(ok)
+    }
+
+    /// `Send`: one outcome per envelope, in order.
+    pub async fn send(&mut self, envelopes: Vec<Envelope>) -> Result<Vec<SendOutcome>> {
+        match self.request(Request::Send { envelopes }).await? {
+            Response::Sent { outcomes } => Ok(outcomes),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `Send` of one envelope.
+    pub async fn send_one(&mut self, envelope: Envelope) -> Result<SendOutcome> {
+        let mut outcomes = self.send(vec![envelope]).await?;
+        match (outcomes.pop(), outcomes.is_empty()) {
+            (Some(o), true) => Ok(o),
+            _ => Err(HarnessError::Connection(
+                "relay returned a wrong number of outcomes".into(),
+            )),
+        }
+    }
+
+    /// `Pull{after, limit, ack}`.
+    pub async fn pull(&mut self, after: u64, limit: u16, ack: u64) -> Result<Page> {
+        match self.request(Request::Pull { after, limit, ack }).await? {
+            Response::Page(page) => Ok(page),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Read the whole inbox after `after` without acknowledging anything.
+    pub async fn read_inbox(&mut self, after: u64) -> Result<Vec<Delivered>> {
+        let mut out: Vec<Delivered> = Vec::new();
+        let mut cursor = after;
+        loop {
+            let page = self
+                .pull(cursor, hush_protocol::limits::MAX_PAGE, 0)
+                .await?;
+            if let Some(last) = page.envelopes.last() {
+                cursor = last.seq;
+            }
+            let empty = page.envelopes.is_empty();
+            out.extend(page.envelopes);
+            if page.remaining == 0 || empty {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Cumulative `Ack`; returns the acknowledged cursor now in force.
+    pub async fn ack(&mut self, up_to: u64) -> Result<u64> {
+        match self.request(Request::Ack { up_to }).await? {
+            Response::Acked { up_to } => Ok(up_to),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `Ping`: returns the relay's clock.
+    pub async fn ping(&mut self) -> Result<u64> {
+        match self.request(Request::Ping).await? {
+            Response::Pong { relay_time_ms } => Ok(relay_time_ms),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `PublishPrekeys`: returns the one-time prekeys now available.
+    pub async fn publish_prekeys(
+        &mut self,
+        signed_prekey: SignedPrekey,
+        one_time_prekeys: Vec<OneTimePrekey>,
+    ) -> Result<u32> {
+        let request = Request::PublishPrekeys {
+            signed_prekey,
+            one_time_prekeys,
+        };
+        match self.request(request).await? {
+            Response::PrekeysPublished {
+                one_time_prekeys_left,
+            } => Ok(one_time_prekeys_left),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `FetchPrekeys` of another device.
+    pub async fn fetch_prekeys(&mut self, device: DeviceId) -> Result<PrekeyBundle> {
+        match self.request(Request::FetchPrekeys { device }).await? {
+            Response::Prekeys(bundle) => Ok(bundle),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `PublishDeviceList`: returns the stored version.
+    pub async fn publish_device_list(&mut self, list: SignedDeviceList) -> Result<u64> {
+        match self.request(Request::PublishDeviceList { list }).await? {
+            Response::DeviceListPublished { version } => Ok(version),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `FetchDeviceList`.
+    pub async fn fetch_device_list(&mut self, user: UserKey) -> Result<SignedDeviceList> {
+        match self.request(Request::FetchDeviceList { user }).await? {
+            Response::DeviceList(list) => Ok(list),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The next pushed batch, queued or from the wire, within `bound`.
+    pub async fn next_push(&mut self, bound: Duration) -> Result<Vec<Delivered>> {
+        if let Some(p) = self.pushes.pop_front() {
+            return Ok(p);
+        }
+        let reader = &mut self.reader;
+        within(bound, "a push from the relay", async move {
+            match reader.next_frame().await? {
+                ServerFrame::Push { envelopes } => Ok(envelopes),
+                ServerFrame::Closing { code, reason } => {
+                    Err(HarnessError::Closing { code, reason })
+                }
+                other => Err(HarnessError::Unexpected(Box::new(other))),
+            }
+        })
+        .await?
+    }
+
+    /// Collect pushes until `count` envelopes arrived, within `bound` overall.
+    pub async fn collect_pushes(
+        &mut self,
+        count: usize,
+        bound: Duration,
+    ) -> Result<Vec<Delivered>> {
+        let deadline = tokio::time::Instant::now() + bound;
+        let mut out = Vec::new();
+        while out.len() < count {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(HarnessError::Timeout {
+                    what: format!("{count} pushed envelopes (got {})", out.len()),
+                    after: bound,
+                });
+            }
+            out.extend(self.next_push(left).await?);
+        }
+        Ok(out)
+    }
+
+    /// Pushes queued while waiting for replies, not yet taken.
+    pub fn queued_pushes(&self) -> usize {
+        self.pushes.len()
+    }
+
+    /// Wait (within `bound`) for the relay to close the connection and
+    /// return the QUIC-level reason.
+    pub async fn closed(&self, bound: Duration) -> Result<quinn::ConnectionError> {
+        within(
+            bound,
+            "the relay to close the connection",
+            self.connection.closed(),
+        )
+        .await
+    }
+
+    /// Close the connection from this side.
+    pub fn close(&self) {
+        self.connection.close(0u32.into(), b"test done");
+    }
+}
+
+fn authenticated(response: Response) -> Result<AuthOk> {
+    match response {
+        Response::Authenticated(ok) => Ok(ok),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn unexpected(response: Response) -> HarnessError {
+    HarnessError::Unexpected(Box::new(ServerFrame::Response {
+        request_id: 0,
+        response,
+    }))
+}
+
+fn request_name(request: &Request) -> &'static str {
+    match request {
+        Request::Hello { .. } => "Hello",
+        Request::Auth { .. } => "Auth",
+        Request::Register { .. } => "Register",
+        Request::Send { .. } => "Send",
+        Request::Pull { .. } => "Pull",
+        Request::Ack { .. } => "Ack",
+        Request::PublishPrekeys { .. } => "PublishPrekeys",
+        Request::FetchPrekeys { .. } => "FetchPrekeys",
+        Request::PublishDeviceList { .. } => "PublishDeviceList",
+        Request::FetchDeviceList { .. } => "FetchDeviceList",
+        Request::Ping => "Ping",
+    }
+}
+
+/// The error code of a refusal, for assertions: `Some(code)` if `result` is
+/// a [`HarnessError::Refused`] or [`HarnessError::Closing`].
+pub fn refusal_code<T>(result: &Result<T>) -> Option<ErrorCode> {
+    match result {
+        Ok(_) => None,
+        Err(e) => e.code(),
+    }
+}
+
+/// `(seq, duplicate)` if the outcome is `Stored`.
+pub fn stored(outcome: &SendOutcome) -> Option<(u64, bool)> {
+    match outcome {
+        SendOutcome::Stored { seq, duplicate, .. } => Some((*seq, *duplicate)),
+        SendOutcome::Refused { .. } => None,
+    }
+}
+
+/// The refusal's error if the outcome is `Refused`.
+pub fn refused(outcome: &SendOutcome) -> Option<&hush_protocol::WireError> {
+    match outcome {
+        SendOutcome::Refused { error, .. } => Some(error),
+        SendOutcome::Stored { .. } => None,
+    }
+}

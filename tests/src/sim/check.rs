@@ -1,0 +1,208 @@
+//! The invariants checked after every run.
+//!
+//! 1. No plaintext reached the relay: no byte string any device sent to the
+//!    relay, and no envelope the relay stored, contains a message marker.
+//! 2. Liveness: after the heal phase (and a user's retry of failed
+//!    messages) every message reached `Stored` at its sender, and — unless
+//!    the scenario lets senders forget — `Delivered` or `Read`.
+//! 3. Every stored message is in the history of every device of its
+//!    recipient and every other device of its sender exactly once (or was
+//!    recalled/deleted, which leaves a tombstone), or was reported
+//!    unrecoverable — which is only allowed when the sender's outbox
+//!    expired, i.e. the sender lost it too.
+//! 4. Order: on every device, the messages of each (sender device,
+//!    conversation) appear in the order they were written.
+//! 5. No duplicates: no device showed a message twice, and no history lists
+//!    a message twice.
+//! 6. Every chat stream is complete: each device has delivered (or declared
+//!    unrecoverable) every sender seq every other device assigned to it.
+
+use super::Report;
+use super::world::World;
+use hush_client::storage::keys;
+use hush_client::{MessageState, Storage};
+use hush_protocol::{ConversationId, DeviceId, MessageId};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A failed run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// The setup phase failed.
+    #[error("setup: {0}")]
+    Setup(String),
+    /// An engine returned an error or storage failed.
+    #[error("engine: {0}")]
+    Engine(String),
+    /// An invariant does not hold.
+    #[error("invariant: {0}")]
+    Invariant(String),
+}
+
+fn fail(msg: String) -> Result<Report, Violation> {
+    Err(Violation::Invariant(msg))
+}
+
+fn history_ids<S: Storage>(s: &S, conv: &ConversationId) -> Result<Vec<MessageId>, Violation> {
+    let rows = s
+        .scan_prefix(&keys::history_order_prefix(conv))
+        .map_err(|e| Violation::Engine(e.to_string()))?;
+    let mut out = Vec::new();
+    for (_, v) in rows {
+        let id: MessageId = hush_client::storage::decode(b"order", &v)
+            .map_err(|_| Violation::Engine("order record".into()))?;
+        out.push(id);
+    }
+    Ok(out)
+}
+
+fn has<S: Storage>(s: &S, key: &[u8]) -> Result<bool, Violation> {
+    s.get(key)
+        .map(|v| v.is_some())
+        .map_err(|e| Violation::Engine(e.to_string()))
+}
+
+/// Check a finished world.
+pub fn check(w: &World) -> Result<Report, Violation> {
+    let mut report = w.report.clone();
+    report.messages = w.sent.len();
+    if let Some(leak) = w.leaks.first() {
+        return fail(format!("{leak} ({} leaks)", w.leaks.len()));
+    }
+    let forgetful = w.scenario.senders_may_forget();
+    let users = w.scenario.devices.len();
+    let user_nodes: Vec<Vec<usize>> = (0..users).map(|u| w.user_nodes(u)).collect();
+    let device_of: Vec<DeviceId> = w.nodes.iter().map(|n| n.engine.device_id()).collect();
+
+    // Sanity: the marker scan can see plaintext where it legitimately is.
+    if let Some(m) = w.sent.iter().find(|m| !w.recalled.contains(&m.id)) {
+        let s = &w.nodes[m.node].storage;
+        let found = s
+            .records()
+            .any(|(_, v)| v.windows(m.text.len()).any(|x| x == m.text.as_bytes()));
+        if !found {
+            return fail("a sent text is not in its sender's history (scan would be blind)".into());
+        }
+    }
+
+    // 2. Liveness of states.
+    let mut stored: BTreeSet<MessageId> = BTreeSet::new();
+    for m in &w.sent {
+        let s = &w.nodes[m.node].storage;
+        let state = s
+            .get(&keys::history_state(&m.id))
+            .map_err(|e| Violation::Engine(e.to_string()))?
+            .and_then(|v| hush_client::storage::decode::<MessageState>(b"state", &v).ok());
+        match state {
+            Some(MessageState::Stored) if !forgetful => {
+                return fail(format!("message {} stored but never delivered", m.id));
+            }
+            Some(MessageState::Stored | MessageState::Delivered | MessageState::Read) => {
+                stored.insert(m.id);
+            }
+            other if !forgetful => {
+                return fail(format!("message {} ended in state {other:?}", m.id));
+            }
+            _ => {}
+        }
+    }
+    report.stored = stored.len();
+
+    // 3, 4, 5 per device and conversation.
+    let sent_by_id: BTreeMap<MessageId, &super::world::SentMsg> =
+        w.sent.iter().map(|m| (m.id, m)).collect();
+    let mut missing_per: BTreeMap<(usize, DeviceId, ConversationId), u64> = BTreeMap::new();
+    for m in &w.sent {
+        if !stored.contains(&m.id) {
+            continue;
+        }
+        let sender_user = w.nodes[m.node].user;
+        let expected: Vec<usize> = user_nodes[m.to_user]
+            .iter()
+            .chain(user_nodes[sender_user].iter())
+            .copied()
+            .filter(|&d| d != m.node)
+            .collect();
+        for d in expected {
+            let s = &w.nodes[d].storage;
+            let present = has(s, &keys::history_message(&m.conversation, &m.id))?;
+            let tomb = has(s, &keys::tombstone(&m.id))?;
+            if present || tomb {
+                report.deliveries += 1;
+            } else {
+                *missing_per
+                    .entry((d, device_of[m.node], m.conversation))
+                    .or_default() += 1;
+            }
+        }
+    }
+    for ((d, from, conv), missing) in &missing_per {
+        let reported = w.nodes[*d]
+            .unrecoverable
+            .get(&(*from, *conv))
+            .copied()
+            .unwrap_or(0);
+        if !forgetful || reported < *missing {
+            return fail(format!(
+                "device {d} lacks {missing} stored message(s) from {from} in {conv} (reported unrecoverable: {reported})"
+            ));
+        }
+    }
+    for (i, n) in w.nodes.iter().enumerate() {
+        let reported: u64 = n.unrecoverable.values().sum();
+        report.unrecoverable += reported;
+        if reported > 0 && !forgetful {
+            return fail(format!(
+                "device {i} reported {reported} unrecoverable message(s) although every sender kept its outbox"
+            ));
+        }
+        if let Some((id, count)) = n.shown.iter().find(|(_, c)| **c > 1) {
+            return fail(format!("device {i} showed message {id} {count} times"));
+        }
+        let c = n.engine.counters();
+        report.gaps_detected += c.gaps_detected;
+        report.recovered += c.recovered;
+        report.duplicates += c.duplicates_dropped;
+        report.out_of_order += c.out_of_order;
+        report.resent += c.resent;
+        report.probes += c.probes;
+        let convs: BTreeSet<ConversationId> =
+            n.engine.contacts().into_iter().map(|(_, _, c)| c).collect();
+        for conv in convs {
+            let ids = history_ids(&n.storage, &conv)?;
+            let unique: BTreeSet<&MessageId> = ids.iter().collect();
+            if unique.len() != ids.len() {
+                return fail(format!("device {i} lists a message twice in {conv}"));
+            }
+            // Order per sender device.
+            let mut last: BTreeMap<usize, usize> = BTreeMap::new();
+            for id in &ids {
+                let Some(m) = sent_by_id.get(id) else {
+                    continue;
+                };
+                if let Some(&prev) = last.get(&m.node)
+                    && m.index <= prev
+                {
+                    return fail(format!(
+                        "device {i} shows messages of node {} out of order in {conv}",
+                        m.node
+                    ));
+                }
+                last.insert(m.node, m.index);
+            }
+            // 6. Stream completeness.
+            for (j, other) in w.nodes.iter().enumerate() {
+                if j == i {
+                    continue;
+                }
+                let sent = other.engine.sent_through(&device_of[i], &conv);
+                let got = n.engine.delivered_through(&device_of[j], &conv);
+                if got != sent {
+                    return fail(format!(
+                        "device {i} delivered seq {got} of node {j}'s stream in {conv}, which sent {sent}"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,1119 @@
+//! The simulated world: virtual clock, event queue, network, relay, devices.
+
+use super::check::Violation;
+use crate::rng::SeededRng;
+use hush_client::{
+    Command, ContactCode, Engine, EngineConfig, Event, Input, LinkCode, MemoryStorage, Reply,
+    Storage,
+};
+use hush_protocol::{
+    ClientFrame, ConversationId, DeviceId, ErrorCode, MessageId, Response, ServerFrame, UserKey,
+    encode_client_frame,
+};
+use hush_relay::Metrics;
+use hush_relay::core::{Action, CoreConfig, PendingSend, RelayCore, Session};
+use hush_relay::store::memory::MemoryStore;
+use hush_relay::store::{Store, StoreLimits};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// Every message text starts with this; the relay must never see it.
+pub const MARKER: &str = "hush-sim-secret-";
+const START_MS: u64 = 1_700_000_000_000;
+const SECOND: u64 = 1_000;
+const MINUTE: u64 = 60 * SECOND;
+
+/// The shape of one run, derived from its seed.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Devices per user (the first is created, the others linked).
+    pub devices: Vec<usize>,
+    /// Text messages the workload sends.
+    pub messages: usize,
+    /// Length of the fault phase.
+    pub workload_ms: u64,
+    /// Length of the fault-free phase after it.
+    pub heal_ms: u64,
+    /// Per envelope in a page/push, in 1/10000: withheld by the relay.
+    pub withhold_bp: u64,
+    /// …duplicated.
+    pub dup_bp: u64,
+    /// …swapped with its neighbour.
+    pub reorder_bp: u64,
+    /// Mean time between connection cuts (0 = none).
+    pub cut_every_ms: u64,
+    /// Relay restarts during the fault phase.
+    pub relay_restarts: usize,
+    /// Per engine step, in 1/10000: crash before / after its storage batch.
+    pub crash_bp: u64,
+    /// Offline spells (a device stops dialing for a while).
+    pub offline_spells: usize,
+    /// Longest offline spell.
+    pub offline_max_ms: u64,
+    /// Relay retention of unacknowledged envelopes.
+    pub relay_retention_ms: u64,
+    /// Client outbox retention.
+    pub outbox_retention_ms: u64,
+    /// Workload includes recalls, deletes and reads.
+    pub extras: bool,
+}
+
+impl Scenario {
+    /// Derive a scenario from a seed (six families, randomised inside).
+    pub fn from_seed(seed: u64) -> Scenario {
+        let mut r = SeededRng::new(seed ^ 0x5ce7_a210);
+        let users = r.range(2, 3) as usize;
+        let devices: Vec<usize> = (0..users).map(|_| r.range(1, 3) as usize).collect();
+        let family = seed % 6;
+        let mut s = Scenario {
+            devices,
+            messages: r.range(6, 16) as usize,
+            workload_ms: r.range(2, 6) * MINUTE,
+            heal_ms: 20 * MINUTE,
+            withhold_bp: 0,
+            dup_bp: 0,
+            reorder_bp: 0,
+            cut_every_ms: 0,
+            relay_restarts: 0,
+            crash_bp: 0,
+            offline_spells: 0,
+            offline_max_ms: 0,
+            relay_retention_ms: 7 * 24 * 60 * MINUTE,
+            outbox_retention_ms: 14 * 24 * 60 * MINUTE,
+            extras: r.range(0, 1) == 1,
+        };
+        match family {
+            0 => {
+                s.cut_every_ms = r.range(20, 90) * SECOND;
+            }
+            1 => {
+                s.withhold_bp = r.range(100, 600);
+                s.dup_bp = r.range(0, 500);
+                s.reorder_bp = r.range(0, 500);
+                s.cut_every_ms = r.range(10, 60) * SECOND;
+            }
+            2 => {
+                s.crash_bp = r.range(50, 300);
+                s.relay_restarts = r.range(1, 3) as usize;
+                s.cut_every_ms = r.range(15, 60) * SECOND;
+            }
+            3 => {
+                s.offline_spells = r.range(1, 3) as usize;
+                s.offline_max_ms = r.range(2, 6) * MINUTE;
+                s.relay_retention_ms = r.range(40, 120) * SECOND;
+                s.withhold_bp = r.range(0, 200);
+            }
+            5 => {
+                // Senders forget: outboxes expire while a recipient device is
+                // offline longer than the relay keeps its envelopes.
+                s.offline_spells = r.range(1, 2) as usize;
+                s.offline_max_ms = r.range(4, 6) * MINUTE;
+                s.workload_ms = r.range(4, 6) * MINUTE;
+                s.relay_retention_ms = r.range(30, 60) * SECOND;
+                s.outbox_retention_ms = r.range(60, 120) * SECOND;
+                s.cut_every_ms = r.range(30, 90) * SECOND;
+            }
+            _ => {
+                s.withhold_bp = r.range(0, 300);
+                s.dup_bp = r.range(0, 300);
+                s.reorder_bp = r.range(0, 300);
+                s.crash_bp = r.range(0, 150);
+                s.relay_restarts = r.range(0, 2) as usize;
+                s.cut_every_ms = r.range(15, 90) * SECOND;
+                s.offline_spells = r.range(0, 2) as usize;
+                s.offline_max_ms = r.range(1, 4) * MINUTE;
+                if r.range(0, 1) == 1 {
+                    s.relay_retention_ms = r.range(40, 120) * SECOND;
+                    if r.range(0, 1) == 1 {
+                        s.outbox_retention_ms = r.range(90, 240) * SECOND;
+                    }
+                }
+            }
+        }
+        s
+    }
+
+    /// Whether senders may legitimately lose messages (their outbox expires
+    /// before the sim ends), so recipients may report them unrecoverable.
+    pub fn senders_may_forget(&self) -> bool {
+        self.outbox_retention_ms < self.workload_ms + self.heal_ms + 5 * MINUTE
+    }
+
+    fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            outbox_retention_ms: self.outbox_retention_ms,
+            probe_base_ms: 10 * SECOND,
+            probe_max_ms: 2 * MINUTE,
+            resend_retry_ms: 10 * SECOND,
+            resend_retry_max_ms: 2 * MINUTE,
+            ..EngineConfig::default()
+        }
+    }
+}
+
+/// A message the workload sent.
+#[derive(Debug, Clone)]
+pub struct SentMsg {
+    /// Its id.
+    pub id: MessageId,
+    /// The sending node.
+    pub node: usize,
+    /// The receiving user.
+    pub to_user: usize,
+    /// Its conversation.
+    pub conversation: ConversationId,
+    /// Its text.
+    pub text: String,
+    /// Creation order at the sending node.
+    pub index: usize,
+}
+
+/// One simulated device.
+pub struct Node {
+    /// Index of its user.
+    pub user: usize,
+    /// Its durable storage (survives crashes).
+    pub storage: MemoryStorage,
+    /// Its engine (rebuilt from storage after a crash).
+    pub engine: Engine,
+    conn: Option<u64>,
+    dialing: bool,
+    timer_gen: u64,
+    timer_at: Option<u64>,
+    offline: bool,
+    /// `Event::Message` count per message id.
+    pub shown: BTreeMap<MessageId, u32>,
+    /// Messages received here (for reads and deletes): (id, author device, conversation).
+    pub received: Vec<(MessageId, DeviceId, ConversationId)>,
+    /// `Event::Unrecoverable` totals per (sender device, conversation).
+    pub unrecoverable: BTreeMap<(DeviceId, ConversationId), u64>,
+    /// Messages sent from here, in order.
+    pub sent_order: Vec<MessageId>,
+}
+
+struct Conn {
+    node: usize,
+    session: Option<Session>,
+    alive: bool,
+    to_client_at: u64,
+    to_relay_at: u64,
+}
+
+enum Ev {
+    Dial(usize),
+    Connected(usize, u64),
+    Lost(usize, u64),
+    ToRelay(u64, ClientFrame),
+    ToClient(u64, ServerFrame),
+    Commit(u64, u64, PendingSend),
+    CloseConn(u64),
+    Timer(usize, u64),
+    Send(usize, usize),
+    Recall(usize),
+    Delete(usize),
+    Read(usize),
+    Cut,
+    RelayDown(u64),
+    RelayUp,
+    Crash(usize),
+    Offline(usize, u64),
+    Online(usize),
+    Purge,
+}
+
+/// The whole simulation.
+pub struct World {
+    /// The run's seed.
+    pub seed: u64,
+    /// Its scenario.
+    pub scenario: Scenario,
+    rng: SeededRng,
+    /// Virtual time, ms since the epoch.
+    pub now: u64,
+    queue: BTreeMap<(u64, u64), Ev>,
+    qseq: u64,
+    core: RelayCore<MemoryStore>,
+    /// The relay's durable store.
+    pub store: Arc<MemoryStore>,
+    relay_up: bool,
+    relay_epoch: u64,
+    conns: BTreeMap<u64, Conn>,
+    next_conn: u64,
+    faults: bool,
+    /// Devices.
+    pub nodes: Vec<Node>,
+    /// Messages sent, in order.
+    pub sent: Vec<SentMsg>,
+    /// Messages recalled (by id).
+    pub recalled: BTreeSet<MessageId>,
+    /// Plaintext found in bytes that reached the relay.
+    pub leaks: Vec<String>,
+    /// Counters for the report.
+    pub report: super::Report,
+    text_counter: usize,
+    trace: bool,
+}
+
+impl World {
+    /// Build the world and run the setup phase (users, contacts, linked
+    /// devices) until every device knows every device list.
+    pub fn new(seed: u64, scenario: Scenario) -> Result<World, Violation> {
+        let config = CoreConfig {
+            max_envelope: hush_protocol::limits::MAX_ENVELOPE_LEN,
+            retention_ms: scenario.relay_retention_ms,
+            send_rate: 0,
+            send_burst: 64,
+            push_window: hush_relay::core::DEFAULT_PUSH_WINDOW,
+        };
+        let store = Arc::new(MemoryStore::new(StoreLimits::default()));
+        let core = RelayCore::new(store.clone(), config, Arc::new(Metrics::new()));
+        let mut w = World {
+            seed,
+            scenario,
+            rng: SeededRng::new(seed),
+            now: START_MS,
+            queue: BTreeMap::new(),
+            qseq: 0,
+            core,
+            store,
+            relay_up: true,
+            relay_epoch: 0,
+            conns: BTreeMap::new(),
+            next_conn: 1,
+            faults: false,
+            nodes: Vec::new(),
+            sent: Vec::new(),
+            recalled: BTreeSet::new(),
+            leaks: Vec::new(),
+            report: super::Report::default(),
+            text_counter: 0,
+            trace: std::env::var("HUSH_SIM_TRACE").is_ok(),
+        };
+        w.setup()?;
+        Ok(w)
+    }
+
+    fn at(&mut self, t: u64, ev: Ev) {
+        self.qseq += 1;
+        self.queue.insert((t.max(self.now), self.qseq), ev);
+    }
+
+    fn chance(&mut self, bp: u64) -> bool {
+        bp > 0 && self.rng.range(0, 9_999) < bp
+    }
+
+    fn latency(&mut self) -> u64 {
+        self.rng.range(1, 40)
+    }
+
+    fn seed32(&mut self) -> [u8; 32] {
+        self.rng.bytes()
+    }
+
+    /// The node indices of a user.
+    pub fn user_nodes(&self, user: usize) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].user == user)
+            .collect()
+    }
+
+    /// A user's identity key.
+    pub fn user_key(&self, user: usize) -> Option<UserKey> {
+        self.user_nodes(user)
+            .first()
+            .map(|&i| self.nodes[i].engine.user_key())
+    }
+
+    fn add_node(
+        &mut self,
+        user: usize,
+        engine: Engine,
+        step: hush_client::Step,
+    ) -> Result<usize, Violation> {
+        let mut storage = MemoryStorage::new();
+        storage
+            .apply(&step.storage)
+            .map_err(|e| Violation::Engine(format!("storage: {e}")))?;
+        self.nodes.push(Node {
+            user,
+            storage,
+            engine,
+            conn: None,
+            dialing: false,
+            timer_gen: 0,
+            timer_at: None,
+            offline: false,
+            shown: BTreeMap::new(),
+            received: Vec::new(),
+            unrecoverable: BTreeMap::new(),
+            sent_order: Vec::new(),
+        });
+        let i = self.nodes.len() - 1;
+        self.nodes[i].dialing = true;
+        self.at(self.now, Ev::Dial(i));
+        Ok(i)
+    }
+
+    fn setup(&mut self) -> Result<(), Violation> {
+        let cfg = self.scenario.engine_config();
+        let users = self.scenario.devices.len();
+        for u in 0..users {
+            let seed = self.seed32();
+            let (engine, step) = Engine::create(
+                self.now,
+                seed,
+                "sim-relay",
+                &format!("user{u}"),
+                cfg.clone(),
+            )
+            .map_err(|e| Violation::Engine(format!("create: {e}")))?;
+            self.add_node(u, engine, step)?;
+        }
+        self.run_until(self.now + 5 * SECOND)?;
+        let codes: Vec<ContactCode> = (0..users)
+            .map(|u| self.nodes[u].engine.contact_code())
+            .collect();
+        for u in 0..users {
+            for (v, code) in codes.iter().enumerate() {
+                if u != v {
+                    self.command(u, Command::AddContact { code: code.clone() })?;
+                }
+            }
+        }
+        self.run_until(self.now + 5 * SECOND)?;
+        for u in 0..users {
+            for _ in 1..self.scenario.devices[u] {
+                let reply = self.command(u, Command::CreateLinkCode)?;
+                let Some(Reply::LinkCode(text)) = reply else {
+                    return Err(Violation::Setup("no link code".into()));
+                };
+                let code = LinkCode::parse(&text)
+                    .map_err(|e| Violation::Setup(format!("link code: {e}")))?;
+                let seed = self.seed32();
+                let (engine, step) = Engine::join(self.now, seed, &code, cfg.clone())
+                    .map_err(|e| Violation::Engine(format!("join: {e}")))?;
+                self.add_node(u, engine, step)?;
+            }
+        }
+        // Contacts learn of new devices when they refresh device lists (on
+        // connect, when stale, or on an unknown sender): reconnect everyone.
+        self.run_until(self.now + 5 * SECOND)?;
+        let all: Vec<u64> = self.conns.keys().copied().collect();
+        for c in all {
+            self.cut(c);
+        }
+        let deadline = self.now + 2 * MINUTE;
+        while !self.converged() {
+            if self.now >= deadline {
+                return Err(Violation::Setup("device lists did not converge".into()));
+            }
+            self.run_until(self.now + SECOND)?;
+        }
+        Ok(())
+    }
+
+    fn converged(&self) -> bool {
+        let users = self.scenario.devices.len();
+        let truth: Vec<BTreeSet<DeviceId>> = (0..users)
+            .map(|u| {
+                self.user_nodes(u)
+                    .iter()
+                    .map(|&i| self.nodes[i].engine.device_id())
+                    .collect()
+            })
+            .collect();
+        self.nodes.iter().all(|n| {
+            n.engine.contacts().len() == users - 1
+                && (0..users).all(|u| {
+                    self.user_key(u).is_some_and(|k| {
+                        n.engine.devices_of(&k).into_iter().collect::<BTreeSet<_>>() == truth[u]
+                    })
+                })
+        })
+    }
+
+    /// Schedule the workload and faults, run the fault phase, heal, run
+    /// until quiet.
+    pub fn run(&mut self) -> Result<(), Violation> {
+        let start = self.now;
+        let end = start + self.scenario.workload_ms;
+        let users = self.scenario.devices.len();
+        for _ in 0..self.scenario.messages {
+            let t = self.rng.range(start, end);
+            let node = self.rng.range(0, self.nodes.len() as u64 - 1) as usize;
+            let mut to = self.rng.range(0, users as u64 - 1) as usize;
+            if to == self.nodes[node].user {
+                to = (to + 1) % users;
+            }
+            self.at(t, Ev::Send(node, to));
+        }
+        if self.scenario.extras {
+            for _ in 0..3 {
+                let t = self.rng.range(start, end);
+                let n = self.rng.range(0, self.nodes.len() as u64 - 1) as usize;
+                let kind = self.rng.range(0, 2);
+                self.at(
+                    t,
+                    match kind {
+                        0 => Ev::Recall(n),
+                        1 => Ev::Delete(n),
+                        _ => Ev::Read(n),
+                    },
+                );
+            }
+        }
+        if self.scenario.cut_every_ms > 0 {
+            let mut t = start;
+            loop {
+                t += self.rng.range(1, 2 * self.scenario.cut_every_ms);
+                if t >= end {
+                    break;
+                }
+                self.at(t, Ev::Cut);
+            }
+        }
+        for _ in 0..self.scenario.relay_restarts {
+            let t = self.rng.range(start, end);
+            let down = self.rng.range(100, 20 * SECOND);
+            self.at(t, Ev::RelayDown(down));
+        }
+        for _ in 0..self.scenario.offline_spells {
+            let t = self.rng.range(start, end);
+            let n = self.rng.range(0, self.nodes.len() as u64 - 1) as usize;
+            let d = self
+                .rng
+                .range(SECOND, self.scenario.offline_max_ms.max(SECOND));
+            self.at(t, Ev::Offline(n, d));
+        }
+        if self.scenario.crash_bp > 0 {
+            for _ in 0..self.rng.range(0, 3) {
+                let t = self.rng.range(start, end);
+                let n = self.rng.range(0, self.nodes.len() as u64 - 1) as usize;
+                self.at(t, Ev::Crash(n));
+            }
+        }
+        self.at(start + 10 * SECOND, Ev::Purge);
+        self.faults = true;
+        self.run_until(end)?;
+        // Heal: no more faults, everyone online, the relay up.
+        self.faults = false;
+        if !self.relay_up {
+            self.relay_up = true;
+        }
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].offline {
+                self.at(self.now, Ev::Online(i));
+            }
+        }
+        let heal_end = self.now + self.scenario.heal_ms;
+        self.run_until(self.now + MINUTE)?;
+        self.retry_failed()?;
+        self.run_until(self.now + 5 * MINUTE)?;
+        self.retry_failed()?;
+        self.run_until(heal_end)?;
+        Ok(())
+    }
+
+    /// What a user does after "check your network": retry failed messages.
+    fn retry_failed(&mut self) -> Result<(), Violation> {
+        for i in 0..self.nodes.len() {
+            let failed: Vec<MessageId> = self.nodes[i]
+                .engine
+                .outbox_ids()
+                .into_iter()
+                .filter(|id| {
+                    self.nodes[i].engine.message_state(id)
+                        == Some(hush_client::MessageState::Failed)
+                })
+                .collect();
+            for id in failed {
+                self.command(i, Command::Retry { id })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn run_until(&mut self, t: u64) -> Result<(), Violation> {
+        while let Some((&(when, _), _)) = self.queue.first_key_value() {
+            if when > t {
+                break;
+            }
+            let Some(((when, _), ev)) = self.queue.pop_first() else {
+                break;
+            };
+            self.now = when;
+            self.report.events += 1;
+            if self.report.events > 3_000_000 {
+                return Err(Violation::Engine(
+                    "runaway simulation (too many events)".into(),
+                ));
+            }
+            self.dispatch(ev)?;
+        }
+        self.now = self.now.max(t);
+        Ok(())
+    }
+
+    fn dispatch(&mut self, ev: Ev) -> Result<(), Violation> {
+        match ev {
+            Ev::Dial(i) => {
+                self.nodes[i].dialing = false;
+                if self.nodes[i].offline || self.nodes[i].conn.is_some() {
+                    return Ok(());
+                }
+                if !self.relay_up {
+                    // The dial fails.
+                    self.drive(i, Input::Disconnected)?;
+                    return Ok(());
+                }
+                let id = self.next_conn;
+                self.next_conn += 1;
+                let session = self.core.new_session(self.now);
+                self.conns.insert(
+                    id,
+                    Conn {
+                        node: i,
+                        session: Some(session),
+                        alive: true,
+                        to_client_at: self.now,
+                        to_relay_at: self.now,
+                    },
+                );
+                self.nodes[i].conn = Some(id);
+                let l = self.latency();
+                self.at(self.now + l, Ev::Connected(i, id));
+            }
+            Ev::Connected(i, c) => {
+                if self.nodes[i].conn == Some(c) && self.conns.get(&c).is_some_and(|x| x.alive) {
+                    self.drive(i, Input::Connected)?;
+                }
+            }
+            Ev::Lost(i, c) => {
+                if self.nodes[i].conn == Some(c) {
+                    self.nodes[i].conn = None;
+                    self.drive(i, Input::Disconnected)?;
+                }
+            }
+            Ev::ToRelay(c, frame) => {
+                if self.relay_up && self.conns.get(&c).is_some_and(|x| x.alive) {
+                    self.relay_handle(c, frame);
+                }
+            }
+            Ev::ToClient(c, frame) => {
+                let Some(conn) = self.conns.get(&c) else {
+                    return Ok(());
+                };
+                let i = conn.node;
+                if !conn.alive || self.nodes[i].conn != Some(c) {
+                    return Ok(());
+                }
+                let frame = self.mangle(frame);
+                self.drive(i, Input::Frame(frame))?;
+            }
+            Ev::Commit(epoch, c, pending) => {
+                if epoch == self.relay_epoch && self.relay_up {
+                    self.commit(c, pending);
+                }
+            }
+            Ev::CloseConn(c) => self.cut(c),
+            Ev::Timer(i, generation) => {
+                if self.nodes[i].timer_gen == generation {
+                    self.nodes[i].timer_at = None;
+                    self.drive(i, Input::Tick)?;
+                }
+            }
+            Ev::Send(i, to) => {
+                let Some(key) = self.user_key(to) else {
+                    return Ok(());
+                };
+                let conversation = self.nodes[i].engine.conversation_with(&key);
+                self.text_counter += 1;
+                let text = format!("{MARKER}{}-{}", self.seed, self.text_counter);
+                let reply = self.command(
+                    i,
+                    Command::SendText {
+                        conversation,
+                        text: text.clone(),
+                    },
+                )?;
+                if let Some(Reply::Message(id)) = reply {
+                    let index = self.nodes[i].sent_order.len();
+                    self.nodes[i].sent_order.push(id);
+                    self.sent.push(SentMsg {
+                        id,
+                        node: i,
+                        to_user: to,
+                        conversation,
+                        text,
+                        index,
+                    });
+                }
+            }
+            Ev::Recall(i) => {
+                let pick = self
+                    .sent
+                    .iter()
+                    .filter(|m| m.node == i && !self.recalled.contains(&m.id))
+                    .map(|m| (m.id, m.conversation))
+                    .next();
+                if let Some((id, conversation)) = pick {
+                    let reply = self.command(i, Command::Recall { conversation, id })?;
+                    if reply.is_some() {
+                        self.recalled.insert(id);
+                    }
+                }
+            }
+            Ev::Delete(i) => {
+                if let Some(&(id, _, conversation)) = self.nodes[i].received.first() {
+                    self.command(
+                        i,
+                        Command::Delete {
+                            conversation,
+                            ids: vec![id],
+                        },
+                    )?;
+                }
+            }
+            Ev::Read(i) => {
+                let mut by_conv: BTreeMap<ConversationId, Vec<(MessageId, DeviceId)>> =
+                    BTreeMap::new();
+                for &(id, d, c) in &self.nodes[i].received {
+                    by_conv.entry(c).or_default().push((id, d));
+                }
+                for (conversation, messages) in by_conv {
+                    self.command(
+                        i,
+                        Command::MarkRead {
+                            conversation,
+                            messages,
+                        },
+                    )?;
+                }
+            }
+            Ev::Cut => {
+                let alive: Vec<u64> = self
+                    .conns
+                    .iter()
+                    .filter(|(_, c)| c.alive)
+                    .map(|(k, _)| *k)
+                    .collect();
+                if !alive.is_empty() {
+                    let k = alive[self.rng.range(0, alive.len() as u64 - 1) as usize];
+                    self.cut(k);
+                }
+            }
+            Ev::RelayDown(down) => {
+                if self.faults && self.relay_up {
+                    self.report.relay_restarts += 1;
+                    self.relay_up = false;
+                    self.relay_epoch += 1;
+                    let all: Vec<u64> = self.conns.keys().copied().collect();
+                    for c in all {
+                        self.cut(c);
+                    }
+                    self.at(self.now + down, Ev::RelayUp);
+                }
+            }
+            Ev::RelayUp => self.relay_up = true,
+            Ev::Crash(i) => {
+                if self.faults {
+                    self.crash(i)?;
+                }
+            }
+            Ev::Offline(i, d) => {
+                if self.faults && !self.nodes[i].offline {
+                    self.nodes[i].offline = true;
+                    if let Some(c) = self.nodes[i].conn {
+                        self.cut(c);
+                    }
+                    self.at(self.now + d, Ev::Online(i));
+                }
+            }
+            Ev::Online(i) => {
+                if self.nodes[i].offline {
+                    self.nodes[i].offline = false;
+                    self.nodes[i].dialing = true;
+                    self.at(self.now, Ev::Dial(i));
+                }
+            }
+            Ev::Purge => {
+                let _ = self.store.purge_expired(self.now, 100_000);
+                self.at(self.now + 10 * SECOND, Ev::Purge);
+            }
+        }
+        Ok(())
+    }
+
+    /// Run a command on node `i` now; returns the reply if the step's storage
+    /// was applied.
+    pub fn command(&mut self, i: usize, c: Command) -> Result<Option<Reply>, Violation> {
+        self.drive(i, Input::Command(c))
+    }
+
+    /// Feed one input to a node's engine and carry out its step like a real
+    /// driver: storage first, then frames, then events.
+    fn drive(&mut self, i: usize, input: Input) -> Result<Option<Reply>, Violation> {
+        let label = if self.trace {
+            trace_input(&input)
+        } else {
+            String::new()
+        };
+        let step = match self.nodes[i].engine.handle(self.now, input) {
+            Ok(s) => s,
+            Err(hush_client::ClientError::Unknown(_) | hush_client::ClientError::NotAllowed(_)) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(Violation::Engine(format!("node {i}: {e}"))),
+        };
+        if self.trace {
+            eprintln!(
+                "{:>8} n{i} {label} -> frames {:?} events {:?} wake {:?} connect {:?}{}",
+                self.now - START_MS,
+                step.frames.iter().map(trace_frame).collect::<Vec<_>>(),
+                step.events,
+                step.wake_at.map(|t| t.saturating_sub(START_MS)),
+                step.connect_at.map(|t| t.saturating_sub(START_MS)),
+                if step.close { " CLOSE" } else { "" }
+            );
+        }
+        let bp = self.scenario.crash_bp;
+        if self.faults && self.chance(bp / 2) {
+            // Crash before the batch is durable: the step never happened.
+            self.crash(i)?;
+            return Ok(None);
+        }
+        self.nodes[i]
+            .storage
+            .apply(&step.storage)
+            .map_err(|e| Violation::Engine(format!("storage: {e}")))?;
+        if self.faults && self.chance(bp / 2) {
+            // Crash after the batch: frames and events are lost.
+            self.report.crashes_after_storage += 1;
+            self.crash(i)?;
+            return Ok(step.reply);
+        }
+        for frame in step.frames {
+            self.send_to_relay(i, frame);
+        }
+        for e in step.events {
+            self.record(i, e);
+        }
+        if step.close
+            && let Some(c) = self.nodes[i].conn.take()
+            && let Some(conn) = self.conns.get_mut(&c)
+        {
+            conn.alive = false;
+        }
+        if let Some(w) = step.wake_at
+            && self.nodes[i].timer_at != Some(w)
+        {
+            self.nodes[i].timer_gen += 1;
+            self.nodes[i].timer_at = Some(w);
+            let g = self.nodes[i].timer_gen;
+            self.at(w, Ev::Timer(i, g));
+        }
+        if let Some(c) = step.connect_at
+            && self.nodes[i].conn.is_none()
+            && !self.nodes[i].dialing
+            && !self.nodes[i].offline
+        {
+            self.nodes[i].dialing = true;
+            self.at(c, Ev::Dial(i));
+        }
+        Ok(step.reply)
+    }
+
+    fn record(&mut self, i: usize, e: Event) {
+        match e {
+            Event::Message(r) => {
+                *self.nodes[i].shown.entry(r.id).or_default() += 1;
+                if !r.outgoing {
+                    self.nodes[i]
+                        .received
+                        .push((r.id, r.from_device, r.conversation));
+                }
+            }
+            Event::Unrecoverable {
+                conversation,
+                from_device,
+                count,
+            } => {
+                *self.nodes[i]
+                    .unrecoverable
+                    .entry((from_device, conversation))
+                    .or_default() += count;
+            }
+            _ => {}
+        }
+    }
+
+    fn crash(&mut self, i: usize) -> Result<(), Violation> {
+        self.report.crashes += 1;
+        if let Some(c) = self.nodes[i].conn.take()
+            && let Some(conn) = self.conns.get_mut(&c)
+        {
+            conn.alive = false;
+        }
+        let seed = self.seed32();
+        let records = self.nodes[i]
+            .storage
+            .load_state()
+            .map_err(|e| Violation::Engine(format!("load: {e}")))?;
+        self.nodes[i].engine = Engine::load(records, seed, self.scenario.engine_config())
+            .map_err(|e| Violation::Engine(format!("reload after crash: {e}")))?;
+        self.nodes[i].timer_at = None;
+        self.nodes[i].timer_gen += 1;
+        if !self.nodes[i].offline {
+            self.nodes[i].dialing = true;
+            self.at(self.now + 200, Ev::Dial(i));
+        }
+        Ok(())
+    }
+
+    fn cut(&mut self, c: u64) {
+        let Some(conn) = self.conns.get_mut(&c) else {
+            return;
+        };
+        if !conn.alive {
+            return;
+        }
+        conn.alive = false;
+        let node = conn.node;
+        let l = self.latency();
+        self.at(self.now + l, Ev::Lost(node, c));
+    }
+
+    fn send_to_relay(&mut self, i: usize, frame: ClientFrame) {
+        match encode_client_frame(&frame) {
+            Ok(bytes) => self.scan(&bytes, "client frame"),
+            Err(e) => self.leaks.push(format!("unencodable client frame: {e}")),
+        }
+        let Some(c) = self.nodes[i].conn else {
+            return;
+        };
+        let l = self.latency();
+        let Some(conn) = self.conns.get_mut(&c) else {
+            return;
+        };
+        let t = (self.now + l).max(conn.to_relay_at);
+        conn.to_relay_at = t;
+        self.at(t, Ev::ToRelay(c, frame));
+    }
+
+    fn send_to_client(&mut self, c: u64, frame: ServerFrame) {
+        let l = self.latency();
+        let Some(conn) = self.conns.get_mut(&c) else {
+            return;
+        };
+        let t = (self.now + l).max(conn.to_client_at);
+        conn.to_client_at = t;
+        self.at(t, Ev::ToClient(c, frame));
+    }
+
+    fn scan(&mut self, bytes: &[u8], what: &str) {
+        let m = MARKER.as_bytes();
+        if bytes.windows(m.len()).any(|w| w == m) {
+            self.leaks.push(format!("plaintext marker in {what}"));
+        }
+    }
+
+    fn relay_handle(&mut self, c: u64, frame: ClientFrame) {
+        let challenge = self.rng.bytes();
+        let Some(mut session) = self.conns.get_mut(&c).and_then(|x| x.session.take()) else {
+            return;
+        };
+        let actions = self.core.handle(&mut session, frame, self.now, challenge);
+        if let Some(conn) = self.conns.get_mut(&c) {
+            conn.session = Some(session);
+        }
+        self.relay_actions(c, actions);
+    }
+
+    fn relay_actions(&mut self, c: u64, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Send(f) => self.send_to_client(c, f),
+                Action::Commit(p) => {
+                    let d = self.rng.range(1, 3);
+                    let epoch = self.relay_epoch;
+                    self.at(self.now + d, Ev::Commit(epoch, c, p));
+                }
+                Action::Authenticated(device) => {
+                    let older: Vec<u64> = self
+                        .conns
+                        .iter()
+                        .filter(|(k, x)| {
+                            **k != c
+                                && x.alive
+                                && x.session.as_ref().and_then(|s| s.device()) == Some(device)
+                        })
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for k in older {
+                        self.send_to_client(k, ServerFrame::closing(ErrorCode::Replaced, "replaced"));
+                        let t = self.conns.get(&k).map_or(self.now, |x| x.to_client_at) + 1;
+                        self.at(t, Ev::CloseConn(k));
+                    }
+                }
+                Action::Live(_) => self.pump(c),
+                Action::Close { .. } => {
+                    let t = self.conns.get(&c).map_or(self.now, |x| x.to_client_at) + 1;
+                    self.at(t, Ev::CloseConn(c));
+                }
+            }
+        }
+    }
+
+    fn pump(&mut self, c: u64) {
+        let Some(mut session) = self.conns.get_mut(&c).and_then(|x| x.session.take()) else {
+            return;
+        };
+        let actions = self.core.pump(&mut session);
+        if let Some(conn) = self.conns.get_mut(&c) {
+            conn.session = Some(session);
+        }
+        self.relay_actions(c, actions);
+    }
+
+    fn commit(&mut self, c: u64, p: PendingSend) {
+        for e in &p.envelopes {
+            let bytes = e.bytes.clone();
+            self.scan(&bytes, "stored envelope");
+        }
+        let recipients: BTreeSet<DeviceId> = p.envelopes.iter().map(|e| e.recipient).collect();
+        let result = self.store.commit(&p.envelopes);
+        let frame = self.core.finish_send(p.ticket, result);
+        if self.conns.get(&c).is_some_and(|x| x.alive) {
+            self.send_to_client(c, frame);
+        }
+        let live: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, x)| {
+                x.alive
+                    && x.session.as_ref().is_some_and(|s| {
+                        s.is_live() && s.device().is_some_and(|d| recipients.contains(&d))
+                    })
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in live {
+            self.pump(k);
+        }
+    }
+
+    /// Relay misbehaviour on the way to a client: withhold, duplicate or
+    /// swap envelopes inside pages and pushes.
+    fn mangle(&mut self, frame: ServerFrame) -> ServerFrame {
+        let (w, d, r) = if self.faults {
+            (
+                self.scenario.withhold_bp,
+                self.scenario.dup_bp,
+                self.scenario.reorder_bp,
+            )
+        } else {
+            (0, 0, 0)
+        };
+        let fix = |envs: &mut Vec<hush_protocol::Delivered>, world: &mut World| {
+            let mut out = Vec::with_capacity(envs.len());
+            for e in envs.drain(..) {
+                if world.chance(w) {
+                    world.report.withheld += 1;
+                    continue;
+                }
+                if world.chance(d) {
+                    out.push(e.clone());
+                }
+                out.push(e);
+            }
+            if out.len() >= 2 && world.chance(r) {
+                let k = world.rng.range(0, out.len() as u64 - 2) as usize;
+                out.swap(k, k + 1);
+            }
+            *envs = out;
+        };
+        match frame {
+            ServerFrame::Push { mut envelopes } => {
+                fix(&mut envelopes, self);
+                ServerFrame::Push { envelopes }
+            }
+            ServerFrame::Response {
+                request_id,
+                response: Response::Page(mut page),
+            } => {
+                if page.truncated.is_some() {
+                    self.report.truncations += 1;
+                }
+                fix(&mut page.envelopes, self);
+                ServerFrame::Response {
+                    request_id,
+                    response: Response::Page(page),
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+fn trace_input(i: &Input) -> String {
+    match i {
+        Input::Frame(ServerFrame::Response {
+            request_id,
+            response,
+        }) => {
+            let r = match response {
+                Response::Page(p) => format!(
+                    "Page(seqs {:?}, remaining {}, truncated {})",
+                    p.envelopes.iter().map(|d| d.seq).collect::<Vec<_>>(),
+                    p.remaining,
+                    p.truncated.is_some()
+                ),
+                Response::Sent { outcomes } => format!("Sent({} outcomes)", outcomes.len()),
+                other => {
+                    let s = format!("{other:?}");
+                    s.chars().take(60).collect()
+                }
+            };
+            format!("Response#{request_id} {r}")
+        }
+        Input::Frame(ServerFrame::Push { envelopes }) => format!(
+            "Push(seqs {:?})",
+            envelopes.iter().map(|d| d.seq).collect::<Vec<_>>()
+        ),
+        Input::Frame(f) => {
+            let s = format!("{f:?}");
+            s.chars().take(80).collect()
+        }
+        Input::Command(c) => {
+            let s = format!("{c:?}");
+            s.chars().take(60).collect()
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn trace_frame(f: &ClientFrame) -> String {
+    use hush_protocol::Request;
+    let r = match &f.request {
+        Request::Send { envelopes } => format!(
+            "Send[{}]",
+            envelopes
+                .iter()
+                .map(|e| format!(
+                    "{}>{}:{}",
+                    &e.header.sender_device.to_hex()[..4],
+                    &e.header.recipient_device.to_hex()[..4],
+                    e.header.sender_seq
+                ))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        Request::Pull { after, ack, .. } => format!("Pull(after {after}, ack {ack})"),
+        Request::Ack { up_to } => format!("Ack({up_to})"),
+        other => {
+            let s = format!("{other:?}");
+            s.chars().take(40).collect()
+        }
+    };
+    format!("#{} {r}", f.request_id)
+}

@@ -1,0 +1,53 @@
+//! The deterministic simulator over many seeds (1,000 by default;
+//! `HUSH_SIM_SEEDS=N` for more or fewer, `HUSH_SIM_SEED=<seed>` to replay one).
+
+use hush_tests::sim;
+
+#[test]
+fn simulated_runs_keep_every_invariant() {
+    let seeds = sim::seeds(0x4855_5348_5349_4d00, 1_000);
+    let (report, failures) = sim::run_many(&seeds, sim::run);
+    for (seed, why) in &failures {
+        eprintln!(
+            "sim seed {seed} failed: {why}\n  replay: HUSH_SIM_SEED={seed} cargo test -p hush-tests --test sim_seeds"
+        );
+    }
+    eprintln!("sim: {} seeds, {report:?}", seeds.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} seeds failed",
+        failures.len(),
+        seeds.len()
+    );
+    // The faults were real: with this many seeds the repair paths ran.
+    if seeds.len() >= 100 {
+        assert!(
+            report.gaps_detected > 0 && report.recovered > 0,
+            "no gap was ever repaired: {report:?}"
+        );
+        assert!(
+            report.duplicates > 0,
+            "no duplicate was ever dropped: {report:?}"
+        );
+        assert!(
+            report.crashes > 0 && report.relay_restarts > 0,
+            "no crash was injected: {report:?}"
+        );
+        assert!(
+            report.crashes_after_storage > 0,
+            "no crash between storage and ack: {report:?}"
+        );
+        assert!(
+            report.probes > 0 && report.resent > 0,
+            "no re-send ever happened: {report:?}"
+        );
+        assert!(
+            report.unrecoverable > 0,
+            "no sender ever forgot a message: {report:?}"
+        );
+        assert!(
+            report.truncations > 0 && report.out_of_order > 0,
+            "{report:?}"
+        );
+    }
+}

@@ -1,0 +1,1046 @@
+// Hush demo chat page.
+//
+// Plain ES module on top of the `hush-client` WebAssembly package in ./pkg/.
+// Everything the engine does (encryption, ordering, gap repair, receipts)
+// happens inside the package; this file only turns its events into a page.
+//
+// Where the relay is: `GET /relay.json` ({"quic": "host:port"}) and
+// `GET /certificate.sha256` on this page's origin (what `hush-relay --http
+// ... --demo` serves), or the query parameters `?relay=host:port&hash=hex`.
+// `?storage=NAME` picks the browser storage (one storage = one device), so
+// two tabs with different names are two devices.
+
+const PAGE_SIZE = 100;
+const UNREAD_SCAN = 500;
+
+const $ = (id) => document.getElementById(id);
+
+const params = new URLSearchParams(location.search);
+const storage = params.get("storage") || "default";
+const prefsKey = (what) => `hush-demo:${storage}:${what}`;
+
+/** Everything the page knows, in one place. */
+const state = {
+  client: null,
+  config: null,
+  offline: false,
+  connection: "offline",
+  /** conversation id → { conversation, name, user, devices, unread, epoch, gap } */
+  conversations: new Map(),
+  current: null,
+  /** Messages shown for the current conversation: id → { entry, el }. */
+  shown: new Map(),
+  oldestOrder: null,
+  /** Latest delivery state seen per message id (events may beat `send`'s promise). */
+  states: new Map(),
+  /** While a conversation's history loads, events for it wait here. */
+  loading: null,
+  /** device id → user id (persisted: rotation events name only the device). */
+  deviceOwner: loadPref("devices", {}),
+  /** device id → epoch of rotations whose owner is not known yet. */
+  pendingRotations: new Map(),
+  epochs: loadPref("epochs", {}),
+  readTimer: null,
+  progressHide: null,
+  /** Ids of this device's sends seen in `state` events but not yet shown. */
+  unknownSent: new Set(),
+  tailTimer: null,
+};
+
+/** A record of what happened, for people debugging and for the browser tests. */
+const log = { progress: [], gaps: [], rotations: [], connection: [], states: [], errors: [] };
+
+window.hushDemo = { state, log, get client() { return state.client; } };
+
+function loadPref(what, fallback) {
+  try {
+    const raw = localStorage.getItem(prefsKey(what));
+    return raw ? JSON.parse(raw) : fallback;
+  } catch {
+    return fallback;
+  }
+}
+
+function savePref(what, value) {
+  try {
+    localStorage.setItem(prefsKey(what), JSON.stringify(value));
+  } catch {
+    // Private mode or a full quota: the page still works, it only forgets.
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Small view helpers
+// ---------------------------------------------------------------------------
+
+function show(el, visible) {
+  el.hidden = !visible;
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v === true ? "" : String(v));
+  }
+  for (const c of children) if (c != null) node.append(c);
+  return node;
+}
+
+function plural(n, one, many) {
+  return `${n} ${n === 1 ? one : many}`;
+}
+
+function formatTime(ms) {
+  const d = new Date(ms);
+  const now = new Date();
+  const sameDay = d.toDateString() === now.toDateString();
+  const time = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  return sameDay ? time : `${d.toLocaleDateString([], { month: "short", day: "numeric" })} ${time}`;
+}
+
+function notice(text, kind = "error") {
+  $("notice-text").textContent = text;
+  $("notice").dataset.kind = kind;
+  show($("notice"), true);
+  if (kind === "error") log.errors.push(text);
+}
+
+function describeError(e) {
+  if (e && typeof e === "object" && "message" in e) {
+    return e.code ? `${e.message} (${e.code})` : e.message;
+  }
+  return String(e);
+}
+
+async function copy(text, button) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {
+    // No clipboard permission: select the text so Ctrl-C works.
+    const range = document.createRange();
+    range.selectNodeContents(button.previousElementSibling);
+    const sel = getSelection();
+    sel.removeAllRanges();
+    sel.addRange(range);
+  }
+  button.classList.add("done");
+  button.textContent = "Copied";
+  setTimeout(() => {
+    button.classList.remove("done");
+    button.textContent = "Copy";
+  }, 1200);
+}
+
+// ---------------------------------------------------------------------------
+// Start-up: find the relay, load the package, open the storage
+// ---------------------------------------------------------------------------
+
+/** The relay's WebTransport URL and certificate hash. */
+async function relayConfig() {
+  let address = params.get("relay");
+  let hash = params.get("hash");
+  if (!address) {
+    try {
+      const res = await fetch("/relay.json", { cache: "no-store" });
+      if (res.ok) {
+        const info = await res.json();
+        address = info.quic || info.relay || null;
+      }
+    } catch {
+      // Served by something other than the relay: fall through.
+    }
+  }
+  if (!hash) {
+    try {
+      const res = await fetch("/certificate.sha256", { cache: "no-store" });
+      if (res.ok) hash = (await res.text()).trim();
+    } catch {
+      // No hash: only works with a certificate the browser already trusts.
+    }
+  }
+  if (!address && hash && !params.get("hash")) {
+    // Served by a relay that does not describe itself: try its default port.
+    address = `${location.hostname}:4433`;
+    console.warn(`hush: no /relay.json; trying the relay's default address ${address}`);
+  }
+  if (!address) {
+    throw new Error(
+      "Cannot find the relay: this page was not served by hush-relay (no /relay.json). " +
+        "Add ?relay=HOST:PORT&hash=HEX to the address.",
+    );
+  }
+  // A relay bound to every interface names itself 0.0.0.0: reach it the way
+  // this page was reached.
+  address = address.replace(/^(0\.0\.0\.0|\[::\])(?=:\d+$)/, location.hostname);
+  return { relayUrl: `https://${address}/`, relay: address, certHash: hash || undefined };
+}
+
+async function start() {
+  $("storage-name").textContent = storage;
+  let Client;
+  try {
+    const pkg = await import("./pkg/hush_client.js");
+    await pkg.default();
+    Client = pkg.Client;
+  } catch (e) {
+    failStart(
+      `The Hush client package did not load (${describeError(e)}). ` +
+        "Build it with `cargo xtask build-wasm`.",
+    );
+    return;
+  }
+  window.hushDemo.Client = Client;
+  try {
+    state.config = await relayConfig();
+  } catch (e) {
+    failStart(describeError(e));
+    return;
+  }
+  $("relay-name").textContent = state.config.relay;
+
+  // An existing device opens without a name; an empty storage refuses, and
+  // the page asks who the user is.
+  try {
+    const client = await Client.open({ ...connectOptions() });
+    await enter(client);
+  } catch (e) {
+    if (e && e.code === "invalid_argument" && /holds no device/.test(e.message)) {
+      showOnboarding();
+    } else if (e && e.code === "locked") {
+      failStart(`Storage “${storage}” is open in another tab. Close it, or use ?storage=another-name.`);
+    } else {
+      failStart(`Could not open storage “${storage}”: ${describeError(e)}`);
+    }
+  }
+}
+
+function connectOptions() {
+  return { storage, relayUrl: state.config.relayUrl, certHash: state.config.certHash };
+}
+
+function failStart(text) {
+  $("loading-text").textContent = text;
+  $("loading").classList.add("failed");
+  $("loading").dataset.failed = "true";
+}
+
+function showOnboarding() {
+  show($("loading"), false);
+  show($("onboarding"), true);
+  $("user-name").focus();
+}
+
+async function createUser(event) {
+  event.preventDefault();
+  const name = $("user-name").value.trim();
+  if (!name) return;
+  await withBusy(event.submitter, async () => {
+    const client = await window.hushDemo.Client.open({ ...connectOptions(), name });
+    await enter(client);
+  });
+}
+
+async function linkDevice(event) {
+  event.preventDefault();
+  const code = $("link-input").value.trim();
+  if (!code) return;
+  await withBusy(event.submitter, async () => {
+    const client = await window.hushDemo.Client.link({ ...connectOptions(), code });
+    await enter(client);
+  });
+}
+
+async function withBusy(button, fn) {
+  if (button) button.disabled = true;
+  try {
+    await fn();
+  } catch (e) {
+    notice(describeError(e));
+  } finally {
+    if (button) button.disabled = false;
+  }
+}
+
+/** The client is open: wire its events and show the app. */
+async function enter(client) {
+  state.client = client;
+  client.on("message", onMessage);
+  client.on("state", onState);
+  client.on("removed", onRemoved);
+  client.on("read", onReadSynced);
+  client.on("progress", onProgress);
+  client.on("gap", onGap);
+  client.on("rotation", onRotation);
+  client.on("connection", (ev) => setConnection(ev.state));
+  client.on("contact", () => refreshConversations());
+  client.on("devices", onDevices);
+  client.on("linked", (ev) => {
+    if (ev.self) notice("This browser is now linked to your account.", "info");
+    else notice("A new device joined your account.", "info");
+    refreshConversations();
+  });
+  client.on("warning", (ev) => console.warn("hush:", ev.message));
+  client.on("*", scheduleHealth);
+  client.on("error", (ev) => {
+    if (ev.fatal) notice(`The client stopped: ${ev.message}`);
+    else console.warn("hush: recovered from", ev.code, ev.message);
+  });
+
+  const status = client.status();
+  $("who").textContent = status.name;
+  $("who").title = `device ${status.device.slice(0, 12)}… on ${status.relay}`;
+  show($("who"), true);
+  $("contact-code").textContent = client.contactCode();
+  state.offline = status.online === false;
+  setConnection(status.state);
+  show($("conn"), true);
+  show($("offline-toggle"), true);
+  renderOfflineToggle();
+
+  show($("loading"), false);
+  show($("onboarding"), false);
+  show($("app"), true);
+  document.title = `${status.name} — Hush`;
+
+  await refreshConversations();
+  const first = [...state.conversations.keys()][0];
+  const wanted = params.get("chat");
+  const pick = [...state.conversations.values()].find((c) => c.name === wanted)?.conversation ?? first;
+  if (pick) await selectConversation(pick);
+  document.body.dataset.ready = "true";
+}
+
+// ---------------------------------------------------------------------------
+// Connection, offline toggle, sync progress
+// ---------------------------------------------------------------------------
+
+const CONNECTION_TEXT = {
+  offline: "Offline",
+  connecting: "Connecting…",
+  syncing: "Syncing…",
+  live: "Connected",
+};
+
+function setConnection(s) {
+  state.connection = s;
+  log.connection.push(s);
+  const pill = $("conn");
+  pill.dataset.state = s;
+  let text = CONNECTION_TEXT[s] ?? s;
+  if (s === "offline") text = state.offline ? "Offline (paused)" : "Offline, retrying…";
+  pill.querySelector(".conn-text").textContent = text;
+  if (s === "live") finishProgress();
+}
+
+function renderOfflineToggle() {
+  const t = $("offline-toggle");
+  t.setAttribute("aria-checked", String(state.offline));
+  t.querySelector(".switch-label").textContent = state.offline ? "Offline" : "Go offline";
+  t.title = state.offline ? "Reconnect to the relay" : "Cut the connection to the relay";
+}
+
+function toggleOffline() {
+  if (!state.client) return;
+  state.offline = !state.offline;
+  try {
+    state.client.setOnline(!state.offline);
+  } catch (e) {
+    state.offline = !state.offline;
+    notice(describeError(e));
+  }
+  renderOfflineToggle();
+  setConnection(state.connection);
+}
+
+function onProgress({ done, total }) {
+  log.progress.push({ done, total });
+  const bar = $("sync-progress");
+  clearTimeout(state.progressHide);
+  bar.dataset.done = String(done);
+  bar.dataset.total = String(total);
+  bar.setAttribute("aria-valuemax", String(total));
+  bar.setAttribute("aria-valuenow", String(done));
+  const pct = total > 0 ? Math.min(100, (done / total) * 100) : 0;
+  $("sync-fill").style.width = `${pct}%`;
+  if (done < total) {
+    bar.dataset.phase = "syncing";
+    $("sync-text").textContent = `syncing ${done} of ${total}`;
+    show(bar, true);
+  } else {
+    finishProgress();
+  }
+}
+
+/** The backlog is drained: say so briefly, then fold the bar away. */
+function finishProgress() {
+  const bar = $("sync-progress");
+  if (bar.hidden || bar.dataset.phase === "done") return;
+  const total = Number(bar.dataset.total);
+  bar.dataset.phase = "done";
+  bar.dataset.done = String(total);
+  $("sync-fill").style.width = "100%";
+  $("sync-text").textContent = `caught up: ${plural(total, "message", "messages")} synced`;
+  clearTimeout(state.progressHide);
+  state.progressHide = setTimeout(() => show(bar, false), 4000);
+}
+
+// ---------------------------------------------------------------------------
+// Conversations
+// ---------------------------------------------------------------------------
+
+async function refreshConversations() {
+  const list = state.client.conversations();
+  for (const c of list) {
+    const known = state.conversations.get(c.conversation);
+    if (known) {
+      Object.assign(known, { name: c.name, user: c.user, devices: c.devices });
+    } else {
+      state.conversations.set(c.conversation, {
+        ...c,
+        unread: 0,
+        epoch: state.epochs[c.conversation] ?? null,
+        gap: null,
+      });
+      countUnread(c.conversation);
+    }
+  }
+  applyPendingRotations();
+  renderConversations();
+  renderChatHeader();
+}
+
+function renderChatHeader() {
+  const c = state.conversations.get(state.current);
+  if (!c) return;
+  $("chat-title").textContent = c.name;
+  $("chat-sub").textContent =
+    c.devices > 0 ? `${plural(c.devices, "device", "devices")} · end-to-end encrypted` : "end-to-end encrypted";
+}
+
+/** Unread = received and not yet read, counted over the newest messages. */
+async function countUnread(conv) {
+  try {
+    const entries = await state.client.history(conv, { limit: UNREAD_SCAN });
+    const c = state.conversations.get(conv);
+    if (!c) return;
+    c.unread = conv === state.current && pageIsSeen() ? 0 : entries.filter((e) => !e.outgoing && !e.read).length;
+    for (const e of entries) if (!e.outgoing) noteDevice(e.fromDevice, e.fromUser);
+    renderConversations();
+  } catch (e) {
+    console.warn("hush: unread count failed", e);
+  }
+}
+
+function renderConversations() {
+  const ul = $("conversations");
+  ul.replaceChildren();
+  for (const c of state.conversations.values()) {
+    const gapPending = c.gap && c.gap.kind === "detected";
+    const item = el(
+      "li",
+      {},
+      el(
+        "button",
+        {
+          type: "button",
+          class: `conversation${c.conversation === state.current ? " active" : ""}`,
+          "data-testid": "conversation",
+          "data-name": c.name,
+          "data-conversation": c.conversation,
+          "aria-current": c.conversation === state.current ? "true" : null,
+          onclick: () => selectConversation(c.conversation),
+        },
+        el("span", { class: "avatar", "aria-hidden": "true", text: initials(c.name) }),
+        el("span", { class: "conversation-name", text: c.name }),
+        gapPending ? el("span", { class: "gap-dot", title: "Missing messages are being recovered", text: "⚠" }) : null,
+        c.unread > 0
+          ? el("span", { class: "unread", "data-testid": "unread", "aria-label": `${c.unread} unread`, text: String(c.unread) })
+          : null,
+      ),
+    );
+    ul.append(item);
+  }
+  show($("no-conversations"), state.conversations.size === 0);
+}
+
+function initials(name) {
+  return (name || "?").trim().split(/\s+/).map((w) => w[0]).join("").slice(0, 2).toUpperCase();
+}
+
+async function selectConversation(conv) {
+  const c = state.conversations.get(conv);
+  if (!c) return;
+  state.current = conv;
+  state.shown.clear();
+  state.unknownSent.clear();
+  state.oldestOrder = null;
+  $("messages").replaceChildren();
+  show($("chat-empty"), false);
+  show($("chat"), true);
+  renderChatHeader();
+  renderEpoch(false);
+  renderGap();
+  renderConversations();
+
+  // Events that arrive while the page is read are held, then merged by id.
+  const buffered = [];
+  state.loading = { conv, buffered };
+  try {
+    const entries = await state.client.history(conv, { limit: PAGE_SIZE });
+    if (state.current !== conv) return;
+    for (const e of entries) appendMessage(e);
+    state.oldestOrder = entries.length ? entries[0].order : null;
+    show($("load-earlier"), entries.length === PAGE_SIZE);
+  } catch (e) {
+    notice(`Could not read the history: ${describeError(e)}`);
+  } finally {
+    if (state.loading?.conv === conv) state.loading = null;
+  }
+  for (const ev of buffered) appendMessage(ev);
+  scrollToEnd();
+  c.unread = 0;
+  renderConversations();
+  scheduleMarkRead();
+  $("composer").focus();
+}
+
+async function loadEarlier() {
+  const conv = state.current;
+  if (!conv || state.oldestOrder == null) return;
+  const scroller = $("messages-scroll");
+  const fromBottom = scroller.scrollHeight - scroller.scrollTop;
+  const entries = await state.client.history(conv, { before: state.oldestOrder, limit: PAGE_SIZE });
+  if (state.current !== conv) return;
+  const first = $("messages").firstElementChild;
+  for (const e of entries) {
+    if (state.shown.has(e.id)) continue;
+    const node = messageElement(e);
+    state.shown.set(e.id, { entry: e, el: node });
+    $("messages").insertBefore(node, first);
+  }
+  state.oldestOrder = entries.length ? entries[0].order : state.oldestOrder;
+  show($("load-earlier"), entries.length === PAGE_SIZE);
+  scroller.scrollTop = scroller.scrollHeight - fromBottom;
+}
+
+// ---------------------------------------------------------------------------
+// Messages
+// ---------------------------------------------------------------------------
+
+function messageState(entry) {
+  if (entry.outgoing) return state.states.get(entry.id) ?? entry.state ?? "sending";
+  // Received messages: delivered here, and read once seen.
+  return entry.read ? "read" : "delivered";
+}
+
+const STATE_LABEL = {
+  sending: "sending",
+  stored: "stored on relay",
+  delivered: "delivered",
+  read: "read",
+  failed: "failed",
+};
+const STATE_ICON = { sending: "◌", stored: "✓", delivered: "✓✓", read: "✓✓", failed: "!" };
+
+function messageElement(entry) {
+  const s = messageState(entry);
+  const li = el("li", {
+    class: `message ${entry.outgoing ? "out" : "in"}`,
+    "data-testid": "message",
+    "data-id": entry.id,
+    "data-state": s,
+    "data-direction": entry.outgoing ? "out" : "in",
+  });
+  const bubble = el("div", { class: "bubble" }, el("p", { class: "text", "data-testid": "message-text", text: entry.text }));
+  const meta = el("div", { class: "meta" }, el("time", { datetime: new Date(entry.sentAt).toISOString(), text: formatTime(entry.sentAt) }));
+  if (entry.outgoing) {
+    meta.append(
+      el("span", { class: "badge", "data-testid": "state-badge", title: STATE_LABEL[s], text: `${STATE_ICON[s]} ${STATE_LABEL[s]}` }),
+    );
+  }
+  bubble.append(meta);
+  const actions = el("div", { class: "actions" });
+  if (entry.outgoing) {
+    actions.append(
+      el("button", { type: "button", class: "retry", "data-testid": "retry", hidden: s !== "failed", onclick: () => retry(entry.id) }, "Retry"),
+      el("button", { type: "button", class: "ghost", title: "Delete for everyone", onclick: () => recall(entry.id) }, "Recall"),
+    );
+  }
+  actions.append(el("button", { type: "button", class: "ghost", title: "Delete on my devices", onclick: () => deleteMessage(entry.id) }, "Delete"));
+  li.append(bubble, actions);
+  return li;
+}
+
+function appendMessage(entry) {
+  if (state.shown.has(entry.id)) return;
+  const node = messageElement(entry);
+  state.shown.set(entry.id, { entry, el: node });
+  $("messages").append(node);
+}
+
+function setMessageState(id, s) {
+  const shown = state.shown.get(id);
+  if (!shown || !shown.entry.outgoing) return;
+  const li = shown.el;
+  li.dataset.state = s;
+  const badge = li.querySelector(".badge");
+  if (badge) {
+    badge.textContent = `${STATE_ICON[s]} ${STATE_LABEL[s]}`;
+    badge.title = STATE_LABEL[s];
+  }
+  const retryButton = li.querySelector(".retry");
+  if (retryButton) retryButton.hidden = s !== "failed";
+}
+
+function scrollToEnd() {
+  const scroller = $("messages-scroll");
+  scroller.scrollTop = scroller.scrollHeight;
+}
+
+function nearEnd() {
+  const s = $("messages-scroll");
+  return s.scrollHeight - s.scrollTop - s.clientHeight < 120;
+}
+
+function pageIsSeen() {
+  return document.visibilityState === "visible";
+}
+
+function onMessage(ev) {
+  noteDevice(ev.fromDevice, ev.fromUser);
+  const conv = ev.conversation;
+  if (!state.conversations.has(conv)) {
+    // A contact added on another device of this user.
+    refreshConversations();
+  }
+  if (conv === state.current) {
+    if (state.loading?.conv === conv) {
+      state.loading.buffered.push(ev);
+      return;
+    }
+    const stick = nearEnd();
+    appendMessage({ ...ev, read: ev.outgoing, state: null });
+    if (stick) scrollToEnd();
+    if (!ev.outgoing) scheduleMarkRead();
+  } else if (!ev.outgoing) {
+    const c = state.conversations.get(conv);
+    if (c) {
+      c.unread += 1;
+      renderConversations();
+    }
+  }
+}
+
+function onState(ev) {
+  log.states.push(ev);
+  state.states.set(ev.id, ev.state);
+  setMessageState(ev.id, ev.state);
+  if (ev.conversation === state.current && !state.shown.has(ev.id)) {
+    // Sent by this device but not through the composer (another part of
+    // the app, the console): pick it up from history.
+    state.unknownSent.add(ev.id);
+    scheduleTailRefresh();
+  }
+}
+
+function scheduleTailRefresh() {
+  if (state.tailTimer) return;
+  state.tailTimer = setTimeout(refreshTail, 200);
+}
+
+/**
+ * Merge the newest history into the list: walk back from the newest entry
+ * until one whose position is known, then insert what is missing in order.
+ */
+async function refreshTail() {
+  state.tailTimer = null;
+  const conv = state.current;
+  if (!conv || !state.client) return;
+  if (state.loading) {
+    scheduleTailRefresh();
+    return;
+  }
+  for (const id of state.unknownSent) if (state.shown.has(id)) state.unknownSent.delete(id);
+  if (state.unknownSent.size === 0) return;
+  state.unknownSent.clear();
+  const collected = []; // newest first, shown entries included as anchors
+  let before;
+  try {
+    walk: for (let i = 0; i < 50; i++) {
+      const page = await state.client.history(conv, { before, limit: PAGE_SIZE });
+      if (state.current !== conv) return;
+      for (let j = page.length - 1; j >= 0; j--) {
+        const e = page[j];
+        const shown = state.shown.get(e.id);
+        if (shown) {
+          const placed = shown.entry.order != null;
+          shown.entry.order = e.order;
+          if (placed) break walk;
+        }
+        collected.push(e);
+        if (state.oldestOrder != null && e.order <= state.oldestOrder) break walk;
+      }
+      if (page.length < PAGE_SIZE) break;
+      before = page[0].order;
+    }
+  } catch (e) {
+    console.warn("hush: history refresh failed", e);
+    return;
+  }
+  const stick = nearEnd();
+  let next = null; // the node the entry being placed goes before (null: the end)
+  for (const e of collected) {
+    const shown = state.shown.get(e.id);
+    if (shown) {
+      next = shown.el;
+      continue;
+    }
+    const node = messageElement(e);
+    state.shown.set(e.id, { entry: e, el: node });
+    $("messages").insertBefore(node, next);
+    next = node;
+  }
+  if (stick) scrollToEnd();
+}
+
+function onRemoved(ev) {
+  const shown = state.shown.get(ev.id);
+  if (!shown) return;
+  if (ev.reason === "recalled") {
+    shown.el.classList.add("recalled");
+    shown.el.querySelector(".text").textContent = shown.entry.outgoing ? "You recalled this message" : "This message was recalled";
+    shown.el.querySelector(".actions")?.remove();
+  } else {
+    shown.el.remove();
+    state.shown.delete(ev.id);
+  }
+}
+
+/** Read on another device of this user. */
+function onReadSynced(ev) {
+  for (const id of ev.ids) {
+    const shown = state.shown.get(id);
+    if (shown && !shown.entry.outgoing) {
+      shown.entry.read = true;
+      shown.el.dataset.state = "read";
+    }
+  }
+  countUnread(ev.conversation);
+}
+
+/** Mark what is shown as read, batched: a backlog of 500 is one call, not 500. */
+function scheduleMarkRead() {
+  if (state.readTimer || !state.current) return;
+  state.readTimer = setTimeout(markShownRead, 150);
+}
+
+async function markShownRead() {
+  state.readTimer = null;
+  const conv = state.current;
+  if (!conv || !pageIsSeen() || !state.client) return;
+  const unreadShown = [...state.shown.values()].filter((m) => !m.entry.outgoing && !m.entry.read);
+  if (unreadShown.length === 0) return;
+  const last = unreadShown[unreadShown.length - 1].entry.id;
+  try {
+    await state.client.markRead(conv, last);
+    for (const m of unreadShown) {
+      m.entry.read = true;
+      m.el.dataset.state = "read";
+    }
+    const c = state.conversations.get(conv);
+    if (c) {
+      c.unread = 0;
+      renderConversations();
+    }
+  } catch (e) {
+    console.warn("hush: markRead failed", e);
+  }
+}
+
+async function send(event) {
+  event.preventDefault();
+  const composer = $("composer");
+  const text = composer.value;
+  if (!text.trim() || !state.current) return;
+  const conv = state.current;
+  composer.value = "";
+  autoGrow();
+  try {
+    const id = await state.client.send(conv, text);
+    if (state.current === conv) {
+      appendMessage({
+        id,
+        conversation: conv,
+        text,
+        outgoing: true,
+        sentAt: Date.now(),
+        read: true,
+        state: "sending",
+      });
+      scrollToEnd();
+    }
+  } catch (e) {
+    composer.value = text;
+    notice(`Not sent: ${describeError(e)}`);
+  }
+}
+
+async function retry(id) {
+  try {
+    await state.client.retry(id);
+    setMessageState(id, state.states.get(id) === "failed" ? "sending" : state.states.get(id) ?? "sending");
+  } catch (e) {
+    notice(`Retry failed: ${describeError(e)}`);
+  }
+}
+
+async function recall(id) {
+  try {
+    await state.client.recall(id);
+    onRemoved({ id, reason: "recalled" });
+  } catch (e) {
+    notice(`Recall failed: ${describeError(e)}`);
+  }
+}
+
+async function deleteMessage(id) {
+  try {
+    await state.client.delete(id);
+    onRemoved({ id, reason: "deleted" });
+  } catch (e) {
+    notice(`Delete failed: ${describeError(e)}`);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Key rotation: the ratchet epoch per conversation
+// ---------------------------------------------------------------------------
+
+/** Remember which user a device belongs to (rotation events name devices). */
+function noteDevice(device, user) {
+  if (!device || !user || state.deviceOwner[device] === user) return;
+  state.deviceOwner[device] = user;
+  savePref("devices", state.deviceOwner);
+  applyPendingRotations();
+}
+
+function onDevices(ev) {
+  let changed = false;
+  for (const d of ev.devices) {
+    if (state.deviceOwner[d] !== ev.user) {
+      state.deviceOwner[d] = ev.user;
+      changed = true;
+    }
+  }
+  if (changed) savePref("devices", state.deviceOwner);
+  refreshConversations();
+}
+
+function conversationOfUser(user) {
+  for (const c of state.conversations.values()) if (c.user === user) return c;
+  return null;
+}
+
+function onRotation(ev) {
+  log.rotations.push(ev);
+  const conv = ev.conversation
+    ? state.conversations.get(ev.conversation)
+    : conversationOfUser(ev.user ?? state.deviceOwner[ev.device]);
+  if (!conv) {
+    state.pendingRotations.set(ev.device, ev.epoch);
+    return;
+  }
+  setEpoch(conv, ev.epoch);
+}
+
+function applyPendingRotations() {
+  for (const [device, epoch] of state.pendingRotations) {
+    const conv = conversationOfUser(state.deviceOwner[device]);
+    if (conv) {
+      state.pendingRotations.delete(device);
+      setEpoch(conv, epoch);
+    }
+  }
+}
+
+function setEpoch(conv, epoch) {
+  if (conv.epoch === epoch) return;
+  conv.epoch = epoch;
+  state.epochs[conv.conversation] = epoch;
+  savePref("epochs", state.epochs);
+  if (conv.conversation === state.current) renderEpoch(true);
+}
+
+function renderEpoch(animate) {
+  const c = state.conversations.get(state.current);
+  const chip = $("epoch");
+  const epoch = c?.epoch;
+  show(chip, epoch != null);
+  if (epoch == null) return;
+  chip.dataset.epoch = String(epoch);
+  $("epoch-n").textContent = String(epoch);
+  chip.setAttribute("aria-label", `Key rotation: ratchet epoch ${epoch}`);
+  if (animate) {
+    chip.classList.remove("bump");
+    void chip.offsetWidth; // restart the animation
+    chip.classList.add("bump");
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Gap repair
+// ---------------------------------------------------------------------------
+
+function onGap(ev) {
+  log.gaps.push(ev);
+  const c = state.conversations.get(ev.conversation);
+  if (!c) return;
+  const g = c.gap && c.gap.kind === "detected" ? c.gap : { missing: 0, recovered: 0, lost: 0, kind: "detected" };
+  if (ev.kind === "detected") g.missing += ev.count;
+  else if (ev.kind === "recovered") g.recovered += ev.count;
+  else if (ev.kind === "unrecoverable") g.lost += ev.count;
+  g.contact = ev.contact ?? c.name;
+  if (g.recovered + g.lost >= g.missing) g.kind = g.lost > 0 ? "unrecoverable" : "recovered";
+  else g.kind = "detected";
+  g.dismissed = false;
+  c.gap = g;
+  if (ev.conversation === state.current) renderGap();
+  renderConversations();
+}
+
+function renderGap() {
+  const c = state.conversations.get(state.current);
+  const banner = $("gap-banner");
+  const g = c?.gap;
+  if (!g || g.dismissed) {
+    show(banner, false);
+    banner.dataset.kind = "";
+    return;
+  }
+  banner.dataset.kind = g.kind;
+  const pending = g.missing - g.recovered - g.lost;
+  let text;
+  if (g.kind === "detected") {
+    text = `${plural(pending, "missing message", "missing messages")} — asked ${g.contact} to resend`;
+  } else if (g.kind === "recovered") {
+    text = `${plural(g.recovered, "missing message", "missing messages")} recovered`;
+  } else {
+    text = `${plural(g.lost, "message", "messages")} could not be recovered`;
+    if (g.recovered > 0) text += ` (${g.recovered} recovered)`;
+  }
+  $("gap-text").textContent = text;
+  show(banner, true);
+}
+
+// ---------------------------------------------------------------------------
+// "Under the hood": the engine's own delivery-quality counters
+// ---------------------------------------------------------------------------
+
+let healthQueued = false;
+
+function scheduleHealth() {
+  if (healthQueued || !$("health").open) return;
+  healthQueued = true;
+  requestAnimationFrame(() => {
+    healthQueued = false;
+    renderHealth();
+  });
+}
+
+function renderHealth() {
+  if (!state.client || !$("health").open) return;
+  try {
+    const st = state.client.status();
+    const c = state.client.counters();
+    $("fact-device").textContent = st.device;
+    $("fact-relay").textContent = st.relay;
+    $("fact-unsent").textContent = String(st.unsent);
+    $("fact-gaps").textContent = String(c.gapsDetected);
+    $("fact-recovered").textContent = String(c.recovered);
+    $("fact-unrecoverable").textContent = String(c.unrecoverable);
+    $("fact-resent").textContent = String(c.resent);
+    $("fact-duplicates").textContent = String(c.duplicatesDropped);
+    $("fact-out-of-order").textContent = String(c.outOfOrder);
+  } catch {
+    // Closed or rebuilding: the next event refreshes it.
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Account panel: codes and contacts
+// ---------------------------------------------------------------------------
+
+async function showLinkCode() {
+  try {
+    const code = await state.client.linkCode();
+    $("link-code").textContent = code;
+    show($("link-code-box"), true);
+    $("link-code-box").scrollIntoView({ block: "nearest", behavior: "smooth" });
+  } catch (e) {
+    notice(`No link code: ${describeError(e)}`);
+  }
+}
+
+async function addContact(event) {
+  event.preventDefault();
+  const name = $("add-contact-name").value.trim();
+  const code = $("add-contact-code").value.trim();
+  if (!code) return;
+  await withBusy(event.submitter, async () => {
+    const conv = await state.client.addContact(name || null, code);
+    $("add-contact-name").value = "";
+    $("add-contact-code").value = "";
+    await refreshConversations();
+    await selectConversation(conv);
+  });
+}
+
+function autoGrow() {
+  const c = $("composer");
+  c.style.height = "auto";
+  c.style.height = `${Math.min(c.scrollHeight, 160)}px`;
+}
+
+// ---------------------------------------------------------------------------
+// Wiring
+// ---------------------------------------------------------------------------
+
+$("create-form").addEventListener("submit", createUser);
+$("link-form").addEventListener("submit", linkDevice);
+$("add-contact-form").addEventListener("submit", addContact);
+$("composer-form").addEventListener("submit", send);
+$("composer").addEventListener("input", autoGrow);
+$("composer").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    $("composer-form").requestSubmit();
+  }
+});
+$("offline-toggle").addEventListener("click", toggleOffline);
+$("copy-contact-code").addEventListener("click", (e) => copy($("contact-code").textContent, e.currentTarget));
+$("copy-link-code").addEventListener("click", (e) => copy($("link-code").textContent, e.currentTarget));
+$("link-code-button").addEventListener("click", showLinkCode);
+$("load-earlier").addEventListener("click", loadEarlier);
+$("health").addEventListener("toggle", () => {
+  renderHealth();
+  if ($("health").open) $("health").scrollIntoView({ block: "nearest" });
+});
+$("notice-close").addEventListener("click", () => show($("notice"), false));
+$("gap-close").addEventListener("click", () => {
+  const c = state.conversations.get(state.current);
+  if (c?.gap) c.gap.dismissed = true;
+  renderGap();
+});
+document.addEventListener("visibilitychange", () => {
+  if (pageIsSeen()) scheduleMarkRead();
+});
+window.addEventListener("pagehide", () => {
+  // Release the storage lock promptly so a reload can open it again.
+  state.client?.close();
+});
+
+start();
