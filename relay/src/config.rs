@@ -259,8 +259,9 @@ pub struct Cli {
     #[arg(long, env = "HUSH_DATA", value_name = "DIR")]
     pub data: Option<PathBuf>,
 
-    /// Address of the HTTP listener for /healthz, /metrics and /certificate.sha256
-    /// [default: none]
+    /// Address of the HTTP listener for /healthz, /metrics, /certificate.sha256,
+    /// /relay.json (where pages dial and which certificate hash to pin) and,
+    /// with --demo, the demo page at / [default: none]
     #[arg(long, env = "HUSH_HTTP", value_name = "ADDR")]
     pub http: Option<SocketAddr>,
 

@@ -7,7 +7,7 @@
 //! allows one writer at a time, which is why [`Store::commit`] takes a whole
 //! batch: the caller's group commit turns many concurrent sends into one
 //! fsync. The tables and their byte layouts are specified in
-//! `docs/STORAGE.md` (see also [`super::tables`]).
+//! `docs/STORAGE.md` (see also the private `tables` module).
 
 use super::keys::{
     DedupExpiryKey, ExpiryKey, InboxKey, OtkKey, dedup_expiry_key, dedup_expiry_upper, dedup_key,
