@@ -4,9 +4,10 @@
 // Everything the engine does (encryption, ordering, gap repair, receipts)
 // happens inside the package; this file only turns its events into a page.
 //
-// Where the relay is: `GET /relay.json` ({"quic": "host:port"}) and
-// `GET /certificate.sha256` on this page's origin (what `hush-relay --http
-// ... --demo` serves), or the query parameters `?relay=host:port&hash=hex`.
+// Where the relay is: `GET /relay.json` ({"quic": "host:port",
+// "certificateSha256": "hex"}) or `GET /certificate.sha256` on this page's
+// origin (what `hush-relay --http ADDR --demo` serves), or the query
+// parameters `?relay=host:port&hash=hex`.
 // `?storage=NAME` picks the browser storage (one storage = one device), so
 // two tabs with different names are two devices.
 
@@ -148,7 +149,8 @@ async function relayConfig() {
       const res = await fetch("/relay.json", { cache: "no-store" });
       if (res.ok) {
         const info = await res.json();
-        address = info.quic || info.relay || null;
+        address = info.quic || null;
+        hash = hash || info.certificateSha256 || null;
       }
     } catch {
       // Served by something other than the relay: fall through.
