@@ -43,6 +43,8 @@ pub struct KillStats {
     pub slowest_restart: Duration,
     /// Total time spent restarting.
     pub total_restart: Duration,
+    /// Restarts that could not rebind the previous port and took a new one.
+    pub port_changes: u32,
 }
 
 /// A state channel for clients, starting with `relay` up.
@@ -70,6 +72,7 @@ pub async fn kill_restart_loop(
     for _ in 0..plan.kills {
         // The random moment of death is the point of the test, not a wait.
         tokio::time::sleep(Duration::from_millis(rng.range(min, max))).await;
+        let previous = relay.quic_addr();
         relay.kill9()?;
         stats.kills += 1;
         state.send_modify(|s| {
@@ -81,6 +84,9 @@ pub async fn kill_restart_loop(
         let took = started.elapsed();
         stats.slowest_restart = stats.slowest_restart.max(took);
         stats.total_restart += took;
+        if relay.quic_addr() != previous {
+            stats.port_changes += 1;
+        }
         let target = relay.target();
         state.send_modify(|s| {
             s.generation += 1;

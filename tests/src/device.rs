@@ -11,9 +11,9 @@ use crate::tls::client_config;
 use crate::wait::within;
 use crate::{HarnessError, Result};
 use hush_protocol::{
-    ALPN_HUSH, AuthOk, ClientFrame, Delivered, DeviceId, Envelope, ErrorCode, FrameBuffer,
-    OneTimePrekey, Page, PrekeyBundle, Request, Response, SendOutcome, ServerFrame,
-    SignedDeviceList, SignedPrekey, UserKey, encode_client_frame,
+    ALPN_HUSH, AuthOk, ClientFrame, Delivered, DeviceId, DeviceRegistration, Envelope, ErrorCode,
+    FrameBuffer, OneTimePrekey, Page, PrekeyBundle, Request, Response, SendOutcome, ServerFrame,
+    SignedDeviceList, SignedPrekey, UserKey, auth_challenge_bytes, encode_client_frame,
 };
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -26,6 +26,17 @@ pub struct RelayTarget {
     pub addr: SocketAddr,
     /// SHA-256 of the relay certificate's DER encoding.
     pub cert_sha256: [u8; 32],
+}
+
+impl RelayTarget {
+    /// The target for a relay at `addr` serving the certificate `cert_der`
+    /// (e.g. an in-process `RelayHandle`'s `quic_addr()` and `cert_der()`).
+    pub fn from_cert_der(addr: SocketAddr, cert_der: &[u8]) -> Self {
+        RelayTarget {
+            addr,
+            cert_sha256: crate::tls::cert_sha256(cert_der),
+        }
+    }
 }
 
 /// Timeouts and protocol choice of a test connection.
@@ -113,8 +124,8 @@ impl FrameReader {
 pub struct TestDevice {
     identity: DeviceIdentity,
     options: ConnectOptions,
-    // Kept so the client socket lives as long as the connection.
-    _endpoint: quinn::Endpoint,
+    /// Kept so the client socket lives as long as the connection.
+    endpoint: quinn::Endpoint,
     connection: quinn::Connection,
     writer: FrameWriter,
     reader: FrameReader,
@@ -176,7 +187,7 @@ impl TestDevice {
         Ok(TestDevice {
             identity: identity.clone(),
             options,
-            _endpoint: endpoint,
+            endpoint,
             connection,
             writer: FrameWriter {
                 send,
@@ -215,7 +226,7 @@ impl TestDevice {
     /// Split into the raw halves (for benchmarks that pipeline requests).
     /// Keep the connection alive as long as the halves are used.
     pub fn into_split(self) -> (FrameWriter, FrameReader, quinn::Connection, quinn::Endpoint) {
-        (self.writer, self.reader, self.connection, self._endpoint)
+        (self.writer, self.reader, self.connection, self.endpoint)
     }
 
     /// Write a request and return its id without waiting for the reply.
@@ -302,6 +313,36 @@ impl TestDevice {
     pub async fn auth(&mut self) -> Result<AuthOk> {
         let challenge = self.hello().await?;
         let signature = self.identity.sign_challenge(&challenge);
+        let ok = authenticated(self.request(Request::Auth { signature }).await?)?;
+        self.auth = Some(ok.clone());
+        Ok(ok)
+    }
+
+    /// `Hello` + `Register` with keys held elsewhere (e.g. `hush-crypto`
+    /// identities): `sign` receives the bytes to sign
+    /// ([`hush_protocol::auth_challenge_bytes`] of this connection's challenge).
+    pub async fn register_with(
+        &mut self,
+        registration: DeviceRegistration,
+        sign: impl FnOnce(&[u8]) -> [u8; 64],
+    ) -> Result<AuthOk> {
+        let challenge = self.hello().await?;
+        let signature = sign(&auth_challenge_bytes(&challenge, &registration.device));
+        let ok = authenticated(
+            self.request(Request::Register {
+                registration,
+                signature,
+            })
+            .await?,
+        )?;
+        self.auth = Some(ok.clone());
+        Ok(ok)
+    }
+
+    /// `Hello` + `Auth` with a key held elsewhere; see [`TestDevice::register_with`].
+    pub async fn auth_with(&mut self, sign: impl FnOnce(&[u8]) -> [u8; 64]) -> Result<AuthOk> {
+        let challenge = self.hello().await?;
+        let signature = sign(&auth_challenge_bytes(&challenge, &self.identity.device()));
         let ok = authenticated(self.request(Request::Auth { signature }).await?)?;
         self.auth = Some(ok.clone());
         Ok(ok)

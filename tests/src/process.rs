@@ -374,6 +374,16 @@ impl RelayProcess {
 impl Drop for RelayProcess {
     fn drop(&mut self) {
         let _ = self.kill9();
+        // A failing test keeps the relay's data and log for a post-mortem.
+        if std::thread::panicking()
+            && let Some(path) = self.keep_files()
+        {
+            eprintln!(
+                "relay data and log kept for post-mortem: {} (log: {})",
+                path.display(),
+                self.log_path.display()
+            );
+        }
     }
 }
 

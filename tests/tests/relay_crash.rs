@@ -386,9 +386,10 @@ async fn crash_test(seed: u64) {
         .into_inner()
         .unwrap();
     println!(
-        "kills {}, slowest restart {:?}, acked during chaos {}, acked total {}, \
+        "kills {} (port changes {}), slowest restart {:?}, acked during chaos {}, acked total {}, \
          duplicate acks {}, retried batches {}, connections {}",
         stats.kills,
+        stats.port_changes,
         stats.slowest_restart,
         acked_during_chaos,
         ledger.acked.len(),

@@ -16,37 +16,52 @@ use hush_crypto::{
     initiate, os_rng, respond,
 };
 use hush_protocol::{
-    ConversationId, DeviceId, Envelope, EnvelopeHeader, MessageId, OneTimePrekey,
-    SessionInitHeader, SignedPrekey,
+    ConversationId, DeviceId, DeviceRegistration, Envelope, EnvelopeHeader, MessageId,
+    OneTimePrekey, SessionInitHeader, SignedPrekey, UserKey,
 };
 use hush_tests::{DeviceIdentity, RelayProcess, SeededRng, TestDevice, conversation};
 use std::path::Path;
 
-/// A device with real end-to-end keys. The relay authenticates connections
-/// with the harness's Ed25519 key; the session uses `hush-crypto`'s keys
-/// (the X25519 agreement key is the one registered on the relay).
+/// A device whose keys all come from `hush-crypto`: the user identity
+/// certifies the device, the device identity authenticates the connection
+/// (plain Ed25519 over the protocol's prefixed challenge layout) and runs the
+/// session.
 struct Peer {
+    /// Only the device id is used: the harness's own keys are not.
     relay_id: DeviceIdentity,
+    user: hush_crypto::UserIdentity,
     crypto: hush_crypto::DeviceIdentity,
 }
 
 impl Peer {
     fn new(seed: u64) -> Peer {
         let mut rng = os_rng();
-        let crypto = hush_crypto::DeviceIdentity::generate(&mut rng);
-        let base = DeviceIdentity::from_seed(seed);
-        let mut s = SeededRng::new(seed);
-        let relay_id = DeviceIdentity::from_parts(
-            base.device(),
-            s.bytes(),
-            s.bytes(),
-            crypto.public().agreement,
-        );
-        Peer { relay_id, crypto }
+        Peer {
+            relay_id: DeviceIdentity::from_seed(seed),
+            user: hush_crypto::UserIdentity::generate(&mut rng),
+            crypto: hush_crypto::DeviceIdentity::generate(&mut rng),
+        }
     }
 
     fn device(&self) -> DeviceId {
         self.relay_id.device()
+    }
+
+    async fn register(&self, target: hush_tests::RelayTarget) -> TestDevice {
+        let public = self.crypto.public();
+        let mut registration = DeviceRegistration {
+            device: self.device(),
+            user: UserKey(self.user.public()),
+            signing_key: public.signing,
+            agreement_key: public.agreement,
+            user_signature: [0; 64],
+        };
+        registration.user_signature = self.user.sign_prefixed(&registration.certificate_bytes());
+        let mut dev = TestDevice::connect(&self.relay_id, target).await.unwrap();
+        dev.register_with(registration, |m| self.crypto.sign_prefixed(m))
+            .await
+            .expect("registration with hush-crypto keys");
+        dev
     }
 }
 
@@ -148,8 +163,8 @@ async fn relay_stores_and_logs_no_plaintext() {
 
     let alice = Peer::new(1);
     let bob = Peer::new(2);
-    let mut a = TestDevice::register_new(&alice.relay_id, t).await.unwrap();
-    let mut b = TestDevice::register_new(&bob.relay_id, t).await.unwrap();
+    let mut a = alice.register(t).await;
+    let mut b = bob.register(t).await;
 
     // Bob publishes his prekeys through the relay.
     let mut rng = os_rng();
@@ -174,12 +189,15 @@ async fn relay_stores_and_logs_no_plaintext() {
         .unwrap();
     assert_eq!(published, 2);
 
-    // Alice fetches them. Bob's signing identity comes from his (verified)
-    // device list in a real client; here she knows it directly.
+    // Alice fetches them; the bundle (keys from Bob's registration, prekeys
+    // as published) verifies under hush-crypto.
     let fetched = a.fetch_prekeys(bob.device()).await.unwrap();
-    assert_eq!(fetched.agreement_key, bob.crypto.public().agreement);
+    assert_eq!(fetched.user, UserKey(bob.user.public()));
     let bundle = CryptoBundle {
-        identity: bob.crypto.public(),
+        identity: DevicePublic {
+            signing: fetched.signing_key,
+            agreement: fetched.agreement_key,
+        },
         signed_prekey_id: fetched.signed_prekey.id,
         signed_prekey: fetched.signed_prekey.public,
         signed_prekey_sig: fetched.signed_prekey.signature,

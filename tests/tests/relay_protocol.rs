@@ -180,6 +180,36 @@ async fn pull_pages_with_merged_acks() {
 }
 
 #[tokio::test]
+async fn acks_are_clamped_to_the_head_and_never_move_back() {
+    let relay = relay(&[]).await;
+    let (a, mut sender) = registered(&relay, 14).await;
+    let (b, mut inbox) = registered(&relay, 15).await;
+    let conv = conversation(1);
+    let first: Vec<_> = (1..=5)
+        .map(|i| make_envelope(a.device(), b.device(), conv, i, b"x"))
+        .collect();
+    sender.send(first).await.unwrap();
+    // An ack far beyond the head only covers what exists.
+    assert_eq!(inbox.ack(1_000).await.unwrap(), 5);
+    assert_eq!(inbox.ack(3).await.unwrap(), 5, "acks never move backwards");
+    let later: Vec<_> = (6..=8)
+        .map(|i| make_envelope(a.device(), b.device(), conv, i, b"y"))
+        .collect();
+    sender.send(later.clone()).await.unwrap();
+    let page = inbox.pull(5, 200, 0).await.unwrap();
+    assert_eq!(
+        seqs(&page.envelopes),
+        vec![6, 7, 8],
+        "later envelopes survive"
+    );
+    // A cursor beyond the head: nothing, nothing remaining.
+    let page = inbox.pull(50, 200, 0).await.unwrap();
+    assert!(page.envelopes.is_empty());
+    assert_eq!(page.remaining, 0);
+    assert_eq!(seqs(&inbox.read_inbox(0).await.unwrap()), vec![6, 7, 8]);
+}
+
+#[tokio::test]
 async fn limit_is_capped_and_zero_limit_still_progresses() {
     let relay = relay(&[]).await;
     let (a, mut sender) = registered(&relay, 12).await;
@@ -202,6 +232,10 @@ async fn limit_is_capped_and_zero_limit_still_progresses() {
     let page = inbox.pull(0, 1, 0).await.unwrap();
     assert_eq!(seqs(&page.envelopes), vec![1]);
     assert_eq!(page.remaining, 2);
+    // A zero limit is served as one, so a careless client still progresses.
+    let page = inbox.pull(1, 0, 0).await.unwrap();
+    assert_eq!(seqs(&page.envelopes), vec![2]);
+    assert_eq!(page.remaining, 1);
 }
 
 #[tokio::test]
@@ -254,6 +288,75 @@ async fn live_push_after_catching_up() {
     assert_eq!(back.auth_ok().unwrap().acked, 7);
     let rest = back.read_inbox(0).await.unwrap();
     assert_eq!(seqs(&rest), vec![8, 9, 10]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_push_under_concurrent_senders_is_contiguous_and_windowed() {
+    let relay = relay(&[]).await;
+    let (b, mut inbox) = registered(&relay, 22).await;
+    assert_eq!(inbox.pull(0, 200, 0).await.unwrap().remaining, 0);
+    // Four senders, 400 envelopes each, all at once: more than the relay's
+    // push window (unacknowledged envelopes), so pushes only continue as the
+    // device acknowledges.
+    const WINDOW: u64 = hush_relay::core::DEFAULT_PUSH_WINDOW;
+    const { assert!(WINDOW < 1600) };
+    let mut tasks = Vec::new();
+    for s in 0..4u64 {
+        let (a, mut conn) = registered(&relay, 23 + s).await;
+        let to = b.device();
+        tasks.push(tokio::spawn(async move {
+            let conv = conversation(100 + s);
+            for chunk in (1..=400u64).collect::<Vec<_>>().chunks(20) {
+                let batch = chunk
+                    .iter()
+                    .map(|&i| make_envelope(a.device(), to, conv, i, b"live"))
+                    .collect();
+                for o in conn.send(batch).await.unwrap() {
+                    assert!(stored(&o).is_some(), "{o:?}");
+                }
+            }
+        }));
+    }
+    let mut got: Vec<Delivered> = Vec::new();
+    let mut acked = 0;
+    while got.len() < 1600 {
+        let batch = inbox
+            .next_push(PROMPT)
+            .await
+            .unwrap_or_else(|e| panic!("after {} envelopes: {e}", got.len()));
+        got.extend(batch);
+        // Acknowledge only when the window is full: the relay must stop
+        // exactly there and resume on the ack.
+        let last = got.last().unwrap().seq;
+        assert!(
+            last - acked <= WINDOW,
+            "pushed past the window: {last} vs acked {acked}"
+        );
+        if last - acked == WINDOW || got.len() == 1600 {
+            acked = inbox.ack(last).await.unwrap();
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        seqs(&got),
+        (1..=1600).collect::<Vec<_>>(),
+        "contiguous, no duplicates"
+    );
+    // Per sender, its own order is kept.
+    let mut per_sender: std::collections::HashMap<DeviceId, Vec<u64>> = Default::default();
+    for d in &got {
+        let h = &d.envelope.header;
+        per_sender
+            .entry(h.sender_device)
+            .or_default()
+            .push(h.sender_seq);
+    }
+    for (_, s) in per_sender {
+        assert_eq!(s, (1..=400).collect::<Vec<_>>());
+    }
+    assert_eq!(inbox.ack(1600).await.unwrap(), 1600);
 }
 
 #[tokio::test]
@@ -636,7 +739,33 @@ fn signed_prekey(owner: &DeviceIdentity, id: u32) -> SignedPrekey {
     }
 }
 
-#[tokio::test]
+/// Every fetcher fetches `each` bundles of `target` at the same time as the
+/// others; returns the one-time prekeys handed out (None when none was left).
+async fn fetch_concurrently(
+    fetchers: Vec<TestDevice>,
+    target: DeviceId,
+    each: usize,
+) -> Vec<Option<OneTimePrekey>> {
+    let tasks: Vec<_> = fetchers
+        .into_iter()
+        .map(|mut f| {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                for _ in 0..each {
+                    got.push(f.fetch_prekeys(target).await.unwrap().one_time_prekey);
+                }
+                got
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.extend(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_time_prekeys_are_handed_out_once_each() {
     let relay = relay(&[]).await;
     let (a, mut owner) = registered(&relay, 80).await;
@@ -693,6 +822,31 @@ async fn one_time_prekeys_are_handed_out_once_each() {
     let bundle = fetcher.fetch_prekeys(a.device()).await.unwrap();
     assert_eq!(bundle.signed_prekey.id, 8, "the signed prekey was replaced");
     assert_eq!(bundle.one_time_prekey.map(|k| k.id), Some(200));
+
+    // Concurrent fetchers never get the same one-time prekey.
+    let pool: Vec<_> = (0..20)
+        .map(|i| OneTimePrekey {
+            id: 300 + i,
+            public: [i as u8; 32],
+        })
+        .collect();
+    assert_eq!(
+        owner
+            .publish_prekeys(signed_prekey(&a, 9), pool)
+            .await
+            .unwrap(),
+        20
+    );
+    let mut fetchers = Vec::new();
+    for seed in 0..4 {
+        fetchers.push(registered(&relay, 83 + seed).await.1);
+    }
+    let fetched = fetch_concurrently(fetchers, a.device(), 6).await;
+    let ids: Vec<u32> = fetched.iter().flatten().map(|k| k.id).collect();
+    let distinct: HashSet<u32> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), 20, "20 keys for 24 fetches");
+    assert_eq!(distinct.len(), 20, "each handed out once: {ids:?}");
+    assert_eq!(fetched.iter().filter(|k| k.is_none()).count(), 4);
 
     let res = fetcher.fetch_prekeys(c.device()).await;
     assert_eq!(refusal_code(&res), Some(ErrorCode::NoPrekeys), "{res:?}");
@@ -796,4 +950,25 @@ async fn http_reports_the_certificate_hash_the_client_pinned() {
     wrong.cert_sha256[0] ^= 1;
     let res = TestDevice::connect(&a, wrong).await;
     assert!(matches!(res, Err(HarnessError::Connect(_))), "{res:?}");
+}
+
+#[tokio::test]
+async fn settings_also_come_from_the_environment() {
+    let relay = RelayProcess::spawn_temp_with_env(
+        &["--send-rate", "0"],
+        &[("HUSH_INBOX_MAX_MESSAGES", "2")],
+    )
+    .await
+    .unwrap();
+    let (a, mut sender) = registered(&relay, 120).await;
+    let (b, _inbox) = registered(&relay, 121).await;
+    let batch: Vec<_> = (1..=3)
+        .map(|i| make_envelope(a.device(), b.device(), conversation(1), i, b"e"))
+        .collect();
+    let outcomes = sender.send(batch).await.unwrap();
+    assert_eq!(stored(&outcomes[1]), Some((2, false)));
+    assert_eq!(
+        refused(&outcomes[2]).map(|e| e.code),
+        Some(ErrorCode::Quota)
+    );
 }

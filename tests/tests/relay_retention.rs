@@ -9,7 +9,6 @@
 
 use hush_protocol::{ConversationId, DeviceId, DroppedRange};
 use hush_relay::{Config, ManualClock, RelayHandle};
-use hush_tests::tls::cert_sha256;
 use hush_tests::{DeviceIdentity, RelayTarget, TestDevice, conversation, make_envelope, stored};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,10 +29,7 @@ async fn start(dir: &std::path::Path, clock: &ManualClock) -> RelayHandle {
 }
 
 fn target(relay: &RelayHandle) -> RelayTarget {
-    RelayTarget {
-        addr: relay.quic_addr(),
-        cert_sha256: cert_sha256(&relay.cert_der()),
-    }
+    RelayTarget::from_cert_der(relay.quic_addr(), &relay.cert_der())
 }
 
 /// Ranges as sortable tuples (the order of ranges in a page is not part of

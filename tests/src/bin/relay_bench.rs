@@ -28,7 +28,6 @@ use hush_protocol::{
     encode_client_frame,
 };
 use hush_relay::{Config, RelayHandle, SystemClock};
-use hush_tests::tls::cert_sha256;
 use hush_tests::{DeviceIdentity, RelayTarget, TestDevice, conversation, make_envelope_sized};
 use std::collections::HashMap;
 use std::error::Error;
@@ -153,17 +152,22 @@ async fn run() -> BenchResult<()> {
         raw_phase(&root, &args)?;
     }
     if args.runs("ingest") {
-        println!("\n## 2. durable ingest, {} senders, 1 KiB envelopes", args.senders);
+        println!(
+            "\n## 2. durable ingest, {} senders, 1 KiB envelopes",
+            args.senders
+        );
         let ingest = ingest_phase(&root.join("ingest"), &args).await?;
         println!(
             "ingest: {:.0} envelopes/s ({} stored in {:.2} s), mean commit batch {:.1} envelopes \
-             ({} commits, mean commit {:.2} ms)",
+             ({} commits, mean commit {:.2} ms = {:.1} µs/envelope; commit writer busy {:.0}% of the run)",
             ingest.stored as f64 / ingest.secs,
             ingest.stored,
             ingest.secs,
             ingest.mean_batch,
             ingest.commits,
-            ingest.mean_commit_ms
+            ingest.mean_commit_ms,
+            ingest.mean_commit_ms * 1000.0 / ingest.mean_batch.max(1.0),
+            ingest.mean_commit_ms * ingest.commits as f64 / 10.0 / ingest.secs
         );
     }
     if args.runs("latency") {
@@ -171,26 +175,33 @@ async fn run() -> BenchResult<()> {
         let lat = latency_phase(&root.join("latency"), &args).await?;
         println!(
             "latency: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms over {} sends \
-             (achieved {:.0}/s; mean commit batch {:.1})",
+             (achieved {:.0}/s; mean commit batch {:.1}, mean commit {:.3} ms)",
             lat.p50_ms,
             lat.p99_ms,
             lat.p999_ms,
             lat.max_ms,
             lat.samples,
             lat.achieved_rate,
-            lat.mean_batch
+            lat.mean_batch,
+            lat.mean_commit_ms
         );
     }
     if args.runs("pull") {
-        println!("\n## 4. pull of {} stored envelopes by one device", args.pull_count);
+        println!(
+            "\n## 4. pull of {} stored envelopes by one device",
+            args.pull_count
+        );
         let pull = pull_phase(&root.join("pull"), &args).await?;
         println!(
             "pull read-only: {:.0} envelopes/s ({:.2} s); pull with merged acks: {:.0} envelopes/s \
-             ({:.2} s); preload took {:.2} s",
+             ({:.2} s; per page: {:.2} ms round trip, {:.2} ms in the relay's ack+read); \
+             preload took {:.2} s",
             pull.count as f64 / pull.read_secs,
             pull.read_secs,
             pull.count as f64 / pull.ack_secs,
             pull.ack_secs,
+            pull.client_ms,
+            pull.server_ms,
             pull.preload_secs
         );
     }
@@ -267,10 +278,7 @@ async fn start_relay(dir: &Path) -> BenchResult<(RelayHandle, RelayTarget)> {
     config.inbox_max_messages = 100_000_000;
     config.inbox_max_bytes = 1 << 40;
     let relay = RelayHandle::start(config, Arc::new(SystemClock)).await?;
-    let target = RelayTarget {
-        addr: relay.quic_addr(),
-        cert_sha256: cert_sha256(&relay.cert_der()),
-    };
+    let target = RelayTarget::from_cert_der(relay.quic_addr(), &relay.cert_der());
     Ok((relay, target))
 }
 
@@ -444,6 +452,7 @@ struct LatencyStats {
     samples: usize,
     achieved_rate: f64,
     mean_batch: f64,
+    mean_commit_ms: f64,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -508,6 +517,7 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
     let metrics = relay.metrics();
     let mut batches_before = 0;
     let mut sum_before = 0.0;
+    let mut commit_time_before = 0.0;
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sent = 0u64;
@@ -524,6 +534,7 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
             warm = true;
             batches_before = metrics.commit_batch_size.count();
             sum_before = metrics.commit_batch_size.sum();
+            commit_time_before = metrics.commit_latency_seconds.sum();
         }
         let due = (elapsed.as_secs_f64() * args.latency_rate as f64) as u64;
         while sent < due {
@@ -553,6 +564,8 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
     .await;
     let commits = metrics.commit_batch_size.count() - batches_before;
     let mean_batch = (metrics.commit_batch_size.sum() - sum_before) / commits.max(1) as f64;
+    let mean_commit_ms = (metrics.commit_latency_seconds.sum() - commit_time_before) * 1000.0
+        / commits.max(1) as f64;
     for r in readers {
         r.abort();
     }
@@ -577,6 +590,7 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
         samples: s.len(),
         achieved_rate: measured_sent as f64 / args.latency.as_secs_f64(),
         mean_batch,
+        mean_commit_ms,
     })
 }
 
@@ -585,6 +599,10 @@ struct PullStats {
     preload_secs: f64,
     read_secs: f64,
     ack_secs: f64,
+    /// Mean relay-side time of one merged-ack pull (ack + read, on the blocking pool).
+    server_ms: f64,
+    /// Mean round trip of one merged-ack pull as the client sees it.
+    client_ms: f64,
 }
 
 async fn pull_phase(dir: &Path, args: &Args) -> BenchResult<PullStats> {
@@ -640,6 +658,11 @@ async fn pull_phase(dir: &Path, args: &Args) -> BenchResult<PullStats> {
     }
 
     // Merged-ack pass: every pull deletes the previous page.
+    let metrics = relay.metrics();
+    let (pulls_before, pull_time_before) = (
+        metrics.pull_latency_seconds.count(),
+        metrics.pull_latency_seconds.sum(),
+    );
     let start = Instant::now();
     let mut after = 0;
     let mut got = 0u64;
@@ -652,6 +675,10 @@ async fn pull_phase(dir: &Path, args: &Args) -> BenchResult<PullStats> {
         }
     }
     let ack_secs = start.elapsed().as_secs_f64();
+    let pulls = metrics.pull_latency_seconds.count() - pulls_before;
+    let server_ms =
+        (metrics.pull_latency_seconds.sum() - pull_time_before) * 1000.0 / pulls.max(1) as f64;
+    let client_ms = ack_secs * 1000.0 / pulls.max(1) as f64;
     if got != stored {
         return Err(format!("acking pull got {got} of {stored}").into());
     }
@@ -662,5 +689,7 @@ async fn pull_phase(dir: &Path, args: &Args) -> BenchResult<PullStats> {
         preload_secs,
         read_secs,
         ack_secs,
+        server_ms,
+        client_ms,
     })
 }
