@@ -63,7 +63,12 @@ enum Changed {
 pub struct RedbStore {
     db: Database,
     limits: StoreLimits,
+    /// Acks handled so far; picks which ones commit durably.
+    acks: std::sync::atomic::AtomicU64,
 }
+
+/// One ack in this many is committed with an fsync (see `RedbStore::write_with`).
+pub const DURABLE_ACK_EVERY: u64 = 32;
 
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -84,7 +89,11 @@ impl RedbStore {
     /// different format version.
     pub fn open(path: impl AsRef<Path>, limits: StoreLimits) -> Result<RedbStore, StoreError> {
         let db = Database::create(path)?;
-        let store = RedbStore { db, limits };
+        let store = RedbStore {
+            db,
+            limits,
+            acks: std::sync::atomic::AtomicU64::new(0),
+        };
         store.write(|txn| {
             // Opening a table in a write transaction creates it, so read
             // transactions can always open every table afterwards.
@@ -128,8 +137,22 @@ impl RedbStore {
         &self,
         f: impl FnOnce(&WriteTransaction) -> Result<(T, Changed), StoreError>,
     ) -> Result<T, StoreError> {
+        self.write_with(Durability::Immediate, f)
+    }
+
+    /// [`RedbStore::write`] with a chosen durability. Only acknowledgements use
+    /// [`Durability::None`]: losing one in a crash re-delivers envelopes the
+    /// device already has, which clients drop by sender seq, so an ack need
+    /// not wait for an fsync. Every [`DURABLE_ACK_EVERY`]th ack (and any
+    /// other write) is durable, which also persists the acks before it and
+    /// lets redb reclaim the pages they freed.
+    fn write_with<T>(
+        &self,
+        durability: Durability,
+        f: impl FnOnce(&WriteTransaction) -> Result<(T, Changed), StoreError>,
+    ) -> Result<T, StoreError> {
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
+        txn.set_durability(durability)?;
         // On error `txn` is dropped here, which aborts it.
         let (out, changed) = f(&txn)?;
         match changed {
@@ -392,7 +415,13 @@ impl Store for RedbStore {
     }
 
     fn ack(&self, device: &DeviceId, up_to: u64) -> Result<u64, StoreError> {
-        self.write(|txn| {
+        let n = self.acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let durability = if n % DURABLE_ACK_EVERY == DURABLE_ACK_EVERY - 1 {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        self.write_with(durability, |txn| {
             let mut meta = txn.open_table(INBOX_META)?;
             let mut state = load_state(&meta, device)?;
             let target = up_to.min(state.head);
