@@ -35,8 +35,10 @@
 //!
 //! - [`engine`] — [`Engine`], [`Input`], [`Command`], [`Step`], [`Event`],
 //!   [`Reply`], [`EngineConfig`]. Inside: `conn` (hello/auth/register,
-//!   request bookkeeping, prekey and device-list publication and fetches,
-//!   reconnect backoff 1 s → 30 s with jitter), `send` (outbox, fan-out to
+//!   request bookkeeping, prekey and device-list publication and fetches —
+//!   on every connect, on an unknown sender, with backoff for a contact with
+//!   no device yet — reconnect backoff 1 s → 30 s with jitter), `send`
+//!   (outbox, fan-out after a bounded refresh of stale device lists to
 //!   every device of the contact and every other device of this user,
 //!   sealing, relay confirmations, retries 1 s → 32 s with jitter, `Failed`
 //!   after 5 minutes, re-sends and tail probes), `recv` (pages with merged

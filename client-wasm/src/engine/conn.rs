@@ -149,8 +149,11 @@ impl Engine {
                 }
             }
             (Pending::FetchDeviceList(user), Response::DeviceList(list)) => {
-                self.link.fetching_lists.remove(&user);
+                let again = self.list_fetch_done(&user);
                 self.on_device_list(now, user, list)?;
+                if again {
+                    self.fetch_list(now, user);
+                }
             }
             (_, _) => {
                 self.event(Event::Warning(
@@ -190,21 +193,28 @@ impl Engine {
             }
             Pending::FetchPrekeys(d) => {
                 self.link.fetching_prekeys.remove(&d);
-                self.link.prekey_failures.insert(d, now);
+                self.note_prekey_failure(now, d);
             }
             Pending::PublishDeviceList(_) => {
                 self.link.publishing_list = false;
                 // Someone published a newer list first: merge ourselves into it.
                 let me = self.user_key();
-                self.fetch_list(me);
+                self.fetch_list(now, me);
             }
             Pending::FetchDeviceList(user) => {
-                self.link.fetching_lists.remove(&user);
+                let again = self.list_fetch_done(&user);
                 if user == self.user_key() {
                     self.own.known.fetched_ms = Some(now);
                     self.ensure_listed(now)?;
                 } else if let Some(c) = self.contacts.get_mut(&user) {
+                    // No news: a list we hold stays valid. A contact we know
+                    // no device of is asked again with backoff (it may not
+                    // have registered yet), never cached as empty.
                     c.known.fetched_ms = Some(now);
+                    self.schedule_list_retry(now, user);
+                }
+                if again {
+                    self.fetch_list(now, user);
                 }
             }
         }
@@ -252,7 +262,8 @@ impl Engine {
         self.link.one_time_left = ok.one_time_prekeys_left;
         self.publish_prekeys_if_needed(now)?;
         self.publish_own_list();
-        self.refresh_lists(now);
+        // Always on (re)connect: devices may have been linked meanwhile.
+        self.refresh_lists(now, false);
         self.send_pull();
         self.reset_transmissions(now);
         Ok(())
@@ -376,8 +387,10 @@ impl Engine {
         Ok(())
     }
 
-    fn fetch_list(&mut self, user: UserKey) {
+    /// Ask the relay for a user's device list unless a fetch is running.
+    pub(crate) fn fetch_list(&mut self, now: u64, user: UserKey) {
         if self.link.ready && self.link.fetching_lists.insert(user) {
+            self.link.list_fetch_sent.insert(user, now);
             self.request(
                 Request::FetchDeviceList { user },
                 Pending::FetchDeviceList(user),
@@ -385,17 +398,30 @@ impl Engine {
         }
     }
 
-    /// Fetch the device lists of this user and of every contact.
-    pub(crate) fn refresh_lists(&mut self, now: u64) {
+    /// A list fetch answered: forget it, and say whether it must be sent
+    /// again (something asked for a fresher answer while it ran).
+    fn list_fetch_done(&mut self, user: &UserKey) -> bool {
+        self.link.fetching_lists.remove(user);
+        self.link.list_fetch_sent.remove(user);
+        self.link.refetch_lists.remove(user)
+    }
+
+    /// Fetch the device lists of this user and of every contact. With
+    /// `force`, a fetch already running is repeated once it answers, since
+    /// its answer may predate what prompted this refresh.
+    pub(crate) fn refresh_lists(&mut self, now: u64, force: bool) {
         if !self.link.ready {
             return;
         }
         self.lists_refreshed_at = Some(now);
-        let me = self.user_key();
-        self.fetch_list(me);
-        let users: Vec<UserKey> = self.contacts.keys().copied().collect();
+        let mut users: Vec<UserKey> = vec![self.user_key()];
+        users.extend(self.contacts.keys().copied());
         for u in users {
-            self.fetch_list(u);
+            if force && self.link.fetching_lists.contains(&u) {
+                self.link.refetch_lists.insert(u);
+            } else {
+                self.fetch_list(now, u);
+            }
         }
     }
 
@@ -404,32 +430,87 @@ impl Engine {
             .lists_refreshed_at
             .is_none_or(|t| now >= t.saturating_add(self.cfg.device_list_max_age_ms));
         if stale {
-            self.refresh_lists(now);
+            self.refresh_lists(now, false);
+        }
+        let due: Vec<UserKey> = self
+            .list_retry
+            .iter()
+            .filter(|(_, (at, _))| now >= *at)
+            .map(|(u, _)| *u)
+            .collect();
+        for u in due {
+            if !self.link.fetching_lists.contains(&u) {
+                self.fetch_list(now, u);
+            }
         }
     }
 
+    /// A contact's fetch found no device (refused, or an empty list): ask
+    /// again later with exponential backoff. A contact with devices needs
+    /// no retry.
+    pub(crate) fn schedule_list_retry(&mut self, now: u64, user: UserKey) {
+        let has_devices = self
+            .contacts
+            .get(&user)
+            .is_some_and(|c| c.known.devices().next().is_some());
+        if has_devices || !self.contacts.contains_key(&user) {
+            self.list_retry.remove(&user);
+            return;
+        }
+        let n = self.list_retry.get(&user).map_or(0, |r| r.1);
+        let delay = self.backoff(self.cfg.retry_base_ms, self.cfg.device_list_retry_max_ms, n);
+        self.list_retry
+            .insert(user, (now.saturating_add(delay), n.saturating_add(1)));
+    }
+
+    /// A prekey fetch failed (the device may not have published yet): ask
+    /// again after a backoff that doubles per failure in a row.
+    fn note_prekey_failure(&mut self, now: u64, d: DeviceId) {
+        let n = self.link.prekey_failures.get(&d).map_or(0, |f| f.1);
+        let delay = self.backoff(self.cfg.retry_base_ms, self.cfg.retry_max_ms, n);
+        self.link
+            .prekey_failures
+            .insert(d, (now.saturating_add(delay), n.saturating_add(1)));
+    }
+
     /// An envelope came from a device no verified list names yet (a new
-    /// device of a contact or of this user): re-fetch the lists, at most
-    /// every few seconds, and again later while envelopes stay parked.
+    /// device of a contact or of this user): re-fetch every list at once
+    /// (at most every few seconds; a burst of such envelopes schedules one
+    /// follow-up), and again now and then while envelopes stay parked.
     pub(crate) fn refresh_for_unknown_sender(&mut self, now: u64) {
         let recent = self
             .unknown_refreshed_at
             .is_some_and(|t| now < t.saturating_add(UNKNOWN_SENDER_REFRESH_MS));
         if !recent && self.link.ready {
             self.unknown_refreshed_at = Some(now);
-            self.refresh_lists(now);
+            self.parked_refreshes = self.parked_refreshes.saturating_add(1);
+            // The writer may be a contact's first device: contacts with none
+            // known start their retry backoff over.
+            for r in self.list_retry.values_mut() {
+                r.1 = 0;
+            }
+            self.refresh_lists(now, true);
         }
     }
 
-    /// While envelopes are parked, keep re-fetching lists now and then.
+    /// When to re-fetch lists for parked envelopes: soon if one was parked
+    /// after the last refresh (or the relay's answer may have raced the
+    /// sender's list publication), then backing off to now and then.
     pub(crate) fn parked_refresh_at(&self) -> Option<u64> {
         if self.parked.is_empty() {
             return None;
         }
-        Some(
-            self.unknown_refreshed_at
-                .map_or(0, |t| t.saturating_add(PARKED_REFRESH_MS)),
-        )
+        let Some(last) = self.unknown_refreshed_at else {
+            return Some(0);
+        };
+        let newer = self.unknown_seen_at.is_some_and(|s| s > last);
+        let delay = if newer {
+            UNKNOWN_SENDER_REFRESH_MS
+        } else {
+            let n = self.parked_refreshes.saturating_sub(1).min(3);
+            (UNKNOWN_SENDER_REFRESH_MS << n).min(PARKED_REFRESH_MS)
+        };
+        Some(last.saturating_add(delay))
     }
 
     fn on_device_list(
@@ -442,6 +523,13 @@ impl Engine {
             self.event(Event::Warning(
                 "the relay served a device list with a bad signature".into(),
             ));
+            // No news, like a refusal: keep what we hold, retry if empty.
+            if user == self.user_key() {
+                self.own.known.fetched_ms = Some(now);
+            } else if let Some(c) = self.contacts.get_mut(&user) {
+                c.known.fetched_ms = Some(now);
+                self.schedule_list_retry(now, user);
+            }
             return Ok(());
         }
         if user == self.user_key() {
@@ -463,6 +551,7 @@ impl Engine {
                 c.known.list = Some(list);
             }
             self.touch(Dirty::Contact(user));
+            self.schedule_list_retry(now, user);
             if changed {
                 let devices = self.devices_of(&user);
                 self.event(Event::DevicesChanged { user, devices });
@@ -500,7 +589,7 @@ impl Engine {
             self.event(Event::Warning(
                 "the relay served a prekey bundle that does not match the device list".into(),
             ));
-            self.link.prekey_failures.insert(d, now);
+            self.note_prekey_failure(now, d);
             return Ok(());
         }
         let cb = CryptoBundle {
@@ -515,6 +604,7 @@ impl Engine {
         };
         match initiate(&self.device.identity, &cb, &mut self.rng) {
             Ok((session, init)) => {
+                self.link.prekey_failures.remove(&d);
                 let me = self.device.device;
                 let slot = self.sessions.entry(d).or_default();
                 slot.entries.push(crate::state::SessionEntry {
@@ -526,7 +616,7 @@ impl Engine {
             }
             Err(_) => {
                 self.event(Event::Warning("a prekey bundle failed verification".into()));
-                self.link.prekey_failures.insert(d, now);
+                self.note_prekey_failure(now, d);
             }
         }
         Ok(())
@@ -538,8 +628,8 @@ impl Engine {
         if !self.link.ready || self.link.fetching_prekeys.contains(&d) {
             return;
         }
-        if let Some(&t) = self.link.prekey_failures.get(&d)
-            && now < t.saturating_add(self.cfg.retry_max_ms)
+        if let Some(&(at, _)) = self.link.prekey_failures.get(&d)
+            && now < at
         {
             return;
         }
@@ -604,7 +694,7 @@ impl Engine {
                 name,
                 conversation,
             });
-            self.fetch_list(user);
+            self.fetch_list(now, user);
         }
         let _ = now;
         conversation

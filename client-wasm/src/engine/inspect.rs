@@ -98,3 +98,28 @@ impl Engine {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{Engine, EngineConfig, Input};
+
+    #[test]
+    fn a_new_device_owes_registration_and_its_device_list() {
+        let (mut e, _) = Engine::create(
+            1_700_000_000_000,
+            [3; 32],
+            "127.0.0.1:1",
+            "a",
+            EngineConfig::default(),
+        )
+        .unwrap();
+        let b = e.backlog();
+        assert!(b.unregistered && b.list_unpublished && !b.link_pending);
+        assert_eq!((b.transmissions, b.receipts), (0, 0));
+        assert!(!b.is_empty());
+        assert!(e.open_gaps().is_empty());
+        // Connecting alone changes nothing owed.
+        e.handle(1_700_000_000_001, Input::Connected).unwrap();
+        assert_eq!(e.backlog(), b);
+    }
+}

@@ -70,8 +70,19 @@ pub struct EngineConfig {
     pub probe_base_ms: u64,
     /// …doubling up to this.
     pub probe_max_ms: u64,
-    /// Device lists older than this are re-fetched before fan-out.
+    /// Every device list (this user's and each contact's) is re-fetched at
+    /// least this often, whether or not anything is sent.
     pub device_list_max_age_ms: u64,
+    /// Before a message fans out, the recipient's and this user's lists are
+    /// re-fetched if the cached copy is older than this, so a newly linked
+    /// device gets the message.
+    pub device_list_fresh_ms: u64,
+    /// How long a fan-out waits for that refresh. If the relay has not
+    /// answered by then, the message goes to the devices already known.
+    pub device_list_wait_ms: u64,
+    /// A contact with no known devices (not registered yet, or the fetch was
+    /// refused) is asked again after `retry_base_ms`, doubling up to this.
+    pub device_list_retry_max_ms: u64,
     /// A link code is valid this long.
     pub link_code_ttl_ms: u64,
     /// Envelopes per pulled page (at most 200).
@@ -104,6 +115,9 @@ impl Default for EngineConfig {
             probe_base_ms: 30_000,
             probe_max_ms: 6 * 3_600_000,
             device_list_max_age_ms: 3_600_000,
+            device_list_fresh_ms: 30_000,
+            device_list_wait_ms: 5_000,
+            device_list_retry_max_ms: 60_000,
             link_code_ttl_ms: 10 * 60 * 1000,
             page_limit: hush_protocol::limits::MAX_PAGE,
             one_time_prekeys_low: 20,
@@ -392,8 +406,15 @@ pub(crate) struct Link {
     pub publishing_prekeys: bool,
     /// One-time prekeys the relay reported left.
     pub one_time_left: u32,
-    /// Devices whose prekey fetch failed, and when.
-    pub prekey_failures: BTreeMap<DeviceId, u64>,
+    /// Devices whose prekey fetch failed: when to ask again, and how many
+    /// times it failed in a row.
+    pub prekey_failures: BTreeMap<DeviceId, (u64, u32)>,
+    /// When each running device-list fetch was sent (bounds how long a
+    /// fan-out waits for it).
+    pub list_fetch_sent: BTreeMap<UserKey, u64>,
+    /// Users whose list must be fetched again once the running fetch
+    /// answers (that answer may predate what made us ask).
+    pub refetch_lists: BTreeSet<UserKey>,
 }
 
 /// The engine. See the crate docs for the driver contract.
@@ -425,6 +446,13 @@ pub struct Engine {
     pub(crate) housekeeping_at: u64,
     pub(crate) lists_refreshed_at: Option<u64>,
     pub(crate) unknown_refreshed_at: Option<u64>,
+    /// When the latest envelope from an unknown device was parked.
+    pub(crate) unknown_seen_at: Option<u64>,
+    /// List refreshes made for the envelopes parked now (spaces the next).
+    pub(crate) parked_refreshes: u32,
+    /// Contacts with no known devices: when to fetch their list again and
+    /// how many fetches in a row found none.
+    pub(crate) list_retry: BTreeMap<UserKey, (u64, u32)>,
     pub(crate) dirty: BTreeSet<Dirty>,
     pub(crate) step: Step,
     pub(crate) history_ops: Vec<StorageOp>,
@@ -481,6 +509,9 @@ impl Engine {
             housekeeping_at: 0,
             lists_refreshed_at: None,
             unknown_refreshed_at: None,
+            unknown_seen_at: None,
+            parked_refreshes: 0,
+            list_retry: BTreeMap::new(),
             dirty: BTreeSet::new(),
             step: Step::default(),
             history_ops: Vec::new(),
@@ -889,6 +920,15 @@ impl Engine {
                     .map(|t| t.saturating_add(self.cfg.device_list_max_age_ms)),
             );
             times.extend(self.parked_refresh_at());
+            times.extend(self.list_retry.values().map(|r| r.0));
+            // A fan-out waiting for a list fetch goes ahead when the wait ends.
+            times.extend(
+                self.link
+                    .list_fetch_sent
+                    .values()
+                    .map(|t| t.saturating_add(self.cfg.device_list_wait_ms)),
+            );
+            times.extend(self.link.prekey_failures.values().map(|f| f.0));
         } else if !self.link.connected {
             times.push(self.reconnect_at);
         }

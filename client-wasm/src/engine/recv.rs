@@ -153,7 +153,10 @@ impl Engine {
                         parked_ms: now,
                     },
                 );
+                // Stored in this step's batch, before the cursor that covers
+                // it is acknowledged: a parked envelope survives a crash.
                 self.touch(Dirty::Parked(relay_seq));
+                self.unknown_seen_at = Some(now);
                 self.refresh_for_unknown_sender(now);
             }
             return Ok(false);
@@ -828,6 +831,9 @@ impl Engine {
                 self.parked.remove(&s);
                 self.touch(Dirty::Parked(s));
             }
+        }
+        if self.parked.is_empty() {
+            self.parked_refreshes = 0;
         }
         Ok(())
     }

@@ -18,12 +18,12 @@ use hush_crypto::{RatchetHeader, open_at_rest, seal_at_rest};
 use hush_protocol::limits::MAX_BATCH;
 use hush_protocol::{
     ConversationId, DeviceId, Envelope, EnvelopeHeader, ErrorCode, MessageId, Request, SendOutcome,
-    SessionInitHeader,
+    SessionInitHeader, UserKey,
 };
 
-/// How long to wait before asking again for a device list the relay did
-/// not have.
-const LIST_RETRY_MS: u64 = 30_000;
+/// The deadline of a chat entry that outlived its send deadline waiting for
+/// the contact's first device; resolving it restarts the deadline.
+const WAITING_FOR_DEVICES: u64 = u64::MAX;
 
 /// The entry still has something to do: resolve its targets, seal for a
 /// target (sealing continues even for `Failed` entries, so sender seqs always
@@ -126,7 +126,7 @@ impl Engine {
     }
 
     /// Decide a chat entry's targets: every device of the contact and every
-    /// other device of this user, once both lists are fresh.
+    /// other device of this user, once both lists are fresh enough.
     fn resolve(&mut self, now: u64, id: &MessageId) -> bool {
         let Some(entry) = self.outbox.get(id) else {
             return false;
@@ -134,36 +134,11 @@ impl Engine {
         let Some(&user) = self.conversations.get(&entry.conversation) else {
             return false;
         };
-        let max_age = self.cfg.device_list_max_age_ms;
-        let fresh = |k: &crate::state::KnownDevices| {
-            k.list.is_some()
-                && k.fetched_ms
-                    .is_some_and(|t| now < t.saturating_add(max_age))
-        };
         let me = self.user_key();
-        let contact_ready = self.contacts.get(&user).is_some_and(|c| fresh(&c.known))
-            && !self.link.fetching_lists.contains(&user);
-        let own_ready = self.own.known.list.is_some() && !self.link.fetching_lists.contains(&me);
+        // Both gates run (each may start its fetch) before deciding.
+        let contact_ready = self.list_gate(now, user);
+        let own_ready = self.list_gate(now, me);
         if !contact_ready || !own_ready {
-            let stale = !self.contacts.get(&user).is_some_and(|c| fresh(&c.known));
-            // A user with no list on the relay is asked again only now and
-            // then, not on every step.
-            let asked_recently = self.contacts.get(&user).is_some_and(|c| {
-                c.known
-                    .fetched_ms
-                    .is_some_and(|t| now < t.saturating_add(LIST_RETRY_MS))
-            });
-            if stale
-                && !asked_recently
-                && !self.link.fetching_lists.contains(&user)
-                && self.link.ready
-            {
-                self.link.fetching_lists.insert(user);
-                self.request(
-                    Request::FetchDeviceList { user },
-                    Pending::FetchDeviceList(user),
-                );
-            }
             return false;
         }
         let mut targets: Vec<Target> = self
@@ -184,11 +159,55 @@ impl Engine {
                 .filter(|e| e.device != my_device)
                 .map(|e| new_target(e.device, false)),
         );
+        let deadline = now.saturating_add(self.cfg.send_deadline_ms);
         if let Some(entry) = self.outbox.get_mut(id) {
             entry.targets = targets;
             entry.resolved = true;
+            // The entry waited past its deadline for the contact's first
+            // device (see `check_deadlines`): the relay gets its full time
+            // from now.
+            if entry.deadline_ms == WAITING_FOR_DEVICES {
+                entry.deadline_ms = deadline;
+            }
         }
         self.touch(Dirty::Outbox(*id));
+        true
+    }
+
+    /// Whether `user`'s device list may be used for a fan-out now. A list
+    /// older than `device_list_fresh_ms` is re-fetched first, waiting at
+    /// most `device_list_wait_ms` for the answer (then the known devices
+    /// are used). A contact with no known device never resolves: the entry
+    /// waits (its list is retried with backoff) rather than fan out to
+    /// nobody.
+    fn list_gate(&mut self, now: u64, user: UserKey) -> bool {
+        let me = self.user_key();
+        let (usable, fetched) = if user == me {
+            (self.own.known.list.is_some(), self.own.known.fetched_ms)
+        } else {
+            match self.contacts.get(&user) {
+                Some(c) => (c.known.devices().next().is_some(), c.known.fetched_ms),
+                None => return false,
+            }
+        };
+        if let Some(&sent) = self.link.list_fetch_sent.get(&user) {
+            // A fetch is running: wait for it, within bounds.
+            return usable && now >= sent.saturating_add(self.cfg.device_list_wait_ms);
+        }
+        if !usable {
+            if user != me {
+                let due = self.list_retry.get(&user).is_none_or(|r| now >= r.0);
+                if due {
+                    self.fetch_list(now, user);
+                }
+            }
+            return false;
+        }
+        let fresh = fetched.is_some_and(|t| now < t.saturating_add(self.cfg.device_list_fresh_ms));
+        if !fresh {
+            self.fetch_list(now, user);
+            return !self.link.list_fetch_sent.contains_key(&user);
+        }
         true
     }
 
@@ -581,9 +600,11 @@ impl Engine {
         }
     }
 
-    /// Chat messages not confirmed by the relay in time become `Failed`.
+    /// Chat messages not confirmed by the relay in time become `Failed`,
+    /// except those still waiting for the contact's first device: they stay
+    /// `Sending`, and their deadline restarts when they fan out.
     pub(crate) fn check_deadlines(&mut self, now: u64) {
-        let due: Vec<MessageId> = self
+        let due: Vec<(MessageId, bool)> = self
             .active
             .iter()
             .filter_map(|(_, id)| self.outbox.get(id))
@@ -592,12 +613,31 @@ impl Engine {
                     && o.state == MessageState::Sending
                     && now >= o.deadline_ms
             })
-            .map(|o| o.id)
+            .map(|o| (o.id, self.awaits_devices(o)))
             .collect();
-        for id in due {
+        for (id, waiting) in due {
+            if waiting {
+                if let Some(o) = self.outbox.get_mut(&id) {
+                    o.deadline_ms = WAITING_FOR_DEVICES;
+                }
+                self.touch(Dirty::Outbox(id));
+                continue;
+            }
             self.set_state(&id, MessageState::Failed);
             self.settle(now, &id);
         }
+    }
+
+    /// An unresolved chat entry whose contact has no known device yet (not
+    /// registered, or every fetch so far refused): it stays `Sending` and
+    /// fans out once a device is known, however long that takes.
+    fn awaits_devices(&self, o: &OutboxEntry) -> bool {
+        !o.resolved
+            && self
+                .conversations
+                .get(&o.conversation)
+                .and_then(|u| self.contacts.get(u))
+                .is_some_and(|c| c.known.devices().next().is_none())
     }
 
     /// Re-send one stream item (same logical id and sender seq, fresh

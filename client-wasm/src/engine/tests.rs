@@ -29,6 +29,12 @@ struct FakeRelay {
     /// Serve pulls from the acknowledged point, ignoring `after` (a relay
     /// that redelivers what it was not told is stored).
     redeliver_unacked: bool,
+    /// Never answer device-list fetches (a relay that stalls).
+    silent_list_fetches: bool,
+    /// Answer these (asker, user) device-list fetches as if the user had none.
+    hidden_lists: BTreeSet<(DeviceId, UserKey)>,
+    /// Every device-list fetch: (who asked, for whom).
+    list_fetches: Vec<(DeviceId, UserKey)>,
 }
 
 impl FakeRelay {
@@ -96,12 +102,29 @@ impl FakeRelay {
                 self.lists.insert(list.list.user, list);
                 resp(Response::DeviceListPublished { version: v })
             }
-            Request::FetchDeviceList { user } => match self.lists.get(&user) {
-                Some(l) => resp(Response::DeviceList(l.clone())),
-                None => vec![(
+            Request::FetchDeviceList { user } if self.silent_list_fetches => {
+                self.list_fetches.push((who, user));
+                Vec::new()
+            }
+            Request::FetchDeviceList { user } if self.hidden_lists.contains(&(who, user)) => {
+                self.list_fetches.push((who, user));
+                vec![(
                     who,
                     ServerFrame::error(id, hush_protocol::ErrorCode::UnknownDevice, "none"),
-                )],
+                )]
+            }
+            Request::FetchDeviceList { user } => match self.lists.get(&user) {
+                Some(l) => {
+                    self.list_fetches.push((who, user));
+                    resp(Response::DeviceList(l.clone()))
+                }
+                None => {
+                    self.list_fetches.push((who, user));
+                    vec![(
+                        who,
+                        ServerFrame::error(id, hush_protocol::ErrorCode::UnknownDevice, "none"),
+                    )]
+                }
             },
             Request::Send { envelopes } => {
                 let mut outcomes = Vec::new();
@@ -808,4 +831,220 @@ fn debug_output_never_shows_secrets() {
     let dump = format!("{:?} {:?}", e.device, e);
     assert!(!dump.contains(&key));
     assert!(dump.contains("redacted"));
+}
+
+/// Fetches of `user`'s list made by device `who` so far.
+fn list_fetches(net: &Net, who: usize, user: &UserKey) -> usize {
+    let d = net.clients[who].engine.device_id();
+    net.relay
+        .list_fetches
+        .iter()
+        .filter(|(w, u)| *w == d && u == user)
+        .count()
+}
+
+#[test]
+fn contact_added_before_the_peer_registered_is_retried_and_messages_flow() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    net.advance(2_000);
+    // Bob's device exists, but has not reached the relay yet.
+    net.seed += 1;
+    let (bob, bob_step) =
+        Engine::create(net.now, [net.seed; 32], "relay", "bob", Net::cfg()).unwrap();
+    let bob_code = bob.contact_code();
+    let Some(Reply::Contact(conv)) = net.command(
+        a,
+        Command::AddContact {
+            code: bob_code.clone(),
+        },
+    ) else {
+        panic!("no contact");
+    };
+    assert!(net.clients[a].engine.devices_of(&bob_code.user).is_empty());
+    let early = net.send(a, conv, "sent before bob registered");
+    // Far past the send deadline: waiting for the contact's first device is
+    // not a relay failure, and the message is never fanned out to nobody.
+    net.advance(10 * 60 * 1000);
+    assert_eq!(
+        net.clients[a].engine.message_state(&early),
+        Some(MessageState::Sending)
+    );
+    let asked = list_fetches(&net, a, &bob_code.user);
+    // Retried with backoff (1 s doubling to 60 s): neither cached as empty
+    // nor asked on every tick.
+    assert!((6..=30).contains(&asked), "{asked} fetches in 10 minutes");
+
+    let b = net.add(bob, bob_step);
+    net.connect(b);
+    let alice_code = net.clients[a].engine.contact_code();
+    net.command(b, Command::AddContact { code: alice_code });
+    let hi = net.send(b, conv, "hi alice");
+    // No time passes and Alice does not reconnect: the envelope from the
+    // unknown device made her fetch Bob's list and process it at once.
+    let got: Vec<MessageId> = net.messages(a).iter().map(|r| r.id).collect();
+    assert_eq!(got, vec![hi]);
+    assert_eq!(net.clients[a].engine.devices_of(&bob_code.user).len(), 1);
+    assert!(net.clients[a].engine.parked.is_empty());
+    let h = crate::storage::history(&net.clients[a].storage, &conv, None, 10).unwrap();
+    assert!(h.iter().any(|e| e.record.id == hi));
+    // Alice's early message fans out now that Bob has a device.
+    net.advance(3_000);
+    let got: Vec<MessageId> = net.messages(b).iter().map(|r| r.id).collect();
+    assert_eq!(got, vec![early]);
+    assert_eq!(
+        net.clients[a].engine.message_state(&early),
+        Some(MessageState::Delivered)
+    );
+}
+
+#[test]
+fn parked_envelope_is_stored_before_its_ack_and_survives_a_crash() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    net.advance(2_000);
+    net.seed += 1;
+    let (bob, bob_step) =
+        Engine::create(net.now, [net.seed; 32], "relay", "bob", Net::cfg()).unwrap();
+    let bob_user = bob.user_key();
+    let Some(Reply::Contact(conv)) = net.command(
+        a,
+        Command::AddContact {
+            code: bob.contact_code(),
+        },
+    ) else {
+        panic!("no contact");
+    };
+    // The relay will not show Alice Bob's list for now.
+    let ad = net.clients[a].engine.device_id();
+    net.relay.hidden_lists.insert((ad, bob_user));
+    let b = net.add(bob, bob_step);
+    net.connect(b);
+    let alice_code = net.clients[a].engine.contact_code();
+    net.command(b, Command::AddContact { code: alice_code });
+    let hi = net.send(b, conv, "parked for a while");
+    net.advance(1_000);
+    assert!(net.messages(a).is_empty());
+    // Acknowledged to the relay (its copy is gone)…
+    assert!(net.relay.inbox.get(&ad).is_none_or(|i| i.is_empty()));
+    // …and therefore durably parked first.
+    let stored = net.clients[a].storage.load_state().unwrap();
+    assert_eq!(
+        stored
+            .iter()
+            .filter(|(k, _)| k.starts_with(keys::PARKED))
+            .count(),
+        1
+    );
+    // Alice crashes; her rebuilt engine shows the message once the list is
+    // served.
+    let records = net.clients[a].storage.load_state().unwrap();
+    net.clients[a].engine = Engine::load(records, [77; 32], Net::cfg()).unwrap();
+    net.clients[a].connected = false;
+    net.clients[a].queue.clear();
+    net.relay.hidden_lists.clear();
+    net.advance(2_000);
+    let got: Vec<MessageId> = net.messages(a).iter().map(|r| r.id).collect();
+    assert_eq!(got, vec![hi]);
+}
+
+#[test]
+fn unknown_sender_refreshes_lists_soon_even_after_a_refresh_just_ran() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let bob_user = net.clients[b].engine.user_key();
+    // Bob links a device; Alice's cached list does not have it yet, and the
+    // relay's answer to her first refresh is stale.
+    let ad = net.clients[a].engine.device_id();
+    net.relay.hidden_lists.insert((ad, bob_user));
+    let b2 = net.join(b);
+    net.advance(2_000);
+    let hi = net.send(b2, conv, "from the new device");
+    assert!(net.messages(a).is_empty());
+    net.relay.hidden_lists.clear();
+    // A follow-up within seconds, not the half-minute parked timer.
+    net.advance(6_000);
+    let got: Vec<MessageId> = net.messages(a).iter().map(|r| r.id).collect();
+    assert_eq!(got, vec![hi]);
+}
+
+#[test]
+fn sender_refreshes_a_stale_list_before_fan_out_and_reaches_a_new_device() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let m1 = net.send(a, conv, "one");
+    net.advance(2_000);
+    // Bob links a device that never writes to Alice.
+    let b2 = net.join(b);
+    net.advance(40_000);
+    assert_eq!(
+        net.clients[a]
+            .engine
+            .devices_of(&net.clients[b].engine.user_key())
+            .len(),
+        1
+    );
+    let m2 = net.send(a, conv, "two");
+    net.advance(3_000);
+    let at_b: Vec<MessageId> = net.messages(b).iter().map(|r| r.id).collect();
+    assert_eq!(at_b, vec![m1, m2]);
+    // The new device gets what was sent after Alice learned of it.
+    let at_b2: Vec<MessageId> = net.messages(b2).iter().map(|r| r.id).collect();
+    assert_eq!(at_b2, vec![m2]);
+    assert_eq!(
+        net.clients[a]
+            .engine
+            .devices_of(&net.clients[b].engine.user_key())
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn fan_out_waits_for_a_list_refresh_but_not_forever() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(40_000);
+    net.relay.silent_list_fetches = true;
+    let bob_user = net.clients[b].engine.user_key();
+    let before = list_fetches(&net, a, &bob_user);
+    let id = net.send(a, conv, "held briefly");
+    assert_eq!(list_fetches(&net, a, &bob_user), before + 1);
+    net.advance(2_000);
+    assert!(
+        net.messages(b).is_empty(),
+        "sent before the refresh answered"
+    );
+    net.advance(5_000);
+    let got: Vec<MessageId> = net.messages(b).iter().map(|r| r.id).collect();
+    assert_eq!(got, vec![id]);
+}
+
+#[test]
+fn reconnect_refreshes_every_device_list() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    net.befriend(a, b);
+    net.advance(2_000);
+    let bob_user = net.clients[b].engine.user_key();
+    let alice_user = net.clients[a].engine.user_key();
+    let (theirs, mine) = (
+        list_fetches(&net, a, &bob_user),
+        list_fetches(&net, a, &alice_user),
+    );
+    net.disconnect(a);
+    net.clients[a].connected = true;
+    net.input(a, Input::Connected);
+    net.settle();
+    assert_eq!(list_fetches(&net, a, &bob_user), theirs + 1);
+    assert_eq!(list_fetches(&net, a, &alice_user), mine + 1);
 }

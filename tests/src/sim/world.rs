@@ -56,6 +56,10 @@ pub struct Scenario {
     pub outbox_retention_ms: u64,
     /// Workload includes recalls, deletes and reads.
     pub extras: bool,
+    /// The last user (one device) registers only after the others added its
+    /// contact code and settled: they must learn of its device by retrying
+    /// its device list, without reconnecting.
+    pub late_user: bool,
 }
 
 impl Scenario {
@@ -81,6 +85,7 @@ impl Scenario {
             relay_retention_ms: 7 * 24 * 60 * MINUTE,
             outbox_retention_ms: 14 * 24 * 60 * MINUTE,
             extras: r.range(0, 1) == 1,
+            late_user: false,
         };
         match family {
             0 => {
@@ -114,6 +119,12 @@ impl Scenario {
                 s.cut_every_ms = r.range(30, 90) * SECOND;
             }
             _ => {
+                if seed % 12 == 4 {
+                    s.late_user = true;
+                    if let Some(last) = s.devices.last_mut() {
+                        *last = 1;
+                    }
+                }
                 s.withhold_bp = r.range(0, 300);
                 s.dup_bp = r.range(0, 300);
                 s.reorder_bp = r.range(0, 300);
@@ -367,7 +378,12 @@ impl World {
                 cfg.clone(),
             )
             .map_err(|e| Violation::Engine(format!("create: {e}")))?;
-            self.add_node(u, engine, step)?;
+            let i = self.add_node(u, engine, step)?;
+            if self.scenario.late_user && u + 1 == users {
+                // Not registered yet: it stays off the relay until the end
+                // of setup.
+                self.nodes[i].offline = true;
+            }
         }
         self.run_until(self.now + 5 * SECOND)?;
         let codes: Vec<ContactCode> = (0..users)
@@ -403,17 +419,36 @@ impl World {
             self.cut(c);
         }
         let deadline = self.now + 2 * MINUTE;
-        while !self.converged() {
+        while !self.converged(self.scenario.late_user) {
             if self.now >= deadline {
                 return Err(Violation::Setup("device lists did not converge".into()));
             }
             self.run_until(self.now + SECOND)?;
         }
+        if self.scenario.late_user {
+            // The late user registers now; nobody reconnects.
+            let late = self.user_nodes(users - 1);
+            for i in late {
+                self.at(self.now, Ev::Online(i));
+            }
+            let deadline = self.now + 2 * MINUTE;
+            while !self.converged(false) {
+                if self.now >= deadline {
+                    return Err(Violation::Setup(
+                        "nobody learned of the late user's device".into(),
+                    ));
+                }
+                self.run_until(self.now + SECOND)?;
+            }
+        }
         Ok(())
     }
 
-    fn converged(&self) -> bool {
-        let users = self.scenario.devices.len();
+    /// Every device knows every user's devices. With `skip_last`, the last
+    /// user (not registered yet) is left out on both sides.
+    fn converged(&self, skip_last: bool) -> bool {
+        let all = self.scenario.devices.len();
+        let users = if skip_last { all - 1 } else { all };
         let truth: Vec<BTreeSet<DeviceId>> = (0..users)
             .map(|u| {
                 self.user_nodes(u)
@@ -422,8 +457,8 @@ impl World {
                     .collect()
             })
             .collect();
-        self.nodes.iter().all(|n| {
-            n.engine.contacts().len() == users - 1
+        self.nodes.iter().filter(|n| n.user < users).all(|n| {
+            n.engine.contacts().len() == all - 1
                 && (0..users).all(|u| {
                     self.user_key(u).is_some_and(|k| {
                         n.engine.devices_of(&k).into_iter().collect::<BTreeSet<_>>() == truth[u]
