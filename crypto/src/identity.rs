@@ -6,10 +6,13 @@
 //! peer can check that a device really belongs to the user it claims.
 //!
 //! Every signature is domain-separated: the signed bytes are
-//! `label ‖ 0x00 ‖ message` with a distinct label per purpose ([`DOMAIN_AUTH`],
-//! [`DOMAIN_PREKEY`], [`DOMAIN_DEVICES`], [`DOMAIN_GENERIC`]). Labels contain no
-//! zero byte, so the encoding is prefix-free and a signature made for one purpose
-//! can never verify for another. Verification uses `verify_strict` (rejects
+//! `label ‖ 0x00 ‖ message` with a distinct label per purpose ([`DOMAIN_PREKEY`],
+//! [`DOMAIN_DEVICES`], [`DOMAIN_GENERIC`]). Labels contain no zero byte, so the
+//! encoding is prefix-free and a signature made for one purpose can never verify
+//! for another. The wire protocol's own layouts (connection auth, device
+//! certificates, device lists) begin with their own labels (`hush-auth-v1`,
+//! `hush-device-cert-v1`, `hush-device-list-v1`) followed by fixed-length fields,
+//! and are signed as they are (`sign_prefixed`). Verification uses `verify_strict` (rejects
 //! small-order keys and non-canonical signatures, so signatures are not malleable).
 
 use crate::CryptoError;
@@ -109,8 +112,9 @@ pub fn verify_prefixed(public: &[u8; 32], msg: &[u8], sig: &[u8; 64]) -> Result<
 
 /// Verifies a relay authentication response (the relay calls this).
 ///
-/// The signed bytes are `"hush-auth-v1" ‖ 0x00 ‖ device_id ‖ challenge`, binding the
-/// response to the device id being claimed as well as to the fresh challenge.
+/// The signed bytes are exactly `hush-protocol`'s `auth_challenge_bytes`:
+/// `"hush-auth-v1" ‖ challenge ‖ device_id` (fixed lengths, so unambiguous),
+/// binding the response to the fresh challenge and to the device id claimed.
 ///
 /// # Errors
 /// [`CryptoError::BadKey`] or [`CryptoError::BadSignature`].
@@ -120,10 +124,9 @@ pub fn verify_auth_challenge(
     device_id: &[u8; 16],
     sig: &[u8; 64],
 ) -> Result<(), CryptoError> {
-    verify_domain(
+    verify_prefixed(
         device_signing_pub,
-        DOMAIN_AUTH,
-        &[device_id, challenge],
+        &[DOMAIN_AUTH, challenge.as_slice(), device_id.as_slice()].concat(),
         sig,
     )
 }
@@ -191,7 +194,7 @@ impl DeviceIdentity {
 
     /// Answers a relay authentication challenge; checked by [`verify_auth_challenge`].
     pub fn sign_auth_challenge(&self, challenge: &[u8; 32], device_id: &[u8; 16]) -> [u8; 64] {
-        sign_domain(&self.signing, DOMAIN_AUTH, &[device_id, challenge])
+        self.sign_prefixed(&[DOMAIN_AUTH, challenge.as_slice(), device_id.as_slice()].concat())
     }
 
     pub(crate) fn sign_prekey(&self, id: u32, prekey: &[u8; 32]) -> [u8; 64] {

@@ -194,3 +194,17 @@ fn os_rng_works() {
     let b = DeviceIdentity::generate(&mut os_rng()).public();
     assert_ne!(a, b);
 }
+
+#[test]
+fn auth_challenge_signature_uses_the_wire_protocol_layout() {
+    // "hush-auth-v1" ‖ challenge ‖ device id: what the relay verifies.
+    let mut rng = rng(11);
+    let d = hush_crypto::DeviceIdentity::generate(&mut rng);
+    let (challenge, id) = ([3u8; 32], [4u8; 16]);
+    let sig = d.sign_auth_challenge(&challenge, &id);
+    let mut layout = b"hush-auth-v1".to_vec();
+    layout.extend_from_slice(&challenge);
+    layout.extend_from_slice(&id);
+    hush_crypto::verify_prefixed(&d.public().signing, &layout, &sig).unwrap();
+    assert_eq!(sig, d.sign_prefixed(&layout));
+}
