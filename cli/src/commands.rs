@@ -7,8 +7,7 @@
 //! stored by the relay or still in the outbox for the next command.
 
 use crate::driver::{
-    CONNECT_ATTEMPT, Driver, Outcome, Sink, StopSignal, View, cli_engine_config, now_ms,
-    os_seed,
+    CONNECT_ATTEMPT, Driver, Outcome, Sink, StopSignal, View, cli_engine_config, now_ms, os_seed,
 };
 use crate::error::CliError;
 use crate::home::Home;
@@ -18,7 +17,8 @@ use crate::output::{
 };
 use crate::transport::{self, CertCheck, RelayTarget};
 use hush_client::{
-    Command, ContactCode, Engine, FileStorage, LinkCode, MessageState, Reply, Storage,
+    Command, ConnectionState, ContactCode, Engine, FileStorage, LinkCode, MessageState, Reply,
+    Storage,
 };
 use hush_protocol::{ConversationId, MessageId};
 use serde_json::json;
@@ -40,10 +40,13 @@ type Cli = Driver<FileStorage>;
 fn open(home: &Home) -> Result<Cli, CliError> {
     let storage = home.open_existing()?;
     let cfg = cli_engine_config();
-    let engine = Engine::load(storage.load_state()?, os_seed()?, cfg.clone()).map_err(|e| match e {
-        hush_client::ClientError::NoDevice => CliError::NotInitialised(home.dir().to_path_buf()),
-        other => CliError::Client(other),
-    })?;
+    let engine =
+        Engine::load(storage.load_state()?, os_seed()?, cfg.clone()).map_err(|e| match e {
+            hush_client::ClientError::NoDevice => {
+                CliError::NotInitialised(home.dir().to_path_buf())
+            }
+            other => CliError::Client(other),
+        })?;
     let target = home.load_relay(engine.relay())?;
     Ok(Driver::new(engine, storage, cfg, target))
 }
@@ -66,10 +69,15 @@ async fn requeue_failed(d: &mut Cli, sink: &mut dyn Sink<FileStorage>) -> Result
 }
 
 /// Run until connected at least once, within [`CONNECT_BUDGET`].
-async fn reach(d: &mut Cli, budget: Duration, sink: &mut dyn Sink<FileStorage>) -> Result<(), CliError> {
+async fn reach(
+    d: &mut Cli,
+    budget: Duration,
+    sink: &mut dyn Sink<FileStorage>,
+) -> Result<(), CliError> {
     let deadline = Instant::now() + budget;
     let mut stop = None;
-    d.run_until(deadline, &mut stop, sink, |v| v.ever_connected).await?;
+    d.run_until(deadline, &mut stop, sink, |v| v.ever_connected)
+        .await?;
     if d.ever_connected() {
         Ok(())
     } else {
@@ -78,7 +86,11 @@ async fn reach(d: &mut Cli, budget: Duration, sink: &mut dyn Sink<FileStorage>) 
 }
 
 /// Run until settled or `bound` passes; true if settled.
-async fn settle(d: &mut Cli, bound: Duration, sink: &mut dyn Sink<FileStorage>) -> Result<bool, CliError> {
+async fn settle(
+    d: &mut Cli,
+    bound: Duration,
+    sink: &mut dyn Sink<FileStorage>,
+) -> Result<bool, CliError> {
     let mut stop = None;
     let outcome = d
         .run_until(Instant::now() + bound, &mut stop, sink, |v| v.settled())
@@ -115,7 +127,9 @@ pub async fn init(
         None => None,
     };
     if let Some(n) = &name
-        && (n.is_empty() || n.len() > hush_client::codes::MAX_CODE_TEXT || n.chars().any(char::is_control))
+        && (n.is_empty()
+            || n.len() > hush_client::codes::MAX_CODE_TEXT
+            || n.chars().any(char::is_control))
     {
         return Err(CliError::Invalid {
             what: "name",
@@ -165,7 +179,9 @@ pub async fn init(
                 Ok(_) => CliError::Refused(why),
             });
         }
-        Ok(false) => err_line("warning: some setup is still pending; it finishes with the next command"),
+        Ok(false) => {
+            err_line("warning: some setup is still pending; it finishes with the next command")
+        }
         Err(e) => return Err(e),
     }
     if link.is_some() && !printer.linked && !wait.is_zero() {
@@ -175,7 +191,13 @@ pub async fn init(
             .run_until(deadline, &mut stop, &mut printer, |_| false)
             .await
             .map(|_| ())
-            .or_else(|e| if matches!(e, CliError::Unreachable { .. }) { Ok(()) } else { Err(e) })?;
+            .or_else(|e| {
+                if matches!(e, CliError::Unreachable { .. }) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
     }
     let engine = driver.engine();
     let code = engine.contact_code().to_text()?;
@@ -189,7 +211,9 @@ pub async fn init(
         if printer.linked {
             out_line("linked: contacts received from your other device");
         } else {
-            out_line("link requested: run `hush sync` on the device that made the code, then `hush sync` here");
+            out_line(
+                "link requested: run `hush sync` on the device that made the code, then `hush sync` here",
+            );
         }
     }
     out_line(&format!("contact code: {code}"));
@@ -244,14 +268,18 @@ pub async fn link_code(home: &Home) -> Result<(), CliError> {
         });
     };
     out_line(code.as_str());
-    err_line("keep this code secret: it lets a new device join your account (valid 10 minutes, once)");
+    err_line(
+        "keep this code secret: it lets a new device join your account (valid 10 minutes, once)",
+    );
     // The new device needs this one registered and listed on the relay.
     if !d.engine().backlog().is_empty() {
         match reach(&mut d, CONNECT_BUDGET, &mut sink).await {
             Ok(()) => {
                 settle(&mut d, FLUSH_BOUND, &mut sink).await?;
             }
-            Err(e) => err_line(&format!("warning: {e}; run `hush sync` before using the code")),
+            Err(e) => err_line(&format!(
+                "warning: {e}; run `hush sync` before using the code"
+            )),
         }
     }
     d.shutdown().await;
@@ -264,7 +292,10 @@ pub async fn contact_add(home: &Home, name: String, code: String) -> Result<(), 
         what: "contact code",
         reason: e.to_string(),
     })?;
-    if name.is_empty() || name.len() > hush_client::codes::MAX_CODE_TEXT || name.chars().any(char::is_control) {
+    if name.is_empty()
+        || name.len() > hush_client::codes::MAX_CODE_TEXT
+        || name.chars().any(char::is_control)
+    {
         return Err(CliError::Invalid {
             what: "contact name",
             reason: "must be 1 to 256 bytes without control characters".into(),
@@ -285,14 +316,17 @@ pub async fn contact_add(home: &Home, name: String, code: String) -> Result<(), 
     parsed.name = name.clone();
     let mut sink = Printer::new(Style::Human, false);
     requeue_failed(&mut d, &mut sink).await?;
-    d.command(Command::AddContact { code: parsed }, &mut sink).await?;
+    d.command(Command::AddContact { code: parsed }, &mut sink)
+        .await?;
     out_line(&format!("contact {name} added"));
     // Fetch their devices and tell this user's other devices; best effort.
     match reach(&mut d, CONNECT_BUDGET, &mut sink).await {
         Ok(()) => {
             settle(&mut d, FLUSH_BOUND, &mut sink).await?;
         }
-        Err(e) => err_line(&format!("warning: {e}; the contact is saved and syncs with the next command")),
+        Err(e) => err_line(&format!(
+            "warning: {e}; the contact is saved and syncs with the next command"
+        )),
     }
     d.shutdown().await;
     Ok(())
@@ -310,7 +344,10 @@ pub fn contact_list(home: &Home, style: Style) -> Result<(), CliError> {
                         "conversation_id": conv.to_hex(), "devices": devices})
                 .to_string(),
             ),
-            Style::Human => out_line(&format!("{name}  ({devices} device(s), key {}…)", &user.to_hex()[..16])),
+            Style::Human => out_line(&format!(
+                "{name}  ({devices} device(s), key {}…)",
+                &user.to_hex()[..16]
+            )),
         }
     }
     Ok(())
@@ -378,10 +415,19 @@ pub async fn sync(home: &Home, style: Style, wait: Duration) -> Result<(), CliEr
     catch_up(&mut d, &mut printer)?;
     requeue_failed(&mut d, &mut printer).await?;
     reach(&mut d, CONNECT_BUDGET, &mut printer).await?;
-    // Drain: keep going while there is progress.
+    // Drain the relay: authenticated, backlog pulled, every request
+    // answered. No fixed bound: keep going while there is progress.
     loop {
         let seen = printer.events_seen;
-        if settle(&mut d, SYNC_STALL, &mut printer).await? {
+        let mut stop = None;
+        let outcome = d
+            .run_until(Instant::now() + SYNC_STALL, &mut stop, &mut printer, |v| {
+                v.connected
+                    && v.engine.connection_state() == ConnectionState::Live
+                    && v.outstanding == 0
+            })
+            .await?;
+        if outcome == Outcome::Done {
             break;
         }
         if printer.events_seen == seen {
@@ -393,27 +439,27 @@ pub async fn sync(home: &Home, style: Style, wait: Duration) -> Result<(), CliEr
             )));
         }
     }
+    // Hand over what this device owes (receipts, resend requests, answers).
+    settle(&mut d, FLUSH_BOUND, &mut printer).await?;
     // Repair: wait a bounded time for senders to answer resend requests.
-    let gaps = |v: &View<'_>| v.engine.open_gaps().iter().any(|g| !g.control);
-    if gaps(&view_of(&d)) && !wait.is_zero() {
+    let gaps = |e: &Engine| e.open_gaps().iter().any(|g| !g.control);
+    if gaps(d.engine()) && !wait.is_zero() {
         let mut stop = None;
         d.run_until(Instant::now() + wait, &mut stop, &mut printer, |v| {
-            v.settled() && !gaps(v)
+            v.settled() && !gaps(v.engine)
         })
         .await?;
     }
     report_gaps(&d, style);
+    let owed = d.engine().backlog();
+    if (owed.transmissions > 0 || owed.receipts > 0) && style == Style::Human {
+        err_line(&format!(
+            "{} item(s) still waiting for the relay; they go out with the next command that connects",
+            owed.transmissions + owed.receipts
+        ));
+    }
     d.shutdown().await;
     Ok(())
-}
-
-fn view_of(d: &Cli) -> View<'_> {
-    View {
-        engine: d.engine(),
-        connected: true,
-        outstanding: 0,
-        ever_connected: d.ever_connected(),
-    }
 }
 
 fn catch_up(d: &mut Cli, printer: &mut Printer) -> Result<(), CliError> {
@@ -449,10 +495,34 @@ pub async fn listen(home: &Home, style: Style, stop: StopSignal) -> Result<(), C
     let mut stop = Some(stop);
     // Far enough to mean "until stopped".
     let forever = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+    // Until the first connection: say once if the relay cannot be reached.
+    let mut warned = false;
+    loop {
+        let outcome = d
+            .run_until(
+                Instant::now() + CONNECT_BUDGET,
+                &mut stop,
+                &mut printer,
+                |v| v.connected,
+            )
+            .await?;
+        match outcome {
+            Outcome::Done => break,
+            Outcome::Stopped => return Ok(()),
+            Outcome::Deadline => {
+                if !warned {
+                    warned = true;
+                    err_line(&format!("warning: {}; retrying", d.unreachable_error()));
+                }
+            }
+        }
+    }
     loop {
         // Connected (or trying): run until the connection drops.
         let outcome = d
-            .run_until(forever, &mut stop, &mut printer, |v| !v.connected && v.ever_connected)
+            .run_until(forever, &mut stop, &mut printer, |v| {
+                !v.connected && v.ever_connected
+            })
             .await?;
         if outcome != Outcome::Done {
             break;
@@ -480,11 +550,12 @@ pub async fn read(home: &Home, name: String) -> Result<(), CliError> {
     let mut d = open(home)?;
     let conversation = contact(&d, &name)?;
     let me = d.engine().device_id();
-    let unread: Vec<(MessageId, hush_protocol::DeviceId)> = whole_history(d.storage(), &conversation)?
-        .into_iter()
-        .filter(|e| !e.read && !e.record.outgoing && e.record.from_device != me)
-        .map(|e| (e.record.id, e.record.from_device))
-        .collect();
+    let unread: Vec<(MessageId, hush_protocol::DeviceId)> =
+        whole_history(d.storage(), &conversation)?
+            .into_iter()
+            .filter(|e| !e.read && !e.record.outgoing && e.record.from_device != me)
+            .map(|e| (e.record.id, e.record.from_device))
+            .collect();
     let mut sink = Printer::new(Style::Human, false);
     requeue_failed(&mut d, &mut sink).await?;
     let n = unread.len();
@@ -614,16 +685,25 @@ pub fn status(home: &Home, style: Style) -> Result<(), CliError> {
                 e.contact_code().name,
                 &e.device_id().to_hex()[..12],
                 d.target().addr,
-                if backlog.unregistered { " (not registered yet)" } else { "" }
+                if backlog.unregistered {
+                    " (not registered yet)"
+                } else {
+                    ""
+                }
             ));
-            out_line(&format!("devices of this account: {}", e.devices_of(&me).len()));
+            out_line(&format!(
+                "devices of this account: {}",
+                e.devices_of(&me).len()
+            ));
             out_line(&format!("contacts: {}", contacts.len()));
             for (n, devs, unread) in &contacts {
                 out_line(&format!("  {n}: {devs} device(s), {unread} unread"));
             }
             let waiting: Vec<_> = outbox
                 .iter()
-                .filter(|(_, s, _, _)| matches!(s, Some(MessageState::Sending | MessageState::Failed)))
+                .filter(|(_, s, _, _)| {
+                    matches!(s, Some(MessageState::Sending | MessageState::Failed))
+                })
                 .collect();
             out_line(&format!(
                 "outbox: {} message(s), {} not yet stored by the relay",

@@ -40,7 +40,8 @@ use tokio::time::Instant;
 pub const CONNECT_ATTEMPT: Duration = Duration::from_secs(3);
 /// Most inputs handled before their batches are committed together.
 const MAX_BATCH_INPUTS: usize = 64;
-/// Rebuilds from storage in one run before giving up.
+/// Consecutive rebuilds from storage (no successful commit in between)
+/// before giving up.
 const MAX_REBUILDS: u32 = 5;
 
 /// Milliseconds since the Unix epoch (the engine's clock).
@@ -150,6 +151,8 @@ pub struct DriverStats {
     pub write: Duration,
     /// Time handing events to the sink.
     pub sink: Duration,
+    /// Times the engine was rebuilt from storage after a failure.
+    pub rebuilds: u64,
 }
 
 /// The engine, its store and its relay connection.
@@ -178,22 +181,10 @@ impl<S: Storage> std::fmt::Debug for Driver<S> {
     }
 }
 
-/// What performing a batch of steps left to do.
-struct Performed {
-    reply: Option<Reply>,
-    /// The frames could not be written: the connection is gone.
-    lost: Option<String>,
-}
-
 impl<S: Storage> Driver<S> {
     /// Wrap an engine loaded from `storage` (or just created: then hand its
     /// first step to [`Driver::start`]).
-    pub fn new(
-        engine: Engine,
-        storage: S,
-        cfg: EngineConfig,
-        target: RelayTarget,
-    ) -> Driver<S> {
+    pub fn new(engine: Engine, storage: S, cfg: EngineConfig, target: RelayTarget) -> Driver<S> {
         let connect_at = engine.connect_at();
         Driver {
             engine,
@@ -316,12 +307,17 @@ impl<S: Storage> Driver<S> {
             }
         }
         let replies: Vec<Option<Reply>> = steps.iter_mut().map(|s| s.reply.take()).collect();
-        self.perform(steps, sink).await?;
-        Ok(replies)
+        match self.perform(steps, sink).await? {
+            None => Ok(replies),
+            // Nothing of the commands was stored: report it, do not pretend.
+            Some(failure) => Err(CliError::Storage(hush_client::StorageError::Backend(
+                failure,
+            ))),
+        }
     }
 
-    /// Handle inputs, then perform their steps. Returns the last reply.
-    async fn feed(&mut self, inputs: Vec<Input>, sink: &mut dyn Sink<S>) -> Result<Option<Reply>, CliError> {
+    /// Handle inputs, then perform their steps.
+    async fn feed(&mut self, inputs: Vec<Input>, sink: &mut dyn Sink<S>) -> Result<(), CliError> {
         let now = now_ms();
         let mut steps = Vec::with_capacity(inputs.len());
         let started = std::time::Instant::now();
@@ -339,16 +335,22 @@ impl<S: Storage> Driver<S> {
                 Err(e) => {
                     // The engine may be ahead of storage: start over from it.
                     self.rebuild(&e.to_string()).await?;
-                    return Ok(None);
+                    return Ok(());
                 }
             }
         }
         self.stats.handle += started.elapsed();
-        self.perform(steps, sink).await
+        self.perform(steps, sink).await.map(|_| ())
     }
 
-    /// Storage, then frames, then events — for a batch of steps.
-    async fn perform(&mut self, steps: Vec<Step>, sink: &mut dyn Sink<S>) -> Result<Option<Reply>, CliError> {
+    /// Storage, then frames, then events — for a batch of steps. Returns
+    /// the storage failure if the batch could not be made durable (then
+    /// nothing else of it was performed and the engine was rebuilt).
+    async fn perform(
+        &mut self,
+        steps: Vec<Step>,
+        sink: &mut dyn Sink<S>,
+    ) -> Result<Option<String>, CliError> {
         let Some(last) = steps.last() else {
             return Ok(None);
         };
@@ -360,32 +362,31 @@ impl<S: Storage> Driver<S> {
         let applied = if steps.len() == 1 {
             self.storage.apply(&steps[0].storage)
         } else {
-            let ops: Vec<StorageOp> = steps.iter().flat_map(|s| s.storage.iter().cloned()).collect();
+            let ops: Vec<StorageOp> = steps
+                .iter()
+                .flat_map(|s| s.storage.iter().cloned())
+                .collect();
             self.storage.apply(&ops)
         };
         self.stats.apply += started.elapsed();
         self.stats.commits += 1;
         if let Err(e) = applied {
-            self.rebuild(&e.to_string()).await?;
-            return Ok(None);
+            let failure = e.to_string();
+            self.rebuild(&failure).await?;
+            return Ok(Some(failure));
         }
-        let mut performed = Performed {
-            reply: None,
-            lost: None,
-        };
+        self.rebuilds = 0;
         // 2. Frames.
         let mut frames = Vec::new();
         let mut events = Vec::new();
         for step in steps {
             frames.extend(step.frames);
             events.extend(step.events);
-            if step.reply.is_some() {
-                performed.reply = step.reply;
-            }
         }
         let started = std::time::Instant::now();
+        let mut lost = None;
         if !close {
-            performed.lost = self.write_frames(&frames).await;
+            lost = self.write_frames(&frames).await;
         } else if let Some(conn) = self.conn.take() {
             // The engine already considers itself disconnected.
             self.outstanding.clear();
@@ -402,10 +403,10 @@ impl<S: Storage> Driver<S> {
             })?;
             self.stats.sink += started.elapsed();
         }
-        if let Some(reason) = performed.lost {
+        if let Some(reason) = lost {
             self.lost(reason, sink).await?;
         }
-        Ok(performed.reply)
+        Ok(None)
     }
 
     /// Encode and write frames; returns why the connection is lost if it is.
@@ -413,9 +414,7 @@ impl<S: Storage> Driver<S> {
         if frames.is_empty() {
             return None;
         }
-        let Some(conn) = self.conn.as_mut() else {
-            return None;
-        };
+        let conn = self.conn.as_mut()?;
         let mut bytes = Vec::new();
         for f in frames {
             match encode_client_frame(f) {
@@ -444,14 +443,17 @@ impl<S: Storage> Driver<S> {
     /// Drop the engine and the connection; rebuild from storage.
     async fn rebuild(&mut self, why: &str) -> Result<(), CliError> {
         self.rebuilds += 1;
+        self.stats.rebuilds += 1;
         self.outstanding.clear();
         if let Some(conn) = self.conn.take() {
             conn.close().await;
         }
         if self.rebuilds > MAX_REBUILDS {
-            return Err(CliError::Storage(hush_client::StorageError::Backend(format!(
-                "stopped after {MAX_REBUILDS} restarts from the local store; last failure: {why}"
-            ))));
+            return Err(CliError::Storage(hush_client::StorageError::Backend(
+                format!(
+                    "stopped after {MAX_REBUILDS} restarts from the local store; last failure: {why}"
+                ),
+            )));
         }
         let records = self.storage.load_state()?;
         self.engine = Engine::load(records, os_seed()?, self.cfg.clone())?;
@@ -463,7 +465,11 @@ impl<S: Storage> Driver<S> {
     /// Try once to connect (within `bound`). A certificate problem is fatal;
     /// any other failure is remembered and the engine told, so it schedules
     /// the next attempt with backoff.
-    pub async fn connect_once(&mut self, bound: Duration, sink: &mut dyn Sink<S>) -> Result<bool, CliError> {
+    pub async fn connect_once(
+        &mut self,
+        bound: Duration,
+        sink: &mut dyn Sink<S>,
+    ) -> Result<bool, CliError> {
         match transport::connect(&self.target, bound).await {
             Ok(conn) => {
                 self.conn = Some(conn);
@@ -564,7 +570,7 @@ impl<S: Storage> Driver<S> {
             match item {
                 Incoming::Frame(frame) => {
                     self.answered(&frame);
-                    inputs.push(Input::Frame(frame));
+                    inputs.push(Input::Frame(*frame));
                 }
                 Incoming::Closed(reason) => {
                     closed = Some(reason);

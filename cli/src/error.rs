@@ -50,7 +50,9 @@ pub enum CliError {
         expected: String,
     },
     /// The relay's certificate did not verify against the system trust roots.
-    #[error("the relay at {addr} presented a certificate that does not verify ({reason}); pass --cert-hash for a relay with a self-signed certificate")]
+    #[error(
+        "the relay at {addr} presented a certificate that does not verify ({reason}); pass --cert-hash for a relay with a self-signed certificate"
+    )]
     CertUntrusted {
         /// `HOST:PORT`.
         addr: String,

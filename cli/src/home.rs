@@ -199,6 +199,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::resolve(Some(dir.path().to_path_buf())).unwrap();
         assert!(!home.is_initialised().unwrap());
-        assert!(matches!(home.open_existing(), Err(CliError::NotInitialised(_))));
+        assert!(matches!(
+            home.open_existing(),
+            Err(CliError::NotInitialised(_))
+        ));
     }
 }

@@ -127,7 +127,9 @@ enum ContactCmd {
 }
 
 fn seconds(text: &str) -> Result<Duration, String> {
-    let v: f64 = text.parse().map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    let v: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
     if !v.is_finite() || !(0.0..=86_400.0).contains(&v) {
         return Err("must be between 0 and 86400 seconds".into());
     }

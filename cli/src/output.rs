@@ -172,7 +172,11 @@ pub fn message_text(names: &Names, e: &HistoryEntry) -> String {
     let r = &e.record;
     let when = format_utc(r.sent_at_ms);
     if r.outgoing {
-        format!("[{when}] me → {}: {}", names.conversation(&r.conversation), r.text)
+        format!(
+            "[{when}] me → {}: {}",
+            names.conversation(&r.conversation),
+            r.text
+        )
     } else {
         format!("[{when}] {}: {}", names.user(&r.from_user), r.text)
     }
@@ -300,14 +304,19 @@ impl Printer {
                 id,
                 conversation,
                 state,
-            } => json!({"type": "state", "id": id.to_hex(), "conversation": conv(conversation), "state": state_name(*state)}),
+            } => {
+                json!({"type": "state", "id": id.to_hex(), "conversation": conv(conversation), "state": state_name(*state)})
+            }
             Event::MessageRemoved {
                 id,
                 conversation,
                 reason,
             } => json!({"type": "removed", "id": id.to_hex(), "conversation": conv(conversation),
                         "reason": match reason { Removal::Recalled => "recalled", Removal::Deleted => "deleted" }}),
-            Event::ReadSynced { conversation, ids: list } => {
+            Event::ReadSynced {
+                conversation,
+                ids: list,
+            } => {
                 json!({"type": "read", "conversation": conv(conversation), "ids": ids(list)})
             }
             Event::SyncProgress { done, total } => {
@@ -329,8 +338,10 @@ impl Printer {
                 conversation,
                 from_device,
                 count,
-            } => json!({"type": "gap", "status": "unrecoverable", "conversation": conv(conversation),
-                        "from_device": dev(from_device), "count": count}),
+            } => {
+                json!({"type": "gap", "status": "unrecoverable", "conversation": conv(conversation),
+                        "from_device": dev(from_device), "count": count})
+            }
             Event::KeyRotation { device, epoch } => {
                 json!({"type": "key_rotation", "device": dev(device), "epoch": epoch})
             }
@@ -341,9 +352,13 @@ impl Printer {
                 conversation,
             } => json!({"type": "contact_added", "name": name, "user": user.to_hex(),
                         "conversation_id": conversation.to_hex()}),
-            Event::DevicesChanged { user, devices } => json!({"type": "devices", "user": names.user(user),
-                        "devices": devices.iter().map(|d| d.to_hex()).collect::<Vec<_>>()}),
-            Event::DeviceLinked { device } => json!({"type": "device_linked", "device": dev(device)}),
+            Event::DevicesChanged { user, devices } => {
+                json!({"type": "devices", "user": names.user(user),
+                        "devices": devices.iter().map(|d| d.to_hex()).collect::<Vec<_>>()})
+            }
+            Event::DeviceLinked { device } => {
+                json!({"type": "device_linked", "device": dev(device)})
+            }
             Event::Linked => json!({"type": "linked"}),
             Event::Warning(w) => json!({"type": "warning", "message": w}),
         })
@@ -390,9 +405,10 @@ impl Printer {
                 names.conversation(conversation)
             )),
             Event::ContactAdded { name, .. } => err_line(&format!("contact {name} added")),
-            Event::DeviceLinked { device } => {
-                err_line(&format!("new device {} linked to this account", device.to_hex()))
-            }
+            Event::DeviceLinked { device } => err_line(&format!(
+                "new device {} linked to this account",
+                device.to_hex()
+            )),
             Event::Linked => err_line("this device is now linked; contacts received"),
             Event::MessageRemoved {
                 conversation,

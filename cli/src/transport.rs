@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 
 /// A quiet connection is given up after this long (keep-alives every third
 /// of it keep a healthy idle `listen` connection open).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A write that makes no progress for this long means the connection is dead.
 const WRITE_BOUND: Duration = Duration::from_secs(10);
 /// Frames buffered between the reader task and the engine.
@@ -207,8 +207,8 @@ fn client_config(
 /// What the reader task hands the driver.
 #[derive(Debug)]
 pub enum Incoming {
-    /// A decoded frame from the relay.
-    Frame(ServerFrame),
+    /// A decoded frame from the relay (boxed: frames are large, closes small).
+    Frame(Box<ServerFrame>),
     /// The stream ended or failed (the reason, for diagnostics).
     Closed(String),
 }
@@ -234,7 +234,9 @@ async fn resolve(addr: &str) -> Result<SocketAddr, String> {
     let mut addrs = tokio::net::lookup_host(addr)
         .await
         .map_err(|e| format!("cannot resolve: {e}"))?;
-    addrs.next().ok_or_else(|| "name resolves to no address".to_string())
+    addrs
+        .next()
+        .ok_or_else(|| "name resolves to no address".to_string())
 }
 
 /// Open a connection and its stream within `bound`.
@@ -271,10 +273,12 @@ pub async fn connect(target: &RelayTarget, bound: Duration) -> Result<Conn, CliE
                         presented: hex::encode(got),
                         expected: hex::encode(expected),
                     },
-                    (None, CertCheck::SystemRoots) if is_cert_error(&e) => CliError::CertUntrusted {
-                        addr: target.addr.clone(),
-                        reason: e.to_string(),
-                    },
+                    (None, CertCheck::SystemRoots) if is_cert_error(&e) => {
+                        CliError::CertUntrusted {
+                            addr: target.addr.clone(),
+                            reason: e.to_string(),
+                        }
+                    }
                     _ => unreachable(e.to_string()),
                 });
             }
@@ -304,7 +308,9 @@ pub async fn connect(target: &RelayTarget, bound: Duration) -> Result<Conn, CliE
 
 fn is_cert_error(e: &quinn::ConnectionError) -> bool {
     let text = e.to_string().to_ascii_lowercase();
-    text.contains("certificate") || text.contains("unknownissuer") || text.contains("unknown issuer")
+    text.contains("certificate")
+        || text.contains("unknownissuer")
+        || text.contains("unknown issuer")
 }
 
 /// Read and decode frames until the stream ends; report why it ended.
@@ -318,14 +324,16 @@ async fn read_frames(mut recv: quinn::RecvStream, tx: mpsc::Sender<Incoming>) {
                 loop {
                     match buffer.next_server_frame() {
                         Ok(Some(frame)) => {
-                            if tx.send(Incoming::Frame(frame)).await.is_err() {
+                            if tx.send(Incoming::Frame(Box::new(frame))).await.is_err() {
                                 return;
                             }
                         }
                         Ok(None) => break,
                         Err(e) => {
                             let _ = tx
-                                .send(Incoming::Closed(format!("undecodable frame from the relay: {e}")))
+                                .send(Incoming::Closed(format!(
+                                    "undecodable frame from the relay: {e}"
+                                )))
                                 .await;
                             return;
                         }

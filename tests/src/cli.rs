@@ -180,8 +180,16 @@ impl Hush {
     pub async fn init(&self, relay: &RelayProcess, name: &str) -> Result<CliOutput> {
         let addr = relay.quic_addr().to_string();
         let hash = hex::encode(relay.cert_sha256());
-        self.run_ok(&["init", "--relay", &addr, "--cert-hash", &hash, "--name", name])
-            .await
+        self.run_ok(&[
+            "init",
+            "--relay",
+            &addr,
+            "--cert-hash",
+            &hash,
+            "--name",
+            name,
+        ])
+        .await
     }
 
     /// `init --link CODE`: another device of an existing user.
@@ -189,7 +197,15 @@ impl Hush {
         let addr = relay.quic_addr().to_string();
         let hash = hex::encode(relay.cert_sha256());
         self.run_ok(&[
-            "init", "--relay", &addr, "--cert-hash", &hash, "--link", code, "--wait", "0",
+            "init",
+            "--relay",
+            &addr,
+            "--cert-hash",
+            &hash,
+            "--link",
+            code,
+            "--wait",
+            "0",
         ])
         .await
     }
@@ -212,7 +228,9 @@ impl Hush {
 
     /// `contact add NAME CODE`.
     pub async fn add_contact(&self, name: &str, code: &str) -> Result<()> {
-        self.run_ok(&["contact", "add", name, code]).await.map(|_| ())
+        self.run_ok(&["contact", "add", name, code])
+            .await
+            .map(|_| ())
     }
 
     /// `sync --json` to completion; the message objects it printed.

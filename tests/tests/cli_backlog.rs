@@ -15,16 +15,29 @@ async fn offline_recipient_receives_backlog_in_order_exactly_once() {
     let (alice, bob) = pair(&relay, dir.path()).await.unwrap();
 
     // bob is not running while alice sends.
-    let sent: Vec<String> = (0..MESSAGES).map(|i| format!("backlog message {i:02}")).collect();
+    let sent: Vec<String> = (0..MESSAGES)
+        .map(|i| format!("backlog message {i:02}"))
+        .collect();
     for text in &sent {
         let out = alice.run_ok(&["send", "bob", text]).await.unwrap();
-        assert!(out.stdout.starts_with("stored "), "send output: {}", out.stdout);
+        assert!(
+            out.stdout.starts_with("stored "),
+            "send output: {}",
+            out.stdout
+        );
     }
 
     let got = bob.sync_messages().await.unwrap();
     assert_eq!(texts(&got), sent, "every message once, in the order sent");
-    let seqs: Vec<u64> = got.iter().map(|m| m["sender_seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, (1..=MESSAGES as u64).collect::<Vec<_>>(), "sender seqs 1..=N in order");
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|m| m["sender_seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=MESSAGES as u64).collect::<Vec<_>>(),
+        "sender seqs 1..=N in order"
+    );
     for m in &got {
         assert_eq!(m["from"], "alice");
         assert_eq!(m["conversation"], "alice");

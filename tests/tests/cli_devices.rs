@@ -16,12 +16,29 @@ async fn linked_devices_receive_fan_out_and_sync_read_state() {
     let code = bob.link_code().await.unwrap();
     bob2.init_linked(&relay, &code).await.unwrap();
     let out = bob.run_ok(&["sync", "--json"]).await.unwrap();
-    assert_eq!(of_type(&out.json_lines(), "device_linked").len(), 1, "bob: {}", out.stdout);
+    assert_eq!(
+        of_type(&out.json_lines(), "device_linked").len(),
+        1,
+        "bob: {}",
+        out.stdout
+    );
     let out = bob2.run_ok(&["sync", "--json"]).await.unwrap();
-    assert_eq!(of_type(&out.json_lines(), "linked").len(), 1, "bob2: {}", out.stdout);
-    let contacts = bob2.run_ok(&["contact", "list", "--json"]).await.unwrap().json_lines();
+    assert_eq!(
+        of_type(&out.json_lines(), "linked").len(),
+        1,
+        "bob2: {}",
+        out.stdout
+    );
+    let contacts = bob2
+        .run_ok(&["contact", "list", "--json"])
+        .await
+        .unwrap()
+        .json_lines();
     assert_eq!(contacts.len(), 1);
-    assert_eq!(contacts[0]["name"], "alice", "the contact came with the welcome");
+    assert_eq!(
+        contacts[0]["name"], "alice",
+        "the contact came with the welcome"
+    );
 
     // alice links a second device too.
     let alice2 = Hush::new(dir.path(), "alice2").unwrap();
@@ -33,8 +50,16 @@ async fn linked_devices_receive_fan_out_and_sync_read_state() {
     assert_eq!(status["devices"].as_array().unwrap().len(), 2);
 
     // One message reaches both of bob's devices and alice's other device.
-    let sent = alice.run_ok(&["send", "bob", "hello, all of you"]).await.unwrap();
-    let id = sent.stdout.trim().strip_prefix("stored ").unwrap().to_string();
+    let sent = alice
+        .run_ok(&["send", "bob", "hello, all of you"])
+        .await
+        .unwrap();
+    let id = sent
+        .stdout
+        .trim()
+        .strip_prefix("stored ")
+        .unwrap()
+        .to_string();
     let on_bob = bob.sync_messages().await.unwrap();
     let on_bob2 = bob2.sync_messages().await.unwrap();
     let on_alice2 = alice2.sync_messages().await.unwrap();
@@ -52,7 +77,11 @@ async fn linked_devices_receive_fan_out_and_sync_read_state() {
 
     // bob reads on device 1; device 2 learns it.
     let out = bob.run_ok(&["read", "alice"]).await.unwrap();
-    assert!(out.stdout.contains("marked 1 message"), "read: {}", out.stdout);
+    assert!(
+        out.stdout.contains("marked 1 message"),
+        "read: {}",
+        out.stdout
+    );
     let before = bob2.history("alice", 10).await.unwrap();
     assert_eq!(before[0]["read"], false);
     let out = bob2.run_ok(&["sync", "--json"]).await.unwrap();

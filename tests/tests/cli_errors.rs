@@ -11,7 +11,11 @@ async fn unknown_contact_is_refused_by_name() {
     let (alice, _bob) = pair(&relay, dir.path()).await.unwrap();
     let out = alice.run(&["send", "carol", "hello?"]).await.unwrap();
     assert_eq!(out.code(), Some(1), "stderr: {}", out.stderr);
-    assert!(out.stderr.contains("unknown contact \"carol\""), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr.contains("unknown contact \"carol\""),
+        "stderr: {}",
+        out.stderr
+    );
     // Nothing was queued.
     let status = alice.status().await.unwrap();
     assert_eq!(status["outbox"].as_array().unwrap().len(), 0);
@@ -42,7 +46,10 @@ async fn unreachable_relay_is_reported_and_the_message_stays_in_the_outbox() {
     let mut relay = RelayProcess::spawn_temp(&[]).await.unwrap();
     let (alice, bob) = pair(&relay, dir.path()).await.unwrap();
     relay.kill9().unwrap();
-    let out = alice.run(&["send", "bob", "kept for later", "--wait", "2"]).await.unwrap();
+    let out = alice
+        .run(&["send", "bob", "kept for later", "--wait", "2"])
+        .await
+        .unwrap();
     assert_eq!(out.code(), Some(3), "stderr: {}", out.stderr);
     let quic = relay.quic_addr().to_string();
     assert!(
@@ -50,7 +57,11 @@ async fn unreachable_relay_is_reported_and_the_message_stays_in_the_outbox() {
         "stderr: {}",
         out.stderr
     );
-    assert!(out.stderr.contains("stays in the outbox"), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr.contains("stays in the outbox"),
+        "stderr: {}",
+        out.stderr
+    );
     let status = alice.status().await.unwrap();
     let outbox = status["outbox"].as_array().unwrap();
     assert_eq!(outbox.len(), 1);
@@ -59,10 +70,17 @@ async fn unreachable_relay_is_reported_and_the_message_stays_in_the_outbox() {
 
     // It goes out with the next command that connects.
     relay.restart().await.unwrap();
-    assert_eq!(relay.quic_addr().to_string(), quic, "relay came back on its port");
+    assert_eq!(
+        relay.quic_addr().to_string(),
+        quic,
+        "relay came back on its port"
+    );
     alice.run_ok(&["sync"]).await.unwrap();
     let got = bob.sync_messages().await.unwrap();
-    assert_eq!(hush_tests::cli::texts(&got), vec!["kept for later".to_string()]);
+    assert_eq!(
+        hush_tests::cli::texts(&got),
+        vec!["kept for later".to_string()]
+    );
     drop(silent);
 }
 
@@ -91,7 +109,11 @@ async fn wrong_certificate_hash_is_a_mismatch_naming_both_hashes() {
         .await
         .unwrap();
     assert_eq!(out.code(), Some(1));
-    assert!(out.stderr.contains("invalid certificate hash"), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr.contains("invalid certificate hash"),
+        "stderr: {}",
+        out.stderr
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +124,11 @@ async fn initialisation_state_errors() {
 
     let out = erin.run(&["code"]).await.unwrap();
     assert_eq!(out.code(), Some(6));
-    assert!(out.stderr.contains("not initialised"), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr.contains("not initialised"),
+        "stderr: {}",
+        out.stderr
+    );
 
     erin.init(&relay, "erin").await.unwrap();
     let out = erin
@@ -116,9 +142,20 @@ async fn initialisation_state_errors() {
         .await
         .unwrap();
     assert_eq!(out.code(), Some(6));
-    assert!(out.stderr.contains("already initialised"), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr.contains("already initialised"),
+        "stderr: {}",
+        out.stderr
+    );
 
-    let out = erin.run(&["contact", "add", "x", "hush-contact:garbage"]).await.unwrap();
+    let out = erin
+        .run(&["contact", "add", "x", "hush-contact:garbage"])
+        .await
+        .unwrap();
     assert_eq!(out.code(), Some(1));
-    assert!(out.stderr.contains("invalid contact code"), "stderr: {}", out.stderr);
+    assert!(
+        out.stderr.contains("invalid contact code"),
+        "stderr: {}",
+        out.stderr
+    );
 }

@@ -55,11 +55,22 @@ async fn relay_killed_during_a_send_burst_loses_and_duplicates_nothing() {
 
     let ok: Vec<usize> = (0..BURST).filter(|&i| results[i].ok()).collect();
     let failed: Vec<usize> = (0..BURST).filter(|&i| !results[i].ok()).collect();
-    assert!(ok.len() >= KILL_AFTER - 1, "sends before the kill succeed: {ok:?}");
-    assert!(failed.len() >= BURST - KILL_AFTER - 1, "sends after the kill fail: {failed:?}");
+    assert!(
+        ok.len() >= KILL_AFTER - 1,
+        "sends before the kill succeed: {ok:?}"
+    );
+    assert!(
+        failed.len() >= BURST - KILL_AFTER - 1,
+        "sends after the kill fail: {failed:?}"
+    );
     for &i in &failed {
         let r = &results[i];
-        assert!(matches!(r.code(), Some(3 | 5)), "send {i} exit {:?}: {}", r.code(), r.stderr);
+        assert!(
+            matches!(r.code(), Some(3 | 5)),
+            "send {i} exit {:?}: {}",
+            r.code(),
+            r.stderr
+        );
         assert!(r.stderr.contains("outbox"), "send {i}: {}", r.stderr);
     }
     // Every failed send is waiting in the outbox.
@@ -72,7 +83,11 @@ async fn relay_killed_during_a_send_burst_loses_and_duplicates_nothing() {
         .map(|o| o["text"].as_str().unwrap().to_string())
         .collect();
     for &i in &failed {
-        assert!(waiting.contains(&text(i)), "{} not in outbox {waiting:?}", text(i));
+        assert!(
+            waiting.contains(&text(i)),
+            "{} not in outbox {waiting:?}",
+            text(i)
+        );
     }
 
     // Back on the same port; the next sends flush the outbox first.
@@ -87,7 +102,10 @@ async fn relay_killed_during_a_send_burst_loses_and_duplicates_nothing() {
     let got = bob.sync_messages().await.unwrap();
     let all: Vec<String> = (0..BURST + AFTER).map(text).collect();
     assert_eq!(texts(&got), all, "each message once, in send order");
-    let seqs: Vec<u64> = got.iter().map(|m| m["sender_seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|m| m["sender_seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, (1..=(BURST + AFTER) as u64).collect::<Vec<_>>());
     assert!(bob.sync_messages().await.unwrap().is_empty());
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_messages_are_recovered_from_the_sender() {
-    let relay = RelayProcess::spawn_temp(&["--retention", "2s"]).await.unwrap();
+    let relay = RelayProcess::spawn_temp(&["--retention", "2s"])
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (alice, bob) = pair(&relay, dir.path()).await.unwrap();
 
@@ -20,11 +22,15 @@ async fn expired_messages_are_recovered_from_the_sender() {
     // bob is offline past the retention: these two expire on the relay.
     alice.run_ok(&["send", "bob", "three"]).await.unwrap();
     alice.run_ok(&["send", "bob", "four"]).await.unwrap();
-    wait_until(Duration::from_secs(30), "the relay to expire everything", || {
-        let depth = metric(&relay, "hush_inbox_depth").ok().flatten();
-        let expired = metric(&relay, "hush_expired_total").ok().flatten();
-        depth == Some(0.0) && expired.is_some_and(|e| e >= 2.0)
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the relay to expire everything",
+        || {
+            let depth = metric(&relay, "hush_inbox_depth").ok().flatten();
+            let expired = metric(&relay, "hush_expired_total").ok().flatten();
+            depth == Some(0.0) && expired.is_some_and(|e| e >= 2.0)
+        },
+    )
     .await
     .unwrap();
     alice.run_ok(&["send", "bob", "five"]).await.unwrap();
@@ -33,28 +39,49 @@ async fn expired_messages_are_recovered_from_the_sender() {
     let mut listen = alice.spawn(&["listen", "--json"]).unwrap();
     listen
         .wait_for(Duration::from_secs(30), "alice's listen to be live", |v| {
-            of_type(v, "connection").iter().any(|c| c["state"] == "live")
+            of_type(v, "connection")
+                .iter()
+                .any(|c| c["state"] == "live")
         })
         .await
         .unwrap();
 
-    let out = bob.run_ok(&["sync", "--json", "--wait", "30"]).await.unwrap();
+    let out = bob
+        .run_ok(&["sync", "--json", "--wait", "30"])
+        .await
+        .unwrap();
     let lines = out.json_lines();
-    assert_eq!(texts(&of_type(&lines, "message")), ["three", "four", "five"], "{}", out.stdout);
+    assert_eq!(
+        texts(&of_type(&lines, "message")),
+        ["three", "four", "five"],
+        "{}",
+        out.stdout
+    );
     let gaps = of_type(&lines, "gap");
     assert!(
-        gaps.iter().any(|g| g["status"] == "detected" && g["count"] == 2),
+        gaps.iter()
+            .any(|g| g["status"] == "detected" && g["count"] == 2),
         "gap detected: {gaps:?}"
     );
-    assert!(gaps.iter().any(|g| g["status"] == "recovered"), "gap recovered: {gaps:?}");
-    assert!(!gaps.iter().any(|g| g["status"] == "pending" || g["status"] == "unrecoverable"));
+    assert!(
+        gaps.iter().any(|g| g["status"] == "recovered"),
+        "gap recovered: {gaps:?}"
+    );
+    assert!(
+        !gaps
+            .iter()
+            .any(|g| g["status"] == "pending" || g["status"] == "unrecoverable")
+    );
 
     let (status, _) = listen.stop().await.unwrap();
     assert!(status.success());
 
     let history = bob.history("alice", 100).await.unwrap();
     assert_eq!(texts(&history), ["one", "two", "three", "four", "five"]);
-    let seqs: Vec<u64> = history.iter().map(|m| m["sender_seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = history
+        .iter()
+        .map(|m| m["sender_seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, [1, 2, 3, 4, 5]);
     let st = bob.status().await.unwrap();
     assert_eq!(st["gaps"].as_array().unwrap().len(), 0);

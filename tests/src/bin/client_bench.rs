@@ -4,12 +4,15 @@
 //!
 //! Measures:
 //!
-//! 1. **sender throughput** — messages per second that alice's device
-//!    seals (one envelope per recipient device), stores in its outbox and
-//!    has acknowledged ("stored") by the relay, with a bounded window of
-//!    unconfirmed messages;
-//! 2. **catch-up** — a freshly linked device of bob connects and drains the
-//!    whole backlog: pull, decrypt, order, store in history, acknowledge.
+//! 1. **sender throughput** — messages per second that a sender's device
+//!    seals (one envelope per device of bob, who has two), stores in its
+//!    outbox and has acknowledged ("stored") by the relay, with a bounded
+//!    window of unconfirmed messages. The backlog comes from `--senders`
+//!    users in turn (each sends `messages / senders`);
+//! 2. **catch-up** — bob's freshly linked second device, offline during the
+//!    burst, starts as a new process would (engine loaded from its store),
+//!    connects and drains the whole backlog: pull, decrypt, order, store in
+//!    history, acknowledge. A breakdown shows engine, storage and relay time.
 //!
 //! ```text
 //! cargo run --release -p hush-tests --bin client_bench -- [--messages N] [--size BYTES] [--window W] [--senders K] [--pause S]
@@ -17,9 +20,7 @@
 //!
 //! Timed here, never in tests.
 
-use hush_cli::driver::{
-    Batch, Discard, Driver, Outcome, Sink, cli_engine_config, now_ms, os_seed,
-};
+use hush_cli::driver::{Batch, Discard, Driver, Outcome, Sink, cli_engine_config, now_ms, os_seed};
 use hush_cli::{CertCheck, CliError, RelayTarget};
 use hush_client::{
     Command, ContactCode, Engine, Event, FileStorage, LinkCode, MessageState, Reply,
@@ -75,7 +76,12 @@ fn bench_err(e: impl std::fmt::Display) -> CliError {
 async fn settle(d: &mut Dev, bound: Duration) -> Result<(), CliError> {
     let mut stop = None;
     let outcome = d
-        .run_until(tokio::time::Instant::now() + bound, &mut stop, &mut Discard, |v| v.settled())
+        .run_until(
+            tokio::time::Instant::now() + bound,
+            &mut stop,
+            &mut Discard,
+            |v| v.settled(),
+        )
         .await?;
     if outcome == Outcome::Done {
         Ok(())
@@ -84,7 +90,11 @@ async fn settle(d: &mut Dev, bound: Duration) -> Result<(), CliError> {
     }
 }
 
-async fn new_user(dir: &std::path::Path, name: &str, target: &RelayTarget) -> Result<Dev, CliError> {
+async fn new_user(
+    dir: &std::path::Path,
+    name: &str,
+    target: &RelayTarget,
+) -> Result<Dev, CliError> {
     let cfg = cli_engine_config();
     let storage = FileStorage::open(dir.join(format!("{name}.redb")))?;
     let (engine, step) = Engine::create(now_ms(), os_seed()?, &target.addr, name, cfg.clone())?;
@@ -95,7 +105,8 @@ async fn new_user(dir: &std::path::Path, name: &str, target: &RelayTarget) -> Re
 }
 
 async fn add_contact(d: &mut Dev, code: ContactCode) -> Result<(), CliError> {
-    d.command(Command::AddContact { code }, &mut Discard).await?;
+    d.command(Command::AddContact { code }, &mut Discard)
+        .await?;
     settle(d, Duration::from_secs(20)).await
 }
 
@@ -104,7 +115,10 @@ struct Linked(Arc<AtomicBool>);
 
 impl Sink<FileStorage> for Linked {
     fn batch(&mut self, b: Batch<'_, FileStorage>) -> Result<(), CliError> {
-        if b.events.iter().any(|e| matches!(e, Event::DeviceLinked { .. })) {
+        if b.events
+            .iter()
+            .any(|e| matches!(e, Event::DeviceLinked { .. }))
+        {
             self.0.store(true, Ordering::Relaxed);
         }
         Ok(())
@@ -157,7 +171,8 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
     }
 
     // bob links a second device, which receives the contact list, then goes offline.
-    let Some(Reply::LinkCode(text)) = bob.command(Command::CreateLinkCode, &mut Discard).await? else {
+    let Some(Reply::LinkCode(text)) = bob.command(Command::CreateLinkCode, &mut Discard).await?
+    else {
         return Err(bench_err("no link code"));
     };
     let code = LinkCode::parse(&text)?;
@@ -200,7 +215,6 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
     let per_sender = args.messages / args.senders.max(1);
     let body: String = "x".repeat(args.size.saturating_sub(16));
     let mut total_secs = 0.0;
-    let mut first_rate = 0.0;
     let mut sender_ids = Vec::new();
     for (n, d) in senders.into_iter().enumerate() {
         // A fresh connection (as a new process would make) fetches bob's
@@ -214,11 +228,11 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
         send_all(&mut d, conversation, per_sender, n, &body, args.window).await?;
         let secs = started.elapsed().as_secs_f64();
         if n == 0 {
-            first_rate = per_sender as f64 / secs;
             let devices = d.engine().devices_of(&bob_code.user).len();
             println!(
-                "sender: {per_sender} messages × {} B to {devices} device(s) sealed + stored + relay-acked in {secs:.2} s = {first_rate:.0} messages/s ({:.0} envelopes/s)",
+                "sender: {per_sender} messages × {} B to {devices} device(s) sealed + stored + relay-acked in {secs:.2} s = {:.0} messages/s ({:.0} envelopes/s)",
                 args.size,
+                per_sender as f64 / secs,
                 (per_sender * devices) as f64 / secs
             );
         }
@@ -232,12 +246,15 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
         args.senders,
         total as f64 / total_secs
     );
-    let _ = first_rate;
 
     // 2. Catch-up by the linked device, started as a new process would:
     // load the engine from its store, connect, drain.
     if args.pause > 0 {
-        eprintln!("pid {}: pausing {} s before the catch-up", std::process::id(), args.pause);
+        eprintln!(
+            "pid {}: pausing {} s before the catch-up",
+            std::process::id(),
+            args.pause
+        );
         tokio::time::sleep(Duration::from_secs(args.pause as u64)).await;
     }
     let started = Instant::now();
@@ -285,7 +302,9 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
         catch_secs - st.handle.as_secs_f64() - st.apply.as_secs_f64() - st.write.as_secs_f64()
     );
     if stored != total {
-        return Err(bench_err(format!("history holds {stored} of {total} messages")));
+        return Err(bench_err(format!(
+            "history holds {stored} of {total} messages"
+        )));
     }
     bob2.shutdown().await;
     relay.shutdown().await.map_err(bench_err)?;
@@ -336,7 +355,9 @@ async fn send_all(
         .await?;
         while let Some(id) = ids.get(confirmed) {
             match d.engine().message_state(id) {
-                Some(MessageState::Stored | MessageState::Delivered | MessageState::Read) => confirmed += 1,
+                Some(MessageState::Stored | MessageState::Delivered | MessageState::Read) => {
+                    confirmed += 1
+                }
                 Some(MessageState::Failed) => return Err(bench_err("a message failed")),
                 _ => break,
             }

@@ -985,7 +985,10 @@ impl World {
                         .map(|(k, _)| *k)
                         .collect();
                     for k in older {
-                        self.send_to_client(k, ServerFrame::closing(ErrorCode::Replaced, "replaced"));
+                        self.send_to_client(
+                            k,
+                            ServerFrame::closing(ErrorCode::Replaced, "replaced"),
+                        );
                         let t = self.conns.get(&k).map_or(self.now, |x| x.to_client_at) + 1;
                         self.at(t, Ev::CloseConn(k));
                     }

@@ -1,0 +1,196 @@
+//! The `hush` native driver under storage failures, against an in-process
+//! relay over real QUIC on 127.0.0.1.
+//!
+//! The recipient's store refuses every third commit. The driver must then
+//! perform nothing of that step (no ack reaches the relay, no event is
+//! shown), rebuild the engine from storage and carry on; the relay
+//! redelivers, and every message ends up in the history exactly once, in
+//! order.
+
+use hush_cli::driver::{Discard, Driver, Outcome, cli_engine_config, now_ms, os_seed};
+use hush_cli::{CertCheck, CliError, RelayTarget};
+use hush_client::{
+    Command, ContactCode, Engine, MemoryStorage, MessageState, Reply, Storage, StorageError,
+    StorageOp,
+};
+use hush_relay::{Config, RelayHandle, SystemClock};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const MESSAGES: usize = 40;
+const BOUND: Duration = Duration::from_secs(30);
+
+/// A store that fails every `every`-th commit once armed.
+struct Flaky {
+    inner: MemoryStorage,
+    armed: bool,
+    every: u64,
+    applies: u64,
+    failures: u64,
+}
+
+impl Storage for Flaky {
+    fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        self.inner.scan_prefix(prefix)
+    }
+
+    fn scan_back(
+        &self,
+        prefix: &[u8],
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        self.inner.scan_back(prefix, before, limit)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get(key)
+    }
+
+    fn apply(&mut self, batch: &[StorageOp]) -> Result<(), StorageError> {
+        if self.armed && !batch.is_empty() {
+            self.applies += 1;
+            if self.applies.is_multiple_of(self.every) {
+                self.failures += 1;
+                return Err(StorageError::Backend("injected failure".into()));
+            }
+        }
+        self.inner.apply(batch)
+    }
+}
+
+async fn settle<S: Storage>(d: &mut Driver<S>) -> Result<Outcome, CliError> {
+    let mut stop = None;
+    d.run_until(Instant::now() + BOUND, &mut stop, &mut Discard, |v| {
+        v.settled()
+    })
+    .await
+}
+
+async fn device<S: Storage>(
+    storage: S,
+    name: &str,
+    target: &RelayTarget,
+) -> Result<Driver<S>, CliError> {
+    let cfg = cli_engine_config();
+    let (engine, step) = Engine::create(now_ms(), os_seed()?, &target.addr, name, cfg.clone())?;
+    let mut d = Driver::new(engine, storage, cfg, target.clone());
+    d.start(step, &mut Discard).await?;
+    if settle(&mut d).await? != Outcome::Done {
+        return Err(CliError::NotConfirmed(format!("{name} did not settle")));
+    }
+    Ok(d)
+}
+
+fn code_named<S: Storage>(d: &Driver<S>, name: &str) -> ContactCode {
+    let mut c = d.engine().contact_code();
+    c.name = name.into();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_commits_rebuild_the_engine_and_lose_or_repeat_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayHandle::start(
+        Config::default_for(dir.path().join("relay")),
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
+    let target = RelayTarget {
+        addr: relay.quic_addr().to_string(),
+        cert: CertCheck::Pinned(CertCheck::parse_hash(&relay.cert_sha256_hex()).unwrap()),
+    };
+    let mut alice = device(MemoryStorage::new(), "alice", &target)
+        .await
+        .unwrap();
+    let flaky = Flaky {
+        inner: MemoryStorage::new(),
+        armed: false,
+        every: 3,
+        applies: 0,
+        failures: 0,
+    };
+    let mut bob = device(flaky, "bob", &target).await.unwrap();
+    let bob_code = code_named(&bob, "bob");
+    alice
+        .command(
+            Command::AddContact {
+                code: bob_code.clone(),
+            },
+            &mut Discard,
+        )
+        .await
+        .unwrap();
+    assert_eq!(settle(&mut alice).await.unwrap(), Outcome::Done);
+    bob.command(
+        Command::AddContact {
+            code: code_named(&alice, "alice"),
+        },
+        &mut Discard,
+    )
+    .await
+    .unwrap();
+    assert_eq!(settle(&mut bob).await.unwrap(), Outcome::Done);
+
+    // alice sends while bob is idle.
+    let conversation = alice.engine().conversation_with(&bob_code.user);
+    let sends = (0..MESSAGES)
+        .map(|i| Command::SendText {
+            conversation,
+            text: format!("m{i:02}"),
+        })
+        .collect();
+    let ids: Vec<_> = alice
+        .commands(sends, &mut Discard)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| match r {
+            Some(Reply::Message(id)) => id,
+            other => panic!("unexpected reply {other:?}"),
+        })
+        .collect();
+    let mut stop = None;
+    alice
+        .run_until(Instant::now() + BOUND, &mut stop, &mut Discard, |v| {
+            ids.iter()
+                .all(|id| v.engine.message_state(id) == Some(MessageState::Stored))
+        })
+        .await
+        .unwrap();
+    assert!(
+        ids.iter()
+            .all(|id| alice.engine().message_state(id) == Some(MessageState::Stored))
+    );
+
+    // bob's store now fails every third commit.
+    bob.storage_mut().armed = true;
+    let from = alice.engine().device_id();
+    let conv = bob.engine().conversation_with(&alice.engine().user_key());
+    let mut stop = None;
+    let outcome = bob
+        .run_until(Instant::now() + BOUND, &mut stop, &mut Discard, |v| {
+            v.settled() && v.engine.delivered_through(&from, &conv) >= MESSAGES as u64
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Done, "bob did not receive everything");
+    assert!(
+        bob.storage().failures > 0,
+        "the failure injection never fired"
+    );
+    assert!(bob.stats().rebuilds >= bob.storage().failures);
+
+    let history = hush_client::history(&bob.storage().inner, &conv, None, 1000).unwrap();
+    let texts: Vec<&str> = history.iter().map(|e| e.record.text.as_str()).collect();
+    let want: Vec<String> = (0..MESSAGES).map(|i| format!("m{i:02}")).collect();
+    assert_eq!(texts, want.iter().map(String::as_str).collect::<Vec<_>>());
+    let seqs: Vec<u64> = history.iter().map(|e| e.record.sender_seq).collect();
+    assert_eq!(seqs, (1..=MESSAGES as u64).collect::<Vec<_>>());
+
+    bob.shutdown().await;
+    alice.shutdown().await;
+    relay.shutdown().await.unwrap();
+}
