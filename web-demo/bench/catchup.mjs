@@ -1,0 +1,228 @@
+// Browser catch-up benchmark: N × 1 KiB messages into a fresh browser device
+// (WASM decrypt + IndexedDB writes) in headless Chromium.
+//
+//   cargo build --release -p hush-relay --bin hush-relay
+//   cargo build --release -p hush-tests --bin bulk_send
+//   node web-demo/bench/catchup.mjs [N] [--senders=K] [--profile] [--demo]
+//
+// 1. A release relay (send rate unlimited, inbox quota above N) starts.
+// 2. Device B is created in a bare page (bench/catchup.html: the client
+//    only, no chat UI), adds the sender and closes.
+// 3. K native senders (tests/src/bin/bulk_send.rs, default 10) send N × 1 KiB
+//    texts in total to B (N / K each) and wait until the relay stored all.
+// 4. B's page is opened again; the clock runs from Client.open until B has
+//    stored all N (message events follow the IndexedDB commit).
+//    --demo uses the demo chat page (index.html, served by the relay)
+//    instead: B is created through its form, and the clock runs from page
+//    load until its sync progress reports all N done.
+//    --profile also samples the page's CPU (Chrome DevTools profiler) and
+//    prints where the main thread's time went.
+//
+// Timed here, never in tests.
+
+import { spawn } from "node:child_process";
+import { createServer } from "node:http";
+import { existsSync, readFile as readFileCb } from "node:fs";
+import { join, extname, normalize, sep, resolve, dirname } from "node:path";
+import { fileURLToPath } from "node:url";
+import { createInterface } from "node:readline";
+import { promisify } from "node:util";
+
+const readFile = promisify(readFileCb);
+
+const args = process.argv.slice(2);
+const COUNT = Number(args.find((a) => /^\d+$/.test(a)) ?? 100_000);
+const PROFILE = args.includes("--profile");
+const DEMO = args.includes("--demo");
+const SENDERS = Number(args.find((a) => a.startsWith("--senders="))?.slice(10) ?? 10);
+
+const DEMO_DIR = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+const REPO = resolve(DEMO_DIR, "..");
+const RELAY = process.env.HUSH_RELAY_BIN || join(REPO, "target", "release", "hush-relay");
+const SENDER = process.env.HUSH_BULK_SEND_BIN || join(REPO, "target", "release", "bulk_send");
+for (const bin of [RELAY, SENDER]) {
+  if (!existsSync(bin)) throw new Error(`missing ${bin}: build it first (see the top of this file)`);
+}
+// The harness reads HUSH_RELAY_BIN when it loads: set it first.
+process.env.HUSH_RELAY_BIN = RELAY;
+const h = await import("../tests/harness.mjs");
+
+const TYPES = { ".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".wasm": "application/wasm" };
+
+/** A static server over web-demo/ (bench/ and pkg/). */
+async function staticServer() {
+  const server = createServer(async (req, res) => {
+    const path = decodeURIComponent(new URL(req.url, "http://x").pathname);
+    const file = normalize(join(DEMO_DIR, path));
+    if (!file.startsWith(DEMO_DIR + sep) || file.includes(`${sep}node_modules${sep}`)) {
+      res.writeHead(404).end();
+      return;
+    }
+    try {
+      const body = await readFile(file);
+      res.writeHead(200, { "content-type": TYPES[extname(file)] ?? "application/octet-stream", "cache-control": "no-store" });
+      res.end(body);
+    } catch {
+      res.writeHead(404).end();
+    }
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  h.onCleanup(() => new Promise((r) => { server.close(r); server.closeAllConnections(); }));
+  return `127.0.0.1:${server.address().port}`;
+}
+
+/** The native sender, driven over stdio. */
+function startSender(relay, count) {
+  const proc = spawn(SENDER, ["--relay", relay.quic, "--cert-hash", relay.certHash, "--messages", String(count), "--senders", String(SENDERS)], {
+    stdio: ["pipe", "pipe", "inherit"],
+  });
+  h.onCleanup(() => { if (proc.exitCode === null) proc.kill("SIGKILL"); });
+  const lines = createInterface({ input: proc.stdout });
+  const waiting = [];
+  const queued = [];
+  lines.on("line", (l) => (waiting.length ? waiting.shift()(l) : queued.push(l)));
+  proc.once("exit", (code) => { for (const w of waiting.splice(0)) w(`exit ${code}`); });
+  const next = () => (queued.length ? Promise.resolve(queued.shift()) : new Promise((r) => waiting.push(r)));
+  return { proc, next };
+}
+
+/** Self time per function (ms) from a DevTools CPU profile, largest first. */
+function selfTimes(profile) {
+  const byId = new Map(profile.nodes.map((n) => [n.id, n]));
+  const ms = new Map();
+  for (let i = 0; i < profile.samples.length; i++) {
+    const node = byId.get(profile.samples[i]);
+    const f = node.callFrame;
+    const where = f.url ? ` ${f.url.split("/").pop()}:${f.lineNumber + 1}` : "";
+    const wasm = f.url.includes("wasm") && !f.url.endsWith(".js");
+    const name = `${f.functionName || "(anonymous)"}${wasm ? " [wasm]" : f.functionName.startsWith("(") ? "" : where}`;
+    ms.set(name, (ms.get(name) ?? 0) + (profile.timeDeltas[i] ?? 0) / 1000);
+  }
+  return [...ms.entries()].sort((a, b) => b[1] - a[1]);
+}
+
+function classify(name) {
+  if (name === "(idle)") return "idle (waiting: IndexedDB, network)";
+  if (name === "(garbage collector)") return "garbage collector";
+  if (name === "(program)") return "browser internals (program)";
+  if (name.endsWith("[wasm]") || name.startsWith("wasm-function")) {
+    if (/chacha|poly1305|sha2|sha256|hmac|hkdf|x25519|curve25519|ed25519|aead|compress|ChaCha|Poly|Sha|Hmac|scalar|field|Field|Edwards|Montgomery/i.test(name)) return "wasm: crypto";
+    return "wasm: engine/other";
+  }
+  return "JavaScript (glue, IndexedDB calls, events)";
+}
+
+/** The same run through the demo chat page. */
+async function demoRun(relay, browser) {
+  const demo = await h.demoUrl(relay);
+  const context = await browser.newContext({ viewport: { width: 1180, height: 760 } });
+  let page = await h.openPage(browser, demo.url("bob"), { context });
+  const bCode = await h.createUser(page, "Bob");
+  const sender = startSender(relay, COUNT);
+  for (let i = 0; i < SENDERS; i++) {
+    const codeLine = await sender.next();
+    if (!codeLine.startsWith("code ")) throw new Error(`sender: ${codeLine}`);
+    await h.addContact(page, `Sender ${i}`, codeLine.slice(5));
+  }
+  await page.close({ runBeforeUnload: true });
+  sender.proc.stdin.write(`${bCode}\n`);
+  const stored = await sender.next();
+  console.log(`sender: ${stored}`);
+  const t0 = Date.now();
+  page = await h.openPage(browser, demo.url("bob"), { context });
+  await page.waitForFunction(
+    (n) => {
+      const p = window.hushDemo?.log.progress.at(-1);
+      return p && p.total >= n && p.done >= p.total;
+    },
+    COUNT,
+    { timeout: 900_000, polling: 50 },
+  );
+  const secs = (Date.now() - t0) / 1000;
+  const shown = await page.locator("[data-testid=message][data-direction=in]").count();
+  console.log(
+    `demo page catch-up: ${COUNT} messages × 1 KiB synced (progress done) in ${secs.toFixed(2)} s from page load = ${Math.round(COUNT / secs)} msg/s (${shown} rendered)`,
+  );
+}
+
+try {
+  const relay = await h.startRelay({
+    extraArgs: ["--send-rate", "0", "--inbox-max-messages", String(COUNT + 10_000), "--inbox-max-bytes", "8G"],
+  });
+  const options = { relayUrl: `https://${relay.quic}/`, certHash: relay.certHash, storage: "bench-b" };
+  const base = `http://${await staticServer()}/bench/catchup.html`;
+  const browser = await h.launchBrowser();
+  if (DEMO) {
+    await demoRun(relay, browser);
+  } else {
+    await bareRun(relay, browser, base, options);
+  }
+} finally {
+  await h.cleanup();
+}
+
+/** The run in the bare page (bench/catchup.html). */
+async function bareRun(relay, browser, base, options) {
+  const context = await browser.newContext();
+
+  // B: a fresh device, which knows the sender before the burst.
+  let page = await h.openPage(browser, base, { context });
+  await page.waitForSelector("body[data-ready='true']", { timeout: 60_000 });
+  const bCode = await page.evaluate((o) => window.bench.create(o, "Bob"), options);
+  const sender = startSender(relay, COUNT);
+  for (let i = 0; i < SENDERS; i++) {
+    const codeLine = await sender.next();
+    if (!codeLine.startsWith("code ")) throw new Error(`sender: ${codeLine}`);
+    await page.evaluate(([n, c]) => window.bench.addContact(n, c), [`Sender ${i}`, codeLine.slice(5)]);
+  }
+  await page.evaluate(() => window.bench.close());
+  await page.close();
+
+  // The burst, while B is away.
+  sender.proc.stdin.write(`${bCode}\n`);
+  const stored = await sender.next();
+  const m = /^stored (\d+) ([\d.]+)$/.exec(stored);
+  if (!m) throw new Error(`sender: ${stored}`);
+  console.log(`senders (${SENDERS}): ${m[1]} × 1 KiB stored at the relay in ${m[2]} s (${Math.round(Number(m[1]) / Number(m[2]))} msg/s)`);
+
+  // B comes back.
+  page = await h.openPage(browser, base, { context });
+  await page.waitForSelector("body[data-ready='true']", { timeout: 60_000 });
+  let cdp;
+  if (PROFILE) {
+    cdp = await context.newCDPSession(page);
+    await cdp.send("Profiler.enable");
+    await cdp.send("Profiler.setSamplingInterval", { interval: 1000 });
+    await cdp.send("Profiler.start");
+  }
+  const r = await page.evaluate(([o, n]) => window.bench.catchup(o, n, 900_000), [options, COUNT]);
+  const secs = r.totalMs / 1000;
+  console.log(JSON.stringify(r));
+  console.log(
+    `catch-up: ${r.received} of ${COUNT} messages × 1 KiB stored by a fresh browser device in ${secs.toFixed(2)} s = ${Math.round(r.received / secs)} msg/s`,
+  );
+  console.log(
+    `  open ${Math.round(r.openMs)} ms; IndexedDB read-write transactions: ${r.idbTransactions}, ${(r.idbBusyMs / 1000).toFixed(2)} s busy (${Math.round((100 * r.idbBusyMs) / r.totalMs)}% of the wall time)`,
+  );
+  if (cdp) {
+    const { profile } = await cdp.send("Profiler.stop");
+    const times = selfTimes(profile);
+    const groups = new Map();
+    let total = 0;
+    for (const [name, ms] of times) {
+      const g = classify(name);
+      groups.set(g, (groups.get(g) ?? 0) + ms);
+      total += ms;
+    }
+    console.log(`  renderer main thread, ${(total / 1000).toFixed(2)} s sampled:`);
+    for (const [g, ms] of [...groups.entries()].sort((a, b) => b[1] - a[1])) {
+      console.log(`    ${g.padEnd(45)} ${(ms / 1000).toFixed(2)} s  ${Math.round((100 * ms) / total)}%`);
+    }
+    console.log("  top functions (self time):");
+    for (const [name, ms] of times.slice(0, 25)) console.log(`    ${(ms / 1000).toFixed(3)} s  ${name}`);
+  }
+  if (r.received < COUNT) {
+    process.exitCode = 1;
+    console.error(`only ${r.received} of ${COUNT} messages arrived`);
+  }
+}
