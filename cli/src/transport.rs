@@ -23,7 +23,7 @@ use hush_protocol::{ALPN_HUSH, FrameBuffer, ServerFrame};
 use rustls::DigitallySignedStruct;
 use rustls::SignatureScheme;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
@@ -104,12 +104,34 @@ pub fn validate_addr(addr: &str) -> Result<(), CliError> {
 }
 
 /// Accepts exactly one certificate (by DER SHA-256) and remembers what a
-/// mismatching relay presented.
+/// mismatching relay presented. Handshake signatures are still verified.
 #[derive(Debug)]
-struct PinnedVerifier {
+pub struct PinnedVerifier {
     expected: [u8; 32],
     presented: Arc<Mutex<Option<[u8; 32]>>>,
     algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl PinnedVerifier {
+    /// A verifier pinned to the certificate whose DER has SHA-256 `expected`,
+    /// checking handshake signatures with the algorithms of `provider`.
+    pub fn new(expected: [u8; 32], provider: &CryptoProvider) -> Self {
+        Self::reporting(expected, provider, Arc::default())
+    }
+
+    /// Like [`PinnedVerifier::new`], writing the hash a mismatching relay
+    /// presented into `presented` (for the error message).
+    pub fn reporting(
+        expected: [u8; 32],
+        provider: &CryptoProvider,
+        presented: Arc<Mutex<Option<[u8; 32]>>>,
+    ) -> Self {
+        PinnedVerifier {
+            expected,
+            presented,
+            algorithms: provider.signature_verification_algorithms,
+        }
+    }
 }
 
 impl ServerCertVerifier for PinnedVerifier {
@@ -181,11 +203,9 @@ fn client_config(
     let mut tls = match cert {
         CertCheck::Pinned(expected) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-                expected,
-                presented,
-                algorithms: provider.signature_verification_algorithms,
-            }))
+            .with_custom_certificate_verifier(Arc::new(PinnedVerifier::reporting(
+                expected, &provider, presented,
+            )))
             .with_no_client_auth(),
         CertCheck::SystemRoots => builder
             .with_root_certificates(system_roots()?)
