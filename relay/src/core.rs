@@ -224,6 +224,16 @@ pub enum Action {
     },
 }
 
+/// The merged acknowledgement of a `Pull`, to apply after its reply was
+/// sent (see [`RelayCore::handle_deferring_ack`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeferredAck {
+    /// The acknowledging device.
+    pub device: DeviceId,
+    /// Cumulative: every envelope with seq ≤ this goes.
+    pub up_to: u64,
+}
+
 /// Envelopes of one `Send` that passed validation, waiting to be committed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PendingSend {
@@ -721,8 +731,24 @@ impl<S: Store + ?Sized> RelayCore<S> {
             let cursor = self.store.ack(&device, ack)?;
             session.acked = session.acked.max(cursor);
         }
+        self.read_page(session, device, after, after, limit, actions)
+    }
+
+    /// The page of a `Pull`: envelopes above `read_after`, with `after` as
+    /// the delivered cursor if the page is empty.
+    fn read_page(
+        &self,
+        session: &mut Session,
+        device: DeviceId,
+        after: u64,
+        read_after: u64,
+        limit: u16,
+        actions: &mut Vec<Action>,
+    ) -> Result<Response, Refuse> {
         let limit = usize::from(limit.clamp(1, MAX_PAGE));
-        let page = self.store.pull(&device, after, limit, MAX_PAGE_BYTES)?;
+        let page = self
+            .store
+            .pull(&device, read_after, limit, MAX_PAGE_BYTES)?;
         let envelopes = decode_stored(page.envelopes)?;
         if page.truncated.is_some() {
             Metrics::add(&self.metrics.truncations_total, 1);
@@ -739,6 +765,72 @@ impl<S: Store + ?Sized> RelayCore<S> {
             remaining: page.remaining,
             truncated: page.truncated,
         }))
+    }
+
+    /// [`RelayCore::handle`], except that the merged acknowledgement of an
+    /// authenticated `Pull` is not applied but returned, for the caller to
+    /// apply with [`RelayCore::apply_ack`] after sending the reply: the page
+    /// does not depend on the deletion, so the deletion need not delay it.
+    ///
+    /// The reply is the one `handle` gives. Acking first would delete every
+    /// envelope and tombstone up to the ack before reading, so the page is
+    /// read above `max(after, ack)` instead, which skips exactly those; the
+    /// session's acknowledged cursor moves as the ack will move it. Other
+    /// requests go to `handle` unchanged.
+    pub fn handle_deferring_ack(
+        &self,
+        session: &mut Session,
+        frame: ClientFrame,
+        now_ms: u64,
+        challenge: [u8; 32],
+    ) -> (Vec<Action>, Option<DeferredAck>) {
+        let (Request::Pull { after, limit, ack }, Some(device)) =
+            (&frame.request, session.device())
+        else {
+            return (self.handle(session, frame, now_ms, challenge), None);
+        };
+        let (after, limit, ack) = (*after, *limit, *ack);
+        if ack == 0 {
+            return (self.handle(session, frame, now_ms, challenge), None);
+        }
+        let id = frame.request_id;
+        let mut actions = Vec::new();
+        let result = self
+            .store
+            .inbox_state(&device)
+            .map_err(Refuse::from)
+            .and_then(|state| {
+                // The cursor the ack will leave (the head only grows meanwhile).
+                session.acked = session.acked.max(state.acked).max(ack.min(state.head));
+                self.read_page(session, device, after, after.max(ack), limit, &mut actions)
+            });
+        match result {
+            Ok(response) => {
+                actions.insert(
+                    0,
+                    Action::Send(ServerFrame::Response {
+                        request_id: id,
+                        response,
+                    }),
+                );
+                (actions, Some(DeferredAck { device, up_to: ack }))
+            }
+            Err(Refuse(code, message)) => {
+                // Nothing was sent: apply nothing either, as `handle` would
+                // have failed before or at the ack.
+                self.metrics.refused(code);
+                (
+                    vec![Action::Send(ServerFrame::error(id, code, message))],
+                    None,
+                )
+            }
+        }
+    }
+
+    /// Apply an acknowledgement deferred by
+    /// [`RelayCore::handle_deferring_ack`]; returns the cursor now in force.
+    pub fn apply_ack(&self, ack: DeferredAck) -> Result<u64, StoreError> {
+        self.store.ack(&ack.device, ack.up_to)
     }
 
     /// Push what was committed to a live session's inbox since it was last

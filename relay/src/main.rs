@@ -52,21 +52,38 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> Result<(), RelayError> {
     let relay = RelayHandle::start(config, Arc::new(SystemClock)).await?;
+    // Watch SIGTERM before announcing the addresses: whoever reads them may
+    // signal at once.
+    let term = watch_term();
     println!("hush-relay listening on {}", relay.quic_addr());
     if let Some(addr) = relay.http_addr() {
         println!("http on {addr}");
     }
     println!("certificate sha256: {}", relay.cert_sha256_hex());
-    wait_for_stop_signal().await;
+    wait_for_stop_signal(term).await;
     relay.shutdown().await
 }
 
-/// SIGTERM (service managers) or Ctrl-C.
-async fn wait_for_stop_signal() {
+/// The SIGTERM watch (none off Unix).
+#[cfg(unix)]
+type TermWatch = std::io::Result<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type TermWatch = ();
+
+/// Start watching SIGTERM now (from here on it no longer kills the process).
+fn watch_term() -> TermWatch {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
+        signal(SignalKind::terminate())
+    }
+}
+
+/// SIGTERM (service managers) or Ctrl-C.
+async fn wait_for_stop_signal(term: TermWatch) {
+    #[cfg(unix)]
+    {
+        match term {
             Ok(mut term) => {
                 tokio::select! {
                     _ = term.recv() => {}
@@ -81,6 +98,7 @@ async fn wait_for_stop_signal() {
     }
     #[cfg(not(unix))]
     {
+        let () = term;
         let _ = tokio::signal::ctrl_c().await;
     }
 }

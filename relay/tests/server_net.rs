@@ -233,3 +233,63 @@ async fn http_endpoints_answer() {
     assert_eq!(http_get(http, "GET /healthz SPDY/9").await.0, 505);
     relay.shutdown().await.unwrap();
 }
+
+/// The seqs of a `Page` reply.
+fn page_seqs(f: &ServerFrame) -> (Vec<u64>, u64) {
+    match f {
+        ServerFrame::Response {
+            response: Response::Page(p),
+            ..
+        } => (p.envelopes.iter().map(|d| d.seq).collect(), p.remaining),
+        other => panic!("expected a page, got {other:?}"),
+    }
+}
+
+/// A pull's merged ack is applied after its page is sent, but the page is
+/// the one acking first would give, the connection's acks apply in order,
+/// and a later request on the connection sees them applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_acks_apply_after_the_page_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(&dir).await;
+    let cert = relay.cert_der();
+    let (alice, bob) = (Device::new(1), Device::new(2));
+    let mut ca = Client::connect(relay.quic_addr(), &cert).await;
+    alice.register(&mut ca).await;
+    let mut cb = Client::connect(relay.quic_addr(), &cert).await;
+    bob.register(&mut cb).await;
+    let envelopes = (1..=8).map(|i| alice.envelope_to(&bob, i)).collect();
+    let f = ca.request(Request::Send { envelopes }).await;
+    assert!(matches!(
+        f,
+        ServerFrame::Response {
+            response: Response::Sent { .. },
+            ..
+        }
+    ));
+
+    let pull = |after, ack| Request::Pull {
+        after,
+        limit: 3,
+        ack,
+    };
+    assert_eq!(page_seqs(&cb.request(pull(0, 0)).await), (vec![1, 2, 3], 5));
+    assert_eq!(page_seqs(&cb.request(pull(3, 3)).await), (vec![4, 5, 6], 2));
+    // An ack beyond `after` skips what it deletes, as if applied first.
+    assert_eq!(page_seqs(&cb.request(pull(2, 6)).await), (vec![7, 8], 0));
+    // Any other request waits for the connection's acks: the cursor in
+    // force is the last merged ack.
+    let f = cb.request(Request::Ack { up_to: 0 }).await;
+    assert!(
+        matches!(
+            f,
+            ServerFrame::Response {
+                response: Response::Acked { up_to: 6 },
+                ..
+            }
+        ),
+        "{f:?}"
+    );
+    assert_eq!(page_seqs(&cb.request(pull(0, 0)).await), (vec![7, 8], 0));
+    relay.shutdown().await.unwrap();
+}

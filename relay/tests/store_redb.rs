@@ -84,8 +84,9 @@ fn reopen_keeps_everything_and_head_continues() {
         let out = s.commit(&batch).unwrap();
         assert_eq!(out.last(), Some(&CommitOutcome::Stored { seq: 6 }));
         s.commit(&[env(8, 20, 10_000)]).unwrap();
-        assert_eq!(s.purge_expired(50, 10).unwrap().expired, 1);
+        // Seq 1 is acked, which makes seq 2 (expiring at 50) the oldest.
         assert_eq!(s.ack(&dev(9), 1).unwrap(), 1);
+        assert_eq!(s.purge_expired(50, 10).unwrap().expired, 1);
         assert_eq!(
             s.publish_prekeys(&dev(9), &spk(1), &[otk(1), otk(2), otk(3)])
                 .unwrap(),
@@ -135,7 +136,7 @@ fn reopen_keeps_everything_and_head_continues() {
         s.publish_device_list(&list(4)),
         Err(StoreError::StaleDeviceList { stored: 4 })
     ));
-    // The expiry index survived too: the rest expires on schedule.
+    // The purge queue survived too: the rest expires on schedule.
     assert_eq!(s.purge_expired(10_000, 100).unwrap().expired, 6);
     assert_eq!(s.inbox_state(&dev(9)).unwrap().depth, 0);
     assert_eq!(s.total_depth().unwrap(), 0);

@@ -744,3 +744,98 @@ fn token_bucket_survives_clock_going_backwards() {
     assert_eq!(b.take(5_000), Err(1000));
     assert!(b.take(11_000).is_ok());
 }
+
+/// A `Pull` whose merged ack is deferred answers exactly what the acking
+/// `Pull` answers, leaves the session in the same state, and applying the
+/// ack afterwards leaves the store in the same state, including around
+/// tombstones, acks beyond the page or the head, and stale acks.
+#[test]
+fn deferred_ack_pull_answers_like_the_acking_pull() {
+    let config = default_config();
+    let (alice, bob) = (Device::new(1, 50), Device::new(2, 51));
+    let cores = [core_with(config), core_with(config)];
+    let mut sessions = Vec::new();
+    for core in &cores {
+        let mut a = register(core, &alice, [1; 32]);
+        let b = register(core, &bob, [2; 32]);
+        let early: Vec<_> = (1..=4).map(|i| envelope(&alice, &bob, i, 100)).collect();
+        send(core, &mut a, early, NOW);
+        let late: Vec<_> = (5..=10).map(|i| envelope(&alice, &bob, i, 100)).collect();
+        send(core, &mut a, late, NOW + 1_000);
+        // The first four expire unread and leave tombstones.
+        let stats = core
+            .store()
+            .purge_expired(NOW + config.retention_ms, 100)
+            .unwrap();
+        assert_eq!(stats.expired, 4);
+        sessions.push(b);
+    }
+    let [acking, deferring] = &cores;
+    let (mut s1, mut s2) = (sessions.remove(0), sessions.remove(0));
+    let (mut deferred_count, mut truncated) = (0, 0);
+    for (after, ack) in [
+        (0, 0),
+        (0, 2),
+        (3, 3),
+        (2, 6),
+        (5, 5),
+        (6, 8),
+        (0, 7),
+        (7, 20),
+        (0, 0),
+        (10, 10),
+    ] {
+        let request = Request::Pull {
+            after,
+            limit: 3,
+            ack,
+        };
+        let expected = acking.handle(&mut s1, req(9, request.clone()), NOW, [0; 32]);
+        let (actions, deferred) =
+            deferring.handle_deferring_ack(&mut s2, req(9, request), NOW, [0; 32]);
+        assert_eq!(actions, expected, "after {after} ack {ack}");
+        if let ServerFrame::Response {
+            response: Response::Page(p),
+            ..
+        } = frame(&actions)
+            && p.truncated.is_some()
+        {
+            truncated += 1;
+        }
+        assert_eq!(
+            (s2.acked, s2.delivered, s2.live, s2.window_full),
+            (s1.acked, s1.delivered, s1.live, s1.window_full),
+            "after {after} ack {ack}"
+        );
+        if let Some(d) = deferred {
+            deferred_count += 1;
+            assert_eq!(
+                d,
+                DeferredAck {
+                    device: bob.id,
+                    up_to: ack
+                }
+            );
+            deferring.apply_ack(d).unwrap();
+        } else {
+            assert_eq!(ack, 0);
+        }
+        assert_eq!(
+            deferring.store().inbox_state(&bob.id).unwrap(),
+            acking.store().inbox_state(&bob.id).unwrap(),
+            "after {after} ack {ack}"
+        );
+    }
+    assert_eq!((deferred_count, truncated), (8, 3));
+    // Unauthenticated or ack-less pulls are not deferred.
+    let mut fresh = deferring.new_session(NOW);
+    let pull = Request::Pull {
+        after: 0,
+        limit: 1,
+        ack: 5,
+    };
+    let (actions, deferred) =
+        deferring.handle_deferring_ack(&mut fresh, req(3, pull), NOW, [0; 32]);
+    assert_eq!(error_code(&actions), ErrorCode::NotAuthenticated);
+    assert_eq!(deferred, None);
+}

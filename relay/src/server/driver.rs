@@ -6,13 +6,14 @@
 //! bidirectional stream (`h3`, see [`super::webtransport`]). It owns the
 //! transport concerns the sans-IO [`crate::core::RelayCore`] leaves out:
 //! reading and framing bytes, time, randomness, running store calls off the
-//! async threads, handing envelopes to the group-commit writer, waking on
-//! inbox changes, replacement by a newer connection, the authentication
-//! deadline and shutdown.
+//! async threads, handing envelopes to the group-commit writer, applying a
+//! `Pull`'s merged acknowledgement after its page was sent (one at a time,
+//! in order), waking on inbox changes, replacement by a newer connection,
+//! the authentication deadline and shutdown.
 
 use super::Shared;
 use super::writer::{CommitRequest, CommitResult};
-use crate::core::{Action, SendTicket, Session, short_id};
+use crate::core::{Action, DeferredAck, SendTicket, Session, short_id};
 use crate::store::StoreError;
 use hush_protocol::{ClientFrame, DeviceId, ErrorCode, FrameBuffer, Request, ServerFrame};
 use std::collections::VecDeque;
@@ -70,6 +71,9 @@ struct Conn {
     device: Option<DeviceId>,
     inbox: Option<watch::Receiver<u64>>,
     replaced: Option<oneshot::Receiver<()>>,
+    /// The merged ack of the last `Pull`, applied after its page was sent
+    /// (at most one at a time, so a connection's acks apply in order).
+    ack_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Serve one connection until it ends; returns why it ended. The caller
@@ -90,8 +94,11 @@ where
         device: None,
         inbox: None,
         replaced: None,
+        ack_task: None,
     };
     let end = conn.run(reader, writer).await;
+    // The last deferred ack lands before the connection counts as ended.
+    conn.finish_ack().await;
     conn.inbox = None;
     conn.replaced = None;
     if let Some(device) = conn.device {
@@ -214,31 +221,61 @@ impl Conn {
         W: AsyncWrite + Unpin + Send,
     {
         loop {
-            let actions = match self.frames.next_client_frame() {
+            let (actions, deferred) = match self.frames.next_client_frame() {
                 Ok(Some(frame)) => self.handle(frame).await,
                 Ok(None) => return Flow::Continue,
                 Err(e) => {
                     tracing::debug!(conn = self.conn_id, "malformed frame: {e}");
-                    self.shared.core.malformed(&e)
+                    (self.shared.core.malformed(&e), None)
                 }
             };
-            if let Flow::End(end) = self.execute(actions, writer).await {
+            let flow = self.execute(actions, writer).await;
+            // The page is on its way; now delete what the pull acknowledged
+            // (even if the connection just failed: the device has those
+            // envelopes).
+            if let Some(ack) = deferred {
+                self.start_ack(ack).await;
+            }
+            if let Flow::End(end) = flow {
                 return Flow::End(end);
             }
         }
     }
 
+    /// Wait for the deferred ack in flight, if any.
+    async fn finish_ack(&mut self) {
+        if let Some(task) = self.ack_task.take()
+            && let Err(e) = task.await
+        {
+            tracing::error!("ack task failed: {e}");
+        }
+    }
+
+    /// Apply a `Pull`'s merged ack on a blocking thread, after the previous
+    /// one finished. Nobody waits for it: a failed ack only means the
+    /// envelopes are delivered again, which clients expect.
+    async fn start_ack(&mut self, ack: DeferredAck) {
+        self.finish_ack().await;
+        let shared = Arc::clone(&self.shared);
+        self.ack_task = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = shared.core.apply_ack(ack) {
+                tracing::error!(device = %short_id(&ack.device), "deferred ack failed: {e}");
+            }
+        }));
+    }
+
     /// Run one request through the core. Requests that touch the store run
     /// on a blocking thread; `Send` (validated in memory, committed by the
-    /// writer) and `Ping` run inline.
-    async fn handle(&mut self, frame: ClientFrame) -> Vec<Action> {
+    /// writer) and `Ping` run inline. A `Pull`'s merged ack comes back
+    /// unapplied, to run after the page is sent.
+    async fn handle(&mut self, frame: ClientFrame) -> (Vec<Action>, Option<DeferredAck>) {
         let now = self.shared.clock.now_ms();
         let mut challenge = [0u8; 32];
         if matches!(frame.request, Request::Hello { .. })
             && getrandom::fill(&mut challenge).is_err()
         {
             tracing::error!("system randomness unavailable");
-            return vec![
+            let actions = vec![
                 Action::Send(ServerFrame::error(
                     frame.request_id,
                     ErrorCode::Internal,
@@ -249,21 +286,31 @@ impl Conn {
                     reason: "randomness unavailable".into(),
                 },
             ];
+            return (actions, None);
         }
         if matches!(frame.request, Request::Send { .. } | Request::Ping) {
-            return self
+            let actions = self
                 .shared
                 .core
                 .handle(&mut self.session, frame, now, challenge);
+            return (actions, None);
         }
         let is_pull = matches!(frame.request, Request::Pull { .. });
+        if !is_pull {
+            // Anything else sees the connection's earlier acks applied (a
+            // pull's page does not depend on them).
+            self.finish_ack().await;
+        }
         let started = Instant::now();
         let shared = Arc::clone(&self.shared);
         let mut session = self.session.clone();
         let request_id = frame.request_id;
         let joined = tokio::task::spawn_blocking(move || {
-            let actions = shared.core.handle(&mut session, frame, now, challenge);
-            (session, actions)
+            let (actions, deferred) =
+                shared
+                    .core
+                    .handle_deferring_ack(&mut session, frame, now, challenge);
+            (session, actions, deferred)
         })
         .await;
         if is_pull {
@@ -273,17 +320,14 @@ impl Conn {
                 .observe_duration(started.elapsed());
         }
         match joined {
-            Ok((session, actions)) => {
+            Ok((session, actions, deferred)) => {
                 self.session = session;
-                actions
+                (actions, deferred)
             }
             Err(e) => {
                 tracing::error!("request task failed: {e}");
-                vec![Action::Send(ServerFrame::error(
-                    request_id,
-                    ErrorCode::Internal,
-                    "internal error",
-                ))]
+                let error = ServerFrame::error(request_id, ErrorCode::Internal, "internal error");
+                (vec![Action::Send(error)], None)
             }
         }
     }

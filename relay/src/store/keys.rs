@@ -3,20 +3,21 @@
 //! Every key is a fixed-width byte array made of fixed-width ids and
 //! big-endian integers, concatenated without separators. Because redb compares
 //! such keys bytewise, byte order equals the logical order of the tuple
-//! (`(device, seq)`, `(expires_at, device, seq)`, …): a range scan over a
-//! device prefix walks its seqs in ascending order and the expiry index walks
-//! oldest first. The layouts are specified in `docs/STORAGE.md`.
+//! (`(device, seq)`, `(expires_at, device)`, …): a range scan over a
+//! device prefix walks its seqs in ascending order and the time-ordered
+//! tables walk oldest first. The layouts are specified in `docs/STORAGE.md`.
 
 use hush_protocol::{DeviceId, MessageId};
 
 /// `device ‖ seq`: the inbox and tombstone tables.
 pub(crate) type InboxKey = [u8; 24];
-/// `sender ‖ recipient ‖ message id`: the dedup table.
+/// `message id ‖ sender ‖ recipient`: the dedup table.
 pub(crate) type DedupKey = [u8; 48];
-/// `expires_at ‖ sender ‖ recipient ‖ message id`: the dedup expiry index.
+/// `expires_at ‖ message id ‖ sender ‖ recipient`: the dedup batch lists
+/// (keyed by their first entry).
 pub(crate) type DedupExpiryKey = [u8; 56];
-/// `expires_at ‖ device ‖ seq`: the inbox expiry index.
-pub(crate) type ExpiryKey = [u8; 32];
+/// `expires_at ‖ device`: the purge queue (one entry per non-empty inbox).
+pub(crate) type QueueKey = [u8; 24];
 /// `device ‖ one-time prekey id`: the one-time prekey table.
 pub(crate) type OtkKey = [u8; 20];
 
@@ -45,12 +46,17 @@ pub(crate) fn split_inbox_key(k: &InboxKey) -> (DeviceId, u64) {
     (DeviceId(field(k, 0)), u64_at(k, 16))
 }
 
-/// Dedup key of one (sender, recipient, message id).
+/// Dedup key of one (sender, recipient, message id). The message id comes
+/// first because it begins with its creation time (`MessageId::new`): new
+/// entries then land next to each other at the end of the B-tree instead of
+/// dirtying one leaf per (sender, recipient) pair in every commit. A client
+/// that makes up its timestamps only scatters its own entries; the key's
+/// meaning is the same triple either way.
 pub(crate) fn dedup_key(sender: &DeviceId, recipient: &DeviceId, id: &MessageId) -> DedupKey {
     let mut k = [0u8; 48];
-    k[..16].copy_from_slice(sender.as_bytes());
-    k[16..32].copy_from_slice(recipient.as_bytes());
-    k[32..].copy_from_slice(id.as_bytes());
+    k[..16].copy_from_slice(id.as_bytes());
+    k[16..32].copy_from_slice(sender.as_bytes());
+    k[32..].copy_from_slice(recipient.as_bytes());
     k
 }
 
@@ -58,13 +64,14 @@ pub(crate) fn dedup_key(sender: &DeviceId, recipient: &DeviceId, id: &MessageId)
 #[cfg(test)]
 pub(crate) fn split_dedup_key(k: &DedupKey) -> (DeviceId, DeviceId, MessageId) {
     (
-        DeviceId(field(k, 0)),
         DeviceId(field(k, 16)),
-        MessageId(field(k, 32)),
+        DeviceId(field(k, 32)),
+        MessageId(field(k, 0)),
     )
 }
 
-/// Dedup expiry index key: the dedup key prefixed with its expiry time.
+/// Key of a dedup batch list: its first dedup key prefixed with its expiry
+/// time (also the layout of each list entry).
 pub(crate) fn dedup_expiry_key(expires_at_ms: u64, dedup: &DedupKey) -> DedupExpiryKey {
     let mut k = [0u8; 56];
     k[..8].copy_from_slice(&expires_at_ms.to_be_bytes());
@@ -77,29 +84,29 @@ pub(crate) fn split_dedup_expiry_key(k: &DedupExpiryKey) -> (u64, DedupKey) {
     (u64_at(k, 0), field(k, 8))
 }
 
-/// The greatest dedup expiry key whose time is `expires_at_ms`: the inclusive
+/// The greatest dedup batch key whose time is `expires_at_ms`: the inclusive
 /// upper bound of a scan for everything expired at that time.
 pub(crate) fn dedup_expiry_upper(expires_at_ms: u64) -> DedupExpiryKey {
     dedup_expiry_key(expires_at_ms, &[0xFF; 48])
 }
 
-/// Inbox expiry index key.
-pub(crate) fn expiry_key(expires_at_ms: u64, device: &DeviceId, seq: u64) -> ExpiryKey {
-    let mut k = [0u8; 32];
+/// Purge queue key of `device`, whose oldest stored envelope expires at
+/// `expires_at_ms`.
+pub(crate) fn queue_key(expires_at_ms: u64, device: &DeviceId) -> QueueKey {
+    let mut k = [0u8; 24];
     k[..8].copy_from_slice(&expires_at_ms.to_be_bytes());
-    k[8..24].copy_from_slice(device.as_bytes());
-    k[24..].copy_from_slice(&seq.to_be_bytes());
+    k[8..].copy_from_slice(device.as_bytes());
     k
 }
 
-/// Inverse of [`expiry_key`].
-pub(crate) fn split_expiry_key(k: &ExpiryKey) -> (u64, DeviceId, u64) {
-    (u64_at(k, 0), DeviceId(field(k, 8)), u64_at(k, 24))
+/// Inverse of [`queue_key`].
+pub(crate) fn split_queue_key(k: &QueueKey) -> (u64, DeviceId) {
+    (u64_at(k, 0), DeviceId(field(k, 8)))
 }
 
-/// The greatest expiry index key whose time is `expires_at_ms`.
-pub(crate) fn expiry_upper(expires_at_ms: u64) -> ExpiryKey {
-    expiry_key(expires_at_ms, &DeviceId([0xFF; 16]), u64::MAX)
+/// The greatest purge queue key whose time is `expires_at_ms`.
+pub(crate) fn queue_upper(expires_at_ms: u64) -> QueueKey {
+    queue_key(expires_at_ms, &DeviceId([0xFF; 16]))
 }
 
 /// One-time prekey key.
@@ -142,15 +149,14 @@ mod tests {
         }
 
         #[test]
-        fn expiry_key_round_trips_and_orders(
-            e in any::<u64>(), a in device(), s in any::<u64>(),
-            f in any::<u64>(), b in device(), t in any::<u64>(),
+        fn queue_key_round_trips_and_orders(
+            e in any::<u64>(), a in device(), f in any::<u64>(), b in device(),
         ) {
-            let (ka, kb) = (expiry_key(e, &a, s), expiry_key(f, &b, t));
-            prop_assert_eq!(split_expiry_key(&ka), (e, a, s));
-            prop_assert_eq!(ka.cmp(&kb), (e, a, s).cmp(&(f, b, t)));
-            prop_assert!(ka <= expiry_upper(e));
-            prop_assert_eq!(ka <= expiry_upper(f), e <= f);
+            let (ka, kb) = (queue_key(e, &a), queue_key(f, &b));
+            prop_assert_eq!(split_queue_key(&ka), (e, a));
+            prop_assert_eq!(ka.cmp(&kb), (e, a).cmp(&(f, b)));
+            prop_assert!(ka <= queue_upper(e));
+            prop_assert_eq!(ka <= queue_upper(f), e <= f);
         }
 
         #[test]
@@ -160,10 +166,10 @@ mod tests {
         ) {
             let (d1, d2) = (dedup_key(&s1, &r1, &m1), dedup_key(&s2, &r2, &m2));
             prop_assert_eq!(split_dedup_key(&d1), (s1, r1, m1));
-            prop_assert_eq!(d1.cmp(&d2), (s1, r1, m1).cmp(&(s2, r2, m2)));
+            prop_assert_eq!(d1.cmp(&d2), (m1, s1, r1).cmp(&(m2, s2, r2)));
             let (x1, x2) = (dedup_expiry_key(e, &d1), dedup_expiry_key(f, &d2));
             prop_assert_eq!(split_dedup_expiry_key(&x1), (e, d1));
-            prop_assert_eq!(x1.cmp(&x2), (e, s1, r1, m1).cmp(&(f, s2, r2, m2)));
+            prop_assert_eq!(x1.cmp(&x2), (e, m1, s1, r1).cmp(&(f, m2, s2, r2)));
             prop_assert_eq!(x1 <= dedup_expiry_upper(f), e <= f);
         }
 
@@ -192,16 +198,17 @@ mod tests {
             k.to_vec(),
             unhex("11111111111111111111111111111111 0000000000000102")
         );
-        // §2.5: expires_at ‖ device ‖ seq.
-        let k = expiry_key(0x0102, &DeviceId([0xAB; 16]), 7);
-        assert_eq!(&k[..8], &[0, 0, 0, 0, 0, 0, 1, 2]);
-        assert_eq!(&k[8..24], &[0xAB; 16]);
-        assert_eq!(&k[24..], &7u64.to_be_bytes());
-        // §2.7 and §2.8: sender ‖ recipient ‖ message id, prefixed by time.
+        // §2.5: expires_at ‖ device.
+        let k = queue_key(0x0102, &DeviceId([0xAB; 16]));
+        assert_eq!(
+            k.to_vec(),
+            unhex("0000000000000102 abababababababababababababababab")
+        );
+        // §2.7 and §2.8: message id ‖ sender ‖ recipient, prefixed by time.
         let d = dedup_key(&DeviceId([1; 16]), &DeviceId([2; 16]), &MessageId([3; 16]));
         assert_eq!(
             (&d[..16], &d[16..32], &d[32..]),
-            (&[1u8; 16][..], &[2u8; 16][..], &[3u8; 16][..])
+            (&[3u8; 16][..], &[1u8; 16][..], &[2u8; 16][..])
         );
         let x = dedup_expiry_key(9, &d);
         assert_eq!((&x[..8], &x[8..]), (&9u64.to_be_bytes()[..], &d[..]));

@@ -1,13 +1,17 @@
 //! An in-memory [`Store`] with the same semantics as the redb one.
 //!
-//! Its maps mirror the redb tables one for one (same keys, same orders), and
-//! it shares the quota, page and truncation rules with the redb store, so the
-//! conformance suite holds both to identical answers. One mutex makes every
+//! Its maps mirror the redb tables one for one (same keys, same orders, the
+//! same purge queue and dedup batch lists), and it shares the quota, page and
+//! truncation rules with the redb store, so the conformance suite holds both
+//! to identical answers. It counts `remaining` by scanning rather than from
+//! the counters, which makes it an independent check of the redb store's
+//! O(1) answer. One mutex makes every
 //! call atomic. Nothing is lost by a simulated relay restart as long as the
 //! same `MemoryStore` outlives it: every call is "durable" when it returns,
 //! just as with redb.
 
 use super::rules::{self, PageBudget};
+use super::tables::DEDUP_BATCH_MAX;
 use super::tombstones::{self, Tombstone};
 use super::{
     CommitOutcome, DeviceRecord, InboxPage, InboxState, NewEnvelope, PurgeStats, Refusal, Store,
@@ -30,8 +34,9 @@ struct Row {
     sender_seq: u64,
 }
 
-/// The dedup key: (sender, recipient, message id).
-type DedupKey = (DeviceId, DeviceId, MessageId);
+/// The dedup key: (message id, sender, recipient), ordered like the redb
+/// key bytes.
+type DedupKey = (MessageId, DeviceId, DeviceId);
 
 /// The tables, as ordered maps keyed like their redb counterparts.
 #[derive(Debug, Default)]
@@ -41,8 +46,10 @@ struct Tables {
     inbox: BTreeMap<(DeviceId, u64), Row>,
     /// → (seq, expires_at_ms)
     dedup: BTreeMap<DedupKey, (u64, u64)>,
-    dedup_expiry: BTreeSet<(u64, DedupKey)>,
-    expiry: BTreeSet<(u64, DeviceId, u64)>,
+    /// Each commit's new dedup entries, oldest first, keyed by the first.
+    dedup_batches: BTreeMap<(u64, DedupKey), Vec<(u64, DedupKey)>>,
+    /// (expiry of the oldest stored envelope, device) per non-empty inbox.
+    purge_queue: BTreeSet<(u64, DeviceId)>,
     tombstones: BTreeMap<(DeviceId, u64), Tombstone>,
     signed_prekeys: BTreeMap<DeviceId, SignedPrekey>,
     one_time_prekeys: BTreeMap<(DeviceId, u32), [u8; 32]>,
@@ -59,6 +66,75 @@ impl Tables {
             return 0;
         }
         self.inbox.range((device, first)..=(device, last)).count() as u64
+    }
+
+    /// Expiry of `device`'s oldest stored envelope.
+    fn oldest_expiry(&self, device: DeviceId) -> Option<u64> {
+        self.inbox
+            .range((device, 0)..=(device, u64::MAX))
+            .next()
+            .map(|(_, row)| row.expires_at_ms)
+    }
+
+    /// Purge the expired prefix of `device`'s inbox (at most `budget`),
+    /// writing tombstones, and re-queue it; returns how many went.
+    fn purge_inbox(&mut self, device: DeviceId, now_ms: u64, budget: u64) -> u64 {
+        let mut due = Vec::new();
+        let mut next_expiry = None;
+        for (&(_, seq), row) in self.inbox.range((device, 0)..=(device, u64::MAX)) {
+            if row.expires_at_ms > now_ms || due.len() as u64 >= budget {
+                next_expiry = Some(row.expires_at_ms);
+                break;
+            }
+            due.push(seq);
+        }
+        let purged = due.len() as u64;
+        for seq in due {
+            if let Some(row) = self.inbox.remove(&(device, seq)) {
+                self.tombstones.insert(
+                    (device, seq),
+                    Tombstone {
+                        sender: row.sender,
+                        conversation: row.conversation,
+                        sender_seq: row.sender_seq,
+                    },
+                );
+                rules::release(self.meta.entry(device).or_default(), row.bytes.len() as u64);
+            }
+        }
+        if let Some(expiry) = next_expiry {
+            self.purge_queue.insert((expiry, device));
+        }
+        purged
+    }
+
+    /// Drop the expired entries of one dedup list (at most `budget`) and keep
+    /// the rest under its new first entry; returns (looked at, removed).
+    fn purge_dedup_batch(
+        &mut self,
+        list: Vec<(u64, DedupKey)>,
+        now_ms: u64,
+        budget: u64,
+    ) -> (u64, u64) {
+        let (mut looked, mut removed) = (0u64, 0u64);
+        let mut rest = Vec::new();
+        for (expires_at_ms, dk) in list {
+            if expires_at_ms > now_ms || looked >= budget {
+                rest.push((expires_at_ms, dk));
+                continue;
+            }
+            looked += 1;
+            if let Some(&(_, e)) = self.dedup.get(&dk)
+                && e == expires_at_ms
+            {
+                self.dedup.remove(&dk);
+                removed += 1;
+            }
+        }
+        if let Some(&first) = rest.first() {
+            self.dedup_batches.insert(first, rest);
+        }
+        (looked, removed)
     }
 
     fn count_otks(&self, device: DeviceId) -> u64 {
@@ -136,8 +212,9 @@ impl Store for MemoryStore {
         let mut guard = self.lock()?;
         let t = &mut *guard;
         let mut outcomes = Vec::with_capacity(batch.len());
+        let mut created = Vec::new();
         for env in batch {
-            let dk = (env.sender, env.recipient, env.message_id);
+            let dk = (env.message_id, env.sender, env.recipient);
             if let Some(&(seq, _)) = t.dedup.get(&dk) {
                 outcomes.push(CommitOutcome::Duplicate { seq });
                 continue;
@@ -152,8 +229,12 @@ impl Store for MemoryStore {
                 outcomes.push(CommitOutcome::Refused(refusal));
                 continue;
             }
+            let was_empty = state.depth == 0;
             let seq = rules::assign(state, len)
                 .ok_or_else(|| StoreError::Backend("inbox seq space exhausted".into()))?;
+            if was_empty {
+                t.purge_queue.insert((env.expires_at_ms, env.recipient));
+            }
             t.inbox.insert(
                 (env.recipient, seq),
                 Row {
@@ -164,10 +245,15 @@ impl Store for MemoryStore {
                     sender_seq: env.sender_seq,
                 },
             );
-            t.expiry.insert((env.expires_at_ms, env.recipient, seq));
             t.dedup.insert(dk, (seq, env.expires_at_ms));
-            t.dedup_expiry.insert((env.expires_at_ms, dk));
+            created.push((env.expires_at_ms, dk));
             outcomes.push(CommitOutcome::Stored { seq });
+        }
+        created.sort_unstable();
+        for list in created.chunks(DEDUP_BATCH_MAX) {
+            if let Some(&first) = list.first() {
+                t.dedup_batches.insert(first, list.to_vec());
+            }
         }
         Ok(outcomes)
     }
@@ -232,10 +318,17 @@ impl Store for MemoryStore {
             .range((d, 0)..=(d, target))
             .map(|(&(_, seq), _)| seq)
             .collect();
+        let mut first_expiry = None;
         for seq in seqs {
             if let Some(row) = t.inbox.remove(&(d, seq)) {
-                t.expiry.remove(&(row.expires_at_ms, d, seq));
+                first_expiry.get_or_insert(row.expires_at_ms);
                 rules::release(&mut state, row.bytes.len() as u64);
+            }
+        }
+        if let Some(old) = first_expiry {
+            t.purge_queue.remove(&(old, d));
+            if let Some(new) = t.oldest_expiry(d) {
+                t.purge_queue.insert((new, d));
             }
         }
         let tombs: Vec<u64> = t
@@ -259,32 +352,29 @@ impl Store for MemoryStore {
         let mut guard = self.lock()?;
         let t = &mut *guard;
         let mut stats = PurgeStats::default();
-        let hi = (now_ms, DeviceId([0xFF; 16]), u64::MAX);
-        let due: Vec<_> = t.expiry.range(..=hi).take(max).copied().collect();
-        for entry in due {
-            t.expiry.remove(&entry);
-            let (_, device, seq) = entry;
-            if let Some(row) = t.inbox.remove(&(device, seq)) {
-                t.tombstones.insert(
-                    (device, seq),
-                    Tombstone {
-                        sender: row.sender,
-                        conversation: row.conversation,
-                        sender_seq: row.sender_seq,
-                    },
-                );
-                rules::release(t.meta.entry(device).or_default(), row.bytes.len() as u64);
-                stats.expired += 1;
+        let max = max as u64;
+        while stats.expired < max {
+            let Some(&(expiry, device)) = t.purge_queue.first() else {
+                break;
+            };
+            if expiry > now_ms {
+                break;
             }
+            t.purge_queue.remove(&(expiry, device));
+            stats.expired += t.purge_inbox(device, now_ms, max - stats.expired);
         }
-        let all = DeviceId([0xFF; 16]);
-        let hi = (now_ms, (all, all, MessageId([0xFF; 16])));
-        let due: Vec<_> = t.dedup_expiry.range(..=hi).take(max).copied().collect();
-        for entry in due {
-            t.dedup_expiry.remove(&entry);
-            if t.dedup.remove(&entry.1).is_some() {
-                stats.dedup_removed += 1;
+        let mut looked = 0u64;
+        while looked < max {
+            let Some((&key, _)) = t.dedup_batches.first_key_value() else {
+                break;
+            };
+            if key.0 > now_ms {
+                break;
             }
+            let list = t.dedup_batches.remove(&key).unwrap_or_default();
+            let (l, removed) = t.purge_dedup_batch(list, now_ms, max - looked);
+            looked += l;
+            stats.dedup_removed += removed;
         }
         Ok(stats)
     }

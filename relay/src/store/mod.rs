@@ -191,7 +191,9 @@ pub trait Store: Send + Sync + 'static {
     fn device(&self, device: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
 
     /// Commit a batch of envelopes in ONE durable transaction and return one
-    /// outcome per input, in order. Within the batch, envelopes to the same
+    /// outcome per input, in order. Callers give envelopes of one inbox
+    /// non-decreasing `expires_at_ms` (uniform retention from a clock); see
+    /// [`Store::purge_expired`] for what happens otherwise. Within the batch, envelopes to the same
     /// inbox get consecutive seqs in input order; a duplicate inside the batch
     /// gets the seq of its first occurrence. A dedup entry lives until
     /// [`Store::purge_expired`] passes the envelope's `expires_at_ms` (acking
@@ -216,9 +218,14 @@ pub trait Store: Send + Sync + 'static {
     /// Counters of one inbox (zeros for an empty or unknown one).
     fn inbox_state(&self, device: &DeviceId) -> Result<InboxState, StoreError>;
 
-    /// Remove envelopes whose `expires_at_ms` ≤ `now_ms` (at most `max` per
-    /// call, oldest first), writing a tombstone (sender, conversation, sender
-    /// seq) for each, and drop expired dedup entries.
+    /// Remove the expired prefix of each inbox: an envelope goes once its
+    /// `expires_at_ms` ≤ `now_ms` and every older envelope of its inbox has
+    /// gone too (with uniform retention, simply once it expired; after a
+    /// clock step it may wait for an older one, so deletions stay prefixes).
+    /// Writes a tombstone (sender, conversation, sender seq) for each.
+    /// Inboxes are taken in the order of their oldest envelope's expiry, at
+    /// most `max` envelopes per call. Then drops expired dedup entries,
+    /// looking at most `max` of them.
     fn purge_expired(&self, now_ms: u64, max: usize) -> Result<PurgeStats, StoreError>;
 
     /// Replace the device's signed prekey and append one-time prekeys (ids

@@ -10,11 +10,11 @@
 //! `docs/STORAGE.md` (see also the private `tables` module).
 
 use super::keys::{
-    DedupExpiryKey, ExpiryKey, InboxKey, OtkKey, dedup_expiry_key, dedup_expiry_upper, dedup_key,
-    expiry_key, expiry_upper, inbox_key, otk_key, split_dedup_expiry_key, split_expiry_key,
-    split_inbox_key, split_otk_key,
+    DedupExpiryKey, DedupKey, InboxKey, OtkKey, QueueKey, dedup_expiry_key, dedup_expiry_upper,
+    dedup_key, inbox_key, otk_key, queue_key, queue_upper, split_inbox_key, split_otk_key,
+    split_queue_key,
 };
-use super::rules::{self, PageBudget, RemainingScan};
+use super::rules::{self, PageBudget};
 use super::tables::*;
 use super::tombstones;
 use super::{
@@ -27,7 +27,7 @@ use hush_protocol::{
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use redb::{Table, WriteTransaction};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 macro_rules! backend_from {
@@ -80,6 +80,8 @@ impl std::fmt::Debug for RedbStore {
 
 type InboxTable<'t> = Table<'t, &'static [u8; 24], &'static [u8]>;
 type MetaTable<'t> = Table<'t, &'static [u8; 16], &'static [u8]>;
+type QueueTable<'t> = Table<'t, &'static QueueKey, ()>;
+type BatchTable<'t> = Table<'t, &'static DedupExpiryKey, &'static [u8]>;
 
 impl RedbStore {
     /// Open the database at `path`, creating the file and its tables if
@@ -95,33 +97,39 @@ impl RedbStore {
             acks: std::sync::atomic::AtomicU64::new(0),
         };
         store.write(|txn| {
-            // Opening a table in a write transaction creates it, so read
-            // transactions can always open every table afterwards.
-            txn.open_table(INBOX)?;
-            txn.open_table(DEDUP)?;
-            txn.open_table(DEDUP_EXPIRY)?;
-            txn.open_table(INBOX_META)?;
-            txn.open_table(DEVICES)?;
-            txn.open_table(SIGNED_PREKEYS)?;
-            txn.open_table(ONE_TIME_PREKEYS)?;
-            txn.open_table(DEVICE_LISTS)?;
-            txn.open_table(EXPIRY)?;
-            txn.open_table(TOMBSTONES)?;
+            // The format version is checked first, so a file of another
+            // version is refused before anything is created in it.
             let mut info = txn.open_table(INFO)?;
             let stored = info
                 .get(FORMAT_KEY)?
                 .map(|g| decode_format(g.value()))
                 .transpose()?;
-            match stored {
-                Some(FORMAT_VERSION) => Ok(((), Changed::No)),
-                Some(other) => Err(StoreError::Backend(format!(
-                    "unsupported store format {other} (this relay reads {FORMAT_VERSION})"
-                ))),
-                None => {
-                    info.insert(FORMAT_KEY, FORMAT_VERSION.to_be_bytes().as_slice())?;
-                    Ok(((), Changed::Yes))
-                }
+            if let Some(other) = stored
+                && other != FORMAT_VERSION
+            {
+                return Err(StoreError::Backend(format!(
+                    "unsupported store format {other} (this relay reads format \
+                     {FORMAT_VERSION}; there is no conversion: start from an empty data \
+                     directory)"
+                )));
             }
+            // Opening a table in a write transaction creates it, so read
+            // transactions can always open every table afterwards.
+            txn.open_table(INBOX)?;
+            txn.open_table(DEDUP)?;
+            txn.open_table(DEDUP_BATCHES)?;
+            txn.open_table(INBOX_META)?;
+            txn.open_table(DEVICES)?;
+            txn.open_table(SIGNED_PREKEYS)?;
+            txn.open_table(ONE_TIME_PREKEYS)?;
+            txn.open_table(DEVICE_LISTS)?;
+            txn.open_table(PURGE_QUEUE)?;
+            txn.open_table(TOMBSTONES)?;
+            if stored.is_some() {
+                return Ok(((), Changed::No));
+            }
+            info.insert(FORMAT_KEY, FORMAT_VERSION.to_be_bytes().as_slice())?;
+            Ok(((), Changed::Yes))
         })?;
         Ok(store)
     }
@@ -129,6 +137,100 @@ impl RedbStore {
     /// The limits this store enforces.
     pub fn limits(&self) -> StoreLimits {
         self.limits
+    }
+
+    /// Check the invariants of `docs/STORAGE.md` §3 that tie the tables
+    /// together (contiguous inboxes that match their counters, one purge
+    /// queue entry per non-empty inbox at its oldest envelope, tombstones
+    /// below the stored range, dedup rows and batch lists in one-to-one
+    /// correspondence). Reads the whole file in one snapshot: meant for tests
+    /// and for inspecting a file after a crash, not for serving.
+    pub fn check_consistency(&self) -> Result<(), StoreError> {
+        let broken = |what: String| Err(StoreError::Backend(format!("inconsistent store: {what}")));
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(INBOX_META)?;
+        let inbox = txn.open_table(INBOX)?;
+        let queue = txn.open_table(PURGE_QUEUE)?;
+        let tombs = txn.open_table(TOMBSTONES)?;
+        let mut expected_queue = Vec::new();
+        let mut rows_total = 0u64;
+        for item in meta.range::<&[u8; 16]>(..)? {
+            let (k, v) = item?;
+            let device = DeviceId(*k.value());
+            let state = decode_state(v.value())?;
+            let base = inbox_base(&state);
+            if state.acked > base {
+                return broken(format!("acked {} above base {base}", state.acked));
+            }
+            let (lo, hi) = (inbox_key(&device, 0), inbox_key(&device, u64::MAX));
+            let (mut next, mut bytes) = (base.saturating_add(1), 0u64);
+            for row in inbox.range::<&InboxKey>(&lo..=&hi)? {
+                let (k, v) = row?;
+                let (_, seq) = split_inbox_key(k.value());
+                let (header, envelope) = decode_inbox_row(v.value())?;
+                if seq != next {
+                    return broken(format!("inbox row {seq} where {next} was due"));
+                }
+                if seq == base.saturating_add(1) {
+                    expected_queue.push(queue_key(header.expires_at_ms, &device));
+                }
+                next = seq.saturating_add(1);
+                bytes += envelope.len() as u64;
+            }
+            if next.saturating_sub(1) != state.head && state.depth > 0 {
+                return broken(format!(
+                    "inbox ends at {} below head {}",
+                    next - 1,
+                    state.head
+                ));
+            }
+            if next.saturating_sub(base.saturating_add(1)) != state.depth || bytes != state.bytes {
+                return broken("inbox counters differ from the rows".into());
+            }
+            rows_total += state.depth;
+            for t in tombs.range::<&InboxKey>(&lo..=&hi)? {
+                let (k, _) = t?;
+                let (_, seq) = split_inbox_key(k.value());
+                if seq <= state.acked || seq > base {
+                    return broken(format!("tombstone {seq} outside ({}, {base}]", state.acked));
+                }
+            }
+        }
+        if rows_total != inbox.len()? {
+            return broken("inbox rows without counters".into());
+        }
+        expected_queue.sort_unstable();
+        let mut actual_queue = Vec::new();
+        for item in queue.range::<&QueueKey>(..)? {
+            actual_queue.push(*item?.0.value());
+        }
+        if actual_queue != expected_queue {
+            return broken("purge queue differs from the oldest envelopes".into());
+        }
+        let dedup = txn.open_table(DEDUP)?;
+        let batches = txn.open_table(DEDUP_BATCHES)?;
+        let mut listed = 0u64;
+        for item in batches.range::<&DedupExpiryKey>(..)? {
+            let (k, v) = item?;
+            let list = decode_dedup_batch(v.value())?;
+            if list.first().map(|&(e, dk)| dedup_expiry_key(e, &dk)) != Some(*k.value()) {
+                return broken("dedup list keyed by another entry than its first".into());
+            }
+            for (expires_at_ms, dk) in list {
+                let entry = dedup
+                    .get(&dk)?
+                    .map(|g| decode_dedup(g.value()))
+                    .transpose()?;
+                if entry.map(|e| e.expires_at_ms) != Some(expires_at_ms) {
+                    return broken("dedup list entry without its dedup row".into());
+                }
+                listed += 1;
+            }
+        }
+        if listed != dedup.len()? {
+            return broken("dedup rows missing from the lists".into());
+        }
+        Ok(())
     }
 
     /// Run `f` in one write transaction; commit it durably if `f` reports a
@@ -175,29 +277,45 @@ where
         .unwrap_or_default())
 }
 
-/// Count the inbox rows of `device` with `first ≤ seq ≤ last`, reading keys
-/// only.
-fn count_rows<T>(inbox: &T, device: &DeviceId, first: u64, last: u64) -> Result<u64, StoreError>
+/// The seq below `device`'s oldest stored envelope: its stored envelopes are
+/// exactly the seqs in `(base, head]`.
+///
+/// This holds because seqs are assigned contiguously at the head and every
+/// deletion (ack or purge) removes a prefix of the inbox, so `depth` rows
+/// below and including `head` are stored and nothing else.
+fn inbox_base(state: &InboxState) -> u64 {
+    state.head.saturating_sub(state.depth)
+}
+
+/// Expiry of `device`'s oldest stored envelope, if it has any.
+fn oldest_expiry<T>(inbox: &T, device: &DeviceId) -> Result<Option<u64>, StoreError>
 where
     T: ReadableTable<&'static [u8; 24], &'static [u8]>,
 {
-    if first > last {
-        return Ok(0);
+    let (lo, hi) = (inbox_key(device, 0), inbox_key(device, u64::MAX));
+    match inbox.range::<&InboxKey>(&lo..=&hi)?.next() {
+        Some(item) => {
+            let (_, v) = item?;
+            Ok(Some(decode_inbox_row(v.value())?.0.expires_at_ms))
+        }
+        None => Ok(None),
     }
-    let (lo, hi) = (inbox_key(device, first), inbox_key(device, last));
-    let mut n = 0u64;
-    for item in inbox.range::<&InboxKey>(&lo..=&hi)? {
-        item?;
-        n += 1;
-    }
-    Ok(n)
+}
+
+/// One inbox as a commit batch sees it.
+struct CachedState {
+    state: InboxState,
+    /// The inbox was empty when the batch began.
+    was_empty: bool,
+    /// Expiry of the first envelope the batch stored in it.
+    first_expiry: Option<u64>,
 }
 
 /// The batch's view of inbox counters: loaded on first use, written back once
 /// at the end of the transaction.
 struct StateCache<'m, 't> {
     meta: &'m mut MetaTable<'t>,
-    states: BTreeMap<DeviceId, InboxState>,
+    states: BTreeMap<DeviceId, CachedState>,
 }
 
 impl<'m, 't> StateCache<'m, 't> {
@@ -208,45 +326,190 @@ impl<'m, 't> StateCache<'m, 't> {
         }
     }
 
-    fn get(&mut self, device: DeviceId) -> Result<&mut InboxState, StoreError> {
+    fn get(&mut self, device: DeviceId) -> Result<&mut CachedState, StoreError> {
         use std::collections::btree_map::Entry;
         match self.states.entry(device) {
             Entry::Occupied(e) => Ok(e.into_mut()),
-            Entry::Vacant(e) => Ok(e.insert(load_state(&*self.meta, &device)?)),
+            Entry::Vacant(e) => {
+                let state = load_state(&*self.meta, &device)?;
+                Ok(e.insert(CachedState {
+                    state,
+                    was_empty: state.depth == 0,
+                    first_expiry: None,
+                }))
+            }
         }
     }
 
-    fn flush(self) -> Result<(), StoreError> {
-        for (device, state) in &self.states {
+    /// Write the counters back and queue the inboxes that were empty and now
+    /// hold envelopes.
+    fn flush(self, queue: &mut QueueTable<'_>) -> Result<(), StoreError> {
+        for (device, cached) in &self.states {
             self.meta
-                .insert(device.as_bytes(), encode_state(state).as_slice())?;
+                .insert(device.as_bytes(), encode_state(&cached.state).as_slice())?;
+            if cached.was_empty
+                && let Some(expiry) = cached.first_expiry
+            {
+                queue.insert(&queue_key(expiry, device), ())?;
+            }
         }
         Ok(())
     }
 }
 
-/// Remove `device`'s inbox rows with seq ≤ `up_to` and their expiry index
-/// entries, updating `state`.
+/// Remove `device`'s inbox rows with seq ≤ `up_to` (a prefix of the inbox),
+/// updating `state` and the device's purge queue entry.
 fn delete_acked(
     inbox: &mut InboxTable<'_>,
-    expiry: &mut Table<'_, &'static [u8; 32], ()>,
+    queue: &mut QueueTable<'_>,
     device: &DeviceId,
     up_to: u64,
     state: &mut InboxState,
 ) -> Result<(), StoreError> {
     let (lo, hi) = (inbox_key(device, 0), inbox_key(device, up_to));
-    let mut removed = Vec::new();
-    for item in inbox.extract_from_if::<&InboxKey, _>(&lo..=&hi, |_, _| true)? {
-        let (k, v) = item?;
-        let (_, seq) = split_inbox_key(k.value());
-        let (header, envelope) = decode_inbox_row(v.value())?;
-        removed.push((seq, header.expires_at_ms, envelope.len() as u64));
+    let mut first_expiry = None;
+    let (mut count, mut bytes, mut corrupt_row) = (0u64, 0u64, false);
+    // One pass that removes every row of the range (the predicate keeps
+    // none) and measures them on the way; a row that does not decode fails
+    // the whole transaction below.
+    inbox.retain_in::<&InboxKey, _>(&lo..=&hi, |_, v| {
+        match decode_inbox_row(v) {
+            Ok((header, envelope)) => {
+                first_expiry.get_or_insert(header.expires_at_ms);
+                count += 1;
+                bytes += envelope.len() as u64;
+            }
+            Err(_) => corrupt_row = true,
+        }
+        false
+    })?;
+    if corrupt_row {
+        return Err(corrupt("inbox row"));
     }
-    for (seq, expires_at_ms, len) in removed {
-        expiry.remove(&expiry_key(expires_at_ms, device, seq))?;
-        rules::release(state, len);
+    rules::release_many(state, count, bytes);
+    // The oldest row changed: move the inbox in the purge queue.
+    if let Some(old) = first_expiry {
+        queue.remove(&queue_key(old, device))?;
+        if let Some(new) = oldest_expiry(&*inbox, device)? {
+            queue.insert(&queue_key(new, device), ())?;
+        }
     }
     Ok(())
+}
+
+/// Purge the expired prefix of `device`'s inbox, at most `budget` envelopes,
+/// writing tombstones; re-queue the inbox at its new oldest expiry. Returns
+/// how many envelopes went.
+fn purge_inbox(
+    tables: &mut PurgeTables<'_, '_>,
+    device: &DeviceId,
+    now_ms: u64,
+    budget: u64,
+) -> Result<u64, StoreError> {
+    let (lo, hi) = (inbox_key(device, 0), inbox_key(device, u64::MAX));
+    let mut due = Vec::new();
+    let mut next_expiry = None;
+    for item in tables.inbox.range::<&InboxKey>(&lo..=&hi)? {
+        let (k, v) = item?;
+        let (header, envelope) = decode_inbox_row(v.value())?;
+        if header.expires_at_ms > now_ms || due.len() as u64 >= budget {
+            next_expiry = Some(header.expires_at_ms);
+            break;
+        }
+        let (_, seq) = split_inbox_key(k.value());
+        due.push((seq, header, envelope.len() as u64));
+    }
+    let mut state = load_state(&*tables.meta, device)?;
+    let purged = due.len() as u64;
+    for (seq, header, len) in due {
+        let key = inbox_key(device, seq);
+        tables.inbox.remove(&key)?;
+        tables
+            .tombs
+            .insert(&key, encode_tombstone(&header.tombstone()).as_slice())?;
+        rules::release(&mut state, len);
+    }
+    if purged > 0 {
+        tables
+            .meta
+            .insert(device.as_bytes(), encode_state(&state).as_slice())?;
+    }
+    if let Some(expiry) = next_expiry {
+        tables.queue.insert(&queue_key(expiry, device), ())?;
+    }
+    Ok(purged)
+}
+
+/// The first purge queue key at or below `hi`.
+fn first_due(queue: &QueueTable<'_>, hi: &QueueKey) -> Result<Option<QueueKey>, StoreError> {
+    match queue.range::<&QueueKey>(..=hi)?.next() {
+        Some(item) => Ok(Some(*item?.0.value())),
+        None => Ok(None),
+    }
+}
+
+/// The first dedup batch list whose key is at or below `hi`, decoded.
+fn first_due_batch(
+    batches: &BatchTable<'_>,
+    hi: &DedupExpiryKey,
+) -> Result<Option<(DedupExpiryKey, DedupBatch)>, StoreError> {
+    match batches.range::<&DedupExpiryKey>(..=hi)?.next() {
+        Some(item) => {
+            let (k, v) = item?;
+            Ok(Some((*k.value(), decode_dedup_batch(v.value())?)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The tables an inbox purge writes.
+struct PurgeTables<'a, 't> {
+    inbox: &'a mut InboxTable<'t>,
+    tombs: &'a mut InboxTable<'t>,
+    meta: &'a mut MetaTable<'t>,
+    queue: &'a mut QueueTable<'t>,
+}
+
+/// Drop the expired entries of one dedup batch list (at most `budget`), and
+/// store what is left of it under its new first entry. Returns (entries
+/// looked at, dedup rows removed).
+fn purge_dedup_batch(
+    dedup: &mut Table<'_, &'static DedupKey, &'static [u8]>,
+    batches: &mut BatchTable<'_>,
+    list: DedupBatch,
+    now_ms: u64,
+    budget: u64,
+) -> Result<(u64, u64), StoreError> {
+    let (mut looked, mut removed) = (0u64, 0u64);
+    let mut rest = Vec::new();
+    for (expires_at_ms, dk) in list {
+        if expires_at_ms > now_ms || looked >= budget {
+            rest.push((expires_at_ms, dk));
+            continue;
+        }
+        looked += 1;
+        let gone = dedup
+            .remove(&dk)?
+            .map(|g| g.value().to_vec())
+            .map(|v| decode_dedup(&v).map(|e| (e, v)))
+            .transpose()?;
+        match gone {
+            Some((entry, _)) if entry.expires_at_ms == expires_at_ms => removed += 1,
+            // Not this list's entry (cannot happen while the lists and the
+            // dedup table agree): put it back untouched.
+            Some((_, v)) => {
+                dedup.insert(&dk, v.as_slice())?;
+            }
+            None => {}
+        }
+    }
+    if let Some(&(expires_at_ms, dk)) = rest.first() {
+        batches.insert(
+            &dedup_expiry_key(expires_at_ms, &dk),
+            encode_dedup_batch(&rest).as_slice(),
+        )?;
+    }
+    Ok((looked, removed))
 }
 
 impl Store for RedbStore {
@@ -296,58 +559,95 @@ impl Store for RedbStore {
             let devices = txn.open_table(DEVICES)?;
             let mut inbox = txn.open_table(INBOX)?;
             let mut dedup = txn.open_table(DEDUP)?;
-            let mut dedup_expiry = txn.open_table(DEDUP_EXPIRY)?;
-            let mut expiry = txn.open_table(EXPIRY)?;
+            let mut batches = txn.open_table(DEDUP_BATCHES)?;
+            let mut queue = txn.open_table(PURGE_QUEUE)?;
             let mut meta = txn.open_table(INBOX_META)?;
             let mut states = StateCache::new(&mut meta);
+            // Devices are never deleted: one lookup per recipient per batch.
+            let mut known: HashMap<DeviceId, bool> = HashMap::new();
+            let mut created: Vec<(u64, DedupKey)> = Vec::new();
             let mut outcomes = Vec::with_capacity(batch.len());
-            let mut changed = Changed::No;
             for env in batch {
                 let dk = dedup_key(&env.sender, &env.recipient, &env.message_id);
-                let seen = dedup
-                    .get(&dk)?
+                let is_known = match known.get(&env.recipient) {
+                    Some(&k) => k,
+                    None => {
+                        let k = devices.get(env.recipient.as_bytes())?.is_some();
+                        known.insert(env.recipient, k);
+                        k
+                    }
+                };
+                // The seq this envelope gets if it is stored.
+                let tentative = if is_known {
+                    states.get(env.recipient)?.state.head.saturating_add(1)
+                } else {
+                    0
+                };
+                let entry = DedupEntry {
+                    seq: tentative,
+                    expires_at_ms: env.expires_at_ms,
+                };
+                // One B-tree operation for the usual case: insert the entry
+                // and learn whether one was there. A duplicate (rare) gets
+                // its original entry back.
+                let previous = dedup
+                    .insert(&dk, encode_dedup(&entry).as_slice())?
                     .map(|g| decode_dedup(g.value()))
                     .transpose()?;
-                if let Some(entry) = seen {
-                    outcomes.push(CommitOutcome::Duplicate { seq: entry.seq });
+                if let Some(original) = previous {
+                    dedup.insert(&dk, encode_dedup(&original).as_slice())?;
+                    outcomes.push(CommitOutcome::Duplicate { seq: original.seq });
                     continue;
                 }
-                if devices.get(env.recipient.as_bytes())?.is_none() {
+                if !is_known {
+                    dedup.remove(&dk)?;
                     outcomes.push(CommitOutcome::Refused(Refusal::UnknownRecipient));
                     continue;
                 }
                 let len = env.bytes.len() as u64;
-                let state = states.get(env.recipient)?;
-                if let Err(refusal) = rules::admit(state, len, &limits) {
+                let cached = states.get(env.recipient)?;
+                if let Err(refusal) = rules::admit(&cached.state, len, &limits) {
+                    dedup.remove(&dk)?;
                     outcomes.push(CommitOutcome::Refused(refusal));
                     continue;
                 }
-                let seq = rules::assign(state, len)
+                let seq = rules::assign(&mut cached.state, len)
+                    .filter(|&seq| seq == tentative)
                     .ok_or_else(|| StoreError::Backend("inbox seq space exhausted".into()))?;
+                cached.first_expiry.get_or_insert(env.expires_at_ms);
                 let header = InboxRowHeader {
                     expires_at_ms: env.expires_at_ms,
                     sender: env.sender,
                     conversation: env.conversation,
                     sender_seq: env.sender_seq,
                 };
-                inbox.insert(
-                    &inbox_key(&env.recipient, seq),
-                    encode_inbox_row(&header, &env.bytes).as_slice(),
-                )?;
-                expiry.insert(&expiry_key(env.expires_at_ms, &env.recipient, seq), ())?;
-                let entry = DedupEntry {
-                    seq,
-                    expires_at_ms: env.expires_at_ms,
-                };
-                dedup.insert(&dk, encode_dedup(&entry).as_slice())?;
-                dedup_expiry.insert(&dedup_expiry_key(env.expires_at_ms, &dk), ())?;
+                let key = inbox_key(&env.recipient, seq);
+                let mut row = inbox.insert_reserve(&key, INBOX_HEADER_LEN + env.bytes.len())?;
+                write_inbox_row(row.as_mut(), &header, &env.bytes);
+                drop(row);
+                created.push((env.expires_at_ms, dk));
                 outcomes.push(CommitOutcome::Stored { seq });
-                changed = Changed::Yes;
             }
-            if changed == Changed::Yes {
-                states.flush()?;
+            if created.is_empty() {
+                return Ok((outcomes, Changed::No));
             }
-            Ok((outcomes, changed))
+            states.flush(&mut queue)?;
+            // The batch's dedup entries, oldest first, in lists of bounded
+            // size keyed by their first entry. A fresh dedup key is in no
+            // list yet, so these keys are new.
+            created.sort_unstable();
+            for list in created.chunks(DEDUP_BATCH_MAX) {
+                if let Some(&(expires_at_ms, dk)) = list.first() {
+                    let key = dedup_expiry_key(expires_at_ms, &dk);
+                    if batches
+                        .insert(&key, encode_dedup_batch(list).as_slice())?
+                        .is_some()
+                    {
+                        return Err(corrupt("dedup batch list (key reused)"));
+                    }
+                }
+            }
+            Ok((outcomes, Changed::Yes))
         })
     }
 
@@ -361,19 +661,19 @@ impl Store for RedbStore {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(INBOX_META)?;
         let inbox = txn.open_table(INBOX)?;
-        let tombs = txn.open_table(TOMBSTONES)?;
         let state = load_state(&meta, device)?;
+        let base = inbox_base(&state);
 
+        // Stored seqs are exactly (base, head]: the page starts at the first
+        // of them above `after`.
+        let start = after.max(base);
         let mut envelopes = Vec::new();
-        let mut oldest_retained = None;
-        let first = after.checked_add(1);
-        if let Some(first) = first {
-            let (lo, hi) = (inbox_key(device, first), inbox_key(device, u64::MAX));
+        if start < state.head {
+            let (lo, hi) = (inbox_key(device, start + 1), inbox_key(device, state.head));
             let mut budget = PageBudget::new(limit, max_bytes);
             for item in inbox.range::<&InboxKey>(&lo..=&hi)? {
                 let (k, v) = item?;
                 let (_, seq) = split_inbox_key(k.value());
-                oldest_retained.get_or_insert(seq);
                 let (_, bytes) = decode_inbox_row(v.value())?;
                 if !budget.take(bytes.len()) {
                     break;
@@ -384,29 +684,22 @@ impl Store for RedbStore {
                 });
             }
         }
-
-        let page_len = envelopes.len() as u64;
         let boundary = envelopes.last().map_or(after, |e| e.seq);
-        let remaining = match rules::remaining_scan(&state, after, boundary) {
-            RemainingScan::Below { after } => {
-                let below = count_rows(&inbox, device, state.acked.saturating_add(1), after)?;
-                state.depth.saturating_sub(below).saturating_sub(page_len)
-            }
-            RemainingScan::Above { boundary } => match boundary.checked_add(1) {
-                Some(next) => count_rows(&inbox, device, next, u64::MAX)?,
-                None => 0,
-            },
-        };
+        // O(1): the stored seqs above the page are (max(boundary, base), head].
+        let remaining = state.head.saturating_sub(boundary.max(base));
+        let oldest = start.saturating_add(1).min(state.head.saturating_add(1));
 
+        // Tombstones lie in (acked, base]: only a cursor below `base` can
+        // have any above it.
         let mut dropped = Vec::new();
-        if let Some(first) = first {
-            let (lo, hi) = (inbox_key(device, first), inbox_key(device, u64::MAX));
+        if after < base {
+            let tombs = txn.open_table(TOMBSTONES)?;
+            let (lo, hi) = (inbox_key(device, after + 1), inbox_key(device, u64::MAX));
             for item in tombs.range::<&InboxKey>(&lo..=&hi)? {
                 let (_, v) = item?;
                 dropped.push(decode_tombstone(v.value())?);
             }
         }
-        let oldest = oldest_retained.unwrap_or_else(|| state.head.saturating_add(1));
         Ok(InboxPage {
             envelopes,
             remaining,
@@ -429,13 +722,11 @@ impl Store for RedbStore {
                 return Ok((state.acked, Changed::No));
             }
             let mut inbox = txn.open_table(INBOX)?;
-            let mut expiry = txn.open_table(EXPIRY)?;
-            delete_acked(&mut inbox, &mut expiry, device, target, &mut state)?;
+            let mut queue = txn.open_table(PURGE_QUEUE)?;
+            delete_acked(&mut inbox, &mut queue, device, target, &mut state)?;
             let mut tombs = txn.open_table(TOMBSTONES)?;
             let (lo, hi) = (inbox_key(device, 0), inbox_key(device, target));
-            for item in tombs.extract_from_if::<&InboxKey, _>(&lo..=&hi, |_, _| true)? {
-                item?;
-            }
+            tombs.retain_in::<&InboxKey, _>(&lo..=&hi, |_, _| false)?;
             state.acked = target;
             meta.insert(device.as_bytes(), encode_state(&state).as_slice())?;
             Ok((target, Changed::Yes))
@@ -452,56 +743,49 @@ impl Store for RedbStore {
         if max == 0 {
             return Ok(PurgeStats::default());
         }
+        let max = max as u64;
         self.write(|txn| {
             let mut stats = PurgeStats::default();
             let mut changed = Changed::No;
 
-            let mut expiry = txn.open_table(EXPIRY)?;
+            // Inboxes in the order of their oldest envelope's expiry; each
+            // loses its expired prefix.
             let mut inbox = txn.open_table(INBOX)?;
             let mut tombs = txn.open_table(TOMBSTONES)?;
             let mut meta = txn.open_table(INBOX_META)?;
-            let mut states = StateCache::new(&mut meta);
-            let hi = expiry_upper(now_ms);
-            let mut due = Vec::new();
-            for item in expiry
-                .extract_from_if::<&ExpiryKey, _>(..=&hi, |_, _| true)?
-                .take(max)
-            {
-                let (k, _) = item?;
-                due.push(split_expiry_key(k.value()));
-            }
-            for (_, device, seq) in due {
+            let mut queue = txn.open_table(PURGE_QUEUE)?;
+            let hi = queue_upper(now_ms);
+            while stats.expired < max {
+                let Some(key) = first_due(&queue, &hi)? else {
+                    break;
+                };
                 changed = Changed::Yes;
-                let key = inbox_key(&device, seq);
-                let row = inbox
-                    .remove(&key)?
-                    .map(|g| decode_inbox_row(g.value()).map(|(h, env)| (h, env.len() as u64)))
-                    .transpose()?;
-                // An index entry without its row (already acked) just goes.
-                if let Some((header, len)) = row {
-                    tombs.insert(&key, encode_tombstone(&header.tombstone()).as_slice())?;
-                    rules::release(states.get(device)?, len);
-                    stats.expired += 1;
-                }
+                queue.remove(&key)?;
+                let (_, device) = split_queue_key(&key);
+                let mut tables = PurgeTables {
+                    inbox: &mut inbox,
+                    tombs: &mut tombs,
+                    meta: &mut meta,
+                    queue: &mut queue,
+                };
+                stats.expired += purge_inbox(&mut tables, &device, now_ms, max - stats.expired)?;
             }
-            states.flush()?;
 
-            let mut dedup_expiry = txn.open_table(DEDUP_EXPIRY)?;
+            // Dedup entries, by the lists their commits wrote.
             let mut dedup = txn.open_table(DEDUP)?;
+            let mut batches = txn.open_table(DEDUP_BATCHES)?;
             let hi = dedup_expiry_upper(now_ms);
-            let mut due = Vec::new();
-            for item in dedup_expiry
-                .extract_from_if::<&DedupExpiryKey, _>(..=&hi, |_, _| true)?
-                .take(max)
-            {
-                let (k, _) = item?;
-                due.push(split_dedup_expiry_key(k.value()).1);
-            }
-            for dk in due {
+            let mut looked = 0u64;
+            while looked < max {
+                let Some((key, list)) = first_due_batch(&batches, &hi)? else {
+                    break;
+                };
                 changed = Changed::Yes;
-                if dedup.remove(&dk)?.is_some() {
-                    stats.dedup_removed += 1;
-                }
+                batches.remove(&key)?;
+                let (l, removed) =
+                    purge_dedup_batch(&mut dedup, &mut batches, list, now_ms, max - looked)?;
+                looked += l;
+                stats.dedup_removed += removed;
             }
             Ok((stats, changed))
         })
@@ -710,14 +994,82 @@ mod tests {
         poke(&store, |txn| {
             let mut t = txn.open_table(INBOX).unwrap();
             t.insert(&inbox_key(&d, 1), [0u8; 47].as_slice()).unwrap();
-            let mut t = txn.open_table(EXPIRY).unwrap();
-            t.insert(&expiry_key(10, &d, 1), ()).unwrap();
+            let mut t = txn.open_table(INBOX_META).unwrap();
+            let state = InboxState {
+                head: 1,
+                acked: 0,
+                depth: 1,
+                bytes: 0,
+            };
+            t.insert(d.as_bytes(), encode_state(&state).as_slice())
+                .unwrap();
+            let mut t = txn.open_table(PURGE_QUEUE).unwrap();
+            t.insert(&queue_key(10, &d), ()).unwrap();
+            let mut t = txn.open_table(DEDUP_BATCHES).unwrap();
+            t.insert(&dedup_expiry_key(10, &[0; 48]), [0u8; 55].as_slice())
+                .unwrap();
         });
         assert!(is_corrupt(store.pull(&d, 0, 10, 1000)));
         assert!(is_corrupt(store.purge_expired(10, 10)));
-        // The failed purge rolled back: the index entry is still there.
+        assert!(is_corrupt(store.ack(&d, 1)));
+        // The failed purge rolled back: the queue entry is still there.
         let txn = store.db.begin_read().unwrap();
-        assert_eq!(txn.open_table(EXPIRY).unwrap().len().unwrap(), 1);
+        assert_eq!(txn.open_table(PURGE_QUEUE).unwrap().len().unwrap(), 1);
+        drop(txn);
+        // With the row repaired, the corrupt dedup list still fails the
+        // purge as a whole.
+        poke(&store, |txn| {
+            let mut t = txn.open_table(INBOX).unwrap();
+            t.insert(&inbox_key(&d, 1), [0u8; 48].as_slice()).unwrap();
+        });
+        assert!(is_corrupt(store.purge_expired(10, 10)));
+        assert_eq!(store.inbox_state(&d).unwrap().depth, 1);
+    }
+
+    #[test]
+    fn consistency_check_finds_tables_that_disagree() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("s.redb"), StoreLimits::default()).unwrap();
+        let d = DeviceId([4; 16]);
+        store.register_device(&registration(4), 1).unwrap();
+        let env = |m: u8, expires_at_ms| NewEnvelope {
+            recipient: d,
+            sender: d,
+            message_id: hush_protocol::MessageId([m; 16]),
+            conversation: hush_protocol::ConversationId([1; 16]),
+            sender_seq: u64::from(m),
+            bytes: vec![m; 20],
+            expires_at_ms,
+        };
+        store.commit(&[env(1, 10), env(2, 20), env(3, 30)]).unwrap();
+        store.ack(&d, 1).unwrap();
+        store.purge_expired(20, 10).unwrap();
+        store.check_consistency().unwrap();
+        // A queue entry at the wrong time.
+        poke(&store, |txn| {
+            let mut q = txn.open_table(PURGE_QUEUE).unwrap();
+            q.remove(&queue_key(30, &d)).unwrap();
+            q.insert(&queue_key(31, &d), ()).unwrap();
+        });
+        assert!(store.check_consistency().is_err());
+        poke(&store, |txn| {
+            let mut q = txn.open_table(PURGE_QUEUE).unwrap();
+            q.remove(&queue_key(31, &d)).unwrap();
+            q.insert(&queue_key(30, &d), ()).unwrap();
+        });
+        store.check_consistency().unwrap();
+        // A hole in the inbox.
+        poke(&store, |txn| {
+            let mut t = txn.open_table(INBOX).unwrap();
+            let row = t
+                .remove(&inbox_key(&d, 3))
+                .unwrap()
+                .unwrap()
+                .value()
+                .to_vec();
+            t.insert(&inbox_key(&d, 4), row.as_slice()).unwrap();
+        });
+        assert!(store.check_consistency().is_err());
     }
 
     #[test]
@@ -728,11 +1080,12 @@ mod tests {
             let store = RedbStore::open(&path, StoreLimits::default()).unwrap();
             poke(&store, |txn| {
                 let mut t = txn.open_table(INFO).unwrap();
-                t.insert(FORMAT_KEY, 2u32.to_be_bytes().as_slice()).unwrap();
+                t.insert(FORMAT_KEY, 1u32.to_be_bytes().as_slice()).unwrap();
             });
         }
+        // A version-1 file (the layout before the purge queue) is refused.
         let err = RedbStore::open(&path, StoreLimits::default()).unwrap_err();
-        assert!(matches!(err, StoreError::Backend(m) if m.contains("format 2")));
+        assert!(matches!(err, StoreError::Backend(m) if m.contains("format 1")));
     }
 
     #[test]

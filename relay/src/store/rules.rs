@@ -34,6 +34,12 @@ pub(crate) fn release(state: &mut InboxState, len: u64) {
     state.bytes = state.bytes.saturating_sub(len);
 }
 
+/// Remove `count` envelopes of `bytes` bytes in total from the counters.
+pub(crate) fn release_many(state: &mut InboxState, count: u64, bytes: u64) {
+    state.depth = state.depth.saturating_sub(count);
+    state.bytes = state.bytes.saturating_sub(bytes);
+}
+
 /// The size limits of one page being filled.
 #[derive(Debug)]
 pub(crate) struct PageBudget {
@@ -68,33 +74,6 @@ impl PageBudget {
         self.count += 1;
         self.bytes = total;
         true
-    }
-}
-
-/// How to count the envelopes left after a page, whichever side is cheaper.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum RemainingScan {
-    /// Count stored seqs in `(acked, after]` and subtract them and the page
-    /// from the depth.
-    Below {
-        /// The last seq to count (the pull's `after`).
-        after: u64,
-    },
-    /// Count stored seqs above the page's last seq directly.
-    Above {
-        /// The page's last seq (or `after` for an empty page).
-        boundary: u64,
-    },
-}
-
-/// Choose the scan that visits fewer rows at worst: the rows in
-/// `(acked, after]` (usually none — a pull acks the previous page) or the
-/// rows in `(boundary, head]`.
-pub(crate) fn remaining_scan(state: &InboxState, after: u64, boundary: u64) -> RemainingScan {
-    if after.saturating_sub(state.acked) <= state.head.saturating_sub(boundary) {
-        RemainingScan::Below { after }
-    } else {
-        RemainingScan::Above { boundary }
     }
 }
 
@@ -145,24 +124,5 @@ mod tests {
         assert!(b.take(1));
         assert!(!b.take(1));
         assert!(!PageBudget::new(0, 100).take(1));
-    }
-
-    #[test]
-    fn remaining_scan_picks_the_smaller_side() {
-        let s = InboxState {
-            head: 100,
-            acked: 10,
-            depth: 90,
-            bytes: 0,
-        };
-        assert_eq!(
-            remaining_scan(&s, 10, 20),
-            RemainingScan::Below { after: 10 }
-        );
-        assert_eq!(
-            remaining_scan(&s, 95, 96),
-            RemainingScan::Above { boundary: 96 }
-        );
-        assert_eq!(remaining_scan(&s, 0, 5), RemainingScan::Below { after: 0 });
     }
 }

@@ -7,7 +7,7 @@
 //! [`StoreError::Backend`] ("corrupt …"): bytes read from disk never cause a
 //! panic.
 
-use super::keys::{DedupExpiryKey, DedupKey, ExpiryKey, InboxKey, OtkKey};
+use super::keys::{DedupExpiryKey, DedupKey, InboxKey, OtkKey, QueueKey, split_dedup_expiry_key};
 use super::tombstones::Tombstone;
 use super::{DeviceRecord, InboxState, StoreError};
 use hush_protocol::{
@@ -18,11 +18,13 @@ use redb::TableDefinition;
 
 /// `device ‖ seq` → [`InboxRow`] (48-byte header + envelope bytes).
 pub(crate) const INBOX: TableDefinition<&InboxKey, &[u8]> = TableDefinition::new("inbox");
-/// `sender ‖ recipient ‖ message id` → [`DedupEntry`] (16 bytes).
+/// `message id ‖ sender ‖ recipient` → [`DedupEntry`] (16 bytes).
 pub(crate) const DEDUP: TableDefinition<&DedupKey, &[u8]> = TableDefinition::new("dedup");
-/// `expires_at ‖ sender ‖ recipient ‖ message id` → `()`.
-pub(crate) const DEDUP_EXPIRY: TableDefinition<&DedupExpiryKey, ()> =
-    TableDefinition::new("dedup_expiry");
+/// `expires_at ‖ message id ‖ sender ‖ recipient` of its first entry → a
+/// [`DedupBatch`] (n × 56 bytes): the dedup entries one commit created,
+/// oldest first, so purge finds them without a per-envelope index.
+pub(crate) const DEDUP_BATCHES: TableDefinition<&DedupExpiryKey, &[u8]> =
+    TableDefinition::new("dedup_batches");
 /// `device` → [`InboxState`] (32 bytes).
 pub(crate) const INBOX_META: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("inbox_meta");
 /// `device` → [`DeviceRecord`] (168 bytes).
@@ -36,8 +38,9 @@ pub(crate) const ONE_TIME_PREKEYS: TableDefinition<&OtkKey, &[u8]> =
 /// `user` → [`SignedDeviceList`] (76 + 80·n bytes).
 pub(crate) const DEVICE_LISTS: TableDefinition<&[u8; 32], &[u8]> =
     TableDefinition::new("device_lists");
-/// `expires_at ‖ device ‖ seq` → `()`.
-pub(crate) const EXPIRY: TableDefinition<&ExpiryKey, ()> = TableDefinition::new("expiry");
+/// `expires_at ‖ device` → `()`: one entry per non-empty inbox, at the expiry
+/// of its oldest stored envelope.
+pub(crate) const PURGE_QUEUE: TableDefinition<&QueueKey, ()> = TableDefinition::new("purge_queue");
 /// `device ‖ seq` → [`Tombstone`] (40 bytes).
 pub(crate) const TOMBSTONES: TableDefinition<&InboxKey, &[u8]> = TableDefinition::new("tombstones");
 /// Name → value: the file format version (`"format"` → u32 BE).
@@ -46,7 +49,7 @@ pub(crate) const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info
 /// Key of the format version in [`INFO`].
 pub(crate) const FORMAT_KEY: &str = "format";
 /// The layout described in `docs/STORAGE.md`.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 /// A bounds-checked reader over a value read from disk.
 struct Reader<'a> {
@@ -129,14 +132,32 @@ impl InboxRowHeader {
 }
 
 /// `expires_at u64 ‖ sender 16 ‖ conversation 16 ‖ sender_seq u64 ‖ envelope`.
+#[cfg(test)]
 pub(crate) fn encode_inbox_row(header: &InboxRowHeader, envelope: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(INBOX_HEADER_LEN + envelope.len());
-    v.extend_from_slice(&header.expires_at_ms.to_be_bytes());
-    v.extend_from_slice(header.sender.as_bytes());
-    v.extend_from_slice(header.conversation.as_bytes());
-    v.extend_from_slice(&header.sender_seq.to_be_bytes());
-    v.extend_from_slice(envelope);
+    let mut v = vec![0u8; INBOX_HEADER_LEN + envelope.len()];
+    write_inbox_row(&mut v, header, envelope);
     v
+}
+
+/// Write an inbox row into `dest`, which is exactly `INBOX_HEADER_LEN +
+/// envelope.len()` bytes (space reserved in the table, so the envelope is
+/// copied once).
+pub(crate) fn write_inbox_row(dest: &mut [u8], header: &InboxRowHeader, envelope: &[u8]) {
+    let parts: [&[u8]; 5] = [
+        &header.expires_at_ms.to_be_bytes(),
+        header.sender.as_bytes(),
+        header.conversation.as_bytes(),
+        &header.sender_seq.to_be_bytes(),
+        envelope,
+    ];
+    let mut pos = 0;
+    for part in parts {
+        let end = pos + part.len();
+        if let Some(d) = dest.get_mut(pos..end) {
+            d.copy_from_slice(part);
+        }
+        pos = end;
+    }
 }
 
 /// Split an inbox row into its header and the envelope bytes.
@@ -175,6 +196,41 @@ pub(crate) fn decode_dedup(bytes: &[u8]) -> Result<DedupEntry, StoreError> {
         seq: r.u64()?,
         expires_at_ms: r.u64()?,
     })
+}
+
+/// Most entries in one [`DEDUP_BATCHES`] value; a larger commit writes
+/// several lists.
+pub(crate) const DEDUP_BATCH_MAX: usize = 1024;
+
+/// Bytes of one entry of a dedup batch list.
+const DEDUP_BATCH_ENTRY_LEN: usize = 56;
+
+/// One dedup batch list: `(expires_at, dedup key)` pairs in ascending order.
+pub(crate) type DedupBatch = Vec<(u64, DedupKey)>;
+
+/// `n × (expires_at u64 ‖ dedup key 48)`, in the given (ascending) order.
+pub(crate) fn encode_dedup_batch(entries: &[(u64, DedupKey)]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(entries.len() * DEDUP_BATCH_ENTRY_LEN);
+    for (expires_at_ms, key) in entries {
+        v.extend_from_slice(&expires_at_ms.to_be_bytes());
+        v.extend_from_slice(key);
+    }
+    v
+}
+
+/// Inverse of [`encode_dedup_batch`]; a list is never empty.
+pub(crate) fn decode_dedup_batch(bytes: &[u8]) -> Result<DedupBatch, StoreError> {
+    const WHAT: &str = "dedup batch";
+    if bytes.is_empty() || !bytes.len().is_multiple_of(DEDUP_BATCH_ENTRY_LEN) {
+        return Err(corrupt(WHAT));
+    }
+    let mut r = Reader::new(bytes, bytes.len(), true, WHAT)?;
+    let mut out = Vec::with_capacity(bytes.len() / DEDUP_BATCH_ENTRY_LEN);
+    for _ in 0..bytes.len() / DEDUP_BATCH_ENTRY_LEN {
+        let k: DedupExpiryKey = r.array()?;
+        out.push(split_dedup_expiry_key(&k));
+    }
+    Ok(out)
 }
 
 /// `head u64 ‖ acked u64 ‖ depth u64 ‖ bytes u64`.
@@ -422,6 +478,11 @@ mod tests {
             sender_seq: u64::MAX,
         };
         assert_eq!(decode_tombstone(&encode_tombstone(&t)).unwrap(), t);
+
+        let list = vec![(3, [1u8; 48]), (3, [2u8; 48]), (9, [0u8; 48])];
+        let enc = encode_dedup_batch(&list);
+        assert_eq!(enc.len(), 3 * 56);
+        assert_eq!(decode_dedup_batch(&enc).unwrap(), list);
     }
 
     #[test]
@@ -489,6 +550,12 @@ mod tests {
         assert_eq!(&v[8..72], &[3; 64]);
         assert_eq!(&v[72..76], &2u32.to_be_bytes());
         assert_eq!((v[76 + 80], v[92 + 80], v[124 + 80]), (1, 2, 3));
+        // §2.8 dedup batch: expires_at ‖ dedup key, repeated.
+        let b = encode_dedup_batch(&[(5, [7u8; 48]), (6, [8u8; 48])]);
+        assert_eq!(&b[..8], &5u64.to_be_bytes());
+        assert_eq!(&b[8..56], &[7u8; 48]);
+        assert_eq!(&b[56..64], &6u64.to_be_bytes());
+        assert_eq!(&b[64..], &[8u8; 48]);
         // §2.6 tombstone.
         let t = encode_tombstone(&Tombstone {
             sender: DeviceId([7; 16]),
@@ -508,6 +575,8 @@ mod tests {
         assert!(is_corrupt(decode_signed_prekey(&[0; 99])));
         assert!(is_corrupt(decode_otk_public(&[0; 33])));
         assert!(is_corrupt(decode_tombstone(&[])));
+        assert!(is_corrupt(decode_dedup_batch(&[])));
+        assert!(is_corrupt(decode_dedup_batch(&[0; 57])));
         assert!(is_corrupt(decode_format(&[0; 3])));
         // A device list whose count disagrees with its length.
         let mut enc = encode_device_list(&sample_list(2)).unwrap();
@@ -529,6 +598,7 @@ mod tests {
             let _ = decode_device_list(UserKey([0; 32]), &bytes);
             let _ = decode_tombstone(&bytes);
             let _ = decode_format(&bytes);
+            let _ = decode_dedup_batch(&bytes);
         }
     }
 }

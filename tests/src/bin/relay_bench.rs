@@ -19,7 +19,11 @@
 //!    of single-envelope sends (default 10,000/s), p50/p99/p99.9/max;
 //! 4. one device pulling 100,000 stored envelopes in pages of 200, read-only
 //!    and then with merged acknowledgements (each pull deletes the previous
-//!    page): envelopes/s.
+//!    page): envelopes/s;
+//! 5. (`--phases store`, not run by default) the store alone, no network:
+//!    `RedbStore::commit` of 4096-envelope batches (the ingest phase's group
+//!    size) and of 16-envelope batches (the latency phase's), with the
+//!    distribution of the durable commit's duration.
 //!
 //! Numbers, targets and the command go into BENCHMARKS.md ("## Relay").
 
@@ -108,7 +112,7 @@ impl Args {
                     println!(
                         "relay_bench [--quick] [--dir DIR] [--senders N] [--ingest-secs S] \
                          [--latency-rate N] [--latency-secs S] [--pull-count N] \
-                         [--phases raw,ingest,latency,pull]"
+                         [--phases raw,ingest,latency,pull,store]"
                     );
                     std::process::exit(0);
                 }
@@ -186,6 +190,9 @@ async fn run() -> BenchResult<()> {
             lat.mean_commit_ms
         );
     }
+    if args.runs("store") {
+        store_phase(&root.join("store"), &args)?;
+    }
     if args.runs("pull") {
         println!(
             "\n## 4. pull of {} stored envelopes by one device",
@@ -194,7 +201,7 @@ async fn run() -> BenchResult<()> {
         let pull = pull_phase(&root.join("pull"), &args).await?;
         println!(
             "pull read-only: {:.0} envelopes/s ({:.2} s); pull with merged acks: {:.0} envelopes/s \
-             ({:.2} s; per page: {:.2} ms round trip, {:.2} ms in the relay's ack+read); \
+             ({:.2} s; per page: {:.2} ms round trip, {:.2} ms in the relay's read, the ack follows the reply); \
              preload took {:.2} s",
             pull.count as f64 / pull.read_secs,
             pull.read_secs,
@@ -599,7 +606,8 @@ struct PullStats {
     preload_secs: f64,
     read_secs: f64,
     ack_secs: f64,
-    /// Mean relay-side time of one merged-ack pull (ack + read, on the blocking pool).
+    /// Mean relay-side time of one merged-ack pull (the read on the blocking
+    /// pool; the relay applies the ack after sending the page).
     server_ms: f64,
     /// Mean round trip of one merged-ack pull as the client sees it.
     client_ms: f64,
@@ -692,4 +700,87 @@ async fn pull_phase(dir: &Path, args: &Args) -> BenchResult<PullStats> {
         server_ms,
         client_ms,
     })
+}
+
+/// The store's commit alone (no network, no other threads): what one group
+/// commit costs per envelope at the ingest phase's and the latency phase's
+/// batch sizes.
+fn store_phase(dir: &Path, args: &Args) -> BenchResult<()> {
+    use hush_protocol::{ConversationId, DeviceRegistration, UserKey};
+    use hush_relay::store::redb_store::RedbStore;
+    use hush_relay::store::{NewEnvelope, Store, StoreLimits};
+    println!("\n## 5. store commit alone (RedbStore, 1 KiB envelopes)");
+    std::fs::create_dir_all(dir)?;
+    let limits = StoreLimits {
+        max_inbox_messages: u64::MAX,
+        max_inbox_bytes: u64::MAX,
+        max_one_time_prekeys: 1,
+    };
+    let store = RedbStore::open(dir.join("store.redb"), limits)?;
+    let recipients: Vec<DeviceId> = (0..INGEST_RECIPIENTS)
+        .map(|i| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+            DeviceId(id)
+        })
+        .collect();
+    for (i, d) in recipients.iter().enumerate() {
+        let reg = DeviceRegistration {
+            device: *d,
+            user: UserKey([i as u8; 32]),
+            signing_key: [1; 32],
+            agreement_key: [2; 32],
+            user_signature: [3; 64],
+        };
+        store.register_device(&reg, 0)?;
+    }
+    let mut counter = 0u64;
+    let mut make_batch = |n: usize| -> Vec<NewEnvelope> {
+        (0..n)
+            .map(|_| {
+                counter += 1;
+                let mut sender = [0u8; 16];
+                sender[0] = 0xEE;
+                sender[1] = (counter % args.senders.max(1) as u64) as u8;
+                let mut random = [0u8; 10];
+                random[2..].copy_from_slice(&counter.to_be_bytes());
+                NewEnvelope {
+                    recipient: recipients[(counter as usize) % recipients.len()],
+                    sender: DeviceId(sender),
+                    message_id: MessageId::new(1_700_000_000_000 + counter, random),
+                    conversation: ConversationId([4; 16]),
+                    sender_seq: counter,
+                    bytes: vec![0x5a; ENVELOPE_LEN],
+                    expires_at_ms: 1_800_000_000_000 + counter,
+                }
+            })
+            .collect()
+    };
+    let quick = args.pull_count < 100_000;
+    for (size, rounds) in [
+        (4096usize, if quick { 8 } else { 40 }),
+        (16, if quick { 300 } else { 2000 }),
+    ] {
+        let batches: Vec<_> = (0..rounds).map(|_| make_batch(size)).collect();
+        let mut times = Vec::with_capacity(rounds);
+        let start = Instant::now();
+        for b in &batches {
+            let t = Instant::now();
+            store.commit(b)?;
+            times.push(t.elapsed());
+        }
+        let secs = start.elapsed().as_secs_f64();
+        times.sort();
+        let n = (size * rounds) as f64;
+        println!(
+            "store: {size}-envelope batches: {:.0} envelopes/s, {:.2} µs/envelope; commit p50 {:.3} ms, \
+             p99 {:.3} ms, max {:.3} ms ({rounds} commits)",
+            n / secs,
+            secs * 1e6 / n,
+            percentile(&times, 0.5),
+            percentile(&times, 0.99),
+            times.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        );
+    }
+    Ok(())
 }
