@@ -3,37 +3,95 @@
 //! Ratchet messages use a key and nonce derived from a single-use message key.
 //! [`seal_at_rest`] is for long-lived keys (the client's outbox key) and therefore
 //! uses a random 96-bit nonce stored in front of the ciphertext.
+//!
+//! Backends: native builds use the `chacha20poly1305` crate (AVX2/AVX-512/NEON
+//! code paths). On wasm32 with the `simd128` target feature, the crate has no
+//! vector code, so the AEAD is this crate's own RFC 8439 implementation
+//! ([`rfc8439`]) over a 4-way ChaCha20 core written against [`lanes::Lanes`].
+//! That implementation also compiles natively, where tests check it against the
+//! crate and the RFC vectors; [`crate::self_test`] runs known answers through
+//! whichever backend is active, so the wasm build can check itself.
 
 use crate::CryptoError;
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
 use chacha20poly1305::aead::{Aead, Payload};
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
 use chacha20poly1305::{ChaCha20Poly1305, Key, KeyInit, Nonce};
 use rand_core::CryptoRng;
+
+#[cfg(any(test, all(target_arch = "wasm32", target_feature = "simd128")))]
+mod chacha20;
+#[cfg(any(test, all(target_arch = "wasm32", target_feature = "simd128")))]
+pub(crate) mod lanes;
+#[cfg(any(test, all(target_arch = "wasm32", target_feature = "simd128")))]
+mod poly1305;
+#[cfg(any(test, all(target_arch = "wasm32", target_feature = "simd128")))]
+pub(crate) mod rfc8439;
 
 /// Length of the random nonce prefixed by [`seal_at_rest`].
 pub const AT_REST_NONCE_LEN: usize = 12;
 /// Length of the Poly1305 authentication tag.
 pub const TAG_LEN: usize = 16;
 
-/// Encrypts `plaintext` with ChaCha20-Poly1305, authenticating `aad`.
+/// Encrypts `buffer` in place with ChaCha20-Poly1305, authenticating `aad`, and
+/// appends the tag (reserve [`TAG_LEN`] spare capacity to avoid a reallocation).
+/// wasm32 `simd128` backend.
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+pub(crate) fn encrypt_in_place(
+    key: &[u8; 32],
+    nonce: &[u8; 12],
+    buffer: &mut Vec<u8>,
+    aad: &[u8],
+) -> Result<(), CryptoError> {
+    rfc8439::seal_in_place::<lanes::Simd128>(key, nonce, buffer, aad)
+}
+
+/// Decrypts and authenticates; any failure is [`CryptoError::DecryptFailed`]
+/// (wasm32 `simd128` backend).
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+pub(crate) fn decrypt(
+    key: &[u8; 32],
+    nonce: &[u8; 12],
+    ciphertext: &[u8],
+    aad: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    rfc8439::open::<lanes::Simd128>(key, nonce, ciphertext, aad)
+}
+
+/// Encrypts `buffer` in place with ChaCha20-Poly1305, authenticating `aad`, and
+/// appends the tag (reserve [`TAG_LEN`] spare capacity to avoid a reallocation).
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+pub(crate) fn encrypt_in_place(
+    key: &[u8; 32],
+    nonce: &[u8; 12],
+    buffer: &mut Vec<u8>,
+    aad: &[u8],
+) -> Result<(), CryptoError> {
+    use chacha20poly1305::aead::AeadInOut;
+    ChaCha20Poly1305::new(&Key::from(*key))
+        .encrypt_in_place(&Nonce::from(*nonce), aad, buffer)
+        .map_err(|_| CryptoError::Internal("aead encrypt"))
+}
+
+/// Encrypts `plaintext` with ChaCha20-Poly1305, authenticating `aad`; returns
+/// `ciphertext ‖ tag`.
 pub(crate) fn encrypt(
     key: &[u8; 32],
     nonce: &[u8; 12],
     plaintext: &[u8],
     aad: &[u8],
 ) -> Result<Vec<u8>, CryptoError> {
-    let cipher = ChaCha20Poly1305::new(&Key::from(*key));
-    cipher
-        .encrypt(
-            &Nonce::from(*nonce),
-            Payload {
-                msg: plaintext,
-                aad,
-            },
-        )
-        .map_err(|_| CryptoError::Internal("aead encrypt"))
+    let mut buffer = Vec::with_capacity(plaintext.len() + TAG_LEN);
+    buffer.extend_from_slice(plaintext);
+    if let Err(e) = encrypt_in_place(key, nonce, &mut buffer, aad) {
+        zeroize::Zeroize::zeroize(&mut buffer);
+        return Err(e);
+    }
+    Ok(buffer)
 }
 
 /// Decrypts and authenticates; any failure is [`CryptoError::DecryptFailed`].
+#[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
 pub(crate) fn decrypt(
     key: &[u8; 32],
     nonce: &[u8; 12],

@@ -11,14 +11,14 @@
 //! | [`chain_step`] (KDF_CK) | HMAC-SHA256(CK, `0x01`) = MK, HMAC-SHA256(CK, `0x02`) = CK′ | — |
 //! | [`next_seed`] | HMAC-SHA256(seed, `0x03`) | — |
 //! | [`reseed_chain`] | HKDF-SHA256, salt = seed, IKM = DH(E, peer ratchet key) | `hush-reseed-v1` ‖ gen ‖ E |
-//! | [`message_keys`] | HKDF-SHA256-Expand, PRK = MK → key (32) ‖ nonce (12) | `hush-message-v1` |
+//! | [`message_keys`] | none: MK is the ChaCha20-Poly1305 key, the nonce is all zero | — |
 
 use crate::CryptoError;
 use crate::secret::Secret32;
 use hkdf::Hkdf;
-use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
-use zeroize::Zeroizing;
+use sha2::block_api::compress256;
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// HKDF info label for the X3DH shared secret.
 pub const X3DH_INFO: &[u8] = b"hush-x3dh-v1";
@@ -26,7 +26,10 @@ pub const X3DH_INFO: &[u8] = b"hush-x3dh-v1";
 pub const RATCHET_INFO: &[u8] = b"hush-ratchet-v1";
 /// HKDF info label prefix for sender-side chain reseeds.
 pub const RESEED_INFO: &[u8] = b"hush-reseed-v1";
-/// HKDF info label that expands a message key into an AEAD key and nonce.
+/// Former HKDF info label that expanded a message key into an AEAD key and
+/// nonce. Message keys are now used directly (see `message_keys`); nothing
+/// derives with this label any more.
+#[deprecated(note = "message keys are used directly as AEAD keys; no derivation uses this label")]
 pub const MESSAGE_INFO: &[u8] = b"hush-message-v1";
 
 const CK_MESSAGE: u8 = 0x01;
@@ -45,22 +48,86 @@ pub(crate) fn hkdf(
         .map_err(|_| CryptoError::Internal("hkdf output length"))
 }
 
-fn hmac_key(key: &[u8; 32]) -> Result<Hmac<Sha256>, CryptoError> {
-    <Hmac<Sha256> as KeyInit>::new_from_slice(key)
-        .map_err(|_| CryptoError::Internal("hmac key length"))
+/// SHA-256 initial hash value (FIPS 180-4 §5.3.3).
+const SHA256_IV: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+/// Longest message [`HmacSha256::mac`] takes: it must fit one block with the
+/// `0x80` byte and the 8-byte length.
+const ONE_BLOCK_MAX: usize = 64 - 1 - 8;
+
+/// HMAC-SHA256 (RFC 2104) keyed with 32 bytes, for the per-message derivations.
+///
+/// Every per-message input (one tag byte; HKDF-Expand blocks of at most 48
+/// bytes) fits one SHA-256 block, so each MAC is exactly two compressions
+/// after the two of the key schedule. Calling the compression function
+/// directly gives the same outputs as the `hmac`/`hkdf` crates (tests compare
+/// them) without their generic buffering, which costs as much as the hashing
+/// itself for inputs this short, notably on wasm32.
+#[derive(Zeroize, ZeroizeOnDrop)]
+struct HmacSha256 {
+    /// State after absorbing `key ⊕ ipad`.
+    inner: [u32; 8],
+    /// State after absorbing `key ⊕ opad`.
+    outer: [u32; 8],
 }
 
-fn hmac_finish(mut mac: Hmac<Sha256>, byte: u8) -> Secret32 {
-    mac.update(&[byte]);
-    let tag = mac.finalize().into_bytes();
-    let mut out = Secret32([0u8; 32]);
-    out.0.copy_from_slice(&tag);
-    out
-}
+impl HmacSha256 {
+    fn new(key: &[u8; 32]) -> Self {
+        let mut block = Zeroizing::new([0x36u8; 64]);
+        for (b, k) in block.iter_mut().zip(key) {
+            *b ^= k;
+        }
+        let mut inner = SHA256_IV;
+        compress256(&mut inner, core::slice::from_ref(&*block));
+        for b in block.iter_mut() {
+            *b ^= 0x36 ^ 0x5c;
+        }
+        let mut outer = SHA256_IV;
+        compress256(&mut outer, core::slice::from_ref(&*block));
+        Self { inner, outer }
+    }
 
-/// HMAC-SHA256(key, [byte]).
-fn hmac_byte(key: &[u8; 32], byte: u8) -> Result<Secret32, CryptoError> {
-    Ok(hmac_finish(hmac_key(key)?, byte))
+    /// HMAC of the concatenation of `parts` (at most [`ONE_BLOCK_MAX`] bytes).
+    fn mac(&self, parts: &[&[u8]]) -> Result<Secret32, CryptoError> {
+        let mut block = Zeroizing::new([0u8; 64]);
+        let mut len = 0;
+        for part in parts {
+            let end = len + part.len();
+            if end > ONE_BLOCK_MAX {
+                return Err(CryptoError::Internal("hmac input length"));
+            }
+            block[len..end].copy_from_slice(part);
+            len = end;
+        }
+        block[len] = 0x80;
+        // The key block precedes the message: 64 + len bytes in total.
+        block[56..].copy_from_slice(&(((64 + len) as u64) * 8).to_be_bytes());
+        let mut state = Zeroizing::new(self.inner);
+        compress256(&mut state, core::slice::from_ref(&*block));
+
+        block.fill(0);
+        for (chunk, word) in block.chunks_exact_mut(4).zip(state.iter()) {
+            chunk.copy_from_slice(&word.to_be_bytes());
+        }
+        block[32] = 0x80;
+        block[56..].copy_from_slice(&(((64 + 32) as u64) * 8).to_be_bytes());
+        *state = self.outer;
+        compress256(&mut state, core::slice::from_ref(&*block));
+
+        let mut out = Secret32([0u8; 32]);
+        for (chunk, word) in out.0.chunks_exact_mut(4).zip(state.iter()) {
+            chunk.copy_from_slice(&word.to_be_bytes());
+        }
+        Ok(out)
+    }
 }
 
 /// Derives the X3DH shared secret `SK` from the concatenated DH outputs.
@@ -103,10 +170,10 @@ pub(crate) fn root_step(root_key: &Secret32, dh: &Secret32) -> Result<RootStep, 
 
 /// KDF_CK: advances a chain key; returns `(next_chain_key, message_key)`.
 pub(crate) fn chain_step(chain_key: &Secret32) -> Result<(Secret32, Secret32), CryptoError> {
-    // Both outputs use the same key: run the HMAC key schedule once and clone it.
-    let keyed = hmac_key(chain_key.bytes())?;
-    let mk = hmac_finish(keyed.clone(), CK_MESSAGE);
-    let ck = hmac_finish(keyed, CK_CHAIN);
+    // Both outputs use the same key: run the HMAC key schedule once.
+    let keyed = HmacSha256::new(chain_key.bytes());
+    let mk = keyed.mac(&[&[CK_MESSAGE]])?;
+    let ck = keyed.mac(&[&[CK_CHAIN]])?;
     Ok((ck, mk))
 }
 
@@ -115,7 +182,7 @@ pub(crate) fn chain_step(chain_key: &Secret32) -> Result<(Secret32, Secret32), C
 /// A one-way hash chain (rather than one stored master seed) so that holding the
 /// current seed reveals nothing about generations already used.
 pub(crate) fn next_seed(seed: &Secret32) -> Result<Secret32, CryptoError> {
-    hmac_byte(seed.bytes(), SEED_NEXT)
+    HmacSha256::new(seed.bytes()).mac(&[&[SEED_NEXT]])
 }
 
 /// Derives the chain key of reseed generation `generation` from its seed and the
@@ -136,36 +203,91 @@ pub(crate) fn reseed_chain(
     Ok(out)
 }
 
-/// AEAD key and nonce derived from one message key.
+/// AEAD key and nonce of one message.
 pub(crate) struct MessageKeys {
     pub(crate) key: Zeroizing<[u8; 32]>,
     pub(crate) nonce: [u8; 12],
 }
 
-/// Expands a message key into a ChaCha20-Poly1305 key and nonce. Each message key
-/// is used exactly once, so a deterministic nonce is safe.
+/// The ChaCha20-Poly1305 key and nonce of one message: the message key itself
+/// and the all-zero nonce.
 ///
-/// The message key is already a uniformly random PRF output, so it is used
-/// directly as the HKDF pseudorandom key (HKDF-Expand only, RFC 5869 §3.3), which
-/// saves an HMAC per message.
+/// MK = HMAC-SHA256(CK, 0x01) is a uniformly random PRF output used for exactly
+/// one message (a sending chain advances before the next seal; a receiver
+/// deletes MK once used), so it is already a one-time AEAD key, and a fixed
+/// nonce is safe: RFC 8439 only requires that a (key, nonce) pair never repeat.
+/// An earlier version expanded MK with HKDF-Expand into a key and a nonce;
+/// that added six SHA-256 compressions per message on each side (a quarter of
+/// the per-message cost on wasm32, which has no SHA instructions) without
+/// adding security. Both ends must use the same rule: messages from the two
+/// derivations do not open under each other.
 pub(crate) fn message_keys(mk: &Secret32) -> Result<MessageKeys, CryptoError> {
-    let mut okm = Zeroizing::new([0u8; 44]);
-    Hkdf::<Sha256>::from_prk(mk.bytes())
-        .map_err(|_| CryptoError::Internal("hkdf prk length"))?
-        .expand(MESSAGE_INFO, okm.as_mut())
-        .map_err(|_| CryptoError::Internal("hkdf output length"))?;
-    let mut keys = MessageKeys {
-        key: Zeroizing::new([0u8; 32]),
+    Ok(MessageKeys {
+        key: Zeroizing::new(mk.0),
         nonce: [0u8; 12],
-    };
-    keys.key.copy_from_slice(&okm[..32]);
-    keys.nonce.copy_from_slice(&okm[32..]);
-    Ok(keys)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hmac::{Hmac, KeyInit, Mac};
+    use proptest::prelude::*;
+
+    fn hmac_reference(key: &[u8; 32], msg: &[u8]) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap();
+        mac.update(msg);
+        mac.finalize().into_bytes().into()
+    }
+
+    proptest! {
+        #[test]
+        fn one_block_hmac_matches_the_hmac_crate(
+            key in any::<[u8; 32]>(),
+            msg in prop::collection::vec(any::<u8>(), 0..=ONE_BLOCK_MAX),
+            split in 0usize..=ONE_BLOCK_MAX,
+        ) {
+            let split = split.min(msg.len());
+            let ours = HmacSha256::new(&key).mac(&[&msg[..split], &msg[split..]]).unwrap();
+            prop_assert_eq!(ours.0, hmac_reference(&key, &msg));
+        }
+
+        #[test]
+        fn per_message_kdfs_match_the_hmac_crate(key in any::<[u8; 32]>()) {
+            let k = Secret32(key);
+            let (ck, mk) = chain_step(&k).unwrap();
+            prop_assert_eq!(mk.0, hmac_reference(&key, &[CK_MESSAGE]));
+            prop_assert_eq!(ck.0, hmac_reference(&key, &[CK_CHAIN]));
+            prop_assert_eq!(next_seed(&k).unwrap().0, hmac_reference(&key, &[SEED_NEXT]));
+            let keys = message_keys(&mk).unwrap();
+            prop_assert_eq!(*keys.key, mk.0);
+            prop_assert_eq!(keys.nonce, [0u8; 12]);
+        }
+    }
+
+    #[test]
+    fn one_block_hmac_rejects_longer_input() {
+        let h = HmacSha256::new(&[1u8; 32]);
+        assert!(h.mac(&[&[0u8; ONE_BLOCK_MAX]]).is_ok());
+        assert_eq!(
+            h.mac(&[&[0u8; 40], &[0u8; 16]]).map(|_| ()),
+            Err(CryptoError::Internal("hmac input length"))
+        );
+    }
+
+    #[test]
+    fn one_block_hmac_at_padding_boundaries() {
+        // Independent check of the padding arithmetic at the one-block limit.
+        let key = [0x0bu8; 32];
+        for len in [0usize, 1, 15, 16, 47, 48, 54, 55] {
+            let msg = vec![0xa5u8; len];
+            assert_eq!(
+                HmacSha256::new(&key).mac(&[&msg]).unwrap().0,
+                hmac_reference(&key, &msg),
+                "len {len}"
+            );
+        }
+    }
 
     #[test]
     fn chain_step_outputs_differ_and_are_deterministic() {

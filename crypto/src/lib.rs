@@ -14,9 +14,13 @@
 //! 3. `kdf` — every key derivation (HKDF-SHA256, HMAC-SHA256) with its
 //!    domain-separation label; the whole key hierarchy in one screen.
 //! 4. `aead` — ChaCha20-Poly1305 wrappers and the at-rest helper
-//!    ([`seal_at_rest`] / [`open_at_rest`]) the client uses for its outbox.
-//! 5. `padding` — [`pad`] / [`unpad`]: bucketed ISO/IEC 7816-4 padding that hides
-//!    plaintext length from the relay.
+//!    ([`seal_at_rest`] / [`open_at_rest`]) the client uses for its outbox. On
+//!    wasm32 with `simd128` the AEAD is this crate's own RFC 8439 code
+//!    (`aead/`: 4-way ChaCha20 and Poly1305 over a lane type), checked on the
+//!    running build by [`self_test`].
+//! 5. `padding` — [`pad`] / [`unpad`]: ISO/IEC 7816-4 padding to power-of-two
+//!    buckets up to 512 bytes and Padmé buckets above, which hides plaintext
+//!    length from the relay.
 //! 6. `identity` — [`DeviceIdentity`] (Ed25519 + X25519), [`UserIdentity`] and
 //!    [`SignedDeviceList`], plus every signature (all domain-separated), including
 //!    the relay's [`verify_auth_challenge`].
@@ -67,6 +71,7 @@ mod prekeys;
 mod ratchet;
 mod rng;
 mod secret;
+mod self_test;
 mod x3dh;
 
 pub use aead::{AT_REST_NONCE_LEN, TAG_LEN, open_at_rest, seal_at_rest};
@@ -77,8 +82,12 @@ pub use identity::{
     DevicePublic, MAX_DEVICES, SignedDeviceList, UserIdentity, verify, verify_auth_challenge,
     verify_prefixed,
 };
-pub use kdf::{MESSAGE_INFO, RATCHET_INFO, RESEED_INFO, X3DH_INFO};
-pub use padding::{LARGE_BUCKET_STEP, MIN_BUCKET, pad, padded_len, unpad};
+#[allow(deprecated)]
+pub use kdf::MESSAGE_INFO;
+pub use kdf::{RATCHET_INFO, RESEED_INFO, X3DH_INFO};
+#[allow(deprecated)]
+pub use padding::LARGE_BUCKET_STEP;
+pub use padding::{MIN_BUCKET, PADME_THRESHOLD, pad, padded_len, unpad};
 pub use prekeys::{
     DAY_MS, MAX_ONE_TIME_PREKEYS, PrekeyBundle, PrekeySecrets, SIGNED_PREKEY_GRACE_MS,
     SIGNED_PREKEY_ROTATION_MS,
@@ -89,6 +98,7 @@ pub use ratchet::{
     RotationPolicy, Session,
 };
 pub use rng::{OsRng, checked_os_rng, os_rng};
+pub use self_test::self_test;
 pub use x3dh::{initiate, respond};
 
 /// Re-export so callers name the same `CryptoRng` trait version this crate uses.

@@ -36,11 +36,11 @@
 //! commits after the AEAD check; every other case works on a clone.
 
 use crate::CryptoError;
-use crate::aead::{decrypt, encrypt};
+use crate::aead::{TAG_LEN, decrypt, encrypt_in_place};
 use crate::header::{RatchetHeader, SessionInit};
 use crate::identity::{DevicePublic, dh, x25519_keypair, x25519_public};
 use crate::kdf::{chain_step, message_keys, next_seed, reseed_chain, root_step};
-use crate::padding::{pad, unpad};
+use crate::padding::{pad_into, padded_len, unpad_owned};
 use crate::persist;
 use crate::prekeys::DAY_MS;
 use crate::secret::Secret32;
@@ -48,7 +48,7 @@ use core::fmt;
 use rand_core::CryptoRng;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::VecDeque;
-use zeroize::{ZeroizeOnDrop, Zeroizing};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// Maximum forward jump within one chain (messages skipped by a single header).
 pub const MAX_SKIP: u32 = 25_000;
@@ -408,8 +408,14 @@ impl Session {
         let caller_ad = ad(&header);
         let full_ad = st.message_ad(&header, &caller_ad);
         let keys = message_keys(&mk)?;
-        let padded = Zeroizing::new(pad(plaintext));
-        let ciphertext = encrypt(&keys.key, &keys.nonce, &padded, &full_ad)?;
+        // Pad straight into the output buffer and encrypt it in place: no
+        // separate padded plaintext to copy and wipe.
+        let mut ciphertext = Vec::with_capacity(padded_len(plaintext.len()) + TAG_LEN);
+        pad_into(plaintext, &mut ciphertext);
+        if let Err(e) = encrypt_in_place(&keys.key, &keys.nonce, &mut ciphertext, &full_ad) {
+            ciphertext.zeroize();
+            return Err(e);
+        }
 
         // Commit.
         let st = &mut self.state;
@@ -519,8 +525,7 @@ fn reseed<R: CryptoRng + ?Sized>(chain: &mut SendChain, rng: &mut R) -> Result<(
 
 fn decrypt_padded(mk: &Secret32, ciphertext: &[u8], ad: &[u8]) -> Result<Vec<u8>, CryptoError> {
     let keys = message_keys(mk)?;
-    let padded = Zeroizing::new(decrypt(&keys.key, &keys.nonce, ciphertext, ad)?);
-    unpad(&padded)
+    unpad_owned(decrypt(&keys.key, &keys.nonce, ciphertext, ad)?)
 }
 
 fn push_skipped(store: &mut VecDeque<SkippedKey>, key: SkippedKey) {
