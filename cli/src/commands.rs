@@ -465,7 +465,7 @@ pub async fn sync(home: &Home, style: Style, wait: Duration) -> Result<(), CliEr
 fn catch_up(d: &mut Cli, printer: &mut Printer) -> Result<(), CliError> {
     let names = Names::of(d.engine());
     let me = d.engine().device_id();
-    printer.catch_up(&names, me, d.storage_mut())
+    printer.catch_up(&names, me, &mut *d.storage_mut())
 }
 
 fn report_gaps(d: &Cli, style: Style) {
@@ -551,7 +551,7 @@ pub async fn read(home: &Home, name: String) -> Result<(), CliError> {
     let conversation = contact(&d, &name)?;
     let me = d.engine().device_id();
     let unread: Vec<(MessageId, hush_protocol::DeviceId)> =
-        whole_history(d.storage(), &conversation)?
+        whole_history(&*d.storage(), &conversation)?
             .into_iter()
             .filter(|e| !e.read && !e.record.outgoing && e.record.from_device != me)
             .map(|e| (e.record.id, e.record.from_device))
@@ -588,7 +588,7 @@ pub fn history(home: &Home, name: String, limit: usize, style: Style) -> Result<
     let d = open(home)?;
     let conversation = contact(&d, &name)?;
     let names = Names::of(d.engine());
-    let page = hush_client::history(d.storage(), &conversation, None, limit)?;
+    let page = hush_client::history(&*d.storage(), &conversation, None, limit)?;
     for e in &page {
         match style {
             Style::Json => out_line(&message_json(&names, e).to_string()),
@@ -616,7 +616,7 @@ pub fn status(home: &Home, style: Style) -> Result<(), CliError> {
     let backlog = e.backlog();
     let mut outbox = Vec::new();
     for id in e.outbox_ids() {
-        let state = e.message_state(&id).or(stored_state(d.storage(), &id)?);
+        let state = e.message_state(&id).or(stored_state(&*d.storage(), &id)?);
         let mut text = None;
         let mut to = None;
         for c in names.conversations() {
@@ -632,7 +632,7 @@ pub fn status(home: &Home, style: Style) -> Result<(), CliError> {
     }
     let mut contacts = Vec::new();
     for (user, name, conv) in e.contacts() {
-        let unread = whole_history(d.storage(), &conv)?
+        let unread = whole_history(&*d.storage(), &conv)?
             .iter()
             .filter(|h| !h.read && !h.record.outgoing)
             .count();

@@ -14,7 +14,8 @@
 //!     input = next of { transport connected/disconnected, frame received,
 //!                       timer (Step::wake_at) fired, app command }
 //!     step  = engine.handle(now_ms, input)?
-//!     storage.apply(&step.storage)          // 1. durable, atomically — FIRST
+//!     for f in step.early_frames { transport.send(f) } // 0. may precede 1
+//!     storage.apply(&step.storage)          // 1. durable, atomically
 //!     for f in step.frames { transport.send(f) }   // 2. then frames
 //!     for e in step.events { app.show(e) }          // 3. then events / reply
 //!     if step.close { transport.close() }
@@ -22,14 +23,23 @@
 //! ```
 //!
 //! The order is what makes Hush's promise hold: a received message is stored
-//! before the relay is acknowledged (the ack is a frame of the same step) and
-//! before the app shows it (an event of the same step); an outgoing message's
-//! outbox entry is stored before its first transmission. If the process dies
-//! between 1 and 2, nothing was acknowledged and the relay delivers again;
-//! the engine, rebuilt from storage, drops the repeat by sender seq. If
-//! `storage.apply` fails, the driver must not perform the rest of the step:
-//! it drops the engine and rebuilds it from storage, exactly as after a crash.
-//! An `Err` from [`Engine::handle`] means the same.
+//! before the relay is acknowledged (the ack is a frame of the same or a
+//! later step) and before the app shows it (an event of the same step); an
+//! outgoing message's outbox entry is stored before its first transmission.
+//! If the process dies before 2, nothing of the step was acknowledged and
+//! the relay delivers again; the engine, rebuilt from storage, drops the
+//! repeat by sender seq. If `storage.apply` fails, the driver must not
+//! perform the rest of the step: it drops the engine and rebuilds it from
+//! storage, exactly as after a crash. An `Err` from [`Engine::handle`] means
+//! the same.
+//!
+//! `early_frames` do not depend on their own step's storage (during a
+//! backlog sync: the next page's pull, acknowledging only what earlier steps
+//! stored). A driver may send them as soon as every *earlier* step's storage
+//! is durable — before this step's — and may handle further inputs while a
+//! step commits, as long as each step's `frames` and `events` wait for its
+//! own batch. That lets the relay serve page n+1 while page n is decrypted
+//! and committed.
 //!
 //! # Module walk-through
 //!
@@ -104,6 +114,11 @@ pub mod state;
 pub mod storage;
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;
+// The browser's history packing is plain Rust: its unit tests run natively.
+#[cfg(all(test, not(target_arch = "wasm32")))]
+#[path = "wasm/pack.rs"]
+#[allow(dead_code)]
+mod wasm_pack;
 
 pub use codes::{ContactCode, LinkCode, control_conversation, conversation_between};
 pub use engine::{Command, ConnectionState, Engine, EngineConfig, Event, Input, Reply, Step};

@@ -226,12 +226,22 @@ pub(crate) struct OutStream {
     pub next_seq: u64,
     /// The peer's receipt: it stored every seq up to this one.
     pub receipted: u64,
-    /// Seq → outbox entry, for entries still in the outbox (re-sends).
+    /// Seq → outbox entry, for ack-eliciting entries still in the outbox
+    /// and not yet receipted (re-sends and tail probes). Written empty and
+    /// rebuilt from the outbox at load (`Engine::load`): sealing a message
+    /// must not rewrite a record that grows with the unreceipted backlog.
+    /// (Records written before carry the map; it is read and merged.)
+    #[serde(serialize_with = "empty_map")]
     pub sent: BTreeMap<u64, MessageId>,
     /// When to re-send the tail if no receipt covers it.
     pub probe_at: Option<u64>,
     /// Current probe delay (doubles up to the cap).
     pub probe_delay_ms: u64,
+}
+
+/// Serialize a map as an empty one (its content is derived at load).
+fn empty_map<S: serde::Serializer>(_: &BTreeMap<u64, MessageId>, s: S) -> Result<S::Ok, S::Error> {
+    BTreeMap::<u64, MessageId>::new().serialize(s)
 }
 
 impl Default for OutStream {

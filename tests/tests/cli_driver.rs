@@ -1,11 +1,13 @@
 //! The `hush` native driver under storage failures, against an in-process
 //! relay over real QUIC on 127.0.0.1.
 //!
-//! The recipient's store refuses every third commit. The driver must then
-//! perform nothing of that step (no ack reaches the relay, no event is
-//! shown), rebuild the engine from storage and carry on; the relay
-//! redelivers, and every message ends up in the history exactly once, in
-//! order.
+//! The recipient's store refuses every third commit while it reads a backlog
+//! in small pages (each page's arrival sends the next pull before the page
+//! is committed). The driver must then perform nothing more of that step
+//! (no ack reaches the relay, no event is shown), rebuild the engine from
+//! storage and carry on; the relay redelivers, and every message ends up in
+//! the history exactly once, in order — with commits awaited one by one and
+//! with commits pipelined.
 
 use hush_cli::driver::{Discard, Driver, Outcome, cli_engine_config, now_ms, os_seed};
 use hush_cli::{CertCheck, CliError, RelayTarget};
@@ -60,7 +62,7 @@ impl Storage for Flaky {
     }
 }
 
-async fn settle<S: Storage>(d: &mut Driver<S>) -> Result<Outcome, CliError> {
+async fn settle<S: Storage + Send + 'static>(d: &mut Driver<S>) -> Result<Outcome, CliError> {
     let mut stop = None;
     d.run_until(Instant::now() + BOUND, &mut stop, &mut Discard, |v| {
         v.settled()
@@ -68,12 +70,16 @@ async fn settle<S: Storage>(d: &mut Driver<S>) -> Result<Outcome, CliError> {
     .await
 }
 
-async fn device<S: Storage>(
+async fn device<S: Storage + Send + 'static>(
     storage: S,
     name: &str,
     target: &RelayTarget,
+    page_limit: u16,
 ) -> Result<Driver<S>, CliError> {
-    let cfg = cli_engine_config();
+    let cfg = hush_client::EngineConfig {
+        page_limit,
+        ..cli_engine_config()
+    };
     let (engine, step) = Engine::create(now_ms(), os_seed()?, &target.addr, name, cfg.clone())?;
     let mut d = Driver::new(engine, storage, cfg, target.clone());
     d.start(step, &mut Discard).await?;
@@ -83,7 +89,7 @@ async fn device<S: Storage>(
     Ok(d)
 }
 
-fn code_named<S: Storage>(d: &Driver<S>, name: &str) -> ContactCode {
+fn code_named<S: Storage + Send + 'static>(d: &Driver<S>, name: &str) -> ContactCode {
     let mut c = d.engine().contact_code();
     c.name = name.into();
     c
@@ -91,6 +97,19 @@ fn code_named<S: Storage>(d: &Driver<S>, name: &str) -> ContactCode {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_commits_rebuild_the_engine_and_lose_or_repeat_nothing() {
+    failed_commits(false).await;
+}
+
+/// The same with commits pipelined: frames handled while a commit runs
+/// belong to steps that are dropped with the engine when it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_pipelined_commits_rebuild_the_engine_and_lose_or_repeat_nothing() {
+    failed_commits(true).await;
+}
+
+// The body of the two tests above (test code: failures are assertions).
+#[allow(clippy::unwrap_used, clippy::panic)]
+async fn failed_commits(pipelined: bool) {
     let dir = tempfile::tempdir().unwrap();
     let relay = RelayHandle::start(
         Config::default_for(dir.path().join("relay")),
@@ -102,7 +121,7 @@ async fn failed_commits_rebuild_the_engine_and_lose_or_repeat_nothing() {
         addr: relay.quic_addr().to_string(),
         cert: CertCheck::Pinned(CertCheck::parse_hash(&relay.cert_sha256_hex()).unwrap()),
     };
-    let mut alice = device(MemoryStorage::new(), "alice", &target)
+    let mut alice = device(MemoryStorage::new(), "alice", &target, 200)
         .await
         .unwrap();
     let flaky = Flaky {
@@ -112,7 +131,9 @@ async fn failed_commits_rebuild_the_engine_and_lose_or_repeat_nothing() {
         applies: 0,
         failures: 0,
     };
-    let mut bob = device(flaky, "bob", &target).await.unwrap();
+    // Small pages: bob's catch-up is many pipelined pulls (early frames).
+    let mut bob = device(flaky, "bob", &target, 4).await.unwrap();
+    bob.set_pipelined(pipelined);
     let bob_code = code_named(&bob, "bob");
     alice
         .command(
@@ -134,7 +155,8 @@ async fn failed_commits_rebuild_the_engine_and_lose_or_repeat_nothing() {
     .unwrap();
     assert_eq!(settle(&mut bob).await.unwrap(), Outcome::Done);
 
-    // alice sends while bob is idle.
+    // alice sends while bob is offline: he reads them as a backlog.
+    bob.shutdown().await;
     let conversation = alice.engine().conversation_with(&bob_code.user);
     let sends = (0..MESSAGES)
         .map(|i| Command::SendText {

@@ -38,6 +38,10 @@ fn simulated_runs_keep_every_invariant() {
             "no crash between storage and ack: {report:?}"
         );
         assert!(
+            report.crashes_after_early > 0,
+            "no crash between an early pull and its step's commit: {report:?}"
+        );
+        assert!(
             report.probes > 0 && report.resent > 0,
             "no re-send ever happened: {report:?}"
         );

@@ -45,14 +45,21 @@ impl Engine {
 
     /// Queue a request frame and remember what its answer is for.
     pub(crate) fn request(&mut self, request: Request, pending: Pending) -> u32 {
+        let frame = self.request_frame(request, pending);
+        let id = frame.request_id;
+        self.step.frames.push(frame);
+        id
+    }
+
+    /// Number a request and remember what its answer is for.
+    fn request_frame(&mut self, request: Request, pending: Pending) -> ClientFrame {
         let id = self.link.next_request.max(1);
         self.link.next_request = id.wrapping_add(1).max(1);
         self.link.requests.insert(id, pending);
-        self.step.frames.push(ClientFrame {
+        ClientFrame {
             request_id: id,
             request,
-        });
-        id
+        }
     }
 
     /// Give up on this connection: the driver closes it and reports
@@ -656,6 +663,30 @@ impl Engine {
             },
             Pending::Pull,
         );
+    }
+
+    /// During a backlog sync, ask for the page after the one that just
+    /// arrived *before* it is stored: an early frame, acknowledging only
+    /// what earlier steps made durable (the acknowledgement of this page
+    /// rides on the next pull). The relay reads the next page while this
+    /// one is decrypted and committed; one pull is in flight at a time.
+    pub(crate) fn send_next_page_pull(&mut self) {
+        let after = self.cursor.through;
+        let ack = self.durable_cursor.min(after);
+        self.link.pulling = true;
+        self.link.acked_sent = self.link.acked_sent.max(ack);
+        let frame = self.request_frame(
+            Request::Pull {
+                after,
+                limit: self
+                    .cfg
+                    .page_limit
+                    .clamp(1, hush_protocol::limits::MAX_PAGE),
+                ack,
+            },
+            Pending::Pull,
+        );
+        self.step.early_frames.push(frame);
     }
 
     pub(crate) fn send_ack(&mut self) {

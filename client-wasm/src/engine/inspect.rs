@@ -59,9 +59,12 @@ impl Engine {
             unregistered: !self.device.registered,
             list_unpublished: self.own.to_publish.is_some(),
             link_pending: self.device.link.as_ref().is_some_and(|l| !l.hello_sent),
+            // Entries with work left are in `active`: no scan of the
+            // whole outbox (it keeps sent messages for days).
             transmissions: self
-                .outbox
-                .values()
+                .active
+                .iter()
+                .filter_map(|(_, id)| self.outbox.get(id))
                 .filter(|o| o.state != MessageState::Failed && send::wants_transmission(o))
                 .count(),
             receipts: self.receipts.len(),

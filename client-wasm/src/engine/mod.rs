@@ -328,14 +328,25 @@ pub enum Event {
 }
 
 /// Everything one call of [`Engine::handle`] asks the driver to do, in this
-/// order: make `storage` durable (one atomic batch), then send `frames`,
-/// then deliver `events` (and `reply`); sleep until `wake_at` (or the next
-/// input); dial at `connect_at` while offline; drop the connection if `close`.
+/// order: send `early_frames` (once every earlier step is durable), make
+/// `storage` durable (one atomic batch), then send `frames`, then deliver
+/// `events` (and `reply`); sleep until `wake_at` (or the next input); dial
+/// at `connect_at` while offline; drop the connection if `close`.
 #[derive(Debug, Default)]
 pub struct Step {
-    /// One atomic batch; durable before anything below happens.
+    /// One atomic batch; durable before `frames`, `events` and `reply`.
     pub storage: Vec<StorageOp>,
-    /// Frames to send, in order.
+    /// Frames that do not depend on this step's `storage`: the driver may
+    /// send them before this step's `storage` is durable, as soon as the
+    /// storage of every earlier step is durable. A driver that commits each
+    /// step before handling the next input sends them first, then commits,
+    /// then sends `frames`.
+    ///
+    /// During a backlog sync this holds the next page's `Pull`, whose
+    /// acknowledgement covers only what earlier steps stored: the relay
+    /// serves the next page while this one is decrypted and committed.
+    pub early_frames: Vec<ClientFrame>,
+    /// Frames to send, in order, once `storage` is durable.
     pub frames: Vec<ClientFrame>,
     /// Events for the app, in order.
     pub events: Vec<Event>,
@@ -457,6 +468,9 @@ pub struct Engine {
     pub(crate) step: Step,
     pub(crate) history_ops: Vec<StorageOp>,
     pub(crate) last_state: Option<ConnectionState>,
+    /// The relay cursor as written by earlier steps (the value at the start
+    /// of the current `handle`): what an early frame may acknowledge.
+    pub(crate) durable_cursor: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -516,6 +530,7 @@ impl Engine {
             step: Step::default(),
             history_ops: Vec::new(),
             last_state: None,
+            durable_cursor: 0,
         }
     }
 
@@ -637,6 +652,7 @@ impl Engine {
         {
             e.active.insert((local, id));
         }
+        e.rebuild_sent_index();
         Ok(e)
     }
 
@@ -768,8 +784,10 @@ impl Engine {
 
     /// Messages in the outbox that are not yet stored by the relay.
     pub fn unsent(&self) -> usize {
-        self.outbox
-            .values()
+        // `Sending` entries have work left: they are all in `active`.
+        self.active
+            .iter()
+            .filter_map(|(_, id)| self.outbox.get(id))
             .filter(|o| o.kind == EntryKind::Chat && o.state == MessageState::Sending)
             .count()
     }
@@ -798,6 +816,9 @@ impl Engine {
     /// On `Err` the engine may be ahead of storage: the driver must drop it
     /// and rebuild it with [`Engine::load`] (as after a crash).
     pub fn handle(&mut self, now_ms: u64, input: Input) -> Result<Step, ClientError> {
+        // Every change of the cursor is written by the step that makes it, so
+        // its value now is in the storage of earlier steps.
+        self.durable_cursor = self.cursor.through;
         match input {
             Input::Connected => self.on_connected(now_ms)?,
             Input::Disconnected => self.on_disconnected(now_ms),
@@ -897,9 +918,12 @@ impl Engine {
         // a gap request before the sync drained) is retried at the next
         // input or the next future timer, never in a busy loop.
         let mut times: Vec<u64> = vec![self.housekeeping_at];
+        // A `Sending` entry always has work left, so it is in `active`:
+        // this costs the entries in progress, not the whole outbox.
         times.extend(
-            self.outbox
-                .values()
+            self.active
+                .iter()
+                .filter_map(|(_, id)| self.outbox.get(id))
                 .filter(|o| o.state == MessageState::Sending)
                 .map(|o| o.deadline_ms),
         );

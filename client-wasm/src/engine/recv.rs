@@ -3,8 +3,10 @@
 //!
 //! Relay-seq layer: everything with a relay seq at or below the cursor is
 //! already handled; a page or push advances the cursor in the same batch as
-//! the stored messages, and the acknowledgement (merged into the next `Pull`,
-//! or a windowed `Ack` while live) goes out only after that batch.
+//! the stored messages, and the acknowledgement (merged into a later `Pull`,
+//! or a windowed `Ack` while live) goes out only after that batch. The next
+//! page's `Pull` is an early frame: it leaves before the page is stored and
+//! acknowledges only what earlier steps stored.
 //!
 //! Sender-seq layer, per (sender device, conversation): `delivered` is the
 //! contiguous prefix; chat items above it are held (stored, not shown) until
@@ -54,7 +56,13 @@ impl Engine {
             total: self.link.sync_total,
         });
         if page.remaining > 0 && n > 0 {
-            // The merged ack: this pull acknowledges the page just stored.
+            // Pipelined: the next pull leaves before this page is durable
+            // and acknowledges only what earlier steps stored; this page's
+            // acknowledgement rides on the pull after it (or the final ack).
+            self.send_next_page_pull();
+        } else if page.remaining > 0 {
+            // An empty page with more behind it (a relay withheld the page):
+            // the relay did not go live, so nothing would be pushed. Ask again.
             self.send_pull();
         } else {
             self.link.live = true;

@@ -114,6 +114,28 @@ impl Engine {
         Ok(())
     }
 
+    /// At load: each stream's seq → entry map of unreceipted ack-eliciting
+    /// items, from the outbox (it is not persisted, see `OutStream::sent`).
+    pub(crate) fn rebuild_sent_index(&mut self) {
+        let me = self.device.device;
+        for o in self.outbox.values().filter(|o| o.ack_eliciting) {
+            for t in &o.targets {
+                let Some(seq) = t.seq else {
+                    continue;
+                };
+                let conv = match o.kind {
+                    EntryKind::Chat => o.conversation,
+                    EntryKind::Control => control_conversation(&me, &t.device),
+                };
+                if let Some(os) = self.out_streams.get_mut(&(t.device, conv))
+                    && seq > os.receipted
+                {
+                    os.sent.insert(seq, o.id);
+                }
+            }
+        }
+    }
+
     /// Queue a control item to one device.
     pub(crate) fn queue_control(
         &mut self,
@@ -261,15 +283,20 @@ impl Engine {
                 continue;
             };
             if now >= entry.retry_at && entry.state != MessageState::Failed {
-                let due: Vec<(DeviceId, Vec<u8>)> = entry
+                // Decoded straight from the stored bytes, skipping what is
+                // already in flight (no copy of envelopes that wait).
+                let due: Vec<(DeviceId, Result<Envelope, _>)> = entry
                     .targets
                     .iter()
                     .filter(|t| !t.gone && !t.stored)
-                    .filter_map(|t| t.tx.as_ref().map(|tx| (t.device, tx.envelope.clone())))
-                    .filter(|(d, _)| !self.link.in_flight.contains(&(id, *d)))
+                    .filter(|t| !self.link.in_flight.contains(&(id, t.device)))
+                    .filter_map(|t| {
+                        t.tx.as_ref()
+                            .map(|tx| (t.device, Envelope::from_bytes(&tx.envelope)))
+                    })
                     .collect();
-                for (d, bytes) in due {
-                    match Envelope::from_bytes(&bytes) {
+                for (d, env) in due {
+                    match env {
                         Ok(env) => batch.push((id, d, env)),
                         Err(_) => {
                             if let Some(t) = self
@@ -285,13 +312,15 @@ impl Engine {
             }
             self.settle(now, &id);
         }
-        for chunk in batch.chunks(MAX_BATCH) {
-            let items: Vec<(MessageId, DeviceId)> =
-                chunk.iter().map(|(id, d, _)| (*id, *d)).collect();
-            for it in &items {
-                self.link.in_flight.insert(*it);
+        let mut batch = batch.into_iter().peekable();
+        while batch.peek().is_some() {
+            let mut items = Vec::new();
+            let mut envelopes = Vec::new();
+            for (id, d, env) in batch.by_ref().take(MAX_BATCH) {
+                self.link.in_flight.insert((id, d));
+                items.push((id, d));
+                envelopes.push(env);
             }
-            let envelopes = chunk.iter().map(|(_, _, e)| e.clone()).collect();
             self.request(Request::Send { envelopes }, Pending::Send(items));
         }
         Ok(())

@@ -12,10 +12,14 @@
 //! 2. **catch-up** — bob's freshly linked second device, offline during the
 //!    burst, starts as a new process would (engine loaded from its store),
 //!    connects and drains the whole backlog: pull, decrypt, order, store in
-//!    history, acknowledge. A breakdown shows engine, storage and relay time.
+//!    history, acknowledge. Each page's arrival sends the next pull before
+//!    the page is committed (an early frame), so the relay serves the next
+//!    page during the commit (`--pipelined`: the driver also decrypts the
+//!    next page during the commit). A breakdown shows engine, storage and
+//!    relay time.
 //!
 //! ```text
-//! cargo run --release -p hush-tests --bin client_bench -- [--messages N] [--size BYTES] [--window W] [--senders K] [--pause S]
+//! cargo run --release -p hush-tests --bin client_bench -- [--messages N] [--size BYTES] [--window W] [--senders K] [--pause S] [--pipelined]
 //! ```
 //!
 //! Timed here, never in tests.
@@ -40,6 +44,9 @@ struct Args {
     senders: usize,
     /// Seconds to pause before the catch-up (to attach a profiler).
     pause: usize,
+    /// Catch up handling further frames while a commit runs (for
+    /// comparison with the default: each commit awaited before the next).
+    pipelined: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -49,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
         window: 32,
         senders: 10,
         pause: 0,
+        pipelined: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -63,6 +71,7 @@ fn parse_args() -> Result<Args, String> {
             "--window" => a.window = value("--window")?.max(1),
             "--pause" => a.pause = value("--pause")?,
             "--senders" => a.senders = value("--senders")?.max(1),
+            "--pipelined" => a.pipelined = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -185,7 +194,7 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
     // bob's first device answers the new device's introduction (on a new
     // connection, as its next command would: that fetches the new device list).
     bob.shutdown().await;
-    let mut bob = Driver::load(bob.into_storage(), cli_engine_config(), target.clone())?;
+    let mut bob = Driver::load(bob.into_storage()?, cli_engine_config(), target.clone())?;
     let flag = Arc::new(AtomicBool::new(false));
     let mut seen = Linked(flag.clone());
     let mut stop = None;
@@ -208,7 +217,7 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
     }
     bob2.shutdown().await;
     bob.shutdown().await;
-    let bob2_storage = bob2.into_storage();
+    let bob2_storage = bob2.into_storage()?;
 
     // 1. Sender throughput: each sender in turn sends its share to bob
     //    (two devices: one envelope each).
@@ -221,7 +230,7 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
         // device list, now two devices.
         let mut d = d;
         d.shutdown().await;
-        let mut d = Driver::load(d.into_storage(), cli_engine_config(), target.clone())?;
+        let mut d = Driver::load(d.into_storage()?, cli_engine_config(), target.clone())?;
         settle(&mut d, Duration::from_secs(20)).await?;
         let conversation = d.engine().conversation_with(&bob_code.user);
         let started = Instant::now();
@@ -259,6 +268,7 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
     }
     let started = Instant::now();
     let mut bob2 = Driver::load(bob2_storage, cli_engine_config(), target.clone())?;
+    bob2.set_pipelined(args.pipelined);
     let streams: Vec<_> = sender_ids
         .iter()
         .map(|(device, user)| (*device, bob2.engine().conversation_with(user)))
@@ -284,7 +294,7 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
     }
     let mut stored = 0usize;
     for (_, c) in &streams {
-        stored += hush_client::history(bob2.storage(), c, None, per_sender + 1)?.len();
+        stored += hush_client::history(&*bob2.storage(), c, None, per_sender + 1)?.len();
     }
     println!(
         "catch-up: {total} messages × {} B pulled, decrypted, stored and acknowledged by a linked device in {catch_secs:.3} s = {:.0} messages/s ({stored} in history)",
@@ -293,13 +303,23 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
     );
     let st = bob2.stats();
     println!(
-        "catch-up breakdown: {} inputs, engine {:.3} s; {} commits, storage {:.3} s; frame writes {:.3} s; rest (network, relay) {:.3} s",
+        "catch-up breakdown ({} commits): {} inputs, engine {:.3} s; {} commits ({:.0} KiB each), storage {:.3} s on the commit thread, of which the driver waited {:.3} s; frame writes {:.3} s; rest (network, relay, waiting for frames) {:.3} s",
+        if args.pipelined {
+            "pipelined"
+        } else {
+            "serial"
+        },
         st.inputs,
         st.handle.as_secs_f64(),
         st.commits,
+        st.bytes as f64 / 1024.0 / st.commits.max(1) as f64,
         st.apply.as_secs_f64(),
+        st.commit_wait.as_secs_f64(),
         st.write.as_secs_f64(),
-        catch_secs - st.handle.as_secs_f64() - st.apply.as_secs_f64() - st.write.as_secs_f64()
+        catch_secs
+            - st.handle.as_secs_f64()
+            - st.commit_wait.as_secs_f64()
+            - st.write.as_secs_f64()
     );
     if stored != total {
         return Err(bench_err(format!(

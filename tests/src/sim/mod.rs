@@ -48,6 +48,9 @@ pub struct Report {
     pub crashes: u64,
     /// …of which right after a step's storage batch, before its frames.
     pub crashes_after_storage: u64,
+    /// …of which right after a step's early frames (the next page's pull),
+    /// before its storage batch.
+    pub crashes_after_early: u64,
     /// Stream items re-sent (resend requests and tail probes).
     pub resent: u64,
     /// Tail probes sent.
@@ -148,6 +151,7 @@ fn add(total: &mut Report, r: &Report) {
     total.out_of_order += r.out_of_order;
     total.crashes += r.crashes;
     total.crashes_after_storage += r.crashes_after_storage;
+    total.crashes_after_early += r.crashes_after_early;
     total.resent += r.resent;
     total.probes += r.probes;
     total.relay_restarts += r.relay_restarts;

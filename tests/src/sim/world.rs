@@ -60,6 +60,15 @@ pub struct Scenario {
     /// contact code and settled: they must learn of its device by retrying
     /// its device list, without reconnecting.
     pub late_user: bool,
+    /// Envelopes per pulled page: small pages make backlogs span many
+    /// pipelined pulls (each one an early frame).
+    pub page_limit: u16,
+    /// Devices commit like the `hush` CLI: each step's batch is committed
+    /// later (a few ms), while further inputs are handled; a step's early
+    /// frames leave once every earlier step is durable, its frames and
+    /// events once its own batch is. A crash drops every batch not yet
+    /// committed.
+    pub pipelined: bool,
 }
 
 impl Scenario {
@@ -86,7 +95,17 @@ impl Scenario {
             outbox_retention_ms: 14 * 24 * 60 * MINUTE,
             extras: r.range(0, 1) == 1,
             late_user: false,
+            page_limit: 200,
+            pipelined: false,
         };
+        // Drawn from their own generator, so the rest of the scenario of a
+        // seed is what it was before these knobs existed.
+        let mut p = SeededRng::new(seed ^ 0x9199_11ed);
+        if p.range(0, 1) == 1 {
+            s.page_limit = p.range(1, 4) as u16;
+        }
+        s.pipelined = p.range(0, 1) == 1;
+
         match family {
             0 => {
                 s.cut_every_ms = r.range(20, 90) * SECOND;
@@ -141,6 +160,9 @@ impl Scenario {
                 }
             }
         }
+        if std::env::var("HUSH_SIM_TRACE").is_ok() {
+            eprintln!("scenario {s:?}");
+        }
         s
     }
 
@@ -157,6 +179,7 @@ impl Scenario {
             probe_max_ms: 2 * MINUTE,
             resend_retry_ms: 10 * SECOND,
             resend_retry_max_ms: 2 * MINUTE,
+            page_limit: self.page_limit,
             ..EngineConfig::default()
         }
     }
@@ -200,6 +223,22 @@ pub struct Node {
     pub unrecoverable: BTreeMap<(DeviceId, ConversationId), u64>,
     /// Messages sent from here, in order.
     pub sent_order: Vec<MessageId>,
+    /// Pipelined driver: steps handled but not yet committed, oldest first.
+    /// The first one's early frames are sent; the others' wait for every
+    /// step before them to be committed.
+    pending: std::collections::VecDeque<PendingStep>,
+    /// Invalidates scheduled commits (a crash drops the pending steps).
+    commit_gen: u64,
+}
+
+/// A step whose storage batch is not durable yet (pipelined driver).
+struct PendingStep {
+    storage: Vec<hush_client::StorageOp>,
+    /// The step had early frames (sent once they are taken from `early`).
+    had_early: bool,
+    early: Vec<ClientFrame>,
+    frames: Vec<ClientFrame>,
+    events: Vec<Event>,
 }
 
 struct Conn {
@@ -219,6 +258,8 @@ enum Ev {
     Commit(u64, u64, PendingSend),
     CloseConn(u64),
     Timer(usize, u64),
+    /// A pipelined node's oldest pending batch becomes durable.
+    LocalCommit(usize, u64),
     Send(usize, usize),
     Recall(usize),
     Delete(usize),
@@ -358,6 +399,8 @@ impl World {
             received: Vec::new(),
             unrecoverable: BTreeMap::new(),
             sent_order: Vec::new(),
+            pending: std::collections::VecDeque::new(),
+            commit_gen: 0,
         });
         let i = self.nodes.len() - 1;
         self.nodes[i].dialing = true;
@@ -546,6 +589,9 @@ impl World {
         self.run_until(self.now + 5 * MINUTE)?;
         self.retry_failed()?;
         self.run_until(heal_end)?;
+        for i in 0..self.nodes.len() {
+            self.flush(i)?;
+        }
         Ok(())
     }
 
@@ -596,6 +642,9 @@ impl World {
                 if self.nodes[i].offline || self.nodes[i].conn.is_some() {
                     return Ok(());
                 }
+                // Frames of steps handled on the previous connection must
+                // never reach the next one: finish them first.
+                self.flush(i)?;
                 if !self.relay_up {
                     // The dial fails.
                     self.drive(i, Input::Disconnected)?;
@@ -651,6 +700,11 @@ impl World {
                 }
             }
             Ev::CloseConn(c) => self.cut(c),
+            Ev::LocalCommit(i, generation) => {
+                if self.nodes[i].commit_gen == generation {
+                    self.commit_next(i, true)?;
+                }
+            }
             Ev::Timer(i, generation) => {
                 if self.nodes[i].timer_gen == generation {
                     self.nodes[i].timer_at = None;
@@ -786,8 +840,16 @@ impl World {
     }
 
     /// Feed one input to a node's engine and carry out its step like a real
-    /// driver: storage first, then frames, then events.
+    /// driver: early frames (once every earlier step is durable), storage,
+    /// then frames, then events. Commands are always carried out at once
+    /// (their reply says the command is stored); other inputs of a
+    /// pipelined node are committed later (see [`Scenario::pipelined`]).
     fn drive(&mut self, i: usize, input: Input) -> Result<Option<Reply>, Violation> {
+        let command = matches!(input, Input::Command(_));
+        if command || !self.scenario.pipelined {
+            // Everything before this step must be durable first.
+            self.flush(i)?;
+        }
         let label = if self.trace {
             trace_input(&input)
         } else {
@@ -802,8 +864,12 @@ impl World {
         };
         if self.trace {
             eprintln!(
-                "{:>8} n{i} {label} -> frames {:?} events {:?} wake {:?} connect {:?}{}",
+                "{:>8} n{i} {label} -> early {:?} frames {:?} events {:?} wake {:?} connect {:?}{}",
                 self.now - START_MS,
+                step.early_frames
+                    .iter()
+                    .map(trace_frame)
+                    .collect::<Vec<_>>(),
                 step.frames.iter().map(trace_frame).collect::<Vec<_>>(),
                 step.events,
                 step.wake_at.map(|t| t.saturating_sub(START_MS)),
@@ -811,32 +877,20 @@ impl World {
                 if step.close { " CLOSE" } else { "" }
             );
         }
-        let bp = self.scenario.crash_bp;
-        if self.faults && self.chance(bp / 2) {
-            // Crash before the batch is durable: the step never happened.
-            self.crash(i)?;
-            return Ok(None);
-        }
-        self.nodes[i]
-            .storage
-            .apply(&step.storage)
-            .map_err(|e| Violation::Engine(format!("storage: {e}")))?;
-        if self.faults && self.chance(bp / 2) {
-            // Crash after the batch: frames and events are lost.
-            self.report.crashes_after_storage += 1;
-            self.crash(i)?;
-            return Ok(step.reply);
-        }
-        for frame in step.frames {
-            self.send_to_relay(i, frame);
-        }
-        for e in step.events {
-            self.record(i, e);
-        }
+        let pending = PendingStep {
+            storage: step.storage,
+            had_early: !step.early_frames.is_empty(),
+            early: step.early_frames,
+            frames: step.frames,
+            events: step.events,
+        };
+        let reply = step.reply;
         if step.close
             && let Some(c) = self.nodes[i].conn.take()
             && let Some(conn) = self.conns.get_mut(&c)
         {
+            // Closing needs nothing durable: frames still pending for this
+            // connection are dropped.
             conn.alive = false;
         }
         if let Some(w) = step.wake_at
@@ -855,7 +909,106 @@ impl World {
             self.nodes[i].dialing = true;
             self.at(c, Ev::Dial(i));
         }
-        Ok(step.reply)
+        let first = self.nodes[i].pending.is_empty();
+        self.nodes[i].pending.push_back(pending);
+        if first {
+            // Every earlier step is durable: the early frames leave now.
+            self.send_early(i)?;
+        }
+        if command || !self.scenario.pipelined {
+            let applied = self.commit_next(i, true)?;
+            return Ok(if applied { reply } else { None });
+        }
+        if first {
+            self.schedule_commit(i);
+        }
+        Ok(reply)
+    }
+
+    /// Send the early frames of the oldest pending step (every step before
+    /// it is durable). With crashes on, sometimes crash right after them:
+    /// the relay got a pull that acknowledges only earlier steps.
+    fn send_early(&mut self, i: usize) -> Result<(), Violation> {
+        let early = match self.nodes[i].pending.front_mut() {
+            Some(p) => std::mem::take(&mut p.early),
+            None => return Ok(()),
+        };
+        if early.is_empty() {
+            return Ok(());
+        }
+        for frame in early {
+            self.send_to_relay(i, frame);
+        }
+        if self.faults && self.chance(self.scenario.crash_bp * 10) {
+            self.report.crashes_after_early += 1;
+            self.crash(i)?;
+        }
+        Ok(())
+    }
+
+    fn schedule_commit(&mut self, i: usize) {
+        let g = self.nodes[i].commit_gen;
+        let d = self.rng.range(0, 3);
+        self.at(self.now + d, Ev::LocalCommit(i, g));
+    }
+
+    /// Make the oldest pending step durable, then send the next step's
+    /// early frames and this step's frames, and show its events. With
+    /// `faults_allowed`, crashes may strike before or after the batch.
+    /// Returns whether the batch was applied.
+    fn commit_next(&mut self, i: usize, faults_allowed: bool) -> Result<bool, Violation> {
+        let Some(step) = self.nodes[i].pending.pop_front() else {
+            return Ok(false);
+        };
+        let bp = if faults_allowed && self.faults {
+            self.scenario.crash_bp
+        } else {
+            0
+        };
+        if self.chance(bp / 2) {
+            // Crash before the batch is durable: the step never happened
+            // (its early frames may have left).
+            if step.had_early {
+                self.report.crashes_after_early += 1;
+            }
+            self.crash(i)?;
+            return Ok(false);
+        }
+        self.nodes[i]
+            .storage
+            .apply(&step.storage)
+            .map_err(|e| Violation::Engine(format!("storage: {e}")))?;
+        if self.chance(bp / 2) {
+            // Crash after the batch: frames and events are lost.
+            self.report.crashes_after_storage += 1;
+            self.crash(i)?;
+            return Ok(true);
+        }
+        // The next step's early frames may leave now, even before this
+        // step's frames (the order a real driver need not keep).
+        let crashes = self.report.crashes;
+        self.send_early(i)?;
+        if self.report.crashes != crashes {
+            return Ok(true);
+        }
+        for frame in step.frames {
+            self.send_to_relay(i, frame);
+        }
+        for e in step.events {
+            self.record(i, e);
+        }
+        if !self.nodes[i].pending.is_empty() {
+            self.schedule_commit(i);
+        }
+        Ok(true)
+    }
+
+    /// Commit every pending step of a node now (no faults).
+    fn flush(&mut self, i: usize) -> Result<(), Violation> {
+        while !self.nodes[i].pending.is_empty() {
+            self.commit_next(i, false)?;
+        }
+        Ok(())
     }
 
     fn record(&mut self, i: usize, e: Event) {
@@ -884,6 +1037,9 @@ impl World {
 
     fn crash(&mut self, i: usize) -> Result<(), Violation> {
         self.report.crashes += 1;
+        // Whatever was not committed is gone.
+        self.nodes[i].pending.clear();
+        self.nodes[i].commit_gen += 1;
         if let Some(c) = self.nodes[i].conn.take()
             && let Some(conn) = self.conns.get_mut(&c)
         {
