@@ -13,6 +13,17 @@
 
 const PAGE_SIZE = 100;
 const UNREAD_SCAN = 500;
+/**
+ * Most messages kept on the page for the open conversation. New messages
+ * arriving while the view follows the end push the oldest out (they stay
+ * one "Show earlier messages" away), so a backlog of 100,000 costs the page
+ * a few hundred elements, not 100,000.
+ */
+const MAX_SHOWN = 300;
+/** How far back a tail refresh looks for the last message already shown. */
+const TAIL_SCAN = 3;
+/** While a backlog syncs, the open conversation is re-read at most this often. */
+const SYNC_TAIL_MS = 400;
 
 const $ = (id) => document.getElementById(id);
 
@@ -43,9 +54,16 @@ const state = {
   epochs: loadPref("epochs", {}),
   readTimer: null,
   progressHide: null,
-  /** Ids of this device's sends seen in `state` events but not yet shown. */
-  unknownSent: new Set(),
-  tailTimer: null,
+  /** The open conversation's newest messages need reading from history. */
+  tailDirty: false,
+  tailRunning: false,
+  tailAt: 0,
+  /** What the next animation frame redraws. */
+  dirty: { conversations: false, progress: false, health: false, epoch: false },
+  frameQueued: false,
+  epochBump: false,
+  /** The latest sync progress, drawn once per frame. */
+  progress: null,
 };
 
 /** A record of what happened, for people debugging and for the browser tests. */
@@ -95,12 +113,16 @@ function plural(n, one, many) {
   return `${n} ${n === 1 ? one : many}`;
 }
 
+// Formatters made once (toLocale*String builds one per call).
+const TIME_FORMAT = new Intl.DateTimeFormat([], { hour: "2-digit", minute: "2-digit" });
+const DATE_FORMAT = new Intl.DateTimeFormat([], { month: "short", day: "numeric" });
+
 function formatTime(ms) {
   const d = new Date(ms);
   const now = new Date();
   const sameDay = d.toDateString() === now.toDateString();
-  const time = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-  return sameDay ? time : `${d.toLocaleDateString([], { month: "short", day: "numeric" })} ${time}`;
+  const time = TIME_FORMAT.format(d);
+  return sameDay ? time : `${DATE_FORMAT.format(d)} ${time}`;
 }
 
 function notice(text, kind = "error") {
@@ -270,7 +292,10 @@ async function withBusy(button, fn) {
 /** The client is open: wire its events and show the app. */
 async function enter(client) {
   state.client = client;
-  client.on("message", onMessage);
+  // `messages` (one summary per engine step), not `message`: the page reads
+  // what it shows from history, once per animation frame, so a backlog of
+  // any size costs it the same few reads.
+  client.on("messages", onMessages);
   client.on("state", onState);
   client.on("removed", onRemoved);
   client.on("read", onReadSynced);
@@ -286,7 +311,9 @@ async function enter(client) {
     refreshConversations();
   });
   client.on("warning", (ev) => console.warn("hush:", ev.message));
-  client.on("*", scheduleHealth);
+  for (const kind of ["messages", "state", "removed", "read", "gap", "connection", "devices", "linked", "error"]) {
+    client.on(kind, scheduleHealth);
+  }
   client.on("error", (ev) => {
     if (ev.fatal) notice(`The client stopped: ${ev.message}`);
     else console.warn("hush: recovered from", ev.code, ev.message);
@@ -335,7 +362,11 @@ function setConnection(s) {
   let text = CONNECTION_TEXT[s] ?? s;
   if (s === "offline") text = state.offline ? "Offline (paused)" : "Offline, retrying…";
   pill.querySelector(".conn-text").textContent = text;
-  if (s === "live") finishProgress();
+  if (s === "live") {
+    renderProgress();
+    finishProgress();
+    scheduleMarkRead();
+  }
 }
 
 function renderOfflineToggle() {
@@ -360,6 +391,15 @@ function toggleOffline() {
 
 function onProgress({ done, total }) {
   log.progress.push({ done, total });
+  state.progress = { done, total };
+  redraw("progress");
+}
+
+/** Draw the latest progress (once per frame, however many events came). */
+function renderProgress() {
+  if (!state.progress) return;
+  const { done, total } = state.progress;
+  state.progress = null;
   const bar = $("sync-progress");
   clearTimeout(state.progressHide);
   bar.dataset.done = String(done);
@@ -478,7 +518,7 @@ async function selectConversation(conv) {
   if (!c) return;
   state.current = conv;
   state.shown.clear();
-  state.unknownSent.clear();
+  state.tailDirty = false;
   state.oldestOrder = null;
   $("messages").replaceChildren();
   show($("chat-empty"), false);
@@ -488,13 +528,16 @@ async function selectConversation(conv) {
   renderGap();
   renderConversations();
 
-  // Events that arrive while the page is read are held, then merged by id.
-  const buffered = [];
-  state.loading = { conv, buffered };
+  // Messages stored while the page is read are picked up by a tail
+  // refresh afterwards.
+  state.loading = { conv };
   try {
     const entries = await state.client.history(conv, { limit: PAGE_SIZE });
     if (state.current !== conv) return;
-    for (const e of entries) appendMessage(e);
+    for (const e of entries) {
+      if (!e.outgoing) noteDevice(e.fromDevice, e.fromUser);
+      appendMessage(e);
+    }
     state.oldestOrder = entries.length ? entries[0].order : null;
     show($("load-earlier"), entries.length === PAGE_SIZE);
   } catch (e) {
@@ -502,7 +545,7 @@ async function selectConversation(conv) {
   } finally {
     if (state.loading?.conv === conv) state.loading = null;
   }
-  for (const ev of buffered) appendMessage(ev);
+  if (state.tailDirty) scheduleTail();
   scrollToEnd();
   c.unread = 0;
   renderConversations();
@@ -612,29 +655,22 @@ function pageIsSeen() {
   return document.visibilityState === "visible";
 }
 
-function onMessage(ev) {
-  noteDevice(ev.fromDevice, ev.fromUser);
-  const conv = ev.conversation;
-  if (!state.conversations.has(conv)) {
-    // A contact added on another device of this user.
-    refreshConversations();
-  }
-  if (conv === state.current) {
-    if (state.loading?.conv === conv) {
-      state.loading.buffered.push(ev);
-      return;
-    }
-    const stick = nearEnd();
-    appendMessage({ ...ev, read: ev.outgoing, state: null });
-    if (stick) scrollToEnd();
-    if (!ev.outgoing) scheduleMarkRead();
-  } else if (!ev.outgoing) {
-    const c = state.conversations.get(conv);
-    if (c) {
-      c.unread += 1;
-      renderConversations();
+/** One engine step stored messages: count them, redraw on the next frame. */
+function onMessages(ev) {
+  let unknown = false;
+  for (const c of ev.conversations) {
+    const conv = state.conversations.get(c.conversation);
+    if (!conv) {
+      // A contact added on another device of this user.
+      unknown = true;
+    } else if (c.conversation === state.current) {
+      scheduleTail();
+    } else if (c.incoming > 0) {
+      conv.unread += c.incoming;
+      redraw("conversations");
     }
   }
+  if (unknown) refreshConversations();
 }
 
 function onState(ev) {
@@ -644,35 +680,32 @@ function onState(ev) {
   if (ev.conversation === state.current && !state.shown.has(ev.id)) {
     // Sent by this device but not through the composer (another part of
     // the app, the console): pick it up from history.
-    state.unknownSent.add(ev.id);
-    scheduleTailRefresh();
+    scheduleTail();
   }
 }
 
-function scheduleTailRefresh() {
-  if (state.tailTimer) return;
-  state.tailTimer = setTimeout(refreshTail, 200);
+/** Read the open conversation's newest messages on the next frame. */
+function scheduleTail() {
+  state.tailDirty = true;
+  redraw();
 }
 
 /**
  * Merge the newest history into the list: walk back from the newest entry
- * until one whose position is known, then insert what is missing in order.
+ * until one already shown with a known position, then insert what is
+ * missing in order. If more arrived than a few pages (a backlog), the list
+ * restarts from the newest page; the rest is one "Show earlier" away.
  */
 async function refreshTail() {
-  state.tailTimer = null;
   const conv = state.current;
-  if (!conv || !state.client) return;
-  if (state.loading) {
-    scheduleTailRefresh();
-    return;
-  }
-  for (const id of state.unknownSent) if (state.shown.has(id)) state.unknownSent.delete(id);
-  if (state.unknownSent.size === 0) return;
-  state.unknownSent.clear();
+  if (!conv || !state.client || state.loading || state.tailRunning) return;
+  state.tailDirty = false;
+  state.tailRunning = true;
   const collected = []; // newest first, shown entries included as anchors
+  let anchored = false;
   let before;
   try {
-    walk: for (let i = 0; i < 50; i++) {
+    walk: for (let i = 0; i < TAIL_SCAN; i++) {
       const page = await state.client.history(conv, { before, limit: PAGE_SIZE });
       if (state.current !== conv) return;
       for (let j = page.length - 1; j >= 0; j--) {
@@ -681,32 +714,127 @@ async function refreshTail() {
         if (shown) {
           const placed = shown.entry.order != null;
           shown.entry.order = e.order;
-          if (placed) break walk;
+          if (placed) {
+            anchored = true;
+            break walk;
+          }
         }
         collected.push(e);
-        if (state.oldestOrder != null && e.order <= state.oldestOrder) break walk;
+        if (state.oldestOrder != null && e.order <= state.oldestOrder) {
+          anchored = true;
+          break walk;
+        }
       }
-      if (page.length < PAGE_SIZE) break;
+      if (page.length < PAGE_SIZE) {
+        anchored = true;
+        break;
+      }
       before = page[0].order;
     }
   } catch (e) {
     console.warn("hush: history refresh failed", e);
     return;
+  } finally {
+    state.tailRunning = false;
+    if (state.tailDirty) redraw();
   }
   const stick = nearEnd();
+  if (!anchored) {
+    // A backlog: show its newest page only.
+    state.shown.clear();
+    $("messages").replaceChildren();
+    collected.length = Math.min(collected.length, PAGE_SIZE);
+  }
   let next = null; // the node the entry being placed goes before (null: the end)
+  const bulk = collected.length > 10;
   for (const e of collected) {
     const shown = state.shown.get(e.id);
     if (shown) {
       next = shown.el;
       continue;
     }
+    if (!e.outgoing) noteDevice(e.fromDevice, e.fromUser);
     const node = messageElement(e);
+    // Dozens of bubbles popping in at once are noise, and style work.
+    if (bulk) node.classList.add("quiet");
     state.shown.set(e.id, { entry: e, el: node });
     $("messages").insertBefore(node, next);
     next = node;
   }
-  if (stick) scrollToEnd();
+  if (!anchored) {
+    state.oldestOrder = collected.length ? collected[collected.length - 1].order : null;
+    show($("load-earlier"), collected.length > 0);
+  }
+  if (stick || !anchored) {
+    trimShown();
+    scrollToEnd();
+  }
+  if (collected.some((e) => !e.outgoing)) scheduleMarkRead();
+}
+
+/** Following the end: keep at most MAX_SHOWN messages on the page. */
+function trimShown() {
+  const list = $("messages");
+  let removed = false;
+  while (state.shown.size > MAX_SHOWN && list.firstElementChild) {
+    const first = list.firstElementChild;
+    state.shown.delete(first.dataset.id);
+    first.remove();
+    removed = true;
+  }
+  if (removed) {
+    const oldest = state.shown.get(list.firstElementChild?.dataset.id);
+    if (oldest?.entry.order != null) state.oldestOrder = oldest.entry.order;
+    show($("load-earlier"), true);
+  }
+}
+
+/** Ask for a redraw of `what` on the next animation frame. */
+function redraw(what) {
+  if (what) state.dirty[what] = true;
+  if (state.frameQueued) return;
+  state.frameQueued = true;
+  // A hidden tab gets no frames: a timer stands in for them there.
+  const run = () => {
+    if (!state.frameQueued) return;
+    state.frameQueued = false;
+    renderFrame();
+  };
+  requestAnimationFrame(run);
+  setTimeout(run, 250);
+}
+
+function renderFrame() {
+  const d = state.dirty;
+  if (d.progress) {
+    d.progress = false;
+    renderProgress();
+  }
+  if (d.conversations) {
+    d.conversations = false;
+    renderConversations();
+  }
+  if (d.health) {
+    d.health = false;
+    renderHealth();
+  }
+  if (d.epoch) {
+    d.epoch = false;
+    savePref("epochs", state.epochs);
+    if (state.epochBump) renderEpoch(true);
+    state.epochBump = false;
+  }
+  if (state.tailDirty) {
+    // During a backlog sync the history reads would compete with the
+    // commits: fewer of them, the page still moves several times a second.
+    const wait = state.connection === "syncing" ? state.tailAt + SYNC_TAIL_MS - performance.now() : 0;
+    if (wait > 0) {
+      setTimeout(() => redraw(), wait);
+    } else {
+      state.tailAt = performance.now();
+      refreshTail();
+    }
+  }
 }
 
 function onRemoved(ev) {
@@ -737,6 +865,10 @@ function onReadSynced(ev) {
 /** Mark what is shown as read, batched: a backlog of 500 is one call, not 500. */
 function scheduleMarkRead() {
   if (state.readTimer || !state.current) return;
+  // While a backlog syncs, read markers wait for its end (setConnection
+  // schedules them on "live"): each would mark up to 2,000 messages and
+  // send receipts for them while the page can only show the newest.
+  if (state.connection === "syncing") return;
   state.readTimer = setTimeout(markShownRead, 150);
 }
 
@@ -746,7 +878,10 @@ async function markShownRead() {
   if (!conv || !pageIsSeen() || !state.client) return;
   const unreadShown = [...state.shown.values()].filter((m) => !m.entry.outgoing && !m.entry.read);
   if (unreadShown.length === 0) return;
-  const last = unreadShown[unreadShown.length - 1].entry.id;
+  // The newest by position (the map's insertion order is not the page's).
+  let newest = unreadShown[0];
+  for (const m of unreadShown) if ((m.entry.order ?? -1) > (newest.entry.order ?? -1)) newest = m;
+  const last = newest.entry.id;
   try {
     await state.client.markRead(conv, last);
     for (const m of unreadShown) {
@@ -873,8 +1008,10 @@ function setEpoch(conv, epoch) {
   if (conv.epoch === epoch) return;
   conv.epoch = epoch;
   state.epochs[conv.conversation] = epoch;
-  savePref("epochs", state.epochs);
-  if (conv.conversation === state.current) renderEpoch(true);
+  // A backlog can turn the ratchet thousands of times: saved and drawn
+  // (one bump) once per frame.
+  if (conv.conversation === state.current) state.epochBump = true;
+  redraw("epoch");
 }
 
 function renderEpoch(animate) {
@@ -942,15 +1079,8 @@ function renderGap() {
 // "Under the hood": the engine's own delivery-quality counters
 // ---------------------------------------------------------------------------
 
-let healthQueued = false;
-
 function scheduleHealth() {
-  if (healthQueued || !$("health").open) return;
-  healthQueued = true;
-  requestAnimationFrame(() => {
-    healthQueued = false;
-    renderHealth();
-  });
+  if ($("health").open) redraw("health");
 }
 
 function renderHealth() {

@@ -4,6 +4,7 @@
 //   cargo build --release -p hush-relay --bin hush-relay
 //   cargo build --release -p hush-tests --bin bulk_send
 //   node web-demo/bench/catchup.mjs [N] [--senders=K] [--profile] [--demo]
+//        [--events=message|messages] [--timeout=SECONDS]
 //
 // 1. A release relay (send rate unlimited, inbox quota above N) starts.
 // 2. Device B is created in a bare page (bench/catchup.html: the client
@@ -15,6 +16,8 @@
 //    --demo uses the demo chat page (index.html, served by the relay)
 //    instead: B is created through its form, and the clock runs from page
 //    load until its sync progress reports all N done.
+//    --events=messages counts the per-step `messages` summaries instead of
+//    per-message `message` events (the bulk path: no per-message objects).
 //    --profile also samples the page's CPU (Chrome DevTools profiler) and
 //    prints where the main thread's time went.
 //
@@ -35,6 +38,8 @@ const COUNT = Number(args.find((a) => /^\d+$/.test(a)) ?? 100_000);
 const PROFILE = args.includes("--profile");
 const DEMO = args.includes("--demo");
 const SENDERS = Number(args.find((a) => a.startsWith("--senders="))?.slice(10) ?? 10);
+const EVENTS = args.find((a) => a.startsWith("--events="))?.slice(9) ?? "message";
+const TIMEOUT_MS = 1000 * Number(args.find((a) => a.startsWith("--timeout="))?.slice(10) ?? 900);
 
 const DEMO_DIR = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const REPO = resolve(DEMO_DIR, "..");
@@ -112,6 +117,34 @@ function classify(name) {
   return "JavaScript (glue, IndexedDB calls, events)";
 }
 
+/** Start the DevTools sampling profiler on a page (1 ms interval). */
+async function startProfile(context, page) {
+  const cdp = await context.newCDPSession(page);
+  await cdp.send("Profiler.enable");
+  await cdp.send("Profiler.setSamplingInterval", { interval: 1000 });
+  await cdp.send("Profiler.start");
+  return cdp;
+}
+
+/** Stop the profiler and print where the page's main thread spent its time. */
+async function printProfile(cdp) {
+  const { profile } = await cdp.send("Profiler.stop");
+  const times = selfTimes(profile);
+  const groups = new Map();
+  let total = 0;
+  for (const [name, ms] of times) {
+    const g = classify(name);
+    groups.set(g, (groups.get(g) ?? 0) + ms);
+    total += ms;
+  }
+  console.log(`  renderer main thread, ${(total / 1000).toFixed(2)} s sampled:`);
+  for (const [g, ms] of [...groups.entries()].sort((a, b) => b[1] - a[1])) {
+    console.log(`    ${g.padEnd(45)} ${(ms / 1000).toFixed(2)} s  ${Math.round((100 * ms) / total)}%`);
+  }
+  console.log("  top functions (self time):");
+  for (const [name, ms] of times.slice(0, 25)) console.log(`    ${(ms / 1000).toFixed(3)} s  ${name}`);
+}
+
 /** The same run through the demo chat page. */
 async function demoRun(relay, browser) {
   const demo = await h.demoUrl(relay);
@@ -129,20 +162,25 @@ async function demoRun(relay, browser) {
   const stored = await sender.next();
   console.log(`sender: ${stored}`);
   const t0 = Date.now();
-  page = await h.openPage(browser, demo.url("bob"), { context });
+  page = await context.newPage();
+  h.attachLog(page);
+  const cdp = PROFILE ? await startProfile(context, page) : null;
+  await page.goto(demo.url("bob"));
   await page.waitForFunction(
     (n) => {
       const p = window.hushDemo?.log.progress.at(-1);
       return p && p.total >= n && p.done >= p.total;
     },
     COUNT,
-    { timeout: 900_000, polling: 50 },
+    { timeout: TIMEOUT_MS, polling: 50 },
   );
   const secs = (Date.now() - t0) / 1000;
   const shown = await page.locator("[data-testid=message][data-direction=in]").count();
   console.log(
     `demo page catch-up: ${COUNT} messages × 1 KiB synced (progress done) in ${secs.toFixed(2)} s from page load = ${Math.round(COUNT / secs)} msg/s (${shown} rendered)`,
   );
+  console.log(`  counters: ${JSON.stringify(await page.evaluate(() => window.hushDemo.client.counters()))}`);
+  if (cdp) await printProfile(cdp);
 }
 
 try {
@@ -188,41 +226,20 @@ async function bareRun(relay, browser, base, options) {
   // B comes back.
   page = await h.openPage(browser, base, { context });
   await page.waitForSelector("body[data-ready='true']", { timeout: 60_000 });
-  let cdp;
-  if (PROFILE) {
-    cdp = await context.newCDPSession(page);
-    await cdp.send("Profiler.enable");
-    await cdp.send("Profiler.setSamplingInterval", { interval: 1000 });
-    await cdp.send("Profiler.start");
-  }
-  const r = await page.evaluate(([o, n]) => window.bench.catchup(o, n, 900_000), [options, COUNT]);
+  const cdp = PROFILE ? await startProfile(context, page) : null;
+  const r = await page.evaluate(([o, n, t, e]) => window.bench.catchup(o, n, t, e), [options, COUNT, TIMEOUT_MS, EVENTS]);
   const secs = r.totalMs / 1000;
   console.log(JSON.stringify(r));
   console.log(
-    `catch-up: ${r.received} of ${COUNT} messages × 1 KiB stored by a fresh browser device in ${secs.toFixed(2)} s = ${Math.round(r.received / secs)} msg/s`,
+    `catch-up (${EVENTS} events): ${r.received} of ${COUNT} messages × 1 KiB stored by a fresh browser device in ${secs.toFixed(2)} s = ${Math.round(r.received / secs)} msg/s`,
   );
   console.log(
     `  open ${Math.round(r.openMs)} ms; IndexedDB read-write transactions: ${r.idbTransactions}, ${(r.idbBusyMs / 1000).toFixed(2)} s busy (${Math.round((100 * r.idbBusyMs) / r.totalMs)}% of the wall time)`,
   );
-  if (cdp) {
-    const { profile } = await cdp.send("Profiler.stop");
-    const times = selfTimes(profile);
-    const groups = new Map();
-    let total = 0;
-    for (const [name, ms] of times) {
-      const g = classify(name);
-      groups.set(g, (groups.get(g) ?? 0) + ms);
-      total += ms;
-    }
-    console.log(`  renderer main thread, ${(total / 1000).toFixed(2)} s sampled:`);
-    for (const [g, ms] of [...groups.entries()].sort((a, b) => b[1] - a[1])) {
-      console.log(`    ${g.padEnd(45)} ${(ms / 1000).toFixed(2)} s  ${Math.round((100 * ms) / total)}%`);
-    }
-    console.log("  top functions (self time):");
-    for (const [name, ms] of times.slice(0, 25)) console.log(`    ${(ms / 1000).toFixed(3)} s  ${name}`);
-  }
+  if (cdp) await printProfile(cdp);
   if (r.received < COUNT) {
     process.exitCode = 1;
+    console.error(h.pageLog(page));
     console.error(`only ${r.received} of ${COUNT} messages arrived`);
   }
 }

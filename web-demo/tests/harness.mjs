@@ -274,6 +274,12 @@ export async function demoUrl(relay) {
         throw new Error(`the relay serves a stale ${f}: rebuild hush-relay (its embedded demo differs from web-demo/${f})`);
       }
     }
+    // The wasm package is embedded too: a stale one speaks an older client.
+    const wasm = "pkg/hush_client_bg.wasm";
+    const served = await fetch(`http://${relay.http}/${wasm}`).then((r) => (r.ok ? r.arrayBuffer() : null), () => null);
+    if (served && !Buffer.from(served).equals(readFileSync(join(DEMO_DIR, wasm)))) {
+      throw new Error(`the relay serves a stale ${wasm}: rebuild hush-relay after \`cargo xtask build-wasm\``);
+    }
     const info = await fetchText(`http://${relay.http}/relay.json`);
     base = `http://${relay.http}/`;
     mode = info.status === 200 ? "relay" : "relay+query";

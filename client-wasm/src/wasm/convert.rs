@@ -10,6 +10,8 @@ use crate::{ClientError, ConnectionState, Counters, Event, HistoryEntry, Message
 use crate::{HistoryRecord, StorageError};
 use hush_protocol::{ConversationId, UserKey};
 use js_sys::{Array, Object, Reflect};
+use std::cell::RefCell;
+use std::collections::HashMap;
 use wasm_bindgen::{JsCast, JsValue};
 
 /// A failure as JavaScript sees it: a stable machine-readable `code` and a
@@ -76,6 +78,11 @@ impl From<StorageError> for Failure {
     }
 }
 
+thread_local! {
+    /// Field names as JS strings, made once.
+    static KEYS: RefCell<HashMap<&'static str, JsValue>> = RefCell::new(HashMap::new());
+}
+
 /// Builds a plain object field by field.
 pub(crate) struct Obj(Object);
 
@@ -89,15 +96,26 @@ impl Obj {
         Obj::new().set("type", kind)
     }
 
-    pub fn set(self, key: &str, value: impl Into<JsValue>) -> Self {
-        // Defining a data property on a plain, non-frozen object cannot fail.
-        let _ = Reflect::set(&self.0, &JsValue::from_str(key), &value.into());
+    pub fn set(self, key: &'static str, value: impl Into<JsValue>) -> Self {
+        self.set_ref(key, &value.into())
+    }
+
+    /// Set a field to a value the caller keeps (a cached string).
+    pub fn set_ref(self, key: &'static str, value: &JsValue) -> Self {
+        // Field names become JS strings once per page, not once per object
+        // (a 100,000-message backlog builds a million fields).
+        KEYS.with(|keys| {
+            let mut keys = keys.borrow_mut();
+            let key = keys.entry(key).or_insert_with(|| JsValue::from_str(key));
+            // Defining a data property on a plain, non-frozen object cannot fail.
+            let _ = Reflect::set(&self.0, key, value);
+        });
         self
     }
 
     /// u64 values as JS numbers: seqs, counters and timestamps stay far below
     /// 2^53 in practice, and numbers are what JS code compares and sorts.
-    pub fn num(self, key: &str, value: u64) -> Self {
+    pub fn num(self, key: &'static str, value: u64) -> Self {
         self.set(key, value as f64)
     }
 
@@ -183,6 +201,136 @@ pub(crate) fn history_entry(e: &HistoryEntry, names: &dyn ContactNames) -> JsVal
                 .unwrap_or(JsValue::NULL),
         )
         .build()
+}
+
+/// Contact names looked up once for a whole step's events, rather than
+/// once per message, and the JS strings that repeat from message to message
+/// (conversation, contact, author user and device) made once per step.
+pub(crate) struct NameCache {
+    contacts: Vec<(UserKey, String, ConversationId)>,
+    /// conversation → (hex, contact name or null)
+    conversations: RefCell<HashMap<ConversationId, (JsValue, JsValue)>>,
+    users: RefCell<HashMap<UserKey, JsValue>>,
+    devices: RefCell<HashMap<hush_protocol::DeviceId, JsValue>>,
+}
+
+impl NameCache {
+    pub fn new(engine: &crate::Engine) -> Self {
+        NameCache {
+            contacts: engine.contacts(),
+            conversations: RefCell::default(),
+            users: RefCell::default(),
+            devices: RefCell::default(),
+        }
+    }
+
+    /// A `message` event, with the repeating strings from the cache.
+    fn message(&self, r: &HistoryRecord) -> JsValue {
+        let mut convs = self.conversations.borrow_mut();
+        let (conv_hex, contact) = convs.entry(r.conversation).or_insert_with(|| {
+            (
+                JsValue::from(r.conversation.to_hex()),
+                opt_str(self.contact_of(&r.conversation)),
+            )
+        });
+        let mut users = self.users.borrow_mut();
+        let user = users
+            .entry(r.from_user)
+            .or_insert_with(|| JsValue::from(r.from_user.to_hex()));
+        let mut devices = self.devices.borrow_mut();
+        let device = devices
+            .entry(r.from_device)
+            .or_insert_with(|| JsValue::from(r.from_device.to_hex()));
+        Obj::event("message")
+            .set("id", r.id.to_hex())
+            .set_ref("conversation", conv_hex)
+            .set_ref("contact", contact)
+            .set_ref("fromUser", user)
+            .set_ref("fromDevice", device)
+            .num("senderSeq", r.sender_seq)
+            .num("sentAt", r.sent_at_ms)
+            .num("storedAt", r.stored_at_ms)
+            .set("text", r.text.as_str())
+            .set("outgoing", r.outgoing)
+            .build()
+    }
+}
+
+impl ContactNames for NameCache {
+    fn contact_of(&self, conversation: &ConversationId) -> Option<String> {
+        self.contacts
+            .iter()
+            .find(|(_, _, c)| c == conversation)
+            .map(|(_, name, _)| name.clone())
+    }
+
+    fn name_of(&self, user: &UserKey) -> Option<String> {
+        self.contacts
+            .iter()
+            .find(|(u, _, _)| u == user)
+            .map(|(_, name, _)| name.clone())
+    }
+}
+
+/// A step's events as `(channel, object)` pairs, in order, for the
+/// listeners there are.
+///
+/// A `message` object (ten fields, four hex ids) is only built when someone
+/// listens to `message` or `*`. A step that delivered messages also ends
+/// with one `messages` summary — how many per conversation — which is what
+/// a page showing a large backlog needs: it reads the messages it actually
+/// shows from history.
+pub(crate) fn events(
+    events: &[Event],
+    engine: &crate::Engine,
+    listeners: &super::driver::Listeners,
+) -> Vec<(&'static str, JsValue)> {
+    let names = NameCache::new(engine);
+    let each_message = listeners.has("message");
+    let summary = listeners.has("messages");
+    let mut out = Vec::with_capacity(if each_message { events.len() } else { 4 });
+    // (conversation, messages, of which received)
+    let mut counts: Vec<(ConversationId, u64, u64)> = Vec::new();
+    for e in events {
+        if let Event::Message(r) = e {
+            if summary {
+                match counts.iter_mut().find(|(c, _, _)| *c == r.conversation) {
+                    Some((_, n, incoming)) => {
+                        *n += 1;
+                        *incoming += u64::from(!r.outgoing);
+                    }
+                    None => counts.push((r.conversation, 1, u64::from(!r.outgoing))),
+                }
+            }
+            if each_message {
+                out.push(("message", names.message(r)));
+            }
+            continue;
+        }
+        out.push(event(e, &names));
+    }
+    if !counts.is_empty() {
+        let total: u64 = counts.iter().map(|(_, n, _)| n).sum();
+        let per = counts
+            .iter()
+            .map(|(c, n, incoming)| {
+                Obj::new()
+                    .set("conversation", c.to_hex())
+                    .set("contact", opt_str(names.contact_of(c)))
+                    .num("count", *n)
+                    .num("incoming", *incoming)
+                    .build()
+            })
+            .collect::<Array>();
+        out.push((
+            "messages",
+            Obj::event("messages")
+                .num("count", total)
+                .set("conversations", per)
+                .build(),
+        ));
+    }
+    out
 }
 
 /// The listener channel an event goes to and its object.

@@ -5,27 +5,37 @@
 //! the end of a connection (from the reader task), timers, the browser's
 //! `online`/`offline` events and the app's `setOnline`. The loop handles one
 //! message at a time, so engine steps never interleave, and for every step
-//! it follows the driver contract exactly:
+//! it keeps the driver contract:
 //!
-//! 1. `await` the step's storage batch in one IndexedDB transaction
-//!    (durable before anything else happens);
-//! 2. then queue the step's frames on the stream, in order;
-//! 3. then deliver its events to the listeners, and the reply to the caller.
+//! 1. the step's `early_frames` leave once every earlier step is durable;
+//! 2. its storage batch is committed in an IndexedDB transaction;
+//! 3. only when that transaction completed do its `frames` leave, in order,
+//!    and its events reach the listeners (and the reply the caller).
 //!
-//! If the engine or the storage fails, the rest of the step is not
-//! performed: the connection is dropped and the engine is rebuilt from
+//! Commits are pipelined (group commit): the loop does not wait for a
+//! transaction before handling the next input. Steps handled while one
+//! transaction is in flight wait together and are committed as ONE
+//! transaction as soon as it completes; at most one transaction is in flight,
+//! so a transaction never commits after an earlier one failed. During a
+//! backlog sync the engine puts the next page's `Pull` in `early_frames`:
+//! the relay serves page n+1 and the loop decrypts it while page n commits.
+//!
+//! If the engine or the storage fails, nothing more of the affected steps
+//! is performed: the connection is dropped and the engine is rebuilt from
 //! IndexedDB, exactly as after a crash, and listeners get an `error` event.
 //! Connections are generation-numbered so that late news from an old
-//! connection (a frame still queued, its `closed` promise) is ignored.
+//! connection (a frame still queued, its `closed` promise) is ignored, and
+//! frames of a step are only ever sent on the connection it ran on.
 
 use super::convert::{self, Failure};
-use super::idb_store::IdbStore;
+use super::idb_store::{Commit, IdbStore};
 use super::lock::StorageLock;
 use super::transport::{self, Connection, describe};
-use crate::{Command, ConnectionState, Engine, EngineConfig, Event, Input, Reply};
+use crate::{Command, ConnectionState, Engine, EngineConfig, Event, Input, Reply, Step, StorageOp};
 use futures_channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use futures_channel::oneshot;
 use futures_util::StreamExt;
+use futures_util::future::{Either, select};
 use gloo_timers::callback::Timeout;
 use hush_protocol::{ClientFrame, ServerFrame, encode_client_frame};
 use js_sys::Function;
@@ -112,6 +122,14 @@ impl Listeners {
 
     pub fn clear(&self) {
         self.list.borrow_mut().clear();
+    }
+
+    /// Whether anything listens to `kind` (directly or through `"*"`).
+    pub fn has(&self, kind: &str) -> bool {
+        self.list
+            .borrow()
+            .iter()
+            .any(|(k, _)| k == kind || k == "*")
     }
 
     /// Call every listener of `kind` (and of `"*"`). A listener may add or
@@ -205,6 +223,38 @@ pub(crate) struct Held {
     pub network: NetworkListeners,
 }
 
+/// A handled step that still owes the relay frames and the app its events
+/// and reply: performed once its storage (and every earlier step's) is
+/// durable.
+struct Owed {
+    /// Connection generation the step ran on: its frames go there or nowhere.
+    generation: Option<u64>,
+    /// `early_frames` not sent yet (an earlier step was not durable).
+    early: Vec<ClientFrame>,
+    frames: Vec<ClientFrame>,
+    events: Vec<Event>,
+    reply: Option<Reply>,
+    /// Where a command's answer goes.
+    answer: Option<oneshot::Sender<CommandResult>>,
+    close: bool,
+}
+
+impl Owed {
+    /// Tell a waiting caller that its step will never be performed.
+    fn abandon(self, why: &Failure) {
+        if let Some(answer) = self.answer {
+            let _ = answer.send(Err(why.clone()));
+        }
+    }
+}
+
+/// Steps handled while a transaction was in flight, with their storage:
+/// committed together in the next transaction.
+#[derive(Default)]
+struct Waiting {
+    steps: Vec<(Owed, Vec<StorageOp>)>,
+}
+
 /// The loop's own state.
 pub(crate) struct Driver {
     shared: Rc<Shared>,
@@ -223,6 +273,19 @@ pub(crate) struct Driver {
     not_before: u64,
     rebuilds: u32,
     held: Option<Held>,
+    /// The transaction in flight, if any, and the steps it makes durable
+    /// (in order).
+    inflight: Option<Commit>,
+    committing: Vec<Owed>,
+    /// Steps handled since `inflight` began (empty while nothing is in
+    /// flight).
+    waiting: Waiting,
+}
+
+/// What woke the loop.
+enum Wake {
+    Msg(Option<Msg>),
+    Committed(Result<(), crate::StorageError>),
 }
 
 impl Driver {
@@ -247,31 +310,50 @@ impl Driver {
             not_before: 0,
             rebuilds: 0,
             held: Some(held),
+            inflight: None,
+            committing: Vec::new(),
+            waiting: Waiting::default(),
         }
     }
 
     /// Run until [`Msg::Close`] (or until every sender is gone).
     pub async fn run(mut self, mut rx: UnboundedReceiver<Msg>) {
         // The first step: timers, and `connect_at` for the first dial.
-        let _ = self.input(Input::Tick).await;
+        self.input(Input::Tick, None).await;
         self.schedule();
-        while let Some(msg) = rx.next().await {
-            match msg {
-                Msg::Command(cmd, reply) => {
-                    let result = self.command(cmd).await;
-                    let _ = reply.send(result);
+        loop {
+            // A finished commit is looked at first, so its frames (the
+            // acknowledgements) and events leave as early as possible.
+            let wake = match self.inflight.as_mut() {
+                Some(commit) => match select(commit, rx.next()).await {
+                    Either::Left((result, _)) => Wake::Committed(result),
+                    Either::Right((msg, _)) => Wake::Msg(msg),
+                },
+                None => Wake::Msg(rx.next().await),
+            };
+            let msg = match wake {
+                Wake::Committed(result) => {
+                    self.inflight = None;
+                    self.committed(result).await;
+                    self.schedule();
+                    continue;
                 }
+                Wake::Msg(None) => break,
+                Wake::Msg(Some(msg)) => msg,
+            };
+            match msg {
+                Msg::Command(cmd, reply) => self.command(cmd, reply).await,
                 Msg::Dialed(generation, result) => self.on_dialed(generation, result).await,
                 Msg::Frame(generation, frame) => {
                     if self.is_current(generation) {
-                        let _ = self.input(Input::Frame(*frame)).await;
+                        self.input(Input::Frame(*frame), None).await;
                     }
                 }
                 Msg::Lost(generation, why) => {
                     if self.is_current(generation) {
                         self.drop_connection();
                         self.warn(&format!("connection to the relay lost: {why}"));
-                        let _ = self.input(Input::Disconnected).await;
+                        self.input(Input::Disconnected, None).await;
                     }
                 }
                 Msg::Timer(generation) => {
@@ -293,11 +375,14 @@ impl Driver {
                     if self.conn.is_some() {
                         self.drop_connection();
                         self.warn("the browser went offline");
-                        let _ = self.input(Input::Disconnected).await;
+                        self.input(Input::Disconnected, None).await;
                     }
                 }
                 Msg::SetOnline(on) => self.set_online(on).await,
                 Msg::Close(done) => {
+                    // Everything handled so far is committed (or failed)
+                    // and its events delivered before the database closes.
+                    self.settle().await;
                     self.shutdown();
                     let _ = done.send(());
                     return;
@@ -305,6 +390,7 @@ impl Driver {
             }
             self.schedule();
         }
+        self.settle().await;
         self.shutdown();
     }
 
@@ -312,16 +398,22 @@ impl Driver {
         self.conn.as_ref().is_some_and(|(g, _)| *g == generation)
     }
 
-    async fn command(&mut self, cmd: Command) -> CommandResult {
-        if let Some(f) = self.shared.unusable() {
-            return Err(f);
-        }
-        self.input(Input::Command(cmd)).await
+    fn generation(&self) -> Option<u64> {
+        self.conn.as_ref().map(|(g, _)| *g)
     }
 
-    /// One engine step (plus the follow-up when the engine closes the
-    /// connection), performed in contract order.
-    async fn input(&mut self, input: Input) -> CommandResult {
+    async fn command(&mut self, cmd: Command, answer: oneshot::Sender<CommandResult>) {
+        if let Some(f) = self.shared.unusable() {
+            let _ = answer.send(Err(f));
+            return;
+        }
+        self.input(Input::Command(cmd), Some(answer)).await;
+    }
+
+    /// One engine step. Its outputs are performed in contract order, now or
+    /// when the storage they depend on is durable; a command's answer goes
+    /// to `answer` at that point.
+    async fn input(&mut self, input: Input, answer: Option<oneshot::Sender<CommandResult>>) {
         let is_command = matches!(input, Input::Command(_));
         let now = now_ms();
         let result = {
@@ -330,7 +422,11 @@ impl Driver {
                 Some(e) => e.handle(now, input),
                 None => {
                     drop(engine);
-                    return Err(self.shared.unusable().unwrap_or_else(Failure::closed));
+                    if let Some(answer) = answer {
+                        let f = self.shared.unusable().unwrap_or_else(Failure::closed);
+                        let _ = answer.send(Err(f));
+                    }
+                    return;
                 }
             }
         };
@@ -338,46 +434,174 @@ impl Driver {
             Ok(step) => step,
             // A refused command changed nothing (commands are validated
             // before they touch state): just report it.
-            Err(e) if is_command && is_refusal(&e) => return Err(e.into()),
+            Err(e) if is_command && is_refusal(&e) => {
+                if let Some(answer) = answer {
+                    let _ = answer.send(Err(e.into()));
+                }
+                return;
+            }
             Err(e) => {
                 let f = Failure::from(e);
+                // What earlier steps produced is sound: perform it first.
+                self.settle().await;
                 self.rebuild(&f).await;
-                return Err(f);
+                if let Some(answer) = answer {
+                    let _ = answer.send(Err(f));
+                }
+                return;
             }
         };
-        // 1. Durable first.
-        if let Err(e) = self.shared.store.apply(&step.storage).await {
-            let f = Failure::from(e);
-            self.rebuild(&f).await;
-            return Err(f);
+        self.accept(step, answer).await;
+    }
+
+    /// Queue a handled step behind the steps before it.
+    async fn accept(&mut self, step: Step, answer: Option<oneshot::Sender<CommandResult>>) {
+        let Step {
+            storage,
+            early_frames,
+            frames,
+            events,
+            reply,
+            wake_at,
+            connect_at: _,
+            close,
+        } = step;
+        self.wake_at = wake_at;
+        let owed = Owed {
+            generation: self.generation(),
+            early: early_frames,
+            frames,
+            events,
+            reply,
+            answer,
+            close,
+        };
+        self.waiting.steps.push((owed, storage));
+        if self.inflight.is_none() {
+            self.begin_waiting().await;
         }
-        if !step.storage.is_empty() {
-            self.rebuilds = 0;
+        if close {
+            // The engine counts the connection as gone: perform this step
+            // (and everything before it) now, which drops the connection.
+            self.settle().await;
         }
-        // 2. Frames.
-        self.send_frames(&step.frames);
-        // 3. Events (the reply follows when the caller gets the result).
-        self.emit_events(&step.events);
-        self.wake_at = step.wake_at;
-        if step.close {
+    }
+
+    /// Nothing is in flight (every step before the waiting ones is
+    /// durable): perform the waiting steps that wrote nothing, and commit
+    /// the rest in one transaction.
+    async fn begin_waiting(&mut self) {
+        debug_assert!(self.inflight.is_none());
+        let mut steps = std::mem::take(&mut self.waiting.steps).into_iter();
+        let mut batch: Vec<StorageOp> = Vec::new();
+        let mut covered = Vec::new();
+        for (mut owed, storage) in steps.by_ref() {
+            // Every earlier step is durable: its early frames may leave.
+            let early = std::mem::take(&mut owed.early);
+            self.send_frames(owed.generation, &early);
+            if storage.is_empty() {
+                self.perform(owed);
+                continue;
+            }
+            batch = storage;
+            covered.push(owed);
+            break;
+        }
+        // Steps after the first that writes share its transaction; their
+        // early frames wait for it (an earlier step is not durable yet).
+        for (owed, storage) in steps {
+            batch.extend(storage);
+            covered.push(owed);
+        }
+        if covered.is_empty() {
+            return;
+        }
+        match self.shared.store.begin(&batch) {
+            Ok(Some(commit)) => {
+                self.inflight = Some(commit);
+                self.committing = covered;
+            }
+            Ok(None) => {
+                for owed in covered {
+                    self.perform(owed);
+                }
+            }
+            Err(e) => {
+                let f = Failure::from(e);
+                for owed in covered {
+                    owed.abandon(&f);
+                }
+                self.rebuild(&f).await;
+            }
+        }
+    }
+
+    /// The transaction in flight finished.
+    async fn committed(&mut self, result: Result<(), crate::StorageError>) {
+        let covered = std::mem::take(&mut self.committing);
+        match result {
+            Ok(()) => {
+                self.rebuilds = 0;
+                for owed in covered {
+                    self.perform(owed);
+                }
+                if !self.waiting.steps.is_empty() {
+                    self.begin_waiting().await;
+                }
+            }
+            Err(e) => {
+                let f = Failure::from(e);
+                for owed in covered {
+                    owed.abandon(&f);
+                }
+                self.rebuild(&f).await;
+            }
+        }
+    }
+
+    /// Wait until every handled step is committed and performed (or
+    /// abandoned by a failure).
+    async fn settle(&mut self) {
+        while let Some(commit) = self.inflight.take() {
+            let result = commit.await;
+            self.committed(result).await;
+        }
+    }
+
+    /// A durable step's outputs, in contract order: frames, events, reply,
+    /// then the connection drop the engine asked for.
+    fn perform(&mut self, owed: Owed) {
+        self.send_frames(owed.generation, &owed.early);
+        self.send_frames(owed.generation, &owed.frames);
+        self.emit_events(&owed.events);
+        if let Some(answer) = owed.answer {
+            let _ = answer.send(Ok(owed.reply));
+        }
+        if owed.close && owed.generation.is_some() && owed.generation == self.generation() {
             // The engine already counts the connection as gone.
             self.drop_connection();
         }
-        Ok(step.reply)
     }
 
-    fn send_frames(&self, frames: &[ClientFrame]) {
-        let Some((generation, conn)) = &self.conn else {
-            // Not connected (the loss is still queued): the engine resends
-            // whatever needs it after the next `Connected`.
+    /// Queue frames on connection `generation`, if it is still the open
+    /// one (after a loss the engine resends whatever needs it once
+    /// connected again).
+    fn send_frames(&self, generation: Option<u64>, frames: &[ClientFrame]) {
+        if frames.is_empty() {
+            return;
+        }
+        let Some((current, conn)) = &self.conn else {
             return;
         };
+        if generation != Some(*current) {
+            return;
+        }
         for frame in frames {
             match encode_client_frame(frame) {
                 Ok(bytes) => {
                     let written = conn.send(&bytes);
                     let tx = self.tx.clone();
-                    let generation = *generation;
+                    let generation = *current;
                     spawn_local(async move {
                         if let Err(e) = wasm_bindgen_futures::JsFuture::from(written).await {
                             let _ = tx.unbounded_send(Msg::Lost(
@@ -399,7 +623,7 @@ impl Driver {
         let converted: Vec<(&'static str, JsValue)> = {
             let engine = self.shared.engine.borrow();
             match engine.as_ref() {
-                Some(e) => events.iter().map(|ev| convert::event(ev, e)).collect(),
+                Some(e) => convert::events(events, e, &self.shared.listeners),
                 None => return,
             }
         };
@@ -418,6 +642,7 @@ impl Driver {
     /// rebuild it from storage as after a crash, and hold off dialing a
     /// little longer after each consecutive rebuild.
     async fn rebuild(&mut self, why: &Failure) {
+        self.abandon_pending(why);
         self.drop_connection();
         self.dialing = None;
         *self.shared.engine.borrow_mut() = None;
@@ -446,8 +671,23 @@ impl Driver {
         }
     }
 
+    /// Forget every step not performed yet: none of their outputs may
+    /// happen (their storage is not, or may not be, durable). A transaction
+    /// still in flight settles on its own; the rebuild's read of the
+    /// database is ordered after it.
+    fn abandon_pending(&mut self, why: &Failure) {
+        self.inflight = None;
+        for owed in std::mem::take(&mut self.committing) {
+            owed.abandon(why);
+        }
+        for (owed, _) in std::mem::take(&mut self.waiting.steps) {
+            owed.abandon(why);
+        }
+    }
+
     /// Give up for good: every later call reports `f`.
     fn fail(&mut self, f: Failure) {
+        self.abandon_pending(&f);
         self.drop_connection();
         self.dialing = None;
         *self.shared.engine.borrow_mut() = None;
@@ -495,7 +735,7 @@ impl Driver {
         }
         if self.wake_at.is_some_and(|t| t <= now) {
             self.wake_at = None;
-            let _ = self.input(Input::Tick).await;
+            self.input(Input::Tick, None).await;
         }
     }
 
@@ -556,14 +796,14 @@ impl Driver {
                     let _ = tx.unbounded_send(Msg::Lost(generation, why));
                 });
                 self.conn = Some((generation, conn));
-                let _ = self.input(Input::Connected).await;
+                self.input(Input::Connected, None).await;
             }
             Err(why) => {
                 self.warn(&format!(
                     "could not connect to {}: {why}",
                     self.shared.relay_url
                 ));
-                let _ = self.input(Input::Disconnected).await;
+                self.input(Input::Disconnected, None).await;
             }
         }
     }
@@ -585,7 +825,7 @@ impl Driver {
             .is_some_and(|e| e.connection_state() != ConnectionState::Offline);
         self.drop_connection();
         if engine_connected {
-            let _ = self.input(Input::Disconnected).await;
+            self.input(Input::Disconnected, None).await;
         }
     }
 

@@ -4,12 +4,14 @@
 //! [`crate::storage::history`] is written against the synchronous
 //! [`crate::Storage`] trait, which IndexedDB cannot implement. This is the
 //! same algorithm over an asynchronous [`Reader`]: page backwards through a
-//! conversation's order records, skip messages that were deleted or
+//! conversation's positions — packs (see `pack`) merged with order records
+//! written one per key — skip messages that were deleted or
 //! recalled (tombstones) or are missing, attach read markers and delivery
 //! states. All reads of one page share one read-only transaction, so a page
 //! is a consistent snapshot even while the driver commits new steps.
 
 use super::idb_store::{IdbStore, Reader};
+use super::pack;
 use crate::StorageError;
 use crate::state::{HistoryRecord, MessageState};
 use crate::storage::{HistoryEntry, decode, keys};
@@ -35,6 +37,67 @@ pub(crate) async fn page(
     Ok(out)
 }
 
+/// A message position found while paging: from a pack (with its record)
+/// or from a record written one per key.
+struct Slot {
+    order: u64,
+    id: MessageId,
+    /// The encoded record when it came from a pack.
+    packed: Option<Vec<u8>>,
+}
+
+/// Up to `want` positions of a conversation strictly below `before`,
+/// newest first, merged from packs and per-key order records.
+async fn positions(
+    reader: &Reader,
+    conversation: &ConversationId,
+    before: Option<u64>,
+    want: usize,
+) -> Result<Vec<Slot>, StorageError> {
+    let mut slots = Vec::new();
+    // Per-key order records (written before history was packed).
+    let prefix = keys::history_order_prefix(conversation);
+    let cursor = before.map(|o| keys::history_order(conversation, o));
+    for (k, v) in reader.scan_back(&prefix, cursor.as_deref(), want).await? {
+        let order = order_of(&k).ok_or_else(|| StorageError::Corrupt {
+            key: keys::printable(&k),
+        })?;
+        let id: MessageId = decode(&k, &v)?;
+        slots.push(Slot {
+            order,
+            id,
+            packed: None,
+        });
+    }
+    // Packs cover disjoint, ascending order ranges: walk them backwards
+    // until `want` positions below `before` are found.
+    let pack_prefix = pack::pack_prefix(conversation);
+    let mut pack_cursor = before.map(|o| pack::pack_key(conversation, o));
+    let mut from_packs = 0usize;
+    while from_packs < want {
+        let rows = reader
+            .scan_back(&pack_prefix, pack_cursor.as_deref(), 1)
+            .await?;
+        let Some((k, v)) = rows.into_iter().next() else {
+            break;
+        };
+        for e in pack::unpack(&k, &v)?.into_iter().rev() {
+            if before.is_none_or(|b| e.order < b) {
+                from_packs += 1;
+                slots.push(Slot {
+                    order: e.order,
+                    id: e.id,
+                    packed: Some(e.record.to_vec()),
+                });
+            }
+        }
+        pack_cursor = Some(k);
+    }
+    slots.sort_unstable_by_key(|s| std::cmp::Reverse(s.order));
+    slots.truncate(want);
+    Ok(slots)
+}
+
 /// [`page`] inside an open reader, newest first.
 async fn page_in(
     reader: &Reader,
@@ -42,48 +105,50 @@ async fn page_in(
     before: Option<u64>,
     limit: usize,
 ) -> Result<Vec<HistoryEntry>, StorageError> {
-    let prefix = keys::history_order_prefix(conversation);
-    let mut cursor = before.map(|o| keys::history_order(conversation, o));
+    let mut cursor = before;
     let mut out = Vec::new();
     // Erased messages leave order records behind: keep paging until `limit`
     // live messages are found or the conversation's start is reached.
     while out.len() < limit {
-        let rows = reader
-            .scan_back(&prefix, cursor.as_deref(), limit - out.len())
-            .await?;
-        let Some((last, _)) = rows.last() else {
+        let slots = positions(reader, conversation, cursor, limit - out.len()).await?;
+        let Some(last) = slots.last() else {
             break;
         };
-        cursor = Some(last.clone());
+        cursor = Some(last.order);
         // Ask for every record of the page before awaiting any answer.
-        let mut pending = Vec::with_capacity(rows.len());
-        for (k, v) in &rows {
-            let order = order_of(k).ok_or_else(|| StorageError::Corrupt {
-                key: keys::printable(k),
-            })?;
-            let id: MessageId = decode(k, v)?;
-            let msg_key = keys::history_message(conversation, &id);
-            let state_key = keys::history_state(&id);
+        let mut pending = Vec::with_capacity(slots.len());
+        for slot in slots {
+            let msg_key = keys::history_message(conversation, &slot.id);
+            let state_key = keys::history_state(&slot.id);
+            // A packed message is live unless marked gone; a per-key one
+            // unless its record was deleted.
+            let record = match &slot.packed {
+                Some(_) => reader.start_get(&pack::gone_key(conversation, &slot.id))?,
+                None => reader.start_get(&msg_key)?,
+            };
             pending.push((
-                order,
-                reader.start_get(&keys::tombstone(&id))?,
-                reader.start_get(&msg_key)?,
-                reader.start_get(&keys::history_read(&id))?,
+                reader.start_get(&keys::tombstone(&slot.id))?,
+                record,
+                reader.start_get(&keys::history_read(&slot.id))?,
                 reader.start_get(&state_key)?,
+                slot,
                 msg_key,
                 state_key,
             ));
         }
-        for (order, tomb, msg, read, state, msg_key, state_key) in pending {
+        for (tomb, record, read, state, slot, msg_key, state_key) in pending {
             let tomb = tomb.value().await?;
-            let msg = msg.value().await?;
+            let record = record.value().await?;
             let read = read.value().await?.is_some();
             let state = state.value().await?;
             if tomb.is_some() {
                 continue;
             }
-            let Some(raw) = msg else {
-                continue;
+            let raw = match (slot.packed, record) {
+                (Some(_), Some(_gone)) => continue,
+                (Some(packed), None) => packed,
+                (None, Some(raw)) => raw,
+                (None, None) => continue,
             };
             let record: HistoryRecord = decode(&msg_key, &raw)?;
             let state = match state {
@@ -91,7 +156,7 @@ async fn page_in(
                 None => None,
             };
             out.push(HistoryEntry {
-                order,
+                order: slot.order,
                 record,
                 read,
                 state,
@@ -147,6 +212,11 @@ pub(crate) async fn unread_up_to(
 }
 
 /// Which of `conversations` holds message `id` in this device's history.
+///
+/// Per-key records are one look-up each; packed messages are found by
+/// walking each conversation's packs from the newest, so finding an old
+/// message in a long history reads that much of it (the app asks for
+/// messages it shows, which are usually recent).
 pub(crate) async fn conversation_of(
     store: &IdbStore,
     conversations: &[ConversationId],
@@ -155,13 +225,42 @@ pub(crate) async fn conversation_of(
     let reader = store.reader()?;
     let mut pending = Vec::with_capacity(conversations.len());
     for c in conversations {
-        pending.push((*c, reader.start_get(&keys::history_message(c, id))?));
+        pending.push((
+            *c,
+            reader.start_get(&keys::history_message(c, id))?,
+            reader.start_get(&pack::gone_key(c, id))?,
+        ));
     }
     let mut hit = None;
-    for (c, p) in pending {
-        if p.value().await?.is_some() && hit.is_none() {
+    let mut live = Vec::new();
+    for (c, p, gone) in pending {
+        let found = p.value().await?.is_some();
+        if gone.value().await?.is_some() {
+            continue;
+        }
+        if found && hit.is_none() {
             hit = Some(c);
         }
+        live.push(c);
     }
-    Ok(hit)
+    if hit.is_some() {
+        return Ok(hit);
+    }
+    for c in live {
+        let prefix = pack::pack_prefix(&c);
+        let mut cursor: Option<Vec<u8>> = None;
+        loop {
+            let rows = reader.scan_back(&prefix, cursor.as_deref(), 8).await?;
+            if rows.is_empty() {
+                break;
+            }
+            for (k, v) in &rows {
+                if pack::unpack(k, v)?.iter().any(|e| e.id == *id) {
+                    return Ok(Some(c));
+                }
+            }
+            cursor = rows.last().map(|(k, _)| k.clone());
+        }
+    }
+    Ok(None)
 }

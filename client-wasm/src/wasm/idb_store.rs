@@ -10,12 +10,17 @@
 //! - `history` — the `h/…` namespace, paged by the app and never loaded
 //!   into the engine.
 //!
-//! [`IdbStore::apply`] is the driver contract's "durable first": the whole
-//! batch goes into ONE readwrite transaction with `durability: "strict"`
-//! (the browser flushes to disk before reporting completion), and the call
-//! returns only when the transaction's `complete` event fired. An aborted
-//! or failed transaction applies none of the batch.
+//! [`IdbStore::begin`] is the driver contract's "durable first": the whole
+//! batch (one or several engine steps) goes into ONE readwrite transaction
+//! with `durability: "strict"` (the browser flushes to disk before reporting
+//! completion), and the returned [`Commit`] settles only when the
+//! transaction's `complete` event fired. An aborted or failed transaction
+//! applies none of the batch. A message's two history records are written
+//! packed with the other messages of the batch (see `pack`): IndexedDB
+//! charges per record, so a 200-message page costs a handful of puts, not
+//! 400.
 
+use super::pack::{self, Write};
 use crate::StorageError;
 use crate::storage::StorageOp;
 use crate::storage::keys;
@@ -25,6 +30,10 @@ use std::future::IntoFuture;
 use wasm_bindgen::closure::Closure;
 use wasm_bindgen::{JsCast, JsValue};
 use web_sys::{IdbDatabase, IdbTransactionDurability, IdbTransactionMode, IdbTransactionOptions};
+
+/// A transaction in flight: settles when it committed (or failed).
+pub(crate) type Commit =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StorageError>>>>;
 
 const STATE: &str = "state";
 const HISTORY: &str = "history";
@@ -183,45 +192,71 @@ impl IdbStore {
     /// Apply a batch atomically and durably: one readwrite transaction,
     /// awaited until the browser reports it committed.
     pub async fn apply(&self, batch: &[StorageOp]) -> Result<(), StorageError> {
+        match self.begin(batch)? {
+            Some(commit) => commit.await,
+            None => Ok(()),
+        }
+    }
+
+    /// Queue a batch in a new readwrite transaction and return at once; the
+    /// returned future settles when the browser reports the transaction
+    /// committed (durably) or failed. `None` for an empty batch.
+    ///
+    /// IndexedDB runs readwrite transactions over the same stores one after
+    /// the other in the order they were created, so a later `begin` never
+    /// commits before an earlier one. (The driver still only begins a
+    /// transaction once the previous one committed: a later transaction
+    /// must not commit after an earlier one failed.)
+    pub fn begin(&self, batch: &[StorageOp]) -> Result<Option<Commit>, StorageError> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let txn = self.transaction(IdbTransactionMode::Readwrite)?;
         let (state, history) = Self::stores(&txn)?;
-        for op in batch {
-            let store = if store_for(op.key()) == HISTORY {
+        let store = |key: &[u8]| {
+            if store_for(key) == HISTORY {
                 &history
             } else {
                 &state
-            };
-            let key = js_bytes(op.key());
-            // Requests are queued in order; a failing one aborts the whole
-            // transaction, which the completion below reports.
-            match op {
-                StorageOp::Put { value, .. } => {
-                    store
-                        .put(&js_bytes(value), Some(&key))
+            }
+        };
+        // Requests are queued in order; a failing one aborts the whole
+        // transaction, which the completion below reports. The values are
+        // plain `Uint8Array`s (the cheapest thing to structured-clone), and
+        // a message's two history records travel packed (see `pack`).
+        for write in pack::pack_batch(batch) {
+            match write {
+                Write::Put(key, value) => {
+                    store(key)
+                        .put(&js_bytes(value), Some(&js_bytes(key)))
                         .map_err(|e| backend("put", e))?;
                 }
-                StorageOp::Delete { .. } => {
-                    store
-                        .delete(Query::Key(key))
+                Write::PutOwned(key, value) => {
+                    store(&key)
+                        .put(&js_bytes(&value), Some(&js_bytes(&key)))
+                        .map_err(|e| backend("put", e))?;
+                }
+                Write::Delete(key) => {
+                    store(key)
+                        .delete(Query::Key(js_bytes(key)))
                         .map_err(|e| backend("delete", e))?;
                 }
             }
         }
-        let outcome = txn
+        let done = txn
             .commit()
             .map_err(|e| backend("commit", e))?
-            .await
-            .map_err(|e| backend("transaction", e))?;
-        if outcome.is_committed() {
-            Ok(())
-        } else {
-            Err(StorageError::Backend(
-                "IndexedDB transaction was aborted (quota exceeded or database closed?)".into(),
-            ))
-        }
+            .into_future();
+        Ok(Some(Box::pin(async move {
+            let outcome = done.await.map_err(|e| backend("transaction", e))?;
+            if outcome.is_committed() {
+                Ok(())
+            } else {
+                Err(StorageError::Backend(
+                    "IndexedDB transaction was aborted (quota exceeded or database closed?)".into(),
+                ))
+            }
+        })))
     }
 
     /// Every engine record (`s/…`), ascending by key.

@@ -20,7 +20,9 @@
 //!   every step in the driver-contract order (storage durable, then frames,
 //!   then events), timers, reconnects, rebuild after a failure.
 //! - `idb_store` — IndexedDB storage: one database per storage name, one
-//!   readwrite transaction (strict durability) per step.
+//!   readwrite transaction (strict durability) per commit.
+//! - `pack` — a batch's history messages packed into one record per
+//!   conversation (IndexedDB charges per record, not per byte).
 //! - `history` — history pages and message look-ups read from IndexedDB.
 //! - `transport` — WebTransport session and frame stream.
 //! - `lock` — one open client per storage name across tabs (Web Locks).
@@ -32,6 +34,7 @@ mod driver;
 mod history;
 mod idb_store;
 mod lock;
+mod pack;
 mod transport;
 
 pub use client::Client;
@@ -112,6 +115,17 @@ export interface HistoryEntry extends MessageRecord {
 }
 
 export interface MessageEvent extends MessageRecord { type: "message" }
+/**
+ * Once per engine step that stored messages, after their `message` events:
+ * how many per conversation. The cheap way to follow a large backlog — a
+ * `message` object is only built while something listens to `message` or
+ * `"*"`; read what is shown with `history()`.
+ */
+export interface MessagesEvent {
+  type: "messages";
+  count: number;
+  conversations: { conversation: string; contact: string | null; count: number; incoming: number }[];
+}
 export interface StateEvent { type: "state"; id: string; conversation: string; state: MessageState }
 export interface RemovedEvent { type: "removed"; id: string; conversation: string; reason: "recalled" | "deleted" }
 export interface ReadEvent { type: "read"; conversation: string; ids: string[] }
@@ -135,12 +149,13 @@ export interface WarningEvent { type: "warning"; message: string }
 export interface ErrorEvent { type: "error"; code: HushErrorCode; message: string; fatal: boolean }
 
 export type HushEvent =
-  | MessageEvent | StateEvent | RemovedEvent | ReadEvent | ProgressEvent | GapEvent
+  | MessageEvent | MessagesEvent | StateEvent | RemovedEvent | ReadEvent | ProgressEvent | GapEvent
   | RotationEvent | ConnectionEvent | ContactEvent | DevicesEvent | LinkedEvent
   | WarningEvent | ErrorEvent;
 
 export interface HushEventMap {
   message: MessageEvent;
+  messages: MessagesEvent;
   state: StateEvent;
   removed: RemovedEvent;
   read: ReadEvent;
