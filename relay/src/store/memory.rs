@@ -116,14 +116,10 @@ impl Tables {
         now_ms: u64,
         budget: u64,
     ) -> (u64, u64) {
-        let (mut looked, mut removed) = (0u64, 0u64);
-        let mut rest = Vec::new();
-        for (expires_at_ms, dk) in list {
-            if expires_at_ms > now_ms || looked >= budget {
-                rest.push((expires_at_ms, dk));
-                continue;
-            }
-            looked += 1;
+        let (due, rest) = rules::split_due_dedup(list, now_ms, budget);
+        let looked = due.len() as u64;
+        let mut removed = 0u64;
+        for (expires_at_ms, dk) in due {
             if let Some(&(_, e)) = self.dedup.get(&dk)
                 && e == expires_at_ms
             {

@@ -1,4 +1,5 @@
-//! Decisions both stores make identically: quota admission and page budgets.
+//! Decisions both stores make identically: quota admission, page budgets and
+//! which dedup entries a purge takes.
 //!
 //! Keeping them in one place is what lets the conformance suite hold the
 //! memory store and the redb store to the same answers.
@@ -77,9 +78,39 @@ impl PageBudget {
     }
 }
 
+/// Dedup-expiry entries a purge takes, and those it leaves listed.
+pub(crate) type DueAndRest<K> = (Vec<(u64, K)>, Vec<(u64, K)>);
+
+/// Split one dedup-expiry list into the entries a purge at `now_ms` takes
+/// (expired ones, at most `budget`, in list order) and the rest, which stays
+/// listed under its new first entry.
+pub(crate) fn split_due_dedup<K>(list: Vec<(u64, K)>, now_ms: u64, budget: u64) -> DueAndRest<K> {
+    let mut due = Vec::new();
+    let mut rest = Vec::new();
+    for (expires_at_ms, key) in list {
+        if expires_at_ms > now_ms || due.len() as u64 >= budget {
+            rest.push((expires_at_ms, key));
+        } else {
+            due.push((expires_at_ms, key));
+        }
+    }
+    (due, rest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_due_dedup_takes_expired_entries_up_to_the_budget_in_order() {
+        let list = vec![(5, 'a'), (20, 'b'), (7, 'c'), (9, 'd'), (30, 'e')];
+        let (due, rest) = split_due_dedup(list.clone(), 10, 2);
+        assert_eq!(due, vec![(5, 'a'), (7, 'c')]);
+        assert_eq!(rest, vec![(20, 'b'), (9, 'd'), (30, 'e')]);
+        let (due, rest) = split_due_dedup(list, 4, 10);
+        assert!(due.is_empty());
+        assert_eq!(rest.len(), 5);
+    }
 
     #[test]
     fn admit_checks_messages_then_bytes() {
