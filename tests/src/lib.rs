@@ -31,6 +31,7 @@
 //! [`HarnessError`]s, and tests decide what to assert.
 #![deny(missing_docs)]
 
+pub mod bench_send;
 pub mod binaries;
 pub mod chaos;
 pub mod cli;

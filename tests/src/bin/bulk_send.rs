@@ -21,7 +21,7 @@
 
 use hush_cli::driver::{Discard, Driver, Outcome, cli_engine_config, now_ms, os_seed};
 use hush_cli::{CertCheck, CliError, RelayTarget};
-use hush_client::{Command, ContactCode, Engine, MemoryStorage, MessageState, Reply};
+use hush_client::{Command, ContactCode, Engine, MemoryStorage};
 use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
@@ -140,64 +140,12 @@ async fn run() -> Result<(), CliError> {
         } else {
             share
         };
-        send_all(&mut d, conversation, count, &body, args.window).await?;
+        hush_tests::bench_send::send_all(&mut d, conversation, count, "", &body, args.window)
+            .await?;
         d.shutdown().await;
     }
     let secs = started.elapsed().as_secs_f64();
     say(&format!("stored {} {secs:.3}", args.messages))?;
-    Ok(())
-}
-
-/// Send `count` messages, keeping at most `window` unconfirmed by the relay.
-async fn send_all(
-    d: &mut Dev,
-    conversation: hush_protocol::ConversationId,
-    count: usize,
-    body: &str,
-    window: usize,
-) -> Result<(), CliError> {
-    let mut queued = 0usize;
-    let mut ids = Vec::with_capacity(count);
-    let mut confirmed = 0usize;
-    while confirmed < count {
-        let room = window.saturating_sub(queued - confirmed);
-        let batch = room.min(count - queued).min(256);
-        if batch > 0 {
-            let cmds = (0..batch)
-                .map(|i| Command::SendText {
-                    conversation,
-                    text: format!("{:08} {body}", queued + i),
-                })
-                .collect();
-            for r in d.commands(cmds, &mut Discard).await? {
-                if let Some(Reply::Message(id)) = r {
-                    ids.push(id);
-                }
-            }
-            queued += batch;
-        }
-        let mut stop = None;
-        let oldest = ids.get(confirmed).copied();
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
-        d.run_until(deadline, &mut stop, &mut Discard, |v| {
-            oldest.is_none_or(|id| {
-                matches!(
-                    v.engine.message_state(&id),
-                    Some(MessageState::Stored | MessageState::Delivered | MessageState::Read)
-                )
-            })
-        })
-        .await?;
-        while let Some(id) = ids.get(confirmed) {
-            match d.engine().message_state(id) {
-                Some(MessageState::Stored | MessageState::Delivered | MessageState::Read) => {
-                    confirmed += 1
-                }
-                Some(MessageState::Failed) => return Err(bench_err("a message failed")),
-                _ => break,
-            }
-        }
-    }
     Ok(())
 }
 

@@ -26,9 +26,7 @@
 
 use hush_cli::driver::{Batch, Discard, Driver, Outcome, Sink, cli_engine_config, now_ms, os_seed};
 use hush_cli::{CertCheck, CliError, RelayTarget};
-use hush_client::{
-    Command, ContactCode, Engine, Event, FileStorage, LinkCode, MessageState, Reply,
-};
+use hush_client::{Command, ContactCode, Engine, Event, FileStorage, LinkCode, Reply};
 use hush_relay::{Config, RelayHandle, SystemClock};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -234,7 +232,16 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
         settle(&mut d, Duration::from_secs(20)).await?;
         let conversation = d.engine().conversation_with(&bob_code.user);
         let started = Instant::now();
-        send_all(&mut d, conversation, per_sender, n, &body, args.window).await?;
+        let label = format!("{n:03}:");
+        hush_tests::bench_send::send_all(
+            &mut d,
+            conversation,
+            per_sender,
+            &label,
+            &body,
+            args.window,
+        )
+        .await?;
         let secs = started.elapsed().as_secs_f64();
         if n == 0 {
             let devices = d.engine().devices_of(&bob_code.user).len();
@@ -328,61 +335,6 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
     }
     bob2.shutdown().await;
     relay.shutdown().await.map_err(bench_err)?;
-    Ok(())
-}
-
-/// Send `count` messages, keeping at most `window` unconfirmed by the relay.
-async fn send_all(
-    d: &mut Dev,
-    conversation: hush_protocol::ConversationId,
-    count: usize,
-    sender: usize,
-    body: &str,
-    window: usize,
-) -> Result<(), CliError> {
-    let mut queued = 0usize;
-    let mut ids = Vec::with_capacity(count);
-    let mut confirmed = 0usize;
-    while confirmed < count {
-        let room = window.saturating_sub(queued - confirmed);
-        let batch = room.min(count - queued).min(256);
-        if batch > 0 {
-            let cmds = (0..batch)
-                .map(|i| Command::SendText {
-                    conversation,
-                    text: format!("{sender:03}:{:08} {body}", queued + i),
-                })
-                .collect();
-            for r in d.commands(cmds, &mut Discard).await? {
-                if let Some(Reply::Message(id)) = r {
-                    ids.push(id);
-                }
-            }
-            queued += batch;
-        }
-        // Run until the oldest unconfirmed message is stored (or a moment passes).
-        let mut stop = None;
-        let oldest = ids.get(confirmed).copied();
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
-        d.run_until(deadline, &mut stop, &mut Discard, |v| {
-            oldest.is_none_or(|id| {
-                matches!(
-                    v.engine.message_state(&id),
-                    Some(MessageState::Stored | MessageState::Delivered | MessageState::Read)
-                )
-            })
-        })
-        .await?;
-        while let Some(id) = ids.get(confirmed) {
-            match d.engine().message_state(id) {
-                Some(MessageState::Stored | MessageState::Delivered | MessageState::Read) => {
-                    confirmed += 1
-                }
-                Some(MessageState::Failed) => return Err(bench_err("a message failed")),
-                _ => break,
-            }
-        }
-    }
     Ok(())
 }
 
