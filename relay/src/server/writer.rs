@@ -1,9 +1,9 @@
 //! Group commit: the one task that writes envelopes to the store.
 //!
 //! redb runs one write transaction at a time and every durable commit costs
-//! an fsync (~0.3 ms here), so committing each `Send` separately would cap
-//! the relay at a few thousand sends per second whatever the number of
-//! clients. Instead connections queue their validated envelopes here; the
+//! two syncs (the envelope segment's `fdatasync`, then redb's commit; see
+//! `docs/STORAGE.md` §4), so committing each `Send` separately would cap the
+//! relay at a few thousand sends per second whatever the number of clients. Instead connections queue their validated envelopes here; the
 //! writer takes the first request, drains whatever else is already queued
 //! (up to [`MAX_GROUP_ENVELOPES`]), commits all of it in ONE durable
 //! transaction on a blocking thread, then answers every request and wakes the

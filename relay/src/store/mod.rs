@@ -4,9 +4,11 @@
 //! keyed by a contiguous relay seq, plus the small amount of metadata it needs
 //! to route, deduplicate, expire and authenticate. Two implementations:
 //!
-//! - [`redb_store::RedbStore`] — the real one, a single redb file; every
+//! - [`redb_store::RedbStore`] — the real one: a redb file for the index and
+//!   metadata plus append-only segment files for the envelope bodies; every
 //!   mutating call is one write transaction committed with
-//!   `Durability::Immediate`, so when it returns the change survives `kill -9`.
+//!   `Durability::Immediate` (after the bodies it references were synced), so
+//!   when it returns the change survives `kill -9`.
 //! - [`memory::MemoryStore`] — the same semantics in memory, for the
 //!   deterministic simulator and unit tests.
 //!
@@ -15,12 +17,14 @@
 //! sender's bytes and leave unchanged. Group commit (batching concurrent sends
 //! into one transaction) is the caller's job: [`Store::commit`] takes a batch.
 //!
-//! The redb file's tables and byte layouts are specified in `docs/STORAGE.md`.
+//! The redb file's tables, the segment files and their byte layouts are
+//! specified in `docs/STORAGE.md`.
 
 mod keys;
 pub mod memory;
 pub mod redb_store;
 mod rules;
+mod segments;
 mod tables;
 mod tombstones;
 

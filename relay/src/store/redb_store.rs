@@ -1,13 +1,18 @@
-//! The relay's durable [`Store`]: one redb file.
+//! The relay's durable [`Store`]: one redb file for the index and metadata,
+//! plus append-only segment files for the envelope bodies.
 //!
 //! Every mutating call is exactly one write transaction committed with
 //! [`Durability::Immediate`]: when it returns `Ok`, the change is on disk and
-//! survives `kill -9`; when it fails, nothing of it is visible. Reads run in
-//! read transactions on an MVCC snapshot and never wait for the writer. redb
+//! survives `kill -9`; when it fails, nothing of it is visible. A commit first
+//! appends the batch's envelopes to the active segment file and syncs it,
+//! then commits the redb transaction whose small `inbox` rows point at them
+//! (see the private `segments` module for why and how). Reads run in read
+//! transactions on an MVCC snapshot and never wait for the writer. redb
 //! allows one writer at a time, which is why [`Store::commit`] takes a whole
 //! batch: the caller's group commit turns many concurrent sends into one
-//! fsync. The tables and their byte layouts are specified in
-//! `docs/STORAGE.md` (see also the private `tables` module).
+//! segment sync and one redb commit. The tables, the segment files and their
+//! byte layouts are specified in `docs/STORAGE.md` (see also the private
+//! `tables` module).
 
 use super::keys::{
     DedupExpiryKey, DedupKey, InboxKey, OtkKey, QueueKey, dedup_expiry_key, dedup_expiry_upper,
@@ -15,6 +20,10 @@ use super::keys::{
     split_queue_key,
 };
 use super::rules::{self, PageBudget};
+pub use super::segments::DEFAULT_SEGMENT_BYTES;
+use super::segments::{
+    Append, BodyRef, RECORD_HEADER_LEN, ReadError, SEGMENT_HEADER_LEN, Segments,
+};
 use super::tables::*;
 use super::tombstones;
 use super::{
@@ -28,7 +37,7 @@ use hush_protocol::{
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use redb::{Table, WriteTransaction};
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 macro_rules! backend_from {
     ($($t:ty),* $(,)?) => {$(
@@ -63,12 +72,17 @@ enum Changed {
 pub struct RedbStore {
     db: Database,
     limits: StoreLimits,
+    /// The envelope bodies.
+    segments: Segments,
     /// Acks handled so far; picks which ones commit durably.
     acks: std::sync::atomic::AtomicU64,
 }
 
 /// One ack in this many is committed with an fsync (see `RedbStore::write_with`).
 pub const DURABLE_ACK_EVERY: u64 = 32;
+
+/// Snapshots a pull tries before a missing segment is an error.
+const PULL_ATTEMPTS: usize = 3;
 
 impl std::fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -82,6 +96,122 @@ type InboxTable<'t> = Table<'t, &'static [u8; 24], &'static [u8]>;
 type MetaTable<'t> = Table<'t, &'static [u8; 16], &'static [u8]>;
 type QueueTable<'t> = Table<'t, &'static QueueKey, ()>;
 type BatchTable<'t> = Table<'t, &'static DedupExpiryKey, &'static [u8]>;
+type SegmentTable<'t> = Table<'t, &'static SegmentKey, &'static [u8]>;
+
+/// Rows removed from each segment by one transaction: (rows, record bytes).
+type Released = BTreeMap<u32, (u64, u64)>;
+
+/// Where the envelope segments of the database at `path` live: a directory
+/// next to it, named after it with the extension `envelopes`
+/// (`hush.redb` → `hush.envelopes/`).
+pub fn segment_dir(path: &Path) -> PathBuf {
+    path.with_extension("envelopes")
+}
+
+/// Check the format version of a freshly opened database and create every
+/// table. A file of another version is refused before anything is created
+/// in it (and before its segment directory is touched).
+fn init_tables(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write()?;
+    let stored = {
+        let mut info = txn.open_table(INFO)?;
+        let stored = info
+            .get(FORMAT_KEY)?
+            .map(|g| decode_format(g.value()))
+            .transpose()?;
+        if let Some(other) = stored
+            && other != FORMAT_VERSION
+        {
+            return Err(StoreError::Backend(format!(
+                "unsupported store format {other} (this relay reads format \
+                 {FORMAT_VERSION}; there is no conversion: start from an empty data \
+                 directory)"
+            )));
+        }
+        if stored.is_none() {
+            info.insert(FORMAT_KEY, FORMAT_VERSION.to_be_bytes().as_slice())?;
+        }
+        stored
+    };
+    // Opening a table in a write transaction creates it, so read
+    // transactions can always open every table afterwards.
+    txn.open_table(INBOX)?;
+    txn.open_table(SEGMENTS)?;
+    txn.open_table(DEDUP)?;
+    txn.open_table(DEDUP_BATCHES)?;
+    txn.open_table(INBOX_META)?;
+    txn.open_table(DEVICES)?;
+    txn.open_table(SIGNED_PREKEYS)?;
+    txn.open_table(ONE_TIME_PREKEYS)?;
+    txn.open_table(DEVICE_LISTS)?;
+    txn.open_table(PURGE_QUEUE)?;
+    txn.open_table(TOMBSTONES)?;
+    if stored.is_some() {
+        txn.abort()?;
+    } else {
+        txn.commit()?;
+    }
+    Ok(())
+}
+
+/// Every committed `segments` row.
+fn segment_rows<T>(table: &T) -> Result<BTreeMap<u32, SegmentInfo>, StoreError>
+where
+    T: ReadableTable<&'static SegmentKey, &'static [u8]>,
+{
+    let mut rows = BTreeMap::new();
+    for item in table.range::<&SegmentKey>(..)? {
+        let (k, v) = item?;
+        rows.insert(u32::from_be_bytes(*k.value()), decode_segment(v.value())?);
+    }
+    Ok(rows)
+}
+
+/// The active segment: the highest id with a row.
+fn active_segment(segs: &SegmentTable<'_>) -> Result<Option<u32>, StoreError> {
+    Ok(segs.last()?.map(|(k, _)| u32::from_be_bytes(*k.value())))
+}
+
+/// Take the released rows off their segments' live counts. A segment left
+/// with no live rows that is not the active one loses its row here and is
+/// listed in `freed`, to be deleted once this transaction is durable.
+fn release_segments(
+    segs: &mut SegmentTable<'_>,
+    released: &Released,
+    freed: &mut Vec<u32>,
+) -> Result<(), StoreError> {
+    if released.is_empty() {
+        return Ok(());
+    }
+    let active = active_segment(segs)?;
+    for (&id, &(rows, bytes)) in released {
+        let key = id.to_be_bytes();
+        let mut info = segs
+            .get(&key)?
+            .map(|g| decode_segment(g.value()))
+            .transpose()?
+            .ok_or_else(|| corrupt(&format!("segment row {id} (missing)")))?;
+        if info.live < rows || info.live_bytes < bytes {
+            return Err(corrupt(&format!("segment row {id} (live count)")));
+        }
+        info.live -= rows;
+        info.live_bytes -= bytes;
+        if info.live == 0 && Some(id) != active {
+            segs.remove(&key)?;
+            freed.push(id);
+        } else {
+            segs.insert(&key, encode_segment(&info).as_slice())?;
+        }
+    }
+    Ok(())
+}
+
+/// Count an index row's record as released.
+fn note_release(released: &mut Released, body: &BodyRef) {
+    let e = released.entry(body.segment).or_insert((0, 0));
+    e.0 += 1;
+    e.1 += body.record_len();
+}
 
 impl RedbStore {
     /// Open the database at `path`, creating the file and its tables if
@@ -90,48 +220,39 @@ impl RedbStore {
     /// another `RedbStore` in this one) has the file open, or if it holds a
     /// different format version.
     pub fn open(path: impl AsRef<Path>, limits: StoreLimits) -> Result<RedbStore, StoreError> {
+        RedbStore::open_with_segment_size(path, limits, DEFAULT_SEGMENT_BYTES)
+    }
+
+    /// [`RedbStore::open`] with segments rolled at `segment_bytes` instead of
+    /// [`DEFAULT_SEGMENT_BYTES`] (small segments let tests exercise rolling
+    /// and deletion). The segment files live in [`segment_dir`]`(path)`.
+    /// Bytes past a segment's committed end (a batch that was being written
+    /// when the relay died, never acknowledged) are cut off here, and segment
+    /// files that no row references any more are deleted.
+    pub fn open_with_segment_size(
+        path: impl AsRef<Path>,
+        limits: StoreLimits,
+        segment_bytes: u64,
+    ) -> Result<RedbStore, StoreError> {
+        let path = path.as_ref();
         let db = Database::create(path)?;
-        let store = RedbStore {
+        init_tables(&db)?;
+        let rows = {
+            let txn = db.begin_read()?;
+            segment_rows(&txn.open_table(SEGMENTS)?)?
+        };
+        let segments = Segments::open(segment_dir(path), segment_bytes, FORMAT_VERSION, &rows)?;
+        Ok(RedbStore {
             db,
             limits,
+            segments,
             acks: std::sync::atomic::AtomicU64::new(0),
-        };
-        store.write(|txn| {
-            // The format version is checked first, so a file of another
-            // version is refused before anything is created in it.
-            let mut info = txn.open_table(INFO)?;
-            let stored = info
-                .get(FORMAT_KEY)?
-                .map(|g| decode_format(g.value()))
-                .transpose()?;
-            if let Some(other) = stored
-                && other != FORMAT_VERSION
-            {
-                return Err(StoreError::Backend(format!(
-                    "unsupported store format {other} (this relay reads format \
-                     {FORMAT_VERSION}; there is no conversion: start from an empty data \
-                     directory)"
-                )));
-            }
-            // Opening a table in a write transaction creates it, so read
-            // transactions can always open every table afterwards.
-            txn.open_table(INBOX)?;
-            txn.open_table(DEDUP)?;
-            txn.open_table(DEDUP_BATCHES)?;
-            txn.open_table(INBOX_META)?;
-            txn.open_table(DEVICES)?;
-            txn.open_table(SIGNED_PREKEYS)?;
-            txn.open_table(ONE_TIME_PREKEYS)?;
-            txn.open_table(DEVICE_LISTS)?;
-            txn.open_table(PURGE_QUEUE)?;
-            txn.open_table(TOMBSTONES)?;
-            if stored.is_some() {
-                return Ok(((), Changed::No));
-            }
-            info.insert(FORMAT_KEY, FORMAT_VERSION.to_be_bytes().as_slice())?;
-            Ok(((), Changed::Yes))
-        })?;
-        Ok(store)
+        })
+    }
+
+    /// The directory holding this store's envelope segments.
+    pub fn segment_dir(&self) -> &Path {
+        self.segments.dir()
     }
 
     /// The limits this store enforces.
@@ -152,6 +273,8 @@ impl RedbStore {
         let inbox = txn.open_table(INBOX)?;
         let queue = txn.open_table(PURGE_QUEUE)?;
         let tombs = txn.open_table(TOMBSTONES)?;
+        let seg_rows = segment_rows(&txn.open_table(SEGMENTS)?)?;
+        let mut seg_tally: Released = BTreeMap::new();
         let mut expected_queue = Vec::new();
         let mut rows_total = 0u64;
         for item in meta.range::<&[u8; 16]>(..)? {
@@ -167,15 +290,30 @@ impl RedbStore {
             for row in inbox.range::<&InboxKey>(&lo..=&hi)? {
                 let (k, v) = row?;
                 let (_, seq) = split_inbox_key(k.value());
-                let (header, envelope) = decode_inbox_row(v.value())?;
+                let row = decode_inbox_row(v.value())?;
                 if seq != next {
                     return broken(format!("inbox row {seq} where {next} was due"));
                 }
                 if seq == base.saturating_add(1) {
-                    expected_queue.push(queue_key(header.expires_at_ms, &device));
+                    expected_queue.push(queue_key(row.header.expires_at_ms, &device));
                 }
                 next = seq.saturating_add(1);
-                bytes += envelope.len() as u64;
+                bytes += u64::from(row.body.len);
+                // The row points inside the committed part of a segment
+                // that has a row, at a record that checks out.
+                let body = row.body;
+                let inside = seg_rows.get(&body.segment).is_some_and(|info| {
+                    body.offset >= SEGMENT_HEADER_LEN && body.record_end() <= info.end
+                });
+                if !inside {
+                    return broken(format!(
+                        "inbox row {seq} points outside the committed segments ({body:?})"
+                    ));
+                }
+                if let Err(e) = self.segments.read(&body, &device, seq) {
+                    return broken(format!("inbox row {seq}: {}", StoreError::from(e)));
+                }
+                note_release(&mut seg_tally, &body);
             }
             if next.saturating_sub(1) != state.head && state.depth > 0 {
                 return broken(format!(
@@ -198,6 +336,29 @@ impl RedbStore {
         }
         if rows_total != inbox.len()? {
             return broken("inbox rows without counters".into());
+        }
+        // Live counts match the rows; only the active segment may be empty;
+        // every segment's file holds its committed part.
+        let active = seg_rows.last_key_value().map(|(&id, _)| id);
+        for (&id, info) in &seg_rows {
+            let (live, live_bytes) = seg_tally.remove(&id).unwrap_or((0, 0));
+            if (info.live, info.live_bytes) != (live, live_bytes) {
+                return broken(format!(
+                    "segment {id} counts {} rows / {} bytes, the index {live} / {live_bytes}",
+                    info.live, info.live_bytes
+                ));
+            }
+            if info.live == 0 && Some(id) != active {
+                return broken(format!("dead segment {id} still has a row"));
+            }
+            if self.segments.file_len(id)? < info.end {
+                return broken(format!("segment {id} is shorter than its committed end"));
+            }
+        }
+        if let Some(id) = seg_tally.keys().next() {
+            return broken(format!(
+                "inbox rows point into segment {id}, which has no row"
+            ));
         }
         expected_queue.sort_unstable();
         let mut actual_queue = Vec::new();
@@ -239,29 +400,128 @@ impl RedbStore {
         &self,
         f: impl FnOnce(&WriteTransaction) -> Result<(T, Changed), StoreError>,
     ) -> Result<T, StoreError> {
-        self.write_with(Durability::Immediate, f)
+        self.write_with(Durability::Immediate, |txn, _| f(txn))
     }
 
-    /// [`RedbStore::write`] with a chosen durability. Only acknowledgements use
-    /// [`Durability::None`]: losing one in a crash re-delivers envelopes the
-    /// device already has, which clients drop by sender seq, so an ack need
-    /// not wait for an fsync. Every [`DURABLE_ACK_EVERY`]th ack (and any
-    /// other write) is durable, which also persists the acks before it and
-    /// lets redb reclaim the pages they freed.
+    /// [`RedbStore::write`] with a chosen durability, for transactions that
+    /// may free segments: `f` lists in its second argument the segments whose
+    /// rows it removed. Only acknowledgements use [`Durability::None`]: losing
+    /// one in a crash re-delivers envelopes the device already has, which
+    /// clients drop by sender seq, so an ack need not wait for an fsync. Every
+    /// [`DURABLE_ACK_EVERY`]th ack (and any other write) is durable, which
+    /// also persists the acks before it and lets redb reclaim the pages they
+    /// freed.
+    ///
+    /// A freed segment's file is deleted only after a durable commit: right
+    /// after this one if it is durable, otherwise after the next durable one
+    /// (which persists this one too). Were the file deleted earlier, a crash
+    /// could revert the transaction and leave rows pointing at nothing.
     fn write_with<T>(
         &self,
         durability: Durability,
-        f: impl FnOnce(&WriteTransaction) -> Result<(T, Changed), StoreError>,
+        f: impl FnOnce(&WriteTransaction, &mut Vec<u32>) -> Result<(T, Changed), StoreError>,
     ) -> Result<T, StoreError> {
+        let durable = !matches!(durability, Durability::None);
         let mut txn = self.db.begin_write()?;
         txn.set_durability(durability)?;
+        // Taken inside the transaction: whatever was freed before it began
+        // becomes durable with it.
+        let mut earlier = if durable {
+            self.segments.take_pending()
+        } else {
+            Vec::new()
+        };
+        let mut freed = Vec::new();
         // On error `txn` is dropped here, which aborts it.
-        let (out, changed) = f(&txn)?;
-        match changed {
-            Changed::Yes => txn.commit()?,
-            Changed::No => txn.abort()?,
+        let (out, changed) = match f(&txn, &mut freed) {
+            Ok(v) => v,
+            Err(e) => {
+                self.segments.defer(earlier);
+                return Err(e);
+            }
+        };
+        let done = match changed {
+            Changed::Yes => txn.commit().map_err(StoreError::from),
+            Changed::No => txn.abort().map_err(StoreError::from),
+        };
+        if let Err(e) = done {
+            self.segments.defer(earlier);
+            return Err(e);
+        }
+        earlier.append(&mut freed);
+        if durable && changed == Changed::Yes {
+            self.segments.delete(&earlier);
+        } else {
+            self.segments.defer(earlier);
         }
         Ok(out)
+    }
+
+    /// One attempt at [`Store::pull`]; `None` if a segment the snapshot
+    /// references was deleted meanwhile (the snapshot is older than the
+    /// commit that dropped those rows, so a new one will not see them).
+    fn pull_once(
+        &self,
+        device: &DeviceId,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Option<InboxPage>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(INBOX_META)?;
+        let inbox = txn.open_table(INBOX)?;
+        let state = load_state(&meta, device)?;
+        let base = inbox_base(&state);
+
+        // Stored seqs are exactly (base, head]: the page starts at the first
+        // of them above `after`.
+        let start = after.max(base);
+        let mut envelopes = Vec::new();
+        if start < state.head {
+            let (lo, hi) = (inbox_key(device, start + 1), inbox_key(device, state.head));
+            let mut budget = PageBudget::new(limit, max_bytes);
+            let mut refs = Vec::new();
+            for item in inbox.range::<&InboxKey>(&lo..=&hi)? {
+                let (k, v) = item?;
+                let (_, seq) = split_inbox_key(k.value());
+                let row = decode_inbox_row(v.value())?;
+                if !budget.take(row.body.len as usize) {
+                    break;
+                }
+                refs.push((seq, row.body));
+            }
+            let bodies = match self.segments.read_many(device, &refs) {
+                Ok(b) => b,
+                Err(ReadError::Gone(_)) => return Ok(None),
+                Err(ReadError::Store(e)) => return Err(e),
+            };
+            envelopes = refs
+                .iter()
+                .zip(bodies)
+                .map(|(&(seq, _), bytes)| StoredEnvelope { seq, bytes })
+                .collect();
+        }
+        let boundary = envelopes.last().map_or(after, |e| e.seq);
+        // O(1): the stored seqs above the page are (max(boundary, base), head].
+        let remaining = state.head.saturating_sub(boundary.max(base));
+        let oldest = start.saturating_add(1).min(state.head.saturating_add(1));
+
+        // Tombstones lie in (acked, base]: only a cursor below `base` can
+        // have any above it.
+        let mut dropped = Vec::new();
+        if after < base {
+            let tombs = txn.open_table(TOMBSTONES)?;
+            let (lo, hi) = (inbox_key(device, after + 1), inbox_key(device, u64::MAX));
+            for item in tombs.range::<&InboxKey>(&lo..=&hi)? {
+                let (_, v) = item?;
+                dropped.push(decode_tombstone(v.value())?);
+            }
+        }
+        Ok(Some(InboxPage {
+            envelopes,
+            remaining,
+            truncated: tombstones::truncation(oldest, dropped),
+        }))
     }
 }
 
@@ -296,7 +556,7 @@ where
     match inbox.range::<&InboxKey>(&lo..=&hi)?.next() {
         Some(item) => {
             let (_, v) = item?;
-            Ok(Some(decode_inbox_row(v.value())?.0.expires_at_ms))
+            Ok(Some(decode_inbox_row(v.value())?.header.expires_at_ms))
         }
         None => Ok(None),
     }
@@ -365,6 +625,7 @@ fn delete_acked(
     device: &DeviceId,
     up_to: u64,
     state: &mut InboxState,
+    released: &mut Released,
 ) -> Result<(), StoreError> {
     let (lo, hi) = (inbox_key(device, 0), inbox_key(device, up_to));
     let mut first_expiry = None;
@@ -374,10 +635,11 @@ fn delete_acked(
     // the whole transaction below.
     inbox.retain_in::<&InboxKey, _>(&lo..=&hi, |_, v| {
         match decode_inbox_row(v) {
-            Ok((header, envelope)) => {
-                first_expiry.get_or_insert(header.expires_at_ms);
+            Ok(row) => {
+                first_expiry.get_or_insert(row.header.expires_at_ms);
                 count += 1;
-                bytes += envelope.len() as u64;
+                bytes += u64::from(row.body.len);
+                note_release(released, &row.body);
             }
             Err(_) => corrupt_row = true,
         }
@@ -411,23 +673,24 @@ fn purge_inbox(
     let mut next_expiry = None;
     for item in tables.inbox.range::<&InboxKey>(&lo..=&hi)? {
         let (k, v) = item?;
-        let (header, envelope) = decode_inbox_row(v.value())?;
-        if header.expires_at_ms > now_ms || due.len() as u64 >= budget {
-            next_expiry = Some(header.expires_at_ms);
+        let row = decode_inbox_row(v.value())?;
+        if row.header.expires_at_ms > now_ms || due.len() as u64 >= budget {
+            next_expiry = Some(row.header.expires_at_ms);
             break;
         }
         let (_, seq) = split_inbox_key(k.value());
-        due.push((seq, header, envelope.len() as u64));
+        due.push((seq, row));
     }
     let mut state = load_state(&*tables.meta, device)?;
     let purged = due.len() as u64;
-    for (seq, header, len) in due {
+    for (seq, row) in due {
         let key = inbox_key(device, seq);
         tables.inbox.remove(&key)?;
         tables
             .tombs
-            .insert(&key, encode_tombstone(&header.tombstone()).as_slice())?;
-        rules::release(&mut state, len);
+            .insert(&key, encode_tombstone(&row.header.tombstone()).as_slice())?;
+        rules::release(&mut state, u64::from(row.body.len));
+        note_release(tables.released, &row.body);
     }
     if purged > 0 {
         tables
@@ -468,6 +731,8 @@ struct PurgeTables<'a, 't> {
     tombs: &'a mut InboxTable<'t>,
     meta: &'a mut MetaTable<'t>,
     queue: &'a mut QueueTable<'t>,
+    /// Rows taken off each segment so far.
+    released: &'a mut Released,
 }
 
 /// Drop the expired entries of one dedup batch list (at most `budget`), and
@@ -551,7 +816,18 @@ impl Store for RedbStore {
             return Ok(Vec::new());
         }
         let limits = self.limits;
-        self.write(|txn| {
+        // An upper bound of the records' bytes, to decide whether the batch
+        // still fits in the active segment.
+        let upper: u64 = batch
+            .iter()
+            .map(|e| RECORD_HEADER_LEN as u64 + e.bytes.len() as u64)
+            .sum();
+        let mut written: Option<Append> = None;
+        // One commit at a time from the choice of segment offset to the
+        // recording of the new end (redb's write lock ends at its commit).
+        let _commit = self.segments.lock_commits();
+        let outcomes = self.write_with(Durability::Immediate, |txn, freed| {
+            let mut append = self.segments.begin_append(upper, FORMAT_VERSION)?;
             let devices = txn.open_table(DEVICES)?;
             let mut inbox = txn.open_table(INBOX)?;
             let mut dedup = txn.open_table(DEDUP)?;
@@ -617,10 +893,9 @@ impl Store for RedbStore {
                     conversation: env.conversation,
                     sender_seq: env.sender_seq,
                 };
-                let key = inbox_key(&env.recipient, seq);
-                let mut row = inbox.insert_reserve(&key, INBOX_HEADER_LEN + env.bytes.len())?;
-                write_inbox_row(row.as_mut(), &header, &env.bytes);
-                drop(row);
+                let body = append.push(&env.recipient, seq, &env.bytes)?;
+                let row = encode_inbox_row(&InboxRow { header, body });
+                inbox.insert(&inbox_key(&env.recipient, seq), row.as_slice())?;
                 created.push((env.expires_at_ms, dk));
                 outcomes.push(CommitOutcome::Stored { seq });
             }
@@ -643,8 +918,42 @@ impl Store for RedbStore {
                     }
                 }
             }
+            // The segment's row: its new live rows and committed end. A
+            // previous active segment that no row references any more goes.
+            let mut segs = txn.open_table(SEGMENTS)?;
+            let key = append.id.to_be_bytes();
+            let mut info = segs
+                .get(&key)?
+                .map(|g| decode_segment(g.value()))
+                .transpose()?
+                .unwrap_or_default();
+            info.live += created.len() as u64;
+            info.live_bytes += append.bytes();
+            info.end = append.end();
+            segs.insert(&key, encode_segment(&info).as_slice())?;
+            if let Some(previous) = append.rolled_from {
+                let pk = previous.to_be_bytes();
+                let dead = segs
+                    .get(&pk)?
+                    .map(|g| decode_segment(g.value()))
+                    .transpose()?
+                    .is_some_and(|p| p.live == 0);
+                if dead {
+                    segs.remove(&pk)?;
+                    freed.push(previous);
+                }
+            }
+            // The bodies are durable before the rows that point at them
+            // commit: a crash in between leaves only bytes past the
+            // committed end, which the next open cuts off.
+            append.write_and_sync()?;
+            written = Some(append);
             Ok((outcomes, Changed::Yes))
-        })
+        })?;
+        if let Some(append) = written {
+            self.segments.finish_append(append);
+        }
+        Ok(outcomes)
     }
 
     fn pull(
@@ -654,53 +963,16 @@ impl Store for RedbStore {
         limit: usize,
         max_bytes: usize,
     ) -> Result<InboxPage, StoreError> {
-        let txn = self.db.begin_read()?;
-        let meta = txn.open_table(INBOX_META)?;
-        let inbox = txn.open_table(INBOX)?;
-        let state = load_state(&meta, device)?;
-        let base = inbox_base(&state);
-
-        // Stored seqs are exactly (base, head]: the page starts at the first
-        // of them above `after`.
-        let start = after.max(base);
-        let mut envelopes = Vec::new();
-        if start < state.head {
-            let (lo, hi) = (inbox_key(device, start + 1), inbox_key(device, state.head));
-            let mut budget = PageBudget::new(limit, max_bytes);
-            for item in inbox.range::<&InboxKey>(&lo..=&hi)? {
-                let (k, v) = item?;
-                let (_, seq) = split_inbox_key(k.value());
-                let (_, bytes) = decode_inbox_row(v.value())?;
-                if !budget.take(bytes.len()) {
-                    break;
-                }
-                envelopes.push(StoredEnvelope {
-                    seq,
-                    bytes: bytes.to_vec(),
-                });
+        // A segment vanishes only after a commit removed every row pointing
+        // into it; a snapshot that still saw those rows is simply retried.
+        for _ in 0..PULL_ATTEMPTS {
+            if let Some(page) = self.pull_once(device, after, limit, max_bytes)? {
+                return Ok(page);
             }
         }
-        let boundary = envelopes.last().map_or(after, |e| e.seq);
-        // O(1): the stored seqs above the page are (max(boundary, base), head].
-        let remaining = state.head.saturating_sub(boundary.max(base));
-        let oldest = start.saturating_add(1).min(state.head.saturating_add(1));
-
-        // Tombstones lie in (acked, base]: only a cursor below `base` can
-        // have any above it.
-        let mut dropped = Vec::new();
-        if after < base {
-            let tombs = txn.open_table(TOMBSTONES)?;
-            let (lo, hi) = (inbox_key(device, after + 1), inbox_key(device, u64::MAX));
-            for item in tombs.range::<&InboxKey>(&lo..=&hi)? {
-                let (_, v) = item?;
-                dropped.push(decode_tombstone(v.value())?);
-            }
-        }
-        Ok(InboxPage {
-            envelopes,
-            remaining,
-            truncated: tombstones::truncation(oldest, dropped),
-        })
+        Err(StoreError::Backend(
+            "a segment referenced by the inbox is missing".into(),
+        ))
     }
 
     fn ack(&self, device: &DeviceId, up_to: u64) -> Result<u64, StoreError> {
@@ -710,7 +982,7 @@ impl Store for RedbStore {
         } else {
             Durability::None
         };
-        self.write_with(durability, |txn| {
+        self.write_with(durability, |txn, freed| {
             let mut meta = txn.open_table(INBOX_META)?;
             let mut state = load_state(&meta, device)?;
             let target = up_to.min(state.head);
@@ -719,7 +991,16 @@ impl Store for RedbStore {
             }
             let mut inbox = txn.open_table(INBOX)?;
             let mut queue = txn.open_table(PURGE_QUEUE)?;
-            delete_acked(&mut inbox, &mut queue, device, target, &mut state)?;
+            let mut released = Released::new();
+            delete_acked(
+                &mut inbox,
+                &mut queue,
+                device,
+                target,
+                &mut state,
+                &mut released,
+            )?;
+            release_segments(&mut txn.open_table(SEGMENTS)?, &released, freed)?;
             let mut tombs = txn.open_table(TOMBSTONES)?;
             let (lo, hi) = (inbox_key(device, 0), inbox_key(device, target));
             tombs.retain_in::<&InboxKey, _>(&lo..=&hi, |_, _| false)?;
@@ -740,8 +1021,9 @@ impl Store for RedbStore {
             return Ok(PurgeStats::default());
         }
         let max = max as u64;
-        self.write(|txn| {
+        self.write_with(Durability::Immediate, |txn, freed| {
             let mut stats = PurgeStats::default();
+            let mut released = Released::new();
             let mut changed = Changed::No;
 
             // Inboxes in the order of their oldest envelope's expiry; each
@@ -763,9 +1045,11 @@ impl Store for RedbStore {
                     tombs: &mut tombs,
                     meta: &mut meta,
                     queue: &mut queue,
+                    released: &mut released,
                 };
                 stats.expired += purge_inbox(&mut tables, &device, now_ms, max - stats.expired)?;
             }
+            release_segments(&mut txn.open_table(SEGMENTS)?, &released, freed)?;
 
             // Dedup entries, by the lists their commits wrote.
             let mut dedup = txn.open_table(DEDUP)?;
@@ -1016,7 +1300,17 @@ mod tests {
         // purge as a whole.
         poke(&store, |txn| {
             let mut t = txn.open_table(INBOX).unwrap();
-            t.insert(&inbox_key(&d, 1), [0u8; 48].as_slice()).unwrap();
+            t.insert(&inbox_key(&d, 1), [0u8; 64].as_slice()).unwrap();
+            // The row points at an empty record in segment 0; give that
+            // segment a row so the purge gets past it.
+            let mut t = txn.open_table(SEGMENTS).unwrap();
+            let info = SegmentInfo {
+                live: 1,
+                live_bytes: RECORD_HEADER_LEN as u64,
+                end: 0,
+            };
+            t.insert(&0u32.to_be_bytes(), encode_segment(&info).as_slice())
+                .unwrap();
         });
         assert!(is_corrupt(store.purge_expired(10, 10)));
         assert_eq!(store.inbox_state(&d).unwrap().depth, 1);
@@ -1082,6 +1376,406 @@ mod tests {
         // A version-1 file (the layout before the purge queue) is refused.
         let err = RedbStore::open(&path, StoreLimits::default()).unwrap_err();
         assert!(matches!(err, StoreError::Backend(m) if m.contains("format 1")));
+        // So is a version-2 file (envelopes inside the database), naming
+        // both versions, and without creating a segment directory for it.
+        std::fs::remove_dir_all(segment_dir(&path)).unwrap();
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut t = txn.open_table(INFO).unwrap();
+            t.insert(FORMAT_KEY, 2u32.to_be_bytes().as_slice()).unwrap();
+            drop(t);
+            txn.commit().unwrap();
+        }
+        let err = RedbStore::open(&path, StoreLimits::default()).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Backend(m) if m.contains("format 2") && m.contains("format 3")),
+            "{err}"
+        );
+        assert!(!segment_dir(&path).exists());
+    }
+
+    fn envelope(to: DeviceId, m: u32, len: usize) -> NewEnvelope {
+        let mut id = [0u8; 16];
+        id[12..].copy_from_slice(&m.to_be_bytes());
+        NewEnvelope {
+            recipient: to,
+            sender: DeviceId([0xEE; 16]),
+            message_id: hush_protocol::MessageId(id),
+            conversation: hush_protocol::ConversationId([1; 16]),
+            sender_seq: u64::from(m),
+            bytes: vec![(m % 251) as u8; len],
+            expires_at_ms: 1_000 + u64::from(m),
+        }
+    }
+
+    fn segment_files(store: &RedbStore) -> Vec<u32> {
+        let mut ids: Vec<u32> = std::fs::read_dir(store.segment_dir())
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                name.strip_suffix(".seg").map(|n| n.parse().unwrap())
+            })
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    fn bodies(store: &RedbStore, d: &DeviceId) -> Vec<(u64, Vec<u8>)> {
+        store
+            .pull(d, 0, usize::MAX, usize::MAX)
+            .unwrap()
+            .envelopes
+            .into_iter()
+            .map(|e| (e.seq, e.bytes))
+            .collect()
+    }
+
+    /// The index row of `(d, seq)`.
+    fn row_of(store: &RedbStore, d: &DeviceId, seq: u64) -> InboxRow {
+        let txn = store.db.begin_read().unwrap();
+        let t = txn.open_table(INBOX).unwrap();
+        decode_inbox_row(t.get(&inbox_key(d, seq)).unwrap().unwrap().value()).unwrap()
+    }
+
+    #[test]
+    fn a_batch_synced_but_never_committed_is_cut_off_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let d = DeviceId([5; 16]);
+        let (len_before, seg) = {
+            let store = RedbStore::open(&path, StoreLimits::default()).unwrap();
+            store.register_device(&registration(5), 1).unwrap();
+            store
+                .commit(&[
+                    envelope(d, 1, 100),
+                    envelope(d, 2, 100),
+                    envelope(d, 3, 100),
+                ])
+                .unwrap();
+            let seg = row_of(&store, &d, 1).body.segment;
+            let len = std::fs::metadata(super::super::segments::segment_path(
+                store.segment_dir(),
+                seg,
+            ))
+            .unwrap()
+            .len();
+            // A crash between the segment sync and the redb commit: the next
+            // batch's records (seqs 4 and 5) are on disk, durable, and no
+            // index row refers to them. Then a torn half record after them.
+            let mut append = store
+                .segments
+                .begin_append(1 << 20, FORMAT_VERSION)
+                .unwrap();
+            assert_eq!(append.id, seg);
+            append.push(&d, 4, &[0xAB; 100]).unwrap();
+            append.push(&d, 5, &[0xAB; 100]).unwrap();
+            append.write_and_sync().unwrap();
+            let end = append.end();
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(super::super::segments::segment_path(
+                    store.segment_dir(),
+                    seg,
+                ))
+                .unwrap();
+            std::io::Write::write_all(&mut &f, &[0x48, 0x45, 0x4E]).unwrap();
+            drop(f);
+            assert_eq!(
+                std::fs::metadata(super::super::segments::segment_path(
+                    store.segment_dir(),
+                    seg
+                ))
+                .unwrap()
+                .len(),
+                end + 3
+            );
+            (len, seg)
+        };
+        // Reopen: the tail past the committed end is gone, the committed
+        // envelopes are all there, and the uncommitted ones never appear.
+        let store = RedbStore::open(&path, StoreLimits::default()).unwrap();
+        let seg_path = super::super::segments::segment_path(store.segment_dir(), seg);
+        assert_eq!(std::fs::metadata(&seg_path).unwrap().len(), len_before);
+        let got = bodies(&store, &d);
+        assert_eq!(
+            got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert!(got.iter().all(|(_, b)| b.len() == 100 && b[0] != 0xAB));
+        store.check_consistency().unwrap();
+        // The next batch takes seq 4 at the committed end.
+        let out = store.commit(&[envelope(d, 4, 10)]).unwrap();
+        assert_eq!(out, vec![CommitOutcome::Stored { seq: 4 }]);
+        assert_eq!(bodies(&store, &d)[3], (4, vec![4u8; 10]));
+        assert_eq!(row_of(&store, &d, 4).body.offset, len_before);
+        store.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn a_roll_that_never_committed_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let d = DeviceId([6; 16]);
+        {
+            let store =
+                RedbStore::open_with_segment_size(&path, StoreLimits::default(), 4096).unwrap();
+            store.register_device(&registration(6), 1).unwrap();
+            store.commit(&[envelope(d, 1, 3000)]).unwrap();
+            assert_eq!(segment_files(&store), vec![1]);
+            // The next batch does not fit: a new segment is created and
+            // written, then the relay dies before the commit.
+            let mut append = store.segments.begin_append(3036, FORMAT_VERSION).unwrap();
+            assert_eq!((append.id, append.rolled_from), (2, Some(1)));
+            append.push(&d, 2, &[0xCD; 3000]).unwrap();
+            append.write_and_sync().unwrap();
+            assert_eq!(segment_files(&store), vec![1, 2]);
+        }
+        let store = RedbStore::open_with_segment_size(&path, StoreLimits::default(), 4096).unwrap();
+        assert_eq!(segment_files(&store), vec![1]);
+        assert_eq!(bodies(&store, &d).len(), 1);
+        store.check_consistency().unwrap();
+        // The roll happens again, for real this time.
+        store.commit(&[envelope(d, 2, 3000)]).unwrap();
+        assert_eq!(segment_files(&store), vec![1, 2]);
+        assert_eq!(bodies(&store, &d)[1], (2, vec![2u8; 3000]));
+        store.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_body_is_a_typed_error_and_the_store_keeps_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("s.redb"), StoreLimits::default()).unwrap();
+        let (a, b) = (DeviceId([7; 16]), DeviceId([8; 16]));
+        store.register_device(&registration(7), 1).unwrap();
+        store.register_device(&registration(8), 1).unwrap();
+        store
+            .commit(&[
+                envelope(a, 1, 200),
+                envelope(b, 2, 200),
+                envelope(a, 3, 200),
+            ])
+            .unwrap();
+        // Flip one byte in the body of a's first envelope.
+        let body = row_of(&store, &a, 1).body;
+        let seg_path = super::super::segments::segment_path(store.segment_dir(), body.segment);
+        let mut bytes = std::fs::read(&seg_path).unwrap();
+        bytes[(body.offset + RECORD_HEADER_LEN as u64 + 17) as usize] ^= 0x01;
+        std::fs::write(&seg_path, &bytes).unwrap();
+        assert!(is_corrupt(store.pull(&a, 0, 10, 10_000)));
+        assert!(store.check_consistency().is_err());
+        // Everything else still works: the other inbox, new commits, and
+        // the damaged inbox past the damaged envelope.
+        assert_eq!(bodies(&store, &b), vec![(1, vec![2u8; 200])]);
+        store.commit(&[envelope(b, 4, 50)]).unwrap();
+        assert_eq!(
+            store.pull(&a, 1, 10, 10_000).unwrap().envelopes[0].bytes,
+            vec![3u8; 200]
+        );
+        store.ack(&a, 1).unwrap();
+        assert_eq!(bodies(&store, &a), vec![(2, vec![3u8; 200])]);
+        store.check_consistency().unwrap();
+        // A segment cut short under a live row: an error, not a panic.
+        let body = row_of(&store, &b, 2).body;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg_path)
+            .unwrap()
+            .set_len(body.offset + 10)
+            .unwrap();
+        assert!(is_corrupt(store.pull(&b, 1, 10, 10_000)));
+        assert!(store.check_consistency().is_err());
+    }
+
+    #[test]
+    fn dead_segments_are_deleted_once_their_freeing_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let d = DeviceId([9; 16]);
+        let store = RedbStore::open_with_segment_size(&path, StoreLimits::default(), 4096).unwrap();
+        store.register_device(&registration(9), 1).unwrap();
+        // One 3 KiB envelope per batch: one segment each.
+        for m in 1..=4 {
+            store.commit(&[envelope(d, m, 3000)]).unwrap();
+        }
+        assert_eq!(segment_files(&store), vec![1, 2, 3, 4]);
+        store.check_consistency().unwrap();
+        // The first ack is not durable (see `DURABLE_ACK_EVERY`): segments
+        // 1 and 2 lose their rows but their files stay until a durable
+        // commit, so a crash that loses the ack loses nothing.
+        store.ack(&d, 2).unwrap();
+        assert_eq!(segment_files(&store), vec![1, 2, 3, 4]);
+        store.check_consistency().unwrap();
+        store.commit(&[envelope(d, 5, 10)]).unwrap();
+        assert_eq!(segment_files(&store), vec![3, 4]);
+        store.check_consistency().unwrap();
+        // The active segment (4, now also holding seq 5) is kept even when
+        // empty; purging the rest frees segment 3 durably at once.
+        store.ack(&d, 4).unwrap();
+        store.purge_expired(u64::MAX, 100).unwrap();
+        assert_eq!(segment_files(&store), vec![4]);
+        assert_eq!(store.inbox_state(&d).unwrap().depth, 0);
+        store.check_consistency().unwrap();
+        // A leftover file no row references (a deletion a crash
+        // interrupted) is removed on open.
+        drop(store);
+        std::fs::write(
+            super::super::segments::segment_path(&segment_dir(&path), 3),
+            b"leftover",
+        )
+        .unwrap();
+        let store = RedbStore::open_with_segment_size(&path, StoreLimits::default(), 4096).unwrap();
+        assert_eq!(segment_files(&store), vec![4]);
+        // A new batch that does not fit rolls; the empty active segment
+        // goes in the same commit.
+        store.commit(&[envelope(d, 6, 4000)]).unwrap();
+        assert_eq!(segment_files(&store), vec![5]);
+        assert_eq!(bodies(&store, &d), vec![(6, vec![6u8; 4000])]);
+        store.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn pages_are_read_across_interleaved_inboxes_and_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store =
+            RedbStore::open_with_segment_size(&path, StoreLimits::default(), 32 * 1024).unwrap();
+        let (a, b) = (DeviceId([11; 16]), DeviceId([12; 16]));
+        store.register_device(&registration(11), 1).unwrap();
+        store.register_device(&registration(12), 1).unwrap();
+        // a's envelopes are separated by b's of growing size (small gaps are
+        // read over, large ones split the read), over several segments.
+        let mut m = 0;
+        let mut want_a = Vec::new();
+        for batch in 0..12 {
+            let mut envs = Vec::new();
+            for i in 0..6 {
+                m += 1;
+                let len = 100 + 37 * i + batch;
+                envs.push(envelope(a, m, len));
+                want_a.push(vec![(m % 251) as u8; len]);
+                m += 1;
+                envs.push(envelope(b, m, 1 << (i + batch % 4 + 6)));
+            }
+            store.commit(&envs).unwrap();
+        }
+        assert!(segment_files(&store).len() > 2);
+        store.check_consistency().unwrap();
+        let got: Vec<Vec<u8>> = bodies(&store, &a).into_iter().map(|(_, b)| b).collect();
+        assert_eq!(got, want_a);
+        // Pages of every size return the same envelopes.
+        for limit in [1, 5, 13] {
+            let mut after = 0;
+            let mut all = Vec::new();
+            loop {
+                let page = store.pull(&a, after, limit, usize::MAX).unwrap();
+                let Some(last) = page.envelopes.last() else {
+                    break;
+                };
+                after = last.seq;
+                all.extend(page.envelopes.into_iter().map(|e| e.bytes));
+            }
+            assert_eq!(all, want_a, "pages of {limit}");
+        }
+        assert_eq!(bodies(&store, &b).len(), 72);
+    }
+
+    #[test]
+    fn pulls_racing_segment_deletion_never_fail() {
+        // Every batch fills a segment and every ack frees the previous one,
+        // while a reader pulls from an old cursor: a pull whose snapshot
+        // still saw a segment that is deleted meanwhile retries, it never
+        // fails and never returns a partial or out-of-order page.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = RedbStore::open_with_segment_size(&path, StoreLimits::default(), 4096).unwrap();
+        let d = DeviceId([13; 16]);
+        store.register_device(&registration(13), 1).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let store = &store;
+            let done = &done;
+            let reader = scope.spawn(move || {
+                let mut pulls = 0u32;
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    let page = store.pull(&d, 0, 10, usize::MAX).unwrap();
+                    let seqs: Vec<u64> = page.envelopes.iter().map(|e| e.seq).collect();
+                    if let Some(&first) = seqs.first() {
+                        let want: Vec<u64> = (first..first + seqs.len() as u64).collect();
+                        assert_eq!(seqs, want);
+                    }
+                    for e in &page.envelopes {
+                        assert_eq!(e.bytes, vec![(e.seq % 251) as u8; 3000]);
+                    }
+                    pulls += 1;
+                }
+                pulls
+            });
+            for m in 1..=200u32 {
+                store.commit(&[envelope(d, m, 3000)]).unwrap();
+                store.ack(&d, u64::from(m) - 1).unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::Release);
+            assert!(reader.join().unwrap() > 0);
+        });
+        store.commit(&[envelope(d, 201, 10)]).unwrap();
+        assert!(
+            segment_files(&store).len() <= 3,
+            "{:?}",
+            segment_files(&store)
+        );
+        store.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn consistency_check_compares_segments_with_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("s.redb"), StoreLimits::default()).unwrap();
+        let d = DeviceId([10; 16]);
+        store.register_device(&registration(10), 1).unwrap();
+        store
+            .commit(&[envelope(d, 1, 64), envelope(d, 2, 64)])
+            .unwrap();
+        store.check_consistency().unwrap();
+        let seg = row_of(&store, &d, 1).body.segment;
+        let key = seg.to_be_bytes();
+        let read = |store: &RedbStore| {
+            let txn = store.db.begin_read().unwrap();
+            let t = txn.open_table(SEGMENTS).unwrap();
+            decode_segment(t.get(&key).unwrap().unwrap().value()).unwrap()
+        };
+        let good = read(&store);
+        assert_eq!(good.live, 2);
+        assert_eq!(good.live_bytes, 2 * (RECORD_HEADER_LEN as u64 + 64));
+        // A wrong live count.
+        poke(&store, |txn| {
+            let mut t = txn.open_table(SEGMENTS).unwrap();
+            let bad = SegmentInfo { live: 3, ..good };
+            t.insert(&key, encode_segment(&bad).as_slice()).unwrap();
+        });
+        assert!(store.check_consistency().is_err());
+        // A committed end before the last record.
+        poke(&store, |txn| {
+            let mut t = txn.open_table(SEGMENTS).unwrap();
+            let bad = SegmentInfo {
+                end: good.end - 1,
+                ..good
+            };
+            t.insert(&key, encode_segment(&bad).as_slice()).unwrap();
+        });
+        assert!(store.check_consistency().is_err());
+        // A row pointing into a segment without a row.
+        poke(&store, |txn| {
+            let mut t = txn.open_table(SEGMENTS).unwrap();
+            t.insert(&key, encode_segment(&good).as_slice()).unwrap();
+            let mut t = txn.open_table(INBOX).unwrap();
+            let mut row =
+                decode_inbox_row(t.get(&inbox_key(&d, 2)).unwrap().unwrap().value()).unwrap();
+            row.body.segment = seg + 7;
+            t.insert(&inbox_key(&d, 2), encode_inbox_row(&row).as_slice())
+                .unwrap();
+        });
+        assert!(store.check_consistency().is_err());
     }
 
     #[test]

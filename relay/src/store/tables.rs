@@ -8,6 +8,7 @@
 //! panic.
 
 use super::keys::{DedupExpiryKey, DedupKey, InboxKey, OtkKey, QueueKey, split_dedup_expiry_key};
+use super::segments::BodyRef;
 use super::tombstones::Tombstone;
 use super::{DeviceRecord, InboxState, StoreError};
 use hush_protocol::{
@@ -16,8 +17,12 @@ use hush_protocol::{
 };
 use redb::TableDefinition;
 
-/// `device ‖ seq` → [`InboxRow`] (48-byte header + envelope bytes).
+/// `device ‖ seq` → [`InboxRow`] (64 bytes: header fields and where the
+/// envelope's record lies in the segment files).
 pub(crate) const INBOX: TableDefinition<&InboxKey, &[u8]> = TableDefinition::new("inbox");
+/// `segment id` → [`SegmentInfo`] (24 bytes): one row per segment file that
+/// may hold live envelopes; the highest id is the active (appended) one.
+pub(crate) const SEGMENTS: TableDefinition<&SegmentKey, &[u8]> = TableDefinition::new("segments");
 /// `message id ‖ sender ‖ recipient` → [`DedupEntry`] (16 bytes).
 pub(crate) const DEDUP: TableDefinition<&DedupKey, &[u8]> = TableDefinition::new("dedup");
 /// `expires_at ‖ message id ‖ sender ‖ recipient` of its first entry → a
@@ -49,7 +54,10 @@ pub(crate) const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info
 /// Key of the format version in [`INFO`].
 pub(crate) const FORMAT_KEY: &str = "format";
 /// The layout described in `docs/STORAGE.md`.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+pub(crate) const FORMAT_VERSION: u32 = 3;
+
+/// Key of the [`SEGMENTS`] table: the segment id, big-endian.
+pub(crate) type SegmentKey = [u8; 4];
 
 /// A bounds-checked reader over a value read from disk.
 struct Reader<'a> {
@@ -104,10 +112,10 @@ pub(crate) fn corrupt(what: &str) -> StoreError {
     StoreError::Backend(format!("corrupt {what}"))
 }
 
-/// Bytes of an inbox row before the envelope.
-pub(crate) const INBOX_HEADER_LEN: usize = 48;
+/// Bytes of an inbox row: the header fields, then the body's location.
+pub(crate) const INBOX_ROW_LEN: usize = 64;
 
-/// The metadata kept with each stored envelope.
+/// The plaintext header fields kept with each stored envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct InboxRowHeader {
     /// When the envelope is purged if still unacknowledged.
@@ -131,45 +139,78 @@ impl InboxRowHeader {
     }
 }
 
-/// `expires_at u64 ‖ sender 16 ‖ conversation 16 ‖ sender_seq u64 ‖ envelope`.
-#[cfg(test)]
-pub(crate) fn encode_inbox_row(header: &InboxRowHeader, envelope: &[u8]) -> Vec<u8> {
-    let mut v = vec![0u8; INBOX_HEADER_LEN + envelope.len()];
-    write_inbox_row(&mut v, header, envelope);
+/// One `inbox` row: what purge needs without touching the body, and where
+/// the body is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct InboxRow {
+    /// Header fields.
+    pub header: InboxRowHeader,
+    /// The envelope's record in a segment file.
+    pub body: BodyRef,
+}
+
+/// `expires_at u64 ‖ sender 16 ‖ conversation 16 ‖ sender_seq u64 ‖
+/// segment u32 ‖ offset u64 ‖ len u32`.
+pub(crate) fn encode_inbox_row(row: &InboxRow) -> [u8; INBOX_ROW_LEN] {
+    let mut v = [0u8; INBOX_ROW_LEN];
+    v[..8].copy_from_slice(&row.header.expires_at_ms.to_be_bytes());
+    v[8..24].copy_from_slice(row.header.sender.as_bytes());
+    v[24..40].copy_from_slice(row.header.conversation.as_bytes());
+    v[40..48].copy_from_slice(&row.header.sender_seq.to_be_bytes());
+    v[48..52].copy_from_slice(&row.body.segment.to_be_bytes());
+    v[52..60].copy_from_slice(&row.body.offset.to_be_bytes());
+    v[60..].copy_from_slice(&row.body.len.to_be_bytes());
     v
 }
 
-/// Write an inbox row into `dest`, which is exactly `INBOX_HEADER_LEN +
-/// envelope.len()` bytes (space reserved in the table, so the envelope is
-/// copied once).
-pub(crate) fn write_inbox_row(dest: &mut [u8], header: &InboxRowHeader, envelope: &[u8]) {
-    let parts: [&[u8]; 5] = [
-        &header.expires_at_ms.to_be_bytes(),
-        header.sender.as_bytes(),
-        header.conversation.as_bytes(),
-        &header.sender_seq.to_be_bytes(),
-        envelope,
-    ];
-    let mut pos = 0;
-    for part in parts {
-        let end = pos + part.len();
-        if let Some(d) = dest.get_mut(pos..end) {
-            d.copy_from_slice(part);
-        }
-        pos = end;
-    }
+/// Inverse of [`encode_inbox_row`].
+pub(crate) fn decode_inbox_row(bytes: &[u8]) -> Result<InboxRow, StoreError> {
+    let mut r = Reader::new(bytes, INBOX_ROW_LEN, true, "inbox row")?;
+    Ok(InboxRow {
+        header: InboxRowHeader {
+            expires_at_ms: r.u64()?,
+            sender: DeviceId(r.array()?),
+            conversation: ConversationId(r.array()?),
+            sender_seq: r.u64()?,
+        },
+        body: BodyRef {
+            segment: r.u32()?,
+            offset: r.u64()?,
+            len: r.u32()?,
+        },
+    })
 }
 
-/// Split an inbox row into its header and the envelope bytes.
-pub(crate) fn decode_inbox_row(bytes: &[u8]) -> Result<(InboxRowHeader, &[u8]), StoreError> {
-    let mut r = Reader::new(bytes, INBOX_HEADER_LEN, false, "inbox row")?;
-    let header = InboxRowHeader {
-        expires_at_ms: r.u64()?,
-        sender: DeviceId(r.array()?),
-        conversation: ConversationId(r.array()?),
-        sender_seq: r.u64()?,
-    };
-    Ok((header, r.rest()))
+/// A segment's row: how much of it is still referenced, and how far it is
+/// committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct SegmentInfo {
+    /// `inbox` rows pointing into this segment.
+    pub live: u64,
+    /// Record bytes (header + envelope) of those rows.
+    pub live_bytes: u64,
+    /// Length of the committed part of the file; anything after it was
+    /// never acknowledged and is cut off on open.
+    pub end: u64,
+}
+
+/// `live u64 ‖ live_bytes u64 ‖ end u64`.
+pub(crate) fn encode_segment(info: &SegmentInfo) -> [u8; 24] {
+    let mut v = [0u8; 24];
+    v[..8].copy_from_slice(&info.live.to_be_bytes());
+    v[8..16].copy_from_slice(&info.live_bytes.to_be_bytes());
+    v[16..].copy_from_slice(&info.end.to_be_bytes());
+    v
+}
+
+/// Inverse of [`encode_segment`].
+pub(crate) fn decode_segment(bytes: &[u8]) -> Result<SegmentInfo, StoreError> {
+    let mut r = Reader::new(bytes, 24, true, "segment row")?;
+    Ok(SegmentInfo {
+        live: r.u64()?,
+        live_bytes: r.u64()?,
+        end: r.u64()?,
+    })
 }
 
 /// A dedup entry: the seq the message got and when the entry expires.
@@ -417,15 +458,27 @@ mod tests {
 
     #[test]
     fn values_round_trip() {
-        let header = InboxRowHeader {
-            expires_at_ms: 5,
-            sender: DeviceId([1; 16]),
-            conversation: ConversationId([2; 16]),
-            sender_seq: 77,
+        let row = InboxRow {
+            header: InboxRowHeader {
+                expires_at_ms: 5,
+                sender: DeviceId([1; 16]),
+                conversation: ConversationId([2; 16]),
+                sender_seq: 77,
+            },
+            body: BodyRef {
+                segment: 3,
+                offset: 1 << 40,
+                len: 1024,
+            },
         };
-        let row = encode_inbox_row(&header, b"envelope");
-        assert_eq!(row.len(), INBOX_HEADER_LEN + 8);
-        assert_eq!(decode_inbox_row(&row).unwrap(), (header, &b"envelope"[..]));
+        assert_eq!(decode_inbox_row(&encode_inbox_row(&row)).unwrap(), row);
+
+        let info = SegmentInfo {
+            live: 1,
+            live_bytes: 2,
+            end: 3,
+        };
+        assert_eq!(decode_segment(&encode_segment(&info)).unwrap(), info);
 
         let d = DedupEntry {
             seq: 3,
@@ -499,19 +552,36 @@ mod tests {
             expect.extend_from_slice(&n.to_be_bytes());
         }
         assert_eq!(encode_state(&s).to_vec(), expect);
-        // §2.4 row header offsets.
-        let header = InboxRowHeader {
-            expires_at_ms: 0x0102_0304_0506_0708,
-            sender: DeviceId([0x11; 16]),
-            conversation: ConversationId([0x22; 16]),
-            sender_seq: 5,
-        };
-        let row = encode_inbox_row(&header, &[0xEE; 3]);
+        // §2.4 inbox row offsets.
+        let row = encode_inbox_row(&InboxRow {
+            header: InboxRowHeader {
+                expires_at_ms: 0x0102_0304_0506_0708,
+                sender: DeviceId([0x11; 16]),
+                conversation: ConversationId([0x22; 16]),
+                sender_seq: 5,
+            },
+            body: BodyRef {
+                segment: 2,
+                offset: 0x1000,
+                len: 1024,
+            },
+        });
         assert_eq!(&row[..8], &[1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(&row[8..24], &[0x11; 16]);
         assert_eq!(&row[24..40], &[0x22; 16]);
         assert_eq!(&row[40..48], &5u64.to_be_bytes());
-        assert_eq!(&row[48..], &[0xEE; 3]);
+        assert_eq!(&row[48..52], &2u32.to_be_bytes());
+        assert_eq!(&row[52..60], &0x1000u64.to_be_bytes());
+        assert_eq!(&row[60..], &1024u32.to_be_bytes());
+        // §2.12 segment row.
+        let v = encode_segment(&SegmentInfo {
+            live: 7,
+            live_bytes: 8,
+            end: 9,
+        });
+        assert_eq!(&v[..8], &7u64.to_be_bytes());
+        assert_eq!(&v[8..16], &8u64.to_be_bytes());
+        assert_eq!(&v[16..], &9u64.to_be_bytes());
         // §2.2 device record offsets.
         let rec = DeviceRecord {
             registration: DeviceRegistration {
@@ -567,7 +637,9 @@ mod tests {
 
     #[test]
     fn wrong_lengths_are_corrupt_not_panics() {
-        assert!(is_corrupt(decode_inbox_row(&[0; 47])));
+        assert!(is_corrupt(decode_inbox_row(&[0; 63])));
+        assert!(is_corrupt(decode_inbox_row(&[0; 65])));
+        assert!(is_corrupt(decode_segment(&[0; 23])));
         assert!(is_corrupt(decode_dedup(&[0; 15])));
         assert!(is_corrupt(decode_dedup(&[0; 17])));
         assert!(is_corrupt(decode_state(&[0; 31])));
@@ -590,6 +662,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = decode_inbox_row(&bytes);
+            let _ = decode_segment(&bytes);
             let _ = decode_dedup(&bytes);
             let _ = decode_state(&bytes);
             let _ = decode_device(DeviceId([0; 16]), &bytes);

@@ -23,7 +23,10 @@
 //! 5. (`--phases store`, not run by default) the store alone, no network:
 //!    `RedbStore::commit` of 4096-envelope batches (the ingest phase's group
 //!    size) and of 16-envelope batches (the latency phase's), with the
-//!    distribution of the durable commit's duration.
+//!    distribution of the durable commit's duration and the committing
+//!    thread's CPU time per envelope (envelope bodies go to the store's
+//!    segment files, the index to redb); then reading everything back with
+//!    `pull` in pages of 200.
 //!
 //! Numbers, targets and the command go into BENCHMARKS.md ("## Relay").
 
@@ -462,6 +465,25 @@ struct LatencyStats {
     mean_commit_ms: f64,
 }
 
+/// CPU time this thread has used, in ns (Linux `schedstat`; `None`
+/// elsewhere): what a commit costs apart from waiting for the disk and for
+/// other processes on a shared machine.
+fn thread_cpu_ns() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    stat.split_whitespace().next()?.parse().ok()
+}
+
+/// Bytes this process caused to be written to storage (Linux
+/// `/proc/self/io`; `None` elsewhere).
+fn process_write_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -763,6 +785,8 @@ fn store_phase(dir: &Path, args: &Args) -> BenchResult<()> {
     ] {
         let batches: Vec<_> = (0..rounds).map(|_| make_batch(size)).collect();
         let mut times = Vec::with_capacity(rounds);
+        let cpu_before = thread_cpu_ns();
+        let io_before = process_write_bytes();
         let start = Instant::now();
         for b in &batches {
             let t = Instant::now();
@@ -770,11 +794,22 @@ fn store_phase(dir: &Path, args: &Args) -> BenchResult<()> {
             times.push(t.elapsed());
         }
         let secs = start.elapsed().as_secs_f64();
+        let cpu = thread_cpu_ns()
+            .zip(cpu_before)
+            .map(|(a, b)| a.saturating_sub(b));
+        let written = process_write_bytes()
+            .zip(io_before)
+            .map(|(a, b)| a.saturating_sub(b));
         times.sort();
         let n = (size * rounds) as f64;
+        let cpu = cpu.map_or("n/a".to_string(), |ns| {
+            format!("{:.2}", ns as f64 / 1e3 / n)
+        });
+        let written = written.map_or("n/a".to_string(), |b| format!("{:.0}", b as f64 / n));
         println!(
-            "store: {size}-envelope batches: {:.0} envelopes/s, {:.2} µs/envelope; commit p50 {:.3} ms, \
-             p99 {:.3} ms, max {:.3} ms ({rounds} commits)",
+            "store: {size}-envelope batches: {:.0} envelopes/s, {:.2} µs/envelope ({cpu} µs CPU, \
+             {written} bytes written); commit p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms \
+             ({rounds} commits)",
             n / secs,
             secs * 1e6 / n,
             percentile(&times, 0.5),
@@ -782,5 +817,34 @@ fn store_phase(dir: &Path, args: &Args) -> BenchResult<()> {
             times.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
         );
     }
+    // Reading it all back, inbox by inbox in pages of 200 (each inbox's
+    // envelopes are interleaved with the 15 others' in commit order).
+    let cpu_before = thread_cpu_ns();
+    let start = Instant::now();
+    let mut read = 0u64;
+    for d in &recipients {
+        let mut after = 0;
+        loop {
+            let page = store.pull(d, after, 200, usize::MAX)?;
+            let Some(last) = page.envelopes.last() else {
+                break;
+            };
+            after = last.seq;
+            read += page.envelopes.len() as u64;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = thread_cpu_ns()
+        .zip(cpu_before)
+        .map_or("n/a".to_string(), |(a, b)| {
+            format!(
+                "{:.2}",
+                a.saturating_sub(b) as f64 / 1e3 / read.max(1) as f64
+            )
+        });
+    println!(
+        "store: pull of {read} envelopes, pages of 200: {:.0} envelopes/s ({cpu} µs CPU/envelope)",
+        read as f64 / secs
+    );
     Ok(())
 }
