@@ -614,29 +614,31 @@ pub fn status(home: &Home, style: Style) -> Result<(), CliError> {
     let me = e.user_key();
     let counters = e.counters();
     let backlog = e.backlog();
-    let mut outbox = Vec::new();
-    for id in e.outbox_ids() {
-        let state = e.message_state(&id).or(stored_state(&*d.storage(), &id)?);
-        let mut text = None;
-        let mut to = None;
-        for c in names.conversations() {
-            let key = hush_client::storage::keys::history_message(&c, &id);
-            if let Some(raw) = d.storage().get(&key)? {
-                let r: hush_client::HistoryRecord = hush_client::storage::decode(&key, &raw)?;
-                text = Some(r.text);
-                to = Some(names.conversation(&c));
-                break;
-            }
-        }
-        outbox.push((id, state, to, text));
-    }
+    // Each contact's history is read once: for the unread counts, and to
+    // name the text and conversation of outbox entries (history is packed,
+    // so a message is not one look-up by id).
     let mut contacts = Vec::new();
+    let mut sent: std::collections::HashMap<MessageId, (ConversationId, String)> =
+        std::collections::HashMap::new();
     for (user, name, conv) in e.contacts() {
-        let unread = whole_history(&*d.storage(), &conv)?
+        let history = whole_history(&*d.storage(), &conv)?;
+        let unread = history
             .iter()
             .filter(|h| !h.read && !h.record.outgoing)
             .count();
+        for h in history.into_iter().filter(|h| h.record.outgoing) {
+            sent.insert(h.record.id, (conv, h.record.text));
+        }
         contacts.push((name, e.devices_of(&user).len(), unread));
+    }
+    let mut outbox = Vec::new();
+    for id in e.outbox_ids() {
+        let state = e.message_state(&id).or(stored_state(&*d.storage(), &id)?);
+        let (to, text) = match sent.remove(&id) {
+            Some((c, text)) => (Some(names.conversation(&c)), Some(text)),
+            None => (None, None),
+        };
+        outbox.push((id, state, to, text));
     }
     let gaps = e.open_gaps();
     match style {

@@ -4,9 +4,9 @@
 //! It implements the engine's driver contract. Of each step:
 //!
 //! 1. `early_frames` are written as soon as every earlier step's storage is
-//!    durable — before the step's own commit (during a backlog sync this is
-//!    the next page's pull: the relay serves page n+1 while page n is being
-//!    committed);
+//!    durable — before the step's own commit (during a backlog sync these
+//!    are the pulls of the next pages: the relay serves them while page n is
+//!    being committed);
 //! 2. `storage` is committed on a blocking thread, as one atomic, durable
 //!    batch;
 //! 3. only once that batch is durable are its `frames` written and its

@@ -34,8 +34,8 @@
 //! the same.
 //!
 //! `early_frames` do not depend on their own step's storage (during a
-//! backlog sync: the next page's pull, acknowledging only what earlier steps
-//! stored). A driver may send them as soon as every *earlier* step's storage
+//! backlog sync: the pulls of the next pages, acknowledging only what
+//! earlier steps stored). A driver may send them as soon as every *earlier* step's storage
 //! is durable — before this step's — and may handle further inputs while a
 //! step commits, as long as each step's `frames` and `events` wait for its
 //! own batch. That lets the relay serve page n+1 while page n is decrypted
@@ -114,11 +114,6 @@ pub mod state;
 pub mod storage;
 #[cfg(target_arch = "wasm32")]
 pub mod wasm;
-// The browser's history packing is plain Rust: its unit tests run natively.
-#[cfg(all(test, not(target_arch = "wasm32")))]
-#[path = "wasm/pack.rs"]
-#[allow(dead_code)]
-mod wasm_pack;
 
 pub use codes::{ContactCode, LinkCode, control_conversation, conversation_between};
 pub use engine::{Command, ConnectionState, Engine, EngineConfig, Event, Input, Reply, Step};

@@ -52,7 +52,7 @@ impl Engine {
     }
 
     /// Number a request and remember what its answer is for.
-    fn request_frame(&mut self, request: Request, pending: Pending) -> ClientFrame {
+    pub(crate) fn request_frame(&mut self, request: Request, pending: Pending) -> ClientFrame {
         let id = self.link.next_request.max(1);
         self.link.next_request = id.wrapping_add(1).max(1);
         self.link.requests.insert(id, pending);
@@ -78,6 +78,15 @@ impl Engine {
                 request_id,
                 response,
             } => match self.link.requests.remove(&request_id) {
+                Some(Pending::Pull { after }) => match response {
+                    Response::Page(page) => self.on_page(now, request_id, after, page)?,
+                    _ => {
+                        self.event(Event::Warning(
+                            "relay sent an answer of the wrong kind".into(),
+                        ));
+                        self.drop_connection(now);
+                    }
+                },
                 Some(p) => self.on_response(now, p, response)?,
                 None => self.event(Event::Warning("relay answered an unknown request".into())),
             },
@@ -126,7 +135,6 @@ impl Engine {
             (Pending::Send(items), Response::Sent { outcomes }) => {
                 self.on_sent(now, items, outcomes)?
             }
-            (Pending::Pull, Response::Page(page)) => self.on_page(now, page)?,
             (Pending::Ack, Response::Acked { .. }) => {}
             (
                 Pending::PublishPrekeys { signed, one_time },
@@ -190,7 +198,7 @@ impl Engine {
                 let wait = e.retry_after_ms.map(u64::from);
                 self.on_send_refused(now, &items, wait);
             }
-            Pending::Pull => {
+            Pending::Pull { .. } => {
                 // Resynchronise from scratch on a fresh connection.
                 self.drop_connection(now);
             }
@@ -234,7 +242,7 @@ impl Engine {
             // truncation (with the tombstones naming what was dropped).
             ErrorCode::ExpiredCursor => {
                 self.link.live = false;
-                if !self.link.pulling {
+                if self.link.pulls.is_empty() {
                     self.send_pull();
                 }
             }
@@ -645,48 +653,6 @@ impl Engine {
             Request::FetchPrekeys { device: d },
             Pending::FetchPrekeys(d),
         );
-    }
-
-    pub(crate) fn send_pull(&mut self) {
-        let through = self.cursor.through;
-        self.link.pulling = true;
-        self.link.acked_sent = self.link.acked_sent.max(through);
-        self.link.ack_due = None;
-        self.request(
-            Request::Pull {
-                after: through,
-                limit: self
-                    .cfg
-                    .page_limit
-                    .clamp(1, hush_protocol::limits::MAX_PAGE),
-                ack: through,
-            },
-            Pending::Pull,
-        );
-    }
-
-    /// During a backlog sync, ask for the page after the one that just
-    /// arrived *before* it is stored: an early frame, acknowledging only
-    /// what earlier steps made durable (the acknowledgement of this page
-    /// rides on the next pull). The relay reads the next page while this
-    /// one is decrypted and committed; one pull is in flight at a time.
-    pub(crate) fn send_next_page_pull(&mut self) {
-        let after = self.cursor.through;
-        let ack = self.durable_cursor.min(after);
-        self.link.pulling = true;
-        self.link.acked_sent = self.link.acked_sent.max(ack);
-        let frame = self.request_frame(
-            Request::Pull {
-                after,
-                limit: self
-                    .cfg
-                    .page_limit
-                    .clamp(1, hush_protocol::limits::MAX_PAGE),
-                ack,
-            },
-            Pending::Pull,
-        );
-        self.step.early_frames.push(frame);
     }
 
     pub(crate) fn send_ack(&mut self) {

@@ -13,6 +13,7 @@
 mod commands;
 mod conn;
 mod inspect;
+mod pull;
 mod recv;
 mod send;
 #[cfg(test)]
@@ -87,6 +88,11 @@ pub struct EngineConfig {
     pub link_code_ttl_ms: u64,
     /// Envelopes per pulled page (at most 200).
     pub page_limit: u16,
+    /// Most `Pull`s in flight during a backlog sync (at least 1). Once a
+    /// page says how many envelopes remain, the pages after it are asked for
+    /// at once, so the relay and the network work while this device decrypts
+    /// and commits (see `docs/PROTOCOL.md` §8.2, "Several pulls in flight").
+    pub pull_depth: u16,
     /// Publish more one-time prekeys when the relay holds fewer than this.
     pub one_time_prekeys_low: u32,
     /// How many one-time prekeys to add at a time.
@@ -120,6 +126,7 @@ impl Default for EngineConfig {
             device_list_retry_max_ms: 60_000,
             link_code_ttl_ms: 10 * 60 * 1000,
             page_limit: hush_protocol::limits::MAX_PAGE,
+            pull_depth: 3,
             one_time_prekeys_low: 20,
             one_time_prekeys_batch: 50,
         }
@@ -342,9 +349,10 @@ pub struct Step {
     /// step before handling the next input sends them first, then commits,
     /// then sends `frames`.
     ///
-    /// During a backlog sync this holds the next page's `Pull`, whose
-    /// acknowledgement covers only what earlier steps stored: the relay
-    /// serves the next page while this one is decrypted and committed.
+    /// During a backlog sync this holds the `Pull`s of the next pages (up
+    /// to [`EngineConfig::pull_depth`] in flight), whose acknowledgement
+    /// covers only what earlier steps stored: the relay serves the next
+    /// pages while this one is decrypted and committed.
     pub early_frames: Vec<ClientFrame>,
     /// Frames to send, in order, once `storage` is durable.
     pub frames: Vec<ClientFrame>,
@@ -387,9 +395,15 @@ pub(crate) enum Pending {
     Auth,
     Register,
     Send(Vec<(MessageId, DeviceId)>),
-    Pull,
+    /// A page request, and the relay seq it asked to read after.
+    Pull {
+        after: u64,
+    },
     Ack,
-    PublishPrekeys { signed: u32, one_time: Vec<u32> },
+    PublishPrekeys {
+        signed: u32,
+        one_time: Vec<u32>,
+    },
     FetchPrekeys(DeviceId),
     PublishDeviceList(u64),
     FetchDeviceList(UserKey),
@@ -401,7 +415,24 @@ pub(crate) struct Link {
     pub connected: bool,
     pub ready: bool,
     pub live: bool,
-    pub pulling: bool,
+    /// Pulls in flight, oldest first: (request id, `after`). Their pages are
+    /// used only in this order and only if `after` is the cursor then.
+    pub pulls: std::collections::VecDeque<(u32, u64)>,
+    /// The end of the seq range the newest pull in flight asked for
+    /// (`after + limit`): where a further pipelined pull starts.
+    pub pull_frontier: u64,
+    /// Seqs one page is expected to span (the last full page's span, at
+    /// most the page limit): the stride between pipelined pulls.
+    pub pull_stride: u64,
+    /// The highest relay seq the last usable page said exists
+    /// (`last seq + remaining`): pulls are pipelined only below it.
+    pub sync_end: u64,
+    /// Pulls sent on this connection (diagnostics).
+    pub pulls_sent: u64,
+    /// Pages dropped because they would have skipped seqs (diagnostics).
+    pub stale_pages: u64,
+    /// Most pulls that were in flight at once (diagnostics).
+    pub max_pulls_in_flight: usize,
     pub next_request: u32,
     pub requests: BTreeMap<u32, Pending>,
     /// Highest relay seq acknowledged to the relay on this connection.

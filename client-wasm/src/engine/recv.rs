@@ -2,11 +2,10 @@
 //! control items, receipts and gap repair.
 //!
 //! Relay-seq layer: everything with a relay seq at or below the cursor is
-//! already handled; a page or push advances the cursor in the same batch as
-//! the stored messages, and the acknowledgement (merged into a later `Pull`,
-//! or a windowed `Ack` while live) goes out only after that batch. The next
-//! page's `Pull` is an early frame: it leaves before the page is stored and
-//! acknowledges only what earlier steps stored.
+//! already handled; a page (see `pull`) or push advances the cursor in the
+//! same batch as the stored messages, and the acknowledgement (merged into a
+//! later `Pull`, or a windowed `Ack` while live) goes out only after that
+//! batch.
 //!
 //! Sender-seq layer, per (sender device, conversation): `delivered` is the
 //! contiguous prefix; chat items above it are held (stored, not shown) until
@@ -26,51 +25,13 @@ use crate::state::{
 use crate::storage::{self, StorageOp, keys};
 use hush_crypto::{DevicePublic, RatchetHeader, SessionInit, respond};
 use hush_protocol::{
-    ConversationId, Delivered, DeviceEntry, DeviceId, Envelope, MessageId, Page, Truncation,
-    UserKey,
+    ConversationId, Delivered, DeviceEntry, DeviceId, Envelope, MessageId, Truncation, UserKey,
 };
 
 /// Most seqs handled from one resend request or "unavailable" answer.
 const MAX_SEQS_PER_REQUEST: u64 = 10_000;
 
 impl Engine {
-    pub(crate) fn on_page(&mut self, now: u64, page: Page) -> Result<(), ClientError> {
-        self.link.pulling = false;
-        let n = page.envelopes.len() as u64;
-        for d in page.envelopes {
-            if d.seq > self.cursor.through {
-                self.process(now, d.seq, &d.envelope, false)?;
-                self.cursor.through = d.seq;
-                self.touch(Dirty::Cursor);
-            } else {
-                self.count_duplicate();
-            }
-        }
-        if let Some(t) = page.truncated {
-            self.on_truncation(now, &t);
-        }
-        self.link.sync_done = self.link.sync_done.saturating_add(n);
-        self.link.sync_total = self.link.sync_done.saturating_add(page.remaining);
-        self.event(Event::SyncProgress {
-            done: self.link.sync_done,
-            total: self.link.sync_total,
-        });
-        if page.remaining > 0 && n > 0 {
-            // Pipelined: the next pull leaves before this page is durable
-            // and acknowledges only what earlier steps stored; this page's
-            // acknowledgement rides on the pull after it (or the final ack).
-            self.send_next_page_pull();
-        } else if page.remaining > 0 {
-            // An empty page with more behind it (a relay withheld the page):
-            // the relay did not go live, so nothing would be pushed. Ask again.
-            self.send_pull();
-        } else {
-            self.link.live = true;
-            self.send_ack();
-        }
-        Ok(())
-    }
-
     pub(crate) fn on_push(
         &mut self,
         now: u64,
@@ -84,7 +45,7 @@ impl Engine {
             if d.seq != self.cursor.through.saturating_add(1) {
                 // A hole in relay seqs: never acknowledge past it; pull instead.
                 self.link.live = false;
-                if !self.link.pulling {
+                if self.link.pulls.is_empty() {
                     self.send_pull();
                 }
                 break;
@@ -104,7 +65,7 @@ impl Engine {
         Ok(())
     }
 
-    fn on_truncation(&mut self, now: u64, t: &Truncation) {
+    pub(crate) fn on_truncation(&mut self, now: u64, t: &Truncation) {
         for r in &t.dropped {
             if self.peer(&r.sender).is_none() || r.last_seq < r.first_seq {
                 continue;
@@ -128,7 +89,7 @@ impl Engine {
     }
 
     /// Handle one envelope. Returns false if it was parked (sender unknown).
-    fn process(
+    pub(crate) fn process(
         &mut self,
         now: u64,
         relay_seq: u64,
@@ -261,7 +222,7 @@ impl Engine {
         Ok(true)
     }
 
-    fn count_duplicate(&mut self) {
+    pub(crate) fn count_duplicate(&mut self) {
         self.counters.duplicates_dropped = self.counters.duplicates_dropped.saturating_add(1);
         self.touch(Dirty::Counters);
     }

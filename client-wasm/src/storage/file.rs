@@ -7,6 +7,7 @@
 //! tail is discarded). A file that is not a redb database, or holds a
 //! different format, is a typed [`StorageError`], never a panic.
 
+use super::pack::{self, Write};
 use super::{Storage, StorageOp};
 use crate::error::StorageError;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -15,8 +16,17 @@ use std::path::Path;
 const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
 const INFO: TableDefinition<&str, u32> = TableDefinition::new("info");
 const FORMAT_KEY: &str = "format";
-/// Version of the file layout this build reads and writes.
-pub const FILE_FORMAT: u32 = 1;
+/// Version of the file layout this build reads and writes. 2: history is
+/// packed (see [`super::pack`]). A format-1 file is migrated on open by
+/// raising its version: its per-key history records stay and are read
+/// alongside packs, so nothing is rewritten; a build that reads only
+/// format 1 then refuses the file instead of missing packed history.
+pub const FILE_FORMAT: u32 = 2;
+/// The oldest format this build opens (and migrates).
+const OLDEST_FORMAT: u32 = 1;
+/// A native pack is closed before it grows past this: a 200-message page of
+/// 1 KiB messages in one conversation is one pack.
+pub const PACK_MAX_BYTES: usize = 256 * 1024;
 
 fn backend<E: std::fmt::Display>(e: E) -> StorageError {
     StorageError::Backend(format!("redb: {e}"))
@@ -46,6 +56,9 @@ impl FileStorage {
             let stored = info.get(FORMAT_KEY).map_err(backend)?.map(|g| g.value());
             match stored {
                 Some(FILE_FORMAT) => {}
+                Some(old) if (OLDEST_FORMAT..FILE_FORMAT).contains(&old) => {
+                    info.insert(FORMAT_KEY, FILE_FORMAT).map_err(backend)?;
+                }
                 Some(other) => {
                     return Err(StorageError::Backend(format!(
                         "unsupported client store format {other} (this build reads {FILE_FORMAT})"
@@ -120,21 +133,34 @@ impl Storage for FileStorage {
         txn.set_durability(Durability::Immediate).map_err(backend)?;
         {
             let mut table = txn.open_table(RECORDS).map_err(backend)?;
+            // History pairs become one pack per conversation (see `pack`).
             // In key order: neighbouring inserts land in the same B-tree
-            // pages (a page of history is 200 appends spread over a few
-            // conversations). The sort is stable, so several ops on one key
-            // keep their order and the last one wins, as in batch order.
-            let mut ordered: Vec<&StorageOp> = batch.iter().collect();
+            // pages. The sort is stable, so several writes of one key keep
+            // their order; only the last one is applied, as it alone would
+            // count (a batch of several steps rewrites the cursor, sessions
+            // and streams once per step).
+            let mut ordered = pack::pack_batch(batch, PACK_MAX_BYTES);
             ordered.sort_by(|a, b| a.key().cmp(b.key()));
-            for op in ordered {
-                match op {
-                    StorageOp::Put { key, value } => {
+            let last_of_key = |i: usize| {
+                ordered
+                    .get(i + 1)
+                    .is_none_or(|next| next.key() != ordered[i].key())
+            };
+            for (i, write) in ordered.iter().enumerate() {
+                if !last_of_key(i) {
+                    continue;
+                }
+                match write {
+                    Write::Put(key, value) => {
+                        table.insert(*key, *value).map_err(backend)?;
+                    }
+                    Write::PutOwned(key, value) => {
                         table
                             .insert(key.as_slice(), value.as_slice())
                             .map_err(backend)?;
                     }
-                    StorageOp::Delete { key } => {
-                        table.remove(key.as_slice()).map_err(backend)?;
+                    Write::Delete(key) => {
+                        table.remove(*key).map_err(backend)?;
                     }
                 }
             }
@@ -237,5 +263,214 @@ mod tests {
             FileStorage::open(&path),
             Err(StorageError::Backend(_))
         ));
+    }
+
+    use crate::state::HistoryRecord;
+    use crate::storage::{encode, history, history_message, keys};
+    use hush_protocol::{ConversationId, DeviceId, MessageId, UserKey};
+
+    fn record(conv: ConversationId, n: u8) -> HistoryRecord {
+        HistoryRecord {
+            id: MessageId([n; 16]),
+            conversation: conv,
+            from_user: UserKey([7; 32]),
+            from_device: DeviceId([8; 16]),
+            sender_seq: u64::from(n),
+            sent_at_ms: 1,
+            stored_at_ms: 2,
+            text: format!("text {n}"),
+            outgoing: false,
+        }
+    }
+
+    /// The two records the engine writes for a message.
+    fn message_ops(conv: ConversationId, n: u8, order: u64) -> Vec<StorageOp> {
+        let r = record(conv, n);
+        vec![
+            StorageOp::Put {
+                key: keys::history_message(&conv, &r.id),
+                value: encode(&r).unwrap(),
+            },
+            StorageOp::Put {
+                key: keys::history_order(&conv, order),
+                value: encode(&r.id).unwrap(),
+            },
+        ]
+    }
+
+    fn texts(s: &FileStorage, conv: &ConversationId, before: Option<u64>, n: usize) -> Vec<String> {
+        history(s, conv, before, n)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.record.text)
+            .collect()
+    }
+
+    #[test]
+    fn history_is_packed_and_pages_backwards_across_packs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FileStorage::open(dir.path().join("client.redb")).unwrap();
+        let (c1, c2) = (ConversationId([1; 16]), ConversationId([2; 16]));
+        // Three batches, two conversations interleaved: orders 0..30.
+        for b in 0u8..3 {
+            let mut ops = Vec::new();
+            for k in 0u8..10 {
+                let n = b * 10 + k;
+                let conv = if k % 3 == 0 { c2 } else { c1 };
+                ops.extend(message_ops(conv, n, u64::from(n)));
+            }
+            s.apply(&ops).unwrap();
+        }
+        // One pack per conversation per batch, no per-key records.
+        assert_eq!(s.scan_prefix(pack::PACK).unwrap().len(), 6);
+        assert!(s.scan_prefix(b"h/msg/").unwrap().is_empty());
+        assert!(s.scan_prefix(b"h/order/").unwrap().is_empty());
+        let all: Vec<String> = (0u8..30)
+            .filter(|n| n % 10 % 3 != 0)
+            .map(|n| format!("text {n}"))
+            .collect();
+        assert_eq!(texts(&s, &c1, None, 100), all);
+        // Paging backwards: pages of 4 from the newest, across pack borders.
+        let mut before = None;
+        let mut pages = Vec::new();
+        let mut seen: Vec<String> = Vec::new();
+        loop {
+            let page = history(&s, &c1, before, 4).unwrap();
+            let Some(first) = page.first() else { break };
+            before = Some(first.order);
+            pages.push(page.len());
+            let mut t: Vec<String> = page.into_iter().map(|e| e.record.text).collect();
+            t.append(&mut seen);
+            seen = t;
+        }
+        assert_eq!(seen, all);
+        assert!(
+            pages[..pages.len() - 1].iter().all(|&n| n == 4),
+            "{pages:?}"
+        );
+        // The middle of a pack as the bound.
+        assert_eq!(
+            texts(&s, &c1, Some(15), 3),
+            vec!["text 11", "text 12", "text 14"]
+        );
+        // Found by id, packed.
+        let r = history_message(&s, &c1, &MessageId([14; 16])).unwrap();
+        assert_eq!(r.map(|r| r.text), Some("text 14".to_string()));
+        assert_eq!(
+            history_message(&s, &c1, &MessageId([99; 16])).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn an_erased_packed_message_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FileStorage::open(dir.path().join("client.redb")).unwrap();
+        let c = ConversationId([1; 16]);
+        let mut ops = Vec::new();
+        for n in 0u8..5 {
+            ops.extend(message_ops(c, n, u64::from(n)));
+        }
+        s.apply(&ops).unwrap();
+        // The engine erases by deleting the message record.
+        s.apply(&[StorageOp::Delete {
+            key: keys::history_message(&c, &MessageId([2; 16])),
+        }])
+        .unwrap();
+        assert_eq!(
+            texts(&s, &c, None, 10),
+            vec!["text 0", "text 1", "text 3", "text 4"]
+        );
+        // A page of 2 before the erased one skips it and still fills.
+        assert_eq!(texts(&s, &c, Some(3), 2), vec!["text 0", "text 1"]);
+        assert_eq!(history_message(&s, &c, &MessageId([2; 16])).unwrap(), None);
+    }
+
+    #[test]
+    fn a_corrupt_pack_is_a_typed_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        let c = ConversationId([1; 16]);
+        {
+            let mut s = FileStorage::open(&path).unwrap();
+            s.apply(&message_ops(c, 1, 1)).unwrap();
+        }
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(RECORDS).unwrap();
+                t.insert(pack::pack_key(&c, 1).as_slice(), [1u8, 0, 0].as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = FileStorage::open(&path).unwrap();
+        assert!(matches!(
+            history(&s, &c, None, 10),
+            Err(StorageError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn a_format_1_store_is_migrated_and_its_history_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        let c = ConversationId([1; 16]);
+        {
+            // A store as format 1 wrote it: per-key history records.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut info = txn.open_table(INFO).unwrap();
+                info.insert(FORMAT_KEY, 1).unwrap();
+                let mut t = txn.open_table(RECORDS).unwrap();
+                for n in 0u8..3 {
+                    for op in message_ops(c, n, u64::from(n)) {
+                        if let StorageOp::Put { key, value } = op {
+                            t.insert(key.as_slice(), value.as_slice()).unwrap();
+                        }
+                    }
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let mut s = FileStorage::open(&path).unwrap();
+        let mut ops = Vec::new();
+        for n in 3u8..6 {
+            ops.extend(message_ops(c, n, u64::from(n)));
+        }
+        s.apply(&ops).unwrap();
+        let want: Vec<String> = (0..6).map(|n| format!("text {n}")).collect();
+        assert_eq!(texts(&s, &c, None, 10), want);
+        assert_eq!(texts(&s, &c, Some(4), 2), vec!["text 2", "text 3"]);
+        drop(s);
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let info = txn.open_table(INFO).unwrap();
+        assert_eq!(
+            info.get(FORMAT_KEY).unwrap().map(|g| g.value()),
+            Some(FILE_FORMAT)
+        );
+    }
+
+    #[test]
+    fn a_newer_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(INFO)
+                .unwrap()
+                .insert(FORMAT_KEY, FILE_FORMAT + 1)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = FileStorage::open(&path).unwrap_err();
+        assert!(
+            err.to_string().contains("unsupported client store format"),
+            "{err}"
+        );
     }
 }

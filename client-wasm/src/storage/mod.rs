@@ -23,6 +23,7 @@
 
 pub mod keys;
 pub mod memory;
+pub mod pack;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod file;
@@ -139,57 +140,153 @@ pub struct HistoryEntry {
     pub state: Option<MessageState>,
 }
 
+/// A message position found while paging: from a pack (with its record)
+/// or from an order record written one per key.
+struct Slot {
+    order: u64,
+    id: MessageId,
+    /// The encoded record when it came from a pack.
+    packed: Option<Vec<u8>>,
+}
+
+/// Up to `want` positions of a conversation strictly below `before`,
+/// newest first, merged from packs and per-key order records.
+fn positions<S: Storage + ?Sized>(
+    storage: &S,
+    conversation: &ConversationId,
+    before: Option<u64>,
+    want: usize,
+) -> Result<Vec<Slot>, StorageError> {
+    let mut slots = Vec::new();
+    let prefix = keys::history_order_prefix(conversation);
+    let cursor = before.map(|o| keys::history_order(conversation, o));
+    for (k, v) in storage.scan_back(&prefix, cursor.as_deref(), want)? {
+        let order = keys::order_of(&k).ok_or_else(|| StorageError::Corrupt {
+            key: keys::printable(&k),
+        })?;
+        slots.push(Slot {
+            order,
+            id: decode(&k, &v)?,
+            packed: None,
+        });
+    }
+    // Packs cover disjoint, ascending order ranges: walk them backwards
+    // until `want` positions below `before` are found.
+    let pack_prefix = pack::pack_prefix(conversation);
+    let mut pack_cursor = before.map(|o| pack::pack_key(conversation, o));
+    let mut from_packs = 0usize;
+    while from_packs < want {
+        let rows = storage.scan_back(&pack_prefix, pack_cursor.as_deref(), 1)?;
+        let Some((k, v)) = rows.into_iter().next() else {
+            break;
+        };
+        for e in pack::unpack(&k, &v)?.into_iter().rev() {
+            if before.is_none_or(|b| e.order < b) {
+                from_packs += 1;
+                slots.push(Slot {
+                    order: e.order,
+                    id: e.id,
+                    packed: Some(e.record.to_vec()),
+                });
+            }
+        }
+        pack_cursor = Some(k);
+    }
+    slots.sort_unstable_by_key(|s| std::cmp::Reverse(s.order));
+    slots.truncate(want);
+    Ok(slots)
+}
+
 /// Page backwards through a conversation's history: up to `limit` messages
 /// delivered before position `before` (or the newest ones), returned oldest
-/// first. Deleted and recalled messages are left out.
+/// first. Deleted and recalled messages are left out. Reads packed history
+/// (see [`pack`]) and records written one per key alike.
 pub fn history<S: Storage + ?Sized>(
     storage: &S,
     conversation: &ConversationId,
     before: Option<u64>,
     limit: usize,
 ) -> Result<Vec<HistoryEntry>, StorageError> {
-    let prefix = keys::history_order_prefix(conversation);
-    let before_key = before.map(|o| keys::history_order(conversation, o));
     let mut out = Vec::new();
-    let mut cursor = before_key;
-    // Erased messages leave order records behind; keep paging until `limit`
+    let mut cursor = before;
+    // Erased messages leave positions behind; keep paging until `limit`
     // live messages are found or the conversation's start is reached.
     while out.len() < limit {
-        let want = limit - out.len();
-        let rows = storage.scan_back(&prefix, cursor.as_deref(), want)?;
-        if rows.is_empty() {
+        let slots = positions(storage, conversation, cursor, limit - out.len())?;
+        let Some(last) = slots.last() else {
             break;
-        }
-        for (k, v) in &rows {
-            let order = keys::order_of(k).ok_or_else(|| StorageError::Corrupt {
-                key: keys::printable(k),
-            })?;
-            let id: MessageId = decode(k, v)?;
-            if storage.get(&keys::tombstone(&id))?.is_some() {
+        };
+        cursor = Some(last.order);
+        for slot in slots {
+            if storage.get(&keys::tombstone(&slot.id))?.is_some() {
                 continue;
             }
-            let mkey = keys::history_message(conversation, &id);
-            let Some(raw) = storage.get(&mkey)? else {
-                continue;
+            let mkey = keys::history_message(conversation, &slot.id);
+            // A packed message is live unless marked gone; a per-key one
+            // unless its record was deleted.
+            let raw = match slot.packed {
+                Some(raw) => {
+                    if storage
+                        .get(&pack::gone_key(conversation, &slot.id))?
+                        .is_some()
+                    {
+                        continue;
+                    }
+                    raw
+                }
+                None => match storage.get(&mkey)? {
+                    Some(raw) => raw,
+                    None => continue,
+                },
             };
             let record: HistoryRecord = decode(&mkey, &raw)?;
-            let read = storage.get(&keys::history_read(&id))?.is_some();
-            let skey = keys::history_state(&id);
+            let read = storage.get(&keys::history_read(&slot.id))?.is_some();
+            let skey = keys::history_state(&slot.id);
             let state = match storage.get(&skey)? {
                 Some(raw) => Some(decode::<MessageState>(&skey, &raw)?),
                 None => None,
             };
             out.push(HistoryEntry {
-                order,
+                order: slot.order,
                 record,
                 read,
                 state,
             });
         }
-        cursor = rows.last().map(|(k, _)| k.clone());
     }
     out.reverse();
     Ok(out)
+}
+
+/// One message of a conversation's history by id, packed or not (`None` if
+/// it is not there or was erased). A per-key record is one look-up; a
+/// packed one is found by walking the conversation's packs from the newest.
+pub fn history_message<S: Storage + ?Sized>(
+    storage: &S,
+    conversation: &ConversationId,
+    id: &MessageId,
+) -> Result<Option<HistoryRecord>, StorageError> {
+    let mkey = keys::history_message(conversation, id);
+    if let Some(raw) = storage.get(&mkey)? {
+        return decode(&mkey, &raw).map(Some);
+    }
+    if storage.get(&pack::gone_key(conversation, id))?.is_some() {
+        return Ok(None);
+    }
+    let prefix = pack::pack_prefix(conversation);
+    let mut cursor: Option<Vec<u8>> = None;
+    loop {
+        let rows = storage.scan_back(&prefix, cursor.as_deref(), 8)?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        for (k, v) in &rows {
+            if let Some(e) = pack::unpack(k, v)?.into_iter().find(|e| e.id == *id) {
+                return decode(&mkey, e.record).map(Some);
+            }
+        }
+        cursor = rows.last().map(|(k, _)| k.clone());
+    }
 }
 
 /// Whether a message was removed (recalled or deleted), and how.

@@ -4,17 +4,16 @@
 //! [`crate::storage::history`] is written against the synchronous
 //! [`crate::Storage`] trait, which IndexedDB cannot implement. This is the
 //! same algorithm over an asynchronous [`Reader`]: page backwards through a
-//! conversation's positions — packs (see `pack`) merged with order records
+//! conversation's positions — packs (see [`crate::storage::pack`]) merged with order records
 //! written one per key — skip messages that were deleted or
 //! recalled (tombstones) or are missing, attach read markers and delivery
 //! states. All reads of one page share one read-only transaction, so a page
 //! is a consistent snapshot even while the driver commits new steps.
 
 use super::idb_store::{IdbStore, Reader};
-use super::pack;
 use crate::StorageError;
 use crate::state::{HistoryRecord, MessageState};
-use crate::storage::{HistoryEntry, decode, keys};
+use crate::storage::{HistoryEntry, decode, keys, pack};
 use hush_protocol::{ConversationId, DeviceId, MessageId};
 
 /// The order number at the end of an order key.

@@ -19,7 +19,7 @@
 //!    relay time.
 //!
 //! ```text
-//! cargo run --release -p hush-tests --bin client_bench -- [--messages N] [--size BYTES] [--window W] [--senders K] [--pause S] [--pipelined]
+//! cargo run --release -p hush-tests --bin client_bench -- [--messages N] [--size BYTES] [--window W] [--senders K] [--pause S] [--pipelined] [--pull-depth D]
 //! ```
 //!
 //! Timed here, never in tests.
@@ -45,6 +45,8 @@ struct Args {
     /// Catch up handling further frames while a commit runs (for
     /// comparison with the default: each commit awaited before the next).
     pipelined: bool,
+    /// Most pulls in flight during the catch-up (`EngineConfig::pull_depth`).
+    pull_depth: u16,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -55,6 +57,7 @@ fn parse_args() -> Result<Args, String> {
         senders: 10,
         pause: 0,
         pipelined: false,
+        pull_depth: cli_engine_config().pull_depth,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -70,6 +73,10 @@ fn parse_args() -> Result<Args, String> {
             "--pause" => a.pause = value("--pause")?,
             "--senders" => a.senders = value("--senders")?.max(1),
             "--pipelined" => a.pipelined = true,
+            "--pull-depth" => {
+                a.pull_depth = u16::try_from(value("--pull-depth")?.max(1))
+                    .map_err(|_| "--pull-depth is too large".to_string())?
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -274,7 +281,11 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
         tokio::time::sleep(Duration::from_secs(args.pause as u64)).await;
     }
     let started = Instant::now();
-    let mut bob2 = Driver::load(bob2_storage, cli_engine_config(), target.clone())?;
+    let catch_up_cfg = hush_client::EngineConfig {
+        pull_depth: args.pull_depth,
+        ..cli_engine_config()
+    };
+    let mut bob2 = Driver::load(bob2_storage, catch_up_cfg, target.clone())?;
     bob2.set_pipelined(args.pipelined);
     let streams: Vec<_> = sender_ids
         .iter()
@@ -310,12 +321,13 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
     );
     let st = bob2.stats();
     println!(
-        "catch-up breakdown ({} commits): {} inputs, engine {:.3} s; {} commits ({:.0} KiB each), storage {:.3} s on the commit thread, of which the driver waited {:.3} s; frame writes {:.3} s; rest (network, relay, waiting for frames) {:.3} s",
+        "catch-up breakdown ({} commits, pull depth {}): {} inputs, engine {:.3} s; {} commits ({:.0} KiB each), storage {:.3} s on the commit thread, of which the driver waited {:.3} s; frame writes {:.3} s; rest (network, relay, waiting for frames) {:.3} s",
         if args.pipelined {
             "pipelined"
         } else {
             "serial"
         },
+        args.pull_depth,
         st.inputs,
         st.handle.as_secs_f64(),
         st.commits,

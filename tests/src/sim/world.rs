@@ -69,6 +69,10 @@ pub struct Scenario {
     /// events once its own batch is. A crash drops every batch not yet
     /// committed.
     pub pipelined: bool,
+    /// Most pulls in flight during a backlog sync (1–4): pipelined pulls
+    /// that assumed dense seqs meet withheld, duplicated and expired
+    /// envelopes.
+    pub pull_depth: u16,
 }
 
 impl Scenario {
@@ -97,6 +101,7 @@ impl Scenario {
             late_user: false,
             page_limit: 200,
             pipelined: false,
+            pull_depth: EngineConfig::default().pull_depth,
         };
         // Drawn from their own generator, so the rest of the scenario of a
         // seed is what it was before these knobs existed.
@@ -105,6 +110,7 @@ impl Scenario {
             s.page_limit = p.range(1, 4) as u16;
         }
         s.pipelined = p.range(0, 1) == 1;
+        s.pull_depth = p.range(1, 4) as u16;
 
         match family {
             0 => {
@@ -180,6 +186,7 @@ impl Scenario {
             resend_retry_ms: 10 * SECOND,
             resend_retry_max_ms: 2 * MINUTE,
             page_limit: self.page_limit,
+            pull_depth: self.pull_depth,
             ..EngineConfig::default()
         }
     }
