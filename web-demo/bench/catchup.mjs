@@ -4,7 +4,7 @@
 //   cargo build --release -p hush-relay --bin hush-relay
 //   cargo build --release -p hush-tests --bin bulk_send
 //   node web-demo/bench/catchup.mjs [N] [--senders=K] [--profile] [--demo]
-//        [--events=message|messages] [--timeout=SECONDS]
+//        [--events=message|messages] [--trace] [--timeout=SECONDS]
 //
 // 1. A release relay (send rate unlimited, inbox quota above N) starts.
 // 2. Device B is created in a bare page (bench/catchup.html: the client
@@ -18,6 +18,10 @@
 //    load until its sync progress reports all N done.
 //    --events=messages counts the per-step `messages` summaries instead of
 //    per-message `message` events (the bulk path: no per-message objects).
+//    --trace counts the page's IndexedDB puts, stream reads and writes
+//    (calls and bytes; adds overhead, so not for timed runs).
+//    The CPU line (Linux) is the CPU time this Chromium used during the
+//    catch-up: on a busy machine it moves much less than the wall time.
 //    --profile also samples the page's CPU (Chrome DevTools profiler) and
 //    prints where the main thread's time went.
 //
@@ -25,17 +29,19 @@
 
 import { spawn } from "node:child_process";
 import { createServer } from "node:http";
-import { existsSync, readFile as readFileCb } from "node:fs";
+import { existsSync, readFile as readFileCb, readFileSync, readdirSync } from "node:fs";
 import { join, extname, normalize, sep, resolve, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { createInterface } from "node:readline";
 import { promisify } from "node:util";
+import { loadavg } from "node:os";
 
 const readFile = promisify(readFileCb);
 
 const args = process.argv.slice(2);
 const COUNT = Number(args.find((a) => /^\d+$/.test(a)) ?? 100_000);
 const PROFILE = args.includes("--profile");
+const TRACE = args.includes("--trace");
 const DEMO = args.includes("--demo");
 const SENDERS = Number(args.find((a) => a.startsWith("--senders="))?.slice(10) ?? 10);
 const EVENTS = args.find((a) => a.startsWith("--events="))?.slice(9) ?? "message";
@@ -89,6 +95,48 @@ function startSender(relay, count) {
   proc.once("exit", (code) => { for (const w of waiting.splice(0)) w(`exit ${code}`); });
   const next = () => (queued.length ? Promise.resolve(queued.shift()) : new Promise((r) => waiting.push(r)));
   return { proc, next };
+}
+
+/**
+ * CPU seconds used so far by this script's Chromium (Linux /proc; null
+ * elsewhere): every process and thread, and the renderers' main threads
+ * (where the page, the wasm client and its JS glue run). On a shared, busy
+ * machine these move far less than the wall time does.
+ */
+function chromiumCpu() {
+  try {
+    const tick = 100; // USER_HZ
+    const parent = new Map();
+    const stat = new Map();
+    for (const d of readdirSync("/proc")) {
+      if (!/^\d+$/.test(d)) continue;
+      try {
+        const s = readFileSync(`/proc/${d}/stat`, "utf8");
+        const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
+        parent.set(Number(d), Number(f[1]));
+        stat.set(Number(d), f);
+      } catch {}
+    }
+    const ours = (pid) => {
+      for (let p = pid, i = 0; p > 1 && i < 64; p = parent.get(p) ?? 0, i++) if (p === process.pid) return true;
+      return false;
+    };
+    let all = 0;
+    let renderer = 0;
+    for (const [pid, f] of stat) {
+      if (pid === process.pid || !ours(pid)) continue;
+      all += (Number(f[11]) + Number(f[12])) / tick;
+      let cmd = "";
+      try { cmd = readFileSync(`/proc/${pid}/cmdline`, "utf8"); } catch {}
+      if (cmd.includes("--type=renderer")) {
+        const t = readFileSync(`/proc/${pid}/task/${pid}/schedstat`, "utf8");
+        renderer += Number(t.split(" ")[0]) / 1e9;
+      }
+    }
+    return { all, renderer };
+  } catch {
+    return null;
+  }
 }
 
 /** Self time per function (ms) from a DevTools CPU profile, largest first. */
@@ -165,6 +213,7 @@ async function demoRun(relay, browser) {
   page = await context.newPage();
   h.attachLog(page);
   const cdp = PROFILE ? await startProfile(context, page) : null;
+  const cpu0 = chromiumCpu();
   await page.goto(demo.url("bob"));
   await page.waitForFunction(
     (n) => {
@@ -175,10 +224,16 @@ async function demoRun(relay, browser) {
     { timeout: TIMEOUT_MS, polling: 50 },
   );
   const secs = (Date.now() - t0) / 1000;
+  const cpu1 = chromiumCpu();
   const shown = await page.locator("[data-testid=message][data-direction=in]").count();
   console.log(
     `demo page catch-up: ${COUNT} messages × 1 KiB synced (progress done) in ${secs.toFixed(2)} s from page load = ${Math.round(COUNT / secs)} msg/s (${shown} rendered)`,
   );
+  if (cpu0 && cpu1) {
+    console.log(
+      `  CPU: renderer main threads ${(cpu1.renderer - cpu0.renderer).toFixed(2)} s, all of Chromium ${(cpu1.all - cpu0.all).toFixed(2)} s (load average ${loadavg().map((l) => l.toFixed(2)).join(" ")})`,
+    );
+  }
   console.log(`  counters: ${JSON.stringify(await page.evaluate(() => window.hushDemo.client.counters()))}`);
   if (cdp) await printProfile(cdp);
 }
@@ -188,7 +243,7 @@ try {
     extraArgs: ["--send-rate", "0", "--inbox-max-messages", String(COUNT + 10_000), "--inbox-max-bytes", "8G"],
   });
   const options = { relayUrl: `https://${relay.quic}/`, certHash: relay.certHash, storage: "bench-b" };
-  const base = `http://${await staticServer()}/bench/catchup.html`;
+  const base = `http://${await staticServer()}/bench/catchup.html${TRACE ? "?trace" : ""}`;
   const browser = await h.launchBrowser();
   if (DEMO) {
     await demoRun(relay, browser);
@@ -227,7 +282,9 @@ async function bareRun(relay, browser, base, options) {
   page = await h.openPage(browser, base, { context });
   await page.waitForSelector("body[data-ready='true']", { timeout: 60_000 });
   const cdp = PROFILE ? await startProfile(context, page) : null;
+  const cpu0 = chromiumCpu();
   const r = await page.evaluate(([o, n, t, e]) => window.bench.catchup(o, n, t, e), [options, COUNT, TIMEOUT_MS, EVENTS]);
+  const cpu1 = chromiumCpu();
   const secs = r.totalMs / 1000;
   console.log(JSON.stringify(r));
   console.log(
@@ -236,6 +293,11 @@ async function bareRun(relay, browser, base, options) {
   console.log(
     `  open ${Math.round(r.openMs)} ms; IndexedDB read-write transactions: ${r.idbTransactions}, ${(r.idbBusyMs / 1000).toFixed(2)} s busy (${Math.round((100 * r.idbBusyMs) / r.totalMs)}% of the wall time)`,
   );
+  if (cpu0 && cpu1) {
+    console.log(
+      `  CPU: renderer main thread ${(cpu1.renderer - cpu0.renderer).toFixed(2)} s, all of Chromium ${(cpu1.all - cpu0.all).toFixed(2)} s (load average ${loadavg().map((l) => l.toFixed(2)).join(" ")})`,
+    );
+  }
   if (cdp) await printProfile(cdp);
   if (r.received < COUNT) {
     process.exitCode = 1;

@@ -28,7 +28,7 @@ const WASM_CRATES: &[&str] = &["hush-crypto", "hush-protocol", "hush-client"];
 
 /// Where the browser package is written (served by the demo, used by its tests).
 const WASM_PKG_DIR: &str = "web-demo/pkg";
-/// The cargo profile of the browser build (root Cargo.toml: opt-level "s", fat LTO).
+/// The cargo profile of the browser build (root Cargo.toml: opt-level 3, fat LTO).
 const WASM_PROFILE: &str = "wasm-release";
 /// Files copied verbatim from client-wasm/pkg-template/ into the package.
 const PKG_TEMPLATE_FILES: &[&str] = &["package.json", "README.md"];

@@ -28,9 +28,9 @@
 //! frames of a step are only ever sent on the connection it ran on.
 
 use super::convert::{self, Failure};
-use super::idb_store::{Commit, IdbStore};
+use super::idb_store::{self, Commit, IdbStore};
 use super::lock::StorageLock;
-use super::transport::{self, Connection, describe};
+use super::transport::{self, Connection, Incoming, describe};
 use crate::{Command, ConnectionState, Engine, EngineConfig, Event, Input, Reply, Step, StorageOp};
 use futures_channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use futures_channel::oneshot;
@@ -44,7 +44,6 @@ use std::rc::Rc;
 use wasm_bindgen::closure::Closure;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::spawn_local;
-use web_sys::ReadableStreamDefaultReader;
 
 /// The longest delay `setTimeout` accepts (2^31 − 1 ms, about 24.8 days).
 const MAX_TIMEOUT_MS: u64 = i32::MAX as u64;
@@ -82,10 +81,7 @@ pub(crate) enum Msg {
     /// An app command and where its answer goes.
     Command(Command, oneshot::Sender<CommandResult>),
     /// A connection attempt finished.
-    Dialed(
-        u64,
-        Result<(Connection, ReadableStreamDefaultReader), String>,
-    ),
+    Dialed(u64, Result<(Connection, Incoming), String>),
     /// A frame arrived on connection generation `g`.
     Frame(u64, Box<ServerFrame>),
     /// Connection generation `g` ended (reader finished, write failed, session closed).
@@ -266,7 +262,8 @@ pub(crate) struct Driver {
     /// Generation of the attempt in progress.
     dialing: Option<u64>,
     next_gen: u64,
-    timer: Option<Timeout>,
+    /// The armed timer and the time it fires at.
+    timer: Option<(Timeout, u64)>,
     timer_gen: u64,
     wake_at: Option<u64>,
     /// No dialing before this (after rebuilds).
@@ -516,6 +513,9 @@ impl Driver {
         if covered.is_empty() {
             return;
         }
+        if covered.len() > 1 {
+            batch = idb_store::last_writes(batch);
+        }
         match self.shared.store.begin(&batch) {
             Ok(Some(commit)) => {
                 self.inflight = Some(commit);
@@ -571,8 +571,7 @@ impl Driver {
     /// A durable step's outputs, in contract order: frames, events, reply,
     /// then the connection drop the engine asked for.
     fn perform(&mut self, owed: Owed) {
-        self.send_frames(owed.generation, &owed.early);
-        self.send_frames(owed.generation, &owed.frames);
+        self.send_frames(owed.generation, owed.early.iter().chain(&owed.frames));
         self.emit_events(&owed.events);
         if let Some(answer) = owed.answer {
             let _ = answer.send(Ok(owed.reply));
@@ -586,34 +585,41 @@ impl Driver {
     /// Queue frames on connection `generation`, if it is still the open
     /// one (after a loss the engine resends whatever needs it once
     /// connected again).
-    fn send_frames(&self, generation: Option<u64>, frames: &[ClientFrame]) {
-        if frames.is_empty() {
-            return;
-        }
+    fn send_frames<'a>(
+        &self,
+        generation: Option<u64>,
+        frames: impl IntoIterator<Item = &'a ClientFrame>,
+    ) {
         let Some((current, conn)) = &self.conn else {
             return;
         };
         if generation != Some(*current) {
             return;
         }
+        // One write for all of them: the frames are length-prefixed, so
+        // the stream carries the same bytes, and each write costs a call
+        // into the browser and a promise.
+        let mut bytes = Vec::new();
         for frame in frames {
             match encode_client_frame(frame) {
-                Ok(bytes) => {
-                    let written = conn.send(&bytes);
-                    let tx = self.tx.clone();
-                    let generation = *current;
-                    spawn_local(async move {
-                        if let Err(e) = wasm_bindgen_futures::JsFuture::from(written).await {
-                            let _ = tx.unbounded_send(Msg::Lost(
-                                generation,
-                                format!("write failed: {}", describe(&e)),
-                            ));
-                        }
-                    });
-                }
+                Ok(encoded) => bytes.extend_from_slice(&encoded),
                 Err(e) => self.warn(&format!("a frame could not be encoded: {e}")),
             }
         }
+        if bytes.is_empty() {
+            return;
+        }
+        let written = conn.send(&bytes);
+        let tx = self.tx.clone();
+        let generation = *current;
+        spawn_local(async move {
+            if let Err(e) = wasm_bindgen_futures::JsFuture::from(written).await {
+                let _ = tx.unbounded_send(Msg::Lost(
+                    generation,
+                    format!("write failed: {}", describe(&e)),
+                ));
+            }
+        });
     }
 
     fn emit_events(&self, events: &[Event]) {
@@ -716,15 +722,21 @@ impl Driver {
     /// One timer for the earlier of the engine's wake-up and the next dial.
     fn schedule(&mut self) {
         let at = [self.wake_at, self.dial_at()].into_iter().flatten().min();
+        // Most inputs leave the time unchanged (during a backlog sync every
+        // page would otherwise clear and set a browser timer).
+        if at.is_some() && self.timer.as_ref().map(|(_, t)| *t) == at {
+            return;
+        }
         self.timer = None; // cancels the previous one
         if let Some(at) = at {
             self.timer_gen += 1;
             let generation = self.timer_gen;
             let tx = self.tx.clone();
             let delay = at.saturating_sub(now_ms()).min(MAX_TIMEOUT_MS) as u32;
-            self.timer = Some(Timeout::new(delay, move || {
+            let timeout = Timeout::new(delay, move || {
                 let _ = tx.unbounded_send(Msg::Timer(generation));
-            }));
+            });
+            self.timer = Some((timeout, at));
         }
     }
 
@@ -760,11 +772,7 @@ impl Driver {
         });
     }
 
-    async fn on_dialed(
-        &mut self,
-        generation: u64,
-        result: Result<(Connection, ReadableStreamDefaultReader), String>,
-    ) {
+    async fn on_dialed(&mut self, generation: u64, result: Result<(Connection, Incoming), String>) {
         if self.dialing != Some(generation) {
             // Superseded (setOnline(false), a rebuild, close).
             if let Ok((conn, _)) = result {

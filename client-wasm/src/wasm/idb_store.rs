@@ -98,6 +98,33 @@ fn prefix_range(prefix: &[u8], before: Option<&[u8]>) -> Result<KeyRange, Storag
     .map_err(|e| backend("key range", e))
 }
 
+/// The batch of several steps committed together, without the engine-state
+/// writes a later step of the group overwrites.
+///
+/// Each step writes the records it changed (cursor, sessions, streams…), so
+/// a group of three pages writes most of them three times; IndexedDB charges
+/// per `put`, and inside one transaction only the last write of a key
+/// counts. Only `s/…` keys are coalesced: history writes come in the pairs
+/// the packer looks for and are never written twice.
+pub(crate) fn last_writes(batch: Vec<StorageOp>) -> Vec<StorageOp> {
+    let key_of = |op: &StorageOp| match op {
+        StorageOp::Put { key, .. } | StorageOp::Delete { key } => key.clone(),
+    };
+    let mut later = std::collections::HashSet::new();
+    let mut keep = vec![true; batch.len()];
+    for (i, op) in batch.iter().enumerate().rev() {
+        let key = key_of(op);
+        if key.starts_with(keys::STATE) && !later.insert(key) {
+            keep[i] = false;
+        }
+    }
+    batch
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(op, keep)| keep.then_some(op))
+        .collect()
+}
+
 /// An open client database.
 pub(crate) struct IdbStore {
     db: IdbDatabase,
