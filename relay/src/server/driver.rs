@@ -72,8 +72,9 @@ struct Conn {
     inbox: Option<watch::Receiver<u64>>,
     replaced: Option<oneshot::Receiver<()>>,
     /// The merged ack of the last `Pull`, applied after its page was sent
-    /// (at most one at a time, so a connection's acks apply in order).
-    ack_task: Option<tokio::task::JoinHandle<()>>,
+    /// (at most one at a time, so a connection's acks apply in order), and
+    /// the seq it acknowledges up to.
+    ack_task: Option<(u64, tokio::task::JoinHandle<()>)>,
 }
 
 /// Serve one connection until it ends; returns why it ended. The caller
@@ -244,7 +245,7 @@ impl Conn {
 
     /// Wait for the deferred ack in flight, if any.
     async fn finish_ack(&mut self) {
-        if let Some(task) = self.ack_task.take()
+        if let Some((_, task)) = self.ack_task.take()
             && let Err(e) = task.await
         {
             tracing::error!("ack task failed: {e}");
@@ -257,11 +258,12 @@ impl Conn {
     async fn start_ack(&mut self, ack: DeferredAck) {
         self.finish_ack().await;
         let shared = Arc::clone(&self.shared);
-        self.ack_task = Some(tokio::task::spawn_blocking(move || {
+        let task = tokio::task::spawn_blocking(move || {
             if let Err(e) = shared.core.apply_ack(ack) {
                 tracing::error!(device = %short_id(&ack.device), "deferred ack failed: {e}");
             }
-        }));
+        });
+        self.ack_task = Some((ack.up_to, task));
     }
 
     /// Run one request through the core. Requests that touch the store run
@@ -296,9 +298,19 @@ impl Conn {
             return (actions, None);
         }
         let is_pull = matches!(frame.request, Request::Pull { .. });
-        if !is_pull {
-            // Anything else sees the connection's earlier acks applied (a
-            // pull's page does not depend on them).
+        // A request sees the connection's earlier acks applied. The one
+        // exception is a pull that reads only above the ack in flight (the
+        // usual next page: its `after` or its own ack is at least that
+        // high), whose page cannot contain what that ack deletes, so it
+        // need not wait for the deletion.
+        let reads_above_pending = match (&frame.request, &self.ack_task) {
+            (Request::Pull { after, ack, .. }, Some((pending, _))) => {
+                (*after).max(*ack) >= *pending
+            }
+            (Request::Pull { .. }, None) => true,
+            _ => false,
+        };
+        if !reads_above_pending {
             self.finish_ack().await;
         }
         let started = Instant::now();
