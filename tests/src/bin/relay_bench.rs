@@ -214,6 +214,11 @@ async fn run() -> BenchResult<()> {
             pull.server_ms,
             pull.preload_secs
         );
+        println!(
+            "pull with merged acks, 3 pulls in flight (as the Hush client syncs): {:.0} envelopes/s ({:.2} s)",
+            pull.count as f64 / pull.pipelined_secs,
+            pull.pipelined_secs
+        );
     }
     Ok(())
 }
@@ -633,6 +638,8 @@ struct PullStats {
     server_ms: f64,
     /// Mean round trip of one merged-ack pull as the client sees it.
     client_ms: f64,
+    /// The same count drained with three merged-ack pulls in flight.
+    pipelined_secs: f64,
 }
 
 async fn pull_phase(dir: &Path, args: &Args) -> BenchResult<PullStats> {
@@ -643,25 +650,8 @@ async fn pull_phase(dir: &Path, args: &Args) -> BenchResult<PullStats> {
         .map(|i| DeviceIdentity::from_seed(41_000 + i as u64))
         .collect();
     let senders = register_all(target, &sender_ids).await?;
-    let per = args.pull_count / args.senders as u64;
-    let extra = args.pull_count % args.senders as u64;
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for (i, (dev, id)) in senders.into_iter().zip(&sender_ids).enumerate() {
-        let budget = per + u64::from((i as u64) < extra);
-        let factory = EnvelopeFactory::new(id, i as u16);
-        tasks.push(tokio::spawn(pipelined_sender(
-            dev,
-            factory,
-            vec![reader_id.device()],
-            None,
-            budget,
-        )));
-    }
-    let mut stored = 0;
-    for t in tasks {
-        stored += t.await??;
-    }
+    let stored = preload(senders, &sender_ids, reader_id.device(), args).await?;
     let preload_secs = start.elapsed().as_secs_f64();
     if stored != args.pull_count {
         return Err(format!("preloaded {stored} of {}", args.pull_count).into());
@@ -712,6 +702,23 @@ async fn pull_phase(dir: &Path, args: &Args) -> BenchResult<PullStats> {
     if got != stored {
         return Err(format!("acking pull got {got} of {stored}").into());
     }
+
+    // Pipelined pass: refill (with the reader offline, so nothing is
+    // pushed to it), then a new connection drains with three merged-ack
+    // pulls in flight.
+    drop(dev);
+    let mut senders = Vec::with_capacity(sender_ids.len());
+    for id in &sender_ids {
+        senders.push(TestDevice::login(id, target).await?);
+    }
+    let refilled = preload(senders, &sender_ids, reader_id.device(), args).await?;
+    let mut dev = TestDevice::login(&reader_id, target).await?;
+    let start = Instant::now();
+    let got = pipelined_drain(&mut dev, after, 3).await?;
+    let pipelined_secs = start.elapsed().as_secs_f64();
+    if got != refilled {
+        return Err(format!("pipelined pull got {got} of {refilled}").into());
+    }
     drop(dev);
     relay.shutdown().await?;
     Ok(PullStats {
@@ -721,7 +728,91 @@ async fn pull_phase(dir: &Path, args: &Args) -> BenchResult<PullStats> {
         ack_secs,
         server_ms,
         client_ms,
+        pipelined_secs,
     })
+}
+
+/// Store `args.pull_count` envelopes for `reader` from `senders`; returns how
+/// many were stored.
+async fn preload(
+    senders: Vec<TestDevice>,
+    sender_ids: &[DeviceIdentity],
+    reader: DeviceId,
+    args: &Args,
+) -> BenchResult<u64> {
+    let per = args.pull_count / args.senders as u64;
+    let extra = args.pull_count % args.senders as u64;
+    let mut tasks = Vec::new();
+    for (i, (dev, id)) in senders.into_iter().zip(sender_ids).enumerate() {
+        let budget = per + u64::from((i as u64) < extra);
+        let factory = EnvelopeFactory::new(id, i as u16);
+        tasks.push(tokio::spawn(pipelined_sender(
+            dev,
+            factory,
+            vec![reader],
+            None,
+            budget,
+        )));
+    }
+    let mut stored = 0;
+    for t in tasks {
+        stored += t.await??;
+    }
+    Ok(stored)
+}
+
+/// Drain the inbox after `after` with `depth` merged-ack pulls in flight,
+/// as the Hush client does during a backlog sync (relay seqs of an inbox are
+/// contiguous, so the next pages' starts are known); returns the envelopes
+/// received. Fails if a page is not the contiguous continuation.
+async fn pipelined_drain(dev: &mut TestDevice, mut after: u64, depth: usize) -> BenchResult<u64> {
+    use hush_protocol::{Response, ServerFrame};
+    let mut in_flight: std::collections::VecDeque<(u32, u64)> = Default::default();
+    let id = dev
+        .write_request(Request::Pull {
+            after,
+            limit: 200,
+            ack: after,
+        })
+        .await?;
+    in_flight.push_back((id, after));
+    let mut frontier = after + 200;
+    let mut got = 0u64;
+    while let Some((want, asked)) = in_flight.pop_front() {
+        let page = match dev.next_frame(Duration::from_secs(30)).await? {
+            ServerFrame::Response {
+                request_id,
+                response: Response::Page(page),
+            } if request_id == want => page,
+            ServerFrame::Push { envelopes } => {
+                return Err(format!("{} envelopes pushed during a pull", envelopes.len()).into());
+            }
+            _ => return Err("unexpected frame during a pull".into()),
+        };
+        if asked != after {
+            return Err(format!("page for {asked} arrived at cursor {after}").into());
+        }
+        for d in &page.envelopes {
+            if d.seq != after + 1 {
+                return Err(format!("seq {} after {after}", d.seq).into());
+            }
+            after = d.seq;
+        }
+        got += page.envelopes.len() as u64;
+        let end = after + page.remaining;
+        while in_flight.len() < depth && frontier < end {
+            let id = dev
+                .write_request(Request::Pull {
+                    after: frontier,
+                    limit: 200,
+                    ack: after,
+                })
+                .await?;
+            in_flight.push_back((id, frontier));
+            frontier += 200;
+        }
+    }
+    Ok(got)
 }
 
 /// The store's commit alone (no network, no other threads): what one group
