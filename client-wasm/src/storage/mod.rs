@@ -141,12 +141,59 @@ pub struct HistoryEntry {
 }
 
 /// A message position found while paging: from a pack (with its record)
-/// or from an order record written one per key.
-struct Slot {
-    order: u64,
-    id: MessageId,
+/// or from an order record written one per key. The position-finding steps
+/// below are shared with the browser's asynchronous history reader; only
+/// the scans differ.
+pub(crate) struct Slot {
+    pub(crate) order: u64,
+    pub(crate) id: MessageId,
     /// The encoded record when it came from a pack.
-    packed: Option<Vec<u8>>,
+    pub(crate) packed: Option<Vec<u8>>,
+}
+
+/// Positions from per-key order records (`h/order/…` rows).
+pub(crate) fn order_slots(rows: Vec<Record>) -> Result<Vec<Slot>, StorageError> {
+    rows.into_iter()
+        .map(|(k, v)| {
+            let order = keys::order_of(&k).ok_or_else(|| StorageError::Corrupt {
+                key: keys::printable(&k),
+            })?;
+            Ok(Slot {
+                order,
+                id: decode(&k, &v)?,
+                packed: None,
+            })
+        })
+        .collect()
+}
+
+/// Add the positions of one pack that lie strictly below `before` to
+/// `slots`, newest first; returns how many were added.
+pub(crate) fn pack_slots(
+    key: &[u8],
+    value: &[u8],
+    before: Option<u64>,
+    slots: &mut Vec<Slot>,
+) -> Result<usize, StorageError> {
+    let mut added = 0;
+    for e in pack::unpack(key, value)?.into_iter().rev() {
+        if before.is_none_or(|b| e.order < b) {
+            added += 1;
+            slots.push(Slot {
+                order: e.order,
+                id: e.id,
+                packed: Some(e.record.to_vec()),
+            });
+        }
+    }
+    Ok(added)
+}
+
+/// The newest `want` of the merged positions, newest first.
+pub(crate) fn newest_slots(mut slots: Vec<Slot>, want: usize) -> Vec<Slot> {
+    slots.sort_unstable_by_key(|s| std::cmp::Reverse(s.order));
+    slots.truncate(want);
+    slots
 }
 
 /// Up to `want` positions of a conversation strictly below `before`,
@@ -157,19 +204,9 @@ fn positions<S: Storage + ?Sized>(
     before: Option<u64>,
     want: usize,
 ) -> Result<Vec<Slot>, StorageError> {
-    let mut slots = Vec::new();
     let prefix = keys::history_order_prefix(conversation);
     let cursor = before.map(|o| keys::history_order(conversation, o));
-    for (k, v) in storage.scan_back(&prefix, cursor.as_deref(), want)? {
-        let order = keys::order_of(&k).ok_or_else(|| StorageError::Corrupt {
-            key: keys::printable(&k),
-        })?;
-        slots.push(Slot {
-            order,
-            id: decode(&k, &v)?,
-            packed: None,
-        });
-    }
+    let mut slots = order_slots(storage.scan_back(&prefix, cursor.as_deref(), want)?)?;
     // Packs cover disjoint, ascending order ranges: walk them backwards
     // until `want` positions below `before` are found.
     let pack_prefix = pack::pack_prefix(conversation);
@@ -180,21 +217,10 @@ fn positions<S: Storage + ?Sized>(
         let Some((k, v)) = rows.into_iter().next() else {
             break;
         };
-        for e in pack::unpack(&k, &v)?.into_iter().rev() {
-            if before.is_none_or(|b| e.order < b) {
-                from_packs += 1;
-                slots.push(Slot {
-                    order: e.order,
-                    id: e.id,
-                    packed: Some(e.record.to_vec()),
-                });
-            }
-        }
+        from_packs += pack_slots(&k, &v, before, &mut slots)?;
         pack_cursor = Some(k);
     }
-    slots.sort_unstable_by_key(|s| std::cmp::Reverse(s.order));
-    slots.truncate(want);
-    Ok(slots)
+    Ok(newest_slots(slots, want))
 }
 
 /// Page backwards through a conversation's history: up to `limit` messages

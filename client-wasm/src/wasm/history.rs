@@ -13,14 +13,10 @@
 use super::idb_store::{IdbStore, Reader};
 use crate::StorageError;
 use crate::state::{HistoryRecord, MessageState};
-use crate::storage::{HistoryEntry, decode, keys, pack};
+use crate::storage::{
+    HistoryEntry, Slot, decode, keys, newest_slots, order_slots, pack, pack_slots,
+};
 use hush_protocol::{ConversationId, DeviceId, MessageId};
-
-/// The order number at the end of an order key.
-fn order_of(key: &[u8]) -> Option<u64> {
-    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
-    Some(u64::from_be_bytes(tail))
-}
 
 /// Up to `limit` messages delivered before position `before` (or the newest
 /// ones), oldest first; deleted and recalled messages are left out.
@@ -36,38 +32,19 @@ pub(crate) async fn page(
     Ok(out)
 }
 
-/// A message position found while paging: from a pack (with its record)
-/// or from a record written one per key.
-struct Slot {
-    order: u64,
-    id: MessageId,
-    /// The encoded record when it came from a pack.
-    packed: Option<Vec<u8>>,
-}
-
 /// Up to `want` positions of a conversation strictly below `before`,
-/// newest first, merged from packs and per-key order records.
+/// newest first, merged from packs and per-key order records (the steps
+/// of [`crate::storage::history`], over asynchronous scans).
 async fn positions(
     reader: &Reader,
     conversation: &ConversationId,
     before: Option<u64>,
     want: usize,
 ) -> Result<Vec<Slot>, StorageError> {
-    let mut slots = Vec::new();
     // Per-key order records (written before history was packed).
     let prefix = keys::history_order_prefix(conversation);
     let cursor = before.map(|o| keys::history_order(conversation, o));
-    for (k, v) in reader.scan_back(&prefix, cursor.as_deref(), want).await? {
-        let order = order_of(&k).ok_or_else(|| StorageError::Corrupt {
-            key: keys::printable(&k),
-        })?;
-        let id: MessageId = decode(&k, &v)?;
-        slots.push(Slot {
-            order,
-            id,
-            packed: None,
-        });
-    }
+    let mut slots = order_slots(reader.scan_back(&prefix, cursor.as_deref(), want).await?)?;
     // Packs cover disjoint, ascending order ranges: walk them backwards
     // until `want` positions below `before` are found.
     let pack_prefix = pack::pack_prefix(conversation);
@@ -80,21 +57,10 @@ async fn positions(
         let Some((k, v)) = rows.into_iter().next() else {
             break;
         };
-        for e in pack::unpack(&k, &v)?.into_iter().rev() {
-            if before.is_none_or(|b| e.order < b) {
-                from_packs += 1;
-                slots.push(Slot {
-                    order: e.order,
-                    id: e.id,
-                    packed: Some(e.record.to_vec()),
-                });
-            }
-        }
+        from_packs += pack_slots(&k, &v, before, &mut slots)?;
         pack_cursor = Some(k);
     }
-    slots.sort_unstable_by_key(|s| std::cmp::Reverse(s.order));
-    slots.truncate(want);
-    Ok(slots)
+    Ok(newest_slots(slots, want))
 }
 
 /// [`page`] inside an open reader, newest first.
