@@ -87,7 +87,10 @@ impl<'a> Reader<'a> {
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N], StoreError> {
         let end = self.pos + N;
-        let slice = self.bytes.get(self.pos..end).ok_or(corrupt(self.what))?;
+        let slice = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or_else(|| corrupt(self.what))?;
         let mut out = [0u8; N];
         out.copy_from_slice(slice);
         self.pos = end;

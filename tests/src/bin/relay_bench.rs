@@ -22,7 +22,8 @@
 //!    page): envelopes/s;
 //! 5. (`--phases store`, not run by default) the store alone, no network:
 //!    `RedbStore::commit` of 4096-envelope batches (the ingest phase's group
-//!    size) and of 16-envelope batches (the latency phase's), with the
+//!    size), of 16-envelope batches spread over 16 inboxes, and of
+//!    8-envelope batches into one inbox (the latency phase's shape), with the
 //!    distribution of the durable commit's duration and the committing
 //!    thread's CPU time per envelope (envelope bodies go to the store's
 //!    segment files, the index to redb); then reading everything back with
@@ -848,7 +849,9 @@ fn store_phase(dir: &Path, args: &Args) -> BenchResult<()> {
         store.register_device(&reg, 0)?;
     }
     let mut counter = 0u64;
-    let mut make_batch = |n: usize| -> Vec<NewEnvelope> {
+    // `one_inbox`: every envelope of the batch goes to the first recipient,
+    // as in the latency phase (many senders, one reader).
+    let mut make_batch = |n: usize, one_inbox: bool| -> Vec<NewEnvelope> {
         (0..n)
             .map(|_| {
                 counter += 1;
@@ -858,7 +861,11 @@ fn store_phase(dir: &Path, args: &Args) -> BenchResult<()> {
                 let mut random = [0u8; 10];
                 random[2..].copy_from_slice(&counter.to_be_bytes());
                 NewEnvelope {
-                    recipient: recipients[(counter as usize) % recipients.len()],
+                    recipient: if one_inbox {
+                        recipients[0]
+                    } else {
+                        recipients[(counter as usize) % recipients.len()]
+                    },
                     sender: DeviceId(sender),
                     message_id: MessageId::new(1_700_000_000_000 + counter, random),
                     conversation: ConversationId([4; 16]),
@@ -870,11 +877,12 @@ fn store_phase(dir: &Path, args: &Args) -> BenchResult<()> {
             .collect()
     };
     let quick = args.pull_count < 100_000;
-    for (size, rounds) in [
-        (4096usize, if quick { 8 } else { 40 }),
-        (16, if quick { 300 } else { 2000 }),
+    for (size, one_inbox, rounds) in [
+        (4096usize, false, if quick { 8 } else { 40 }),
+        (16, false, if quick { 300 } else { 2000 }),
+        (8, true, if quick { 300 } else { 4000 }),
     ] {
-        let batches: Vec<_> = (0..rounds).map(|_| make_batch(size)).collect();
+        let batches: Vec<_> = (0..rounds).map(|_| make_batch(size, one_inbox)).collect();
         let mut times = Vec::with_capacity(rounds);
         let cpu_before = thread_cpu_ns();
         let io_before = process_write_bytes();
@@ -898,9 +906,10 @@ fn store_phase(dir: &Path, args: &Args) -> BenchResult<()> {
         });
         let written = written.map_or("n/a".to_string(), |b| format!("{:.0}", b as f64 / n));
         println!(
-            "store: {size}-envelope batches: {:.0} envelopes/s, {:.2} µs/envelope ({cpu} µs CPU, \
+            "store: {size}-envelope batches{}: {:.0} envelopes/s, {:.2} µs/envelope ({cpu} µs CPU, \
              {written} bytes written); commit p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms \
              ({rounds} commits)",
+            if one_inbox { " to one inbox" } else { "" },
             n / secs,
             secs * 1e6 / n,
             percentile(&times, 0.5),
