@@ -26,6 +26,8 @@
 //!   has a bound and names what it waited for.
 //! - [`rng`] — a small seeded generator so randomised tests can print and
 //!   replay their seed.
+//! - [`host`] — CPU steal and disk pressure over a benchmark run, printed
+//!   beside its numbers.
 //!
 //! Nothing here panics on network or process input: failures are
 //! [`HarnessError`]s, and tests decide what to assert.
@@ -37,6 +39,7 @@ pub mod chaos;
 pub mod cli;
 pub mod device;
 pub mod envelopes;
+pub mod host;
 pub mod identity;
 pub mod process;
 pub mod rng;

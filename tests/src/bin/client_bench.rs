@@ -28,6 +28,7 @@ use hush_cli::driver::{Batch, Discard, Driver, Outcome, Sink, cli_engine_config,
 use hush_cli::{CertCheck, CliError, RelayTarget};
 use hush_client::{Command, ContactCode, Engine, Event, FileStorage, LinkCode, Reply};
 use hush_relay::{Config, RelayHandle, SystemClock};
+use hush_tests::host::{HostSample, since};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -280,6 +281,7 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
         );
         tokio::time::sleep(Duration::from_secs(args.pause as u64)).await;
     }
+    let host = HostSample::now();
     let started = Instant::now();
     let catch_up_cfg = hush_client::EngineConfig {
         pull_depth: args.pull_depth,
@@ -307,6 +309,7 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
         )
         .await?;
     let catch_secs = started.elapsed().as_secs_f64();
+    let host = since(host);
     if outcome != Outcome::Done {
         return Err(bench_err("catch-up did not finish"));
     }
@@ -340,6 +343,7 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
             - st.commit_wait.as_secs_f64()
             - st.write.as_secs_f64()
     );
+    println!("{host}");
     if stored != total {
         return Err(bench_err(format!(
             "history holds {stored} of {total} messages"

@@ -36,6 +36,7 @@ use hush_protocol::{
     encode_client_frame,
 };
 use hush_relay::{Config, RelayHandle, SystemClock};
+use hush_tests::host::{HostSample, since};
 use hush_tests::{DeviceIdentity, RelayTarget, TestDevice, conversation, make_envelope_sized};
 use std::collections::HashMap;
 use std::error::Error;
@@ -164,7 +165,9 @@ async fn run() -> BenchResult<()> {
             "\n## 2. durable ingest, {} senders, 1 KiB envelopes",
             args.senders
         );
+        let host = HostSample::now();
         let ingest = ingest_phase(&root.join("ingest"), &args).await?;
+        let host = since(host);
         println!(
             "ingest: {:.0} envelopes/s ({} stored in {:.2} s), mean commit batch {:.1} envelopes \
              ({} commits, mean commit {:.2} ms = {:.1} µs/envelope; commit writer busy {:.0}% of the run)",
@@ -177,10 +180,13 @@ async fn run() -> BenchResult<()> {
             ingest.mean_commit_ms * 1000.0 / ingest.mean_batch.max(1.0),
             ingest.mean_commit_ms * ingest.commits as f64 / 10.0 / ingest.secs
         );
+        println!("{host}");
     }
     if args.runs("latency") {
         println!("\n## 3. ack latency at {}/s offered", args.latency_rate);
+        let host = HostSample::now();
         let lat = latency_phase(&root.join("latency"), &args).await?;
+        let host = since(host);
         println!(
             "latency: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms over {} sends \
              (achieved {:.0}/s; mean commit batch {:.1}, mean commit {:.3} ms)",
@@ -193,16 +199,21 @@ async fn run() -> BenchResult<()> {
             lat.mean_batch,
             lat.mean_commit_ms
         );
+        println!("{host}");
     }
     if args.runs("store") {
+        let host = HostSample::now();
         store_phase(&root.join("store"), &args)?;
+        println!("{}", since(host));
     }
     if args.runs("pull") {
         println!(
             "\n## 4. pull of {} stored envelopes by one device",
             args.pull_count
         );
+        let host = HostSample::now();
         let pull = pull_phase(&root.join("pull"), &args).await?;
+        let host = since(host);
         println!(
             "pull read-only: {:.0} envelopes/s ({:.2} s); pull with merged acks: {:.0} envelopes/s \
              ({:.2} s; per page: {:.2} ms round trip, {:.2} ms in the relay's read, the ack follows the reply); \
@@ -220,6 +231,7 @@ async fn run() -> BenchResult<()> {
             pull.count as f64 / pull.pipelined_secs,
             pull.pipelined_secs
         );
+        println!("{host}");
     }
     Ok(())
 }

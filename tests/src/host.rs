@@ -1,0 +1,114 @@
+//! What the host did to a benchmark: CPU time stolen by the hypervisor and
+//! the disk's I/O pressure over a measured interval (Linux only).
+//!
+//! On a shared 2-core virtual machine another tenant can take a third of
+//! the CPU or saturate the disk, and every latency number moves with it.
+//! The benchmarks print this next to their results so a reader can tell a
+//! slow build from a busy host; it is a reading, never a correction.
+
+/// CPU tick counters (`/proc/stat`, first line) and the I/O pressure stall
+/// total (`/proc/pressure/io`, microseconds) at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct HostSample {
+    /// user, nice, system, idle, iowait, irq, softirq, steal.
+    ticks: [u64; 8],
+    /// Microseconds in which some task waited for I/O, since boot.
+    io_stall_us: Option<u64>,
+    at: std::time::Instant,
+}
+
+impl HostSample {
+    /// Read the counters now; `None` where `/proc/stat` is unavailable.
+    pub fn now() -> Option<HostSample> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+        let mut ticks = [0u64; 8];
+        for (slot, field) in ticks.iter_mut().zip(cpu.split_whitespace()) {
+            *slot = field.parse().ok()?;
+        }
+        let io_stall_us = std::fs::read_to_string("/proc/pressure/io")
+            .ok()
+            .and_then(|psi| {
+                psi.lines()
+                    .find_map(|l| l.strip_prefix("some "))?
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix("total="))?
+                    .parse()
+                    .ok()
+            });
+        Some(HostSample {
+            ticks,
+            io_stall_us,
+            at: std::time::Instant::now(),
+        })
+    }
+
+    /// What happened between `self` and `later`: steal and I/O wait as
+    /// shares of all CPU time, and the share of wall time in which some task
+    /// (ours included) waited for the disk.
+    pub fn until(&self, later: &HostSample) -> String {
+        let d: Vec<u64> = later
+            .ticks
+            .iter()
+            .zip(&self.ticks)
+            .map(|(b, a)| b.saturating_sub(*a))
+            .collect();
+        let total: u64 = d.iter().sum();
+        let share = |i: usize| {
+            if total == 0 {
+                0.0
+            } else {
+                100.0 * d[i] as f64 / total as f64
+            }
+        };
+        let wall_us = later.at.duration_since(self.at).as_micros().max(1) as f64;
+        let io = match (self.io_stall_us, later.io_stall_us) {
+            (Some(a), Some(b)) => {
+                format!(
+                    ", I/O pressure {:.0}%",
+                    100.0 * b.saturating_sub(a) as f64 / wall_us
+                )
+            }
+            _ => String::new(),
+        };
+        format!(
+            "host: CPU steal {:.0}%, iowait {:.0}%{io}",
+            share(7),
+            share(4)
+        )
+    }
+}
+
+/// `HostSample::now()` again, described relative to `start` (empty where
+/// the counters are unavailable).
+pub fn since(start: Option<HostSample>) -> String {
+    match (start, HostSample::now()) {
+        (Some(a), Some(b)) => a.until(&b),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_come_from_the_counter_deltas() {
+        let at = std::time::Instant::now();
+        let a = HostSample {
+            ticks: [100, 0, 50, 800, 10, 0, 0, 40],
+            io_stall_us: Some(1_000),
+            at,
+        };
+        let b = HostSample {
+            ticks: [160, 0, 70, 880, 30, 0, 0, 60],
+            io_stall_us: Some(1_000 + 250_000),
+            at: at + std::time::Duration::from_secs(1),
+        };
+        // Deltas: user 60, system 20, idle 80, iowait 20, steal 20 of 200.
+        assert_eq!(
+            a.until(&b),
+            "host: CPU steal 10%, iowait 10%, I/O pressure 25%"
+        );
+    }
+}
