@@ -133,10 +133,21 @@ function chromiumCpu() {
         renderer += Number(t.split(" ")[0]) / 1e9;
       }
     }
-    return { all, renderer };
+    // The whole machine's CPU ticks: the hypervisor's steal share says how
+    // much of the CPU another tenant took meanwhile.
+    const ticks = readFileSync("/proc/stat", "utf8").split("\n")[0].trim().split(/\s+/).slice(1).map(Number);
+    return { all, renderer, ticks };
   } catch {
     return null;
   }
+}
+
+/** The CPU line printed after a catch-up, from two `chromiumCpu()` readings. */
+function cpuLine(thread, cpu0, cpu1) {
+  const d = cpu1.ticks.map((t, i) => t - (cpu0.ticks[i] ?? 0));
+  const total = d.reduce((a, b) => a + b, 0) || 1;
+  const steal = Math.round((100 * (d[7] ?? 0)) / total);
+  return `  CPU: renderer ${thread} ${(cpu1.renderer - cpu0.renderer).toFixed(2)} s, all of Chromium ${(cpu1.all - cpu0.all).toFixed(2)} s (host: CPU steal ${steal}%, load average ${loadavg().map((l) => l.toFixed(2)).join(" ")})`;
 }
 
 /** Self time per function (ms) from a DevTools CPU profile, largest first. */
@@ -230,9 +241,7 @@ async function demoRun(relay, browser) {
     `demo page catch-up: ${COUNT} messages × 1 KiB synced (progress done) in ${secs.toFixed(2)} s from page load = ${Math.round(COUNT / secs)} msg/s (${shown} rendered)`,
   );
   if (cpu0 && cpu1) {
-    console.log(
-      `  CPU: renderer main threads ${(cpu1.renderer - cpu0.renderer).toFixed(2)} s, all of Chromium ${(cpu1.all - cpu0.all).toFixed(2)} s (load average ${loadavg().map((l) => l.toFixed(2)).join(" ")})`,
-    );
+    console.log(cpuLine("main threads", cpu0, cpu1));
   }
   console.log(`  counters: ${JSON.stringify(await page.evaluate(() => window.hushDemo.client.counters()))}`);
   if (cdp) await printProfile(cdp);
@@ -294,9 +303,7 @@ async function bareRun(relay, browser, base, options) {
     `  open ${Math.round(r.openMs)} ms; IndexedDB read-write transactions: ${r.idbTransactions}, ${(r.idbBusyMs / 1000).toFixed(2)} s busy (${Math.round((100 * r.idbBusyMs) / r.totalMs)}% of the wall time)`,
   );
   if (cpu0 && cpu1) {
-    console.log(
-      `  CPU: renderer main thread ${(cpu1.renderer - cpu0.renderer).toFixed(2)} s, all of Chromium ${(cpu1.all - cpu0.all).toFixed(2)} s (load average ${loadavg().map((l) => l.toFixed(2)).join(" ")})`,
-    );
+    console.log(cpuLine("main thread", cpu0, cpu1));
   }
   if (cdp) await printProfile(cdp);
   if (r.received < COUNT) {
