@@ -110,6 +110,17 @@ impl Histogram {
         f64::from_bits(self.sum.load(Ordering::Relaxed))
     }
 
+    /// Observations at most `bound`, counted from the buckets whose upper
+    /// bound is at most `bound` (so exact only at a bucket bound).
+    pub fn count_at_most(&self, bound: f64) -> u64 {
+        self.bounds
+            .iter()
+            .zip(&self.buckets)
+            .take_while(|(b, _)| **b <= bound)
+            .map(|(_, c)| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} histogram");
@@ -331,6 +342,10 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_sum 55.5\n"), "{out}");
         assert!(out.contains("x_count 3\n"), "{out}");
+        assert_eq!(h.count_at_most(0.1), 0);
+        assert_eq!(h.count_at_most(1.0), 1);
+        assert_eq!(h.count_at_most(10.0), 2);
+        assert_eq!(h.count_at_most(100.0), 2, "+Inf is not a bound");
     }
 
     #[test]

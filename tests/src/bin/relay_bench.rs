@@ -189,7 +189,8 @@ async fn run() -> BenchResult<()> {
         let host = since(host);
         println!(
             "latency: p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms over {} sends \
-             (achieved {:.0}/s; mean commit batch {:.1}, mean commit {:.3} ms)",
+             (achieved {:.0}/s; mean commit batch {:.1}, mean commit {:.3} ms; commits within \
+             0.5 / 1 / 2.5 ms: {:.0}% / {:.0}% / {:.1}%)",
             lat.p50_ms,
             lat.p99_ms,
             lat.p999_ms,
@@ -197,7 +198,10 @@ async fn run() -> BenchResult<()> {
             lat.samples,
             lat.achieved_rate,
             lat.mean_batch,
-            lat.mean_commit_ms
+            lat.mean_commit_ms,
+            lat.commit_shares[0],
+            lat.commit_shares[1],
+            lat.commit_shares[2]
         );
         println!("{host}");
     }
@@ -472,6 +476,10 @@ async fn ingest_phase(dir: &Path, args: &Args) -> BenchResult<IngestStats> {
     })
 }
 
+/// Commit durations (s) the latency phase reports the share of commits
+/// within; bounds of the relay's commit latency histogram.
+const COMMIT_BOUNDS: [f64; 3] = [0.0005, 0.001, 0.0025];
+
 struct LatencyStats {
     p50_ms: f64,
     p99_ms: f64,
@@ -481,6 +489,10 @@ struct LatencyStats {
     achieved_rate: f64,
     mean_batch: f64,
     mean_commit_ms: f64,
+    /// Shares of the measured commits that took at most 0.5, 1 and 2.5 ms
+    /// (the metrics histogram's bounds): whether the tail of the ack
+    /// latency is the commit's own tail or time outside it.
+    commit_shares: [f64; 3],
 }
 
 /// CPU time this thread has used, in ns (Linux `schedstat`; `None`
@@ -565,6 +577,7 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
     let mut batches_before = 0;
     let mut sum_before = 0.0;
     let mut commit_time_before = 0.0;
+    let mut commits_at_most_before = [0u64; 3];
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sent = 0u64;
@@ -582,6 +595,9 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
             batches_before = metrics.commit_batch_size.count();
             sum_before = metrics.commit_batch_size.sum();
             commit_time_before = metrics.commit_latency_seconds.sum();
+            for (slot, bound) in commits_at_most_before.iter_mut().zip(COMMIT_BOUNDS) {
+                *slot = metrics.commit_latency_seconds.count_at_most(bound);
+            }
         }
         let due = (elapsed.as_secs_f64() * args.latency_rate as f64) as u64;
         while sent < due {
@@ -613,6 +629,15 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
     let mean_batch = (metrics.commit_batch_size.sum() - sum_before) / commits.max(1) as f64;
     let mean_commit_ms = (metrics.commit_latency_seconds.sum() - commit_time_before) * 1000.0
         / commits.max(1) as f64;
+    let mut commit_shares = [0.0; 3];
+    for ((share, bound), before) in commit_shares
+        .iter_mut()
+        .zip(COMMIT_BOUNDS)
+        .zip(commits_at_most_before)
+    {
+        let n = metrics.commit_latency_seconds.count_at_most(bound) - before;
+        *share = 100.0 * n as f64 / commits.max(1) as f64;
+    }
     for r in readers {
         r.abort();
     }
@@ -638,6 +663,7 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
         achieved_rate: measured_sent as f64 / args.latency.as_secs_f64(),
         mean_batch,
         mean_commit_ms,
+        commit_shares,
     })
 }
 
