@@ -12,7 +12,7 @@
 //! the authentication deadline and shutdown.
 
 use super::Shared;
-use super::writer::{CommitRequest, CommitResult};
+use super::writer::{CommitRequest, CommitResult, WriterMsg};
 use crate::core::{Action, DeferredAck, SendTicket, Session, short_id};
 use crate::store::StoreError;
 use hush_protocol::{ClientFrame, DeviceId, ErrorCode, FrameBuffer, Request, ServerFrame};
@@ -387,9 +387,10 @@ impl Conn {
                         envelopes: pending.envelopes,
                         reply: tx,
                     };
-                    if let Err(refused) = self.shared.commits.send(request).await {
+                    if let Err(tokio::sync::mpsc::error::SendError(WriterMsg::Commit(refused))) =
+                        self.shared.commits.send(WriterMsg::Commit(request)).await
+                    {
                         let _ = refused
-                            .0
                             .reply
                             .send(Err(StoreError::Backend("relay is shutting down".into())));
                     }

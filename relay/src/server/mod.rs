@@ -29,7 +29,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 /// File name of the database inside the data directory.
@@ -42,7 +42,7 @@ pub(crate) struct Shared {
     pub(crate) core: RelayCore<dyn Store>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) hub: Arc<DeviceHub>,
-    pub(crate) commits: mpsc::Sender<writer::CommitRequest>,
+    pub(crate) commits: mpsc::Sender<writer::WriterMsg>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) next_conn_id: AtomicU64,
@@ -73,7 +73,6 @@ pub struct RelayHandle {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     shutdown_tx: watch::Sender<bool>,
-    writer_stop: oneshot::Sender<()>,
     accept_task: JoinHandle<()>,
     writer_task: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
@@ -209,7 +208,6 @@ impl RelayHandle {
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (commit_tx, commit_rx) = mpsc::channel(writer::QUEUE_DEPTH);
-        let (writer_stop, writer_stop_rx) = oneshot::channel();
         let hub = Arc::new(DeviceHub::default());
         let shared = Arc::new(Shared {
             core,
@@ -221,13 +219,9 @@ impl RelayHandle {
             next_conn_id: AtomicU64::new(1),
         });
 
-        let writer_task = tokio::spawn(writer::run(
-            commit_rx,
-            writer_stop_rx,
-            Arc::clone(&store),
-            hub,
-            Arc::clone(&metrics),
-        ));
+        let writer_task =
+            writer::start(commit_rx, Arc::clone(&store), hub, Arc::clone(&metrics))
+                .map_err(|e| RelayError::Internal(format!("starting the commit writer: {e}")))?;
         let accept_task = tokio::spawn(quic::accept_loop(
             endpoint.clone(),
             Arc::clone(&shared),
@@ -287,7 +281,6 @@ impl RelayHandle {
             shared,
             endpoint,
             shutdown_tx,
-            writer_stop,
             accept_task,
             writer_task,
             background,
@@ -345,7 +338,7 @@ impl RelayHandle {
             tracing::warn!("accept loop ended abnormally: {e}");
         }
         // Then the writer commits whatever is still queued and stops.
-        let _ = self.writer_stop.send(());
+        let _ = self.shared.commits.send(writer::WriterMsg::Stop).await;
         if let Err(e) = self.writer_task.await {
             tracing::warn!("commit writer ended abnormally: {e}");
         }
