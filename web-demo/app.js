@@ -413,6 +413,13 @@ function renderProgress() {
     $("sync-text").textContent = `syncing ${done} of ${total}`;
     show(bar, true);
   } else {
+    if (bar.hidden && total > 0) {
+      // The whole backlog drained between two frames (a fast sync, or a
+      // page busy decrypting it): no "syncing" step was drawn, but the
+      // user is still told what arrived.
+      bar.dataset.phase = "syncing";
+      show(bar, true);
+    }
     finishProgress();
   }
 }
