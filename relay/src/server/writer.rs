@@ -71,7 +71,7 @@ pub fn start(
     std::thread::Builder::new()
         .name("hush-writer".into())
         .spawn(move || {
-            run(rx, &store, &hub, &metrics);
+            run(rx, store.as_ref(), &hub, &metrics);
             let _ = done_tx.send(());
         })?;
     // A panicking thread drops `done_tx`, which ends the wait as well.
@@ -81,12 +81,7 @@ pub fn start(
 }
 
 /// The writer thread's loop.
-fn run(
-    mut rx: mpsc::Receiver<WriterMsg>,
-    store: &Arc<dyn Store>,
-    hub: &DeviceHub,
-    metrics: &Metrics,
-) {
+fn run(mut rx: mpsc::Receiver<WriterMsg>, store: &dyn Store, hub: &DeviceHub, metrics: &Metrics) {
     while let Some(msg) = rx.blocking_recv() {
         let first = match msg {
             WriterMsg::Commit(r) => r,
@@ -116,7 +111,7 @@ fn run(
 fn commit_group(
     group: Vec<CommitRequest>,
     count: usize,
-    store: &Arc<dyn Store>,
+    store: &dyn Store,
     hub: &DeviceHub,
     metrics: &Metrics,
 ) {
