@@ -12,6 +12,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use tracing_subscriber::EnvFilter;
 
+#[global_allocator]
+static ALLOC: hush_relay::Allocator = hush_relay::Allocator;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()

@@ -88,6 +88,63 @@ pub fn since(start: Option<HostSample>) -> String {
     }
 }
 
+/// CPU time and run-queue wait of this process's threads, summed by thread
+/// name (Linux `/proc/self/task/*/schedstat`), at one moment.
+///
+/// The run-queue wait is the time a thread was ready to run but had no
+/// core: on two cores shared by a relay, its clients and the commit writer,
+/// that wait is where a latency tail comes from when the disk is fast.
+#[derive(Debug, Clone, Default)]
+pub struct ThreadTimes {
+    /// Thread name → (ns on a CPU, ns waiting for one).
+    by_name: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+impl ThreadTimes {
+    /// Read every thread of this process now (empty where unavailable).
+    pub fn now() -> ThreadTimes {
+        let mut by_name = std::collections::BTreeMap::new();
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return ThreadTimes { by_name };
+        };
+        for task in tasks.flatten() {
+            let dir = task.path();
+            let (Ok(name), Ok(stat)) = (
+                std::fs::read_to_string(dir.join("comm")),
+                std::fs::read_to_string(dir.join("schedstat")),
+            ) else {
+                continue;
+            };
+            let mut fields = stat.split_whitespace().map(|f| f.parse::<u64>().ok());
+            let (Some(Some(cpu)), Some(Some(wait))) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            let slot: &mut (u64, u64) = by_name.entry(name.trim().to_string()).or_default();
+            slot.0 += cpu;
+            slot.1 += wait;
+        }
+        ThreadTimes { by_name }
+    }
+
+    /// Per thread name, what happened between `self` and `later`: (ns on a
+    /// CPU, ns waiting for one). Threads that ended in between are missed.
+    pub fn until(&self, later: &ThreadTimes) -> Vec<(String, u64, u64)> {
+        later
+            .by_name
+            .iter()
+            .map(|(name, &(cpu, wait))| {
+                let (cpu0, wait0) = self.by_name.get(name).copied().unwrap_or_default();
+                (
+                    name.clone(),
+                    cpu.saturating_sub(cpu0),
+                    wait.saturating_sub(wait0),
+                )
+            })
+            .filter(|(_, cpu, wait)| cpu + wait > 0)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +167,27 @@ mod tests {
             a.until(&b),
             "host: CPU steal 10%, iowait 10%, I/O pressure 25%"
         );
+    }
+
+    #[test]
+    fn thread_times_are_deltas_by_name() {
+        let mut a = ThreadTimes::default();
+        a.by_name.insert("writer".into(), (1_000, 50));
+        a.by_name.insert("idle".into(), (7, 7));
+        let mut b = a.clone();
+        b.by_name.insert("writer".into(), (4_000, 150));
+        b.by_name.insert("new".into(), (20, 5));
+        assert_eq!(
+            a.until(&b),
+            vec![
+                ("new".to_string(), 20, 5),
+                ("writer".to_string(), 3_000, 100)
+            ]
+        );
+        // This process has at least the thread running this test.
+        let now = ThreadTimes::now();
+        if std::path::Path::new("/proc/self/task").exists() {
+            assert!(!now.by_name.is_empty());
+        }
     }
 }

@@ -33,6 +33,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+/// The relay binary's allocator, so the in-process relay behaves as deployed.
+#[global_allocator]
+static ALLOC: hush_relay::Allocator = hush_relay::Allocator;
+
 type Dev = Driver<FileStorage>;
 
 struct Args {

@@ -36,7 +36,7 @@ use hush_protocol::{
     encode_client_frame,
 };
 use hush_relay::{Config, RelayHandle, SystemClock};
-use hush_tests::host::{HostSample, since};
+use hush_tests::host::{HostSample, ThreadTimes, since};
 use hush_tests::{DeviceIdentity, RelayTarget, TestDevice, conversation, make_envelope_sized};
 use std::collections::HashMap;
 use std::error::Error;
@@ -47,6 +47,10 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The relay binary's allocator, so the in-process relay behaves as deployed.
+#[global_allocator]
+static ALLOC: hush_relay::Allocator = hush_relay::Allocator;
 
 type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
@@ -203,6 +207,7 @@ async fn run() -> BenchResult<()> {
             lat.commit_shares[1],
             lat.commit_shares[2]
         );
+        println!("{}", thread_line(&lat));
         println!("{host}");
     }
     if args.runs("store") {
@@ -356,7 +361,14 @@ impl EnvelopeFactory {
         random[..2].copy_from_slice(&self.sender_index.to_be_bytes());
         random[2..].copy_from_slice(&self.counter.to_be_bytes());
         let mut e = self.template.clone();
-        e.header.message_id = MessageId::new(e.header.sent_at_ms, random);
+        // Stamped with the time of sending, as the client's `mint_id` does:
+        // ids then ascend with time, which is what puts one commit's dedup
+        // entries next to each other in the relay's `dedup` table.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        e.header.sent_at_ms = now_ms;
+        e.header.message_id = MessageId::new(now_ms, random);
         e.header.recipient_device = recipient;
         e.header.sender_seq = *seq;
         e
@@ -493,6 +505,43 @@ struct LatencyStats {
     /// (the metrics histogram's bounds): whether the tail of the ack
     /// latency is the commit's own tail or time outside it.
     commit_shares: [f64; 3],
+    /// Per thread name over the measured interval: (ns on a CPU, ns
+    /// waiting for one).
+    threads: Vec<(String, u64, u64)>,
+    /// Length of the measured interval the thread times cover.
+    threads_secs: f64,
+    /// Commits in the measured interval.
+    commits: u64,
+}
+
+/// Where the latency phase's CPU went, per thread name: share of one core
+/// on a CPU / waiting for one, and the writer's CPU per commit.
+fn thread_line(lat: &LatencyStats) -> String {
+    let wall_ns = (lat.threads_secs * 1e9).max(1.0);
+    let mut parts = Vec::new();
+    let (mut cpu_total, mut wait_total) = (0u64, 0u64);
+    for (name, cpu, wait) in &lat.threads {
+        cpu_total += cpu;
+        wait_total += wait;
+        let mut part = format!(
+            "{name} {:.0}% / {:.0}%",
+            100.0 * *cpu as f64 / wall_ns,
+            100.0 * *wait as f64 / wall_ns
+        );
+        if name == "hush-writer" {
+            part.push_str(&format!(
+                " ({:.0} µs CPU per commit)",
+                *cpu as f64 / 1000.0 / lat.commits.max(1) as f64
+            ));
+        }
+        parts.push(part);
+    }
+    format!(
+        "threads, CPU / waiting for a CPU, in % of one core: {}; all {:.0}% / {:.0}%",
+        parts.join(", "),
+        100.0 * cpu_total as f64 / wall_ns,
+        100.0 * wait_total as f64 / wall_ns
+    )
 }
 
 /// CPU time this thread has used, in ns (Linux `schedstat`; `None`
@@ -583,6 +632,8 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
     let mut sent = 0u64;
     let mut measured_sent = 0u64;
     let mut warm = false;
+    let mut threads_before = ThreadTimes::default();
+    let mut warm_at = Instant::now();
     let recipient_id = recipient.device();
     loop {
         ticker.tick().await;
@@ -598,6 +649,8 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
             for (slot, bound) in commits_at_most_before.iter_mut().zip(COMMIT_BOUNDS) {
                 *slot = metrics.commit_latency_seconds.count_at_most(bound);
             }
+            threads_before = ThreadTimes::now();
+            warm_at = Instant::now();
         }
         let due = (elapsed.as_secs_f64() * args.latency_rate as f64) as u64;
         while sent < due {
@@ -620,6 +673,8 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
             }
         }
     }
+    let threads = threads_before.until(&ThreadTimes::now());
+    let threads_secs = warm_at.elapsed().as_secs_f64();
     // Let the last answers arrive (bounded).
     let _ = hush_tests::wait_until(Duration::from_secs(10), "last answers", || {
         answered.load(Ordering::Relaxed) >= sent
@@ -664,6 +719,9 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
         mean_batch,
         mean_commit_ms,
         commit_shares,
+        threads,
+        threads_secs,
+        commits,
     })
 }
 
