@@ -160,6 +160,11 @@ pub struct Metrics {
     pub commit_batch_size: Histogram,
     /// Wall time of one group-commit transaction (durable).
     pub commit_latency_seconds: Histogram,
+    /// Time from a `Send` being queued for the commit writer to its durable
+    /// outcome: the wait behind the commit in progress plus its own group's
+    /// commit. The relay's share of a sender's ack latency; the rest is the
+    /// network and the two ends' QUIC stacks.
+    pub send_durable_seconds: Histogram,
     /// Wall time of serving one `Pull`.
     pub pull_latency_seconds: Histogram,
     /// Envelopes currently stored across all inboxes (sampled).
@@ -192,6 +197,7 @@ impl Metrics {
             commit_batches_total: AtomicU64::new(0),
             commit_batch_size: Histogram::new(BATCH_BOUNDS),
             commit_latency_seconds: Histogram::new(LATENCY_BOUNDS),
+            send_durable_seconds: Histogram::new(LATENCY_BOUNDS),
             pull_latency_seconds: Histogram::new(LATENCY_BOUNDS),
             inbox_depth: AtomicU64::new(0),
             truncations_total: AtomicU64::new(0),
@@ -272,6 +278,11 @@ impl Metrics {
             &mut out,
             "hush_commit_latency_seconds",
             "Duration of one durable group-commit transaction.",
+        );
+        self.send_durable_seconds.render(
+            &mut out,
+            "hush_send_durable_seconds",
+            "Time from a Send being queued for the commit writer to its durable outcome.",
         );
         self.pull_latency_seconds.render(
             &mut out,

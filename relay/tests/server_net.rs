@@ -223,6 +223,7 @@ async fn http_endpoints_answer() {
         "hush_connections_total 1",
         "hush_inbox_depth 0",
         "hush_commit_latency_seconds_bucket{le=\"+Inf\"} 0",
+        "hush_send_durable_seconds_bucket{le=\"+Inf\"} 0",
         "hush_refusals_total{kind=\"quota\"} 0",
     ] {
         assert!(body.contains(series), "missing {series} in\n{body}");

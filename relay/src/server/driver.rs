@@ -386,6 +386,7 @@ impl Conn {
                     let request = CommitRequest {
                         envelopes: pending.envelopes,
                         reply: tx,
+                        queued_at: std::time::Instant::now(),
                     };
                     if let Err(tokio::sync::mpsc::error::SendError(WriterMsg::Commit(refused))) =
                         self.shared.commits.send(WriterMsg::Commit(request)).await

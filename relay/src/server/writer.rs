@@ -46,6 +46,9 @@ pub struct CommitRequest {
     pub envelopes: Vec<NewEnvelope>,
     /// Receives one outcome per envelope, after the commit is durable.
     pub reply: oneshot::Sender<CommitResult>,
+    /// When the request was queued for the writer (for
+    /// [`Metrics::send_durable_seconds`]).
+    pub queued_at: Instant,
 }
 
 /// What the writer's queue carries.
@@ -117,8 +120,10 @@ fn commit_group(
 ) {
     let mut batch = Vec::with_capacity(count);
     let mut replies = Vec::with_capacity(group.len());
+    let mut queued = Vec::with_capacity(group.len());
     for mut r in group {
         replies.push((r.envelopes.len(), r.reply));
+        queued.push(r.queued_at);
         batch.append(&mut r.envelopes);
     }
     let recipients: Vec<DeviceId> = batch.iter().map(|e| e.recipient).collect();
@@ -132,6 +137,12 @@ fn commit_group(
         .observe_duration(started.elapsed());
     Metrics::add(&metrics.commit_batches_total, 1);
     metrics.commit_batch_size.observe(count as f64);
+    let done = Instant::now();
+    for at in queued {
+        metrics
+            .send_durable_seconds
+            .observe_duration(done.saturating_duration_since(at));
+    }
 
     match result {
         Ok(outcomes) if outcomes.len() == count => {
@@ -193,6 +204,7 @@ mod tests {
         let msg = WriterMsg::Commit(CommitRequest {
             envelopes: vec![env],
             reply,
+            queued_at: Instant::now(),
         });
         (msg, rx)
     }
@@ -220,14 +232,17 @@ mod tests {
         for msg in [first, second, WriterMsg::Stop] {
             tx.try_send(msg).expect("queue has room");
         }
+        let metrics = Arc::new(Metrics::new());
         let writer = start(
             rx,
             Arc::clone(&store),
             Arc::new(DeviceHub::default()),
-            Arc::new(Metrics::new()),
+            Arc::clone(&metrics),
         )
         .expect("writer thread starts");
         writer.await.expect("writer ends after the stop");
+        // One durable-wait observation per answered send, none for the stop.
+        assert_eq!(metrics.send_durable_seconds.count(), 2);
 
         let seqs: Vec<_> = [first_rx.await, second_rx.await]
             .into_iter()

@@ -207,6 +207,11 @@ async fn run() -> BenchResult<()> {
             lat.commit_shares[1],
             lat.commit_shares[2]
         );
+        println!(
+            "relay side: sends durable within 1 / 2.5 / 5 ms of reaching the writer's queue: \
+             {:.1}% / {:.2}% / {:.2}%",
+            lat.durable_shares[0], lat.durable_shares[1], lat.durable_shares[2]
+        );
         println!("{}", thread_line(&lat));
         println!("{host}");
     }
@@ -491,6 +496,26 @@ async fn ingest_phase(dir: &Path, args: &Args) -> BenchResult<IngestStats> {
 /// Commit durations (s) the latency phase reports the share of commits
 /// within; bounds of the relay's commit latency histogram.
 const COMMIT_BOUNDS: [f64; 3] = [0.0005, 0.001, 0.0025];
+/// Durations (s) the latency phase reports the share of sends within, as
+/// the relay measured them from queueing to durable outcome.
+const DURABLE_BOUNDS: [f64; 3] = [0.001, 0.0025, 0.005];
+
+/// Snapshot of a histogram's counts at `bounds`.
+fn counts_at_most(h: &hush_relay::metrics::Histogram, bounds: [f64; 3]) -> [u64; 3] {
+    bounds.map(|b| h.count_at_most(b))
+}
+
+/// Shares (%) of the `total` observations since `before` that were within
+/// each of `bounds`.
+fn shares_since(
+    h: &hush_relay::metrics::Histogram,
+    before: [u64; 3],
+    bounds: [f64; 3],
+    total: u64,
+) -> [f64; 3] {
+    let now = counts_at_most(h, bounds);
+    [0, 1, 2].map(|i| 100.0 * now[i].saturating_sub(before[i]) as f64 / total.max(1) as f64)
+}
 
 struct LatencyStats {
     p50_ms: f64,
@@ -505,6 +530,10 @@ struct LatencyStats {
     /// (the metrics histogram's bounds): whether the tail of the ack
     /// latency is the commit's own tail or time outside it.
     commit_shares: [f64; 3],
+    /// Shares of the measured sends the relay made durable within 1, 2.5
+    /// and 5 ms of queueing them (`send_durable_seconds`): the relay's part
+    /// of the ack latency, without the network and the QUIC stacks.
+    durable_shares: [f64; 3],
     /// Per thread name over the measured interval: (ns on a CPU, ns
     /// waiting for one).
     threads: Vec<(String, u64, u64)>,
@@ -633,6 +662,8 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
     let mut measured_sent = 0u64;
     let mut warm = false;
     let mut threads_before = ThreadTimes::default();
+    let mut durable_before = [0u64; 3];
+    let mut durable_count_before = 0u64;
     let mut warm_at = Instant::now();
     let recipient_id = recipient.device();
     loop {
@@ -646,9 +677,9 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
             batches_before = metrics.commit_batch_size.count();
             sum_before = metrics.commit_batch_size.sum();
             commit_time_before = metrics.commit_latency_seconds.sum();
-            for (slot, bound) in commits_at_most_before.iter_mut().zip(COMMIT_BOUNDS) {
-                *slot = metrics.commit_latency_seconds.count_at_most(bound);
-            }
+            commits_at_most_before = counts_at_most(&metrics.commit_latency_seconds, COMMIT_BOUNDS);
+            durable_before = counts_at_most(&metrics.send_durable_seconds, DURABLE_BOUNDS);
+            durable_count_before = metrics.send_durable_seconds.count();
             threads_before = ThreadTimes::now();
             warm_at = Instant::now();
         }
@@ -684,15 +715,18 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
     let mean_batch = (metrics.commit_batch_size.sum() - sum_before) / commits.max(1) as f64;
     let mean_commit_ms = (metrics.commit_latency_seconds.sum() - commit_time_before) * 1000.0
         / commits.max(1) as f64;
-    let mut commit_shares = [0.0; 3];
-    for ((share, bound), before) in commit_shares
-        .iter_mut()
-        .zip(COMMIT_BOUNDS)
-        .zip(commits_at_most_before)
-    {
-        let n = metrics.commit_latency_seconds.count_at_most(bound) - before;
-        *share = 100.0 * n as f64 / commits.max(1) as f64;
-    }
+    let commit_shares = shares_since(
+        &metrics.commit_latency_seconds,
+        commits_at_most_before,
+        COMMIT_BOUNDS,
+        commits,
+    );
+    let durable_shares = shares_since(
+        &metrics.send_durable_seconds,
+        durable_before,
+        DURABLE_BOUNDS,
+        metrics.send_durable_seconds.count() - durable_count_before,
+    );
     for r in readers {
         r.abort();
     }
@@ -719,6 +753,7 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
         mean_batch,
         mean_commit_ms,
         commit_shares,
+        durable_shares,
         threads,
         threads_secs,
         commits,
