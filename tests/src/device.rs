@@ -89,7 +89,7 @@ impl FrameWriter {
         self.send
             .write_all(bytes)
             .await
-            .map_err(|e| HarnessError::Connection(format!("write: {e}")))
+            .map_err(|e| HarnessError::Connection(format!("write: {}", with_causes(&e))))
     }
 }
 
@@ -114,10 +114,28 @@ impl FrameReader {
                 Ok(None) => {
                     return Err(HarnessError::Connection("relay finished the stream".into()));
                 }
-                Err(e) => return Err(HarnessError::Connection(format!("read: {e}"))),
+                Err(e) => {
+                    return Err(HarnessError::Connection(format!(
+                        "read: {}",
+                        with_causes(&e)
+                    )));
+                }
             }
         }
     }
+}
+
+/// An error and its sources ("connection lost: timed out"): quinn's stream
+/// errors name the connection's fate only in their source.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// A device connected to a relay over QUIC.
