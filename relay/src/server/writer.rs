@@ -74,7 +74,14 @@ pub fn start(
     std::thread::Builder::new()
         .name("hush-writer".into())
         .spawn(move || {
+            // Locals drop in reverse order, also when unwinding: the store,
+            // hub and metrics are released before `done_tx` tells the waiter
+            // the writer has ended. Otherwise a caller could reopen the
+            // database while this thread still held it ("already open").
+            let done_tx = done_tx;
+            let (rx, store, hub, metrics) = (rx, store, hub, metrics);
             run(rx, store.as_ref(), &hub, &metrics);
+            drop((store, hub, metrics));
             let _ = done_tx.send(());
         })?;
     // A panicking thread drops `done_tx`, which ends the wait as well.
@@ -241,6 +248,9 @@ mod tests {
         )
         .expect("writer thread starts");
         writer.await.expect("writer ends after the stop");
+        // The thread let go of the store before it said it had ended, so
+        // the database can be reopened at once.
+        assert_eq!(Arc::strong_count(&store), 1);
         // One durable-wait observation per answered send, none for the stop.
         assert_eq!(metrics.send_durable_seconds.count(), 2);
 
