@@ -15,7 +15,7 @@ use hush_protocol::{
 };
 use hush_tests::{
     DeviceIdentity, HarnessError, RelayProcess, TestDevice, conversation, make_envelope,
-    make_envelope_sized, refusal_code, refused, stored,
+    make_envelope_sized, refusal_code, refused, stored, wait_until_async,
 };
 use std::collections::HashSet;
 use std::time::Duration;
@@ -422,8 +422,23 @@ async fn message_quota_refuses_per_envelope_and_writes_nothing() {
     assert_eq!(seqs(&held), vec![1, 2, 3, 4, 5]);
 
     // Acknowledging two frees two slots; the refused envelopes were never
-    // written (no dedup entry), so their retry stores them as new.
+    // written (no dedup entry), so their retry stores them as new. The relay
+    // applies a pull's merged ack after sending the page, so the reply does
+    // not mean the slots are free yet: wait until the inbox shows it.
     inbox.pull(2, 200, 2).await.unwrap();
+    let inbox = tokio::sync::Mutex::new(inbox);
+    let shared = &inbox;
+    wait_until_async(
+        Duration::from_secs(10),
+        "the merged ack applied",
+        || async move {
+            let held = shared.lock().await.read_inbox(0).await;
+            held.is_ok_and(|h| seqs(&h) == vec![3, 4, 5])
+        },
+    )
+    .await
+    .unwrap();
+    let mut inbox = inbox.into_inner();
     let outcomes = sender.send(batch[5..].to_vec()).await.unwrap();
     assert_eq!(stored(&outcomes[0]), Some((6, false)));
     assert_eq!(stored(&outcomes[1]), Some((7, false)));
