@@ -88,6 +88,21 @@ pub fn since(start: Option<HostSample>) -> String {
     }
 }
 
+/// The first two fields of a `schedstat` file: ns on a CPU, ns waiting for
+/// one.
+fn parse_schedstat(stat: &str) -> Option<(u64, u64)> {
+    let mut fields = stat.split_whitespace().map(|f| f.parse::<u64>().ok());
+    Some((fields.next()??, fields.next()??))
+}
+
+/// CPU time the calling thread has used, in ns (Linux; `None` elsewhere):
+/// what a piece of work costs apart from waiting for the disk and for other
+/// processes on a shared machine.
+pub fn this_thread_cpu_ns() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    parse_schedstat(&stat).map(|(cpu, _)| cpu)
+}
+
 /// CPU time and run-queue wait of this process's threads, summed by thread
 /// name (Linux `/proc/self/task/*/schedstat`), at one moment.
 ///
@@ -115,8 +130,7 @@ impl ThreadTimes {
             ) else {
                 continue;
             };
-            let mut fields = stat.split_whitespace().map(|f| f.parse::<u64>().ok());
-            let (Some(Some(cpu)), Some(Some(wait))) = (fields.next(), fields.next()) else {
+            let Some((cpu, wait)) = parse_schedstat(&stat) else {
                 continue;
             };
             let slot: &mut (u64, u64) = by_name.entry(name.trim().to_string()).or_default();
@@ -167,6 +181,13 @@ mod tests {
             a.until(&b),
             "host: CPU steal 10%, iowait 10%, I/O pressure 25%"
         );
+    }
+
+    #[test]
+    fn schedstat_gives_cpu_and_wait() {
+        assert_eq!(parse_schedstat("123 45 6\n"), Some((123, 45)));
+        assert_eq!(parse_schedstat("123"), None);
+        assert_eq!(parse_schedstat("x 1 2"), None);
     }
 
     #[test]

@@ -139,12 +139,12 @@ fn commit_group(
     // down with it: it becomes this group's error.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.commit(&batch)))
         .unwrap_or_else(|_| Err(StoreError::Backend("commit panicked".into())));
+    let done = Instant::now();
     metrics
         .commit_latency_seconds
-        .observe_duration(started.elapsed());
+        .observe_duration(done.saturating_duration_since(started));
     Metrics::add(&metrics.commit_batches_total, 1);
     metrics.commit_batch_size.observe(count as f64);
-    let done = Instant::now();
     for at in queued {
         metrics
             .send_durable_seconds

@@ -36,7 +36,7 @@ use hush_protocol::{
     encode_client_frame,
 };
 use hush_relay::{Config, RelayHandle, SystemClock};
-use hush_tests::host::{HostSample, ThreadTimes, since};
+use hush_tests::host::{HostSample, ThreadTimes, since, this_thread_cpu_ns};
 use hush_tests::{DeviceIdentity, RelayTarget, TestDevice, conversation, make_envelope_sized};
 use std::collections::HashMap;
 use std::error::Error;
@@ -517,6 +517,34 @@ fn shares_since(
     [0, 1, 2].map(|i| 100.0 * now[i].saturating_sub(before[i]) as f64 / total.max(1) as f64)
 }
 
+/// The relay's counters and this process's thread times at the end of the
+/// latency phase's warm-up.
+struct Mark {
+    batches: u64,
+    batch_sum: f64,
+    commit_time: f64,
+    commits_at_most: [u64; 3],
+    durable_at_most: [u64; 3],
+    durable_count: u64,
+    threads: ThreadTimes,
+    at: Instant,
+}
+
+impl Mark {
+    fn take(metrics: &hush_relay::Metrics) -> Mark {
+        Mark {
+            batches: metrics.commit_batch_size.count(),
+            batch_sum: metrics.commit_batch_size.sum(),
+            commit_time: metrics.commit_latency_seconds.sum(),
+            commits_at_most: counts_at_most(&metrics.commit_latency_seconds, COMMIT_BOUNDS),
+            durable_at_most: counts_at_most(&metrics.send_durable_seconds, DURABLE_BOUNDS),
+            durable_count: metrics.send_durable_seconds.count(),
+            threads: ThreadTimes::now(),
+            at: Instant::now(),
+        }
+    }
+}
+
 struct LatencyStats {
     p50_ms: f64,
     p99_ms: f64,
@@ -571,14 +599,6 @@ fn thread_line(lat: &LatencyStats) -> String {
         100.0 * cpu_total as f64 / wall_ns,
         100.0 * wait_total as f64 / wall_ns
     )
-}
-
-/// CPU time this thread has used, in ns (Linux `schedstat`; `None`
-/// elsewhere): what a commit costs apart from waiting for the disk and for
-/// other processes on a shared machine.
-fn thread_cpu_ns() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    stat.split_whitespace().next()?.parse().ok()
 }
 
 /// Bytes this process caused to be written to storage (Linux
@@ -652,19 +672,12 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
     }
 
     let metrics = relay.metrics();
-    let mut batches_before = 0;
-    let mut sum_before = 0.0;
-    let mut commit_time_before = 0.0;
-    let mut commits_at_most_before = [0u64; 3];
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sent = 0u64;
     let mut measured_sent = 0u64;
-    let mut warm = false;
-    let mut threads_before = ThreadTimes::default();
-    let mut durable_before = [0u64; 3];
-    let mut durable_count_before = 0u64;
-    let mut warm_at = Instant::now();
+    // Taken when the warm-up ends; everything reported is measured from it.
+    let mut mark: Option<Mark> = None;
     let recipient_id = recipient.device();
     loop {
         ticker.tick().await;
@@ -672,16 +685,8 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
         if elapsed >= total {
             break;
         }
-        if !warm && elapsed >= warmup {
-            warm = true;
-            batches_before = metrics.commit_batch_size.count();
-            sum_before = metrics.commit_batch_size.sum();
-            commit_time_before = metrics.commit_latency_seconds.sum();
-            commits_at_most_before = counts_at_most(&metrics.commit_latency_seconds, COMMIT_BOUNDS);
-            durable_before = counts_at_most(&metrics.send_durable_seconds, DURABLE_BOUNDS);
-            durable_count_before = metrics.send_durable_seconds.count();
-            threads_before = ThreadTimes::now();
-            warm_at = Instant::now();
+        if mark.is_none() && elapsed >= warmup {
+            mark = Some(Mark::take(&metrics));
         }
         let due = (elapsed.as_secs_f64() * args.latency_rate as f64) as u64;
         while sent < due {
@@ -699,33 +704,34 @@ async fn latency_phase(dir: &Path, args: &Args) -> BenchResult<LatencyStats> {
             }
             writer.write_raw(&frame).await?;
             sent += 1;
-            if warm {
+            if mark.is_some() {
                 measured_sent += 1;
             }
         }
     }
-    let threads = threads_before.until(&ThreadTimes::now());
-    let threads_secs = warm_at.elapsed().as_secs_f64();
+    let mark = mark.unwrap_or_else(|| Mark::take(&metrics));
+    let threads = mark.threads.until(&ThreadTimes::now());
+    let threads_secs = mark.at.elapsed().as_secs_f64();
     // Let the last answers arrive (bounded).
     let _ = hush_tests::wait_until(Duration::from_secs(10), "last answers", || {
         answered.load(Ordering::Relaxed) >= sent
     })
     .await;
-    let commits = metrics.commit_batch_size.count() - batches_before;
-    let mean_batch = (metrics.commit_batch_size.sum() - sum_before) / commits.max(1) as f64;
-    let mean_commit_ms = (metrics.commit_latency_seconds.sum() - commit_time_before) * 1000.0
-        / commits.max(1) as f64;
+    let commits = metrics.commit_batch_size.count() - mark.batches;
+    let mean_batch = (metrics.commit_batch_size.sum() - mark.batch_sum) / commits.max(1) as f64;
+    let mean_commit_ms =
+        (metrics.commit_latency_seconds.sum() - mark.commit_time) * 1000.0 / commits.max(1) as f64;
     let commit_shares = shares_since(
         &metrics.commit_latency_seconds,
-        commits_at_most_before,
+        mark.commits_at_most,
         COMMIT_BOUNDS,
         commits,
     );
     let durable_shares = shares_since(
         &metrics.send_durable_seconds,
-        durable_before,
+        mark.durable_at_most,
         DURABLE_BOUNDS,
-        metrics.send_durable_seconds.count() - durable_count_before,
+        metrics.send_durable_seconds.count() - mark.durable_count,
     );
     for r in readers {
         r.abort();
@@ -1015,7 +1021,7 @@ fn store_phase(dir: &Path, args: &Args) -> BenchResult<()> {
     ] {
         let batches: Vec<_> = (0..rounds).map(|_| make_batch(size, one_inbox)).collect();
         let mut times = Vec::with_capacity(rounds);
-        let cpu_before = thread_cpu_ns();
+        let cpu_before = this_thread_cpu_ns();
         let io_before = process_write_bytes();
         let start = Instant::now();
         for b in &batches {
@@ -1024,7 +1030,7 @@ fn store_phase(dir: &Path, args: &Args) -> BenchResult<()> {
             times.push(t.elapsed());
         }
         let secs = start.elapsed().as_secs_f64();
-        let cpu = thread_cpu_ns()
+        let cpu = this_thread_cpu_ns()
             .zip(cpu_before)
             .map(|(a, b)| a.saturating_sub(b));
         let written = process_write_bytes()
@@ -1050,7 +1056,7 @@ fn store_phase(dir: &Path, args: &Args) -> BenchResult<()> {
     }
     // Reading it all back, inbox by inbox in pages of 200 (each inbox's
     // envelopes are interleaved with the 15 others' in commit order).
-    let cpu_before = thread_cpu_ns();
+    let cpu_before = this_thread_cpu_ns();
     let start = Instant::now();
     let mut read = 0u64;
     for d in &recipients {
@@ -1065,7 +1071,7 @@ fn store_phase(dir: &Path, args: &Args) -> BenchResult<()> {
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu = thread_cpu_ns()
+    let cpu = this_thread_cpu_ns()
         .zip(cpu_before)
         .map_or("n/a".to_string(), |(a, b)| {
             format!(
