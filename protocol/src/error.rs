@@ -77,6 +77,14 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The relay failed internally; the request may be retried.
     Internal,
+    /// The relay's store is at its global size cap: sends are refused until
+    /// acknowledged envelopes free space. Pulls and acks keep working.
+    StoreFull,
+    /// The user already has as many registered devices as the relay allows.
+    DeviceLimit,
+    /// Too many registrations from this network address recently; the
+    /// refusal's `retry_after_ms` says when to try again.
+    RegistrationLimit,
 }
 
 /// A refusal as sent on the wire: a code for programs, a message for people.

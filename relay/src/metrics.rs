@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Every refusal code, in wire order (index = position in this list).
-const ALL_CODES: [ErrorCode; 15] = [
+const ALL_CODES: [ErrorCode; 18] = [
     ErrorCode::UnknownDevice,
     ErrorCode::BadAuth,
     ErrorCode::TooLarge,
@@ -27,6 +27,9 @@ const ALL_CODES: [ErrorCode; 15] = [
     ErrorCode::Replaced,
     ErrorCode::ShuttingDown,
     ErrorCode::Internal,
+    ErrorCode::StoreFull,
+    ErrorCode::DeviceLimit,
+    ErrorCode::RegistrationLimit,
 ];
 
 /// The label value of a refusal code (`kind="…"`).
@@ -47,6 +50,9 @@ pub fn code_label(code: ErrorCode) -> &'static str {
         ErrorCode::Replaced => "replaced",
         ErrorCode::ShuttingDown => "shutting_down",
         ErrorCode::Internal => "internal",
+        ErrorCode::StoreFull => "store_full",
+        ErrorCode::DeviceLimit => "device_limit",
+        ErrorCode::RegistrationLimit => "registration_limit",
     }
 }
 

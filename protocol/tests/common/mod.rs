@@ -26,7 +26,7 @@ pub const MAX_CT_SINGLE: usize = 8 * 1024;
 pub const MAX_CT_BATCH: usize = 1024;
 
 /// Every error code, in declaration (= wire index) order.
-pub const ALL_ERROR_CODES: [ErrorCode; 15] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 18] = [
     ErrorCode::UnknownDevice,
     ErrorCode::BadAuth,
     ErrorCode::TooLarge,
@@ -42,6 +42,9 @@ pub const ALL_ERROR_CODES: [ErrorCode; 15] = [
     ErrorCode::Replaced,
     ErrorCode::ShuttingDown,
     ErrorCode::Internal,
+    ErrorCode::StoreFull,
+    ErrorCode::DeviceLimit,
+    ErrorCode::RegistrationLimit,
 ];
 
 pub fn device() -> impl Strategy<Value = DeviceId> {
