@@ -57,6 +57,12 @@ pub struct Config {
     pub inbox_max_bytes: u64,
     /// Envelopes per second one connection may send (0 = unlimited).
     pub send_rate: u32,
+    /// Most bytes all stored envelopes may take together (see
+    /// `store::stored_cost`); `None` = a share of the data directory's
+    /// free space, resolved when the relay starts.
+    pub max_store_bytes: Option<u64>,
+    /// Most devices one user may register.
+    pub max_devices_per_user: u32,
     /// Serve the demo page on the HTTP listener.
     pub demo: bool,
     /// How often the retention purge runs (not a flag: tests shorten it).
@@ -98,6 +104,8 @@ impl Config {
             inbox_max_messages: limits.max_inbox_messages,
             inbox_max_bytes: limits.max_inbox_bytes,
             send_rate: DEFAULT_SEND_RATE,
+            max_store_bytes: None,
+            max_devices_per_user: limits.max_devices_per_user,
             demo: false,
             purge_interval: Duration::from_secs(5),
             cert_check_interval: Duration::from_secs(3600),
@@ -155,6 +163,12 @@ impl Config {
         if let Some(v) = pick!(send_rate) {
             c.send_rate = v;
         }
+        if let Some(v) = pick!(max_store_bytes) {
+            c.max_store_bytes = Some(v.0);
+        }
+        if let Some(v) = pick!(max_devices_per_user) {
+            c.max_devices_per_user = v;
+        }
         c.demo = pick!(demo).unwrap_or(false);
         c.validate()?;
         Ok(c)
@@ -199,14 +213,28 @@ impl Config {
                 self.inbox_max_bytes, self.max_envelope
             ));
         }
+        if self.max_devices_per_user == 0 {
+            return err("--max-devices-per-user must be at least 1".into());
+        }
+        if let Some(cap) = self.max_store_bytes
+            && cap < self.max_envelope as u64
+        {
+            return err(format!(
+                "--max-store-bytes {cap} is smaller than --max-envelope {}",
+                self.max_envelope
+            ));
+        }
         Ok(())
     }
 
-    /// The store limits these settings imply.
+    /// The store limits these settings imply (an automatic
+    /// `max_store_bytes` is left uncapped here; the server resolves it).
     pub fn store_limits(&self) -> StoreLimits {
         StoreLimits {
             max_inbox_messages: self.inbox_max_messages,
             max_inbox_bytes: self.inbox_max_bytes,
+            max_store_bytes: self.max_store_bytes.unwrap_or(u64::MAX),
+            max_devices_per_user: self.max_devices_per_user,
             ..StoreLimits::default()
         }
     }
@@ -230,6 +258,8 @@ impl Config {
             inbox_max_messages: Some(self.inbox_max_messages),
             inbox_max_bytes: Some(ByteSize(self.inbox_max_bytes)),
             send_rate: Some(self.send_rate),
+            max_store_bytes: self.max_store_bytes.map(ByteSize),
+            max_devices_per_user: Some(self.max_devices_per_user),
             demo: Some(self.demo),
         };
         toml::to_string(&f).unwrap_or_default()
@@ -310,6 +340,17 @@ pub struct Cli {
     #[arg(long, env = "HUSH_SEND_RATE", value_name = "N")]
     pub send_rate: Option<u32>,
 
+    /// Most bytes the stored envelopes of all inboxes may take together
+    /// (K/M/G suffixes); sends past it are refused with StoreFull
+    /// [default: a quarter of the data directory's free space plus what the
+    /// store already holds, at start]
+    #[arg(long, env = "HUSH_MAX_STORE_BYTES", value_name = "SIZE", value_parser = parse_size_arg)]
+    pub max_store_bytes: Option<ByteSize>,
+
+    /// Most devices one user may register [default: 10]
+    #[arg(long, env = "HUSH_MAX_DEVICES_PER_USER", value_name = "N")]
+    pub max_devices_per_user: Option<u32>,
+
     /// Serve the demo chat page on the HTTP listener (when built in)
     #[arg(
         long,
@@ -369,6 +410,12 @@ pub struct FileConfig {
     /// See `--send-rate`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub send_rate: Option<u32>,
+    /// See `--max-store-bytes` (an integer, or a string with a suffix).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_store_bytes: Option<ByteSize>,
+    /// See `--max-devices-per-user`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_devices_per_user: Option<u32>,
     /// See `--demo`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub demo: Option<bool>,

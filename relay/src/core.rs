@@ -295,6 +295,10 @@ impl From<StoreError> for Refuse {
                 "device already registered with different keys".into(),
             ),
             StoreError::UnknownDevice => Refuse(ErrorCode::UnknownDevice, "unknown device".into()),
+            StoreError::DeviceLimit { max } => Refuse(
+                ErrorCode::DeviceLimit,
+                format!("this user already has {max} registered devices"),
+            ),
             StoreError::StaleDeviceList { stored } => Refuse(
                 ErrorCode::Forbidden,
                 format!("stale device list: version {stored} is already stored"),
@@ -707,6 +711,9 @@ impl<S: Store + ?Sized> RelayCore<S> {
                     }
                     Refusal::QuotaBytes => {
                         refused(ErrorCode::Quota, "recipient inbox is full (bytes)")
+                    }
+                    Refusal::StoreFull => {
+                        refused(ErrorCode::StoreFull, "the relay's store is full")
                     }
                 },
             };

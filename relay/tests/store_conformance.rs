@@ -14,6 +14,7 @@ use hush_relay::store::memory::MemoryStore;
 use hush_relay::store::redb_store::RedbStore;
 use hush_relay::store::{
     CommitOutcome, InboxState, NewEnvelope, PurgeStats, Refusal, Store, StoreError, StoreLimits,
+    stored_cost,
 };
 use std::collections::BTreeSet;
 use std::ops::Deref;
@@ -86,6 +87,9 @@ conformance!(
     device_lists_only_move_forward,
     counters_of_unknown_and_many_inboxes,
     concurrent_commits_and_pulls_stay_consistent,
+    store_cap_refuses_past_the_cap_until_acks_free_space,
+    store_cap_is_freed_by_purge_and_ignores_duplicates,
+    device_cap_refuses_the_extra_device_of_a_user,
 );
 
 type Make<S> = dyn Fn(StoreLimits) -> Made<S>;
@@ -421,6 +425,124 @@ fn quota_by_bytes_refuses_without_partial_writes<S: Store>(make: &Make<S>) {
     s.ack(&dev(R), 1).unwrap();
     assert_eq!(s.inbox_state(&dev(R)).unwrap().bytes, 60);
     assert_eq!(s.commit(&[env(A, R, 3).len(40)]).unwrap(), vec![stored(4)]);
+}
+
+/// A sender fills the whole store (not one inbox: the envelopes go to two
+/// recipients, each far below its inbox quota): past the cap every envelope
+/// is refused with `StoreFull` and nothing of it is written; acks give the
+/// space back.
+fn store_cap_refuses_past_the_cap_until_acks_free_space<S: Store>(make: &Make<S>) {
+    let limits = StoreLimits {
+        max_store_bytes: 3 * stored_cost(40),
+        ..StoreLimits::default()
+    };
+    let s = with_devices(make, limits, &[R, R2]);
+    assert_eq!(s.stored_bytes().unwrap(), 0);
+    let batch = [
+        env(A, R, 1).len(40),
+        env(A, R2, 2).len(40),
+        env(A, R, 3).len(40),
+        env(A, R2, 4).len(40),
+        env(A, R, 5).len(8),
+    ];
+    assert_eq!(
+        s.commit(&batch).unwrap(),
+        vec![
+            stored(1),
+            stored(1),
+            stored(2),
+            refused(Refusal::StoreFull),
+            refused(Refusal::StoreFull),
+        ]
+    );
+    assert_eq!(s.stored_bytes().unwrap(), 3 * stored_cost(40));
+    // Nothing of the refused envelopes was written.
+    assert_eq!(s.inbox_state(&dev(R2)).unwrap().head, 1);
+    assert_eq!(s.inbox_state(&dev(R)).unwrap().head, 2);
+    assert_eq!(s.total_depth().unwrap(), 3);
+    // Still full: a later batch is refused too, pulls keep working.
+    assert_eq!(
+        s.commit(&[env(B, R2, 6).len(8)]).unwrap(),
+        vec![refused(Refusal::StoreFull)]
+    );
+    assert_eq!(seqs_of(&*s, R, 0), vec![1, 2]);
+    // An ack frees its envelope's share; the refused one then fits.
+    s.ack(&dev(R), 1).unwrap();
+    assert_eq!(s.stored_bytes().unwrap(), 2 * stored_cost(40));
+    assert_eq!(
+        s.commit(&[env(A, R2, 4).len(40), env(A, R2, 7).len(8)])
+            .unwrap(),
+        vec![stored(2), refused(Refusal::StoreFull)]
+    );
+    s.ack(&dev(R), 2).unwrap();
+    s.ack(&dev(R2), 2).unwrap();
+    assert_eq!(s.stored_bytes().unwrap(), 0);
+    assert_eq!(s.commit(&[env(A, R2, 7).len(8)]).unwrap(), vec![stored(3)]);
+    assert_eq!(s.stored_bytes().unwrap(), stored_cost(8));
+}
+
+/// Expired envelopes give their space back; a retry of an envelope already
+/// stored is still answered as a duplicate when the store is full.
+fn store_cap_is_freed_by_purge_and_ignores_duplicates<S: Store>(make: &Make<S>) {
+    let limits = StoreLimits {
+        max_store_bytes: 2 * stored_cost(16),
+        ..StoreLimits::default()
+    };
+    let s = with_devices(make, limits, &[R]);
+    assert_eq!(
+        s.commit(&[env(A, R, 1).expires(10), env(A, R, 2).expires(20)])
+            .unwrap(),
+        vec![stored(1), stored(2)]
+    );
+    assert_eq!(
+        s.commit(&[env(A, R, 2), env(A, R, 3)]).unwrap(),
+        vec![dup(2), refused(Refusal::StoreFull)]
+    );
+    s.purge_expired(10, 100).unwrap();
+    assert_eq!(s.stored_bytes().unwrap(), stored_cost(16));
+    assert_eq!(s.commit(&[env(A, R, 3)]).unwrap(), vec![stored(3)]);
+}
+
+/// One user registers devices until the cap; the next one is refused and not
+/// stored, while re-registering an existing device and other users'
+/// devices still succeed.
+fn device_cap_refuses_the_extra_device_of_a_user<S: Store>(make: &Make<S>) {
+    let limits = StoreLimits {
+        max_devices_per_user: 3,
+        ..StoreLimits::default()
+    };
+    let s = make(limits);
+    let of_user = |n: u8, user: u8| DeviceRegistration {
+        user: UserKey([user; 32]),
+        ..reg(n)
+    };
+    for n in 1..=3 {
+        s.register_device(&of_user(n, 50), 1).unwrap();
+    }
+    assert!(matches!(
+        s.register_device(&of_user(4, 50), 2),
+        Err(StoreError::DeviceLimit { max: 3 })
+    ));
+    assert_eq!(s.device(&dev(4)).unwrap(), None);
+    // Same keys again: still the original record.
+    assert_eq!(
+        s.register_device(&of_user(2, 50), 3)
+            .unwrap()
+            .registered_at_ms,
+        1
+    );
+    // Other users are not affected, and their devices do not count.
+    for n in 4..=6 {
+        s.register_device(&of_user(n, 51), 4).unwrap();
+    }
+    assert!(matches!(
+        s.register_device(&of_user(7, 51), 5),
+        Err(StoreError::DeviceLimit { max: 3 })
+    ));
+    assert!(matches!(
+        s.register_device(&of_user(8, 50), 5),
+        Err(StoreError::DeviceLimit { max: 3 })
+    ));
 }
 
 fn empty_batch_commits_nothing<S: Store>(make: &Make<S>) {
@@ -1098,6 +1220,8 @@ fn redb_and_memory_agree_on_a_random_workload() {
         max_inbox_messages: 12,
         max_inbox_bytes: 12 * 40,
         max_one_time_prekeys: 4,
+        max_store_bytes: 20 * stored_cost(24),
+        max_devices_per_user: 10,
     };
     for seed in 1..=6u64 {
         let mem = with_devices(&make_memory, limits, &[R, R2, A, B]);
@@ -1105,7 +1229,7 @@ fn redb_and_memory_agree_on_a_random_workload() {
         let mut rng = Lcg(seed);
         let mut now = 1_000u64;
         // What the sequence exercised, so it cannot silently go trivial.
-        let (mut dups, mut quota, mut expired, mut truncated) = (0, 0, 0, 0);
+        let (mut dups, mut quota, mut expired, mut truncated, mut full) = (0, 0, 0, 0, 0);
         let devices = [R, R2, 77];
         for step in 0..1_500 {
             let ctx = format!("seed {seed} step {step}");
@@ -1130,6 +1254,7 @@ fn redb_and_memory_agree_on_a_random_workload() {
                             CommitOutcome::Refused(
                                 Refusal::QuotaMessages | Refusal::QuotaBytes,
                             ) => quota += 1,
+                            CommitOutcome::Refused(Refusal::StoreFull) => full += 1,
                             _ => {}
                         }
                     }
@@ -1174,14 +1299,20 @@ fn redb_and_memory_agree_on_a_random_workload() {
                 db.total_depth().unwrap(),
                 "{ctx}"
             );
+            assert_eq!(
+                mem.stored_bytes().unwrap(),
+                db.stored_bytes().unwrap(),
+                "{ctx}"
+            );
             if step % 20 == 0 {
                 db.check_consistency().unwrap();
             }
         }
         db.check_consistency().unwrap();
         assert!(
-            dups > 0 && quota > 0 && expired > 0 && truncated > 0,
-            "seed {seed}: dups {dups} quota {quota} expired {expired} truncated {truncated}"
+            dups > 0 && quota > 0 && expired > 0 && truncated > 0 && full > 0,
+            "seed {seed}: dups {dups} quota {quota} expired {expired} truncated {truncated} \
+             full {full}"
         );
     }
 }

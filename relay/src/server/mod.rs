@@ -129,10 +129,16 @@ impl RelayHandle {
         config.validate()?;
         create_data_dir(&config.data_dir)?;
         let path = config.data_dir.join(DB_FILE);
-        let limits = config.store_limits();
-        let store = tokio::task::spawn_blocking(move || RedbStore::open(path, limits))
-            .await
-            .map_err(|e| RelayError::Internal(format!("opening store: {e}")))??;
+        let mut limits = config.store_limits();
+        let auto_cap = config.max_store_bytes.is_none();
+        let store = tokio::task::spawn_blocking(move || {
+            if auto_cap {
+                limits.max_store_bytes = crate::store::redb_store::default_max_store_bytes(&path)?;
+            }
+            RedbStore::open(path, limits)
+        })
+        .await
+        .map_err(|e| RelayError::Internal(format!("opening store: {e}")))??;
         RelayHandle::start_with_store(config, clock, Arc::new(store), options).await
     }
 

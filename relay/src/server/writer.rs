@@ -21,6 +21,7 @@
 
 use super::hub::DeviceHub;
 use crate::metrics::Metrics;
+use crate::store::redb_store::COMPACT_STEP_BYTES;
 use crate::store::{CommitOutcome, NewEnvelope, Store, StoreError};
 use hush_protocol::DeviceId;
 use std::collections::HashMap;
@@ -90,14 +91,37 @@ pub fn start(
     }))
 }
 
-/// The writer thread's loop.
+/// The writer thread's loop. Between commit groups, while no request is
+/// waiting, it runs segment compaction in small steps
+/// ([`Store::compact_step`]): a send that arrives meanwhile waits for at
+/// most one step. Compaction is looked for at start and after every group
+/// (acks make segments sparse; a relay that receives no sends does not grow,
+/// and compacts at its next send).
 fn run(mut rx: mpsc::Receiver<WriterMsg>, store: &dyn Store, hub: &DeviceHub, metrics: &Metrics) {
-    while let Some(msg) = rx.blocking_recv() {
+    let mut compacting = true;
+    let mut stopping = false;
+    loop {
+        let msg = if compacting && !stopping {
+            match rx.try_recv() {
+                Ok(msg) => msg,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    compacting = compact_step(store);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match rx.blocking_recv() {
+                Some(msg) => msg,
+                None => break,
+            }
+        };
         let first = match msg {
             WriterMsg::Commit(r) => r,
             WriterMsg::Stop => {
                 // No new requests; the queued ones are still answered.
                 rx.close();
+                stopping = true;
                 continue;
             }
         };
@@ -109,13 +133,37 @@ fn run(mut rx: mpsc::Receiver<WriterMsg>, store: &dyn Store, hub: &DeviceHub, me
                     count += r.envelopes.len();
                     group.push(r);
                 }
-                Ok(WriterMsg::Stop) => rx.close(),
+                Ok(WriterMsg::Stop) => {
+                    rx.close();
+                    stopping = true;
+                }
                 Err(_) => break,
             }
         }
         commit_group(group, count, store, hub, metrics);
+        compacting = true;
     }
     tracing::debug!("commit writer stopped");
+}
+
+/// One compaction step; whether to try another. A failure is logged and
+/// ends compaction until the next commit group (the store is unchanged by a
+/// failed step).
+fn compact_step(store: &dyn Store) -> bool {
+    let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        store.compact_step(COMPACT_STEP_BYTES)
+    }));
+    match step {
+        Ok(Ok(more)) => more,
+        Ok(Err(e)) => {
+            tracing::warn!("segment compaction failed: {e}");
+            false
+        }
+        Err(_) => {
+            tracing::error!("segment compaction panicked");
+            false
+        }
+    }
 }
 
 fn commit_group(

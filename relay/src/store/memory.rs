@@ -54,6 +54,8 @@ struct Tables {
     signed_prekeys: BTreeMap<DeviceId, SignedPrekey>,
     one_time_prekeys: BTreeMap<(DeviceId, u32), [u8; 32]>,
     device_lists: BTreeMap<UserKey, SignedDeviceList>,
+    /// Sum of `stored_cost` over `inbox`.
+    stored: u64,
 }
 
 impl Tables {
@@ -100,6 +102,9 @@ impl Tables {
                     },
                 );
                 rules::release(self.meta.entry(device).or_default(), row.bytes.len() as u64);
+                self.stored = self
+                    .stored
+                    .saturating_sub(super::stored_cost(row.bytes.len() as u64));
             }
         }
         if let Some(expiry) = next_expiry {
@@ -192,6 +197,16 @@ impl Store for MemoryStore {
             }
             return Err(StoreError::AlreadyRegistered);
         }
+        let max = self.limits.max_devices_per_user;
+        let user = registration.user;
+        let count = t
+            .devices
+            .values()
+            .filter(|r| r.registration.user == user)
+            .count();
+        if count >= max as usize {
+            return Err(StoreError::DeviceLimit { max });
+        }
         let record = DeviceRecord {
             registration: registration.clone(),
             registered_at_ms: now_ms,
@@ -221,7 +236,9 @@ impl Store for MemoryStore {
             }
             let len = env.bytes.len() as u64;
             let state = t.meta.entry(env.recipient).or_default();
-            if let Err(refusal) = rules::admit(state, len, &self.limits) {
+            if let Err(refusal) = rules::admit(state, len, &self.limits)
+                .and_then(|()| rules::admit_store(t.stored, len, &self.limits))
+            {
                 outcomes.push(CommitOutcome::Refused(refusal));
                 continue;
             }
@@ -242,6 +259,7 @@ impl Store for MemoryStore {
                 },
             );
             t.dedup.insert(dk, (seq, env.expires_at_ms));
+            t.stored = t.stored.saturating_add(super::stored_cost(len));
             created.push((env.expires_at_ms, dk));
             outcomes.push(CommitOutcome::Stored { seq });
         }
@@ -319,6 +337,9 @@ impl Store for MemoryStore {
             if let Some(row) = t.inbox.remove(&(d, seq)) {
                 first_expiry.get_or_insert(row.expires_at_ms);
                 rules::release(&mut state, row.bytes.len() as u64);
+                t.stored = t
+                    .stored
+                    .saturating_sub(super::stored_cost(row.bytes.len() as u64));
             }
         }
         if let Some(old) = first_expiry {
@@ -454,5 +475,9 @@ impl Store for MemoryStore {
 
     fn total_depth(&self) -> Result<u64, StoreError> {
         Ok(self.lock()?.inbox.len() as u64)
+    }
+
+    fn stored_bytes(&self) -> Result<u64, StoreError> {
+        Ok(self.lock()?.stored)
     }
 }

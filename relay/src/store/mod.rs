@@ -42,7 +42,29 @@ pub struct StoreLimits {
     pub max_inbox_bytes: u64,
     /// Most one-time prekeys one device may keep on the relay.
     pub max_one_time_prekeys: u32,
+    /// Most bytes all stored envelopes may occupy together, counted as
+    /// [`stored_cost`] per envelope (`u64::MAX` = no cap).
+    pub max_store_bytes: u64,
+    /// Most devices one user may register.
+    pub max_devices_per_user: u32,
 }
+
+/// Bytes charged per stored envelope besides its segment record: its `inbox`
+/// row (24-byte key, 76-byte value) and its `dedup` row (48-byte key,
+/// 16-byte value), rounded up for the B-tree's per-entry overhead.
+pub const INDEX_BYTES_PER_ENVELOPE: u64 = 192;
+
+/// What one stored envelope of `len` bytes counts against
+/// [`StoreLimits::max_store_bytes`]: its segment record (36-byte header +
+/// the envelope) plus [`INDEX_BYTES_PER_ENVELOPE`]. Both stores count the
+/// same, so they refuse at the same point.
+pub fn stored_cost(len: u64) -> u64 {
+    len.saturating_add(segments::RECORD_HEADER_LEN as u64)
+        .saturating_add(INDEX_BYTES_PER_ENVELOPE)
+}
+
+/// Default of [`StoreLimits::max_devices_per_user`].
+pub const DEFAULT_MAX_DEVICES_PER_USER: u32 = 10;
 
 impl Default for StoreLimits {
     fn default() -> Self {
@@ -50,6 +72,8 @@ impl Default for StoreLimits {
             max_inbox_messages: 100_000,
             max_inbox_bytes: 1024 * 1024 * 1024,
             max_one_time_prekeys: 1_000,
+            max_store_bytes: u64::MAX,
+            max_devices_per_user: DEFAULT_MAX_DEVICES_PER_USER,
         }
     }
 }
@@ -109,6 +133,8 @@ pub enum Refusal {
     QuotaMessages,
     /// The recipient's inbox would exceed `max_inbox_bytes`.
     QuotaBytes,
+    /// All stored envelopes together would exceed `max_store_bytes`.
+    StoreFull,
 }
 
 /// One stored envelope.
@@ -173,6 +199,12 @@ pub enum StoreError {
         /// The version already stored.
         stored: u64,
     },
+    /// The user already has `max_devices_per_user` registered devices.
+    #[error("the user already has {max} registered devices")]
+    DeviceLimit {
+        /// The cap in force.
+        max: u32,
+    },
     /// The database file failed or holds something unreadable.
     #[error("storage failure: {0}")]
     Backend(String),
@@ -184,7 +216,9 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     /// Register a device. Registering the same keys again is a no-op
     /// (returns the existing record); different keys under the same id fail
-    /// with [`StoreError::AlreadyRegistered`].
+    /// with [`StoreError::AlreadyRegistered`]. A new device of a user who
+    /// already has `max_devices_per_user` devices fails with
+    /// [`StoreError::DeviceLimit`] (checked in the same transaction).
     fn register_device(
         &self,
         registration: &DeviceRegistration,
@@ -261,4 +295,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Total envelopes stored across all inboxes (for the inbox-depth metric).
     fn total_depth(&self) -> Result<u64, StoreError>;
+
+    /// Bytes counted against `max_store_bytes`: the sum of [`stored_cost`]
+    /// over every stored envelope. O(1).
+    fn stored_bytes(&self) -> Result<u64, StoreError>;
+
+    /// One small step of segment compaction (see `docs/STORAGE.md` §4):
+    /// move at most about `budget` bytes of live records out of a mostly
+    /// dead sealed segment. Returns whether there is more to do. Stores
+    /// without segments have nothing to compact.
+    fn compact_step(&self, budget: u64) -> Result<bool, StoreError> {
+        let _ = budget;
+        Ok(false)
+    }
 }

@@ -24,11 +24,12 @@ pub use super::segments::DEFAULT_SEGMENT_BYTES;
 use super::segments::{
     Append, BodyRef, RECORD_HEADER_LEN, ReadError, SEGMENT_HEADER_LEN, Segments,
 };
+use super::tables::SegmentInfo;
 use super::tables::*;
 use super::tombstones;
 use super::{
-    CommitOutcome, DeviceRecord, InboxPage, InboxState, NewEnvelope, PurgeStats, Refusal, Store,
-    StoreError, StoreLimits, StoredEnvelope,
+    CommitOutcome, DeviceRecord, INDEX_BYTES_PER_ENVELOPE, InboxPage, InboxState, NewEnvelope,
+    PurgeStats, Refusal, Store, StoreError, StoreLimits, StoredEnvelope, stored_cost,
 };
 use hush_protocol::{
     DeviceId, DeviceRegistration, OneTimePrekey, PrekeyBundle, SignedDeviceList, SignedPrekey,
@@ -38,6 +39,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableM
 use redb::{Table, WriteTransaction};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! backend_from {
     ($($t:ty),* $(,)?) => {$(
@@ -76,6 +78,40 @@ pub struct RedbStore {
     segments: Segments,
     /// Acks handled so far; picks which ones commit durably.
     acks: std::sync::atomic::AtomicU64,
+    /// Sum of [`stored_cost`] over the committed `inbox` rows: the live
+    /// record bytes of the segment rows plus [`INDEX_BYTES_PER_ENVELOPE`]
+    /// per live row, counted at open and kept up to date by every commit
+    /// (changed only under the segments' commit lock or after a commit).
+    stored: AtomicU64,
+    /// Progress of segment compaction.
+    compaction: std::sync::Mutex<Compaction>,
+}
+
+/// Where segment compaction stands (in memory only: after a restart it
+/// starts over, and records already moved are simply no longer live).
+#[derive(Debug, Default)]
+struct Compaction {
+    /// The segment being compacted and the offset of the next record to
+    /// look at.
+    cursor: Option<(u32, u64)>,
+    /// Segments a whole pass did not empty (their live count disagrees with
+    /// their records; `check_consistency` reports that): not tried again.
+    skip: std::collections::BTreeSet<u32>,
+}
+
+/// A sealed segment is compacted once its live record bytes are below this
+/// percentage of its record bytes.
+pub const COMPACT_BELOW_PERCENT: u64 = 50;
+
+/// Record bytes one [`Store::compact_step`] of the writer looks at.
+pub const COMPACT_STEP_BYTES: u64 = 256 * 1024;
+
+/// Whether a sealed segment is sparse enough to compact.
+fn worth_compacting(info: &SegmentInfo) -> bool {
+    let records = info.end.saturating_sub(SEGMENT_HEADER_LEN);
+    info.live > 0
+        && u128::from(info.live_bytes) * 100
+            < u128::from(records) * u128::from(COMPACT_BELOW_PERCENT)
 }
 
 /// One ack in this many is committed with an fsync (see `RedbStore::write_with`).
@@ -108,9 +144,44 @@ pub fn segment_dir(path: &Path) -> PathBuf {
     path.with_extension("envelopes")
 }
 
+/// The default `max_store_bytes` for a store at `path`: a quarter of the
+/// space available (to unprivileged users) on the filesystem holding it,
+/// plus what its redb file and segment files already take. A quarter,
+/// because the cap counts live envelopes, and the disk holds more than
+/// that: the dead bytes of segments not yet compacted (compaction keeps a
+/// sealed segment at least half live, so at most as much again), redb's
+/// free pages, and the rest of the machine. On platforms without `statvfs`
+/// there is no default cap.
+pub fn default_max_store_bytes(path: &Path) -> Result<u64, StoreError> {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let vfs = rustix::fs::statvfs(dir)
+            .map_err(|e| StoreError::Backend(format!("statvfs of {}: {e}", dir.display())))?;
+        let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+        let mut used = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        if let Ok(entries) = std::fs::read_dir(segment_dir(path)) {
+            for entry in entries.flatten() {
+                used = used.saturating_add(entry.metadata().map(|m| m.len()).unwrap_or(0));
+            }
+        }
+        Ok(free.saturating_add(used) / 4)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(u64::MAX)
+    }
+}
+
 /// Check the format version of a freshly opened database and create every
 /// table. A file of another version is refused before anything is created
-/// in it (and before its segment directory is touched).
+/// in it (and before its segment directory is touched), except the previous
+/// format, which is upgraded in the same transaction (see
+/// [`FORMAT_VERSION_UPGRADABLE`]).
 fn init_tables(db: &Database) -> Result<(), StoreError> {
     let txn = db.begin_write()?;
     let stored = {
@@ -121,14 +192,15 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
             .transpose()?;
         if let Some(other) = stored
             && other != FORMAT_VERSION
+            && other != FORMAT_VERSION_UPGRADABLE
         {
             return Err(StoreError::Backend(format!(
                 "unsupported store format {other} (this relay reads format \
-                 {FORMAT_VERSION}; there is no conversion: start from an empty data \
-                 directory)"
+                 {FORMAT_VERSION} and upgrades format {FORMAT_VERSION_UPGRADABLE}; there \
+                 is no conversion from others: start from an empty data directory)"
             )));
         }
-        if stored.is_none() {
+        if stored != Some(FORMAT_VERSION) {
             info.insert(FORMAT_KEY, FORMAT_VERSION.to_be_bytes().as_slice())?;
         }
         stored
@@ -140,13 +212,23 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
     txn.open_table(DEDUP)?;
     txn.open_table(DEDUP_BATCHES)?;
     txn.open_table(INBOX_META)?;
-    txn.open_table(DEVICES)?;
+    let devices = txn.open_table(DEVICES)?;
+    let mut user_devices = txn.open_table(USER_DEVICES)?;
     txn.open_table(SIGNED_PREKEYS)?;
     txn.open_table(ONE_TIME_PREKEYS)?;
     txn.open_table(DEVICE_LISTS)?;
     txn.open_table(PURGE_QUEUE)?;
     txn.open_table(TOMBSTONES)?;
-    if stored.is_some() {
+    if stored == Some(FORMAT_VERSION_UPGRADABLE) {
+        for item in devices.range::<&[u8; 16]>(..)? {
+            let (k, v) = item?;
+            let device = DeviceId(*k.value());
+            let record = decode_device(device, v.value())?;
+            user_devices.insert(&user_device_key(&record.registration.user, &device), ())?;
+        }
+    }
+    drop((devices, user_devices));
+    if stored == Some(FORMAT_VERSION) {
         txn.abort()?;
     } else {
         txn.commit()?;
@@ -175,14 +257,19 @@ fn active_segment(segs: &SegmentTable<'_>) -> Result<Option<u32>, StoreError> {
 /// Take the released rows off their segments' live counts. A segment left
 /// with no live rows that is not the active one loses its row here and is
 /// listed in `freed`, to be deleted once this transaction is durable.
+/// Returns what the released rows counted against the store cap.
 fn release_segments(
     segs: &mut SegmentTable<'_>,
     released: &Released,
     freed: &mut Vec<u32>,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     if released.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
+    let cost = released.values().fold(0u64, |sum, &(rows, bytes)| {
+        sum.saturating_add(bytes)
+            .saturating_add(rows.saturating_mul(INDEX_BYTES_PER_ENVELOPE))
+    });
     let active = active_segment(segs)?;
     for (&id, &(rows, bytes)) in released {
         let key = id.to_be_bytes();
@@ -203,7 +290,7 @@ fn release_segments(
             segs.insert(&key, encode_segment(&info).as_slice())?;
         }
     }
-    Ok(())
+    Ok(cost)
 }
 
 /// Count an index row's record as released.
@@ -242,12 +329,153 @@ impl RedbStore {
             segment_rows(&txn.open_table(SEGMENTS)?)?
         };
         let segments = Segments::open(segment_dir(path), segment_bytes, FORMAT_VERSION, &rows)?;
+        let stored = rows.values().fold(0u64, |sum, info| {
+            sum.saturating_add(info.live_bytes)
+                .saturating_add(info.live.saturating_mul(INDEX_BYTES_PER_ENVELOPE))
+        });
         Ok(RedbStore {
             db,
             limits,
             segments,
-            acks: std::sync::atomic::AtomicU64::new(0),
+            acks: AtomicU64::new(0),
+            stored: AtomicU64::new(stored),
+            compaction: std::sync::Mutex::new(Compaction::default()),
         })
+    }
+
+    /// Take `cost` off the running store-cap count once the transaction
+    /// that released it has committed.
+    fn uncount(&self, cost: u64) {
+        if cost > 0 {
+            let _ = self
+                .stored
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                    Some(v.saturating_sub(cost))
+                });
+        }
+    }
+
+    /// One step of segment compaction (`docs/STORAGE.md` §4.7): look at
+    /// the records of about `budget` bytes of the sealed segment being
+    /// compacted (choosing one whose live bytes fell below
+    /// [`COMPACT_BELOW_PERCENT`] if none is), copy those an `inbox` row
+    /// still points at to the end of the active segment, sync them, and
+    /// repoint the rows in one durable transaction. The old segment loses
+    /// its row when its last live record has moved, and its file is deleted
+    /// after that commit, as for any dead segment. Holds the commit lock for
+    /// the step, so sends wait for at most one step. Returns whether
+    /// anything was done (call again until it returns `false`).
+    pub fn compact(&self, budget: u64) -> Result<bool, StoreError> {
+        let _commit = self.segments.lock_commits();
+        let mut state = self
+            .compaction
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rows = {
+            let txn = self.db.begin_read()?;
+            segment_rows(&txn.open_table(SEGMENTS)?)?
+        };
+        let active = rows.last_key_value().map(|(&id, _)| id);
+        let (id, from) = match state.cursor {
+            Some((id, from)) if rows.contains_key(&id) && Some(id) != active => (id, from),
+            _ => {
+                let skip = &state.skip;
+                let pick = rows
+                    .iter()
+                    .find(|&(&id, info)| {
+                        Some(id) != active && !skip.contains(&id) && worth_compacting(info)
+                    })
+                    .map(|(&id, _)| id);
+                match pick {
+                    Some(id) => (id, SEGMENT_HEADER_LEN),
+                    None => {
+                        state.cursor = None;
+                        return Ok(false);
+                    }
+                }
+            }
+        };
+        let end = rows.get(&id).map_or(SEGMENT_HEADER_LEN, |info| info.end);
+        let (records, next) = self.segments.scan(id, from, end, budget)?;
+        let mut written: Option<Append> = None;
+        let mut emptied = false;
+        self.write_with(Durability::Immediate, |txn, freed| {
+            let mut inbox = txn.open_table(INBOX)?;
+            // The records an index row still points at.
+            let mut live = Vec::new();
+            for rec in &records {
+                let key = inbox_key(&rec.device, rec.seq);
+                let row = inbox
+                    .get(&key)?
+                    .map(|g| decode_inbox_row(g.value()))
+                    .transpose()?;
+                if let Some(row) = row
+                    && row.body == rec.body
+                {
+                    live.push((rec, row.header));
+                }
+            }
+            if live.is_empty() {
+                return Ok(((), Changed::No));
+            }
+            let upper: u64 = live.iter().map(|(r, _)| r.body.record_len()).sum();
+            let mut append = self.segments.begin_append(upper, FORMAT_VERSION)?;
+            let mut moved = (0u64, 0u64);
+            for (rec, header) in live {
+                let body = append.push(&rec.device, rec.seq, &rec.envelope)?;
+                let row = encode_inbox_row(&InboxRow { header, body });
+                inbox.insert(&inbox_key(&rec.device, rec.seq), row.as_slice())?;
+                moved.0 += 1;
+                moved.1 += rec.body.record_len();
+            }
+            let mut segs = txn.open_table(SEGMENTS)?;
+            let mut released = Released::new();
+            released.insert(id, moved);
+            // The old segment's row goes with its last live record; the
+            // active segment is never the one compacted.
+            release_segments(&mut segs, &released, freed)?;
+            emptied = freed.contains(&id);
+            let key = append.id.to_be_bytes();
+            let mut info = segs
+                .get(&key)?
+                .map(|g| decode_segment(g.value()))
+                .transpose()?
+                .unwrap_or_default();
+            info.live += moved.0;
+            info.live_bytes += moved.1;
+            info.end = append.end();
+            segs.insert(&key, encode_segment(&info).as_slice())?;
+            if let Some(previous) = append.rolled_from {
+                let pk = previous.to_be_bytes();
+                let dead = segs
+                    .get(&pk)?
+                    .map(|g| decode_segment(g.value()))
+                    .transpose()?
+                    .is_some_and(|p| p.live == 0);
+                if dead {
+                    segs.remove(&pk)?;
+                    freed.push(previous);
+                }
+            }
+            // The copies are durable before the rows that point at them.
+            append.write_and_sync()?;
+            written = Some(append);
+            Ok(((), Changed::Yes))
+        })?;
+        if let Some(append) = written {
+            self.segments.finish_append(append);
+        }
+        if emptied {
+            state.cursor = None;
+        } else if next >= end {
+            // A whole pass should have emptied it.
+            tracing::warn!(segment = id, "segment compaction left live rows behind");
+            state.skip.insert(id);
+            state.cursor = None;
+        } else {
+            state.cursor = Some((id, next));
+        }
+        Ok(true)
     }
 
     /// The directory holding this store's envelope segments.
@@ -779,6 +1007,7 @@ impl Store for RedbStore {
         registration: &DeviceRegistration,
         now_ms: u64,
     ) -> Result<DeviceRecord, StoreError> {
+        let max = self.limits.max_devices_per_user;
         self.write(|txn| {
             let mut devices = txn.open_table(DEVICES)?;
             let key = registration.device.as_bytes();
@@ -790,11 +1019,29 @@ impl Store for RedbStore {
                 Some(record) if record.registration == *registration => Ok((record, Changed::No)),
                 Some(_) => Err(StoreError::AlreadyRegistered),
                 None => {
+                    // The user's devices, counted in the same transaction
+                    // that adds this one: at most `max` keys are looked at.
+                    let user = &registration.user;
+                    let mut user_devices = txn.open_table(USER_DEVICES)?;
+                    let lo = user_device_key(user, &DeviceId([0; 16]));
+                    let hi = user_device_key(user, &DeviceId([0xff; 16]));
+                    let mut count = 0u32;
+                    for item in user_devices.range::<&UserDeviceKey>(&lo..=&hi)? {
+                        item?;
+                        count += 1;
+                        if count >= max {
+                            return Err(StoreError::DeviceLimit { max });
+                        }
+                    }
+                    if max == 0 {
+                        return Err(StoreError::DeviceLimit { max });
+                    }
                     let record = DeviceRecord {
                         registration: registration.clone(),
                         registered_at_ms: now_ms,
                     };
                     devices.insert(key, encode_device(&record).as_slice())?;
+                    user_devices.insert(&user_device_key(user, &registration.device), ())?;
                     Ok((record, Changed::Yes))
                 }
             }
@@ -826,6 +1073,10 @@ impl Store for RedbStore {
         // One commit at a time from the choice of segment offset to the
         // recording of the new end (redb's write lock ends at its commit).
         let _commit = self.segments.lock_commits();
+        // Only commits (under the lock) add to the count; acks and purges
+        // may lower it meanwhile, which only makes this check stricter.
+        let stored = self.stored.load(Ordering::Acquire);
+        let mut added = 0u64;
         let outcomes = self.write_with(Durability::Immediate, |txn, freed| {
             let mut append = self.segments.begin_append(upper, FORMAT_VERSION)?;
             let devices = txn.open_table(DEVICES)?;
@@ -878,7 +1129,9 @@ impl Store for RedbStore {
                 }
                 let len = env.bytes.len() as u64;
                 let cached = states.get(env.recipient)?;
-                if let Err(refusal) = rules::admit(&cached.state, len, &limits) {
+                if let Err(refusal) = rules::admit(&cached.state, len, &limits)
+                    .and_then(|()| rules::admit_store(stored.saturating_add(added), len, &limits))
+                {
                     dedup.remove(&dk)?;
                     outcomes.push(CommitOutcome::Refused(refusal));
                     continue;
@@ -897,6 +1150,7 @@ impl Store for RedbStore {
                 let row = encode_inbox_row(&InboxRow { header, body });
                 inbox.insert(&inbox_key(&env.recipient, seq), row.as_slice())?;
                 created.push((env.expires_at_ms, dk));
+                added = added.saturating_add(stored_cost(len));
                 outcomes.push(CommitOutcome::Stored { seq });
             }
             if created.is_empty() {
@@ -952,6 +1206,7 @@ impl Store for RedbStore {
         })?;
         if let Some(append) = written {
             self.segments.finish_append(append);
+            self.stored.fetch_add(added, Ordering::AcqRel);
         }
         Ok(outcomes)
     }
@@ -982,7 +1237,8 @@ impl Store for RedbStore {
         } else {
             Durability::None
         };
-        self.write_with(durability, |txn, freed| {
+        let mut cost = 0u64;
+        let acked = self.write_with(durability, |txn, freed| {
             let mut meta = txn.open_table(INBOX_META)?;
             let mut state = load_state(&meta, device)?;
             let target = up_to.min(state.head);
@@ -1000,14 +1256,16 @@ impl Store for RedbStore {
                 &mut state,
                 &mut released,
             )?;
-            release_segments(&mut txn.open_table(SEGMENTS)?, &released, freed)?;
+            cost = release_segments(&mut txn.open_table(SEGMENTS)?, &released, freed)?;
             let mut tombs = txn.open_table(TOMBSTONES)?;
             let (lo, hi) = (inbox_key(device, 0), inbox_key(device, target));
             tombs.retain_in::<&InboxKey, _>(&lo..=&hi, |_, _| false)?;
             state.acked = target;
             meta.insert(device.as_bytes(), encode_state(&state).as_slice())?;
             Ok((target, Changed::Yes))
-        })
+        })?;
+        self.uncount(cost);
+        Ok(acked)
     }
 
     fn inbox_state(&self, device: &DeviceId) -> Result<InboxState, StoreError> {
@@ -1021,7 +1279,8 @@ impl Store for RedbStore {
             return Ok(PurgeStats::default());
         }
         let max = max as u64;
-        self.write_with(Durability::Immediate, |txn, freed| {
+        let mut cost = 0u64;
+        let stats = self.write_with(Durability::Immediate, |txn, freed| {
             let mut stats = PurgeStats::default();
             let mut released = Released::new();
             let mut changed = Changed::No;
@@ -1049,7 +1308,7 @@ impl Store for RedbStore {
                 };
                 stats.expired += purge_inbox(&mut tables, &device, now_ms, max - stats.expired)?;
             }
-            release_segments(&mut txn.open_table(SEGMENTS)?, &released, freed)?;
+            cost = release_segments(&mut txn.open_table(SEGMENTS)?, &released, freed)?;
 
             // Dedup entries, by the lists their commits wrote.
             let mut dedup = txn.open_table(DEDUP)?;
@@ -1068,7 +1327,9 @@ impl Store for RedbStore {
                 stats.dedup_removed += removed;
             }
             Ok((stats, changed))
-        })
+        })?;
+        self.uncount(cost);
+        Ok(stats)
     }
 
     fn publish_prekeys(
@@ -1190,6 +1451,14 @@ impl Store for RedbStore {
             .map(|g| decode_device_list(*user, g.value()))
             .transpose()?;
         Ok(found)
+    }
+
+    fn stored_bytes(&self) -> Result<u64, StoreError> {
+        Ok(self.stored.load(Ordering::Acquire))
+    }
+
+    fn compact_step(&self, budget: u64) -> Result<bool, StoreError> {
+        self.compact(budget)
     }
 
     fn total_depth(&self) -> Result<u64, StoreError> {

@@ -19,6 +19,15 @@ pub(crate) fn admit(state: &InboxState, len: u64, limits: &StoreLimits) -> Resul
     }
 }
 
+/// Whether an envelope of `len` bytes fits under the store-wide cap, given
+/// the bytes already counted (see [`super::stored_cost`]).
+pub(crate) fn admit_store(stored: u64, len: u64, limits: &StoreLimits) -> Result<(), Refusal> {
+    match stored.checked_add(super::stored_cost(len)) {
+        Some(total) if total <= limits.max_store_bytes => Ok(()),
+        _ => Err(Refusal::StoreFull),
+    }
+}
+
 /// Record an admitted envelope in the inbox counters and return its seq.
 /// `None` only if the seq space is exhausted (2^64 envelopes).
 pub(crate) fn assign(state: &mut InboxState, len: u64) -> Option<u64> {
@@ -118,6 +127,7 @@ mod tests {
             max_inbox_messages: 2,
             max_inbox_bytes: 100,
             max_one_time_prekeys: 1,
+            ..StoreLimits::default()
         };
         let mut s = InboxState::default();
         assert_eq!(admit(&s, 100, &limits), Ok(()));

@@ -85,6 +85,19 @@ impl BodyRef {
     }
 }
 
+/// A record found by [`Segments::scan`].
+#[derive(Debug)]
+pub(crate) struct ScannedRecord {
+    /// Its inbox.
+    pub device: DeviceId,
+    /// Its seq.
+    pub seq: u64,
+    /// Where it is.
+    pub body: BodyRef,
+    /// The envelope, checked against the record's CRC.
+    pub envelope: Vec<u8>,
+}
+
 /// Why a record could not be read.
 #[derive(Debug)]
 pub(crate) enum ReadError {
@@ -569,6 +582,55 @@ impl Segments {
         }
         handles.insert(id, Arc::clone(&file));
         Ok(file)
+    }
+
+    /// Read the records of segment `id` from `from` (a record boundary) up
+    /// to about `budget` bytes (at least one record), not past the
+    /// committed `end`, checking each one. Returns them and the offset of
+    /// the next record.
+    pub(crate) fn scan(
+        &self,
+        id: u32,
+        from: u64,
+        end: u64,
+        budget: u64,
+    ) -> Result<(Vec<ScannedRecord>, u64), StoreError> {
+        let file = self.handle(id).map_err(StoreError::from)?;
+        let mut out = Vec::new();
+        let mut at = from;
+        let stop = from.saturating_add(budget.max(1)).min(end);
+        while at < stop {
+            let mut head = [0u8; RECORD_HEADER_LEN];
+            if at.saturating_add(RECORD_HEADER_LEN as u64) > end {
+                return Err(corrupt(&format!("segment {id} (record at {at})")));
+            }
+            read_exact_at(&file, &mut head, at).map_err(|e| io("reading a segment", e))?;
+            let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+            let mut device = [0u8; 16];
+            device.copy_from_slice(&head[8..24]);
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(&head[24..32]);
+            let (device, seq) = (DeviceId(device), u64::from_be_bytes(seq));
+            let body = BodyRef {
+                segment: id,
+                offset: at,
+                len,
+            };
+            if head[..4] != RECORD_MAGIC || body.record_end() > end {
+                return Err(corrupt(&format!("segment {id} (record at {at})")));
+            }
+            let mut record = vec![0u8; RECORD_HEADER_LEN + len as usize];
+            read_exact_at(&file, &mut record, at).map_err(|e| io("reading a segment", e))?;
+            let envelope = decode_record(&record, &device, seq, len)?;
+            out.push(ScannedRecord {
+                device,
+                seq,
+                body,
+                envelope,
+            });
+            at = body.record_end();
+        }
+        Ok((out, at))
     }
 
     /// The length of segment `id`'s file on disk (for consistency checks).

@@ -48,13 +48,31 @@ pub(crate) const DEVICE_LISTS: TableDefinition<&[u8; 32], &[u8]> =
 pub(crate) const PURGE_QUEUE: TableDefinition<&QueueKey, ()> = TableDefinition::new("purge_queue");
 /// `device ‖ seq` → [`Tombstone`] (40 bytes).
 pub(crate) const TOMBSTONES: TableDefinition<&InboxKey, &[u8]> = TableDefinition::new("tombstones");
+/// `user ‖ device` → `()`: the devices of each user, so registration can
+/// count a user's devices with a bounded range scan (format 4).
+pub(crate) const USER_DEVICES: TableDefinition<&UserDeviceKey, ()> =
+    TableDefinition::new("user_devices");
 /// Name → value: the file format version (`"format"` → u32 BE).
 pub(crate) const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info");
 
 /// Key of the format version in [`INFO`].
 pub(crate) const FORMAT_KEY: &str = "format";
 /// The layout described in `docs/STORAGE.md`.
-pub(crate) const FORMAT_VERSION: u32 = 3;
+pub(crate) const FORMAT_VERSION: u32 = 4;
+/// The previous format, upgraded in place on open: the same tables without
+/// [`USER_DEVICES`], which the upgrade fills from [`DEVICES`].
+pub(crate) const FORMAT_VERSION_UPGRADABLE: u32 = 3;
+
+/// Key of the [`USER_DEVICES`] table: `user 32 ‖ device 16`.
+pub(crate) type UserDeviceKey = [u8; 48];
+
+/// The [`USER_DEVICES`] key of `device` of `user`.
+pub(crate) fn user_device_key(user: &UserKey, device: &DeviceId) -> UserDeviceKey {
+    let mut k = [0u8; 48];
+    k[..32].copy_from_slice(user.as_bytes());
+    k[32..].copy_from_slice(device.as_bytes());
+    k
+}
 
 /// Key of the [`SEGMENTS`] table: the segment id, big-endian.
 pub(crate) type SegmentKey = [u8; 4];

@@ -966,6 +966,7 @@ fn store_phase(dir: &Path, args: &Args) -> BenchResult<()> {
         max_inbox_messages: u64::MAX,
         max_inbox_bytes: u64::MAX,
         max_one_time_prekeys: 1,
+        ..StoreLimits::default()
     };
     let store = RedbStore::open(dir.join("store.redb"), limits)?;
     let recipients: Vec<DeviceId> = (0..INGEST_RECIPIENTS)
