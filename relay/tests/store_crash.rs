@@ -8,6 +8,12 @@
 //! inbox is gap-free. Each round's child first retries messages of the
 //! previous round, which must come back as duplicates with their original
 //! seqs: the dedup table survives the crash along with the inbox.
+//!
+//! A second test does the same with small segments while the child also
+//! acknowledges two of the three inboxes after every batch and runs segment
+//! compaction between batches, so kills land in the middle of compactions:
+//! every envelope of the never-acknowledged inbox (the ones compaction
+//! moves) must survive intact.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -25,6 +31,11 @@ use std::time::{Duration, Instant};
 const CHILD_ENV: &str = "HUSH_STORE_CRASH_CHILD";
 const ROUND_ENV: &str = "HUSH_STORE_CRASH_ROUND";
 const TEST_NAME: &str = "killed_writer_loses_nothing_it_reported";
+const COMPACT_TEST_NAME: &str = "killed_compaction_loses_nothing_unacked";
+/// Segment size of the compaction test: a roll every few batches.
+const SMALL_SEGMENT: u64 = 4096;
+/// The inbox the compaction test never acknowledges.
+const KEPT: u64 = 10;
 const ROUNDS: u64 = 12;
 const RECIPIENTS: u64 = 3;
 const BATCH: u64 = 8;
@@ -40,8 +51,24 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 #[test]
 fn killed_writer_loses_nothing_it_reported() {
     match std::env::var(CHILD_ENV) {
-        Ok(path) => child(Path::new(&path)),
-        Err(_) => parent(),
+        Ok(path) => child(Path::new(&path), false),
+        Err(_) => parent(false),
+    }
+}
+
+#[test]
+fn killed_compaction_loses_nothing_unacked() {
+    match std::env::var(CHILD_ENV) {
+        Ok(path) => child(Path::new(&path), true),
+        Err(_) => parent(true),
+    }
+}
+
+fn open(path: &Path, compacting: bool) -> RedbStore {
+    if compacting {
+        RedbStore::open_with_segment_size(path, StoreLimits::default(), SMALL_SEGMENT).unwrap()
+    } else {
+        RedbStore::open(path, StoreLimits::default()).unwrap()
     }
 }
 
@@ -91,9 +118,9 @@ fn registration(n: u64) -> DeviceRegistration {
 
 // ---- child -------------------------------------------------------------
 
-fn child(path: &Path) {
+fn child(path: &Path, compacting: bool) {
     let round: u64 = std::env::var(ROUND_ENV).unwrap().parse().unwrap();
-    let store = RedbStore::open(path, StoreLimits::default()).unwrap();
+    let store = open(path, compacting);
     for r in 0..RECIPIENTS {
         store.register_device(&registration(10 + r), 0).unwrap();
     }
@@ -124,6 +151,20 @@ fn child(path: &Path) {
         let batch: Vec<_> = idxs.iter().map(|&i| envelope(round, i)).collect();
         let outcomes = store.commit(&batch).unwrap();
         report(round, &idxs, &outcomes);
+        if compacting {
+            for r in 0..RECIPIENTS {
+                if 10 + r != KEPT {
+                    store.ack(&dev(10 + r), u64::MAX).unwrap();
+                }
+            }
+            let mut steps = 0;
+            while store.compact(512).unwrap() {
+                steps += 1;
+            }
+            if steps > 0 {
+                writeln!(std::io::stdout().lock(), "COMPACTED {steps}").unwrap();
+            }
+        }
     }
 }
 
@@ -166,9 +207,20 @@ impl Rng {
 
 /// Run one child until it is killed; return every complete line it printed
 /// and whether it was still running when killed.
-fn run_child(path: &Path, round: u64, delay: Duration, err_log: &Path) -> (Vec<String>, bool) {
+fn run_child(
+    path: &Path,
+    compacting: bool,
+    round: u64,
+    delay: Duration,
+    err_log: &Path,
+) -> (Vec<String>, bool) {
+    let name = if compacting {
+        COMPACT_TEST_NAME
+    } else {
+        TEST_NAME
+    };
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, path)
         .env(ROUND_ENV, round.to_string())
         .stdin(Stdio::null())
@@ -238,9 +290,10 @@ fn run_child(path: &Path, round: u64, delay: Duration, err_log: &Path) -> (Vec<S
     (lines, still_running)
 }
 
-/// Check the reopened file against everything reported so far.
-fn verify(path: &Path, round: u64, reported: &BTreeMap<(u64, u64), Reported>) {
-    let store = RedbStore::open(path, StoreLimits::default()).unwrap();
+/// Check the reopened file against everything reported so far (with
+/// `compacting`, only the never-acknowledged inbox must hold all of it).
+fn verify(path: &Path, compacting: bool, round: u64, reported: &BTreeMap<(u64, u64), Reported>) {
+    let store = open(path, compacting);
     // The tables still agree with each other (counters, purge queue, dedup
     // lists) whatever moment the child died at.
     if let Err(e) = store.check_consistency() {
@@ -251,7 +304,9 @@ fn verify(path: &Path, round: u64, reported: &BTreeMap<(u64, u64), Reported>) {
     for r in 0..RECIPIENTS {
         let d = dev(10 + r);
         let state = store.inbox_state(&d).unwrap();
-        let mut after = 0;
+        // Acknowledged envelopes are gone (acks are cumulative, and a crash
+        // may only undo the last few).
+        let mut after = state.acked;
         loop {
             let page = store.pull(&d, after, 200, usize::MAX).unwrap();
             assert_eq!(page.truncated, None);
@@ -283,11 +338,21 @@ fn verify(path: &Path, round: u64, reported: &BTreeMap<(u64, u64), Reported>) {
             }
         }
         assert_eq!(after, state.head, "round {round}: head of inbox {r}");
-        assert_eq!(state.depth, state.head, "round {round}: depth of inbox {r}");
+        assert_eq!(
+            state.depth,
+            state.head - state.acked,
+            "round {round}: depth of inbox {r}"
+        );
+        if !compacting || 10 + r == KEPT {
+            assert_eq!(state.acked, 0, "round {round}: inbox {r} acked");
+        }
         total += state.depth;
     }
     assert_eq!(store.total_depth().unwrap(), total);
     for (&(m_round, m_idx), rep) in reported {
+        if compacting && recipient_of(m_idx) != KEPT {
+            continue;
+        }
         let (inbox, seq) = found
             .get(&(m_round, m_idx))
             .unwrap_or_else(|| panic!("round {round}: reported ({m_round}, {m_idx}) lost"));
@@ -296,7 +361,7 @@ fn verify(path: &Path, round: u64, reported: &BTreeMap<(u64, u64), Reported>) {
     }
 }
 
-fn parent() {
+fn parent(compacting: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("crash.redb");
     let seed = std::time::SystemTime::now()
@@ -309,15 +374,19 @@ fn parent() {
     let mut reported: BTreeMap<(u64, u64), Reported> = BTreeMap::new();
     let mut killed_mid_run = 0;
     let mut duplicates = 0;
+    let mut compactions = 0u64;
     let started = Instant::now();
     for round in 0..ROUNDS {
         let delay = Duration::from_millis(rng.next() % (MAX_KILL_DELAY_MS + 1));
         let err_log = dir.path().join(format!("child-{round}.stderr"));
-        let (lines, was_running) = run_child(&path, round, delay, &err_log);
+        let (lines, was_running) = run_child(&path, compacting, round, delay, &err_log);
         if was_running {
             killed_mid_run += 1;
         }
         for line in &lines {
+            if let Some(n) = line.strip_prefix("COMPACTED ") {
+                compactions += n.parse::<u64>().unwrap();
+            }
             let Some((msg, rep)) = parse(line) else {
                 continue;
             };
@@ -333,14 +402,18 @@ fn parent() {
                 }
             }
         }
-        verify(&path, round, &reported);
+        verify(&path, compacting, round, &reported);
     }
     eprintln!(
         "crash test: {ROUNDS} rounds in {:?}, {} envelopes reported, {duplicates} retries \
-         deduplicated, {killed_mid_run} children killed mid-run",
+         deduplicated, {killed_mid_run} children killed mid-run, {compactions} compaction \
+         steps",
         started.elapsed(),
         reported.len(),
     );
+    if compacting {
+        assert!(compactions > 0, "no compaction ran");
+    }
     assert!(!reported.is_empty(), "no child committed anything");
     assert!(
         killed_mid_run >= ROUNDS / 2,

@@ -199,3 +199,131 @@ fn reads_see_a_consistent_snapshot_while_a_writer_runs() {
         u64::from(batches) * u64::from(per)
     );
 }
+
+/// The `*.seg` files in a store's segment directory, by id.
+fn segment_files(s: &RedbStore) -> Vec<u32> {
+    let mut ids: Vec<u32> = std::fs::read_dir(s.segment_dir())
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".seg")?.parse().ok()
+        })
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// The pinning attack: one small envelope that is never acknowledged sits
+/// among many that are, so without compaction its whole segment file stays
+/// on disk for the retention period. Compaction moves it into the active
+/// segment and deletes the old file; the envelope still pulls intact (also
+/// after a reopen), and the store-cap count does not change.
+#[test]
+fn compaction_reclaims_a_segment_pinned_by_one_unacked_envelope() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.redb");
+    let limits = StoreLimits::default();
+    let (pinned_bytes, stored) = {
+        let s = RedbStore::open_with_segment_size(&path, limits, 4096).unwrap();
+        s.register_device(&reg(9), 1).unwrap();
+        s.register_device(&reg(8), 1).unwrap();
+        // The pinning envelope first, then enough for inbox 8 to fill and
+        // roll several segments.
+        assert_eq!(
+            s.commit(&[env(9, 200, 10_000)]).unwrap(),
+            vec![CommitOutcome::Stored { seq: 1 }]
+        );
+        for m in 0..60u8 {
+            s.commit(&[env(8, m, 10_000)]).unwrap();
+        }
+        let before = segment_files(&s);
+        assert!(before.len() >= 3, "segments {before:?}");
+        assert_eq!(before[0], 1);
+        // Everything but the pinning envelope is acknowledged: the sealed
+        // segments other than the first are deleted, the first stays.
+        assert_eq!(s.ack(&dev(8), 60).unwrap(), 60);
+        // A durable commit lets the deletions of non-durable acks happen.
+        s.commit(&[env(8, 100, 10_000)]).unwrap();
+        let pinned = segment_files(&s);
+        assert!(pinned.contains(&1), "segment 1 gone without compaction");
+        let stored = s.stored_bytes().unwrap();
+        let mut steps = 0;
+        while s.compact(1024).unwrap() {
+            steps += 1;
+            assert!(steps < 100, "compaction does not finish");
+        }
+        assert!(steps >= 1);
+        let after = segment_files(&s);
+        assert!(!after.contains(&1), "segment 1 still there: {after:?}");
+        s.check_consistency().unwrap();
+        assert_eq!(s.stored_bytes().unwrap(), stored);
+        let page = s.pull(&dev(9), 0, 10, usize::MAX).unwrap();
+        assert_eq!(page.envelopes.len(), 1);
+        assert_eq!(page.envelopes[0].seq, 1);
+        assert_eq!(page.envelopes[0].bytes, vec![200u8; 300]);
+        // Nothing left to do: a further step is a no-op.
+        assert!(!s.compact(1024).unwrap());
+        (page.envelopes[0].bytes.clone(), stored)
+    };
+    let s = RedbStore::open_with_segment_size(&path, limits, 4096).unwrap();
+    s.check_consistency().unwrap();
+    assert!(!segment_files(&s).contains(&1));
+    assert_eq!(s.stored_bytes().unwrap(), stored);
+    let page = s.pull(&dev(9), 0, 10, usize::MAX).unwrap();
+    assert_eq!(page.envelopes[0].bytes, pinned_bytes);
+    // Inbox 8 was untouched by the move of inbox 9's record.
+    let page = s.pull(&dev(8), 60, 10, usize::MAX).unwrap();
+    assert_eq!(page.envelopes.len(), 1);
+    assert_eq!(page.envelopes[0].bytes, vec![100u8; 200]);
+}
+
+/// Segments that are still mostly live are left alone: compaction only
+/// copies when it reclaims more than it writes.
+#[test]
+fn compaction_leaves_mostly_live_segments_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open_with_segment_size(
+        dir.path().join("relay.redb"),
+        StoreLimits::default(),
+        4096,
+    )
+    .unwrap();
+    s.register_device(&reg(9), 1).unwrap();
+    for m in 0..60u8 {
+        s.commit(&[env(9, m, 10_000)]).unwrap();
+    }
+    let before = segment_files(&s);
+    assert!(before.len() >= 3);
+    // The first few envelopes acked: segment 1 loses less than half.
+    s.ack(&dev(9), 3).unwrap();
+    assert!(!s.compact(1 << 20).unwrap());
+    assert_eq!(segment_files(&s), before);
+    s.check_consistency().unwrap();
+}
+
+/// The per-user device cap survives a reopen (the count is in the file, not
+/// in memory).
+#[test]
+fn device_cap_holds_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.redb");
+    let limits = StoreLimits {
+        max_devices_per_user: 2,
+        ..StoreLimits::default()
+    };
+    let of_user = |n: u8| DeviceRegistration {
+        user: UserKey([77; 32]),
+        ..reg(n)
+    };
+    {
+        let s = RedbStore::open(&path, limits).unwrap();
+        s.register_device(&of_user(1), 1).unwrap();
+        s.register_device(&of_user(2), 1).unwrap();
+    }
+    let s = RedbStore::open(&path, limits).unwrap();
+    assert!(matches!(
+        s.register_device(&of_user(3), 2),
+        Err(StoreError::DeviceLimit { max: 2 })
+    ));
+    s.register_device(&of_user(2), 3).unwrap();
+}

@@ -1508,6 +1508,63 @@ mod tests {
         txn.commit().unwrap();
     }
 
+    /// A format-3 file (no `user_devices` table) is upgraded on open: its
+    /// existing devices count against the cap at once, so a user cannot
+    /// slip past it by having registered before the upgrade.
+    #[test]
+    fn format_3_files_are_upgraded_with_their_devices_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let limits = StoreLimits {
+            max_devices_per_user: 2,
+            ..StoreLimits::default()
+        };
+        let of_user = |n: u8| DeviceRegistration {
+            user: UserKey([77; 32]),
+            ..registration(n)
+        };
+        {
+            let store = RedbStore::open(&path, limits).unwrap();
+            store.register_device(&of_user(1), 1).unwrap();
+            store.register_device(&of_user(2), 1).unwrap();
+            // Turn the file back into format 3.
+            poke(&store, |txn| {
+                assert!(txn.delete_table(USER_DEVICES).unwrap());
+                let mut info = txn.open_table(INFO).unwrap();
+                info.insert(FORMAT_KEY, 3u32.to_be_bytes().as_slice())
+                    .unwrap();
+            });
+        }
+        let store = RedbStore::open(&path, limits).unwrap();
+        assert!(matches!(
+            store.register_device(&of_user(3), 2),
+            Err(StoreError::DeviceLimit { max: 2 })
+        ));
+        store.register_device(&of_user(1), 2).unwrap();
+        let txn = store.db.begin_read().unwrap();
+        let format = txn
+            .open_table(INFO)
+            .unwrap()
+            .get(FORMAT_KEY)
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        assert_eq!(format, FORMAT_VERSION.to_be_bytes());
+        // Other formats are still refused.
+        drop(txn);
+        poke(&store, |txn| {
+            let mut info = txn.open_table(INFO).unwrap();
+            info.insert(FORMAT_KEY, 2u32.to_be_bytes().as_slice())
+                .unwrap();
+        });
+        drop(store);
+        assert!(matches!(
+            RedbStore::open(&path, limits),
+            Err(StoreError::Backend(m)) if m.contains("unsupported store format 2")
+        ));
+    }
+
     #[test]
     fn corrupt_values_on_disk_are_errors_not_panics() {
         let dir = tempfile::tempdir().unwrap();
