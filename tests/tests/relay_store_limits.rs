@@ -1,0 +1,117 @@
+//! The relay's store-wide limits, end to end on a real `hush-relay` process
+//! on 127.0.0.1: a sender filling the relay's disk is refused with
+//! `StoreFull` while the recipient keeps pulling and acknowledging (which
+//! gives the space back), and one user cannot register more than
+//! `--max-devices-per-user` devices.
+
+// Test code: a failed expectation is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use hush_protocol::ErrorCode;
+use hush_relay::store::stored_cost;
+use hush_tests::{
+    DeviceIdentity, RelayProcess, TestDevice, conversation, make_envelope_sized, refusal_code,
+    refused, stored,
+};
+
+/// Encoded size of each envelope the filling sender sends.
+const ENVELOPE: usize = 8 * 1024;
+/// The relay's store cap: eight envelopes' worth would not fit.
+const CAP: &str = "64K";
+const CAP_BYTES: u64 = 64 * 1024;
+
+/// A sender fills a relay started with a small `--max-store-bytes` until its
+/// sends are refused with `StoreFull`; nothing of a refused envelope is
+/// stored, the recipient still pulls and acknowledges everything, and once
+/// the acknowledgements free the space the refused envelope is accepted.
+#[tokio::test]
+async fn a_full_store_refuses_sends_until_acks_free_space() {
+    let relay = RelayProcess::spawn_temp(&["--send-rate", "0", "--max-store-bytes", CAP])
+        .await
+        .expect("relay process starts");
+    let a = DeviceIdentity::from_seed(1);
+    let b = DeviceIdentity::from_seed(2);
+    let mut sender = TestDevice::register_new(&a, relay.target()).await.unwrap();
+    let mut recipient = TestDevice::register_new(&b, relay.target()).await.unwrap();
+    let conv = conversation(1);
+    let envelope =
+        |seq: u64| make_envelope_sized(a.device(), b.device(), conv, seq, ENVELOPE, seq as u8);
+    let fits = CAP_BYTES / stored_cost(ENVELOPE as u64);
+    assert!((2..20).contains(&fits));
+
+    // Fill: one envelope per Send until the relay refuses.
+    let mut accepted = Vec::new();
+    let mut refusal = None;
+    for seq in 1..=20u64 {
+        let env = envelope(seq);
+        let outcome = sender.send_one(env.clone()).await.unwrap();
+        match refused(&outcome) {
+            Some(error) => {
+                refusal = Some((seq, env, error.code));
+                break;
+            }
+            None => accepted.push((stored(&outcome).unwrap().0, env)),
+        }
+    }
+    let (refused_seq, refused_env, code) = refusal.expect("the store never filled up");
+    assert_eq!(code, ErrorCode::StoreFull);
+    assert_eq!(accepted.len() as u64, fits);
+    // Still full for a second try.
+    let again = sender.send_one(refused_env.clone()).await.unwrap();
+    assert_eq!(refused(&again).map(|e| e.code), Some(ErrorCode::StoreFull));
+
+    // The recipient pulls exactly what was accepted, intact, and nothing of
+    // the refused envelope.
+    let inbox = recipient.read_inbox(0).await.unwrap();
+    assert_eq!(inbox.len(), accepted.len());
+    for (got, (seq, env)) in inbox.iter().zip(&accepted) {
+        assert_eq!(got.seq, *seq);
+        assert_eq!(got.envelope, *env);
+    }
+    let last = inbox.last().unwrap().seq;
+    assert_eq!(recipient.ack(last).await.unwrap(), last);
+
+    // The space is back: the refused envelope (same message id) and more
+    // are accepted now.
+    let outcome = sender.send_one(refused_env.clone()).await.unwrap();
+    assert_eq!(stored(&outcome), Some((last + 1, false)), "{outcome:?}");
+    let more = sender.send_one(envelope(refused_seq + 1)).await.unwrap();
+    assert_eq!(stored(&more), Some((last + 2, false)), "{more:?}");
+    let inbox = recipient.read_inbox(last).await.unwrap();
+    assert_eq!(inbox.len(), 2);
+    assert_eq!(inbox[0].envelope, refused_env);
+}
+
+/// One user registers ten devices (the default cap); the eleventh is
+/// refused with `DeviceLimit` and cannot authenticate, while an existing
+/// device registering again and another user's device still succeed.
+#[tokio::test]
+async fn the_eleventh_device_of_a_user_is_refused() {
+    let relay = RelayProcess::spawn_temp(&[])
+        .await
+        .expect("relay process starts");
+    let first = DeviceIdentity::from_seed(10);
+    let devices: Vec<DeviceIdentity> = std::iter::once(first.clone())
+        .chain((1..=10).map(|n| first.another_device(n)))
+        .collect();
+    assert_eq!(devices.len(), 11);
+    for d in &devices[..10] {
+        assert_eq!(d.user(), first.user());
+        TestDevice::register_new(d, relay.target())
+            .await
+            .expect("one of the first ten devices registers");
+    }
+    let eleventh = TestDevice::register_new(&devices[10], relay.target()).await;
+    assert_eq!(refusal_code(&eleventh), Some(ErrorCode::DeviceLimit));
+    // It was not stored: it cannot log in.
+    let login = TestDevice::login(&devices[10], relay.target()).await;
+    assert_eq!(refusal_code(&login), Some(ErrorCode::UnknownDevice));
+    // Re-registering an existing device with the same keys still works.
+    TestDevice::register_new(&devices[3], relay.target())
+        .await
+        .expect("re-registration of an existing device");
+    // Other users are not affected.
+    TestDevice::register_new(&DeviceIdentity::from_seed(99), relay.target())
+        .await
+        .expect("another user's device registers");
+}
