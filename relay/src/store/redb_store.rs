@@ -328,7 +328,12 @@ impl RedbStore {
             let txn = db.begin_read()?;
             segment_rows(&txn.open_table(SEGMENTS)?)?
         };
-        let segments = Segments::open(segment_dir(path), segment_bytes, FORMAT_VERSION, &rows)?;
+        let segments = Segments::open(
+            segment_dir(path),
+            segment_bytes,
+            &[FORMAT_VERSION, FORMAT_VERSION_UPGRADABLE],
+            &rows,
+        )?;
         let stored = rows.values().fold(0u64, |sum, info| {
             sum.saturating_add(info.live_bytes)
                 .saturating_add(info.live.saturating_mul(INDEX_BYTES_PER_ENVELOPE))
@@ -1527,7 +1532,21 @@ mod tests {
             let store = RedbStore::open(&path, limits).unwrap();
             store.register_device(&of_user(1), 1).unwrap();
             store.register_device(&of_user(2), 1).unwrap();
-            // Turn the file back into format 3.
+            let env = NewEnvelope {
+                recipient: DeviceId([1; 16]),
+                sender: DeviceId([2; 16]),
+                message_id: hush_protocol::MessageId([3; 16]),
+                conversation: hush_protocol::ConversationId([4; 16]),
+                sender_seq: 1,
+                bytes: vec![5; 40],
+                expires_at_ms: 1_000,
+            };
+            store.commit(&[env]).unwrap();
+            // Turn the file back into format 3, its segment too.
+            let seg = super::super::segments::segment_path(store.segment_dir(), 1);
+            let mut bytes = std::fs::read(&seg).unwrap();
+            bytes[8..12].copy_from_slice(&3u32.to_be_bytes());
+            std::fs::write(&seg, bytes).unwrap();
             poke(&store, |txn| {
                 assert!(txn.delete_table(USER_DEVICES).unwrap());
                 let mut info = txn.open_table(INFO).unwrap();
@@ -1541,6 +1560,10 @@ mod tests {
             Err(StoreError::DeviceLimit { max: 2 })
         ));
         store.register_device(&of_user(1), 2).unwrap();
+        // The old segment still reads, and new ones are written beside it.
+        let page = store.pull(&DeviceId([1; 16]), 0, 10, usize::MAX).unwrap();
+        assert_eq!(page.envelopes[0].bytes, vec![5; 40]);
+        store.check_consistency().unwrap();
         let txn = store.db.begin_read().unwrap();
         let format = txn
             .open_table(INFO)

@@ -301,10 +301,12 @@ impl Segments {
     /// never committed, or a dead segment whose deletion a crash interrupted),
     /// check each remaining file's header, and cut every file back to its
     /// committed end (bytes past it were never acknowledged).
+    /// A file's header may name any of `formats` (segments written before
+    /// an in-place format upgrade keep the version they were written with).
     pub(crate) fn open(
         dir: PathBuf,
         max_bytes: u64,
-        format: u32,
+        formats: &[u32],
         rows: &BTreeMap<u32, SegmentInfo>,
     ) -> Result<Segments, StoreError> {
         std::fs::create_dir_all(&dir).map_err(|e| io("creating the segment directory", e))?;
@@ -329,7 +331,7 @@ impl Segments {
             let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
             read_exact_at(&file, &mut header, 0)
                 .map_err(|_| corrupt(&format!("segment {id} header")))?;
-            if header != segment_header(id, format) {
+            if !formats.iter().any(|&f| header == segment_header(id, f)) {
                 return Err(corrupt(&format!("segment {id} header")));
             }
             let len = file
