@@ -2,17 +2,25 @@
 //! on 127.0.0.1: a sender filling the relay's disk is refused with
 //! `StoreFull` while the recipient keeps pulling and acknowledging (which
 //! gives the space back), and one user cannot register more than
-//! `--max-devices-per-user` devices.
+//! `--max-devices-per-user` devices. Plus, on an in-process relay whose
+//! store rolls small segments, the commit writer's segment compaction.
 
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hush_protocol::ErrorCode;
-use hush_relay::store::stored_cost;
+use hush_relay::store::redb_store::RedbStore;
+use hush_relay::store::{StoreLimits, stored_cost};
+use hush_relay::{Config, RelayHandle, StartOptions, SystemClock};
 use hush_tests::{
-    DeviceIdentity, RelayProcess, TestDevice, conversation, make_envelope_sized, refusal_code,
-    refused, stored,
+    DeviceIdentity, RelayProcess, RelayTarget, TestDevice, conversation, make_envelope_sized,
+    refusal_code, refused, stored, wait_until,
 };
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Bound for anything the relay should do promptly.
+const PROMPT: Duration = Duration::from_secs(10);
 
 /// Encoded size of each envelope the filling sender sends.
 const ENVELOPE: usize = 8 * 1024;
@@ -114,4 +122,62 @@ async fn the_eleventh_device_of_a_user_is_refused() {
     TestDevice::register_new(&DeviceIdentity::from_seed(99), relay.target())
         .await
         .expect("another user's device registers");
+}
+
+/// The pinning attack against a running relay: one envelope its recipient
+/// never acknowledges sits in a segment whose other envelopes were all
+/// acknowledged. The commit writer compacts that segment between sends: its
+/// file goes, and the pinned envelope is still pulled intact.
+#[tokio::test]
+async fn the_writer_reclaims_a_segment_pinned_by_one_unacked_envelope() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open_with_segment_size(
+        dir.path().join("relay.redb"),
+        StoreLimits::default(),
+        16 * 1024,
+    )
+    .unwrap();
+    let first_segment = store.segment_dir().join("000001.seg");
+    let mut config = Config::default_for(dir.path().join("data"));
+    config.send_rate = 0;
+    config.http = None;
+    let relay = RelayHandle::start_with_store(
+        config,
+        Arc::new(SystemClock),
+        Arc::new(store),
+        StartOptions::default(),
+    )
+    .await
+    .expect("in-process relay starts");
+    let t = RelayTarget::from_cert_der(relay.quic_addr(), &relay.cert_der());
+    let (a, b, c) = (
+        DeviceIdentity::from_seed(1),
+        DeviceIdentity::from_seed(2),
+        DeviceIdentity::from_seed(3),
+    );
+    let mut sender = TestDevice::register_new(&a, t).await.unwrap();
+    let mut reader = TestDevice::register_new(&b, t).await.unwrap();
+    let mut offline = TestDevice::register_new(&c, t).await.unwrap();
+    let conv = conversation(1);
+    // The pinning envelope, then enough for the reader to fill segments.
+    let pinned = make_envelope_sized(a.device(), c.device(), conv, 1, 1024, 0xAA);
+    assert!(stored(&sender.send_one(pinned.clone()).await.unwrap()).is_some());
+    for seq in 1..=40u64 {
+        let env = make_envelope_sized(a.device(), b.device(), conv, seq, 1024, seq as u8);
+        assert!(stored(&sender.send_one(env).await.unwrap()).is_some());
+    }
+    let inbox = reader.read_inbox(0).await.unwrap();
+    assert_eq!(inbox.len(), 40);
+    reader.ack(40).await.unwrap();
+    assert!(first_segment.exists(), "segment 1 went without compaction");
+    // The next send's commit group is followed by compaction steps.
+    let env = make_envelope_sized(a.device(), b.device(), conv, 41, 1024, 41);
+    assert!(stored(&sender.send_one(env).await.unwrap()).is_some());
+    wait_until(PROMPT, "segment 1 reclaimed", || !first_segment.exists())
+        .await
+        .unwrap();
+    let got = offline.read_inbox(0).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].envelope, pinned);
+    relay.shutdown().await.unwrap();
 }
