@@ -98,6 +98,14 @@ impl Engine {
                 }
             }
             ServerFrame::Push { envelopes } => self.on_push(now, envelopes)?,
+            ServerFrame::PrekeysLow {
+                one_time_prekeys_left,
+            } => {
+                // Other devices are using up our one-time prekeys: top up
+                // (unless a publish is already on its way).
+                self.link.one_time_left = one_time_prekeys_left;
+                self.publish_prekeys_if_needed(now)?;
+            }
             ServerFrame::Closing { code, .. } => {
                 if code != ErrorCode::ShuttingDown && code != ErrorCode::Replaced {
                     self.event(Event::Warning(format!(
