@@ -779,7 +779,15 @@ async fn fetch_concurrently(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_time_prekeys_are_handed_out_once_each() {
-    let relay = relay(&[]).await;
+    // Hundreds of fetches of one device: no fetch limits here (they have
+    // their own test in relay_hostile).
+    let relay = relay(&[
+        "--prekey-fetches-per-device-minute",
+        "0",
+        "--prekey-fetches-per-target-minute",
+        "0",
+    ])
+    .await;
     let (a, mut owner) = registered(&relay, 80).await;
     let (_b, mut fetcher) = registered(&relay, 81).await;
     let (c, _c_conn) = registered(&relay, 82).await;
