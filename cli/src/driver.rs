@@ -806,7 +806,9 @@ impl<S: Storage + Send + 'static> Driver<S> {
             ServerFrame::Response { request_id, .. } | ServerFrame::Error { request_id, .. } => {
                 self.outstanding.remove(request_id);
             }
-            ServerFrame::Push { .. } | ServerFrame::Closing { .. } => {}
+            ServerFrame::Push { .. }
+            | ServerFrame::Closing { .. }
+            | ServerFrame::PrekeysLow { .. } => {}
         }
     }
 

@@ -262,6 +262,13 @@ pub enum ServerFrame {
         /// Human-readable detail.
         reason: String,
     },
+    /// Unsolicited, to an authenticated device: its pool of one-time
+    /// prekeys at the relay has fallen to a low level (or is empty) because
+    /// other devices fetched bundles. The device should publish fresh ones.
+    PrekeysLow {
+        /// One-time prekeys the relay still holds for this device.
+        one_time_prekeys_left: u32,
+    },
 }
 
 /// An envelope in an inbox, with the relay seq it was committed under.
@@ -465,6 +472,7 @@ impl ServerFrame {
                 too_large("text", error.message.len(), MAX_TEXT_LEN)
             }
             ServerFrame::Closing { reason, .. } => too_large("text", reason.len(), MAX_TEXT_LEN),
+            ServerFrame::PrekeysLow { .. } => Ok(()),
         }
     }
 

@@ -83,6 +83,8 @@ const SEND_FRAME: &str = "0000006c 01 02 03 01 67\
 
 const ERROR_FRAME: &str = "00000011 01 01 03 04 09 736c6f7720646f776e 01 dc0b";
 
+const PREKEYS_LOW_FRAME: &str = "00000003 01 04 14";
+
 const AUTH_FRAME: &str = "00000044 01 01 01 40\
     5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a\
     5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
@@ -211,6 +213,19 @@ fn error_frame_golden_vector() {
     );
     assert_eq!(decode_server_frame(&hex_of(ERROR_FRAME)), Ok(frame));
     assert_in_doc(ERROR_FRAME);
+}
+
+#[test]
+fn prekeys_low_frame_golden_vector() {
+    let frame = ServerFrame::PrekeysLow {
+        one_time_prekeys_left: 20,
+    };
+    assert_eq!(
+        hex::encode(encode_server_frame(&frame).unwrap()),
+        compact(PREKEYS_LOW_FRAME)
+    );
+    assert_eq!(decode_server_frame(&hex_of(PREKEYS_LOW_FRAME)), Ok(frame));
+    assert_in_doc(PREKEYS_LOW_FRAME);
 }
 
 #[test]
@@ -502,6 +517,9 @@ fn server_frame_variant_indexes_match_the_doc_table() {
             }],
         },
         ServerFrame::closing(ErrorCode::ShuttingDown, ""),
+        ServerFrame::PrekeysLow {
+            one_time_prekeys_left: 0,
+        },
     ];
     let rows: Vec<(u8, String)> = frames
         .into_iter()
@@ -510,7 +528,10 @@ fn server_frame_variant_indexes_match_the_doc_table() {
             variant_at(&encode_server_frame(&f).unwrap(), 5, &dbg)
         })
         .collect();
-    check_table(&rows, &["Response", "Error", "Push", "Closing"]);
+    check_table(
+        &rows,
+        &["Response", "Error", "Push", "Closing", "PrekeysLow"],
+    );
 }
 
 #[test]
@@ -541,6 +562,9 @@ fn error_code_indexes_match_the_doc_table() {
             "Replaced",
             "ShuttingDown",
             "Internal",
+            "StoreFull",
+            "DeviceLimit",
+            "RegistrationLimit",
         ],
     );
 }

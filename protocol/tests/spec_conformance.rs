@@ -307,6 +307,12 @@ fn server_frame(w: &mut W, f: &ServerFrame) {
             w.varint(error_code(*code));
             w.string(reason);
         }
+        ServerFrame::PrekeysLow {
+            one_time_prekeys_left,
+        } => {
+            w.varint(4);
+            w.varint((*one_time_prekeys_left).into());
+        }
     }
 }
 

@@ -26,6 +26,17 @@ pub const DEFAULT_LISTEN: SocketAddr =
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Default per-connection send rate, envelopes per second.
 pub const DEFAULT_SEND_RATE: u32 = 200;
+/// Default bound on connections open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default bound on connections open at once from one address (an IPv6
+/// /64 counts as one address).
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+/// Default registrations (new devices) per address per hour.
+pub const DEFAULT_MAX_REGISTRATIONS_PER_IP_HOUR: u32 = 20;
+/// Default `FetchPrekeys` per requesting device per minute.
+pub const DEFAULT_PREKEY_FETCHES_PER_DEVICE_MINUTE: u32 = 30;
+/// Default `FetchPrekeys` of one target device per minute (all requesters).
+pub const DEFAULT_PREKEY_FETCHES_PER_TARGET_MINUTE: u32 = 10;
 /// Smallest `--max-envelope` accepted: a header with a short ratchet header
 /// and an empty payload must still fit.
 pub const MIN_MAX_ENVELOPE: usize = 256;
@@ -65,6 +76,17 @@ pub struct Config {
     pub max_devices_per_user: u32,
     /// Serve the demo page on the HTTP listener.
     pub demo: bool,
+    /// Connections open at once; more are refused before their handshake.
+    pub max_connections: usize,
+    /// Connections open at once from one address (IPv6: one /64).
+    pub max_connections_per_ip: usize,
+    /// Registrations (new devices) per address per hour (0 = unlimited).
+    pub max_registrations_per_ip_hour: u32,
+    /// `FetchPrekeys` requests per requesting device per minute (0 = unlimited).
+    pub prekey_fetches_per_device_minute: u32,
+    /// `FetchPrekeys` requests naming one target device per minute, from
+    /// all requesters together (0 = unlimited).
+    pub prekey_fetches_per_target_minute: u32,
     /// How often the retention purge runs (not a flag: tests shorten it).
     pub purge_interval: Duration,
     /// How often the certificate is checked for renewal or replacement.
@@ -107,6 +129,11 @@ impl Config {
             max_store_bytes: None,
             max_devices_per_user: limits.max_devices_per_user,
             demo: false,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_registrations_per_ip_hour: DEFAULT_MAX_REGISTRATIONS_PER_IP_HOUR,
+            prekey_fetches_per_device_minute: DEFAULT_PREKEY_FETCHES_PER_DEVICE_MINUTE,
+            prekey_fetches_per_target_minute: DEFAULT_PREKEY_FETCHES_PER_TARGET_MINUTE,
             purge_interval: Duration::from_secs(5),
             cert_check_interval: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(5),
@@ -170,6 +197,21 @@ impl Config {
             c.max_devices_per_user = v;
         }
         c.demo = pick!(demo).unwrap_or(false);
+        if let Some(v) = pick!(max_connections) {
+            c.max_connections = v;
+        }
+        if let Some(v) = pick!(max_connections_per_ip) {
+            c.max_connections_per_ip = v;
+        }
+        if let Some(v) = pick!(max_registrations_per_ip_hour) {
+            c.max_registrations_per_ip_hour = v;
+        }
+        if let Some(v) = pick!(prekey_fetches_per_device_minute) {
+            c.prekey_fetches_per_device_minute = v;
+        }
+        if let Some(v) = pick!(prekey_fetches_per_target_minute) {
+            c.prekey_fetches_per_target_minute = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -203,6 +245,9 @@ impl Config {
                 format_duration(self.retention),
                 format_duration(MAX_RETENTION)
             ));
+        }
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 {
+            return err("--max-connections and --max-connections-per-ip must be at least 1".into());
         }
         if self.inbox_max_messages == 0 {
             return err("--inbox-max-messages must be at least 1".into());
@@ -261,6 +306,11 @@ impl Config {
             max_store_bytes: self.max_store_bytes.map(ByteSize),
             max_devices_per_user: Some(self.max_devices_per_user),
             demo: Some(self.demo),
+            max_connections: Some(self.max_connections),
+            max_connections_per_ip: Some(self.max_connections_per_ip),
+            max_registrations_per_ip_hour: Some(self.max_registrations_per_ip_hour),
+            prekey_fetches_per_device_minute: Some(self.prekey_fetches_per_device_minute),
+            prekey_fetches_per_target_minute: Some(self.prekey_fetches_per_target_minute),
         };
         toml::to_string(&f).unwrap_or_default()
     }
@@ -363,6 +413,31 @@ pub struct Cli {
     )]
     pub demo: Option<bool>,
 
+    /// Connections open at once; more are refused before their handshake
+    /// [default: 10000].
+    #[arg(long, env = "HUSH_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Connections open at once from one address (an IPv6 /64 counts as one)
+    /// [default: 256].
+    #[arg(long, env = "HUSH_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+
+    /// Registrations (new devices) per address per hour, 0 = unlimited
+    /// [default: 20].
+    #[arg(long, env = "HUSH_MAX_REGISTRATIONS_PER_IP_HOUR", value_name = "N")]
+    pub max_registrations_per_ip_hour: Option<u32>,
+
+    /// FetchPrekeys requests per requesting device per minute, 0 = unlimited
+    /// [default: 30].
+    #[arg(long, env = "HUSH_PREKEY_FETCHES_PER_DEVICE_MINUTE", value_name = "N")]
+    pub prekey_fetches_per_device_minute: Option<u32>,
+
+    /// FetchPrekeys requests naming one target device per minute, from all
+    /// requesters together, 0 = unlimited [default: 10].
+    #[arg(long, env = "HUSH_PREKEY_FETCHES_PER_TARGET_MINUTE", value_name = "N")]
+    pub prekey_fetches_per_target_minute: Option<u32>,
+
     /// TOML file with any of the settings above (keys as the flag names without
     /// dashes in front, e.g. `retention = "30d"`); unknown keys are rejected
     #[arg(long, env = "HUSH_CONFIG", value_name = "FILE")]
@@ -419,6 +494,21 @@ pub struct FileConfig {
     /// See `--demo`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub demo: Option<bool>,
+    /// See `--max-connections`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// See `--max-connections-per-ip`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_ip: Option<usize>,
+    /// See `--max-registrations-per-ip-hour`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_registrations_per_ip_hour: Option<u32>,
+    /// See `--prekey-fetches-per-device-minute`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prekey_fetches_per_device_minute: Option<u32>,
+    /// See `--prekey-fetches-per-target-minute`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prekey_fetches_per_target_minute: Option<u32>,
 }
 
 impl FileConfig {

@@ -13,23 +13,96 @@
 //! per connection (`Connection: close`), request line and headers capped at
 //! 8 KiB and a read timeout, no bodies. It binds to whatever `--http` says;
 //! keep it on a private address if the metrics should stay private.
+//!
+//! Idle and slow clients (slowloris) cannot starve it: the listener always
+//! accepts, at most [`MAX_CONNECTIONS`] connections are open at once, and
+//! when a new one arrives at that bound the oldest connection still sending
+//! its request head is dropped to make room (if every open connection is
+//! past its head, the new one is refused instead). The whole head must
+//! arrive within [`READ_TIMEOUT`], however slowly it trickles.
 
 use crate::metrics::Metrics;
 use crate::tls::CertState;
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{oneshot, watch};
 
 /// Longest request head (request line + headers).
 pub const MAX_HEAD: usize = 8 * 1024;
-/// Time allowed to send the request head.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Requests served at once; more wait for a slot.
-pub const MAX_CONCURRENT: usize = 64;
+/// Time allowed to send the whole request head.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections open at once; at the bound, the oldest one still sending its
+/// head makes room for a new one.
+pub const MAX_CONNECTIONS: usize = 128;
+
+/// The open connections, and those of them still sending their head (by
+/// age), which may be dropped for a newer one.
+#[derive(Default)]
+struct Slots {
+    open: usize,
+    next_id: u64,
+    reading: BTreeMap<u64, oneshot::Sender<()>>,
+}
+
+/// One open connection's place in [`Slots`]; dropping it frees the place.
+struct Slot {
+    slots: Arc<Mutex<Slots>>,
+    id: u64,
+}
+
+fn lock_slots(slots: &Mutex<Slots>) -> std::sync::MutexGuard<'_, Slots> {
+    // Updates are single map and counter operations: nothing to poison.
+    slots.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Slot {
+    /// Take a place for a new connection: at the bound, drop the oldest one
+    /// still reading its head. `None` when every open connection is past
+    /// its head. The receiver fires if this connection is dropped later.
+    fn admit(
+        slots: &Arc<Mutex<Slots>>,
+        metrics: &Metrics,
+    ) -> Option<(Slot, oneshot::Receiver<()>)> {
+        let mut s = lock_slots(slots);
+        if s.open >= MAX_CONNECTIONS {
+            metrics.http_dropped_total.fetch_add(1, Ordering::Relaxed);
+            let (_, oldest) = s.reading.pop_first()?;
+            let _ = oldest.send(());
+        }
+        let id = s.next_id;
+        s.next_id += 1;
+        s.open += 1;
+        let (tx, rx) = oneshot::channel();
+        s.reading.insert(id, tx);
+        Some((
+            Slot {
+                slots: Arc::clone(slots),
+                id,
+            },
+            rx,
+        ))
+    }
+
+    /// The head arrived: this connection is no longer dropped for newer ones.
+    fn head_read(&self) {
+        lock_slots(&self.slots).reading.remove(&self.id);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut s = lock_slots(&self.slots);
+        s.open = s.open.saturating_sub(1);
+        s.reading.remove(&self.id);
+    }
+}
 
 /// One static file.
 #[derive(Debug, Clone)]
@@ -77,16 +150,16 @@ pub async fn serve(
     state: Arc<HttpState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
+    let slots = Arc::new(Mutex::new(Slots::default()));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { break };
+                // Dropping the stream refuses the connection.
+                let Some((slot, dropped)) = Slot::admit(&slots, &state.metrics) else { continue };
                 let state = Arc::clone(&state);
                 tokio::spawn(async move {
-                    let _permit = permit;
-                    handle(stream, &state).await;
+                    handle(stream, &state, slot, dropped).await;
                 });
             }
             _ = shutdown.changed() => break,
@@ -116,8 +189,19 @@ impl Reply {
     }
 }
 
-async fn handle(mut stream: TcpStream, state: &HttpState) {
-    let reply = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
+async fn handle(
+    mut stream: TcpStream,
+    state: &HttpState,
+    slot: Slot,
+    dropped: oneshot::Receiver<()>,
+) {
+    let read = tokio::select! {
+        read = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)) => read,
+        // A newer connection needed the place: close without a word.
+        _ = dropped => return,
+    };
+    slot.head_read();
+    let reply = match read {
         Ok(Ok(head)) => route(&head, state).await,
         Ok(Err(reply)) => reply,
         Err(_) => Reply::text("408 Request Timeout", "request timeout\n"),

@@ -183,6 +183,17 @@ pub struct Metrics {
     pub connections: AtomicI64,
     /// Connections accepted since start.
     pub connections_total: AtomicU64,
+    /// Connections refused before their handshake: the relay was full.
+    pub connections_refused_total: AtomicU64,
+    /// Connections refused before their handshake: their address was full.
+    pub connections_refused_per_ip_total: AtomicU64,
+    /// Unauthenticated connections closed for sending a frame larger than
+    /// the pre-authentication limit.
+    pub preauth_oversize_total: AtomicU64,
+    /// HTTP connections closed (or refused) to keep slots for real requests.
+    pub http_dropped_total: AtomicU64,
+    /// `PrekeysLow` notices sent to devices.
+    pub prekeys_low_notices_total: AtomicU64,
     /// Refusals by code.
     refusals: [AtomicU64; ALL_CODES.len()],
 }
@@ -210,6 +221,11 @@ impl Metrics {
             expired_total: AtomicU64::new(0),
             connections: AtomicI64::new(0),
             connections_total: AtomicU64::new(0),
+            connections_refused_total: AtomicU64::new(0),
+            connections_refused_per_ip_total: AtomicU64::new(0),
+            preauth_oversize_total: AtomicU64::new(0),
+            http_dropped_total: AtomicU64::new(0),
+            prekeys_low_notices_total: AtomicU64::new(0),
             refusals: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -324,6 +340,39 @@ impl Metrics {
             "hush_connections_total",
             "Connections accepted.",
             Self::get(&self.connections_total),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP hush_connections_refused_total Connections refused before their handshake, by bound."
+        );
+        let _ = writeln!(out, "# TYPE hush_connections_refused_total counter");
+        let _ = writeln!(
+            out,
+            "hush_connections_refused_total{{limit=\"total\"}} {}",
+            Self::get(&self.connections_refused_total)
+        );
+        let _ = writeln!(
+            out,
+            "hush_connections_refused_total{{limit=\"per_ip\"}} {}",
+            Self::get(&self.connections_refused_per_ip_total)
+        );
+        counter(
+            &mut out,
+            "hush_preauth_oversize_total",
+            "Unauthenticated connections closed for a frame over the pre-authentication limit.",
+            Self::get(&self.preauth_oversize_total),
+        );
+        counter(
+            &mut out,
+            "hush_http_dropped_total",
+            "HTTP connections dropped or refused to keep serving real requests.",
+            Self::get(&self.http_dropped_total),
+        );
+        counter(
+            &mut out,
+            "hush_prekeys_low_notices_total",
+            "PrekeysLow notices sent to devices.",
+            Self::get(&self.prekeys_low_notices_total),
         );
         let _ = writeln!(
             out,

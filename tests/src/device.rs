@@ -148,6 +148,8 @@ pub struct TestDevice {
     writer: FrameWriter,
     reader: FrameReader,
     pushes: VecDeque<Vec<Delivered>>,
+    /// `PrekeysLow` notices received while waiting for something else.
+    prekeys_low: VecDeque<u32>,
     auth: Option<AuthOk>,
 }
 
@@ -217,6 +219,7 @@ impl TestDevice {
                 chunk: vec![0; 64 * 1024],
             },
             pushes: VecDeque::new(),
+            prekeys_low: VecDeque::new(),
             auth: None,
         })
     }
@@ -270,10 +273,14 @@ impl TestDevice {
         let bound = self.options.request_timeout;
         let reader = &mut self.reader;
         let pushes = &mut self.pushes;
+        let notices = &mut self.prekeys_low;
         within(bound, &what, async move {
             loop {
                 match reader.next_frame().await? {
                     ServerFrame::Push { envelopes } => pushes.push_back(envelopes),
+                    ServerFrame::PrekeysLow {
+                        one_time_prekeys_left,
+                    } => notices.push_back(one_time_prekeys_left),
                     ServerFrame::Closing { code, reason } => {
                         return Err(HarnessError::Closing { code, reason });
                     }
@@ -476,16 +483,52 @@ impl TestDevice {
             return Ok(p);
         }
         let reader = &mut self.reader;
+        let notices = &mut self.prekeys_low;
         within(bound, "a push from the relay", async move {
-            match reader.next_frame().await? {
-                ServerFrame::Push { envelopes } => Ok(envelopes),
-                ServerFrame::Closing { code, reason } => {
-                    Err(HarnessError::Closing { code, reason })
+            loop {
+                match reader.next_frame().await? {
+                    ServerFrame::Push { envelopes } => return Ok(envelopes),
+                    ServerFrame::PrekeysLow {
+                        one_time_prekeys_left,
+                    } => notices.push_back(one_time_prekeys_left),
+                    ServerFrame::Closing { code, reason } => {
+                        return Err(HarnessError::Closing { code, reason });
+                    }
+                    other => return Err(HarnessError::Unexpected(Box::new(other))),
                 }
-                other => Err(HarnessError::Unexpected(Box::new(other))),
             }
         })
         .await?
+    }
+
+    /// The next `PrekeysLow` notice (its `one_time_prekeys_left`), queued or
+    /// from the wire, within `bound`. Pushes that arrive meanwhile are queued.
+    pub async fn next_prekeys_low(&mut self, bound: Duration) -> Result<u32> {
+        if let Some(left) = self.prekeys_low.pop_front() {
+            return Ok(left);
+        }
+        let reader = &mut self.reader;
+        let pushes = &mut self.pushes;
+        within(bound, "a PrekeysLow notice from the relay", async move {
+            loop {
+                match reader.next_frame().await? {
+                    ServerFrame::PrekeysLow {
+                        one_time_prekeys_left,
+                    } => return Ok(one_time_prekeys_left),
+                    ServerFrame::Push { envelopes } => pushes.push_back(envelopes),
+                    ServerFrame::Closing { code, reason } => {
+                        return Err(HarnessError::Closing { code, reason });
+                    }
+                    other => return Err(HarnessError::Unexpected(Box::new(other))),
+                }
+            }
+        })
+        .await?
+    }
+
+    /// `PrekeysLow` notices queued while waiting for replies, not yet taken.
+    pub fn queued_prekeys_low(&self) -> usize {
+        self.prekeys_low.len()
     }
 
     /// Collect pushes until `count` envelopes arrived, within `bound` overall.

@@ -98,6 +98,14 @@ impl Engine {
                 }
             }
             ServerFrame::Push { envelopes } => self.on_push(now, envelopes)?,
+            ServerFrame::PrekeysLow {
+                one_time_prekeys_left,
+            } => {
+                // Other devices are using up our one-time prekeys: top up
+                // (unless a publish is already on its way).
+                self.link.one_time_left = one_time_prekeys_left;
+                self.publish_prekeys_if_needed(now)?;
+            }
             ServerFrame::Closing { code, .. } => {
                 if code != ErrorCode::ShuttingDown && code != ErrorCode::Replaced {
                     self.event(Event::Warning(format!(
@@ -695,5 +703,85 @@ impl Engine {
         }
         let _ = now;
         conversation
+    }
+}
+
+#[cfg(test)]
+mod prekeys_low_tests {
+    use crate::engine::{Engine, EngineConfig, Input, Step};
+    use hush_protocol::{AuthOk, Request, Response, ServerFrame};
+
+    const T0: u64 = 1_700_000_000_000;
+
+    fn answer(e: &mut Engine, s: &Step, response: Response) -> Step {
+        e.handle(
+            T0,
+            Input::Frame(ServerFrame::Response {
+                request_id: s.frames[0].request_id,
+                response,
+            }),
+        )
+        .unwrap()
+    }
+
+    /// The relay says the pool ran low: the engine publishes fresh one-time
+    /// prekeys at once, on the same connection.
+    #[test]
+    fn prekeys_low_notice_triggers_a_refill() {
+        let (mut e, _) =
+            Engine::create(T0, [3; 32], "relay", "a", EngineConfig::default()).unwrap();
+        let s = e.handle(T0, Input::Connected).unwrap();
+        let s = answer(&mut e, &s, Response::Challenge { challenge: [5; 32] });
+        let device = e.device_id();
+        let s = answer(
+            &mut e,
+            &s,
+            Response::Authenticated(AuthOk {
+                device,
+                inbox_head: 0,
+                acked: 0,
+                one_time_prekeys_left: 0,
+                relay_time_ms: 0,
+            }),
+        );
+        // Confirm the first publication with a well-stocked pool.
+        let publish = s
+            .frames
+            .iter()
+            .find(|f| matches!(f.request, Request::PublishPrekeys { .. }))
+            .expect("first publication");
+        let s = e
+            .handle(
+                T0,
+                Input::Frame(ServerFrame::Response {
+                    request_id: publish.request_id,
+                    response: Response::PrekeysPublished {
+                        one_time_prekeys_left: 100,
+                    },
+                }),
+            )
+            .unwrap();
+        assert!(
+            !s.frames
+                .iter()
+                .any(|f| matches!(f.request, Request::PublishPrekeys { .. })),
+            "nothing more to publish while the pool is full"
+        );
+        let s = e
+            .handle(
+                T0,
+                Input::Frame(ServerFrame::PrekeysLow {
+                    one_time_prekeys_left: 2,
+                }),
+            )
+            .unwrap();
+        assert!(
+            s.frames.iter().any(|f| matches!(
+                &f.request,
+                Request::PublishPrekeys { one_time_prekeys, .. } if !one_time_prekeys.is_empty()
+            )),
+            "a PrekeysLow notice makes the engine publish fresh one-time prekeys: {:?}",
+            s.frames
+        );
     }
 }

@@ -388,6 +388,9 @@ pub fn server_frame() -> impl Strategy<Value = ServerFrame> {
             .prop_map(|(request_id, error)| ServerFrame::Error { request_id, error }),
         vec(delivered(), 0..=24).prop_map(|envelopes| ServerFrame::Push { envelopes }),
         (error_code(), text()).prop_map(|(code, reason)| ServerFrame::Closing { code, reason }),
+        wide_u32().prop_map(|one_time_prekeys_left| ServerFrame::PrekeysLow {
+            one_time_prekeys_left
+        }),
     ]
 }
 

@@ -14,8 +14,11 @@
 use super::Shared;
 use super::writer::{CommitRequest, CommitResult, WriterMsg};
 use crate::core::{Action, DeferredAck, SendTicket, Session, short_id};
+use crate::metrics::Metrics;
 use crate::store::StoreError;
-use hush_protocol::{ClientFrame, DeviceId, ErrorCode, FrameBuffer, Request, ServerFrame};
+use hush_protocol::{
+    ClientFrame, DeviceId, ErrorCode, FrameBuffer, Request, Response, ServerFrame,
+};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -23,8 +26,16 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{oneshot, watch};
 
-/// A connection must authenticate within this time.
-pub const AUTH_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection must authenticate within this time (`Hello` then `Auth` or
+/// `Register`: two round trips).
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest frame (length field) accepted before authentication: `Hello`,
+/// `Auth`, `Register` and `Ping` are a few hundred bytes. A larger one is
+/// refused with `TooLarge` as soon as its length prefix arrives, and the
+/// connection is closed.
+pub const PREAUTH_MAX_FRAME_LEN: usize = 4 * 1024;
+/// One-time prekeys left at or below which the owner is told (`PrekeysLow`).
+pub const PREKEYS_LOW_MARK: u32 = 10;
 /// `Send` requests of one connection that may await their commit at once;
 /// beyond this the driver stops reading (backpressure).
 pub const MAX_IN_FLIGHT_SENDS: usize = 16;
@@ -32,6 +43,19 @@ pub const MAX_IN_FLIGHT_SENDS: usize = 16;
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Read buffer size.
 const READ_CHUNK: usize = 16 * 1024;
+/// Read size before authentication: one maximal pre-authentication frame.
+const PREAUTH_READ: usize = 4 + PREAUTH_MAX_FRAME_LEN;
+const _: () = assert!(PREAUTH_READ <= READ_CHUNK);
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    /// The source address (the limits per address use it).
+    pub(crate) addr: std::net::SocketAddr,
+    /// The QUIC connection, whose receive window grows once the peer
+    /// authenticates (`None` where there is nothing to grow).
+    pub(crate) connection: Option<quinn::Connection>,
+}
 
 /// How a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +86,7 @@ enum Flow {
 
 struct Conn {
     shared: Arc<Shared>,
+    peer: Peer,
     conn_id: u64,
     session: Session,
     frames: FrameBuffer,
@@ -71,6 +96,8 @@ struct Conn {
     device: Option<DeviceId>,
     inbox: Option<watch::Receiver<u64>>,
     replaced: Option<oneshot::Receiver<()>>,
+    /// Notices that other devices ran this device's one-time prekeys low.
+    prekeys_low: Option<watch::Receiver<Option<u32>>>,
     /// The merged ack of the last `Pull`, applied after its page was sent
     /// (at most one at a time, so a connection's acks apply in order), and
     /// the seq it acknowledges up to.
@@ -79,7 +106,12 @@ struct Conn {
 
 /// Serve one connection until it ends; returns why it ended. The caller
 /// closes the transport (with a code derived from the result).
-pub(crate) async fn drive<R, W>(shared: Arc<Shared>, reader: &mut R, writer: &mut W) -> DriverEnd
+pub(crate) async fn drive<R, W>(
+    shared: Arc<Shared>,
+    peer: Peer,
+    reader: &mut R,
+    writer: &mut W,
+) -> DriverEnd
 where
     R: AsyncRead + Unpin + Send,
     W: AsyncWrite + Unpin + Send,
@@ -89,12 +121,14 @@ where
     let mut conn = Conn {
         session: shared.core.new_session(now),
         shared,
+        peer,
         conn_id,
         frames: FrameBuffer::new(),
         pending: VecDeque::new(),
         device: None,
         inbox: None,
         replaced: None,
+        prekeys_low: None,
         ack_task: None,
     };
     let end = conn.run(reader, writer).await;
@@ -102,6 +136,7 @@ where
     conn.finish_ack().await;
     conn.inbox = None;
     conn.replaced = None;
+    conn.prekeys_low = None;
     if let Some(device) = conn.device {
         conn.shared.hub.release(device, conn.conn_id);
         tracing::debug!(device = %short_id(&device), end = ?end, "connection ended");
@@ -130,6 +165,18 @@ async fn wait_replaced(rx: &mut Option<oneshot::Receiver<()>>) -> bool {
     let replaced = r.await.is_ok();
     *rx = None;
     replaced
+}
+
+/// The count of a new `PrekeysLow` notice for this device.
+async fn prekeys_ran_low(rx: &mut Option<watch::Receiver<Option<u32>>>) -> Option<u32> {
+    let Some(r) = rx.as_mut() else {
+        return std::future::pending().await;
+    };
+    if r.changed().await.is_err() {
+        *rx = None;
+        return None;
+    }
+    *r.borrow_and_update()
 }
 
 /// True when the device's inbox gained envelopes.
@@ -195,12 +242,23 @@ impl Conn {
                         return end;
                     }
                 }
+                left = prekeys_ran_low(&mut self.prekeys_low), if draining.is_none() => {
+                    if let Some(left) = left {
+                        let frame = ServerFrame::PrekeysLow { one_time_prekeys_left: left };
+                        if let Err(end) = write_frame(writer, &frame).await {
+                            return end;
+                        }
+                        Metrics::add(&self.shared.metrics.prekeys_low_notices_total, 1);
+                    }
+                }
                 _ = tokio::time::sleep_until(auth_deadline), if draining.is_none() && self.device.is_none() => {
                     let frame = ServerFrame::closing(ErrorCode::NotAuthenticated, "authentication timed out");
                     let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, write_frame(writer, &frame)).await;
                     return DriverEnd::AuthTimeout;
                 }
-                read = reader.read(&mut buf), if reading => {
+                // Until the peer authenticates it gets only a small read at a
+                // time (see `preauth_oversize`).
+                read = reader.read(if self.device.is_some() { &mut buf[..] } else { &mut buf[..PREAUTH_READ] }), if reading => {
                     match read {
                         Ok(0) => draining = Some(DriverEnd::PeerClosed),
                         Ok(n) => {
@@ -222,6 +280,32 @@ impl Conn {
         W: AsyncWrite + Unpin + Send,
     {
         loop {
+            if self.device.is_none()
+                && let Some(declared) = self.preauth_oversize()
+            {
+                tracing::debug!(
+                    conn = self.conn_id,
+                    declared,
+                    "oversized frame before authentication"
+                );
+                self.shared.core.metrics().refused(ErrorCode::TooLarge);
+                Metrics::add(&self.shared.metrics.preauth_oversize_total, 1);
+                let error = ServerFrame::error(
+                    0,
+                    ErrorCode::TooLarge,
+                    format!(
+                        "frame of {declared} bytes before authentication (at most {PREAUTH_MAX_FRAME_LEN})"
+                    ),
+                );
+                let actions = vec![
+                    Action::Send(error),
+                    Action::Close {
+                        code: ErrorCode::TooLarge,
+                        reason: "oversized frame before authentication".into(),
+                    },
+                ];
+                return self.execute(actions, writer).await;
+            }
             let (actions, deferred) = match self.frames.next_client_frame() {
                 Ok(Some(frame)) => self.handle(frame).await,
                 Ok(None) => return Flow::Continue,
@@ -241,6 +325,24 @@ impl Conn {
                 return Flow::End(end);
             }
         }
+    }
+
+    /// Before authentication: the declared length of the incomplete frame
+    /// at the head of the buffer, if it is above [`PREAUTH_MAX_FRAME_LEN`].
+    ///
+    /// While the head frame is incomplete every buffered byte belongs to
+    /// it, so buffered + still wanted is its full size (prefix included).
+    /// A complete head frame passed this check while incomplete, or arrived
+    /// whole within one read of at most [`PREAUTH_READ`] bytes, so it is
+    /// within the limit either way. Malformed lengths are left to the
+    /// decoder, which refuses them.
+    fn preauth_oversize(&self) -> Option<usize> {
+        let wanted = self.frames.wanted().ok()?;
+        if wanted == 0 || self.frames.buffered() < 4 {
+            return None;
+        }
+        let declared = (self.frames.buffered() + wanted).saturating_sub(4);
+        (declared > PREAUTH_MAX_FRAME_LEN).then_some(declared)
     }
 
     /// Wait for the deferred ack in flight, if any.
@@ -272,6 +374,147 @@ impl Conn {
     /// unapplied, to run after the page is sent.
     async fn handle(&mut self, frame: ClientFrame) -> (Vec<Action>, Option<DeferredAck>) {
         let now = self.shared.clock.now_ms();
+        let registering = matches!(frame.request, Request::Register { .. });
+        let authenticating = registering || matches!(frame.request, Request::Auth { .. });
+        if let Some(refusal) = self.check_limits(&frame, now) {
+            return (refusal, None);
+        }
+        let prekey_target = match (&frame.request, self.device) {
+            (Request::FetchPrekeys { device }, Some(_)) => Some(*device),
+            _ => None,
+        };
+        let (mut actions, deferred) = self.handle_request(frame, now).await;
+        if authenticating {
+            let authenticated = actions
+                .iter()
+                .any(|a| matches!(a, Action::Authenticated(_)));
+            if !authenticated {
+                if registering && self.device.is_none() {
+                    // Refused registrations do not count against the address.
+                    self.shared.registrations.refund(self.peer_key());
+                }
+                // A failed Auth or Register ends the connection: a peer
+                // gets one attempt per handshake, not unlimited guesses on
+                // a connection already paid for.
+                let code = actions
+                    .iter()
+                    .find_map(|a| match a {
+                        Action::Send(ServerFrame::Error { error, .. }) => Some(error.code),
+                        _ => None,
+                    })
+                    .unwrap_or(ErrorCode::BadAuth);
+                actions.push(Action::Close {
+                    code,
+                    reason: "authentication failed".into(),
+                });
+            }
+        }
+        if let Some(target) = prekey_target {
+            let took_one_time = actions.iter().any(|a| {
+                matches!(
+                    a,
+                    Action::Send(ServerFrame::Response {
+                        response: Response::Prekeys(bundle),
+                        ..
+                    }) if bundle.one_time_prekey.is_some()
+                )
+            });
+            if took_one_time {
+                self.note_prekeys_taken(target).await;
+            }
+        }
+        (actions, deferred)
+    }
+
+    /// The source address as the per-address limits key it.
+    fn peer_key(&self) -> std::net::IpAddr {
+        super::guard::net_key(self.peer.addr.ip())
+    }
+
+    /// Refuse a request the edge limits do not allow (the registrations of
+    /// an address, the prekey fetches of a device or of a target), with
+    /// `retry_after_ms`. `None` lets it through.
+    fn check_limits(&self, frame: &ClientFrame, now: u64) -> Option<Vec<Action>> {
+        let id = frame.request_id;
+        let refused = |code: ErrorCode, message: String, wait: u32| {
+            self.shared.core.metrics().refused(code);
+            let mut error = hush_protocol::WireError::new(code, message);
+            error.retry_after_ms = Some(wait);
+            ServerFrame::Error {
+                request_id: id,
+                error,
+            }
+        };
+        match (&frame.request, self.device) {
+            (Request::Register { .. }, None) => {
+                let Err(wait) = self.shared.registrations.take(self.peer_key(), now) else {
+                    return None;
+                };
+                tracing::debug!(
+                    conn = self.conn_id,
+                    "registration limit of an address reached"
+                );
+                let frame = refused(
+                    ErrorCode::RegistrationLimit,
+                    "too many registrations from this address; retry later".into(),
+                    wait,
+                );
+                Some(vec![
+                    Action::Send(frame),
+                    Action::Close {
+                        code: ErrorCode::RegistrationLimit,
+                        reason: "registration limit".into(),
+                    },
+                ])
+            }
+            (Request::FetchPrekeys { device: target }, Some(me)) => {
+                if let Err(wait) = self.shared.prekey_fetchers.take(me, now) {
+                    let frame = refused(
+                        ErrorCode::RateLimited,
+                        "too many prekey fetches from this device".into(),
+                        wait,
+                    );
+                    return Some(vec![Action::Send(frame)]);
+                }
+                if let Err(wait) = self.shared.prekey_targets.take(*target, now) {
+                    // This attempt does not count against the requester.
+                    self.shared.prekey_fetchers.refund(me);
+                    let frame = refused(
+                        ErrorCode::RateLimited,
+                        "too many prekey fetches for this device".into(),
+                        wait,
+                    );
+                    return Some(vec![Action::Send(frame)]);
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// A fetch took one of `target`'s one-time prekeys: if the pool is now
+    /// low, tell the owner's connection so it publishes more.
+    async fn note_prekeys_taken(&self, target: DeviceId) {
+        let shared = Arc::clone(&self.shared);
+        let left =
+            tokio::task::spawn_blocking(move || shared.core.store().one_time_prekeys_left(&target))
+                .await;
+        match left {
+            Ok(Ok(left)) if left <= PREKEYS_LOW_MARK => {
+                self.shared.hub.prekeys_low(&target, left);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("counting prekeys failed: {e}"),
+            Err(e) => tracing::error!("prekey count task failed: {e}"),
+        }
+    }
+
+    /// Run one request through the core (see [`Conn::handle`]).
+    async fn handle_request(
+        &mut self,
+        frame: ClientFrame,
+        now: u64,
+    ) -> (Vec<Action>, Option<DeferredAck>) {
         let mut challenge = [0u8; 32];
         if matches!(frame.request, Request::Hello { .. })
             && getrandom::fill(&mut challenge).is_err()
@@ -402,6 +645,14 @@ impl Conn {
                     self.device = Some(device);
                     self.inbox = Some(claim.inbox);
                     self.replaced = Some(claim.replaced);
+                    self.prekeys_low = Some(claim.prekeys_low);
+                    // Proven: the connection may now have full-size frames
+                    // in flight.
+                    if let Some(conn) = &self.peer.connection {
+                        conn.set_receive_window(quinn::VarInt::from_u32(
+                            super::quic::CONNECTION_RECEIVE_WINDOW,
+                        ));
+                    }
                     tracing::debug!(device = %short_id(&device), conn = self.conn_id, "authenticated");
                 }
                 Action::Live(device) => {

@@ -15,6 +15,9 @@ use tokio::sync::{oneshot, watch};
 
 struct Entry {
     inbox: watch::Sender<u64>,
+    /// The one-time prekeys left after the last fetch that took the pool
+    /// to or below the low-water mark (see [`DeviceHub::prekeys_low`]).
+    prekeys_low: watch::Sender<Option<u32>>,
     owner: Option<(u64, oneshot::Sender<()>)>,
 }
 
@@ -39,6 +42,9 @@ pub struct Claim {
     pub inbox: watch::Receiver<u64>,
     /// Fires when a newer connection claims the same device.
     pub replaced: oneshot::Receiver<()>,
+    /// Changes when other devices' fetches ran the device's one-time
+    /// prekey pool low; holds how many are left.
+    pub prekeys_low: watch::Receiver<Option<u32>>,
 }
 
 impl DeviceHub {
@@ -55,6 +61,7 @@ impl DeviceHub {
         let mut map = self.lock();
         let entry = map.entry(device).or_insert_with(|| Entry {
             inbox: watch::Sender::new(0),
+            prekeys_low: watch::Sender::new(None),
             owner: None,
         });
         if let Some((_, old)) = entry.owner.replace((conn_id, tx)) {
@@ -63,6 +70,7 @@ impl DeviceHub {
         Claim {
             inbox: entry.inbox.subscribe(),
             replaced: rx,
+            prekeys_low: entry.prekeys_low.subscribe(),
         }
     }
 
@@ -92,6 +100,20 @@ impl DeviceHub {
                     false
                 }
             });
+        }
+    }
+
+    /// The device's one-time prekey pool is down to `left`: tell its
+    /// connection, if it has one (a device that is offline learns the count
+    /// from `AuthOk` when it next connects). Returns whether a connection
+    /// was told.
+    pub fn prekeys_low(&self, device: &DeviceId, left: u32) -> bool {
+        match self.lock().get(device) {
+            Some(entry) if entry.owner.is_some() => {
+                entry.prekeys_low.send_replace(Some(left));
+                true
+            }
+            _ => false,
         }
     }
 
@@ -126,6 +148,14 @@ mod tests {
         assert_eq!(*b.inbox.borrow_and_update(), 5);
         hub.notify(&d, 4);
         assert!(!b.inbox.has_changed().unwrap(), "seqs never move backwards");
+        assert!(!b.prekeys_low.has_changed().unwrap());
+        assert!(hub.prekeys_low(&d, 3), "the owner is told");
+        assert!(b.prekeys_low.has_changed().unwrap());
+        assert_eq!(*b.prekeys_low.borrow_and_update(), Some(3));
+        assert!(
+            !hub.prekeys_low(&DeviceId([9; 16]), 0),
+            "nobody to tell for an offline device"
+        );
         drop(a);
         hub.release(d, 1);
         assert_eq!(hub.len(), 1, "releasing the replaced claim keeps the owner");

@@ -9,6 +9,7 @@
 //! bounded time for the peers to be told.
 
 pub mod driver;
+pub mod guard;
 pub mod hub;
 pub mod quic;
 pub mod webtransport;
@@ -46,6 +47,14 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) next_conn_id: AtomicU64,
+    /// Connections open at once, in total and per address.
+    pub(crate) connections: Arc<guard::ConnectionLimiter>,
+    /// Registrations per source address per hour.
+    pub(crate) registrations: guard::KeyedBuckets<std::net::IpAddr>,
+    /// `FetchPrekeys` per requesting device per minute.
+    pub(crate) prekey_fetchers: guard::KeyedBuckets<hush_protocol::DeviceId>,
+    /// `FetchPrekeys` per target device per minute.
+    pub(crate) prekey_targets: guard::KeyedBuckets<hush_protocol::DeviceId>,
 }
 
 /// Optional parts a caller can plug into the relay.
@@ -223,6 +232,22 @@ impl RelayHandle {
             metrics: Arc::clone(&metrics),
             shutdown: shutdown_rx.clone(),
             next_conn_id: AtomicU64::new(1),
+            connections: guard::ConnectionLimiter::new(
+                config.max_connections,
+                config.max_connections_per_ip,
+            ),
+            registrations: guard::KeyedBuckets::new(
+                config.max_registrations_per_ip_hour,
+                3_600_000,
+            ),
+            prekey_fetchers: guard::KeyedBuckets::new(
+                config.prekey_fetches_per_device_minute,
+                60_000,
+            ),
+            prekey_targets: guard::KeyedBuckets::new(
+                config.prekey_fetches_per_target_minute,
+                60_000,
+            ),
         });
 
         let writer_task =

@@ -11,10 +11,12 @@
 //! (`IncomingSessionFuture::with_quic_connecting`).
 
 use super::Shared;
-use super::driver::{DriverEnd, drive};
+use super::driver::{DriverEnd, Peer, drive};
+use super::guard::{ConnPermit, ConnRefusal};
 use crate::error::RelayError;
 use crate::tls::CertMaterial;
 use hush_protocol::{ALPN_H3, ALPN_HUSH};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -27,8 +29,12 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Keep-alive interval: well inside the idle timeout, so a live but quiet
 /// connection is never mistaken for a dead one.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
-/// Flow-control window of one whole connection, bytes.
+/// Flow-control window of one whole authenticated connection, bytes.
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 2 * hush_protocol::limits::MAX_FRAME_LEN as u32;
+/// Flow-control window of a connection until it authenticates: what an
+/// anonymous peer can make the relay buffer, on all its streams together
+/// (the handshake of either protocol and `Hello`/`Register` need far less).
+pub const PREAUTH_RECEIVE_WINDOW: u32 = 64 * 1024;
 /// A native client must open its stream within this time.
 pub const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -58,9 +64,10 @@ pub fn transport_config() -> Result<quinn::TransportConfig, RelayError> {
     t.max_idle_timeout(Some(idle));
     t.keep_alive_interval(Some(KEEP_ALIVE));
     // Bound what one connection can make the relay buffer, including data
-    // on streams it never reads (a native client may open only one):
-    // two maximal frames' worth.
-    t.receive_window(quinn::VarInt::from_u32(CONNECTION_RECEIVE_WINDOW));
+    // on streams it never reads (a native client may open only one): a
+    // small window until the peer authenticates, then two maximal frames'
+    // worth (the driver raises it).
+    t.receive_window(quinn::VarInt::from_u32(PREAUTH_RECEIVE_WINDOW));
     Ok(t)
 }
 
@@ -85,7 +92,21 @@ pub(crate) async fn accept_loop(
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => {
-                    connections.spawn(serve_incoming(incoming, Arc::clone(&shared)));
+                    // Refused before the handshake: a refusal costs one
+                    // small packet, no TLS and no connection state.
+                    let permit = match shared.connections.try_admit(incoming.remote_address().ip()) {
+                        Ok(permit) => permit,
+                        Err(limit) => {
+                            let counter = match limit {
+                                ConnRefusal::Total => &shared.metrics.connections_refused_total,
+                                ConnRefusal::PerAddress => &shared.metrics.connections_refused_per_ip_total,
+                            };
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            incoming.refuse();
+                            continue;
+                        }
+                    };
+                    connections.spawn(serve_incoming(incoming, Arc::clone(&shared), permit));
                 }
                 None => break,
             },
@@ -125,7 +146,9 @@ impl Drop for ConnectionGauge {
     }
 }
 
-async fn serve_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
+async fn serve_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, permit: ConnPermit) {
+    // Holds the connection's place in the limits until it ends.
+    let _permit = permit;
     let remote = incoming.remote_address();
     let mut connecting = match incoming.accept() {
         Ok(c) => c,
@@ -148,8 +171,8 @@ async fn serve_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
     };
     let _gauge = ConnectionGauge::new(Arc::clone(&shared.metrics));
     match protocol.as_deref() {
-        Some(p) if p == ALPN_HUSH => serve_native(connecting, shared).await,
-        Some(p) if p == ALPN_H3 => super::webtransport::serve(connecting, shared).await,
+        Some(p) if p == ALPN_HUSH => serve_native(connecting, shared, remote).await,
+        Some(p) if p == ALPN_H3 => super::webtransport::serve(connecting, shared, remote).await,
         _ => {
             // TLS only completes with an offered ALPN, so this is a peer
             // that negotiated none at all.
@@ -172,7 +195,7 @@ fn negotiated_alpn(data: Box<dyn std::any::Any>) -> Option<Vec<u8>> {
 
 /// The native protocol: the client opens one bidirectional stream and the
 /// framed conversation runs on it.
-async fn serve_native(connecting: quinn::Connecting, shared: Arc<Shared>) {
+async fn serve_native(connecting: quinn::Connecting, shared: Arc<Shared>, remote: SocketAddr) {
     let conn = match connecting.await {
         Ok(c) => c,
         Err(e) => {
@@ -196,7 +219,11 @@ async fn serve_native(connecting: quinn::Connecting, shared: Arc<Shared>) {
             return;
         }
     };
-    let end = drive(shared, &mut recv, &mut send).await;
+    let peer = Peer {
+        addr: remote,
+        connection: Some(conn.clone()),
+    };
+    let end = drive(shared, peer, &mut recv, &mut send).await;
     let Some((code, reason)) = close_for(&end) else {
         return;
     };

@@ -27,7 +27,7 @@
 //! connections (a browser reports that as a lost connection).
 
 use super::Shared;
-use super::driver::drive;
+use super::driver::{Peer, drive};
 use super::quic::{STREAM_TIMEOUT, close_code, close_for};
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,7 +53,11 @@ pub fn path_is_served(path: &str) -> bool {
 }
 
 /// Serve one `h3` connection: one WebTransport session, one stream.
-pub(crate) async fn serve(connecting: quinn::Connecting, shared: Arc<Shared>) {
+pub(crate) async fn serve(
+    connecting: quinn::Connecting,
+    shared: Arc<Shared>,
+    remote: std::net::SocketAddr,
+) {
     let mut shutdown = shared.shutdown.clone();
     let incoming = IncomingSessionFuture::with_quic_connecting(connecting);
     // Dropping the future (timeout, shutdown) drops the last handle of the
@@ -94,7 +98,11 @@ pub(crate) async fn serve(connecting: quinn::Connecting, shared: Arc<Shared>) {
             return;
         }
     };
-    let end = drive(shared, &mut recv, &mut send).await;
+    let peer = Peer {
+        addr: remote,
+        connection: Some(conn.quic_connection().clone()),
+    };
+    let end = drive(shared, peer, &mut recv, &mut send).await;
     let Some((code, reason)) = close_for(&end) else {
         // Transport failure, including the browser closing the session.
         return;

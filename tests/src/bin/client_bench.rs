@@ -166,6 +166,11 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
     config.send_rate = 0;
     config.inbox_max_messages = 10_000_000;
     config.inbox_max_bytes = 16 * 1024 * 1024 * 1024;
+    // Every simulated device connects and registers from 127.0.0.1.
+    config.max_connections_per_ip = config.max_connections;
+    config.max_registrations_per_ip_hour = 0;
+    config.prekey_fetches_per_device_minute = 0;
+    config.prekey_fetches_per_target_minute = 0;
     let relay = RelayHandle::start(config, Arc::new(SystemClock))
         .await
         .map_err(bench_err)?;

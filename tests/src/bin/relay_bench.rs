@@ -319,6 +319,11 @@ async fn start_relay(dir: &Path) -> BenchResult<(RelayHandle, RelayTarget)> {
     config.http = None;
     config.inbox_max_messages = 100_000_000;
     config.inbox_max_bytes = 1 << 40;
+    // Every simulated device connects and registers from 127.0.0.1.
+    config.max_connections_per_ip = config.max_connections;
+    config.max_registrations_per_ip_hour = 0;
+    config.prekey_fetches_per_device_minute = 0;
+    config.prekey_fetches_per_target_minute = 0;
     let relay = RelayHandle::start(config, Arc::new(SystemClock)).await?;
     let target = RelayTarget::from_cert_der(relay.quic_addr(), &relay.cert_der());
     Ok((relay, target))
