@@ -695,7 +695,11 @@ impl Engine {
         if k == keys::CURSOR {
             self.cursor = storage::decode(k, v)?;
         } else if k == keys::COUNTERS {
-            self.counters = storage::decode(k, v)?;
+            // Records from before the hostile-peer counters are shorter.
+            self.counters = match storage::decode::<Counters>(k, v) {
+                Ok(c) => c,
+                Err(_) => storage::decode::<CountersV1>(k, v)?.into(),
+            };
         } else if k == keys::OWN {
             self.own = storage::decode(k, v)?;
         } else if k.starts_with(keys::CONTACT) {

@@ -65,20 +65,43 @@ impl Engine {
         Ok(())
     }
 
+    /// The relay says envelopes expired unread. Its claim only speeds up
+    /// the repair of holes the senders themselves authenticated: `highest`
+    /// moves only with envelopes that opened, so a claim never makes this
+    /// device expect (and later skip) seqs a sender has not written. Seqs
+    /// claimed above a sender's authenticated highest are not acted on and
+    /// are counted (a hostile relay; or an honest expiry of a stream's whole
+    /// tail, which the sender's tail probe re-sends and so reveals).
     pub(crate) fn on_truncation(&mut self, now: u64, t: &Truncation) {
+        let mut ignored = 0u64;
         for r in &t.dropped {
             if self.peer(&r.sender).is_none() || r.last_seq < r.first_seq {
                 continue;
             }
             let key = (r.sender, r.conversation);
-            let st = self.in_streams.entry(key).or_default();
-            st.highest = st.highest.max(r.last_seq);
-            if st.has_gap() {
+            let highest = self.in_streams.get(&key).map_or(0, |s| s.highest);
+            if r.last_seq > highest {
+                let from = r.first_seq.max(highest.saturating_add(1));
+                ignored = ignored.saturating_add((r.last_seq - from).saturating_add(1));
+            }
+            if let Some(st) = self.in_streams.get_mut(&key)
+                && r.first_seq <= st.highest
+                && st.has_gap()
+            {
                 st.gap_since.get_or_insert(now);
                 // The relay told us these expired: no grace period needed.
                 st.request_at = Some(now);
+                self.touch(Dirty::In(key.0, key.1));
             }
-            self.touch(Dirty::In(key.0, key.1));
+        }
+        if ignored > 0 {
+            self.counters.relay_claims_ignored =
+                self.counters.relay_claims_ignored.saturating_add(ignored);
+            self.touch(Dirty::Counters);
+            self.event(Event::Warning(format!(
+                "the relay reported {ignored} expired messages their senders never \
+                 sent to this device; not acted on"
+            )));
         }
         if t.dropped_count > 0 && t.dropped.is_empty() {
             self.event(Event::Warning(format!(
@@ -568,11 +591,23 @@ impl Engine {
             self.reject();
             return Ok(());
         }
+        // Only seqs this device assigned can be "unavailable": answering so
+        // for a future seq would make the peer skip that message when it is
+        // written.
+        let sent_through = self
+            .out_streams
+            .get(&(d, conv))
+            .map_or(0, |s| s.next_seq.saturating_sub(1));
         let mut unavailable = Vec::new();
         let mut budget = MAX_SEQS_PER_REQUEST;
+        let mut ignored = 0u64;
         for r in ranges {
+            if r.last > sent_through {
+                let from = r.first.max(sent_through.saturating_add(1));
+                ignored = ignored.saturating_add(r.last.saturating_sub(from).saturating_add(1));
+            }
             let mut s = r.first;
-            while s <= r.last && budget > 0 {
+            while s <= r.last.min(sent_through) && budget > 0 {
                 budget -= 1;
                 if !self.resend(now, d, conv, s)? {
                     unavailable.push(s);
@@ -582,6 +617,11 @@ impl Engine {
                     None => break,
                 };
             }
+        }
+        if ignored > 0 {
+            self.counters.peer_claims_ignored =
+                self.counters.peer_claims_ignored.saturating_add(ignored);
+            self.touch(Dirty::Counters);
         }
         if !unavailable.is_empty() {
             let mut ranges = to_ranges(unavailable);
@@ -611,7 +651,15 @@ impl Engine {
         };
         let mut count = 0u64;
         let mut budget = MAX_SEQS_PER_REQUEST;
+        // Only seqs below what the sender authenticated are skipped: an
+        // "unavailable" for a seq it has not written yet would otherwise
+        // drop that message as a duplicate when it comes.
+        let mut ignored = 0u64;
         for r in ranges {
+            if r.last > st.highest {
+                let from = r.first.max(st.highest.saturating_add(1));
+                ignored = ignored.saturating_add(r.last.saturating_sub(from).saturating_add(1));
+            }
             let mut s = r.first.max(st.delivered.saturating_add(1));
             while s <= r.last.min(st.highest) && budget > 0 {
                 budget -= 1;
@@ -623,6 +671,11 @@ impl Engine {
             }
         }
         self.touch(Dirty::In(d, conv));
+        if ignored > 0 {
+            self.counters.peer_claims_ignored =
+                self.counters.peer_claims_ignored.saturating_add(ignored);
+            self.touch(Dirty::Counters);
+        }
         if count > 0 && is_chat {
             self.counters.unrecoverable = self.counters.unrecoverable.saturating_add(count);
             self.touch(Dirty::Counters);

@@ -42,6 +42,9 @@ struct FakeRelay {
     /// Assign relay seqs with holes of 0–2 (a relay whose seqs are not
     /// contiguous).
     seq_holes: bool,
+    /// Attach this truncation notice to the next page served to the device
+    /// (a hostile relay forging expiry reports).
+    forged_truncation: Option<(DeviceId, hush_protocol::Truncation)>,
 }
 
 impl FakeRelay {
@@ -213,10 +216,17 @@ impl FakeRelay {
                     .collect();
                 let last = envelopes.last().map_or(after, |d| d.seq);
                 let remaining = inbox.range(last + 1..).count() as u64;
+                let truncated = match self.forged_truncation.take() {
+                    Some((d, t)) if d == who => Some(t),
+                    other => {
+                        self.forged_truncation = other;
+                        None
+                    }
+                };
                 resp(Response::Page(Page {
                     envelopes,
                     remaining,
-                    truncated: None,
+                    truncated,
                 }))
             }
             Request::Ack { up_to } => {
@@ -1358,4 +1368,126 @@ fn pulls_in_flight_are_bounded_by_the_depth() {
         assert_eq!(afters.len(), n, "a range was pulled twice: {:?}", c.pulls);
         assert_eq!(c.engine.link.stale_pages, 0);
     }
+}
+
+fn ids(net: &Net, i: usize) -> Vec<MessageId> {
+    net.messages(i).iter().map(|r| r.id).collect()
+}
+
+/// A hostile relay claims 10,000 of Alice's future sender seqs "expired":
+/// Bob must not expect them, ask Alice for them, accept her "unavailable"
+/// and then drop her next messages as duplicates.
+#[test]
+fn forged_expiry_of_future_seqs_does_not_swallow_the_contacts_next_messages() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let m1 = net.send(a, conv, "one");
+    net.advance(2_000);
+    assert_eq!(ids(&net, b), vec![m1]);
+    let ad = net.clients[a].engine.device_id();
+    let bd = net.clients[b].engine.device_id();
+    net.relay.forged_truncation = Some((
+        bd,
+        hush_protocol::Truncation {
+            oldest_retained: 1,
+            dropped_count: 10_000,
+            dropped: vec![hush_protocol::DroppedRange {
+                sender: ad,
+                conversation: conv,
+                first_seq: 2,
+                last_seq: 10_001,
+            }],
+        },
+    ));
+    // Bob reconnects; the forged notice comes with his first page.
+    net.disconnect(b);
+    net.advance(120_000);
+    assert!(
+        net.relay.forged_truncation.is_none(),
+        "the notice was served"
+    );
+    let m2 = net.send(a, conv, "two");
+    let m3 = net.send(a, conv, "three");
+    net.advance(2_000);
+    assert_eq!(ids(&net, b), vec![m1, m2, m3]);
+    assert_eq!(net.clients[b].engine.counters().unrecoverable, 0);
+    assert_eq!(
+        net.clients[b].engine.counters().relay_claims_ignored,
+        10_000
+    );
+}
+
+/// A hostile contact answers "unavailable" for seqs it has not written yet:
+/// its later messages with those seqs still show.
+#[test]
+fn contact_declaring_future_seqs_unavailable_cannot_swallow_its_later_messages() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let m1 = net.send(a, conv, "one");
+    net.advance(2_000);
+    let bd = net.clients[b].engine.device_id();
+    let now = net.now;
+    net.clients[a]
+        .engine
+        .queue_control(
+            now,
+            bd,
+            crate::payload::Body::ResendUnavailable {
+                conversation: conv,
+                seqs: vec![crate::payload::SeqRange {
+                    first: 1,
+                    last: 10_000,
+                }],
+            },
+        )
+        .unwrap();
+    net.advance(2_000);
+    assert_eq!(net.clients[b].engine.counters().peer_claims_ignored, 9_999);
+    let m2 = net.send(a, conv, "two");
+    net.advance(2_000);
+    assert_eq!(ids(&net, b), vec![m1, m2]);
+    assert_eq!(net.clients[b].engine.counters().unrecoverable, 0);
+}
+
+/// A hostile contact asks for seqs this device never sent: it gets no
+/// "unavailable" for them (which an honest peer would act on).
+#[test]
+fn resend_request_for_unsent_seqs_is_not_answered_unavailable() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let m1 = net.send(a, conv, "one");
+    net.advance(2_000);
+    assert_eq!(ids(&net, b), vec![m1]);
+    let ad = net.clients[a].engine.device_id();
+    let now = net.now;
+    net.clients[b]
+        .engine
+        .queue_control(
+            now,
+            ad,
+            crate::payload::Body::ResendRequest {
+                conversation: conv,
+                seqs: vec![crate::payload::SeqRange {
+                    first: 2,
+                    last: 5_000,
+                }],
+            },
+        )
+        .unwrap();
+    net.advance(2_000);
+    // Nothing was declared unavailable to Bob (he would count it).
+    assert_eq!(net.clients[b].engine.counters().peer_claims_ignored, 0);
+    assert_eq!(net.clients[a].engine.counters().peer_claims_ignored, 4_999);
+    let m2 = net.send(a, conv, "two");
+    net.advance(2_000);
+    assert_eq!(ids(&net, b), vec![m1, m2]);
 }
