@@ -138,17 +138,9 @@ impl Engine {
         }
         let Some((user, entry)) = self.peer(&d) else {
             if !from_parked {
-                self.parked.insert(
-                    relay_seq,
-                    Parked {
-                        envelope: env.to_bytes()?,
-                        parked_ms: now,
-                    },
-                );
                 // Stored in this step's batch, before the cursor that covers
                 // it is acknowledged: a parked envelope survives a crash.
-                self.touch(Dirty::Parked(relay_seq));
-                self.unknown_seen_at = Some(now);
+                self.park(relay_seq, d, env.to_bytes()?, now);
                 self.refresh_for_unknown_sender(now);
             }
             return Ok(false);
@@ -833,6 +825,93 @@ impl Engine {
         Ok(())
     }
 
+    /// Park an envelope from an unknown device, within the bounds: per
+    /// sender device, then in all (count and bytes), the oldest go first.
+    /// Their records are deleted in the same batch.
+    fn park(&mut self, relay_seq: u64, d: DeviceId, envelope: Vec<u8>, now: u64) {
+        self.parked_bytes = self.parked_bytes.saturating_add(envelope.len());
+        if let Some(old) = self.parked.insert(
+            relay_seq,
+            Parked {
+                envelope,
+                parked_ms: now,
+            },
+        ) {
+            self.parked_bytes = self.parked_bytes.saturating_sub(old.envelope.len());
+        }
+        self.parked_by_device
+            .entry(d)
+            .or_default()
+            .insert(relay_seq);
+        self.touch(Dirty::Parked(relay_seq));
+        self.enforce_device_bound(d);
+        self.enforce_parked_bounds();
+    }
+
+    fn enforce_device_bound(&mut self, d: DeviceId) {
+        let per_device = self.cfg.parked_per_device.max(1);
+        while let Some(set) = self.parked_by_device.get(&d)
+            && set.len() > per_device
+            && let Some(&oldest) = set.first()
+        {
+            self.drop_parked(oldest);
+        }
+    }
+
+    /// Drop the oldest parked envelopes of each device over its bound, then
+    /// the oldest of all while over the total bounds.
+    pub(crate) fn enforce_parked_bounds(&mut self) {
+        let per_device = self.cfg.parked_per_device.max(1);
+        let over: Vec<DeviceId> = self
+            .parked_by_device
+            .iter()
+            .filter(|(_, set)| set.len() > per_device)
+            .map(|(d, _)| *d)
+            .collect();
+        for d in over {
+            self.enforce_device_bound(d);
+        }
+        let max = self.cfg.parked_max.max(1);
+        let max_bytes = self.cfg.parked_max_bytes;
+        while (self.parked.len() > max || self.parked_bytes > max_bytes)
+            && let Some(&oldest) = self.parked.keys().next()
+        {
+            self.drop_parked(oldest);
+        }
+    }
+
+    fn drop_parked(&mut self, s: u64) {
+        self.unpark(s);
+        self.counters.parked_dropped = self.counters.parked_dropped.saturating_add(1);
+        self.touch(Dirty::Counters);
+    }
+
+    /// Forget a parked envelope (its record is deleted with the step).
+    pub(crate) fn unpark(&mut self, s: u64) {
+        if let Some(p) = self.parked.remove(&s) {
+            self.parked_bytes = self.parked_bytes.saturating_sub(p.envelope.len());
+        }
+        self.parked_by_device.retain(|_, set| {
+            set.remove(&s);
+            !set.is_empty()
+        });
+        self.touch(Dirty::Parked(s));
+    }
+
+    /// Derive the per-device index and byte total of parked envelopes.
+    pub(crate) fn rebuild_parked_index(&mut self) {
+        self.parked_by_device.clear();
+        self.parked_bytes = 0;
+        for (s, p) in &self.parked {
+            self.parked_bytes = self.parked_bytes.saturating_add(p.envelope.len());
+            // One that does not parse is dropped at its retry; until then it
+            // counts under a device id no real device has.
+            let d = Envelope::from_bytes(&p.envelope)
+                .map_or(DeviceId([0; 16]), |e| e.header.sender_device);
+            self.parked_by_device.entry(d).or_default().insert(*s);
+        }
+    }
+
     /// Retry envelopes parked because their sender was unknown.
     pub(crate) fn retry_parked(&mut self, now: u64) -> Result<(), ClientError> {
         let seqs: Vec<u64> = self.parked.keys().copied().collect();
@@ -843,15 +922,13 @@ impl Engine {
             let env = match Envelope::from_bytes(&p.envelope) {
                 Ok(e) => e,
                 Err(_) => {
-                    self.parked.remove(&s);
-                    self.touch(Dirty::Parked(s));
+                    self.unpark(s);
                     self.reject();
                     continue;
                 }
             };
             if self.process(now, s, &env, true)? {
-                self.parked.remove(&s);
-                self.touch(Dirty::Parked(s));
+                self.unpark(s);
             }
         }
         if self.parked.is_empty() {

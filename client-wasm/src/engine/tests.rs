@@ -1491,3 +1491,165 @@ fn resend_request_for_unsent_seqs_is_not_answered_unavailable() {
     net.advance(2_000);
     assert_eq!(ids(&net, b), vec![m1, m2]);
 }
+
+/// Records and value bytes under `s/parked/` in a client's store.
+fn parked_storage(net: &Net, i: usize) -> (usize, usize) {
+    let rows = net.clients[i].storage.scan_prefix(keys::PARKED).unwrap();
+    (rows.len(), rows.iter().map(|(_, v)| v.len()).sum())
+}
+
+impl Net {
+    /// A device that is no client here hands envelopes to the relay (a
+    /// stranger writing straight to the relay).
+    fn inject(&mut self, from: DeviceId, envelopes: Vec<Envelope>) {
+        let frame = ClientFrame {
+            request_id: 1,
+            request: Request::Send { envelopes },
+        };
+        for (to, frame) in self.relay.handle(from, frame) {
+            if let Some(t) = self
+                .clients
+                .iter_mut()
+                .find(|c| c.engine.device_id() == to && c.connected)
+            {
+                t.queue.push_back(frame);
+            }
+        }
+        self.settle();
+    }
+}
+
+/// A stranger floods the victim with 5,000 envelopes, from one device and
+/// from 250 more: what the victim parks stays within the bounds (records and
+/// bytes), its device-list fetches stay at the bounded rate, and its real
+/// contact's messages still arrive.
+#[test]
+fn stranger_flood_is_parked_within_bounds_and_lists_are_not_refetched_per_envelope() {
+    let mut net = Net::new();
+    let v = net.create("victim");
+    let a = net.create("alice");
+    let m = net.create("mallory");
+    let conv = net.befriend(v, a);
+    net.advance(2_000);
+    // Mallory adds the victim (who never adds her) and writes once: the
+    // victim parks it, and it is the template of the flood.
+    let vcode = net.clients[v].engine.contact_code();
+    let Some(Reply::Contact(mconv)) = net.command(m, Command::AddContact { code: vcode }) else {
+        panic!("no contact");
+    };
+    net.advance(2_000);
+    net.send(m, mconv, "hello?");
+    net.advance(1_000);
+    let template = Envelope::from_bytes(net.relay.seen_bytes.last().unwrap()).unwrap();
+    let vd = net.clients[v].engine.device_id();
+    assert_eq!(template.header.recipient_device, vd);
+    net.disconnect(m);
+    let fetches = |net: &Net| {
+        net.relay
+            .list_fetches
+            .iter()
+            .filter(|(who, _)| *who == vd)
+            .count()
+    };
+    let before = fetches(&net);
+    let start = net.now;
+    let mut sent = Vec::new();
+    for batch in 0..50u64 {
+        let envs: Vec<Envelope> = (0..100u64)
+            .map(|k| {
+                let i = batch * 100 + k;
+                let mut e = template.clone();
+                let mut id = [0u8; 10];
+                id[..8].copy_from_slice(&i.to_be_bytes());
+                e.header.message_id = MessageId::new(T0, id);
+                e.header.sender_seq = i + 2;
+                if i >= 2_500 {
+                    // 250 more devices, 10 envelopes each.
+                    let mut d = [0xee; 16];
+                    d[..8].copy_from_slice(&(i / 10).to_be_bytes());
+                    e.header.sender_device = DeviceId(d);
+                }
+                e
+            })
+            .collect();
+        let from = template.header.sender_device;
+        net.inject(from, envs);
+        if batch % 10 == 0 {
+            sent.push(net.send(a, conv, &format!("real {batch}")));
+        }
+        net.advance(2_000);
+        if batch == 24 {
+            // 2,500 and more from one device so far: 64 kept.
+            assert_eq!(parked_storage(&net, v).0, 64, "parked from one device");
+        }
+    }
+    net.advance(20_000);
+    // The defaults: 64 per device, 1,000 and 4 MiB in all.
+    let (records, bytes) = parked_storage(&net, v);
+    assert_eq!(records, 1_000, "parked records");
+    // Each record: the envelope, a timestamp and a few bytes of framing.
+    assert!(bytes <= (4 << 20) + records * 16, "{bytes} parked bytes");
+    let engine = &net.clients[v].engine;
+    assert_eq!(engine.parked.len(), records, "memory holds what is stored");
+    let dropped = engine.counters().parked_dropped;
+    assert!(dropped >= 4_001, "{dropped} dropped");
+    // 120 s of flood: a refresh at once, then 5, 10, 20 s apart, then every
+    // 30 s (two lists each: the victim's own and Alice's) — not one per
+    // envelope or per 5 s.
+    let secs = (net.now - start) / 1_000;
+    let refreshes = 4 + secs / 30;
+    let made = fetches(&net) - before;
+    assert!(
+        made as u64 <= 2 * refreshes,
+        "{made} list fetches in {secs} s"
+    );
+    let got: Vec<MessageId> = ids(&net, v);
+    assert_eq!(got, sent, "the real contact's messages all arrive");
+    // After a restart the bounds hold too (and the flood is not reloaded).
+    let records_before = net.clients[v].storage.load_state().unwrap();
+    let reloaded = Engine::load(records_before, [55; 32], Net::cfg()).unwrap();
+    assert_eq!(reloaded.parked.len(), records);
+}
+
+/// Parked records written under larger bounds (or before parking was
+/// bounded) are cut down to the bounds when the engine loads.
+#[test]
+fn parked_records_over_the_bounds_are_dropped_at_load() {
+    let mut net = Net::new();
+    let v = net.create("victim");
+    net.advance(1_000);
+    let vd = net.clients[v].engine.device_id();
+    let mut loose = Net::cfg();
+    loose.parked_per_device = 10_000;
+    loose.parked_max = 10_000;
+    net.clients[v].engine.cfg = loose;
+    let stranger = DeviceId([0xab; 16]);
+    let envs: Vec<Envelope> = (1..=300u64)
+        .map(|i| {
+            let mut id = [0u8; 10];
+            id[..8].copy_from_slice(&i.to_be_bytes());
+            Envelope {
+                header: hush_protocol::EnvelopeHeader {
+                    message_id: MessageId::new(T0, id),
+                    sender_device: stranger,
+                    recipient_device: vd,
+                    conversation_id: ConversationId([1; 16]),
+                    sender_seq: i,
+                    sent_at_ms: T0,
+                    ratchet: vec![0; 40],
+                    session_init: None,
+                },
+                ciphertext: vec![0; 100],
+            }
+        })
+        .collect();
+    net.inject(stranger, envs);
+    assert_eq!(parked_storage(&net, v).0, 300);
+    let records = net.clients[v].storage.load_state().unwrap();
+    let mut e = Engine::load(records, [56; 32], Net::cfg()).unwrap();
+    assert_eq!(e.parked.len(), 64);
+    let step = e.handle(net.now, Input::Tick).unwrap();
+    net.clients[v].storage.apply(&step.storage).unwrap();
+    assert_eq!(parked_storage(&net, v).0, 64);
+    assert_eq!(e.counters().parked_dropped, 236);
+}
