@@ -157,6 +157,56 @@ pub struct Counters {
     pub next_order: u64,
     /// Next outbox creation number (internal).
     pub next_local: u64,
+    /// Relay claims not acted on: "expired" sender seqs above what that
+    /// sender ever authenticated to this device (a hostile relay, or the
+    /// honest expiry of a stream's whole tail, which the sender's tail probe
+    /// brings back).
+    pub relay_claims_ignored: u64,
+    /// Peer control items not acted on: resend requests for seqs this device
+    /// never sent, "unavailable" answers for seqs the peer never sent.
+    pub peer_claims_ignored: u64,
+    /// Envelopes from unknown sender devices dropped because the parking
+    /// space (per device or in total) was full.
+    pub parked_dropped: u64,
+    /// Recalls not applied because the recalling user is not the author of
+    /// the message they named.
+    pub recalls_refused: u64,
+}
+
+/// `s/counters` as written before the hostile-peer counters were added:
+/// still read (postcard records have no field names to default from).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub(crate) struct CountersV1 {
+    pub duplicates_dropped: u64,
+    pub out_of_order: u64,
+    pub gaps_detected: u64,
+    pub recovered: u64,
+    pub unrecoverable: u64,
+    pub rejected: u64,
+    pub resent: u64,
+    pub probes: u64,
+    pub suppressed: u64,
+    pub next_order: u64,
+    pub next_local: u64,
+}
+
+impl From<CountersV1> for Counters {
+    fn from(c: CountersV1) -> Counters {
+        Counters {
+            duplicates_dropped: c.duplicates_dropped,
+            out_of_order: c.out_of_order,
+            gaps_detected: c.gaps_detected,
+            recovered: c.recovered,
+            unrecoverable: c.unrecoverable,
+            rejected: c.rejected,
+            resent: c.resent,
+            probes: c.probes,
+            suppressed: c.suppressed,
+            next_order: c.next_order,
+            next_local: c.next_local,
+            ..Counters::default()
+        }
+    }
 }
 
 /// A verified device list plus bookkeeping.
@@ -264,7 +314,9 @@ pub(crate) struct InStream {
     /// Seqs above `delivered` already received (held chat items, applied
     /// control items, or declared unrecoverable).
     pub above: BTreeSet<u64>,
-    /// Highest seq known to exist (seen, or named by a truncation).
+    /// Highest seq seen in an envelope from the sender that opened here.
+    /// Relay expiry claims never raise it (a relay cannot make this device
+    /// expect, request and then skip seqs the sender has not written).
     pub highest: u64,
     /// When the current hole was first noticed.
     pub gap_since: Option<u64>,

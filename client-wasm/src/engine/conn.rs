@@ -497,14 +497,15 @@ impl Engine {
     }
 
     /// An envelope came from a device no verified list names yet (a new
-    /// device of a contact or of this user): re-fetch every list at once
-    /// (at most every few seconds; a burst of such envelopes schedules one
-    /// follow-up), and again now and then while envelopes stay parked.
+    /// device of a contact or of this user): re-fetch every list, at once if
+    /// none ran lately, and again while envelopes stay parked — first after
+    /// a few seconds, then backing off to every half minute. The schedule
+    /// depends only on the refreshes made since parking began, never on how
+    /// many envelopes unknown devices send: a stranger cannot make this
+    /// device fetch lists more often.
     pub(crate) fn refresh_for_unknown_sender(&mut self, now: u64) {
-        let recent = self
-            .unknown_refreshed_at
-            .is_some_and(|t| now < t.saturating_add(UNKNOWN_SENDER_REFRESH_MS));
-        if !recent && self.link.ready {
+        let due = self.parked_refresh_at().is_none_or(|t| now >= t);
+        if due && self.link.ready {
             self.unknown_refreshed_at = Some(now);
             self.parked_refreshes = self.parked_refreshes.saturating_add(1);
             // The writer may be a contact's first device: contacts with none
@@ -516,9 +517,9 @@ impl Engine {
         }
     }
 
-    /// When to re-fetch lists for parked envelopes: soon if one was parked
-    /// after the last refresh (or the relay's answer may have raced the
-    /// sender's list publication), then backing off to now and then.
+    /// When to re-fetch lists for parked envelopes: a few seconds after the
+    /// last refresh (the relay's answer may have raced the sender's list
+    /// publication), then backing off to now and then.
     pub(crate) fn parked_refresh_at(&self) -> Option<u64> {
         if self.parked.is_empty() {
             return None;
@@ -526,13 +527,8 @@ impl Engine {
         let Some(last) = self.unknown_refreshed_at else {
             return Some(0);
         };
-        let newer = self.unknown_seen_at.is_some_and(|s| s > last);
-        let delay = if newer {
-            UNKNOWN_SENDER_REFRESH_MS
-        } else {
-            let n = self.parked_refreshes.saturating_sub(1).min(3);
-            (UNKNOWN_SENDER_REFRESH_MS << n).min(PARKED_REFRESH_MS)
-        };
+        let n = self.parked_refreshes.saturating_sub(1).min(3);
+        let delay = (UNKNOWN_SENDER_REFRESH_MS << n).min(PARKED_REFRESH_MS);
         Some(last.saturating_add(delay))
     }
 

@@ -93,6 +93,14 @@ pub struct EngineConfig {
     /// at once, so the relay and the network work while this device decrypts
     /// and commits (see `docs/PROTOCOL.md` §8.2, "Several pulls in flight").
     pub pull_depth: u16,
+    /// Most envelopes kept parked from one unknown sender device (the
+    /// oldest of its envelopes is dropped beyond this).
+    pub parked_per_device: usize,
+    /// Most envelopes kept parked in all (the oldest is dropped beyond this).
+    pub parked_max: usize,
+    /// Most envelope bytes kept parked in all (the oldest is dropped beyond
+    /// this).
+    pub parked_max_bytes: usize,
     /// Publish more one-time prekeys when the relay holds fewer than this.
     pub one_time_prekeys_low: u32,
     /// How many one-time prekeys to add at a time.
@@ -127,6 +135,9 @@ impl Default for EngineConfig {
             link_code_ttl_ms: 10 * 60 * 1000,
             page_limit: hush_protocol::limits::MAX_PAGE,
             pull_depth: 3,
+            parked_per_device: 64,
+            parked_max: 1_000,
+            parked_max_bytes: 4 << 20,
             one_time_prekeys_low: 20,
             one_time_prekeys_batch: 50,
         }
@@ -480,6 +491,10 @@ pub struct Engine {
     pub(crate) tombs: BTreeMap<MessageId, Tombstone>,
     pub(crate) links: BTreeMap<[u8; 16], LinkToken>,
     pub(crate) parked: BTreeMap<u64, Parked>,
+    /// Parked envelopes by sender device (derived; rebuilt at load).
+    pub(crate) parked_by_device: BTreeMap<DeviceId, BTreeSet<u64>>,
+    /// Envelope bytes parked now (derived; rebuilt at load).
+    pub(crate) parked_bytes: usize,
     pub(crate) receipts: BTreeMap<DeviceId, PendingReceipt>,
     // Transient.
     pub(crate) link: Link,
@@ -488,8 +503,6 @@ pub struct Engine {
     pub(crate) housekeeping_at: u64,
     pub(crate) lists_refreshed_at: Option<u64>,
     pub(crate) unknown_refreshed_at: Option<u64>,
-    /// When the latest envelope from an unknown device was parked.
-    pub(crate) unknown_seen_at: Option<u64>,
     /// List refreshes made for the envelopes parked now (spaces the next).
     pub(crate) parked_refreshes: u32,
     /// Contacts with no known devices: when to fetch their list again and
@@ -547,6 +560,8 @@ impl Engine {
             tombs: BTreeMap::new(),
             links: BTreeMap::new(),
             parked: BTreeMap::new(),
+            parked_by_device: BTreeMap::new(),
+            parked_bytes: 0,
             receipts: BTreeMap::new(),
             link: Link::default(),
             reconnect_attempts: 0,
@@ -554,7 +569,6 @@ impl Engine {
             housekeeping_at: 0,
             lists_refreshed_at: None,
             unknown_refreshed_at: None,
-            unknown_seen_at: None,
             parked_refreshes: 0,
             list_retry: BTreeMap::new(),
             dirty: BTreeSet::new(),
@@ -684,6 +698,10 @@ impl Engine {
             e.active.insert((local, id));
         }
         e.rebuild_sent_index();
+        // Written before parking was bounded, or under larger bounds: the
+        // excess goes with the first step's batch.
+        e.rebuild_parked_index();
+        e.enforce_parked_bounds();
         Ok(e)
     }
 
@@ -695,7 +713,11 @@ impl Engine {
         if k == keys::CURSOR {
             self.cursor = storage::decode(k, v)?;
         } else if k == keys::COUNTERS {
-            self.counters = storage::decode(k, v)?;
+            // Records from before the hostile-peer counters are shorter.
+            self.counters = match storage::decode::<Counters>(k, v) {
+                Ok(c) => c,
+                Err(_) => storage::decode::<CountersV1>(k, v)?.into(),
+            };
         } else if k == keys::OWN {
             self.own = storage::decode(k, v)?;
         } else if k.starts_with(keys::CONTACT) {

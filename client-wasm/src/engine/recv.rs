@@ -65,20 +65,43 @@ impl Engine {
         Ok(())
     }
 
+    /// The relay says envelopes expired unread. Its claim only speeds up
+    /// the repair of holes the senders themselves authenticated: `highest`
+    /// moves only with envelopes that opened, so a claim never makes this
+    /// device expect (and later skip) seqs a sender has not written. Seqs
+    /// claimed above a sender's authenticated highest are not acted on and
+    /// are counted (a hostile relay; or an honest expiry of a stream's whole
+    /// tail, which the sender's tail probe re-sends and so reveals).
     pub(crate) fn on_truncation(&mut self, now: u64, t: &Truncation) {
+        let mut ignored = 0u64;
         for r in &t.dropped {
             if self.peer(&r.sender).is_none() || r.last_seq < r.first_seq {
                 continue;
             }
             let key = (r.sender, r.conversation);
-            let st = self.in_streams.entry(key).or_default();
-            st.highest = st.highest.max(r.last_seq);
-            if st.has_gap() {
+            let highest = self.in_streams.get(&key).map_or(0, |s| s.highest);
+            if r.last_seq > highest {
+                let from = r.first_seq.max(highest.saturating_add(1));
+                ignored = ignored.saturating_add((r.last_seq - from).saturating_add(1));
+            }
+            if let Some(st) = self.in_streams.get_mut(&key)
+                && r.first_seq <= st.highest
+                && st.has_gap()
+            {
                 st.gap_since.get_or_insert(now);
                 // The relay told us these expired: no grace period needed.
                 st.request_at = Some(now);
+                self.touch(Dirty::In(key.0, key.1));
             }
-            self.touch(Dirty::In(key.0, key.1));
+        }
+        if ignored > 0 {
+            self.counters.relay_claims_ignored =
+                self.counters.relay_claims_ignored.saturating_add(ignored);
+            self.touch(Dirty::Counters);
+            self.event(Event::Warning(format!(
+                "the relay reported {ignored} expired messages their senders never \
+                 sent to this device; not acted on"
+            )));
         }
         if t.dropped_count > 0 && t.dropped.is_empty() {
             self.event(Event::Warning(format!(
@@ -115,17 +138,9 @@ impl Engine {
         }
         let Some((user, entry)) = self.peer(&d) else {
             if !from_parked {
-                self.parked.insert(
-                    relay_seq,
-                    Parked {
-                        envelope: env.to_bytes()?,
-                        parked_ms: now,
-                    },
-                );
                 // Stored in this step's batch, before the cursor that covers
                 // it is acknowledged: a parked envelope survives a crash.
-                self.touch(Dirty::Parked(relay_seq));
-                self.unknown_seen_at = Some(now);
+                self.park(relay_seq, d, env.to_bytes()?, now);
                 self.refresh_for_unknown_sender(now);
             }
             return Ok(false);
@@ -568,11 +583,23 @@ impl Engine {
             self.reject();
             return Ok(());
         }
+        // Only seqs this device assigned can be "unavailable": answering so
+        // for a future seq would make the peer skip that message when it is
+        // written.
+        let sent_through = self
+            .out_streams
+            .get(&(d, conv))
+            .map_or(0, |s| s.next_seq.saturating_sub(1));
         let mut unavailable = Vec::new();
         let mut budget = MAX_SEQS_PER_REQUEST;
+        let mut ignored = 0u64;
         for r in ranges {
+            if r.last > sent_through {
+                let from = r.first.max(sent_through.saturating_add(1));
+                ignored = ignored.saturating_add(r.last.saturating_sub(from).saturating_add(1));
+            }
             let mut s = r.first;
-            while s <= r.last && budget > 0 {
+            while s <= r.last.min(sent_through) && budget > 0 {
                 budget -= 1;
                 if !self.resend(now, d, conv, s)? {
                     unavailable.push(s);
@@ -582,6 +609,11 @@ impl Engine {
                     None => break,
                 };
             }
+        }
+        if ignored > 0 {
+            self.counters.peer_claims_ignored =
+                self.counters.peer_claims_ignored.saturating_add(ignored);
+            self.touch(Dirty::Counters);
         }
         if !unavailable.is_empty() {
             let mut ranges = to_ranges(unavailable);
@@ -611,7 +643,15 @@ impl Engine {
         };
         let mut count = 0u64;
         let mut budget = MAX_SEQS_PER_REQUEST;
+        // Only seqs below what the sender authenticated are skipped: an
+        // "unavailable" for a seq it has not written yet would otherwise
+        // drop that message as a duplicate when it comes.
+        let mut ignored = 0u64;
         for r in ranges {
+            if r.last > st.highest {
+                let from = r.first.max(st.highest.saturating_add(1));
+                ignored = ignored.saturating_add(r.last.saturating_sub(from).saturating_add(1));
+            }
             let mut s = r.first.max(st.delivered.saturating_add(1));
             while s <= r.last.min(st.highest) && budget > 0 {
                 budget -= 1;
@@ -623,6 +663,11 @@ impl Engine {
             }
         }
         self.touch(Dirty::In(d, conv));
+        if ignored > 0 {
+            self.counters.peer_claims_ignored =
+                self.counters.peer_claims_ignored.saturating_add(ignored);
+            self.touch(Dirty::Counters);
+        }
         if count > 0 && is_chat {
             self.counters.unrecoverable = self.counters.unrecoverable.saturating_add(count);
             self.touch(Dirty::Counters);
@@ -780,6 +825,93 @@ impl Engine {
         Ok(())
     }
 
+    /// Park an envelope from an unknown device, within the bounds: per
+    /// sender device, then in all (count and bytes), the oldest go first.
+    /// Their records are deleted in the same batch.
+    fn park(&mut self, relay_seq: u64, d: DeviceId, envelope: Vec<u8>, now: u64) {
+        self.parked_bytes = self.parked_bytes.saturating_add(envelope.len());
+        if let Some(old) = self.parked.insert(
+            relay_seq,
+            Parked {
+                envelope,
+                parked_ms: now,
+            },
+        ) {
+            self.parked_bytes = self.parked_bytes.saturating_sub(old.envelope.len());
+        }
+        self.parked_by_device
+            .entry(d)
+            .or_default()
+            .insert(relay_seq);
+        self.touch(Dirty::Parked(relay_seq));
+        self.enforce_device_bound(d);
+        self.enforce_parked_bounds();
+    }
+
+    fn enforce_device_bound(&mut self, d: DeviceId) {
+        let per_device = self.cfg.parked_per_device.max(1);
+        while let Some(set) = self.parked_by_device.get(&d)
+            && set.len() > per_device
+            && let Some(&oldest) = set.first()
+        {
+            self.drop_parked(oldest);
+        }
+    }
+
+    /// Drop the oldest parked envelopes of each device over its bound, then
+    /// the oldest of all while over the total bounds.
+    pub(crate) fn enforce_parked_bounds(&mut self) {
+        let per_device = self.cfg.parked_per_device.max(1);
+        let over: Vec<DeviceId> = self
+            .parked_by_device
+            .iter()
+            .filter(|(_, set)| set.len() > per_device)
+            .map(|(d, _)| *d)
+            .collect();
+        for d in over {
+            self.enforce_device_bound(d);
+        }
+        let max = self.cfg.parked_max.max(1);
+        let max_bytes = self.cfg.parked_max_bytes;
+        while (self.parked.len() > max || self.parked_bytes > max_bytes)
+            && let Some(&oldest) = self.parked.keys().next()
+        {
+            self.drop_parked(oldest);
+        }
+    }
+
+    fn drop_parked(&mut self, s: u64) {
+        self.unpark(s);
+        self.counters.parked_dropped = self.counters.parked_dropped.saturating_add(1);
+        self.touch(Dirty::Counters);
+    }
+
+    /// Forget a parked envelope (its record is deleted with the step).
+    pub(crate) fn unpark(&mut self, s: u64) {
+        if let Some(p) = self.parked.remove(&s) {
+            self.parked_bytes = self.parked_bytes.saturating_sub(p.envelope.len());
+        }
+        self.parked_by_device.retain(|_, set| {
+            set.remove(&s);
+            !set.is_empty()
+        });
+        self.touch(Dirty::Parked(s));
+    }
+
+    /// Derive the per-device index and byte total of parked envelopes.
+    pub(crate) fn rebuild_parked_index(&mut self) {
+        self.parked_by_device.clear();
+        self.parked_bytes = 0;
+        for (s, p) in &self.parked {
+            self.parked_bytes = self.parked_bytes.saturating_add(p.envelope.len());
+            // One that does not parse is dropped at its retry; until then it
+            // counts under a device id no real device has.
+            let d = Envelope::from_bytes(&p.envelope)
+                .map_or(DeviceId([0; 16]), |e| e.header.sender_device);
+            self.parked_by_device.entry(d).or_default().insert(*s);
+        }
+    }
+
     /// Retry envelopes parked because their sender was unknown.
     pub(crate) fn retry_parked(&mut self, now: u64) -> Result<(), ClientError> {
         let seqs: Vec<u64> = self.parked.keys().copied().collect();
@@ -790,15 +922,13 @@ impl Engine {
             let env = match Envelope::from_bytes(&p.envelope) {
                 Ok(e) => e,
                 Err(_) => {
-                    self.parked.remove(&s);
-                    self.touch(Dirty::Parked(s));
+                    self.unpark(s);
                     self.reject();
                     continue;
                 }
             };
             if self.process(now, s, &env, true)? {
-                self.parked.remove(&s);
-                self.touch(Dirty::Parked(s));
+                self.unpark(s);
             }
         }
         if self.parked.is_empty() {

@@ -907,10 +907,9 @@ impl Engine {
             .map(|(s, _)| *s)
             .collect();
         for s in parked {
-            self.parked.remove(&s);
+            self.unpark(s);
             self.counters.rejected = self.counters.rejected.saturating_add(1);
             self.touch(Dirty::Counters);
-            self.touch(Dirty::Parked(s));
         }
     }
 }

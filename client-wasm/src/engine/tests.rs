@@ -42,6 +42,9 @@ struct FakeRelay {
     /// Assign relay seqs with holes of 0–2 (a relay whose seqs are not
     /// contiguous).
     seq_holes: bool,
+    /// Attach this truncation notice to the next page served to the device
+    /// (a hostile relay forging expiry reports).
+    forged_truncation: Option<(DeviceId, hush_protocol::Truncation)>,
 }
 
 impl FakeRelay {
@@ -213,10 +216,17 @@ impl FakeRelay {
                     .collect();
                 let last = envelopes.last().map_or(after, |d| d.seq);
                 let remaining = inbox.range(last + 1..).count() as u64;
+                let truncated = match self.forged_truncation.take() {
+                    Some((d, t)) if d == who => Some(t),
+                    other => {
+                        self.forged_truncation = other;
+                        None
+                    }
+                };
                 resp(Response::Page(Page {
                     envelopes,
                     remaining,
-                    truncated: None,
+                    truncated,
                 }))
             }
             Request::Ack { up_to } => {
@@ -1358,4 +1368,288 @@ fn pulls_in_flight_are_bounded_by_the_depth() {
         assert_eq!(afters.len(), n, "a range was pulled twice: {:?}", c.pulls);
         assert_eq!(c.engine.link.stale_pages, 0);
     }
+}
+
+fn ids(net: &Net, i: usize) -> Vec<MessageId> {
+    net.messages(i).iter().map(|r| r.id).collect()
+}
+
+/// A hostile relay claims 10,000 of Alice's future sender seqs "expired":
+/// Bob must not expect them, ask Alice for them, accept her "unavailable"
+/// and then drop her next messages as duplicates.
+#[test]
+fn forged_expiry_of_future_seqs_does_not_swallow_the_contacts_next_messages() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let m1 = net.send(a, conv, "one");
+    net.advance(2_000);
+    assert_eq!(ids(&net, b), vec![m1]);
+    let ad = net.clients[a].engine.device_id();
+    let bd = net.clients[b].engine.device_id();
+    net.relay.forged_truncation = Some((
+        bd,
+        hush_protocol::Truncation {
+            oldest_retained: 1,
+            dropped_count: 10_000,
+            dropped: vec![hush_protocol::DroppedRange {
+                sender: ad,
+                conversation: conv,
+                first_seq: 2,
+                last_seq: 10_001,
+            }],
+        },
+    ));
+    // Bob reconnects; the forged notice comes with his first page.
+    net.disconnect(b);
+    net.advance(120_000);
+    assert!(
+        net.relay.forged_truncation.is_none(),
+        "the notice was served"
+    );
+    let m2 = net.send(a, conv, "two");
+    let m3 = net.send(a, conv, "three");
+    net.advance(2_000);
+    assert_eq!(ids(&net, b), vec![m1, m2, m3]);
+    assert_eq!(net.clients[b].engine.counters().unrecoverable, 0);
+    assert_eq!(
+        net.clients[b].engine.counters().relay_claims_ignored,
+        10_000
+    );
+}
+
+/// A hostile contact answers "unavailable" for seqs it has not written yet:
+/// its later messages with those seqs still show.
+#[test]
+fn contact_declaring_future_seqs_unavailable_cannot_swallow_its_later_messages() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let m1 = net.send(a, conv, "one");
+    net.advance(2_000);
+    let bd = net.clients[b].engine.device_id();
+    let now = net.now;
+    net.clients[a]
+        .engine
+        .queue_control(
+            now,
+            bd,
+            crate::payload::Body::ResendUnavailable {
+                conversation: conv,
+                seqs: vec![crate::payload::SeqRange {
+                    first: 1,
+                    last: 10_000,
+                }],
+            },
+        )
+        .unwrap();
+    net.advance(2_000);
+    assert_eq!(net.clients[b].engine.counters().peer_claims_ignored, 9_999);
+    let m2 = net.send(a, conv, "two");
+    net.advance(2_000);
+    assert_eq!(ids(&net, b), vec![m1, m2]);
+    assert_eq!(net.clients[b].engine.counters().unrecoverable, 0);
+}
+
+/// A hostile contact asks for seqs this device never sent: it gets no
+/// "unavailable" for them (which an honest peer would act on).
+#[test]
+fn resend_request_for_unsent_seqs_is_not_answered_unavailable() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let m1 = net.send(a, conv, "one");
+    net.advance(2_000);
+    assert_eq!(ids(&net, b), vec![m1]);
+    let ad = net.clients[a].engine.device_id();
+    let now = net.now;
+    net.clients[b]
+        .engine
+        .queue_control(
+            now,
+            ad,
+            crate::payload::Body::ResendRequest {
+                conversation: conv,
+                seqs: vec![crate::payload::SeqRange {
+                    first: 2,
+                    last: 5_000,
+                }],
+            },
+        )
+        .unwrap();
+    net.advance(2_000);
+    // Nothing was declared unavailable to Bob (he would count it).
+    assert_eq!(net.clients[b].engine.counters().peer_claims_ignored, 0);
+    assert_eq!(net.clients[a].engine.counters().peer_claims_ignored, 4_999);
+    let m2 = net.send(a, conv, "two");
+    net.advance(2_000);
+    assert_eq!(ids(&net, b), vec![m1, m2]);
+}
+
+/// Records and value bytes under `s/parked/` in a client's store.
+fn parked_storage(net: &Net, i: usize) -> (usize, usize) {
+    let rows = net.clients[i].storage.scan_prefix(keys::PARKED).unwrap();
+    (rows.len(), rows.iter().map(|(_, v)| v.len()).sum())
+}
+
+impl Net {
+    /// A device that is no client here hands envelopes to the relay (a
+    /// stranger writing straight to the relay).
+    fn inject(&mut self, from: DeviceId, envelopes: Vec<Envelope>) {
+        let frame = ClientFrame {
+            request_id: 1,
+            request: Request::Send { envelopes },
+        };
+        for (to, frame) in self.relay.handle(from, frame) {
+            if let Some(t) = self
+                .clients
+                .iter_mut()
+                .find(|c| c.engine.device_id() == to && c.connected)
+            {
+                t.queue.push_back(frame);
+            }
+        }
+        self.settle();
+    }
+}
+
+/// A stranger floods the victim with 5,000 envelopes, from one device and
+/// from 250 more: what the victim parks stays within the bounds (records and
+/// bytes), its device-list fetches stay at the bounded rate, and its real
+/// contact's messages still arrive.
+#[test]
+fn stranger_flood_is_parked_within_bounds_and_lists_are_not_refetched_per_envelope() {
+    let mut net = Net::new();
+    let v = net.create("victim");
+    let a = net.create("alice");
+    let m = net.create("mallory");
+    let conv = net.befriend(v, a);
+    net.advance(2_000);
+    // Mallory adds the victim (who never adds her) and writes once: the
+    // victim parks it, and it is the template of the flood.
+    let vcode = net.clients[v].engine.contact_code();
+    let Some(Reply::Contact(mconv)) = net.command(m, Command::AddContact { code: vcode }) else {
+        panic!("no contact");
+    };
+    net.advance(2_000);
+    net.send(m, mconv, "hello?");
+    net.advance(1_000);
+    let template = Envelope::from_bytes(net.relay.seen_bytes.last().unwrap()).unwrap();
+    let vd = net.clients[v].engine.device_id();
+    assert_eq!(template.header.recipient_device, vd);
+    net.disconnect(m);
+    let fetches = |net: &Net| {
+        net.relay
+            .list_fetches
+            .iter()
+            .filter(|(who, _)| *who == vd)
+            .count()
+    };
+    let before = fetches(&net);
+    let start = net.now;
+    let mut sent = Vec::new();
+    for batch in 0..50u64 {
+        let envs: Vec<Envelope> = (0..100u64)
+            .map(|k| {
+                let i = batch * 100 + k;
+                let mut e = template.clone();
+                let mut id = [0u8; 10];
+                id[..8].copy_from_slice(&i.to_be_bytes());
+                e.header.message_id = MessageId::new(T0, id);
+                e.header.sender_seq = i + 2;
+                if i >= 2_500 {
+                    // 250 more devices, 10 envelopes each.
+                    let mut d = [0xee; 16];
+                    d[..8].copy_from_slice(&(i / 10).to_be_bytes());
+                    e.header.sender_device = DeviceId(d);
+                }
+                e
+            })
+            .collect();
+        let from = template.header.sender_device;
+        net.inject(from, envs);
+        if batch % 10 == 0 {
+            sent.push(net.send(a, conv, &format!("real {batch}")));
+        }
+        net.advance(2_000);
+        if batch == 24 {
+            // 2,500 and more from one device so far: 64 kept.
+            assert_eq!(parked_storage(&net, v).0, 64, "parked from one device");
+        }
+    }
+    net.advance(20_000);
+    // The defaults: 64 per device, 1,000 and 4 MiB in all.
+    let (records, bytes) = parked_storage(&net, v);
+    assert_eq!(records, 1_000, "parked records");
+    // Each record: the envelope, a timestamp and a few bytes of framing.
+    assert!(bytes <= (4 << 20) + records * 16, "{bytes} parked bytes");
+    let engine = &net.clients[v].engine;
+    assert_eq!(engine.parked.len(), records, "memory holds what is stored");
+    let dropped = engine.counters().parked_dropped;
+    assert!(dropped >= 4_001, "{dropped} dropped");
+    // 120 s of flood: a refresh at once, then 5, 10, 20 s apart, then every
+    // 30 s (two lists each: the victim's own and Alice's) — not one per
+    // envelope or per 5 s.
+    let secs = (net.now - start) / 1_000;
+    let refreshes = 4 + secs / 30;
+    let made = fetches(&net) - before;
+    assert!(
+        made as u64 <= 2 * refreshes,
+        "{made} list fetches in {secs} s"
+    );
+    let got: Vec<MessageId> = ids(&net, v);
+    assert_eq!(got, sent, "the real contact's messages all arrive");
+    // After a restart the bounds hold too (and the flood is not reloaded).
+    let records_before = net.clients[v].storage.load_state().unwrap();
+    let reloaded = Engine::load(records_before, [55; 32], Net::cfg()).unwrap();
+    assert_eq!(reloaded.parked.len(), records);
+}
+
+/// Parked records written under larger bounds (or before parking was
+/// bounded) are cut down to the bounds when the engine loads.
+#[test]
+fn parked_records_over_the_bounds_are_dropped_at_load() {
+    let mut net = Net::new();
+    let v = net.create("victim");
+    net.advance(1_000);
+    let vd = net.clients[v].engine.device_id();
+    let mut loose = Net::cfg();
+    loose.parked_per_device = 10_000;
+    loose.parked_max = 10_000;
+    net.clients[v].engine.cfg = loose;
+    let stranger = DeviceId([0xab; 16]);
+    let envs: Vec<Envelope> = (1..=300u64)
+        .map(|i| {
+            let mut id = [0u8; 10];
+            id[..8].copy_from_slice(&i.to_be_bytes());
+            Envelope {
+                header: hush_protocol::EnvelopeHeader {
+                    message_id: MessageId::new(T0, id),
+                    sender_device: stranger,
+                    recipient_device: vd,
+                    conversation_id: ConversationId([1; 16]),
+                    sender_seq: i,
+                    sent_at_ms: T0,
+                    ratchet: vec![0; 40],
+                    session_init: None,
+                },
+                ciphertext: vec![0; 100],
+            }
+        })
+        .collect();
+    net.inject(stranger, envs);
+    assert_eq!(parked_storage(&net, v).0, 300);
+    let records = net.clients[v].storage.load_state().unwrap();
+    let mut e = Engine::load(records, [56; 32], Net::cfg()).unwrap();
+    assert_eq!(e.parked.len(), 64);
+    let step = e.handle(net.now, Input::Tick).unwrap();
+    net.clients[v].storage.apply(&step.storage).unwrap();
+    assert_eq!(parked_storage(&net, v).0, 64);
+    assert_eq!(e.counters().parked_dropped, 236);
 }
