@@ -1359,3 +1359,6 @@ fn pulls_in_flight_are_bounded_by_the_depth() {
         assert_eq!(c.engine.link.stale_pages, 0);
     }
 }
+
+#[path = "tests_sessions.rs"]
+mod sessions;
