@@ -144,6 +144,14 @@ pub enum Body {
         /// The contact.
         contact: ContactInfo,
     },
+    /// "The session you started with this X3DH ephemeral key cannot be
+    /// answered (its one-time prekey was already used, e.g. a relay handed
+    /// the same bundle to two devices): drop it, use the session this
+    /// message arrives on, and re-send what I have not receipted."
+    SessionReset {
+        /// The `SessionInit` ephemeral of the session that cannot be answered.
+        ephemeral: [u8; 32],
+    },
 }
 
 impl Body {
@@ -170,7 +178,7 @@ impl Body {
                 too_long(seqs.len()) || seqs.iter().any(SeqRange::is_empty)
             }
             Body::LinkWelcome { contacts } => too_long(contacts.len()),
-            Body::ContactAdded { .. } => false,
+            Body::ContactAdded { .. } | Body::SessionReset { .. } => false,
         };
         if bad {
             return Err(ClientError::Protocol(

@@ -11,7 +11,7 @@
 //! | [`chain_step`] (KDF_CK) | HMAC-SHA256(CK, `0x01`) = MK, HMAC-SHA256(CK, `0x02`) = CK′ | — |
 //! | [`next_seed`] | HMAC-SHA256(seed, `0x03`) | — |
 //! | [`reseed_chain`] | HKDF-SHA256, salt = seed, IKM = DH(E, peer ratchet key) | `hush-reseed-v1` ‖ gen ‖ E |
-//! | [`message_keys`] | none: MK is the ChaCha20-Poly1305 key, the nonce is all zero | — |
+//! | [`message_keys`] | none: MK is the ChaCha20-Poly1305 key; the nonce is random per message and sent in front of the ciphertext | — |
 
 use crate::CryptoError;
 use crate::secret::Secret32;
@@ -31,6 +31,22 @@ pub const RESEED_INFO: &[u8] = b"hush-reseed-v1";
 /// derives with this label any more.
 #[deprecated(note = "message keys are used directly as AEAD keys; no derivation uses this label")]
 pub const MESSAGE_INFO: &[u8] = b"hush-message-v1";
+
+/// Test-only count of key derivations and DH operations on this thread, so
+/// unit tests can prove that a limit rejects a header before any work.
+#[cfg(test)]
+pub(crate) mod work {
+    use core::cell::Cell;
+    thread_local! {
+        static COUNT: Cell<u64> = const { Cell::new(0) };
+    }
+    pub(crate) fn note() {
+        COUNT.with(|c| c.set(c.get() + 1));
+    }
+    pub(crate) fn count() -> u64 {
+        COUNT.with(Cell::get)
+    }
+}
 
 const CK_MESSAGE: u8 = 0x01;
 const CK_CHAIN: u8 = 0x02;
@@ -155,6 +171,8 @@ pub(crate) struct RootStep {
 /// KDF_RK: mixes a DH output into the root key; yields the new root key, the new
 /// chain key, and the first reseed seed of that chain.
 pub(crate) fn root_step(root_key: &Secret32, dh: &Secret32) -> Result<RootStep, CryptoError> {
+    #[cfg(test)]
+    work::note();
     let mut okm = Zeroizing::new([0u8; 96]);
     hkdf(root_key.bytes(), dh.bytes(), &[RATCHET_INFO], okm.as_mut())?;
     let mut step = RootStep {
@@ -170,6 +188,8 @@ pub(crate) fn root_step(root_key: &Secret32, dh: &Secret32) -> Result<RootStep, 
 
 /// KDF_CK: advances a chain key; returns `(next_chain_key, message_key)`.
 pub(crate) fn chain_step(chain_key: &Secret32) -> Result<(Secret32, Secret32), CryptoError> {
+    #[cfg(test)]
+    work::note();
     // Both outputs use the same key: run the HMAC key schedule once.
     let keyed = HmacSha256::new(chain_key.bytes());
     let mk = keyed.mac(&[&[CK_MESSAGE]])?;
@@ -182,6 +202,8 @@ pub(crate) fn chain_step(chain_key: &Secret32) -> Result<(Secret32, Secret32), C
 /// A one-way hash chain (rather than one stored master seed) so that holding the
 /// current seed reveals nothing about generations already used.
 pub(crate) fn next_seed(seed: &Secret32) -> Result<Secret32, CryptoError> {
+    #[cfg(test)]
+    work::note();
     HmacSha256::new(seed.bytes()).mac(&[&[SEED_NEXT]])
 }
 
@@ -203,28 +225,25 @@ pub(crate) fn reseed_chain(
     Ok(out)
 }
 
-/// AEAD key and nonce of one message.
+/// AEAD key of one message.
 pub(crate) struct MessageKeys {
     pub(crate) key: Zeroizing<[u8; 32]>,
-    pub(crate) nonce: [u8; 12],
 }
 
-/// The ChaCha20-Poly1305 key and nonce of one message: the message key itself
-/// and the all-zero nonce.
+/// The ChaCha20-Poly1305 key of one message: the message key itself.
 ///
-/// MK = HMAC-SHA256(CK, 0x01) is a uniformly random PRF output used for exactly
-/// one message (a sending chain advances before the next seal; a receiver
-/// deletes MK once used), so it is already a one-time AEAD key, and a fixed
-/// nonce is safe: RFC 8439 only requires that a (key, nonce) pair never repeat.
-/// An earlier version expanded MK with HKDF-Expand into a key and a nonce;
-/// that added six SHA-256 compressions per message on each side (a quarter of
-/// the per-message cost on wasm32, which has no SHA instructions) without
-/// adding security. Both ends must use the same rule: messages from the two
-/// derivations do not open under each other.
+/// MK = HMAC-SHA256(CK, 0x01) is a uniformly random PRF output meant for
+/// exactly one message (a sending chain advances before the next seal; a
+/// receiver deletes MK once used). The nonce is *not* derived: each seal draws
+/// a fresh random 96-bit nonce and sends it in front of the ciphertext, so a
+/// sender whose state was rolled back (a restored backup, a copied home
+/// directory), and which therefore derives the same MK again, still never
+/// repeats a (key, nonce) pair. An earlier version expanded MK with
+/// HKDF-Expand into a key and a nonce, and a later one used the all-zero
+/// nonce; neither survives a rollback.
 pub(crate) fn message_keys(mk: &Secret32) -> Result<MessageKeys, CryptoError> {
     Ok(MessageKeys {
         key: Zeroizing::new(mk.0),
-        nonce: [0u8; 12],
     })
 }
 
@@ -261,7 +280,6 @@ mod tests {
             prop_assert_eq!(next_seed(&k).unwrap().0, hmac_reference(&key, &[SEED_NEXT]));
             let keys = message_keys(&mk).unwrap();
             prop_assert_eq!(*keys.key, mk.0);
-            prop_assert_eq!(keys.nonce, [0u8; 12]);
         }
     }
 

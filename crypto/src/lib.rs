@@ -95,7 +95,7 @@ pub use prekeys::{
 pub use ratchet::{
     MAX_CHAIN_AGE_MS, MAX_GENERATION_JUMP, MAX_GENERATIONS_KEPT, MAX_MESSAGES_PER_CHAIN,
     MAX_RECEIVING_DH_CHAINS, MAX_RETIRED_KEYS, MAX_SKIP, MAX_SKIPPED_KEYS, MAX_SKIPPED_SEEDS,
-    RotationPolicy, Session,
+    MESSAGE_NONCE_LEN, RotationPolicy, Session,
 };
 pub use rng::{OsRng, checked_os_rng, os_rng};
 pub use self_test::self_test;
@@ -106,5 +106,7 @@ pub use rand_core;
 
 #[cfg(test)]
 mod kat_tests;
+#[cfg(test)]
+mod limits_tests;
 #[cfg(test)]
 mod redaction_tests;

@@ -50,12 +50,22 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::VecDeque;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-/// Maximum forward jump within one chain (messages skipped by a single header).
-pub const MAX_SKIP: u32 = 25_000;
+/// House maximum of messages on one sending chain before a forced reseed.
+///
+/// Every sender reseeds after at most this many messages (a laxer
+/// [`RotationPolicy`] is refused), so no honest header carries a message index
+/// at or above it, nor a `previous_chain_len` above it: [`Session::open`]
+/// rejects such headers before deriving anything.
+pub const MAX_MESSAGES_PER_CHAIN: u32 = 100;
+/// Maximum forward jump within one chain (messages skipped by a single
+/// header): from index 0 to the last index a chain can have. Far-future
+/// indexes are refused outright (see [`MAX_MESSAGES_PER_CHAIN`]).
+pub const MAX_SKIP: u32 = MAX_MESSAGES_PER_CHAIN - 1;
+/// Length of the random nonce in front of every message ciphertext
+/// (`nonce ‖ ChaCha20-Poly1305 output`).
+pub const MESSAGE_NONCE_LEN: usize = 12;
 /// Maximum number of stored skipped message keys (oldest evicted first).
 pub const MAX_SKIPPED_KEYS: usize = 2_000;
-/// House maximum of messages on one sending chain before a forced reseed.
-pub const MAX_MESSAGES_PER_CHAIN: u32 = 100;
 /// House maximum age of a sending chain before a forced reseed (7 days).
 pub const MAX_CHAIN_AGE_MS: u64 = 7 * DAY_MS;
 /// Maximum number of reseed generations one header may skip.
@@ -329,6 +339,16 @@ impl Session {
         self.state.policy = policy;
     }
 
+    /// Whether this session holds a receiving chain for the peer ratchet key
+    /// `dh` (a header naming it needs no root step). Cheap: no key derivation.
+    ///
+    /// A caller holding several sessions with one peer tries first the session
+    /// that knows the header's ratchet key, so a forged envelope costs at most
+    /// one speculative root step rather than one per session.
+    pub fn knows_ratchet_key(&self, dh: &[u8; 32]) -> bool {
+        self.state.recv.iter().any(|r| &r.remote == dh)
+    }
+
     /// Number of stored skipped message keys (diagnostics; bounded by [`MAX_SKIPPED_KEYS`]).
     pub fn skipped_key_count(&self) -> usize {
         self.state.skipped.len()
@@ -408,14 +428,21 @@ impl Session {
         let caller_ad = ad(&header);
         let full_ad = st.message_ad(&header, &caller_ad);
         let keys = message_keys(&mk)?;
-        // Pad straight into the output buffer and encrypt it in place: no
-        // separate padded plaintext to copy and wipe.
-        let mut ciphertext = Vec::with_capacity(padded_len(plaintext.len()) + TAG_LEN);
-        pad_into(plaintext, &mut ciphertext);
-        if let Err(e) = encrypt_in_place(&keys.key, &keys.nonce, &mut ciphertext, &full_ad) {
-            ciphertext.zeroize();
+        // A fresh random nonce per message: a rolled-back state that derives
+        // this message key again still never repeats (key, nonce).
+        let mut nonce = [0u8; MESSAGE_NONCE_LEN];
+        rng.fill_bytes(&mut nonce);
+        // Pad straight into the buffer and encrypt it in place: no separate
+        // padded plaintext to copy and wipe.
+        let mut body = Vec::with_capacity(padded_len(plaintext.len()) + TAG_LEN);
+        pad_into(plaintext, &mut body);
+        if let Err(e) = encrypt_in_place(&keys.key, &nonce, &mut body, &full_ad) {
+            body.zeroize();
             return Err(e);
         }
+        let mut ciphertext = Vec::with_capacity(MESSAGE_NONCE_LEN + body.len());
+        ciphertext.extend_from_slice(&nonce);
+        ciphertext.extend_from_slice(&body);
 
         // Commit.
         let st = &mut self.state;
@@ -523,9 +550,22 @@ fn reseed<R: CryptoRng + ?Sized>(chain: &mut SendChain, rng: &mut R) -> Result<(
     Ok(())
 }
 
-fn decrypt_padded(mk: &Secret32, ciphertext: &[u8], ad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+/// Opens `nonce (12) ‖ ChaCha20-Poly1305 ciphertext ‖ tag (16)` and unpads.
+fn decrypt_padded(mk: &Secret32, sealed: &[u8], ad: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    let (nonce, ciphertext) = split_nonce(sealed)?;
     let keys = message_keys(mk)?;
-    unpad_owned(decrypt(&keys.key, &keys.nonce, ciphertext, ad)?)
+    unpad_owned(decrypt(&keys.key, &nonce, ciphertext, ad)?)
+}
+
+/// Splits a message ciphertext into its nonce and the AEAD output; anything
+/// shorter than nonce + tag cannot be a message.
+fn split_nonce(sealed: &[u8]) -> Result<([u8; MESSAGE_NONCE_LEN], &[u8]), CryptoError> {
+    if sealed.len() < MESSAGE_NONCE_LEN + TAG_LEN {
+        return Err(CryptoError::DecryptFailed);
+    }
+    let (nonce, rest) = sealed.split_at(MESSAGE_NONCE_LEN);
+    let nonce = nonce.try_into().map_err(|_| CryptoError::DecryptFailed)?;
+    Ok((nonce, rest))
 }
 
 fn push_skipped(store: &mut VecDeque<SkippedKey>, key: SkippedKey) {
@@ -592,6 +632,10 @@ impl State {
 
     /// Cheap bound checks before any cloning or key derivation.
     fn precheck(&self, h: &RatchetHeader) -> Result<(), CryptoError> {
+        // No sender produces these (chains reseed after MAX_MESSAGES_PER_CHAIN).
+        if h.index >= MAX_MESSAGES_PER_CHAIN || h.previous_chain_len > MAX_MESSAGES_PER_CHAIN {
+            return Err(CryptoError::MalformedHeader);
+        }
         // `next_gen` is `None` when the generation's chain already exists.
         let (next_gen, next_index) = match self.find_chain(h) {
             None => (Some(1), 0),
@@ -791,7 +835,7 @@ impl State {
             return Ok(());
         };
         let end = h.previous_chain_len;
-        if end < prev.next_index || end - prev.next_index > MAX_SKIP {
+        if end < prev.next_index || end > MAX_MESSAGES_PER_CHAIN {
             return Ok(());
         }
         skip_keys(

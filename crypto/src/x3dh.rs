@@ -87,6 +87,11 @@ pub fn respond(
         return Err(CryptoError::IdentityMismatch);
     }
     let (spk, spk_pub) = prekeys.signed_secret(init.signed_prekey_id)?;
+    // An unknown or consumed one-time prekey (a replayed bundle, or a forged
+    // init) is refused before any Diffie-Hellman work.
+    if let Some(id) = init.one_time_prekey_id {
+        prekeys.one_time_secret(id)?;
+    }
     let dh1 = dh(spk, &initiator.agreement)?;
     let dh2 = dh(ours.agreement_secret(), &init.ephemeral)?;
     let dh3 = dh(spk, &init.ephemeral)?;

@@ -409,31 +409,27 @@ fn jump_too_far_is_typed_and_allocation_free() {
     let m = send(&mut p.a, &mut p.rng, 0, b"x");
     let before = state(&p.b);
     let mut h = m.header;
-    h.index = 1 + MAX_SKIP + 1; // chain is at index 1
-    let r = p.b.open(&mut p.rng, 0, &h, &envelope_ad(&h), &m.ct);
-    assert_eq!(
-        r.unwrap_err(),
-        CryptoError::JumpTooFar {
-            requested: u64::from(MAX_SKIP) + 1,
-            limit: MAX_SKIP
-        }
-    );
-    h.index = u32::MAX;
-    assert!(matches!(
-        p.b.open(&mut p.rng, 0, &h, &envelope_ad(&h), &m.ct),
-        Err(CryptoError::JumpTooFar { .. })
-    ));
+    // Chains reseed after MAX_MESSAGES_PER_CHAIN messages, so no sender
+    // produces an index at or above it: refused as malformed, whatever the jump.
+    for index in [MAX_MESSAGES_PER_CHAIN, 1 + MAX_SKIP + 1, 25_000, u32::MAX] {
+        h.index = index;
+        assert_eq!(
+            p.b.open(&mut p.rng, 0, &h, &envelope_ad(&h), &m.ct),
+            Err(CryptoError::MalformedHeader),
+            "index {index}"
+        );
+    }
     // A forged header on a brand-new ratchet key is bounded the same way.
     let mut h2 = m.header;
     h2.dh = DeviceIdentity::generate(&mut p.rng).public().agreement;
     h2.index = MAX_SKIP + 1;
-    assert!(matches!(
+    assert_eq!(
         p.b.open(&mut p.rng, 0, &h2, &envelope_ad(&h2), &m.ct),
-        Err(CryptoError::JumpTooFar { .. })
-    ));
-    // A jump of exactly MAX_SKIP is processed (then fails authentication) and
-    // leaves the store untouched.
-    h.index = 1 + MAX_SKIP;
+        Err(CryptoError::MalformedHeader)
+    );
+    // The largest jump a chain allows is processed (then fails
+    // authentication) and leaves the store untouched.
+    h.index = MAX_MESSAGES_PER_CHAIN - 1;
     assert_eq!(
         p.b.open(&mut p.rng, 0, &h, &envelope_ad(&h), &m.ct)
             .unwrap_err(),
@@ -609,10 +605,11 @@ fn ciphertext_lengths_are_bucketed() {
         .iter()
         .map(|n| send(&mut p.a, &mut p.rng, 0, &vec![1u8; *n]).ct.len())
         .collect();
-    // Powers of two up to 512 bytes, Padmé buckets above (1 KiB costs 1,088).
-    assert_eq!(lens, vec![80, 80, 80, 80, 144, 528, 1104, 5136]);
+    // Powers of two up to 512 bytes, Padmé buckets above (1 KiB costs 1,088),
+    // plus the 12-byte nonce and the 16-byte tag.
+    assert_eq!(lens, vec![92, 92, 92, 92, 156, 540, 1116, 5148]);
     let big = send(&mut p.a, &mut p.rng, 0, &vec![9u8; 40_000]);
-    assert_eq!(big.ct.len(), 40_960 + TAG_LEN);
+    assert_eq!(big.ct.len(), MESSAGE_NONCE_LEN + 40_960 + TAG_LEN);
 }
 
 #[test]

@@ -594,7 +594,10 @@ impl Engine {
         d: DeviceId,
         bundle: PrekeyBundle,
     ) -> Result<(), ClientError> {
-        if self.sessions.get(&d).is_some_and(|s| !s.entries.is_empty()) {
+        // A session repair (recv.rs `session_unanswerable`) wants a fresh
+        // session even though others exist.
+        let fresh = self.session_repair.fresh.contains(&d);
+        if !fresh && self.sessions.get(&d).is_some_and(|s| !s.entries.is_empty()) {
             return Ok(());
         }
         let Some((user, entry)) = self.peer(&d) else {
@@ -626,11 +629,18 @@ impl Engine {
                 self.link.prekey_failures.remove(&d);
                 let me = self.device.device;
                 let slot = self.sessions.entry(d).or_default();
-                slot.entries.push(crate::state::SessionEntry {
-                    session,
-                    initiator: me,
-                    ephemeral: init.ephemeral,
-                });
+                // A fresh session goes first: everything from now on is
+                // sealed on it; the older ones stay for opening.
+                slot.entries.insert(
+                    0,
+                    crate::state::SessionEntry {
+                        session,
+                        initiator: me,
+                        ephemeral: init.ephemeral,
+                    },
+                );
+                slot.entries.truncate(4);
+                self.session_repair.fresh.remove(&d);
                 self.touch(Dirty::Session(d));
             }
             Err(_) => {

@@ -515,6 +515,9 @@ pub struct Engine {
     /// The relay cursor as written by earlier steps (the value at the start
     /// of the current `handle`): what an early frame may acknowledge.
     pub(crate) durable_cursor: u64,
+    /// Sessions being re-established because the peer's could not be
+    /// answered (in memory only; see `recv::SessionRepair`).
+    pub(crate) session_repair: recv::SessionRepair,
 }
 
 impl std::fmt::Debug for Engine {
@@ -576,6 +579,7 @@ impl Engine {
             history_ops: Vec::new(),
             last_state: None,
             durable_cursor: 0,
+            session_repair: recv::SessionRepair::default(),
         }
     }
 

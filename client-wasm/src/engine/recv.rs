@@ -31,6 +31,24 @@ use hush_protocol::{
 /// Most seqs handled from one resend request or "unavailable" answer.
 const MAX_SEQS_PER_REQUEST: u64 = 10_000;
 
+/// Least time between two session resets started for one peer device: an
+/// envelope whose `SessionInit` cannot be answered (forged, or replayed by
+/// the relay) costs at most one prekey fetch and one control message per
+/// device per interval.
+pub(crate) const SESSION_RESET_INTERVAL_MS: u64 = 60_000;
+
+/// Sessions being re-established because a peer device's session could not
+/// be answered. In memory only: after a restart the peer's next unanswerable
+/// envelope starts the repair again.
+#[derive(Debug, Default)]
+pub(crate) struct SessionRepair {
+    /// When the last reset to each device was started (rate limit).
+    pub last_reset: std::collections::BTreeMap<DeviceId, u64>,
+    /// Devices that need a fresh session from their prekey bundle before
+    /// anything more is sealed to them.
+    pub fresh: std::collections::BTreeSet<DeviceId>,
+}
+
 impl Engine {
     pub(crate) fn on_push(
         &mut self,
@@ -293,7 +311,18 @@ impl Engine {
                 agreement: peer.agreement_key,
             };
             let mut prekeys = self.prekeys.secrets.clone();
-            let mut session = respond(&self.device.identity, &mut prekeys, &ci, &public)?;
+            let mut session = match respond(&self.device.identity, &mut prekeys, &ci, &public) {
+                Ok(s) => s,
+                Err(e) => {
+                    if e == hush_crypto::CryptoError::NoPrekey {
+                        // Its prekey is gone (used by another session, e.g. a
+                        // relay that handed one bundle out twice): this
+                        // session can never be answered. Start a fresh one.
+                        self.session_unanswerable(now, d, init.ephemeral)?;
+                    }
+                    return Err(e.into());
+                }
+            };
             let pt = session.open(&mut self.rng, now, &rh, &ad, &env.ciphertext)?;
             self.prekeys.secrets = prekeys;
             self.touch(Dirty::Prekeys);
@@ -327,15 +356,22 @@ impl Engine {
             return Ok(pt);
         }
         if opened.is_none() {
+            // Bounded work per envelope: the session that already knows the
+            // header's ratchet key (no root step), else only the session we
+            // send on, where a peer's new ratchet key answers ours. A forged
+            // envelope thus costs at most one speculative DH step.
             let slot = self.sessions.entry(d).or_default();
-            for (i, e) in slot.entries.iter_mut().enumerate() {
-                if let Ok(pt) = e
+            let i = slot
+                .entries
+                .iter()
+                .position(|e| e.session.knows_ratchet_key(&rh.dh))
+                .unwrap_or(0);
+            if let Some(e) = slot.entries.get_mut(i)
+                && let Ok(pt) = e
                     .session
                     .open(&mut self.rng, now, &rh, &ad, &env.ciphertext)
-                {
-                    opened = Some((i, pt));
-                    break;
-                }
+            {
+                opened = Some((i, pt));
             }
         }
         let Some((i, pt)) = opened else {
@@ -354,6 +390,80 @@ impl Engine {
             self.event(Event::KeyRotation { device: d, epoch });
         }
         Ok(pt)
+    }
+
+    /// A peer device's `SessionInit` names a prekey we no longer hold, so
+    /// nothing sealed on that session will ever open here. Start a fresh
+    /// session to the device from its prekey bundle and send, on it, a
+    /// `SessionReset` naming the broken session: the peer drops that one and
+    /// re-sends everything we have not receipted. Rate-limited per device.
+    fn session_unanswerable(
+        &mut self,
+        now: u64,
+        d: DeviceId,
+        ephemeral: [u8; 32],
+    ) -> Result<(), ClientError> {
+        let repair = &mut self.session_repair;
+        if repair
+            .last_reset
+            .get(&d)
+            .is_some_and(|&t| now < t.saturating_add(SESSION_RESET_INTERVAL_MS))
+        {
+            return Ok(());
+        }
+        repair
+            .last_reset
+            .retain(|_, t| now < t.saturating_add(SESSION_RESET_INTERVAL_MS));
+        repair.last_reset.insert(d, now);
+        repair.fresh.insert(d);
+        self.queue_control(now, d, Body::SessionReset { ephemeral })
+    }
+
+    /// The peer could not answer the session we started with `ephemeral`
+    /// and sent this on a fresh session of its own: drop ours and re-send,
+    /// on the peer's session, everything it has not receipted. Ignored
+    /// unless that session is ours, never answered, and not the only one.
+    fn on_session_reset(
+        &mut self,
+        now: u64,
+        d: DeviceId,
+        ephemeral: [u8; 32],
+    ) -> Result<(), ClientError> {
+        let me = self.device.device;
+        let Some(slot) = self.sessions.get_mut(&d) else {
+            return Ok(());
+        };
+        let Some(pos) = slot.entries.iter().position(|e| {
+            e.initiator == me && e.ephemeral == ephemeral && e.session.needs_init_header().is_some()
+        }) else {
+            return Ok(());
+        };
+        if slot.entries.len() < 2 {
+            return Ok(());
+        }
+        slot.entries.remove(pos);
+        let epoch = slot.entries.first().map_or(0, |e| e.session.epoch());
+        self.touch(Dirty::Session(d));
+        self.event(Event::KeyRotation { device: d, epoch });
+        let mut due: Vec<(ConversationId, u64)> = Vec::new();
+        for ((dev, conv), os) in &self.out_streams {
+            if *dev != d {
+                continue;
+            }
+            let room = usize::try_from(MAX_SEQS_PER_REQUEST)
+                .unwrap_or(usize::MAX)
+                .saturating_sub(due.len());
+            due.extend(
+                os.sent
+                    .range(os.receipted.saturating_add(1)..)
+                    .take(room)
+                    .map(|(s, _)| (*conv, *s)),
+            );
+        }
+        for (conv, seq) in due {
+            self.reseal(now, d, conv, seq)?;
+        }
+        Ok(())
     }
 
     /// Release everything contiguous above `delivered`.
@@ -545,6 +655,7 @@ impl Engine {
                     self.add_contact(now, u, contact.relay, contact.name);
                 }
             }
+            Body::SessionReset { ephemeral } => self.on_session_reset(now, d, ephemeral)?,
             _ => self.reject(),
         }
         Ok(())

@@ -267,7 +267,11 @@ impl Engine {
                 else {
                     continue;
                 };
-                if self.sessions.get(&d).is_none_or(|s| s.entries.is_empty()) {
+                // No session yet, or the peer could not answer ours and a
+                // fresh one must come from its bundle first.
+                if self.sessions.get(&d).is_none_or(|s| s.entries.is_empty())
+                    || self.session_repair.fresh.contains(&d)
+                {
                     if self.peer(&d).is_some() {
                         self.want_session(now, d);
                     } else if let Some(t) =
@@ -679,6 +683,31 @@ impl Engine {
         conv: ConversationId,
         seq: u64,
     ) -> Result<bool, ClientError> {
+        self.resend_with(now, d, conv, seq, false)
+    }
+
+    /// Re-seal one stream item under the current session even if its
+    /// previous envelope has not been stored yet (that one was sealed on a
+    /// session the peer cannot open); only an envelope in flight is left to
+    /// finish. Returns false if the outbox no longer has it.
+    pub(crate) fn reseal(
+        &mut self,
+        now: u64,
+        d: DeviceId,
+        conv: ConversationId,
+        seq: u64,
+    ) -> Result<bool, ClientError> {
+        self.resend_with(now, d, conv, seq, true)
+    }
+
+    fn resend_with(
+        &mut self,
+        now: u64,
+        d: DeviceId,
+        conv: ConversationId,
+        seq: u64,
+        stale_session: bool,
+    ) -> Result<bool, ClientError> {
         let Some(id) = self
             .out_streams
             .get(&(d, conv))
@@ -700,7 +729,8 @@ impl Engine {
         let pending = entry
             .targets
             .get(i)
-            .is_some_and(|t| t.tx.is_some() && !t.stored);
+            .is_some_and(|t| t.tx.is_some() && !t.stored)
+            && (!stale_session || self.link.in_flight.contains(&(id, d)));
         if pending {
             // The original is still being retried; nothing to add.
             return Ok(true);

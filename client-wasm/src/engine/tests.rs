@@ -1653,3 +1653,5 @@ fn parked_records_over_the_bounds_are_dropped_at_load() {
     assert_eq!(parked_storage(&net, v).0, 64);
     assert_eq!(e.counters().parked_dropped, 236);
 }
+#[path = "tests_sessions.rs"]
+mod sessions;

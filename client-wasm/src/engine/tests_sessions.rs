@@ -1,0 +1,180 @@
+//! Sessions against a hostile relay: a one-time prekey handed to two
+//! initiators, and forged envelopes that try to make the receiver work.
+//! Uses the in-memory relay and drivers of `tests.rs`.
+
+use super::*;
+
+/// Bob's one-time prekey ids named by the `SessionInit`s the relay stored
+/// for envelopes from `from` to `to`.
+fn otk_ids_used(net: &Net, from: DeviceId, to: DeviceId) -> BTreeSet<Option<u32>> {
+    net.relay
+        .seen_bytes
+        .iter()
+        .filter_map(|b| Envelope::from_bytes(b).ok())
+        .filter(|e| e.header.sender_device == from && e.header.recipient_device == to)
+        .filter_map(|e| e.header.session_init.map(|i| i.one_time_prekey_id))
+        .collect()
+}
+
+/// The relay stores `envelopes` as if `from` had sent them and pushes them
+/// to their recipients (a forger's send: no answer goes to `from`).
+fn inject(net: &mut Net, from: DeviceId, envelopes: Vec<Envelope>) {
+    let frame = ClientFrame {
+        request_id: u32::MAX,
+        request: Request::Send { envelopes },
+    };
+    for (to, f) in net.relay.handle(from, frame) {
+        if !matches!(f, ServerFrame::Push { .. }) {
+            continue;
+        }
+        if let Some(c) = net
+            .clients
+            .iter_mut()
+            .find(|c| c.engine.device_id() == to && c.connected)
+        {
+            c.queue.push_back(f);
+        }
+    }
+}
+
+/// One-time prekeys of `d` the relay still holds (each prekey fetch takes one).
+fn otks_left(net: &Net, d: DeviceId) -> usize {
+    net.relay.otks.get(&d).map_or(0, Vec::len)
+}
+
+fn texts_from(net: &Net, i: usize, conv: ConversationId) -> Vec<String> {
+    net.messages(i)
+        .iter()
+        .filter(|r| r.conversation == conv && !r.outgoing)
+        .map(|r| r.text.clone())
+        .collect()
+}
+
+#[test]
+fn replayed_one_time_prekey_session_recovers_and_every_message_arrives_once_in_order() {
+    let mut net = Net::new();
+    let alice = net.create("alice");
+    let carol = net.create("carol");
+    let bob = net.create("bob");
+    let conv_ab = net.befriend(alice, bob);
+    let conv_cb = net.befriend(carol, bob);
+    net.advance(2_000);
+    let (ad, cd, bd) = (
+        net.clients[alice].engine.device_id(),
+        net.clients[carol].engine.device_id(),
+        net.clients[bob].engine.device_id(),
+    );
+    // The relay keeps a copy of Bob's one-time prekeys and, after Alice
+    // took one, puts it back so Carol's fetch returns the same one.
+    let pool = net.relay.otks.get(&bd).cloned().unwrap();
+    net.send(alice, conv_ab, "a1");
+    net.advance(1_000);
+    assert_eq!(texts_from(&net, bob, conv_ab), vec!["a1"]);
+    net.relay.otks.insert(bd, pool);
+    let carol_texts: Vec<String> = (1..=3).map(|i| format!("c{i}")).collect();
+    for t in &carol_texts {
+        net.send(carol, conv_cb, t);
+    }
+    net.advance(500);
+    let a_otk = otk_ids_used(&net, ad, bd);
+    let c_otk = otk_ids_used(&net, cd, bd);
+    assert_eq!(a_otk.len(), 1);
+    assert!(a_otk.iter().all(Option::is_some));
+    assert_eq!(a_otk, c_otk, "the relay handed out one prekey twice");
+    // Carol's first session cannot be answered; Bob starts a fresh one and
+    // Carol re-sends everything on it.
+    net.advance(30_000);
+    assert_eq!(texts_from(&net, bob, conv_cb), carol_texts);
+    // Both conversations keep working, both ways.
+    net.send(carol, conv_cb, "c4");
+    net.send(alice, conv_ab, "a2");
+    net.send(bob, conv_cb, "b-to-carol");
+    net.send(bob, conv_ab, "b-to-alice");
+    net.advance(5_000);
+    let mut all_c = carol_texts.clone();
+    all_c.push("c4".into());
+    assert_eq!(
+        texts_from(&net, bob, conv_cb),
+        all_c,
+        "exactly once, in order"
+    );
+    assert_eq!(texts_from(&net, bob, conv_ab), vec!["a1", "a2"]);
+    assert_eq!(texts_from(&net, carol, conv_cb), vec!["b-to-carol"]);
+    assert_eq!(texts_from(&net, alice, conv_ab), vec!["b-to-alice"]);
+    // Carol now sends on Bob's session; hers is gone.
+    let slot = net.clients[carol].engine.sessions.get(&bd).unwrap();
+    assert!(slot.entries.iter().all(|e| e.initiator == bd));
+    assert_eq!(net.clients[carol].engine.counters().unrecoverable, 0);
+}
+
+#[test]
+fn forged_unanswerable_session_inits_trigger_at_most_one_reset_per_interval() {
+    let mut net = Net::new();
+    let alice = net.create("alice");
+    let bob = net.create("bob");
+    let conv = net.befriend(alice, bob);
+    net.advance(2_000);
+    net.send(alice, conv, "hello");
+    net.advance(2_000);
+    assert_eq!(texts_from(&net, bob, conv), vec!["hello"]);
+    let (ad, bd) = (
+        net.clients[alice].engine.device_id(),
+        net.clients[bob].engine.device_id(),
+    );
+    // Alice's stored envelope, re-sent by the relay many times with a
+    // SessionInit naming a one-time prekey Bob does not have.
+    let original = net
+        .relay
+        .seen_bytes
+        .iter()
+        .filter_map(|b| Envelope::from_bytes(b).ok())
+        .find(|e| e.header.sender_device == ad && e.header.recipient_device == bd)
+        .unwrap();
+    let otks_before = otks_left(&net, ad);
+    let bob_to_alice = |net: &Net| {
+        net.relay
+            .seen_bytes
+            .iter()
+            .filter_map(|b| Envelope::from_bytes(b).ok())
+            .filter(|e| e.header.sender_device == bd && e.header.recipient_device == ad)
+            .count()
+    };
+    let sent_before = bob_to_alice(&net);
+    let rejected_before = net.clients[bob].engine.counters().rejected;
+    let mut forged = Vec::new();
+    for n in 0..50u64 {
+        let mut e = original.clone();
+        let init = e.header.session_init.as_mut().unwrap();
+        init.one_time_prekey_id = Some(0x7000_0000);
+        init.ephemeral = [n as u8 + 1; 32];
+        e.header.sender_seq = 1_000 + n;
+        e.header.message_id = MessageId([n as u8; 16]);
+        forged.push(e);
+    }
+    inject(&mut net, ad, forged);
+    net.settle();
+    net.advance(2_000);
+    assert_eq!(
+        net.clients[bob].engine.counters().rejected - rejected_before,
+        50,
+        "every forged envelope is rejected"
+    );
+    assert_eq!(
+        otks_before - otks_left(&net, ad),
+        1,
+        "fifty forged envelopes start one session reset"
+    );
+    // One reset message (and at most a receipt for Alice's answer to it).
+    let sent = bob_to_alice(&net) - sent_before;
+    assert!(
+        (1..=2).contains(&sent),
+        "bob sent {sent} envelopes to alice"
+    );
+    // Alice ignores the reset (it names no session of hers) and the
+    // conversation still works.
+    net.send(alice, conv, "still here");
+    net.send(bob, conv, "me too");
+    net.advance(5_000);
+    assert_eq!(texts_from(&net, bob, conv), vec!["hello", "still here"]);
+    assert_eq!(texts_from(&net, alice, conv), vec!["me too"]);
+}
