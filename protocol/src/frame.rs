@@ -119,6 +119,40 @@ pub struct DeviceEntry {
     pub signing_key: [u8; 32],
     /// Its X25519 identity key.
     pub agreement_key: [u8; 32],
+    /// The device's own Ed25519 signature (by `signing_key`) over
+    /// [`membership_bytes`] for the list's user: proof that the device itself
+    /// consents to being listed by that user, so no other user can list it.
+    #[serde(with = "sig_serde")]
+    pub membership_signature: [u8; 64],
+}
+
+/// Domain-separation prefix of a device's membership proof in a device list.
+pub const DEVICE_MEMBERSHIP_DOMAIN: &[u8] = b"hush-device-member-v1";
+
+/// The bytes a device signs with its own signing key to prove that it belongs
+/// to `user`: the domain prefix, the user key, the device id and the device's
+/// two public keys (all fixed lengths, 133 bytes).
+pub fn membership_bytes(
+    user: &UserKey,
+    device: &DeviceId,
+    signing_key: &[u8; 32],
+    agreement_key: &[u8; 32],
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(DEVICE_MEMBERSHIP_DOMAIN.len() + 112);
+    m.extend_from_slice(DEVICE_MEMBERSHIP_DOMAIN);
+    m.extend_from_slice(user.as_bytes());
+    m.extend_from_slice(device.as_bytes());
+    m.extend_from_slice(signing_key);
+    m.extend_from_slice(agreement_key);
+    m
+}
+
+impl DeviceEntry {
+    /// [`membership_bytes`] of this entry in a list of `user`: what
+    /// `membership_signature` must verify over with `signing_key`.
+    pub fn membership_bytes(&self, user: &UserKey) -> Vec<u8> {
+        membership_bytes(user, &self.device, &self.signing_key, &self.agreement_key)
+    }
 }
 
 /// A user's devices, versioned so that a stale list never replaces a newer one.

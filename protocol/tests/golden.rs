@@ -289,11 +289,13 @@ fn device_list_signing_bytes_layout() {
                 device: DeviceId([1; 16]),
                 signing_key: [2; 32],
                 agreement_key: [3; 32],
+                membership_signature: [7; 64],
             },
             DeviceEntry {
                 device: DeviceId([4; 16]),
                 signing_key: [5; 32],
                 agreement_key: [6; 32],
+                membership_signature: [8; 64],
             },
         ],
     };
@@ -301,13 +303,93 @@ fn device_list_signing_bytes_layout() {
     expected.extend_from_slice(&[0x77; 32]);
     expected.extend_from_slice(&[0xAC, 0x02]); // 300 as LEB128
     expected.push(2);
-    for (d, s, a) in [(1u8, 2u8, 3u8), (4, 5, 6)] {
+    for (d, s, a, m) in [(1u8, 2u8, 3u8, 7u8), (4, 5, 6, 8)] {
         expected.extend_from_slice(&[d; 16]);
         expected.extend_from_slice(&[s; 32]);
         expected.extend_from_slice(&[a; 32]);
+        expected.push(0x40); // the membership proof is a Sig64 byte string
+        expected.extend_from_slice(&[m; 64]);
     }
+    // 19 + 32 + 2 + 1 + 2 × 145: each entry is 145 bytes on the wire.
+    assert_eq!(expected.len(), 19 + 32 + 2 + 1 + 2 * 145);
     assert_eq!(list.signing_bytes(), Ok(expected));
     assert_in_doc("`hush-device-list-v1`");
+}
+
+#[test]
+fn device_membership_bytes_layout() {
+    let entry = DeviceEntry {
+        device: DeviceId([1; 16]),
+        signing_key: [2; 32],
+        agreement_key: [3; 32],
+        membership_signature: [9; 64],
+    };
+    let m = entry.membership_bytes(&UserKey([4; 32]));
+    assert_eq!(m.len(), 21 + 32 + 16 + 32 + 32);
+    assert_eq!(m.len(), 133);
+    assert_eq!(&m[..21], b"hush-device-member-v1");
+    assert_eq!(&m[..21], hush_protocol::frame::DEVICE_MEMBERSHIP_DOMAIN);
+    assert_eq!(&m[21..53], &[4; 32]);
+    assert_eq!(&m[53..69], &[1; 16]);
+    assert_eq!(&m[69..101], &[2; 32]);
+    assert_eq!(&m[101..], &[3; 32]);
+    // The proof does not sign itself: the signature field is not in the bytes.
+    let mut other = entry.clone();
+    other.membership_signature = [0; 64];
+    assert_eq!(other.membership_bytes(&UserKey([4; 32])), m);
+    // It is bound to the user: another user's bytes differ.
+    assert_ne!(entry.membership_bytes(&UserKey([5; 32])), m);
+    assert_eq!(
+        hush_protocol::frame::membership_bytes(
+            &UserKey([4; 32]),
+            &entry.device,
+            &entry.signing_key,
+            &entry.agreement_key
+        ),
+        m
+    );
+    assert_in_doc("`hush-device-member-v1`");
+}
+
+/// A device list frame with one entry, byte for byte: the entry is its id,
+/// its two keys and its membership proof as a `Sig64` (`0x40` + 64 bytes).
+#[test]
+fn device_list_response_with_one_entry_bytes() {
+    let f = ServerFrame::Response {
+        request_id: 1,
+        response: Response::DeviceList(SignedDeviceList {
+            list: DeviceList {
+                user: UserKey([0x11; 32]),
+                version: 2,
+                devices: vec![DeviceEntry {
+                    device: DeviceId([0x22; 16]),
+                    signing_key: [0x33; 32],
+                    agreement_key: [0x44; 32],
+                    membership_signature: [0x55; 64],
+                }],
+            },
+            signature: [0x66; 64],
+        }),
+    };
+    let bytes = encode_server_frame(&f).expect("encodes");
+    let mut body = vec![1u8]; // version
+    body.push(0); // ServerFrame::Response
+    body.push(1); // request_id
+    body.push(8); // Response::DeviceList
+    body.extend_from_slice(&[0x11; 32]);
+    body.push(2); // version
+    body.push(1); // one device
+    body.extend_from_slice(&[0x22; 16]);
+    body.extend_from_slice(&[0x33; 32]);
+    body.extend_from_slice(&[0x44; 32]);
+    body.push(0x40);
+    body.extend_from_slice(&[0x55; 64]);
+    body.push(0x40);
+    body.extend_from_slice(&[0x66; 64]);
+    let mut expected = (body.len() as u32).to_be_bytes().to_vec();
+    expected.extend_from_slice(&body);
+    assert_eq!(bytes, expected);
+    assert_eq!(decode_server_frame(&bytes), Ok(f));
 }
 
 /// The variant index (one byte, all tables are below 128) at `offset` of an

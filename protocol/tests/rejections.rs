@@ -691,6 +691,7 @@ fn device_list(n: usize) -> SignedDeviceList {
                     device: DeviceId([i as u8; 16]),
                     signing_key: [1; 32],
                     agreement_key: [2; 32],
+                    membership_signature: [4; 64],
                 })
                 .collect(),
         },
@@ -963,4 +964,51 @@ fn protocol_errors_map_to_wire_codes() {
         decode_client_frame(&v2).unwrap_err().code(),
         ErrorCode::UnsupportedVersion
     );
+}
+
+/// The body of a `DeviceList` answer with one entry whose membership proof is
+/// written as `proof` (the bytes after the entry's agreement key).
+fn one_entry_list_body(proof: &[u8]) -> Vec<u8> {
+    let mut body = vec![0u8, 1, 8]; // Response, request_id 1, DeviceList
+    body.extend_from_slice(&[7; 32]); // user
+    body.push(1); // version
+    body.push(1); // one device
+    body.extend_from_slice(&[1; 16]);
+    body.extend_from_slice(&[2; 32]);
+    body.extend_from_slice(&[3; 32]);
+    body.extend_from_slice(proof);
+    body.push(0x40);
+    body.extend_from_slice(&[5; 64]); // the list signature
+    body
+}
+
+#[test]
+fn device_list_entries_without_a_64_byte_membership_proof_are_refused() {
+    let mut good = vec![0x40];
+    good.extend_from_slice(&[4; 64]);
+    let decoded = decode_server_frame(&frame_from_body(1, &one_entry_list_body(&good)))
+        .expect("a well-formed entry decodes");
+    match decoded {
+        ServerFrame::Response {
+            response: Response::DeviceList(l),
+            ..
+        } => assert_eq!(l.list.devices[0].membership_signature, [4; 64]),
+        other => panic!("{other:?}"),
+    }
+    // The entry layout before membership proofs (no proof at all): the list
+    // signature is read as the proof and the frame then ends early.
+    assert_eq!(
+        decode_server_frame(&frame_from_body(1, &one_entry_list_body(&[]))),
+        Err(ProtocolError::Truncated { needed: 1 })
+    );
+    // A proof of any length but 64 is malformed.
+    for len in [0usize, 63, 65] {
+        let mut proof = vec![len as u8];
+        proof.extend(std::iter::repeat_n(4u8, len));
+        assert_eq!(
+            decode_server_frame(&frame_from_body(1, &one_entry_list_body(&proof))),
+            Err(ProtocolError::Malformed("frame body")),
+            "proof of {len} bytes"
+        );
+    }
 }

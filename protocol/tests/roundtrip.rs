@@ -272,6 +272,7 @@ fn every_request_variant_round_trips_once() {
                 device: hush_protocol::DeviceId([10; 16]),
                 signing_key: [11; 32],
                 agreement_key: [12; 32],
+                membership_signature: [14; 64],
             }],
         },
         signature: [13; 64],

@@ -107,6 +107,7 @@ fn device_list(w: &mut W, l: &DeviceList) {
         w.raw(&d.device.0);
         w.raw(&d.signing_key);
         w.raw(&d.agreement_key);
+        w.bytes(&d.membership_signature);
     });
 }
 

@@ -934,6 +934,17 @@ impl<S: Store + ?Sized> RelayCore<S> {
         if !verify(list.list.user.as_bytes(), &bytes, &list.signature) {
             return refuse(ErrorCode::BadAuth, "bad device list signature");
         }
+        // The user key vouches for the list, each device for its own entry:
+        // without the device's proof any user could list another's device.
+        for (i, entry) in list.list.devices.iter().enumerate() {
+            let proof = entry.membership_bytes(&list.list.user);
+            if !verify(&entry.signing_key, &proof, &entry.membership_signature) {
+                return refuse(
+                    ErrorCode::BadAuth,
+                    format!("device list entry {i} has no valid membership proof by its device"),
+                );
+            }
+        }
         let version = self.store.publish_device_list(list)?;
         Ok(Response::DeviceListPublished { version })
     }

@@ -1079,6 +1079,7 @@ fn device_list(user: u8, version: u64, devices: &[u8]) -> SignedDeviceList {
                     device: dev(d),
                     signing_key: [d; 32],
                     agreement_key: [d + 1; 32],
+                    membership_signature: [d + 2; 64],
                 })
                 .collect(),
         },

@@ -61,6 +61,7 @@ fn list(version: u64) -> SignedDeviceList {
                 device: dev(9),
                 signing_key: [9; 32],
                 agreement_key: [10; 32],
+                membership_signature: [12; 64],
             }],
         },
         signature: [11; 64],

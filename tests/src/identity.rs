@@ -119,13 +119,24 @@ impl DeviceIdentity {
         self.user_key.sign(message).to_bytes()
     }
 
-    /// This device's entry in a device list.
+    /// This device's entry in its own user's device list, with its
+    /// membership proof (signed by the device key).
     pub fn device_entry(&self) -> DeviceEntry {
-        DeviceEntry {
+        self.device_entry_for(&self.user())
+    }
+
+    /// This device's entry with a membership proof for `user`'s list: only
+    /// `user == self.user()` makes a valid entry; another user is how a test
+    /// builds a device's consent to the wrong list.
+    pub fn device_entry_for(&self, user: &UserKey) -> DeviceEntry {
+        let mut entry = DeviceEntry {
             device: self.device,
             signing_key: self.signing_public(),
             agreement_key: self.agreement_public,
-        }
+            membership_signature: [0; 64],
+        };
+        entry.membership_signature = self.sign_as_device(&entry.membership_bytes(user));
+        entry
     }
 
     /// A device list of this user, signed by the user key.

@@ -538,10 +538,14 @@ impl Engine {
         user: UserKey,
         list: SignedDeviceList,
     ) -> Result<(), ClientError> {
-        if sig::verify_device_list(&list, &user).is_err() {
-            self.event(Event::Warning(
-                "the relay served a device list with a bad signature".into(),
-            ));
+        if let Err(e) = sig::verify_device_list(&list, &user) {
+            // A bad user signature, or an entry its device never signed for
+            // this user (someone listing another user's device): the whole
+            // list is ignored.
+            self.event(Event::Warning(format!(
+                "the relay served a device list that does not verify \
+                 (user signature or a device's membership proof): {e}"
+            )));
             // No news, like a refusal: keep what we hold, retry if empty.
             if user == self.user_key() {
                 self.own.known.fetched_ms = Some(now);
@@ -553,7 +557,11 @@ impl Engine {
         }
         if user == self.user_key() {
             if list.list.version >= self.own.known.version() {
+                let changed = self.own.known.list.as_ref() != Some(&list);
                 self.set_own_list(now, list);
+                if changed {
+                    self.warn_contested(&user);
+                }
             } else {
                 self.own.known.fetched_ms = Some(now);
                 self.touch(Dirty::Own);
@@ -574,10 +582,36 @@ impl Engine {
             if changed {
                 let devices = self.devices_of(&user);
                 self.event(Event::DevicesChanged { user, devices });
+                self.warn_contested(&user);
             }
         }
         self.on_lists_changed(now)?;
         Ok(())
+    }
+
+    /// Report devices of `user`'s verified list that another verified list
+    /// names too. [`Engine::peer`] attributes them to nobody, so nothing is
+    /// accepted from or encrypted to them; with membership proofs only a
+    /// device that signed for two users can cause this.
+    fn warn_contested(&mut self, user: &UserKey) {
+        let listed: Vec<DeviceId> = if *user == self.user_key() {
+            self.own.known.devices().map(|e| e.device).collect()
+        } else {
+            self.contacts
+                .get(user)
+                .map(|c| c.known.devices().map(|e| e.device).collect())
+                .unwrap_or_default()
+        };
+        let contested = listed
+            .iter()
+            .filter(|d| self.claimants(d).len() > 1)
+            .count();
+        if contested > 0 {
+            self.event(Event::Warning(format!(
+                "{contested} device(s) of a device list are listed by another user too; \
+                 nothing is accepted from or sent to them"
+            )));
+        }
     }
 
     /// After any device-list update: targets of removed devices are dropped,

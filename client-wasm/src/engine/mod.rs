@@ -18,6 +18,8 @@ mod recv;
 mod send;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_devices;
 
 use crate::codes::{ContactCode, LinkCode, conversation_between};
 use crate::error::ClientError;
@@ -1052,13 +1054,10 @@ impl Engine {
         d - spread + r
     }
 
+    /// This device's entry in its user's list, with the device's own
+    /// membership proof (other entries of a merged list keep theirs).
     pub(crate) fn own_entry(&self) -> DeviceEntry {
-        let p = self.device.identity.public();
-        DeviceEntry {
-            device: self.device.device,
-            signing_key: p.signing,
-            agreement_key: p.agreement,
-        }
+        crate::sig::device_entry(&self.device.identity, &self.user_key(), self.device.device)
     }
 
     pub(crate) fn mint_id(&mut self, now: u64) -> MessageId {
@@ -1066,15 +1065,43 @@ impl Engine {
     }
 
     /// The user a device belongs to and its listed keys, from verified lists.
+    ///
+    /// A device named by the lists of two users is attributed to neither:
+    /// membership proofs make that impossible unless the device itself signed
+    /// for both (a hostile device), and guessing would let one user's
+    /// messages pass as the other's, or one conversation be encrypted to the
+    /// other user's device. [`Engine::claimants`] reports such devices.
     pub(crate) fn peer(&self, d: &DeviceId) -> Option<(UserKey, DeviceEntry)> {
-        if let Some(e) = self.own.known.devices().find(|e| e.device == *d) {
-            return Some((self.user_key(), e.clone()));
+        let mut found = None;
+        let me = self.user_key();
+        let own = self.own.known.devices().map(|e| (me, e));
+        let theirs = self
+            .contacts
+            .values()
+            .filter(|c| c.user != me)
+            .flat_map(|c| c.known.devices().map(move |e| (c.user, e)));
+        for (user, e) in own.chain(theirs).filter(|(_, e)| e.device == *d) {
+            if found.is_some() {
+                return None;
+            }
+            found = Some((user, e.clone()));
         }
-        self.contacts.values().find_map(|c| {
-            c.known
-                .devices()
-                .find(|e| e.device == *d)
-                .map(|e| (c.user, e.clone()))
-        })
+        found
+    }
+
+    /// Every user whose verified list names device `d` (more than one means
+    /// the device is attributed to nobody, see [`Engine::peer`]).
+    pub(crate) fn claimants(&self, d: &DeviceId) -> Vec<UserKey> {
+        let mut users = Vec::new();
+        if self.own.known.contains(d) {
+            users.push(self.user_key());
+        }
+        users.extend(
+            self.contacts
+                .values()
+                .filter(|c| c.user != self.user_key() && c.known.contains(d))
+                .map(|c| c.user),
+        );
+        users
     }
 }

@@ -224,11 +224,14 @@ pub fn prekey_bundle() -> impl Strategy<Value = PrekeyBundle> {
 }
 
 pub fn device_entry() -> impl Strategy<Value = DeviceEntry> {
-    (device(), key32(), key32()).prop_map(|(device, signing_key, agreement_key)| DeviceEntry {
-        device,
-        signing_key,
-        agreement_key,
-    })
+    (device(), key32(), key32(), sig()).prop_map(
+        |(device, signing_key, agreement_key, membership_signature)| DeviceEntry {
+            device,
+            signing_key,
+            agreement_key,
+            membership_signature,
+        },
+    )
 }
 
 pub fn signed_device_list() -> impl Strategy<Value = SignedDeviceList> {

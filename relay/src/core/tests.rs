@@ -42,6 +42,35 @@ impl Device {
         r
     }
 
+    /// This device's entry in a list of `user`, with its membership proof.
+    fn entry_for(&self, user: &UserKey) -> DeviceEntry {
+        let mut e = DeviceEntry {
+            device: self.id,
+            signing_key: self.key.verifying_key().to_bytes(),
+            agreement_key: [9; 32],
+            membership_signature: [0; 64],
+        };
+        e.membership_signature = self.key.sign(&e.membership_bytes(user)).to_bytes();
+        e
+    }
+
+    /// A list of this device's user naming `devices`, signed by the user.
+    fn list_of(&self, version: u64, devices: Vec<DeviceEntry>) -> SignedDeviceList {
+        let mut list = SignedDeviceList {
+            list: DeviceList {
+                user: self.user_key(),
+                version,
+                devices,
+            },
+            signature: [0; 64],
+        };
+        list.signature = self
+            .user
+            .sign(&list.list.signing_bytes().unwrap())
+            .to_bytes();
+        list
+    }
+
     fn sign_challenge(&self, challenge: &[u8; 32]) -> [u8; 64] {
         self.key
             .sign(&auth_challenge_bytes(challenge, &self.id))
@@ -650,22 +679,7 @@ fn prekeys_and_device_lists() {
         other => panic!("{other:?}"),
     }
 
-    let mut list = SignedDeviceList {
-        list: DeviceList {
-            user: alice.user_key(),
-            version: 1,
-            devices: vec![DeviceEntry {
-                device: alice.id,
-                signing_key: [1; 32],
-                agreement_key: [2; 32],
-            }],
-        },
-        signature: [0; 64],
-    };
-    list.signature = alice
-        .user
-        .sign(&list.list.signing_bytes().unwrap())
-        .to_bytes();
+    let list = alice.list_of(1, vec![alice.entry_for(&alice.user_key())]);
     // Bob's device may not publish Alice's list.
     let a = core.handle(
         &mut sb,
@@ -838,4 +852,97 @@ fn deferred_ack_pull_answers_like_the_acking_pull() {
         deferring.handle_deferring_ack(&mut fresh, req(3, pull), NOW, [0; 32]);
     assert_eq!(error_code(&actions), ErrorCode::NotAuthenticated);
     assert_eq!(deferred, None);
+}
+
+/// The message of the error answer in `actions`.
+fn error_message(actions: &[Action]) -> String {
+    match frame(actions) {
+        ServerFrame::Error { error, .. } => error.message.clone(),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+/// Attack: contact X publishes a list, correctly signed by X's user key, that
+/// names contact A's device (its id and public keys are public), so that
+/// peers attribute A's device to X. Without A's device's membership proof
+/// for X's user key the relay refuses the list with `BadAuth` and stores
+/// nothing, whether the proof is missing, copied from A's own list (bound to
+/// A's user key) or made by X's own device key.
+#[test]
+fn a_list_naming_another_users_device_is_refused() {
+    let core = core_with(default_config());
+    let alice = Device::new(1, 50);
+    let mallory = Device::new(2, 60);
+    let mut sa = register(&core, &alice, [1; 32]);
+    let mut sm = register(&core, &mallory, [2; 32]);
+
+    // Alice's own list, with her device's proof, is accepted.
+    let alice_entry = alice.entry_for(&alice.user_key());
+    let alices = alice.list_of(1, vec![alice_entry.clone()]);
+    let a = core.handle(
+        &mut sa,
+        req(1, Request::PublishDeviceList { list: alices }),
+        NOW,
+        [0; 32],
+    );
+    assert!(matches!(
+        frame(&a),
+        ServerFrame::Response {
+            response: Response::DeviceListPublished { version: 1 },
+            ..
+        }
+    ));
+
+    let own = mallory.entry_for(&mallory.user_key());
+    let mut unproven = alice_entry.clone();
+    unproven.membership_signature = [0; 64];
+    let mut self_signed = alice_entry.clone();
+    self_signed.membership_signature = mallory
+        .key
+        .sign(&alice_entry.membership_bytes(&mallory.user_key()))
+        .to_bytes();
+    let attacks = [
+        ("no proof", unproven),
+        ("proof copied from Alice's list", alice_entry.clone()),
+        ("proof by Mallory's device", self_signed),
+    ];
+    for (n, (what, stolen)) in attacks.into_iter().enumerate() {
+        let list = mallory.list_of(1, vec![own.clone(), stolen]);
+        let a = core.handle(
+            &mut sm,
+            req(2 + n as u32, Request::PublishDeviceList { list }),
+            NOW,
+            [0; 32],
+        );
+        assert_eq!(error_code(&a), ErrorCode::BadAuth, "{what}");
+        assert!(
+            error_message(&a).contains("entry 1 has no valid membership proof"),
+            "{what}: {}",
+            error_message(&a)
+        );
+        assert_eq!(
+            core.store().device_list(&mallory.user_key()).unwrap(),
+            None,
+            "{what}: nothing stored"
+        );
+    }
+    // Mallory's list of only her own device is fine.
+    let list = mallory.list_of(1, vec![own]);
+    let a = core.handle(
+        &mut sm,
+        req(9, Request::PublishDeviceList { list: list.clone() }),
+        NOW,
+        [0; 32],
+    );
+    assert!(matches!(
+        frame(&a),
+        ServerFrame::Response {
+            response: Response::DeviceListPublished { version: 1 },
+            ..
+        }
+    ));
+    assert_eq!(
+        core.store().device_list(&mallory.user_key()).unwrap(),
+        Some(list)
+    );
 }

@@ -40,7 +40,7 @@ pub(crate) const SIGNED_PREKEYS: TableDefinition<&[u8; 16], &[u8]> =
 /// `device ‖ id` → one-time prekey public key (32 bytes).
 pub(crate) const ONE_TIME_PREKEYS: TableDefinition<&OtkKey, &[u8]> =
     TableDefinition::new("one_time_prekeys");
-/// `user` → [`SignedDeviceList`] (76 + 80·n bytes).
+/// `user` → [`SignedDeviceList`] (76 + 144·n bytes).
 pub(crate) const DEVICE_LISTS: TableDefinition<&[u8; 32], &[u8]> =
     TableDefinition::new("device_lists");
 /// `expires_at ‖ device` → `()`: one entry per non-empty inbox, at the expiry
@@ -372,12 +372,13 @@ pub(crate) fn decode_otk_public(bytes: &[u8]) -> Result<[u8; 32], StoreError> {
 }
 
 /// Bytes of one [`DeviceEntry`] in an encoded device list.
-const DEVICE_ENTRY_LEN: usize = 80;
+const DEVICE_ENTRY_LEN: usize = 144;
 /// Bytes of an encoded device list before its entries.
 const DEVICE_LIST_HEADER_LEN: usize = 76;
 
 /// `version u64 ‖ signature 64 ‖ count u32 ‖ count × (device 16 ‖
-/// signing_key 32 ‖ agreement_key 32)` (the user is the key).
+/// signing_key 32 ‖ agreement_key 32 ‖ membership_signature 64)` (the user
+/// is the key).
 pub(crate) fn encode_device_list(list: &SignedDeviceList) -> Result<Vec<u8>, StoreError> {
     let devices = &list.list.devices;
     let count = u32::try_from(devices.len())
@@ -390,6 +391,7 @@ pub(crate) fn encode_device_list(list: &SignedDeviceList) -> Result<Vec<u8>, Sto
         v.extend_from_slice(d.device.as_bytes());
         v.extend_from_slice(&d.signing_key);
         v.extend_from_slice(&d.agreement_key);
+        v.extend_from_slice(&d.membership_signature);
     }
     Ok(v)
 }
@@ -415,6 +417,7 @@ pub(crate) fn decode_device_list(
             device: DeviceId(r.array()?),
             signing_key: r.array()?,
             agreement_key: r.array()?,
+            membership_signature: r.array()?,
         });
     }
     Ok(SignedDeviceList {
@@ -470,6 +473,7 @@ mod tests {
                         device: DeviceId([i as u8; 16]),
                         signing_key: [i as u8 + 1; 32],
                         agreement_key: [i as u8 + 2; 32],
+                        membership_signature: [i as u8 + 3; 64],
                     })
                     .collect(),
             },
@@ -640,7 +644,11 @@ mod tests {
         assert_eq!(&v[..8], &7u64.to_be_bytes());
         assert_eq!(&v[8..72], &[3; 64]);
         assert_eq!(&v[72..76], &2u32.to_be_bytes());
-        assert_eq!((v[76 + 80], v[92 + 80], v[124 + 80]), (1, 2, 3));
+        assert_eq!(v.len(), 76 + 2 * 144);
+        assert_eq!(
+            (v[76 + 144], v[92 + 144], v[124 + 144], v[156 + 144]),
+            (1, 2, 3, 4)
+        );
         // §2.8 dedup batch: expires_at ‖ dedup key, repeated.
         let b = encode_dedup_batch(&[(5, [7u8; 48]), (6, [8u8; 48])]);
         assert_eq!(&b[..8], &5u64.to_be_bytes());
