@@ -1,19 +1,35 @@
 //! The home directory of one device: `client.redb` (the engine's store,
-//! secrets included) and `relay.json` (where the relay is and which
-//! certificate it must present).
+//! every value sealed), `store.key` (the store's key, unless a passphrase
+//! or a key file elsewhere is used) and `relay.json` (where the relay is
+//! and which certificate it must present).
 //!
-//! The directory is created with mode 0700 and `relay.json` is written
+//! The directory is kept at mode 0700 and every file in it at 0600: on
+//! every open, so a home that was created or copied with wider permissions
+//! is tightened, and again after the store is opened, which covers files
+//! redb or an editor created under the user's umask. `relay.json` is written
 //! atomically (temporary file, then rename).
+//!
+//! The store's key comes from, in order: `$HUSH_PASSPHRASE` (Argon2id, the
+//! salt and cost in the store's header), else the key file
+//! `$HUSH_KEY_FILE`, else `<home>/store.key` (created with a fresh random
+//! key for a new store). A key file outside the home must not be readable
+//! by others: it is refused, not silently used.
 
 use crate::error::CliError;
 use crate::transport::{CertCheck, RelayTarget};
-use hush_client::{FileStorage, Storage};
+use hush_client::{FileStorage, Storage, StorageError, StoreKey, Unlock};
 use std::path::{Path, PathBuf};
 
 /// File name of the client store.
 pub const DB_FILE: &str = "client.redb";
 /// File name of the relay settings.
 pub const RELAY_FILE: &str = "relay.json";
+/// File name of the store's key file in the home.
+pub const KEY_FILE: &str = "store.key";
+/// Environment variable: a passphrase the store's key is derived from.
+pub const PASSPHRASE_ENV: &str = "HUSH_PASSPHRASE";
+/// Environment variable: the key file's path (default `<home>/store.key`).
+pub const KEY_FILE_ENV: &str = "HUSH_KEY_FILE";
 
 /// A device's home directory.
 #[derive(Debug, Clone)]
@@ -52,36 +68,119 @@ impl Home {
         self.dir.join(RELAY_FILE)
     }
 
-    /// Create the directory (private to the user) if missing.
+    /// Create the directory (private to the user) if missing, and tighten
+    /// it and its files.
     pub fn create_dir(&self) -> Result<(), CliError> {
-        let io = |source| CliError::Io {
-            what: "cannot create",
-            path: self.dir.clone(),
-            source,
-        };
         if !self.dir.exists() {
-            std::fs::create_dir_all(&self.dir).map_err(io)?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt as _;
+            std::fs::create_dir_all(&self.dir).map_err(|source| CliError::Io {
+                what: "cannot create",
+                path: self.dir.clone(),
+                source,
+            })?;
+        }
+        self.secure()
+    }
+
+    /// Mode 0700 on the directory and 0600 on every file in it (symbolic
+    /// links and subdirectories are left alone). Nothing to do if the
+    /// directory does not exist.
+    pub fn secure(&self) -> Result<(), CliError> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let io = |path: &Path| {
+                let path = path.to_path_buf();
+                move |source| CliError::Io {
+                    what: "cannot restrict permissions of",
+                    path,
+                    source,
+                }
+            };
+            let meta = match std::fs::symlink_metadata(&self.dir) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(io(&self.dir)(e)),
+            };
+            if meta.is_dir() && meta.permissions().mode() & 0o777 != 0o700 {
                 std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
-                    .map_err(io)?;
+                    .map_err(io(&self.dir))?;
+            }
+            for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+                let entry = entry.map_err(io(&self.dir))?;
+                let path = entry.path();
+                let meta = entry.metadata().map_err(io(&path))?;
+                if meta.is_file() && meta.permissions().mode() & 0o777 != 0o600 {
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                        .map_err(io(&path))?;
+                }
             }
         }
         Ok(())
     }
 
-    /// Open the store, creating it if needed; a store held by another
-    /// process is [`CliError::InUse`].
-    pub fn open_storage(&self) -> Result<FileStorage, CliError> {
-        FileStorage::open(self.db_path()).map_err(|e| {
-            let text = e.to_string().to_ascii_lowercase();
-            if text.contains("already open") || text.contains("lock") {
-                CliError::InUse(self.dir.clone())
-            } else {
-                CliError::Storage(e)
+    /// The key file's path: `$HUSH_KEY_FILE`, else `<home>/store.key`.
+    pub fn key_path(&self) -> PathBuf {
+        match std::env::var_os(KEY_FILE_ENV) {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => self.dir.join(KEY_FILE),
+        }
+    }
+
+    /// How to unlock the store, and whether a new key file was written for
+    /// it (to remove again if the store turns out to be sealed otherwise).
+    fn unlock(&self) -> Result<(Unlock, Option<PathBuf>), CliError> {
+        if let Ok(p) = std::env::var(PASSPHRASE_ENV)
+            && !p.is_empty()
+        {
+            return Ok((Unlock::passphrase(p), None));
+        }
+        let path = self.key_path();
+        match read_key_file(&path, path.starts_with(&self.dir))? {
+            Some(key) => Ok((Unlock::Key(key), None)),
+            None => {
+                let key = StoreKey::generate()?;
+                write_key_file(&path, &key)?;
+                Ok((Unlock::Key(key), Some(path)))
             }
-        })
+        }
+    }
+
+    /// Open the store, creating it if needed; a store held by another
+    /// process is [`CliError::InUse`], a wrong key or passphrase
+    /// [`StorageError::WrongKey`].
+    pub fn open_storage(&self) -> Result<FileStorage, CliError> {
+        self.secure()?;
+        let (unlock, created) = self.unlock()?;
+        let opened = FileStorage::open(self.db_path(), &unlock);
+        if let (Err(_), Some(path)) = (&opened, &created) {
+            // The key file was made for this open: the store it was meant
+            // for is sealed otherwise (or did not open), so do not leave a
+            // key behind that opens nothing.
+            let _ = std::fs::remove_file(path);
+        }
+        let storage = opened.map_err(|e| match e {
+            StorageError::WrongKey(_) if created.is_some() => CliError::Invalid {
+                what: "key file",
+                reason: format!(
+                    "{} is missing, and the store {} is sealed with a key; restore the key file \
+                     (or set ${KEY_FILE_ENV} to it), or set ${PASSPHRASE_ENV} if it was sealed \
+                     with a passphrase",
+                    self.key_path().display(),
+                    self.db_path().display()
+                ),
+            },
+            e => {
+                let text = e.to_string().to_ascii_lowercase();
+                if text.contains("already open") || text.contains("lock") {
+                    CliError::InUse(self.dir.clone())
+                } else {
+                    CliError::Storage(e)
+                }
+            }
+        })?;
+        // redb created the file under the umask: tighten it now.
+        self.secure()?;
+        Ok(storage)
     }
 
     /// Open the store of an initialised device.
@@ -121,7 +220,7 @@ impl Home {
             let path = path.to_path_buf();
             move |source| CliError::Io { what, path, source }
         };
-        std::fs::write(&tmp, text + "\n").map_err(io("cannot write", &tmp))?;
+        write_private(&tmp, (text + "\n").as_bytes(), false).map_err(io("cannot write", &tmp))?;
         std::fs::rename(&tmp, &path).map_err(io("cannot write", &path))?;
         Ok(())
     }
@@ -163,6 +262,89 @@ impl Home {
         };
         Ok(RelayTarget { addr, cert })
     }
+}
+
+/// Write a file readable by the user only (mode 0600 from its creation;
+/// `new`: fail if it exists).
+fn write_private(path: &Path, bytes: &[u8], new: bool) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if new {
+        options.create_new(true);
+    } else {
+        options.create(true).truncate(true);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    #[cfg(unix)]
+    {
+        // An existing file keeps its mode through `open`: set it.
+        use std::os::unix::fs::PermissionsExt as _;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// A new key file holding `key` in hex (it must not exist yet).
+fn write_key_file(path: &Path, key: &StoreKey) -> Result<(), CliError> {
+    let text = zeroize::Zeroizing::new(format!("{}\n", hex::encode(key.as_bytes())));
+    write_private(path, text.as_bytes(), true).map_err(|source| CliError::Io {
+        what: "cannot write key file",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The key in a key file (`None` if there is none). A file in the home is
+/// tightened to 0600 by [`Home::secure`]; one elsewhere must already be
+/// private to the user.
+fn read_key_file(path: &Path, in_home: bool) -> Result<Option<StoreKey>, CliError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => zeroize::Zeroizing::new(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(CliError::Io {
+                what: "cannot read key file",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let bad = |reason: &str| CliError::Invalid {
+        what: "key file",
+        reason: format!("{}: {reason}", path.display()),
+    };
+    #[cfg(unix)]
+    if !in_home {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(path)
+            .map_err(|source| CliError::Io {
+                what: "cannot read key file",
+                path: path.to_path_buf(),
+                source,
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(bad(&format!(
+                "readable by others (mode {:o}); make it private with chmod 600",
+                mode & 0o777
+            )));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = in_home;
+    let text = std::str::from_utf8(&bytes).map_err(|_| bad("not hex text"))?;
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
+    hex::decode_to_slice(text.trim(), &mut *key)
+        .map_err(|_| bad("must hold 64 hex digits (a 32-byte key)"))?;
+    Ok(Some(StoreKey::from_bytes(*key)))
 }
 
 fn has_device(storage: &FileStorage) -> Result<bool, CliError> {

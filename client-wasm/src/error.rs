@@ -56,4 +56,8 @@ pub enum StorageError {
         /// The key of the bad record, printable.
         key: String,
     },
+    /// The store is sealed (encrypted at rest) and the key given does not
+    /// open it: a wrong passphrase or key file, or a key of the wrong kind.
+    #[error("wrong key for the client store: {0}")]
+    WrongKey(String),
 }

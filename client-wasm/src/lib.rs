@@ -121,6 +121,7 @@ pub use error::{ClientError, StorageError};
 pub use sig::verify_device_list;
 pub use state::{Counters, HistoryRecord, MessageState, Removal, Tombstone};
 pub use storage::memory::MemoryStorage;
+pub use storage::seal::{KdfParams, StoreKey, Unlock};
 pub use storage::{HistoryEntry, Storage, StorageOp, history};
 
 #[cfg(not(target_arch = "wasm32"))]

@@ -6,8 +6,14 @@
 //! repaired on the next open (the last committed transaction wins; a torn
 //! tail is discarded). A file that is not a redb database, or holds a
 //! different format, is a typed [`StorageError`], never a panic.
+//!
+//! Every value is sealed ([`super::seal`]) under the store's data key; the
+//! `meta` table holds the seal header (what seals the key, and a check
+//! value), so a wrong key or passphrase is [`StorageError::WrongKey`] at
+//! open.
 
 use super::pack::{self, Write};
+use super::seal::{self, Header, StoreKey, Unlock};
 use super::{Storage, StorageOp};
 use crate::error::StorageError;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -15,13 +21,17 @@ use std::path::Path;
 
 const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
 const INFO: TableDefinition<&str, u32> = TableDefinition::new("info");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const FORMAT_KEY: &str = "format";
+const SEAL_KEY: &str = "seal";
 /// Version of the file layout this build reads and writes. 2: history is
-/// packed (see [`super::pack`]). A format-1 file is migrated on open by
-/// raising its version: its per-key history records stay and are read
-/// alongside packs, so nothing is rewritten; a build that reads only
-/// format 1 then refuses the file instead of missing packed history.
-pub const FILE_FORMAT: u32 = 2;
+/// packed (see [`super::pack`]). 3: every value is sealed and `meta` holds
+/// the seal header. A format-1 or -2 file (plaintext values) is upgraded on
+/// open: every record is sealed in the same transaction that raises the
+/// version, so a crash leaves either the old plaintext store or the sealed
+/// one, never a mix. A format-1 file's per-key history records stay per key
+/// and are read alongside packs.
+pub const FILE_FORMAT: u32 = 3;
 /// The oldest format this build opens (and migrates).
 const OLDEST_FORMAT: u32 = 1;
 /// A native pack is closed before it grows past this: a 200-message page of
@@ -32,9 +42,11 @@ fn backend<E: std::fmt::Display>(e: E) -> StorageError {
     StorageError::Backend(format!("redb: {e}"))
 }
 
-/// A redb-backed store at a path.
+/// A redb-backed store at a path, every value sealed.
 pub struct FileStorage {
     db: Database,
+    key: StoreKey,
+    rng: hush_crypto::OsRng,
 }
 
 impl std::fmt::Debug for FileStorage {
@@ -44,33 +56,73 @@ impl std::fmt::Debug for FileStorage {
 }
 
 impl FileStorage {
-    /// Open (or create) the database at `path`. Fails with a typed error if the
-    /// file is not a Hush client store, is corrupt beyond repair, or is open
-    /// in another process.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
+    /// Open (or create) the database at `path`, unlocked by `unlock`. Fails
+    /// with a typed error if the file is not a Hush client store, is corrupt
+    /// beyond repair, is open in another process, or `unlock` is not its key
+    /// ([`StorageError::WrongKey`]). A store of an older, unsealed format is
+    /// sealed under `unlock` in one transaction.
+    pub fn open(path: impl AsRef<Path>, unlock: &Unlock) -> Result<Self, StorageError> {
         let db = Database::create(path).map_err(backend)?;
+        let mut rng = seal::rng()?;
         let txn = db.begin_write().map_err(backend)?;
-        {
-            txn.open_table(RECORDS).map_err(backend)?;
+        let key = {
+            let mut records = txn.open_table(RECORDS).map_err(backend)?;
             let mut info = txn.open_table(INFO).map_err(backend)?;
+            let mut meta = txn.open_table(META).map_err(backend)?;
             let stored = info.get(FORMAT_KEY).map_err(backend)?.map(|g| g.value());
-            match stored {
-                Some(FILE_FORMAT) => {}
-                Some(old) if (OLDEST_FORMAT..FILE_FORMAT).contains(&old) => {
-                    info.insert(FORMAT_KEY, FILE_FORMAT).map_err(backend)?;
+            let header = meta
+                .get(SEAL_KEY)
+                .map_err(backend)?
+                .map(|g| Header::decode(g.value()))
+                .transpose()?;
+            match (stored, header) {
+                (Some(FILE_FORMAT), Some(header)) => unlock.open(&header)?,
+                (Some(FILE_FORMAT), None) => {
+                    return Err(StorageError::Corrupt {
+                        key: "store seal header (missing)".into(),
+                    });
                 }
-                Some(other) => {
+                (Some(old), _) if (OLDEST_FORMAT..FILE_FORMAT).contains(&old) => {
+                    let (key, header) = unlock.create(&mut rng)?;
+                    let mut plain = Vec::new();
+                    for row in records.iter().map_err(backend)? {
+                        let (k, v) = row.map_err(backend)?;
+                        plain.push((
+                            k.value().to_vec(),
+                            zeroize::Zeroizing::new(v.value().to_vec()),
+                        ));
+                    }
+                    for (k, v) in &plain {
+                        let sealed = seal::seal(&key, &mut rng, k, v)?;
+                        records
+                            .insert(k.as_slice(), sealed.as_slice())
+                            .map_err(backend)?;
+                    }
+                    meta.insert(SEAL_KEY, header.encode().as_slice())
+                        .map_err(backend)?;
+                    info.insert(FORMAT_KEY, FILE_FORMAT).map_err(backend)?;
+                    key
+                }
+                (Some(other), _) => {
                     return Err(StorageError::Backend(format!(
                         "unsupported client store format {other} (this build reads {FILE_FORMAT})"
                     )));
                 }
-                None => {
+                (None, _) => {
+                    let (key, header) = unlock.create(&mut rng)?;
+                    meta.insert(SEAL_KEY, header.encode().as_slice())
+                        .map_err(backend)?;
                     info.insert(FORMAT_KEY, FILE_FORMAT).map_err(backend)?;
+                    key
                 }
             }
-        }
+        };
         txn.commit().map_err(backend)?;
-        Ok(FileStorage { db })
+        Ok(FileStorage { db, key, rng })
+    }
+
+    fn open_value(&self, key: &[u8], sealed: &[u8]) -> Result<Vec<u8>, StorageError> {
+        seal::open(&self.key, key, sealed)
     }
 }
 
@@ -84,7 +136,7 @@ impl Storage for FileStorage {
             if !k.value().starts_with(prefix) {
                 break;
             }
-            out.push((k.value().to_vec(), v.value().to_vec()));
+            out.push((k.value().to_vec(), self.open_value(k.value(), v.value())?));
         }
         Ok(out)
     }
@@ -113,7 +165,7 @@ impl Storage for FileStorage {
             }
             let (k, v) = row.map_err(backend)?;
             if k.value().starts_with(prefix) {
-                out.push((k.value().to_vec(), v.value().to_vec()));
+                out.push((k.value().to_vec(), self.open_value(k.value(), v.value())?));
             }
         }
         Ok(out)
@@ -122,7 +174,11 @@ impl Storage for FileStorage {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         let txn = self.db.begin_read().map_err(backend)?;
         let table = txn.open_table(RECORDS).map_err(backend)?;
-        Ok(table.get(key).map_err(backend)?.map(|g| g.value().to_vec()))
+        table
+            .get(key)
+            .map_err(backend)?
+            .map(|g| self.open_value(key, g.value()))
+            .transpose()
     }
 
     fn apply(&mut self, batch: &[StorageOp]) -> Result<(), StorageError> {
@@ -152,11 +208,13 @@ impl Storage for FileStorage {
                 }
                 match write {
                     Write::Put(key, value) => {
-                        table.insert(*key, *value).map_err(backend)?;
+                        let sealed = seal::seal(&self.key, &mut self.rng, key, value)?;
+                        table.insert(*key, sealed.as_slice()).map_err(backend)?;
                     }
                     Write::PutOwned(key, value) => {
+                        let sealed = seal::seal(&self.key, &mut self.rng, key, value)?;
                         table
-                            .insert(key.as_slice(), value.as_slice())
+                            .insert(key.as_slice(), sealed.as_slice())
                             .map_err(backend)?;
                     }
                     Write::Delete(key) => {
@@ -173,12 +231,17 @@ impl Storage for FileStorage {
 mod tests {
     use super::*;
 
+    /// The test stores' key (fixed, so a store reopens).
+    fn unlock() -> Unlock {
+        Unlock::Key(StoreKey::from_bytes([3; 32]))
+    }
+
     #[test]
     fn batches_survive_reopen_and_scans_respect_prefixes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("client.redb");
         {
-            let mut s = FileStorage::open(&path).unwrap();
+            let mut s = FileStorage::open(&path, &unlock()).unwrap();
             let ops: Vec<StorageOp> = (0u8..5)
                 .map(|i| StorageOp::Put {
                     key: vec![b'h', b'/', i],
@@ -195,7 +258,7 @@ mod tests {
             }])
             .unwrap();
         }
-        let s = FileStorage::open(&path).unwrap();
+        let s = FileStorage::open(&path, &unlock()).unwrap();
         assert_eq!(s.load_state().unwrap(), vec![(b"s/x".to_vec(), vec![9])]);
         let back = s.scan_back(b"h/", Some(&[b'h', b'/', 4]), 2).unwrap();
         let keys: Vec<u8> = back.iter().map(|(k, _)| k[2]).collect();
@@ -206,7 +269,7 @@ mod tests {
     #[test]
     fn the_last_op_on_a_key_wins_within_a_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = FileStorage::open(dir.path().join("client.redb")).unwrap();
+        let mut s = FileStorage::open(dir.path().join("client.redb"), &unlock()).unwrap();
         let put = |k: &[u8], v: u8| StorageOp::Put {
             key: k.to_vec(),
             value: vec![v],
@@ -232,7 +295,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("client.redb");
         {
-            let mut s = FileStorage::open(&path).unwrap();
+            let mut s = FileStorage::open(&path, &unlock()).unwrap();
             for i in 0u8..20 {
                 s.apply(&[StorageOp::Put {
                     key: vec![b's', b'/', i],
@@ -248,7 +311,7 @@ mod tests {
             std::fs::write(&torn, &bytes[..cut as usize]).unwrap();
             // Either redb repairs it (and the store reads back consistently)
             // or it is a typed error; never a panic.
-            if let Ok(s) = FileStorage::open(&torn) {
+            if let Ok(s) = FileStorage::open(&torn, &unlock()) {
                 let _ = s.load_state();
             }
         }
@@ -260,7 +323,7 @@ mod tests {
         let path = dir.path().join("client.redb");
         std::fs::write(&path, vec![0x5a; 8192]).unwrap();
         assert!(matches!(
-            FileStorage::open(&path),
+            FileStorage::open(&path, &unlock()),
             Err(StorageError::Backend(_))
         ));
     }
@@ -309,7 +372,7 @@ mod tests {
     #[test]
     fn history_is_packed_and_pages_backwards_across_packs() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = FileStorage::open(dir.path().join("client.redb")).unwrap();
+        let mut s = FileStorage::open(dir.path().join("client.redb"), &unlock()).unwrap();
         let (c1, c2) = (ConversationId([1; 16]), ConversationId([2; 16]));
         // Three batches, two conversations interleaved: orders 0..30.
         for b in 0u8..3 {
@@ -365,7 +428,7 @@ mod tests {
     #[test]
     fn an_erased_packed_message_is_not_read() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = FileStorage::open(dir.path().join("client.redb")).unwrap();
+        let mut s = FileStorage::open(dir.path().join("client.redb"), &unlock()).unwrap();
         let c = ConversationId([1; 16]);
         let mut ops = Vec::new();
         for n in 0u8..5 {
@@ -392,7 +455,7 @@ mod tests {
         let path = dir.path().join("client.redb");
         let c = ConversationId([1; 16]);
         {
-            let mut s = FileStorage::open(&path).unwrap();
+            let mut s = FileStorage::open(&path, &unlock()).unwrap();
             s.apply(&message_ops(c, 1, 1)).unwrap();
         }
         {
@@ -405,7 +468,7 @@ mod tests {
             }
             txn.commit().unwrap();
         }
-        let s = FileStorage::open(&path).unwrap();
+        let s = FileStorage::open(&path, &unlock()).unwrap();
         assert!(matches!(
             history(&s, &c, None, 10),
             Err(StorageError::Corrupt { .. })
@@ -435,7 +498,7 @@ mod tests {
             }
             txn.commit().unwrap();
         }
-        let mut s = FileStorage::open(&path).unwrap();
+        let mut s = FileStorage::open(&path, &unlock()).unwrap();
         let mut ops = Vec::new();
         for n in 3u8..6 {
             ops.extend(message_ops(c, n, u64::from(n)));
@@ -445,13 +508,192 @@ mod tests {
         assert_eq!(texts(&s, &c, None, 10), want);
         assert_eq!(texts(&s, &c, Some(4), 2), vec!["text 2", "text 3"]);
         drop(s);
-        let db = Database::create(&path).unwrap();
+        // Upgraded: the format is raised and every value, the old plaintext
+        // ones included, is sealed under the store's key.
+        assert_eq!(raw_rows(&path).0, Some(FILE_FORMAT));
+        let rows = raw_rows(&path).1;
+        assert_eq!(rows.len(), 7);
+        let key = StoreKey::from_bytes([3; 32]);
+        for (k, v) in &rows {
+            assert!(!contains(v, b"text "), "{}", keys::printable(k));
+            seal::open(&key, k, v).unwrap();
+        }
+        assert!(!contains(&std::fs::read(&path).unwrap(), b"text 1"));
+    }
+
+    /// The format and the raw (sealed) rows of a store file.
+    fn raw_rows(path: &Path) -> (Option<u32>, Vec<crate::storage::Record>) {
+        let db = Database::create(path).unwrap();
         let txn = db.begin_read().unwrap();
         let info = txn.open_table(INFO).unwrap();
+        let format = info.get(FORMAT_KEY).unwrap().map(|g| g.value());
+        let t = txn.open_table(RECORDS).unwrap();
+        let rows = t
+            .iter()
+            .unwrap()
+            .map(|r| {
+                let (k, v) = r.unwrap();
+                (k.value().to_vec(), v.value().to_vec())
+            })
+            .collect();
+        (format, rows)
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn the_file_holds_no_secret_and_no_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        let c = ConversationId([1; 16]);
+        let secret = [0x5eu8; 32];
+        {
+            let mut s = FileStorage::open(&path, &unlock()).unwrap();
+            let mut r = record(c, 1);
+            r.text = "zebra-quartz-marmalade".into();
+            let mut ops = vec![
+                StorageOp::Put {
+                    key: keys::history_message(&c, &r.id),
+                    value: encode(&r).unwrap(),
+                },
+                StorageOp::Put {
+                    key: keys::history_order(&c, 1),
+                    value: encode(&r.id).unwrap(),
+                },
+                StorageOp::Put {
+                    key: b"s/identity".to_vec(),
+                    value: secret.to_vec(),
+                },
+            ];
+            s.apply(&ops).unwrap();
+            // A second, unpacked write of the text (a lone message record).
+            ops.truncate(1);
+            s.apply(&ops).unwrap();
+            assert_eq!(texts(&s, &c, None, 10), vec!["zebra-quartz-marmalade"]);
+            assert_eq!(s.get(b"s/identity").unwrap(), Some(secret.to_vec()));
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(!contains(&bytes, b"zebra-quartz"));
+        assert!(!contains(&bytes, &secret[..16]));
+        // Reopened with its key, everything reads back.
+        let s = FileStorage::open(&path, &unlock()).unwrap();
         assert_eq!(
-            info.get(FORMAT_KEY).unwrap().map(|g| g.value()),
-            Some(FILE_FORMAT)
+            s.load_state().unwrap(),
+            vec![(b"s/identity".to_vec(), secret.to_vec())]
         );
+    }
+
+    #[test]
+    fn a_wrong_key_or_passphrase_is_a_typed_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        FileStorage::open(&path, &unlock())
+            .unwrap()
+            .apply(&[StorageOp::Put {
+                key: b"s/x".to_vec(),
+                value: vec![1],
+            }])
+            .unwrap();
+        let other = Unlock::Key(StoreKey::from_bytes([4; 32]));
+        assert!(matches!(
+            FileStorage::open(&path, &other),
+            Err(StorageError::WrongKey(_))
+        ));
+        assert!(matches!(
+            FileStorage::open(&path, &Unlock::passphrase("guess")),
+            Err(StorageError::WrongKey(_))
+        ));
+        // A passphrase store (cheap parameters: the plumbing is tested here).
+        let pass = |p: &str| Unlock::Passphrase {
+            passphrase: zeroize::Zeroizing::new(p.into()),
+            params: seal::KdfParams {
+                m_kib: 256,
+                t: 1,
+                p: 1,
+            },
+        };
+        let ppath = dir.path().join("p.redb");
+        FileStorage::open(&ppath, &pass("open sesame"))
+            .unwrap()
+            .apply(&[StorageOp::Put {
+                key: b"s/x".to_vec(),
+                value: vec![2],
+            }])
+            .unwrap();
+        let err = FileStorage::open(&ppath, &pass("open sesane")).unwrap_err();
+        assert!(
+            matches!(&err, StorageError::WrongKey(m) if m.contains("wrong passphrase")),
+            "{err}"
+        );
+        assert!(matches!(
+            FileStorage::open(&ppath, &unlock()),
+            Err(StorageError::WrongKey(_))
+        ));
+        let s = FileStorage::open(&ppath, &pass("open sesame")).unwrap();
+        assert_eq!(s.get(b"s/x").unwrap(), Some(vec![2]));
+    }
+
+    #[test]
+    fn a_value_moved_to_another_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        let c1 = ConversationId([1; 16]);
+        let c2 = ConversationId([2; 16]);
+        {
+            let mut s = FileStorage::open(&path, &unlock()).unwrap();
+            s.apply(&message_ops(c1, 1, 1)).unwrap();
+            s.apply(&message_ops(c2, 2, 2)).unwrap();
+            s.apply(&[
+                StorageOp::Put {
+                    key: b"s/session/old".to_vec(),
+                    value: vec![1],
+                },
+                StorageOp::Put {
+                    key: b"s/session/new".to_vec(),
+                    value: vec![2],
+                },
+            ])
+            .unwrap();
+        }
+        // Someone with write access to the file copies sealed values over
+        // other keys: c1's pack into c2's, an old session over a new one.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(RECORDS).unwrap();
+                let pack1 = t
+                    .get(pack::pack_key(&c1, 1).as_slice())
+                    .unwrap()
+                    .unwrap()
+                    .value()
+                    .to_vec();
+                t.insert(pack::pack_key(&c2, 2).as_slice(), pack1.as_slice())
+                    .unwrap();
+                let old = t
+                    .get(b"s/session/old".as_slice())
+                    .unwrap()
+                    .unwrap()
+                    .value()
+                    .to_vec();
+                t.insert(b"s/session/new".as_slice(), old.as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let s = FileStorage::open(&path, &unlock()).unwrap();
+        assert_eq!(texts(&s, &c1, None, 10), vec!["text 1"]);
+        assert!(matches!(
+            history(&s, &c2, None, 10),
+            Err(StorageError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            s.get(b"s/session/new"),
+            Err(StorageError::Corrupt { key }) if key == keys::printable(b"s/session/new")
+        ));
+        assert!(matches!(s.load_state(), Err(StorageError::Corrupt { .. })));
     }
 
     #[test]
@@ -467,7 +709,7 @@ mod tests {
                 .unwrap();
             txn.commit().unwrap();
         }
-        let err = FileStorage::open(&path).unwrap_err();
+        let err = FileStorage::open(&path, &unlock()).unwrap_err();
         assert!(
             err.to_string().contains("unsupported client store format"),
             "{err}"

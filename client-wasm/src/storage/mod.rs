@@ -16,7 +16,9 @@
 //! - `h/…` — history, written by the engine and only read by the app through
 //!   [`history`], never loaded into the engine.
 //!
-//! Values are one format byte ([`RECORD_VERSION`]) then postcard.
+//! Values are one format byte ([`RECORD_VERSION`]) then postcard. The
+//! persistent stores seal every value at their boundary ([`seal`]): on disk
+//! and in IndexedDB only keys (ids and positions) are in the clear.
 //! Implementations: [`memory::MemoryStorage`] (tests, simulator) and, natively,
 //! [`file::FileStorage`] (a redb database: crash-safe, checksummed pages,
 //! repaired on open after a crash).
@@ -24,6 +26,7 @@
 pub mod keys;
 pub mod memory;
 pub mod pack;
+pub mod seal;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod file;

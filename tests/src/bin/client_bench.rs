@@ -26,7 +26,9 @@
 
 use hush_cli::driver::{Batch, Discard, Driver, Outcome, Sink, cli_engine_config, now_ms, os_seed};
 use hush_cli::{CertCheck, CliError, RelayTarget};
-use hush_client::{Command, ContactCode, Engine, Event, FileStorage, LinkCode, Reply};
+use hush_client::{
+    Command, ContactCode, Engine, Event, FileStorage, LinkCode, Reply, StoreKey, Unlock,
+};
 use hush_relay::{Config, RelayHandle, SystemClock};
 use hush_tests::host::{HostSample, since};
 use std::sync::Arc;
@@ -109,13 +111,18 @@ async fn settle(d: &mut Dev, bound: Duration) -> Result<(), CliError> {
     }
 }
 
+/// A fresh key for a new device's store (every value sealed, as the CLI's).
+fn sealed() -> Result<Unlock, CliError> {
+    Ok(Unlock::Key(StoreKey::generate()?))
+}
+
 async fn new_user(
     dir: &std::path::Path,
     name: &str,
     target: &RelayTarget,
 ) -> Result<Dev, CliError> {
     let cfg = cli_engine_config();
-    let storage = FileStorage::open(dir.join(format!("{name}.redb")))?;
+    let storage = FileStorage::open(dir.join(format!("{name}.redb")), &sealed()?)?;
     let (engine, step) = Engine::create(now_ms(), os_seed()?, &target.addr, name, cfg.clone())?;
     let mut d = Driver::new(engine, storage, cfg, target.clone());
     d.start(step, &mut Discard).await?;
@@ -201,7 +208,7 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
     };
     let code = LinkCode::parse(&text)?;
     let cfg = cli_engine_config();
-    let storage = FileStorage::open(tmp.join("bob2.redb"))?;
+    let storage = FileStorage::open(tmp.join("bob2.redb"), &sealed()?)?;
     let (engine, step) = Engine::join(now_ms(), os_seed()?, &code, cfg.clone())?;
     let mut bob2 = Driver::new(engine, storage, cfg, target.clone());
     bob2.start(step, &mut Discard).await?;
