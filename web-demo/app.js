@@ -221,6 +221,11 @@ function pinnedIntegrity(path) {
 
 async function start() {
   $("storage-name").textContent = storage;
+  // The browser refused a file the page pins (index.html): do not start
+  // on a page that is not the one its hashes describe. Module scripts do
+  // not wait for stylesheets, so wait for the stylesheet's verdict first.
+  await window.hushStylesChecked;
+  if (window.hushRefusedFiles?.length) return;
   let Client;
   try {
     // Both fetches are checked against the page's hashes: the import map

@@ -3,7 +3,8 @@
 // user who checked the page's own hash against a release runs exactly that
 // release: these tests check that the pins match what is served, that
 // nothing executable is loaded without a pin, and that Chromium refuses a
-// tampered script, package glue or wasm module (the page does not run it).
+// tampered script, package glue, wasm module or stylesheet (the page does
+// not use it, and does not start).
 // They also check that opening a client ran the AEAD self-test.
 
 import { test, before, after } from "node:test";
@@ -106,6 +107,8 @@ const TAMPER = {
   "pkg/hush_client.js": (b) => Buffer.concat([b, Buffer.from('\nwindow.hushTampered = "pkg/hush_client.js";\n')]),
   // Still a valid module: one more custom section ("x", one byte).
   "pkg/hush_client_bg.wasm": (b) => Buffer.concat([b, Buffer.from([0x00, 0x03, 0x01, 0x78, 0x21])]),
+  // Styles can hide what the page warns about.
+  "style.css": (b) => Buffer.concat([b, Buffer.from("\n.notice, .gap-banner { display: none !important; }\n")]),
 };
 
 /**
@@ -124,7 +127,7 @@ async function pageWith(path, change, storage) {
 }
 
 for (const [path, tamper] of Object.entries(TAMPER)) {
-  test(`a tampered ${path} is refused: the page does not run it`, { timeout: 90_000 }, h.diagnose(async () => {
+  test(`a tampered ${path} is refused and the page does not start`, { timeout: 90_000 }, h.diagnose(async () => {
     // Control: the same interception with the real bytes starts normally,
     // so the refusal below is the hash check and not the interception.
     const control = await pageWith(path, (b) => b, `integrity-control-${path.replace(/\W/g, "-")}`);
