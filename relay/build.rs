@@ -6,17 +6,20 @@
 //! writes `$OUT_DIR/demo_files.rs`: a table of (request path, bytes) built
 //! with `include_bytes!` — so rustc itself tracks changes to the embedded
 //! files — and whether the wasm package (`web-demo/pkg/`, made by
-//! `cargo xtask build-wasm`, not committed) was there. The relay builds
-//! without it; its page then says how to build the demo.
+//! `cargo xtask build-wasm`, not committed) was there together with the
+//! page generated from it: `index.html`, made from `index.html.in` with the
+//! Subresource Integrity hashes of the files it loads, and
+//! `integrity.json` (neither committed; the template is not embedded). The
+//! relay builds without them; its page then says how to build the demo.
 //!
 //! Re-runs (to pick up added or removed files): when any embedded file or
 //! any embedded sub-directory (recursively, e.g. `pkg/`) changes; while
-//! `pkg/` is missing, when anything under `web-demo/` changes, so that
-//! building the package is noticed. Watching the top-level directory
+//! `pkg/` or the generated page is missing, when anything under `web-demo/`
+//! changes, so that building the package is noticed. Watching the top-level directory
 //! recursively for good would also watch `node_modules` and the browser
 //! tests' output and rebuild the relay after every test run; a new
 //! top-level file is picked up when the page (`index.html`, `app.js`,
-//! tracked) changes to use it.
+//! watched) changes to use it.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -49,7 +52,8 @@ fn main() -> BuildResult<()> {
         .any(|(path, _)| path.starts_with("/pkg/") && path.ends_with(".wasm"))
         && files
             .iter()
-            .any(|(path, _)| path.starts_with("/pkg/") && path.ends_with(".js"));
+            .any(|(path, _)| path.starts_with("/pkg/") && path.ends_with(".js"))
+        && files.iter().any(|(path, _)| path == "/index.html");
 
     for (_, file) in &files {
         println!("cargo:rerun-if-changed={}", file.display());
@@ -64,7 +68,7 @@ fn main() -> BuildResult<()> {
     let mut code = String::new();
     writeln!(
         code,
-        "/// Whether `web-demo/pkg/` (the wasm package) was present when the relay was built."
+        "/// Whether `web-demo/pkg/` (the wasm package) and the page generated with its hashes were present when the relay was built."
     )?;
     writeln!(code, "pub(crate) const PKG_BUILT: bool = {pkg_built};")?;
     writeln!(

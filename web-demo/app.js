@@ -203,17 +203,41 @@ async function relayConfig() {
   return { relayUrl: `https://${address}/`, relay: address, certHash: hash || undefined };
 }
 
+/** The package's WebAssembly module, relative to this page. */
+const WASM_PATH = "./pkg/hush_client_bg.wasm";
+
+/**
+ * The Subresource Integrity hash the page pins for `path`: the import map's
+ * `integrity` table (which also pins the package's JS glue for `import()`).
+ */
+function pinnedIntegrity(path) {
+  const map = document.querySelector('script[type="importmap"]');
+  const value = map && JSON.parse(map.textContent).integrity?.[path];
+  if (!value) {
+    throw new Error(`this page pins no integrity hash for ${path}: build it with \`cargo xtask build-wasm\``);
+  }
+  return value;
+}
+
 async function start() {
   $("storage-name").textContent = storage;
+  // The browser refused a file the page pins (index.html): do not start
+  // on a page that is not the one its hashes describe. Module scripts do
+  // not wait for stylesheets, so wait for the stylesheet's verdict first.
+  await window.hushStylesChecked;
+  if (window.hushRefusedFiles?.length) return;
   let Client;
   try {
+    // Both fetches are checked against the page's hashes: the import map
+    // pins the JS glue, and the .wasm is fetched with its integrity.
+    const wasm = fetch(WASM_PATH, { integrity: pinnedIntegrity(WASM_PATH) });
     const pkg = await import("./pkg/hush_client.js");
-    await pkg.default();
+    await pkg.default({ module_or_path: wasm });
     Client = pkg.Client;
   } catch (e) {
     failStart(
-      `The Hush client package did not load (${describeError(e)}). ` +
-        "Build it with `cargo xtask build-wasm`.",
+      `The Hush client package did not load, or its bytes do not match this page's integrity hashes ` +
+        `(${describeError(e)}). Build it with \`cargo xtask build-wasm\`.`,
     );
     return;
   }
@@ -234,6 +258,8 @@ async function start() {
   } catch (e) {
     if (e && e.code === "invalid_argument" && /holds no device/.test(e.message)) {
       showOnboarding();
+    } else if (e && e.code === "self_test") {
+      failStart(`This browser's copy of Hush failed its encryption self-test, so it refuses to run: ${describeError(e)}`);
     } else if (e && e.code === "locked") {
       failStart(`Storage “${storage}” is open in another tab. Close it, or use ?storage=another-name.`);
     } else {

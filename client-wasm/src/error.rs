@@ -41,6 +41,10 @@ pub enum ClientError {
     /// Storage holds no device: create one or join with a link code first.
     #[error("no device in storage")]
     NoDevice,
+    /// This build's cryptography gave a wrong known answer at start-up
+    /// ([`crate::self_test`]): the client refuses to run.
+    #[error("the encryption of this build failed its self-test ({0}): refusing to run")]
+    SelfTest(CryptoError),
 }
 
 /// Failures of a [`crate::storage::Storage`] backend.

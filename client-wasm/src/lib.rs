@@ -66,6 +66,8 @@
 //! - [`codes`] — [`ContactCode`] (`hush-contact:…`), [`LinkCode`]
 //!   (`hush-link:…`), and the derived conversation ids.
 //! - `sig` — the relay-checked signatures in `hush-protocol`'s byte formats.
+//! - [`self_test`] — the AEAD known-answer check a driver passes before it
+//!   starts a client ([`self_test::check_crypto`]).
 //! - [`error`] — [`ClientError`], [`StorageError`].
 //!
 //! # Two sequence layers
@@ -109,6 +111,7 @@ pub mod codes;
 pub mod engine;
 pub mod error;
 pub mod payload;
+pub mod self_test;
 mod sig;
 pub mod state;
 pub mod storage;

@@ -3,9 +3,16 @@
 //! The build script walks `web-demo/` (the page, its script and styles, and
 //! the wasm package `web-demo/pkg/` that `cargo xtask build-wasm` makes) and
 //! embeds every file, so one binary serves everything. The package is not
-//! committed: a relay built before it existed still builds, and its `/`
+//! committed, and neither is the page: `cargo xtask build-wasm` generates
+//! `index.html` (from `index.html.in`) with the Subresource Integrity hashes
+//! of every file it loads, and `integrity.json` listing them and the page's
+//! own hash. A relay built before they existed still builds, and its `/`
 //! answers `503` with how to build the demo instead of a page that cannot
 //! load.
+//!
+//! The relay operator decides what this serves: the hashes let a user check
+//! the page against a published release, they do not make the operator
+//! trustworthy (docs/SECURITY.md, "The demo page").
 
 use crate::http::{StaticFile, StaticFiles};
 use std::borrow::Cow;
@@ -168,6 +175,99 @@ mod tests {
         assert_eq!(content_type("/noext"), "text/plain; charset=utf-8");
     }
 
+    /// `sha384-<base64>`, as Subresource Integrity writes a digest.
+    fn sri(bytes: &[u8]) -> String {
+        use sha2::Digest;
+        const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let digest = sha2::Sha384::digest(bytes);
+        let mut out = String::from("sha384-");
+        // 48 bytes: whole 3-byte groups, no padding.
+        for c in digest.chunks(3) {
+            let n = u32::from(c[0]) << 16 | u32::from(c[1]) << 8 | u32::from(c[2]);
+            for i in 0..4 {
+                out.push(char::from(ABC[(n >> (18 - 6 * i) & 63) as usize]));
+            }
+        }
+        out
+    }
+
+    /// Every `(path, integrity)` a page pins: `integrity="…"` next to a
+    /// `src`/`href` in one tag, and `"./path": "sha384-…"` in its import map.
+    fn pins(html: &str) -> Vec<(String, String)> {
+        let attr = |tag: &str, name: &str| {
+            let start = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+            let len = tag[start..].find('"')?;
+            Some(tag[start..start + len].to_string())
+        };
+        let mut out = Vec::new();
+        for tag in html.split('<').skip(1) {
+            let tag = tag.split('>').next().unwrap();
+            if let (Some(url), Some(integrity)) = (
+                attr(tag, "src").or_else(|| attr(tag, "href")),
+                attr(tag, "integrity"),
+            ) {
+                out.push((format!("/{url}"), integrity));
+            }
+        }
+        for line in html.lines() {
+            let line = line.trim().trim_end_matches(',');
+            if let Some((url, value)) = line.split_once(": ")
+                && let Some(url) = url.strip_prefix("\"./").and_then(|u| u.strip_suffix('"'))
+                && let Some(value) = value.strip_prefix('"').and_then(|v| v.strip_suffix('"'))
+                && value.starts_with("sha384-")
+            {
+                out.push((format!("/{url}"), value.to_string()));
+            }
+        }
+        out
+    }
+
+    /// The embedded page pins every file it loads with the hash of the
+    /// embedded bytes, so the relay never serves a page the browser refuses,
+    /// and `integrity.json` carries the page's own hash.
+    #[test]
+    fn embedded_page_pins_match_embedded_files() {
+        let sample = format!(
+            "<script type=\"module\" src=\"app.js\" integrity=\"{}\"></script>\n\"./pkg/b.js\": \"{}\"",
+            sri(b"js"),
+            sri(b"glue")
+        );
+        let found = pins(&sample);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert_eq!(found[0], ("/app.js".to_string(), sri(b"js")));
+        assert_eq!(found[1], ("/pkg/b.js".to_string(), sri(b"glue")));
+
+        let demo = DemoFiles::embedded();
+        let Some(page) = demo.lookup("/index.html") else {
+            assert!(!demo.is_built(), "a built demo has its page");
+            return;
+        };
+        let page = std::str::from_utf8(page).unwrap();
+        let pinned = pins(page);
+        for path in [
+            "/app.js",
+            "/style.css",
+            "/pkg/hush_client.js",
+            "/pkg/hush_client_bg.wasm",
+        ] {
+            assert!(
+                pinned.iter().any(|(p, _)| p == path),
+                "the page pins {path}: {pinned:?}"
+            );
+        }
+        for (path, integrity) in &pinned {
+            let bytes = demo
+                .lookup(path)
+                .unwrap_or_else(|| panic!("{path} is embedded"));
+            assert_eq!(&sri(bytes), integrity, "{path}: run `cargo xtask page`");
+        }
+        let published = std::str::from_utf8(demo.lookup("/integrity.json").unwrap()).unwrap();
+        assert!(
+            published.contains(&format!("\"/index.html\": \"{}\"", sri(page.as_bytes()))),
+            "integrity.json has the page's hash: {published}"
+        );
+    }
+
     /// The embedded table is exactly what is on disk, and "built" means the
     /// wasm package is there.
     #[test]
@@ -195,7 +295,11 @@ mod tests {
                     .any(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".wasm")))
             })
             .unwrap_or(false);
-        assert_eq!(demo.is_built(), pkg_on_disk);
+        // Built: the package and the page generated with its hashes.
+        assert_eq!(
+            demo.is_built(),
+            pkg_on_disk && root.join("index.html").exists()
+        );
         if root.join("index.html").exists() {
             assert!(demo.lookup("/index.html").is_some());
             assert!(count >= 3, "page, script and styles at least");

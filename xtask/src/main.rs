@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! cargo xtask test [--quick]         every test of the project; installs what is missing
-//! cargo xtask build-wasm             the browser package (npm `hush-client`) into web-demo/pkg/
+//! cargo xtask build-wasm             the browser package (npm `hush-client`) into web-demo/pkg/,
+//!                                    then the demo page with its integrity hashes
+//! cargo xtask page                   only the demo page (web-demo/index.html, integrity.json)
 //! cargo xtask demo [-- RELAY-ARGS]   the relay with the demo page on http://127.0.0.1:8080
 //! cargo xtask bench [-- BENCH-ARGS]  the benchmarks that exist
 //! cargo xtask fuzz TARGET [SECS]     one fuzz target for SECS seconds (default 60)
@@ -10,6 +12,8 @@
 //!
 //! Plain `std::process::Command` and no dependencies, so it builds in seconds on a
 //! fresh machine before anything else is installed.
+
+mod sri;
 
 use std::env;
 use std::error::Error;
@@ -64,7 +68,10 @@ usage: cargo xtask <command>
 commands:
   test [--quick]        run every test of the project; installs what is missing first
                         (--quick: only `cargo test --workspace`: no setup, fmt, clippy, wasm, fuzz)
-  build-wasm            build the browser package `hush-client` into web-demo/pkg/
+  build-wasm            build the browser package `hush-client` into web-demo/pkg/,
+                        then the demo page (web-demo/index.html) with its integrity hashes
+  page                  write only the demo page and web-demo/integrity.json again
+                        (after editing web-demo/index.html.in, app.js or style.css)
   demo [-- ARGS]        build and run the relay with the demo page on http://127.0.0.1:8080
   bench [-- ARGS]       run the benchmarks that exist (ARGS go to the bench binaries)
   fuzz TARGET [SECS]    run one fuzz target for SECS seconds (default 60; needs nightly)
@@ -94,6 +101,12 @@ fn dispatch(args: &[String]) -> Result {
                 return Err(format!("`build-wasm` takes no arguments (got `{extra}`)").into());
             }
             build_wasm_package()
+        }
+        "page" => {
+            if let Some(extra) = rest.first() {
+                return Err(format!("`page` takes no arguments (got `{extra}`)").into());
+            }
+            write_page()
         }
         "demo" => demo(rest),
         "bench" => bench(rest),
@@ -396,6 +409,44 @@ fn build_wasm_package() -> Result {
     println!("browser package in {}:", out.display());
     for path in listing {
         println!("  {:>9} bytes  {}", file_size(&path)?, path.display());
+    }
+    write_page()
+}
+
+/// The demo page's template; every file it loads is named in it as
+/// `{{sha384:PATH}}` (see `sri.rs`).
+const PAGE_TEMPLATE: &str = "web-demo/index.html.in";
+/// The page generated from it (not committed: the package's hashes change
+/// with every client build).
+const PAGE: &str = "web-demo/index.html";
+/// The SHA-384 of every file the page loads, the page included: what a
+/// release publishes and the relay serves at `/integrity.json`.
+const PAGE_INTEGRITY: &str = "web-demo/integrity.json";
+
+/// `web-demo/index.html` from its template with the Subresource Integrity
+/// hashes of the files it loads (its styles, `app.js`, the package's JS
+/// glue and `.wasm`), and `web-demo/integrity.json`. The browser refuses any
+/// of those files whose bytes differ from what the page names.
+fn write_page() -> Result {
+    let template = fs::read_to_string(PAGE_TEMPLATE)
+        .map_err(|e| format!("cannot read {PAGE_TEMPLATE}: {e}"))?;
+    let demo = Path::new("web-demo");
+    let (page, mut files) = sri::fill(&template, |path| {
+        let file = demo.join(path);
+        fs::read(&file).map_err(|e| {
+            format!(
+                "{PAGE_TEMPLATE} loads {}, which cannot be read ({e}); run `cargo xtask build-wasm`",
+                file.display()
+            )
+        })
+    })?;
+    fs::write(PAGE, &page).map_err(|e| format!("cannot write {PAGE}: {e}"))?;
+    files.insert("index.html".to_string(), sri::sri(page.as_bytes()));
+    fs::write(PAGE_INTEGRITY, sri::manifest(&files))
+        .map_err(|e| format!("cannot write {PAGE_INTEGRITY}: {e}"))?;
+    println!("demo page {PAGE} and {PAGE_INTEGRITY}:");
+    for (path, value) in &files {
+        println!("  {value}  /{path}");
     }
     Ok(())
 }

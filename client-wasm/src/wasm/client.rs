@@ -120,6 +120,9 @@ enum Origin {
 }
 
 async fn start(connect: Connect, origin: Origin) -> Result<Client, Failure> {
+    // A build whose AEAD gives wrong answers never touches storage or the
+    // network: it refuses with code `self_test`.
+    crate::self_test::check_crypto()?;
     let lock = StorageLock::acquire(&connect.storage).await?;
     let store = IdbStore::open(&connect.storage).await?;
     match start_on(connect, origin, lock, store).await {
@@ -222,6 +225,16 @@ async fn start_on(
     })
 }
 
+/// What `status().selfTest` reports: `"passed"` once the AEAD self-test of
+/// `open`/`link` passed on this page.
+fn self_test_state() -> &'static str {
+    if crate::self_test::crypto_checked() {
+        "passed"
+    } else {
+        "not run"
+    }
+}
+
 fn check_name(name: &str) -> Result<(), Failure> {
     if name.trim().is_empty() || name.len() > MAX_CODE_TEXT || name.chars().any(char::is_control) {
         return Err(Failure::invalid(format!(
@@ -235,7 +248,9 @@ fn check_name(name: &str) -> Result<(), Failure> {
 impl Client {
     /// Open the device kept in storage `options.storage`, or create a new
     /// user there (named `options.name`) if the storage is empty. Fails with
-    /// code `locked` if that storage is open elsewhere.
+    /// code `locked` if that storage is open elsewhere, and with code
+    /// `self_test` (before touching storage) if this build's encryption gives
+    /// a wrong known answer.
     pub async fn open(
         #[wasm_bindgen(unchecked_param_type = "OpenOptions")] options: JsValue,
     ) -> Result<Client, JsValue> {
@@ -562,6 +577,7 @@ impl Client {
                 .set("relay", e.relay())
                 .set("relayUrl", shared.relay_url.as_str())
                 .num("unsent", e.unsent() as u64)
+                .set("selfTest", self_test_state())
                 .build()
         })?;
         Ok(status)

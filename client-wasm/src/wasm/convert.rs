@@ -67,6 +67,7 @@ impl From<ClientError> for Failure {
             ClientError::NotAllowed(_) => "not_allowed",
             ClientError::TooLarge { .. } => "too_large",
             ClientError::NoDevice => "no_device",
+            ClientError::SelfTest(_) => "self_test",
         };
         Failure::new(code, e.to_string())
     }

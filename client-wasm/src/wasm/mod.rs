@@ -82,7 +82,7 @@ export type ConnectionState = "offline" | "connecting" | "syncing" | "live";
 export type HushErrorCode =
   | "invalid_argument" | "unknown" | "not_allowed" | "bad_code" | "too_large"
   | "storage" | "crypto" | "protocol" | "no_device" | "locked" | "closed"
-  | "busy" | "unsupported" | "internal";
+  | "busy" | "unsupported" | "internal" | "self_test";
 
 /** Every rejection is an `Error` with `name === "HushError"` and a `code`. */
 export interface HushError extends Error {
@@ -187,6 +187,8 @@ export interface Status {
   relayUrl: string;
   /** Messages not yet stored by the relay. */
   unsent: number;
+  /** "passed": the AEAD known-answer self-test ran when this page opened a client (a failing one refuses with code `self_test`). */
+  selfTest: "passed" | "not run";
 }
 
 export interface Counters {
