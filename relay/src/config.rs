@@ -734,4 +734,48 @@ mod tests {
         assert_eq!(f.data, Some(PathBuf::from("/var/lib/hush")));
         assert_eq!(f.dev_cert, Some(true));
     }
+
+    #[test]
+    fn store_and_device_caps_from_flags_file_and_defaults() {
+        let c = Config::parse_from(["hush-relay", "--dev-cert"]).unwrap();
+        assert_eq!(c.max_store_bytes, None);
+        assert_eq!(c.max_devices_per_user, 10);
+        assert_eq!(c.store_limits().max_store_bytes, u64::MAX);
+        let c = Config::parse_from([
+            "hush-relay",
+            "--dev-cert",
+            "--max-store-bytes",
+            "2G",
+            "--max-devices-per-user",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(c.max_store_bytes, Some(2 << 30));
+        let limits = c.store_limits();
+        assert_eq!(
+            (limits.max_store_bytes, limits.max_devices_per_user),
+            (2 << 30, 3)
+        );
+        let f = FileConfig::parse(&c.to_toml()).unwrap();
+        assert_eq!(f.max_store_bytes, Some(ByteSize(2 << 30)));
+        assert_eq!(f.max_devices_per_user, Some(3));
+        let f = FileConfig::parse("max-store-bytes = \"10G\"\nmax-devices-per-user = 4\n").unwrap();
+        assert_eq!(f.max_store_bytes, Some(ByteSize(10 << 30)));
+        let mut c = Config::default_for(PathBuf::from("x"));
+        c.max_devices_per_user = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--max-devices-per-user")
+        );
+        c.max_devices_per_user = 1;
+        c.max_store_bytes = Some(1024);
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--max-store-bytes")
+        );
+    }
 }

@@ -33,7 +33,7 @@ const ROUND_ENV: &str = "HUSH_STORE_CRASH_ROUND";
 const TEST_NAME: &str = "killed_writer_loses_nothing_it_reported";
 const COMPACT_TEST_NAME: &str = "killed_compaction_loses_nothing_unacked";
 /// Segment size of the compaction test: a roll every few batches.
-const SMALL_SEGMENT: u64 = 4096;
+const SMALL_SEGMENT: u64 = 2048;
 /// The inbox the compaction test never acknowledges.
 const KEPT: u64 = 10;
 const ROUNDS: u64 = 12;
@@ -45,6 +45,8 @@ const RETRIES: u64 = 12;
 const MAX_BATCHES: u64 = 20_000;
 /// Longest random delay between the child being ready and the kill.
 const MAX_KILL_DELAY_MS: u64 = 60;
+/// Shortest delay before a kill in the compaction test.
+const MIN_COMPACT_KILL_DELAY_MS: u64 = 40;
 /// Bound on waiting for a child to open the store.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -377,7 +379,14 @@ fn parent(compacting: bool) {
     let mut compactions = 0u64;
     let started = Instant::now();
     for round in 0..ROUNDS {
-        let delay = Duration::from_millis(rng.next() % (MAX_KILL_DELAY_MS + 1));
+        // The compaction test's children first need a few segments to fill
+        // and roll before there is anything to compact.
+        let min = if compacting {
+            MIN_COMPACT_KILL_DELAY_MS
+        } else {
+            0
+        };
+        let delay = Duration::from_millis(min + rng.next() % (MAX_KILL_DELAY_MS + 1));
         let err_log = dir.path().join(format!("child-{round}.stderr"));
         let (lines, was_running) = run_child(&path, compacting, round, delay, &err_log);
         if was_running {

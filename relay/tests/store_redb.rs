@@ -328,3 +328,41 @@ fn device_cap_holds_across_reopen() {
     ));
     s.register_device(&of_user(2), 3).unwrap();
 }
+
+/// A damaged record in a segment due for compaction is a typed error, not a
+/// panic, the segment is not retried after every commit, and the rest of the
+/// store keeps working.
+#[test]
+fn compaction_of_a_damaged_segment_is_an_error_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open_with_segment_size(
+        dir.path().join("relay.redb"),
+        StoreLimits::default(),
+        4096,
+    )
+    .unwrap();
+    s.register_device(&reg(9), 1).unwrap();
+    s.register_device(&reg(8), 1).unwrap();
+    s.commit(&[env(9, 200, 10_000)]).unwrap();
+    for m in 0..60u8 {
+        s.commit(&[env(8, m, 10_000)]).unwrap();
+    }
+    s.ack(&dev(8), 60).unwrap();
+    // Flip a byte of the pinned envelope's body (right after the segment
+    // header and its record header).
+    let seg = s.segment_dir().join("000001.seg");
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[16 + 36 + 5] ^= 0xFF;
+    std::fs::write(&seg, bytes).unwrap();
+    assert!(matches!(s.compact(1 << 20), Err(StoreError::Backend(m)) if m.contains("corrupt")));
+    assert!(!s.compact(1 << 20).unwrap());
+    assert!(seg.exists());
+    assert!(matches!(
+        s.pull(&dev(9), 0, 10, usize::MAX),
+        Err(StoreError::Backend(_))
+    ));
+    assert_eq!(
+        s.commit(&[env(8, 100, 10_000)]).unwrap(),
+        vec![CommitOutcome::Stored { seq: 61 }]
+    );
+}

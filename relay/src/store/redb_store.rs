@@ -94,8 +94,9 @@ struct Compaction {
     /// The segment being compacted and the offset of the next record to
     /// look at.
     cursor: Option<(u32, u64)>,
-    /// Segments a whole pass did not empty (their live count disagrees with
-    /// their records; `check_consistency` reports that): not tried again.
+    /// Segments not tried again: a whole pass did not empty them (their live
+    /// count disagrees with their records; `check_consistency` reports
+    /// that), or one of their records is damaged.
     skip: std::collections::BTreeSet<u32>,
 }
 
@@ -401,7 +402,17 @@ impl RedbStore {
             }
         };
         let end = rows.get(&id).map_or(SEGMENT_HEADER_LEN, |info| info.end);
-        let (records, next) = self.segments.scan(id, from, end, budget)?;
+        let (records, next) = match self.segments.scan(id, from, end, budget) {
+            Ok(found) => found,
+            Err(e) => {
+                // A damaged record cannot be moved (pulls of it fail too):
+                // leave this segment to expiry rather than retry it after
+                // every commit.
+                state.skip.insert(id);
+                state.cursor = None;
+                return Err(e);
+            }
+        };
         let mut written: Option<Append> = None;
         let mut emptied = false;
         self.write_with(Durability::Immediate, |txn, freed| {
