@@ -623,6 +623,9 @@ fn error_code_indexes_match_the_doc_table() {
             "Replaced",
             "ShuttingDown",
             "Internal",
+            "StoreFull",
+            "DeviceLimit",
+            "RegistrationLimit",
         ],
     );
 }

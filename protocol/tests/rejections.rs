@@ -911,7 +911,7 @@ fn malformed_bodies_are_malformed() {
     let server_cases: Vec<(&str, Vec<u8>)> = vec![
         ("unknown server frame variant", vec![4]),
         ("unknown response variant", vec![0, 1, 10]),
-        ("unknown error code", vec![1, 0, 15, 0, 0]),
+        ("unknown error code", vec![1, 0, 18, 0, 0]),
         ("bad option tag", vec![1, 0, 0, 0, 2]),
         ("invalid UTF-8", vec![3, 0, 2, 0xC3, 0x28]),
         (
