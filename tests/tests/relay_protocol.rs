@@ -925,6 +925,44 @@ async fn device_lists_keep_the_newest_signed_version() {
     assert_eq!(phone.fetch_device_list(a1.user()).await.unwrap(), v5);
 }
 
+/// Attack: user X publishes a list, signed with X's own user key, naming
+/// user A's device (its id and keys are public) without a membership proof
+/// by that device for X: with none, with the proof copied from A's list, or
+/// with A's device's proof made for another user. The relay refuses each with
+/// `BadAuth` and keeps serving X's previous list.
+#[tokio::test]
+async fn a_list_naming_another_users_device_is_refused() {
+    let relay = relay(&[]).await;
+    let (a, mut a_conn) = registered(&relay, 95).await;
+    let (x, mut x_conn) = registered(&relay, 96).await;
+    let a_list = a.signed_device_list(1, vec![a.device_entry()]);
+    assert_eq!(a_conn.publish_device_list(a_list).await.unwrap(), 1);
+    let x_list = x.signed_device_list(1, vec![x.device_entry()]);
+    assert_eq!(x_conn.publish_device_list(x_list.clone()).await.unwrap(), 1);
+
+    let mut unproven = a.device_entry();
+    unproven.membership_signature = [0; 64];
+    let wrong_user = a.device_entry_for(&DeviceIdentity::from_seed(97).user());
+    for (what, stolen) in [
+        ("no proof", unproven),
+        ("proof copied from A's list", a.device_entry()),
+        ("A's device's proof for a third user", wrong_user),
+    ] {
+        let forged = x.signed_device_list(2, vec![x.device_entry(), stolen]);
+        let res = x_conn.publish_device_list(forged).await;
+        assert_eq!(
+            refusal_code(&res),
+            Some(ErrorCode::BadAuth),
+            "{what}: {res:?}"
+        );
+        assert_eq!(
+            x_conn.fetch_device_list(x.user()).await.unwrap(),
+            x_list,
+            "{what}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn graceful_shutdown_tells_connections_and_keeps_data() {
     let mut relay = relay(&[]).await;
