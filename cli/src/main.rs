@@ -166,6 +166,9 @@ fn stop_signal() -> StopSignal {
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
+    // Known answers through this build's AEAD before any key or message is
+    // touched: a broken build refuses to run (ClientError::SelfTest).
+    hush_client::self_test::check_crypto()?;
     let home = Home::resolve(cli.home)?;
     match cli.command {
         Cmd::Init {
