@@ -217,7 +217,7 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
     let mut user_devices = txn.open_table(USER_DEVICES)?;
     txn.open_table(SIGNED_PREKEYS)?;
     txn.open_table(ONE_TIME_PREKEYS)?;
-    txn.open_table(DEVICE_LISTS)?;
+    let mut lists = txn.open_table(DEVICE_LISTS)?;
     txn.open_table(PURGE_QUEUE)?;
     txn.open_table(TOMBSTONES)?;
     if stored == Some(FORMAT_VERSION_UPGRADABLE) {
@@ -227,8 +227,13 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
             let record = decode_device(device, v.value())?;
             user_devices.insert(&user_device_key(&record.registration.user, &device), ())?;
         }
+        // Format 3 stored device lists whose entries carry no membership
+        // proof; no such list is valid any more, and its rows would read as
+        // corrupt. Dropping them is safe: every device re-publishes its
+        // user's list (version + 1, with proofs) when a fetch finds none.
+        lists.retain(|_, _| false)?;
     }
-    drop((devices, user_devices));
+    drop((devices, user_devices, lists));
     if stored == Some(FORMAT_VERSION) {
         txn.abort()?;
     } else {
@@ -1563,9 +1568,16 @@ mod tests {
                 let mut info = txn.open_table(INFO).unwrap();
                 info.insert(FORMAT_KEY, 3u32.to_be_bytes().as_slice())
                     .unwrap();
+                // A format-3 device list: one entry of 80 bytes, no proof.
+                let mut lists = txn.open_table(DEVICE_LISTS).unwrap();
+                lists
+                    .insert(&[77; 32], vec![9u8; 76 + 80].as_slice())
+                    .unwrap();
             });
         }
         let store = RedbStore::open(&path, limits).unwrap();
+        // Its lists are gone (they would read as corrupt): devices re-publish.
+        assert!(matches!(store.device_list(&UserKey([77; 32])), Ok(None)));
         assert!(matches!(
             store.register_device(&of_user(3), 2),
             Err(StoreError::DeviceLimit { max: 2 })
