@@ -48,6 +48,33 @@ pub struct Tombstone {
     pub at_ms: u64,
 }
 
+/// `s/recall/<conv 16><author user 32><msg 16>`: a recall, keyed by who
+/// may make it. It removes only the message with that id in that
+/// conversation written by that user (on any of their devices), whether
+/// the message came before or comes after it. (Tombstones under `s/tomb/`
+/// are keyed by id alone: only this user's own deletes, and recalls
+/// written by earlier versions, are kept there.)
+pub(crate) const RECALL: &[u8] = b"s/recall/";
+/// `s/mine/<conv 16><msg 16>`: a message this user wrote (here or on another
+/// of their devices), kept as long as recalls are honoured, so a contact's
+/// recall naming it is refused.
+pub(crate) const MINE: &[u8] = b"s/mine/";
+
+pub(crate) fn recall_key(conv: &ConversationId, author: &UserKey, id: &MessageId) -> Vec<u8> {
+    let mut k = RECALL.to_vec();
+    k.extend_from_slice(conv.as_bytes());
+    k.extend_from_slice(author.as_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub(crate) fn mine_key(conv: &ConversationId, id: &MessageId) -> Vec<u8> {
+    let mut k = MINE.to_vec();
+    k.extend_from_slice(conv.as_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
 /// One message in history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryRecord {
@@ -157,10 +184,10 @@ pub struct Counters {
     pub next_order: u64,
     /// Next outbox creation number (internal).
     pub next_local: u64,
-    /// Relay claims not acted on: "expired" sender seqs above what that
-    /// sender ever authenticated to this device (a hostile relay, or the
-    /// honest expiry of a stream's whole tail, which the sender's tail probe
-    /// brings back).
+    /// Relay claims not taken on the relay's word: "expired" sender seqs
+    /// above what that sender ever authenticated to this device (a hostile
+    /// relay, or the honest expiry of a stream's whole tail). They are only
+    /// asked of the sender.
     pub relay_claims_ignored: u64,
     /// Peer control items not acted on: resend requests for seqs this device
     /// never sent, "unavailable" answers for seqs the peer never sent.

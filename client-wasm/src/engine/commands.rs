@@ -116,7 +116,8 @@ impl Engine {
                 }
                 let recall = self.mint_id(now);
                 self.queue(now, recall, conversation, Body::Recall { target: id }, None)?;
-                self.apply_removal(now, conversation, id, Removal::Recalled);
+                let me = self.user_key();
+                self.apply_recall(now, conversation, me, id);
                 self.step.reply = Some(Reply::Message(recall));
             }
             Command::AddContact { code } => {

@@ -396,6 +396,8 @@ pub(crate) enum Dirty {
     Held(DeviceId, ConversationId, u64),
     Outbox(MessageId),
     Tomb(MessageId),
+    Recall(ConversationId, UserKey, MessageId),
+    Mine(ConversationId, MessageId),
     Link([u8; 16]),
     Parked(u64),
     Receipt(DeviceId),
@@ -491,6 +493,10 @@ pub struct Engine {
     /// Outbox entries that still need work, in creation order.
     pub(crate) active: BTreeSet<(u64, MessageId)>,
     pub(crate) tombs: BTreeMap<MessageId, Tombstone>,
+    /// Recalls by (conversation, author user, message): when applied (ms).
+    pub(crate) recalls: BTreeMap<(ConversationId, UserKey, MessageId), u64>,
+    /// Messages this user wrote, by (conversation, message): when noted (ms).
+    pub(crate) mine: BTreeMap<(ConversationId, MessageId), u64>,
     pub(crate) links: BTreeMap<[u8; 16], LinkToken>,
     pub(crate) parked: BTreeMap<u64, Parked>,
     /// Parked envelopes by sender device (derived; rebuilt at load).
@@ -563,6 +569,8 @@ impl Engine {
             outbox: BTreeMap::new(),
             active: BTreeSet::new(),
             tombs: BTreeMap::new(),
+            recalls: BTreeMap::new(),
+            mine: BTreeMap::new(),
             links: BTreeMap::new(),
             parked: BTreeMap::new(),
             parked_by_device: BTreeMap::new(),
@@ -757,6 +765,17 @@ impl Engine {
             let b = ids(keys::TOMB)?;
             let id = MessageId(keys::arr(b, 0).ok_or_else(corrupt)?);
             self.tombs.insert(id, storage::decode(k, v)?);
+        } else if k.starts_with(RECALL) {
+            let b = ids(RECALL)?;
+            let c = ConversationId(keys::arr(b, 0).ok_or_else(corrupt)?);
+            let u = UserKey(keys::arr(b, 16).ok_or_else(corrupt)?);
+            let id = MessageId(keys::arr(b, 48).ok_or_else(corrupt)?);
+            self.recalls.insert((c, u, id), storage::decode(k, v)?);
+        } else if k.starts_with(MINE) {
+            let b = ids(MINE)?;
+            let c = ConversationId(keys::arr(b, 0).ok_or_else(corrupt)?);
+            let id = MessageId(keys::arr(b, 16).ok_or_else(corrupt)?);
+            self.mine.insert((c, id), storage::decode(k, v)?);
         } else if k.starts_with(keys::LINK) {
             let b = ids(keys::LINK)?;
             self.links
@@ -966,6 +985,10 @@ impl Engine {
             }
             Dirty::Outbox(id) => put_or_delete(keys::outbox(id), self.outbox.get(id)),
             Dirty::Tomb(id) => put_or_delete(keys::tombstone(id), self.tombs.get(id)),
+            Dirty::Recall(c, u, id) => {
+                put_or_delete(recall_key(c, u, id), self.recalls.get(&(*c, *u, *id)))
+            }
+            Dirty::Mine(c, id) => put_or_delete(mine_key(c, id), self.mine.get(&(*c, *id))),
             Dirty::Link(t) => put_or_delete(keys::link(t), self.links.get(t)),
             Dirty::Parked(s) => put_or_delete(keys::parked(*s), self.parked.get(s)),
             Dirty::Receipt(d) => put_or_delete(keys::receipts(d), self.receipts.get(d)),

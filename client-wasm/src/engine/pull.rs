@@ -53,7 +53,7 @@ impl Engine {
             }
         }
         if let Some(t) = page.truncated {
-            self.on_truncation(now, &t);
+            self.on_truncation(now, &t)?;
         }
         let through = self.cursor.through;
         self.link.sync_done = self.link.sync_done.saturating_add(fresh);

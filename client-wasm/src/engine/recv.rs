@@ -87,10 +87,10 @@ impl Engine {
     /// the repair of holes the senders themselves authenticated: `highest`
     /// moves only with envelopes that opened, so a claim never makes this
     /// device expect (and later skip) seqs a sender has not written. Seqs
-    /// claimed above a sender's authenticated highest are not acted on and
-    /// are counted (a hostile relay; or an honest expiry of a stream's whole
-    /// tail, which the sender's tail probe re-sends and so reveals).
-    pub(crate) fn on_truncation(&mut self, now: u64, t: &Truncation) {
+    /// claimed above a sender's authenticated highest are counted and only
+    /// asked of the sender (a hostile relay; or an honest expiry of a
+    /// stream's whole tail, which the sender then answers "unavailable").
+    pub(crate) fn on_truncation(&mut self, now: u64, t: &Truncation) -> Result<(), ClientError> {
         let mut ignored = 0u64;
         for r in &t.dropped {
             if self.peer(&r.sender).is_none() || r.last_seq < r.first_seq {
@@ -101,6 +101,27 @@ impl Engine {
             if r.last_seq > highest {
                 let from = r.first_seq.max(highest.saturating_add(1));
                 ignored = ignored.saturating_add((r.last_seq - from).saturating_add(1));
+                // Ask the sender (asking is harmless): an honest sender
+                // re-sends what it has and answers "unavailable" only for
+                // seqs it assigned, and only seqs asked for are skipped on
+                // such an answer. Bounded like any request.
+                let st = self.in_streams.entry(key).or_default();
+                let room = (MAX_SEQS_PER_REQUEST as usize).saturating_sub(st.requested.len());
+                let last = r
+                    .last_seq
+                    .min(from.saturating_add(room as u64).saturating_sub(1));
+                if room > 0 && last >= from {
+                    st.requested.extend(from..=last);
+                    self.touch(Dirty::In(key.0, key.1));
+                    self.queue_control(
+                        now,
+                        key.0,
+                        Body::ResendRequest {
+                            conversation: key.1,
+                            seqs: vec![SeqRange { first: from, last }],
+                        },
+                    )?;
+                }
             }
             if let Some(st) = self.in_streams.get_mut(&key)
                 && r.first_seq <= st.highest
@@ -116,10 +137,6 @@ impl Engine {
             self.counters.relay_claims_ignored =
                 self.counters.relay_claims_ignored.saturating_add(ignored);
             self.touch(Dirty::Counters);
-            self.event(Event::Warning(format!(
-                "the relay reported {ignored} expired messages their senders never \
-                 sent to this device; not acted on"
-            )));
         }
         if t.dropped_count > 0 && t.dropped.is_empty() {
             self.event(Event::Warning(format!(
@@ -127,6 +144,7 @@ impl Engine {
                 t.dropped_count
             )));
         }
+        Ok(())
     }
 
     /// Handle one envelope. Returns false if it was parked (sender unknown).
@@ -510,7 +528,14 @@ impl Engine {
     ) -> Result<(), ClientError> {
         match payload.body {
             Body::Text { text, sent_at_ms } => {
-                if self.tombs.contains_key(&payload.id) {
+                // Removed before it came: by its author's recall, or by this
+                // user's delete (or a recall recorded by an earlier version).
+                let recalled = self.recalls.contains_key(&(conv, user, payload.id));
+                let removed = self
+                    .tombs
+                    .get(&payload.id)
+                    .is_some_and(|t| t.conversation == conv);
+                if recalled || removed {
                     self.counters.suppressed = self.counters.suppressed.saturating_add(1);
                     self.touch(Dirty::Counters);
                     return Ok(());
@@ -530,14 +555,24 @@ impl Engine {
                 self.event(Event::Message(record));
             }
             Body::Recall { target } => {
-                // Only the author's user may recall: a peer naming one of our
-                // own messages is ignored.
-                let ours = self
-                    .outbox
-                    .get(&target)
-                    .is_some_and(|o| o.kind == EntryKind::Chat);
-                if user == self.user_key() || !ours {
-                    self.apply_removal(now, conv, target, Removal::Recalled);
+                // Only the author may recall: the recall is keyed by its
+                // sender's user, so it can only ever remove that user's
+                // message in this conversation. In a conversation with a
+                // contact the only other author is this user: a contact
+                // naming one of our messages (or one too old to tell) is
+                // refused.
+                let own = user == self.user_key();
+                let ours = self.mine.contains_key(&(conv, target))
+                    || self
+                        .outbox
+                        .get(&target)
+                        .is_some_and(|o| o.kind == EntryKind::Chat);
+                let too_old = target.timestamp_ms().saturating_add(self.removal_window()) <= now;
+                if own || !(ours || too_old) {
+                    self.apply_recall(now, conv, user, target);
+                } else {
+                    self.counters.recalls_refused = self.counters.recalls_refused.saturating_add(1);
+                    self.touch(Dirty::Counters);
                 }
             }
             _ => self.reject(),
@@ -546,6 +581,11 @@ impl Engine {
     }
 
     pub(crate) fn store_history(&mut self, record: &HistoryRecord) -> Result<(), ClientError> {
+        if record.outgoing {
+            self.mine
+                .insert((record.conversation, record.id), record.stored_at_ms);
+            self.touch(Dirty::Mine(record.conversation, record.id));
+        }
         let order = self.counters.next_order;
         self.counters.next_order = order.saturating_add(1);
         self.touch(Dirty::Counters);
@@ -560,8 +600,41 @@ impl Engine {
         Ok(())
     }
 
-    /// Recall or delete: tombstone (so a late arrival stays hidden) and
-    /// erase from history.
+    /// How long recalls and deletes are remembered (and recalls honoured).
+    pub(crate) fn removal_window(&self) -> u64 {
+        self.cfg.tombstone_ttl_ms.max(self.cfg.outbox_retention_ms)
+    }
+
+    /// A recall by `author` (checked by the caller): remembered under
+    /// (conversation, author, id) so that only that author's message with
+    /// this id in this conversation is removed, now or when it arrives.
+    pub(crate) fn apply_recall(
+        &mut self,
+        now: u64,
+        conv: ConversationId,
+        author: UserKey,
+        id: MessageId,
+    ) {
+        if self.recalls.contains_key(&(conv, author, id)) {
+            return;
+        }
+        self.recalls.insert((conv, author, id), now);
+        self.touch(Dirty::Recall(conv, author, id));
+        // Only this conversation's copy: in a conversation with a contact
+        // the message is theirs (ours are refused above) or ours.
+        self.history_ops.push(StorageOp::Delete {
+            key: keys::history_message(&conv, &id),
+        });
+        self.event(Event::MessageRemoved {
+            id,
+            conversation: conv,
+            reason: Removal::Recalled,
+        });
+    }
+
+    /// This user's delete (here or synced from another of their devices):
+    /// tombstone (so a late arrival stays hidden) and erase from history.
+    /// Recalls go through [`Engine::apply_recall`].
     pub(crate) fn apply_removal(
         &mut self,
         now: u64,
@@ -759,18 +832,24 @@ impl Engine {
         // drop that message as a duplicate when it comes.
         let mut ignored = 0u64;
         for r in ranges {
-            if r.last > st.highest {
-                let from = r.first.max(st.highest.saturating_add(1));
-                ignored = ignored.saturating_add(r.last.saturating_sub(from).saturating_add(1));
-            }
             let mut s = r.first.max(st.delivered.saturating_add(1));
-            while s <= r.last.min(st.highest) && budget > 0 {
+            while s <= r.last && budget > 0 {
                 budget -= 1;
-                if st.above.insert(s) {
-                    count += 1;
+                // Above the authenticated highest only what was asked for.
+                if s > st.highest && !st.requested.contains(&s) {
+                    ignored = ignored.saturating_add(1);
+                } else {
+                    if st.above.insert(s) {
+                        count += 1;
+                    }
+                    st.requested.remove(&s);
+                    // The sender's own answer says it assigned this seq.
+                    st.highest = st.highest.max(s);
                 }
-                st.requested.remove(&s);
-                s = s.saturating_add(1);
+                s = match s.checked_add(1) {
+                    Some(n) => n,
+                    None => break,
+                };
             }
         }
         self.touch(Dirty::In(d, conv));

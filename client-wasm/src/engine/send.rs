@@ -909,7 +909,29 @@ impl Engine {
         for id in expired {
             self.remove_entry(&id);
         }
-        let tomb_ttl = self.cfg.tombstone_ttl_ms.max(retention);
+        let tomb_ttl = self.removal_window();
+        let recalls: Vec<(ConversationId, UserKey, MessageId)> = self
+            .recalls
+            .iter()
+            .filter(|(_, at)| now >= at.saturating_add(tomb_ttl))
+            .map(|(k, _)| *k)
+            .collect();
+        for (c, u, id) in recalls {
+            self.recalls.remove(&(c, u, id));
+            self.touch(Dirty::Recall(c, u, id));
+        }
+        // A message of ours is remembered while a recall naming it could
+        // still be honoured (see `deliver_chat`).
+        let mine: Vec<(ConversationId, MessageId)> = self
+            .mine
+            .iter()
+            .filter(|((_, id), at)| now >= (**at).max(id.timestamp_ms()).saturating_add(tomb_ttl))
+            .map(|(k, _)| *k)
+            .collect();
+        for (c, id) in mine {
+            self.mine.remove(&(c, id));
+            self.touch(Dirty::Mine(c, id));
+        }
         let old: Vec<MessageId> = self
             .tombs
             .iter()

@@ -797,11 +797,11 @@ fn recall_arriving_before_its_target_hides_the_target() {
     net.advance(2_000);
     // Bob's engine learns of the recall first (e.g. from Alice's other device).
     let target = MessageId::new(T0, [7; 10]);
-    net.clients[b]
-        .engine
-        .apply_removal(net.now, conv, target, Removal::Recalled);
     let ad = net.clients[a].engine.device_id();
     let au = net.clients[a].engine.user_key();
+    net.clients[b]
+        .engine
+        .apply_recall(net.now, conv, au, target);
     let payload = crate::payload::Payload {
         id: target,
         body: crate::payload::Body::Text {
@@ -1655,3 +1655,125 @@ fn parked_records_over_the_bounds_are_dropped_at_load() {
 }
 #[path = "tests_sessions.rs"]
 mod sessions;
+
+/// History of a conversation as the app reads it: the message ids.
+fn history_ids(net: &Net, i: usize, conv: &ConversationId) -> BTreeSet<MessageId> {
+    crate::storage::history(&net.clients[i].storage, conv, None, 100)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.record.id)
+        .collect()
+}
+
+/// Client `i` sends a recall of `target` into `conv`, whatever its engine
+/// would allow (a hostile peer's modified client).
+fn forge_recall(net: &mut Net, i: usize, conv: ConversationId, target: MessageId) {
+    let now = net.now;
+    let e = &mut net.clients[i].engine;
+    let id = e.mint_id(now);
+    e.queue(now, id, conv, crate::payload::Body::Recall { target }, None)
+        .unwrap();
+    net.input(i, Input::Tick);
+    net.settle();
+}
+
+/// Bob learns the id of Alice's message to Val and recalls it in his own
+/// conversation with Val, once after it arrived and once before: Alice's
+/// messages stay.
+#[test]
+fn contact_cannot_recall_another_contacts_message_before_or_after_it_arrives() {
+    let mut net = Net::new();
+    let v = net.create("val");
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv_va = net.befriend(v, a);
+    let conv_vb = net.befriend(v, b);
+    net.advance(2_000);
+    let m1 = net.send(a, conv_va, "one");
+    net.advance(2_000);
+    forge_recall(&mut net, b, conv_vb, m1);
+    net.advance(2_000);
+    // The second is lost on its way to Val and arrives after Bob's recall.
+    let vd = net.clients[v].engine.device_id();
+    net.relay.lose_next.insert(vd, 1);
+    let m2 = net.send(a, conv_va, "two");
+    forge_recall(&mut net, b, conv_vb, m2);
+    net.advance(2_000);
+    assert!(!ids(&net, v).contains(&m2), "not there yet");
+    net.advance(120_000);
+    assert_eq!(ids(&net, v), vec![m1, m2]);
+    assert_eq!(history_ids(&net, v, &conv_va), BTreeSet::from([m1, m2]));
+    assert_eq!(net.clients[v].engine.counters().suppressed, 0);
+}
+
+/// Alice recalls a message Val wrote on his other device (so it is not in
+/// this device's outbox): refused, it stays in Val's history.
+#[test]
+fn contact_cannot_recall_a_message_this_user_wrote() {
+    let mut net = Net::new();
+    let v = net.create("val");
+    let v2 = net.join(v);
+    let a = net.create("alice");
+    net.advance(2_000);
+    let conv = net.befriend(v, a);
+    net.advance(2_000);
+    let m = net.send(v2, conv, "mine");
+    net.advance(2_000);
+    assert_eq!(ids(&net, v), vec![m]);
+    assert_eq!(ids(&net, a), vec![m]);
+    forge_recall(&mut net, a, conv, m);
+    net.advance(2_000);
+    for i in [v, v2] {
+        assert_eq!(history_ids(&net, i, &conv), BTreeSet::from([m]));
+        assert!(
+            !net.clients[i]
+                .events
+                .iter()
+                .any(|e| matches!(e, Event::MessageRemoved { .. }))
+        );
+        assert_eq!(net.clients[i].engine.counters().recalls_refused, 1);
+    }
+}
+
+/// Alice's own recall still works: from her other device, overtaking the
+/// message on its way to Val, and from the writing device after it arrived.
+#[test]
+fn authors_recall_works_from_another_device_arriving_first_and_after_arrival() {
+    let mut net = Net::new();
+    let v = net.create("val");
+    let a = net.create("alice");
+    let a2 = net.join(a);
+    net.advance(2_000);
+    let conv = net.befriend(a, v);
+    net.advance(2_000);
+    let vd = net.clients[v].engine.device_id();
+    net.relay.lose_next.insert(vd, 1);
+    let m1 = net.send(a, conv, "oops");
+    net.advance(1_000);
+    net.command(
+        a2,
+        Command::Recall {
+            conversation: conv,
+            id: m1,
+        },
+    );
+    net.advance(120_000);
+    assert!(!ids(&net, v).contains(&m1));
+    assert!(net.clients[v].events.iter().any(
+        |e| matches!(e, Event::MessageRemoved { id, reason: Removal::Recalled, .. } if *id == m1)
+    ));
+    assert_eq!(net.clients[v].engine.counters().suppressed, 1);
+    let m2 = net.send(a, conv, "also oops");
+    net.advance(2_000);
+    assert_eq!(history_ids(&net, v, &conv), BTreeSet::from([m2]));
+    net.command(
+        a,
+        Command::Recall {
+            conversation: conv,
+            id: m2,
+        },
+    );
+    net.advance(2_000);
+    assert!(history_ids(&net, v, &conv).is_empty());
+    assert_eq!(net.clients[v].engine.counters().recalls_refused, 0);
+}

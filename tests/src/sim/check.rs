@@ -7,7 +7,7 @@
 //!    the scenario lets senders forget — `Delivered` or `Read`.
 //! 3. Every stored message is in the history of every device of its
 //!    recipient and every other device of its sender exactly once (or was
-//!    recalled/deleted, which leaves a tombstone), or was reported
+//!    recalled/deleted, which leaves a tombstone or a recall record), or was reported
 //!    unrecoverable — which is only allowed when the sender's outbox
 //!    expired, i.e. the sender lost it too.
 //! 4. Order: on every device, the messages of each (sender device,
@@ -126,7 +126,17 @@ pub fn check(w: &World) -> Result<Report, Violation> {
             let s = &w.nodes[d].storage;
             let present = has(s, &keys::history_message(&m.conversation, &m.id))?;
             let tomb = has(s, &keys::tombstone(&m.id))?;
-            if present || tomb {
+            // A recall is kept under `s/recall/<conv><author user><id>`.
+            let author = w.nodes[m.node].engine.user_key();
+            let recall = [
+                b"s/recall/".as_slice(),
+                m.conversation.as_bytes(),
+                author.as_bytes(),
+                m.id.as_bytes(),
+            ]
+            .concat();
+            let recalled = has(s, &recall)?;
+            if present || tomb || recalled {
                 report.deliveries += 1;
             } else {
                 *missing_per

@@ -73,6 +73,10 @@ pub struct Scenario {
     /// that assumed dense seqs meet withheld, duplicated and expired
     /// envelopes.
     pub pull_depth: u16,
+    /// Per page during the fault phase, in 1/10000: the relay forges an
+    /// expiry report claiming a thousand future seqs of a sender stream in
+    /// the page (a hostile relay); no stream may lose a message to it.
+    pub forge_bp: u64,
 }
 
 impl Scenario {
@@ -102,6 +106,7 @@ impl Scenario {
             page_limit: 200,
             pipelined: false,
             pull_depth: EngineConfig::default().pull_depth,
+            forge_bp: 0,
         };
         // Drawn from their own generator, so the rest of the scenario of a
         // seed is what it was before these knobs existed.
@@ -111,6 +116,10 @@ impl Scenario {
         }
         s.pipelined = p.range(0, 1) == 1;
         s.pull_depth = p.range(1, 4) as u16;
+        let mut f = SeededRng::new(seed ^ 0xf0a6_e0c1);
+        if f.range(0, 1) == 1 {
+            s.forge_bp = f.range(500, 3_000);
+        }
 
         match family {
             0 => {
@@ -1244,6 +1253,27 @@ impl World {
             } => {
                 if page.truncated.is_some() {
                     self.report.truncations += 1;
+                }
+                let forge = if self.faults {
+                    self.scenario.forge_bp
+                } else {
+                    0
+                };
+                if let Some(h) = page.envelopes.first().map(|d| d.envelope.header.clone())
+                    && self.chance(forge)
+                {
+                    let first = h.sender_seq.saturating_add(1_000);
+                    let t = page.truncated.get_or_insert(hush_protocol::Truncation {
+                        oldest_retained: 0,
+                        dropped_count: 0,
+                        dropped: Vec::new(),
+                    });
+                    t.dropped.push(hush_protocol::DroppedRange {
+                        sender: h.sender_device,
+                        conversation: h.conversation_id,
+                        first_seq: first,
+                        last_seq: first.saturating_add(999),
+                    });
                 }
                 fix(&mut page.envelopes, self);
                 ServerFrame::Response {
