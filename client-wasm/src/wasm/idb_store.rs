@@ -19,14 +19,25 @@
 //! packed with the other messages of the batch (see `pack`): IndexedDB
 //! charges per record, so a 200-message page costs a handful of puts, not
 //! 400.
+//!
+//! Every value is sealed ([`crate::storage::seal`]): ChaCha20-Poly1305 in
+//! wasm, synchronous, under a random 32-byte data key. The data key is kept
+//! in a third store, `keys`, wrapped (AES-256-GCM) by a WebCrypto key made
+//! with `extractable: false` and stored beside it as a `CryptoKey`: script
+//! can use that key through `crypto.subtle` but cannot read its bytes. At
+//! open the data key is unwrapped once. A version-1 database (plaintext
+//! values) is upgraded on open: every record is sealed in one transaction
+//! together with the new wrapped key.
 
 use super::pack::{self, Write};
 use crate::StorageError;
 use crate::storage::StorageOp;
 use crate::storage::keys;
+use crate::storage::seal::{self, StoreKey};
 use idb::{CursorDirection, Factory, KeyRange, ObjectStore, Query, Transaction};
 use js_sys::{ArrayBuffer, JsString, Uint8Array};
 use std::future::IntoFuture;
+use std::rc::Rc;
 use wasm_bindgen::closure::Closure;
 use wasm_bindgen::{JsCast, JsValue};
 use web_sys::{IdbDatabase, IdbTransactionDurability, IdbTransactionMode, IdbTransactionOptions};
@@ -37,9 +48,15 @@ pub(crate) type Commit =
 
 const STATE: &str = "state";
 const HISTORY: &str = "history";
+/// The wrapping `CryptoKey` (`wrap`) and the wrapped data key (`data`).
+const KEYS: &str = "keys";
+const WRAP_KEY: &str = "wrap";
+const DATA_KEY: &str = "data";
+/// AES-GCM IV length for the wrapped data key.
+const WRAP_IV_LEN: usize = 12;
 /// Version of the database layout (bumped with an upgrade step if the
-/// object stores ever change).
-const DB_VERSION: u32 = 1;
+/// object stores ever change). 2: values sealed, `keys` store added.
+const DB_VERSION: u32 = 2;
 
 /// The IndexedDB database name of a storage name.
 pub(crate) fn database_name(storage: &str) -> String {
@@ -129,6 +146,7 @@ pub(crate) fn last_writes(batch: Vec<StorageOp>) -> Vec<StorageOp> {
 pub(crate) struct IdbStore {
     db: IdbDatabase,
     name: String,
+    key: Rc<StoreKey>,
     // Keeps the `versionchange` handler alive as long as the connection.
     _on_version_change: Closure<dyn FnMut(web_sys::Event)>,
 }
@@ -155,7 +173,7 @@ impl IdbStore {
             // aborts it and the open request below reports the error.
             if let Ok(db) = event.database() {
                 let names = db.store_names();
-                for store in [STATE, HISTORY] {
+                for store in [STATE, HISTORY, KEYS] {
                     if !names.iter().any(|n| n == store) {
                         let _ = db.create_object_store(store, idb::ObjectStoreParams::new());
                     }
@@ -165,7 +183,7 @@ impl IdbStore {
         let database = request.await.map_err(|e| backend("open", e))?;
         let db = IdbDatabase::from(database);
         let names = db.object_store_names();
-        for store in [STATE, HISTORY] {
+        for store in [STATE, HISTORY, KEYS] {
             if !names.contains(store) {
                 db.close();
                 return Err(StorageError::Backend(format!(
@@ -180,9 +198,18 @@ impl IdbStore {
         let on_version_change =
             Closure::<dyn FnMut(web_sys::Event)>::new(move |_e: web_sys::Event| handle.close());
         db.set_onversionchange(Some(on_version_change.as_ref().unchecked_ref()));
+        let key = match unlock(&db).await {
+            Ok(k) => k,
+            Err(e) => {
+                db.set_onversionchange(None);
+                db.close();
+                return Err(e);
+            }
+        };
         Ok(IdbStore {
             db,
             name,
+            key: Rc::new(key),
             _on_version_change: on_version_change,
         })
     }
@@ -251,16 +278,19 @@ impl IdbStore {
         // transaction, which the completion below reports. The values are
         // plain `Uint8Array`s (the cheapest thing to structured-clone), and
         // a message's two history records travel packed (see `pack`).
+        let mut rng = seal::rng()?;
         for write in pack::pack_batch(batch) {
             match write {
                 Write::Put(key, value) => {
+                    let sealed = seal::seal(&self.key, &mut rng, key, value)?;
                     store(key)
-                        .put(&js_bytes(value), Some(&js_bytes(key)))
+                        .put(&js_bytes(&sealed), Some(&js_bytes(key)))
                         .map_err(|e| backend("put", e))?;
                 }
                 Write::PutOwned(key, value) => {
+                    let sealed = seal::seal(&self.key, &mut rng, &key, &value)?;
                     store(&key)
-                        .put(&js_bytes(&value), Some(&js_bytes(&key)))
+                        .put(&js_bytes(&sealed), Some(&js_bytes(&key)))
                         .map_err(|e| backend("put", e))?;
                 }
                 Write::Delete(key) => {
@@ -311,7 +341,7 @@ impl IdbStore {
         let mut out = Vec::with_capacity(ks.len());
         for (k, v) in ks.iter().zip(vs.iter()) {
             let key = bytes_of(b"s/?", k)?;
-            let value = bytes_of(&key, v)?;
+            let value = seal::open(&self.key, &key, &bytes_of(&key, v)?)?;
             out.push((key, value));
         }
         Ok(out)
@@ -325,6 +355,7 @@ impl IdbStore {
             _txn: txn,
             state,
             history,
+            key: Rc::clone(&self.key),
         })
     }
 }
@@ -338,6 +369,7 @@ pub(crate) struct Reader {
     _txn: Transaction,
     state: ObjectStore,
     history: ObjectStore,
+    key: Rc<StoreKey>,
 }
 
 impl Reader {
@@ -360,6 +392,7 @@ impl Reader {
             .into_future();
         Ok(PendingGet {
             key: key.to_vec(),
+            store_key: Rc::clone(&self.key),
             req,
         })
     }
@@ -395,7 +428,7 @@ impl Reader {
                 break;
             };
             let key = bytes_of(prefix, &k)?;
-            let value = bytes_of(&key, &v)?;
+            let value = seal::open(&self.key, &key, &bytes_of(&key, &v)?)?;
             out.push((key, value));
             if out.len() < limit {
                 cursor.next(None).await.map_err(|e| backend("cursor", e))?;
@@ -408,6 +441,7 @@ impl Reader {
 /// A read in flight.
 pub(crate) struct PendingGet {
     key: Vec<u8>,
+    store_key: Rc<StoreKey>,
     req: idb::request::futures::GetStoreRequestFuture,
 }
 
@@ -416,10 +450,179 @@ impl PendingGet {
     pub async fn value(self) -> Result<Option<Vec<u8>>, StorageError> {
         let v = self.req.await.map_err(|e| backend("read", e))?;
         match v {
-            Some(v) if !v.is_undefined() => Ok(Some(bytes_of(&self.key, &v)?)),
+            Some(v) if !v.is_undefined() => Ok(Some(seal::open(
+                &self.store_key,
+                &self.key,
+                &bytes_of(&self.key, &v)?,
+            )?)),
             _ => Ok(None),
         }
     }
+}
+
+/// `crypto.subtle` of the page or worker.
+fn subtle() -> Result<web_sys::SubtleCrypto, StorageError> {
+    let crypto = js_sys::Reflect::get(&js_sys::global(), &JsValue::from_str("crypto"))
+        .ok()
+        .filter(|c| !c.is_undefined() && !c.is_null())
+        .ok_or_else(|| StorageError::Backend("WebCrypto is not available".into()))?;
+    Ok(crypto.unchecked_into::<web_sys::Crypto>().subtle())
+}
+
+/// `{ name: "AES-GCM", ...extra }`.
+fn aes_gcm(extra: &[(&str, JsValue)]) -> Result<js_sys::Object, StorageError> {
+    let o = js_sys::Object::new();
+    let set = |k: &str, v: &JsValue| {
+        js_sys::Reflect::set(&o, &JsValue::from_str(k), v).map_err(|e| js_backend("WebCrypto", &e))
+    };
+    set("name", &JsValue::from_str("AES-GCM"))?;
+    for (k, v) in extra {
+        set(k, v)?;
+    }
+    Ok(o)
+}
+
+async fn promise(p: Result<js_sys::Promise, JsValue>) -> Result<JsValue, StorageError> {
+    let p = p.map_err(|e| js_backend("WebCrypto", &e))?;
+    wasm_bindgen_futures::JsFuture::from(p)
+        .await
+        .map_err(|e| js_backend("WebCrypto", &e))
+}
+
+/// The database's data key: unwrapped with its non-extractable WebCrypto
+/// key, or, on first use (or for a version-1 database), made, wrapped and
+/// stored together with every existing record sealed under it, in one
+/// transaction.
+async fn unlock(db: &IdbDatabase) -> Result<StoreKey, StorageError> {
+    let subtle = subtle()?;
+    let (wrap, data) = {
+        let txn = db
+            .transaction_with_str_and_mode(KEYS, IdbTransactionMode::Readonly)
+            .map_err(|e| js_backend("transaction", &e))?;
+        let txn = Transaction::from(txn);
+        let keys = txn
+            .object_store(KEYS)
+            .map_err(|e| backend("object store", e))?;
+        let wrap = keys
+            .get(Query::Key(JsValue::from_str(WRAP_KEY)))
+            .map_err(|e| backend("read", e))?
+            .into_future();
+        let data = keys
+            .get(Query::Key(JsValue::from_str(DATA_KEY)))
+            .map_err(|e| backend("read", e))?
+            .into_future();
+        let wrap = wrap.await.map_err(|e| backend("read", e))?;
+        let data = data.await.map_err(|e| backend("read", e))?;
+        (wrap, data)
+    };
+    if let (Some(wrap), Some(data)) = (wrap, data) {
+        let wrap: web_sys::CryptoKey = wrap.dyn_into().map_err(|_| StorageError::Corrupt {
+            key: "keys/wrap".into(),
+        })?;
+        let data = bytes_of(b"keys/data", &data)?;
+        let (iv, ct) = data
+            .split_at_checked(WRAP_IV_LEN)
+            .ok_or_else(|| StorageError::Corrupt {
+                key: "keys/data".into(),
+            })?;
+        let params = aes_gcm(&[("iv", Uint8Array::from(iv).into())])?;
+        let plain = promise(subtle.decrypt_with_object_and_u8_array(&params, &wrap, ct))
+            .await
+            .map_err(|_| {
+                StorageError::WrongKey(
+                    "the browser's key does not unwrap this database's key".into(),
+                )
+            })?;
+        let mut raw = zeroize::Zeroizing::new(Uint8Array::new(&plain).to_vec());
+        let bytes: [u8; seal::KEY_LEN] =
+            raw.as_slice()
+                .try_into()
+                .map_err(|_| StorageError::Corrupt {
+                    key: "keys/data".into(),
+                })?;
+        zeroize::Zeroize::zeroize(&mut *raw);
+        return Ok(StoreKey::from_bytes(bytes));
+    }
+    // First use: a non-extractable AES-GCM key and a random data key.
+    let usages = js_sys::Array::of2(&"encrypt".into(), &"decrypt".into());
+    let gen_params = aes_gcm(&[("length", JsValue::from_f64(256.0))])?;
+    let wrap: web_sys::CryptoKey =
+        promise(subtle.generate_key_with_object(&gen_params, false, &usages))
+            .await?
+            .dyn_into()
+            .map_err(|_| StorageError::Backend("WebCrypto generated no CryptoKey".into()))?;
+    let key = StoreKey::generate()?;
+    let mut iv = [0u8; WRAP_IV_LEN];
+    getrandom::fill(&mut iv).map_err(|e| StorageError::Backend(format!("no randomness: {e}")))?;
+    let params = aes_gcm(&[("iv", Uint8Array::from(&iv[..]).into())])?;
+    let ct =
+        promise(subtle.encrypt_with_object_and_u8_array(&params, &wrap, key.as_bytes())).await?;
+    let mut wrapped = iv.to_vec();
+    wrapped.extend(Uint8Array::new(&ct).to_vec());
+
+    let stores = [
+        JsString::from(STATE),
+        JsString::from(HISTORY),
+        JsString::from(KEYS),
+    ];
+    let options = IdbTransactionOptions::new();
+    options.set_durability(IdbTransactionDurability::Strict);
+    let txn = db
+        .transaction_with_str_sequence_and_mode_and_options(
+            &stores,
+            IdbTransactionMode::Readwrite,
+            &options,
+        )
+        .map_err(|e| js_backend("transaction", &e))?;
+    let txn = Transaction::from(txn);
+    let mut rng = seal::rng()?;
+    for name in [STATE, HISTORY] {
+        // Records of a version-1 database are plaintext: seal them.
+        let store = txn
+            .object_store(name)
+            .map_err(|e| backend("object store", e))?;
+        let ks = store
+            .get_all_keys(None, None)
+            .map_err(|e| backend("read", e))?
+            .into_future();
+        let vs = store
+            .get_all(None, None)
+            .map_err(|e| backend("read", e))?
+            .into_future();
+        let ks = ks.await.map_err(|e| backend("read", e))?;
+        let vs = vs.await.map_err(|e| backend("read", e))?;
+        if ks.len() != vs.len() {
+            return Err(StorageError::Backend(
+                "IndexedDB returned different numbers of keys and values".into(),
+            ));
+        }
+        for (k, v) in ks.iter().zip(vs.iter()) {
+            let k = bytes_of(b"?", k)?;
+            let v = zeroize::Zeroizing::new(bytes_of(&k, v)?);
+            let sealed = seal::seal(&key, &mut rng, &k, &v)?;
+            store
+                .put(&js_bytes(&sealed), Some(&js_bytes(&k)))
+                .map_err(|e| backend("put", e))?;
+        }
+    }
+    let keys = txn
+        .object_store(KEYS)
+        .map_err(|e| backend("object store", e))?;
+    keys.put(&wrap, Some(&JsValue::from_str(WRAP_KEY)))
+        .map_err(|e| backend("put", e))?;
+    keys.put(&js_bytes(&wrapped), Some(&JsValue::from_str(DATA_KEY)))
+        .map_err(|e| backend("put", e))?;
+    let outcome = txn
+        .commit()
+        .map_err(|e| backend("commit", e))?
+        .await
+        .map_err(|e| backend("transaction", e))?;
+    if !outcome.is_committed() {
+        return Err(StorageError::Backend(
+            "IndexedDB transaction sealing the database was aborted".into(),
+        ));
+    }
+    Ok(key)
 }
 
 /// Delete a storage name's database (every record of that device).
