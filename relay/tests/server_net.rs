@@ -44,9 +44,12 @@ async fn auth_succeeds_fails_and_a_signature_does_not_replay_on_another_connecti
         })
         .await;
     assert_eq!(error_code(&f), ErrorCode::NotAuthenticated);
-    // Unknown device.
+    // Unknown device: refused, and the connection ends (one attempt per
+    // connection); the device registers on a new one.
     let f = alice.auth(&mut c1).await;
     assert_eq!(error_code(&f), ErrorCode::UnknownDevice);
+    assert_closed_with(&mut c1, ErrorCode::UnknownDevice).await;
+    let mut c1 = Client::connect(relay.quic_addr(), &cert).await;
     alice.register(&mut c1).await;
 
     // Capture a valid signature on connection 2.
@@ -64,7 +67,10 @@ async fn auth_succeeds_fails_and_a_signature_does_not_replay_on_another_connecti
         })
         .await;
     assert_eq!(error_code(&f), ErrorCode::BadAuth);
-    // The same connection may retry with a fresh challenge.
+    // No second guess on the same connection: it is closed.
+    assert_closed_with(&mut c3, ErrorCode::BadAuth).await;
+    // A new connection authenticates with a fresh challenge.
+    let mut c3 = Client::connect(relay.quic_addr(), &cert).await;
     let f = alice.auth(&mut c3).await;
     match f {
         ServerFrame::Response {
@@ -293,4 +299,12 @@ async fn merged_acks_apply_after_the_page_in_order() {
     );
     assert_eq!(page_seqs(&cb.request(pull(0, 0)).await), (vec![7, 8], 0));
     relay.shutdown().await.unwrap();
+}
+
+/// The relay ends the connection after a failed `Auth` or `Register` (its
+/// refusal, already read, names `code`): nothing but the end follows.
+async fn assert_closed_with(client: &mut Client, code: ErrorCode) {
+    if let Some(f) = client.next_frame().await {
+        panic!("after {code:?} the connection should end, got {f:?}");
+    }
 }

@@ -244,9 +244,13 @@ async fn preauth_flood_keeps_memory_bounded_and_devices_served() {
         peak.saturating_sub(before) >> 20,
         RSS_BOUND >> 20
     );
-    assert_eq!(
-        metric(&relay, "hush_connections_refused_total") as usize,
-        refused
+    // Every refusal a flood client saw is counted. The count may be higher:
+    // a client that retransmits its Initial packet before the refusal
+    // reaches it is refused (and counted) once per packet.
+    let counted = metric(&relay, "hush_connections_refused_total") as usize;
+    assert!(
+        counted >= refused && counted <= refused + refused / 10 + 5,
+        "{counted} refusals counted for {refused} refused clients"
     );
     assert_eq!(
         metric(&relay, "hush_preauth_oversize_total") as usize,
