@@ -157,6 +157,28 @@ pub struct Counters {
     pub next_order: u64,
     /// Next outbox creation number (internal).
     pub next_local: u64,
+    /// Of the rejected envelopes, those dropped unopened because opening
+    /// them would have needed expensive work (a new ratchet key, a new
+    /// generation, a large skip) and their sender device's budget for
+    /// failed attempts was spent (`EngineConfig::open_budget`). Their seqs
+    /// are not recorded, so a real one is requested again as a gap.
+    pub undecryptable_skipped: u64,
+}
+
+/// Counters added after the first release, all at the end: a record written
+/// by an older build lacks them.
+const COUNTERS_ADDED: usize = 1;
+
+impl Counters {
+    /// Decode `s/counters`, also as written by an older build with fewer
+    /// (trailing) counters: each counter is one postcard varint, a missing
+    /// one reads as a zero byte, and bytes past the last field are ignored.
+    pub(crate) fn decode(key: &[u8], bytes: &[u8]) -> Result<Self, crate::error::StorageError> {
+        let mut padded = Vec::with_capacity(bytes.len() + COUNTERS_ADDED);
+        padded.extend_from_slice(bytes);
+        padded.resize(bytes.len() + COUNTERS_ADDED, 0);
+        crate::storage::decode(key, &padded)
+    }
 }
 
 /// A verified device list plus bookkeeping.
