@@ -198,41 +198,27 @@ pub struct Counters {
     /// Recalls not applied because the recalling user is not the author of
     /// the message they named.
     pub recalls_refused: u64,
+    /// Of the rejected envelopes, those dropped unopened because opening
+    /// them would have needed expensive work (a new ratchet key, a new
+    /// generation, a large skip) and their sender device's budget for
+    /// failed attempts was spent (`EngineConfig::open_budget`). Their seqs
+    /// are not recorded, so a real one is requested again as a gap.
+    pub undecryptable_skipped: u64,
 }
 
-/// `s/counters` as written before the hostile-peer counters were added:
-/// still read (postcard records have no field names to default from).
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-pub(crate) struct CountersV1 {
-    pub duplicates_dropped: u64,
-    pub out_of_order: u64,
-    pub gaps_detected: u64,
-    pub recovered: u64,
-    pub unrecoverable: u64,
-    pub rejected: u64,
-    pub resent: u64,
-    pub probes: u64,
-    pub suppressed: u64,
-    pub next_order: u64,
-    pub next_local: u64,
-}
+/// Counters added after the first release, all at the end: a record written
+/// by an older build lacks them.
+const COUNTERS_ADDED: usize = 5;
 
-impl From<CountersV1> for Counters {
-    fn from(c: CountersV1) -> Counters {
-        Counters {
-            duplicates_dropped: c.duplicates_dropped,
-            out_of_order: c.out_of_order,
-            gaps_detected: c.gaps_detected,
-            recovered: c.recovered,
-            unrecoverable: c.unrecoverable,
-            rejected: c.rejected,
-            resent: c.resent,
-            probes: c.probes,
-            suppressed: c.suppressed,
-            next_order: c.next_order,
-            next_local: c.next_local,
-            ..Counters::default()
-        }
+impl Counters {
+    /// Decode `s/counters`, also as written by an older build with fewer
+    /// (trailing) counters: each counter is one postcard varint, a missing
+    /// one reads as a zero byte, and bytes past the last field are ignored.
+    pub(crate) fn decode(key: &[u8], bytes: &[u8]) -> Result<Self, crate::error::StorageError> {
+        let mut padded = Vec::with_capacity(bytes.len() + COUNTERS_ADDED);
+        padded.extend_from_slice(bytes);
+        padded.resize(bytes.len() + COUNTERS_ADDED, 0);
+        crate::storage::decode(key, &padded)
     }
 }
 

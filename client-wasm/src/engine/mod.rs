@@ -107,6 +107,19 @@ pub struct EngineConfig {
     pub one_time_prekeys_low: u32,
     /// How many one-time prekeys to add at a time.
     pub one_time_prekeys_batch: u32,
+    /// Failed *expensive* decryption attempts allowed per sender device
+    /// before its envelopes that need expensive work are dropped unopened
+    /// (counted in `Counters::undecryptable_skipped`). Expensive: a ratchet
+    /// key or generation this device has not opened a message on, a skip of
+    /// more than `open_cheap_skip` keys, or a new X3DH. A successful open
+    /// costs nothing; cheap attempts are always made. In memory only: a
+    /// restart refills every budget.
+    pub open_budget: u32,
+    /// One spent attempt comes back per this interval (at least 1 ms).
+    pub open_budget_refill_ms: u64,
+    /// Largest forward skip, on a chain this device has already opened a
+    /// message on, that counts as cheap (each skipped key is a chain step).
+    pub open_cheap_skip: u32,
 }
 
 /// A day in ms.
@@ -142,6 +155,9 @@ impl Default for EngineConfig {
             parked_max_bytes: 4 << 20,
             one_time_prekeys_low: 20,
             one_time_prekeys_batch: 50,
+            open_budget: 16,
+            open_budget_refill_ms: 15_000,
+            open_cheap_skip: 4,
         }
     }
 }
@@ -526,6 +542,9 @@ pub struct Engine {
     /// Sessions being re-established because the peer's could not be
     /// answered (in memory only; see `recv::SessionRepair`).
     pub(crate) session_repair: recv::SessionRepair,
+    /// Per sender device: the budget for failed expensive decryption
+    /// attempts (in memory only; see `recv::OpenBudgets`).
+    pub(crate) open_budgets: recv::OpenBudgets,
 }
 
 impl std::fmt::Debug for Engine {
@@ -590,6 +609,7 @@ impl Engine {
             last_state: None,
             durable_cursor: 0,
             session_repair: recv::SessionRepair::default(),
+            open_budgets: recv::OpenBudgets::default(),
         }
     }
 
@@ -727,11 +747,7 @@ impl Engine {
         if k == keys::CURSOR {
             self.cursor = storage::decode(k, v)?;
         } else if k == keys::COUNTERS {
-            // Records from before the hostile-peer counters are shorter.
-            self.counters = match storage::decode::<Counters>(k, v) {
-                Ok(c) => c,
-                Err(_) => storage::decode::<CountersV1>(k, v)?.into(),
-            };
+            self.counters = Counters::decode(k, v)?;
         } else if k == keys::OWN {
             self.own = storage::decode(k, v)?;
         } else if k.starts_with(keys::CONTACT) {

@@ -49,6 +49,101 @@ pub(crate) struct SessionRepair {
     pub fresh: std::collections::BTreeSet<DeviceId>,
 }
 
+/// Receiving chains remembered per sender device (the latest ones opened).
+const CHAIN_MARKS: usize = 4;
+
+/// Per sender device, a token bucket for failed *expensive* decryption
+/// attempts: forged envelopes (a hostile relay can push any number) cost at
+/// most `open_budget` expensive failures per device, plus one per
+/// `open_budget_refill_ms`. In memory only: a restart refills every bucket.
+#[derive(Debug, Default)]
+pub(crate) struct OpenBudgets {
+    pub devices: std::collections::BTreeMap<DeviceId, OpenBudget>,
+    /// Expensive attempts that failed, since start (diagnostics, tests).
+    pub expensive_failures: u64,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct OpenBudget {
+    pub tokens: u32,
+    /// Refill clock: tokens are added for whole intervals since then.
+    pub since_ms: u64,
+    /// Where this device's receiving chains stand, learned from envelopes
+    /// that opened: a header on one of them with a small forward skip is
+    /// cheap to try.
+    pub marks: Vec<ChainMark>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChainMark {
+    pub dh: [u8; 32],
+    pub generation: u32,
+    pub next_index: u32,
+}
+
+/// Failures reported before any X25519 or key derivation, which cost no
+/// budget: an unknown prekey or identity (`respond` checks those first) and,
+/// unless a new X3DH was answered first (`new_x3dh`), header bounds.
+fn refused_before_work(e: &ClientError, new_x3dh: bool) -> bool {
+    use hush_crypto::CryptoError as C;
+    match e {
+        ClientError::Crypto(C::NoPrekey | C::IdentityMismatch) => true,
+        ClientError::Protocol(_)
+        | ClientError::Crypto(C::MalformedHeader | C::JumpTooFar { .. }) => !new_x3dh,
+        _ => false,
+    }
+}
+
+impl OpenBudget {
+    fn refill(&mut self, now: u64, cap: u32, every_ms: u64) {
+        let every = every_ms.max(1);
+        if self.tokens >= cap {
+            self.tokens = cap;
+            self.since_ms = now;
+            return;
+        }
+        let n = now.saturating_sub(self.since_ms) / every;
+        if n > 0 {
+            let add = u32::try_from(n).unwrap_or(u32::MAX);
+            self.tokens = self.tokens.saturating_add(add).min(cap);
+            self.since_ms = if self.tokens >= cap {
+                now
+            } else {
+                self.since_ms.saturating_add(n.saturating_mul(every))
+            };
+        }
+    }
+
+    fn cheap(&self, h: &RatchetHeader, skip: u32) -> bool {
+        self.marks.iter().any(|m| {
+            m.dh == h.dh
+                && m.generation == h.generation
+                && h.index <= m.next_index.saturating_add(skip)
+        })
+    }
+
+    fn opened(&mut self, h: &RatchetHeader) {
+        let next = h.index.saturating_add(1);
+        let mut mark = ChainMark {
+            dh: h.dh,
+            generation: h.generation,
+            next_index: next,
+        };
+        if let Some(p) = self.marks.iter().position(|m| m.dh == h.dh) {
+            let old = self.marks.remove(p);
+            if old.generation > h.generation
+                || (old.generation == h.generation && old.next_index > next)
+            {
+                mark = old;
+            }
+        }
+        self.marks.push(mark);
+        if self.marks.len() > CHAIN_MARKS {
+            self.marks.remove(0);
+        }
+    }
+}
+
 impl Engine {
     pub(crate) fn on_push(
         &mut self,
@@ -283,10 +378,86 @@ impl Engine {
         self.touch(Dirty::Counters);
     }
 
-    /// Open with the session the header names (answering its X3DH init if
-    /// new), else with each session held for the device. Transactional: a
-    /// failure changes nothing.
+    /// Open within the sender device's work budget. A cheap attempt (the
+    /// session holds a chain for the header's ratchet key, this device has
+    /// opened a message of that generation on it, and the skip is at most
+    /// `open_cheap_skip`) is always made. An expensive one (a root step, a
+    /// reseed, a long skip, a new X3DH) is made only while the device's
+    /// budget has a token, and takes one only if it fails; with none left
+    /// the envelope is dropped unopened (`undecryptable_skipped`), and like
+    /// any undecryptable envelope its seq is not recorded, so a real message
+    /// is requested again by gap repair and re-sent.
     fn open_envelope(
+        &mut self,
+        now: u64,
+        d: DeviceId,
+        peer: &DeviceEntry,
+        env: &Envelope,
+    ) -> Result<Vec<u8>, ClientError> {
+        let rh = RatchetHeader::from_bytes(&env.header.ratchet)?;
+        let known_chain = self.open_is_cheap(d, &rh, env);
+        let new_x3dh = env.header.session_init.as_ref().is_some_and(|init| {
+            self.sessions
+                .get(&d)
+                .is_none_or(|s| s.entries.iter().all(|e| e.ephemeral != init.ephemeral))
+        });
+        let cap = self.cfg.open_budget;
+        let every = self.cfg.open_budget_refill_ms;
+        let budget = self
+            .open_budgets
+            .devices
+            .entry(d)
+            .or_insert_with(|| OpenBudget {
+                tokens: cap,
+                since_ms: now,
+                marks: Vec::new(),
+            });
+        budget.refill(now, cap, every);
+        let cheap = known_chain && budget.cheap(&rh, self.cfg.open_cheap_skip);
+        if !cheap && budget.tokens == 0 {
+            self.counters.undecryptable_skipped =
+                self.counters.undecryptable_skipped.saturating_add(1);
+            self.touch(Dirty::Counters);
+            return Err(ClientError::Crypto(hush_crypto::CryptoError::DecryptFailed));
+        }
+        let result = self.try_open(now, d, peer, env);
+        if let Some(b) = self.open_budgets.devices.get_mut(&d) {
+            match &result {
+                Ok(_) => b.opened(&rh),
+                Err(e) if !cheap && !refused_before_work(e, new_x3dh) => {
+                    b.tokens = b.tokens.saturating_sub(1);
+                    self.open_budgets.expensive_failures =
+                        self.open_budgets.expensive_failures.saturating_add(1);
+                }
+                Err(_) => {}
+            }
+        }
+        result
+    }
+
+    /// Whether the session `try_open` would use already holds a receiving
+    /// chain for the header's ratchet key (no root step, no new X3DH).
+    fn open_is_cheap(&self, d: DeviceId, rh: &RatchetHeader, env: &Envelope) -> bool {
+        let Some(slot) = self.sessions.get(&d) else {
+            return false;
+        };
+        match &env.header.session_init {
+            Some(init) => slot
+                .entries
+                .iter()
+                .find(|e| e.ephemeral == init.ephemeral)
+                .is_some_and(|e| e.session.knows_ratchet_key(&rh.dh)),
+            None => slot
+                .entries
+                .iter()
+                .any(|e| e.session.knows_ratchet_key(&rh.dh)),
+        }
+    }
+
+    /// Open with the session the header names (answering its X3DH init if
+    /// new), else with the session that knows the header's ratchet key, else
+    /// with the one we send on. Transactional: a failure changes nothing.
+    fn try_open(
         &mut self,
         now: u64,
         d: DeviceId,
@@ -384,11 +555,12 @@ impl Engine {
                 .iter()
                 .position(|e| e.session.knows_ratchet_key(&rh.dh))
                 .unwrap_or(0);
-            if let Some(e) = slot.entries.get_mut(i)
-                && let Ok(pt) = e
+            if let Some(e) = slot.entries.get_mut(i) {
+                // The error is kept: one refused before any work costs no
+                // budget (see `open_envelope`).
+                let pt = e
                     .session
-                    .open(&mut self.rng, now, &rh, &ad, &env.ciphertext)
-            {
+                    .open(&mut self.rng, now, &rh, &ad, &env.ciphertext)?;
                 opened = Some((i, pt));
             }
         }

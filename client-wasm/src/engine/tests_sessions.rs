@@ -3,6 +3,7 @@
 //! Uses the in-memory relay and drivers of `tests.rs`.
 
 use super::*;
+use hush_crypto::RatchetHeader;
 
 /// Bob's one-time prekey ids named by the `SessionInit`s the relay stored
 /// for envelopes from `from` to `to`.
@@ -177,4 +178,163 @@ fn forged_unanswerable_session_inits_trigger_at_most_one_reset_per_interval() {
     net.advance(5_000);
     assert_eq!(texts_from(&net, bob, conv), vec!["hello", "still here"]);
     assert_eq!(texts_from(&net, alice, conv), vec!["me too"]);
+}
+
+/// `n` forged copies of `template` (a real envelope from its sender), each
+/// with a fresh random ratchet key, the largest index a chain reaches, its
+/// own message id and a sender seq far above anything real: what a hostile
+/// relay can push to make the recipient work.
+fn forged_new_keys(template: &Envelope, n: u64, tag: u8) -> Vec<Envelope> {
+    let rh = RatchetHeader::from_bytes(&template.header.ratchet).unwrap();
+    (0..n)
+        .map(|k| {
+            let mut e = template.clone();
+            let mut f = rh;
+            f.dh = [0; 32];
+            f.dh[..8].copy_from_slice(&k.to_le_bytes());
+            f.dh[8] = tag;
+            f.dh[31] = 0x42;
+            f.index = 99;
+            f.previous_chain_len = 0;
+            e.header.ratchet = f.to_bytes().to_vec();
+            e.header.session_init = None;
+            e.header.sender_seq = 1_000_000 + u64::from(tag) * 100_000 + k;
+            let mut id = [tag; 16];
+            id[..8].copy_from_slice(&k.to_le_bytes());
+            e.header.message_id = MessageId(id);
+            e
+        })
+        .collect()
+}
+
+/// The last envelope the relay stored from `from` to `to`.
+fn last_envelope(net: &Net, from: DeviceId, to: DeviceId) -> Envelope {
+    net.relay
+        .seen_bytes
+        .iter()
+        .rev()
+        .filter_map(|b| Envelope::from_bytes(b).ok())
+        .find(|e| e.header.sender_device == from && e.header.recipient_device == to)
+        .unwrap()
+}
+
+/// Pushes `envelopes` to their recipient in chunks (each chunk one `Send`).
+fn flood(net: &mut Net, from: DeviceId, envelopes: Vec<Envelope>) {
+    for chunk in envelopes.chunks(500) {
+        inject(net, from, chunk.to_vec());
+        net.settle();
+    }
+}
+
+#[test]
+fn ten_thousand_forged_new_keys_cost_at_most_the_budget_and_real_messages_arrive() {
+    let mut net = Net::new();
+    let alice = net.create("alice");
+    let bob = net.create("bob");
+    let conv = net.befriend(alice, bob);
+    net.advance(2_000);
+    net.send(alice, conv, "m1");
+    net.advance(2_000);
+    assert_eq!(texts_from(&net, bob, conv), vec!["m1"]);
+    let (ad, bd) = (
+        net.clients[alice].engine.device_id(),
+        net.clients[bob].engine.device_id(),
+    );
+    let template = last_envelope(&net, ad, bd);
+    let cfg = net.cfg.clone();
+    let start = net.now;
+    let tried_before = net.clients[bob].engine.open_budgets.expensive_failures;
+    let c0 = net.clients[bob].engine.counters();
+    // 10,000 forged envelopes in two waves, with real messages of Alice's
+    // sent during the flood and after it.
+    flood(&mut net, ad, forged_new_keys(&template, 5_000, 1));
+    net.send(alice, conv, "during 1");
+    flood(&mut net, ad, forged_new_keys(&template, 5_000, 2));
+    net.send(alice, conv, "during 2");
+    net.advance(1_000);
+    net.send(alice, conv, "after");
+    // Each turn of the conversation (Alice's reply to Bob's receipts comes
+    // on a new ratchet key) is an expensive open: one that came while the
+    // budget was spent was dropped unopened and is repaired once it refills.
+    net.advance(10 * 60_000);
+    let c1 = net.clients[bob].engine.counters();
+    let tried = net.clients[bob].engine.open_budgets.expensive_failures - tried_before;
+    let refills = (net.now - start) / cfg.open_budget_refill_ms;
+    assert!(
+        tried <= u64::from(cfg.open_budget) + refills,
+        "{tried} expensive attempts for 10,000 forged envelopes"
+    );
+    assert_eq!(tried, u64::from(cfg.open_budget), "the budget is spent");
+    // Every forgery is rejected: the tried ones failed, the rest were
+    // dropped unopened, and so was every real envelope rejected here.
+    let rejected = c1.rejected - c0.rejected;
+    let skipped = c1.undecryptable_skipped - c0.undecryptable_skipped;
+    assert!(rejected >= 10_000);
+    assert_eq!(rejected - 10_000, skipped - (10_000 - tried));
+    // The ongoing conversation is not blocked: in order, once.
+    assert_eq!(
+        texts_from(&net, bob, conv),
+        vec!["m1", "during 1", "during 2", "after"]
+    );
+    assert_eq!(c1.unrecoverable, 0);
+}
+
+#[test]
+fn a_real_message_dropped_by_a_spent_budget_arrives_later_by_gap_repair() {
+    let mut net = Net::new();
+    let alice = net.create("alice");
+    let bob = net.create("bob");
+    let conv = net.befriend(alice, bob);
+    net.advance(2_000);
+    net.send(alice, conv, "a1");
+    net.advance(2_000);
+    assert_eq!(texts_from(&net, bob, conv), vec!["a1"]);
+    let (ad, bd) = (
+        net.clients[alice].engine.device_id(),
+        net.clients[bob].engine.device_id(),
+    );
+    let template = last_envelope(&net, ad, bd);
+    // Bob answers: Alice's next envelopes carry a new ratchet key, which is
+    // expensive for Bob to try. The relay floods Bob before they arrive.
+    net.send(bob, conv, "b1");
+    let c0 = net.clients[bob].engine.counters();
+    flood(&mut net, ad, forged_new_keys(&template, 100, 3));
+    assert_eq!(texts_from(&net, alice, conv), vec!["b1"]);
+    net.send(alice, conv, "a2");
+    net.advance(2_000);
+    let c1 = net.clients[bob].engine.counters();
+    assert_eq!(
+        texts_from(&net, bob, conv),
+        vec!["a1"],
+        "a2 needs a root step and the budget is spent"
+    );
+    assert!(
+        c1.undecryptable_skipped - c0.undecryptable_skipped > 100 - u64::from(net.cfg.open_budget),
+        "a2 itself was dropped unopened"
+    );
+    // Time refills the budget; Alice's tail probe (or Bob's resend request)
+    // brings a2 again and it opens: once, in order.
+    net.advance(10 * 60_000);
+    assert_eq!(texts_from(&net, bob, conv), vec!["a1", "a2"]);
+    net.send(alice, conv, "a3");
+    net.advance(2_000);
+    assert_eq!(texts_from(&net, bob, conv), vec!["a1", "a2", "a3"]);
+    assert_eq!(net.clients[bob].engine.counters().unrecoverable, 0);
+}
+
+#[test]
+fn counters_written_before_the_skip_counter_still_load() {
+    // The layout of `s/counters` before `undecryptable_skipped`: eleven u64.
+    let old: [u64; 11] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11];
+    let bytes = crate::storage::encode(&old).unwrap();
+    let c = Counters::decode(b"s/counters", &bytes).unwrap();
+    assert_eq!((c.duplicates_dropped, c.next_local), (1, 11));
+    assert_eq!((c.relay_claims_ignored, c.recalls_refused), (0, 0));
+    assert_eq!(c.undecryptable_skipped, 0);
+    let now = Counters {
+        undecryptable_skipped: 300,
+        ..c
+    };
+    let bytes = crate::storage::encode(&now).unwrap();
+    assert_eq!(Counters::decode(b"s/counters", &bytes).unwrap(), now);
 }
