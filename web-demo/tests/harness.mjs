@@ -311,23 +311,44 @@ function chromiumPath() {
   }
 }
 
+/** The flags these machines need, for every way of starting Chromium. */
+const CHROMIUM_ARGS = [
+  "--no-sandbox",
+  "--disable-gpu",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+];
+
 /** Debian's Chromium, headless, with the flags these machines need. */
 export async function launchBrowser() {
   const browser = await chromium.launch({
     executablePath: chromiumPath(),
     headless: true,
     timeout: 60_000,
-    args: [
-      "--no-sandbox",
-      "--disable-gpu",
-      "--no-first-run",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-    ],
+    args: CHROMIUM_ARGS,
   });
   onCleanup(() => browser.close());
   return browser;
+}
+
+/**
+ * Debian's Chromium on a persistent profile in `userDataDir` (same flags):
+ * its storage (IndexedDB included) lives in files there and survives
+ * `context.close()`, so a test can read the files or reopen the profile.
+ * Resolves to the BrowserContext; pass it to `openPage(null, url, { context })`.
+ */
+export async function launchPersistent(userDataDir) {
+  const context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: chromiumPath(),
+    headless: true,
+    timeout: 60_000,
+    args: CHROMIUM_ARGS,
+    viewport: { width: 1180, height: 760 },
+  });
+  onCleanup(() => context.close());
+  return context;
 }
 
 /**
