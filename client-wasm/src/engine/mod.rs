@@ -18,8 +18,6 @@ mod recv;
 mod send;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod tests_devices;
 
 use crate::codes::{ContactCode, LinkCode, conversation_between};
 use crate::error::ClientError;

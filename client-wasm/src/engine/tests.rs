@@ -1656,6 +1656,9 @@ fn parked_records_over_the_bounds_are_dropped_at_load() {
 #[path = "tests_sessions.rs"]
 mod sessions;
 
+#[path = "tests_devices.rs"]
+mod devices;
+
 /// History of a conversation as the app reads it: the message ids.
 fn history_ids(net: &Net, i: usize, conv: &ConversationId) -> BTreeSet<MessageId> {
     crate::storage::history(&net.clients[i].storage, conv, None, 100)

@@ -1,349 +1,16 @@
 //! Device-list attacks against the engine: a contact (or a relay serving its
-//! lists) claims another contact's device. A small in-memory relay that
-//! stores and serves whatever lists it is given (it checks nothing, like a
-//! hostile relay), and engines driven through the storage → frames → events
-//! contract.
+//! lists) claims another contact's device. Uses the in-memory relay and
+//! drivers of `tests.rs`; lists are planted on the relay directly, as a
+//! relay that checks nothing would serve them.
 
 use super::*;
-use crate::storage::Storage;
-use crate::storage::memory::MemoryStorage;
-use hush_protocol::{
-    AuthOk, ClientFrame, Delivered, DeviceRegistration, Envelope, OneTimePrekey, Page,
-    PrekeyBundle, Request, Response, SendOutcome, ServerFrame, SignedDeviceList, SignedPrekey,
-};
-use std::collections::{BTreeMap, VecDeque};
-
-const T0: u64 = 1_700_000_000_000;
-
-#[derive(Default)]
-struct Relay {
-    registered: BTreeMap<DeviceId, DeviceRegistration>,
-    signed: BTreeMap<DeviceId, SignedPrekey>,
-    otks: BTreeMap<DeviceId, Vec<OneTimePrekey>>,
-    lists: BTreeMap<UserKey, SignedDeviceList>,
-    inbox: BTreeMap<DeviceId, BTreeMap<u64, Envelope>>,
-    head: BTreeMap<DeviceId, u64>,
-    /// Every envelope stored: (sender, recipient, conversation).
-    sent: Vec<(DeviceId, DeviceId, ConversationId)>,
-}
-
-impl Relay {
-    fn handle(&mut self, who: DeviceId, f: ClientFrame) -> Vec<(DeviceId, ServerFrame)> {
-        let id = f.request_id;
-        let resp = |r: Response| {
-            vec![(
-                who,
-                ServerFrame::Response {
-                    request_id: id,
-                    response: r,
-                },
-            )]
-        };
-        let refuse = |code| vec![(who, ServerFrame::error(id, code, "no"))];
-        match f.request {
-            Request::Hello { .. } => resp(Response::Challenge { challenge: [1; 32] }),
-            Request::Register { registration, .. } => {
-                self.registered.insert(who, registration);
-                resp(Response::Authenticated(self.auth_ok(who)))
-            }
-            Request::Auth { .. } => resp(Response::Authenticated(self.auth_ok(who))),
-            Request::PublishPrekeys {
-                signed_prekey,
-                one_time_prekeys,
-            } => {
-                self.signed.insert(who, signed_prekey);
-                let pool = self.otks.entry(who).or_default();
-                pool.extend(one_time_prekeys);
-                let left = pool.len() as u32;
-                resp(Response::PrekeysPublished {
-                    one_time_prekeys_left: left,
-                })
-            }
-            Request::FetchPrekeys { device } => {
-                let (Some(reg), Some(spk)) =
-                    (self.registered.get(&device), self.signed.get(&device))
-                else {
-                    return refuse(hush_protocol::ErrorCode::NoPrekeys);
-                };
-                let otk = self.otks.get_mut(&device).and_then(|p| p.pop());
-                resp(Response::Prekeys(PrekeyBundle {
-                    device,
-                    user: reg.user,
-                    signing_key: reg.signing_key,
-                    agreement_key: reg.agreement_key,
-                    signed_prekey: spk.clone(),
-                    one_time_prekey: otk,
-                }))
-            }
-            Request::PublishDeviceList { list } => {
-                let stored = self
-                    .lists
-                    .get(&list.list.user)
-                    .map_or(0, |l| l.list.version);
-                if list.list.version <= stored {
-                    return refuse(hush_protocol::ErrorCode::Forbidden);
-                }
-                let v = list.list.version;
-                self.lists.insert(list.list.user, list);
-                resp(Response::DeviceListPublished { version: v })
-            }
-            Request::FetchDeviceList { user } => match self.lists.get(&user) {
-                Some(l) => resp(Response::DeviceList(l.clone())),
-                None => refuse(hush_protocol::ErrorCode::UnknownDevice),
-            },
-            Request::Send { envelopes } => {
-                let mut outcomes = Vec::new();
-                let mut pushes = Vec::new();
-                for env in envelopes {
-                    let h = env.header.clone();
-                    self.sent
-                        .push((h.sender_device, h.recipient_device, h.conversation_id));
-                    let head = self.head.entry(h.recipient_device).or_default();
-                    *head += 1;
-                    let seq = *head;
-                    self.inbox
-                        .entry(h.recipient_device)
-                        .or_default()
-                        .insert(seq, env.clone());
-                    pushes.push((h.recipient_device, Delivered { seq, envelope: env }));
-                    outcomes.push(SendOutcome::Stored {
-                        message_id: h.message_id,
-                        recipient: h.recipient_device,
-                        seq,
-                        duplicate: false,
-                    });
-                }
-                let mut out = resp(Response::Sent { outcomes });
-                for (d, del) in pushes {
-                    out.push((
-                        d,
-                        ServerFrame::Push {
-                            envelopes: vec![del],
-                        },
-                    ));
-                }
-                out
-            }
-            Request::Pull { after, limit, ack } => {
-                self.ack(who, ack);
-                let inbox = self.inbox.entry(who).or_default();
-                let envelopes: Vec<Delivered> = inbox
-                    .range(after + 1..)
-                    .take(usize::from(limit))
-                    .map(|(s, e)| Delivered {
-                        seq: *s,
-                        envelope: e.clone(),
-                    })
-                    .collect();
-                let last = envelopes.last().map_or(after, |d| d.seq);
-                let remaining = inbox.range(last + 1..).count() as u64;
-                resp(Response::Page(Page {
-                    envelopes,
-                    remaining,
-                    truncated: None,
-                }))
-            }
-            Request::Ack { up_to } => {
-                self.ack(who, up_to);
-                resp(Response::Acked { up_to })
-            }
-            Request::Ping => resp(Response::Pong { relay_time_ms: 0 }),
-        }
-    }
-
-    fn ack(&mut self, who: DeviceId, up_to: u64) {
-        if let Some(inbox) = self.inbox.get_mut(&who) {
-            let keep = inbox.split_off(&(up_to + 1));
-            *inbox = keep;
-        }
-    }
-
-    fn auth_ok(&self, who: DeviceId) -> AuthOk {
-        AuthOk {
-            device: who,
-            inbox_head: self.head.get(&who).copied().unwrap_or(0),
-            acked: 0,
-            one_time_prekeys_left: self.otks.get(&who).map_or(0, |p| p.len() as u32),
-            relay_time_ms: 0,
-        }
-    }
-}
-
-struct Client {
-    engine: Engine,
-    storage: MemoryStorage,
-    connected: bool,
-    queue: VecDeque<ServerFrame>,
-    events: Vec<Event>,
-}
-
-struct Net {
-    relay: Relay,
-    clients: Vec<Client>,
-    now: u64,
-    seed: u8,
-}
 
 impl Net {
-    fn new() -> Net {
-        Net {
-            relay: Relay::default(),
-            clients: Vec::new(),
-            now: T0,
-            seed: 40,
-        }
-    }
-
-    fn add(&mut self, engine: Engine, step: Step) -> usize {
-        let mut storage = MemoryStorage::new();
-        storage.apply(&step.storage).unwrap();
-        self.clients.push(Client {
-            engine,
-            storage,
-            connected: false,
-            queue: VecDeque::new(),
-            events: step.events,
-        });
-        let i = self.clients.len() - 1;
-        self.clients[i].connected = true;
-        self.input(i, Input::Connected);
-        self.settle();
-        i
-    }
-
-    fn create(&mut self, name: &str) -> usize {
-        self.seed += 1;
-        let (e, s) = Engine::create(
-            self.now,
-            [self.seed; 32],
-            "relay",
-            name,
-            EngineConfig::default(),
-        )
-        .unwrap();
-        self.add(e, s)
-    }
-
-    fn join(&mut self, inviter: usize) -> usize {
-        let Some(Reply::LinkCode(text)) = self.command(inviter, Command::CreateLinkCode) else {
-            panic!("no link code");
-        };
-        let code = LinkCode::parse(&text).unwrap();
-        self.seed += 1;
-        let (e, s) =
-            Engine::join(self.now, [self.seed; 32], &code, EngineConfig::default()).unwrap();
-        self.add(e, s)
-    }
-
-    fn transmit(&mut self, i: usize, frames: Vec<ClientFrame>) {
-        if !self.clients[i].connected {
-            return;
-        }
-        let me = self.clients[i].engine.device_id();
-        for f in frames {
-            for (to, frame) in self.relay.handle(me, f) {
-                if let Some(t) = self
-                    .clients
-                    .iter_mut()
-                    .find(|c| c.engine.device_id() == to && c.connected)
-                {
-                    t.queue.push_back(frame);
-                }
-            }
-        }
-    }
-
-    fn input(&mut self, i: usize, input: Input) -> Option<Reply> {
-        let mut step = self.clients[i].engine.handle(self.now, input).unwrap();
-        self.transmit(i, std::mem::take(&mut step.early_frames));
-        let c = &mut self.clients[i];
-        c.storage.apply(&step.storage).unwrap();
-        c.events.extend(step.events);
-        if step.close {
-            c.connected = false;
-        }
-        let reply = step.reply;
-        self.transmit(i, step.frames);
-        reply
-    }
-
-    fn command(&mut self, i: usize, c: Command) -> Option<Reply> {
-        let r = self.input(i, Input::Command(c));
-        self.settle();
-        r
-    }
-
-    fn settle(&mut self) {
-        for _ in 0..10_000 {
-            let Some(i) = self.clients.iter().position(|c| !c.queue.is_empty()) else {
-                return;
-            };
-            let Some(f) = self.clients[i].queue.pop_front() else {
-                continue;
-            };
-            self.input(i, Input::Frame(f));
-        }
-        panic!("network did not settle");
-    }
-
-    /// Advance time, firing every client's timers (and reconnecting it).
-    fn advance(&mut self, ms: u64) {
-        let end = self.now + ms;
-        while self.now < end {
-            self.now = (self.now + 250).min(end);
-            for i in 0..self.clients.len() {
-                if !self.clients[i].connected {
-                    self.clients[i].connected = true;
-                    self.input(i, Input::Connected);
-                }
-                self.input(i, Input::Tick);
-            }
-            self.settle();
-        }
-    }
-
     /// Reconnect client `i`: a fresh connection refreshes every list.
     fn reconnect(&mut self, i: usize) {
-        self.clients[i].connected = false;
-        self.clients[i].queue.clear();
-        self.input(i, Input::Disconnected);
-        self.clients[i].connected = true;
-        self.input(i, Input::Connected);
-        self.settle();
+        self.disconnect(i);
+        self.connect(i);
     }
-
-    fn befriend(&mut self, a: usize, b: usize) -> ConversationId {
-        let ca = self.clients[a].engine.contact_code();
-        let cb = self.clients[b].engine.contact_code();
-        let Some(Reply::Contact(conv)) = self.command(a, Command::AddContact { code: cb }) else {
-            panic!("no contact");
-        };
-        self.command(b, Command::AddContact { code: ca });
-        conv
-    }
-
-    fn send(&mut self, i: usize, conv: ConversationId, text: &str) {
-        let r = self.command(
-            i,
-            Command::SendText {
-                conversation: conv,
-                text: text.into(),
-            },
-        );
-        assert!(matches!(r, Some(Reply::Message(_))), "{r:?}");
-    }
-
-    fn messages(&self, i: usize) -> Vec<HistoryRecord> {
-        self.clients[i]
-            .events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Message(r) => Some(r.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
     fn warnings(&self, i: usize) -> Vec<String> {
         self.clients[i]
             .events
@@ -354,16 +21,13 @@ impl Net {
             })
             .collect()
     }
-
     fn engine(&self, i: usize) -> &Engine {
         &self.clients[i].engine
     }
-
     /// The list of client `i`'s user the relay holds.
     fn stored_list(&self, i: usize) -> SignedDeviceList {
         self.relay.lists[&self.engine(i).user_key()].clone()
     }
-
     /// Put a list of client `i`'s user, signed by its user key, with these
     /// entries on the relay (a relay that checks nothing serves it).
     fn plant_list(&mut self, i: usize, devices: Vec<DeviceEntry>) -> SignedDeviceList {
@@ -377,6 +41,19 @@ impl Net {
         let signed = crate::sig::sign_device_list(&self.engine(i).device.user, list).unwrap();
         self.relay.lists.insert(user, signed.clone());
         signed
+    }
+
+    /// Every envelope the relay stored: (sender, recipient, conversation).
+    fn sent(&self) -> Vec<(DeviceId, DeviceId, ConversationId)> {
+        self.relay
+            .seen_bytes
+            .iter()
+            .filter_map(|b| Envelope::from_bytes(b).ok())
+            .map(|e| {
+                let h = e.header;
+                (h.sender_device, h.recipient_device, h.conversation_id)
+            })
+            .collect()
     }
 }
 
@@ -453,15 +130,13 @@ fn a_contact_cannot_claim_another_contacts_device() {
         );
         let v_dev = net.engine(v).device_id();
         assert!(
-            !net.relay
-                .sent
+            !net.sent()
                 .iter()
                 .any(|&(s, r, c)| s == v_dev && r == a_dev && c == conv_vx),
             "round {round}: X's conversation was encrypted to A's device"
         );
         assert!(
-            net.relay
-                .sent
+            net.sent()
                 .iter()
                 .any(|&(s, r, c)| s == v_dev && r == x_dev && c == conv_vx)
         );
@@ -510,8 +185,7 @@ fn a_device_listed_by_two_users_is_attributed_to_neither() {
     net.send(v, conv_vx2, "to x2");
     net.advance(2_000);
     assert!(
-        !net.relay
-            .sent
+        !net.sent()
             .iter()
             .any(|&(s, r, _)| s == v_dev && r == x1_dev),
         "V encrypted to a contested device"
