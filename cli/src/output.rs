@@ -345,6 +345,14 @@ impl Printer {
             Event::KeyRotation { device, epoch } => {
                 json!({"type": "key_rotation", "device": dev(device), "epoch": epoch})
             }
+            Event::RelayMisbehaviour {
+                conversation,
+                from_device,
+                count,
+            } => {
+                json!({"type": "relay_misbehaviour", "conversation": conv(conversation),
+                        "from_device": dev(from_device), "count": count})
+            }
             Event::Connection(s) => json!({"type": "connection", "state": connection_name(*s)}),
             Event::ContactAdded {
                 user,

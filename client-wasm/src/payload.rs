@@ -152,6 +152,16 @@ pub enum Body {
         /// The `SessionInit` ephemeral of the session that cannot be answered.
         ephemeral: [u8; 32],
     },
+    /// "You asked for seqs of this stream that I have not written yet: my
+    /// next seq is `next_seq`." The answer to a resend request that reaches
+    /// past what the sender assigned, which an honest peer only sends when
+    /// the relay claimed those seqs had expired.
+    NotYetSent {
+        /// The stream's conversation.
+        conversation: ConversationId,
+        /// The next seq the sender will assign in it.
+        next_seq: u64,
+    },
 }
 
 impl Body {
@@ -178,7 +188,9 @@ impl Body {
                 too_long(seqs.len()) || seqs.iter().any(SeqRange::is_empty)
             }
             Body::LinkWelcome { contacts } => too_long(contacts.len()),
-            Body::ContactAdded { .. } | Body::SessionReset { .. } => false,
+            Body::ContactAdded { .. } | Body::SessionReset { .. } | Body::NotYetSent { .. } => {
+                false
+            }
         };
         if bad {
             return Err(ClientError::Protocol(

@@ -204,11 +204,15 @@ pub struct Counters {
     /// failed attempts was spent (`EngineConfig::open_budget`). Their seqs
     /// are not recorded, so a real one is requested again as a gap.
     pub undecryptable_skipped: u64,
+    /// Seqs a relay reported expired that their sender then said it never
+    /// wrote: proven relay misbehaviour (each raised a `RelayMisbehaviour`
+    /// event).
+    pub relay_claims_refuted: u64,
 }
 
 /// Counters added after the first release, all at the end: a record written
 /// by an older build lacks them.
-const COUNTERS_ADDED: usize = 5;
+const COUNTERS_ADDED: usize = 6;
 
 impl Counters {
     /// Decode `s/counters`, also as written by an older build with fewer

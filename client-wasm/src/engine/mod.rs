@@ -315,6 +315,17 @@ pub enum Event {
         /// How many.
         count: u64,
     },
+    /// The relay reported seqs of a stream as expired that their sender says
+    /// it never wrote (the sender's answer is authenticated; the relay's
+    /// report is not). Nothing was skipped because of it.
+    RelayMisbehaviour {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The sending device.
+        from_device: DeviceId,
+        /// How many claimed seqs the sender refuted.
+        count: u64,
+    },
     /// "N messages could not be recovered": the sender no longer has them.
     Unrecoverable {
         /// The conversation.

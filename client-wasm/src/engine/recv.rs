@@ -901,9 +901,41 @@ impl Engine {
                 }
             }
             Body::SessionReset { ephemeral } => self.on_session_reset(now, d, ephemeral)?,
+            Body::NotYetSent {
+                conversation,
+                next_seq,
+            } => self.on_not_yet_sent(d, conversation, next_seq),
             _ => self.reject(),
         }
         Ok(())
+    }
+
+    /// The sender says seqs from `next_seq` on were never written: the ones
+    /// this device asked for (only relay expiry claims make it ask above
+    /// what the sender authenticated) are no longer awaited, and the relay's
+    /// claim is reported as misbehaviour. Nothing is skipped or marked
+    /// received, so those seqs still arrive normally once written; a peer
+    /// that lies here only cancels requests of its own stream.
+    fn on_not_yet_sent(&mut self, d: DeviceId, conv: ConversationId, next_seq: u64) {
+        let Some(st) = self.in_streams.get_mut(&(d, conv)) else {
+            return;
+        };
+        let refuted = st
+            .requested
+            .split_off(&next_seq.max(st.highest.saturating_add(1)));
+        if refuted.is_empty() {
+            return;
+        }
+        let count = refuted.len() as u64;
+        self.touch(Dirty::In(d, conv));
+        self.counters.relay_claims_refuted =
+            self.counters.relay_claims_refuted.saturating_add(count);
+        self.touch(Dirty::Counters);
+        self.event(Event::RelayMisbehaviour {
+            conversation: conv,
+            from_device: d,
+            count,
+        });
     }
 
     pub(crate) fn contact_infos(&self) -> Vec<crate::payload::ContactInfo> {
@@ -970,6 +1002,16 @@ impl Engine {
             self.counters.peer_claims_ignored =
                 self.counters.peer_claims_ignored.saturating_add(ignored);
             self.touch(Dirty::Counters);
+            // Say so, authenticated: the peer asked because the relay claimed
+            // these expired, and only this answer can prove the claim false.
+            self.queue_control(
+                now,
+                d,
+                Body::NotYetSent {
+                    conversation: conv,
+                    next_seq: sent_through.saturating_add(1),
+                },
+            )?;
         }
         if !unavailable.is_empty() {
             let mut ranges = to_ranges(unavailable);

@@ -1418,6 +1418,25 @@ fn forged_expiry_of_future_seqs_does_not_swallow_the_contacts_next_messages() {
         net.clients[b].engine.counters().relay_claims_ignored,
         10_000
     );
+    // Bob asked Alice for them; her authenticated "not yet sent" proves the
+    // relay's claim false, and Bob reports it as misbehaviour.
+    assert_eq!(
+        net.clients[b].engine.counters().relay_claims_refuted,
+        10_000
+    );
+    let reports: Vec<_> = net.clients[b]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RelayMisbehaviour {
+                conversation,
+                from_device,
+                count,
+            } => Some((*conversation, *from_device, *count)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reports, vec![(conv, ad, 10_000)]);
 }
 
 /// A hostile contact answers "unavailable" for seqs it has not written yet:

@@ -394,6 +394,19 @@ pub(crate) fn event(e: &Event, names: &dyn ContactNames) -> (&'static str, JsVal
             from_device,
             count,
         } => gap("unrecoverable", conversation, from_device, *count, names),
+        Event::RelayMisbehaviour {
+            conversation,
+            from_device,
+            count,
+        } => (
+            "relayMisbehaviour",
+            Obj::event("relayMisbehaviour")
+                .set("conversation", conversation.to_hex())
+                .set("contact", opt_str(names.contact_of(conversation)))
+                .set("fromDevice", from_device.to_hex())
+                .num("count", *count)
+                .build(),
+        ),
         Event::KeyRotation { device, epoch } => (
             "rotation",
             Obj::event("rotation")
@@ -489,6 +502,12 @@ pub(crate) fn counters(c: &Counters) -> JsValue {
         .num("resent", c.resent)
         .num("probes", c.probes)
         .num("suppressed", c.suppressed)
+        .num("relayClaimsIgnored", c.relay_claims_ignored)
+        .num("relayClaimsRefuted", c.relay_claims_refuted)
+        .num("peerClaimsIgnored", c.peer_claims_ignored)
+        .num("parkedDropped", c.parked_dropped)
+        .num("recallsRefused", c.recalls_refused)
+        .num("undecryptableSkipped", c.undecryptable_skipped)
         .build()
 }
 

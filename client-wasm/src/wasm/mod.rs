@@ -138,6 +138,14 @@ export interface GapEvent {
   fromDevice: string;
   count: number;
 }
+/** The relay reported seqs expired that their sender says it never wrote. */
+export interface RelayMisbehaviourEvent {
+  type: "relayMisbehaviour";
+  conversation: string;
+  contact: string | null;
+  fromDevice: string;
+  count: number;
+}
 export interface RotationEvent { type: "rotation"; device: string; epoch: number }
 export interface ConnectionEvent { type: "connection"; state: ConnectionState }
 export interface ContactEvent { type: "contact"; user: string; name: string; conversation: string }
@@ -151,7 +159,7 @@ export interface ErrorEvent { type: "error"; code: HushErrorCode; message: strin
 export type HushEvent =
   | MessageEvent | MessagesEvent | StateEvent | RemovedEvent | ReadEvent | ProgressEvent | GapEvent
   | RotationEvent | ConnectionEvent | ContactEvent | DevicesEvent | LinkedEvent
-  | WarningEvent | ErrorEvent;
+  | WarningEvent | ErrorEvent | RelayMisbehaviourEvent;
 
 export interface HushEventMap {
   message: MessageEvent;
@@ -161,6 +169,7 @@ export interface HushEventMap {
   read: ReadEvent;
   progress: ProgressEvent;
   gap: GapEvent;
+  relayMisbehaviour: RelayMisbehaviourEvent;
   rotation: RotationEvent;
   connection: ConnectionEvent;
   contact: ContactEvent;
@@ -201,6 +210,18 @@ export interface Counters {
   resent: number;
   probes: number;
   suppressed: number;
+  /** Seqs a relay reported expired beyond what their sender authenticated (asked of the sender, never skipped). */
+  relayClaimsIgnored: number;
+  /** Of those, seqs the sender said it never wrote: proven relay misbehaviour. */
+  relayClaimsRefuted: number;
+  /** Peer requests or answers about seqs the peer or this device never wrote. */
+  peerClaimsIgnored: number;
+  /** Envelopes from unknown devices dropped beyond the parking bounds. */
+  parkedDropped: number;
+  /** Recalls refused because the recaller did not write the message. */
+  recallsRefused: number;
+  /** Envelopes dropped unopened because their sender's work budget was spent. */
+  undecryptableSkipped: number;
 }
 
 export interface Client {
