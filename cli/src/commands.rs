@@ -677,6 +677,12 @@ pub fn status(home: &Home, style: Style) -> Result<(), CliError> {
                     "resent": counters.resent,
                     "probes": counters.probes,
                     "suppressed": counters.suppressed,
+                    "relay_claims_ignored": counters.relay_claims_ignored,
+                    "relay_claims_refuted": counters.relay_claims_refuted,
+                    "peer_claims_ignored": counters.peer_claims_ignored,
+                    "parked_dropped": counters.parked_dropped,
+                    "recalls_refused": counters.recalls_refused,
+                    "undecryptable_skipped": counters.undecryptable_skipped,
                 },
             });
             out_line(&v.to_string());

@@ -86,4 +86,6 @@ async fn expired_messages_are_recovered_from_the_sender() {
     let st = bob.status().await.unwrap();
     assert_eq!(st["gaps"].as_array().unwrap().len(), 0);
     assert!(st["counters"]["recovered"].as_u64().unwrap() >= 2);
+    // An honest relay's expiry report is never refuted as misbehaviour.
+    assert_eq!(st["counters"]["relay_claims_refuted"].as_u64(), Some(0));
 }
