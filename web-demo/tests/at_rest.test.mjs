@@ -193,3 +193,44 @@ test("no message text is in the browser profile's files; the history survives a 
       `no message text found; ${((Date.now() - started) / 1000).toFixed(1)} s`,
   );
 }));
+
+// The limit docs/SECURITY.md states for the browser: Chromium writes a
+// stored CryptoKey's raw bytes into the IndexedDB files even when the key is
+// non-extractable, so copying the database directory alone carries the
+// wrapping key with it. If a Chromium release stops doing so, this fails and
+// the documented limit must be revised.
+test("a stored non-extractable CryptoKey's bytes are in the profile's IndexedDB files", { timeout: 90_000 }, h.diagnose(async () => {
+  const dir = mkdtempSync(join(tmpdir(), "hush-keyprofile-"));
+  h.onCleanup(() => rmSync(dir, { recursive: true, force: true }));
+  const context = await h.launchPersistent(dir);
+  const page = await context.newPage();
+  await page.goto(demo.url(`key-${hex(4)}`));
+  const keyHex = await page.evaluate(async () => {
+    const raw = crypto.getRandomValues(new Uint8Array(32));
+    const key = await crypto.subtle.importKey("raw", raw, { name: "AES-GCM" }, false, ["wrapKey", "unwrapKey"]);
+    if (key.extractable) throw new Error("the key must be non-extractable");
+    const db = await new Promise((ok, fail) => {
+      const open = indexedDB.open("key-on-disk", 1);
+      open.onupgradeneeded = () => open.result.createObjectStore("keys");
+      open.onsuccess = () => ok(open.result);
+      open.onerror = () => fail(open.error);
+    });
+    await new Promise((ok, fail) => {
+      const tx = db.transaction("keys", "readwrite", { durability: "strict" });
+      tx.objectStore("keys").put(key, "k");
+      tx.oncomplete = ok;
+      tx.onerror = () => fail(tx.error);
+    });
+    db.close();
+    return Array.from(raw, (b) => b.toString(16).padStart(2, "0")).join("");
+  });
+  await context.close();
+  const needle = Buffer.from(keyHex, "hex");
+  const hits = filesUnder(dir)
+    .filter((f) => readFileSync(f).includes(needle))
+    .map((f) => relative(dir, f));
+  assert.ok(
+    hits.some((f) => f.split(sep).includes("IndexedDB")),
+    `the key's raw bytes were expected in the IndexedDB files; found in: ${JSON.stringify(hits)}`,
+  );
+}));
