@@ -13,12 +13,15 @@
 //! - [`tls`] — certificates (operator PEM files or a renewable dev cert).
 //! - [`http`] — health, metrics, certificate hash and `/relay.json` over
 //!   HTTP/1.1; with `--demo`, the browser demo embedded by [`demo`].
+//! - [`cluster`] — several relay nodes over one store: the cluster bus
+//!   (live push and presence across nodes), shards, shared rate limits.
 //! - [`config`] — flags, `HUSH_*` environment and TOML file.
 //! - [`metrics`], [`clock`], [`error`].
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod demo;

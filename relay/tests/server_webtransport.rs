@@ -321,6 +321,7 @@ async fn demo_files_are_served_with_their_types() {
     let dir = tempfile::tempdir().unwrap();
     let options = StartOptions {
         static_files: Some(Arc::new(DemoFiles::from_table(FAKE_DEMO, true))),
+        ..StartOptions::default()
     };
     let relay = start(&dir, true, options).await;
     let http = relay.http_addr().expect("HTTP enabled");

@@ -13,6 +13,7 @@
 
 use super::Shared;
 use super::writer::{CommitRequest, CommitResult, WriterMsg};
+use crate::cluster::limits::Limit;
 use crate::core::{Action, DeferredAck, SendTicket, Session, short_id};
 use crate::metrics::Metrics;
 use crate::store::StoreError;
@@ -376,7 +377,7 @@ impl Conn {
         let now = self.shared.clock.now_ms();
         let registering = matches!(frame.request, Request::Register { .. });
         let authenticating = registering || matches!(frame.request, Request::Auth { .. });
-        if let Some(refusal) = self.check_limits(&frame, now) {
+        if let Some(refusal) = self.check_limits(&frame, now).await {
             return (refusal, None);
         }
         let prekey_target = match (&frame.request, self.device) {
@@ -391,7 +392,9 @@ impl Conn {
             if !authenticated {
                 if registering && self.device.is_none() {
                     // Refused registrations do not count against the address.
-                    self.shared.registrations.refund(self.peer_key());
+                    self.shared
+                        .limits
+                        .refund(Limit::Registration(self.peer_key()));
                 }
                 // A failed Auth or Register ends the connection: a peer
                 // gets one attempt per handshake, not unlimited guesses on
@@ -434,7 +437,7 @@ impl Conn {
     /// Refuse a request the edge limits do not allow (the registrations of
     /// an address, the prekey fetches of a device or of a target), with
     /// `retry_after_ms`. `None` lets it through.
-    fn check_limits(&self, frame: &ClientFrame, now: u64) -> Option<Vec<Action>> {
+    async fn check_limits(&self, frame: &ClientFrame, now: u64) -> Option<Vec<Action>> {
         let id = frame.request_id;
         let refused = |code: ErrorCode, message: String, wait: u32| {
             self.shared.core.metrics().refused(code);
@@ -447,7 +450,12 @@ impl Conn {
         };
         match (&frame.request, self.device) {
             (Request::Register { .. }, None) => {
-                let Err(wait) = self.shared.registrations.take(self.peer_key(), now) else {
+                let taken = self
+                    .shared
+                    .limits
+                    .take(Limit::Registration(self.peer_key()), now)
+                    .await;
+                let Err(wait) = taken else {
                     return None;
                 };
                 tracing::debug!(
@@ -468,7 +476,7 @@ impl Conn {
                 ])
             }
             (Request::FetchPrekeys { device: target }, Some(me)) => {
-                if let Err(wait) = self.shared.prekey_fetchers.take(me, now) {
+                if let Err(wait) = self.shared.limits.take(Limit::PrekeyFetcher(me), now).await {
                     let frame = refused(
                         ErrorCode::RateLimited,
                         "too many prekey fetches from this device".into(),
@@ -476,9 +484,10 @@ impl Conn {
                     );
                     return Some(vec![Action::Send(frame)]);
                 }
-                if let Err(wait) = self.shared.prekey_targets.take(*target, now) {
+                let target = Limit::PrekeyTarget(*target);
+                if let Err(wait) = self.shared.limits.take(target, now).await {
                     // This attempt does not count against the requester.
-                    self.shared.prekey_fetchers.refund(me);
+                    self.shared.limits.refund(Limit::PrekeyFetcher(me));
                     let frame = refused(
                         ErrorCode::RateLimited,
                         "too many prekey fetches for this device".into(),

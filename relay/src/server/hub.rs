@@ -7,10 +7,17 @@
 //! the store. Marking before reading means a commit can never slip between
 //! the two unnoticed. Presence is one owner per device: a newer connection
 //! claims the device and the previous owner is told to close (`Replaced`).
+//!
+//! In a cluster (see [`crate::cluster`]) the same hub also takes remote
+//! events: inbox heads moved by other nodes' commits ([`DeviceHub::notify`]),
+//! claims made on other nodes ([`DeviceHub::apply_claim`]), and a wake-up of
+//! every local device after the cluster bus may have lost events
+//! ([`DeviceHub::wake_all`]).
 
+use crate::cluster::bus::{ClusterBus, NodeId};
 use hush_protocol::DeviceId;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, watch};
 
 struct Entry {
@@ -18,13 +25,23 @@ struct Entry {
     /// The one-time prekeys left after the last fetch that took the pool
     /// to or below the low-water mark (see [`DeviceHub::prekeys_low`]).
     prekeys_low: watch::Sender<Option<u32>>,
-    owner: Option<(u64, oneshot::Sender<()>)>,
+    owner: Option<Owner>,
+}
+
+struct Owner {
+    conn_id: u64,
+    closer: oneshot::Sender<()>,
+    /// The cluster bus has delivered this connection's own claim back: every
+    /// claim the bus delivers from now on was made after it.
+    confirmed: bool,
 }
 
 /// The per-device registry shared by all connections and the writer.
 #[derive(Default)]
 pub struct DeviceHub {
     devices: Mutex<HashMap<DeviceId, Entry>>,
+    /// In a cluster: this node and the bus its claims and commits go to.
+    cluster: Option<(NodeId, Arc<dyn ClusterBus>)>,
 }
 
 impl std::fmt::Debug for DeviceHub {
@@ -54,9 +71,28 @@ impl DeviceHub {
         self.devices.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A hub of node `node` of a cluster: claims and commits are also
+    /// published on `bus` (whose events the node applies to this hub, see
+    /// [`crate::cluster::bus::apply`]).
+    pub fn clustered(node: NodeId, bus: Arc<dyn ClusterBus>) -> DeviceHub {
+        DeviceHub {
+            devices: Mutex::default(),
+            cluster: Some((node, bus)),
+        }
+    }
+
     /// Make connection `conn_id` the device's owner; the previous owner, if
-    /// any, is signalled to close.
+    /// any, is signalled to close. In a cluster the claim is published, so
+    /// that an older connection of the device on another node closes too.
     pub fn claim(&self, device: DeviceId, conn_id: u64) -> Claim {
+        let claim = self.claim_local(device, conn_id);
+        if let Some((node, bus)) = &self.cluster {
+            bus.publish_claim(device, *node, conn_id);
+        }
+        claim
+    }
+
+    fn claim_local(&self, device: DeviceId, conn_id: u64) -> Claim {
         let (tx, rx) = oneshot::channel();
         let mut map = self.lock();
         let entry = map.entry(device).or_insert_with(|| Entry {
@@ -64,8 +100,13 @@ impl DeviceHub {
             prekeys_low: watch::Sender::new(None),
             owner: None,
         });
-        if let Some((_, old)) = entry.owner.replace((conn_id, tx)) {
-            let _ = old.send(());
+        let new = Owner {
+            conn_id,
+            closer: tx,
+            confirmed: false,
+        };
+        if let Some(old) = entry.owner.replace(new) {
+            let _ = old.closer.send(());
         }
         Claim {
             inbox: entry.inbox.subscribe(),
@@ -80,7 +121,7 @@ impl DeviceHub {
     pub fn release(&self, device: DeviceId, conn_id: u64) {
         let mut map = self.lock();
         if let Some(entry) = map.get_mut(&device) {
-            if entry.owner.as_ref().is_some_and(|(id, _)| *id == conn_id) {
+            if entry.owner.as_ref().is_some_and(|o| o.conn_id == conn_id) {
                 entry.owner = None;
             }
             if entry.owner.is_none() && entry.inbox.receiver_count() == 0 {
@@ -100,6 +141,70 @@ impl DeviceHub {
                     false
                 }
             });
+        }
+    }
+
+    /// A commit of this node moved these inbox heads: wake the local
+    /// connections, and in a cluster tell the other nodes.
+    pub fn committed(&self, heads: &[(DeviceId, u64)]) {
+        for (device, seq) in heads {
+            self.notify(device, *seq);
+        }
+        if let Some((_, bus)) = &self.cluster {
+            bus.publish_inbox(heads);
+        }
+    }
+
+    /// A claim of `device` as the cluster bus delivers it, in the bus's one
+    /// total order (every node sees the same order, its own claims
+    /// included). `local` is `Some(conn_id)` when the claim was made by this
+    /// node's connection `conn_id`.
+    ///
+    /// Newest wins across nodes: the local owner is closed with `Replaced`
+    /// if its own claim was delivered before this one (it is `confirmed`)
+    /// and this one comes from another node (this node's own claims took
+    /// effect locally when they were made). An owner whose claim has not come back
+    /// yet claimed later than this one, so it stays. Returns whether a local
+    /// owner was told to close.
+    pub fn apply_claim(&self, device: &DeviceId, local: Option<u64>) -> bool {
+        let mut map = self.lock();
+        let Some(entry) = map.get_mut(device) else {
+            return false;
+        };
+        let Some(owner) = entry.owner.as_mut() else {
+            return false;
+        };
+        if let Some(conn_id) = local {
+            // Our own claims were already applied locally when they were
+            // made; the owner's own coming back confirms it.
+            if conn_id == owner.conn_id {
+                owner.confirmed = true;
+            }
+            return false;
+        }
+        if !owner.confirmed {
+            return false;
+        }
+        if let Some(old) = entry.owner.take() {
+            let _ = old.closer.send(());
+        }
+        if entry.inbox.receiver_count() == 0 {
+            map.remove(device);
+        }
+        true
+    }
+
+    /// The cluster bus may have lost events (its connection was re-made):
+    /// count every current owner's claim as delivered (any claim delivered
+    /// from now on was made after the reconnection, so after theirs), and
+    /// wake every watched inbox once so its connection reads the store.
+    pub fn wake_all(&self) {
+        let mut map = self.lock();
+        for entry in map.values_mut() {
+            if let Some(owner) = entry.owner.as_mut() {
+                owner.confirmed = true;
+            }
+            entry.inbox.send_modify(|_| {});
         }
     }
 
@@ -162,5 +267,47 @@ mod tests {
         drop(b);
         hub.release(d, 2);
         assert!(hub.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_remote_claim_replaces_only_an_owner_whose_claim_came_earlier() {
+        let hub = DeviceHub::default();
+        let d = DeviceId([2; 16]);
+        let mut a = hub.claim(d, 7);
+        // A remote claim delivered before our own: ours was made later.
+        assert!(!hub.apply_claim(&d, None));
+        assert!(
+            a.replaced.try_recv().is_err(),
+            "the newer local claim stays"
+        );
+        // Our own claim comes back: from now on remote claims are newer.
+        assert!(!hub.apply_claim(&d, Some(7)));
+        assert!(a.replaced.try_recv().is_err());
+        // A claim of an older local connection of ours changes nothing.
+        assert!(!hub.apply_claim(&d, Some(3)));
+        assert!(a.replaced.try_recv().is_err());
+        assert!(hub.apply_claim(&d, None), "a later remote claim wins");
+        assert!(a.replaced.try_recv().is_ok());
+        assert!(
+            !hub.apply_claim(&DeviceId([3; 16]), None),
+            "no owner, nothing to close"
+        );
+    }
+
+    #[tokio::test]
+    async fn wake_all_wakes_every_watcher_and_confirms_owners() {
+        let hub = DeviceHub::default();
+        let (d1, d2) = (DeviceId([4; 16]), DeviceId([5; 16]));
+        let mut a = hub.claim(d1, 1);
+        let mut b = hub.claim(d2, 2);
+        hub.notify(&d1, 3);
+        let _ = a.inbox.borrow_and_update();
+        hub.wake_all();
+        assert!(a.inbox.has_changed().unwrap(), "woken without a new seq");
+        assert!(b.inbox.has_changed().unwrap());
+        assert_eq!(*a.inbox.borrow_and_update(), 3, "the seq is unchanged");
+        // After a reconnection of the bus, a remote claim is newer.
+        assert!(hub.apply_claim(&d2, None));
+        assert!(b.replaced.try_recv().is_ok());
     }
 }

@@ -49,12 +49,10 @@ pub(crate) struct Shared {
     pub(crate) next_conn_id: AtomicU64,
     /// Connections open at once, in total and per address.
     pub(crate) connections: Arc<guard::ConnectionLimiter>,
-    /// Registrations per source address per hour.
-    pub(crate) registrations: guard::KeyedBuckets<std::net::IpAddr>,
-    /// `FetchPrekeys` per requesting device per minute.
-    pub(crate) prekey_fetchers: guard::KeyedBuckets<hush_protocol::DeviceId>,
-    /// `FetchPrekeys` per target device per minute.
-    pub(crate) prekey_targets: guard::KeyedBuckets<hush_protocol::DeviceId>,
+    /// Registrations per source address per hour and `FetchPrekeys` per
+    /// requesting and per target device per minute: in memory, or shared
+    /// by the nodes of a cluster.
+    pub(crate) limits: Arc<dyn crate::cluster::limits::RateLimits>,
 }
 
 /// Optional parts a caller can plug into the relay.
@@ -63,12 +61,16 @@ pub struct StartOptions {
     /// Files served on the HTTP listener when `--demo` is on, instead of
     /// the demo embedded at build time.
     pub static_files: Option<Arc<dyn StaticFiles>>,
+    /// Run as a node of a cluster: the bus for live push and presence
+    /// across nodes, and the shared rate limits.
+    pub cluster: Option<crate::cluster::ClusterOptions>,
 }
 
 impl std::fmt::Debug for StartOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StartOptions")
             .field("static_files", &self.static_files.is_some())
+            .field("cluster", &self.cluster)
             .finish()
     }
 }
@@ -223,7 +225,25 @@ impl RelayHandle {
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (commit_tx, commit_rx) = mpsc::channel(writer::QUEUE_DEPTH);
-        let hub = Arc::new(DeviceHub::default());
+        let hub = Arc::new(match &options.cluster {
+            Some(c) => DeviceHub::clustered(c.node, Arc::clone(&c.bus)),
+            None => DeviceHub::default(),
+        });
+        let rates = crate::cluster::limits::Rates {
+            registrations_per_ip_hour: config.max_registrations_per_ip_hour,
+            prekey_fetches_per_device_minute: config.prekey_fetches_per_device_minute,
+            prekey_fetches_per_target_minute: config.prekey_fetches_per_target_minute,
+        };
+        let limits: Arc<dyn crate::cluster::limits::RateLimits> =
+            match options.cluster.as_ref().and_then(|c| c.limits.clone()) {
+                Some(shared) => shared,
+                None => Arc::new(crate::cluster::limits::LocalLimits::new(rates)),
+            };
+        // Hear the other nodes before the first connection is accepted.
+        let bus_tasks = match &options.cluster {
+            Some(c) => c.bus.start(Arc::clone(&hub), c.node, shutdown_rx.clone()),
+            None => Vec::new(),
+        };
         let shared = Arc::new(Shared {
             core,
             clock: Arc::clone(&clock),
@@ -236,18 +256,7 @@ impl RelayHandle {
                 config.max_connections,
                 config.max_connections_per_ip,
             ),
-            registrations: guard::KeyedBuckets::new(
-                config.max_registrations_per_ip_hour,
-                3_600_000,
-            ),
-            prekey_fetchers: guard::KeyedBuckets::new(
-                config.prekey_fetches_per_device_minute,
-                60_000,
-            ),
-            prekey_targets: guard::KeyedBuckets::new(
-                config.prekey_fetches_per_target_minute,
-                60_000,
-            ),
+            limits,
         });
 
         let writer_task =
@@ -259,7 +268,8 @@ impl RelayHandle {
             shutdown_rx.clone(),
             config.shutdown_grace,
         ));
-        let mut background = vec![
+        let mut background = bus_tasks;
+        background.extend([
             tokio::spawn(purge_loop(
                 Arc::clone(&shared),
                 config.purge_interval,
@@ -272,7 +282,7 @@ impl RelayHandle {
                 config.cert_check_interval,
                 shutdown_rx.clone(),
             )),
-        ];
+        ]);
         if let Some(listener) = http_listener {
             // `--demo` serves the page embedded at build time unless the
             // caller brought its own files.

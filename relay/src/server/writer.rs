@@ -209,9 +209,8 @@ fn commit_group(
                     *head = (*head).max(*seq);
                 }
             }
-            for (device, seq) in heads {
-                hub.notify(&device, seq);
-            }
+            let heads: Vec<(DeviceId, u64)> = heads.into_iter().collect();
+            hub.committed(&heads);
             let mut rest = outcomes.into_iter();
             for (n, reply) in replies {
                 let mine: Vec<CommitOutcome> = rest.by_ref().take(n).collect();
