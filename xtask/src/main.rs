@@ -6,6 +6,7 @@
 //!                                    then the demo page with its integrity hashes
 //! cargo xtask page                   only the demo page (web-demo/index.html, integrity.json)
 //! cargo xtask demo [-- RELAY-ARGS]   the relay with the demo page on http://127.0.0.1:8080
+//! cargo xtask cluster                PostgreSQL primary + sync standby, two relays with the demo
 //! cargo xtask bench [-- BENCH-ARGS]  the benchmarks that exist
 //! cargo xtask fuzz TARGET [SECS]     one fuzz target for SECS seconds (default 60)
 //! ```
@@ -13,6 +14,7 @@
 //! Plain `std::process::Command` and no dependencies, so it builds in seconds on a
 //! fresh machine before anything else is installed.
 
+mod cluster;
 mod sri;
 
 use std::env;
@@ -73,6 +75,8 @@ commands:
   page                  write only the demo page and web-demo/integrity.json again
                         (after editing web-demo/index.html.in, app.js or style.css)
   demo [-- ARGS]        build and run the relay with the demo page on http://127.0.0.1:8080
+  cluster               a PostgreSQL primary + synchronous standby and two relay nodes
+                        with the demo (http://127.0.0.1:8080, :8081); Ctrl-C stops all
   bench [-- ARGS]       run the benchmarks that exist (ARGS go to the bench binaries)
   fuzz TARGET [SECS]    run one fuzz target for SECS seconds (default 60; needs nightly)
   help                  show this text";
@@ -109,6 +113,7 @@ fn dispatch(args: &[String]) -> Result {
             write_page()
         }
         "demo" => demo(rest),
+        "cluster" => cluster::cluster(rest),
         "bench" => bench(rest),
         "fuzz" => fuzz(rest),
         "help" | "-h" | "--help" => {

@@ -148,8 +148,17 @@ pub fn parse(channel: &str, payload: &str) -> Option<ClusterEvent> {
 /// Where a node publishes its events.
 pub trait ClusterBus: Send + Sync + 'static {
     /// Connection `conn` of node `node` claimed `device` (called right
-    /// after the local [`DeviceHub::claim`]).
-    fn publish_claim(&self, device: DeviceId, node: NodeId, conn: u64);
+    /// after the local [`DeviceHub::claim`]). A bus that sends claims
+    /// asynchronously returns a receiver that completes once the claim is
+    /// in the bus's order (sent, or given up): the connection waits for it
+    /// (bounded) before answering `AuthOk`, so a device's next connection,
+    /// made after that answer, is always later in the order.
+    fn publish_claim(
+        &self,
+        device: DeviceId,
+        node: NodeId,
+        conn: u64,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>>;
 
     /// A local commit moved these inbox heads. A bus whose store already
     /// announces commits inside its transactions ignores this.
@@ -226,8 +235,15 @@ async fn deliver(
 }
 
 impl ClusterBus for MemoryBus {
-    fn publish_claim(&self, device: DeviceId, node: NodeId, conn: u64) {
+    fn publish_claim(
+        &self,
+        device: DeviceId,
+        node: NodeId,
+        conn: u64,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        // In the order as soon as it is sent.
         self.send(ClusterEvent::Claimed { device, node, conn });
+        None
     }
 
     fn publish_inbox(&self, moved: &[(DeviceId, u64)]) {
@@ -317,7 +333,7 @@ mod tests {
         let wait = std::time::Duration::from_secs(5);
 
         let mut on_a = hub_a.claim(d, 1);
-        bus.publish_claim(d, a, 1);
+        assert!(bus.publish_claim(d, a, 1).is_none());
         // Node A commits for the device; B has no connection for it yet.
         bus.publish_inbox(&[(d, 1)]);
         tokio::time::timeout(wait, on_a.inbox.changed())
@@ -326,7 +342,7 @@ mod tests {
             .expect("watch open");
 
         let mut on_b = hub_b.claim(d, 1);
-        bus.publish_claim(d, b, 1);
+        assert!(bus.publish_claim(d, b, 1).is_none());
         tokio::time::timeout(wait, &mut on_a.replaced)
             .await
             .expect("the older connection on A is replaced")

@@ -17,7 +17,7 @@ use hush_protocol::DeviceId;
 use std::str::FromStr as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, config::TargetSessionAttrs};
 
@@ -101,6 +101,13 @@ impl PgLink {
     }
 }
 
+/// One notification to send, and who waits for it to be sent.
+struct Outgoing {
+    channel: &'static str,
+    payload: String,
+    done: Option<oneshot::Sender<()>>,
+}
+
 /// The bus over PostgreSQL LISTEN/NOTIFY: one listening connection per
 /// shard database per node ([`INBOX_CHANNEL`] on every shard,
 /// [`PRESENCE_CHANNEL`] on shard 0), one connection per shard for the
@@ -109,9 +116,9 @@ pub struct PgBus {
     map: ShardMap,
     configs: Vec<Config>,
     links: Vec<Arc<PgLink>>,
-    /// Payloads to send, per shard: `(channel, payload)`.
-    outbox: Vec<mpsc::UnboundedSender<(&'static str, String)>>,
-    outbox_rx: Mutex<Vec<mpsc::UnboundedReceiver<(&'static str, String)>>>,
+    /// Payloads to send, per shard.
+    outbox: Vec<mpsc::UnboundedSender<Outgoing>>,
+    outbox_rx: Mutex<Vec<mpsc::UnboundedReceiver<Outgoing>>>,
     /// Send inbox moves after commits (when the store does not NOTIFY
     /// inside its commit transactions).
     notify_after_commit: bool,
@@ -168,17 +175,36 @@ impl PgBus {
         self.listening.load(std::sync::atomic::Ordering::SeqCst) == self.configs.len()
     }
 
-    fn queue(&self, shard: usize, channel: &'static str, payload: String) {
+    fn queue(
+        &self,
+        shard: usize,
+        channel: &'static str,
+        payload: String,
+        done: Option<oneshot::Sender<()>>,
+    ) {
         if let Some(tx) = self.outbox.get(shard) {
-            // The sender task ends only at shutdown.
-            let _ = tx.send((channel, payload));
+            // The sender task ends only at shutdown (then `done` is
+            // dropped, which ends the wait too).
+            let _ = tx.send(Outgoing {
+                channel,
+                payload,
+                done,
+            });
         }
     }
 }
 
 impl ClusterBus for PgBus {
-    fn publish_claim(&self, device: DeviceId, node: NodeId, conn: u64) {
-        self.queue(0, PRESENCE_CHANNEL, bus::claim_payload(&device, node, conn));
+    fn publish_claim(
+        &self,
+        device: DeviceId,
+        node: NodeId,
+        conn: u64,
+    ) -> Option<oneshot::Receiver<()>> {
+        let (tx, rx) = oneshot::channel();
+        let payload = bus::claim_payload(&device, node, conn);
+        self.queue(0, PRESENCE_CHANNEL, payload, Some(tx));
+        Some(rx)
     }
 
     fn publish_inbox(&self, moved: &[(DeviceId, u64)]) {
@@ -191,7 +217,7 @@ impl ClusterBus for PgBus {
         }
         for (shard, moved) in per_shard.iter().enumerate() {
             for payload in bus::inbox_payloads(moved) {
-                self.queue(shard, INBOX_CHANNEL, payload);
+                self.queue(shard, INBOX_CHANNEL, payload, None);
             }
         }
     }
@@ -236,19 +262,26 @@ impl ClusterBus for PgBus {
 /// or resync covers it.
 async fn send_loop(
     link: Arc<PgLink>,
-    mut rx: mpsc::UnboundedReceiver<(&'static str, String)>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Connect before the first notification needs it.
+    if let Err(e) = link.get().await {
+        tracing::warn!("cluster bus sender cannot connect yet: {e}");
+    }
     loop {
-        let (channel, payload) = tokio::select! {
+        let out = tokio::select! {
             m = rx.recv() => match m {
                 Some(m) => m,
                 None => return,
             },
             _ = shutdown.changed() => return,
         };
-        if let Err(e) = link.notify(channel, &payload).await {
-            tracing::warn!(channel, "cluster notification not sent: {e}");
+        if let Err(e) = link.notify(out.channel, &out.payload).await {
+            tracing::warn!(channel = out.channel, "cluster notification not sent: {e}");
+        }
+        if let Some(done) = out.done {
+            let _ = done.send(());
         }
     }
 }
@@ -357,9 +390,9 @@ pub const LIMITS_TABLE_SQL: &str = "CREATE TABLE IF NOT EXISTS hush_rate_limits 
      key bytea PRIMARY KEY, tat_us bigint NOT NULL)";
 
 const TAKE_SQL: &str = "INSERT INTO hush_rate_limits AS r (key, tat_us) \
-     VALUES ($1, $2 + $3) \
-     ON CONFLICT (key) DO UPDATE SET tat_us = GREATEST(r.tat_us, $2) + $3 \
-     WHERE GREATEST(r.tat_us, $2) - $2 <= $4 \
+     VALUES ($1::bytea, $2::bigint + $3::bigint) \
+     ON CONFLICT (key) DO UPDATE SET tat_us = GREATEST(r.tat_us, $2::bigint) + $3::bigint \
+     WHERE GREATEST(r.tat_us, $2::bigint) - $2::bigint <= $4::bigint \
      RETURNING tat_us";
 
 fn limit_key(limit: &Limit) -> Vec<u8> {
@@ -428,7 +461,7 @@ impl PgLimits {
         }
         let row = client
             .query_opt(
-                "SELECT tat_us FROM hush_rate_limits WHERE key = $1",
+                "SELECT tat_us FROM hush_rate_limits WHERE key = $1::bytea",
                 &[&key],
             )
             .await?;
@@ -450,7 +483,10 @@ impl PgLimits {
         let run = async {
             let client = self.link.get().await?;
             client
-                .execute("DELETE FROM hush_rate_limits WHERE tat_us <= $1", &[&now])
+                .execute(
+                    "DELETE FROM hush_rate_limits WHERE tat_us <= $1::bigint",
+                    &[&now],
+                )
                 .await
         };
         match run.await {
@@ -494,7 +530,7 @@ impl RateLimits for PgLimits {
         tokio::spawn(async move {
             let _ = client
                 .execute(
-                    "UPDATE hush_rate_limits SET tat_us = tat_us - $2 WHERE key = $1",
+                    "UPDATE hush_rate_limits SET tat_us = tat_us - $2::bigint WHERE key = $1::bytea",
                     &[&key, &interval],
                 )
                 .await;

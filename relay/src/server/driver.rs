@@ -14,6 +14,10 @@
 use super::Shared;
 use super::writer::{CommitRequest, CommitResult, WriterMsg};
 use crate::cluster::limits::Limit;
+
+/// Longest an authentication waits for its claim to reach the cluster bus
+/// (a bus that is down does not keep devices from connecting).
+const CLAIM_PUBLISH_BOUND: Duration = Duration::from_secs(2);
 use crate::core::{Action, DeferredAck, SendTicket, Session, short_id};
 use crate::metrics::Metrics;
 use crate::store::StoreError;
@@ -650,7 +654,12 @@ impl Conn {
                     self.pending.push_back((pending.ticket, rx));
                 }
                 Action::Authenticated(device) => {
-                    let claim = self.shared.hub.claim(device, self.conn_id);
+                    let mut claim = self.shared.hub.claim(device, self.conn_id);
+                    if let Some(published) = claim.published.take() {
+                        // AuthOk (the next action) only once the claim is
+                        // in the cluster's order: see `ClusterBus::publish_claim`.
+                        let _ = tokio::time::timeout(CLAIM_PUBLISH_BOUND, published).await;
+                    }
                     self.device = Some(device);
                     self.inbox = Some(claim.inbox);
                     self.replaced = Some(claim.replaced);

@@ -62,6 +62,9 @@ pub struct Claim {
     /// Changes when other devices' fetches ran the device's one-time
     /// prekey pool low; holds how many are left.
     pub prekeys_low: watch::Receiver<Option<u32>>,
+    /// In a cluster: completes once the claim is in the bus's order (see
+    /// [`ClusterBus::publish_claim`]).
+    pub published: Option<oneshot::Receiver<()>>,
 }
 
 impl DeviceHub {
@@ -85,9 +88,9 @@ impl DeviceHub {
     /// any, is signalled to close. In a cluster the claim is published, so
     /// that an older connection of the device on another node closes too.
     pub fn claim(&self, device: DeviceId, conn_id: u64) -> Claim {
-        let claim = self.claim_local(device, conn_id);
+        let mut claim = self.claim_local(device, conn_id);
         if let Some((node, bus)) = &self.cluster {
-            bus.publish_claim(device, *node, conn_id);
+            claim.published = bus.publish_claim(device, *node, conn_id);
         }
         claim
     }
@@ -112,6 +115,7 @@ impl DeviceHub {
             inbox: entry.inbox.subscribe(),
             replaced: rx,
             prekeys_low: entry.prekeys_low.subscribe(),
+            published: None,
         }
     }
 
