@@ -22,6 +22,7 @@
 
 mod keys;
 pub mod memory;
+pub mod postgres;
 pub mod redb_store;
 mod rules;
 mod segments;
