@@ -225,24 +225,30 @@ impl PgCluster {
         Ok(name)
     }
 
+    /// A `psql` command connected to `db` on the primary (quiet, unaligned,
+    /// stopping at the first error); add `-c SQL` and run it.
+    pub fn psql_command(&self, db: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join("psql"));
+        cmd.args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+        ])
+        .arg("-p")
+        .arg(self.primary.port.to_string())
+        .args(["-U", "postgres", "-d", db])
+        .stdin(Stdio::null());
+        cmd
+    }
+
     /// Run `sql` in `db` on the primary; returns the unaligned output.
     pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
-        let out = Command::new(self.bin.join("psql"))
-            .args([
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
-            ])
-            .arg("-p")
-            .arg(self.primary.port.to_string())
-            .args(["-U", "postgres", "-d", db, "-c", sql])
-            .stdin(Stdio::null())
-            .output()?;
+        let out = self.psql_command(db).args(["-c", sql]).output()?;
         if !out.status.success() {
             return Err(pg_err(format!(
                 "psql {sql:?}: {}",

@@ -13,6 +13,7 @@
 //! Plain `std::process::Command` and no dependencies, so it builds in seconds on a
 //! fresh machine before anything else is installed.
 
+mod pg;
 mod sri;
 
 use std::env;
@@ -280,6 +281,7 @@ fn format_duration(d: Duration) -> String {
 
 /// Step 1: install whatever the later steps need and this machine lacks.
 fn setup() -> Result<Outcome> {
+    pg::ensure_postgres()?;
     ensure_rust_components()?;
     ensure_wasm_target()?;
     if has_nightly()? {
