@@ -10,7 +10,7 @@
 //! environment.
 
 use crate::error::RelayError;
-use crate::store::StoreLimits;
+use crate::store::{StoreLimits, StoreSpec};
 use clap::Parser;
 use clap::builder::BoolishValueParser;
 use hush_protocol::limits::MAX_ENVELOPE_LEN;
@@ -50,6 +50,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory holding the database and generated certificates; created if missing.
     pub data_dir: PathBuf,
+    /// Where envelopes and metadata live (`--store`, repeatable); empty means
+    /// the redb store in `data_dir`. Exactly one is supported for now.
+    pub store: Vec<StoreSpec>,
+    /// Start on a PostgreSQL primary without a synchronous standby.
+    pub allow_unreplicated: bool,
     /// Address of the HTTP listener (health, metrics, certificate hash), if any.
     pub http: Option<SocketAddr>,
     /// Generate (and renew) a short-lived self-signed certificate in the data dir.
@@ -117,6 +122,8 @@ impl Config {
         Config {
             listen: DEFAULT_LISTEN,
             data_dir,
+            store: Vec::new(),
+            allow_unreplicated: false,
             http: None,
             dev_cert: false,
             cert: None,
@@ -169,6 +176,16 @@ impl Config {
         if let Some(v) = pick!(data) {
             c.data_dir = v;
         }
+        let specs = if cli.store.is_empty() {
+            file.store.clone().unwrap_or_default()
+        } else {
+            cli.store.clone()
+        };
+        c.store = specs
+            .iter()
+            .map(|s| StoreSpec::parse(s).map_err(|e| RelayError::Config(format!("--store: {e}"))))
+            .collect::<Result<_, _>>()?;
+        c.allow_unreplicated = pick!(allow_unreplicated).unwrap_or(false);
         c.http = pick!(http);
         c.dev_cert = pick!(dev_cert).unwrap_or(false);
         c.cert = pick!(cert);
@@ -233,6 +250,13 @@ impl Config {
                 );
             }
         }
+        if self.store.len() > 1 {
+            return err(format!(
+                "--store was given {} times: several stores (a shard map) are not supported \
+                 yet; give exactly one",
+                self.store.len()
+            ));
+        }
         if self.max_envelope < MIN_MAX_ENVELOPE || self.max_envelope > MAX_ENVELOPE_LEN {
             return err(format!(
                 "--max-envelope {} is outside {MIN_MAX_ENVELOPE}..={MAX_ENVELOPE_LEN} bytes",
@@ -284,6 +308,15 @@ impl Config {
         }
     }
 
+    /// The store to open: the one `--store` names, or the redb store in the
+    /// data directory.
+    pub fn store_spec(&self) -> StoreSpec {
+        self.store
+            .first()
+            .cloned()
+            .unwrap_or_else(|| StoreSpec::Redb(self.data_dir.clone()))
+    }
+
     /// Retention in milliseconds.
     pub fn retention_ms(&self) -> u64 {
         u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX)
@@ -294,6 +327,9 @@ impl Config {
         let f = FileConfig {
             listen: Some(self.listen),
             data: Some(self.data_dir.clone()),
+            store: (!self.store.is_empty())
+                .then(|| self.store.iter().map(StoreSpec::to_spec_string).collect()),
+            allow_unreplicated: self.allow_unreplicated.then_some(true),
             http: self.http,
             dev_cert: Some(self.dev_cert),
             cert: self.cert.clone(),
@@ -338,6 +374,26 @@ pub struct Cli {
     /// [default: ./hush-data]
     #[arg(long, env = "HUSH_DATA", value_name = "DIR")]
     pub data: Option<PathBuf>,
+
+    /// Where envelopes and metadata live: redb:DIR (a local redb store) or a
+    /// PostgreSQL URL, postgres://USER@HOST1:PORT,HOST2:PORT/DB?target_session_attrs=read-write
+    /// (nodes sharing it are otherwise stateless) [default: redb:DATA_DIR]
+    #[arg(long, env = "HUSH_STORE", value_name = "SPEC")]
+    pub store: Vec<String>,
+
+    /// Start even if the PostgreSQL primary has no synchronous standby (stored
+    /// envelopes are then only on the primary; logged, and metric
+    /// hush_store_replicated is 0)
+    #[arg(
+        long,
+        env = "HUSH_ALLOW_UNREPLICATED",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
+    pub allow_unreplicated: Option<bool>,
 
     /// Address of the HTTP listener for /healthz, /metrics, /certificate.sha256,
     /// /relay.json (where pages dial and which certificate hash to pin) and,
@@ -458,6 +514,12 @@ pub struct FileConfig {
     /// See `--data`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<PathBuf>,
+    /// See `--store` (a list of specs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<Vec<String>>,
+    /// See `--allow-unreplicated`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_unreplicated: Option<bool>,
     /// See `--http`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<SocketAddr>,
@@ -532,6 +594,13 @@ impl FileConfig {
         for p in [&mut f.data, &mut f.cert, &mut f.key].into_iter().flatten() {
             if p.is_relative() {
                 *p = base.join(&*p);
+            }
+        }
+        for spec in f.store.iter_mut().flatten() {
+            if let Some(dir) = spec.strip_prefix("redb:")
+                && Path::new(dir).is_relative()
+            {
+                *spec = format!("redb:{}", base.join(dir).display());
             }
         }
         Ok(f)
@@ -733,6 +802,61 @@ mod tests {
         assert_eq!(f.retention.as_deref(), Some("30d"));
         assert_eq!(f.data, Some(PathBuf::from("/var/lib/hush")));
         assert_eq!(f.dev_cert, Some(true));
+    }
+
+    #[test]
+    fn store_flag_picks_the_backend_and_refuses_several_or_unknown() {
+        let c = Config::parse_from(["hush-relay", "--dev-cert", "--data", "/d"]).unwrap();
+        assert_eq!(c.store_spec(), StoreSpec::Redb(PathBuf::from("/d")));
+        assert!(!c.allow_unreplicated);
+        let url =
+            "postgres://hush:pw@10.0.0.1:5432,10.0.0.2:5432/hush?target_session_attrs=read-write";
+        let c = Config::parse_from([
+            "hush-relay",
+            "--dev-cert",
+            "--store",
+            url,
+            "--allow-unreplicated",
+        ])
+        .unwrap();
+        assert_eq!(c.store_spec(), StoreSpec::Postgres(url.into()));
+        assert!(c.allow_unreplicated);
+        // The password never shows in Debug output (logs).
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("pw"), "{shown}");
+        assert!(
+            shown.contains("hush:***@10.0.0.1:5432,10.0.0.2:5432/hush"),
+            "{shown}"
+        );
+        let f = FileConfig::parse(&c.to_toml()).unwrap();
+        assert_eq!(f.store, Some(vec![url.to_string()]));
+        assert_eq!(f.allow_unreplicated, Some(true));
+        let c = Config::parse_from(["hush-relay", "--dev-cert", "--store", "redb:/x"]).unwrap();
+        assert_eq!(c.store_spec(), StoreSpec::Redb(PathBuf::from("/x")));
+        let e = Config::parse_from([
+            "hush-relay",
+            "--dev-cert",
+            "--store",
+            "redb:/x",
+            "--store",
+            url,
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("exactly one"), "{e}");
+        for bad in ["mysql://x", "redb:", "/var/lib/hush"] {
+            let e = Config::parse_from(["hush-relay", "--dev-cert", "--store", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--store"), "{bad}: {e}");
+        }
+        let f = FileConfig::parse("store = [\"postgres://h/db\"]\nallow-unreplicated = true\n")
+            .unwrap();
+        assert_eq!(f.store, Some(vec!["postgres://h/db".to_string()]));
+        assert_eq!(
+            StoreSpec::redact("postgresql://u:secret@h/db?password=x"),
+            "postgresql://u:***@h/db?password=***"
+        );
     }
 
     #[test]

@@ -194,6 +194,9 @@ pub struct Metrics {
     pub http_dropped_total: AtomicU64,
     /// `PrekeysLow` notices sent to devices.
     pub prekeys_low_notices_total: AtomicU64,
+    /// Whether the store's commits wait for a synchronous standby: 1 or 0
+    /// for PostgreSQL, -1 (not reported) for a local store.
+    pub store_replicated: AtomicI64,
     /// Refusals by code.
     refusals: [AtomicU64; ALL_CODES.len()],
 }
@@ -226,6 +229,7 @@ impl Metrics {
             preauth_oversize_total: AtomicU64::new(0),
             http_dropped_total: AtomicU64::new(0),
             prekeys_low_notices_total: AtomicU64::new(0),
+            store_replicated: AtomicI64::new(-1),
             refusals: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -311,6 +315,15 @@ impl Metrics {
             "hush_pull_latency_seconds",
             "Duration of serving one Pull.",
         );
+        let replicated = self.store_replicated.load(Ordering::Relaxed);
+        if replicated >= 0 {
+            gauge(
+                &mut out,
+                "hush_store_replicated",
+                "1 if stored envelopes are on a synchronous standby before they are acknowledged.",
+                replicated,
+            );
+        }
         gauge(
             &mut out,
             "hush_inbox_depth",

@@ -1,6 +1,7 @@
-//! The storage conformance suite: every case runs against both
-//! [`MemoryStore`] and [`RedbStore`], so the simulator's store and the real one
-//! cannot drift apart.
+//! The storage conformance suite: every case runs against [`MemoryStore`],
+//! [`RedbStore`] and [`PgStore`], so the simulator's store and the real ones
+//! cannot drift apart. The PostgreSQL cases share one throwaway server
+//! started once for this test binary, with a fresh database per case.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -11,13 +12,16 @@ use hush_protocol::{
     OneTimePrekey, SignedDeviceList, SignedPrekey, UserKey,
 };
 use hush_relay::store::memory::MemoryStore;
+use hush_relay::store::postgres::{PgOptions, PgStore};
 use hush_relay::store::redb_store::RedbStore;
 use hush_relay::store::{
     CommitOutcome, InboxState, NewEnvelope, PurgeStats, Refusal, Store, StoreError, StoreLimits,
     stored_cost,
 };
+use hush_tests::pg::PgCluster;
 use std::collections::BTreeSet;
 use std::ops::Deref;
+use std::sync::OnceLock;
 
 /// A store under test, with whatever must outlive it (the redb file's dir).
 struct Made<S> {
@@ -48,6 +52,27 @@ fn make_redb(limits: StoreLimits) -> Made<RedbStore> {
     }
 }
 
+/// The PostgreSQL server of this test binary, started on first use. It is
+/// stopped by its reaper when the binary exits (statics are never dropped).
+fn pg_cluster() -> &'static PgCluster {
+    static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        PgCluster::primary_only().expect("start PostgreSQL (is the postgresql package installed?)")
+    })
+}
+
+fn make_pg(limits: StoreLimits) -> Made<PgStore> {
+    let cluster = pg_cluster();
+    let db = cluster.create_database().unwrap();
+    // Semantics, not replication, are under test here: one server.
+    let options = PgOptions {
+        allow_unreplicated: true,
+        ..PgOptions::default()
+    };
+    let store = PgStore::open(&cluster.primary_url(&db), limits, options).unwrap();
+    Made { store, _dir: None }
+}
+
 /// Generates one `#[test]` per case and per store.
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
@@ -56,6 +81,9 @@ macro_rules! conformance {
         }
         mod redb {
             $( #[test] fn $case() { super::$case(&super::make_redb); } )*
+        }
+        mod postgres {
+            $( #[test] fn $case() { super::$case(&super::make_pg); } )*
         }
     };
 }

@@ -22,6 +22,9 @@
 //!   binary, with bounded runs and JSON-lines parsing.
 //! - [`chaos`] — SIGKILL the relay at random moments and restart it,
 //!   telling clients through a watch channel.
+//! - [`pg`] — [`pg::PgCluster`]: throwaway PostgreSQL servers on 127.0.0.1
+//!   (a primary, optionally a synchronous streaming standby) for the
+//!   PostgreSQL store, with a fresh database per test.
 //! - [`wait`] — the only place where waiting and polling happen; every wait
 //!   has a bound and names what it waited for.
 //! - [`rng`] — a small seeded generator so randomised tests can print and
@@ -41,6 +44,7 @@ pub mod device;
 pub mod envelopes;
 pub mod host;
 pub mod identity;
+pub mod pg;
 pub mod process;
 pub mod rng;
 pub mod sim;
@@ -56,7 +60,7 @@ pub use envelopes::{conversation, make_envelope, make_envelope_sized};
 pub use identity::DeviceIdentity;
 pub use process::RelayProcess;
 pub use rng::SeededRng;
-pub use wait::{wait_until, wait_until_async, within};
+pub use wait::{wait_until, wait_until_async, wait_until_blocking, within};
 
 use hush_protocol::{ErrorCode, ProtocolError, ServerFrame, WireError};
 use std::time::Duration;
@@ -104,6 +108,9 @@ pub enum HarnessError {
     /// Building a workspace binary failed.
     #[error("build: {0}")]
     Build(String),
+    /// A PostgreSQL server of [`pg::PgCluster`] failed to start or answer.
+    #[error("postgres: {0}")]
+    Postgres(String),
 }
 
 impl HarnessError {

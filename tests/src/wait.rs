@@ -55,3 +55,28 @@ where
         pause = (pause * 2).min(MAX_POLL);
     }
 }
+
+/// [`wait_until`] for plain threads (no runtime): the same bound and
+/// back-off, blocking the calling thread between polls.
+pub fn wait_until_blocking(
+    bound: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + bound;
+    let mut pause = FIRST_POLL;
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return Err(HarnessError::Timeout {
+                what: what.to_string(),
+                after: bound,
+            });
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(MAX_POLL);
+    }
+}

@@ -15,6 +15,7 @@
 //! fresh machine before anything else is installed.
 
 mod cluster;
+mod pg;
 mod sri;
 
 use std::env;
@@ -285,6 +286,7 @@ fn format_duration(d: Duration) -> String {
 
 /// Step 1: install whatever the later steps need and this machine lacks.
 fn setup() -> Result<Outcome> {
+    pg::ensure_postgres()?;
     ensure_rust_components()?;
     ensure_wasm_target()?;
     if has_nightly()? {

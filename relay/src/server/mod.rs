@@ -21,8 +21,9 @@ use crate::core::{CoreConfig, RelayCore};
 use crate::error::RelayError;
 use crate::http::{HttpState, StaticFiles};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::redb_store::RedbStore;
+use crate::store::{Store, StoreSpec};
 use crate::tls::{CertSource, CertState, dev_cert_usable};
 use hub::DeviceHub;
 use std::net::SocketAddr;
@@ -139,18 +140,58 @@ impl RelayHandle {
     ) -> Result<RelayHandle, RelayError> {
         config.validate()?;
         create_data_dir(&config.data_dir)?;
-        let path = config.data_dir.join(DB_FILE);
         let mut limits = config.store_limits();
         let auto_cap = config.max_store_bytes.is_none();
-        let store = tokio::task::spawn_blocking(move || {
-            if auto_cap {
-                limits.max_store_bytes = crate::store::redb_store::default_max_store_bytes(&path)?;
+        match config.store_spec() {
+            StoreSpec::Redb(dir) => {
+                create_data_dir(&dir)?;
+                let path = dir.join(DB_FILE);
+                let store = tokio::task::spawn_blocking(move || {
+                    if auto_cap {
+                        limits.max_store_bytes =
+                            crate::store::redb_store::default_max_store_bytes(&path)?;
+                    }
+                    RedbStore::open(path, limits)
+                })
+                .await
+                .map_err(|e| RelayError::Internal(format!("opening store: {e}")))??;
+                RelayHandle::start_with_store(config, clock, Arc::new(store), options).await
             }
-            RedbStore::open(path, limits)
-        })
-        .await
-        .map_err(|e| RelayError::Internal(format!("opening store: {e}")))??;
-        RelayHandle::start_with_store(config, clock, Arc::new(store), options).await
+            StoreSpec::Postgres(url) => {
+                // No local disk to take a share of: without --max-store-bytes
+                // the database's size is the operator's to watch.
+                let pg_options = PgOptions {
+                    allow_unreplicated: config.allow_unreplicated,
+                    ..PgOptions::default()
+                };
+                let shown = StoreSpec::redact(&url);
+                let store =
+                    tokio::task::spawn_blocking(move || PgStore::open(&url, limits, pg_options))
+                        .await
+                        .map_err(|e| RelayError::Internal(format!("opening store: {e}")))??;
+                let replicated = store.replicated();
+                if replicated {
+                    tracing::info!(
+                        store = %shown,
+                        standbys = store.replication().sync_standbys,
+                        "PostgreSQL store: commits wait for a synchronous standby"
+                    );
+                } else {
+                    tracing::warn!(
+                        store = %shown,
+                        "PostgreSQL store WITHOUT a synchronous standby (--allow-unreplicated): \
+                         acknowledged envelopes are only on the primary"
+                    );
+                }
+                let handle =
+                    RelayHandle::start_with_store(config, clock, Arc::new(store), options).await?;
+                handle
+                    .metrics
+                    .store_replicated
+                    .store(i64::from(replicated), std::sync::atomic::Ordering::Relaxed);
+                Ok(handle)
+            }
+        }
     }
 
     /// Start over a given store (e.g. a `MemoryStore` in tests). The store's

@@ -22,6 +22,7 @@
 
 mod keys;
 pub mod memory;
+pub mod postgres;
 pub mod redb_store;
 mod rules;
 mod segments;
@@ -32,6 +33,85 @@ use hush_protocol::{
     ConversationId, DeviceId, DeviceRegistration, MessageId, OneTimePrekey, PrekeyBundle,
     SignedDeviceList, SignedPrekey, Truncation, UserKey,
 };
+
+/// Where a relay keeps its data (`--store`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// `redb:DIR`: the redb store (and its segment files) in `DIR`.
+    Redb(std::path::PathBuf),
+    /// `postgres://…` or `postgresql://…`: a PostgreSQL database, possibly
+    /// with several hosts and `target_session_attrs=read-write`.
+    Postgres(String),
+}
+
+impl StoreSpec {
+    /// Parse `redb:DIR`, `postgres://…` or `postgresql://…`.
+    pub fn parse(s: &str) -> Result<StoreSpec, String> {
+        if let Some(dir) = s.strip_prefix("redb:") {
+            if dir.is_empty() {
+                return Err("redb: needs a directory (redb:DIR)".into());
+            }
+            return Ok(StoreSpec::Redb(dir.into()));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(StoreSpec::Postgres(s.to_string()));
+        }
+        Err(format!(
+            "unknown store {:?}: expected redb:DIR or postgres://…",
+            StoreSpec::redact(s)
+        ))
+    }
+
+    /// The spec as given (with its password, if any: for config files only).
+    pub fn to_spec_string(&self) -> String {
+        match self {
+            StoreSpec::Redb(dir) => format!("redb:{}", dir.display()),
+            StoreSpec::Postgres(url) => url.clone(),
+        }
+    }
+
+    /// `s` with any URL password (in the user info or a `password=` query
+    /// parameter) replaced by `***`, for logs and errors.
+    pub fn redact(s: &str) -> String {
+        let Some((scheme, rest)) = s.split_once("://") else {
+            return s.to_string();
+        };
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        let authority = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                let hidden = if userinfo.contains(':') { ":***" } else { "" };
+                format!("{user}{hidden}@{hosts}")
+            }
+            None => authority.to_string(),
+        };
+        let tail = match tail.split_once('?') {
+            Some((path, query)) => {
+                let params: Vec<String> = query
+                    .split('&')
+                    .map(|p| match p.split_once('=') {
+                        Some(("password", _)) => "password=***".to_string(),
+                        _ => p.to_string(),
+                    })
+                    .collect();
+                format!("{path}?{}", params.join("&"))
+            }
+            None => tail.to_string(),
+        };
+        format!("{scheme}://{authority}{tail}")
+    }
+}
+
+impl std::fmt::Debug for StoreSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreSpec::Redb(dir) => write!(f, "Redb({})", dir.display()),
+            // Never print a database password.
+            StoreSpec::Postgres(url) => write!(f, "Postgres({})", StoreSpec::redact(url)),
+        }
+    }
+}
 
 /// Inbox and retention limits enforced inside the commit transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,329 @@
+//! What only the PostgreSQL store has to get right: several relay nodes (here,
+//! several `PgStore`s with their own connections) racing on one database, a
+//! connection killed in the middle of a commit, and the refusal to run on a
+//! primary whose commits no synchronous standby confirms. The servers are
+//! real PostgreSQL started by `hush_tests::pg`; the shared cluster of this
+//! binary has a synchronous standby, so every commit here waits for it.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use hush_protocol::{
+    ConversationId, DeviceId, DeviceRegistration, MessageId, OneTimePrekey, SignedPrekey, UserKey,
+};
+use hush_relay::store::postgres::{PgOptions, PgStore};
+use hush_relay::store::{CommitOutcome, NewEnvelope, Store, StoreError, StoreLimits};
+use hush_tests::pg::PgCluster;
+use hush_tests::wait_until_blocking;
+use std::collections::BTreeSet;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The replicated cluster of this binary (stopped by its reaper at exit).
+fn cluster() -> &'static PgCluster {
+    static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| PgCluster::with_sync_standby().expect("start PostgreSQL"))
+}
+
+/// A fresh database and `nodes` stores on it, as `nodes` relays would have.
+fn nodes(n: usize) -> (String, Vec<PgStore>) {
+    let c = cluster();
+    let db = c.create_database().unwrap();
+    let stores = (0..n)
+        .map(|_| {
+            let s =
+                PgStore::open(&c.url(&db), StoreLimits::default(), PgOptions::default()).unwrap();
+            assert!(s.replicated(), "{:?}", s.replication());
+            s
+        })
+        .collect();
+    (db, stores)
+}
+
+fn reg(n: u8) -> DeviceRegistration {
+    DeviceRegistration {
+        device: DeviceId([n; 16]),
+        user: UserKey([n; 32]),
+        signing_key: [n; 32],
+        agreement_key: [n.wrapping_add(100); 32],
+        user_signature: [n; 64],
+    }
+}
+
+fn env(from: u8, to: u8, msg: u64) -> NewEnvelope {
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&msg.to_be_bytes());
+    id[8] = from;
+    NewEnvelope {
+        recipient: DeviceId([to; 16]),
+        sender: DeviceId([from; 16]),
+        message_id: MessageId(id),
+        conversation: ConversationId([1; 16]),
+        sender_seq: msg,
+        bytes: msg.to_be_bytes().repeat(4),
+        expires_at_ms: 1_000_000,
+    }
+}
+
+/// Eight threads on two nodes fetch bundles of one device at once: every
+/// one-time prekey is handed out exactly once, and all of them are.
+#[test]
+fn racing_bundle_fetches_on_two_nodes_hand_out_each_one_time_prekey_once() {
+    const KEYS: u32 = 60;
+    let (_db, stores) = nodes(2);
+    let target = reg(7);
+    stores[0].register_device(&target, 1).unwrap();
+    let spk = SignedPrekey {
+        id: 1,
+        public: [1; 32],
+        signature: [2; 64],
+    };
+    let otks: Vec<_> = (1..=KEYS)
+        .map(|id| OneTimePrekey {
+            id,
+            public: [id as u8; 32],
+        })
+        .collect();
+    assert_eq!(
+        stores[1]
+            .publish_prekeys(&target.device, &spk, &otks)
+            .unwrap(),
+        KEYS
+    );
+    let handed: Vec<Vec<u32>> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let store = &stores[t % 2];
+                s.spawn(move || {
+                    let mut got = Vec::new();
+                    // Each thread asks until the pool is empty for it.
+                    loop {
+                        let bundle = store.take_prekey_bundle(&target.device).unwrap().unwrap();
+                        match bundle.one_time_prekey {
+                            Some(k) => got.push(k.id),
+                            None => return got,
+                        }
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let all: Vec<u32> = handed.iter().flatten().copied().collect();
+    let distinct: BTreeSet<u32> = all.iter().copied().collect();
+    assert_eq!(all.len(), KEYS as usize, "some key was handed out twice");
+    assert_eq!(distinct, (1..=KEYS).collect());
+    assert!(
+        handed.iter().filter(|h| !h.is_empty()).count() >= 2,
+        "the fetches did not race: {handed:?}"
+    );
+    assert_eq!(stores[0].one_time_prekeys_left(&target.device).unwrap(), 0);
+}
+
+/// Two nodes commit batches to the same inbox at once: the seqs are unique
+/// and contiguous, every envelope is stored once, and the counters agree.
+#[test]
+fn concurrent_commits_from_two_nodes_to_one_inbox_get_contiguous_unique_seqs() {
+    const BATCHES: u64 = 20;
+    const PER_BATCH: u64 = 5;
+    let (_db, stores) = nodes(2);
+    for n in [1, 2, 9] {
+        stores[0].register_device(&reg(n), 1).unwrap();
+    }
+    let seqs: Vec<Vec<u64>> = std::thread::scope(|s| {
+        let threads: Vec<_> = [1u8, 2]
+            .into_iter()
+            .enumerate()
+            .map(|(i, from)| {
+                let store = &stores[i];
+                s.spawn(move || {
+                    let mut mine = Vec::new();
+                    for b in 0..BATCHES {
+                        // Each batch also touches the sender's own inbox, so
+                        // the two nodes lock two inboxes in opposite input
+                        // orders (a deadlock if they were not sorted).
+                        let mut batch: Vec<_> = (0..PER_BATCH)
+                            .map(|i| env(from, 9, b * PER_BATCH + i))
+                            .collect();
+                        batch.insert(0, env(from, 3 - from, 10_000 + b));
+                        batch.push(env(from, from, 20_000 + b));
+                        for (o, e) in store.commit(&batch).unwrap().into_iter().zip(&batch) {
+                            match o {
+                                CommitOutcome::Stored { seq } if e.recipient.0[0] == 9 => {
+                                    mine.push(seq)
+                                }
+                                CommitOutcome::Stored { .. } => {}
+                                other => panic!("unexpected {other:?}"),
+                            }
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let total = 2 * BATCHES * PER_BATCH;
+    let all: BTreeSet<u64> = seqs.iter().flatten().copied().collect();
+    assert_eq!(all.len() as u64, total, "a seq was assigned twice");
+    assert_eq!(all, (1..=total).collect());
+    // Within a batch, consecutive seqs in input order.
+    for mine in &seqs {
+        for batch in mine.chunks(PER_BATCH as usize) {
+            assert!(batch.windows(2).all(|w| w[1] == w[0] + 1), "{batch:?}");
+        }
+    }
+    let page = stores[1]
+        .pull(&DeviceId([9; 16]), 0, usize::MAX, usize::MAX)
+        .unwrap();
+    assert_eq!(
+        page.envelopes.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>()
+    );
+    let state = stores[0].inbox_state(&DeviceId([9; 16])).unwrap();
+    assert_eq!((state.head, state.depth), (total, total));
+    assert_eq!(stores[1].total_depth().unwrap(), total + 4 * BATCHES);
+}
+
+/// The connection of a commit in flight is terminated by the server: the
+/// commit fails with a typed error (no panic, nothing acknowledged), the store
+/// reconnects by itself, and the client's retry with the same ids stores each
+/// envelope once; a second retry is recognised as a duplicate.
+#[test]
+fn a_commit_whose_connection_is_killed_fails_and_its_retry_does_not_duplicate() {
+    let c = cluster();
+    let (db, stores) = nodes(1);
+    let store = &stores[0];
+    store.register_device(&reg(9), 1).unwrap();
+    let batch: Vec<_> = (1..=4).map(|m| env(1, 9, m)).collect();
+
+    // Hold the inbox row so the commit blocks inside its transaction.
+    let locker = c
+        .psql_command(&db)
+        .env("PGAPPNAME", "hush-test-locker")
+        .arg("-c")
+        .arg("BEGIN; SELECT 1 FROM hush_inboxes FOR UPDATE; SELECT pg_sleep(30); COMMIT;")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut locker = KillOnDrop(locker);
+    wait_until_blocking(
+        Duration::from_secs(20),
+        "the locker to hold the row",
+        || {
+            c.psql(
+                &db,
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'hush-test-locker' \
+             AND wait_event = 'PgSleep' AND datname = current_database()",
+            )
+            .is_ok_and(|n| n == "1")
+        },
+    )
+    .unwrap();
+    let blocked_commit = "SELECT count(*) FROM pg_stat_activity WHERE application_name = \
+                          'hush-relay' AND wait_event_type = 'Lock' AND datname = current_database()";
+    let result = std::thread::scope(|s| {
+        let commit = s.spawn(|| store.commit(&batch));
+        wait_until_blocking(
+            Duration::from_secs(20),
+            "the commit to wait on the lock",
+            || c.psql(&db, blocked_commit).is_ok_and(|n| n == "1"),
+        )
+        .unwrap();
+        let killed = c
+            .psql(
+                &db,
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = 'hush-relay' AND wait_event_type = 'Lock' \
+                 AND datname = current_database()) t",
+            )
+            .unwrap();
+        assert_eq!(killed, "1");
+        commit.join().unwrap()
+    });
+    match result {
+        Err(StoreError::Backend(msg)) => assert!(msg.contains("postgres"), "{msg}"),
+        other => panic!("the killed commit must fail, got {other:?}"),
+    }
+    c.psql(
+        &db,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'hush-test-locker' AND datname = current_database()",
+    )
+    .unwrap();
+    let _ = locker.0.wait();
+    // Nothing of the failed commit is visible.
+    assert_eq!(store.inbox_state(&DeviceId([9; 16])).unwrap().head, 0);
+    // The retry (same ids) reconnects and stores each envelope once.
+    let retry = store.commit(&batch).unwrap();
+    assert_eq!(
+        retry,
+        (1..=4)
+            .map(|seq| CommitOutcome::Stored { seq })
+            .collect::<Vec<_>>()
+    );
+    let again = store.commit(&batch).unwrap();
+    assert_eq!(
+        again,
+        (1..=4)
+            .map(|seq| CommitOutcome::Duplicate { seq })
+            .collect::<Vec<_>>()
+    );
+    let state = store.inbox_state(&DeviceId([9; 16])).unwrap();
+    assert_eq!((state.head, state.depth), (4, 4));
+}
+
+/// A primary without a synchronous standby is refused unless explicitly
+/// allowed, and the store reports it as unreplicated.
+#[test]
+fn a_primary_without_a_synchronous_standby_is_refused_unless_allowed() {
+    let lone = PgCluster::primary_only().unwrap();
+    let db = lone.create_database().unwrap();
+    let url = lone.url(&db);
+    let err = PgStore::open(&url, StoreLimits::default(), PgOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("no synchronous standby") && msg.contains("--allow-unreplicated"),
+        "{msg}"
+    );
+    let allowed = PgStore::open(
+        &url,
+        StoreLimits::default(),
+        PgOptions {
+            allow_unreplicated: true,
+            ..PgOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(!allowed.replicated());
+    // The replicated cluster passes the same check.
+    let (_db, stores) = nodes(1);
+    assert!(stores[0].replicated());
+    assert_eq!(stores[0].replication().sync_standbys, 1);
+}
+
+/// A database written by a newer relay (higher schema version) is refused.
+#[test]
+fn a_newer_schema_version_is_refused() {
+    let c = cluster();
+    let (db, _stores) = nodes(1);
+    c.psql(
+        &db,
+        "UPDATE hush_meta SET value = value + 1 WHERE key = 'schema_version'",
+    )
+    .unwrap();
+    let err = PgStore::open(&c.url(&db), StoreLimits::default(), PgOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("newer than this relay"), "{err}");
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
