@@ -165,6 +165,7 @@ impl RelayHandle {
                     ..PgOptions::default()
                 };
                 let shown = StoreSpec::redact(&url);
+                let cluster_url = url.clone();
                 let store =
                     tokio::task::spawn_blocking(move || PgStore::open(&url, limits, pg_options))
                         .await
@@ -182,6 +183,24 @@ impl RelayHandle {
                         "PostgreSQL store WITHOUT a synchronous standby (--allow-unreplicated): \
                          acknowledged envelopes are only on the primary"
                     );
+                }
+                // Several nodes may share this database: join its cluster
+                // bus (live push and presence across nodes) and keep the
+                // registration and prekey-fetch limits in it. The store
+                // does not NOTIFY inside its commits, so the bus announces
+                // them after they returned.
+                let mut options = options;
+                if options.cluster.is_none() {
+                    let rates = crate::cluster::limits::Rates {
+                        registrations_per_ip_hour: config.max_registrations_per_ip_hour,
+                        prekey_fetches_per_device_minute: config.prekey_fetches_per_device_minute,
+                        prekey_fetches_per_target_minute: config.prekey_fetches_per_target_minute,
+                    };
+                    options.cluster = Some(crate::cluster::ClusterOptions::postgres(
+                        std::slice::from_ref(&cluster_url),
+                        rates,
+                        false,
+                    )?);
                 }
                 let handle =
                     RelayHandle::start_with_store(config, clock, Arc::new(store), options).await?;
