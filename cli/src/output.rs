@@ -369,6 +369,7 @@ impl Printer {
             }
             Event::Linked => json!({"type": "linked"}),
             Event::Warning(w) => json!({"type": "warning", "message": w}),
+            Event::GroupChanged { group } => json!({"type": "group_changed", "group": conv(group)}),
         })
     }
 

@@ -454,6 +454,12 @@ pub(crate) fn event(e: &Event, names: &dyn ContactNames) -> (&'static str, JsVal
                 .set("message", message.as_str())
                 .build(),
         ),
+        Event::GroupChanged { group } => (
+            "groupChanged",
+            Obj::event("groupChanged")
+                .set("group", group.to_hex())
+                .build(),
+        ),
     }
 }
 
