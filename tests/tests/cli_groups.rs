@@ -10,6 +10,10 @@
 //! - Names: a bare name that is both a contact's and a group's is refused
 //!   (never guessed), `#NAME` picks the group; a new group or contact may
 //!   not take a name that is already used.
+//! - A hostile member's group name cannot drive the victim's terminal.
+
+// Helpers outside #[test] functions assert too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hush_tests::RelayProcess;
 use hush_tests::cli::{CliOutput, Hush, of_type, pair, texts};
@@ -246,4 +250,86 @@ async fn group_and_contact_names_never_collide_silently() {
     // Unknown groups are named as groups.
     let out = bob.run(&["send", "#nope", "x"]).await.unwrap();
     failed_with(&out, 1, "unknown group \"nope\"");
+}
+
+/// A hostile member's client (the engine driven directly, as any modified
+/// client could) names a group with terminal escape sequences and a line
+/// break that forges a message line. The victim's `hush` prints the name
+/// with those characters replaced: no escape byte reaches the terminal and
+/// no forged line appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_name_from_a_hostile_member_cannot_drive_the_terminal() {
+    use hush_cli::driver::{Discard, Driver, cli_engine_config, os_seed};
+    use hush_cli::home::Home;
+    use hush_client::{Command, Engine, Reply, Storage};
+
+    let relay = RelayProcess::spawn_temp(&[]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mallory, bob) = pair(&relay, dir.path()).await.unwrap();
+    let bob_user = {
+        let code = bob.code().await.unwrap();
+        hush_client::ContactCode::parse(&code).unwrap().user
+    };
+
+    // mallory's own client, not the CLI's checks.
+    let evil = "team\u{1b}[2J\u{1b}[1;1H\nbob: forged line\u{7}";
+    let group = {
+        let home = Home::resolve(Some(mallory.home().to_path_buf())).unwrap();
+        let storage = home.open_existing().unwrap();
+        let cfg = cli_engine_config();
+        let engine = Engine::load(
+            storage.load_state().unwrap(),
+            os_seed().unwrap(),
+            cfg.clone(),
+        )
+        .unwrap();
+        let target = home.load_relay(engine.relay()).unwrap();
+        let mut d = Driver::new(engine, storage, cfg, target);
+        let reply = d
+            .command(
+                Command::CreateGroup {
+                    name: evil.into(),
+                    members: vec![bob_user],
+                },
+                &mut Discard,
+            )
+            .await
+            .unwrap();
+        let Some(Reply::Group(id)) = reply else {
+            panic!("no group: {reply:?}");
+        };
+        d.shutdown().await;
+        id
+    };
+    send(
+        &mallory,
+        &format!("#{}", group.to_hex()),
+        "hello from the group",
+    )
+    .await;
+
+    for args in [
+        &["sync"][..],
+        &["group", "list"][..],
+        &["group", "list", "--json"][..],
+        &["history", &format!("#{}", group.to_hex())][..],
+    ] {
+        let out = bob.run_ok(args).await.unwrap();
+        for (what, text) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+            assert!(
+                !text.contains('\u{1b}') && !text.contains('\u{7}'),
+                "hush {args:?} {what} holds a control character: {text:?}"
+            );
+            assert!(
+                !text.lines().any(|l| l.starts_with("bob: forged line")),
+                "hush {args:?} {what} holds a forged line: {text:?}"
+            );
+        }
+    }
+    let list = bob.run_ok(&["group", "list"]).await.unwrap();
+    assert!(
+        list.stdout.contains("#team\u{fffd}[2J"),
+        "the name is shown, defused: {:?}",
+        list.stdout
+    );
 }
