@@ -38,6 +38,11 @@ pub enum CliError {
         "several groups are called {0:?}: name one by its id, `#ID` (ids in `hush group list --json`)"
     )]
     AmbiguousGroup(String),
+    /// Several contacts carry that name.
+    #[error(
+        "several contacts are called {0:?} (a group brought in a member under a name already used here): refusing to guess; `hush contact list --json` shows them"
+    )]
+    AmbiguousContact(String),
     /// A new group or contact name that a contact or group already has.
     #[error(
         "{0:?} is already the name of a contact or a group here: contact and group names must differ"

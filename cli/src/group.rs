@@ -13,6 +13,9 @@
 //!   because a message sent to the wrong one cannot be taken back.
 //! - Several groups of one name (others name the groups they invite you to)
 //!   are refused by name ([`CliError::AmbiguousGroup`]); `#ID` names one.
+//! - Several contacts of one name (a group brings in its members as
+//!   contacts, under the names their inviter uses) are refused too
+//!   ([`CliError::AmbiguousContact`]).
 //! - A group made here may not take a contact's or another group's name,
 //!   and a contact added here may not take a group's name
 //!   ([`CliError::NameTaken`]); neither may start with `#`.
@@ -131,7 +134,11 @@ pub fn resolve(engine: &Engine, name: &str) -> Result<Target, CliError> {
     if let Some(group) = name.strip_prefix('#') {
         return find_group(engine, group).map(Target::Group);
     }
-    let contact = Names::of(engine).find(name).map(|(_, c)| c);
+    let names = Names::of(engine);
+    if names.count(name) > 1 {
+        return Err(CliError::AmbiguousContact(name.to_string()));
+    }
+    let contact = names.find(name).map(|(_, c)| c);
     let is_group = engine.groups().iter().any(|g| g.name == name);
     match (contact, is_group) {
         (Some(_), true) => Err(CliError::AmbiguousName(name.to_string())),
@@ -171,6 +178,9 @@ fn members_by_name(engine: &Engine, names: &[String]) -> Result<Vec<UserKey>, Cl
     let known = Names::of(engine);
     let mut out: Vec<UserKey> = Vec::with_capacity(names.len());
     for n in names {
+        if known.count(n) > 1 {
+            return Err(CliError::AmbiguousContact(n.clone()));
+        }
         let (user, _) = known
             .find(n)
             .ok_or_else(|| CliError::UnknownContact(n.clone()))?;

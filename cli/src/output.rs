@@ -140,7 +140,7 @@ impl Names {
         self.contacts
             .iter()
             .find(|(k, _, _)| k == u)
-            .map(|(_, n, _)| n.clone())
+            .map(|(_, n, _)| printable(n))
             .unwrap_or_else(|| format!("user-{}", &u.to_hex()[..8]))
     }
 
@@ -149,7 +149,7 @@ impl Names {
         self.contacts
             .iter()
             .find(|(_, _, conv)| conv == c)
-            .map(|(_, n, _)| n.clone())
+            .map(|(_, n, _)| printable(n))
             .or_else(|| self.group(c))
             .unwrap_or_else(|| format!("conversation-{}", &c.to_hex()[..8]))
     }
@@ -160,6 +160,12 @@ impl Names {
             .iter()
             .find(|(_, n, _)| n == name)
             .map(|(u, _, c)| (*u, *c))
+    }
+
+    /// How many contacts carry this name (more than one when a group
+    /// brought in a member under a name already used here).
+    pub fn count(&self, name: &str) -> usize {
+        self.contacts.iter().filter(|(_, n, _)| n == name).count()
     }
 
     /// Every conversation: contacts', then groups'.
@@ -193,7 +199,8 @@ pub fn message_json(names: &Names, e: &HistoryEntry) -> Value {
     })
 }
 
-/// A name another user chose (a group's), fit for a terminal: control
+/// A name another user chose (a group's, or a member's that a group
+/// brought in as a contact), fit for a terminal: control
 /// characters (escape sequences, line breaks) become U+FFFD, so a group
 /// name cannot rewrite the screen or forge output lines.
 pub fn printable(name: &str) -> String {

@@ -333,3 +333,59 @@ async fn a_group_name_from_a_hostile_member_cannot_drive_the_terminal() {
         list.stdout
     );
 }
+
+/// A group brings in its members as contacts, under the names its creator
+/// uses for them. mallory adds carol under the name "bob" and puts her in a
+/// group with the victim, who knows the real bob as "bob": the victim now
+/// has two contacts called "bob". `hush send bob …` is refused rather than
+/// handed to whichever comes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_brought_in_under_a_contacts_name_is_never_guessed() {
+    let relay = RelayProcess::spawn_temp(&[]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (victim, bob) = pair(&relay, dir.path()).await.unwrap();
+    let mallory = Hush::new(dir.path(), "mallory").unwrap();
+    mallory.init(&relay, "mallory").await.unwrap();
+    let carol = Hush::new(dir.path(), "carol").unwrap();
+    carol.init(&relay, "carol").await.unwrap();
+    // pair() named them "alice" and "bob": the victim knows bob as "bob".
+    victim
+        .add_contact("mallory", &mallory.code().await.unwrap())
+        .await
+        .unwrap();
+    mallory
+        .add_contact("victim", &victim.code().await.unwrap())
+        .await
+        .unwrap();
+    mallory
+        .add_contact("bob", &carol.code().await.unwrap())
+        .await
+        .unwrap();
+    mallory
+        .run_ok(&["group", "create", "party", "bob", "victim"])
+        .await
+        .unwrap();
+    victim.run_ok(&["sync"]).await.unwrap();
+
+    let list = victim.run_ok(&["contact", "list", "--json"]).await.unwrap();
+    let bobs = of_type(&list.json_lines(), "contact")
+        .into_iter()
+        .filter(|c| c["name"] == "bob")
+        .count();
+    assert_eq!(
+        bobs, 2,
+        "the group brought carol in as \"bob\": {}",
+        list.stdout
+    );
+
+    let out = victim.run(&["send", "bob", "for bob only"]).await.unwrap();
+    failed_with(&out, 1, "several contacts are called \"bob\"");
+    let out = victim
+        .run(&["group", "create", "mine", "bob"])
+        .await
+        .unwrap();
+    failed_with(&out, 1, "several contacts are called \"bob\"");
+    // Nothing reached either of them.
+    assert!(bob.sync_messages().await.unwrap().is_empty());
+    assert!(carol.sync_messages().await.unwrap().is_empty());
+}
