@@ -903,16 +903,25 @@ impl Engine {
         let Some(rec) = self.groups.records.get(&conv) else {
             return false;
         };
+        // The members at the message's position that are still members
+        // (a member added by a change this device saw only after writing
+        // the message does not get it; one removed since does not either),
+        // plus whom the change itself adds or removes.
         let mut users = rec.members.clone();
         if let Ok(pt) =
             hush_crypto::open_at_rest(&self.device.at_rest.0, &entry.sealed, id.as_bytes())
             && let Ok(p) = Payload::decode(&pt)
-            && let Body::GroupControl {
-                op: GroupOp::Remove { members },
+            && let Some((pos, _)) = position(&p)
+        {
+            let at = rec.members_at(&pos);
+            users.retain(|u| at.contains(u));
+            if let Body::GroupControl {
+                op: GroupOp::Remove { members } | GroupOp::Add { members },
                 ..
             } = p.body
-        {
-            users.extend(members.into_iter().map(UserKey));
+            {
+                users.extend(members.into_iter().map(UserKey));
+            }
         }
         let me = self.user_key();
         users.remove(&me);
@@ -1350,11 +1359,20 @@ impl Engine {
                         .collect()
                 })
                 .unwrap_or_default();
-            let expired = now >= h.since_ms.saturating_add(give_up);
+            // A group not known yet waits as long as its invitation can
+            // still be re-sent (the inviter's outbox retention); the held
+            // bounds cap what waits.
+            let known_group = self.groups.records.contains_key(&conv);
+            let wait = if known_group {
+                give_up
+            } else {
+                self.cfg.outbox_retention_ms.max(give_up)
+            };
+            let expired = now >= h.since_ms.saturating_add(wait);
             let delay = h.request_delay_ms;
             if expired {
                 touched.insert(conv);
-                if self.groups.records.contains_key(&conv) {
+                if known_group {
                     for r in missing {
                         self.mark_unavailable(conv, r.id, r.device);
                     }
