@@ -200,6 +200,43 @@ pub fn group_order_prefix(group: &ConversationId) -> Vec<u8> {
     gkey(H_GORDER, &[group.as_bytes()])
 }
 
+/// A group's history in the group order, read from storage alone (no
+/// engine): every message listed under [`group_order_prefix`] that is still
+/// in history (not deleted or recalled), oldest first. `HistoryEntry::order`
+/// is the message's index in this list.
+pub fn group_history<S: crate::storage::Storage + ?Sized>(
+    storage: &S,
+    group: &ConversationId,
+) -> Result<Vec<crate::storage::HistoryEntry>, crate::error::StorageError> {
+    let mut out = Vec::new();
+    for (k, _) in storage.scan_prefix(&group_order_prefix(group))? {
+        let id = MessageId(
+            k.get(k.len().saturating_sub(16)..)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .ok_or_else(|| corrupt(&k))?,
+        );
+        if storage.get(&keys::tombstone(&id))?.is_some() {
+            continue;
+        }
+        let Some(record) = crate::storage::history_message(storage, group, &id)? else {
+            continue;
+        };
+        let read = storage.get(&keys::history_read(&id))?.is_some();
+        let skey = keys::history_state(&id);
+        let state = match storage.get(&skey)? {
+            Some(raw) => Some(storage::decode::<MessageState>(&skey, &raw)?),
+            None => None,
+        };
+        out.push(crate::storage::HistoryEntry {
+            order: out.len() as u64,
+            record,
+            read,
+            state,
+        });
+    }
+    Ok(out)
+}
+
 fn corrupt(k: &[u8]) -> crate::error::StorageError {
     crate::error::StorageError::Corrupt {
         key: keys::printable(k),

@@ -36,7 +36,7 @@ use zeroize::Zeroizing;
 pub use crate::state::{Counters, MessageState, Removal};
 pub use group::{
     GroupCounters, GroupInfo, GroupPosition, MAX_HELD_PER_DEVICE, MAX_HELD_TOTAL,
-    MAX_UNKNOWN_GROUP_STREAMS, group_order_key, group_order_prefix,
+    MAX_UNKNOWN_GROUP_STREAMS, group_history, group_order_key, group_order_prefix,
 };
 pub use inspect::{Backlog, OpenGap};
 

@@ -111,6 +111,13 @@ fn group_create_send_receive_between_online_devices() {
             vec!["hi all", "hi alice", "hello"],
             "device {i}"
         );
+        // Storage alone gives the same order.
+        let stored: Vec<String> = super::group::group_history(&net.clients[i].storage, &g)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.record.text)
+            .collect();
+        assert_eq!(stored, vec!["hi all", "hi alice", "hello"], "device {i}");
     }
     assert_eq!(group_events(&net, b, &g), vec!["hi all", "hello"]);
     let from = net
