@@ -37,7 +37,10 @@ const state = {
   config: null,
   offline: false,
   connection: "offline",
-  /** conversation id → { conversation, name, user, devices, unread, epoch, gap } */
+  /**
+   * conversation id → { conversation, name, user, devices, unread, epoch, gap },
+   * and for groups also { group: true, members: [{ user, name }], active }.
+   */
   conversations: new Map(),
   current: null,
   /** Messages shown for the current conversation: id → { entry, el }. */
@@ -330,6 +333,7 @@ async function enter(client) {
   client.on("rotation", onRotation);
   client.on("connection", (ev) => setConnection(ev.state));
   client.on("contact", () => refreshConversations());
+  client.on("group", onGroup);
   client.on("devices", onDevices);
   client.on("linked", (ev) => {
     if (ev.self) notice("This browser is now linked to your account.", "info");
@@ -483,17 +487,49 @@ async function refreshConversations() {
       countUnread(c.conversation);
     }
   }
+  for (const g of state.client.groups()) {
+    const fields = { name: g.name, group: true, members: g.members, active: g.active, devices: 0 };
+    const known = state.conversations.get(g.group);
+    if (known) {
+      Object.assign(known, fields);
+    } else {
+      state.conversations.set(g.group, { conversation: g.group, ...fields, unread: 0, epoch: null, gap: null });
+      countUnread(g.group);
+    }
+  }
   applyPendingRotations();
   renderConversations();
   renderChatHeader();
+  renderGroupPicks();
 }
 
 function renderChatHeader() {
   const c = state.conversations.get(state.current);
   if (!c) return;
   $("chat-title").textContent = c.name;
+  show($("group-members"), Boolean(c.group));
+  show($("leave-group"), Boolean(c.group && c.active));
+  $("composer").disabled = Boolean(c.group && !c.active);
+  $("chat").dataset.kind = c.group ? "group" : "contact";
+  if (c.group) {
+    $("chat-sub").textContent = c.active
+      ? `group of ${plural(c.members.length, "member", "members")} · end-to-end encrypted to each`
+      : "you are no longer a member · history stays here";
+    $("group-members").replaceChildren(
+      ...c.members.map((m) =>
+        el("li", { class: "group-member", "data-testid": "group-member", "data-name": m.name ?? "", "data-user": m.user, text: memberName(m) }),
+      ),
+    );
+    return;
+  }
   $("chat-sub").textContent =
     c.devices > 0 ? `${plural(c.devices, "device", "devices")} · end-to-end encrypted` : "end-to-end encrypted";
+}
+
+/** A member as shown: "you", the contact's name, or a short key. */
+function memberName(m) {
+  if (m.name === "me") return "you";
+  return m.name ?? `user ${m.user.slice(0, 8)}…`;
 }
 
 /** Unread = received and not yet read, counted over the newest messages. */
@@ -525,11 +561,12 @@ function renderConversations() {
           class: `conversation${c.conversation === state.current ? " active" : ""}`,
           "data-testid": "conversation",
           "data-name": c.name,
+          "data-kind": c.group ? "group" : "contact",
           "data-conversation": c.conversation,
           "aria-current": c.conversation === state.current ? "true" : null,
           onclick: () => selectConversation(c.conversation),
         },
-        el("span", { class: "avatar", "aria-hidden": "true", text: initials(c.name) }),
+        el("span", { class: `avatar${c.group ? " group" : ""}`, "aria-hidden": "true", text: c.group ? "#" : initials(c.name) }),
         el("span", { class: "conversation-name", text: c.name }),
         gapPending ? el("span", { class: "gap-dot", title: "Missing messages are being recovered", text: "⚠" }) : null,
         c.unread > 0
@@ -572,7 +609,8 @@ async function selectConversation(conv) {
       appendMessage(e);
     }
     state.oldestOrder = entries.length ? entries[0].order : null;
-    show($("load-earlier"), entries.length === PAGE_SIZE);
+    // A group shows its newest page in group order (earlier pages: the CLI).
+    show($("load-earlier"), entries.length === PAGE_SIZE && !c.group);
   } catch (e) {
     notice(`Could not read the history: ${describeError(e)}`);
   } finally {
@@ -633,7 +671,12 @@ function messageElement(entry) {
     "data-state": s,
     "data-direction": entry.outgoing ? "out" : "in",
   });
-  const bubble = el("div", { class: "bubble" }, el("p", { class: "text", "data-testid": "message-text", text: entry.text }));
+  const bubble = el("div", { class: "bubble" });
+  const inGroup = state.conversations.get(entry.conversation)?.group;
+  if (inGroup && !entry.outgoing) {
+    bubble.append(el("span", { class: "author", "data-testid": "message-author", text: entry.from ?? `user ${(entry.fromUser ?? "").slice(0, 8)}…` }));
+  }
+  bubble.append(el("p", { class: "text", "data-testid": "message-text", text: entry.text }));
   const meta = el("div", { class: "meta" }, el("time", { datetime: new Date(entry.sentAt).toISOString(), text: formatTime(entry.sentAt) }));
   if (entry.outgoing) {
     meta.append(
@@ -641,6 +684,7 @@ function messageElement(entry) {
     );
   }
   bubble.append(meta);
+  if (inGroup && entry.outgoing) bubble.append(memberStatesElement(entry.id));
   const actions = el("div", { class: "actions" });
   if (entry.outgoing) {
     actions.append(
@@ -651,6 +695,28 @@ function messageElement(entry) {
   actions.append(el("button", { type: "button", class: "ghost", title: "Delete on my devices", onclick: () => deleteMessage(entry.id) }, "Delete"));
   li.append(bubble, actions);
   return li;
+}
+
+/** Per-member states of one of this user's group messages: "✓✓ Bob · ✓ Carol". */
+function memberStatesElement(id) {
+  const span = el("span", { class: "member-states", "data-testid": "member-states" });
+  fillMemberStates(span, id);
+  return span;
+}
+
+function fillMemberStates(span, id) {
+  let states = [];
+  try {
+    states = state.client.memberStates(id);
+  } catch {
+    // Not known yet (the send is still being stored): filled on its first state event.
+  }
+  span.dataset.states = states.map((m) => `${m.name ?? m.user}:${m.state}`).join(",");
+  span.replaceChildren(
+    ...states.map((m) =>
+      el("span", { class: `member-state ${m.state}`, "data-name": m.name ?? "", "data-state": m.state, title: `${memberName(m)}: ${STATE_LABEL[m.state]}`, text: `${STATE_ICON[m.state]} ${memberName(m)}` }),
+    ),
+  );
 }
 
 function appendMessage(entry) {
@@ -710,6 +776,8 @@ function onState(ev) {
   log.states.push(ev);
   state.states.set(ev.id, ev.state);
   setMessageState(ev.id, ev.state);
+  const span = state.shown.get(ev.id)?.el.querySelector("[data-testid=member-states]");
+  if (span) fillMemberStates(span, ev.id);
   if (ev.conversation === state.current && !state.shown.has(ev.id)) {
     // Sent by this device but not through the composer (another part of
     // the app, the console): pick it up from history.
@@ -732,6 +800,7 @@ function scheduleTail() {
 async function refreshTail() {
   const conv = state.current;
   if (!conv || !state.client || state.loading || state.tailRunning) return;
+  if (state.conversations.get(conv)?.group) return refreshGroup(conv);
   state.tailDirty = false;
   state.tailRunning = true;
   const collected = []; // newest first, shown entries included as anchors
@@ -803,6 +872,100 @@ async function refreshTail() {
     scrollToEnd();
   }
   if (collected.some((e) => !e.outgoing)) scheduleMarkRead();
+}
+
+/**
+ * A group's newest page, re-read whole: a message may take its place
+ * before others already shown (the group order is causal, the same on
+ * every member's device), so the list is rebuilt in history order,
+ * keeping the elements already shown.
+ */
+async function refreshGroup(conv) {
+  state.tailDirty = false;
+  state.tailRunning = true;
+  let entries;
+  try {
+    entries = await state.client.history(conv, { limit: PAGE_SIZE });
+  } catch (e) {
+    console.warn("hush: group history refresh failed", e);
+    return;
+  } finally {
+    state.tailRunning = false;
+    if (state.tailDirty) redraw();
+  }
+  if (state.current !== conv) return;
+  const stick = nearEnd();
+  const shown = new Map();
+  const nodes = [];
+  let incoming = false;
+  for (const e of entries) {
+    const old = state.shown.get(e.id);
+    const node = old ? old.el : messageElement(e);
+    if (old) Object.assign(old.entry, { order: e.order });
+    else if (!e.outgoing) incoming = true;
+    shown.set(e.id, old ?? { entry: e, el: node });
+    nodes.push(node);
+  }
+  state.shown = shown;
+  $("messages").replaceChildren(...nodes);
+  state.oldestOrder = null;
+  show($("load-earlier"), false);
+  if (stick) scrollToEnd();
+  if (incoming) scheduleMarkRead();
+}
+
+/** A group was created, joined, changed or left. */
+function onGroup(ev) {
+  refreshConversations();
+  if (ev.group === state.current) scheduleTail();
+}
+
+/** The contacts to pick from when creating a group. */
+function renderGroupPicks() {
+  const box = $("group-picks");
+  const picked = new Set([...box.querySelectorAll("input:checked")].map((i) => i.value));
+  const contacts = [...state.conversations.values()].filter((c) => !c.group);
+  box.querySelectorAll("label").forEach((l) => l.remove());
+  for (const c of contacts) {
+    const input = el("input", { type: "checkbox", value: c.user, "data-testid": "group-pick", "data-name": c.name });
+    input.checked = picked.has(c.user);
+    box.append(el("label", { class: "pick" }, input, el("span", { text: c.name })));
+  }
+  show($("no-group-contacts"), contacts.length === 0);
+}
+
+async function createGroup(event) {
+  event.preventDefault();
+  const name = $("group-name").value.trim();
+  const members = [...$("group-picks").querySelectorAll("input:checked")].map((i) => i.value);
+  if (!name) return;
+  if (members.length === 0) {
+    notice("Pick at least one contact for the group.");
+    return;
+  }
+  await withBusy($("create-group-form").querySelector("button"), async () => {
+    try {
+      const id = await state.client.createGroup(name, members);
+      $("group-name").value = "";
+      $("group-picks").querySelectorAll("input:checked").forEach((i) => (i.checked = false));
+      await refreshConversations();
+      await selectConversation(id);
+    } catch (e) {
+      notice(`Could not create the group: ${describeError(e)}`);
+    }
+  });
+}
+
+async function leaveGroup() {
+  const conv = state.current;
+  const c = state.conversations.get(conv);
+  if (!c?.group || !confirm(`Leave ${c.name}? You will receive nothing more from it.`)) return;
+  try {
+    await state.client.leaveGroup(conv);
+    await refreshConversations();
+  } catch (e) {
+    notice(`Could not leave the group: ${describeError(e)}`);
+  }
 }
 
 /** Following the end: keep at most MAX_SHOWN messages on the page. */
@@ -1177,6 +1340,8 @@ function autoGrow() {
 $("create-form").addEventListener("submit", createUser);
 $("link-form").addEventListener("submit", linkDevice);
 $("add-contact-form").addEventListener("submit", addContact);
+$("create-group-form").addEventListener("submit", createGroup);
+$("leave-group").addEventListener("click", leaveGroup);
 $("composer-form").addEventListener("submit", send);
 $("composer").addEventListener("input", autoGrow);
 $("composer").addEventListener("keydown", (e) => {

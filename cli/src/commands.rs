@@ -37,7 +37,7 @@ const SYNC_STALL: Duration = Duration::from_secs(20);
 type Cli = Driver<FileStorage>;
 
 /// Load an initialised device's driver.
-fn open(home: &Home) -> Result<Cli, CliError> {
+pub(crate) fn open(home: &Home) -> Result<Cli, CliError> {
     let storage = home.open_existing()?;
     let cfg = cli_engine_config();
     let engine =
@@ -98,11 +98,29 @@ async fn settle(
     Ok(outcome == Outcome::Done)
 }
 
-fn contact(d: &Cli, name: &str) -> Result<ConversationId, CliError> {
-    Names::of(d.engine())
-        .find(name)
-        .map(|(_, c)| c)
-        .ok_or_else(|| CliError::UnknownContact(name.to_string()))
+/// A contact or group named on the command line (see [`crate::group`]).
+fn conversation(d: &Cli, name: &str) -> Result<ConversationId, CliError> {
+    crate::group::resolve(d.engine(), name).map(crate::group::Target::conversation)
+}
+
+/// After a change that others must hear of (a contact, a group change):
+/// reach the relay and hand it over, best effort; `saved` says what is kept
+/// if the relay cannot be reached.
+pub(crate) async fn flush_after_change(
+    d: &mut Cli,
+    sink: &mut Printer,
+    saved: &str,
+) -> Result<(), CliError> {
+    match reach(d, CONNECT_BUDGET, sink).await {
+        Ok(()) => {
+            settle(d, FLUSH_BOUND, sink).await?;
+        }
+        Err(e) => err_line(&format!(
+            "warning: {e}; {saved} and syncs with the next command"
+        )),
+    }
+    d.shutdown().await;
+    Ok(())
 }
 
 /// `hush init`.
@@ -302,6 +320,15 @@ pub async fn contact_add(home: &Home, name: String, code: String) -> Result<(), 
         });
     }
     let mut d = open(home)?;
+    if Names::of(d.engine()).find(&name).is_none() {
+        // A name new here: not a group's, not `#…`.
+        crate::group::check_new_name(
+            d.engine(),
+            &name,
+            "contact name",
+            hush_client::codes::MAX_CODE_TEXT,
+        )?;
+    }
     if parsed.user == d.engine().user_key() {
         return Err(CliError::Invalid {
             what: "contact code",
@@ -356,7 +383,7 @@ pub fn contact_list(home: &Home, style: Style) -> Result<(), CliError> {
 /// `hush send NAME TEXT`.
 pub async fn send(home: &Home, name: String, text: String, wait: Duration) -> Result<(), CliError> {
     let mut d = open(home)?;
-    let conversation = contact(&d, &name)?;
+    let conversation = conversation(&d, &name)?;
     let mut sink = Printer::new(Style::Human, false);
     requeue_failed(&mut d, &mut sink).await?;
     let reply = d
@@ -548,7 +575,7 @@ pub async fn listen(home: &Home, style: Style, stop: StopSignal) -> Result<(), C
 /// `hush read NAME`: mark every unread message from the contact read.
 pub async fn read(home: &Home, name: String) -> Result<(), CliError> {
     let mut d = open(home)?;
-    let conversation = contact(&d, &name)?;
+    let conversation = conversation(&d, &name)?;
     let me = d.engine().device_id();
     let unread: Vec<(MessageId, hush_protocol::DeviceId)> =
         whole_history(&*d.storage(), &conversation)?
@@ -586,18 +613,37 @@ pub async fn read(home: &Home, name: String) -> Result<(), CliError> {
 /// `hush history NAME`.
 pub fn history(home: &Home, name: String, limit: usize, style: Style) -> Result<(), CliError> {
     let d = open(home)?;
-    let conversation = contact(&d, &name)?;
+    let target = crate::group::resolve(d.engine(), &name)?;
     let names = Names::of(d.engine());
-    let page = hush_client::history(&*d.storage(), &conversation, None, limit)?;
+    let page = match target {
+        crate::group::Target::Contact(c) => hush_client::history(&*d.storage(), &c, None, limit)?,
+        crate::group::Target::Group(g) => {
+            crate::group::history(d.engine(), &*d.storage(), &g, limit)?
+        }
+    };
     for e in &page {
         match style {
-            Style::Json => out_line(&message_json(&names, e).to_string()),
+            Style::Json => {
+                let mut v = message_json(&names, e);
+                if let crate::group::Target::Group(_) = target
+                    && e.record.outgoing
+                {
+                    v["members"] =
+                        crate::group::member_states_json(d.engine(), &names, &e.record.id);
+                }
+                out_line(&v.to_string())
+            }
             Style::Human => {
                 let mut line = message_text(&names, e);
                 if let Some(s) = e.state {
                     line.push_str(&format!("  ({})", state_name(s)));
                 } else if !e.record.outgoing && e.read {
                     line.push_str("  (read)");
+                }
+                if let crate::group::Target::Group(_) = target
+                    && e.record.outgoing
+                {
+                    line.push_str(&crate::group::member_summary(d.engine(), &e.record.id));
                 }
                 out_line(&line);
             }
@@ -631,6 +677,18 @@ pub fn status(home: &Home, style: Style) -> Result<(), CliError> {
         }
         contacts.push((name, e.devices_of(&user).len(), unread));
     }
+    let mut groups = Vec::new();
+    for g in e.groups() {
+        let history = whole_history(&*d.storage(), &g.id)?;
+        let unread = history
+            .iter()
+            .filter(|h| !h.read && !h.record.outgoing)
+            .count();
+        for h in history.into_iter().filter(|h| h.record.outgoing) {
+            sent.insert(h.record.id, (g.id, h.record.text));
+        }
+        groups.push((g.name, g.members.len(), g.active, unread));
+    }
     let mut outbox = Vec::new();
     for id in e.outbox_ids() {
         let state = e.message_state(&id).or(stored_state(&*d.storage(), &id)?);
@@ -651,6 +709,7 @@ pub fn status(home: &Home, style: Style) -> Result<(), CliError> {
                 "devices": e.devices_of(&me).iter().map(|d| d.to_hex()).collect::<Vec<_>>(),
                 "relay": d.target().addr,
                 "contacts": contacts.iter().map(|(n, devs, unread)| json!({"name": n, "devices": devs, "unread": unread})).collect::<Vec<_>>(),
+                "groups": groups.iter().map(|(n, members, active, unread)| json!({"name": n, "members": members, "active": active, "unread": unread})).collect::<Vec<_>>(),
                 "outbox": outbox.iter().map(|(id, s, to, text)| json!({
                     "id": id.to_hex(), "state": s.map(state_name), "to": to, "text": text,
                     "sent_at": id.timestamp_ms(),
@@ -706,6 +765,15 @@ pub fn status(home: &Home, style: Style) -> Result<(), CliError> {
             out_line(&format!("contacts: {}", contacts.len()));
             for (n, devs, unread) in &contacts {
                 out_line(&format!("  {n}: {devs} device(s), {unread} unread"));
+            }
+            if !groups.is_empty() {
+                out_line(&format!("groups: {}", groups.len()));
+                for (n, members, active, unread) in &groups {
+                    out_line(&format!(
+                        "  #{n}: {members} member(s), {unread} unread{}",
+                        if *active { "" } else { " (not a member)" }
+                    ));
+                }
             }
             let waiting: Vec<_> = outbox
                 .iter()

@@ -170,6 +170,11 @@ pub struct DriverStats {
     pub sink: Duration,
     /// Times the engine was rebuilt from storage after a failure.
     pub rebuilds: u64,
+    /// Bytes of frames written to the relay (encoded frames, without the
+    /// QUIC, TLS and UDP overhead).
+    pub sent_bytes: u64,
+    /// Bytes of frames read from the relay (likewise).
+    pub received_bytes: u64,
 }
 
 /// A handled step whose storage is not durable yet.
@@ -233,6 +238,15 @@ pub struct Driver<S: Storage> {
     stats: DriverStats,
 }
 
+impl<S: Storage> Driver<S> {
+    /// Take the connection, counting what was read on it.
+    fn take_conn(&mut self) -> Option<Conn> {
+        let conn = self.conn.take()?;
+        self.stats.received_bytes += conn.received_bytes();
+        Some(conn)
+    }
+}
+
 impl<S: Storage> std::fmt::Debug for Driver<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Driver")
@@ -281,9 +295,13 @@ impl<S: Storage + Send + 'static> Driver<S> {
         self.pipelined = on;
     }
 
-    /// Where the time went so far.
+    /// Where the time went so far (and the bytes on the wire).
     pub fn stats(&self) -> DriverStats {
-        self.stats
+        let mut stats = self.stats;
+        if let Some(c) = &self.conn {
+            stats.received_bytes += c.received_bytes();
+        }
+        stats
     }
 
     /// The engine (read-only).
@@ -413,7 +431,7 @@ impl<S: Storage + Send + 'static> Driver<S> {
         }
         self.stats.handle += started.elapsed();
         if steps.iter().any(|s| s.close)
-            && let Some(conn) = self.conn.take()
+            && let Some(conn) = self.take_conn()
         {
             // Closing needs nothing durable; what earlier steps still had
             // to say on this connection is dropped with it.
@@ -588,10 +606,9 @@ impl<S: Storage + Send + 'static> Driver<S> {
 
     /// Encode and write frames; returns why the connection is lost if it is.
     async fn write_frames(&mut self, frames: &[ClientFrame]) -> Option<String> {
-        if frames.is_empty() {
+        if frames.is_empty() || self.conn.is_none() {
             return None;
         }
-        let conn = self.conn.as_mut()?;
         let mut bytes = Vec::new();
         for f in frames {
             match encode_client_frame(f) {
@@ -604,13 +621,15 @@ impl<S: Storage + Send + 'static> Driver<S> {
                 Err(e) => return Some(format!("unencodable request: {e}")),
             }
         }
+        let conn = self.conn.as_mut()?;
+        self.stats.sent_bytes += bytes.len() as u64;
         conn.write(&bytes).await.err()
     }
 
     /// Close the connection (it failed under us) without telling the engine.
     async fn drop_conn(&mut self) {
         self.outstanding.clear();
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.take_conn() {
             conn.close().await;
         }
     }
@@ -630,7 +649,7 @@ impl<S: Storage + Send + 'static> Driver<S> {
         self.outstanding.clear();
         self.queued.clear();
         self.broken = None;
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.take_conn() {
             conn.close().await;
         }
         if self.rebuilds > MAX_REBUILDS {
@@ -835,7 +854,7 @@ impl<S: Storage + Send + 'static> Driver<S> {
         // Best effort: the process is about to stop using this engine.
         let _ = self.flush(&mut Discard).await;
         self.outstanding.clear();
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.take_conn() {
             conn.close().await;
             let _ = self.feed(vec![Input::Disconnected], &mut Discard).await;
             let _ = self.flush(&mut Discard).await;

@@ -25,6 +25,29 @@ pub enum CliError {
     /// Another contact already has that name.
     #[error("a different contact is already called {0:?}")]
     DuplicateContact(String),
+    /// No group by that name (or id).
+    #[error("unknown group {0:?} (see `hush group list`)")]
+    UnknownGroup(String),
+    /// A bare name that is both a contact's and a group's.
+    #[error(
+        "{0:?} is both a contact and a group: write `#{0}` for the group (a bare name is never guessed)"
+    )]
+    AmbiguousName(String),
+    /// Several groups carry that name.
+    #[error(
+        "several groups are called {0:?}: name one by its id, `#ID` (ids in `hush group list --json`)"
+    )]
+    AmbiguousGroup(String),
+    /// Several contacts carry that name.
+    #[error(
+        "several contacts are called {0:?} (a group brought in a member under a name already used here): refusing to guess; `hush contact list --json` shows them"
+    )]
+    AmbiguousContact(String),
+    /// A new group or contact name that a contact or group already has.
+    #[error(
+        "{0:?} is already the name of a contact or a group here: contact and group names must differ"
+    )]
+    NameTaken(String),
     /// A contact or link code did not parse.
     #[error("invalid {what}: {reason}")]
     BadCode {

@@ -14,6 +14,7 @@
 //! - [`output`] — human and JSON-lines output; messages are printed from the
 //!   stored history so none is missed between commands.
 //! - [`commands`] — one function per subcommand.
+//! - [`group`] — `hush group …` and how names become contacts or groups.
 //! - [`error`] — [`CliError`] and exit codes.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -21,6 +22,7 @@
 pub mod commands;
 pub mod driver;
 pub mod error;
+pub mod group;
 pub mod home;
 pub mod output;
 pub mod transport;

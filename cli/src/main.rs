@@ -59,9 +59,15 @@ enum Cmd {
         #[command(subcommand)]
         command: ContactCmd,
     },
+    /// Groups: create, add, remove, leave, rename, list. Elsewhere a group is
+    /// named `#NAME` (or a bare NAME that is no contact's).
+    Group {
+        #[command(subcommand)]
+        command: hush_cli::group::GroupCmd,
+    },
     /// Send a message; exits 0 once the relay stored it.
     Send {
-        /// The contact's name.
+        /// The contact's name, or a group (`#NAME`; see `hush group`).
         name: String,
         /// The text.
         text: String,
@@ -90,9 +96,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show the conversation with a contact (offline).
+    /// Show the conversation with a contact or a group (offline).
     History {
-        /// The contact's name.
+        /// The contact's name, or a group (`#NAME`).
         name: String,
         /// How many of the latest messages.
         #[arg(long, default_value_t = 50)]
@@ -104,7 +110,7 @@ enum Cmd {
     /// Mark every message from a contact read (syncs to your other devices,
     /// sends read receipts).
     Read {
-        /// The contact's name.
+        /// The contact's name, or a group (`#NAME`).
         name: String,
     },
 }
@@ -186,6 +192,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Contact {
             command: ContactCmd::List { json },
         } => commands::contact_list(&home, style(json)),
+        Cmd::Group { command } => hush_cli::group::run(&home, command).await,
         Cmd::Send { name, text, wait } => commands::send(&home, name, text, wait).await,
         Cmd::Sync { json, wait } => commands::sync(&home, style(json), wait).await,
         Cmd::Listen { json } => commands::listen(&home, style(json), stop_signal()).await,

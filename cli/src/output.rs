@@ -12,8 +12,8 @@ use crate::driver::{Batch, Sink};
 use crate::error::CliError;
 use hush_client::storage::{self, keys};
 use hush_client::{
-    ConnectionState, Engine, Event, HistoryEntry, MessageState, Removal, Storage, StorageOp,
-    history,
+    ConnectionState, Engine, Event, GroupInfo, HistoryEntry, MessageState, Removal, Storage,
+    StorageOp, history,
 };
 use hush_protocol::{ConversationId, DeviceId, MessageId, UserKey};
 use serde_json::{Value, json};
@@ -101,14 +101,34 @@ fn connection_name(s: ConnectionState) -> &'static str {
 pub struct Names {
     me: UserKey,
     contacts: Vec<(UserKey, String, ConversationId)>,
+    /// Groups, by id.
+    groups: Vec<(ConversationId, GroupInfo)>,
 }
 
 impl Names {
-    /// Snapshot of the engine's contacts.
+    /// Snapshot of the engine's contacts and groups.
     pub fn of(engine: &Engine) -> Names {
         Names {
             me: engine.user_key(),
             contacts: engine.contacts(),
+            groups: engine.groups().into_iter().map(|g| (g.id, g)).collect(),
+        }
+    }
+
+    /// The group's name if `c` is a group, fit to print (see [`printable`]).
+    pub fn group(&self, c: &ConversationId) -> Option<String> {
+        self.groups
+            .iter()
+            .find(|(g, _)| g == c)
+            .map(|(_, g)| printable(&g.name))
+    }
+
+    /// The conversation as people write it on the command line: the
+    /// contact's name, or `#group`.
+    pub fn label(&self, c: &ConversationId) -> String {
+        match self.group(c) {
+            Some(g) => format!("#{g}"),
+            None => self.conversation(c),
         }
     }
 
@@ -120,16 +140,17 @@ impl Names {
         self.contacts
             .iter()
             .find(|(k, _, _)| k == u)
-            .map(|(_, n, _)| n.clone())
+            .map(|(_, n, _)| printable(n))
             .unwrap_or_else(|| format!("user-{}", &u.to_hex()[..8]))
     }
 
-    /// The contact a conversation is with, by name.
+    /// The contact a conversation is with, or the group's name.
     pub fn conversation(&self, c: &ConversationId) -> String {
         self.contacts
             .iter()
             .find(|(_, _, conv)| conv == c)
-            .map(|(_, n, _)| n.clone())
+            .map(|(_, n, _)| printable(n))
+            .or_else(|| self.group(c))
             .unwrap_or_else(|| format!("conversation-{}", &c.to_hex()[..8]))
     }
 
@@ -141,9 +162,19 @@ impl Names {
             .map(|(u, _, c)| (*u, *c))
     }
 
-    /// Every contact conversation.
+    /// How many contacts carry this name (more than one when a group
+    /// brought in a member under a name already used here).
+    pub fn count(&self, name: &str) -> usize {
+        self.contacts.iter().filter(|(_, n, _)| n == name).count()
+    }
+
+    /// Every conversation: contacts', then groups'.
     pub fn conversations(&self) -> Vec<ConversationId> {
-        self.contacts.iter().map(|(_, _, c)| *c).collect()
+        self.contacts
+            .iter()
+            .map(|(_, _, c)| *c)
+            .chain(self.groups.iter().map(|(g, _)| *g))
+            .collect()
     }
 }
 
@@ -157,6 +188,7 @@ pub fn message_json(names: &Names, e: &HistoryEntry) -> Value {
         "from_device": r.from_device.to_hex(),
         "conversation": names.conversation(&r.conversation),
         "conversation_id": r.conversation.to_hex(),
+        "group": names.group(&r.conversation).is_some(),
         "sender_seq": r.sender_seq,
         "text": r.text,
         "sent_at": r.sent_at_ms,
@@ -167,16 +199,40 @@ pub fn message_json(names: &Names, e: &HistoryEntry) -> Value {
     })
 }
 
+/// A name another user chose (a group's, or a member's that a group
+/// brought in as a contact), fit for a terminal: control
+/// characters (escape sequences, line breaks) become U+FFFD, so a group
+/// name cannot rewrite the screen or forge output lines.
+pub fn printable(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
+}
+
+/// A group as `{"type": "group", "name", "id", "members": [{"name", "user"}], "active"}`.
+pub fn group_json(names: &Names, id: &ConversationId) -> Value {
+    match names.groups.iter().find(|(g, _)| g == id) {
+        Some((_, info)) => json!({
+            "type": "group",
+            "name": printable(&info.name),
+            "id": id.to_hex(),
+            "members": info.members.iter().map(|u| json!({"name": names.user(u), "user": u.to_hex()})).collect::<Vec<_>>(),
+            "active": info.active,
+        }),
+        None => {
+            json!({"type": "group", "name": null, "id": id.to_hex(), "members": [], "active": false})
+        }
+    }
+}
+
 /// One message as a line of text.
 pub fn message_text(names: &Names, e: &HistoryEntry) -> String {
     let r = &e.record;
     let when = format_utc(r.sent_at_ms);
     if r.outgoing {
-        format!(
-            "[{when}] me → {}: {}",
-            names.conversation(&r.conversation),
-            r.text
-        )
+        format!("[{when}] me → {}: {}", names.label(&r.conversation), r.text)
+    } else if let Some(g) = names.group(&r.conversation) {
+        format!("[{when}] {} in #{g}: {}", names.user(&r.from_user), r.text)
     } else {
         format!("[{when}] {}: {}", names.user(&r.from_user), r.text)
     }
@@ -368,6 +424,7 @@ impl Printer {
                 json!({"type": "device_linked", "device": dev(device)})
             }
             Event::Linked => json!({"type": "linked"}),
+            Event::GroupChanged { group } => return Some(group_json(names, group)),
             Event::Warning(w) => json!({"type": "warning", "message": w}),
         })
     }
@@ -418,6 +475,19 @@ impl Printer {
                 device.to_hex()
             )),
             Event::Linked => err_line("this device is now linked; contacts received"),
+            Event::GroupChanged { group } => {
+                let v = group_json(names, group);
+                let members = v["members"].as_array().map_or(0, Vec::len);
+                err_line(&format!(
+                    "group #{}: {members} member(s){}",
+                    names.conversation(group),
+                    if v["active"] == true {
+                        ""
+                    } else {
+                        ", you are no longer a member"
+                    }
+                ));
+            }
             Event::MessageRemoved {
                 conversation,
                 reason,
@@ -491,6 +561,15 @@ pub fn stored_state<S: Storage + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_from_others_cannot_drive_the_terminal() {
+        assert_eq!(
+            printable("team\u{1b}[2J\r\nalice: fake line\u{7}"),
+            "team\u{fffd}[2J\u{fffd}\u{fffd}alice: fake line\u{fffd}"
+        );
+        assert_eq!(printable("Wochenende 🎉"), "Wochenende 🎉");
+    }
 
     #[test]
     fn utc_formatting() {

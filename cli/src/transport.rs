@@ -27,6 +27,7 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -240,6 +241,8 @@ pub struct Conn {
     send: quinn::SendStream,
     frames: mpsc::Receiver<Incoming>,
     reader: JoinHandle<()>,
+    /// Bytes read from the stream so far (frames as the relay encoded them).
+    received: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -316,13 +319,15 @@ pub async fn connect(target: &RelayTarget, bound: Duration) -> Result<Conn, CliE
         }
     };
     let (tx, frames) = mpsc::channel(FRAME_QUEUE);
-    let reader = tokio::spawn(read_frames(recv, tx));
+    let received = Arc::new(AtomicU64::new(0));
+    let reader = tokio::spawn(read_frames(recv, tx, received.clone()));
     Ok(Conn {
         endpoint,
         connection,
         send,
         frames,
         reader,
+        received,
     })
 }
 
@@ -334,12 +339,17 @@ fn is_cert_error(e: &quinn::ConnectionError) -> bool {
 }
 
 /// Read and decode frames until the stream ends; report why it ended.
-async fn read_frames(mut recv: quinn::RecvStream, tx: mpsc::Sender<Incoming>) {
+async fn read_frames(
+    mut recv: quinn::RecvStream,
+    tx: mpsc::Sender<Incoming>,
+    received: Arc<AtomicU64>,
+) {
     let mut buffer = FrameBuffer::new();
     let mut chunk = vec![0u8; READ_CHUNK];
     let reason = loop {
         match recv.read(&mut chunk).await {
             Ok(Some(n)) => {
+                received.fetch_add(n as u64, Ordering::Relaxed);
                 buffer.extend(chunk.get(..n).unwrap_or_default());
                 loop {
                     match buffer.next_server_frame() {
@@ -383,6 +393,11 @@ impl Conn {
             .recv()
             .await
             .unwrap_or_else(|| Incoming::Closed("reader stopped".into()))
+    }
+
+    /// Bytes of frames read from the relay on this connection so far.
+    pub fn received_bytes(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
     }
 
     /// A frame that is already waiting, if any.

@@ -119,7 +119,10 @@ pub mod storage;
 pub mod wasm;
 
 pub use codes::{ContactCode, LinkCode, control_conversation, conversation_between};
-pub use engine::{Command, ConnectionState, Engine, EngineConfig, Event, Input, Reply, Step};
+pub use engine::{
+    Command, ConnectionState, Engine, EngineConfig, Event, GroupCounters, GroupInfo, GroupPosition,
+    Input, Reply, Step,
+};
 pub use error::{ClientError, StorageError};
 pub use sig::verify_device_list;
 pub use state::{Counters, HistoryRecord, MessageState, Removal, Tombstone};

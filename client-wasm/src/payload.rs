@@ -11,7 +11,7 @@
 //! receipts and resend requests are all padded ciphertext.
 
 use crate::error::ClientError;
-use hush_protocol::{ConversationId, MessageId};
+use hush_protocol::{ConversationId, DeviceId, MessageId};
 use serde::{Deserialize, Serialize};
 
 /// Longest chat text in bytes (keeps every padded payload inside one envelope).
@@ -162,12 +162,114 @@ pub enum Body {
         /// The next seq the sender will assign in it.
         next_seq: u64,
     },
+    /// Position 12. A group chat message (chat kind, in the group's
+    /// stream). Its causal position is `(depth, id)`.
+    GroupText {
+        /// The text.
+        text: String,
+        /// Sender's clock when written (display only).
+        sent_at_ms: u64,
+        /// Lamport depth: one more than the deepest of `refs`.
+        depth: u64,
+        /// The group messages the sender had displayed with nothing after
+        /// them (its heads), at most [`MAX_GROUP_REFS`].
+        refs: Vec<GroupRef>,
+    },
+    /// Position 13. A membership or name change (chat kind, in the group's
+    /// stream), ordered like a group message.
+    GroupControl {
+        /// What changes.
+        op: GroupOp,
+        /// The group as the author sees it after the change (name, every
+        /// member): how a member added by this change learns the group.
+        /// Members who already know the group fold the ops instead.
+        snapshot: Option<GroupSnapshot>,
+        /// Sender's clock when written (display only).
+        sent_at_ms: u64,
+        /// Lamport depth (as in `GroupText`).
+        depth: u64,
+        /// Causal references (as in `GroupText`).
+        refs: Vec<GroupRef>,
+    },
+    /// Position 14 (control). "I hold messages of this group that name
+    /// these messages of yours as predecessors; send them to me."
+    GroupResend {
+        /// The group.
+        group: ConversationId,
+        /// The missing messages (all written by the receiving device).
+        ids: Vec<MessageId>,
+    },
+    /// Position 15 (control). "I will not send you these" (this device
+    /// was not a member when they were written, or no longer has them).
+    GroupUnavailable {
+        /// The group.
+        group: ConversationId,
+        /// The messages.
+        ids: Vec<MessageId>,
+    },
+}
+
+/// Most causal references in one group message.
+pub const MAX_GROUP_REFS: usize = 16;
+/// Most members of a group (the creator included).
+pub const MAX_GROUP_MEMBERS: usize = 100;
+/// Longest group name in bytes.
+pub const MAX_GROUP_NAME_BYTES: usize = 200;
+
+/// A causal reference to a group message: its id and the device that
+/// wrote it (the one asked if it is missing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GroupRef {
+    /// The message.
+    pub id: MessageId,
+    /// The device that wrote it.
+    pub device: DeviceId,
+}
+
+/// A group's name and members as one member sees them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSnapshot {
+    /// The name.
+    pub name: String,
+    /// Every member (with relay and display name, so a new member can reach
+    /// the ones it does not know).
+    pub members: Vec<ContactInfo>,
+}
+
+/// A group membership or name change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupOp {
+    /// Position 0. The group is created (members in the snapshot).
+    Create,
+    /// Position 1. Members are added.
+    Add {
+        /// The new members.
+        members: Vec<[u8; 32]>,
+    },
+    /// Position 2. Members are removed.
+    Remove {
+        /// The removed members.
+        members: Vec<[u8; 32]>,
+    },
+    /// Position 3. The author leaves.
+    Leave,
+    /// Position 4. The group is renamed.
+    Rename {
+        /// The new name.
+        name: String,
+    },
 }
 
 impl Body {
     /// Chat kinds are ordered by sender seq and shown; control kinds are not.
     pub fn is_chat(&self) -> bool {
-        matches!(self, Body::Text { .. } | Body::Recall { .. })
+        matches!(
+            self,
+            Body::Text { .. }
+                | Body::Recall { .. }
+                | Body::GroupText { .. }
+                | Body::GroupControl { .. }
+        )
     }
 
     /// Whether the sender expects a delivery receipt (and re-sends the tail of
@@ -190,6 +292,27 @@ impl Body {
             Body::LinkWelcome { contacts } => too_long(contacts.len()),
             Body::ContactAdded { .. } | Body::SessionReset { .. } | Body::NotYetSent { .. } => {
                 false
+            }
+            Body::GroupText { text, refs, .. } => {
+                text.len() > MAX_TEXT_BYTES || refs.len() > MAX_GROUP_REFS
+            }
+            Body::GroupControl {
+                op, snapshot, refs, ..
+            } => {
+                refs.len() > MAX_GROUP_REFS
+                    || match op {
+                        GroupOp::Add { members } | GroupOp::Remove { members } => {
+                            members.is_empty() || members.len() > MAX_GROUP_MEMBERS
+                        }
+                        GroupOp::Rename { name } => name.len() > MAX_GROUP_NAME_BYTES,
+                        GroupOp::Create | GroupOp::Leave => false,
+                    }
+                    || snapshot.as_ref().is_some_and(|s| {
+                        s.name.len() > MAX_GROUP_NAME_BYTES || s.members.len() > MAX_GROUP_MEMBERS
+                    })
+            }
+            Body::GroupResend { ids, .. } | Body::GroupUnavailable { ids, .. } => {
+                too_long(ids.len())
             }
         };
         if bad {

@@ -55,3 +55,36 @@ fn simulated_runs_keep_every_invariant() {
         );
     }
 }
+
+/// Group worlds: several senders, a member added and maybe one removed,
+/// under the same faults; one order everywhere, exactly once, nothing after
+/// a removal reaches the removed member (`sim::check::check_group`).
+#[test]
+fn simulated_group_runs_keep_every_invariant() {
+    let seeds = sim::seeds(0x4855_5348_4752_5000, 1_000);
+    let (report, failures) = sim::run_many(&seeds, sim::run_group);
+    for (seed, why) in &failures {
+        eprintln!(
+            "group sim seed {seed} failed: {why}\n  replay: HUSH_SIM_SEED={seed} cargo test -p hush-tests --test sim_seeds simulated_group"
+        );
+    }
+    eprintln!("group sim: {} seeds, {report:?}", seeds.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} seeds failed",
+        failures.len(),
+        seeds.len()
+    );
+    if seeds.len() >= 100 {
+        assert!(
+            report.group_messages > 0 && report.group_deliveries > 0,
+            "{report:?}"
+        );
+        assert!(
+            report.group_held > 0,
+            "no group message was ever held: {report:?}"
+        );
+        assert!(report.group_changes > 0, "{report:?}");
+        assert!(report.crashes > 0 && report.gaps_detected > 0, "{report:?}");
+    }
+}

@@ -12,6 +12,9 @@ use hush_protocol::{ConversationId, DeviceId, MessageId};
 impl Engine {
     pub(crate) fn on_command(&mut self, now: u64, c: Command) -> Result<(), ClientError> {
         match c {
+            Command::SendText { conversation, text } if self.is_group(&conversation) => {
+                self.group_command(now, Command::SendText { conversation, text })?;
+            }
             Command::SendText { conversation, text } => {
                 self.check_conversation(&conversation)?;
                 if text.len() > MAX_TEXT_BYTES {
@@ -177,12 +180,13 @@ impl Engine {
                 self.touch(Dirty::Outbox(id));
                 self.set_state(&id, MessageState::Sending);
             }
+            group => self.group_command(now, group)?,
         }
         Ok(())
     }
 
     fn check_conversation(&self, c: &ConversationId) -> Result<(), ClientError> {
-        if self.conversations.contains_key(c) {
+        if self.conversations.contains_key(c) || self.is_group(c) {
             Ok(())
         } else {
             Err(ClientError::Unknown("conversation"))

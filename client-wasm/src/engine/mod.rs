@@ -12,6 +12,7 @@
 
 mod commands;
 mod conn;
+mod group;
 mod inspect;
 mod pull;
 mod recv;
@@ -33,6 +34,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use zeroize::Zeroizing;
 
 pub use crate::state::{Counters, MessageState, Removal};
+pub use group::{
+    GroupCounters, GroupInfo, GroupPosition, MAX_HELD_PER_DEVICE, MAX_HELD_TOTAL,
+    MAX_UNKNOWN_GROUP_STREAMS, group_history, group_order_key, group_order_prefix,
+};
 pub use inspect::{Backlog, OpenGap};
 
 /// Timing and size knobs. The defaults are the product's; tests and the
@@ -222,6 +227,40 @@ pub enum Command {
         /// The message.
         id: MessageId,
     },
+    /// Create a group with this user and `members` (contacts; at most 100
+    /// members in all). Answered by [`Reply::Group`].
+    CreateGroup {
+        /// Its name (at most [`crate::payload::MAX_GROUP_NAME_BYTES`] bytes).
+        name: String,
+        /// Contacts to add.
+        members: Vec<UserKey>,
+    },
+    /// Add contacts to a group this user is a member of.
+    AddMembers {
+        /// The group.
+        group: ConversationId,
+        /// Contacts to add.
+        members: Vec<UserKey>,
+    },
+    /// Remove members from a group (any member may).
+    RemoveMembers {
+        /// The group.
+        group: ConversationId,
+        /// Members to remove (not this user: see `LeaveGroup`).
+        members: Vec<UserKey>,
+    },
+    /// Leave a group.
+    LeaveGroup {
+        /// The group.
+        group: ConversationId,
+    },
+    /// Rename a group.
+    RenameGroup {
+        /// The group.
+        group: ConversationId,
+        /// The new name.
+        name: String,
+    },
 }
 
 /// The direct answer to a command.
@@ -233,6 +272,8 @@ pub enum Reply {
     Contact(ConversationId),
     /// A link code (secret: show it to the user only).
     LinkCode(Zeroizing<String>),
+    /// The group just created (`CreateGroup`).
+    Group(ConversationId),
 }
 
 impl std::fmt::Debug for Reply {
@@ -241,6 +282,7 @@ impl std::fmt::Debug for Reply {
             Reply::Message(id) => write!(f, "Message({id})"),
             Reply::Contact(c) => write!(f, "Contact({c})"),
             Reply::LinkCode(_) => f.write_str("LinkCode([redacted])"),
+            Reply::Group(c) => write!(f, "Group({c})"),
         }
     }
 }
@@ -370,6 +412,12 @@ pub enum Event {
     Linked,
     /// The relay refused something in a way the user may need to know.
     Warning(String),
+    /// A group was created or joined, or its members or name changed, or
+    /// this user left or was removed (see [`Engine::group`]).
+    GroupChanged {
+        /// The group.
+        group: ConversationId,
+    },
 }
 
 /// Everything one call of [`Engine::handle`] asks the driver to do, in this
@@ -554,6 +602,8 @@ pub struct Engine {
     /// Per sender device: the budget for failed expensive decryption
     /// attempts (in memory only; see `recv::OpenBudgets`).
     pub(crate) open_budgets: recv::OpenBudgets,
+    /// Groups (see `group`).
+    pub(crate) groups: group::GroupState,
 }
 
 impl std::fmt::Debug for Engine {
@@ -619,6 +669,7 @@ impl Engine {
             durable_cursor: 0,
             session_repair: recv::SessionRepair::default(),
             open_budgets: recv::OpenBudgets::default(),
+            groups: group::GroupState::default(),
         }
     }
 
@@ -753,6 +804,9 @@ impl Engine {
             key: keys::printable(k),
         };
         let ids = |prefix: &[u8]| keys::ids_after(k, prefix).ok_or_else(corrupt);
+        if self.load_group_record(k, v)? {
+            return Ok(());
+        }
         if k == keys::CURSOR {
             self.cursor = storage::decode(k, v)?;
         } else if k == keys::COUNTERS {
@@ -950,6 +1004,7 @@ impl Engine {
             self.pump_outbox(now)?;
             self.flush_receipts(now)?;
             self.request_gaps(now)?;
+            self.group_timers(now)?;
             self.run_probes(now)?;
             self.pump_outbox(now)?;
             if self.link.ack_due.is_some_and(|t| now >= t) {
@@ -965,6 +1020,7 @@ impl Engine {
         for d in std::mem::take(&mut self.dirty) {
             ops.push(self.op_for(&d)?);
         }
+        ops.extend(self.group_ops()?);
         let mut step = std::mem::take(&mut self.step);
         step.storage = ops;
         let state = self.connection_state();
@@ -1060,6 +1116,7 @@ impl Engine {
                     .map(|t| t.saturating_add(self.cfg.device_list_wait_ms)),
             );
             times.extend(self.link.prekey_failures.values().map(|f| f.0));
+            times.extend(self.group_wake());
         } else if !self.link.connected {
             times.push(self.reconnect_at);
         }

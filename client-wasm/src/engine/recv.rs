@@ -278,7 +278,9 @@ impl Engine {
         };
         let is_control = conv == control_conversation(&me, &d);
         if !is_control {
-            let known = if user == self.user_key() {
+            let known = if let Some(ok) = self.group_stream_allowed(&d, &user, &conv) {
+                ok
+            } else if user == self.user_key() {
                 self.conversations.contains_key(&conv)
             } else {
                 self.contacts
@@ -698,6 +700,9 @@ impl Engine {
         seq: u64,
         payload: Payload,
     ) -> Result<(), ClientError> {
+        if !self.conversations.contains_key(&conv) {
+            return self.group_deliver(now, d, user, conv, seq, payload);
+        }
         match payload.body {
             Body::Text { text, sent_at_ms } => {
                 // Removed before it came: by its author's recall, or by this
@@ -905,6 +910,9 @@ impl Engine {
                 conversation,
                 next_seq,
             } => self.on_not_yet_sent(d, conversation, next_seq),
+            body @ (Body::GroupResend { .. } | Body::GroupUnavailable { .. }) => {
+                self.group_control(now, d, body)?
+            }
             _ => self.reject(),
         }
         Ok(())
@@ -960,6 +968,7 @@ impl Engine {
     ) -> Result<(), ClientError> {
         let me = self.device.device;
         let allowed = conv == control_conversation(&me, &d)
+            || self.is_group(&conv)
             || if user == self.user_key() {
                 self.conversations.contains_key(&conv)
             } else {

@@ -153,6 +153,9 @@ impl Engine {
         let Some(entry) = self.outbox.get(id) else {
             return false;
         };
+        if self.is_group(&entry.conversation) {
+            return self.resolve_group(now, id);
+        }
         let Some(&user) = self.conversations.get(&entry.conversation) else {
             return false;
         };
@@ -202,7 +205,7 @@ impl Engine {
     /// are used). A contact with no known device never resolves: the entry
     /// waits (its list is retried with backoff) rather than fan out to
     /// nobody.
-    fn list_gate(&mut self, now: u64, user: UserKey) -> bool {
+    pub(crate) fn list_gate(&mut self, now: u64, user: UserKey) -> bool {
         let me = self.user_key();
         let (usable, fetched) = if user == me {
             (self.own.known.list.is_some(), self.own.known.fetched_ms)
@@ -854,6 +857,7 @@ impl Engine {
             }
         }
         for id in read {
+            self.group_note_read(d, id);
             let is_recipient = self
                 .outbox
                 .get(id)
@@ -966,7 +970,7 @@ impl Engine {
     }
 }
 
-fn new_target(device: DeviceId, recipient: bool) -> Target {
+pub(crate) fn new_target(device: DeviceId, recipient: bool) -> Target {
     Target {
         device,
         recipient,

@@ -1678,6 +1678,9 @@ mod sessions;
 #[path = "tests_devices.rs"]
 mod devices;
 
+#[path = "tests_groups.rs"]
+mod groups;
+
 /// History of a conversation as the app reads it: the message ids.
 fn history_ids(net: &Net, i: usize, conv: &ConversationId) -> BTreeSet<MessageId> {
     crate::storage::history(&net.clients[i].storage, conv, None, 100)

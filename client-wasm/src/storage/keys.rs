@@ -19,10 +19,16 @@
 //! | `s/link/<token 16>` | `LinkToken` | one-time link token issued by this device |
 //! | `s/parked/<relay seq 8>` | `ParkedEnvelope` | envelope from a device not yet in a verified list |
 //! | `s/receipts/<device 16>` | `PendingReceipt` | receipt content not yet sent to that device |
+//! | `s/group/<group 16>` | `GroupRecord` | a group's name, members, base snapshot, change log, heads (`engine::group`) |
+//! | `s/gmsg/<group 16><msg 16>` | `Known` | a group message known here: depth, author, device |
+//! | `s/gheld/<group 16><msg 16>` | `Held` | a group message waiting for its predecessors |
+//! | `s/gread/<msg 16>` | `BTreeSet<UserKey>` | members who read one's group message |
+//! | `s/gcount` | `GroupCounters` | group counters |
 //! | `h/msg/<conv 16><msg 16>` | `HistoryRecord` | a delivered or sent message |
 //! | `h/order/<conv 16><order 8>` | `MessageId` | delivery order of the conversation |
 //! | `h/read/<msg 16>` | `()` | read marker |
 //! | `h/state/<msg 16>` | `MessageState` | delivery state of a message this user sent |
+//! | `h/gorder/<group 16><depth 8><msg 16>` | `()` | group order: byte order is the display order |
 
 use hush_protocol::{ConversationId, DeviceId, MessageId, UserKey};
 

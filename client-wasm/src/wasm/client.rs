@@ -93,7 +93,7 @@ impl Connect {
     }
 }
 
-fn string_arg(v: &JsValue, what: &str) -> Result<String, Failure> {
+pub(super) fn string_arg(v: &JsValue, what: &str) -> Result<String, Failure> {
     v.as_string()
         .ok_or_else(|| Failure::invalid(format!("{what} must be a string")))
 }
@@ -104,7 +104,7 @@ fn message_id(v: &JsValue) -> Result<MessageId, Failure> {
         .map_err(|_| Failure::invalid(format!("`{text}` is not a message id (32 hex digits)")))
 }
 
-fn promise<F>(f: F) -> Promise
+pub(super) fn promise<F>(f: F) -> Promise
 where
     F: Future<Output = Result<JsValue, Failure>> + 'static,
 {
@@ -287,7 +287,7 @@ impl Client {
         result.map_err(|e| Failure::from(e).to_js())
     }
 
-    fn engine<T>(&self, f: impl FnOnce(&Engine) -> T) -> Result<T, Failure> {
+    pub(super) fn engine<T>(&self, f: impl FnOnce(&Engine) -> T) -> Result<T, Failure> {
         if let Some(fail) = self.inner.shared.unusable() {
             return Err(fail);
         }
@@ -300,7 +300,7 @@ impl Client {
     }
 
     /// Send a command through the loop; resolves after its step completed.
-    fn command(&self, cmd: Command) -> impl Future<Output = CommandResult> + 'static {
+    pub(super) fn command(&self, cmd: Command) -> impl Future<Output = CommandResult> + 'static {
         let (reply, answer) = oneshot::channel();
         let sent = match self.inner.shared.unusable() {
             Some(f) => Err(f),
@@ -316,30 +316,43 @@ impl Client {
         }
     }
 
-    /// A conversation from a contact name or a conversation id (hex).
+    /// A conversation from a conversation id (hex; a contact's or a
+    /// group's), a contact name, or a group name. A name that is both a
+    /// contact's and a group's is refused: never guessed.
     fn conversation(&self, v: &JsValue) -> Result<ConversationId, Failure> {
         let text = string_arg(v, "the contact or conversation")?;
-        let contacts = self.engine(|e| e.contacts())?;
+        let (contacts, groups) = self.engine(|e| (e.contacts(), e.groups()))?;
         if let Ok(id) = ConversationId::from_hex(text.trim())
-            && contacts.iter().any(|(_, _, c)| *c == id)
+            && (contacts.iter().any(|(_, _, c)| *c == id) || groups.iter().any(|g| g.id == id))
         {
             return Ok(id);
         }
-        let mut named = contacts.iter().filter(|(_, name, _)| *name == text);
-        match (named.next(), named.next()) {
-            (Some((_, _, c)), None) => Ok(*c),
-            (Some(_), Some(_)) => Err(Failure::invalid(format!(
-                "several contacts are named `{text}`: use the conversation id"
-            ))),
-            (None, _) => Err(Failure::new(
+        let named: Vec<ConversationId> = contacts
+            .iter()
+            .filter(|(_, name, _)| *name == text)
+            .map(|(_, _, c)| *c)
+            .chain(groups.iter().filter(|g| g.name == text).map(|g| g.id))
+            .collect();
+        match named.as_slice() {
+            [c] => Ok(*c),
+            [] => Err(Failure::new(
                 "unknown",
-                format!("no contact or conversation `{text}`"),
+                format!("no contact, group or conversation `{text}`"),
             )),
+            _ => Err(Failure::invalid(format!(
+                "several contacts or groups are named `{text}`: use the conversation id"
+            ))),
         }
     }
 
     fn conversations_list(&self) -> Result<Vec<ConversationId>, Failure> {
-        self.engine(|e| e.contacts().into_iter().map(|(_, _, c)| c).collect())
+        self.engine(|e| {
+            e.contacts()
+                .into_iter()
+                .map(|(_, _, c)| c)
+                .chain(e.groups().into_iter().map(|g| g.id))
+                .collect()
+        })
     }
 
     /// This user's contact code (`hush-contact:…`): safe to share.
@@ -509,7 +522,8 @@ impl Client {
 
     /// A page of a conversation's history, oldest first: up to `limit`
     /// (default 50, at most 500) messages before position `before` (an
-    /// entry's `order`; omit it for the newest).
+    /// entry's `order`; omit it for the newest). A group's page holds the
+    /// messages that arrived last, sorted in the group order.
     #[wasm_bindgen(unchecked_return_type = "Promise<HistoryEntry[]>")]
     pub fn history(
         &self,
@@ -529,8 +543,18 @@ impl Client {
         let this = self.share();
         promise(async move {
             let (conv, before, limit) = prepared?;
-            let entries = history::page(&this.inner.shared.store, &conv, before, limit).await?;
+            let mut entries = history::page(&this.inner.shared.store, &conv, before, limit).await?;
             let engine = this.inner.shared.engine.borrow();
+            if let Some(e) = engine.as_ref()
+                && e.group(&conv).is_some()
+            {
+                // A group's page in the group order (the same on every
+                // member's device), not in arrival order.
+                entries.sort_by_cached_key(|x| {
+                    let pos = e.group_position(&conv, &x.record.id);
+                    (pos.is_none(), pos, x.order)
+                });
+            }
             let names: &dyn convert::ContactNames = match engine.as_ref() {
                 Some(e) => e,
                 None => &NoNames,
@@ -714,6 +738,12 @@ impl convert::ContactNames for NoNames {
         None
     }
     fn name_of(&self, _: &hush_protocol::UserKey) -> Option<String> {
+        None
+    }
+    fn group_of(&self, _: &ConversationId) -> Option<crate::GroupInfo> {
+        None
+    }
+    fn me(&self) -> Option<hush_protocol::UserKey> {
         None
     }
 }

@@ -7,7 +7,7 @@
 //! and nothing has to be `free()`d.
 
 use crate::{ClientError, ConnectionState, Counters, Event, HistoryEntry, MessageState, Removal};
-use crate::{HistoryRecord, StorageError};
+use crate::{GroupInfo, HistoryRecord, StorageError};
 use hush_protocol::{ConversationId, UserKey};
 use js_sys::{Array, Object, Reflect};
 use std::cell::RefCell;
@@ -151,10 +151,15 @@ fn removal_name(r: Removal) -> &'static str {
     }
 }
 
-/// Looks up the display name of the contact a conversation is with.
+/// Looks up the display name of the contact a conversation is with, and
+/// the groups.
 pub(crate) trait ContactNames {
     fn contact_of(&self, conversation: &ConversationId) -> Option<String>;
     fn name_of(&self, user: &UserKey) -> Option<String>;
+    /// The group a conversation is, if it is one.
+    fn group_of(&self, conversation: &ConversationId) -> Option<GroupInfo>;
+    /// This user.
+    fn me(&self) -> Option<UserKey>;
 }
 
 impl ContactNames for crate::Engine {
@@ -171,6 +176,49 @@ impl ContactNames for crate::Engine {
             .find(|(u, _, _)| u == user)
             .map(|(_, name, _)| name)
     }
+
+    fn group_of(&self, conversation: &ConversationId) -> Option<GroupInfo> {
+        self.group(conversation)
+    }
+
+    fn me(&self) -> Option<UserKey> {
+        Some(self.user_key())
+    }
+}
+
+/// How a user is shown: "me", the contact's name, or null.
+pub(crate) fn user_name(user: &UserKey, names: &dyn ContactNames) -> JsValue {
+    if names.me().as_ref() == Some(user) {
+        return JsValue::from_str("me");
+    }
+    opt_str(names.name_of(user))
+}
+
+/// `[{ user, name }]` of a group's members.
+fn members(g: &GroupInfo, names: &dyn ContactNames) -> Array {
+    g.members
+        .iter()
+        .map(|u| {
+            Obj::new()
+                .set("user", u.to_hex())
+                .set("name", user_name(u, names))
+                .build()
+        })
+        .collect()
+}
+
+/// A `GroupInfo` (`kind` None) or `GroupEvent` (`kind` "group") object.
+pub(crate) fn group_obj(event: bool, g: &GroupInfo, names: &dyn ContactNames) -> JsValue {
+    let obj = if event {
+        Obj::event("group")
+    } else {
+        Obj::new()
+    };
+    obj.set("group", g.id.to_hex())
+        .set("name", g.name.as_str())
+        .set("members", members(g, names))
+        .set("active", g.active)
+        .build()
 }
 
 fn opt_str(v: Option<String>) -> JsValue {
@@ -181,6 +229,11 @@ fn record_fields(obj: Obj, r: &HistoryRecord, names: &dyn ContactNames) -> Obj {
     obj.set("id", r.id.to_hex())
         .set("conversation", r.conversation.to_hex())
         .set("contact", opt_str(names.contact_of(&r.conversation)))
+        .set(
+            "group",
+            opt_str(names.group_of(&r.conversation).map(|g| g.name)),
+        )
+        .set("from", user_name(&r.from_user, names))
         .set("fromUser", r.from_user.to_hex())
         .set("fromDevice", r.from_device.to_hex())
         .num("senderSeq", r.sender_seq)
@@ -208,9 +261,11 @@ pub(crate) fn history_entry(e: &HistoryEntry, names: &dyn ContactNames) -> JsVal
 /// once per message, and the JS strings that repeat from message to message
 /// (conversation, contact, author user and device) made once per step.
 pub(crate) struct NameCache {
+    me: UserKey,
     contacts: Vec<(UserKey, String, ConversationId)>,
-    /// conversation → (hex, contact name or null)
-    conversations: RefCell<HashMap<ConversationId, (JsValue, JsValue)>>,
+    groups: Vec<GroupInfo>,
+    /// conversation → (hex, contact name or null, group name or null)
+    conversations: RefCell<HashMap<ConversationId, (JsValue, JsValue, JsValue)>>,
     users: RefCell<HashMap<UserKey, JsValue>>,
     devices: RefCell<HashMap<hush_protocol::DeviceId, JsValue>>,
 }
@@ -218,7 +273,9 @@ pub(crate) struct NameCache {
 impl NameCache {
     pub fn new(engine: &crate::Engine) -> Self {
         NameCache {
+            me: engine.user_key(),
             contacts: engine.contacts(),
+            groups: engine.groups(),
             conversations: RefCell::default(),
             users: RefCell::default(),
             devices: RefCell::default(),
@@ -228,10 +285,11 @@ impl NameCache {
     /// A `message` event, with the repeating strings from the cache.
     fn message(&self, r: &HistoryRecord) -> JsValue {
         let mut convs = self.conversations.borrow_mut();
-        let (conv_hex, contact) = convs.entry(r.conversation).or_insert_with(|| {
+        let (conv_hex, contact, group) = convs.entry(r.conversation).or_insert_with(|| {
             (
                 JsValue::from(r.conversation.to_hex()),
                 opt_str(self.contact_of(&r.conversation)),
+                opt_str(self.group_of(&r.conversation).map(|g| g.name)),
             )
         });
         let mut users = self.users.borrow_mut();
@@ -246,6 +304,8 @@ impl NameCache {
             .set("id", r.id.to_hex())
             .set_ref("conversation", conv_hex)
             .set_ref("contact", contact)
+            .set_ref("group", group)
+            .set("from", user_name(&r.from_user, self))
             .set_ref("fromUser", user)
             .set_ref("fromDevice", device)
             .num("senderSeq", r.sender_seq)
@@ -270,6 +330,14 @@ impl ContactNames for NameCache {
             .iter()
             .find(|(u, _, _)| u == user)
             .map(|(_, name, _)| name.clone())
+    }
+
+    fn group_of(&self, conversation: &ConversationId) -> Option<GroupInfo> {
+        self.groups.iter().find(|g| g.id == *conversation).cloned()
+    }
+
+    fn me(&self) -> Option<UserKey> {
+        Some(self.me)
     }
 }
 
@@ -318,6 +386,7 @@ pub(crate) fn events(
                 Obj::new()
                     .set("conversation", c.to_hex())
                     .set("contact", opt_str(names.contact_of(c)))
+                    .set("group", opt_str(names.group_of(c).map(|g| g.name)))
                     .num("count", *n)
                     .num("incoming", *incoming)
                     .build()
@@ -448,6 +517,17 @@ pub(crate) fn event(e: &Event, names: &dyn ContactNames) -> (&'static str, JsVal
                 .build(),
         ),
         Event::Linked => ("linked", Obj::event("linked").set("self", true).build()),
+        Event::GroupChanged { group } => (
+            "group",
+            match names.group_of(group) {
+                Some(g) => group_obj(true, &g, names),
+                // A group this device no longer keeps: its id only.
+                None => Obj::event("group")
+                    .set("group", group.to_hex())
+                    .set("active", false)
+                    .build(),
+            },
+        ),
         Event::Warning(message) => (
             "warning",
             Obj::event("warning")

@@ -16,6 +16,8 @@
 //!
 //! Modules:
 //! - [`client`] — the `Client` class: options, commands, getters, listeners.
+//! - `group` — the `Client`'s group methods (create, members, leave,
+//!   rename, list, per-member states) and their TS types.
 //! - `driver` — the single-threaded loop around the engine that performs
 //!   every step in the driver-contract order (storage durable, then frames,
 //!   then events), timers, reconnects, rebuild after a failure.
@@ -31,6 +33,7 @@
 pub mod client;
 mod convert;
 mod driver;
+mod group;
 mod history;
 mod idb_store;
 mod lock;
@@ -94,8 +97,12 @@ export interface HushError extends Error {
 export interface MessageRecord {
   id: string;
   conversation: string;
-  /** Display name of the contact the conversation is with. */
+  /** Display name of the contact the conversation is with (null in a group). */
   contact: string | null;
+  /** The group's name when the conversation is a group, else null. */
+  group: string | null;
+  /** Display name of the author: "me", a contact's name, or null for a group member who is no contact. */
+  from: string | null;
   fromUser: string;
   fromDevice: string;
   senderSeq: number;
@@ -124,7 +131,7 @@ export interface MessageEvent extends MessageRecord { type: "message" }
 export interface MessagesEvent {
   type: "messages";
   count: number;
-  conversations: { conversation: string; contact: string | null; count: number; incoming: number }[];
+  conversations: { conversation: string; contact: string | null; group: string | null; count: number; incoming: number }[];
 }
 export interface StateEvent { type: "state"; id: string; conversation: string; state: MessageState }
 export interface RemovedEvent { type: "removed"; id: string; conversation: string; reason: "recalled" | "deleted" }
@@ -159,7 +166,7 @@ export interface ErrorEvent { type: "error"; code: HushErrorCode; message: strin
 export type HushEvent =
   | MessageEvent | MessagesEvent | StateEvent | RemovedEvent | ReadEvent | ProgressEvent | GapEvent
   | RotationEvent | ConnectionEvent | ContactEvent | DevicesEvent | LinkedEvent
-  | WarningEvent | ErrorEvent | RelayMisbehaviourEvent;
+  | WarningEvent | ErrorEvent | RelayMisbehaviourEvent | GroupEvent;
 
 export interface HushEventMap {
   message: MessageEvent;
@@ -177,6 +184,7 @@ export interface HushEventMap {
   linked: LinkedEvent;
   warning: WarningEvent;
   error: ErrorEvent;
+  group: GroupEvent;
   "*": HushEvent;
 }
 export type HushEventType = keyof HushEventMap;

@@ -16,11 +16,24 @@
 //!    a message twice.
 //! 6. Every chat stream is complete: each device has delivered (or declared
 //!    unrecoverable) every sender seq every other device assigned to it.
+//!
+//! Group scenarios add (see [`check_group`]):
+//!
+//! 7. One order: a group message has the same position on every device
+//!    that shows it, and every device's group order is sorted by it, has
+//!    no duplicate and lists only messages in its history.
+//! 8. Causality: every message the sender displayed before writing a
+//!    message comes before it.
+//! 9. Exactly once to every member: a message reaches every device of every
+//!    user who was a member when it was written (and the author's other
+//!    devices), unless that user or the author was removed during the run.
+//! 10. Removal: a user removed before the sender wrote a message never
+//!     shows it.
 
 use super::Report;
 use super::world::World;
 use hush_client::storage::keys;
-use hush_client::{MessageState, Storage};
+use hush_client::{GroupPosition, MessageState, Storage};
 use hush_protocol::{ConversationId, DeviceId, MessageId};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -175,8 +188,9 @@ pub fn check(w: &World) -> Result<Report, Violation> {
         report.out_of_order += c.out_of_order;
         report.resent += c.resent;
         report.probes += c.probes;
-        let convs: BTreeSet<ConversationId> =
+        let mut convs: BTreeSet<ConversationId> =
             n.engine.contacts().into_iter().map(|(_, _, c)| c).collect();
+        convs.extend(w.group);
         for conv in convs {
             let ids = history_ids(&n.storage, &conv)?;
             let unique: BTreeSet<&MessageId> = ids.iter().collect();
@@ -214,5 +228,135 @@ pub fn check(w: &World) -> Result<Report, Violation> {
             }
         }
     }
+    check_group(w, &mut report)?;
     Ok(report)
+}
+
+/// Invariants 7–10 of a group scenario.
+pub fn check_group(w: &World, report: &mut Report) -> Result<(), Violation> {
+    let Some(g) = w.group else {
+        return Ok(());
+    };
+    report.group_messages = w.group_sent.len();
+    let users = w.scenario.devices.len();
+    let mut keys = Vec::new();
+    for u in 0..users {
+        keys.push(
+            w.user_key(u)
+                .ok_or_else(|| Violation::Setup("user without device".into()))?,
+        );
+    }
+    let mut pos_of: BTreeMap<MessageId, GroupPosition> = BTreeMap::new();
+    for (i, n) in w.nodes.iter().enumerate() {
+        let order = n.engine.group_order(&g);
+        let unique: BTreeSet<&MessageId> = order.iter().collect();
+        if unique.len() != order.len() {
+            return Err(Violation::Invariant(format!(
+                "device {i} orders a group message twice"
+            )));
+        }
+        let history: BTreeSet<MessageId> = history_ids(&n.storage, &g)?.into_iter().collect();
+        let mut prev: Option<GroupPosition> = None;
+        for id in &order {
+            if !history.contains(id) {
+                return Err(Violation::Invariant(format!(
+                    "device {i} orders group message {id} that is not in its history"
+                )));
+            }
+            let p = n.engine.group_position(&g, id).ok_or_else(|| {
+                Violation::Invariant(format!("device {i} has no position for {id}"))
+            })?;
+            match pos_of.get(id) {
+                Some(q) if *q != p => {
+                    return Err(Violation::Invariant(format!(
+                        "group message {id} has position {p:?} on device {i}, {q:?} elsewhere"
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    pos_of.insert(*id, p);
+                }
+            }
+            if prev.is_some_and(|q| q >= p) {
+                return Err(Violation::Invariant(format!(
+                    "device {i}'s group order is not sorted"
+                )));
+            }
+            prev = Some(p);
+        }
+        let c = n.engine.group_counters();
+        report.group_held += c.held;
+        report.group_refs_requested += c.refs_requested;
+    }
+    for m in &w.group_sent {
+        let Some(px) = pos_of.get(&m.id) else {
+            continue;
+        };
+        for y in &m.after {
+            if pos_of.get(y).is_some_and(|py| py >= px) {
+                return Err(Violation::Invariant(format!(
+                    "group message {y} was displayed before {} was written, but is ordered after it",
+                    m.id
+                )));
+            }
+        }
+    }
+    for m in &w.group_sent {
+        let sender_user = w.nodes[m.node].user;
+        let sender_removed = w.removed_users.contains(&sender_user);
+        let author = keys[sender_user];
+        let s = &w.nodes[m.node].storage;
+        let state = s
+            .get(&keys::history_state(&m.id))
+            .map_err(|e| Violation::Engine(e.to_string()))?
+            .and_then(|v| hush_client::storage::decode::<MessageState>(b"state", &v).ok());
+        if !sender_removed
+            && !matches!(
+                state,
+                Some(MessageState::Stored | MessageState::Delivered | MessageState::Read)
+            )
+        {
+            return Err(Violation::Invariant(format!(
+                "group message {} ended in state {state:?}",
+                m.id
+            )));
+        }
+        for (d, n) in w.nodes.iter().enumerate() {
+            if d == m.node {
+                continue;
+            }
+            let u = n.user;
+            let member = m.members.contains(&keys[u]) || u == sender_user;
+            let shows = n.engine.group_position(&g, &m.id).is_some();
+            if !member && w.removed_users.contains(&u) && shows {
+                return Err(Violation::Invariant(format!(
+                    "device {d} of removed user {u} shows group message {} written after the removal",
+                    m.id
+                )));
+            }
+            let present = has(&n.storage, &keys::history_message(&g, &m.id))?
+                || has(&n.storage, &keys::tombstone(&m.id))?
+                || has(
+                    &n.storage,
+                    &[
+                        b"s/recall/".as_slice(),
+                        g.as_bytes(),
+                        author.as_bytes(),
+                        m.id.as_bytes(),
+                    ]
+                    .concat(),
+                )?;
+            if present {
+                report.group_deliveries += 1;
+            } else if member && !sender_removed && !w.removed_users.contains(&u) {
+                return Err(Violation::Invariant(format!(
+                    "device {d} (user {u}) lacks group message {} from node {} ({:?})",
+                    m.id,
+                    m.node,
+                    n.engine.group_counters()
+                )));
+            }
+        }
+    }
+    Ok(())
 }

@@ -21,7 +21,7 @@ mod check;
 mod world;
 
 pub use check::Violation;
-pub use world::{Scenario, World};
+pub use world::{GroupPlan, GroupSent, Scenario, World};
 
 use crate::rng::SeededRng;
 
@@ -63,11 +63,29 @@ pub struct Report {
     pub truncations: u64,
     /// Simulated events processed.
     pub events: u64,
+    /// Group messages sent.
+    pub group_messages: usize,
+    /// Group message deliveries verified (message × device).
+    pub group_deliveries: usize,
+    /// Group messages that were held for a predecessor.
+    pub group_held: u64,
+    /// Group predecessors asked of their author.
+    pub group_refs_requested: u64,
+    /// Group membership changes seen (GroupChanged events).
+    pub group_changes: u64,
 }
 
 /// Run one seed: build the scenario, run it, check the invariants.
 pub fn run(seed: u64) -> Result<Report, Violation> {
     let scenario = Scenario::from_seed(seed);
+    let mut world = World::new(seed, scenario)?;
+    world.run()?;
+    check::check(&world)
+}
+
+/// Run one group seed (see [`Scenario::group_from_seed`]).
+pub fn run_group(seed: u64) -> Result<Report, Violation> {
+    let scenario = Scenario::group_from_seed(seed);
     let mut world = World::new(seed, scenario)?;
     world.run()?;
     check::check(&world)
@@ -158,4 +176,9 @@ fn add(total: &mut Report, r: &Report) {
     total.withheld += r.withheld;
     total.truncations += r.truncations;
     total.events += r.events;
+    total.group_messages += r.group_messages;
+    total.group_deliveries += r.group_deliveries;
+    total.group_held += r.group_held;
+    total.group_refs_requested += r.group_refs_requested;
+    total.group_changes += r.group_changes;
 }

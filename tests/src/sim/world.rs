@@ -77,6 +77,19 @@ pub struct Scenario {
     /// expiry report claiming a thousand future seqs of a sender stream in
     /// the page (a hostile relay); no stream may lose a message to it.
     pub forge_bp: u64,
+    /// A group scenario (see [`GroupPlan`]); `None` for one-to-one only.
+    pub group: Option<GroupPlan>,
+}
+
+/// The group workload: the first user creates a group with every user but
+/// the last; during the fault phase members send group messages, one
+/// member adds the last user, and maybe one member removes another.
+#[derive(Debug, Clone)]
+pub struct GroupPlan {
+    /// Group messages sent (by random devices of members).
+    pub messages: usize,
+    /// A member removes another member during the run.
+    pub remove: bool,
 }
 
 impl Scenario {
@@ -107,6 +120,7 @@ impl Scenario {
             pipelined: false,
             pull_depth: EngineConfig::default().pull_depth,
             forge_bp: 0,
+            group: None,
         };
         // Drawn from their own generator, so the rest of the scenario of a
         // seed is what it was before these knobs existed.
@@ -181,6 +195,35 @@ impl Scenario {
         s
     }
 
+    /// A small group world from a seed: 3–4 users of 1–2 devices, the
+    /// fault families of [`Scenario::from_seed`] with outboxes that outlive
+    /// the run (relay retention may still expire envelopes), a few
+    /// one-to-one messages besides the group workload.
+    pub fn group_from_seed(seed: u64) -> Scenario {
+        let mut s = Scenario::from_seed(seed);
+        let mut g = SeededRng::new(seed ^ 0x6a05_5eed);
+        // Small worlds (1,000 seeds in tens of seconds): 3 or 4 users of
+        // one device each, one of them with a second device in half of the
+        // seeds; at most 5 devices.
+        let users = g.range(3, 4) as usize;
+        s.devices = vec![1; users];
+        if g.range(0, 1) == 1 {
+            let u = g.range(0, users as u64 - 1) as usize;
+            s.devices[u] = 2;
+        }
+        s.late_user = false;
+        s.messages = g.range(0, 2) as usize;
+        s.outbox_retention_ms = 14 * 24 * 60 * MINUTE;
+        s.workload_ms = s.workload_ms.min(3 * MINUTE);
+        s.offline_max_ms = s.offline_max_ms.min(3 * MINUTE);
+        s.heal_ms = 8 * MINUTE;
+        s.group = Some(GroupPlan {
+            messages: g.range(4, 9) as usize,
+            remove: g.range(0, 1) == 1,
+        });
+        s
+    }
+
     /// Whether senders may legitimately lose messages (their outbox expires
     /// before the sim ends), so recipients may report them unrecoverable.
     pub fn senders_may_forget(&self) -> bool {
@@ -216,6 +259,20 @@ pub struct SentMsg {
     pub text: String,
     /// Creation order at the sending node.
     pub index: usize,
+}
+
+/// A group message the workload sent.
+#[derive(Debug, Clone)]
+pub struct GroupSent {
+    /// Its id.
+    pub id: MessageId,
+    /// The sending node.
+    pub node: usize,
+    /// The members as the sender saw them when it wrote it.
+    pub members: BTreeSet<UserKey>,
+    /// The group messages the sender displayed when it wrote it (they must
+    /// come before it everywhere).
+    pub after: Vec<MessageId>,
 }
 
 /// One simulated device.
@@ -277,6 +334,9 @@ enum Ev {
     /// A pipelined node's oldest pending batch becomes durable.
     LocalCommit(usize, u64),
     Send(usize, usize),
+    GroupSend(usize),
+    GroupAdd(usize),
+    GroupRemove(usize),
     Recall(usize),
     Delete(usize),
     Read(usize),
@@ -316,6 +376,12 @@ pub struct World {
     pub recalled: BTreeSet<MessageId>,
     /// Plaintext found in bytes that reached the relay.
     pub leaks: Vec<String>,
+    /// The group of a group scenario.
+    pub group: Option<ConversationId>,
+    /// Group messages sent, in order.
+    pub group_sent: Vec<GroupSent>,
+    /// Users removed from the group (by a member's command).
+    pub removed_users: BTreeSet<usize>,
     /// Counters for the report.
     pub report: super::Report,
     text_counter: usize,
@@ -353,6 +419,9 @@ impl World {
             sent: Vec::new(),
             recalled: BTreeSet::new(),
             leaks: Vec::new(),
+            group: None,
+            group_sent: Vec::new(),
+            removed_users: BTreeSet::new(),
             report: super::Report::default(),
             text_counter: 0,
             trace: std::env::var("HUSH_SIM_TRACE").is_ok(),
@@ -586,6 +655,34 @@ impl World {
                 self.at(t, Ev::Crash(n));
             }
         }
+        if let Some(plan) = self.scenario.group.clone() {
+            // Every user but the last; the last is added during the run.
+            let members: Vec<UserKey> = (1..users - 1).filter_map(|u| self.user_key(u)).collect();
+            let reply = self.command(
+                0,
+                Command::CreateGroup {
+                    name: "sim".into(),
+                    members,
+                },
+            )?;
+            let Some(Reply::Group(g)) = reply else {
+                return Err(Violation::Setup("no group".into()));
+            };
+            self.group = Some(g);
+            for _ in 0..plan.messages {
+                let t = self.rng.range(start, end);
+                let n = self.rng.range(0, self.nodes.len() as u64 - 1) as usize;
+                self.at(t, Ev::GroupSend(n));
+            }
+            let t = self.rng.range(start, end);
+            let n = self.rng.range(0, self.nodes.len() as u64 - 1) as usize;
+            self.at(t, Ev::GroupAdd(n));
+            if plan.remove {
+                let t = self.rng.range(start, end);
+                let n = self.rng.range(0, self.nodes.len() as u64 - 1) as usize;
+                self.at(t, Ev::GroupRemove(n));
+            }
+        }
         self.at(start + 10 * SECOND, Ev::Purge);
         self.faults = true;
         self.run_until(end)?;
@@ -752,6 +849,84 @@ impl World {
                         text,
                         index,
                     });
+                }
+            }
+            Ev::GroupSend(i) => {
+                let Some(g) = self.group else {
+                    return Ok(());
+                };
+                let Some(info) = self.nodes[i].engine.group(&g).filter(|x| x.active) else {
+                    return Ok(());
+                };
+                let after = self.nodes[i].engine.group_order(&g);
+                self.text_counter += 1;
+                let text = format!("{MARKER}{}-{}", self.seed, self.text_counter);
+                let reply = self.command(
+                    i,
+                    Command::SendText {
+                        conversation: g,
+                        text,
+                    },
+                )?;
+                if let Some(Reply::Message(id)) = reply {
+                    self.group_sent.push(GroupSent {
+                        id,
+                        node: i,
+                        members: info.members.into_iter().collect(),
+                        after,
+                    });
+                }
+            }
+            Ev::GroupAdd(i) => {
+                let Some(g) = self.group else {
+                    return Ok(());
+                };
+                let last = self.scenario.devices.len() - 1;
+                let Some(key) = self.user_key(last) else {
+                    return Ok(());
+                };
+                let ok = self.nodes[i]
+                    .engine
+                    .group(&g)
+                    .is_some_and(|x| x.active && !x.members.contains(&key));
+                if ok {
+                    self.command(
+                        i,
+                        Command::AddMembers {
+                            group: g,
+                            members: vec![key],
+                        },
+                    )?;
+                }
+            }
+            Ev::GroupRemove(i) => {
+                let Some(g) = self.group else {
+                    return Ok(());
+                };
+                let Some(info) = self.nodes[i].engine.group(&g).filter(|x| x.active) else {
+                    return Ok(());
+                };
+                let me = self.nodes[i].user;
+                let users = self.scenario.devices.len();
+                let pick = self.rng.range(0, users as u64 - 1) as usize;
+                // Never the last user (the one added during the run).
+                let victim = (0..users - 1).map(|k| (pick + k) % (users - 1)).find(|&u| {
+                    u != me
+                        && self
+                            .user_key(u)
+                            .is_some_and(|key| info.members.contains(&key))
+                });
+                if let Some(v) = victim
+                    && let Some(key) = self.user_key(v)
+                {
+                    self.removed_users.insert(v);
+                    self.command(
+                        i,
+                        Command::RemoveMembers {
+                            group: g,
+                            members: vec![key],
+                        },
+                    )?;
                 }
             }
             Ev::Recall(i) => {
@@ -1029,6 +1204,7 @@ impl World {
 
     fn record(&mut self, i: usize, e: Event) {
         match e {
+            Event::GroupChanged { .. } => self.report.group_changes += 1,
             Event::Message(r) => {
                 *self.nodes[i].shown.entry(r.id).or_default() += 1;
                 if !r.outgoing {

@@ -1,0 +1,711 @@
+//! Groups on the shared engine test network: membership changes, multi-
+//! device members, the causal order under reordering and loss, and the
+//! attacks a hostile member or stranger can try.
+
+use super::*;
+
+impl Net {
+    fn create_group(&mut self, i: usize, name: &str, members: &[usize]) -> ConversationId {
+        let members = members
+            .iter()
+            .map(|m| self.clients[*m].engine.user_key())
+            .collect();
+        let Some(Reply::Group(g)) = self.command(
+            i,
+            Command::CreateGroup {
+                name: name.into(),
+                members,
+            },
+        ) else {
+            panic!("no group");
+        };
+        g
+    }
+
+    /// Make every pair of users contacts.
+    fn befriend_all(&mut self, users: &[usize]) {
+        for (n, a) in users.iter().enumerate() {
+            for b in &users[n + 1..] {
+                self.befriend(*a, *b);
+            }
+        }
+    }
+
+    fn user(&self, i: usize) -> UserKey {
+        self.clients[i].engine.user_key()
+    }
+}
+
+/// Texts of a group in the group order, as device `i` shows them.
+fn group_texts(net: &Net, i: usize, g: &ConversationId) -> Vec<String> {
+    let e = &net.clients[i].engine;
+    let texts: BTreeMap<MessageId, String> = net.clients[i]
+        .events
+        .iter()
+        .filter_map(|ev| match ev {
+            Event::Message(r) if r.conversation == *g => Some((r.id, r.text.clone())),
+            _ => None,
+        })
+        .collect();
+    let sent: BTreeMap<MessageId, String> =
+        storage::history(&net.clients[i].storage, g, None, 10_000)
+            .unwrap()
+            .into_iter()
+            .map(|h| (h.record.id, h.record.text))
+            .collect();
+    e.group_order(g)
+        .iter()
+        .map(|id| {
+            texts
+                .get(id)
+                .or_else(|| sent.get(id))
+                .cloned()
+                .unwrap_or_else(|| panic!("ordered message {id} not in history"))
+        })
+        .collect()
+}
+
+/// Every `Event::Message` of the group on device `i` (to count duplicates).
+fn group_events(net: &Net, i: usize, g: &ConversationId) -> Vec<String> {
+    net.clients[i]
+        .events
+        .iter()
+        .filter_map(|ev| match ev {
+            Event::Message(r) if r.conversation == *g => Some(r.text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn say(net: &mut Net, i: usize, g: ConversationId, text: &str) -> MessageId {
+    net.send(i, g, text)
+}
+
+#[test]
+fn group_create_send_receive_between_online_devices() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let c = net.create("carol");
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    let g = net.create_group(a, "trip", &[b, c]);
+    net.advance(2_000);
+    for i in [a, b, c] {
+        let info = net.clients[i].engine.group(&g).expect("group known");
+        assert_eq!(info.name, "trip");
+        assert!(info.active);
+        let mut want = vec![net.user(a), net.user(b), net.user(c)];
+        want.sort();
+        assert_eq!(info.members, want);
+    }
+    say(&mut net, a, g, "hi all");
+    net.advance(2_000);
+    say(&mut net, b, g, "hi alice");
+    net.advance(2_000);
+    say(&mut net, c, g, "hello");
+    net.advance(2_000);
+    for i in [a, b, c] {
+        assert_eq!(
+            group_texts(&net, i, &g),
+            vec!["hi all", "hi alice", "hello"],
+            "device {i}"
+        );
+        // Storage alone gives the same order.
+        let stored: Vec<String> = super::group::group_history(&net.clients[i].storage, &g)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.record.text)
+            .collect();
+        assert_eq!(stored, vec!["hi all", "hi alice", "hello"], "device {i}");
+    }
+    assert_eq!(group_events(&net, b, &g), vec!["hi all", "hello"]);
+    let from = net
+        .messages(b)
+        .into_iter()
+        .find(|r| r.text == "hello")
+        .unwrap()
+        .from_user;
+    assert_eq!(from, net.user(c));
+}
+
+fn info(net: &Net, i: usize, g: &ConversationId) -> super::group::GroupInfo {
+    net.clients[i].engine.group(g).expect("group known")
+}
+
+/// Envelopes the relay stored for device `to` in conversation `conv`.
+fn envelopes_to(net: &Net, to: DeviceId, conv: &ConversationId) -> usize {
+    net.relay
+        .seen_bytes
+        .iter()
+        .filter_map(|b| Envelope::from_bytes(b).ok())
+        .filter(|e| e.header.recipient_device == to && e.header.conversation_id == *conv)
+        .count()
+}
+
+#[test]
+fn membership_changes_add_remove_leave_rename_reach_every_member() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let c = net.create("carol");
+    let d = net.create("dave");
+    net.befriend_all(&[a, b, c]);
+    net.befriend(a, d);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b]);
+    net.advance(2_000);
+    say(&mut net, a, g, "before carol");
+    net.advance(2_000);
+    net.command(
+        a,
+        Command::AddMembers {
+            group: g,
+            members: vec![net.user(c), net.user(d)],
+        },
+    );
+    net.advance(3_000);
+    for i in [a, b, c, d] {
+        assert_eq!(info(&net, i, &g).members.len(), 4, "device {i}");
+    }
+    // Dave is not Bob's or Carol's contact: he became one through the group.
+    say(&mut net, d, g, "dave here");
+    say(&mut net, b, g, "after carol");
+    net.advance(5_000);
+    assert_eq!(group_texts(&net, c, &g), vec!["dave here", "after carol"]);
+    assert_eq!(
+        group_texts(&net, b, &g),
+        vec!["before carol", "dave here", "after carol"]
+    );
+    net.command(
+        c,
+        Command::RenameGroup {
+            group: g,
+            name: "renamed".into(),
+        },
+    );
+    net.advance(2_000);
+    for i in [a, b, c, d] {
+        assert_eq!(info(&net, i, &g).name, "renamed");
+    }
+    net.command(
+        b,
+        Command::RemoveMembers {
+            group: g,
+            members: vec![net.user(d)],
+        },
+    );
+    net.advance(2_000);
+    assert!(!info(&net, d, &g).active, "dave learns he was removed");
+    let now = net.now;
+    assert!(
+        net.clients[d]
+            .engine
+            .handle(now, Input::Command(Command::LeaveGroup { group: g }))
+            .is_err()
+    );
+    net.command(c, Command::LeaveGroup { group: g });
+    net.advance(2_000);
+    assert!(!info(&net, c, &g).active);
+    for i in [a, b] {
+        let mut want = vec![net.user(a), net.user(b)];
+        want.sort();
+        assert_eq!(info(&net, i, &g).members, want, "device {i}");
+    }
+    say(&mut net, a, g, "just us");
+    net.advance(2_000);
+    assert_eq!(group_texts(&net, b, &g).last().unwrap(), "just us");
+    for i in [c, d] {
+        assert!(!group_texts(&net, i, &g).contains(&"just us".to_string()));
+    }
+    // A removed member cannot send any more.
+    assert!(
+        net.clients[d]
+            .engine
+            .handle(
+                net.now,
+                Input::Command(Command::SendText {
+                    conversation: g,
+                    text: "x".into()
+                })
+            )
+            .is_err()
+    );
+}
+
+#[test]
+fn group_commands_check_their_limits() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let s = net.create("stranger");
+    net.befriend(a, b);
+    net.advance(2_000);
+    let e = &mut net.clients[a].engine;
+    let now = net.now;
+    let r = e.handle(
+        now,
+        Input::Command(Command::CreateGroup {
+            name: "x".repeat(crate::payload::MAX_GROUP_NAME_BYTES + 1),
+            members: vec![],
+        }),
+    );
+    assert!(matches!(r, Err(ClientError::TooLarge { .. })));
+    let stranger = net.clients[s].engine.user_key();
+    let e = &mut net.clients[a].engine;
+    let r = e.handle(
+        now,
+        Input::Command(Command::CreateGroup {
+            name: "g".into(),
+            members: vec![stranger],
+        }),
+    );
+    assert!(matches!(r, Err(ClientError::Unknown("contact"))));
+    let g = net.create_group(a, "g", &[b]);
+    let too_many: Vec<UserKey> = (0..100u8).map(|i| UserKey([i; 32])).collect();
+    let e = &mut net.clients[a].engine;
+    for i in 0..100u8 {
+        e.contacts.insert(
+            UserKey([i; 32]),
+            crate::state::Contact {
+                user: UserKey([i; 32]),
+                relay: "relay".into(),
+                name: String::new(),
+                conversation: conversation_between(&e.user_key(), &UserKey([i; 32])),
+                known: Default::default(),
+            },
+        );
+    }
+    let r = e.handle(
+        now,
+        Input::Command(Command::AddMembers {
+            group: g,
+            members: too_many,
+        }),
+    );
+    assert!(matches!(r, Err(ClientError::NotAllowed(_))));
+    assert_eq!(e.group(&g).unwrap().members.len(), 2);
+}
+
+#[test]
+fn multi_device_members_get_every_message_once_in_the_same_order() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let a2 = net.join(a);
+    let b = net.create("bob");
+    let b2 = net.join(b);
+    let c = net.create("carol");
+    net.advance(2_000);
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    let g = net.create_group(a2, "g", &[b, c]);
+    net.advance(3_000);
+    for i in [a, a2, b, b2, c] {
+        assert!(info(&net, i, &g).active, "device {i}");
+    }
+    // Senders on different devices, with sends that cross in flight.
+    say(&mut net, a, g, "a1");
+    say(&mut net, b2, g, "b1");
+    say(&mut net, c, g, "c1");
+    net.advance(1_000);
+    say(&mut net, a2, g, "a2");
+    say(&mut net, b, g, "b2");
+    net.advance(3_000);
+    let want = group_texts(&net, a, &g);
+    assert_eq!(want.len(), 5);
+    for i in [a2, b, b2, c] {
+        assert_eq!(group_texts(&net, i, &g), want, "device {i}");
+    }
+    // Exactly once: each device got each message not its own once.
+    // (each device wrote one of the five).
+    for i in [a, a2, b, b2, c] {
+        let ev = group_events(&net, i, &g);
+        let set: BTreeSet<&String> = ev.iter().collect();
+        assert_eq!(set.len(), ev.len(), "duplicate on {i}");
+        assert_eq!(ev.len(), 4, "device {i}");
+    }
+    // a1 and a2 were written by Alice's two devices in that order; each
+    // device shows them in that order.
+    for i in [a, a2, b, b2, c] {
+        let t = group_texts(&net, i, &g);
+        let p1 = t.iter().position(|x| x == "a1").unwrap();
+        let p2 = t.iter().position(|x| x == "a2").unwrap();
+        assert!(p1 < p2);
+    }
+}
+
+#[test]
+fn held_message_is_released_when_its_predecessor_arrives_after_a_resend() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let c = net.create("carol");
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b, c]);
+    net.advance(2_000);
+    let cd = net.clients[c].engine.device_id();
+    // The relay loses Alice's question to Carol; Bob answers it.
+    net.relay.lose_next.insert(cd, 1);
+    say(&mut net, a, g, "question?");
+    net.advance(500);
+    say(&mut net, b, g, "answer");
+    net.advance(500);
+    assert!(group_texts(&net, c, &g).is_empty(), "the answer is held");
+    assert_eq!(net.clients[c].engine.group_counters().held, 1);
+    // Carol asks Alice by id after the grace period, long before Alice's
+    // tail probe would re-send it.
+    net.advance(6_000);
+    assert_eq!(group_texts(&net, c, &g), vec!["question?", "answer"]);
+    assert!(net.clients[c].engine.group_counters().refs_requested >= 1);
+    assert_eq!(net.clients[a].engine.counters().probes, 0);
+    for i in [a, b] {
+        assert_eq!(group_texts(&net, i, &g), vec!["question?", "answer"]);
+    }
+    // The answer was not shown before the question it follows.
+    assert_eq!(group_events(&net, c, &g), vec!["question?", "answer"]);
+}
+
+#[test]
+fn held_messages_survive_a_restart() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let c = net.create("carol");
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b, c]);
+    net.advance(2_000);
+    let cd = net.clients[c].engine.device_id();
+    net.relay.lose_next.insert(cd, 1);
+    say(&mut net, a, g, "first");
+    net.advance(500);
+    say(&mut net, b, g, "second");
+    net.advance(500);
+    assert!(group_texts(&net, c, &g).is_empty());
+    // Carol's process dies and restarts from storage.
+    let records = net.clients[c].storage.load_state().unwrap();
+    net.clients[c].engine = Engine::load(records, [77; 32], Net::cfg()).unwrap();
+    net.clients[c].connected = false;
+    net.advance(8_000);
+    assert_eq!(group_texts(&net, c, &g), vec!["first", "second"]);
+    assert!(info(&net, c, &g).active);
+}
+
+#[test]
+fn a_mention_and_the_senders_next_message_never_swap() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let a2 = net.join(a);
+    let b = net.create("bob");
+    net.advance(2_000);
+    net.befriend(a, b);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b]);
+    net.advance(2_000);
+    let bd = net.clients[b].engine.device_id();
+    // The mention from Alice's phone is delayed; her laptop, which showed
+    // it, sends the next message, which reaches Bob first.
+    net.relay.lose_next.insert(bd, 1);
+    say(&mut net, a, g, "@bob look");
+    net.advance(500);
+    say(&mut net, a2, g, "(the photo)");
+    net.advance(500);
+    assert!(group_texts(&net, b, &g).is_empty());
+    net.advance(8_000);
+    for i in [a, a2, b] {
+        assert_eq!(
+            group_texts(&net, i, &g),
+            vec!["@bob look", "(the photo)"],
+            "device {i}"
+        );
+    }
+}
+
+#[test]
+fn two_senders_interleaving_with_losses_give_one_order_everywhere() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let c = net.create("carol");
+    let d = net.create("dave");
+    net.befriend_all(&[a, b, c, d]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b, c, d]);
+    net.advance(2_000);
+    let devs: Vec<DeviceId> = [c, d]
+        .iter()
+        .map(|i| net.clients[*i].engine.device_id())
+        .collect();
+    for round in 0..6 {
+        // Each round loses something on its way to Carol or Dave.
+        net.relay.lose_next.insert(devs[round % 2], 1);
+        say(&mut net, a, g, &format!("a{round}"));
+        say(&mut net, b, g, &format!("b{round}"));
+        net.advance(if round % 3 == 0 { 250 } else { 1_000 });
+    }
+    net.advance(70_000);
+    let want = group_texts(&net, a, &g);
+    assert_eq!(want.len(), 12);
+    for i in [b, c, d] {
+        assert_eq!(group_texts(&net, i, &g), want, "device {i}");
+        let ev = group_events(&net, i, &g);
+        assert_eq!(ev.iter().collect::<BTreeSet<_>>().len(), ev.len());
+    }
+}
+
+#[test]
+fn removed_member_gets_nothing_sent_after_the_removal() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let c = net.create("carol");
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b, c]);
+    net.advance(2_000);
+    say(&mut net, b, g, "hello");
+    net.advance(2_000);
+    net.command(
+        a,
+        Command::RemoveMembers {
+            group: g,
+            members: vec![net.user(c)],
+        },
+    );
+    net.advance(2_000);
+    let cd = net.clients[c].engine.device_id();
+    let before = envelopes_to(&net, cd, &g);
+    say(&mut net, a, g, "secret from a");
+    say(&mut net, b, g, "secret from b");
+    net.advance(5_000);
+    // Not even ciphertext: nothing is encrypted to Carol's device.
+    assert_eq!(envelopes_to(&net, cd, &g), before);
+    assert_eq!(group_texts(&net, c, &g), vec!["hello"]);
+    assert!(!info(&net, c, &g).active);
+    assert_eq!(
+        group_texts(&net, b, &g),
+        vec!["hello", "secret from a", "secret from b"]
+    );
+}
+
+/// Give `i`'s engine a group record naming `members`, as a hostile client
+/// that was never (or no longer) in the group would.
+fn fake_membership(net: &mut Net, i: usize, g: ConversationId, members: &[usize]) {
+    let set: BTreeSet<UserKey> = members.iter().map(|m| net.user(*m)).collect();
+    let rec = super::group::GroupRecord {
+        name: "fake".into(),
+        members: set.clone(),
+        active: true,
+        base_name: "fake".into(),
+        base_members: set,
+        base_pos: super::group::GroupPosition {
+            depth: 0,
+            id: MessageId([0; 16]),
+        },
+        ops: Vec::new(),
+        heads: BTreeSet::new(),
+    };
+    net.clients[i].engine.groups.records.insert(g, rec);
+}
+
+#[test]
+fn a_non_members_group_message_is_ignored() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let m = net.create("mallory");
+    net.befriend(a, b);
+    net.befriend(m, b);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b]);
+    net.advance(2_000);
+    say(&mut net, a, g, "members only");
+    net.advance(2_000);
+    // Mallory, Bob's contact but not a member, writes into the group.
+    fake_membership(&mut net, m, g, &[m, b, a]);
+    say(&mut net, m, g, "let me in");
+    net.advance(5_000);
+    assert_eq!(group_texts(&net, b, &g), vec!["members only"]);
+    assert!(!group_events(&net, b, &g).contains(&"let me in".to_string()));
+    assert_eq!(net.clients[b].engine.group_counters().non_member_dropped, 1);
+    assert_eq!(info(&net, b, &g).members.len(), 2);
+    // Nor can she change the group.
+    net.command(
+        m,
+        Command::RenameGroup {
+            group: g,
+            name: "owned".into(),
+        },
+    );
+    net.command(
+        m,
+        Command::RemoveMembers {
+            group: g,
+            members: vec![net.user(a)],
+        },
+    );
+    net.advance(5_000);
+    assert_eq!(info(&net, b, &g).name, "g");
+    assert_eq!(info(&net, b, &g).members.len(), 2);
+}
+
+#[test]
+fn a_member_cannot_impersonate_another_member() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let c = net.create("carol");
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b, c]);
+    net.advance(2_000);
+    say(&mut net, c, g, "carol speaking");
+    net.advance(2_000);
+    let (ad, bd, cd) = (
+        net.clients[a].engine.device_id(),
+        net.clients[b].engine.device_id(),
+        net.clients[c].engine.device_id(),
+    );
+    // Carol takes an envelope she sealed to Bob and claims Alice sent it
+    // (a new transport id, so the relay stores it).
+    let mut forged: Vec<Envelope> = net
+        .relay
+        .seen_bytes
+        .iter()
+        .filter_map(|b| Envelope::from_bytes(b).ok())
+        .filter(|e| {
+            e.header.sender_device == cd
+                && e.header.recipient_device == bd
+                && e.header.conversation_id == g
+        })
+        .collect();
+    assert!(!forged.is_empty());
+    for (n, e) in forged.iter_mut().enumerate() {
+        e.header.sender_device = ad;
+        e.header.sender_seq = 50 + n as u64;
+        e.header.message_id = MessageId([0x42 + n as u8; 16]);
+    }
+    let rejected = net.clients[b].engine.counters().rejected;
+    net.inject(cd, forged.clone());
+    net.advance(2_000);
+    assert!(net.clients[b].engine.counters().rejected > rejected);
+    let from_alice: Vec<String> = net
+        .messages(b)
+        .into_iter()
+        .filter(|r| r.conversation == g && r.from_user == net.user(a))
+        .map(|r| r.text)
+        .collect();
+    assert!(from_alice.is_empty(), "{from_alice:?}");
+    assert_eq!(group_texts(&net, b, &g), vec!["carol speaking"]);
+}
+
+#[test]
+fn only_the_author_can_recall_a_group_message() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let c = net.create("carol");
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b, c]);
+    net.advance(2_000);
+    let m1 = say(&mut net, a, g, "mine");
+    let m2 = say(&mut net, b, g, "bob's");
+    net.advance(2_000);
+    // Carol tries to recall Alice's message; Bob recalls his own.
+    net.command(
+        c,
+        Command::Recall {
+            conversation: g,
+            id: m1,
+        },
+    );
+    net.command(
+        b,
+        Command::Recall {
+            conversation: g,
+            id: m2,
+        },
+    );
+    net.advance(3_000);
+    for i in [a, b] {
+        assert_eq!(group_texts(&net, i, &g), vec!["mine"], "device {i}");
+    }
+    assert_eq!(net.clients[a].engine.group_counters().recalls_refused, 1);
+}
+
+#[test]
+fn per_member_receipts_and_read_sync() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let b2 = net.join(b);
+    let c = net.create("carol");
+    net.advance(2_000);
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b, c]);
+    net.advance(2_000);
+    let ad = net.clients[a].engine.device_id();
+    let m = say(&mut net, a, g, "read me");
+    net.advance(3_000);
+    let states: BTreeMap<UserKey, MessageState> = net.clients[a]
+        .engine
+        .member_states(&m)
+        .into_iter()
+        .collect();
+    assert_eq!(states.get(&net.user(b)), Some(&MessageState::Delivered));
+    assert_eq!(states.get(&net.user(c)), Some(&MessageState::Delivered));
+    net.command(
+        b2,
+        Command::MarkRead {
+            conversation: g,
+            messages: vec![(m, ad)],
+        },
+    );
+    net.advance(3_000);
+    let states: BTreeMap<UserKey, MessageState> = net.clients[a]
+        .engine
+        .member_states(&m)
+        .into_iter()
+        .collect();
+    assert_eq!(states.get(&net.user(b)), Some(&MessageState::Read));
+    assert_eq!(states.get(&net.user(c)), Some(&MessageState::Delivered));
+    assert!(net.clients[b].events.iter().any(
+        |e| matches!(e, Event::ReadSynced { conversation, ids } if *conversation == g && ids == &vec![m])
+    ));
+}
+
+#[test]
+fn a_hostile_member_cannot_grow_held_messages_without_bound() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    net.befriend(a, b);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b]);
+    net.advance(2_000);
+    // Bob names a predecessor that does not exist, in every message.
+    let bd = net.clients[b].engine.device_id();
+    let n = super::group::MAX_HELD_PER_DEVICE + 20;
+    for k in 0..n {
+        if let Some(r) = net.clients[b].engine.groups.records.get_mut(&g) {
+            r.heads.insert((5, MessageId([0xee; 16]), bd));
+        }
+        say(&mut net, b, g, &format!("h{k}"));
+    }
+    net.advance(1_000);
+    let e = &net.clients[a].engine;
+    assert_eq!(e.groups.held.len(), super::group::MAX_HELD_PER_DEVICE);
+    assert_eq!(e.group_counters().held_dropped, 20);
+    // Bob answers that he never wrote it; after the give-up time what is
+    // held is released in the group order, and nothing more is held.
+    net.advance(11 * Net::cfg().resend_retry_ms);
+    let e = &net.clients[a].engine;
+    assert!(e.groups.held.is_empty());
+    assert_eq!(
+        group_texts(&net, a, &g).len(),
+        super::group::MAX_HELD_PER_DEVICE
+    );
+}
