@@ -169,6 +169,10 @@ async function copy(text, button) {
 async function relayConfig() {
   let address = params.get("relay");
   let hash = params.get("hash");
+  // The WebSocket fallback: a page on http:// (the demo's own listener)
+  // takes the plain ws:// upgrade of its origin, which needs no trusted
+  // certificate; a page on https:// takes wss://.
+  let websocketUrl = params.get("ws") || undefined;
   if (!address) {
     try {
       const res = await fetch("/relay.json", { cache: "no-store" });
@@ -176,6 +180,10 @@ async function relayConfig() {
         const info = await res.json();
         address = info.quic || null;
         hash = hash || info.certificateSha256 || null;
+        websocketUrl =
+          websocketUrl ||
+          (location.protocol === "https:" ? info.websocket : info.websocketPlain || info.websocket) ||
+          undefined;
       }
     } catch {
       // Served by something other than the relay: fall through.
@@ -203,7 +211,7 @@ async function relayConfig() {
   // A relay bound to every interface names itself 0.0.0.0: reach it the way
   // this page was reached.
   address = address.replace(/^(0\.0\.0\.0|\[::\])(?=:\d+$)/, location.hostname);
-  return { relayUrl: `https://${address}/`, relay: address, certHash: hash || undefined };
+  return { relayUrl: `https://${address}/`, relay: address, certHash: hash || undefined, websocketUrl };
 }
 
 /** The package's WebAssembly module, relative to this page. */
@@ -272,7 +280,12 @@ async function start() {
 }
 
 function connectOptions() {
-  return { storage, relayUrl: state.config.relayUrl, certHash: state.config.certHash };
+  return {
+    storage,
+    relayUrl: state.config.relayUrl,
+    certHash: state.config.certHash,
+    websocketUrl: state.config.websocketUrl,
+  };
 }
 
 function failStart(text) {
@@ -391,6 +404,15 @@ function setConnection(s) {
   pill.dataset.state = s;
   let text = CONNECTION_TEXT[s] ?? s;
   if (s === "offline") text = state.offline ? "Offline (paused)" : "Offline, retrying…";
+  // Which transport won the race (WebTransport or the WebSocket fallback).
+  let transport = null;
+  try {
+    transport = s === "offline" ? null : (state.client?.status().transport ?? null);
+  } catch {
+    // A closed client has no status.
+  }
+  pill.dataset.transport = transport ?? "";
+  if (transport) text += transport === "websocket" ? " · WebSocket" : " · WebTransport";
   pill.querySelector(".conn-text").textContent = text;
   if (s === "live") {
     renderProgress();

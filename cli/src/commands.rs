@@ -37,6 +37,16 @@ const SYNC_STALL: Duration = Duration::from_secs(20);
 type Cli = Driver<FileStorage>;
 
 /// Load an initialised device's driver.
+/// The file in the home directory naming the transport of the last connection.
+const LINK_FILE: &str = "transport";
+
+/// The transport of the last connection, if any was recorded.
+fn last_link(home: &Home) -> Option<String> {
+    let text = std::fs::read_to_string(home.dir().join(LINK_FILE)).ok()?;
+    let name = text.trim();
+    matches!(name, "quic" | "websocket").then(|| name.to_string())
+}
+
 pub(crate) fn open(home: &Home) -> Result<Cli, CliError> {
     let storage = home.open_existing()?;
     let cfg = cli_engine_config();
@@ -48,7 +58,9 @@ pub(crate) fn open(home: &Home) -> Result<Cli, CliError> {
             other => CliError::Client(other),
         })?;
     let target = home.load_relay(engine.relay())?;
-    Ok(Driver::new(engine, storage, cfg, target))
+    let mut driver = Driver::new(engine, storage, cfg, target);
+    driver.record_link_in(home.dir().join(LINK_FILE));
+    Ok(driver)
 }
 
 /// Messages whose automatic retries ran out go out again with this
@@ -157,7 +169,11 @@ pub async fn init(
     if home.is_initialised()? {
         return Err(CliError::AlreadyInitialised(home.dir().to_path_buf()));
     }
-    let target = RelayTarget { addr: relay, cert };
+    let target = RelayTarget {
+        addr: relay,
+        cert,
+        transport: transport::Transport::configured(),
+    };
     // Reach the relay before writing anything, so a failed init leaves
     // nothing behind and can simply be run again.
     probe(&target).await?;
@@ -708,6 +724,10 @@ pub fn status(home: &Home, style: Style) -> Result<(), CliError> {
                 "device": e.device_id().to_hex(),
                 "devices": e.devices_of(&me).iter().map(|d| d.to_hex()).collect::<Vec<_>>(),
                 "relay": d.target().addr,
+                "transport": {
+                    "setting": d.target().transport.name(),
+                    "last": last_link(home),
+                },
                 "contacts": contacts.iter().map(|(n, devs, unread)| json!({"name": n, "devices": devs, "unread": unread})).collect::<Vec<_>>(),
                 "groups": groups.iter().map(|(n, members, active, unread)| json!({"name": n, "members": members, "active": active, "unread": unread})).collect::<Vec<_>>(),
                 "outbox": outbox.iter().map(|(id, s, to, text)| json!({

@@ -234,6 +234,9 @@ pub struct Driver<S: Storage> {
     connect_at: Option<u64>,
     ever_connected: bool,
     last_failure: Option<CliError>,
+    /// Where the transport of each new connection is written (for
+    /// `hush status`), and what was written last.
+    link_file: Option<(std::path::PathBuf, Option<transport::Link>)>,
     rebuilds: u32,
     stats: DriverStats,
 }
@@ -277,9 +280,21 @@ impl<S: Storage + Send + 'static> Driver<S> {
             connect_at,
             ever_connected: false,
             last_failure: None,
+            link_file: None,
             rebuilds: 0,
             stats: DriverStats::default(),
         }
+    }
+
+    /// Write the transport of every new connection (`quic`, `websocket`)
+    /// to `path`, for `hush status`.
+    pub fn record_link_in(&mut self, path: std::path::PathBuf) {
+        self.link_file = Some((path, None));
+    }
+
+    /// The transport of the open connection, if any.
+    pub fn link(&self) -> Option<transport::Link> {
+        self.conn.as_ref().map(Conn::link)
     }
 
     /// Load the engine from `storage` (fresh OS seed) and wrap it.
@@ -676,6 +691,14 @@ impl<S: Storage + Send + 'static> Driver<S> {
         self.flush(sink).await?;
         let result = match transport::connect(&self.target, bound).await {
             Ok(conn) => {
+                let link = conn.link();
+                if let Some((path, last)) = &mut self.link_file
+                    && *last != Some(link)
+                {
+                    // Informational only: a failed write changes nothing else.
+                    let _ = std::fs::write(&*path, link.name());
+                    *last = Some(link);
+                }
                 self.conn = Some(conn);
                 self.outstanding.clear();
                 self.ever_connected = true;

@@ -16,7 +16,7 @@
 //! by others: it is refused, not silently used.
 
 use crate::error::CliError;
-use crate::transport::{CertCheck, RelayTarget};
+use crate::transport::{CertCheck, RelayTarget, Transport};
 use hush_client::{FileStorage, Storage, StorageError, StoreKey, Unlock};
 use std::path::{Path, PathBuf};
 
@@ -235,6 +235,7 @@ impl Home {
                 return Ok(RelayTarget {
                     addr: fallback_addr.to_string(),
                     cert: CertCheck::SystemRoots,
+                    transport: Transport::configured(),
                 });
             }
             Err(source) => {
@@ -260,7 +261,11 @@ impl Home {
             Some(serde_json::Value::Null) | None => CertCheck::SystemRoots,
             Some(_) => return Err(bad("\"cert_sha256\" must be a hex string or null".into())),
         };
-        Ok(RelayTarget { addr, cert })
+        Ok(RelayTarget {
+            addr,
+            cert,
+            transport: Transport::configured(),
+        })
     }
 }
 
@@ -363,6 +368,7 @@ mod tests {
         let pinned = RelayTarget {
             addr: "127.0.0.1:4433".into(),
             cert: CertCheck::Pinned([7; 32]),
+            transport: Transport::Auto,
         };
         home.save_relay(&pinned).unwrap();
         let back = home.load_relay("x:1").unwrap();
@@ -371,6 +377,7 @@ mod tests {
         let roots = RelayTarget {
             addr: "relay.example:443".into(),
             cert: CertCheck::SystemRoots,
+            transport: Transport::Auto,
         };
         home.save_relay(&roots).unwrap();
         assert_eq!(home.load_relay("x:1").unwrap().cert, CertCheck::SystemRoots);

@@ -29,4 +29,4 @@ pub mod transport;
 
 pub use driver::{Driver, Outcome, View};
 pub use error::CliError;
-pub use transport::{CertCheck, RelayTarget};
+pub use transport::{CertCheck, RelayTarget, Transport};

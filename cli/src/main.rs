@@ -25,6 +25,11 @@ struct Cli {
     /// This device's directory (default: $HUSH_HOME, else ~/.hush).
     #[arg(long, global = true, env = "HUSH_HOME", value_name = "DIR")]
     home: Option<PathBuf>,
+    /// How to reach the relay: quic, ws (WebSocket over TLS on the same TCP
+    /// port number) or auto (QUIC first; the WebSocket too after 300 ms or
+    /// once QUIC fails; the first connected wins).
+    #[arg(long, global = true, env = "HUSH_TRANSPORT", value_name = "quic|ws|auto", default_value = "auto", value_parser = transport)]
+    transport: hush_cli::Transport,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -175,6 +180,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     // Known answers through this build's AEAD before any key or message is
     // touched: a broken build refuses to run (ClientError::SelfTest).
     hush_client::self_test::check_crypto()?;
+    hush_cli::Transport::configure(cli.transport);
     let home = Home::resolve(cli.home)?;
     match cli.command {
         Cmd::Init {
@@ -200,6 +206,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::History { name, limit, json } => commands::history(&home, name, limit, style(json)),
         Cmd::Read { name } => commands::read(&home, name).await,
     }
+}
+
+fn transport(text: &str) -> Result<hush_cli::Transport, String> {
+    hush_cli::Transport::parse(text).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

@@ -1,5 +1,15 @@
-//! The native transport: one QUIC connection to the relay with ALPN
-//! `hush/1`, one bidirectional stream, length-prefixed frames both ways.
+//! The native transports: one QUIC connection to the relay with ALPN
+//! `hush/1` and one bidirectional stream, or a WebSocket over TLS on TCP
+//! (`wss://HOST:PORT/ws`, the same port number) — length-prefixed frames both
+//! ways either way (over the WebSocket, the concatenated payloads of the
+//! binary messages are that same byte stream).
+//!
+//! `--transport` ([`Transport`]) picks: `quic`, `ws`, or `auto` (the
+//! default): QUIC first; the WebSocket starts too if QUIC has not connected
+//! within [`WS_HEAD_START`] or as soon as it fails; the first to connect is
+//! used and the other attempt is dropped. A certificate problem on either
+//! ends the attempt at once (the other transport presents the same
+//! certificate).
 //!
 //! Certificates are checked in one of two ways:
 //!
@@ -19,6 +29,7 @@
 //! QUIC flow control slows the relay down.
 
 use crate::error::CliError;
+use futures_util::{SinkExt as _, StreamExt as _};
 use hush_protocol::{ALPN_HUSH, FrameBuffer, ServerFrame};
 use rustls::DigitallySignedStruct;
 use rustls::SignatureScheme;
@@ -28,10 +39,12 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 
 /// A quiet connection is given up after this long (keep-alives every third
 /// of it keep a healthy idle `listen` connection open).
@@ -42,6 +55,82 @@ const WRITE_BOUND: Duration = Duration::from_secs(10);
 const FRAME_QUEUE: usize = 64;
 /// Bytes asked of the stream per read.
 const READ_CHUNK: usize = 256 * 1024;
+/// In `auto` mode, how long QUIC has to connect before the WebSocket
+/// attempt starts alongside it.
+pub const WS_HEAD_START: Duration = Duration::from_millis(300);
+/// A WebSocket from which nothing (not even the relay's pings, every 10 s)
+/// arrives for this long is dead.
+const WS_IDLE_TIMEOUT: Duration = Duration::from_secs(25);
+/// The relay's WebSocket path.
+pub const WS_PATH: &str = "/ws";
+
+/// Which transport to reach the relay over (`--transport`, `HUSH_TRANSPORT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// QUIC only.
+    Quic,
+    /// The TLS WebSocket only.
+    Ws,
+    /// QUIC first, the WebSocket after [`WS_HEAD_START`] or when QUIC fails.
+    #[default]
+    Auto,
+}
+
+impl Transport {
+    /// Parse `quic`, `ws` (or `websocket`) or `auto`.
+    pub fn parse(text: &str) -> Result<Transport, CliError> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "quic" => Ok(Transport::Quic),
+            "ws" | "websocket" => Ok(Transport::Ws),
+            "auto" => Ok(Transport::Auto),
+            other => Err(CliError::Invalid {
+                what: "transport",
+                reason: format!("{other:?} (expected quic, ws or auto)"),
+            }),
+        }
+    }
+
+    /// The name [`Transport::parse`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::Ws => "ws",
+            Transport::Auto => "auto",
+        }
+    }
+
+    /// The process-wide choice (set once by the `hush` binary from
+    /// `--transport`; `auto` when never set).
+    pub fn configured() -> Transport {
+        CONFIGURED.get().copied().unwrap_or_default()
+    }
+
+    /// Set the process-wide choice; only the first call counts.
+    pub fn configure(t: Transport) {
+        let _ = CONFIGURED.set(t);
+    }
+}
+
+static CONFIGURED: OnceLock<Transport> = OnceLock::new();
+
+/// The transport a connection actually runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// QUIC (`hush/1`).
+    Quic,
+    /// WebSocket over TLS.
+    WebSocket,
+}
+
+impl Link {
+    /// `quic` or `websocket`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Link::Quic => "quic",
+            Link::WebSocket => "websocket",
+        }
+    }
+}
 
 /// How the relay's certificate is checked.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -81,6 +170,8 @@ pub struct RelayTarget {
     pub addr: String,
     /// Certificate check.
     pub cert: CertCheck,
+    /// Which transport to use.
+    pub transport: Transport,
 }
 
 /// Split `HOST:PORT` (IPv6 hosts in brackets) into the TLS server name and
@@ -193,15 +284,16 @@ fn system_roots() -> Result<rustls::RootCertStore, CliError> {
     Ok(roots)
 }
 
-fn client_config(
+/// The TLS client settings for `cert` (no ALPN yet).
+fn tls_config(
     cert: CertCheck,
     presented: Arc<Mutex<Option<[u8; 32]>>>,
-) -> Result<quinn::ClientConfig, CliError> {
+) -> Result<rustls::ClientConfig, CliError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| CliError::Transport(format!("TLS: {e}")))?;
-    let mut tls = match cert {
+    let tls = match cert {
         CertCheck::Pinned(expected) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedVerifier::reporting(
@@ -212,6 +304,14 @@ fn client_config(
             .with_root_certificates(system_roots()?)
             .with_no_client_auth(),
     };
+    Ok(tls)
+}
+
+fn client_config(
+    cert: CertCheck,
+    presented: Arc<Mutex<Option<[u8; 32]>>>,
+) -> Result<quinn::ClientConfig, CliError> {
+    let mut tls = tls_config(cert, presented)?;
     tls.alpn_protocols = vec![ALPN_HUSH.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| CliError::Transport(format!("QUIC TLS: {e}")))?;
@@ -234,11 +334,27 @@ pub enum Incoming {
     Closed(String),
 }
 
+/// Any byte stream a WebSocket runs on (TLS over TCP, or plain TCP).
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// A client WebSocket to the relay.
+pub type WsStream = WebSocketStream<Box<dyn Io>>;
+type WsSink = futures_util::stream::SplitSink<WsStream, Message>;
+
+/// The sending side of a connection.
+enum Sender {
+    Quic {
+        endpoint: quinn::Endpoint,
+        connection: quinn::Connection,
+        send: quinn::SendStream,
+    },
+    Ws(WsSink),
+}
+
 /// One open connection to the relay.
 pub struct Conn {
-    endpoint: quinn::Endpoint,
-    connection: quinn::Connection,
-    send: quinn::SendStream,
+    sender: Sender,
     frames: mpsc::Receiver<Incoming>,
     reader: JoinHandle<()>,
     /// Bytes read from the stream so far (frames as the relay encoded them).
@@ -248,7 +364,7 @@ pub struct Conn {
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn")
-            .field("remote", &self.connection.remote_address())
+            .field("link", &self.link())
             .finish_non_exhaustive()
     }
 }
@@ -262,11 +378,203 @@ async fn resolve(addr: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| "name resolves to no address".to_string())
 }
 
-/// Open a connection and its stream within `bound`.
+/// Open a connection within `bound` over the target's [`Transport`].
 ///
 /// A certificate problem is its own error (retrying cannot fix it); every
 /// other failure is [`CliError::Unreachable`].
 pub async fn connect(target: &RelayTarget, bound: Duration) -> Result<Conn, CliError> {
+    match target.transport {
+        Transport::Quic => connect_quic(target, bound).await,
+        Transport::Ws => connect_ws(target, bound).await,
+        Transport::Auto => connect_auto(target, bound).await,
+    }
+}
+
+/// Whether an error ends every attempt (the other transport cannot fix it).
+fn is_fatal(e: &CliError) -> bool {
+    !matches!(e, CliError::Unreachable { .. })
+}
+
+/// QUIC first; the WebSocket after [`WS_HEAD_START`] or once QUIC failed;
+/// the first connection wins.
+async fn connect_auto(target: &RelayTarget, bound: Duration) -> Result<Conn, CliError> {
+    let deadline = tokio::time::Instant::now() + bound;
+    let quic = connect_quic(target, bound);
+    tokio::pin!(quic);
+    let head_start = tokio::time::sleep(WS_HEAD_START.min(bound));
+    tokio::pin!(head_start);
+    let quic_error = tokio::select! {
+        r = &mut quic => match r {
+            Ok(conn) => return Ok(conn),
+            Err(e) if is_fatal(&e) => return Err(e),
+            Err(e) => Some(e),
+        },
+        () = &mut head_start => None,
+    };
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let ws = connect_ws(target, left);
+    tokio::pin!(ws);
+    if let Some(quic_error) = quic_error {
+        return ws.await.map_err(|e| {
+            if is_fatal(&e) {
+                e
+            } else {
+                both_failed(target, &quic_error, &e)
+            }
+        });
+    }
+    tokio::select! {
+        r = &mut quic => match r {
+            Ok(conn) => Ok(conn),
+            Err(e) if is_fatal(&e) => Err(e),
+            Err(quic_error) => ws.await.map_err(|e| if is_fatal(&e) { e } else { both_failed(target, &quic_error, &e) }),
+        },
+        r = &mut ws => match r {
+            Ok(conn) => Ok(conn),
+            Err(e) if is_fatal(&e) => Err(e),
+            Err(ws_error) => quic.await.map_err(|e| if is_fatal(&e) { e } else { both_failed(target, &e, &ws_error) }),
+        },
+    }
+}
+
+fn both_failed(target: &RelayTarget, quic: &CliError, ws: &CliError) -> CliError {
+    let reason = |e: &CliError| match e {
+        CliError::Unreachable { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    };
+    CliError::Unreachable {
+        addr: target.addr.clone(),
+        reason: format!("QUIC: {}; WebSocket: {}", reason(quic), reason(ws)),
+    }
+}
+
+/// Open a WebSocket to `wss://ADDR/ws` (TLS checked as `cert` says) within
+/// `bound`. Test harnesses use it too.
+pub async fn open_websocket(
+    addr: &str,
+    cert: CertCheck,
+    bound: Duration,
+) -> Result<WsStream, CliError> {
+    let unreachable = |reason: String| CliError::Unreachable {
+        addr: addr.to_string(),
+        reason,
+    };
+    let host = server_name(addr)?;
+    let presented = Arc::new(Mutex::new(None));
+    let mut tls = tls_config(cert, presented.clone())?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = ServerName::try_from(host.clone())
+        .map_err(|e| unreachable(format!("bad server name: {e}")))?;
+    let url = format!("wss://{addr}{WS_PATH}");
+    let attempt = async {
+        let remote = resolve(addr).await.map_err(unreachable)?;
+        let tcp = tokio::net::TcpStream::connect(remote)
+            .await
+            .map_err(|e| unreachable(format!("TCP: {e}")))?;
+        let _ = tcp.set_nodelay(true);
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let stream = match connector.connect(name, tcp).await {
+            Ok(s) => s,
+            Err(e) => {
+                let pinned = presented.lock().ok().and_then(|g| *g);
+                return Err(match (pinned, cert) {
+                    (Some(got), CertCheck::Pinned(expected)) => CliError::CertMismatch {
+                        presented: hex::encode(got),
+                        expected: hex::encode(expected),
+                    },
+                    (None, CertCheck::SystemRoots)
+                        if e.to_string().to_ascii_lowercase().contains("certificate") =>
+                    {
+                        CliError::CertUntrusted {
+                            addr: addr.to_string(),
+                            reason: e.to_string(),
+                        }
+                    }
+                    _ => unreachable(format!("TLS: {e}")),
+                });
+            }
+        };
+        let boxed: Box<dyn Io> = Box::new(stream);
+        let (ws, _response) = tokio_tungstenite::client_async(url.as_str(), boxed)
+            .await
+            .map_err(|e| unreachable(format!("WebSocket upgrade: {e}")))?;
+        Ok(ws)
+    };
+    match tokio::time::timeout(bound, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(unreachable("no answer to the WebSocket handshake".into())),
+    }
+}
+
+/// Connect over the TLS WebSocket.
+async fn connect_ws(target: &RelayTarget, bound: Duration) -> Result<Conn, CliError> {
+    let ws = open_websocket(&target.addr, target.cert, bound).await?;
+    let (sink, stream) = ws.split();
+    let (tx, frames) = mpsc::channel(FRAME_QUEUE);
+    let reader = tokio::spawn(read_ws_frames(stream, tx));
+    Ok(Conn {
+        sender: Sender::Ws(sink),
+        frames,
+        reader,
+    })
+}
+
+/// Read binary messages, decode the frames their concatenation carries,
+/// until the WebSocket ends; report why it ended.
+async fn read_ws_frames(
+    mut stream: futures_util::stream::SplitStream<WsStream>,
+    tx: mpsc::Sender<Incoming>,
+) {
+    let mut buffer = FrameBuffer::new();
+    let reason = loop {
+        let next = match tokio::time::timeout(WS_IDLE_TIMEOUT, stream.next()).await {
+            Ok(next) => next,
+            Err(_) => break "connection lost: the relay went silent".to_string(),
+        };
+        match next {
+            Some(Ok(Message::Binary(bytes))) => {
+                buffer.extend(&bytes);
+                loop {
+                    match buffer.next_server_frame() {
+                        Ok(Some(frame)) => {
+                            if tx.send(Incoming::Frame(Box::new(frame))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            let _ = tx
+                                .send(Incoming::Closed(format!(
+                                    "undecodable frame from the relay: {e}"
+                                )))
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                break match frame {
+                    Some(f) => format!(
+                        "the relay closed the WebSocket ({} {})",
+                        u16::from(f.code),
+                        f.reason
+                    ),
+                    None => "the relay closed the WebSocket".to_string(),
+                };
+            }
+            Some(Ok(Message::Text(_))) => break "the relay sent a text message".to_string(),
+            // Pings are answered by the WebSocket layer.
+            Some(Ok(_)) => {}
+            Some(Err(e)) => break format!("connection lost: {e}"),
+            None => break "the relay closed the connection".to_string(),
+        }
+    };
+    let _ = tx.send(Incoming::Closed(reason)).await;
+}
+
+/// Connect over QUIC.
+async fn connect_quic(target: &RelayTarget, bound: Duration) -> Result<Conn, CliError> {
     let unreachable = |reason: String| CliError::Unreachable {
         addr: target.addr.clone(),
         reason,
@@ -322,9 +630,11 @@ pub async fn connect(target: &RelayTarget, bound: Duration) -> Result<Conn, CliE
     let received = Arc::new(AtomicU64::new(0));
     let reader = tokio::spawn(read_frames(recv, tx, received.clone()));
     Ok(Conn {
-        endpoint,
-        connection,
-        send,
+        sender: Sender::Quic {
+            endpoint,
+            connection,
+            send,
+        },
         frames,
         reader,
         received,
@@ -378,9 +688,29 @@ async fn read_frames(
 }
 
 impl Conn {
-    /// Write bytes (whole frames) to the stream.
+    /// The transport this connection runs on.
+    pub fn link(&self) -> Link {
+        match self.sender {
+            Sender::Quic { .. } => Link::Quic,
+            Sender::Ws(_) => Link::WebSocket,
+        }
+    }
+
+    /// Write bytes (whole frames) to the stream (one binary message on a
+    /// WebSocket).
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
-        match tokio::time::timeout(WRITE_BOUND, self.send.write_all(bytes)).await {
+        let written = match &mut self.sender {
+            Sender::Quic { send, .. } => tokio::time::timeout(WRITE_BOUND, send.write_all(bytes))
+                .await
+                .map(|r| r.map_err(|e| e.to_string())),
+            Sender::Ws(sink) => tokio::time::timeout(
+                WRITE_BOUND,
+                sink.send(Message::Binary(bytes.to_vec().into())),
+            )
+            .await
+            .map(|r| r.map_err(|e| e.to_string())),
+        };
+        match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("write failed: {e}")),
             Err(_) => Err("write stalled".into()),
@@ -407,10 +737,22 @@ impl Conn {
 
     /// Close the connection and give the close a moment to reach the relay.
     pub async fn close(mut self) {
-        let _ = self.send.finish();
-        self.connection.close(0u32.into(), b"bye");
         self.reader.abort();
-        let _ = tokio::time::timeout(Duration::from_millis(300), self.endpoint.wait_idle()).await;
+        match &mut self.sender {
+            Sender::Quic {
+                endpoint,
+                connection,
+                send,
+            } => {
+                let _ = send.finish();
+                connection.close(0u32.into(), b"bye");
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(300), endpoint.wait_idle()).await;
+            }
+            Sender::Ws(sink) => {
+                let _ = tokio::time::timeout(Duration::from_millis(300), sink.close()).await;
+            }
+        }
     }
 }
 

@@ -98,6 +98,47 @@ pub struct Config {
     pub cert_check_interval: Duration,
     /// How long shutdown waits for connections to close before giving up.
     pub shutdown_grace: Duration,
+    /// The TLS WebSocket listener (`wss://`, TCP): by default on the QUIC
+    /// address's port number.
+    pub ws_listen: WsListen,
+    /// Upgrade `GET /ws` on the HTTP listener to a plain (unencrypted
+    /// transport) WebSocket even when the HTTP listener is not on a
+    /// loopback address. On loopback it is always on.
+    pub http_ws: bool,
+}
+
+/// Where the TLS WebSocket listener binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WsListen {
+    /// TCP on the QUIC endpoint's own address and port number (default).
+    #[default]
+    SameAsQuic,
+    /// TCP on this address.
+    At(SocketAddr),
+    /// No TLS WebSocket listener.
+    Off,
+}
+
+impl WsListen {
+    /// Parse `--ws-listen`: `quic` (the QUIC address), `off`, or `ADDR`.
+    pub fn parse(text: &str) -> Result<WsListen, String> {
+        match text.trim() {
+            "quic" | "" => Ok(WsListen::SameAsQuic),
+            "off" | "none" => Ok(WsListen::Off),
+            other => other.parse().map(WsListen::At).map_err(|_| {
+                format!("{other:?} is not an address (expected ADDR:PORT, `quic` or `off`)")
+            }),
+        }
+    }
+
+    /// The text [`WsListen::parse`] reads back.
+    pub fn to_text(self) -> String {
+        match self {
+            WsListen::SameAsQuic => "quic".into(),
+            WsListen::Off => "off".into(),
+            WsListen::At(addr) => addr.to_string(),
+        }
+    }
 }
 
 impl Config {
@@ -144,6 +185,8 @@ impl Config {
             purge_interval: Duration::from_secs(5),
             cert_check_interval: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(5),
+            ws_listen: WsListen::SameAsQuic,
+            http_ws: false,
         }
     }
 
@@ -229,6 +272,11 @@ impl Config {
         if let Some(v) = pick!(prekey_fetches_per_target_minute) {
             c.prekey_fetches_per_target_minute = v;
         }
+        if let Some(v) = pick!(ws_listen) {
+            c.ws_listen =
+                WsListen::parse(&v).map_err(|e| RelayError::Config(format!("--ws-listen: {e}")))?;
+        }
+        c.http_ws = pick!(http_ws).unwrap_or(false);
         c.validate()?;
         Ok(c)
     }
@@ -347,6 +395,8 @@ impl Config {
             max_registrations_per_ip_hour: Some(self.max_registrations_per_ip_hour),
             prekey_fetches_per_device_minute: Some(self.prekey_fetches_per_device_minute),
             prekey_fetches_per_target_minute: Some(self.prekey_fetches_per_target_minute),
+            ws_listen: Some(self.ws_listen.to_text()),
+            http_ws: Some(self.http_ws),
         };
         toml::to_string(&f).unwrap_or_default()
     }
@@ -494,6 +544,28 @@ pub struct Cli {
     #[arg(long, env = "HUSH_PREKEY_FETCHES_PER_TARGET_MINUTE", value_name = "N")]
     pub prekey_fetches_per_target_minute: Option<u32>,
 
+    /// TCP address of the TLS WebSocket listener (`wss://HOST:PORT/ws`, the
+    /// fallback for networks without UDP and browsers without WebTransport):
+    /// `quic` = the --listen address and port number over TCP, `off`, or an
+    /// ADDR [default: quic]
+    #[arg(long, env = "HUSH_WS_LISTEN", value_name = "ADDR|quic|off")]
+    pub ws_listen: Option<String>,
+
+    /// Also upgrade `GET /ws` on the HTTP listener to a plain WebSocket when
+    /// --http is not a loopback address (on loopback it always is). Traffic
+    /// stays end-to-end encrypted and device-authenticated, but a network
+    /// observer sees its metadata in clear [default: false]
+    #[arg(
+        long,
+        env = "HUSH_HTTP_WS",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
+    pub http_ws: Option<bool>,
+
     /// TOML file with any of the settings above (keys as the flag names without
     /// dashes in front, e.g. `retention = "30d"`); unknown keys are rejected
     #[arg(long, env = "HUSH_CONFIG", value_name = "FILE")]
@@ -571,6 +643,12 @@ pub struct FileConfig {
     /// See `--prekey-fetches-per-target-minute`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prekey_fetches_per_target_minute: Option<u32>,
+    /// See `--ws-listen` (`"quic"`, `"off"` or an address).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws_listen: Option<String>,
+    /// See `--http-ws`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_ws: Option<bool>,
 }
 
 impl FileConfig {

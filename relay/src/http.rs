@@ -5,7 +5,13 @@
 //! - `GET /certificate.sha256` → hex SHA-256 of the current certificate (what
 //!   a browser page pins for WebTransport to a self-signed relay)
 //! - `GET /relay.json` → where and how a page reaches the relay:
-//!   `{"quic":"HOST:PORT","webtransport":"https://HOST:PORT/","certificateSha256":"HEX"}`
+//!   `{"quic":"HOST:PORT","webtransport":"https://HOST:PORT/","certificateSha256":"HEX"}`,
+//!   plus `"websocket":"wss://HOST:PORT/ws"` when the TLS WebSocket listener
+//!   is on and `"websocketPlain":"ws://HOST:PORT/ws"` (this listener's own
+//!   origin) when plain WebSocket upgrades are on
+//! - `GET /ws` with a WebSocket upgrade → handed to the relay's WebSocket
+//!   transport ([`crate::server::websocket`]) when plain WebSocket upgrades
+//!   are on (a loopback listener, or `--http-ws`), 404 otherwise
 //! - anything else → served from [`StaticFiles`] when the demo is enabled
 //!   (`--demo`, see [`crate::demo`]), 404 otherwise.
 //!
@@ -22,6 +28,7 @@
 //! arrive within [`READ_TIMEOUT`], however slowly it trickles.
 
 use crate::metrics::Metrics;
+use crate::server::websocket::{self, PlainUpgrade};
 use crate::tls::CertState;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -126,6 +133,10 @@ pub trait StaticFiles: Send + Sync + 'static {
 pub struct HttpState {
     /// The bound address of the QUIC endpoint (advertised by `/relay.json`).
     pub quic_addr: SocketAddr,
+    /// The bound address of the TLS WebSocket listener, if any (advertised).
+    pub ws_addr: Option<SocketAddr>,
+    /// Where `GET /ws` upgrades go; `None` = plain WebSocket upgrades off.
+    pub websocket: Option<tokio::sync::mpsc::Sender<PlainUpgrade>>,
     /// Metrics to render.
     pub metrics: Arc<Metrics>,
     /// The certificate in use.
@@ -154,12 +165,12 @@ pub async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, remote)) = accepted else { continue };
                 // Dropping the stream refuses the connection.
                 let Some((slot, dropped)) = Slot::admit(&slots, &state.metrics) else { continue };
                 let state = Arc::clone(&state);
                 tokio::spawn(async move {
-                    handle(stream, &state, slot, dropped).await;
+                    handle(stream, remote, &state, slot, dropped).await;
                 });
             }
             _ = shutdown.changed() => break,
@@ -191,6 +202,7 @@ impl Reply {
 
 async fn handle(
     mut stream: TcpStream,
+    remote: SocketAddr,
     state: &HttpState,
     slot: Slot,
     dropped: oneshot::Receiver<()>,
@@ -201,11 +213,38 @@ async fn handle(
         _ = dropped => return,
     };
     slot.head_read();
+    if let (Ok(Ok(head)), Some(upgrades)) = (&read, &state.websocket)
+        && websocket::is_ws_request(head)
+    {
+        // The WebSocket transport takes the connection (and counts it in
+        // the relay's connection limits); this listener's slot is freed.
+        let up = PlainUpgrade {
+            stream,
+            remote,
+            head: head.clone(),
+        };
+        match upgrades.try_send(up) {
+            Ok(()) => return,
+            Err(
+                tokio::sync::mpsc::error::TrySendError::Full(up)
+                | tokio::sync::mpsc::error::TrySendError::Closed(up),
+            ) => {
+                stream = up.stream;
+                let reply = Reply::text("503 Service Unavailable", "busy; retry\n");
+                write_reply(&mut stream, reply).await;
+                return;
+            }
+        }
+    }
     let reply = match read {
         Ok(Ok(head)) => route(&head, state).await,
         Ok(Err(reply)) => reply,
         Err(_) => Reply::text("408 Request Timeout", "request timeout\n"),
     };
+    write_reply(&mut stream, reply).await;
+}
+
+async fn write_reply(stream: &mut TcpStream, reply: Reply) {
     let head = format!(
         "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: {}\r\n\
          X-Content-Type-Options: nosniff\r\n{}Connection: close\r\n\r\n",
@@ -292,10 +331,21 @@ async fn route(head: &str, state: &HttpState) -> Reply {
             r
         }
         "/relay.json" => {
-            let quic = advertised_quic_addr(state.quic_addr, header(head, "host"));
+            let host = header(head, "host");
+            let quic = advertised_quic_addr(state.quic_addr, host);
+            let mut websockets = String::new();
+            if let Some(ws) = state.ws_addr {
+                let ws = advertised_quic_addr(ws, host);
+                websockets.push_str(&format!(",\"websocket\":\"wss://{ws}/ws\""));
+            }
+            if state.websocket.is_some()
+                && let Some(origin) = host.filter(|h| host_without_port(h).is_some())
+            {
+                websockets.push_str(&format!(",\"websocketPlain\":\"ws://{origin}/ws\""));
+            }
             let body = format!(
                 "{{\"quic\":\"{quic}\",\"webtransport\":\"https://{quic}/\",\
-                 \"certificateSha256\":\"{}\"}}\n",
+                 \"certificateSha256\":\"{}\"{websockets}}}\n",
                 state.cert.get().sha256_hex
             );
             Reply {

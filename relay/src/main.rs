@@ -62,6 +62,9 @@ async fn run(config: Config) -> Result<(), RelayError> {
     if let Some(addr) = relay.http_addr() {
         println!("http on {addr}");
     }
+    if let Some(addr) = relay.ws_addr() {
+        println!("websocket on {addr}");
+    }
     println!("certificate sha256: {}", relay.cert_sha256_hex());
     wait_for_stop_signal(term).await;
     relay.shutdown().await

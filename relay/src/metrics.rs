@@ -197,6 +197,11 @@ pub struct Metrics {
     /// Whether the store's commits wait for a synchronous standby: 1 or 0
     /// for PostgreSQL, -1 (not reported) for a local store.
     pub store_replicated: AtomicI64,
+    /// WebSocket connections upgraded (also counted in `connections_total`).
+    pub websocket_connections_total: AtomicU64,
+    /// WebSocket connections closed for breaking the WebSocket protocol
+    /// (text message, bad framing).
+    pub websocket_violations_total: AtomicU64,
     /// Refusals by code.
     refusals: [AtomicU64; ALL_CODES.len()],
 }
@@ -230,6 +235,8 @@ impl Metrics {
             http_dropped_total: AtomicU64::new(0),
             prekeys_low_notices_total: AtomicU64::new(0),
             store_replicated: AtomicI64::new(-1),
+            websocket_connections_total: AtomicU64::new(0),
+            websocket_violations_total: AtomicU64::new(0),
             refusals: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -386,6 +393,18 @@ impl Metrics {
             "hush_prekeys_low_notices_total",
             "PrekeysLow notices sent to devices.",
             Self::get(&self.prekeys_low_notices_total),
+        );
+        counter(
+            &mut out,
+            "hush_websocket_connections_total",
+            "WebSocket connections upgraded.",
+            Self::get(&self.websocket_connections_total),
+        );
+        counter(
+            &mut out,
+            "hush_websocket_violations_total",
+            "WebSocket connections closed for breaking the WebSocket protocol.",
+            Self::get(&self.websocket_violations_total),
         );
         let _ = writeln!(
             out,

@@ -27,6 +27,8 @@
 //!   PostgreSQL store, with a fresh database per test.
 //! - [`wait`] — the only place where waiting and polling happen; every wait
 //!   has a bound and names what it waited for.
+//! - [`ws`] — [`ws::WsDevice`]: the same frames over the relay's WebSocket
+//!   transport (TLS or plain), plus what a hostile WebSocket peer sends.
 //! - [`rng`] — a small seeded generator so randomised tests can print and
 //!   replay their seed.
 //! - [`host`] — CPU steal and disk pressure over a benchmark run, printed
@@ -50,6 +52,7 @@ pub mod rng;
 pub mod sim;
 pub mod tls;
 pub mod wait;
+pub mod ws;
 
 pub use binaries::bin_path;
 pub use device::{

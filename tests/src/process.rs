@@ -35,6 +35,7 @@ enum StartupLine {
     Quic(SocketAddr),
     Http(SocketAddr),
     CertHash([u8; 32]),
+    Ws(SocketAddr),
     Eof,
 }
 
@@ -48,6 +49,7 @@ pub struct RelayProcess {
     child: Option<Child>,
     quic_addr: SocketAddr,
     http_addr: SocketAddr,
+    ws_addr: Option<SocketAddr>,
     cert_sha256: [u8; 32],
     starts: u32,
     // Declared last: removed only after `Drop` has killed the process.
@@ -96,6 +98,7 @@ impl RelayProcess {
             child: None,
             quic_addr: unspecified,
             http_addr: unspecified,
+            ws_addr: None,
             cert_sha256: [0; 32],
             starts: 0,
             temp: None,
@@ -163,6 +166,11 @@ impl RelayProcess {
     /// The HTTP address (demo page, metrics, certificate hash).
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The TCP address of the TLS WebSocket listener (`wss://ADDR/ws`), if on.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
     }
 
     /// SHA-256 of the relay's certificate (DER), as printed at startup.
@@ -328,12 +336,14 @@ impl RelayProcess {
         let mut quic = None;
         let mut http = None;
         let mut hash = None;
+        let mut ws = None;
         let waited = within(STARTUP_BOUND, "relay startup lines on stdout", async {
             while quic.is_none() || http.is_none() || hash.is_none() {
                 match rx.recv().await {
                     Some(StartupLine::Quic(a)) => quic = Some(a),
                     Some(StartupLine::Http(a)) => http = Some(a),
                     Some(StartupLine::CertHash(h)) => hash = Some(h),
+                    Some(StartupLine::Ws(a)) => ws = Some(a),
                     Some(StartupLine::Eof) | None => return false,
                 }
             }
@@ -344,6 +354,7 @@ impl RelayProcess {
             (Ok(true), Some(q), Some(h), Some(c)) => {
                 self.quic_addr = q;
                 self.http_addr = h;
+                self.ws_addr = ws;
                 self.cert_sha256 = c;
                 Ok(())
             }
@@ -437,6 +448,12 @@ fn parse_startup_line(line: &str) -> Option<StartupLine> {
             .parse()
             .ok()
             .map(StartupLine::Quic);
+    }
+    if let Some(i) = line.find("websocket on ") {
+        return first_token(&line[i + "websocket on ".len()..])
+            .parse()
+            .ok()
+            .map(StartupLine::Ws);
     }
     if let Some(i) = line.find("http on ") {
         let token = first_token(&line[i + "http on ".len()..]);

@@ -120,6 +120,7 @@ async fn failed_commits(pipelined: bool) {
     let target = RelayTarget {
         addr: relay.quic_addr().to_string(),
         cert: CertCheck::Pinned(CertCheck::parse_hash(&relay.cert_sha256_hex()).unwrap()),
+        transport: hush_cli::Transport::Quic,
     };
     let mut alice = device(MemoryStorage::new(), "alice", &target, 200)
         .await

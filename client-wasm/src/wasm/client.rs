@@ -60,6 +60,7 @@ struct Connect {
     storage: String,
     relay_url: Option<String>,
     cert_hash: Option<[u8; 32]>,
+    ws_url: Option<String>,
     online: bool,
 }
 
@@ -84,10 +85,19 @@ impl Connect {
             .string("certHash")?
             .map(|h| convert::cert_hash(&h))
             .transpose()?;
+        let ws_url = opts.string("websocketUrl")?;
+        if let Some(url) = &ws_url
+            && !(url.starts_with("ws://") || url.starts_with("wss://"))
+        {
+            return Err(Failure::invalid(
+                "option `websocketUrl` must be a ws:// or wss:// URL",
+            ));
+        }
         Ok(Connect {
             storage,
             relay_url,
             cert_hash,
+            ws_url,
             online: opts.boolean("online")?.unwrap_or(true),
         })
     }
@@ -206,6 +216,8 @@ async fn start_on(
         listeners: Listeners::default(),
         storage: connect.storage.clone(),
         relay_url,
+        ws_url: connect.ws_url.clone(),
+        link: Cell::new(None),
         online: Cell::new(connect.online),
         closed: Cell::new(false),
         fatal: RefCell::new(None),
@@ -600,6 +612,13 @@ impl Client {
                 .set("name", e.contact_code().name)
                 .set("relay", e.relay())
                 .set("relayUrl", shared.relay_url.as_str())
+                .set(
+                    "transport",
+                    shared
+                        .link
+                        .get()
+                        .map_or(JsValue::NULL, |l| JsValue::from_str(l.name())),
+                )
                 .num("unsent", e.unsent() as u64)
                 .set("selfTest", self_test_state())
                 .build()

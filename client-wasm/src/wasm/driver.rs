@@ -157,6 +157,10 @@ pub(crate) struct Shared {
     pub listeners: Listeners,
     pub storage: String,
     pub relay_url: String,
+    /// The WebSocket fallback (`ws://…/ws` or `wss://…/ws`), if any.
+    pub ws_url: Option<String>,
+    /// The transport of the open connection (`status().transport`).
+    pub link: Cell<Option<transport::Link>>,
     /// The app wants a connection (`setOnline`).
     pub online: Cell<bool>,
     pub closed: Cell<bool>,
@@ -708,6 +712,7 @@ impl Driver {
         if let Some((_, conn)) = self.conn.take() {
             conn.close();
         }
+        self.shared.link.set(None);
     }
 
     /// When to dial next, if a dial is wanted at all.
@@ -759,10 +764,11 @@ impl Driver {
         let generation = self.next_gen;
         self.dialing = Some(generation);
         let url = self.shared.relay_url.clone();
+        let ws_url = self.shared.ws_url.clone();
         let hash = self.cert_hash;
         let tx = self.tx.clone();
         spawn_local(async move {
-            let result = transport::connect(&url, hash).await;
+            let result = transport::connect_race(&url, hash, ws_url.as_deref()).await;
             if let Err(unsent) = tx.unbounded_send(Msg::Dialed(generation, result)) {
                 // The client is gone: do not leave the session open.
                 if let Msg::Dialed(_, Ok((conn, _))) = unsent.into_inner() {
@@ -803,6 +809,7 @@ impl Driver {
                     };
                     let _ = tx.unbounded_send(Msg::Lost(generation, why));
                 });
+                self.shared.link.set(Some(conn.link()));
                 self.conn = Some((generation, conn));
                 self.input(Input::Connected, None).await;
             }

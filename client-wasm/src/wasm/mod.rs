@@ -54,6 +54,8 @@ export interface OpenOptions {
   relayUrl?: string;
   /** Hex SHA-256 of a self-signed relay certificate (what the relay serves at /certificate.sha256). */
   certHash?: string;
+  /** WebSocket fallback URL ("ws://HOST:PORT/ws" or "wss://HOST:PORT/ws", from /relay.json): raced against WebTransport, which gets a 300 ms head start (none when the browser has no WebTransport). */
+  websocketUrl?: string;
   /** Display name; creates a new user when the storage holds no device yet. */
   name?: string;
   /** Connect right away (default true); `false` waits for `setOnline(true)`. */
@@ -68,6 +70,7 @@ export interface LinkOptions {
   code: string;
   relayUrl?: string;
   certHash?: string;
+  websocketUrl?: string;
   online?: boolean;
 }
 
@@ -202,6 +205,8 @@ export interface Status {
   /** Relay address as contact codes carry it (host:port). */
   relay: string;
   relayUrl: string;
+  /** The transport of the open connection, or null when there is none. */
+  transport: "webtransport" | "websocket" | null;
   /** Messages not yet stored by the relay. */
   unsent: number;
   /** "passed": the AEAD known-answer self-test ran when this page opened a client (a failing one refuses with code `self_test`). */

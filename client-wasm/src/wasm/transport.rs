@@ -1,5 +1,12 @@
 //! WebTransport to the relay: one session, one bidirectional stream, the
-//! same length-prefixed frames as the native `hush/1` QUIC transport.
+//! same length-prefixed frames as the native `hush/1` QUIC transport — or,
+//! where WebTransport is missing or does not connect, a WebSocket carrying
+//! the same byte stream in binary messages.
+//!
+//! [`connect_race`] races them: WebTransport first, the WebSocket after
+//! [`WS_HEAD_START_MS`] (at once if the browser has no `WebTransport`, or
+//! as soon as WebTransport fails); the first connection wins and the other
+//! is closed as soon as it settles.
 //!
 //! A self-signed development relay is reached by pinning its certificate's
 //! SHA-256 (`serverCertificateHashes`); a relay with a publicly trusted
@@ -14,20 +21,46 @@
 //! the JS buffer straight into the frame's body. Frames split across or
 //! packed into chunks come out whole either way.
 
+use futures_channel::mpsc;
+use futures_util::StreamExt as _;
 use futures_util::future::{Either, select};
 use gloo_timers::future::TimeoutFuture;
 use hush_protocol::ServerFrame;
 use hush_protocol::frame::decode_server_body;
 use hush_protocol::limits::MAX_FRAME_LEN;
 use js_sys::{ArrayBuffer, Object, Promise, Reflect, Uint8Array};
+use std::cell::Cell;
 use std::future::IntoFuture;
+use std::rc::Rc;
+use wasm_bindgen::closure::Closure;
 use wasm_bindgen::prelude::wasm_bindgen;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
-    ReadableStream, ReadableStreamDefaultReader, WebTransport, WebTransportBidirectionalStream,
-    WebTransportHash, WebTransportOptions, WritableStreamDefaultWriter,
+    BinaryType, CloseEvent, MessageEvent, ReadableStream, ReadableStreamDefaultReader, WebSocket,
+    WebTransport, WebTransportBidirectionalStream, WebTransportHash, WebTransportOptions,
+    WritableStreamDefaultWriter,
 };
+
+/// How long WebTransport has to connect before the WebSocket starts too.
+pub(crate) const WS_HEAD_START_MS: u32 = 300;
+
+/// Which transport a connection runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Link {
+    WebTransport,
+    WebSocket,
+}
+
+impl Link {
+    /// `"webtransport"` or `"websocket"` (what `status().transport` says).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Link::WebTransport => "webtransport",
+            Link::WebSocket => "websocket",
+        }
+    }
+}
 
 /// Size of the buffer a BYOB read fills: a whole 200-envelope page of 1 KiB
 /// messages (about 230 KB) fits, larger frames take several reads.
@@ -84,10 +117,22 @@ fn settle(p: js_sys::Promise) {
     });
 }
 
-/// An open session and the writing half of its stream.
-pub(crate) struct Connection {
-    session: WebTransport,
-    writer: WritableStreamDefaultWriter,
+/// An open connection: a WebTransport session and the writing half of its
+/// stream, or a WebSocket.
+pub(crate) enum Connection {
+    Wt {
+        session: WebTransport,
+        writer: WritableStreamDefaultWriter,
+    },
+    Ws(WsConn),
+}
+
+/// A WebSocket and the handlers that feed its reader (kept alive with it).
+pub(crate) struct WsConn {
+    socket: WebSocket,
+    _on_message: Closure<dyn FnMut(MessageEvent)>,
+    _on_close: Closure<dyn FnMut(CloseEvent)>,
+    _on_error: Closure<dyn FnMut(web_sys::Event)>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -97,21 +142,46 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
+    /// The transport.
+    pub fn link(&self) -> Link {
+        match self {
+            Connection::Wt { .. } => Link::WebTransport,
+            Connection::Ws(_) => Link::WebSocket,
+        }
+    }
+
     /// Queue one complete frame. The stream keeps queued writes in order;
     /// the returned promise rejects if the stream broke.
     pub fn send(&self, frame: &[u8]) -> js_sys::Promise {
-        self.writer
-            .write_with_chunk(&Uint8Array::from(frame).into())
+        match self {
+            Connection::Wt { writer, .. } => {
+                writer.write_with_chunk(&Uint8Array::from(frame).into())
+            }
+            // One frame, one binary message; a closed socket throws.
+            Connection::Ws(ws) => match ws.socket.send_with_u8_array(frame) {
+                Ok(()) => Promise::resolve(&JsValue::UNDEFINED),
+                Err(e) => Promise::reject(&e),
+            },
+        }
     }
 
     /// Resolves (or rejects) when the session ends, for whatever reason.
-    pub fn closed(&self) -> js_sys::Promise<web_sys::WebTransportCloseInfo> {
-        self.session.closed()
+    /// (A WebSocket's end is reported by its reader instead: never settles.)
+    pub fn closed(&self) -> js_sys::Promise {
+        match self {
+            Connection::Wt { session, .. } => session.closed().unchecked_into(),
+            Connection::Ws(_) => Promise::new(&mut |_, _| {}),
+        }
     }
 
     /// Close the session (idempotent).
     pub fn close(&self) {
-        self.session.close();
+        match self {
+            Connection::Wt { session, .. } => session.close(),
+            Connection::Ws(ws) => {
+                let _ = ws.socket.close_with_code(1000);
+            }
+        }
     }
 }
 
@@ -121,6 +191,14 @@ pub(crate) enum Incoming {
     Byob(ByobReader),
     /// Chunks as the stream delivers them.
     Chunks(ReadableStreamDefaultReader),
+    /// A WebSocket's binary messages, then why it ended.
+    Ws(mpsc::UnboundedReceiver<WsEvent>),
+}
+
+/// What a WebSocket's handlers hand the reader.
+pub(crate) enum WsEvent {
+    Bytes(Uint8Array),
+    Ended(String),
 }
 
 impl Incoming {
@@ -144,6 +222,7 @@ impl Incoming {
         settle(match self {
             Incoming::Byob(r) => r.cancel(),
             Incoming::Chunks(r) => r.cancel(),
+            Incoming::Ws(_) => return,
         });
     }
 }
@@ -206,7 +285,158 @@ pub(crate) async fn connect(
             return Err(e);
         }
     };
-    Ok((Connection { session, writer }, reader))
+    Ok((Connection::Wt { session, writer }, reader))
+}
+
+/// Whether this browser has `WebTransport` at all.
+fn has_webtransport() -> bool {
+    Reflect::has(&js_sys::global(), &JsValue::from_str("WebTransport")).unwrap_or(false)
+}
+
+/// Open a WebSocket to `url` (binary messages as `ArrayBuffer`s) and wait
+/// until it is open, bounded by [`CONNECT_TIMEOUT_MS`].
+pub(crate) async fn connect_ws(url: &str) -> Result<(Connection, Incoming), String> {
+    let socket = WebSocket::new(url).map_err(|e| describe(&e))?;
+    socket.set_binary_type(BinaryType::Arraybuffer);
+    let (tx, rx) = mpsc::unbounded::<WsEvent>();
+    let (open_tx, mut open_rx) = mpsc::unbounded::<Result<(), String>>();
+    let on_message = {
+        let tx = tx.clone();
+        Closure::<dyn FnMut(MessageEvent)>::new(move |ev: MessageEvent| {
+            let data = ev.data();
+            if let Some(buf) = data.dyn_ref::<ArrayBuffer>() {
+                let _ = tx.unbounded_send(WsEvent::Bytes(Uint8Array::new(buf)));
+            } else {
+                let _ = tx.unbounded_send(WsEvent::Ended("the relay sent a text message".into()));
+            }
+        })
+    };
+    let on_close = {
+        let tx = tx.clone();
+        let open_tx = open_tx.clone();
+        Closure::<dyn FnMut(CloseEvent)>::new(move |ev: CloseEvent| {
+            let why = format!("the WebSocket closed ({} {})", ev.code(), ev.reason());
+            let _ = open_tx.unbounded_send(Err(why.clone()));
+            let _ = tx.unbounded_send(WsEvent::Ended(why));
+        })
+    };
+    let on_error = Closure::<dyn FnMut(web_sys::Event)>::new(move |_| {
+        let _ = open_tx.unbounded_send(Err("the WebSocket failed".into()));
+    });
+    let opened = {
+        let (tx_open, rx_open) = futures_channel::oneshot::channel::<()>();
+        let tx_open = Rc::new(Cell::new(Some(tx_open)));
+        let on_open = Closure::<dyn FnMut(web_sys::Event)>::new(move |_| {
+            if let Some(t) = tx_open.take() {
+                let _ = t.send(());
+            }
+        });
+        socket.set_onopen(Some(on_open.as_ref().unchecked_ref()));
+        socket.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+        socket.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+        socket.set_onerror(Some(on_error.as_ref().unchecked_ref()));
+        let failed = async { open_rx.next().await };
+        let timeout = TimeoutFuture::new(CONNECT_TIMEOUT_MS);
+        let result = match select(rx_open, select(Box::pin(failed), timeout)).await {
+            Either::Left((Ok(()), _)) => Ok(()),
+            Either::Left((Err(_), _)) => Err("the WebSocket failed".to_owned()),
+            Either::Right((Either::Left((why, _)), _)) => Err(why
+                .and_then(Result::err)
+                .unwrap_or_else(|| "the WebSocket failed".into())),
+            Either::Right((Either::Right(_), _)) => Err(format!(
+                "the relay did not answer within {} s",
+                CONNECT_TIMEOUT_MS / 1000
+            )),
+        };
+        socket.set_onopen(None);
+        drop(on_open);
+        result
+    };
+    if let Err(e) = opened {
+        let _ = socket.close();
+        return Err(e);
+    }
+    Ok((
+        Connection::Ws(WsConn {
+            socket,
+            _on_message: on_message,
+            _on_close: on_close,
+            _on_error: on_error,
+        }),
+        Incoming::Ws(rx),
+    ))
+}
+
+/// One attempt's outcome, for the race.
+type Attempt = (Link, Result<(Connection, Incoming), String>);
+
+/// Race WebTransport to `wt_url` against a WebSocket to `ws_url` (see the
+/// module doc); the winner, or both failures.
+pub(crate) async fn connect_race(
+    wt_url: &str,
+    cert_hash: Option<[u8; 32]>,
+    ws_url: Option<&str>,
+) -> Result<(Connection, Incoming), String> {
+    let with_wt = has_webtransport();
+    let Some(ws_url) = ws_url else {
+        return connect(wt_url, cert_hash).await;
+    };
+    if !with_wt {
+        return connect_ws(ws_url).await;
+    }
+    let (tx, mut rx) = mpsc::unbounded::<Attempt>();
+    // Set once a winner is chosen: a WebSocket not started yet never is.
+    let decided = Rc::new(Cell::new(false));
+    // Set when WebTransport failed: the WebSocket starts at once.
+    let (wt_failed_tx, wt_failed_rx) = futures_channel::oneshot::channel::<()>();
+    {
+        let tx = tx.clone();
+        let url = wt_url.to_owned();
+        wasm_bindgen_futures::spawn_local(async move {
+            let result = connect(&url, cert_hash).await;
+            if result.is_err() {
+                let _ = wt_failed_tx.send(());
+            }
+            let _ = tx.unbounded_send((Link::WebTransport, result));
+        });
+    }
+    {
+        let decided = Rc::clone(&decided);
+        let url = ws_url.to_owned();
+        wasm_bindgen_futures::spawn_local(async move {
+            let _ = select(wt_failed_rx, TimeoutFuture::new(WS_HEAD_START_MS)).await;
+            if decided.get() {
+                return;
+            }
+            let result = connect_ws(&url).await;
+            let _ = tx.unbounded_send((Link::WebSocket, result));
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some((link, result)) = rx.next().await {
+        match result {
+            Ok(won) => {
+                decided.set(true);
+                // Close the loser whenever it settles.
+                wasm_bindgen_futures::spawn_local(async move {
+                    while let Some((_, late)) = rx.next().await {
+                        if let Ok((conn, reader)) = late {
+                            reader.cancel();
+                            conn.close();
+                        }
+                    }
+                });
+                return Ok(won);
+            }
+            Err(e) => {
+                failures.push(format!("{}: {e}", link.name()));
+                if failures.len() == 2 {
+                    break;
+                }
+            }
+        }
+    }
+    Err(failures.join("; "))
 }
 
 /// Reassembles length-prefixed frames from stream chunks, copying each
@@ -294,7 +524,7 @@ fn read_result(result: &JsValue) -> (bool, JsValue) {
 /// Read frames until the stream ends, handing each to `on_frame`; returns
 /// why it ended. `on_frame` returning `false` stops reading.
 pub(crate) async fn read_frames(
-    reader: Incoming,
+    mut reader: Incoming,
     mut on_frame: impl FnMut(ServerFrame) -> bool,
 ) -> String {
     let mut frames = Assembler::default();
@@ -304,6 +534,17 @@ pub(crate) async fn read_frames(
     let options = Object::new();
     let min_key = JsValue::from_str("min");
     loop {
+        if let Incoming::Ws(rx) = &mut reader {
+            match rx.next().await {
+                Some(WsEvent::Bytes(bytes)) => match frames.push(&bytes, &mut on_frame) {
+                    Ok(true) => continue,
+                    Ok(false) => return "reading stopped".into(),
+                    Err(e) => return e,
+                },
+                Some(WsEvent::Ended(why)) => return why,
+                None => return "the WebSocket ended".into(),
+            }
+        }
         let read = match &reader {
             Incoming::Byob(r) => {
                 let min = frames.wanted().clamp(1, READ_BUFFER as usize);
@@ -313,6 +554,7 @@ pub(crate) async fn read_frames(
                 r.read_into(&view, &options)
             }
             Incoming::Chunks(r) => r.read().unchecked_into(),
+            Incoming::Ws(_) => return "unreachable".into(),
         };
         let result = match JsFuture::from(read).await {
             Ok(r) => r,

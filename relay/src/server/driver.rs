@@ -2,8 +2,10 @@
 //! pair of byte-stream halves.
 //!
 //! It is generic over `AsyncRead`/`AsyncWrite` so the same code serves a
-//! native QUIC bidirectional stream (`hush/1`) and a WebTransport
-//! bidirectional stream (`h3`, see [`super::webtransport`]). It owns the
+//! native QUIC bidirectional stream (`hush/1`), a WebTransport
+//! bidirectional stream (`h3`, see [`super::webtransport`]) and the byte
+//! stream carried by a WebSocket's binary messages (see
+//! [`super::websocket`], which feeds it through an in-memory pipe). It owns the
 //! transport concerns the sans-IO [`crate::core::RelayCore`] leaves out:
 //! reading and framing bytes, time, randomness, running store calls off the
 //! async threads, handing envelopes to the group-commit writer, applying a

@@ -12,11 +12,12 @@ pub mod driver;
 pub mod guard;
 pub mod hub;
 pub mod quic;
+pub mod websocket;
 pub mod webtransport;
 pub mod writer;
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, WsListen};
 use crate::core::{CoreConfig, RelayCore};
 use crate::error::RelayError;
 use crate::http::{HttpState, StaticFiles};
@@ -80,12 +81,14 @@ impl std::fmt::Debug for StartOptions {
 pub struct RelayHandle {
     quic_addr: SocketAddr,
     http_addr: Option<SocketAddr>,
+    ws_addr: Option<SocketAddr>,
     cert: Arc<CertState>,
     metrics: Arc<Metrics>,
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     shutdown_tx: watch::Sender<bool>,
     accept_task: JoinHandle<()>,
+    ws_task: JoinHandle<()>,
     writer_task: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
     grace: Duration,
@@ -96,6 +99,7 @@ impl std::fmt::Debug for RelayHandle {
         f.debug_struct("RelayHandle")
             .field("quic_addr", &self.quic_addr)
             .field("http_addr", &self.http_addr)
+            .field("ws_addr", &self.ws_addr)
             .finish_non_exhaustive()
     }
 }
@@ -251,18 +255,16 @@ impl RelayHandle {
         purge_pass(&store, clock.as_ref(), &metrics).await?;
         core.refresh_depth();
 
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            RelayError::Net {
-                what: "QUIC",
-                addr: config.listen,
+        let (endpoint, quic_addr, ws_listener) = bind_quic_and_ws(&config, server_config).await?;
+        let ws_addr = match &ws_listener {
+            Some(l) => Some(l.local_addr().map_err(|source| RelayError::Net {
+                what: "WebSocket",
+                addr: quic_addr,
                 source,
-            }
-        })?;
-        let quic_addr = endpoint.local_addr().map_err(|source| RelayError::Net {
-            what: "QUIC",
-            addr: config.listen,
-            source,
-        })?;
+            })?),
+            None => None,
+        };
+        let ws_tls = websocket::TlsSlot::new(&material)?;
         let http_listener =
             match config.http {
                 Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(
@@ -328,6 +330,23 @@ impl RelayHandle {
             shutdown_rx.clone(),
             config.shutdown_grace,
         ));
+        // Plain `/ws` on the HTTP listener: always on loopback, elsewhere
+        // only when the operator asks (`--http-ws`).
+        let http_ws = http_addr.is_some_and(|a| a.ip().is_loopback()) || config.http_ws;
+        let (upgrade_tx, upgrade_rx) = if http_ws && http_addr.is_some() {
+            let (tx, rx) = mpsc::channel(websocket::UPGRADE_QUEUE);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let ws_task = tokio::spawn(websocket::accept_loop(
+            ws_listener,
+            Arc::clone(&ws_tls),
+            upgrade_rx,
+            Arc::clone(&shared),
+            shutdown_rx.clone(),
+            config.shutdown_grace,
+        ));
         let mut background = bus_tasks;
         background.extend([
             tokio::spawn(purge_loop(
@@ -339,6 +358,7 @@ impl RelayHandle {
                 endpoint.clone(),
                 source,
                 Arc::clone(&cert),
+                ws_tls,
                 config.cert_check_interval,
                 shutdown_rx.clone(),
             )),
@@ -362,6 +382,8 @@ impl RelayHandle {
             let refresh_shared = Arc::clone(&shared);
             let state = Arc::new(HttpState {
                 quic_addr,
+                ws_addr,
+                websocket: upgrade_tx,
                 metrics: Arc::clone(&metrics),
                 cert: Arc::clone(&cert),
                 refresh_metrics: Some(Arc::new(move || refresh_shared.core.refresh_depth())),
@@ -373,16 +395,18 @@ impl RelayHandle {
                 shutdown_rx,
             )));
         }
-        tracing::info!(%quic_addr, http = ?http_addr, "relay started");
+        tracing::info!(%quic_addr, http = ?http_addr, websocket = ?ws_addr, "relay started");
         Ok(RelayHandle {
             quic_addr,
             http_addr,
+            ws_addr,
             cert,
             metrics,
             shared,
             endpoint,
             shutdown_tx,
             accept_task,
+            ws_task,
             writer_task,
             background,
             grace: config.shutdown_grace,
@@ -392,6 +416,11 @@ impl RelayHandle {
     /// The bound UDP address of the QUIC endpoint.
     pub fn quic_addr(&self) -> SocketAddr {
         self.quic_addr
+    }
+
+    /// The bound TCP address of the TLS WebSocket listener, if enabled.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_addr
     }
 
     /// The bound address of the HTTP listener, if enabled.
@@ -437,6 +466,9 @@ impl RelayHandle {
         // Connections drain (their pending commits are still answered).
         if let Err(e) = self.accept_task.await {
             tracing::warn!("accept loop ended abnormally: {e}");
+        }
+        if let Err(e) = self.ws_task.await {
+            tracing::warn!("WebSocket accept loop ended abnormally: {e}");
         }
         // Then the writer commits whatever is still queued and stops.
         let _ = self.shared.commits.send(writer::WriterMsg::Stop).await;
@@ -513,6 +545,7 @@ async fn cert_loop(
     endpoint: quinn::Endpoint,
     source: CertSource,
     state: Arc<CertState>,
+    ws_tls: Arc<websocket::TlsSlot>,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -547,10 +580,59 @@ async fn cert_loop(
                     return;
                 }
                 endpoint.set_server_config(Some(config));
+                if let Err(e) = ws_tls.set(&loaded) {
+                    tracing::error!("new certificate unusable for WebSocket: {e}");
+                }
                 tracing::info!(sha256 = %loaded.info.sha256_hex, "certificate replaced");
                 state.set(loaded.info);
             }
             Err(e) => tracing::error!("new certificate unusable: {e}"),
+        }
+    }
+}
+
+/// Tries at finding an ephemeral port number free on both UDP and TCP.
+const SAME_PORT_TRIES: usize = 16;
+
+/// Bind the QUIC endpoint and the TLS WebSocket listener. With
+/// [`WsListen::SameAsQuic`] the TCP listener takes the QUIC endpoint's
+/// address and port number; when that port was ephemeral (`:0`) and its
+/// TCP twin is taken, another ephemeral port is tried.
+async fn bind_quic_and_ws(
+    config: &Config,
+    server_config: quinn::ServerConfig,
+) -> Result<(quinn::Endpoint, SocketAddr, Option<tokio::net::TcpListener>), RelayError> {
+    let net =
+        |what: &'static str, addr: SocketAddr| move |source| RelayError::Net { what, addr, source };
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let endpoint = quinn::Endpoint::server(server_config.clone(), config.listen)
+            .map_err(net("QUIC", config.listen))?;
+        let quic_addr = endpoint.local_addr().map_err(net("QUIC", config.listen))?;
+        let ws_at = match config.ws_listen {
+            WsListen::Off => return Ok((endpoint, quic_addr, None)),
+            WsListen::At(addr) => addr,
+            WsListen::SameAsQuic => quic_addr,
+        };
+        match tokio::net::TcpListener::bind(ws_at).await {
+            Ok(listener) => return Ok((endpoint, quic_addr, Some(listener))),
+            Err(e)
+                if config.ws_listen == WsListen::SameAsQuic
+                    && config.listen.port() == 0
+                    && e.kind() == std::io::ErrorKind::AddrInUse
+                    && tries < SAME_PORT_TRIES =>
+            {
+                endpoint.close(0u32.into(), b"");
+                continue;
+            }
+            Err(source) => {
+                return Err(RelayError::Net {
+                    what: "WebSocket",
+                    addr: ws_at,
+                    source,
+                });
+            }
         }
     }
 }

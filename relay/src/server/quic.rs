@@ -130,10 +130,10 @@ pub(crate) async fn accept_loop(
 }
 
 /// Counts an open connection for as long as it lives.
-struct ConnectionGauge(Arc<crate::Metrics>);
+pub(crate) struct ConnectionGauge(Arc<crate::Metrics>);
 
 impl ConnectionGauge {
-    fn new(m: Arc<crate::Metrics>) -> Self {
+    pub(crate) fn new(m: Arc<crate::Metrics>) -> Self {
         m.connections.fetch_add(1, Ordering::Relaxed);
         m.connections_total.fetch_add(1, Ordering::Relaxed);
         ConnectionGauge(m)

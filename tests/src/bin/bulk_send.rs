@@ -104,6 +104,7 @@ async fn run() -> Result<(), CliError> {
     let target = RelayTarget {
         addr: args.relay.clone(),
         cert: CertCheck::Pinned(CertCheck::parse_hash(&args.cert_hash)?),
+        transport: hush_cli::Transport::Quic,
     };
     let mut devices = Vec::with_capacity(args.senders);
     for i in 0..args.senders {

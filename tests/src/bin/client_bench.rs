@@ -184,6 +184,7 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
     let target = RelayTarget {
         addr: relay.quic_addr().to_string(),
         cert: CertCheck::Pinned(CertCheck::parse_hash(&relay.cert_sha256_hex())?),
+        transport: hush_cli::Transport::Quic,
     };
 
     // bob (first device) and the senders, who all know each other.
