@@ -369,6 +369,15 @@ impl Printer {
             }
             Event::Linked => json!({"type": "linked"}),
             Event::Warning(w) => json!({"type": "warning", "message": w}),
+            Event::HistoryImport { done, total } => {
+                json!({"type": "history_import", "done": done, "total": total})
+            }
+            Event::HistoryExportWanted { device } => {
+                json!({"type": "history_export", "device": dev(device)})
+            }
+            Event::HistoryExported { device, messages } => {
+                json!({"type": "history_exported", "device": dev(device), "messages": messages})
+            }
         })
     }
 
@@ -418,6 +427,13 @@ impl Printer {
                 device.to_hex()
             )),
             Event::Linked => err_line("this device is now linked; contacts received"),
+            Event::HistoryImport { done, total } => {
+                err_line(&format!("importing {done} of {total}"))
+            }
+            Event::HistoryExportWanted { .. } => err_line("sending the history to the new device…"),
+            Event::HistoryExported { messages, .. } => err_line(&format!(
+                "history of {messages} message(s) uploaded for the new device"
+            )),
             Event::MessageRemoved {
                 conversation,
                 reason,

@@ -162,6 +162,42 @@ pub enum Body {
         /// The next seq the sender will assign in it.
         next_seq: u64,
     },
+    /// Position 12, reserved for group payloads (never sent; refused).
+    Reserved12,
+    /// Position 13, reserved for group payloads (never sent; refused).
+    Reserved13,
+    /// Position 14, reserved for group payloads (never sent; refused).
+    Reserved14,
+    /// Position 15, reserved for group payloads (never sent; refused).
+    Reserved15,
+    /// Position 16, reserved for group payloads (never sent; refused).
+    Reserved16,
+    /// Position 17, reserved for group payloads (never sent; refused).
+    Reserved17,
+    /// Position 18, reserved for group payloads (never sent; refused).
+    Reserved18,
+    /// Position 19, reserved for group payloads (never sent; refused).
+    Reserved19,
+    /// Position 20 (control, own devices only). "Your history is in this
+    /// relay blob": the answer to [`Body::HistoryRequest`] once the archive
+    /// is uploaded. `key` is a one-time archive key (docs/CLIENT.md,
+    /// "History transfer"); the blob id is the download capability.
+    HistoryOffer {
+        /// The relay blob holding the archive.
+        blob: [u8; 16],
+        /// The archive key (one-time, random).
+        key: [u8; 32],
+        /// The blob's size in bytes.
+        total_len: u64,
+        /// Sealed chunks in the archive.
+        chunks: u32,
+        /// Messages in the archive (for "importing N of M").
+        messages: u64,
+    },
+    /// Position 21 (control, own devices only). A newly linked device asks
+    /// the device that made its link code for the user's history (sent with
+    /// its `LinkHello` unless the user declined).
+    HistoryRequest,
 }
 
 impl Body {
@@ -188,9 +224,19 @@ impl Body {
                 too_long(seqs.len()) || seqs.iter().any(SeqRange::is_empty)
             }
             Body::LinkWelcome { contacts } => too_long(contacts.len()),
-            Body::ContactAdded { .. } | Body::SessionReset { .. } | Body::NotYetSent { .. } => {
-                false
-            }
+            Body::ContactAdded { .. }
+            | Body::SessionReset { .. }
+            | Body::NotYetSent { .. }
+            | Body::HistoryOffer { .. }
+            | Body::HistoryRequest => false,
+            Body::Reserved12
+            | Body::Reserved13
+            | Body::Reserved14
+            | Body::Reserved15
+            | Body::Reserved16
+            | Body::Reserved17
+            | Body::Reserved18
+            | Body::Reserved19 => true,
         };
         if bad {
             return Err(ClientError::Protocol(
