@@ -185,7 +185,7 @@ pub async fn init(
         }
         Err(e) => return Err(e),
     }
-    let importing = |e: &Engine| e.backlog().link_pending || e.history_import_pending();
+    let importing = |e: &Engine| e.awaiting_welcome() || e.history_import_pending();
     if link.is_some() && importing(driver.engine()) && !wait.is_zero() {
         let mut stop = None;
         let deadline = Instant::now() + wait;

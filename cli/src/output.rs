@@ -463,6 +463,11 @@ impl<S: Storage> Sink<S> for Printer {
                     continue;
                 }
                 Event::Linked => self.linked = true,
+                // Import progress shows even where events are not printed
+                // (`init --link`).
+                Event::HistoryImport { done, total } if !self.messages => {
+                    err_line(&format!("importing {done} of {total}"));
+                }
                 Event::Warning(w) => {
                     self.warnings.push(w.clone());
                     if self.style == Style::Human || !self.messages {

@@ -67,6 +67,18 @@ pub struct ContactInfo {
     pub name: String,
 }
 
+/// A history archive's one-time key: zeroized on drop, never printed.
+#[derive(
+    Clone, PartialEq, Eq, Serialize, Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop,
+)]
+pub struct ArchiveKey(pub [u8; 32]);
+
+impl std::fmt::Debug for ArchiveKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ArchiveKey([redacted])")
+    }
+}
+
 /// The decrypted content of an envelope.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Payload {
@@ -186,7 +198,7 @@ pub enum Body {
         /// The relay blob holding the archive.
         blob: [u8; 16],
         /// The archive key (one-time, random).
-        key: [u8; 32],
+        key: ArchiveKey,
         /// The blob's size in bytes.
         total_len: u64,
         /// Sealed chunks in the archive.

@@ -491,7 +491,7 @@ impl Engine {
             u.to,
             Body::HistoryOffer {
                 blob: u.blob.0,
-                key: *u.key,
+                key: crate::payload::ArchiveKey(*u.key),
                 total_len: u.bytes.len() as u64,
                 chunks: u.chunks,
                 messages: u.messages,
@@ -510,7 +510,7 @@ impl Engine {
         &mut self,
         d: DeviceId,
         blob: [u8; 16],
-        key: [u8; 32],
+        key: &crate::payload::ArchiveKey,
         total_len: u64,
         chunks: u32,
         messages: u64,
@@ -524,7 +524,7 @@ impl Engine {
         }
         self.history.state.incoming = Some(Incoming {
             blob: BlobId(blob),
-            key: SecretKey(key),
+            key: SecretKey(key.0),
             total_len,
             chunks,
             messages,
@@ -682,6 +682,11 @@ impl Engine {
     /// Whether an upload is running (old device).
     pub fn history_uploading(&self) -> bool {
         self.history.upload.is_some()
+    }
+
+    /// New device: not yet welcomed by the device that issued its link code.
+    pub fn awaiting_welcome(&self) -> bool {
+        self.device.link.is_some()
     }
 
     /// New device: the history was asked for and is not imported yet (no

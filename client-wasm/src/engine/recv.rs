@@ -915,7 +915,7 @@ impl Engine {
                 total_len,
                 chunks,
                 messages,
-            } if own => self.on_history_offer(d, blob, key, total_len, chunks, messages),
+            } if own => self.on_history_offer(d, blob, &key, total_len, chunks, messages),
             Body::SessionReset { ephemeral } => self.on_session_reset(now, d, ephemeral)?,
             Body::NotYetSent {
                 conversation,

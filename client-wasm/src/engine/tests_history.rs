@@ -243,7 +243,7 @@ fn an_offer_from_a_device_that_was_not_asked_is_refused() {
             to,
             Body::HistoryOffer {
                 blob: [1; 16],
-                key: [2; 32],
+                key: crate::payload::ArchiveKey([2; 32]),
                 total_len: 10,
                 chunks: 1,
                 messages: 1,
@@ -252,6 +252,15 @@ fn an_offer_from_a_device_that_was_not_asked_is_refused() {
         .unwrap();
     net.advance(5_000);
     assert_eq!(net.clients[a2].engine.counters().rejected, rejected + 1);
+    // The key never shows in Debug output.
+    let offer = Body::HistoryOffer {
+        blob: [1; 16],
+        key: crate::payload::ArchiveKey([0xab; 32]),
+        total_len: 1,
+        chunks: 1,
+        messages: 1,
+    };
+    assert!(!format!("{offer:?}").contains("171"));
     assert_eq!(shown(&net.history_of(a2, &ab)), before);
 }
 

@@ -448,6 +448,26 @@ pub(crate) fn event(e: &Event, names: &dyn ContactNames) -> (&'static str, JsVal
                 .build(),
         ),
         Event::Linked => ("linked", Obj::event("linked").set("self", true).build()),
+        Event::HistoryImport { done, total } => (
+            "history",
+            Obj::event("history")
+                .num("done", *done)
+                .num("total", *total)
+                .build(),
+        ),
+        Event::HistoryExportWanted { device } => (
+            "history_export",
+            Obj::event("history_export")
+                .set("device", device.to_hex())
+                .build(),
+        ),
+        Event::HistoryExported { device, messages } => (
+            "history_exported",
+            Obj::event("history_exported")
+                .set("device", device.to_hex())
+                .num("messages", *messages)
+                .build(),
+        ),
         Event::Warning(message) => (
             "warning",
             Obj::event("warning")
