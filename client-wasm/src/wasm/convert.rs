@@ -68,6 +68,7 @@ impl From<ClientError> for Failure {
             ClientError::TooLarge { .. } => "too_large",
             ClientError::NoDevice => "no_device",
             ClientError::SelfTest(_) => "self_test",
+            ClientError::Archive(_) => "archive",
         };
         Failure::new(code, e.to_string())
     }

@@ -82,7 +82,7 @@ export type ConnectionState = "offline" | "connecting" | "syncing" | "live";
 export type HushErrorCode =
   | "invalid_argument" | "unknown" | "not_allowed" | "bad_code" | "too_large"
   | "storage" | "crypto" | "protocol" | "no_device" | "locked" | "closed"
-  | "busy" | "unsupported" | "internal" | "self_test";
+  | "busy" | "unsupported" | "internal" | "self_test" | "archive";
 
 /** Every rejection is an `Error` with `name === "HushError"` and a `code`. */
 export interface HushError extends Error {
