@@ -70,7 +70,7 @@ const state = {
 };
 
 /** A record of what happened, for people debugging and for the browser tests. */
-const log = { progress: [], gaps: [], rotations: [], connection: [], states: [], errors: [] };
+const log = { progress: [], history: [], gaps: [], rotations: [], connection: [], states: [], errors: [] };
 
 window.hushDemo = { state, log, get client() { return state.client; } };
 
@@ -353,6 +353,7 @@ async function enter(client) {
     else notice("A new device joined your account.", "info");
     refreshConversations();
   });
+  client.on("history", onHistory);
   client.on("warning", (ev) => console.warn("hush:", ev.message));
   for (const kind of ["messages", "state", "removed", "read", "gap", "connection", "devices", "linked", "error"]) {
     client.on(kind, scheduleHealth);
@@ -439,6 +440,18 @@ function toggleOffline() {
   }
   renderOfflineToggle();
   setConnection(state.connection);
+}
+
+/** History import on a newly linked browser: "importing N of M". */
+function onHistory({ done, total }) {
+  log.history.push({ done, total });
+  notice(
+    done < total
+      ? `Importing your history: ${done} of ${total} messages…`
+      : `History imported: ${total} messages.`,
+    "info",
+  );
+  if (done >= total) refreshConversations();
 }
 
 function onProgress({ done, total }) {

@@ -143,6 +143,7 @@ pub async fn init(
     name: Option<String>,
     link: Option<String>,
     wait: Duration,
+    history: bool,
 ) -> Result<(), CliError> {
     transport::validate_addr(&relay)?;
     let cert = match cert_hash {
@@ -184,7 +185,7 @@ pub async fn init(
     let cfg = cli_engine_config();
     let now = now_ms();
     let (engine, step) = match &link {
-        Some(code) => Engine::join(now, os_seed()?, code, cfg.clone())?,
+        Some(code) => Engine::join_with_history(now, os_seed()?, code, cfg.clone(), history)?,
         None => {
             let name = name.clone().unwrap_or_else(default_name);
             Engine::create(now, os_seed()?, &target.addr, &name, cfg.clone())?
@@ -218,11 +219,14 @@ pub async fn init(
         }
         Err(e) => return Err(e),
     }
-    if link.is_some() && !printer.linked && !wait.is_zero() {
+    let importing = |e: &Engine| e.awaiting_welcome() || e.history_import_pending();
+    if link.is_some() && importing(driver.engine()) && !wait.is_zero() {
         let mut stop = None;
         let deadline = Instant::now() + wait;
         driver
-            .run_until(deadline, &mut stop, &mut printer, |_| false)
+            .run_until(deadline, &mut stop, &mut printer, |v| {
+                v.settled() && !importing(v.engine)
+            })
             .await
             .map(|_| ())
             .or_else(|e| {
@@ -242,6 +246,13 @@ pub async fn init(
         driver.target().addr
     ));
     if link.is_some() {
+        if let Some((done, total)) = engine.history_import_progress() {
+            out_line(&format!(
+                "history: imported {done} of {total} message(s); the rest comes with `hush sync`"
+            ));
+        } else if printer.linked && history && !engine.history_import_pending() {
+            out_line("history imported from your other device");
+        }
         if printer.linked {
             out_line("linked: contacts received from your other device");
         } else {

@@ -117,6 +117,7 @@ impl View<'_> {
             && self.engine.connection_state() == ConnectionState::Live
             && self.outstanding == 0
             && self.engine.backlog().is_empty()
+            && !self.engine.history_busy()
     }
 }
 
@@ -739,6 +740,9 @@ impl<S: Storage + Send + 'static> Driver<S> {
     ) -> Result<Outcome, CliError> {
         loop {
             self.notice_broken(sink).await?;
+            if self.idle() && self.export_history(sink).await? {
+                continue;
+            }
             if self.idle() && done(&self.view()) {
                 return Ok(Outcome::Done);
             }
@@ -807,6 +811,37 @@ impl<S: Storage + Send + 'static> Driver<S> {
                     self.feed(vec![Input::Tick], sink).await?;
                 }
                 Wake::Incoming(first) => self.incoming(first, sink).await?,
+            }
+        }
+    }
+
+    /// A newly linked device asked for the history: read it from storage
+    /// and hand it to the engine, which uploads it. True if it did.
+    async fn export_history(&mut self, sink: &mut dyn Sink<S>) -> Result<bool, CliError> {
+        let Some(device) = self.engine.history_export_wanted() else {
+            return Ok(false);
+        };
+        let conversations: Vec<_> = self
+            .engine
+            .contacts()
+            .into_iter()
+            .map(|(_, _, c)| c)
+            .collect();
+        let messages = {
+            let storage = lock(&self.storage);
+            hush_client::engine::history_transfer::export_history(&*storage, &conversations)?
+        };
+        match self.engine.start_history_export(now_ms(), device, messages) {
+            Ok(step) => {
+                self.wake_at = step.wake_at;
+                self.connect_at = step.connect_at;
+                self.enqueue(vec![step]).await;
+                self.flush(sink).await?;
+                Ok(true)
+            }
+            Err(e) => {
+                self.rebuild(&e.to_string()).await?;
+                Err(CliError::Client(e))
             }
         }
     }

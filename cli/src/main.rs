@@ -51,9 +51,13 @@ enum Cmd {
         /// A link code from `hush link-code` on one of your devices.
         #[arg(long, value_name = "CODE")]
         link: Option<String>,
-        /// With --link: how long to wait for the other device's welcome.
+        /// With --link: how long to wait for the other device's welcome
+        /// (and for the history import).
         #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = seconds)]
         wait: Duration,
+        /// With --link: do not ask the other device for the message history.
+        #[arg(long, requires = "link")]
+        no_history: bool,
     },
     /// Print this user's contact code (give it to people who should reach you).
     Code,
@@ -189,7 +193,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             name,
             link,
             wait,
-        } => commands::init(&home, relay, cert_hash, name, link, wait).await,
+            no_history,
+        } => commands::init(&home, relay, cert_hash, name, link, wait, !no_history).await,
         Cmd::Code => commands::code(&home),
         Cmd::LinkCode => commands::link_code(&home).await,
         Cmd::Contact {

@@ -426,6 +426,15 @@ impl Printer {
             Event::Linked => json!({"type": "linked"}),
             Event::GroupChanged { group } => return Some(group_json(names, group)),
             Event::Warning(w) => json!({"type": "warning", "message": w}),
+            Event::HistoryImport { done, total } => {
+                json!({"type": "history_import", "done": done, "total": total})
+            }
+            Event::HistoryExportWanted { device } => {
+                json!({"type": "history_export", "device": dev(device)})
+            }
+            Event::HistoryExported { device, messages } => {
+                json!({"type": "history_exported", "device": dev(device), "messages": messages})
+            }
         })
     }
 
@@ -488,6 +497,13 @@ impl Printer {
                     }
                 ));
             }
+            Event::HistoryImport { done, total } => {
+                err_line(&format!("importing {done} of {total}"))
+            }
+            Event::HistoryExportWanted { .. } => err_line("sending the history to the new device…"),
+            Event::HistoryExported { messages, .. } => err_line(&format!(
+                "history of {messages} message(s) uploaded for the new device"
+            )),
             Event::MessageRemoved {
                 conversation,
                 reason,
@@ -517,6 +533,11 @@ impl<S: Storage> Sink<S> for Printer {
                     continue;
                 }
                 Event::Linked => self.linked = true,
+                // Import progress shows even where events are not printed
+                // (`init --link`).
+                Event::HistoryImport { done, total } if !self.messages => {
+                    err_line(&format!("importing {done} of {total}"));
+                }
                 Event::Warning(w) => {
                     self.warnings.push(w.clone());
                     if self.style == Style::Human || !self.messages {

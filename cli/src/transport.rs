@@ -511,11 +511,13 @@ async fn connect_ws(target: &RelayTarget, bound: Duration) -> Result<Conn, CliEr
     let ws = open_websocket(&target.addr, target.cert, bound).await?;
     let (sink, stream) = ws.split();
     let (tx, frames) = mpsc::channel(FRAME_QUEUE);
-    let reader = tokio::spawn(read_ws_frames(stream, tx));
+    let received = Arc::new(AtomicU64::new(0));
+    let reader = tokio::spawn(read_ws_frames(stream, tx, received.clone()));
     Ok(Conn {
         sender: Sender::Ws(sink),
         frames,
         reader,
+        received,
     })
 }
 
@@ -524,6 +526,7 @@ async fn connect_ws(target: &RelayTarget, bound: Duration) -> Result<Conn, CliEr
 async fn read_ws_frames(
     mut stream: futures_util::stream::SplitStream<WsStream>,
     tx: mpsc::Sender<Incoming>,
+    received: Arc<AtomicU64>,
 ) {
     let mut buffer = FrameBuffer::new();
     let reason = loop {
@@ -533,6 +536,7 @@ async fn read_ws_frames(
         };
         match next {
             Some(Ok(Message::Binary(bytes))) => {
+                received.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 buffer.extend(&bytes);
                 loop {
                     match buffer.next_server_frame() {

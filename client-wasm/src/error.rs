@@ -45,6 +45,10 @@ pub enum ClientError {
     /// ([`crate::self_test`]): the client refuses to run.
     #[error("the encryption of this build failed its self-test ({0}): refusing to run")]
     SelfTest(CryptoError),
+    /// A history archive (history transfer to a new device) is truncated,
+    /// reordered, tampered with or sealed under another key.
+    #[error("history archive: {0}")]
+    Archive(&'static str),
 }
 
 /// Failures of a [`crate::storage::Storage`] backend.

@@ -67,6 +67,18 @@ pub struct ContactInfo {
     pub name: String,
 }
 
+/// A history archive's one-time key: zeroized on drop, never printed.
+#[derive(
+    Clone, PartialEq, Eq, Serialize, Deserialize, zeroize::Zeroize, zeroize::ZeroizeOnDrop,
+)]
+pub struct ArchiveKey(pub [u8; 32]);
+
+impl std::fmt::Debug for ArchiveKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ArchiveKey([redacted])")
+    }
+}
+
 /// The decrypted content of an envelope.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Payload {
@@ -207,6 +219,34 @@ pub enum Body {
         /// The messages.
         ids: Vec<MessageId>,
     },
+    /// Position 16, reserved (never sent; refused).
+    Reserved16,
+    /// Position 17, reserved (never sent; refused).
+    Reserved17,
+    /// Position 18, reserved (never sent; refused).
+    Reserved18,
+    /// Position 19, reserved (never sent; refused).
+    Reserved19,
+    /// Position 20 (control, own devices only). "Your history is in this
+    /// relay blob": the answer to [`Body::HistoryRequest`] once the archive
+    /// is uploaded. `key` is a one-time archive key (docs/CLIENT.md,
+    /// "History transfer"); the blob id is the download capability.
+    HistoryOffer {
+        /// The relay blob holding the archive.
+        blob: [u8; 16],
+        /// The archive key (one-time, random).
+        key: ArchiveKey,
+        /// The blob's size in bytes.
+        total_len: u64,
+        /// Sealed chunks in the archive.
+        chunks: u32,
+        /// Messages in the archive (for "importing N of M").
+        messages: u64,
+    },
+    /// Position 21 (control, own devices only). A newly linked device asks
+    /// the device that made its link code for the user's history (sent with
+    /// its `LinkHello` unless the user declined).
+    HistoryRequest,
 }
 
 /// Most causal references in one group message.
@@ -290,9 +330,11 @@ impl Body {
                 too_long(seqs.len()) || seqs.iter().any(SeqRange::is_empty)
             }
             Body::LinkWelcome { contacts } => too_long(contacts.len()),
-            Body::ContactAdded { .. } | Body::SessionReset { .. } | Body::NotYetSent { .. } => {
-                false
-            }
+            Body::ContactAdded { .. }
+            | Body::SessionReset { .. }
+            | Body::NotYetSent { .. }
+            | Body::HistoryOffer { .. }
+            | Body::HistoryRequest => false,
             Body::GroupText { text, refs, .. } => {
                 text.len() > MAX_TEXT_BYTES || refs.len() > MAX_GROUP_REFS
             }
@@ -314,6 +356,7 @@ impl Body {
             Body::GroupResend { ids, .. } | Body::GroupUnavailable { ids, .. } => {
                 too_long(ids.len())
             }
+            Body::Reserved16 | Body::Reserved17 | Body::Reserved18 | Body::Reserved19 => true,
         };
         if bad {
             return Err(ClientError::Protocol(

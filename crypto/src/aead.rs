@@ -146,3 +146,42 @@ pub fn open_at_rest(key: &[u8; 32], sealed: &[u8], ad: &[u8]) -> Result<Vec<u8>,
     let nonce: [u8; AT_REST_NONCE_LEN] = nonce.try_into().map_err(|_| CryptoError::Truncated)?;
     decrypt(key, &nonce, ct, ad)
 }
+
+/// The nonce of chunk `index` of a STREAM-sealed archive (Hoang, Reyhanitabar,
+/// Rogaway, Vizár): the chunk index as 8 big-endian bytes, three zero bytes
+/// and a last-chunk flag (1 on the final chunk, else 0). A chunk therefore
+/// opens only at its own position, and only the final chunk opens as final,
+/// so reordering, dropping or truncating chunks is detected.
+fn stream_nonce(index: u64, last: bool) -> [u8; 12] {
+    let mut nonce = [0u8; 12];
+    nonce[..8].copy_from_slice(&index.to_be_bytes());
+    nonce[11] = u8::from(last);
+    nonce
+}
+
+/// Seal chunk `index` of a STREAM archive under a one-time `key` (never
+/// reuse a key for two archives). Output: ciphertext ‖ 16-byte tag.
+pub fn seal_stream_chunk(
+    key: &[u8; 32],
+    index: u64,
+    last: bool,
+    plaintext: &[u8],
+    ad: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    encrypt(key, &stream_nonce(index, last), plaintext, ad)
+}
+
+/// Open chunk `index` of a STREAM archive; fails unless it was sealed at this
+/// position with this `last` flag, key and associated data.
+pub fn open_stream_chunk(
+    key: &[u8; 32],
+    index: u64,
+    last: bool,
+    sealed: &[u8],
+    ad: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    if sealed.len() < TAG_LEN {
+        return Err(CryptoError::Truncated);
+    }
+    decrypt(key, &stream_nonce(index, last), sealed, ad)
+}

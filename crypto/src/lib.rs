@@ -74,7 +74,9 @@ mod secret;
 mod self_test;
 mod x3dh;
 
-pub use aead::{AT_REST_NONCE_LEN, TAG_LEN, open_at_rest, seal_at_rest};
+pub use aead::{
+    AT_REST_NONCE_LEN, TAG_LEN, open_at_rest, open_stream_chunk, seal_at_rest, seal_stream_chunk,
+};
 pub use error::CryptoError;
 pub use header::{RATCHET_HEADER_LEN, RatchetHeader, SESSION_INIT_LEN, SessionInit};
 pub use identity::{

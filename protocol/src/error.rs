@@ -85,6 +85,13 @@ pub enum ErrorCode {
     /// Too many registrations from this network address recently; the
     /// refusal's `retry_after_ms` says when to try again.
     RegistrationLimit,
+    /// Position 18. A blob put exceeds a blob limit: the blob is larger than
+    /// the relay accepts, or the device holds too many (or too large) open
+    /// blobs already.
+    BlobLimit,
+    /// Position 19. No such blob: never created, expired, or not yet
+    /// written that far.
+    UnknownBlob,
 }
 
 /// A refusal as sent on the wire: a code for programs, a message for people.

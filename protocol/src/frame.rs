@@ -11,7 +11,7 @@
 use crate::PROTOCOL_VERSION;
 use crate::envelope::{Envelope, NO_ONE_TIME_PREKEY};
 use crate::error::{ErrorCode, ProtocolError, WireError, truncate_text};
-use crate::ids::{ConversationId, DeviceId, MessageId, UserKey};
+use crate::ids::{BlobId, ConversationId, DeviceId, MessageId, UserKey};
 use crate::limits::*;
 use serde::{Deserialize, Serialize};
 
@@ -262,6 +262,39 @@ pub enum Request {
     },
     /// Liveness probe; the relay answers [`Response::Pong`].
     Ping,
+    /// Position 11. Append `bytes` to blob `blob` at `offset` (a history
+    /// archive, see docs/CLIENT.md "History transfer"). The first put
+    /// creates the blob, owned by the sending device, with its final size
+    /// `total_len`; later puts must name the same `total_len`. Offsets are
+    /// contiguous: `offset` must not exceed the committed length. A put
+    /// that overlaps committed bytes must repeat them exactly (so a retry
+    /// after a lost answer is idempotent). Answer: [`Response::BlobStored`].
+    BlobPut {
+        /// The blob: 16 random bytes chosen by the uploader.
+        blob: BlobId,
+        /// Where `bytes` start in the blob.
+        offset: u64,
+        /// The blob's complete size (at least 1).
+        total_len: u64,
+        /// At most [`MAX_BLOB_CHUNK`] bytes; `offset + len ≤ total_len`.
+        bytes: Vec<u8>,
+    },
+    /// Position 12. How much of a blob is committed (the resume point of
+    /// an upload or a download). Answer: [`Response::BlobState`].
+    BlobStatus {
+        /// The blob.
+        blob: BlobId,
+    },
+    /// Position 13. Read up to `max` committed bytes of a blob from
+    /// `offset`. Answer: [`Response::BlobChunk`].
+    BlobGet {
+        /// The blob.
+        blob: BlobId,
+        /// First byte wanted.
+        offset: u64,
+        /// At most [`MAX_BLOB_CHUNK`].
+        max: u32,
+    },
 }
 
 /// A frame from the relay.
@@ -431,6 +464,37 @@ pub enum Response {
         /// The relay's clock, ms since the Unix epoch.
         relay_time_ms: u64,
     },
+    /// Position 10. Answer to `BlobPut`.
+    BlobStored {
+        /// The blob.
+        blob: BlobId,
+        /// Bytes of the blob now committed (durably).
+        committed: u64,
+    },
+    /// Position 11. Answer to `BlobStatus`.
+    BlobState {
+        /// The blob.
+        blob: BlobId,
+        /// Its declared complete size.
+        total_len: u64,
+        /// Bytes committed so far (`committed == total_len`: complete).
+        committed: u64,
+        /// When the relay deletes it, ms since the Unix epoch.
+        expires_at_ms: u64,
+    },
+    /// Position 12. Answer to `BlobGet`.
+    BlobChunk {
+        /// The blob.
+        blob: BlobId,
+        /// Where `bytes` start.
+        offset: u64,
+        /// Its declared complete size.
+        total_len: u64,
+        /// Bytes committed so far.
+        committed: u64,
+        /// At most [`MAX_BLOB_CHUNK`] bytes (empty at or past `committed`).
+        bytes: Vec<u8>,
+    },
 }
 
 fn too_large(what: &'static str, len: usize, max: usize) -> Result<(), ProtocolError> {
@@ -468,6 +532,23 @@ impl ClientFrame {
             Request::PublishDeviceList { list } => {
                 too_large("device list", list.list.devices.len(), MAX_DEVICES_PER_USER)
             }
+            Request::BlobPut {
+                offset,
+                total_len,
+                bytes,
+                ..
+            } => {
+                too_large("blob chunk", bytes.len(), MAX_BLOB_CHUNK)?;
+                if *total_len == 0 {
+                    return Err(ProtocolError::Malformed("empty blob"));
+                }
+                let end = offset.checked_add(bytes.len() as u64);
+                if end.is_none_or(|end| end > *total_len) {
+                    return Err(ProtocolError::Malformed("blob chunk past total_len"));
+                }
+                Ok(())
+            }
+            Request::BlobGet { max, .. } => too_large("blob read", *max as usize, MAX_BLOB_CHUNK),
             _ => Ok(()),
         }
     }
@@ -499,6 +580,9 @@ impl ServerFrame {
                 }
                 Response::DeviceList(l) => {
                     too_large("device list", l.list.devices.len(), MAX_DEVICES_PER_USER)
+                }
+                Response::BlobChunk { bytes, .. } => {
+                    too_large("blob chunk", bytes.len(), MAX_BLOB_CHUNK)
                 }
                 _ => Ok(()),
             },

@@ -61,6 +61,14 @@ byte_id!(
     16
 );
 byte_id!(
+    /// A relay blob (a history archive being handed to a new device): 16
+    /// random bytes chosen by its uploader. Knowing the id is what lets a
+    /// device download the blob, so it is a capability: it travels only
+    /// inside end-to-end encrypted payloads.
+    BlobId,
+    16
+);
+byte_id!(
     /// A conversation between users, chosen by whoever starts it.
     ConversationId,
     16

@@ -37,7 +37,7 @@ pub use frame::{
     SignedDeviceList, SignedPrekey, Truncation, auth_challenge_bytes, decode_client_frame,
     decode_server_frame, encode_client_frame, encode_server_frame,
 };
-pub use ids::{ConversationId, DeviceId, MessageId, UserKey};
+pub use ids::{BlobId, ConversationId, DeviceId, MessageId, UserKey};
 
 /// The protocol version carried in every frame and envelope header.
 pub const PROTOCOL_VERSION: u8 = 1;

@@ -37,6 +37,10 @@ pub const MAX_TEXT_LEN: usize = 256;
 /// Longest ratchet header carried inside an envelope header.
 pub const MAX_RATCHET_HEADER_LEN: usize = 96;
 
+/// Largest blob chunk in one `BlobPut` or `BlobChunk` (and the most one
+/// `BlobGet` may ask for).
+pub const MAX_BLOB_CHUNK: usize = 1024 * 1024;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,4 +70,6 @@ mod tests {
     const _: () = assert!(MAX_RATCHET_HEADER_LEN <= u8::MAX as usize);
     const _: () = assert!(MAX_TEXT_LEN < MAX_FRAME_LEN);
     const _: () = assert!(MAX_ENVELOPE_LEN <= MAX_PAGE_BYTES);
+    // A full chunk plus its few fixed fields fits in a frame.
+    const _: () = assert!(MAX_BLOB_CHUNK + 64 <= MAX_FRAME_LEN);
 }

@@ -9,7 +9,7 @@ mod common;
 use common::ALL_ERROR_CODES;
 use hush_protocol::limits::*;
 use hush_protocol::{
-    AuthOk, ClientFrame, ConversationId, Delivered, DeviceEntry, DeviceId, DeviceList,
+    AuthOk, BlobId, ClientFrame, ConversationId, Delivered, DeviceEntry, DeviceId, DeviceList,
     DeviceRegistration, Envelope, EnvelopeHeader, ErrorCode, MessageId, OneTimePrekey, Page,
     PrekeyBundle, Request, Response, SendOutcome, ServerFrame, SessionInitHeader, SignedDeviceList,
     SignedPrekey, UserKey, WireError, auth_challenge_bytes, decode_client_frame,
@@ -158,6 +158,28 @@ fn message_id_layout_golden_vector() {
     assert_eq!(id.to_hex(), "018bcfe568000102030405060708090a");
     assert_eq!(id.timestamp_ms(), 1_700_000_000_000);
     assert_in_doc("018bcfe568000102030405060708090a");
+}
+
+const BLOB_PUT_FRAME: &str =
+    "0000001b 01 09 0b b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1 00 ac02 04 eeeeeeee";
+
+#[test]
+fn blob_put_frame_golden_vector() {
+    let frame = ClientFrame {
+        request_id: 9,
+        request: Request::BlobPut {
+            blob: BlobId([0xb1; 16]),
+            offset: 0,
+            total_len: 300,
+            bytes: vec![0xee; 4],
+        },
+    };
+    assert_eq!(
+        hex::encode(encode_client_frame(&frame).unwrap()),
+        compact(BLOB_PUT_FRAME)
+    );
+    assert_eq!(decode_client_frame(&hex_of(BLOB_PUT_FRAME)), Ok(frame));
+    assert_in_doc(BLOB_PUT_FRAME);
 }
 
 #[test]
@@ -468,6 +490,20 @@ fn all_requests() -> Vec<Request> {
             user: UserKey([0; 32]),
         },
         Request::Ping,
+        Request::BlobPut {
+            blob: BlobId([0; 16]),
+            offset: 0,
+            total_len: 1,
+            bytes: Vec::new(),
+        },
+        Request::BlobStatus {
+            blob: BlobId([0; 16]),
+        },
+        Request::BlobGet {
+            blob: BlobId([0; 16]),
+            offset: 0,
+            max: 0,
+        },
     ]
 }
 
@@ -500,6 +536,9 @@ fn request_variant_indexes_match_the_doc_table() {
             "PublishDeviceList",
             "FetchDeviceList",
             "Ping",
+            "BlobPut",
+            "BlobStatus",
+            "BlobGet",
         ],
     );
 }
@@ -549,6 +588,23 @@ fn all_responses() -> Vec<Response> {
             signature: [0; 64],
         }),
         Response::Pong { relay_time_ms: 0 },
+        Response::BlobStored {
+            blob: BlobId([0; 16]),
+            committed: 0,
+        },
+        Response::BlobState {
+            blob: BlobId([0; 16]),
+            total_len: 0,
+            committed: 0,
+            expires_at_ms: 0,
+        },
+        Response::BlobChunk {
+            blob: BlobId([0; 16]),
+            offset: 0,
+            total_len: 0,
+            committed: 0,
+            bytes: Vec::new(),
+        },
     ]
 }
 
@@ -580,6 +636,9 @@ fn response_variant_indexes_match_the_doc_table() {
             "DeviceListPublished",
             "DeviceList",
             "Pong",
+            "BlobStored",
+            "BlobState",
+            "BlobChunk",
         ],
     );
 }
@@ -647,6 +706,8 @@ fn error_code_indexes_match_the_doc_table() {
             "StoreFull",
             "DeviceLimit",
             "RegistrationLimit",
+            "BlobLimit",
+            "UnknownBlob",
         ],
     );
 }
@@ -684,7 +745,7 @@ fn send_outcome_indexes_match_the_doc_table() {
 
 #[test]
 fn limits_and_constants_match_the_doc() {
-    let limits: [(&str, usize); 10] = [
+    let limits: [(&str, usize); 11] = [
         ("MAX_FRAME_LEN", MAX_FRAME_LEN),
         ("MAX_ENVELOPE_LEN", MAX_ENVELOPE_LEN),
         ("MAX_BATCH", MAX_BATCH),
@@ -695,6 +756,7 @@ fn limits_and_constants_match_the_doc() {
         ("MAX_DROPPED_RANGES", MAX_DROPPED_RANGES),
         ("MAX_TEXT_LEN", MAX_TEXT_LEN),
         ("MAX_RATCHET_HEADER_LEN", MAX_RATCHET_HEADER_LEN),
+        ("MAX_BLOB_CHUNK", MAX_BLOB_CHUNK),
     ];
     for (name, value) in limits {
         assert_in_doc(&format!("| `{name}` | {value} |"));

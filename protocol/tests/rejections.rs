@@ -12,7 +12,7 @@ use hush_protocol::envelope::{
 use hush_protocol::frame::{decode_client_body, decode_server_body};
 use hush_protocol::limits::*;
 use hush_protocol::{
-    ClientFrame, Delivered, DeviceEntry, DeviceId, DeviceList, DroppedRange, Envelope,
+    BlobId, ClientFrame, Delivered, DeviceEntry, DeviceId, DeviceList, DroppedRange, Envelope,
     EnvelopeHeader, ErrorCode, FrameBuffer, OneTimePrekey, Page, ProtocolError, Request, Response,
     SendOutcome, ServerFrame, SignedDeviceList, SignedPrekey, Truncation, UserKey, WireError,
     decode_client_frame, decode_server_frame, encode_client_frame, encode_server_frame,
@@ -644,6 +644,96 @@ fn pull_limit_over_the_page_size_is_refused_both_ways() {
 }
 
 #[test]
+fn blob_chunks_over_the_limit_are_refused_both_ways() {
+    let blob = BlobId([7; 16]);
+    let put = |n: usize| {
+        cf(Request::BlobPut {
+            blob,
+            offset: 0,
+            total_len: 4 * MAX_BLOB_CHUNK as u64,
+            bytes: vec![1; n],
+        })
+    };
+    let expected = ("blob chunk", MAX_BLOB_CHUNK + 1, MAX_BLOB_CHUNK);
+    assert_eq!(
+        too_large_what(encode_client_frame(&put(MAX_BLOB_CHUNK + 1))),
+        expected
+    );
+    assert_eq!(
+        too_large_what(decode_client_frame(&raw_frame(1, &put(MAX_BLOB_CHUNK + 1)))),
+        expected
+    );
+    let ok = encode_client_frame(&put(MAX_BLOB_CHUNK)).expect("a full chunk is allowed");
+    assert_eq!(decode_client_frame(&ok), Ok(put(MAX_BLOB_CHUNK)));
+
+    let get = |max: u32| {
+        cf(Request::BlobGet {
+            blob,
+            offset: 0,
+            max,
+        })
+    };
+    let over = MAX_BLOB_CHUNK as u32 + 1;
+    assert_eq!(
+        too_large_what(decode_client_frame(&raw_frame(1, &get(over)))),
+        ("blob read", over as usize, MAX_BLOB_CHUNK)
+    );
+    assert!(encode_client_frame(&get(MAX_BLOB_CHUNK as u32)).is_ok());
+
+    let chunk = |n: usize| {
+        resp(Response::BlobChunk {
+            blob,
+            offset: 0,
+            total_len: 9,
+            committed: 9,
+            bytes: vec![2; n],
+        })
+    };
+    assert_eq!(
+        too_large_what(decode_server_frame(&raw_frame(
+            1,
+            &chunk(MAX_BLOB_CHUNK + 1)
+        ))),
+        ("blob chunk", MAX_BLOB_CHUNK + 1, MAX_BLOB_CHUNK)
+    );
+    assert!(encode_server_frame(&chunk(MAX_BLOB_CHUNK)).is_ok());
+}
+
+#[test]
+fn blob_puts_past_their_declared_size_are_malformed() {
+    let put = |offset: u64, total_len: u64, n: usize| {
+        cf(Request::BlobPut {
+            blob: BlobId([7; 16]),
+            offset,
+            total_len,
+            bytes: vec![1; n],
+        })
+    };
+    for (offset, total, n, what) in [
+        (0, 0, 0, "empty blob"),
+        (0, 3, 4, "blob chunk past total_len"),
+        (8, 10, 3, "blob chunk past total_len"),
+        (u64::MAX, u64::MAX, 1, "blob chunk past total_len"),
+    ] {
+        let f = put(offset, total, n);
+        assert_eq!(
+            encode_client_frame(&f),
+            Err(ProtocolError::Malformed(what)),
+            "{offset} {total} {n}"
+        );
+        assert_eq!(
+            decode_client_frame(&raw_frame(1, &f)),
+            Err(ProtocolError::Malformed(what))
+        );
+    }
+    let f = put(8, 10, 2);
+    assert_eq!(
+        decode_client_frame(&encode_client_frame(&f).unwrap()),
+        Ok(f)
+    );
+}
+
+#[test]
 fn too_many_one_time_prekeys_are_refused_both_ways() {
     let keys = |n: usize| {
         (0..n)
@@ -878,7 +968,7 @@ fn texts_over_the_limit_are_refused_wherever_they_appear() {
 fn malformed_bodies_are_malformed() {
     let malformed: Result<(), _> = Err(ProtocolError::Malformed("frame body"));
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("unknown request variant", vec![7, 11]),
+        ("unknown request variant", vec![7, 60]),
         (
             "huge request variant",
             vec![7, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F],
@@ -910,8 +1000,8 @@ fn malformed_bodies_are_malformed() {
     }
     let server_cases: Vec<(&str, Vec<u8>)> = vec![
         ("unknown server frame variant", vec![5]),
-        ("unknown response variant", vec![0, 1, 10]),
-        ("unknown error code", vec![1, 0, 18, 0, 0]),
+        ("unknown response variant", vec![0, 1, 60]),
+        ("unknown error code", vec![1, 0, 60, 0, 0]),
         ("bad option tag", vec![1, 0, 0, 0, 2]),
         ("invalid UTF-8", vec![3, 0, 2, 0xC3, 0x28]),
         (

@@ -191,6 +191,28 @@ fn request(w: &mut W, r: &Request) {
             w.raw(&user.0);
         }
         Request::Ping => w.varint(10),
+        Request::BlobPut {
+            blob,
+            offset,
+            total_len,
+            bytes,
+        } => {
+            w.varint(11);
+            w.raw(&blob.0);
+            w.varint(*offset);
+            w.varint(*total_len);
+            w.bytes(bytes);
+        }
+        Request::BlobStatus { blob } => {
+            w.varint(12);
+            w.raw(&blob.0);
+        }
+        Request::BlobGet { blob, offset, max } => {
+            w.varint(13);
+            w.raw(&blob.0);
+            w.varint(*offset);
+            w.varint((*max).into());
+        }
     }
 }
 
@@ -280,6 +302,37 @@ fn response(w: &mut W, r: &Response) {
         Response::Pong { relay_time_ms } => {
             w.varint(9);
             w.varint(*relay_time_ms);
+        }
+        Response::BlobStored { blob, committed } => {
+            w.varint(10);
+            w.raw(&blob.0);
+            w.varint(*committed);
+        }
+        Response::BlobState {
+            blob,
+            total_len,
+            committed,
+            expires_at_ms,
+        } => {
+            w.varint(11);
+            w.raw(&blob.0);
+            w.varint(*total_len);
+            w.varint(*committed);
+            w.varint(*expires_at_ms);
+        }
+        Response::BlobChunk {
+            blob,
+            offset,
+            total_len,
+            committed,
+            bytes,
+        } => {
+            w.varint(12);
+            w.raw(&blob.0);
+            w.varint(*offset);
+            w.varint(*total_len);
+            w.varint(*committed);
+            w.bytes(bytes);
         }
     }
 }

@@ -10,7 +10,7 @@
 //! environment.
 
 use crate::error::RelayError;
-use crate::store::{StoreLimits, StoreSpec};
+use crate::store::{BlobLimits, StoreLimits, StoreSpec};
 use clap::Parser;
 use clap::builder::BoolishValueParser;
 use hush_protocol::limits::MAX_ENVELOPE_LEN;
@@ -79,6 +79,12 @@ pub struct Config {
     pub max_store_bytes: Option<u64>,
     /// Most devices one user may register.
     pub max_devices_per_user: u32,
+    /// Largest blob (history archive) one device may upload.
+    pub max_blob_bytes: u64,
+    /// Most unexpired blobs one device may own.
+    pub max_blobs_per_device: u32,
+    /// Most bytes of unexpired blobs one device may own.
+    pub max_blob_bytes_per_device: u64,
     /// Serve the demo page on the HTTP listener.
     pub demo: bool,
     /// Connections open at once; more are refused before their handshake.
@@ -176,6 +182,9 @@ impl Config {
             send_rate: DEFAULT_SEND_RATE,
             max_store_bytes: None,
             max_devices_per_user: limits.max_devices_per_user,
+            max_blob_bytes: BlobLimits::default().max_blob_bytes,
+            max_blobs_per_device: BlobLimits::default().max_blobs_per_device,
+            max_blob_bytes_per_device: BlobLimits::default().max_blob_bytes_per_device,
             demo: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
@@ -255,6 +264,15 @@ impl Config {
         }
         if let Some(v) = pick!(max_devices_per_user) {
             c.max_devices_per_user = v;
+        }
+        if let Some(v) = pick!(max_blob_bytes) {
+            c.max_blob_bytes = v.0;
+        }
+        if let Some(v) = pick!(max_blobs_per_device) {
+            c.max_blobs_per_device = v;
+        }
+        if let Some(v) = pick!(max_blob_bytes_per_device) {
+            c.max_blob_bytes_per_device = v.0;
         }
         c.demo = pick!(demo).unwrap_or(false);
         if let Some(v) = pick!(max_connections) {
@@ -365,6 +383,16 @@ impl Config {
             .unwrap_or_else(|| StoreSpec::Redb(self.data_dir.clone()))
     }
 
+    /// The blob limits these settings imply (blobs live a day).
+    pub fn blob_limits(&self) -> BlobLimits {
+        BlobLimits {
+            max_blob_bytes: self.max_blob_bytes,
+            max_blobs_per_device: self.max_blobs_per_device,
+            max_blob_bytes_per_device: self.max_blob_bytes_per_device,
+            ..BlobLimits::default()
+        }
+    }
+
     /// Retention in milliseconds.
     pub fn retention_ms(&self) -> u64 {
         u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX)
@@ -389,6 +417,9 @@ impl Config {
             send_rate: Some(self.send_rate),
             max_store_bytes: self.max_store_bytes.map(ByteSize),
             max_devices_per_user: Some(self.max_devices_per_user),
+            max_blob_bytes: Some(ByteSize(self.max_blob_bytes)),
+            max_blobs_per_device: Some(self.max_blobs_per_device),
+            max_blob_bytes_per_device: Some(ByteSize(self.max_blob_bytes_per_device)),
             demo: Some(self.demo),
             max_connections: Some(self.max_connections),
             max_connections_per_ip: Some(self.max_connections_per_ip),
@@ -506,6 +537,24 @@ pub struct Cli {
     /// Most devices one user may register [default: 10]
     #[arg(long, env = "HUSH_MAX_DEVICES_PER_USER", value_name = "N")]
     pub max_devices_per_user: Option<u32>,
+
+    /// Largest blob (a history archive for a newly linked device) one
+    /// device may upload [default: 256MiB]
+    #[arg(long, env = "HUSH_MAX_BLOB_BYTES", value_name = "SIZE", value_parser = parse_size_arg)]
+    pub max_blob_bytes: Option<ByteSize>,
+
+    /// Most unexpired blobs one device may hold [default: 4]
+    #[arg(long, env = "HUSH_MAX_BLOBS_PER_DEVICE", value_name = "N")]
+    pub max_blobs_per_device: Option<u32>,
+
+    /// Most bytes of unexpired blobs one device may hold [default: 512MiB]
+    #[arg(
+        long,
+        env = "HUSH_MAX_BLOB_BYTES_PER_DEVICE",
+        value_name = "SIZE",
+        value_parser = parse_size_arg
+    )]
+    pub max_blob_bytes_per_device: Option<ByteSize>,
 
     /// Serve the demo chat page on the HTTP listener (when built in)
     #[arg(
@@ -625,6 +674,15 @@ pub struct FileConfig {
     /// See `--max-devices-per-user`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_devices_per_user: Option<u32>,
+    /// See `--max-blob-bytes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_blob_bytes: Option<ByteSize>,
+    /// See `--max-blobs-per-device`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_blobs_per_device: Option<u32>,
+    /// See `--max-blob-bytes-per-device`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_blob_bytes_per_device: Option<ByteSize>,
     /// See `--demo`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub demo: Option<bool>,

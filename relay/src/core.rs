@@ -17,9 +17,9 @@
 //! [`RelayCore::finish_send`] with the store's outcomes to get the reply.
 
 use crate::metrics::Metrics;
-use crate::store::{CommitOutcome, NewEnvelope, Refusal, Store, StoreError};
+use crate::store::{BlobLimits, BlobWrite, CommitOutcome, NewEnvelope, Refusal, Store, StoreError};
 use ed25519_dalek::{Signature, VerifyingKey};
-use hush_protocol::limits::{MAX_PAGE, MAX_PAGE_BYTES};
+use hush_protocol::limits::{MAX_BLOB_CHUNK, MAX_PAGE, MAX_PAGE_BYTES};
 use hush_protocol::{
     AuthOk, ClientFrame, Delivered, DeviceId, Envelope, ErrorCode, MessageId, Page, ProtocolError,
     Request, Response, SendOutcome, ServerFrame, SignedDeviceList, WireError, auth_challenge_bytes,
@@ -44,6 +44,8 @@ pub struct CoreConfig {
     pub send_burst: u32,
     /// Pushed-but-unacknowledged envelopes allowed per live session.
     pub push_window: u64,
+    /// Blob (history archive) limits and lifetime.
+    pub blobs: BlobLimits,
 }
 
 impl CoreConfig {
@@ -59,6 +61,7 @@ impl CoreConfig {
                 .saturating_mul(2)
                 .max(hush_protocol::limits::MAX_BATCH as u32),
             push_window: DEFAULT_PUSH_WINDOW,
+            blobs: c.blob_limits(),
         }
     }
 }
@@ -307,6 +310,10 @@ impl From<StoreError> for Refuse {
                 tracing::error!("store failure: {msg}");
                 Refuse(ErrorCode::Internal, "storage failure; retry later".into())
             }
+            StoreError::BlobForbidden(msg) => Refuse(ErrorCode::Forbidden, msg.into()),
+            StoreError::BlobMismatch(msg) => Refuse(ErrorCode::BadFrame, msg.into()),
+            StoreError::BlobLimit(msg) => Refuse(ErrorCode::BlobLimit, msg),
+            StoreError::UnknownBlob => Refuse(ErrorCode::UnknownBlob, "no such blob".into()),
         }
     }
 }
@@ -432,6 +439,12 @@ impl<S: Store + ?Sized> RelayCore<S> {
             (Request::PublishDeviceList { list }, Some(device)) => {
                 self.publish_device_list(&device, &list)
             }
+            (
+                request @ (Request::BlobPut { .. }
+                | Request::BlobStatus { .. }
+                | Request::BlobGet { .. }),
+                Some(device),
+            ) => self.blob_request(device, request, now_ms),
             (Request::FetchDeviceList { user }, Some(_)) => match self.store.device_list(&user) {
                 Ok(Some(list)) => Ok(Response::DeviceList(list)),
                 Ok(None) => refuse(ErrorCode::UnknownDevice, "no device list for this user"),
@@ -901,6 +914,62 @@ impl<S: Store + ?Sized> RelayCore<S> {
             }
         }
         actions
+    }
+
+    /// `BlobPut`, `BlobStatus` and `BlobGet` (docs/PROTOCOL.md §8.6).
+    fn blob_request(
+        &self,
+        device: DeviceId,
+        request: Request,
+        now_ms: u64,
+    ) -> Result<Response, Refuse> {
+        match request {
+            Request::BlobPut {
+                blob,
+                offset,
+                total_len,
+                bytes,
+            } => {
+                let put = BlobWrite {
+                    owner: device,
+                    blob,
+                    offset,
+                    total_len,
+                    bytes: &bytes,
+                };
+                let meta = self.store.blob_put(&put, &self.config.blobs, now_ms)?;
+                Ok(Response::BlobStored {
+                    blob,
+                    committed: meta.committed,
+                })
+            }
+            Request::BlobStatus { blob } => match self.store.blob_read(&blob, 0, 0, now_ms)? {
+                Some((meta, _)) => Ok(Response::BlobState {
+                    blob,
+                    total_len: meta.total_len,
+                    committed: meta.committed,
+                    expires_at_ms: meta.expires_at_ms,
+                }),
+                None => refuse(ErrorCode::UnknownBlob, "no such blob"),
+            },
+            Request::BlobGet { blob, offset, max } => {
+                let max = usize::try_from(max).unwrap_or(MAX_BLOB_CHUNK);
+                match self.store.blob_read(&blob, offset, max, now_ms)? {
+                    Some((meta, _)) if offset > meta.committed => {
+                        refuse(ErrorCode::UnknownBlob, "offset past the committed bytes")
+                    }
+                    Some((meta, bytes)) => Ok(Response::BlobChunk {
+                        blob,
+                        offset,
+                        total_len: meta.total_len,
+                        committed: meta.committed,
+                        bytes,
+                    }),
+                    None => refuse(ErrorCode::UnknownBlob, "no such blob"),
+                }
+            }
+            _ => refuse(ErrorCode::BadFrame, "not a blob request"),
+        }
     }
 
     fn fetch_prekeys(&self, target: &DeviceId) -> Result<Response, Refuse> {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Every refusal code, in wire order (index = position in this list).
-const ALL_CODES: [ErrorCode; 18] = [
+const ALL_CODES: [ErrorCode; 20] = [
     ErrorCode::UnknownDevice,
     ErrorCode::BadAuth,
     ErrorCode::TooLarge,
@@ -30,6 +30,8 @@ const ALL_CODES: [ErrorCode; 18] = [
     ErrorCode::StoreFull,
     ErrorCode::DeviceLimit,
     ErrorCode::RegistrationLimit,
+    ErrorCode::BlobLimit,
+    ErrorCode::UnknownBlob,
 ];
 
 /// The label value of a refusal code (`kind="…"`).
@@ -53,6 +55,8 @@ pub fn code_label(code: ErrorCode) -> &'static str {
         ErrorCode::StoreFull => "store_full",
         ErrorCode::DeviceLimit => "device_limit",
         ErrorCode::RegistrationLimit => "registration_limit",
+        ErrorCode::BlobLimit => "blob_limit",
+        ErrorCode::UnknownBlob => "unknown_blob",
     }
 }
 

@@ -8,15 +8,15 @@
 
 use hush_protocol::limits::MAX_DROPPED_RANGES;
 use hush_protocol::{
-    ConversationId, DeviceEntry, DeviceId, DeviceList, DeviceRegistration, DroppedRange, MessageId,
-    OneTimePrekey, SignedDeviceList, SignedPrekey, UserKey,
+    BlobId, ConversationId, DeviceEntry, DeviceId, DeviceList, DeviceRegistration, DroppedRange,
+    MessageId, OneTimePrekey, SignedDeviceList, SignedPrekey, UserKey,
 };
 use hush_relay::store::memory::MemoryStore;
 use hush_relay::store::postgres::{PgOptions, PgStore};
 use hush_relay::store::redb_store::RedbStore;
 use hush_relay::store::{
-    CommitOutcome, InboxState, NewEnvelope, PurgeStats, Refusal, Store, StoreError, StoreLimits,
-    stored_cost,
+    BlobLimits, BlobMeta, BlobWrite, CommitOutcome, InboxState, NewEnvelope, PurgeStats, Refusal,
+    Store, StoreError, StoreLimits, stored_cost,
 };
 use hush_tests::pg::PgCluster;
 use std::collections::BTreeSet;
@@ -89,6 +89,10 @@ macro_rules! conformance {
 }
 
 conformance!(
+    blobs_append_contiguously_and_reads_see_the_committed_prefix,
+    blob_writes_by_others_or_changing_bytes_are_refused,
+    blob_limits_count_only_unexpired_blobs_of_the_owner,
+    expired_blobs_are_absent_and_purged_oldest_first,
     registration_is_idempotent_and_conflicts_fail,
     commit_assigns_contiguous_seqs_per_inbox,
     dedup_within_a_batch_returns_the_first_seq,
@@ -1344,4 +1348,172 @@ fn redb_and_memory_agree_on_a_random_workload() {
              full {full}"
         );
     }
+}
+
+// ---- blobs -------------------------------------------------------------------------------
+
+const BLOB_NOW: u64 = 1_000_000;
+
+fn blob_limits() -> BlobLimits {
+    BlobLimits {
+        max_blob_bytes: 1000,
+        max_blobs_per_device: 2,
+        max_blob_bytes_per_device: 1500,
+        ttl_ms: 100,
+    }
+}
+
+fn put<'a>(owner: u8, blob: u8, offset: u64, total_len: u64, bytes: &'a [u8]) -> BlobWrite<'a> {
+    BlobWrite {
+        owner: dev(owner),
+        blob: BlobId([blob; 16]),
+        offset,
+        total_len,
+        bytes,
+    }
+}
+
+fn read_all<S: Store>(s: &S, blob: u8, now: u64) -> Option<Vec<u8>> {
+    s.blob_read(&BlobId([blob; 16]), 0, usize::MAX, now)
+        .unwrap()
+        .map(|(_, b)| b)
+}
+
+fn blobs_append_contiguously_and_reads_see_the_committed_prefix<S: Store>(make: &Make<S>) {
+    let s = make(StoreLimits::default());
+    let l = blob_limits();
+    let m = s
+        .blob_put(&put(1, 7, 0, 20, b"0123456789"), &l, BLOB_NOW)
+        .unwrap();
+    assert_eq!(
+        m,
+        BlobMeta {
+            owner: dev(1),
+            total_len: 20,
+            committed: 10,
+            created_at_ms: BLOB_NOW,
+            expires_at_ms: BLOB_NOW + 100,
+        }
+    );
+    // Idempotent retries, entirely inside the committed prefix.
+    for (off, bytes) in [(0u64, &b"0123456789"[..]), (3, b"345"), (10, b"")] {
+        let m = s
+            .blob_put(&put(1, 7, off, 20, bytes), &l, BLOB_NOW + 1)
+            .unwrap();
+        assert_eq!(
+            (m.committed, m.created_at_ms, m.expires_at_ms),
+            (10, BLOB_NOW, BLOB_NOW + 100)
+        );
+    }
+    // Overlap then append, in several pieces; reads span pieces.
+    s.blob_put(&put(1, 7, 8, 20, b"89abcd"), &l, BLOB_NOW)
+        .unwrap();
+    s.blob_put(&put(1, 7, 14, 20, b"efghij"), &l, BLOB_NOW)
+        .unwrap();
+    assert_eq!(read_all(&*s, 7, BLOB_NOW).unwrap(), b"0123456789abcdefghij");
+    let (meta, part) = s
+        .blob_read(&BlobId([7; 16]), 9, 7, BLOB_NOW)
+        .unwrap()
+        .unwrap();
+    assert_eq!((meta.committed, part.as_slice()), (20, &b"9abcdef"[..]));
+    let (_, none) = s
+        .blob_read(&BlobId([7; 16]), 20, 7, BLOB_NOW)
+        .unwrap()
+        .unwrap();
+    assert!(none.is_empty());
+    let (_, none) = s
+        .blob_read(&BlobId([7; 16]), 5, 0, BLOB_NOW)
+        .unwrap()
+        .unwrap();
+    assert!(none.is_empty());
+    // Gaps and another total are inconsistent; nothing is written.
+    s.blob_put(&put(1, 8, 0, 20, b"ab"), &l, BLOB_NOW).unwrap();
+    assert!(matches!(
+        s.blob_put(&put(1, 8, 3, 20, b"x"), &l, BLOB_NOW),
+        Err(StoreError::BlobMismatch(_))
+    ));
+    assert!(matches!(
+        s.blob_put(&put(1, 8, 2, 21, b"x"), &l, BLOB_NOW),
+        Err(StoreError::BlobMismatch(_))
+    ));
+    // No blob to append to.
+    assert!(matches!(
+        s.blob_put(&put(1, 9, 1, 20, b"x"), &l, BLOB_NOW),
+        Err(StoreError::UnknownBlob)
+    ));
+    assert_eq!(read_all(&*s, 8, BLOB_NOW).unwrap(), b"ab");
+    assert_eq!(read_all(&*s, 9, BLOB_NOW), None);
+}
+
+fn blob_writes_by_others_or_changing_bytes_are_refused<S: Store>(make: &Make<S>) {
+    let s = make(StoreLimits::default());
+    let l = blob_limits();
+    s.blob_put(&put(1, 7, 0, 8, b"abcd"), &l, BLOB_NOW).unwrap();
+    for (off, bytes) in [(0u64, &b"abcd"[..]), (4, b"efgh"), (2, b"cdef")] {
+        assert!(matches!(
+            s.blob_put(&put(2, 7, off, 8, bytes), &l, BLOB_NOW),
+            Err(StoreError::BlobForbidden(_))
+        ));
+    }
+    assert!(matches!(
+        s.blob_put(&put(1, 7, 2, 8, b"cXef"), &l, BLOB_NOW),
+        Err(StoreError::BlobForbidden(_))
+    ));
+    assert_eq!(read_all(&*s, 7, BLOB_NOW).unwrap(), b"abcd");
+}
+
+fn blob_limits_count_only_unexpired_blobs_of_the_owner<S: Store>(make: &Make<S>) {
+    let s = make(StoreLimits::default());
+    let l = blob_limits();
+    assert!(matches!(
+        s.blob_put(&put(1, 1, 0, 1001, b"x"), &l, BLOB_NOW),
+        Err(StoreError::BlobLimit(_))
+    ));
+    s.blob_put(&put(1, 1, 0, 1000, b"x"), &l, BLOB_NOW).unwrap();
+    assert!(matches!(
+        s.blob_put(&put(1, 2, 0, 501, b"x"), &l, BLOB_NOW),
+        Err(StoreError::BlobLimit(_))
+    ));
+    s.blob_put(&put(1, 2, 0, 500, b"x"), &l, BLOB_NOW).unwrap();
+    assert!(matches!(
+        s.blob_put(&put(1, 3, 0, 1, b"x"), &l, BLOB_NOW),
+        Err(StoreError::BlobLimit(_))
+    ));
+    // Another device has its own allowance.
+    s.blob_put(&put(2, 3, 0, 1, b"x"), &l, BLOB_NOW).unwrap();
+    // Once expired (even unpurged), the owner's blobs no longer count.
+    s.blob_put(&put(1, 4, 0, 1000, b"x"), &l, BLOB_NOW + 100)
+        .unwrap();
+}
+
+fn expired_blobs_are_absent_and_purged_oldest_first<S: Store>(make: &Make<S>) {
+    let s = make(StoreLimits::default());
+    let l = blob_limits();
+    s.blob_put(&put(1, 1, 0, 4, b"aaaa"), &l, BLOB_NOW).unwrap();
+    s.blob_put(&put(2, 2, 0, 4, b"bb"), &l, BLOB_NOW + 10)
+        .unwrap();
+    s.blob_put(&put(3, 3, 0, 4, b"cc"), &l, BLOB_NOW + 20)
+        .unwrap();
+    assert_eq!(read_all(&*s, 1, BLOB_NOW + 99).unwrap(), b"aaaa");
+    assert_eq!(read_all(&*s, 1, BLOB_NOW + 100), None);
+    // Writes after expiry: appending fails, offset 0 starts a new blob.
+    assert!(matches!(
+        s.blob_put(&put(2, 2, 2, 4, b"bb"), &l, BLOB_NOW + 110),
+        Err(StoreError::UnknownBlob)
+    ));
+    assert_eq!(s.purge_blobs(BLOB_NOW + 5, 10).unwrap(), 0);
+    assert_eq!(s.purge_blobs(BLOB_NOW + 200, 1).unwrap(), 1);
+    assert_eq!(
+        read_all(&*s, 1, BLOB_NOW),
+        None,
+        "purged, whatever the clock says"
+    );
+    assert_eq!(read_all(&*s, 2, BLOB_NOW + 10).unwrap(), b"bb");
+    assert_eq!(s.purge_blobs(BLOB_NOW + 200, 10).unwrap(), 2);
+    assert_eq!(s.purge_blobs(BLOB_NOW + 200, 10).unwrap(), 0);
+    let m = s
+        .blob_put(&put(3, 3, 0, 4, b"new"), &l, BLOB_NOW + 300)
+        .unwrap();
+    assert_eq!((m.committed, m.expires_at_ms), (3, BLOB_NOW + 400));
+    assert_eq!(read_all(&*s, 3, BLOB_NOW + 300).unwrap(), b"new");
 }

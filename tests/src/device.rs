@@ -601,6 +601,9 @@ fn request_name(request: &Request) -> &'static str {
         Request::PublishDeviceList { .. } => "PublishDeviceList",
         Request::FetchDeviceList { .. } => "FetchDeviceList",
         Request::Ping => "Ping",
+        Request::BlobPut { .. } => "BlobPut",
+        Request::BlobStatus { .. } => "BlobStatus",
+        Request::BlobGet { .. } => "BlobGet",
     }
 }
 

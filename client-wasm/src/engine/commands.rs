@@ -214,6 +214,7 @@ impl Engine {
             return Ok(());
         }
         self.queue_control(now, l.inviter, Body::LinkHello { token: l.token })?;
+        self.history_after_link_hello(now, l.inviter)?;
         if let Some(pl) = self.device.link.as_mut() {
             pl.hello_sent = true;
         }

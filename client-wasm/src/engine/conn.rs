@@ -34,6 +34,7 @@ impl Engine {
             self.reconnect_attempts = 0;
         }
         self.link = Link::default();
+        self.history_on_disconnected();
         let delay = self.backoff(
             self.cfg.reconnect_base_ms,
             self.cfg.reconnect_max_ms,
@@ -87,6 +88,9 @@ impl Engine {
                         self.drop_connection(now);
                     }
                 },
+                Some(p @ (Pending::BlobPut | Pending::BlobStatus | Pending::BlobGet)) => {
+                    self.on_blob_response(now, p, response)?
+                }
                 Some(p) => self.on_response(now, p, response)?,
                 None => self.event(Event::Warning("relay answered an unknown request".into())),
             },
@@ -190,6 +194,9 @@ impl Engine {
 
     fn on_error(&mut self, now: u64, p: Pending, e: WireError) -> Result<(), ClientError> {
         match p {
+            Pending::BlobPut | Pending::BlobStatus | Pending::BlobGet => {
+                self.on_blob_error(now, p, e)?;
+            }
             Pending::Hello | Pending::Auth | Pending::Register => {
                 match e.code {
                     // The relay lost our registration (or never committed it):

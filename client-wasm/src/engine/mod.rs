@@ -13,6 +13,7 @@
 mod commands;
 mod conn;
 mod group;
+pub mod history_transfer;
 mod inspect;
 mod pull;
 mod recv;
@@ -123,6 +124,9 @@ pub struct EngineConfig {
     /// Largest forward skip, on a chain this device has already opened a
     /// message on, that counts as cheap (each skipped key is a chain step).
     pub open_cheap_skip: u32,
+    /// Bytes per blob request of a history transfer (upload and download;
+    /// at most `MAX_BLOB_CHUNK`).
+    pub history_piece_bytes: u32,
 }
 
 /// A day in ms.
@@ -161,6 +165,7 @@ impl Default for EngineConfig {
             open_budget: 16,
             open_budget_refill_ms: 15_000,
             open_cheap_skip: 4,
+            history_piece_bytes: history_transfer::PIECE_BYTES as u32,
         }
     }
 }
@@ -418,6 +423,29 @@ pub enum Event {
         /// The group.
         group: ConversationId,
     },
+    /// History import progress on a newly linked device ("importing N of
+    /// M"): messages imported so far and in the archive.
+    HistoryImport {
+        /// Imported.
+        done: u64,
+        /// In the archive.
+        total: u64,
+    },
+    /// A newly linked device asked for the history: the driver exports it
+    /// ([`history_transfer::export_history`]) and passes it to
+    /// [`Engine::start_history_export`] (also whenever
+    /// [`Engine::history_export_wanted`] names a device, e.g. after a restart).
+    HistoryExportWanted {
+        /// The new device.
+        device: DeviceId,
+    },
+    /// The history archive for a new device is uploaded and offered to it.
+    HistoryExported {
+        /// The new device.
+        device: DeviceId,
+        /// Messages in the archive.
+        messages: u64,
+    },
 }
 
 /// Everything one call of [`Engine::handle`] asks the driver to do, in this
@@ -474,6 +502,7 @@ pub(crate) enum Dirty {
     Link([u8; 16]),
     Parked(u64),
     Receipt(DeviceId),
+    Xfer,
 }
 
 /// A request in flight and what its answer is for.
@@ -495,6 +524,9 @@ pub(crate) enum Pending {
     FetchPrekeys(DeviceId),
     PublishDeviceList(u64),
     FetchDeviceList(UserKey),
+    BlobPut,
+    BlobStatus,
+    BlobGet,
 }
 
 /// Transient per-connection state (lost on disconnect, rebuilt on connect).
@@ -604,6 +636,8 @@ pub struct Engine {
     pub(crate) open_budgets: recv::OpenBudgets,
     /// Groups (see `group`).
     pub(crate) groups: group::GroupState,
+    /// History transfer to or from a newly linked device.
+    pub(crate) history: history_transfer::Transfer,
 }
 
 impl std::fmt::Debug for Engine {
@@ -670,6 +704,7 @@ impl Engine {
             session_repair: recv::SessionRepair::default(),
             open_budgets: recv::OpenBudgets::default(),
             groups: group::GroupState::default(),
+            history: history_transfer::Transfer::default(),
         }
     }
 
@@ -728,12 +763,23 @@ impl Engine {
     }
 
     /// Create a new device of an existing user from a link code made on one
-    /// of its devices.
+    /// of its devices; it asks that device for the user's history.
     pub fn join(
         now_ms: u64,
         seed: [u8; 32],
         code: &LinkCode,
         cfg: EngineConfig,
+    ) -> Result<(Engine, Step), ClientError> {
+        Self::join_with_history(now_ms, seed, code, cfg, true)
+    }
+
+    /// [`Engine::join`], asking for the history only if `history` is set.
+    pub fn join_with_history(
+        now_ms: u64,
+        seed: [u8; 32],
+        code: &LinkCode,
+        cfg: EngineConfig,
+        history: bool,
     ) -> Result<(Engine, Step), ClientError> {
         let mut rng = ChaCha20Rng::from_seed(seed);
         let user = code.user_identity()?;
@@ -751,6 +797,7 @@ impl Engine {
         });
         let mut engine = Self::blank(cfg, rng, device, prekeys);
         engine.mark_all_dirty();
+        engine.history_init_join(now_ms, history);
         let step = engine.finish(now_ms)?;
         Ok((engine, step))
     }
@@ -863,6 +910,8 @@ impl Engine {
             let b = ids(keys::PARKED)?;
             let s = u64::from_be_bytes(keys::arr(b, 0).ok_or_else(corrupt)?);
             self.parked.insert(s, storage::decode(k, v)?);
+        } else if k == history_transfer::XFER {
+            self.history_load(k, v)?;
         } else if k.starts_with(keys::RECEIPTS) {
             let b = ids(keys::RECEIPTS)?;
             let d = DeviceId(keys::arr(b, 0).ok_or_else(corrupt)?);
@@ -1007,6 +1056,7 @@ impl Engine {
             self.group_timers(now)?;
             self.run_probes(now)?;
             self.pump_outbox(now)?;
+            self.pump_history(now)?;
             if self.link.ack_due.is_some_and(|t| now >= t) {
                 self.send_ack();
             }
@@ -1073,6 +1123,7 @@ impl Engine {
             Dirty::Link(t) => put_or_delete(keys::link(t), self.links.get(t)),
             Dirty::Parked(s) => put_or_delete(keys::parked(*s), self.parked.get(s)),
             Dirty::Receipt(d) => put_or_delete(keys::receipts(d), self.receipts.get(d)),
+            Dirty::Xfer => self.history_record(),
         }
     }
 

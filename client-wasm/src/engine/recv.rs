@@ -375,7 +375,7 @@ impl Engine {
         self.touch(Dirty::Counters);
     }
 
-    fn reject(&mut self) {
+    pub(crate) fn reject(&mut self) {
         self.counters.rejected = self.counters.rejected.saturating_add(1);
         self.touch(Dirty::Counters);
     }
@@ -717,6 +717,13 @@ impl Engine {
                     self.touch(Dirty::Counters);
                     return Ok(());
                 }
+                // Already imported from the history archive.
+                if !self.history_admit(&payload.id) {
+                    self.counters.duplicates_dropped =
+                        self.counters.duplicates_dropped.saturating_add(1);
+                    self.touch(Dirty::Counters);
+                    return Ok(());
+                }
                 let record = HistoryRecord {
                     id: payload.id,
                     conversation: conv,
@@ -880,6 +887,7 @@ impl Engine {
                 if valid {
                     let contacts = self.contact_infos();
                     self.queue_control(now, d, Body::LinkWelcome { contacts })?;
+                    self.history_note_linked(d);
                     self.event(Event::DeviceLinked { device: d });
                 } else {
                     self.reject();
@@ -905,6 +913,14 @@ impl Engine {
                     self.add_contact(now, u, contact.relay, contact.name);
                 }
             }
+            Body::HistoryRequest if own => self.on_history_request(d),
+            Body::HistoryOffer {
+                blob,
+                key,
+                total_len,
+                chunks,
+                messages,
+            } if own => self.on_history_offer(d, blob, &key, total_len, chunks, messages),
             Body::SessionReset { ephemeral } => self.on_session_reset(now, d, ephemeral)?,
             Body::NotYetSent {
                 conversation,

@@ -45,6 +45,15 @@ struct FakeRelay {
     /// Attach this truncation notice to the next page served to the device
     /// (a hostile relay forging expiry reports).
     forged_truncation: Option<(DeviceId, hush_protocol::Truncation)>,
+    /// Blobs: owner, declared size, committed bytes.
+    pub(super) blobs: BTreeMap<hush_protocol::BlobId, (DeviceId, u64, Vec<u8>)>,
+    /// Blob puts answered so far; a put whose index is listed here is
+    /// dropped unanswered (a connection cut mid-upload).
+    pub(super) blob_puts: usize,
+    pub(super) lose_blob_puts: BTreeSet<usize>,
+    /// The same for blob gets (a connection cut mid-download).
+    pub(super) blob_gets: usize,
+    pub(super) lose_blob_gets: BTreeSet<usize>,
 }
 
 impl FakeRelay {
@@ -234,6 +243,69 @@ impl FakeRelay {
                 resp(Response::Acked { up_to })
             }
             Request::Ping => resp(Response::Pong { relay_time_ms: 0 }),
+            Request::BlobPut {
+                blob,
+                offset,
+                total_len,
+                bytes,
+            } => {
+                let n = self.blob_puts;
+                self.blob_puts += 1;
+                if self.lose_blob_puts.contains(&n) {
+                    return Vec::new();
+                }
+                let entry = self
+                    .blobs
+                    .entry(blob)
+                    .or_insert_with(|| (who, total_len, Vec::new()));
+                let committed = entry.2.len() as u64;
+                if entry.0 != who || offset > committed {
+                    return vec![(
+                        who,
+                        ServerFrame::error(id, hush_protocol::ErrorCode::Forbidden, "blob"),
+                    )];
+                }
+                let skip = (committed - offset) as usize;
+                entry
+                    .2
+                    .extend_from_slice(bytes.get(skip..).unwrap_or_default());
+                let committed = entry.2.len() as u64;
+                resp(Response::BlobStored { blob, committed })
+            }
+            Request::BlobStatus { blob } => match self.blobs.get(&blob) {
+                Some((_, total_len, bytes)) => resp(Response::BlobState {
+                    blob,
+                    total_len: *total_len,
+                    committed: bytes.len() as u64,
+                    expires_at_ms: u64::MAX,
+                }),
+                None => vec![(
+                    who,
+                    ServerFrame::error(id, hush_protocol::ErrorCode::UnknownBlob, "no blob"),
+                )],
+            },
+            Request::BlobGet { .. } if self.lose_blob_gets.contains(&self.blob_gets) => {
+                self.blob_gets += 1;
+                Vec::new()
+            }
+            Request::BlobGet { blob, offset, max } => match self.blobs.get(&blob) {
+                Some((_, total_len, bytes)) if offset <= bytes.len() as u64 => {
+                    self.blob_gets += 1;
+                    let a = offset as usize;
+                    let b = (a + max as usize).min(bytes.len());
+                    resp(Response::BlobChunk {
+                        blob,
+                        offset,
+                        total_len: *total_len,
+                        committed: bytes.len() as u64,
+                        bytes: bytes[a..b].to_vec(),
+                    })
+                }
+                _ => vec![(
+                    who,
+                    ServerFrame::error(id, hush_protocol::ErrorCode::UnknownBlob, "no blob"),
+                )],
+            },
         }
     }
 
@@ -1680,6 +1752,8 @@ mod devices;
 
 #[path = "tests_groups.rs"]
 mod groups;
+#[path = "tests_history.rs"]
+mod history;
 
 /// History of a conversation as the app reads it: the message ids.
 fn history_ids(net: &Net, i: usize, conv: &ConversationId) -> BTreeSet<MessageId> {

@@ -68,6 +68,7 @@ impl From<ClientError> for Failure {
             ClientError::TooLarge { .. } => "too_large",
             ClientError::NoDevice => "no_device",
             ClientError::SelfTest(_) => "self_test",
+            ClientError::Archive(_) => "archive",
         };
         Failure::new(code, e.to_string())
     }
@@ -527,6 +528,26 @@ pub(crate) fn event(e: &Event, names: &dyn ContactNames) -> (&'static str, JsVal
                     .set("active", false)
                     .build(),
             },
+        ),
+        Event::HistoryImport { done, total } => (
+            "history",
+            Obj::event("history")
+                .num("done", *done)
+                .num("total", *total)
+                .build(),
+        ),
+        Event::HistoryExportWanted { device } => (
+            "history_export",
+            Obj::event("history_export")
+                .set("device", device.to_hex())
+                .build(),
+        ),
+        Event::HistoryExported { device, messages } => (
+            "history_exported",
+            Obj::event("history_exported")
+                .set("device", device.to_hex())
+                .num("messages", *messages)
+                .build(),
         ),
         Event::Warning(message) => (
             "warning",

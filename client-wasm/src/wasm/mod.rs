@@ -88,7 +88,7 @@ export type ConnectionState = "offline" | "connecting" | "syncing" | "live";
 export type HushErrorCode =
   | "invalid_argument" | "unknown" | "not_allowed" | "bad_code" | "too_large"
   | "storage" | "crypto" | "protocol" | "no_device" | "locked" | "closed"
-  | "busy" | "unsupported" | "internal" | "self_test";
+  | "busy" | "unsupported" | "internal" | "self_test" | "archive";
 
 /** Every rejection is an `Error` with `name === "HushError"` and a `code`. */
 export interface HushError extends Error {
@@ -163,13 +163,20 @@ export interface DevicesEvent { type: "devices"; user: string; contact: string |
 /** `self: true` on a new device once welcomed; `false` (with `device`) on the device that issued the code. */
 export interface LinkedEvent { type: "linked"; self: boolean; device?: string }
 export interface WarningEvent { type: "warning"; message: string }
+/** History import on a newly linked device: messages imported of those in the archive. */
+export interface HistoryEvent { type: "history"; done: number; total: number }
+/** Another device asked for this device's history (browsers do not export it yet). */
+export interface HistoryExportEvent { type: "history_export"; device: string }
+/** The history archive for a new device was uploaded and offered to it. */
+export interface HistoryExportedEvent { type: "history_exported"; device: string; messages: number }
 /** A failure; `fatal: false` means the client rebuilt itself from storage and carries on. */
 export interface ErrorEvent { type: "error"; code: HushErrorCode; message: string; fatal: boolean }
 
 export type HushEvent =
   | MessageEvent | MessagesEvent | StateEvent | RemovedEvent | ReadEvent | ProgressEvent | GapEvent
   | RotationEvent | ConnectionEvent | ContactEvent | DevicesEvent | LinkedEvent
-  | WarningEvent | ErrorEvent | RelayMisbehaviourEvent | GroupEvent;
+  | WarningEvent | ErrorEvent | RelayMisbehaviourEvent | GroupEvent
+  | HistoryEvent | HistoryExportEvent | HistoryExportedEvent;
 
 export interface HushEventMap {
   message: MessageEvent;
@@ -188,6 +195,9 @@ export interface HushEventMap {
   warning: WarningEvent;
   error: ErrorEvent;
   group: GroupEvent;
+  history: HistoryEvent;
+  history_export: HistoryExportEvent;
+  history_exported: HistoryExportedEvent;
   "*": HushEvent;
 }
 export type HushEventType = keyof HushEventMap;

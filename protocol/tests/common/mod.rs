@@ -6,11 +6,11 @@
 
 use hush_protocol::envelope::{MIN_CIPHERTEXT_LEN, NO_ONE_TIME_PREKEY};
 use hush_protocol::limits::{
-    MAX_BATCH, MAX_DEVICES_PER_USER, MAX_ONE_TIME_PREKEYS, MAX_PAGE, MAX_RATCHET_HEADER_LEN,
-    MAX_TEXT_LEN,
+    MAX_BATCH, MAX_BLOB_CHUNK, MAX_DEVICES_PER_USER, MAX_ONE_TIME_PREKEYS, MAX_PAGE,
+    MAX_RATCHET_HEADER_LEN, MAX_TEXT_LEN,
 };
 use hush_protocol::{
-    AuthOk, ClientFrame, ConversationId, Delivered, DeviceEntry, DeviceId, DeviceList,
+    AuthOk, BlobId, ClientFrame, ConversationId, Delivered, DeviceEntry, DeviceId, DeviceList,
     DeviceRegistration, DroppedRange, Envelope, EnvelopeHeader, ErrorCode, MessageId,
     OneTimePrekey, Page, PrekeyBundle, Request, Response, SendOutcome, ServerFrame,
     SessionInitHeader, SignedDeviceList, SignedPrekey, Truncation, UserKey, WireError,
@@ -26,7 +26,7 @@ pub const MAX_CT_SINGLE: usize = 8 * 1024;
 pub const MAX_CT_BATCH: usize = 1024;
 
 /// Every error code, in declaration (= wire index) order.
-pub const ALL_ERROR_CODES: [ErrorCode; 18] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 20] = [
     ErrorCode::UnknownDevice,
     ErrorCode::BadAuth,
     ErrorCode::TooLarge,
@@ -45,6 +45,8 @@ pub const ALL_ERROR_CODES: [ErrorCode; 18] = [
     ErrorCode::StoreFull,
     ErrorCode::DeviceLimit,
     ErrorCode::RegistrationLimit,
+    ErrorCode::BlobLimit,
+    ErrorCode::UnknownBlob,
 ];
 
 pub fn device() -> impl Strategy<Value = DeviceId> {
@@ -281,7 +283,22 @@ pub fn request() -> impl Strategy<Value = Request> {
         signed_device_list().prop_map(|list| Request::PublishDeviceList { list }),
         user().prop_map(|user| Request::FetchDeviceList { user }),
         Just(Request::Ping),
+        (blob_id(), 0u64..1000, vec(any::<u8>(), 0..64), 0u64..1000).prop_map(
+            |(blob, offset, bytes, extra)| Request::BlobPut {
+                blob,
+                offset,
+                total_len: offset + bytes.len() as u64 + extra.max(1),
+                bytes,
+            }
+        ),
+        blob_id().prop_map(|blob| Request::BlobStatus { blob }),
+        (blob_id(), wide_u64(), 0..=MAX_BLOB_CHUNK as u32)
+            .prop_map(|(blob, offset, max)| Request::BlobGet { blob, offset, max }),
     ]
+}
+
+pub fn blob_id() -> impl Strategy<Value = BlobId> {
+    any::<[u8; 16]>().prop_map(BlobId)
 }
 
 pub fn client_frame() -> impl Strategy<Value = ClientFrame> {
@@ -378,6 +395,32 @@ pub fn response() -> impl Strategy<Value = Response> {
         wide_u64().prop_map(|version| Response::DeviceListPublished { version }),
         signed_device_list().prop_map(Response::DeviceList),
         wide_u64().prop_map(|relay_time_ms| Response::Pong { relay_time_ms }),
+        (blob_id(), wide_u64())
+            .prop_map(|(blob, committed)| Response::BlobStored { blob, committed }),
+        (blob_id(), wide_u64(), wide_u64(), wide_u64()).prop_map(
+            |(blob, total_len, committed, expires_at_ms)| Response::BlobState {
+                blob,
+                total_len,
+                committed,
+                expires_at_ms
+            }
+        ),
+        (
+            blob_id(),
+            wide_u64(),
+            wide_u64(),
+            wide_u64(),
+            vec(any::<u8>(), 0..64)
+        )
+            .prop_map(
+                |(blob, offset, total_len, committed, bytes)| Response::BlobChunk {
+                    blob,
+                    offset,
+                    total_len,
+                    committed,
+                    bytes
+                }
+            ),
     ]
 }
 

@@ -5,8 +5,8 @@ use crate::store::StoreLimits;
 use crate::store::memory::MemoryStore;
 use ed25519_dalek::{Signer, SigningKey};
 use hush_protocol::{
-    ConversationId, DeviceEntry, DeviceList, DeviceRegistration, EnvelopeHeader, OneTimePrekey,
-    SignedPrekey, UserKey,
+    BlobId, ConversationId, DeviceEntry, DeviceList, DeviceRegistration, EnvelopeHeader,
+    OneTimePrekey, SignedPrekey, UserKey,
 };
 
 const NOW: u64 = 1_800_000_000_000;
@@ -93,6 +93,7 @@ fn default_config() -> CoreConfig {
         send_rate: 0,
         send_burst: 32,
         push_window: DEFAULT_PUSH_WINDOW,
+        blobs: crate::store::BlobLimits::default(),
     }
 }
 
@@ -944,5 +945,226 @@ fn a_list_naming_another_users_device_is_refused() {
     assert_eq!(
         core.store().device_list(&mallory.user_key()).unwrap(),
         Some(list)
+    );
+}
+
+// ---- blobs (history archives) ------------------------------------------------------------
+
+fn blob_put(
+    core: &RelayCore<MemoryStore>,
+    s: &mut Session,
+    blob: BlobId,
+    offset: u64,
+    total_len: u64,
+    bytes: &[u8],
+    now: u64,
+) -> Vec<Action> {
+    core.handle(
+        s,
+        req(
+            20,
+            Request::BlobPut {
+                blob,
+                offset,
+                total_len,
+                bytes: bytes.to_vec(),
+            },
+        ),
+        now,
+        [0; 32],
+    )
+}
+
+fn committed_of(actions: &[Action]) -> u64 {
+    match frame(actions) {
+        ServerFrame::Response {
+            response: Response::BlobStored { committed, .. },
+            ..
+        } => *committed,
+        other => panic!("expected BlobStored, got {other:?}"),
+    }
+}
+
+fn blob_get(
+    core: &RelayCore<MemoryStore>,
+    s: &mut Session,
+    blob: BlobId,
+    offset: u64,
+    max: u32,
+    now: u64,
+) -> Vec<Action> {
+    core.handle(
+        s,
+        req(21, Request::BlobGet { blob, offset, max }),
+        now,
+        [0; 32],
+    )
+}
+
+fn chunk_of(actions: &[Action]) -> (u64, Vec<u8>) {
+    match frame(actions) {
+        ServerFrame::Response {
+            response: Response::BlobChunk {
+                committed, bytes, ..
+            },
+            ..
+        } => (*committed, bytes.clone()),
+        other => panic!("expected BlobChunk, got {other:?}"),
+    }
+}
+
+#[test]
+fn blobs_upload_resume_and_download_by_a_device_that_knows_the_id() {
+    let core = core_with(default_config());
+    let (old, new) = (Device::new(1, 1), Device::new(2, 1));
+    let mut so = register(&core, &old, [1; 32]);
+    let mut sn = register(&core, &new, [2; 32]);
+    let blob = BlobId([0xb1; 16]);
+    assert_eq!(
+        committed_of(&blob_put(&core, &mut so, blob, 0, 10, b"hello", NOW)),
+        5
+    );
+    // A lost answer: the same put again changes nothing.
+    assert_eq!(
+        committed_of(&blob_put(&core, &mut so, blob, 0, 10, b"hello", NOW)),
+        5
+    );
+    // Resume point for the uploader (and any reader).
+    let status = core.handle(&mut sn, req(22, Request::BlobStatus { blob }), NOW, [0; 32]);
+    match frame(&status) {
+        ServerFrame::Response {
+            response:
+                Response::BlobState {
+                    total_len,
+                    committed,
+                    expires_at_ms,
+                    ..
+                },
+            ..
+        } => {
+            assert_eq!((*total_len, *committed), (10, 5));
+            assert_eq!(*expires_at_ms, NOW + crate::store::BLOB_TTL_MS);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Overlapping resume: the committed part must match, the rest appends.
+    assert_eq!(
+        committed_of(&blob_put(&core, &mut so, blob, 3, 10, b"loworld", NOW)),
+        10
+    );
+    assert_eq!(
+        chunk_of(&blob_get(&core, &mut sn, blob, 0, 1 << 20, NOW)),
+        (10, b"helloworld".to_vec())
+    );
+    assert_eq!(
+        chunk_of(&blob_get(&core, &mut sn, blob, 7, 2, NOW)),
+        (10, b"rl".to_vec())
+    );
+    assert_eq!(
+        chunk_of(&blob_get(&core, &mut sn, blob, 10, 5, NOW)),
+        (10, Vec::new())
+    );
+    assert_eq!(
+        error_code(&blob_get(&core, &mut sn, blob, 11, 5, NOW)),
+        ErrorCode::UnknownBlob
+    );
+    // A gap is refused.
+    let other = BlobId([0xb2; 16]);
+    blob_put(&core, &mut so, other, 0, 10, b"ab", NOW);
+    assert_eq!(
+        error_code(&blob_put(&core, &mut so, other, 5, 10, b"x", NOW)),
+        ErrorCode::BadFrame
+    );
+    assert_eq!(
+        error_code(&blob_put(&core, &mut so, other, 2, 11, b"x", NOW)),
+        ErrorCode::BadFrame
+    );
+}
+
+#[test]
+fn a_stranger_cannot_overwrite_or_extend_a_blob() {
+    let core = core_with(default_config());
+    let owner = Device::new(1, 1);
+    let stranger = Device::new(3, 9);
+    let mut so = register(&core, &owner, [1; 32]);
+    let mut sx = register(&core, &stranger, [3; 32]);
+    let blob = BlobId([0xb1; 16]);
+    blob_put(&core, &mut so, blob, 0, 8, b"abcd", NOW);
+    // The stranger knows the id (it is a download capability) but may not write.
+    for (offset, bytes) in [(0u64, &b"evil"[..]), (4, b"evil"), (0, b"abcdefgh")] {
+        assert_eq!(
+            error_code(&blob_put(&core, &mut sx, blob, offset, 8, bytes, NOW)),
+            ErrorCode::Forbidden
+        );
+    }
+    // Nor may the owner rewrite committed bytes.
+    assert_eq!(
+        error_code(&blob_put(&core, &mut so, blob, 0, 8, b"abXd", NOW)),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        chunk_of(&blob_get(&core, &mut sx, blob, 0, 100, NOW)),
+        (4, b"abcd".to_vec())
+    );
+    // Unauthenticated connections get nothing.
+    let mut anon = core.new_session(NOW);
+    assert_eq!(
+        error_code(&blob_get(&core, &mut anon, blob, 0, 100, NOW)),
+        ErrorCode::NotAuthenticated
+    );
+}
+
+#[test]
+fn blob_limits_refuse_oversized_and_too_many_blobs() {
+    let mut config = default_config();
+    config.blobs = crate::store::BlobLimits {
+        max_blob_bytes: 100,
+        max_blobs_per_device: 2,
+        max_blob_bytes_per_device: 150,
+        ttl_ms: 1_000,
+    };
+    let core = core_with(config);
+    let d = Device::new(1, 1);
+    let mut s = register(&core, &d, [1; 32]);
+    assert_eq!(
+        error_code(&blob_put(&core, &mut s, BlobId([1; 16]), 0, 101, b"x", NOW)),
+        ErrorCode::BlobLimit
+    );
+    blob_put(&core, &mut s, BlobId([2; 16]), 0, 100, b"x", NOW);
+    // 100 + 60 > 150 bytes per device.
+    assert_eq!(
+        error_code(&blob_put(&core, &mut s, BlobId([3; 16]), 0, 60, b"x", NOW)),
+        ErrorCode::BlobLimit
+    );
+    blob_put(&core, &mut s, BlobId([3; 16]), 0, 50, b"x", NOW);
+    // A third blob exceeds the count.
+    assert_eq!(
+        error_code(&blob_put(&core, &mut s, BlobId([4; 16]), 0, 1, b"x", NOW)),
+        ErrorCode::BlobLimit
+    );
+    // Expiry frees the room, and the expired blobs are gone for readers.
+    let later = NOW + 1_000;
+    assert_eq!(
+        error_code(&blob_get(&core, &mut s, BlobId([2; 16]), 0, 10, later)),
+        ErrorCode::UnknownBlob
+    );
+    assert_eq!(
+        committed_of(&blob_put(&core, &mut s, BlobId([4; 16]), 0, 1, b"x", later)),
+        1
+    );
+    assert_eq!(core.store().purge_blobs(later, 100).unwrap(), 2);
+    assert_eq!(core.store().purge_blobs(later, 100).unwrap(), 0);
+    // A put at a later offset of an expired blob does not revive it.
+    assert_eq!(
+        error_code(&blob_put(
+            &core,
+            &mut s,
+            BlobId([2; 16]),
+            1,
+            100,
+            b"y",
+            later
+        )),
+        ErrorCode::UnknownBlob
     );
 }

@@ -519,6 +519,14 @@ async fn purge_pass(
     if total > 0 {
         tracing::info!(expired = total, "retention purge");
     }
+    // Expired blobs (history archives): a bounded number per pass.
+    let s = Arc::clone(store);
+    let blobs = tokio::task::spawn_blocking(move || s.purge_blobs(now, PURGE_CHUNK))
+        .await
+        .map_err(|e| RelayError::Internal(format!("purge task: {e}")))??;
+    if blobs > 0 {
+        tracing::info!(blobs, "expired blobs purged");
+    }
     Ok(total)
 }
 

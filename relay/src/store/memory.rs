@@ -10,15 +10,16 @@
 //! same `MemoryStore` outlives it: every call is "durable" when it returns,
 //! just as with redb.
 
+use super::blobs;
 use super::rules::{self, PageBudget};
 use super::tables::DEDUP_BATCH_MAX;
 use super::tombstones::{self, Tombstone};
 use super::{
-    CommitOutcome, DeviceRecord, InboxPage, InboxState, NewEnvelope, PurgeStats, Refusal, Store,
-    StoreError, StoreLimits, StoredEnvelope,
+    BlobLimits, BlobMeta, BlobWrite, CommitOutcome, DeviceRecord, InboxPage, InboxState,
+    NewEnvelope, PurgeStats, Refusal, Store, StoreError, StoreLimits, StoredEnvelope,
 };
 use hush_protocol::{
-    ConversationId, DeviceId, DeviceRegistration, MessageId, OneTimePrekey, PrekeyBundle,
+    BlobId, ConversationId, DeviceId, DeviceRegistration, MessageId, OneTimePrekey, PrekeyBundle,
     SignedDeviceList, SignedPrekey, UserKey,
 };
 use std::collections::{BTreeMap, BTreeSet};
@@ -56,6 +57,8 @@ struct Tables {
     device_lists: BTreeMap<UserKey, SignedDeviceList>,
     /// Sum of `stored_cost` over `inbox`.
     stored: u64,
+    /// Blobs with their committed bytes.
+    blobs: BTreeMap<BlobId, (BlobMeta, Vec<u8>)>,
 }
 
 impl Tables {
@@ -363,6 +366,75 @@ impl Store for MemoryStore {
 
     fn inbox_state(&self, device: &DeviceId) -> Result<InboxState, StoreError> {
         Ok(self.lock()?.state(device))
+    }
+
+    fn blob_put(
+        &self,
+        put: &BlobWrite<'_>,
+        limits: &BlobLimits,
+        now_ms: u64,
+    ) -> Result<BlobMeta, StoreError> {
+        let mut guard = self.lock()?;
+        let t = &mut *guard;
+        let existing = blobs::live(t.blobs.get(&put.blob).map(|b| b.0), now_ms);
+        let plan = blobs::plan_put(existing, put, limits, now_ms, || {
+            let mine = t
+                .blobs
+                .values()
+                .filter(|(m, _)| m.owner == put.owner && m.expires_at_ms > now_ms);
+            Ok(mine.fold((0, 0), |(n, b), (m, _)| (n + 1, b + m.total_len)))
+        })?;
+        let start = usize::try_from(put.offset).unwrap_or(usize::MAX);
+        if plan.create {
+            t.blobs.insert(put.blob, (plan.meta, Vec::new()));
+        }
+        let Some((meta, bytes)) = t.blobs.get_mut(&put.blob) else {
+            return Err(StoreError::UnknownBlob);
+        };
+        let stored = bytes.get(start..start.saturating_add(plan.overlap));
+        if stored != put.bytes.get(..plan.overlap) {
+            return Err(StoreError::BlobForbidden(
+                "the bytes differ from the committed ones",
+            ));
+        }
+        bytes.extend_from_slice(put.bytes.get(plan.overlap..).unwrap_or_default());
+        *meta = plan.meta;
+        Ok(plan.meta)
+    }
+
+    fn blob_read(
+        &self,
+        blob: &BlobId,
+        offset: u64,
+        max: usize,
+        now_ms: u64,
+    ) -> Result<Option<(BlobMeta, Vec<u8>)>, StoreError> {
+        let t = self.lock()?;
+        let Some((meta, bytes)) = t.blobs.get(blob).filter(|b| b.0.expires_at_ms > now_ms) else {
+            return Ok(None);
+        };
+        let (a, b) = blobs::read_range(meta, offset, max);
+        let out = bytes
+            .get(usize::try_from(a).unwrap_or(usize::MAX)..usize::try_from(b).unwrap_or(0))
+            .unwrap_or_default()
+            .to_vec();
+        Ok(Some((*meta, out)))
+    }
+
+    fn purge_blobs(&self, now_ms: u64, max: usize) -> Result<u64, StoreError> {
+        let mut t = self.lock()?;
+        let mut expired: Vec<(u64, BlobId)> = t
+            .blobs
+            .iter()
+            .filter(|(_, (m, _))| m.expires_at_ms <= now_ms)
+            .map(|(id, (m, _))| (m.expires_at_ms, *id))
+            .collect();
+        expired.sort_unstable();
+        expired.truncate(max);
+        for (_, id) in &expired {
+            t.blobs.remove(id);
+        }
+        Ok(expired.len() as u64)
     }
 
     fn purge_expired(&self, now_ms: u64, max: usize) -> Result<PurgeStats, StoreError> {

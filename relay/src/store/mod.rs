@@ -20,6 +20,7 @@
 //! The redb file's tables, the segment files and their byte layouts are
 //! specified in `docs/STORAGE.md`.
 
+mod blobs;
 mod keys;
 pub mod memory;
 pub mod postgres;
@@ -30,7 +31,7 @@ mod tables;
 mod tombstones;
 
 use hush_protocol::{
-    ConversationId, DeviceId, DeviceRegistration, MessageId, OneTimePrekey, PrekeyBundle,
+    BlobId, ConversationId, DeviceId, DeviceRegistration, MessageId, OneTimePrekey, PrekeyBundle,
     SignedDeviceList, SignedPrekey, Truncation, UserKey,
 };
 
@@ -262,6 +263,65 @@ pub struct PurgeStats {
     pub dedup_removed: u64,
 }
 
+/// A stored blob (an opaque history archive, see `docs/PROTOCOL.md` §8.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobMeta {
+    /// The device that created it: the only one that may write it.
+    pub owner: DeviceId,
+    /// Its declared complete size.
+    pub total_len: u64,
+    /// Bytes committed so far (`0..=total_len`), always a prefix.
+    pub committed: u64,
+    /// When it was created (relay clock).
+    pub created_at_ms: u64,
+    /// When it stops existing (relay clock): from then on every call treats
+    /// it as absent, and [`Store::purge_blobs`] deletes it.
+    pub expires_at_ms: u64,
+}
+
+/// One `BlobPut`, as checked by the caller (protocol limits: `total_len >
+/// 0`, `offset + bytes.len() ≤ total_len`, `bytes.len() ≤ MAX_BLOB_CHUNK`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobWrite<'a> {
+    /// The authenticated device writing.
+    pub owner: DeviceId,
+    /// The blob.
+    pub blob: BlobId,
+    /// Where `bytes` start.
+    pub offset: u64,
+    /// The declared complete size.
+    pub total_len: u64,
+    /// The bytes.
+    pub bytes: &'a [u8],
+}
+
+/// Blob policy, checked inside the put's transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobLimits {
+    /// Largest `total_len` of one blob.
+    pub max_blob_bytes: u64,
+    /// Most unexpired blobs one device may own.
+    pub max_blobs_per_device: u32,
+    /// Most bytes (sum of declared `total_len`) of one device's unexpired blobs.
+    pub max_blob_bytes_per_device: u64,
+    /// Lifetime of a blob from its creation, ms.
+    pub ttl_ms: u64,
+}
+
+/// Default of [`BlobLimits::ttl_ms`]: a day.
+pub const BLOB_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
+impl Default for BlobLimits {
+    fn default() -> Self {
+        BlobLimits {
+            max_blob_bytes: 256 * 1024 * 1024,
+            max_blobs_per_device: 4,
+            max_blob_bytes_per_device: 512 * 1024 * 1024,
+            ttl_ms: BLOB_TTL_MS,
+        }
+    }
+}
+
 /// Storage failures. Bad input from peers is not a `StoreError` (the server
 /// validates first); these are conflicts the caller reports as typed refusals,
 /// or real IO/corruption problems.
@@ -288,6 +348,21 @@ pub enum StoreError {
     /// The database file failed or holds something unreadable.
     #[error("storage failure: {0}")]
     Backend(String),
+    /// A blob write the writer may not make: the blob belongs to another
+    /// device, or the write would change committed bytes.
+    #[error("blob write refused: {0}")]
+    BlobForbidden(&'static str),
+    /// A blob write inconsistent with the blob: another `total_len`, or an
+    /// offset past the committed length.
+    #[error("blob write inconsistent: {0}")]
+    BlobMismatch(&'static str),
+    /// A new blob would exceed a [`BlobLimits`] bound.
+    #[error("blob limit: {0}")]
+    BlobLimit(String),
+    /// No unexpired blob with this id (or, for a put at an offset other
+    /// than 0, none to append to).
+    #[error("unknown blob")]
+    UnknownBlob,
 }
 
 /// The relay's storage. All methods are synchronous and may block on disk;
@@ -379,6 +454,49 @@ pub trait Store: Send + Sync + 'static {
     /// Bytes counted against `max_store_bytes`: the sum of [`stored_cost`]
     /// over every stored envelope. O(1).
     fn stored_bytes(&self) -> Result<u64, StoreError>;
+
+    /// Write one chunk of a blob in one durable transaction and return the
+    /// blob's state afterwards. A blob whose `expires_at_ms ≤ now_ms` counts
+    /// as absent here and in every blob method (a put replaces it). Rules,
+    /// in order:
+    ///
+    /// 1. No blob: a put at `offset` 0 creates it (owner = `put.owner`,
+    ///    `created_at_ms = now_ms`, `expires_at_ms = now_ms + limits.ttl_ms`,
+    ///    committed 0) unless `total_len > limits.max_blob_bytes`, or the
+    ///    owner already has `max_blobs_per_device` unexpired blobs, or their
+    ///    `total_len`s plus this one exceed `max_blob_bytes_per_device`
+    ///    ([`StoreError::BlobLimit`]). A put at another offset fails with
+    ///    [`StoreError::UnknownBlob`].
+    /// 2. Another owner: [`StoreError::BlobForbidden`]; another `total_len`
+    ///    or `offset > committed`: [`StoreError::BlobMismatch`].
+    /// 3. The bytes below `committed` must equal the committed ones (else
+    ///    [`StoreError::BlobForbidden`], nothing written); the rest is
+    ///    appended and `committed` grows by its length. A put entirely
+    ///    inside the committed prefix changes nothing (an idempotent retry).
+    ///
+    /// Expiry never moves: neither puts nor reads extend a blob's life.
+    fn blob_put(
+        &self,
+        put: &BlobWrite<'_>,
+        limits: &BlobLimits,
+        now_ms: u64,
+    ) -> Result<BlobMeta, StoreError>;
+
+    /// A blob's state and up to `max` committed bytes from `offset`
+    /// (`[offset, min(offset + max, committed))`, empty if `offset ≥
+    /// committed` or `max` is 0). `None` if there is no unexpired blob with
+    /// this id. Anyone may read: the caller decides who may ask.
+    fn blob_read(
+        &self,
+        blob: &BlobId,
+        offset: u64,
+        max: usize,
+        now_ms: u64,
+    ) -> Result<Option<(BlobMeta, Vec<u8>)>, StoreError>;
+
+    /// Delete blobs with `expires_at_ms ≤ now_ms` and all their bytes,
+    /// oldest expiry first, at most `max` blobs per call; returns how many.
+    fn purge_blobs(&self, now_ms: u64, max: usize) -> Result<u64, StoreError>;
 
     /// One small step of segment compaction (see `docs/STORAGE.md` §4):
     /// move at most about `budget` bytes of live records out of a mostly

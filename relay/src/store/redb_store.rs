@@ -41,6 +41,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+#[path = "redb_blobs.rs"]
+mod blobs;
+
 macro_rules! backend_from {
     ($($t:ty),* $(,)?) => {$(
         impl From<$t> for StoreError {
@@ -220,6 +223,10 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
     let mut lists = txn.open_table(DEVICE_LISTS)?;
     txn.open_table(PURGE_QUEUE)?;
     txn.open_table(TOMBSTONES)?;
+    txn.open_table(BLOBS)?;
+    txn.open_table(BLOB_CHUNKS)?;
+    txn.open_table(BLOB_OWNERS)?;
+    txn.open_table(BLOB_EXPIRY)?;
     if stored == Some(FORMAT_VERSION_UPGRADABLE) {
         for item in devices.range::<&[u8; 16]>(..)? {
             let (k, v) = item?;
@@ -1480,6 +1487,30 @@ impl Store for RedbStore {
 
     fn compact_step(&self, budget: u64) -> Result<bool, StoreError> {
         self.compact(budget)
+    }
+
+    fn blob_put(
+        &self,
+        put: &super::BlobWrite<'_>,
+        limits: &super::BlobLimits,
+        now_ms: u64,
+    ) -> Result<super::BlobMeta, StoreError> {
+        self.write(|txn| blobs::put(txn, put, limits, now_ms))
+    }
+
+    fn blob_read(
+        &self,
+        blob: &hush_protocol::BlobId,
+        offset: u64,
+        max: usize,
+        now_ms: u64,
+    ) -> Result<Option<(super::BlobMeta, Vec<u8>)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        blobs::read(&txn, blob, offset, max, now_ms)
+    }
+
+    fn purge_blobs(&self, now_ms: u64, max: usize) -> Result<u64, StoreError> {
+        self.write(|txn| blobs::purge(txn, now_ms, max))
     }
 
     fn total_depth(&self) -> Result<u64, StoreError> {

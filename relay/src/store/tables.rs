@@ -52,6 +52,18 @@ pub(crate) const TOMBSTONES: TableDefinition<&InboxKey, &[u8]> = TableDefinition
 /// count a user's devices with a bounded range scan (format 4).
 pub(crate) const USER_DEVICES: TableDefinition<&UserDeviceKey, ()> =
     TableDefinition::new("user_devices");
+/// `blob` → blob meta (48 bytes: owner 16 ‖ total_len u64 ‖ committed u64
+/// ‖ created_at u64 ‖ expires_at u64, all big-endian).
+pub(crate) const BLOBS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("blobs");
+/// `blob ‖ offset` (u64 BE) → the blob's bytes from `offset`, one row per
+/// appended piece (at most `MAX_BLOB_CHUNK` bytes).
+pub(crate) const BLOB_CHUNKS: TableDefinition<&[u8; 24], &[u8]> =
+    TableDefinition::new("blob_chunks");
+/// `owner ‖ blob` → `()`: each device's blobs, to count them at creation.
+pub(crate) const BLOB_OWNERS: TableDefinition<&[u8; 32], ()> = TableDefinition::new("blob_owners");
+/// `expires_at` (u64 BE) `‖ blob` → `()`: blobs by expiry, for the purge.
+pub(crate) const BLOB_EXPIRY: TableDefinition<&[u8; 24], ()> = TableDefinition::new("blob_expiry");
+
 /// Name → value: the file format version (`"format"` → u32 BE).
 pub(crate) const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info");
 

@@ -398,6 +398,7 @@ impl World {
             send_rate: 0,
             send_burst: 64,
             push_window: hush_relay::core::DEFAULT_PUSH_WINDOW,
+            blobs: hush_relay::store::BlobLimits::default(),
         };
         let store = Arc::new(MemoryStore::new(StoreLimits::default()));
         let core = RelayCore::new(store.clone(), config, Arc::new(Metrics::new()));
