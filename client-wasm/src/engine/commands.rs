@@ -12,6 +12,18 @@ use hush_protocol::{ConversationId, DeviceId, MessageId};
 impl Engine {
     pub(crate) fn on_command(&mut self, now: u64, c: Command) -> Result<(), ClientError> {
         match c {
+            Command::SendImportantText { conversation, text } => {
+                // Queued like any text; the flag is set before anything is
+                // sealed (sealing happens after the command, in the pump).
+                self.on_command(now, Command::SendText { conversation, text })?;
+                if let Some(Reply::Message(id)) = &self.step.reply {
+                    let id = *id;
+                    if let Some(o) = self.outbox.get_mut(&id) {
+                        o.important = true;
+                    }
+                    self.touch(Dirty::Outbox(id));
+                }
+            }
             Command::SendText { conversation, text } => {
                 self.check_conversation(&conversation)?;
                 if text.len() > MAX_TEXT_BYTES {

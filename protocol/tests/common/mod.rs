@@ -119,6 +119,7 @@ pub fn header() -> impl Strategy<Value = EnvelopeHeader> {
         wide_u64(),
         vec(any::<u8>(), 0..=MAX_RATCHET_HEADER_LEN),
         option::of(session_init()),
+        any::<bool>(),
     )
         .prop_map(
             |(
@@ -130,6 +131,7 @@ pub fn header() -> impl Strategy<Value = EnvelopeHeader> {
                 sent_at_ms,
                 ratchet,
                 session_init,
+                important,
             )| EnvelopeHeader {
                 message_id,
                 sender_device,
@@ -139,6 +141,7 @@ pub fn header() -> impl Strategy<Value = EnvelopeHeader> {
                 sent_at_ms,
                 ratchet,
                 session_init,
+                important,
             },
         )
 }
@@ -414,6 +417,7 @@ pub fn sample_envelope(ratchet_len: usize, ct_len: usize, init: bool) -> Envelop
                 signed_prekey_id: 9,
                 one_time_prekey_id: Some(10),
             }),
+            important: false,
         },
         ciphertext: vec![0xCC; ct_len],
     }
