@@ -411,7 +411,9 @@ impl<S: Store + ?Sized> RelayCore<S> {
                 }
             }
             (Request::Pull { after, limit, ack }, Some(device)) => {
-                self.pull(session, device, after, limit, ack, now_ms, &mut actions)
+                let r = self.pull(session, device, after, limit, ack, &mut actions);
+                self.note_sync(session, now_ms);
+                r
             }
             (Request::Ack { up_to }, Some(device)) => match self.store.ack(&device, up_to) {
                 Ok(cursor) => {
@@ -663,6 +665,19 @@ impl<S: Store + ?Sized> RelayCore<S> {
         }))
     }
 
+    /// After a page: the first time the session is live (caught up), its
+    /// sync counts as finished, with its time from connect.
+    fn note_sync(&self, session: &mut Session, now_ms: u64) {
+        if session.live && session.sync_started && !session.sync_finished {
+            session.sync_finished = true;
+            Metrics::add(&self.metrics.sync_sessions_finished_total, 1);
+            let ms = now_ms.saturating_sub(session.opened_at_ms);
+            self.metrics
+                .sync_catch_up_seconds
+                .observe(ms as f64 / 1000.0);
+        }
+    }
+
     /// The connection of `session` ended: a sync that started but never
     /// caught up counts as failed.
     pub fn end_session(&self, session: &Session) {
@@ -766,14 +781,13 @@ impl<S: Store + ?Sized> RelayCore<S> {
         after: u64,
         limit: u16,
         ack: u64,
-        now_ms: u64,
         actions: &mut Vec<Action>,
     ) -> Result<Response, Refuse> {
         if ack > 0 {
             let cursor = self.store.ack(&device, ack)?;
             session.acked = session.acked.max(cursor);
         }
-        self.read_page(session, device, after, after, limit, now_ms, actions)
+        self.read_page(session, device, after, after, limit, actions)
     }
 
     /// The page of a `Pull`: envelopes above `read_after`, with `after` as
@@ -785,7 +799,6 @@ impl<S: Store + ?Sized> RelayCore<S> {
         after: u64,
         read_after: u64,
         limit: u16,
-        now_ms: u64,
         actions: &mut Vec<Action>,
     ) -> Result<Response, Refuse> {
         let limit = usize::from(limit.clamp(1, MAX_PAGE));
@@ -802,14 +815,6 @@ impl<S: Store + ?Sized> RelayCore<S> {
         session.live = page.remaining == 0;
         if session.live && !was_live {
             actions.push(Action::Live(device));
-        }
-        if session.live && session.sync_started && !session.sync_finished {
-            session.sync_finished = true;
-            Metrics::add(&self.metrics.sync_sessions_finished_total, 1);
-            let ms = now_ms.saturating_sub(session.opened_at_ms);
-            self.metrics
-                .sync_catch_up_seconds
-                .observe(ms as f64 / 1000.0);
         }
         Ok(Response::Page(Page {
             envelopes,
@@ -853,15 +858,9 @@ impl<S: Store + ?Sized> RelayCore<S> {
             .and_then(|state| {
                 // The cursor the ack will leave (the head only grows meanwhile).
                 session.acked = session.acked.max(state.acked).max(ack.min(state.head));
-                self.read_page(
-                    session,
-                    device,
-                    after,
-                    after.max(ack),
-                    limit,
-                    now_ms,
-                    &mut actions,
-                )
+                let r = self.read_page(session, device, after, after.max(ack), limit, &mut actions);
+                self.note_sync(session, now_ms);
+                r
             });
         match result {
             Ok(response) => {
