@@ -694,8 +694,16 @@ const STATE_LABEL = {
   delivered: "delivered",
   read: "read",
   failed: "failed",
+  "recipient-inbox-full": "recipient's inbox is full, will retry",
 };
-const STATE_ICON = { sending: "◌", stored: "✓", delivered: "✓✓", read: "✓✓", failed: "!" };
+const STATE_ICON = {
+  sending: "◌",
+  stored: "✓",
+  delivered: "✓✓",
+  read: "✓✓",
+  failed: "!",
+  "recipient-inbox-full": "⏸",
+};
 
 function messageElement(entry) {
   const s = messageState(entry);

@@ -408,14 +408,23 @@ pub fn contact_list(home: &Home, style: Style) -> Result<(), CliError> {
 }
 
 /// `hush send NAME TEXT`.
-pub async fn send(home: &Home, name: String, text: String, wait: Duration) -> Result<(), CliError> {
+pub async fn send(
+    home: &Home,
+    name: String,
+    text: String,
+    wait: Duration,
+    important: bool,
+) -> Result<(), CliError> {
     let mut d = open(home)?;
     let conversation = conversation(&d, &name)?;
     let mut sink = Printer::new(Style::Human, false);
     requeue_failed(&mut d, &mut sink).await?;
-    let reply = d
-        .command(Command::SendText { conversation, text }, &mut sink)
-        .await?;
+    let command = if important {
+        Command::SendImportantText { conversation, text }
+    } else {
+        Command::SendText { conversation, text }
+    };
+    let reply = d.command(command, &mut sink).await?;
     let Some(Reply::Message(id)) = reply else {
         return Err(CliError::Invalid {
             what: "engine reply",
@@ -425,10 +434,17 @@ pub async fn send(home: &Home, name: String, text: String, wait: Duration) -> Re
     // The message is in the outbox (durably) from here on.
     let deadline = Instant::now() + wait;
     let mut stop = None;
+    // A full recipient inbox ends the wait too: it is reported, not
+    // waited out (the engine keeps retrying in later runs).
     let stored = |v: &View<'_>| {
         matches!(
             v.engine.message_state(&id),
-            Some(MessageState::Stored | MessageState::Delivered | MessageState::Read)
+            Some(
+                MessageState::Stored
+                    | MessageState::Delivered
+                    | MessageState::Read
+                    | MessageState::RecipientInboxFull
+            )
         )
     };
     d.run_until(deadline, &mut stop, &mut sink, stored).await?;
@@ -437,6 +453,13 @@ pub async fn send(home: &Home, name: String, text: String, wait: Duration) -> Re
         state,
         Some(MessageState::Stored | MessageState::Delivered | MessageState::Read)
     );
+    if state == Some(MessageState::RecipientInboxFull) {
+        d.shutdown().await;
+        return Err(CliError::NotConfirmed(format!(
+            "recipient's inbox is full, will retry: message {} stays in the outbox and goes out with the next command that connects once the recipient has caught up",
+            id.to_hex()
+        )));
+    }
     if !ok {
         let reached = d.ever_connected();
         let err = if reached {
@@ -773,6 +796,11 @@ pub fn status(home: &Home, style: Style) -> Result<(), CliError> {
                     "parked_dropped": counters.parked_dropped,
                     "recalls_refused": counters.recalls_refused,
                     "undecryptable_skipped": counters.undecryptable_skipped,
+                    "inbox_full_refusals": counters.inbox_full_refusals,
+                    "syncs": counters.syncs,
+                    "sync_latency_ms_total": counters.sync_latency_ms_total,
+                    "last_sync_latency_ms": counters.last_sync_latency_ms,
+                    "average_sync_latency_ms": counters.sync_latency_ms_total.checked_div(counters.syncs),
                 },
             });
             out_line(&v.to_string());
@@ -809,7 +837,14 @@ pub fn status(home: &Home, style: Style) -> Result<(), CliError> {
             let waiting: Vec<_> = outbox
                 .iter()
                 .filter(|(_, s, _, _)| {
-                    matches!(s, Some(MessageState::Sending | MessageState::Failed))
+                    matches!(
+                        s,
+                        Some(
+                            MessageState::Sending
+                                | MessageState::Failed
+                                | MessageState::RecipientInboxFull
+                        )
+                    )
                 })
                 .collect();
             out_line(&format!(
@@ -845,6 +880,27 @@ pub fn status(home: &Home, style: Style) -> Result<(), CliError> {
                 counters.unrecoverable,
                 counters.rejected,
                 counters.resent
+            ));
+            out_line(&format!(
+                "counters: {} probe(s), {} suppressed, {} relay claim(s) ignored, {} refuted, {} peer claim(s) ignored, {} parked dropped, {} recall(s) refused, {} undecryptable skipped, {} inbox-full refusal(s)",
+                counters.probes,
+                counters.suppressed,
+                counters.relay_claims_ignored,
+                counters.relay_claims_refuted,
+                counters.peer_claims_ignored,
+                counters.parked_dropped,
+                counters.recalls_refused,
+                counters.undecryptable_skipped,
+                counters.inbox_full_refusals
+            ));
+            out_line(&format!(
+                "sync: {} sync(s), average latency {} ms, last {} ms",
+                counters.syncs,
+                counters
+                    .sync_latency_ms_total
+                    .checked_div(counters.syncs)
+                    .unwrap_or(0),
+                counters.last_sync_latency_ms
             ));
         }
     }

@@ -83,6 +83,10 @@ enum Cmd {
         /// How long to try before giving up (the message stays in the outbox).
         #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = seconds)]
         wait: Duration,
+        /// Ask the relay to keep it unread for its long (important)
+        /// retention instead of the default one.
+        #[arg(long)]
+        important: bool,
     },
     /// Connect, fetch everything waiting, repair gaps, print new messages, exit.
     Sync {
@@ -204,7 +208,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             command: ContactCmd::List { json },
         } => commands::contact_list(&home, style(json)),
         Cmd::Group { command } => hush_cli::group::run(&home, command).await,
-        Cmd::Send { name, text, wait } => commands::send(&home, name, text, wait).await,
+        Cmd::Send {
+            name,
+            text,
+            wait,
+            important,
+        } => commands::send(&home, name, text, wait, important).await,
         Cmd::Sync { json, wait } => commands::sync(&home, style(json), wait).await,
         Cmd::Listen { json } => commands::listen(&home, style(json), stop_signal()).await,
         Cmd::Status { json } => commands::status(&home, style(json)),

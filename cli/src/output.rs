@@ -84,6 +84,7 @@ pub fn state_name(s: MessageState) -> &'static str {
         MessageState::Delivered => "delivered",
         MessageState::Read => "read",
         MessageState::Failed => "failed",
+        MessageState::RecipientInboxFull => "recipient-inbox-full",
     }
 }
 

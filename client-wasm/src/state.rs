@@ -25,6 +25,11 @@ pub enum MessageState {
     /// The relay did not confirm it within the retry budget (~5 minutes);
     /// `Command::Retry` sends it again with the same id.
     Failed,
+    /// The relay refused it because a recipient device's inbox is full
+    /// (`ErrorCode::Quota`); it is retried automatically with backoff and
+    /// becomes `Stored` once the relay takes it. Never turns `Failed` on
+    /// its own: it waits for the recipient to drain its inbox.
+    RecipientInboxFull,
 }
 
 /// Why a message disappeared.
@@ -208,11 +213,21 @@ pub struct Counters {
     /// wrote: proven relay misbehaviour (each raised a `RelayMisbehaviour`
     /// event).
     pub relay_claims_refuted: u64,
+    /// Sends the relay refused because a recipient device's inbox was full
+    /// (each refused transmission counts; they are retried).
+    pub inbox_full_refusals: u64,
+    /// Connections that caught up with the relay (backlog drained, live).
+    pub syncs: u64,
+    /// Sum over `syncs` of the time from connect to caught up, ms: the
+    /// average sync latency is `sync_latency_ms_total / syncs`.
+    pub sync_latency_ms_total: u64,
+    /// Connect → caught up of the latest sync, ms.
+    pub last_sync_latency_ms: u64,
 }
 
 /// Counters added after the first release, all at the end: a record written
 /// by an older build lacks them.
-const COUNTERS_ADDED: usize = 6;
+const COUNTERS_ADDED: usize = 10;
 
 impl Counters {
     /// Decode `s/counters`, also as written by an older build with fewer
@@ -420,6 +435,21 @@ pub(crate) struct OutboxEntry {
     /// Next automatic transmission attempt.
     pub retry_at: u64,
     pub retry_delay_ms: u64,
+    /// Sealed with the envelope header's important flag (the relay's long
+    /// retention class). Appended: a record of an older build lacks it.
+    pub important: bool,
+}
+
+impl OutboxEntry {
+    /// Decode `s/outbox/…`, also as written by an older build without the
+    /// trailing `important` flag (read as `false`): postcard ignores bytes
+    /// past the last field, so one zero byte is appended first.
+    pub(crate) fn decode(key: &[u8], bytes: &[u8]) -> Result<Self, crate::error::StorageError> {
+        let mut padded = Vec::with_capacity(bytes.len() + 1);
+        padded.extend_from_slice(bytes);
+        padded.push(0);
+        crate::storage::decode(key, &padded)
+    }
 }
 
 /// `s/link/<token>`: a link code this device issued.

@@ -18,6 +18,14 @@ pub const ENVELOPE_VERSION: u8 = 1;
 /// Header flag: a [`SessionInitHeader`] follows the ratchet header.
 pub const FLAG_SESSION_INIT: u8 = 0b0000_0001;
 
+/// Header flag: the sender asked for the relay's long ("important") retention
+/// class. The relay reads it to pick how long it keeps the envelope unread;
+/// it changes nothing else.
+pub const FLAG_IMPORTANT: u8 = 0b0000_0010;
+
+/// Every flag bit this version defines; any other bit set is malformed.
+pub const KNOWN_FLAGS: u8 = FLAG_SESSION_INIT | FLAG_IMPORTANT;
+
 /// Bytes of the header before the variable-length ratchet header.
 pub const FIXED_HEADER_LEN: usize = 83;
 
@@ -68,6 +76,9 @@ pub struct EnvelopeHeader {
     pub ratchet: Vec<u8>,
     /// Present on messages sent before the recipient has replied.
     pub session_init: Option<SessionInitHeader>,
+    /// Retention class: kept unread up to the relay's important retention
+    /// instead of its default one ([`FLAG_IMPORTANT`]).
+    pub important: bool,
 }
 
 impl EnvelopeHeader {
@@ -112,11 +123,13 @@ impl EnvelopeHeader {
 
     fn write(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
         self.check()?;
-        let flags = if self.session_init.is_some() {
-            FLAG_SESSION_INIT
-        } else {
-            0
-        };
+        let mut flags = 0;
+        if self.session_init.is_some() {
+            flags |= FLAG_SESSION_INIT;
+        }
+        if self.important {
+            flags |= FLAG_IMPORTANT;
+        }
         out.push(ENVELOPE_VERSION);
         out.push(flags);
         out.extend_from_slice(self.message_id.as_bytes());
@@ -150,7 +163,7 @@ impl EnvelopeHeader {
             return Err(ProtocolError::UnsupportedVersion(version));
         }
         let flags = r.u8()?;
-        if flags & !FLAG_SESSION_INIT != 0 {
+        if flags & !KNOWN_FLAGS != 0 {
             return Err(ProtocolError::Malformed("envelope flags"));
         }
         let message_id = MessageId(r.array()?);
@@ -191,6 +204,7 @@ impl EnvelopeHeader {
             sent_at_ms,
             ratchet,
             session_init,
+            important: flags & FLAG_IMPORTANT != 0,
         };
         Ok((header, r.pos))
     }
@@ -356,6 +370,7 @@ mod tests {
                     signed_prekey_id: 10,
                     one_time_prekey_id: Some(11),
                 }),
+                important: false,
             },
             ciphertext: vec![12; ct],
         }

@@ -47,6 +47,7 @@ fn example_header(session_init: bool) -> EnvelopeHeader {
             signed_prekey_id: 3,
             one_time_prekey_id: None,
         }),
+        important: false,
     }
 }
 
@@ -68,6 +69,14 @@ const HEADER_SESSION_INIT: &str = "0101018bcfe568000102030405060708090a\
     4444444444444444444444444444444444444444444444444444444444444444\
     5555555555555555555555555555555555555555555555555555555555555555\
     00000003ffffffff";
+
+const HEADER_IMPORTANT: &str = "0102018bcfe568000102030405060708090a\
+    11111111111111111111111111111111\
+    22222222222222222222222222222222\
+    33333333333333333333333333333333\
+    0000000000000007\
+    0000018bcfe5687b\
+    04a0a1a2a3";
 
 const PULL_FRAME: &str = "00000007 01 07 04 05 c801 05";
 
@@ -116,6 +125,21 @@ fn envelope_header_with_session_init_golden_vector() {
         Ok(h)
     );
     assert_in_doc(HEADER_SESSION_INIT);
+}
+
+#[test]
+fn envelope_header_important_golden_vector() {
+    let mut h = example_header(false);
+    h.important = true;
+    assert_eq!(
+        hex::encode(h.to_bytes().unwrap()),
+        compact(HEADER_IMPORTANT)
+    );
+    assert_eq!(
+        EnvelopeHeader::parse(&hex_of(HEADER_IMPORTANT)),
+        Ok((h, hex_of(HEADER_IMPORTANT).len()))
+    );
+    assert_in_doc(HEADER_IMPORTANT);
 }
 
 #[test]

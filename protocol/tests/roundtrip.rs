@@ -68,7 +68,10 @@ proptest! {
             + if h.session_init.is_some() { SESSION_INIT_LEN } else { 0 };
         prop_assert_eq!(bytes.len(), expected_len);
         prop_assert_eq!(bytes[0], ENVELOPE_VERSION);
-        prop_assert_eq!(bytes[1], u8::from(h.session_init.is_some()));
+        prop_assert_eq!(
+            bytes[1],
+            u8::from(h.session_init.is_some()) | (u8::from(h.important) << 1)
+        );
         let (parsed, used) = EnvelopeHeader::parse(&bytes).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(used, bytes.len());
         prop_assert_eq!(parsed, h);

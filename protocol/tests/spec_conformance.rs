@@ -65,7 +65,10 @@ impl W {
 
 /// The envelope header, from the byte table.
 fn header(h: &EnvelopeHeader) -> Vec<u8> {
-    let mut b = vec![1, u8::from(h.session_init.is_some())];
+    let mut b = vec![
+        1,
+        u8::from(h.session_init.is_some()) | (u8::from(h.important) << 1),
+    ];
     b.extend_from_slice(&h.message_id.0);
     b.extend_from_slice(&h.sender_device.0);
     b.extend_from_slice(&h.recipient_device.0);

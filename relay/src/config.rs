@@ -24,6 +24,8 @@ pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 4433);
 /// Default retention of unacknowledged envelopes: 7 days.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default retention of unacknowledged envelopes flagged important: 30 days.
+pub const DEFAULT_RETENTION_IMPORTANT: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Default per-connection send rate, envelopes per second.
 pub const DEFAULT_SEND_RATE: u32 = 200;
 /// Default bound on connections open at once.
@@ -65,6 +67,9 @@ pub struct Config {
     pub key: Option<PathBuf>,
     /// How long an unacknowledged envelope is kept.
     pub retention: Duration,
+    /// How long an unacknowledged envelope whose header carries the
+    /// important flag is kept (never less than `retention`).
+    pub retention_important: Duration,
     /// Largest envelope accepted, bytes (at most the protocol's 64 KiB).
     pub max_envelope: usize,
     /// Most unacknowledged envelopes per inbox.
@@ -176,6 +181,7 @@ impl Config {
             cert: None,
             key: None,
             retention: DEFAULT_RETENTION,
+            retention_important: DEFAULT_RETENTION_IMPORTANT,
             max_envelope: MAX_ENVELOPE_LEN,
             inbox_max_messages: limits.max_inbox_messages,
             inbox_max_bytes: limits.max_inbox_bytes,
@@ -246,6 +252,12 @@ impl Config {
             c.retention = v.0;
         } else if let Some(v) = &file.retention {
             c.retention = parse_retention(v).map_err(|e| RelayError::Config(e.to_string()))?;
+        }
+        if let Some(v) = &cli.retention_important {
+            c.retention_important = v.0;
+        } else if let Some(v) = &file.retention_important {
+            c.retention_important =
+                parse_retention(v).map_err(|e| RelayError::Config(e.to_string()))?;
         }
         if let Some(v) = pick!(max_envelope) {
             c.max_envelope = usize::try_from(v.0).unwrap_or(usize::MAX);
@@ -336,6 +348,13 @@ impl Config {
                 format_duration(MAX_RETENTION)
             ));
         }
+        if self.retention_important.is_zero() || self.retention_important > MAX_RETENTION {
+            return err(format!(
+                "--retention-important {} is outside 1s..={}",
+                format_duration(self.retention_important),
+                format_duration(MAX_RETENTION)
+            ));
+        }
         if self.max_connections == 0 || self.max_connections_per_ip == 0 {
             return err("--max-connections and --max-connections-per-ip must be at least 1".into());
         }
@@ -398,6 +417,13 @@ impl Config {
         u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Retention of important envelopes in milliseconds: the longer of
+    /// `retention_important` and `retention`, so the important class never
+    /// expires first.
+    pub fn retention_important_ms(&self) -> u64 {
+        u64::try_from(self.retention_important.max(self.retention).as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// The settings as a TOML config file (what `--print-config` shows).
     pub fn to_toml(&self) -> String {
         let f = FileConfig {
@@ -411,6 +437,7 @@ impl Config {
             cert: self.cert.clone(),
             key: self.key.clone(),
             retention: Some(format_duration(self.retention)),
+            retention_important: Some(format_duration(self.retention_important)),
             max_envelope: Some(ByteSize(self.max_envelope as u64)),
             inbox_max_messages: Some(self.inbox_max_messages),
             inbox_max_bytes: Some(ByteSize(self.inbox_max_bytes)),
@@ -508,6 +535,11 @@ pub struct Cli {
     /// (e.g. 30d) [default: 7d]
     #[arg(long, env = "HUSH_RETENTION", value_name = "DURATION", value_parser = parse_retention_arg)]
     pub retention: Option<Retention>,
+
+    /// How long unacknowledged envelopes flagged important (`hush send
+    /// --important`) are kept, with a unit (at least --retention) [default: 30d]
+    #[arg(long, env = "HUSH_RETENTION_IMPORTANT", value_name = "DURATION", value_parser = parse_retention_arg)]
+    pub retention_important: Option<Retention>,
 
     /// Largest envelope accepted, bytes (K/M suffixes allowed), at most 64K
     /// [default: 64K]
@@ -656,6 +688,9 @@ pub struct FileConfig {
     /// See `--retention` (a string such as `"30d"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retention: Option<String>,
+    /// See `--retention-important` (a string such as `"30d"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention_important: Option<String>,
     /// See `--max-envelope` (an integer, or a string with a suffix).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_envelope: Option<ByteSize>,

@@ -38,6 +38,9 @@ pub struct CoreConfig {
     pub max_envelope: usize,
     /// Lifetime of an unacknowledged envelope, ms.
     pub retention_ms: u64,
+    /// Lifetime of an unacknowledged envelope flagged important, ms
+    /// (at least `retention_ms`).
+    pub retention_important_ms: u64,
     /// Envelopes per second per connection (0 = unlimited).
     pub send_rate: u32,
     /// Envelopes a connection may send in one burst.
@@ -55,6 +58,7 @@ impl CoreConfig {
         CoreConfig {
             max_envelope: c.max_envelope,
             retention_ms: c.retention_ms(),
+            retention_important_ms: c.retention_important_ms(),
             send_rate: c.send_rate,
             send_burst: c
                 .send_rate
@@ -165,6 +169,12 @@ pub struct Session {
     /// The last push stopped because the window was full.
     window_full: bool,
     bucket: TokenBucket,
+    /// When the connection opened (relay clock), for the sync histogram.
+    opened_at_ms: u64,
+    /// Sync progress for the metrics: authenticated (a sync started), and
+    /// caught up (its first page with nothing remaining).
+    sync_started: bool,
+    sync_finished: bool,
 }
 
 impl Session {
@@ -177,6 +187,9 @@ impl Session {
             acked: 0,
             window_full: false,
             bucket: TokenBucket::new(config.send_rate, config.send_burst, now_ms),
+            opened_at_ms: now_ms,
+            sync_started: false,
+            sync_finished: false,
         }
     }
 
@@ -405,7 +418,9 @@ impl<S: Store + ?Sized> RelayCore<S> {
                 }
             }
             (Request::Pull { after, limit, ack }, Some(device)) => {
-                self.pull(session, device, after, limit, ack, &mut actions)
+                let r = self.pull(session, device, after, limit, ack, &mut actions);
+                self.note_sync(session, now_ms);
+                r
             }
             (Request::Ack { up_to }, Some(device)) => match self.store.ack(&device, up_to) {
                 Ok(cursor) => {
@@ -553,6 +568,10 @@ impl<S: Store + ?Sized> RelayCore<S> {
         session.acked = inbox.acked;
         session.delivered = inbox.acked;
         session.live = false;
+        if !session.sync_started {
+            session.sync_started = true;
+            Metrics::add(&self.metrics.sync_sessions_started_total, 1);
+        }
         actions.push(Action::Authenticated(device));
         Ok(Response::Authenticated(AuthOk {
             device,
@@ -572,7 +591,12 @@ impl<S: Store + ?Sized> RelayCore<S> {
         now_ms: u64,
     ) -> Result<Action, Refuse> {
         Metrics::add(&self.metrics.sends_total, envelopes.len() as u64);
-        let expires_at_ms = now_ms.saturating_add(self.config.retention_ms);
+        let normal_expiry = now_ms.saturating_add(self.config.retention_ms);
+        let important_expiry = now_ms.saturating_add(
+            self.config
+                .retention_important_ms
+                .max(self.config.retention_ms),
+        );
         let mut slots = Vec::with_capacity(envelopes.len());
         let mut batch = Vec::with_capacity(envelopes.len());
         for env in envelopes {
@@ -633,7 +657,11 @@ impl<S: Store + ?Sized> RelayCore<S> {
                 conversation: h.conversation_id,
                 sender_seq: h.sender_seq,
                 bytes,
-                expires_at_ms,
+                expires_at_ms: if h.important {
+                    important_expiry
+                } else {
+                    normal_expiry
+                },
             });
         }
         let ticket = SendTicket {
@@ -648,6 +676,27 @@ impl<S: Store + ?Sized> RelayCore<S> {
             envelopes: batch,
             ticket,
         }))
+    }
+
+    /// After a page: the first time the session is live (caught up), its
+    /// sync counts as finished, with its time from connect.
+    fn note_sync(&self, session: &mut Session, now_ms: u64) {
+        if session.live && session.sync_started && !session.sync_finished {
+            session.sync_finished = true;
+            Metrics::add(&self.metrics.sync_sessions_finished_total, 1);
+            let ms = now_ms.saturating_sub(session.opened_at_ms);
+            self.metrics
+                .sync_catch_up_seconds
+                .observe(ms as f64 / 1000.0);
+        }
+    }
+
+    /// The connection of `session` ended: a sync that started but never
+    /// caught up counts as failed.
+    pub fn end_session(&self, session: &Session) {
+        if session.sync_started && !session.sync_finished {
+            Metrics::add(&self.metrics.sync_sessions_failed_total, 1);
+        }
     }
 
     /// The `Sent` reply for a committed (or failed) batch: one outcome per
@@ -822,7 +871,9 @@ impl<S: Store + ?Sized> RelayCore<S> {
             .and_then(|state| {
                 // The cursor the ack will leave (the head only grows meanwhile).
                 session.acked = session.acked.max(state.acked).max(ack.min(state.head));
-                self.read_page(session, device, after, after.max(ack), limit, &mut actions)
+                let r = self.read_page(session, device, after, after.max(ack), limit, &mut actions);
+                self.note_sync(session, now_ms);
+                r
             });
         match result {
             Ok(response) => {

@@ -151,6 +151,9 @@ impl Histogram {
 const LATENCY_BOUNDS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
+const SYNC_BOUNDS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
 const BATCH_BOUNDS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
 ];
@@ -206,6 +209,14 @@ pub struct Metrics {
     /// WebSocket connections closed for breaking the WebSocket protocol
     /// (text message, bad framing).
     pub websocket_violations_total: AtomicU64,
+    /// Connections that authenticated (a sync session started).
+    pub sync_sessions_started_total: AtomicU64,
+    /// Sync sessions that caught up (drained their backlog, went live).
+    pub sync_sessions_finished_total: AtomicU64,
+    /// Sync sessions whose connection ended before catching up.
+    pub sync_sessions_failed_total: AtomicU64,
+    /// Time from connection open to caught up (relay clock).
+    pub sync_catch_up_seconds: Histogram,
     /// Refusals by code.
     refusals: [AtomicU64; ALL_CODES.len()],
 }
@@ -241,6 +252,10 @@ impl Metrics {
             store_replicated: AtomicI64::new(-1),
             websocket_connections_total: AtomicU64::new(0),
             websocket_violations_total: AtomicU64::new(0),
+            sync_sessions_started_total: AtomicU64::new(0),
+            sync_sessions_finished_total: AtomicU64::new(0),
+            sync_sessions_failed_total: AtomicU64::new(0),
+            sync_catch_up_seconds: Histogram::new(SYNC_BOUNDS),
             refusals: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -299,6 +314,29 @@ impl Metrics {
             "hush_duplicate_sends_total",
             "Envelopes recognised as retries of stored ones.",
             Self::get(&self.duplicate_sends_total),
+        );
+        counter(
+            &mut out,
+            "hush_sync_sessions_started_total",
+            "Connections that authenticated (sync sessions started).",
+            Self::get(&self.sync_sessions_started_total),
+        );
+        counter(
+            &mut out,
+            "hush_sync_sessions_finished_total",
+            "Sync sessions that caught up (backlog drained, live).",
+            Self::get(&self.sync_sessions_finished_total),
+        );
+        counter(
+            &mut out,
+            "hush_sync_sessions_failed_total",
+            "Sync sessions whose connection ended before catching up.",
+            Self::get(&self.sync_sessions_failed_total),
+        );
+        self.sync_catch_up_seconds.render(
+            &mut out,
+            "hush_sync_catch_up_seconds",
+            "Time from connection open to caught up.",
         );
         counter(
             &mut out,

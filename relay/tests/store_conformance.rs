@@ -109,6 +109,7 @@ conformance!(
     purge_writes_tombstones_and_pull_reports_merged_ranges,
     purge_takes_expired_prefixes_oldest_inbox_first_bounded_by_max,
     purge_stops_at_the_first_unexpired_envelope,
+    mixed_retention_classes_purge_prefixes_only,
     ack_past_tombstones_clears_truncation,
     truncation_with_nothing_retained_points_past_head,
     truncation_caps_ranges_but_counts_all,
@@ -902,6 +903,47 @@ fn purge_stops_at_the_first_unexpired_envelope<S: Store>(make: &Make<S>) {
     assert_eq!(s.purge_expired(200, 10).unwrap().expired, 1);
     let t = s.pull(&d, 1, 10, usize::MAX).unwrap().truncated.unwrap();
     assert_eq!((t.oldest_retained, t.dropped_count), (6, 4));
+}
+
+/// Retention classes (important envelopes expire later): purge still only
+/// removes expired prefixes, so a normal envelope queued behind an unread
+/// important one stays until that one is acked or expires; its dedup entry
+/// still expires at its own `expires_at_ms`.
+fn mixed_retention_classes_purge_prefixes_only<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[R]);
+    let d = dev(R);
+    assert_eq!(
+        s.commit(&[
+            env(A, R, 1).expires(10),
+            env(A, R, 2).expires(1_000),
+            env(A, R, 3).expires(20),
+            env(A, R, 4).expires(20),
+        ])
+        .unwrap(),
+        vec![stored(1), stored(2), stored(3), stored(4)]
+    );
+    // Seq 1 goes at its expiry; the important seq 2 holds back seqs 3 and 4.
+    assert_eq!(s.purge_expired(500, 10).unwrap().expired, 1);
+    assert_eq!(seqs_of(&*s, R, 0), vec![2, 3, 4]);
+    let p = s.pull(&d, 0, 10, usize::MAX).unwrap();
+    let t = p.truncated.unwrap();
+    assert_eq!((t.oldest_retained, t.dropped_count), (2, 1));
+    assert_eq!(t.dropped, vec![range(A, 1, 1, 1)]);
+    assert_eq!(s.inbox_state(&d).unwrap().depth, 3);
+    // The held-back envelopes' dedup entries expired on time: a retry of
+    // seq 3 is stored anew (the recipient drops it by message id).
+    assert_eq!(
+        s.commit(&[env(A, R, 3).expires(600)]).unwrap(),
+        vec![stored(5)]
+    );
+    // Acking the important one lets the expired ones behind it go.
+    s.ack(&d, 2).unwrap();
+    assert_eq!(s.purge_expired(500, 10).unwrap().expired, 2);
+    assert_eq!(seqs_of(&*s, R, 0), vec![5]);
+    assert_eq!(s.purge_expired(600, 10).unwrap().expired, 1);
+    let t = s.pull(&d, 2, 10, usize::MAX).unwrap().truncated.unwrap();
+    assert_eq!((t.oldest_retained, t.dropped_count), (6, 3));
+    assert_eq!(t.dropped, vec![range(A, 1, 3, 4)]);
 }
 
 fn ack_past_tombstones_clears_truncation<S: Store>(make: &Make<S>) {

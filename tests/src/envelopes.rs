@@ -51,6 +51,7 @@ pub fn make_header(
         sent_at_ms: now_ms(),
         ratchet: vec![0x5a; RATCHET_FILLER_LEN],
         session_init: None,
+        important: false,
     }
 }
 

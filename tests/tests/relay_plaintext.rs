@@ -101,6 +101,7 @@ fn seal(
         sent_at_ms: now_ms(),
         ratchet: Vec::new(),
         session_init,
+        important: false,
     };
     let template = header.clone();
     let (ratchet, ciphertext) = session

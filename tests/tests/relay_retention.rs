@@ -188,3 +188,66 @@ async fn an_expired_message_id_can_be_sent_again() {
     assert_eq!(page.envelopes[0].envelope, e);
     relay.shutdown().await.unwrap();
 }
+
+const RETENTION_IMPORTANT: Duration = Duration::from_secs(10);
+
+/// The important retention class: an envelope whose header carries the
+/// important flag is kept until `--retention-important`; a normal one sent
+/// before it expires at `--retention` as usual, and a normal one queued
+/// behind an unread important one waits for it (purges remove prefixes).
+#[tokio::test]
+async fn an_important_envelope_outlives_the_normal_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(START_MS);
+    let mut config = Config::default_for(dir.path().to_path_buf());
+    config.retention = RETENTION;
+    config.retention_important = RETENTION_IMPORTANT;
+    config.send_rate = 0;
+    config.http = None;
+    config.purge_interval = Duration::from_secs(3600);
+    let relay = RelayHandle::start(config, Arc::new(clock.clone()))
+        .await
+        .expect("in-process relay starts");
+    let t = target(&relay);
+    let a = DeviceIdentity::from_seed(6);
+    let b = DeviceIdentity::from_seed(7);
+    let mut a_conn = TestDevice::register_new(&a, t).await.unwrap();
+    TestDevice::register_new(&b, t).await.unwrap().close();
+    let x = conversation(1);
+
+    // Seq 1 normal, seq 2 important, seq 3 normal (queued behind seq 2).
+    let normal = make_envelope(a.device(), b.device(), x, 1, b"normal");
+    let mut important = make_envelope(a.device(), b.device(), x, 2, b"important");
+    important.header.important = true;
+    let behind = make_envelope(a.device(), b.device(), x, 3, b"behind");
+    a_conn
+        .send(vec![normal, important.clone(), behind.clone()])
+        .await
+        .unwrap();
+
+    // Past the normal retention: only the normal envelope in front goes.
+    clock.advance(RETENTION.as_millis() as u64 + 1);
+    assert_eq!(relay.purge_now().await.unwrap(), 1);
+    let mut b_conn = TestDevice::login(&b, t).await.unwrap();
+    let page = b_conn.pull(0, 200, 0).await.unwrap();
+    let tr = page.truncated.expect("the normal envelope expired unread");
+    assert_eq!(tr.dropped, vec![range(a.device(), x, 1, 1)]);
+    let seqs: Vec<_> = page.envelopes.iter().map(|d| d.seq).collect();
+    assert_eq!(seqs, vec![2, 3], "the important envelope survived");
+    assert_eq!(page.envelopes[0].envelope, important);
+    assert!(page.envelopes[0].envelope.header.important);
+    assert_eq!(page.envelopes[1].envelope, behind);
+    drop(b_conn);
+
+    // Past the important retention both remaining envelopes go together.
+    clock.advance(RETENTION_IMPORTANT.as_millis() as u64);
+    assert_eq!(relay.purge_now().await.unwrap(), 2);
+    let mut b_conn = TestDevice::login(&b, t).await.unwrap();
+    let page = b_conn.pull(0, 200, 0).await.unwrap();
+    assert!(page.envelopes.is_empty());
+    assert_eq!(
+        page.truncated.unwrap().dropped,
+        vec![range(a.device(), x, 1, 3)]
+    );
+    relay.shutdown().await.unwrap();
+}

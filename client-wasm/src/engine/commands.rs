@@ -15,6 +15,18 @@ impl Engine {
             Command::SendText { conversation, text } if self.is_group(&conversation) => {
                 self.group_command(now, Command::SendText { conversation, text })?;
             }
+            Command::SendImportantText { conversation, text } => {
+                // Queued like any text; the flag is set before anything is
+                // sealed (sealing happens after the command, in the pump).
+                self.on_command(now, Command::SendText { conversation, text })?;
+                if let Some(Reply::Message(id)) = &self.step.reply {
+                    let id = *id;
+                    if let Some(o) = self.outbox.get_mut(&id) {
+                        o.important = true;
+                    }
+                    self.touch(Dirty::Outbox(id));
+                }
+            }
             Command::SendText { conversation, text } => {
                 self.check_conversation(&conversation)?;
                 if text.len() > MAX_TEXT_BYTES {

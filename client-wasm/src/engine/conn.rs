@@ -17,10 +17,11 @@ const UNKNOWN_SENDER_REFRESH_MS: u64 = 5_000;
 const PARKED_REFRESH_MS: u64 = 30_000;
 
 impl Engine {
-    pub(crate) fn on_connected(&mut self, _now: u64) -> Result<(), ClientError> {
+    pub(crate) fn on_connected(&mut self, now: u64) -> Result<(), ClientError> {
         self.link = Link {
             connected: true,
             next_request: 1,
+            connected_at_ms: now,
             ..Link::default()
         };
         let device = self.device.device;

@@ -266,6 +266,15 @@ pub enum Command {
         /// The new name.
         name: String,
     },
+    /// [`Command::SendText`] in the relay's important retention class: every
+    /// envelope of it carries the header's important flag, so the relay
+    /// keeps it unread up to its `--retention-important`.
+    SendImportantText {
+        /// The conversation.
+        conversation: ConversationId,
+        /// The text (at most [`crate::payload::MAX_TEXT_BYTES`] bytes).
+        text: String,
+    },
 }
 
 /// The direct answer to a command.
@@ -577,6 +586,10 @@ pub(crate) struct Link {
     /// Users whose list must be fetched again once the running fetch
     /// answers (that answer may predate what made us ask).
     pub refetch_lists: BTreeSet<UserKey>,
+    /// When this connection was opened (for the sync latency counters).
+    pub connected_at_ms: u64,
+    /// This connection has caught up once (counted in `Counters::syncs`).
+    pub caught_up: bool,
 }
 
 /// The engine. See the crate docs for the driver contract.
@@ -885,7 +898,7 @@ impl Engine {
             let s = u64::from_be_bytes(keys::arr(b, 32).ok_or_else(corrupt)?);
             self.held.insert((d, c, s), storage::decode(k, v)?);
         } else if k.starts_with(keys::OUTBOX) {
-            let o: OutboxEntry = storage::decode(k, v)?;
+            let o = OutboxEntry::decode(k, v)?;
             self.outbox.insert(o.id, o);
         } else if k.starts_with(keys::TOMB) {
             let b = ids(keys::TOMB)?;
@@ -981,6 +994,21 @@ impl Engine {
     /// The quality counters (duplicates, out-of-order, gaps…).
     pub fn counters(&self) -> Counters {
         self.counters
+    }
+
+    /// The first time a connection catches up (its backlog drained): count
+    /// one sync and its latency from connect.
+    pub(crate) fn note_caught_up(&mut self, now: u64) {
+        if self.link.caught_up {
+            return;
+        }
+        self.link.caught_up = true;
+        let latency = now.saturating_sub(self.link.connected_at_ms);
+        let c = &mut self.counters;
+        c.syncs = c.syncs.saturating_add(1);
+        c.sync_latency_ms_total = c.sync_latency_ms_total.saturating_add(latency);
+        c.last_sync_latency_ms = latency;
+        self.touch(Dirty::Counters);
     }
 
     /// The state of a message this device still has in its outbox.

@@ -76,6 +76,7 @@ impl Engine {
             self.pump_pulls(true);
         } else if self.link.pulls.is_empty() {
             self.link.live = true;
+            self.note_caught_up(now);
             self.send_ack();
         }
         // remaining = 0 with pulls still in flight (asked for before the

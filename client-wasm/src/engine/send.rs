@@ -48,7 +48,7 @@ pub(crate) fn wants_transmission(o: &OutboxEntry) -> bool {
 
 fn rank(s: MessageState) -> u8 {
     match s {
-        MessageState::Failed | MessageState::Sending => 0,
+        MessageState::Failed | MessageState::Sending | MessageState::RecipientInboxFull => 0,
         MessageState::Stored => 1,
         MessageState::Delivered => 2,
         MessageState::Read => 3,
@@ -107,6 +107,7 @@ impl Engine {
             targets,
             retry_at: now,
             retry_delay_ms: 0,
+            important: false,
         };
         self.outbox.insert(id, entry);
         self.active.insert((local_seq, id));
@@ -379,6 +380,7 @@ impl Engine {
         payload: &[u8],
     ) -> Result<Envelope, ClientError> {
         let me = self.device.device;
+        let important = self.outbox.get(&transport_id).is_some_and(|o| o.important);
         let Some(entry) = self
             .sessions
             .get_mut(&d)
@@ -401,6 +403,7 @@ impl Engine {
                 signed_prekey_id: i.signed_prekey_id,
                 one_time_prekey_id: i.one_time_prekey_id,
             }),
+            important,
         };
         let epoch = session.epoch();
         let template = header.clone();
@@ -431,6 +434,7 @@ impl Engine {
     ) -> Result<(), ClientError> {
         let mut retry: Vec<(MessageId, DeviceId)> = Vec::new();
         let mut wait: Option<u64> = None;
+        let mut inbox_full: Vec<MessageId> = Vec::new();
         let mut outcomes = outcomes.into_iter();
         let mut touched: Vec<MessageId> = items.iter().map(|(id, _)| *id).collect();
         touched.dedup();
@@ -494,9 +498,12 @@ impl Engine {
                         }
                         self.touch(Dirty::Outbox(id));
                     }
-                    _ => {
+                    code => {
                         if let Some(ms) = error.retry_after_ms {
                             wait = Some(wait.map_or(u64::from(ms), |w| w.max(u64::from(ms))));
+                        }
+                        if code == ErrorCode::Quota {
+                            inbox_full.push(id);
                         }
                         retry.push((id, d));
                     }
@@ -504,6 +511,11 @@ impl Engine {
             }
         }
         self.on_send_refused(now, &retry, wait);
+        for id in inbox_full {
+            self.counters.inbox_full_refusals = self.counters.inbox_full_refusals.saturating_add(1);
+            self.touch(Dirty::Counters);
+            self.set_state(&id, MessageState::RecipientInboxFull);
+        }
         for id in touched {
             self.settle(now, &id);
         }
@@ -596,7 +608,8 @@ impl Engine {
         };
         let forward = rank(state) > rank(entry.state)
             || (entry.state == MessageState::Failed && state != MessageState::Failed)
-            || (state == MessageState::Failed && entry.state == MessageState::Sending);
+            || (state == MessageState::Failed && entry.state == MessageState::Sending)
+            || (state == MessageState::RecipientInboxFull && entry.state == MessageState::Sending);
         if !forward || entry.kind != EntryKind::Chat {
             return;
         }

@@ -54,6 +54,11 @@ struct FakeRelay {
     /// The same for blob gets (a connection cut mid-download).
     pub(super) blob_gets: usize,
     pub(super) lose_blob_gets: BTreeSet<usize>,
+    /// Refuse sends to these devices with `Quota` (their inbox is full).
+    full_inboxes: BTreeSet<DeviceId>,
+    /// Clear the important flag of envelopes before storing them (a relay
+    /// downgrading a message's retention class).
+    strip_important: bool,
 }
 
 impl FakeRelay {
@@ -148,8 +153,22 @@ impl FakeRelay {
             Request::Send { envelopes } => {
                 let mut outcomes = Vec::new();
                 let mut pushes = Vec::new();
-                for env in envelopes {
+                for mut env in envelopes {
+                    if self.strip_important {
+                        env.header.important = false;
+                    }
                     let h = env.header.clone();
+                    if self.full_inboxes.contains(&h.recipient_device) {
+                        outcomes.push(SendOutcome::Refused {
+                            message_id: h.message_id,
+                            recipient: h.recipient_device,
+                            error: hush_protocol::WireError::new(
+                                hush_protocol::ErrorCode::Quota,
+                                "recipient inbox is full (messages)",
+                            ),
+                        });
+                        continue;
+                    }
                     self.seen_bytes.push(env.to_bytes().unwrap_or_default());
                     let key = (h.sender_device, h.recipient_device, h.message_id);
                     let seq = if self.dedup.contains(&key) {
@@ -1729,6 +1748,7 @@ fn parked_records_over_the_bounds_are_dropped_at_load() {
                     sent_at_ms: T0,
                     ratchet: vec![0; 40],
                     session_init: None,
+                    important: false,
                 },
                 ciphertext: vec![0; 100],
             }
@@ -1875,4 +1895,141 @@ fn authors_recall_works_from_another_device_arriving_first_and_after_arrival() {
     net.advance(2_000);
     assert!(history_ids(&net, v, &conv).is_empty());
     assert_eq!(net.clients[v].engine.counters().recalls_refused, 0);
+}
+
+/// A recipient whose inbox is full: the sender shows `RecipientInboxFull`
+/// (not a silent retry that ends in `Failed`, even past the deadline), counts
+/// the refusals, and delivers once the inbox drains. Sync latency counters
+/// move on the first catch-up of a connection.
+#[test]
+fn full_recipient_inbox_is_shown_and_delivery_follows_the_drain() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let c = net.clients[a].engine.counters();
+    assert!(c.syncs >= 1, "{c:?}");
+    assert_eq!(c.inbox_full_refusals, 0);
+    let bob = net.clients[b].engine.device_id();
+    net.relay.full_inboxes.insert(bob);
+    let id = net.send(a, conv, "to a full inbox");
+    net.advance(3_000);
+    assert_eq!(
+        net.clients[a].engine.message_state(&id),
+        Some(MessageState::RecipientInboxFull)
+    );
+    assert!(net.clients[a].events.iter().any(|e| matches!(
+        e,
+        Event::MessageState {
+            state: MessageState::RecipientInboxFull,
+            ..
+        }
+    )));
+    assert!(net.clients[a].engine.counters().inbox_full_refusals >= 1);
+    // Past the send deadline it stays "inbox full", never "failed".
+    net.advance(6 * 60 * 1000);
+    assert_eq!(
+        net.clients[a].engine.message_state(&id),
+        Some(MessageState::RecipientInboxFull)
+    );
+    assert!(net.messages(b).is_empty());
+    // The inbox drains: the next retry is stored and delivered, once.
+    net.relay.full_inboxes.clear();
+    net.advance(2 * 60 * 1000);
+    assert_eq!(
+        net.messages(b).iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![id]
+    );
+    assert_eq!(
+        net.clients[a].engine.message_state(&id),
+        Some(MessageState::Delivered)
+    );
+    let h = crate::storage::history(&net.clients[a].storage, &conv, None, 10).unwrap();
+    assert_eq!(h.len(), 1);
+}
+
+/// `SendImportantText` seals every envelope of the message with the
+/// header's important flag (the relay's long retention class); `SendText`
+/// never sets it. An outbox record written before the flag existed loads
+/// as not important.
+#[test]
+fn important_text_sets_the_header_flag_on_its_envelopes_only() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let normal = net.send(a, conv, "normal");
+    let Some(Reply::Message(important)) = net.command(
+        a,
+        Command::SendImportantText {
+            conversation: conv,
+            text: "important".into(),
+        },
+    ) else {
+        panic!("no id");
+    };
+    net.advance(3_000);
+    let headers: Vec<_> = net
+        .relay
+        .seen_bytes
+        .iter()
+        .filter_map(|b| Envelope::from_bytes(b).ok())
+        .map(|e| e.header)
+        .collect();
+    let flagged = |id: MessageId| -> Vec<bool> {
+        headers
+            .iter()
+            .filter(|h| h.message_id == id)
+            .map(|h| h.important)
+            .collect()
+    };
+    assert!(!flagged(normal).is_empty() && flagged(normal).iter().all(|f| !f));
+    assert!(!flagged(important).is_empty() && flagged(important).iter().all(|f| *f));
+    assert_eq!(
+        net.messages(b)
+            .iter()
+            .map(|r| r.text.as_str())
+            .collect::<Vec<_>>(),
+        ["normal", "important"]
+    );
+
+    // A record without the trailing flag (an older build) still decodes.
+    let mut entry = net.clients[a].engine.outbox[&important].clone();
+    assert!(entry.important);
+    let bytes = storage::encode(&entry).unwrap();
+    let same = crate::state::OutboxEntry::decode(b"s/outbox/x", &bytes).unwrap();
+    assert!(same.important);
+    entry.important = false;
+    let bytes = storage::encode(&entry).unwrap();
+    // The older layout: the same bytes without the trailing flag.
+    let old = &bytes[..bytes.len() - 1];
+    let back = crate::state::OutboxEntry::decode(b"s/outbox/x", old).unwrap();
+    assert!(!back.important);
+    assert_eq!(back.id, entry.id);
+}
+
+/// A relay that clears the important flag (to expire a message early while
+/// claiming it kept the sender's class) changes authenticated header bytes:
+/// the recipient rejects the envelope instead of showing it.
+#[test]
+fn relay_stripping_the_important_flag_is_rejected() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    net.relay.strip_important = true;
+    let before = net.clients[b].engine.counters().rejected;
+    net.command(
+        a,
+        Command::SendImportantText {
+            conversation: conv,
+            text: "keep me".into(),
+        },
+    );
+    net.advance(3_000);
+    assert!(net.messages(b).is_empty());
+    assert!(net.clients[b].engine.counters().rejected > before);
 }

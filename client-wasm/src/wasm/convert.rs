@@ -133,6 +133,7 @@ pub(crate) fn state_name(s: MessageState) -> &'static str {
         MessageState::Delivered => "delivered",
         MessageState::Read => "read",
         MessageState::Failed => "failed",
+        MessageState::RecipientInboxFull => "recipient-inbox-full",
     }
 }
 
@@ -609,6 +610,10 @@ pub(crate) fn counters(c: &Counters) -> JsValue {
         .num("parkedDropped", c.parked_dropped)
         .num("recallsRefused", c.recalls_refused)
         .num("undecryptableSkipped", c.undecryptable_skipped)
+        .num("inboxFullRefusals", c.inbox_full_refusals)
+        .num("syncs", c.syncs)
+        .num("syncLatencyMsTotal", c.sync_latency_ms_total)
+        .num("lastSyncLatencyMs", c.last_sync_latency_ms)
         .build()
 }
 

@@ -121,6 +121,7 @@ pub fn header() -> impl Strategy<Value = EnvelopeHeader> {
         wide_u64(),
         vec(any::<u8>(), 0..=MAX_RATCHET_HEADER_LEN),
         option::of(session_init()),
+        any::<bool>(),
     )
         .prop_map(
             |(
@@ -132,6 +133,7 @@ pub fn header() -> impl Strategy<Value = EnvelopeHeader> {
                 sent_at_ms,
                 ratchet,
                 session_init,
+                important,
             )| EnvelopeHeader {
                 message_id,
                 sender_device,
@@ -141,6 +143,7 @@ pub fn header() -> impl Strategy<Value = EnvelopeHeader> {
                 sent_at_ms,
                 ratchet,
                 session_init,
+                important,
             },
         )
 }
@@ -457,6 +460,7 @@ pub fn sample_envelope(ratchet_len: usize, ct_len: usize, init: bool) -> Envelop
                 signed_prekey_id: 9,
                 one_time_prekey_id: Some(10),
             }),
+            important: false,
         },
         ciphertext: vec![0xCC; ct_len],
     }

@@ -90,6 +90,7 @@ fn default_config() -> CoreConfig {
     CoreConfig {
         max_envelope: hush_protocol::limits::MAX_ENVELOPE_LEN,
         retention_ms: 7 * 86_400_000,
+        retention_important_ms: 30 * 86_400_000,
         send_rate: 0,
         send_burst: 32,
         push_window: DEFAULT_PUSH_WINDOW,
@@ -175,6 +176,7 @@ fn envelope(from: &Device, to: &Device, seq: u64, body: usize) -> Envelope {
             sent_at_ms: NOW,
             ratchet: vec![1; 40],
             session_init: None,
+            important: false,
         },
         ciphertext: vec![0xAB; body.max(16)],
     }

@@ -139,6 +139,7 @@ where
         ack_task: None,
     };
     let end = conn.run(reader, writer).await;
+    conn.shared.core.end_session(&conn.session);
     // The last deferred ack lands before the connection counts as ended.
     conn.finish_ack().await;
     conn.inbox = None;

@@ -384,9 +384,9 @@ pub trait Store: Send + Sync + 'static {
     fn device(&self, device: &DeviceId) -> Result<Option<DeviceRecord>, StoreError>;
 
     /// Commit a batch of envelopes in ONE durable transaction and return one
-    /// outcome per input, in order. Callers give envelopes of one inbox
-    /// non-decreasing `expires_at_ms` (uniform retention from a clock); see
-    /// [`Store::purge_expired`] for what happens otherwise. Within the batch, envelopes to the same
+    /// outcome per input, in order. `expires_at_ms` need not be
+    /// non-decreasing within an inbox (retention classes differ, clocks
+    /// step); see [`Store::purge_expired`] for the prefix rule that follows. Within the batch, envelopes to the same
     /// inbox get consecutive seqs in input order; a duplicate inside the batch
     /// gets the seq of its first occurrence. A dedup entry lives until
     /// [`Store::purge_expired`] passes the envelope's `expires_at_ms` (acking
@@ -414,7 +414,11 @@ pub trait Store: Send + Sync + 'static {
     /// Remove the expired prefix of each inbox: an envelope goes once its
     /// `expires_at_ms` ≤ `now_ms` and every older envelope of its inbox has
     /// gone too (with uniform retention, simply once it expired; after a
-    /// clock step it may wait for an older one, so deletions stay prefixes).
+    /// clock step, or behind an envelope of the longer "important"
+    /// retention class, it waits for the older one, so deletions stay
+    /// prefixes: a normal envelope queued behind an unread important one is
+    /// kept until that one is acked or expires). The dedup entry of such a
+    /// held-back envelope still goes at its own `expires_at_ms`.
     /// Writes a tombstone (sender, conversation, sender seq) for each.
     /// Inboxes are taken in the order of their oldest envelope's expiry, at
     /// most `max` envelopes per call. Then drops expired dedup entries,

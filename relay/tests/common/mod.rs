@@ -266,6 +266,7 @@ impl Device {
                 sent_at_ms: 1_800_000_000_000,
                 ratchet: vec![1; 40],
                 session_init: None,
+                important: false,
             },
             ciphertext: vec![0xCD; 64],
         }

@@ -177,6 +177,7 @@ fn forged(rng: &mut Xorshift, t: &Target, kind: &Kind, n: u64) -> Result<Envelop
             sent_at_ms: t.now,
             ratchet: rh.to_bytes().to_vec(),
             session_init: None,
+            important: false,
         },
         ciphertext,
     })

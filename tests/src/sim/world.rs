@@ -395,6 +395,7 @@ impl World {
         let config = CoreConfig {
             max_envelope: hush_protocol::limits::MAX_ENVELOPE_LEN,
             retention_ms: scenario.relay_retention_ms,
+            retention_important_ms: scenario.relay_retention_ms,
             send_rate: 0,
             send_burst: 64,
             push_window: hush_relay::core::DEFAULT_PUSH_WINDOW,
