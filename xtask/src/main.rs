@@ -7,12 +7,14 @@
 //! cargo xtask page                   only the demo page (web-demo/index.html, integrity.json)
 //! cargo xtask demo [-- RELAY-ARGS]   the relay with the demo page on http://127.0.0.1:8080
 //! cargo xtask bench [-- BENCH-ARGS]  the benchmarks that exist
+//! cargo xtask bench --peers [-- ARGS] Hush against Redis and NATS JetStream (peers.rs)
 //! cargo xtask fuzz TARGET [SECS]     one fuzz target for SECS seconds (default 60)
 //! ```
 //!
 //! Plain `std::process::Command` and no dependencies, so it builds in seconds on a
 //! fresh machine before anything else is installed.
 
+mod peers;
 mod sri;
 
 use std::env;
@@ -74,6 +76,9 @@ commands:
                         (after editing web-demo/index.html.in, app.js or style.css)
   demo [-- ARGS]        build and run the relay with the demo page on http://127.0.0.1:8080
   bench [-- ARGS]       run the benchmarks that exist (ARGS go to the bench binaries)
+  bench --peers         Hush against Redis and NATS JetStream (installs them)
+  bench --e2e-latency   online end-to-end delivery latency at 1,000 msgs/s
+  bench --idle-devices  relay RSS and CPU with 10,000 idle devices
   fuzz TARGET [SECS]    run one fuzz target for SECS seconds (default 60; needs nightly)
   help                  show this text";
 
@@ -650,6 +655,14 @@ fn demo(args: &[String]) -> Result {
 }
 
 fn bench(args: &[String]) -> Result {
+    if let Some(rest) = args.strip_prefix(&["--peers".to_string()]) {
+        return peers::bench_peers(passthrough(rest));
+    }
+    if let Some((first, rest)) = args.split_first()
+        && let Some(bin) = peers::named_bench(first)
+    {
+        return peers::run_named(bin, passthrough(rest));
+    }
     let packages: Vec<&str> = CRATES
         .iter()
         .filter(|(dir, _)| has_benches(Path::new(dir)))
