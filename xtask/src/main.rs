@@ -8,6 +8,7 @@
 //! cargo xtask demo [-- RELAY-ARGS]   the relay with the demo page on http://127.0.0.1:8080
 //! cargo xtask cluster                PostgreSQL primary + sync standby, two relays with the demo
 //! cargo xtask bench [-- BENCH-ARGS]  the benchmarks that exist
+//! cargo xtask bench --peers [-- ARGS] Hush against Redis and NATS JetStream (peers.rs)
 //! cargo xtask fuzz TARGET [SECS]     one fuzz target for SECS seconds (default 60)
 //! ```
 //!
@@ -16,6 +17,7 @@
 
 mod cluster;
 mod pg;
+mod peers;
 mod sri;
 
 use std::env;
@@ -79,6 +81,9 @@ commands:
   cluster               a PostgreSQL primary + synchronous standby and two relay nodes
                         with the demo (http://127.0.0.1:8080, :8081); Ctrl-C stops all
   bench [-- ARGS]       run the benchmarks that exist (ARGS go to the bench binaries)
+  bench --peers         Hush against Redis and NATS JetStream (installs them)
+  bench --e2e-latency   online end-to-end delivery latency at 1,000 msgs/s
+  bench --idle-devices  relay RSS and CPU with 10,000 idle devices
   fuzz TARGET [SECS]    run one fuzz target for SECS seconds (default 60; needs nightly)
   help                  show this text";
 
@@ -657,6 +662,14 @@ fn demo(args: &[String]) -> Result {
 }
 
 fn bench(args: &[String]) -> Result {
+    if let Some(rest) = args.strip_prefix(&["--peers".to_string()]) {
+        return peers::bench_peers(passthrough(rest));
+    }
+    if let Some((first, rest)) = args.split_first()
+        && let Some(bin) = peers::named_bench(first)
+    {
+        return peers::run_named(bin, passthrough(rest));
+    }
     let packages: Vec<&str> = CRATES
         .iter()
         .filter(|(dir, _)| has_benches(Path::new(dir)))

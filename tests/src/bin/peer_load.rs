@@ -1,0 +1,1130 @@
+//! `peer_load`: the same two jobs against Redis, NATS JetStream and Hush,
+//! from the same client process shape for all three.
+//!
+//! ```text
+//! peer_load --system redis|nats|hush --job ingest|catchup [options]
+//! ```
+//!
+//! Run by `cargo xtask bench --peers`, which installs the servers, builds
+//! this binary and the release relay, runs every row and prints the table.
+//! Each invocation starts its own server as a child process on 127.0.0.1
+//! with a data directory in a fresh temporary directory, and stops it on the
+//! way out (also on error: the child is killed when its guard drops).
+//!
+//! - Job `ingest` (durable ingest): `--producers` (64) producers, each on its
+//!   own connection, keep `--inflight` messages of 1 KiB in flight for
+//!   `--secs` seconds; a message counts when its durable ack arrives. One
+//!   message per request (Redis `XADD`, JetStream publish awaiting its
+//!   `PubAck`, Hush `Send` of one envelope); `--batched` makes Hush send
+//!   `Send`s of 32 envelopes instead (`--inflight` of them in flight). Prints
+//!   acked msgs/s and ack p50/p99/p99.9. Checks afterwards that the server
+//!   holds exactly the acked messages.
+//! - Job `catchup` (offline catch-up): `--count` (100,000) × 1 KiB queued for
+//!   one consumer that is offline, then drained with acks in pages of 200
+//!   (Redis `XREADGROUP COUNT 200` + one `XACK` per page; JetStream pull
+//!   consumer `fetch(200)` + one double-acked `AckAll` per page; Hush `Pull`
+//!   of 200 whose `ack` field acknowledges the previous page). `--runs` (3)
+//!   times; prints the median drain rate. Checks that every message was
+//!   drained exactly once and nothing is left unacknowledged.
+//!
+//! The last line of stdout is `RESULT {json}` with the numbers, the server's
+//! version and configuration, and what the host did meanwhile (CPU steal,
+//! CPU and I/O pressure).
+
+use async_nats::jetstream;
+use futures_util::StreamExt;
+use hush_protocol::{DeviceId, Envelope, MessageId, Request, Response, SendOutcome, ServerFrame};
+use hush_tests::{DeviceIdentity, RelayProcess, TestDevice, conversation, make_envelope_sized};
+use std::collections::HashMap;
+use std::error::Error;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// Payload size of every message (Hush: the encoded envelope).
+const PAYLOAD: usize = 1024;
+/// Streams / subjects / inboxes the ingest job spreads its messages over.
+const TARGETS: usize = 16;
+/// Messages per page in the catch-up job.
+const PAGE: usize = 200;
+/// Envelopes per `Send` in Hush's batched ingest row.
+const HUSH_BATCH: usize = 32;
+/// Bound on a server's start-up.
+const STARTUP: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum System {
+    Redis,
+    Nats,
+    Hush,
+}
+
+#[derive(Debug, Clone)]
+struct Args {
+    system: System,
+    job: String,
+    producers: usize,
+    inflight: usize,
+    batched: bool,
+    secs: f64,
+    count: u64,
+    runs: usize,
+    redis_bin: PathBuf,
+    nats_bin: PathBuf,
+}
+
+impl Args {
+    fn parse() -> BenchResult<Args> {
+        let mut args = Args {
+            system: System::Hush,
+            job: "ingest".into(),
+            producers: 64,
+            inflight: 1,
+            batched: false,
+            secs: 10.0,
+            count: 100_000,
+            runs: 3,
+            redis_bin: PathBuf::from("redis-server"),
+            nats_bin: PathBuf::from("nats-server"),
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(a) = it.next() {
+            let mut value = || it.next().ok_or_else(|| format!("{a} needs a value"));
+            match a.as_str() {
+                "--system" => {
+                    args.system = match value()?.as_str() {
+                        "redis" => System::Redis,
+                        "nats" => System::Nats,
+                        "hush" => System::Hush,
+                        other => return Err(format!("unknown system {other}").into()),
+                    }
+                }
+                "--job" => args.job = value()?,
+                "--producers" => args.producers = value()?.parse()?,
+                "--inflight" => args.inflight = value()?.parse()?,
+                "--batched" => args.batched = true,
+                "--secs" => args.secs = value()?.parse()?,
+                "--count" => args.count = value()?.parse()?,
+                "--runs" => args.runs = value()?.parse()?,
+                "--redis-server" => args.redis_bin = PathBuf::from(value()?),
+                "--nats-server" => args.nats_bin = PathBuf::from(value()?),
+                "-h" | "--help" => {
+                    println!(
+                        "peer_load --system redis|nats|hush --job ingest|catchup [--producers N] \
+                         [--inflight N] [--batched] [--secs S] [--count N] [--runs N] \
+                         [--redis-server PATH] [--nats-server PATH]"
+                    );
+                    std::process::exit(0);
+                }
+                other => return Err(format!("unknown argument {other}").into()),
+            }
+        }
+        if args.producers == 0 || args.inflight == 0 || args.runs == 0 || args.count == 0 {
+            return Err("--producers, --inflight, --runs and --count must be at least 1".into());
+        }
+        if args.batched && args.system != System::Hush {
+            return Err("--batched is Hush's batched Send only".into());
+        }
+        Ok(args)
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("peer_load: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What the host did over a measured interval: CPU steal (`/proc/stat`) and
+/// the shares of wall time in which some task waited for a CPU or for I/O
+/// (`/proc/pressure/{cpu,io}`, "some").
+#[derive(Debug, Clone, Copy)]
+struct Host {
+    ticks: [u64; 8],
+    cpu_us: u64,
+    io_us: u64,
+    at: Instant,
+}
+
+fn psi_total(kind: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/pressure/{kind}"))
+        .ok()
+        .and_then(|psi| {
+            psi.lines()
+                .find_map(|l| l.strip_prefix("some "))?
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("total="))?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+impl Host {
+    fn now() -> Host {
+        let mut ticks = [0u64; 8];
+        if let Ok(stat) = std::fs::read_to_string("/proc/stat")
+            && let Some(cpu) = stat.lines().next().and_then(|l| l.strip_prefix("cpu "))
+        {
+            for (slot, field) in ticks.iter_mut().zip(cpu.split_whitespace()) {
+                *slot = field.parse().unwrap_or(0);
+            }
+        }
+        Host {
+            ticks,
+            cpu_us: psi_total("cpu"),
+            io_us: psi_total("io"),
+            at: Instant::now(),
+        }
+    }
+
+    /// (steal %, CPU pressure %, I/O pressure %) since `self`.
+    fn since(&self) -> (f64, f64, f64) {
+        let later = Host::now();
+        let d: Vec<u64> = later
+            .ticks
+            .iter()
+            .zip(&self.ticks)
+            .map(|(b, a)| b.saturating_sub(*a))
+            .collect();
+        let total: u64 = d.iter().sum();
+        let steal = if total == 0 {
+            0.0
+        } else {
+            100.0 * d[7] as f64 / total as f64
+        };
+        let wall = later.at.duration_since(self.at).as_micros().max(1) as f64;
+        let cpu = 100.0 * later.cpu_us.saturating_sub(self.cpu_us) as f64 / wall;
+        let io = 100.0 * later.io_us.saturating_sub(self.io_us) as f64 / wall;
+        (steal, cpu, io)
+    }
+}
+
+/// A server process killed (and reaped) when dropped, also on error paths.
+struct ServerGuard {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for ServerGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> BenchResult<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn version_of(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Wait (bounded) until `addr` accepts TCP connections.
+async fn wait_listening(port: u16, child: &mut Child) -> BenchResult<()> {
+    let start = Instant::now();
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            return Err(format!("server exited at start-up: {status}").into());
+        }
+        if start.elapsed() > STARTUP {
+            return Err(format!("server not listening on {port} after {STARTUP:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Start `redis-server` with an append-only file fsynced before every reply.
+async fn start_redis(bin: &Path) -> BenchResult<(ServerGuard, u16, String)> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let config = format!(
+        "bind 127.0.0.1\nport {port}\nprotected-mode yes\ndir {}\nappendonly yes\n\
+         appendfsync always\nsave \"\"\ndaemonize no\nlogfile {}\n",
+        dir.path().display(),
+        dir.path().join("redis.log").display()
+    );
+    let conf_path = dir.path().join("redis.conf");
+    std::fs::write(&conf_path, &config)?;
+    let child = Command::new(bin)
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let mut guard = ServerGuard { child, _dir: dir };
+    wait_listening(port, &mut guard.child).await?;
+    let described = format!(
+        "{} | {}",
+        version_of(bin),
+        config.trim().replace('\n', "; ")
+    );
+    Ok((guard, port, described))
+}
+
+/// Start `nats-server` with JetStream on a file store, fsync on every write.
+async fn start_nats(bin: &Path) -> BenchResult<(ServerGuard, u16, String)> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let config = format!(
+        "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+        dir.path().join("js").display()
+    );
+    let conf_path = dir.path().join("nats.conf");
+    std::fs::write(&conf_path, &config)?;
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("nats.log"))?)
+        .spawn()?;
+    let mut guard = ServerGuard { child, _dir: dir };
+    wait_listening(port, &mut guard.child).await?;
+    let described = format!(
+        "{} | {}",
+        version_of(bin),
+        config.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    Ok((guard, port, described))
+}
+
+/// Relay flags for the benchmark: no per-connection send rate, room for
+/// 100,000+ queued envelopes per inbox, every producer from 127.0.0.1.
+const HUSH_FLAGS: &[&str] = &[
+    "--send-rate",
+    "0",
+    "--inbox-max-messages",
+    "100000000",
+    "--inbox-max-bytes",
+    "64GiB",
+    "--max-connections-per-ip",
+    "4096",
+    "--max-registrations-per-ip-hour",
+    "0",
+];
+
+async fn start_hush() -> BenchResult<(RelayProcess, String)> {
+    let relay = RelayProcess::spawn_temp(HUSH_FLAGS).await?;
+    let bin = hush_tests::bin_path("hush-relay")?;
+    let described = format!(
+        "{} | default store (redb index + segment files, group commit, fdatasync before every ack); flags: {}",
+        version_of(&bin),
+        HUSH_FLAGS.join(" ")
+    );
+    Ok((relay, described))
+}
+
+/// Latency percentiles in ms of unsorted samples in µs.
+fn percentiles(mut us: Vec<u32>) -> (f64, f64, f64) {
+    us.sort_unstable();
+    let p = |q: f64| {
+        if us.is_empty() {
+            0.0
+        } else {
+            let i = ((us.len() as f64 * q).ceil() as usize).clamp(1, us.len()) - 1;
+            f64::from(us[i]) / 1000.0
+        }
+    };
+    (p(0.50), p(0.99), p(0.999))
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+/// Per-producer result of an ingest: acked messages and ack latencies (µs).
+type Acks = (u64, Vec<u32>);
+
+async fn join_all(tasks: Vec<tokio::task::JoinHandle<BenchResult<Acks>>>) -> BenchResult<Acks> {
+    let mut acked = 0;
+    let mut lat = Vec::new();
+    for t in tasks {
+        let (n, l) = t.await??;
+        acked += n;
+        lat.extend(l);
+    }
+    Ok((acked, lat))
+}
+
+/// When a producer stops: at a deadline (ingest) or after a budget (preload).
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    At(Instant),
+    After(u64),
+}
+
+/// How many messages one of `lanes` lanes sends under `stop`: `None` until the deadline.
+fn lane_budget(stop: Stop, lane: usize, lanes: usize) -> Option<u64> {
+    match stop {
+        Stop::At(_) => None,
+        Stop::After(n) => Some(n / lanes as u64 + u64::from((lane as u64) < n % lanes as u64)),
+    }
+}
+
+fn go_on(stop: Stop, sent: u64, budget: Option<u64>) -> bool {
+    match stop {
+        Stop::At(t) => Instant::now() < t,
+        Stop::After(_) => budget.is_some_and(|b| sent < b),
+    }
+}
+
+// ---------------------------------------------------------------- Redis
+
+fn redis_config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+        .set_response_timeout(Some(Duration::from_secs(60)))
+}
+
+async fn redis_conn(client: &redis::Client) -> BenchResult<redis::aio::MultiplexedConnection> {
+    Ok(client
+        .get_multiplexed_async_connection_with_config(&redis_config())
+        .await?)
+}
+
+/// `producers` connections, `inflight` XADDs in flight on each, to the
+/// streams `keys` (producer i to `keys[i % len]`).
+async fn redis_produce(
+    client: &redis::Client,
+    producers: usize,
+    inflight: usize,
+    keys: &[String],
+    stop_in: Duration,
+    count: Option<u64>,
+) -> BenchResult<(Acks, f64)> {
+    let payload = vec![0x3cu8; PAYLOAD];
+    let mut conns = Vec::with_capacity(producers);
+    for _ in 0..producers {
+        conns.push(redis_conn(client).await?);
+    }
+    let lanes = producers * inflight;
+    let start = Instant::now();
+    let stop = match count {
+        Some(n) => Stop::After(n),
+        None => Stop::At(start + stop_in),
+    };
+    let mut tasks = Vec::with_capacity(lanes);
+    for (p, conn) in conns.into_iter().enumerate() {
+        for l in 0..inflight {
+            let mut conn = conn.clone();
+            let key = keys[p % keys.len()].clone();
+            let payload = payload.clone();
+            let budget = lane_budget(stop, p * inflight + l, lanes);
+            tasks.push(tokio::spawn(async move {
+                let mut sent = 0u64;
+                let mut lat = Vec::new();
+                while go_on(stop, sent, budget) {
+                    let t0 = Instant::now();
+                    let _id: String = redis::cmd("XADD")
+                        .arg(&key)
+                        .arg("*")
+                        .arg("d")
+                        .arg(&payload[..])
+                        .query_async(&mut conn)
+                        .await?;
+                    lat.push(micros(t0.elapsed()));
+                    sent += 1;
+                }
+                Ok((sent, lat))
+            }));
+        }
+    }
+    let acks = join_all(tasks).await?;
+    Ok((acks, start.elapsed().as_secs_f64()))
+}
+
+async fn redis_ingest(args: &Args, client: &redis::Client) -> BenchResult<Measured> {
+    let keys: Vec<String> = (0..TARGETS).map(|i| format!("ingest{i}")).collect();
+    let host = Host::now();
+    let ((acked, lat), secs) = redis_produce(
+        client,
+        args.producers,
+        args.inflight,
+        &keys,
+        Duration::from_secs_f64(args.secs),
+        None,
+    )
+    .await?;
+    let host = host.since();
+    let mut conn = redis_conn(client).await?;
+    let mut stored = 0u64;
+    for k in &keys {
+        let n: u64 = redis::cmd("XLEN").arg(k).query_async(&mut conn).await?;
+        stored += n;
+    }
+    if stored != acked {
+        return Err(format!("redis: {acked} acked but {stored} stored").into());
+    }
+    Ok(Measured::ingest(acked, secs, lat, host))
+}
+
+async fn redis_catchup(args: &Args, client: &redis::Client) -> BenchResult<Measured> {
+    let mut conn = redis_conn(client).await?;
+    let key = "catchup".to_string();
+    let mut runs = Vec::new();
+    for _ in 0..args.runs {
+        let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut conn).await?;
+        let _: String = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&key)
+            .arg("g")
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await?;
+        let ((queued, _), _) = redis_produce(
+            client,
+            args.producers,
+            16,
+            std::slice::from_ref(&key),
+            Duration::ZERO,
+            Some(args.count),
+        )
+        .await?;
+        if queued != args.count {
+            return Err(format!("redis: queued {queued} of {}", args.count).into());
+        }
+        // The consumer connects only now: it was offline while the queue filled.
+        let mut consumer = redis_conn(client).await?;
+        let host = Host::now();
+        let start = Instant::now();
+        let mut drained = 0u64;
+        let mut last = (0u64, 0u64);
+        loop {
+            let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg("g")
+                .arg("c")
+                .arg("COUNT")
+                .arg(PAGE)
+                .arg("STREAMS")
+                .arg(&key)
+                .arg(">")
+                .query_async(&mut consumer)
+                .await?;
+            let ids: Vec<String> = reply
+                .keys
+                .into_iter()
+                .flat_map(|k| k.ids.into_iter().map(|i| i.id))
+                .collect();
+            if ids.is_empty() {
+                break;
+            }
+            for id in &ids {
+                let parsed = parse_redis_id(id)?;
+                if parsed <= last {
+                    return Err(format!("redis: id {id} not after the previous one").into());
+                }
+                last = parsed;
+            }
+            drained += ids.len() as u64;
+            let acked: u64 = redis::cmd("XACK")
+                .arg(&key)
+                .arg("g")
+                .arg(&ids)
+                .query_async(&mut consumer)
+                .await?;
+            if acked != ids.len() as u64 {
+                return Err(format!("redis: XACK acked {acked} of {}", ids.len()).into());
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let host = host.since();
+        let pending: redis::Value = redis::cmd("XPENDING")
+            .arg(&key)
+            .arg("g")
+            .query_async(&mut consumer)
+            .await?;
+        let pending_count = match pending {
+            redis::Value::Array(ref v) => match v.first() {
+                Some(redis::Value::Int(n)) => *n,
+                _ => -1,
+            },
+            _ => -1,
+        };
+        if drained != args.count || pending_count != 0 {
+            return Err(format!(
+                "redis: drained {drained} of {}, {pending_count} pending",
+                args.count
+            )
+            .into());
+        }
+        runs.push((drained, secs, host));
+    }
+    Ok(Measured::catchup(runs))
+}
+
+fn parse_redis_id(id: &str) -> BenchResult<(u64, u64)> {
+    let (ms, seq) = id
+        .split_once('-')
+        .ok_or_else(|| format!("bad stream id {id}"))?;
+    Ok((ms.parse()?, seq.parse()?))
+}
+
+// ---------------------------------------------------------------- NATS
+
+async fn nats_produce(
+    url: &str,
+    producers: usize,
+    inflight: usize,
+    subjects: &[String],
+    stop_in: Duration,
+    count: Option<u64>,
+) -> BenchResult<(Acks, f64)> {
+    let payload = bytes_payload();
+    let mut contexts = Vec::with_capacity(producers);
+    for _ in 0..producers {
+        let client = async_nats::connect(url).await?;
+        let mut js = jetstream::new(client);
+        js.set_timeout(Duration::from_secs(60));
+        contexts.push(js);
+    }
+    let lanes = producers * inflight;
+    let start = Instant::now();
+    let stop = match count {
+        Some(n) => Stop::After(n),
+        None => Stop::At(start + stop_in),
+    };
+    let mut tasks = Vec::with_capacity(lanes);
+    for (p, js) in contexts.into_iter().enumerate() {
+        for l in 0..inflight {
+            let js = js.clone();
+            let subject = subjects[p % subjects.len()].clone();
+            let payload = payload.clone();
+            let budget = lane_budget(stop, p * inflight + l, lanes);
+            tasks.push(tokio::spawn(async move {
+                let mut sent = 0u64;
+                let mut lat = Vec::new();
+                while go_on(stop, sent, budget) {
+                    let t0 = Instant::now();
+                    let ack = js.publish(subject.clone(), payload.clone()).await?.await?;
+                    if ack.duplicate {
+                        return Err("nats: a publish was reported as a duplicate".into());
+                    }
+                    lat.push(micros(t0.elapsed()));
+                    sent += 1;
+                }
+                Ok((sent, lat))
+            }));
+        }
+    }
+    let acks = join_all(tasks).await?;
+    Ok((acks, start.elapsed().as_secs_f64()))
+}
+
+fn bytes_payload() -> bytes::Bytes {
+    bytes::Bytes::from(vec![0x3cu8; PAYLOAD])
+}
+
+async fn nats_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subjects: Vec<String>,
+) -> BenchResult<jetstream::stream::Stream> {
+    let _ = js.delete_stream(name).await;
+    Ok(js
+        .create_stream(jetstream::stream::Config {
+            name: name.to_string(),
+            subjects,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?)
+}
+
+async fn nats_ingest(args: &Args, url: &str) -> BenchResult<Measured> {
+    let admin = jetstream::new(async_nats::connect(url).await?);
+    let subjects: Vec<String> = (0..TARGETS).map(|i| format!("ingest.{i}")).collect();
+    let mut stream = nats_stream(&admin, "INGEST", vec!["ingest.>".into()]).await?;
+    let host = Host::now();
+    let ((acked, lat), secs) = nats_produce(
+        url,
+        args.producers,
+        args.inflight,
+        &subjects,
+        Duration::from_secs_f64(args.secs),
+        None,
+    )
+    .await?;
+    let host = host.since();
+    let stored = stream.info().await?.state.messages;
+    if stored != acked {
+        return Err(format!("nats: {acked} acked but {stored} stored").into());
+    }
+    Ok(Measured::ingest(acked, secs, lat, host))
+}
+
+async fn nats_catchup(args: &Args, url: &str) -> BenchResult<Measured> {
+    let admin = jetstream::new(async_nats::connect(url).await?);
+    let mut runs = Vec::new();
+    for _ in 0..args.runs {
+        let stream = nats_stream(&admin, "CATCHUP", vec!["catchup".into()]).await?;
+        stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some("c".into()),
+                ack_policy: jetstream::consumer::AckPolicy::All,
+                ..Default::default()
+            })
+            .await?;
+        let ((queued, _), _) = nats_produce(
+            url,
+            args.producers,
+            16,
+            &["catchup".to_string()],
+            Duration::ZERO,
+            Some(args.count),
+        )
+        .await?;
+        if queued != args.count {
+            return Err(format!("nats: queued {queued} of {}", args.count).into());
+        }
+        // The consumer connects only now: it was offline while the queue filled.
+        let js = jetstream::new(async_nats::connect(url).await?);
+        let mut consumer: jetstream::consumer::PullConsumer =
+            js.get_stream("CATCHUP").await?.get_consumer("c").await?;
+        let host = Host::now();
+        let start = Instant::now();
+        let mut drained = 0u64;
+        let mut last_seq = 0u64;
+        loop {
+            let mut batch = consumer.fetch().max_messages(PAGE).messages().await?;
+            let mut last = None;
+            let mut n = 0u64;
+            while let Some(m) = batch.next().await {
+                let m = m?;
+                let seq = m.info()?.stream_sequence;
+                if seq <= last_seq {
+                    return Err(format!("nats: seq {seq} after {last_seq}").into());
+                }
+                last_seq = seq;
+                n += 1;
+                last = Some(m);
+            }
+            match last {
+                // AckAll: acknowledging the page's last message acknowledges
+                // the page; double ack waits for the server's confirmation.
+                Some(m) => m.double_ack().await?,
+                None => break,
+            }
+            drained += n;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let host = host.since();
+        let info = consumer.info().await?;
+        if drained != args.count || info.num_ack_pending != 0 || info.num_pending != 0 {
+            return Err(format!(
+                "nats: drained {drained} of {}, {} unacked, {} pending",
+                args.count, info.num_ack_pending, info.num_pending
+            )
+            .into());
+        }
+        runs.push((drained, secs, host));
+    }
+    Ok(Measured::catchup(runs))
+}
+
+// ---------------------------------------------------------------- Hush
+
+/// 1 KiB envelopes from one sender: one template, fresh ids stamped with the
+/// time of sending (as the client's `mint_id` does).
+struct Envelopes {
+    template: Envelope,
+    index: u16,
+    counter: u64,
+    seqs: HashMap<DeviceId, u64>,
+}
+
+impl Envelopes {
+    fn new(sender: &DeviceIdentity, index: u16) -> Self {
+        Envelopes {
+            template: make_envelope_sized(
+                sender.device(),
+                sender.device(),
+                conversation(u64::from(index)),
+                0,
+                PAYLOAD,
+                0x3c,
+            ),
+            index,
+            counter: 0,
+            seqs: HashMap::new(),
+        }
+    }
+
+    fn make(&mut self, recipient: DeviceId) -> Envelope {
+        self.counter += 1;
+        let seq = self.seqs.entry(recipient).or_insert(0);
+        *seq += 1;
+        let mut random = [0u8; 10];
+        random[..2].copy_from_slice(&self.index.to_be_bytes());
+        random[2..].copy_from_slice(&self.counter.to_be_bytes());
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut e = self.template.clone();
+        e.header.sent_at_ms = now_ms;
+        e.header.message_id = MessageId::new(now_ms, random);
+        e.header.recipient_device = recipient;
+        e.header.sender_seq = *seq;
+        e
+    }
+}
+
+/// One producer connection keeping `window` `Send`s of `per_request`
+/// envelopes in flight; every envelope's latency is its request's.
+async fn hush_producer(
+    dev: TestDevice,
+    mut envelopes: Envelopes,
+    recipient: DeviceId,
+    window: usize,
+    per_request: usize,
+    stop: Stop,
+    budget: Option<u64>,
+) -> BenchResult<Acks> {
+    let (mut writer, mut reader, _conn, _endpoint) = dev.into_split();
+    let mut in_flight: HashMap<u32, (Instant, usize)> = HashMap::new();
+    let mut sent = 0u64;
+    let mut acked = 0u64;
+    let mut lat = Vec::new();
+    loop {
+        while in_flight.len() < window && go_on(stop, sent, budget) {
+            let n = match budget {
+                Some(b) => (b - sent).min(per_request as u64) as usize,
+                None => per_request,
+            };
+            let batch: Vec<Envelope> = (0..n).map(|_| envelopes.make(recipient)).collect();
+            let t0 = Instant::now();
+            let id = writer
+                .write_request(Request::Send { envelopes: batch })
+                .await?;
+            in_flight.insert(id, (t0, n));
+            sent += n as u64;
+        }
+        if in_flight.is_empty() {
+            return Ok((acked, lat));
+        }
+        match reader.next_frame().await? {
+            ServerFrame::Response {
+                request_id,
+                response: Response::Sent { outcomes },
+            } => {
+                let (t0, n) = in_flight
+                    .remove(&request_id)
+                    .ok_or_else(|| format!("hush: answer to unknown request {request_id}"))?;
+                let us = micros(t0.elapsed());
+                for o in &outcomes {
+                    match o {
+                        SendOutcome::Stored { .. } => {
+                            acked += 1;
+                            lat.push(us);
+                        }
+                        SendOutcome::Refused { error, .. } => {
+                            return Err(format!("hush: refused: {error}").into());
+                        }
+                    }
+                }
+                if outcomes.len() != n {
+                    return Err(
+                        format!("hush: {} outcomes for {n} envelopes", outcomes.len()).into(),
+                    );
+                }
+            }
+            other => return Err(format!("hush: unexpected frame {other:?}").into()),
+        }
+    }
+}
+
+async fn register(
+    relay: &RelayProcess,
+    seeds: std::ops::Range<u64>,
+) -> BenchResult<Vec<(DeviceIdentity, TestDevice)>> {
+    let mut out = Vec::new();
+    for seed in seeds {
+        let id = DeviceIdentity::from_seed(seed);
+        let dev = TestDevice::register_new(&id, relay.target()).await?;
+        out.push((id, dev));
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn hush_produce(
+    producers: Vec<(DeviceIdentity, TestDevice)>,
+    recipients: &[DeviceId],
+    window: usize,
+    per_request: usize,
+    stop_in: Duration,
+    count: Option<u64>,
+) -> BenchResult<(Acks, f64)> {
+    let n = producers.len();
+    let start = Instant::now();
+    let stop = match count {
+        Some(c) => Stop::After(c),
+        None => Stop::At(start + stop_in),
+    };
+    let mut tasks = Vec::with_capacity(n);
+    for (i, (id, dev)) in producers.into_iter().enumerate() {
+        let envelopes = Envelopes::new(&id, i as u16);
+        let recipient = recipients[i % recipients.len()];
+        tasks.push(tokio::spawn(hush_producer(
+            dev,
+            envelopes,
+            recipient,
+            window,
+            per_request,
+            stop,
+            lane_budget(stop, i, n),
+        )));
+    }
+    let acks = join_all(tasks).await?;
+    Ok((acks, start.elapsed().as_secs_f64()))
+}
+
+/// Count (read-only) what `id`'s inbox holds.
+async fn hush_count(relay: &RelayProcess, id: &DeviceIdentity) -> BenchResult<u64> {
+    let mut dev = TestDevice::login(id, relay.target()).await?;
+    let mut after = 0;
+    let mut n = 0u64;
+    loop {
+        let page = dev.pull(after, PAGE as u16, 0).await?;
+        n += page.envelopes.len() as u64;
+        match page.envelopes.last() {
+            Some(last) => after = last.seq,
+            None => break,
+        }
+        if page.remaining == 0 {
+            break;
+        }
+    }
+    dev.close();
+    Ok(n)
+}
+
+async fn hush_ingest(args: &Args, relay: &RelayProcess) -> BenchResult<Measured> {
+    let recipients = register(relay, 10_000..10_000 + TARGETS as u64).await?;
+    let recipient_ids: Vec<DeviceIdentity> = recipients
+        .into_iter()
+        .map(|(id, dev)| {
+            dev.close();
+            id
+        })
+        .collect();
+    let devices: Vec<DeviceId> = recipient_ids.iter().map(DeviceIdentity::device).collect();
+    let producers = register(relay, 20_000..20_000 + args.producers as u64).await?;
+    let per_request = if args.batched { HUSH_BATCH } else { 1 };
+    let host = Host::now();
+    let ((acked, lat), secs) = hush_produce(
+        producers,
+        &devices,
+        args.inflight,
+        per_request,
+        Duration::from_secs_f64(args.secs),
+        None,
+    )
+    .await?;
+    let host = host.since();
+    let mut stored = 0;
+    for id in &recipient_ids {
+        stored += hush_count(relay, id).await?;
+    }
+    if stored != acked {
+        return Err(format!("hush: {acked} acked but {stored} stored").into());
+    }
+    Ok(Measured::ingest(acked, secs, lat, host))
+}
+
+async fn hush_catchup(args: &Args, relay: &RelayProcess) -> BenchResult<Measured> {
+    let reader = DeviceIdentity::from_seed(40_000);
+    register(relay, 40_000..40_001).await?;
+    let senders: Vec<DeviceIdentity> = (0..args.producers as u64)
+        .map(|i| DeviceIdentity::from_seed(41_000 + i))
+        .collect();
+    for s in &senders {
+        TestDevice::register_new(s, relay.target()).await?.close();
+    }
+    let mut runs = Vec::new();
+    let mut after = 0u64;
+    for _ in 0..args.runs {
+        let mut producers = Vec::new();
+        for s in &senders {
+            producers.push((s.clone(), TestDevice::login(s, relay.target()).await?));
+        }
+        let ((queued, _), _) = hush_produce(
+            producers,
+            &[reader.device()],
+            16,
+            1,
+            Duration::ZERO,
+            Some(args.count),
+        )
+        .await?;
+        if queued != args.count {
+            return Err(format!("hush: queued {queued} of {}", args.count).into());
+        }
+        // The reader connects only now: it was offline while the queue filled.
+        let mut dev = TestDevice::login(&reader, relay.target()).await?;
+        let host = Host::now();
+        let start = Instant::now();
+        let mut drained = 0u64;
+        loop {
+            // `ack` acknowledges (and deletes) everything up to the previous
+            // page's last seq, in the same request.
+            let page = dev.pull(after, PAGE as u16, after).await?;
+            let Some(last) = page.envelopes.last().map(|d| d.seq) else {
+                break;
+            };
+            for d in &page.envelopes {
+                if d.seq != after + 1 {
+                    return Err(format!("hush: seq {} after {after}", d.seq).into());
+                }
+                after = d.seq;
+            }
+            drained += page.envelopes.len() as u64;
+            if last != after {
+                return Err("hush: page out of order".into());
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let host = host.since();
+        dev.close();
+        let left = hush_count(relay, &reader).await?;
+        if drained != args.count || left != 0 {
+            return Err(format!("hush: drained {drained} of {}, {left} left", args.count).into());
+        }
+        runs.push((drained, secs, host));
+    }
+    Ok(Measured::catchup(runs))
+}
+
+// ---------------------------------------------------------------- results
+
+#[derive(Debug)]
+struct Measured {
+    msgs: u64,
+    secs: f64,
+    rate: f64,
+    latency_ms: Option<(f64, f64, f64)>,
+    /// Catch-up: every run's msgs/s.
+    rates: Vec<f64>,
+    host: (f64, f64, f64),
+}
+
+impl Measured {
+    fn ingest(acked: u64, secs: f64, lat: Vec<u32>, host: (f64, f64, f64)) -> Self {
+        Measured {
+            msgs: acked,
+            secs,
+            rate: acked as f64 / secs.max(1e-9),
+            latency_ms: Some(percentiles(lat)),
+            rates: Vec::new(),
+            host,
+        }
+    }
+
+    /// The median run by rate.
+    fn catchup(runs: Vec<(u64, f64, (f64, f64, f64))>) -> Self {
+        let mut rates: Vec<(f64, usize)> = runs
+            .iter()
+            .enumerate()
+            .map(|(i, (n, s, _))| (*n as f64 / s.max(1e-9), i))
+            .collect();
+        rates.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (rate, i) = rates[rates.len() / 2];
+        let (msgs, secs, host) = runs[i];
+        Measured {
+            msgs,
+            secs,
+            rate,
+            latency_ms: None,
+            rates: runs
+                .iter()
+                .map(|(n, s, _)| *n as f64 / s.max(1e-9))
+                .collect(),
+            host,
+        }
+    }
+}
+
+async fn run() -> BenchResult<()> {
+    let args = Args::parse()?;
+    let label = match (args.system, args.batched) {
+        (System::Redis, _) => "redis".to_string(),
+        (System::Nats, _) => "nats".to_string(),
+        (System::Hush, false) => "hush".to_string(),
+        (System::Hush, true) => format!("hush (batched Send, {HUSH_BATCH}/request)"),
+    };
+    let (measured, server) = match args.system {
+        System::Redis => {
+            let (_guard, port, described) = start_redis(&args.redis_bin).await?;
+            let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
+            let m = match args.job.as_str() {
+                "ingest" => redis_ingest(&args, &client).await?,
+                "catchup" => redis_catchup(&args, &client).await?,
+                other => return Err(format!("unknown job {other}").into()),
+            };
+            (m, described)
+        }
+        System::Nats => {
+            let (_guard, port, described) = start_nats(&args.nats_bin).await?;
+            let url = format!("nats://127.0.0.1:{port}");
+            let m = match args.job.as_str() {
+                "ingest" => nats_ingest(&args, &url).await?,
+                "catchup" => nats_catchup(&args, &url).await?,
+                other => return Err(format!("unknown job {other}").into()),
+            };
+            (m, described)
+        }
+        System::Hush => {
+            let (mut relay, described) = start_hush().await?;
+            let m = match args.job.as_str() {
+                "ingest" => hush_ingest(&args, &relay).await,
+                "catchup" => hush_catchup(&args, &relay).await,
+                other => Err(format!("unknown job {other}").into()),
+            };
+            relay.terminate().await?;
+            (m?, described)
+        }
+    };
+    let (p50, p99, p999) = measured.latency_ms.unwrap_or((0.0, 0.0, 0.0));
+    let result = serde_json::json!({
+        "system": label,
+        "job": args.job,
+        "inflight": args.inflight,
+        "producers": args.producers,
+        "msgs": measured.msgs,
+        "secs": measured.secs,
+        "rate": measured.rate,
+        "rates": measured.rates,
+        "latency": measured.latency_ms.is_some(),
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "p999_ms": p999,
+        "steal_pct": measured.host.0,
+        "cpu_pressure_pct": measured.host.1,
+        "io_pressure_pct": measured.host.2,
+        "server": server,
+    });
+    println!("RESULT {result}");
+    Ok(())
+}
