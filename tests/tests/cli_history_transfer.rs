@@ -86,6 +86,7 @@ async fn a_linked_device_imports_1000_messages_in_order_with_read_marks_and_stat
     let target = RelayTarget {
         addr: relay.quic_addr().to_string(),
         cert: CertCheck::Pinned(relay.cert_sha256()),
+        transport: hush_cli::Transport::Quic,
     };
     let alice_code = alice.code().await.unwrap();
     let mut bob = contact(&target, "bob", &alice_code).await;

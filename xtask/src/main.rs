@@ -16,8 +16,8 @@
 //! fresh machine before anything else is installed.
 
 mod cluster;
-mod pg;
 mod peers;
+mod pg;
 mod sri;
 
 use std::env;

@@ -18,11 +18,12 @@
 //! to the device's shard, device lists to the user's shard, totals are sums.
 
 use crate::store::{
-    CommitOutcome, DeviceRecord, InboxPage, InboxState, NewEnvelope, PurgeStats, Store, StoreError,
+    BlobLimits, BlobMeta, BlobWrite, CommitOutcome, DeviceRecord, InboxPage, InboxState,
+    NewEnvelope, PurgeStats, Store, StoreError,
 };
 use hush_protocol::{
-    DeviceId, DeviceRegistration, OneTimePrekey, PrekeyBundle, SignedDeviceList, SignedPrekey,
-    UserKey,
+    BlobId, DeviceId, DeviceRegistration, OneTimePrekey, PrekeyBundle, SignedDeviceList,
+    SignedPrekey, UserKey,
 };
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -294,6 +295,31 @@ impl Store for ShardedStore {
             more |= s.compact_step(budget)?;
         }
         Ok(more)
+    }
+
+    // Blobs live on the first shard: they are few (one per history
+    // transfer), and one place keeps the per-device blob limits exact.
+    fn blob_put(
+        &self,
+        put: &BlobWrite<'_>,
+        limits: &BlobLimits,
+        now_ms: u64,
+    ) -> Result<BlobMeta, StoreError> {
+        self.shards[0].blob_put(put, limits, now_ms)
+    }
+
+    fn blob_read(
+        &self,
+        blob: &BlobId,
+        offset: u64,
+        max: usize,
+        now_ms: u64,
+    ) -> Result<Option<(BlobMeta, Vec<u8>)>, StoreError> {
+        self.shards[0].blob_read(blob, offset, max, now_ms)
+    }
+
+    fn purge_blobs(&self, now_ms: u64, max: usize) -> Result<u64, StoreError> {
+        self.shards[0].purge_blobs(now_ms, max)
     }
 }
 

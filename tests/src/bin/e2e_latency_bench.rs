@@ -118,6 +118,7 @@ async fn bench(rate: u64, secs: f64, tmp: &std::path::Path) -> Result<(), CliErr
     let target = RelayTarget {
         addr: relay.quic_addr().to_string(),
         cert: CertCheck::Pinned(CertCheck::parse_hash(&relay.cert_sha256_hex())?),
+        transport: hush_cli::Transport::Quic,
     };
     let mut alice = new_user(tmp, "alice", &target).await?;
     let mut bob = new_user(tmp, "bob", &target).await?;

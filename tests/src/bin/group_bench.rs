@@ -196,6 +196,7 @@ async fn one_size(n: usize, args: &Args, tmp: &std::path::Path) -> Result<Vec<Sa
     let target = RelayTarget {
         addr: relay.quic_addr().to_string(),
         cert: CertCheck::Pinned(CertCheck::parse_hash(&relay.cert_sha256_hex())?),
+        transport: hush_cli::Transport::Quic,
     };
 
     // The sender and the watched member keep the CLI's durable store; the

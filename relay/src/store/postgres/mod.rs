@@ -14,8 +14,10 @@
 //!
 //! Module map: [`pool`] (blocking bridge, connections, retries), [`schema`]
 //! (tables, versions, replication check), `commit`, `inbox` (pull, ack,
-//! counters), `registry` (devices, prekeys, device lists), `purge`.
+//! counters), `registry` (devices, prekeys, device lists), `purge`, `blobs`
+//! (history-transfer archives).
 
+mod blobs;
 mod commit;
 mod inbox;
 pub mod pool;
@@ -26,11 +28,12 @@ pub mod schema;
 pub use schema::{Replication, SCHEMA_VERSION};
 
 use super::{
-    DeviceRecord, InboxPage, InboxState, NewEnvelope, PurgeStats, Store, StoreError, StoreLimits,
+    BlobLimits, BlobMeta, BlobWrite, DeviceRecord, InboxPage, InboxState, NewEnvelope, PurgeStats,
+    Store, StoreError, StoreLimits,
 };
 use hush_protocol::{
-    DeviceId, DeviceRegistration, OneTimePrekey, PrekeyBundle, SignedDeviceList, SignedPrekey,
-    UserKey,
+    BlobId, DeviceId, DeviceRegistration, OneTimePrekey, PrekeyBundle, SignedDeviceList,
+    SignedPrekey, UserKey,
 };
 use pool::Pool;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -220,5 +223,30 @@ impl Store for PgStore {
 
     fn stored_bytes(&self) -> Result<u64, StoreError> {
         Ok(self.pool.block(|| self.totals_async())??.1)
+    }
+
+    fn blob_put(
+        &self,
+        put: &BlobWrite<'_>,
+        limits: &BlobLimits,
+        now_ms: u64,
+    ) -> Result<BlobMeta, StoreError> {
+        self.pool
+            .block(|| self.blob_put_async(put, limits, now_ms))?
+    }
+
+    fn blob_read(
+        &self,
+        blob: &BlobId,
+        offset: u64,
+        max: usize,
+        now_ms: u64,
+    ) -> Result<Option<(BlobMeta, Vec<u8>)>, StoreError> {
+        self.pool
+            .block(|| self.blob_read_async(blob, offset, max, now_ms))?
+    }
+
+    fn purge_blobs(&self, now_ms: u64, max: usize) -> Result<u64, StoreError> {
+        self.pool.block(|| self.purge_blobs_async(now_ms, max))?
     }
 }

@@ -86,6 +86,23 @@ CREATE TABLE IF NOT EXISTS hush_totals (
     depth  bigint NOT NULL DEFAULT 0,
     stored bigint NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS hush_blobs (
+    blob          bytea  PRIMARY KEY,
+    owner         bytea  NOT NULL,
+    total_len     bigint NOT NULL,
+    committed     bigint NOT NULL,
+    created_at_ms bigint NOT NULL,
+    expires_at_ms bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS hush_blobs_owner ON hush_blobs (owner);
+CREATE INDEX IF NOT EXISTS hush_blobs_expiry ON hush_blobs (expires_at_ms);
+CREATE TABLE IF NOT EXISTS hush_blob_chunks (
+    blob     bytea  NOT NULL,
+    \"offset\" bigint NOT NULL,
+    bytes    bytea  NOT NULL,
+    PRIMARY KEY (blob, \"offset\")
+);
+ALTER TABLE hush_blob_chunks ALTER COLUMN bytes SET STORAGE EXTERNAL;
 INSERT INTO hush_totals (stripe) SELECT generate_series(0, 15)::smallint
     ON CONFLICT (stripe) DO NOTHING;
 ";
