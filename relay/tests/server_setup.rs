@@ -249,7 +249,7 @@ async fn binary_prints_its_addresses_and_exits_cleanly_on_sigterm() {
         tokio::task::spawn_blocking(move || {
             BufReader::new(stdout)
                 .lines()
-                .take(3)
+                .take(4)
                 .map(|l| l.unwrap())
                 .collect::<Vec<_>>()
         }),
@@ -260,11 +260,21 @@ async fn binary_prints_its_addresses_and_exits_cleanly_on_sigterm() {
         lines[0].starts_with("hush-relay listening on 127.0.0.1:"),
         "{lines:?}"
     );
-    let http: std::net::SocketAddr = lines[1].strip_prefix("http on ").unwrap().parse().unwrap();
-    let hash = lines[2]
-        .strip_prefix("certificate sha256: ")
-        .unwrap()
-        .to_string();
+    let field = |prefix: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in {lines:?}"))
+            .to_string()
+    };
+    let http: std::net::SocketAddr = field("http on ").parse().unwrap();
+    // The WebSocket listener shares the QUIC port number (over TCP).
+    let quic_port = lines[0].rsplit(':').next().unwrap().to_string();
+    assert_eq!(
+        field("websocket on ").rsplit(':').next(),
+        Some(quic_port.as_str())
+    );
+    let hash = field("certificate sha256: ");
     assert_eq!(hash.len(), 64);
     let (status, _, body) = http_get(http, "GET /certificate.sha256 HTTP/1.1").await;
     assert_eq!((status, body.trim()), (200, hash.as_str()));
