@@ -119,8 +119,9 @@ test("a linked browser imports a browser's history in order", { timeout: 240_000
   await h.screenshot(laptop, "50-history-imported");
 
   // Messages after the link follow the imported history (the laptop writes
-  // first, which introduces it to Bob, as in link.test.mjs).
-  await h.sendText(laptop, "from the laptop");
+  // first, which introduces it to Bob, as in link.test.mjs; through the
+  // client, as the page may still be redrawing the imported list).
+  await laptop.evaluate(() => window.hushDemo.client.send("Bob", "from the laptop"));
   await h.waitMessage(bob, "from the laptop", 60_000);
   await h.sendText(bob, "after the link");
   await h.waitMessage(laptop, "after the link", 60_000);
