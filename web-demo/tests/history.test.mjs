@@ -2,7 +2,8 @@
 // hundred messages makes a link code, a second page links with it and asks
 // for the history; the first page exports, seals and uploads it, the second
 // shows "Importing your history: N of M" and then the same messages in the
-// same order. A message sent during the import follows the imported ones.
+// same order. Messages after the link follow the imported ones. And a `hush`
+// CLI device linked to a page imports the page's history.
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -13,7 +14,7 @@ let demo;
 let browser;
 
 before(async () => {
-  h.ensureBuilt();
+  h.ensureBuilt({ cli: true });
   relay = await h.startRelay();
   demo = await h.demoUrl(relay);
   browser = await h.launchBrowser();
@@ -128,4 +129,33 @@ test("a linked browser imports a browser's history in order", { timeout: 240_000
   const after = await whole(laptop, "Bob");
   assert.deepEqual(after.slice(total).map((m) => m.text), ["from the laptop", "after the link"]);
   assert.deepEqual(after.slice(0, total).map((m) => m.id), old.map((m) => m.id));
+}));
+
+test("a CLI device linked to a page imports the page's history", { timeout: 180_000 }, h.diagnose(async () => {
+  const dana = await h.openPage(browser, demo.url("dana"));
+  const danaCode = await h.createUser(dana, "Dana");
+  const erin = await h.openPage(browser, demo.url("erin"));
+  const erinCode = await h.createUser(erin, "Erin");
+  await h.addContact(dana, "Erin", erinCode);
+  await h.addContact(erin, "Dana", danaCode);
+  await erin.evaluate(async () => {
+    for (let i = 0; i < 40; i++) await window.hushDemo.client.send("Dana", `erin ${i}`);
+  });
+  await h.sendText(dana, "thanks Erin");
+  await h.waitMessageState(dana, "thanks Erin", ["delivered", "read"], 60_000);
+  const old = await whole(dana, "Erin");
+  assert.equal(old.length, 41);
+
+  await dana.click("[data-testid=link-code-button]");
+  await dana.waitForFunction(() => document.querySelector("[data-testid=link-code]")?.textContent.startsWith("hush-link:"), null, { timeout: 30_000 });
+  const linkCode = (await dana.textContent("[data-testid=link-code]")).trim();
+  const cli = h.cliUser();
+  const out = await cli.run("init", "--relay", relay.quic, "--cert-hash", relay.certHash, "--link", linkCode, "--wait", "50");
+  assert.match(out, /history imported/);
+  const shown = h.jsonLines(await cli.run("history", "Erin", "--json", "--limit", "500"));
+  assert.deepEqual(
+    shown.map((m) => [m.id, m.text, m.outgoing]),
+    old.map((m) => [m.id, m.text, m.outgoing]),
+  );
+  assert.deepEqual(await dana.evaluate(() => window.hushDemo.log.errors), []);
 }));
