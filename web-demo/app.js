@@ -1143,10 +1143,12 @@ async function send(event) {
   const text = composer.value;
   if (!text.trim() || !state.current) return;
   const conv = state.current;
+  // "keep 30 days": the relay's important retention class.
+  const important = $("important-toggle").checked;
   composer.value = "";
   autoGrow();
   try {
-    const id = await state.client.send(conv, text);
+    const id = await state.client.send(conv, text, { important });
     if (state.current === conv) {
       appendMessage({
         id,

@@ -327,6 +327,9 @@ impl From<StoreError> for Refuse {
             StoreError::BlobMismatch(msg) => Refuse(ErrorCode::BadFrame, msg.into()),
             StoreError::BlobLimit(msg) => Refuse(ErrorCode::BlobLimit, msg),
             StoreError::UnknownBlob => Refuse(ErrorCode::UnknownBlob, "no such blob".into()),
+            StoreError::StoreFull => {
+                Refuse(ErrorCode::StoreFull, "the relay's store is full".into())
+            }
         }
     }
 }
@@ -989,6 +992,7 @@ impl<S: Store + ?Sized> RelayCore<S> {
                     bytes: &bytes,
                 };
                 let meta = self.store.blob_put(&put, &self.config.blobs, now_ms)?;
+                Metrics::add(&self.metrics.blob_bytes_received_total, bytes.len() as u64);
                 Ok(Response::BlobStored {
                     blob,
                     committed: meta.committed,
@@ -1009,13 +1013,16 @@ impl<S: Store + ?Sized> RelayCore<S> {
                     Some((meta, _)) if offset > meta.committed => {
                         refuse(ErrorCode::UnknownBlob, "offset past the committed bytes")
                     }
-                    Some((meta, bytes)) => Ok(Response::BlobChunk {
-                        blob,
-                        offset,
-                        total_len: meta.total_len,
-                        committed: meta.committed,
-                        bytes,
-                    }),
+                    Some((meta, bytes)) => {
+                        Metrics::add(&self.metrics.blob_bytes_sent_total, bytes.len() as u64);
+                        Ok(Response::BlobChunk {
+                            blob,
+                            offset,
+                            total_len: meta.total_len,
+                            committed: meta.committed,
+                            bytes,
+                        })
+                    }
                     None => refuse(ErrorCode::UnknownBlob, "no such blob"),
                 }
             }

@@ -217,6 +217,11 @@ pub struct Metrics {
     pub sync_sessions_failed_total: AtomicU64,
     /// Time from connection open to caught up (relay clock).
     pub sync_catch_up_seconds: Histogram,
+    /// Bytes received in accepted `BlobPut` requests (a resumed upload
+    /// sends only what the relay did not commit yet).
+    pub blob_bytes_received_total: AtomicU64,
+    /// Bytes sent in `BlobChunk` answers.
+    pub blob_bytes_sent_total: AtomicU64,
     /// Refusals by code.
     refusals: [AtomicU64; ALL_CODES.len()],
 }
@@ -255,6 +260,8 @@ impl Metrics {
             sync_sessions_started_total: AtomicU64::new(0),
             sync_sessions_finished_total: AtomicU64::new(0),
             sync_sessions_failed_total: AtomicU64::new(0),
+            blob_bytes_received_total: AtomicU64::new(0),
+            blob_bytes_sent_total: AtomicU64::new(0),
             sync_catch_up_seconds: Histogram::new(SYNC_BOUNDS),
             refusals: std::array::from_fn(|_| AtomicU64::new(0)),
         }
@@ -314,6 +321,18 @@ impl Metrics {
             "hush_duplicate_sends_total",
             "Envelopes recognised as retries of stored ones.",
             Self::get(&self.duplicate_sends_total),
+        );
+        counter(
+            &mut out,
+            "hush_blob_bytes_received_total",
+            "Bytes received in accepted BlobPut requests.",
+            Self::get(&self.blob_bytes_received_total),
+        );
+        counter(
+            &mut out,
+            "hush_blob_bytes_sent_total",
+            "Bytes sent in BlobChunk answers.",
+            Self::get(&self.blob_bytes_sent_total),
         );
         counter(
             &mut out,

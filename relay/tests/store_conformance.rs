@@ -16,7 +16,7 @@ use hush_relay::store::postgres::{PgOptions, PgStore};
 use hush_relay::store::redb_store::RedbStore;
 use hush_relay::store::{
     BlobLimits, BlobMeta, BlobWrite, CommitOutcome, InboxState, NewEnvelope, PurgeStats, Refusal,
-    Store, StoreError, StoreLimits, stored_cost,
+    Store, StoreError, StoreLimits, blob_cost, stored_cost,
 };
 use hush_tests::pg::PgCluster;
 use std::collections::BTreeSet;
@@ -93,6 +93,7 @@ conformance!(
     blob_writes_by_others_or_changing_bytes_are_refused,
     blob_limits_count_only_unexpired_blobs_of_the_owner,
     expired_blobs_are_absent_and_purged_oldest_first,
+    blobs_count_against_the_store_cap_and_are_freed_by_purge,
     registration_is_idempotent_and_conflicts_fail,
     commit_assigns_contiguous_seqs_per_inbox,
     dedup_within_a_batch_returns_the_first_seq,
@@ -1558,4 +1559,105 @@ fn expired_blobs_are_absent_and_purged_oldest_first<S: Store>(make: &Make<S>) {
         .unwrap();
     assert_eq!((m.committed, m.expires_at_ms), (3, BLOB_NOW + 400));
     assert_eq!(read_all(&*s, 3, BLOB_NOW + 300).unwrap(), b"new");
+}
+
+/// Blobs count against `max_store_bytes` (their whole declared size, from
+/// the first piece) next to envelopes: a new blob that does not fit is
+/// refused with nothing written, a blob that fits may finish even when the
+/// store is then full, envelopes are refused while blobs hold the room, and
+/// purging (or replacing) an expired blob gives its share back.
+fn blobs_count_against_the_store_cap_and_are_freed_by_purge<S: Store>(make: &Make<S>) {
+    let limits = StoreLimits {
+        max_store_bytes: stored_cost(40) + blob_cost(300),
+        ..StoreLimits::default()
+    };
+    let s = with_devices(make, limits, &[R]);
+    let l = blob_limits();
+    assert_eq!(s.commit(&[env(A, R, 1).len(40)]).unwrap(), vec![stored(1)]);
+    assert_eq!(s.stored_bytes().unwrap(), stored_cost(40));
+
+    // One byte too many: refused, nothing stored or counted.
+    assert!(matches!(
+        s.blob_put(&put(1, 7, 0, 301, b"x"), &l, BLOB_NOW),
+        Err(StoreError::StoreFull)
+    ));
+    assert_eq!(read_all(&*s, 7, BLOB_NOW), None);
+    assert_eq!(s.stored_bytes().unwrap(), stored_cost(40));
+
+    // Exactly the room: the whole declared size is counted at once, and
+    // the rest of the blob still goes in with the store full.
+    s.blob_put(&put(1, 7, 0, 300, &[1; 100]), &l, BLOB_NOW)
+        .unwrap();
+    assert_eq!(s.stored_bytes().unwrap(), limits.max_store_bytes);
+    let m = s
+        .blob_put(&put(1, 7, 100, 300, &[2; 200]), &l, BLOB_NOW + 1)
+        .unwrap();
+    assert_eq!(m.committed, 300);
+    assert_eq!(s.stored_bytes().unwrap(), limits.max_store_bytes);
+    // Full: no new blob (another device's neither), no new envelope.
+    for owner in [1, 2] {
+        assert!(matches!(
+            s.blob_put(&put(owner, 8, 0, 1, b"x"), &l, BLOB_NOW + 1),
+            Err(StoreError::StoreFull)
+        ));
+    }
+    assert_eq!(
+        s.commit(&[env(A, R, 2).len(1)]).unwrap(),
+        vec![refused(Refusal::StoreFull)]
+    );
+
+    // The purge gives the blob's share back.
+    assert_eq!(s.purge_blobs(BLOB_NOW + 100, 10).unwrap(), 1);
+    assert_eq!(s.stored_bytes().unwrap(), stored_cost(40));
+    assert_eq!(s.commit(&[env(A, R, 2).len(1)]).unwrap(), vec![stored(2)]);
+    s.ack(&dev(R), 2).unwrap();
+    assert_eq!(s.stored_bytes().unwrap(), 0);
+
+    // An expired blob replaced before the purge: the old one's share is
+    // released as the new one is charged.
+    s.blob_put(&put(1, 9, 0, 300, b"old"), &l, BLOB_NOW + 200)
+        .unwrap();
+    assert_eq!(s.stored_bytes().unwrap(), blob_cost(300));
+    s.blob_put(&put(1, 9, 0, 200, b"new"), &l, BLOB_NOW + 300)
+        .unwrap();
+    assert_eq!(s.stored_bytes().unwrap(), blob_cost(200));
+    assert_eq!(s.purge_blobs(BLOB_NOW + 400, 10).unwrap(), 1);
+    assert_eq!(s.stored_bytes().unwrap(), 0);
+}
+
+/// The redb store's count of blob bytes is rebuilt when the file is opened
+/// again (after a crash), so a restarted relay is as full as before.
+#[test]
+fn redb_counts_blobs_again_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.redb");
+    let limits = StoreLimits {
+        max_store_bytes: blob_cost(300) + blob_cost(10),
+        ..StoreLimits::default()
+    };
+    let l = blob_limits();
+    let limits = StoreLimits {
+        max_store_bytes: limits.max_store_bytes + 2 * stored_cost(40),
+        ..limits
+    };
+    let before = {
+        let s = RedbStore::open(&path, limits).unwrap();
+        s.register_device(&reg(R), 1).unwrap();
+        s.blob_put(&put(1, 7, 0, 300, b"abc"), &l, BLOB_NOW)
+            .unwrap();
+        assert_eq!(
+            s.commit(&[env(A, R, 1).len(40), env(A, R, 2).len(40)])
+                .unwrap(),
+            vec![stored(1), stored(2)]
+        );
+        s.stored_bytes().unwrap()
+    };
+    assert_eq!(before, blob_cost(300) + 2 * stored_cost(40));
+    let s = RedbStore::open(&path, limits).unwrap();
+    assert_eq!(s.stored_bytes().unwrap(), before);
+    assert!(matches!(
+        s.blob_put(&put(2, 8, 0, 11, b"x"), &l, BLOB_NOW),
+        Err(StoreError::StoreFull)
+    ));
+    s.blob_put(&put(2, 8, 0, 10, b"x"), &l, BLOB_NOW).unwrap();
 }

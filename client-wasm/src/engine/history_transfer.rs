@@ -679,6 +679,26 @@ impl Engine {
             .map(|i| (i.imported, i.messages))
     }
 
+    /// Upload progress: (bytes the relay confirmed as committed, archive
+    /// bytes) while an archive is being uploaded (old device).
+    pub fn history_upload_progress(&self) -> Option<(u64, u64)> {
+        self.history
+            .upload
+            .as_ref()
+            .map(|u| (u.committed, u.bytes.len() as u64))
+    }
+
+    /// Download progress: (archive bytes imported, archive bytes) while an
+    /// archive is being imported (new device). Only whole chunks count: a
+    /// resumed download continues from here.
+    pub fn history_download_progress(&self) -> Option<(u64, u64)> {
+        self.history
+            .state
+            .incoming
+            .as_ref()
+            .map(|i| (i.offset, i.total_len))
+    }
+
     /// Whether an upload is running (old device).
     pub fn history_uploading(&self) -> bool {
         self.history.upload.is_some()

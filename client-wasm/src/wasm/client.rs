@@ -421,16 +421,28 @@ impl Client {
     /// Send a text to a contact (by name or conversation id). Resolves to
     /// the message id once the message is durably in the outbox; delivery
     /// progress follows as `state` events.
+    ///
+    /// With `{ important: true }` the message goes in the relay's important
+    /// retention class: the relay keeps it unread up to its
+    /// `--retention-important` (30 days by default) instead of the normal
+    /// retention.
     #[wasm_bindgen(unchecked_return_type = "Promise<string>")]
     pub fn send(
         &self,
         #[wasm_bindgen(unchecked_param_type = "string")] contact: JsValue,
         #[wasm_bindgen(unchecked_param_type = "string")] text: JsValue,
+        #[wasm_bindgen(unchecked_optional_param_type = "SendOptions")] options: JsValue,
     ) -> Promise {
         let cmd = (|| -> Result<Command, Failure> {
-            Ok(Command::SendText {
-                conversation: self.conversation(&contact)?,
-                text: string_arg(&text, "the text")?,
+            let conversation = self.conversation(&contact)?;
+            let text = string_arg(&text, "the text")?;
+            let important = Options::new(&options, "send options")?
+                .boolean("important")?
+                .unwrap_or(false);
+            Ok(if important {
+                Command::SendImportantText { conversation, text }
+            } else {
+                Command::SendText { conversation, text }
             })
         })();
         let done = cmd.map(|c| self.command(c));

@@ -281,6 +281,9 @@ pub(crate) struct Driver {
     /// Steps handled since `inflight` began (empty while nothing is in
     /// flight).
     waiting: Waiting,
+    /// Devices whose history export failed in this session (not retried
+    /// until the client is opened again).
+    export_failed: std::collections::BTreeSet<hush_protocol::DeviceId>,
 }
 
 /// What woke the loop.
@@ -314,6 +317,7 @@ impl Driver {
             inflight: None,
             committing: Vec::new(),
             waiting: Waiting::default(),
+            export_failed: std::collections::BTreeSet::new(),
         }
     }
 
@@ -336,6 +340,7 @@ impl Driver {
                 Wake::Committed(result) => {
                     self.inflight = None;
                     self.committed(result).await;
+                    self.export_history().await;
                     self.schedule();
                     continue;
                 }
@@ -389,10 +394,58 @@ impl Driver {
                     return;
                 }
             }
+            self.export_history().await;
             self.schedule();
         }
         self.settle().await;
         self.shutdown();
+    }
+
+    /// A newly linked device asked for the history (docs/CLIENT.md,
+    /// "History transfer"): once every handled step is durable, read the
+    /// contacts' conversations from IndexedDB and hand them to the engine,
+    /// which seals and uploads them. An export that fails is reported and
+    /// not retried in this session (the new device then imports nothing,
+    /// as with `--no-history`).
+    async fn export_history(&mut self) {
+        let wanted = {
+            let engine = self.shared.engine.borrow();
+            engine.as_ref().and_then(Engine::history_export_wanted)
+        };
+        let Some(device) = wanted.filter(|d| !self.export_failed.contains(d)) else {
+            return;
+        };
+        // The export must see every message stored so far.
+        self.settle().await;
+        let conversations: Vec<_> = {
+            let engine = self.shared.engine.borrow();
+            match engine.as_ref() {
+                Some(e) => e.contacts().into_iter().map(|(_, _, c)| c).collect(),
+                None => return,
+            }
+        };
+        let messages = match super::history::export(&self.shared.store, &conversations).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.export_failed.insert(device);
+                self.warn(&format!("history export failed: {e}"));
+                return;
+            }
+        };
+        let result = {
+            let mut engine = self.shared.engine.borrow_mut();
+            match engine.as_mut() {
+                Some(e) => e.start_history_export(now_ms(), device, messages),
+                None => return,
+            }
+        };
+        match result {
+            Ok(step) => self.accept(step, None).await,
+            Err(e) => {
+                self.export_failed.insert(device);
+                self.warn(&format!("history export failed: {e}"));
+            }
+        }
     }
 
     fn is_current(&self, generation: u64) -> bool {

@@ -12,11 +12,46 @@
 
 use super::idb_store::{IdbStore, Reader};
 use crate::StorageError;
+use crate::engine::history_transfer::ArchivedMessage;
 use crate::state::{HistoryRecord, MessageState};
 use crate::storage::{
     HistoryEntry, Slot, decode, keys, newest_slots, order_slots, pack, pack_slots,
 };
 use hush_protocol::{ConversationId, DeviceId, MessageId};
+
+/// Messages read per page while exporting.
+const EXPORT_PAGE: usize = 500;
+
+/// Every message of `conversations`, each conversation in its history
+/// order: what this device exports for a newly linked one (the
+/// asynchronous [`crate::engine::history_transfer::export_history`]).
+pub(crate) async fn export(
+    store: &IdbStore,
+    conversations: &[ConversationId],
+) -> Result<Vec<ArchivedMessage>, StorageError> {
+    let mut out = Vec::new();
+    for c in conversations {
+        // Pages come newest first; each page is oldest first.
+        let mut pages = Vec::new();
+        let mut before = None;
+        loop {
+            let entries = page(store, c, before, EXPORT_PAGE).await?;
+            let Some(first) = entries.first() else {
+                break;
+            };
+            before = Some(first.order);
+            let full = entries.len() == EXPORT_PAGE;
+            pages.push(entries);
+            if !full {
+                break;
+            }
+        }
+        for entries in pages.into_iter().rev() {
+            out.extend(entries.into_iter().map(ArchivedMessage::from));
+        }
+    }
+    Ok(out)
+}
 
 /// Up to `limit` messages delivered before position `before` (or the newest
 /// ones), oldest first; deleted and recalled messages are left out.

@@ -74,6 +74,15 @@ export interface LinkOptions {
   online?: boolean;
 }
 
+export interface SendOptions {
+  /**
+   * The relay's important retention class: kept unread up to the relay's
+   * `--retention-important` (30 days by default) instead of its normal
+   * retention.
+   */
+  important?: boolean;
+}
+
 export interface HistoryOptions {
   /** Page backwards from this position (an entry's `order`); omit for the newest. */
   before?: number;
@@ -81,7 +90,7 @@ export interface HistoryOptions {
   limit?: number;
 }
 
-export type MessageState = "sending" | "stored" | "delivered" | "read" | "failed";
+export type MessageState = "sending" | "stored" | "delivered" | "read" | "failed" | "recipient-inbox-full";
 export type ConnectionState = "offline" | "connecting" | "syncing" | "live";
 
 /** Stable codes of the `HushError`s the client rejects with. */
@@ -165,7 +174,7 @@ export interface LinkedEvent { type: "linked"; self: boolean; device?: string }
 export interface WarningEvent { type: "warning"; message: string }
 /** History import on a newly linked device: messages imported of those in the archive. */
 export interface HistoryEvent { type: "history"; done: number; total: number }
-/** Another device asked for this device's history (browsers do not export it yet). */
+/** Another device asked for this device's history; the client exports and uploads it. */
 export interface HistoryExportEvent { type: "history_export"; device: string }
 /** The history archive for a new device was uploaded and offered to it. */
 export interface HistoryExportedEvent { type: "history_exported"; device: string; messages: number }

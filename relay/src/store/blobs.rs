@@ -14,15 +14,36 @@ pub(crate) struct PutPlan {
     pub overlap: usize,
 }
 
+/// The store-wide cap a new blob must fit under: bytes already counted
+/// against `max_store_bytes` (envelopes and blobs, including what the put
+/// frees by replacing an expired blob), and the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StoreRoom {
+    /// Bytes counted now, after anything the put frees.
+    pub stored: u64,
+    /// `StoreLimits::max_store_bytes`.
+    pub max: u64,
+}
+
+/// Whether a new blob of declared size `total_len` fits under the cap.
+pub(crate) fn admit_store(room: StoreRoom, total_len: u64) -> Result<(), StoreError> {
+    match room.stored.checked_add(super::blob_cost(total_len)) {
+        Some(total) if total <= room.max => Ok(()),
+        _ => Err(StoreError::StoreFull),
+    }
+}
+
 /// Decide a put against the stored blob (`existing`, already `None` if
 /// expired). `usage` gives the owner's unexpired blobs (count, declared
-/// bytes); it is asked only when a blob is created.
+/// bytes) and `room` the store-wide count; both are asked only when a
+/// blob is created, which is also when its [`super::blob_cost`] is charged.
 pub(crate) fn plan_put(
     existing: Option<BlobMeta>,
     put: &BlobWrite<'_>,
     limits: &BlobLimits,
     now_ms: u64,
     usage: impl FnOnce() -> Result<(u64, u64), StoreError>,
+    room: impl FnOnce() -> Result<StoreRoom, StoreError>,
 ) -> Result<PutPlan, StoreError> {
     let len = put.bytes.len() as u64;
     let Some(meta) = existing else {
@@ -47,6 +68,7 @@ pub(crate) fn plan_put(
                 limits.max_blob_bytes_per_device
             )));
         }
+        admit_store(room()?, put.total_len)?;
         return Ok(PutPlan {
             meta: BlobMeta {
                 owner: put.owner,

@@ -55,7 +55,7 @@ struct Tables {
     signed_prekeys: BTreeMap<DeviceId, SignedPrekey>,
     one_time_prekeys: BTreeMap<(DeviceId, u32), [u8; 32]>,
     device_lists: BTreeMap<UserKey, SignedDeviceList>,
-    /// Sum of `stored_cost` over `inbox`.
+    /// Sum of `stored_cost` over `inbox`, plus `blob_cost` over `blobs`.
     stored: u64,
     /// Blobs with their committed bytes.
     blobs: BTreeMap<BlobId, (BlobMeta, Vec<u8>)>,
@@ -376,17 +376,41 @@ impl Store for MemoryStore {
     ) -> Result<BlobMeta, StoreError> {
         let mut guard = self.lock()?;
         let t = &mut *guard;
-        let existing = blobs::live(t.blobs.get(&put.blob).map(|b| b.0), now_ms);
-        let plan = blobs::plan_put(existing, put, limits, now_ms, || {
-            let mine = t
-                .blobs
-                .values()
-                .filter(|(m, _)| m.owner == put.owner && m.expires_at_ms > now_ms);
-            Ok(mine.fold((0, 0), |(n, b), (m, _)| (n + 1, b + m.total_len)))
-        })?;
+        let stored = t.blobs.get(&put.blob).map(|b| b.0);
+        let existing = blobs::live(stored, now_ms);
+        // An expired blob with this id is replaced: its bytes are freed.
+        let freed = match (stored, existing) {
+            (Some(old), None) => super::blob_cost(old.total_len),
+            _ => 0,
+        };
+        let max_store_bytes = self.limits.max_store_bytes;
+        let counted = t.stored;
+        let plan = blobs::plan_put(
+            existing,
+            put,
+            limits,
+            now_ms,
+            || {
+                let mine = t
+                    .blobs
+                    .values()
+                    .filter(|(m, _)| m.owner == put.owner && m.expires_at_ms > now_ms);
+                Ok(mine.fold((0, 0), |(n, b), (m, _)| (n + 1, b + m.total_len)))
+            },
+            || {
+                Ok(blobs::StoreRoom {
+                    stored: counted.saturating_sub(freed),
+                    max: max_store_bytes,
+                })
+            },
+        )?;
         let start = usize::try_from(put.offset).unwrap_or(usize::MAX);
         if plan.create {
             t.blobs.insert(put.blob, (plan.meta, Vec::new()));
+            t.stored = t
+                .stored
+                .saturating_sub(freed)
+                .saturating_add(super::blob_cost(plan.meta.total_len));
         }
         let Some((meta, bytes)) = t.blobs.get_mut(&put.blob) else {
             return Err(StoreError::UnknownBlob);
@@ -432,7 +456,9 @@ impl Store for MemoryStore {
         expired.sort_unstable();
         expired.truncate(max);
         for (_, id) in &expired {
-            t.blobs.remove(id);
+            if let Some((m, _)) = t.blobs.remove(id) {
+                t.stored = t.stored.saturating_sub(super::blob_cost(m.total_len));
+            }
         }
         Ok(expired.len() as u64)
     }

@@ -144,6 +144,20 @@ pub fn stored_cost(len: u64) -> u64 {
         .saturating_add(INDEX_BYTES_PER_ENVELOPE)
 }
 
+/// Bytes charged per blob besides its declared size: its `blobs`,
+/// `blob_owners` and `blob_expiry` rows, rounded up for the B-tree's
+/// per-entry overhead.
+pub const INDEX_BYTES_PER_BLOB: u64 = 256;
+
+/// What one blob of declared size `total_len` counts against
+/// [`StoreLimits::max_store_bytes`], from its creation until it is purged
+/// (or replaced after expiring): the whole declared size is reserved when
+/// the first piece arrives, so an upload that started never runs out of
+/// room half way. Every store counts the same.
+pub fn blob_cost(total_len: u64) -> u64 {
+    total_len.saturating_add(INDEX_BYTES_PER_BLOB)
+}
+
 /// Default of [`StoreLimits::max_devices_per_user`].
 pub const DEFAULT_MAX_DEVICES_PER_USER: u32 = 10;
 
@@ -363,6 +377,10 @@ pub enum StoreError {
     /// than 0, none to append to).
     #[error("unknown blob")]
     UnknownBlob,
+    /// A new blob would take the store past `max_store_bytes` (see
+    /// [`blob_cost`]).
+    #[error("the relay's store is full")]
+    StoreFull,
 }
 
 /// The relay's storage. All methods are synchronous and may block on disk;

@@ -3,9 +3,9 @@
 //! use the envelope segments: they are written once, read a few times and
 //! deleted whole, which B-tree rows handle without compaction.
 
-use super::super::blobs::{live, plan_put, read_range};
+use super::super::blobs::{StoreRoom, live, plan_put, read_range};
 use super::super::tables::{BLOB_CHUNKS, BLOB_EXPIRY, BLOB_OWNERS, BLOBS};
-use super::super::{BlobLimits, BlobMeta, BlobWrite, StoreError};
+use super::super::{BlobLimits, BlobMeta, BlobWrite, StoreError, blob_cost};
 use super::Changed;
 use hush_protocol::{BlobId, DeviceId};
 use redb::{ReadTransaction, ReadableTable, WriteTransaction};
@@ -123,44 +123,80 @@ fn delete(txn: &WriteTransaction, blob: &BlobId, meta: &BlobMeta) -> Result<(), 
     Ok(())
 }
 
+/// What a put did to the store-cap count.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct CostChange {
+    /// Charged for a blob the put created.
+    pub added: u64,
+    /// Released by an expired blob the put replaced.
+    pub freed: u64,
+}
+
+/// Sum of [`blob_cost`] over every stored blob, expired or not (until
+/// purged, its bytes are on disk): the blobs' share of the store-cap count
+/// when the store opens.
+pub(super) fn counted(txn: &ReadTransaction) -> Result<u64, StoreError> {
+    let mut sum = 0u64;
+    for item in txn.open_table(BLOBS)?.iter()? {
+        let (_, v) = item?;
+        sum = sum.saturating_add(blob_cost(decode_meta(v.value())?.total_len));
+    }
+    Ok(sum)
+}
+
+/// Apply one put. `room` is the store-cap count and cap before the put.
 pub(super) fn put(
     txn: &WriteTransaction,
     put: &BlobWrite<'_>,
     limits: &BlobLimits,
     now_ms: u64,
-) -> Result<(BlobMeta, Changed), StoreError> {
+    room: StoreRoom,
+) -> Result<((BlobMeta, CostChange), Changed), StoreError> {
     let stored = txn
         .open_table(BLOBS)?
         .get(put.blob.as_bytes())?
         .map(|g| decode_meta(g.value()))
         .transpose()?;
     let existing = live(stored, now_ms);
+    let mut cost = CostChange::default();
     if let (Some(old), None) = (stored, existing) {
         // Expired but not purged yet: it is gone.
         delete(txn, &put.blob, &old)?;
+        cost.freed = blob_cost(old.total_len);
     }
-    let plan = plan_put(existing, put, limits, now_ms, || {
-        let owners = txn.open_table(BLOB_OWNERS)?;
-        let blobs = txn.open_table(BLOBS)?;
-        let mut usage = (0u64, 0u64);
-        let from = owner_key(&put.owner, &BlobId([0; 16]));
-        let to = owner_key(&put.owner, &BlobId([0xff; 16]));
-        for item in owners.range::<&[u8; 32]>(&from..=&to)? {
-            let (k, _) = item?;
-            let mut id = [0u8; 16];
-            id.copy_from_slice(&k.value()[16..]);
-            if let Some(m) = blobs
-                .get(&id)?
-                .map(|g| decode_meta(g.value()))
-                .transpose()?
-                && m.expires_at_ms > now_ms
-            {
-                usage.0 += 1;
-                usage.1 = usage.1.saturating_add(m.total_len);
+    let room = StoreRoom {
+        stored: room.stored.saturating_sub(cost.freed),
+        ..room
+    };
+    let plan = plan_put(
+        existing,
+        put,
+        limits,
+        now_ms,
+        || {
+            let owners = txn.open_table(BLOB_OWNERS)?;
+            let blobs = txn.open_table(BLOBS)?;
+            let mut usage = (0u64, 0u64);
+            let from = owner_key(&put.owner, &BlobId([0; 16]));
+            let to = owner_key(&put.owner, &BlobId([0xff; 16]));
+            for item in owners.range::<&[u8; 32]>(&from..=&to)? {
+                let (k, _) = item?;
+                let mut id = [0u8; 16];
+                id.copy_from_slice(&k.value()[16..]);
+                if let Some(m) = blobs
+                    .get(&id)?
+                    .map(|g| decode_meta(g.value()))
+                    .transpose()?
+                    && m.expires_at_ms > now_ms
+                {
+                    usage.0 += 1;
+                    usage.1 = usage.1.saturating_add(m.total_len);
+                }
             }
-        }
-        Ok(usage)
-    })?;
+            Ok(usage)
+        },
+        || Ok(room),
+    )?;
     let mut chunks = txn.open_table(BLOB_CHUNKS)?;
     let start = put.offset + plan.overlap as u64;
     if plan.overlap > 0 {
@@ -173,12 +209,13 @@ pub(super) fn put(
     }
     let rest = put.bytes.get(plan.overlap..).unwrap_or_default();
     if rest.is_empty() && !plan.create {
-        return Ok((plan.meta, Changed::No));
+        return Ok(((plan.meta, cost), Changed::No));
     }
     if !rest.is_empty() {
         chunks.insert(&chunk_key(&put.blob, start), rest)?;
     }
     if plan.create {
+        cost.added = blob_cost(plan.meta.total_len);
         txn.open_table(BLOB_OWNERS)?
             .insert(&owner_key(&put.owner, &put.blob), ())?;
         txn.open_table(BLOB_EXPIRY)?
@@ -186,7 +223,7 @@ pub(super) fn put(
     }
     txn.open_table(BLOBS)?
         .insert(put.blob.as_bytes(), encode_meta(&plan.meta).as_slice())?;
-    Ok((plan.meta, Changed::Yes))
+    Ok(((plan.meta, cost), Changed::Yes))
 }
 
 pub(super) fn read(
@@ -209,11 +246,14 @@ pub(super) fn read(
     Ok(Some((meta, bytes)))
 }
 
+/// Delete up to `max` expired blobs; returns how many and the
+/// [`blob_cost`] they released.
 pub(super) fn purge(
     txn: &WriteTransaction,
     now_ms: u64,
     max: usize,
-) -> Result<(u64, Changed), StoreError> {
+) -> Result<((u64, u64), Changed), StoreError> {
+    let mut freed = 0u64;
     let due: Vec<BlobId> = {
         let expiry = txn.open_table(BLOB_EXPIRY)?;
         let upper = expiry_key(now_ms, &BlobId([0xff; 16]));
@@ -233,7 +273,10 @@ pub(super) fn purge(
             .map(|g| decode_meta(g.value()))
             .transpose()?;
         match meta {
-            Some(m) => delete(txn, blob, &m)?,
+            Some(m) => {
+                delete(txn, blob, &m)?;
+                freed = freed.saturating_add(blob_cost(m.total_len));
+            }
             None => return Err(corrupt("blob_expiry row without its blob")),
         }
     }
@@ -242,5 +285,5 @@ pub(super) fn purge(
     } else {
         Changed::Yes
     };
-    Ok((due.len() as u64, changed))
+    Ok(((due.len() as u64, freed), changed))
 }

@@ -83,8 +83,9 @@ pub struct RedbStore {
     acks: std::sync::atomic::AtomicU64,
     /// Sum of [`stored_cost`] over the committed `inbox` rows: the live
     /// record bytes of the segment rows plus [`INDEX_BYTES_PER_ENVELOPE`]
-    /// per live row, counted at open and kept up to date by every commit
-    /// (changed only under the segments' commit lock or after a commit).
+    /// per live row; plus [`super::blob_cost`] over the `blobs` rows.
+    /// Counted at open and kept up to date by every commit (raised only
+    /// under the segments' commit lock, lowered after a commit).
     stored: AtomicU64,
     /// Progress of segment compaction.
     compaction: std::sync::Mutex<Compaction>,
@@ -347,7 +348,8 @@ impl RedbStore {
             &[FORMAT_VERSION, FORMAT_VERSION_UPGRADABLE],
             &rows,
         )?;
-        let stored = rows.values().fold(0u64, |sum, info| {
+        let blob_bytes = blobs::counted(&db.begin_read()?)?;
+        let stored = rows.values().fold(blob_bytes, |sum, info| {
             sum.saturating_add(info.live_bytes)
                 .saturating_add(info.live.saturating_mul(INDEX_BYTES_PER_ENVELOPE))
         });
@@ -1495,7 +1497,19 @@ impl Store for RedbStore {
         limits: &super::BlobLimits,
         now_ms: u64,
     ) -> Result<super::BlobMeta, StoreError> {
-        self.write(|txn| blobs::put(txn, put, limits, now_ms))
+        // Under the commit lock, like envelope commits: the store-cap count
+        // does not grow between the check and the commit.
+        let _commit = self.segments.lock_commits();
+        let room = super::blobs::StoreRoom {
+            stored: self.stored.load(Ordering::Acquire),
+            max: self.limits.max_store_bytes,
+        };
+        let (meta, cost) = self.write(|txn| blobs::put(txn, put, limits, now_ms, room))?;
+        if cost.added > 0 {
+            self.stored.fetch_add(cost.added, Ordering::AcqRel);
+        }
+        self.uncount(cost.freed);
+        Ok(meta)
     }
 
     fn blob_read(
@@ -1510,7 +1524,9 @@ impl Store for RedbStore {
     }
 
     fn purge_blobs(&self, now_ms: u64, max: usize) -> Result<u64, StoreError> {
-        self.write(|txn| blobs::purge(txn, now_ms, max))
+        let (n, freed) = self.write(|txn| blobs::purge(txn, now_ms, max))?;
+        self.uncount(freed);
+        Ok(n)
     }
 
     fn total_depth(&self) -> Result<u64, StoreError> {

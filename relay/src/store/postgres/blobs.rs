@@ -11,7 +11,7 @@
 //!   cannot both pass the per-device count and byte limits.
 
 use super::super::blobs;
-use super::super::{BlobLimits, BlobMeta, BlobWrite, StoreError};
+use super::super::{BlobLimits, BlobMeta, BlobWrite, StoreError, blob_cost};
 use super::pool::TxError;
 use super::{PgStore, array, db_u64, from_db};
 use hush_protocol::{BlobId, DeviceId};
@@ -88,6 +88,8 @@ impl PgStore {
         let blob = put.blob.as_bytes().as_slice();
         let owner = put.owner.as_bytes().as_slice();
         let now = db_u64(now_ms);
+        let stripe = self.next_stripe();
+        let max_store_bytes = self.limits.max_store_bytes;
         self.pool
             .transaction(IsolationLevel::ReadCommitted, false, async |tx| {
                 let row = tx
@@ -99,6 +101,12 @@ impl PgStore {
                 let stored = row.as_ref().map(meta_of).transpose()?;
                 let existing = blobs::live(stored, now_ms);
                 let mut usage = None;
+                let mut room = None;
+                // An expired blob with this id is replaced: its bytes are freed.
+                let freed = match (stored, existing) {
+                    (Some(old), None) => blob_cost(old.total_len),
+                    _ => 0,
+                };
                 if existing.is_none() && put.offset == 0 {
                     let mut key = [0u8; 8];
                     key.copy_from_slice(put.owner.as_bytes().get(..8).unwrap_or(&[0; 8]));
@@ -113,10 +121,31 @@ impl PgStore {
                         )
                         .await?;
                     usage = Some((from_db(u.get(0)), from_db(u.get(1))));
+                    let counted = if max_store_bytes == u64::MAX {
+                        0
+                    } else {
+                        let total: i64 = tx
+                            .query_one(
+                                "SELECT coalesce(sum(stored), 0)::bigint FROM hush_totals",
+                                &[],
+                            )
+                            .await?
+                            .get(0);
+                        from_db(total)
+                    };
+                    room = Some(blobs::StoreRoom {
+                        stored: counted.saturating_sub(freed),
+                        max: max_store_bytes,
+                    });
                 }
-                let plan = blobs::plan_put(existing, put, limits, now_ms, || {
-                    usage.ok_or_else(|| StoreError::Backend("blob usage was not read".into()))
-                })?;
+                let plan = blobs::plan_put(
+                    existing,
+                    put,
+                    limits,
+                    now_ms,
+                    || usage.ok_or_else(|| StoreError::Backend("blob usage was not read".into())),
+                    || room.ok_or_else(|| StoreError::Backend("store total was not read".into())),
+                )?;
                 if plan.create {
                     // An expired blob with this id is replaced.
                     if stored.is_some() {
@@ -135,6 +164,15 @@ impl PgStore {
                             &db_u64(plan.meta.created_at_ms),
                             &db_u64(plan.meta.expires_at_ms),
                         ],
+                    )
+                    .await?;
+                    // Charge the new blob, release the replaced one.
+                    let delta = i64::try_from(blob_cost(plan.meta.total_len))
+                        .unwrap_or(i64::MAX)
+                        .saturating_sub(i64::try_from(freed).unwrap_or(i64::MAX));
+                    tx.execute(
+                        "UPDATE hush_totals SET stored = stored + $2 WHERE stripe = $1",
+                        &[&stripe, &delta],
                     )
                     .await?;
                 } else if plan.overlap > 0 {
@@ -197,6 +235,7 @@ impl PgStore {
     ) -> Result<u64, StoreError> {
         let now = db_u64(now_ms);
         let max = db_u64(max as u64);
+        let stripe = self.next_stripe();
         self.pool
             .transaction(IsolationLevel::ReadCommitted, false, async |tx| {
                 let gone = tx
@@ -205,11 +244,23 @@ impl PgStore {
                          ORDER BY expires_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED), \
                          c AS (DELETE FROM hush_blob_chunks WHERE blob IN (SELECT blob FROM v)), \
                          d AS (DELETE FROM hush_blobs WHERE blob IN (SELECT blob FROM v) \
-                         RETURNING 1) SELECT count(*) FROM d",
+                         RETURNING total_len) \
+                         SELECT count(*), coalesce(sum(total_len), 0)::bigint FROM d",
                         &[&now, &max],
                     )
                     .await?;
-                Ok::<_, TxError>(from_db(gone.get(0)))
+                let count: u64 = from_db(gone.get(0));
+                let bytes: u64 = from_db(gone.get(1));
+                if count > 0 {
+                    // The blobs' share of the store-cap count (see `blob_cost`).
+                    let freed = bytes.saturating_add(count.saturating_mul(blob_cost(0)));
+                    tx.execute(
+                        "UPDATE hush_totals SET stored = stored - $2 WHERE stripe = $1",
+                        &[&stripe, &db_u64(freed)],
+                    )
+                    .await?;
+                }
+                Ok::<_, TxError>(count)
             })
             .await
     }
