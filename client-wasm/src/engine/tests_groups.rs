@@ -845,3 +845,78 @@ fn deleting_a_group_message_syncs_to_the_users_other_devices_only() {
         );
     }
 }
+
+/// The overall state of a group message moves with its first member; a
+/// later member's receipt still reaches the app as a `MessageState` event
+/// (of the unchanged state), so a page showing per-member states re-reads
+/// them instead of showing the second member as unread for ever.
+#[test]
+fn a_later_members_receipt_is_announced_though_the_overall_state_stays() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let c = net.create("carol");
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b, c]);
+    net.advance(2_000);
+    let ad = net.clients[a].engine.device_id();
+    let m = say(&mut net, a, g, "read me");
+    net.advance(3_000);
+    let read_events = |net: &Net| {
+        net.clients[a]
+            .events
+            .iter()
+            .filter(|e| {
+                matches!(e, Event::MessageState { id, state: MessageState::Read, .. } if *id == m)
+            })
+            .count()
+    };
+    let states = |net: &Net| -> BTreeMap<UserKey, MessageState> {
+        net.clients[a]
+            .engine
+            .member_states(&m)
+            .into_iter()
+            .collect()
+    };
+    for i in [b, c] {
+        assert_eq!(
+            states(&net).get(&net.user(i)),
+            Some(&MessageState::Delivered)
+        );
+    }
+    assert_eq!(read_events(&net), 0);
+    net.command(
+        b,
+        Command::MarkRead {
+            conversation: g,
+            messages: vec![(m, ad)],
+        },
+    );
+    net.advance(3_000);
+    assert_eq!(read_events(&net), 1, "bob's read moves the state");
+    assert_eq!(
+        states(&net).get(&net.user(c)),
+        Some(&MessageState::Delivered)
+    );
+    net.command(
+        c,
+        Command::MarkRead {
+            conversation: g,
+            messages: vec![(m, ad)],
+        },
+    );
+    net.advance(3_000);
+    assert_eq!(states(&net).get(&net.user(c)), Some(&MessageState::Read));
+    assert_eq!(read_events(&net), 2, "carol's read is announced too");
+    // A repeated receipt changes nothing and announces nothing.
+    net.command(
+        c,
+        Command::MarkRead {
+            conversation: g,
+            messages: vec![(m, ad)],
+        },
+    );
+    net.advance(3_000);
+    assert_eq!(read_events(&net), 2);
+}
