@@ -14,7 +14,8 @@
 //! - The relay (logging at trace) stores and logs no group name, new name
 //!   or text, through create, add, rename and remove; `listen --json`
 //!   prints group messages with the group in `conversation` and the sender
-//!   in `from`, under the new name after a rename.
+//!   in `from`, under the new name after a rename; a member who leaves is
+//!   no longer listed by the others.
 
 // Helpers outside #[test] functions assert too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -497,6 +498,19 @@ async fn the_relay_sees_no_group_name_change_or_text_and_listen_names_the_group(
     assert_eq!(groups.len(), 1, "{groups:?}");
     assert_eq!(groups[0]["name"], renamed.as_str());
     assert_eq!(groups[0]["members"].as_array().unwrap().len(), 2);
+    // bob leaves: he is no longer a member; alice learns it with her sync.
+    bob.run_ok(&["group", "leave", &renamed]).await.unwrap();
+    let list = bob.run_ok(&["group", "list", "--json"]).await.unwrap();
+    assert_eq!(of_type(&list.json_lines(), "group")[0]["active"], false);
+    alice.run_ok(&["sync"]).await.unwrap();
+    let list = alice.run_ok(&["group", "list", "--json"]).await.unwrap();
+    let groups = of_type(&list.json_lines(), "group");
+    assert_eq!(groups[0]["active"], true);
+    assert_eq!(
+        groups[0]["members"].as_array().unwrap().len(),
+        1,
+        "alice is alone after bob left: {groups:?}"
+    );
 
     // A clean stop flushes the relay's files and log; then neither any
     // file in its data directory nor its output holds a marker.
