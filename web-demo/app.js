@@ -22,6 +22,8 @@ const UNREAD_SCAN = 500;
 const MAX_SHOWN = 300;
 /** How far back a tail refresh looks for the last message already shown. */
 const TAIL_SCAN = 3;
+/** How many pages back a group refresh reads to reach the oldest message shown. */
+const GROUP_REFRESH_PAGES = 3;
 /** While a backlog syncs, the open conversation is re-read at most this often. */
 const SYNC_TAIL_MS = 400;
 
@@ -46,6 +48,8 @@ const state = {
   /** Messages shown for the current conversation: id → { entry, el }. */
   shown: new Map(),
   oldestOrder: null,
+  /** A group: the id of the oldest message shown (pages go back from it). */
+  groupOldest: null,
   /** Latest delivery state seen per message id (events may beat `send`'s promise). */
   states: new Map(),
   /** While a conversation's history loads, events for it wait here. */
@@ -543,6 +547,7 @@ function renderChatHeader() {
   if (!c) return;
   $("chat-title").textContent = c.name;
   show($("group-members"), Boolean(c.group));
+  show($("group-manage"), Boolean(c.group && c.active));
   show($("leave-group"), Boolean(c.group && c.active));
   $("composer").disabled = Boolean(c.group && !c.active);
   $("chat").dataset.kind = c.group ? "group" : "contact";
@@ -550,11 +555,8 @@ function renderChatHeader() {
     $("chat-sub").textContent = c.active
       ? `group of ${plural(c.members.length, "member", "members")} · end-to-end encrypted to each`
       : "you are no longer a member · history stays here";
-    $("group-members").replaceChildren(
-      ...c.members.map((m) =>
-        el("li", { class: "group-member", "data-testid": "group-member", "data-name": m.name ?? "", "data-user": m.user, text: memberName(m) }),
-      ),
-    );
+    $("group-members").replaceChildren(...c.members.map((m) => memberChip(c, m)));
+    renderGroupManage(c);
     return;
   }
   $("chat-sub").textContent =
@@ -625,6 +627,7 @@ async function selectConversation(conv) {
   state.shown.clear();
   state.tailDirty = false;
   state.oldestOrder = null;
+  state.groupOldest = null;
   $("messages").replaceChildren();
   show($("chat-empty"), false);
   show($("chat"), true);
@@ -637,15 +640,19 @@ async function selectConversation(conv) {
   // refresh afterwards.
   state.loading = { conv };
   try {
-    const entries = await state.client.history(conv, { limit: PAGE_SIZE });
+    // A group pages through its group order (the same on every member's
+    // device), a contact through arrival order.
+    const entries = c.group
+      ? await state.client.groupHistory(conv, { limit: PAGE_SIZE })
+      : await state.client.history(conv, { limit: PAGE_SIZE });
     if (state.current !== conv) return;
     for (const e of entries) {
       if (!e.outgoing) noteDevice(e.fromDevice, e.fromUser);
       appendMessage(e);
     }
     state.oldestOrder = entries.length ? entries[0].order : null;
-    // A group shows its newest page in group order (earlier pages: the CLI).
-    show($("load-earlier"), entries.length === PAGE_SIZE && !c.group);
+    state.groupOldest = c.group && entries.length ? entries[0].id : null;
+    show($("load-earlier"), entries.length === PAGE_SIZE);
   } catch (e) {
     notice(`Could not read the history: ${describeError(e)}`);
   } finally {
@@ -661,6 +668,7 @@ async function selectConversation(conv) {
 
 async function loadEarlier() {
   const conv = state.current;
+  if (state.conversations.get(conv)?.group) return loadEarlierGroup(conv);
   if (!conv || state.oldestOrder == null) return;
   const scroller = $("messages-scroll");
   const fromBottom = scroller.scrollHeight - scroller.scrollTop;
@@ -918,17 +926,39 @@ async function refreshTail() {
 }
 
 /**
- * A group's newest page, re-read whole: a message may take its place
- * before others already shown (the group order is causal, the same on
- * every member's device), so the list is rebuilt in history order,
- * keeping the elements already shown.
+ * A group's newest messages, re-read whole back to the oldest one shown: a
+ * message may take its place before others already shown (the group order
+ * is causal, the same on every member's device), so the list is rebuilt in
+ * the group order, keeping the elements already shown. Pages read back
+ * from the newest through `groupHistory` fit together; if the oldest shown
+ * message is more than GROUP_REFRESH_PAGES pages back (a backlog), the
+ * list restarts from the newest page.
  */
 async function refreshGroup(conv) {
   state.tailDirty = false;
   state.tailRunning = true;
   let entries;
+  let restarted = false;
   try {
-    entries = await state.client.history(conv, { limit: PAGE_SIZE });
+    entries = await state.client.groupHistory(conv, { limit: PAGE_SIZE });
+    const oldest = state.groupOldest;
+    let pages = 1;
+    while (oldest && entries.length && !entries.some((e) => e.id === oldest)) {
+      if (pages === GROUP_REFRESH_PAGES) {
+        entries = entries.slice(-PAGE_SIZE);
+        restarted = true;
+        break;
+      }
+      const earlier = await state.client.groupHistory(conv, { before: entries[0].id, limit: PAGE_SIZE });
+      if (state.current !== conv) return;
+      if (earlier.length === 0) break;
+      entries = earlier.concat(entries);
+      pages += 1;
+    }
+    // Keep the list starting where it started (what is before it is one
+    // "Show earlier" away).
+    const at = oldest ? entries.findIndex((e) => e.id === oldest) : -1;
+    if (at > 0) entries = entries.slice(at);
   } catch (e) {
     console.warn("hush: group history refresh failed", e);
     return;
@@ -952,9 +982,118 @@ async function refreshGroup(conv) {
   state.shown = shown;
   $("messages").replaceChildren(...nodes);
   state.oldestOrder = null;
-  show($("load-earlier"), false);
-  if (stick) scrollToEnd();
+  if (!state.groupOldest || restarted) {
+    state.groupOldest = entries.length ? entries[0].id : null;
+    show($("load-earlier"), entries.length >= PAGE_SIZE);
+  }
+  if (stick || restarted) scrollToEnd();
   if (incoming) scheduleMarkRead();
+}
+
+/** "Show earlier" in a group: the page just before the oldest shown, in the group order. */
+async function loadEarlierGroup(conv) {
+  if (!state.groupOldest) return;
+  const scroller = $("messages-scroll");
+  const fromBottom = scroller.scrollHeight - scroller.scrollTop;
+  let entries;
+  try {
+    entries = await state.client.groupHistory(conv, { before: state.groupOldest, limit: PAGE_SIZE });
+  } catch (e) {
+    notice(`Could not read the history: ${describeError(e)}`);
+    return;
+  }
+  if (state.current !== conv) return;
+  const first = $("messages").firstElementChild;
+  for (const e of entries) {
+    if (state.shown.has(e.id)) continue;
+    if (!e.outgoing) noteDevice(e.fromDevice, e.fromUser);
+    const node = messageElement(e);
+    state.shown.set(e.id, { entry: e, el: node });
+    $("messages").insertBefore(node, first);
+  }
+  if (entries.length) state.groupOldest = entries[0].id;
+  show($("load-earlier"), entries.length === PAGE_SIZE);
+  scroller.scrollTop = scroller.scrollHeight - fromBottom;
+}
+
+/**
+ * A member's chip in a group's header; others get a ✕ to remove them (drawn
+ * by CSS, so the chip's text stays the member's name).
+ */
+function memberChip(c, m) {
+  const chip = el("li", { class: "group-member", "data-testid": "group-member", "data-name": m.name ?? "", "data-user": m.user, text: memberName(m) });
+  if (c.active && m.name !== "me") {
+    const who = memberName(m);
+    const button = el("button", { type: "button", class: "remove-member", "data-testid": "remove-member", "data-name": m.name ?? "", title: `Remove ${who}`, "aria-label": `Remove ${who}` });
+    button.addEventListener("click", () => removeMember(c.conversation, m));
+    chip.append(button);
+  }
+  return chip;
+}
+
+/** The group header's manage panel: rename, and contacts to add. */
+function renderGroupManage(c) {
+  if (!c.active) return;
+  const rename = $("group-rename");
+  if (document.activeElement !== rename) rename.value = c.name;
+  const box = $("add-member-picks");
+  const picked = new Set([...box.querySelectorAll("input:checked")].map((i) => i.value));
+  const members = new Set(c.members.map((m) => m.user));
+  const contacts = [...state.conversations.values()].filter((x) => !x.group && !members.has(x.user));
+  box.querySelectorAll("label").forEach((l) => l.remove());
+  for (const x of contacts) {
+    const input = el("input", { type: "checkbox", value: x.user, "data-testid": "add-member-pick", "data-name": x.name });
+    input.checked = picked.has(x.user);
+    box.append(el("label", { class: "pick" }, input, el("span", { text: x.name })));
+  }
+  show($("no-add-contacts"), contacts.length === 0);
+}
+
+async function addMembers(event) {
+  event.preventDefault();
+  const conv = state.current;
+  const members = [...$("add-member-picks").querySelectorAll("input:checked")].map((i) => i.value);
+  if (!state.conversations.get(conv)?.group) return;
+  if (members.length === 0) {
+    notice("Pick at least one contact to add.");
+    return;
+  }
+  await withBusy($("add-members-form").querySelector("button"), async () => {
+    try {
+      await state.client.addMembers(conv, members);
+      $("add-member-picks").querySelectorAll("input:checked").forEach((i) => (i.checked = false));
+      await refreshConversations();
+    } catch (e) {
+      notice(`Could not add to the group: ${describeError(e)}`);
+    }
+  });
+}
+
+async function removeMember(conv, m) {
+  const c = state.conversations.get(conv);
+  if (!c?.group || !confirm(`Remove ${memberName(m)} from ${c.name}? They will receive nothing sent from now on.`)) return;
+  try {
+    await state.client.removeMembers(conv, [m.user]);
+    await refreshConversations();
+  } catch (e) {
+    notice(`Could not remove from the group: ${describeError(e)}`);
+  }
+}
+
+async function renameGroup(event) {
+  event.preventDefault();
+  const conv = state.current;
+  const name = $("group-rename").value.trim();
+  if (!name || !state.conversations.get(conv)?.group) return;
+  await withBusy($("rename-group-form").querySelector("button"), async () => {
+    try {
+      await state.client.renameGroup(conv, name);
+      $("group-rename").blur();
+      await refreshConversations();
+    } catch (e) {
+      notice(`Could not rename the group: ${describeError(e)}`);
+    }
+  });
 }
 
 /** A group was created, joined, changed or left. */
@@ -1387,6 +1526,8 @@ $("link-form").addEventListener("submit", linkDevice);
 $("add-contact-form").addEventListener("submit", addContact);
 $("create-group-form").addEventListener("submit", createGroup);
 $("leave-group").addEventListener("click", leaveGroup);
+$("add-members-form").addEventListener("submit", addMembers);
+$("rename-group-form").addEventListener("submit", renameGroup);
 $("composer-form").addEventListener("submit", send);
 $("composer").addEventListener("input", autoGrow);
 $("composer").addEventListener("keydown", (e) => {

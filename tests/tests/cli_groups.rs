@@ -11,6 +11,11 @@
 //!   (never guessed), `#NAME` picks the group; a new group or contact may
 //!   not take a name that is already used.
 //! - A hostile member's group name cannot drive the victim's terminal.
+//! - The relay (logging at trace) stores and logs no group name, new name
+//!   or text, through create, add, rename and remove; `listen --json`
+//!   prints group messages with the group in `conversation` and the sender
+//!   in `from`, under the new name after a rename; a member who leaves is
+//!   no longer listed by the others.
 
 // Helpers outside #[test] functions assert too.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -18,6 +23,8 @@
 use hush_tests::RelayProcess;
 use hush_tests::cli::{CliOutput, Hush, of_type, pair, texts};
 use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// `history NAME --json` of a group: the message objects.
 async fn group_history(h: &Hush, name: &str) -> Vec<Value> {
@@ -388,4 +395,145 @@ async fn a_member_brought_in_under_a_contacts_name_is_never_guessed() {
     // Nothing reached either of them.
     assert!(bob.sync_messages().await.unwrap().is_empty());
     assert!(carol.sync_messages().await.unwrap().is_empty());
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A marker as raw bytes, as hex, and as a Debug-printed byte list.
+fn encodings(marker: &str) -> Vec<Vec<u8>> {
+    let b = marker.as_bytes();
+    vec![
+        b.to_vec(),
+        hex::encode(b).into_bytes(),
+        format!("{:?}", &b[..12]).into_bytes(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_sees_no_group_name_change_or_text_and_listen_names_the_group() {
+    let mut relay = RelayProcess::spawn_temp_with_env(&[], &[("RUST_LOG", "trace")])
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = pair(&relay, dir.path()).await.unwrap();
+    let carol = Hush::new(dir.path(), "carol").unwrap();
+    carol.init(&relay, "carol").await.unwrap();
+    alice
+        .add_contact("carol", &carol.code().await.unwrap())
+        .await
+        .unwrap();
+    let tag = format!("{:08x}", std::process::id() ^ 0x5eed_1234);
+    let name = format!("grpname{tag}");
+    let renamed = format!("renamed{tag}");
+    let text1 = format!("grouptext-one-{tag}");
+    let text2 = format!("grouptext-two-{tag}");
+
+    let mut listen = bob.spawn(&["listen", "--json"]).unwrap();
+    alice
+        .run_ok(&["group", "create", &name, "bob"])
+        .await
+        .unwrap();
+    send(&alice, &name, &text1).await;
+    listen
+        .wait_for(
+            Duration::from_secs(30),
+            "bob's listen shows the group message",
+            |l| {
+                of_type(l, "message")
+                    .iter()
+                    .any(|m| m["text"] == text1.as_str())
+            },
+        )
+        .await
+        .unwrap();
+    alice
+        .run_ok(&["group", "add", &name, "carol"])
+        .await
+        .unwrap();
+    alice
+        .run_ok(&["group", "rename", &name, &renamed])
+        .await
+        .unwrap();
+    alice
+        .run_ok(&["group", "remove", &renamed, "carol"])
+        .await
+        .unwrap();
+    send(&alice, &renamed, &text2).await;
+    listen
+        .wait_for(
+            Duration::from_secs(30),
+            "bob's listen shows the second message",
+            |l| {
+                of_type(l, "message")
+                    .iter()
+                    .any(|m| m["text"] == text2.as_str())
+            },
+        )
+        .await
+        .unwrap();
+    let (_, stderr) = listen.stop().await.unwrap();
+    let got = of_type(&listen.json(), "message");
+    let m1 = got.iter().find(|m| m["text"] == text1.as_str()).unwrap();
+    let m2 = got.iter().find(|m| m["text"] == text2.as_str()).unwrap();
+    for (m, conv) in [(m1, &name), (m2, &renamed)] {
+        assert_eq!(m["conversation"], conv.as_str(), "{m} ({stderr})");
+        assert_eq!(m["from"], "alice", "{m}");
+        assert_eq!(m["group"], true, "{m}");
+    }
+    let list = bob.run_ok(&["group", "list", "--json"]).await.unwrap();
+    let groups = of_type(&list.json_lines(), "group");
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0]["name"], renamed.as_str());
+    assert_eq!(groups[0]["members"].as_array().unwrap().len(), 2);
+    // bob leaves: he is no longer a member; alice learns it with her sync.
+    bob.run_ok(&["group", "leave", &renamed]).await.unwrap();
+    let list = bob.run_ok(&["group", "list", "--json"]).await.unwrap();
+    assert_eq!(of_type(&list.json_lines(), "group")[0]["active"], false);
+    alice.run_ok(&["sync"]).await.unwrap();
+    let list = alice.run_ok(&["group", "list", "--json"]).await.unwrap();
+    let groups = of_type(&list.json_lines(), "group");
+    assert_eq!(groups[0]["active"], true);
+    assert_eq!(
+        groups[0]["members"].as_array().unwrap().len(),
+        1,
+        "alice is alone after bob left: {groups:?}"
+    );
+
+    // A clean stop flushes the relay's files and log; then neither any
+    // file in its data directory nor its output holds a marker.
+    relay.terminate().await.unwrap();
+    let mut files = Vec::new();
+    files_under(relay.data_dir(), &mut files);
+    assert!(!files.is_empty());
+    let mut blobs: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|f| (f.display().to_string(), std::fs::read(f).unwrap()))
+        .collect();
+    let log = relay.log_bytes().unwrap();
+    assert!(!log.is_empty(), "the relay logged at trace");
+    blobs.push(("relay output".into(), log));
+    for marker in [&name, &renamed, &text1, &text2] {
+        for enc in encodings(marker) {
+            for (what, bytes) in &blobs {
+                assert!(
+                    !contains(bytes, &enc),
+                    "{what} holds {marker:?} ({})",
+                    String::from_utf8_lossy(&enc)
+                );
+            }
+        }
+    }
 }

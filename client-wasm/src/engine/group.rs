@@ -1000,22 +1000,52 @@ impl Engine {
         true
     }
 
-    /// A device read our message `id` (hook of `on_receipt`).
-    pub(crate) fn group_note_read(&mut self, d: DeviceId, id: &MessageId) {
+    /// A device read our message `id` (hook of `on_receipt`); true if its
+    /// user is a new reader of this group message.
+    pub(crate) fn group_note_read(&mut self, d: DeviceId, id: &MessageId) -> bool {
         let Some(o) = self.outbox.get(id) else {
-            return;
+            return false;
         };
         if !self.groups.records.contains_key(&o.conversation)
             || !o.targets.iter().any(|t| t.device == d && t.recipient)
         {
-            return;
+            return false;
         }
         let Some((u, _)) = self.peer(&d) else {
-            return;
+            return false;
         };
         if self.groups.reads.entry(*id).or_default().insert(u) {
             self.gtouch(GDirty::Read(*id));
+            return true;
         }
+        false
+    }
+
+    /// A member's state of our group message `id` changed (a device of
+    /// theirs stored or read it). The overall state moves only with the
+    /// first member, so when it did not move (`before` is the state now)
+    /// the app is told with a `MessageState` event of the unchanged state,
+    /// to re-read [`Engine::member_states`].
+    pub(crate) fn group_member_state_changed(
+        &mut self,
+        id: &MessageId,
+        before: Option<MessageState>,
+    ) {
+        let Some(o) = self.outbox.get(id) else {
+            return;
+        };
+        if o.kind != EntryKind::Chat
+            || !self.groups.records.contains_key(&o.conversation)
+            || Some(o.state) != before
+        {
+            return;
+        }
+        let (conversation, state) = (o.conversation, o.state);
+        self.event(Event::MessageState {
+            id: *id,
+            conversation,
+            state,
+        });
     }
 
     // ----- commands -----

@@ -858,25 +858,35 @@ impl Engine {
             }
             self.touch(Dirty::Out(d, conv));
             for id in covered {
+                let mut newly = false;
                 if let Some(t) = self
                     .outbox
                     .get_mut(&id)
                     .and_then(|o| o.targets.iter_mut().find(|t| t.device == d))
                 {
+                    newly = !t.delivered;
                     t.delivered = true;
                     self.dirty.insert(Dirty::Outbox(id));
                 }
+                let before = self.outbox.get(&id).map(|o| o.state);
                 self.settle(now, &id);
+                if newly {
+                    self.group_member_state_changed(&id, before);
+                }
             }
         }
         for id in read {
-            self.group_note_read(d, id);
+            let newly = self.group_note_read(d, id);
+            let before = self.outbox.get(id).map(|o| o.state);
             let is_recipient = self
                 .outbox
                 .get(id)
                 .is_some_and(|o| o.targets.iter().any(|t| t.device == d && t.recipient));
             if is_recipient {
                 self.set_state(id, MessageState::Read);
+            }
+            if newly {
+                self.group_member_state_changed(id, before);
             }
         }
     }

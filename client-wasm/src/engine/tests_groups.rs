@@ -709,3 +709,214 @@ fn a_hostile_member_cannot_grow_held_messages_without_bound() {
         super::group::MAX_HELD_PER_DEVICE
     );
 }
+
+/// A hostile relay hands a removed member copies of what the group wrote
+/// after the removal, re-addressed to the removed member's device: they
+/// were sealed in other members' pairwise sessions, so they do not open,
+/// and nothing of them is shown or stored.
+#[test]
+fn a_removed_member_cannot_open_copies_the_relay_redirects_to_it() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let c = net.create("carol");
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b, c]);
+    net.advance(2_000);
+    say(&mut net, a, g, "before");
+    net.advance(2_000);
+    net.command(
+        a,
+        Command::RemoveMembers {
+            group: g,
+            members: vec![net.user(c)],
+        },
+    );
+    net.advance(2_000);
+    assert!(!info(&net, c, &g).active);
+    let (ad, bd, cd) = (
+        net.clients[a].engine.device_id(),
+        net.clients[b].engine.device_id(),
+        net.clients[c].engine.device_id(),
+    );
+    let seen = net.relay.seen_bytes.len();
+    say(&mut net, a, g, "secret after the removal");
+    net.advance(2_000);
+    assert_eq!(
+        group_texts(&net, b, &g).last().map(String::as_str),
+        Some("secret after the removal")
+    );
+    // Alice's envelopes of the group to Bob since the removal, re-addressed
+    // to Carol's device (as Alice's, from Alice's device: Carol does have a
+    // pairwise session with Alice).
+    let redirected: Vec<Envelope> = net.relay.seen_bytes[seen..]
+        .iter()
+        .filter_map(|b| Envelope::from_bytes(b).ok())
+        .filter(|e| {
+            e.header.sender_device == ad
+                && e.header.recipient_device == bd
+                && e.header.conversation_id == g
+        })
+        .map(|mut e| {
+            e.header.recipient_device = cd;
+            e
+        })
+        .collect();
+    assert!(
+        !redirected.is_empty(),
+        "alice wrote to bob after the removal"
+    );
+    let texts_before = group_texts(&net, c, &g);
+    let rejected = net.clients[c].engine.counters().rejected;
+    net.inject(ad, redirected);
+    net.advance(5_000);
+    assert!(
+        net.clients[c].engine.counters().rejected > rejected,
+        "the copies did not open"
+    );
+    assert_eq!(group_texts(&net, c, &g), texts_before);
+    assert_eq!(texts_before, vec!["before"]);
+    assert!(
+        !net.messages(c).iter().any(|r| r.text.contains("secret")),
+        "nothing of it reached carol"
+    );
+    assert!(
+        storage::history(&net.clients[c].storage, &g, None, 100)
+            .unwrap()
+            .iter()
+            .all(|h| h.record.text == "before")
+    );
+}
+
+/// Deleting a group message on one device deletes it on the user's other
+/// devices (and only there): as in one-to-one conversations.
+#[test]
+fn deleting_a_group_message_syncs_to_the_users_other_devices_only() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let b2 = net.join(b);
+    let c = net.create("carol");
+    net.advance(2_000);
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b, c]);
+    net.advance(2_000);
+    let m = say(&mut net, a, g, "delete me");
+    net.advance(2_000);
+    say(&mut net, c, g, "keep me");
+    net.advance(3_000);
+    for i in [b, b2] {
+        assert_eq!(
+            group_texts(&net, i, &g),
+            vec!["delete me", "keep me"],
+            "device {i}"
+        );
+    }
+    net.command(
+        b2,
+        Command::Delete {
+            conversation: g,
+            ids: vec![m],
+        },
+    );
+    net.advance(3_000);
+    for i in [b, b2] {
+        assert_eq!(group_texts(&net, i, &g), vec!["keep me"], "device {i}");
+        assert!(
+            storage::tombstone(&net.clients[i].storage, &m)
+                .unwrap()
+                .is_some()
+        );
+        let stored: Vec<String> = super::group::group_history(&net.clients[i].storage, &g)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.record.text)
+            .collect();
+        assert_eq!(stored, vec!["keep me"], "device {i}");
+    }
+    // The other members keep it.
+    for i in [a, c] {
+        assert_eq!(
+            group_texts(&net, i, &g),
+            vec!["delete me", "keep me"],
+            "device {i}"
+        );
+    }
+}
+
+/// The overall state of a group message moves with its first member; a
+/// later member's receipt still reaches the app as a `MessageState` event
+/// (of the unchanged state), so a page showing per-member states re-reads
+/// them instead of showing the second member as unread for ever.
+#[test]
+fn a_later_members_receipt_is_announced_though_the_overall_state_stays() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let c = net.create("carol");
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b, c]);
+    net.advance(2_000);
+    let ad = net.clients[a].engine.device_id();
+    let m = say(&mut net, a, g, "read me");
+    net.advance(3_000);
+    let read_events = |net: &Net| {
+        net.clients[a]
+            .events
+            .iter()
+            .filter(|e| {
+                matches!(e, Event::MessageState { id, state: MessageState::Read, .. } if *id == m)
+            })
+            .count()
+    };
+    let states = |net: &Net| -> BTreeMap<UserKey, MessageState> {
+        net.clients[a]
+            .engine
+            .member_states(&m)
+            .into_iter()
+            .collect()
+    };
+    for i in [b, c] {
+        assert_eq!(
+            states(&net).get(&net.user(i)),
+            Some(&MessageState::Delivered)
+        );
+    }
+    assert_eq!(read_events(&net), 0);
+    net.command(
+        b,
+        Command::MarkRead {
+            conversation: g,
+            messages: vec![(m, ad)],
+        },
+    );
+    net.advance(3_000);
+    assert_eq!(read_events(&net), 1, "bob's read moves the state");
+    assert_eq!(
+        states(&net).get(&net.user(c)),
+        Some(&MessageState::Delivered)
+    );
+    net.command(
+        c,
+        Command::MarkRead {
+            conversation: g,
+            messages: vec![(m, ad)],
+        },
+    );
+    net.advance(3_000);
+    assert_eq!(states(&net).get(&net.user(c)), Some(&MessageState::Read));
+    assert_eq!(read_events(&net), 2, "carol's read is announced too");
+    // A repeated receipt changes nothing and announces nothing.
+    net.command(
+        c,
+        Command::MarkRead {
+            conversation: g,
+            messages: vec![(m, ad)],
+        },
+    );
+    net.advance(3_000);
+    assert_eq!(read_events(&net), 2);
+}

@@ -547,7 +547,8 @@ impl Client {
     /// A page of a conversation's history, oldest first: up to `limit`
     /// (default 50, at most 500) messages before position `before` (an
     /// entry's `order`; omit it for the newest). A group's page holds the
-    /// messages that arrived last, sorted in the group order.
+    /// messages that arrived last, sorted in the group order; use
+    /// `groupHistory` for group pages that fit together.
     #[wasm_bindgen(unchecked_return_type = "Promise<HistoryEntry[]>")]
     pub fn history(
         &self,
@@ -735,10 +736,31 @@ impl Client {
 
 impl Client {
     /// Another handle on the same client, for a promise to own.
-    fn share(&self) -> Client {
+    pub(super) fn share(&self) -> Client {
         Client {
             inner: Rc::clone(&self.inner),
         }
+    }
+
+    /// The history entries of these messages of `conversation`, in the
+    /// order of `ids`, as a JS array of `HistoryEntry` (see
+    /// [`history::by_ids`]).
+    pub(super) async fn entries_by_ids(
+        &self,
+        conversation: ConversationId,
+        ids: Vec<MessageId>,
+    ) -> Result<JsValue, Failure> {
+        let entries = history::by_ids(&self.inner.shared.store, &conversation, &ids).await?;
+        let engine = self.inner.shared.engine.borrow();
+        let names: &dyn convert::ContactNames = match engine.as_ref() {
+            Some(e) => e,
+            None => &NoNames,
+        };
+        Ok(entries
+            .iter()
+            .map(|e| convert::history_entry(e, names))
+            .collect::<Array>()
+            .into())
     }
 
     /// The conversation a message id belongs to, from history.

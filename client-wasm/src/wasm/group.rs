@@ -9,7 +9,7 @@
 //! or name changed, left, removed).
 
 use super::client::{Client, promise, string_arg};
-use super::convert::{self, Failure, Obj};
+use super::convert::{self, Failure, Obj, Options};
 use crate::{Command, Engine, Reply};
 use hush_protocol::{ConversationId, MessageId, UserKey};
 use js_sys::{Array, Promise};
@@ -32,6 +32,14 @@ export interface GroupInfo {
 
 /** Delivery state of one of this user's group messages at one member. */
 export interface MemberState { user: string; name: string | null; state: MessageState }
+
+/** Options of `groupHistory`. */
+export interface GroupHistoryOptions {
+  /** Page backwards from this message (an entry's `id`): the page ends just before it in the group order; omit for the newest. */
+  before?: string;
+  /** Messages per page: default 50, at most 500. */
+  limit?: number;
+}
 
 /** A group was created, joined, renamed, changed members, or was left. */
 export interface GroupEvent {
@@ -74,6 +82,32 @@ fn member_args(engine: &Engine, v: &JsValue) -> Result<Vec<UserKey>, Failure> {
         }
     }
     Ok(out)
+}
+
+/// Default and largest page of [`Client::group_history`].
+const PAGE_DEFAULT: u64 = 50;
+const PAGE_MAX: u64 = 500;
+
+/// The ids of one page of a group in the group order, oldest first: the
+/// `limit` messages just before `before` (or the newest `limit`).
+fn group_window(
+    engine: &Engine,
+    group: &ConversationId,
+    before: Option<&MessageId>,
+    limit: usize,
+) -> Result<Vec<MessageId>, Failure> {
+    let order = engine.group_order(group);
+    let end = match before {
+        None => order.len(),
+        Some(id) => {
+            let at = engine
+                .group_position(group, id)
+                .ok_or_else(|| Failure::new("unknown", format!("no message {id} in this group")))?;
+            order.partition_point(|m| engine.group_position(group, m) < Some(at))
+        }
+    };
+    let start = end.saturating_sub(limit);
+    Ok(order.get(start..end).map(<[_]>::to_vec).unwrap_or_default())
 }
 
 fn check_group_name(name: &str) -> Result<(), Failure> {
@@ -184,6 +218,42 @@ impl Client {
                 .collect::<Array>()
         })?;
         Ok(list.into())
+    }
+
+    /// A page of a group's history in the group order (the same on every
+    /// member's device), oldest first: up to `limit` (default 50, at most
+    /// 500) messages just before message `before` (an entry's `id`; omit
+    /// it for the newest). Unlike `history`, pages of a group fit together:
+    /// page after page backwards from the newest gives the whole group
+    /// order, each message once, also when a held message took its place
+    /// among older ones.
+    #[wasm_bindgen(js_name = groupHistory, unchecked_return_type = "Promise<HistoryEntry[]>")]
+    pub fn group_history(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "string")] group: JsValue,
+        #[wasm_bindgen(unchecked_optional_param_type = "GroupHistoryOptions")] options: JsValue,
+    ) -> Promise {
+        let prepared = (|| -> Result<(ConversationId, Vec<MessageId>), Failure> {
+            let group = self.group_id(&group)?;
+            let opts = Options::new(&options, "group history options")?;
+            let before = match opts.string("before")? {
+                None => None,
+                Some(text) => Some(MessageId::from_hex(text.trim()).map_err(|_| {
+                    Failure::invalid(format!("`{text}` is not a message id (32 hex digits)"))
+                })?),
+            };
+            let limit = opts
+                .whole("limit")?
+                .unwrap_or(PAGE_DEFAULT)
+                .clamp(1, PAGE_MAX) as usize;
+            let window = self.engine(|e| group_window(e, &group, before.as_ref(), limit))??;
+            Ok((group, window))
+        })();
+        let this = self.share();
+        promise(async move {
+            let (group, window) = prepared?;
+            this.entries_by_ids(group, window).await
+        })
     }
 
     /// Per-member delivery states of one of this user's group messages

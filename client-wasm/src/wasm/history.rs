@@ -166,6 +166,50 @@ async fn page_in(
     Ok(out)
 }
 
+/// The history entries of these messages of a conversation, in the order
+/// of `ids` (a group's page in the group order); ids not (or no longer) in
+/// history are left out. The messages are found by paging back through the
+/// conversation's arrival order from the newest until every id is found or
+/// the start is reached, in one read-only transaction. Arrival order follows
+/// the group order closely, so reading page k of a group costs about k
+/// pages of arrival order.
+pub(crate) async fn by_ids(
+    store: &IdbStore,
+    conversation: &ConversationId,
+    ids: &[MessageId],
+) -> Result<Vec<HistoryEntry>, StorageError> {
+    let index: std::collections::HashMap<MessageId, usize> =
+        ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    let mut found: Vec<Option<HistoryEntry>> = (0..ids.len()).map(|_| None).collect();
+    let mut missing = index.len();
+    let reader = store.reader()?;
+    let mut before = None;
+    while missing > 0 {
+        let entries = page_in(&reader, conversation, before, BY_IDS_PAGE).await?;
+        let Some(oldest) = entries.last() else {
+            break;
+        };
+        before = Some(oldest.order);
+        let full = entries.len() == BY_IDS_PAGE;
+        for e in entries {
+            if let Some(&i) = index.get(&e.record.id)
+                && let Some(slot) = found.get_mut(i)
+                && slot.is_none()
+            {
+                *slot = Some(e);
+                missing -= 1;
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    Ok(found.into_iter().flatten().collect())
+}
+
+/// Arrival-order page size of [`by_ids`].
+const BY_IDS_PAGE: usize = 200;
+
 /// How far back "mark read up to" looks for unread messages.
 pub(crate) const MARK_READ_SCAN: usize = 2_000;
 

@@ -24,6 +24,9 @@
 //! cargo run --release -p hush-tests --bin group_bench -- [--members 10,25,50,100] [--size BYTES] [--rounds R]
 //! ```
 //!
+//! Prints the host's CPU steal and I/O pressure (`/proc/stat`,
+//! `/proc/pressure/io`) over each size beside its row.
+//!
 //! Timed here, never in tests.
 
 use hush_cli::driver::{Discard, Driver, Outcome, cli_engine_config, now_ms, os_seed};
@@ -34,6 +37,7 @@ use hush_client::{
 };
 use hush_protocol::ConversationId;
 use hush_relay::{Config, RelayHandle, SystemClock};
+use hush_tests::host::{HostSample, since};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -366,7 +370,9 @@ async fn run() -> Result<(), CliError> {
             "members", "devices", "send ms", "send out B", "send in B", "catch-up ms", "catch out B", "catch in B"
         );
         for &n in &args.members {
+            let host = HostSample::now();
             let s = one_size(n, &args, &tmp).await?;
+            let host = since(host);
             let med = |f: &dyn Fn(&Sample) -> f64| median(s.iter().map(f).collect());
             println!(
                 "{:>7} {:>8} {:>10.1} {:>12.0} {:>11.0} {:>13.1} {:>12.0} {:>11.0}",
@@ -379,6 +385,7 @@ async fn run() -> Result<(), CliError> {
                 med(&|x| x.catch_out as f64),
                 med(&|x| x.catch_in as f64),
             );
+            println!("{:>7}   {host} (over this size's set-up and rounds)", "");
         }
         Ok(())
     }
