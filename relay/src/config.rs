@@ -53,7 +53,9 @@ pub struct Config {
     /// Directory holding the database and generated certificates; created if missing.
     pub data_dir: PathBuf,
     /// Where envelopes and metadata live (`--store`, repeatable); empty means
-    /// the redb store in `data_dir`. Exactly one is supported for now.
+    /// the redb store in `data_dir`. Several must all be PostgreSQL: the
+    /// shards of one cluster, shard `i` = the `i`-th (see
+    /// [`crate::cluster::shard`]).
     pub store: Vec<StoreSpec>,
     /// Start on a PostgreSQL primary without a synchronous standby.
     pub allow_unreplicated: bool,
@@ -329,11 +331,22 @@ impl Config {
             }
         }
         if self.store.len() > 1 {
-            return err(format!(
-                "--store was given {} times: several stores (a shard map) are not supported \
-                 yet; give exactly one",
-                self.store.len()
-            ));
+            if self.store.iter().any(|s| matches!(s, StoreSpec::Redb(_))) {
+                return err(format!(
+                    "--store was given {} times with a redb: store among them: only \
+                     PostgreSQL stores can be shards (give either one redb:DIR or one or more \
+                     postgres:// URLs)",
+                    self.store.len()
+                ));
+            }
+            for (i, s) in self.store.iter().enumerate() {
+                if self.store[..i].contains(s) {
+                    return err(format!(
+                        "--store {} is given twice: each shard is its own database",
+                        StoreSpec::redact(&s.to_spec_string())
+                    ));
+                }
+            }
         }
         if self.max_envelope < MIN_MAX_ENVELOPE || self.max_envelope > MAX_ENVELOPE_LEN {
             return err(format!(
@@ -393,8 +406,22 @@ impl Config {
         }
     }
 
-    /// The store to open: the one `--store` names, or the redb store in the
-    /// data directory.
+    /// The PostgreSQL shard URLs (shard `i` = `--store` number `i`), or
+    /// `None` when the store is redb.
+    pub fn postgres_shards(&self) -> Option<Vec<String>> {
+        let urls: Vec<String> = self
+            .store
+            .iter()
+            .filter_map(|s| match s {
+                StoreSpec::Postgres(url) => Some(url.clone()),
+                StoreSpec::Redb(_) => None,
+            })
+            .collect();
+        (!urls.is_empty() && urls.len() == self.store.len()).then_some(urls)
+    }
+
+    /// The store to open: the (first) one `--store` names, or the redb
+    /// store in the data directory.
     pub fn store_spec(&self) -> StoreSpec {
         self.store
             .first()
@@ -485,7 +512,9 @@ pub struct Cli {
 
     /// Where envelopes and metadata live: redb:DIR (a local redb store) or a
     /// PostgreSQL URL, postgres://USER@HOST1:PORT,HOST2:PORT/DB?target_session_attrs=read-write
-    /// (nodes sharing it are otherwise stateless) [default: redb:DATA_DIR]
+    /// (nodes sharing it are otherwise stateless). Repeat with several
+    /// postgres:// URLs to spread devices over shards: keep their order fixed
+    /// (see OPERATING.md, "Shards") [default: redb:DATA_DIR]
     #[arg(long, env = "HUSH_STORE", value_name = "SPEC")]
     pub store: Vec<String>,
 
@@ -976,7 +1005,7 @@ mod tests {
     }
 
     #[test]
-    fn store_flag_picks_the_backend_and_refuses_several_or_unknown() {
+    fn store_flag_picks_the_backend_takes_postgres_shards_and_refuses_mixes_or_unknown() {
         let c = Config::parse_from(["hush-relay", "--dev-cert", "--data", "/d"]).unwrap();
         assert_eq!(c.store_spec(), StoreSpec::Redb(PathBuf::from("/d")));
         assert!(!c.allow_unreplicated);
@@ -1014,7 +1043,25 @@ mod tests {
         ])
         .unwrap_err()
         .to_string();
-        assert!(e.contains("exactly one"), "{e}");
+        assert!(e.contains("only PostgreSQL stores can be shards"), "{e}");
+        // Several PostgreSQL stores are the shards, in order.
+        let url2 = "postgres://hush@10.0.1.1:5432/hush";
+        let c = Config::parse_from(["hush-relay", "--dev-cert", "--store", url, "--store", url2])
+            .unwrap();
+        assert_eq!(
+            c.postgres_shards(),
+            Some(vec![url.to_string(), url2.to_string()])
+        );
+        assert_eq!(c.store_spec(), StoreSpec::Postgres(url.into()));
+        let f = FileConfig::parse(&c.to_toml()).unwrap();
+        assert_eq!(f.store, Some(vec![url.to_string(), url2.to_string()]));
+        let e = Config::parse_from(["hush-relay", "--dev-cert", "--store", url, "--store", url])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("given twice"), "{e}");
+        assert!(!e.contains("pw"), "no password in errors: {e}");
+        let c = Config::parse_from(["hush-relay", "--dev-cert", "--store", "redb:/x"]).unwrap();
+        assert_eq!(c.postgres_shards(), None);
         for bad in ["mysql://x", "redb:", "/var/lib/hush"] {
             let e = Config::parse_from(["hush-relay", "--dev-cert", "--store", bad])
                 .unwrap_err()

@@ -113,6 +113,8 @@ pub struct PgCluster {
     dead: Vec<Server>,
     reaper: Option<Child>,
     databases: AtomicU32,
+    /// `fsync = on` (benchmarks) instead of the tests' `fsync = off`.
+    durable: bool,
     // Last: removed after the servers stopped.
     dir: tempfile::TempDir,
 }
@@ -136,6 +138,17 @@ impl PgCluster {
 
     /// Start a primary, and a synchronous standby if `sync_standby`.
     pub fn start(sync_standby: bool) -> Result<PgCluster> {
+        PgCluster::start_with(sync_standby, false)
+    }
+
+    /// [`PgCluster::start`] with `fsync = on` and `full_page_writes = on`
+    /// on every server, as a deployment runs: for benchmarks, whose
+    /// numbers must include the flushes.
+    pub fn start_durable(sync_standby: bool) -> Result<PgCluster> {
+        PgCluster::start_with(sync_standby, true)
+    }
+
+    fn start_with(sync_standby: bool, durable: bool) -> Result<PgCluster> {
         let bin =
             find_bindir().ok_or_else(|| pg_err("PostgreSQL server binaries not found (initdb)"))?;
         let as_postgres = running_as_root();
@@ -158,6 +171,7 @@ impl PgCluster {
             dead: Vec::new(),
             reaper: None,
             databases: AtomicU32::new(0),
+            durable,
             dir,
         };
         cluster.start_reaper()?;
@@ -368,8 +382,13 @@ impl PgCluster {
     /// Append the test settings (port, socket directory) to a server's
     /// configuration.
     fn configure(&self, server: &Server) -> Result<()> {
+        let durable = if self.durable {
+            "fsync = on\nfull_page_writes = on\nshared_buffers = 256MB\n"
+        } else {
+            ""
+        };
         let conf = format!(
-            "{TEST_SETTINGS}port = {}\nunix_socket_directories = '{}'\n",
+            "{TEST_SETTINGS}{durable}port = {}\nunix_socket_directories = '{}'\n",
             server.port,
             self.dir.path().display()
         );

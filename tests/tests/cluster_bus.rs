@@ -529,3 +529,72 @@ async fn prekey_fetches_of_one_target_are_limited_across_nodes() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// A node whose bus never announces its commits (every inbox NOTIFY lost,
+/// as when a node dies between its commit and the NOTIFY) and wakes its
+/// devices every `safety_wake`.
+async fn silent_node(
+    store: &Arc<dyn Store>,
+    url: &str,
+    safety_wake: Duration,
+) -> (RelayHandle, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = Config::default_for(dir.path().join("data"));
+    config.send_rate = 0;
+    config.http = None;
+    let bus = Arc::new(
+        PgBus::new(&[url.to_string()], false)
+            .expect("bus")
+            .with_safety_wake(safety_wake),
+    );
+    let options = StartOptions {
+        cluster: Some(ClusterOptions {
+            node: NodeId::random(),
+            bus: bus.clone(),
+            limits: None,
+        }),
+        ..StartOptions::default()
+    };
+    let relay =
+        RelayHandle::start_with_store(config, Arc::new(SystemClock), Arc::clone(store), options)
+            .await
+            .expect("node starts");
+    wait_until(PROMPT, "the node's bus is listening", || bus.is_listening())
+        .await
+        .expect("bus up");
+    (relay, dir)
+}
+
+/// Every inbox NOTIFY is lost (the nodes' buses never send one): a device
+/// connected to node B still gets what node A committed, by B's periodic
+/// safety wake-up, within its period (plus a margin), once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_inbox_notify_only_delays_the_push_until_the_safety_wake() {
+    let pg = Postgres::start().await;
+    let store = shared_store();
+    let wake = Duration::from_millis(400);
+    let (a, _da) = silent_node(&store, &pg.url(), wake).await;
+    let (b, _db) = silent_node(&store, &pg.url(), wake).await;
+    let (alice, bob) = (DeviceIdentity::from_seed(71), DeviceIdentity::from_seed(72));
+    let mut sender = TestDevice::register_new(&alice, target(&a)).await.unwrap();
+    let mut receiver = TestDevice::register_new(&bob, target(&b)).await.unwrap();
+    assert!(receiver.read_inbox(0).await.unwrap().is_empty(), "live now");
+    let conv = conversation(71);
+    for seq in 1..=3u64 {
+        let env = make_envelope(alice.device(), bob.device(), conv, seq, b"no notify");
+        assert_eq!(
+            stored(&sender.send_one(env.clone()).await.unwrap()),
+            Some((seq, false))
+        );
+        let pushed = receiver
+            .next_push(wake + PUSH_BOUND)
+            .await
+            .unwrap_or_else(|e| panic!("message {seq} never reached node B's device: {e}"));
+        assert_eq!(pushed.len(), 1, "once");
+        assert_eq!(pushed[0].seq, seq, "in order");
+        assert_eq!(pushed[0].envelope, env);
+        receiver.ack(seq).await.unwrap();
+    }
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

@@ -250,3 +250,24 @@ fn append(path: &Path, text: &str) -> Result {
     f.write_all(text.as_bytes())?;
     Ok(())
 }
+
+/// `cargo xtask bench --cluster [-- ARGS]`: the cluster benchmark
+/// (`tests/src/bin/cluster_bench.rs`: redb, PostgreSQL without and with a
+/// synchronous standby, two relay nodes) in release, ARGS passed on.
+pub fn bench_cluster(args: &[String]) -> Result {
+    crate::run(
+        crate::cargo()
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "hush-tests",
+                "--bin",
+                "cluster_bench",
+                "--",
+            ])
+            .args(args),
+    )?;
+    println!("xtask: record the numbers, with the machine and the command, in BENCHMARKS.md.");
+    Ok(())
+}

@@ -9,6 +9,7 @@
 //! cargo xtask cluster                PostgreSQL primary + sync standby, two relays with the demo
 //! cargo xtask bench [-- BENCH-ARGS]  the benchmarks that exist
 //! cargo xtask bench --peers [-- ARGS] Hush against Redis and NATS JetStream (peers.rs)
+//! cargo xtask bench --cluster [-- ARGS] redb, PostgreSQL and two nodes (cluster.rs)
 //! cargo xtask fuzz TARGET [SECS]     one fuzz target for SECS seconds (default 60)
 //! ```
 //!
@@ -84,6 +85,7 @@ commands:
   bench --peers         Hush against Redis and NATS JetStream (installs them)
   bench --e2e-latency   online end-to-end delivery latency at 1,000 msgs/s
   bench --idle-devices  relay RSS and CPU with 10,000 idle devices
+  bench --cluster       redb, PostgreSQL (± sync standby) and two nodes (cluster_bench)
   fuzz TARGET [SECS]    run one fuzz target for SECS seconds (default 60; needs nightly)
   help                  show this text";
 
@@ -664,6 +666,9 @@ fn demo(args: &[String]) -> Result {
 fn bench(args: &[String]) -> Result {
     if let Some(rest) = args.strip_prefix(&["--peers".to_string()]) {
         return peers::bench_peers(passthrough(rest));
+    }
+    if let Some(rest) = args.strip_prefix(&["--cluster".to_string()]) {
+        return cluster::bench_cluster(passthrough(rest));
     }
     if let Some((first, rest)) = args.split_first()
         && let Some(bin) = peers::named_bench(first)

@@ -6,9 +6,11 @@
 //! - **inbox moved** (channel [`INBOX_CHANNEL`]): devices whose inbox head
 //!   moved, with the new head. Each node bumps its [`DeviceHub`] watch for
 //!   those of its devices that are connected, exactly as its own writer does
-//!   after a local commit. With PostgreSQL the store sends this NOTIFY
-//!   inside the commit transaction, so a notification exists only if the
-//!   commit did, and it is delivered only after the commit is visible.
+//!   after a local commit. With PostgreSQL the node sends this NOTIFY
+//!   right after the commit returned (so it is delivered only after the
+//!   commit is visible); one lost between commit and NOTIFY (the node
+//!   died) only delays the push, and every node's periodic safety wake-up
+//!   ([`super::pg::SAFETY_WAKE`]) bounds that delay.
 //! - **claimed** (channel [`PRESENCE_CHANNEL`]): a connection of node `n`
 //!   authenticated as device `d`. Every node sees every claim in the same
 //!   order, its own included; see [`DeviceHub::apply_claim`] for how that

@@ -21,6 +21,7 @@
 
 pub mod bus;
 pub mod limits;
+pub mod open;
 pub mod pg;
 pub mod shard;
 

@@ -25,6 +25,10 @@ use tokio_postgres::{AsyncMessage, Client, Config, NoTls, config::TargetSessionA
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pause between reconnection attempts of the bus listener.
 pub const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+/// How often every node wakes all its connected devices to re-read their
+/// inboxes, whatever the bus said: the bound on how late a push can be when
+/// an inbox NOTIFY was lost (see [`PgBus`]).
+pub const SAFETY_WAKE: Duration = Duration::from_secs(60);
 /// How long a refused-because-unreachable rate limit asks clients to wait.
 pub const UNREACHABLE_RETRY_MS: u32 = 1_000;
 
@@ -124,6 +128,8 @@ pub struct PgBus {
     notify_after_commit: bool,
     /// Listening connections currently established.
     listening: Arc<std::sync::atomic::AtomicUsize>,
+    /// Period of the safety wake-up of every local device.
+    safety_wake: Duration,
 }
 
 impl std::fmt::Debug for PgBus {
@@ -166,7 +172,14 @@ impl PgBus {
             outbox_rx: Mutex::new(outbox_rx),
             notify_after_commit,
             listening: Arc::default(),
+            safety_wake: SAFETY_WAKE,
         })
+    }
+
+    /// The same bus with another safety wake-up period (tests).
+    pub fn with_safety_wake(mut self, period: Duration) -> PgBus {
+        self.safety_wake = period.max(Duration::from_millis(10));
+        self
     }
 
     /// Whether every shard's listening connection is established (after
@@ -238,6 +251,11 @@ impl ClusterBus for PgBus {
                 shutdown.clone(),
             )));
         }
+        tasks.push(tokio::spawn(safety_wake_loop(
+            Arc::clone(&hub),
+            self.safety_wake,
+            shutdown.clone(),
+        )));
         for (shard, config) in self.configs.iter().enumerate() {
             let channels: &'static [&'static str] = if shard == 0 {
                 &[INBOX_CHANNEL, PRESENCE_CHANNEL]
@@ -254,6 +272,37 @@ impl ClusterBus for PgBus {
             )));
         }
         tasks
+    }
+}
+
+/// Every `period`, wake every local device to re-read its inbox.
+///
+/// The inbox NOTIFY is sent after the commit returned, not inside its
+/// transaction (where PostgreSQL would hold its global notification lock
+/// from before the commit record until the end of the transaction —
+/// across the wait for the synchronous standby — and so serialise every
+/// commit of every node). A NOTIFY is therefore lost when its node dies
+/// between commit and NOTIFY, or when it cannot be sent after one
+/// reconnection. Nothing is lost with it — the envelope is in the store,
+/// and any later wake-up of that device (its next message, its
+/// reconnection, a bus reconnection on its node) reads it — but a device
+/// that stays connected and receives nothing else would see it late; this
+/// wake-up bounds that to `period`. Cost: one inbox read per connected
+/// device per period.
+async fn safety_wake_loop(
+    hub: Arc<DeviceHub>,
+    period: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate; the listeners wake everyone at start.
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => hub.wake_inboxes(),
+            _ = shutdown.changed() => return,
+        }
     }
 }
 

@@ -212,6 +212,14 @@ impl DeviceHub {
         }
     }
 
+    /// Wake every watched inbox once so its connection re-reads the store,
+    /// leaving presence alone (the cluster bus's periodic safety wake-up).
+    pub fn wake_inboxes(&self) {
+        for entry in self.lock().values() {
+            entry.inbox.send_modify(|_| {});
+        }
+    }
+
     /// The device's one-time prekey pool is down to `left`: tell its
     /// connection, if it has one (a device that is offline learns the count
     /// from `AuthOk` when it next connects). Returns whether a connection

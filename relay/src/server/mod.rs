@@ -22,7 +22,7 @@ use crate::core::{CoreConfig, RelayCore};
 use crate::error::RelayError;
 use crate::http::{HttpState, StaticFiles};
 use crate::metrics::Metrics;
-use crate::store::postgres::{PgOptions, PgStore};
+use crate::store::postgres::PgOptions;
 use crate::store::redb_store::RedbStore;
 use crate::store::{Store, StoreSpec};
 use crate::tls::{CertSource, CertState, dev_cert_usable};
@@ -161,33 +161,17 @@ impl RelayHandle {
                 .map_err(|e| RelayError::Internal(format!("opening store: {e}")))??;
                 RelayHandle::start_with_store(config, clock, Arc::new(store), options).await
             }
-            StoreSpec::Postgres(url) => {
+            StoreSpec::Postgres(_) => {
                 // No local disk to take a share of: without --max-store-bytes
-                // the database's size is the operator's to watch.
+                // the database's size is the operator's to watch. Several
+                // URLs are the shards of one cluster.
                 let pg_options = PgOptions {
                     allow_unreplicated: config.allow_unreplicated,
                     ..PgOptions::default()
                 };
-                let shown = StoreSpec::redact(&url);
-                let cluster_url = url.clone();
-                let store =
-                    tokio::task::spawn_blocking(move || PgStore::open(&url, limits, pg_options))
-                        .await
-                        .map_err(|e| RelayError::Internal(format!("opening store: {e}")))??;
-                let replicated = store.replicated();
-                if replicated {
-                    tracing::info!(
-                        store = %shown,
-                        standbys = store.replication().sync_standbys,
-                        "PostgreSQL store: commits wait for a synchronous standby"
-                    );
-                } else {
-                    tracing::warn!(
-                        store = %shown,
-                        "PostgreSQL store WITHOUT a synchronous standby (--allow-unreplicated): \
-                         acknowledged envelopes are only on the primary"
-                    );
-                }
+                let urls = config.postgres_shards().unwrap_or_default();
+                let opened = crate::cluster::open::open_postgres(&urls, limits, pg_options).await?;
+                let (store, replicated) = (opened.store, opened.replicated);
                 // Several nodes may share this database: join its cluster
                 // bus (live push and presence across nodes) and keep the
                 // registration and prekey-fetch limits in it. The store
@@ -201,13 +185,10 @@ impl RelayHandle {
                         prekey_fetches_per_target_minute: config.prekey_fetches_per_target_minute,
                     };
                     options.cluster = Some(crate::cluster::ClusterOptions::postgres(
-                        std::slice::from_ref(&cluster_url),
-                        rates,
-                        false,
+                        &urls, rates, false,
                     )?);
                 }
-                let handle =
-                    RelayHandle::start_with_store(config, clock, Arc::new(store), options).await?;
+                let handle = RelayHandle::start_with_store(config, clock, store, options).await?;
                 handle
                     .metrics
                     .store_replicated
