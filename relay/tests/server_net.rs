@@ -308,3 +308,81 @@ async fn assert_closed_with(client: &mut Client, code: ErrorCode) {
         panic!("after {code:?} the connection should end, got {f:?}");
     }
 }
+
+/// Many single-envelope `Send`s in flight on one connection (written back to
+/// back, as a pipelining client does): the relay answers their acks several
+/// per write once a group commit makes them durable, and every request still
+/// gets exactly one `Sent`, in request order, naming its own envelope, with
+/// every envelope stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sends_get_one_ack_each_in_order() {
+    const SENDS: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(&dir).await;
+    let cert = relay.cert_der();
+    let (alice, bob) = (Device::new(1), Device::new(2));
+    let mut ca = Client::connect(relay.quic_addr(), &cert).await;
+    alice.register(&mut ca).await;
+    let mut cb = Client::connect(relay.quic_addr(), &cert).await;
+    bob.register(&mut cb).await;
+
+    let mut ids = Vec::new();
+    for n in 1..=SENDS {
+        let id = ca
+            .send_request(Request::Send {
+                envelopes: vec![alice.envelope_to(&bob, n)],
+            })
+            .await;
+        ids.push(id);
+    }
+    let mut acked = Vec::new();
+    while acked.len() < ids.len() {
+        match ca.next_frame().await.expect("an ack") {
+            ServerFrame::Response {
+                request_id,
+                response: Response::Sent { outcomes },
+            } => {
+                let [
+                    SendOutcome::Stored {
+                        seq,
+                        message_id,
+                        duplicate: false,
+                        ..
+                    },
+                ] = outcomes.as_slice()
+                else {
+                    panic!("request {request_id}: {outcomes:?}");
+                };
+                let n = acked.len() as u64 + 1;
+                assert_eq!(*message_id, alice.envelope_to(&bob, n).header.message_id);
+                assert_eq!(*seq, n, "acks in request order");
+                acked.push(request_id);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(acked, ids, "one ack per request, in order");
+    let f = ca.request(Request::Ping).await;
+    assert!(
+        matches!(
+            &f,
+            ServerFrame::Response {
+                response: Response::Pong { .. },
+                ..
+            }
+        ),
+        "no stray frames after the acks: {f:?}"
+    );
+    let m = relay.metrics();
+    assert_eq!(hush_relay::Metrics::get(&m.envelopes_stored_total), SENDS);
+    let f = cb
+        .request(Request::Pull {
+            after: 0,
+            limit: 200,
+            ack: 0,
+        })
+        .await;
+    let (seqs, remaining) = page_seqs(&f);
+    assert_eq!(seqs, (1..=SENDS).collect::<Vec<_>>());
+    assert_eq!(remaining, 0);
+}

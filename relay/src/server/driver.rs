@@ -225,9 +225,23 @@ impl Conn {
             tokio::select! {
                 result = next_commit(&mut self.pending) => {
                     let Some((ticket, _)) = self.pending.pop_front() else { continue };
-                    let frame = self.shared.core.finish_send(ticket, result);
+                    let mut frames = vec![self.shared.core.finish_send(ticket, result)];
+                    // One group commit usually makes several of this
+                    // connection's sends durable at once: answer every one
+                    // that is already done (in order) with one write, so
+                    // their acks share packets instead of one each.
+                    while let Some(result) = self.pending.front_mut().and_then(|(_, rx)| match rx.try_recv() {
+                        Ok(result) => Some(result),
+                        Err(oneshot::error::TryRecvError::Empty) => None,
+                        Err(oneshot::error::TryRecvError::Closed) => {
+                            Some(Err(StoreError::Backend("commit writer stopped".into())))
+                        }
+                    }) {
+                        let Some((ticket, _)) = self.pending.pop_front() else { break };
+                        frames.push(self.shared.core.finish_send(ticket, result));
+                    }
                     // While draining the peer may be gone; keep answering the rest.
-                    if let Err(e) = write_frame(writer, &frame).await
+                    if let Err(e) = write_frames(writer, &frames).await
                         && draining.is_none()
                     {
                         return e;
@@ -712,14 +726,37 @@ async fn write_frame<W>(writer: &mut W, frame: &ServerFrame) -> Result<(), Drive
 where
     W: AsyncWrite + Unpin + Send,
 {
-    let bytes = match hush_protocol::encode_server_frame(frame) {
-        Ok(b) => b,
+    write_frames(writer, std::slice::from_ref(frame)).await
+}
+
+/// Encode a frame; a frame the core should never have built becomes an
+/// `Internal` error frame.
+fn encode_frame(frame: &ServerFrame) -> Result<Vec<u8>, DriverEnd> {
+    match hush_protocol::encode_server_frame(frame) {
+        Ok(b) => Ok(b),
         Err(e) => {
             // Only a bug can get here (the core builds frames within limits).
             tracing::error!("unencodable server frame: {e}");
             let fallback = ServerFrame::error(0, ErrorCode::Internal, "internal error");
             hush_protocol::encode_server_frame(&fallback)
-                .map_err(|e| DriverEnd::Transport(e.to_string()))?
+                .map_err(|e| DriverEnd::Transport(e.to_string()))
+        }
+    }
+}
+
+/// Write frames back to back with one write and one flush.
+async fn write_frames<W>(writer: &mut W, frames: &[ServerFrame]) -> Result<(), DriverEnd>
+where
+    W: AsyncWrite + Unpin + Send,
+{
+    let bytes = match frames {
+        [one] => encode_frame(one)?,
+        many => {
+            let mut all = Vec::new();
+            for frame in many {
+                all.extend_from_slice(&encode_frame(frame)?);
+            }
+            all
         }
     };
     writer

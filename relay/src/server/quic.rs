@@ -26,9 +26,22 @@ use tokio::task::JoinSet;
 /// QUIC idle timeout: a device whose connection shows no sign of life for
 /// this long is gone (its lease on presence expires).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Keep-alive interval: well inside the idle timeout, so a live but quiet
-/// connection is never mistaken for a dead one.
+/// Keep-alive interval of the WebSocket transport (the relay's pings; a
+/// WebSocket client counts on them to tell a quiet relay from a dead one).
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// QUIC keep-alive interval of the relay: a backstop for clients that send
+/// no keep-alives of their own, well inside [`IDLE_TIMEOUT`].
+///
+/// quinn restarts this timer on every packet received, so it fires only on
+/// a connection that has been silent this long. It is deliberately longer
+/// than the clients' own interval (the CLI and the harness ping every
+/// 15 s): the party behind a NAT is the client, and it is the client's
+/// outbound packets that keep a NAT binding alive, so the client pings and
+/// the relay only answers with an ACK. A relay interval at or below the
+/// client's would make the relay ping every connection instead (each ping
+/// restarts the peer's timer too), which at 10,000 idle devices was most of
+/// the relay's idle CPU.
+pub const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(20);
 /// Flow-control window of one whole authenticated connection, bytes.
 pub const CONNECTION_RECEIVE_WINDOW: u32 = 2 * hush_protocol::limits::MAX_FRAME_LEN as u32;
 /// Flow-control window of a connection until it authenticates: what an
@@ -62,7 +75,7 @@ pub fn transport_config() -> Result<quinn::TransportConfig, RelayError> {
     let idle = quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
         .map_err(|e| RelayError::Config(format!("idle timeout: {e}")))?;
     t.max_idle_timeout(Some(idle));
-    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.keep_alive_interval(Some(QUIC_KEEP_ALIVE));
     // Bound what one connection can make the relay buffer, including data
     // on streams it never reads (a native client may open only one): a
     // small window until the peer authenticates, then two maximal frames'

@@ -1,8 +1,12 @@
 //! `idle_devices_bench`: what many idle authenticated devices cost a relay.
 //!
 //! ```text
-//! cargo run --release -p hush-tests --bin idle_devices_bench -- [--devices N] [--workers K] [--idle-secs S]
+//! cargo run --release -p hush-tests --bin idle_devices_bench -- [--devices N] [--workers K] [--idle-secs S] [--keep-alive-secs K]
 //! ```
+//!
+//! Each device sends a QUIC keep-alive after `--keep-alive-secs` (default
+//! 15, the `hush` CLI's interval) without traffic; the relay's own
+//! keep-alive (20 s) is longer, so it only answers with ACKs.
 //!
 //! Starts the release relay as its own process (`RelayProcess`, 127.0.0.1,
 //! data in a temp dir) with connection limits above `--devices`, then `K`
@@ -18,6 +22,7 @@
 //! Targets (BENCHMARKS.md): 10,000 devices, relay RSS ≤ 1 GiB, keep-alive
 //! CPU ≤ 5% of a core.
 
+use hush_tests::device::ConnectOptions;
 use hush_tests::host::{HostSample, since};
 use hush_tests::{DeviceIdentity, RelayProcess, RelayTarget, TestDevice};
 use std::error::Error;
@@ -92,14 +97,29 @@ async fn run_worker() -> BenchResult<()> {
         addr,
         cert_sha256: hash,
     };
+    // The harness pings at a third of the idle timeout: ask for three
+    // keep-alive intervals (the relay's shorter 30 s idle timeout applies).
+    let keep_alive = Duration::from_secs_f64(arg("--keep-alive-secs", 15.0)?);
+    let options = ConnectOptions {
+        idle_timeout: keep_alive * 3,
+        // Handshakes queue behind thousands of others on a busy host.
+        connect_timeout: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(60),
+        ..ConnectOptions::default()
+    };
     let mut devices = Vec::with_capacity(count as usize);
     let mut next = from;
     while next < from + count {
         let end = (next + CONCURRENT as u64).min(from + count);
         let mut tasks = Vec::new();
         for seed in next..end {
+            let options = options.clone();
             tasks.push(tokio::spawn(async move {
-                TestDevice::register_new(&DeviceIdentity::from_seed(seed), target).await
+                let mut d =
+                    TestDevice::connect_with(&DeviceIdentity::from_seed(seed), target, options)
+                        .await?;
+                d.register().await?;
+                Ok::<_, hush_tests::HarnessError>(d)
             }));
         }
         for t in tasks {
@@ -158,6 +178,7 @@ async fn run() -> BenchResult<()> {
     let devices: u64 = arg("--devices", 10_000)?;
     let workers: u64 = arg("--workers", 4)?.max(1);
     let idle = Duration::from_secs_f64(arg("--idle-secs", 30.0)?);
+    let keep_alive: f64 = arg("--keep-alive-secs", 15.0)?;
     let nofile = raise_nofile();
     let limit = (devices + 1_000).to_string();
     let mut relay = RelayProcess::spawn_temp(&[
@@ -186,6 +207,8 @@ async fn run() -> BenchResult<()> {
                 &target.addr.to_string(),
                 "--cert",
                 &cert,
+                "--keep-alive-secs",
+                &keep_alive.to_string(),
             ])
             .args(["--from", &(1_000_000 + w * 1_000_000).to_string()])
             .args(["--count", &count.to_string()])
@@ -254,7 +277,12 @@ async fn run() -> BenchResult<()> {
         }
     }
     println!(
-        "idle devices: {devices} authenticated connections from {workers} processes (open-file limit {nofile}), all up in {connect_secs:.1} s"
+        "idle devices: {devices} authenticated connections from {workers} processes (open-file limit {nofile}), all up in {connect_secs:.1} s; client keep-alive {keep_alive} s"
+    );
+    println!(
+        "relay CPU while idle: {:.2} s over {wall:.1} s ({:.1} µs per device per second)",
+        (cpu1 - cpu0) as f64 / hz,
+        1e6 * (cpu1 - cpu0) as f64 / hz / wall / devices.max(1) as f64,
     );
     println!(
         "relay RSS: {:.1} MiB with {devices} idle devices ({:.1} MiB before any; {:.1} KiB per device); CPU while idle {cpu_share:.2}% of a core over {wall:.0} s",
