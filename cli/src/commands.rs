@@ -81,15 +81,20 @@ async fn requeue_failed(d: &mut Cli, sink: &mut dyn Sink<FileStorage>) -> Result
 }
 
 /// Run until connected at least once, within [`CONNECT_BUDGET`].
-async fn reach(
+pub(crate) async fn reach(
     d: &mut Cli,
     budget: Duration,
     sink: &mut dyn Sink<FileStorage>,
 ) -> Result<(), CliError> {
     let deadline = Instant::now() + budget;
     let mut stop = None;
-    d.run_until(deadline, &mut stop, sink, |v| v.ever_connected)
-        .await?;
+    d.run_until(deadline, &mut stop, sink, |v| {
+        v.ever_connected || v.engine.removed()
+    })
+    .await?;
+    if d.engine().removed() {
+        return Err(CliError::DeviceRemoved);
+    }
     if d.ever_connected() {
         Ok(())
     } else {
@@ -98,7 +103,7 @@ async fn reach(
 }
 
 /// Run until settled or `bound` passes; true if settled.
-async fn settle(
+pub(crate) async fn settle(
     d: &mut Cli,
     bound: Duration,
     sink: &mut dyn Sink<FileStorage>,

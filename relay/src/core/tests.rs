@@ -95,6 +95,7 @@ fn default_config() -> CoreConfig {
         send_burst: 32,
         push_window: DEFAULT_PUSH_WINDOW,
         blobs: crate::store::BlobLimits::default(),
+        stale_after_ms: crate::core::DEFAULT_STALE_AFTER_MS,
     }
 }
 
