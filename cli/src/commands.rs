@@ -504,11 +504,16 @@ pub async fn sync(home: &Home, style: Style, wait: Duration) -> Result<(), CliEr
         let mut stop = None;
         let outcome = d
             .run_until(Instant::now() + SYNC_STALL, &mut stop, &mut printer, |v| {
-                v.connected
-                    && v.engine.connection_state() == ConnectionState::Live
-                    && v.outstanding == 0
+                v.engine.removed()
+                    || (v.connected
+                        && v.engine.connection_state() == ConnectionState::Live
+                        && v.outstanding == 0)
             })
             .await?;
+        if d.engine().removed() {
+            d.shutdown().await;
+            return Err(CliError::DeviceRemoved);
+        }
         if outcome == Outcome::Done {
             break;
         }

@@ -10,6 +10,9 @@
 //! longer is listed stale, senders stop encrypting to it, and when it
 //! returns it is told it was retired.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use hush_tests::RelayProcess;
 use hush_tests::cli::{Hush, metric, of_type, pair, texts};
 use hush_tests::wait::wait_until;
@@ -55,7 +58,9 @@ async fn a_removed_device_gets_nothing_and_is_refused() {
 
     // Something waits in alice3's inbox when it is removed.
     bob.run_ok(&["sync"]).await.unwrap();
-    bob.run_ok(&["send", "alice", "before removal"]).await.unwrap();
+    bob.run_ok(&["send", "alice", "before removal"])
+        .await
+        .unwrap();
     let depth_before = metric(&relay, "hush_inbox_depth").unwrap().unwrap();
     assert!(depth_before >= 1.0);
 
@@ -81,7 +86,9 @@ async fn a_removed_device_gets_nothing_and_is_refused() {
     // Messages after the removal: none is sealed to alice3 (the relay
     // would refuse it as UnknownDevice), every other device gets them.
     let unknown_before = refusals(&relay, "unknown_device");
-    bob.run_ok(&["send", "alice", "after removal"]).await.unwrap();
+    bob.run_ok(&["send", "alice", "after removal"])
+        .await
+        .unwrap();
     alice2
         .run_ok(&["send", "bob", "alice2 after removal"])
         .await
@@ -106,7 +113,9 @@ async fn a_removed_device_gets_nothing_and_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_device_is_skipped_and_told_it_was_retired() {
-    let relay = RelayProcess::spawn_temp(&["--stale-after", "3s"]).await.unwrap();
+    let relay = RelayProcess::spawn_temp(&["--stale-after", "3s"])
+        .await
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (alice, bob) = pair(&relay, dir.path()).await.unwrap();
     let alice2 = link(dir.path(), &relay, &alice, "alice2").await;

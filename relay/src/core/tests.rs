@@ -1171,3 +1171,6 @@ fn blob_limits_refuse_oversized_and_too_many_blobs() {
         ErrorCode::UnknownBlob
     );
 }
+
+#[path = "tests_lifecycle.rs"]
+mod lifecycle;
