@@ -1709,6 +1709,41 @@ mod tests {
         txn.commit().unwrap();
     }
 
+    /// A format-4 file (no `device_seen`, no `removed_devices`) is upgraded
+    /// on open: every device counts as seen at its registration, so none is
+    /// reported stale for longer than it really was away.
+    #[test]
+    fn format_4_files_are_upgraded_with_last_seen_from_registration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        {
+            let store = RedbStore::open(&path, StoreLimits::default()).unwrap();
+            store.register_device(&registration(1), 7).unwrap();
+            store.touch_device(&DeviceId([1; 16]), 9_000, 0).unwrap();
+            poke(&store, |txn| {
+                assert!(txn.delete_table(DEVICE_SEEN).unwrap());
+                assert!(txn.delete_table(REMOVED_DEVICES).unwrap());
+                let mut info = txn.open_table(INFO).unwrap();
+                info.insert(FORMAT_KEY, 4u32.to_be_bytes().as_slice())
+                    .unwrap();
+            });
+        }
+        let store = RedbStore::open(&path, StoreLimits::default()).unwrap();
+        assert_eq!(store.device_last_seen(&DeviceId([1; 16])).unwrap(), Some(7));
+        assert_eq!(store.device_removed(&DeviceId([1; 16])).unwrap(), None);
+        assert!(store.remove_device(&DeviceId([1; 16]), 10).unwrap());
+        let txn = store.db.begin_read().unwrap();
+        let format = txn
+            .open_table(INFO)
+            .unwrap()
+            .get(FORMAT_KEY)
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        assert_eq!(format, FORMAT_VERSION.to_be_bytes());
+    }
+
     /// A format-3 file (no `user_devices` table) is upgraded on open: its
     /// existing devices count against the cap at once, so a user cannot
     /// slip past it by having registered before the upgrade.
