@@ -358,6 +358,8 @@ async function enter(client) {
     refreshConversations();
   });
   client.on("history", onHistory);
+  client.on("device_removed", () => notice("This browser was removed from your account: it receives nothing new.", "error"));
+  client.on("retired", () => notice("This browser had been away long enough to be retired: messages sent meanwhile did not reach it.", "info"));
   client.on("warning", (ev) => console.warn("hush:", ev.message));
   for (const kind of ["messages", "state", "removed", "read", "gap", "connection", "devices", "linked", "error"]) {
     client.on(kind, scheduleHealth);
@@ -1345,7 +1347,56 @@ function noteDevice(device, user) {
   applyPendingRotations();
 }
 
+/** The devices panel: this user's devices, with "Remove" for the others. */
+function renderDevices() {
+  if (!state.client || !$("devices-panel").open) return;
+  let devices;
+  try {
+    devices = state.client.devices();
+  } catch {
+    return; // Closed or rebuilding: the next event refreshes it.
+  }
+  const list = $("device-list");
+  list.replaceChildren();
+  for (const d of devices) {
+    const item = document.createElement("li");
+    item.dataset.testid = "device";
+    item.dataset.device = d.device;
+    const id = document.createElement("code");
+    id.textContent = d.device.slice(0, 12) + "…";
+    id.title = d.device;
+    item.append(id);
+    const facts = document.createElement("span");
+    facts.className = "muted small";
+    const seen = d.lastSeenMs == null ? "last seen unknown" : `seen ${new Date(d.lastSeenMs).toLocaleString()}`;
+    facts.textContent = ` ${d.self ? "this browser · " : ""}${seen}${d.stale ? " · stale" : ""}`;
+    item.append(facts);
+    if (!d.self) {
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.textContent = "Remove";
+      remove.dataset.testid = "remove-device";
+      remove.addEventListener("click", () => removeDevice(d.device, remove));
+      item.append(remove);
+    }
+    list.append(item);
+  }
+}
+
+async function removeDevice(device, button) {
+  if (!confirm("Remove this device? It will receive nothing sent from now on.")) return;
+  button.disabled = true;
+  try {
+    await state.client.removeDevice(device);
+    notice("Device removed: it receives nothing new.", "info");
+  } catch (e) {
+    button.disabled = false;
+    notice(`The device was not removed: ${describeError(e)}`);
+  }
+}
+
 function onDevices(ev) {
+  renderDevices();
   let changed = false;
   for (const d of ev.devices) {
     if (state.deviceOwner[d] !== ev.user) {
@@ -1541,6 +1592,7 @@ $("copy-contact-code").addEventListener("click", (e) => copy($("contact-code").t
 $("copy-link-code").addEventListener("click", (e) => copy($("link-code").textContent, e.currentTarget));
 $("link-code-button").addEventListener("click", showLinkCode);
 $("load-earlier").addEventListener("click", loadEarlier);
+$("devices-panel").addEventListener("toggle", renderDevices);
 $("health").addEventListener("toggle", () => {
   renderHealth();
   if ($("health").open) $("health").scrollIntoView({ block: "nearest" });

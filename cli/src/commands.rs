@@ -81,15 +81,20 @@ async fn requeue_failed(d: &mut Cli, sink: &mut dyn Sink<FileStorage>) -> Result
 }
 
 /// Run until connected at least once, within [`CONNECT_BUDGET`].
-async fn reach(
+pub(crate) async fn reach(
     d: &mut Cli,
     budget: Duration,
     sink: &mut dyn Sink<FileStorage>,
 ) -> Result<(), CliError> {
     let deadline = Instant::now() + budget;
     let mut stop = None;
-    d.run_until(deadline, &mut stop, sink, |v| v.ever_connected)
-        .await?;
+    d.run_until(deadline, &mut stop, sink, |v| {
+        v.ever_connected || v.engine.removed()
+    })
+    .await?;
+    if d.engine().removed() {
+        return Err(CliError::DeviceRemoved);
+    }
     if d.ever_connected() {
         Ok(())
     } else {
@@ -98,7 +103,7 @@ async fn reach(
 }
 
 /// Run until settled or `bound` passes; true if settled.
-async fn settle(
+pub(crate) async fn settle(
     d: &mut Cli,
     bound: Duration,
     sink: &mut dyn Sink<FileStorage>,
@@ -499,11 +504,16 @@ pub async fn sync(home: &Home, style: Style, wait: Duration) -> Result<(), CliEr
         let mut stop = None;
         let outcome = d
             .run_until(Instant::now() + SYNC_STALL, &mut stop, &mut printer, |v| {
-                v.connected
-                    && v.engine.connection_state() == ConnectionState::Live
-                    && v.outstanding == 0
+                v.engine.removed()
+                    || (v.connected
+                        && v.engine.connection_state() == ConnectionState::Live
+                        && v.outstanding == 0)
             })
             .await?;
+        if d.engine().removed() {
+            d.shutdown().await;
+            return Err(CliError::DeviceRemoved);
+        }
         if outcome == Outcome::Done {
             break;
         }

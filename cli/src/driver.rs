@@ -885,7 +885,8 @@ impl<S: Storage + Send + 'static> Driver<S> {
             }
             ServerFrame::Push { .. }
             | ServerFrame::Closing { .. }
-            | ServerFrame::PrekeysLow { .. } => {}
+            | ServerFrame::PrekeysLow { .. }
+            | ServerFrame::Retired { .. } => {}
         }
     }
 

@@ -56,6 +56,14 @@ pub enum CliError {
         /// Why it was rejected.
         reason: String,
     },
+    /// The relay refuses this device: its user removed it from another device.
+    #[error(
+        "this device was removed by its user: the relay refuses it and nothing new is encrypted to it (set it up again with `hush init --link`)"
+    )]
+    DeviceRemoved,
+    /// `hush device remove` named no device of this user.
+    #[error("unknown device {0:?} (see `hush device list`)")]
+    UnknownDevice(String),
     /// No connection could be made to the relay within the command's bound.
     #[error("relay unreachable at {addr}: {reason}")]
     Unreachable {

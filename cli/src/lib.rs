@@ -20,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod commands;
+pub mod device;
 pub mod driver;
 pub mod error;
 pub mod group;

@@ -74,6 +74,11 @@ enum Cmd {
         #[command(subcommand)]
         command: hush_cli::group::GroupCmd,
     },
+    /// This user's devices: list them, remove one.
+    Device {
+        #[command(subcommand)]
+        command: hush_cli::device::DeviceCmd,
+    },
     /// Send a message; exits 0 once the relay stored it.
     Send {
         /// The contact's name, or a group (`#NAME`; see `hush group`).
@@ -208,6 +213,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             command: ContactCmd::List { json },
         } => commands::contact_list(&home, style(json)),
         Cmd::Group { command } => hush_cli::group::run(&home, command).await,
+        Cmd::Device { command } => hush_cli::device::run(&home, command).await,
         Cmd::Send {
             name,
             text,

@@ -436,6 +436,10 @@ impl Printer {
             Event::HistoryExported { device, messages } => {
                 json!({"type": "history_exported", "device": dev(device), "messages": messages})
             }
+            Event::Removed => json!({"type": "removed_device"}),
+            Event::Retired { last_seen_ms } => {
+                json!({"type": "retired", "last_seen_ms": last_seen_ms})
+            }
         })
     }
 
@@ -504,6 +508,14 @@ impl Printer {
             Event::HistoryExportWanted { .. } => err_line("sending the history to the new device…"),
             Event::HistoryExported { messages, .. } => err_line(&format!(
                 "history of {messages} message(s) uploaded for the new device"
+            )),
+            Event::Removed => {
+                err_line("this device was removed by its user; it receives nothing new")
+            }
+            Event::Retired { last_seen_ms } => err_line(&format!(
+                "this device was retired: the relay had not seen it since {} (ms since the \
+                 epoch); messages sent meanwhile did not reach it",
+                last_seen_ms
             )),
             Event::MessageRemoved {
                 conversation,

@@ -92,6 +92,10 @@ pub enum ErrorCode {
     /// Position 19. No such blob: never created, expired, or not yet
     /// written that far.
     UnknownBlob,
+    /// Position 20. The device was removed: its user published a device
+    /// list without it. The relay freed its inbox and refuses its
+    /// authentication (and registration) from then on.
+    DeviceRemoved,
 }
 
 /// A refusal as sent on the wire: a code for programs, a message for people.

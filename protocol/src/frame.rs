@@ -295,6 +295,30 @@ pub enum Request {
         /// At most [`MAX_BLOB_CHUNK`].
         max: u32,
     },
+    /// Position 14. Fetch a user's latest signed device list together with
+    /// the relay's lease of each listed device (last seen, stale). Answer:
+    /// [`Response::DeviceLeases`]. The leases are the relay's word, not
+    /// signed by anyone (see docs/SECURITY.md "Device lifecycle").
+    FetchDeviceLeases {
+        /// The user.
+        user: UserKey,
+    },
+}
+
+/// The relay's lease of one listed device: when it last authenticated and
+/// whether that is longer ago than the relay's stale period. Unsigned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceLease {
+    /// The device (an entry of the list it comes with).
+    pub device: DeviceId,
+    /// When it last authenticated, ms since the Unix epoch, to the relay's
+    /// write granularity (an hour by default); its registration time if it
+    /// never authenticated since; 0 if the relay does not know it.
+    pub last_seen_ms: u64,
+    /// The relay considers it stale: not seen for its `--stale-after`
+    /// period (or not registered there at all). Senders stop encrypting
+    /// to a stale device.
+    pub stale: bool,
 }
 
 /// A frame from the relay.
@@ -335,6 +359,16 @@ pub enum ServerFrame {
     PrekeysLow {
         /// One-time prekeys the relay still holds for this device.
         one_time_prekeys_left: u32,
+    },
+    /// Position 5. Unsolicited, right after a successful authentication:
+    /// this device had not been seen for longer than the relay's stale
+    /// period, so it was reported stale to its peers and senders stopped
+    /// encrypting to it. It syncs what its inbox still holds; what was sent
+    /// while it was stale never reached it.
+    Retired {
+        /// When the relay had last seen it before this connection, ms since
+        /// the Unix epoch.
+        last_seen_ms: u64,
     },
 }
 
@@ -495,6 +529,14 @@ pub enum Response {
         /// At most [`MAX_BLOB_CHUNK`] bytes (empty at or past `committed`).
         bytes: Vec<u8>,
     },
+    /// Position 13. Answer to `FetchDeviceLeases`: the signed list as stored
+    /// and one lease per listed device, in list order.
+    DeviceLeases {
+        /// The user's latest signed device list.
+        list: SignedDeviceList,
+        /// At most [`MAX_DEVICES_PER_USER`] leases.
+        leases: Vec<DeviceLease>,
+    },
 }
 
 fn too_large(what: &'static str, len: usize, max: usize) -> Result<(), ProtocolError> {
@@ -584,13 +626,17 @@ impl ServerFrame {
                 Response::BlobChunk { bytes, .. } => {
                     too_large("blob chunk", bytes.len(), MAX_BLOB_CHUNK)
                 }
+                Response::DeviceLeases { list, leases } => {
+                    too_large("device list", list.list.devices.len(), MAX_DEVICES_PER_USER)?;
+                    too_large("device leases", leases.len(), MAX_DEVICES_PER_USER)
+                }
                 _ => Ok(()),
             },
             ServerFrame::Error { error, .. } => {
                 too_large("text", error.message.len(), MAX_TEXT_LEN)
             }
             ServerFrame::Closing { reason, .. } => too_large("text", reason.len(), MAX_TEXT_LEN),
-            ServerFrame::PrekeysLow { .. } => Ok(()),
+            ServerFrame::PrekeysLow { .. } | ServerFrame::Retired { .. } => Ok(()),
         }
     }
 

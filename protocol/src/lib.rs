@@ -32,10 +32,10 @@ pub mod limits;
 pub use envelope::{Envelope, EnvelopeHeader, SessionInitHeader};
 pub use error::{ErrorCode, ProtocolError, WireError};
 pub use frame::{
-    AuthOk, ClientFrame, Delivered, DeviceEntry, DeviceList, DeviceRegistration, DroppedRange,
-    FrameBuffer, OneTimePrekey, Page, PrekeyBundle, Request, Response, SendOutcome, ServerFrame,
-    SignedDeviceList, SignedPrekey, Truncation, auth_challenge_bytes, decode_client_frame,
-    decode_server_frame, encode_client_frame, encode_server_frame,
+    AuthOk, ClientFrame, Delivered, DeviceEntry, DeviceLease, DeviceList, DeviceRegistration,
+    DroppedRange, FrameBuffer, OneTimePrekey, Page, PrekeyBundle, Request, Response, SendOutcome,
+    ServerFrame, SignedDeviceList, SignedPrekey, Truncation, auth_challenge_bytes,
+    decode_client_frame, decode_server_frame, encode_client_frame, encode_server_frame,
 };
 pub use ids::{BlobId, ConversationId, DeviceId, MessageId, UserKey};
 

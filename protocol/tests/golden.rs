@@ -528,6 +528,9 @@ fn all_requests() -> Vec<Request> {
             offset: 0,
             max: 0,
         },
+        Request::FetchDeviceLeases {
+            user: UserKey([0; 32]),
+        },
     ]
 }
 
@@ -563,6 +566,7 @@ fn request_variant_indexes_match_the_doc_table() {
             "BlobPut",
             "BlobStatus",
             "BlobGet",
+            "FetchDeviceLeases",
         ],
     );
 }
@@ -629,6 +633,17 @@ fn all_responses() -> Vec<Response> {
             committed: 0,
             bytes: Vec::new(),
         },
+        Response::DeviceLeases {
+            list: SignedDeviceList {
+                list: DeviceList {
+                    user: UserKey([0; 32]),
+                    version: 0,
+                    devices: Vec::new(),
+                },
+                signature: [0; 64],
+            },
+            leases: Vec::new(),
+        },
     ]
 }
 
@@ -663,6 +678,7 @@ fn response_variant_indexes_match_the_doc_table() {
             "BlobStored",
             "BlobState",
             "BlobChunk",
+            "DeviceLeases",
         ],
     );
 }
@@ -685,6 +701,7 @@ fn server_frame_variant_indexes_match_the_doc_table() {
         ServerFrame::PrekeysLow {
             one_time_prekeys_left: 0,
         },
+        ServerFrame::Retired { last_seen_ms: 0 },
     ];
     let rows: Vec<(u8, String)> = frames
         .into_iter()
@@ -695,7 +712,14 @@ fn server_frame_variant_indexes_match_the_doc_table() {
         .collect();
     check_table(
         &rows,
-        &["Response", "Error", "Push", "Closing", "PrekeysLow"],
+        &[
+            "Response",
+            "Error",
+            "Push",
+            "Closing",
+            "PrekeysLow",
+            "Retired",
+        ],
     );
 }
 
@@ -732,6 +756,7 @@ fn error_code_indexes_match_the_doc_table() {
             "RegistrationLimit",
             "BlobLimit",
             "UnknownBlob",
+            "DeviceRemoved",
         ],
     );
 }

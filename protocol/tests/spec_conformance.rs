@@ -216,6 +216,10 @@ fn request(w: &mut W, r: &Request) {
             w.varint(*offset);
             w.varint((*max).into());
         }
+        Request::FetchDeviceLeases { user } => {
+            w.varint(14);
+            w.raw(&user.0);
+        }
     }
 }
 
@@ -337,6 +341,15 @@ fn response(w: &mut W, r: &Response) {
             w.varint(*committed);
             w.bytes(bytes);
         }
+        Response::DeviceLeases { list, leases } => {
+            w.varint(13);
+            signed_device_list(w, list);
+            w.seq(leases, |w, l| {
+                w.raw(&l.device.0);
+                w.varint(l.last_seen_ms);
+                w.bool(l.stale);
+            });
+        }
     }
 }
 
@@ -369,6 +382,10 @@ fn server_frame(w: &mut W, f: &ServerFrame) {
         } => {
             w.varint(4);
             w.varint((*one_time_prekeys_left).into());
+        }
+        ServerFrame::Retired { last_seen_ms } => {
+            w.varint(5);
+            w.varint(*last_seen_ms);
         }
     }
 }

@@ -42,6 +42,8 @@ pub const DEFAULT_PREKEY_FETCHES_PER_TARGET_MINUTE: u32 = 10;
 /// Smallest `--max-envelope` accepted: a header with a short ratchet header
 /// and an empty payload must still fit.
 pub const MIN_MAX_ENVELOPE: usize = 256;
+/// Default `--stale-after`: 30 days.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Longest retention accepted (10 years): keeps expiry arithmetic far from overflow.
 pub const MAX_RETENTION: Duration = Duration::from_secs(3650 * 24 * 3600);
 
@@ -72,6 +74,8 @@ pub struct Config {
     /// How long an unacknowledged envelope whose header carries the
     /// important flag is kept (never less than `retention`).
     pub retention_important: Duration,
+    /// A device not seen for this long is reported stale (`--stale-after`).
+    pub stale_after: Duration,
     /// Largest envelope accepted, bytes (at most the protocol's 64 KiB).
     pub max_envelope: usize,
     /// Most unacknowledged envelopes per inbox.
@@ -184,6 +188,7 @@ impl Config {
             key: None,
             retention: DEFAULT_RETENTION,
             retention_important: DEFAULT_RETENTION_IMPORTANT,
+            stale_after: DEFAULT_STALE_AFTER,
             max_envelope: MAX_ENVELOPE_LEN,
             inbox_max_messages: limits.max_inbox_messages,
             inbox_max_bytes: limits.max_inbox_bytes,
@@ -260,6 +265,11 @@ impl Config {
         } else if let Some(v) = &file.retention_important {
             c.retention_important =
                 parse_retention(v).map_err(|e| RelayError::Config(e.to_string()))?;
+        }
+        if let Some(v) = &cli.stale_after {
+            c.stale_after = v.0;
+        } else if let Some(v) = &file.stale_after {
+            c.stale_after = parse_retention(v).map_err(|e| RelayError::Config(e.to_string()))?;
         }
         if let Some(v) = pick!(max_envelope) {
             c.max_envelope = usize::try_from(v.0).unwrap_or(usize::MAX);
@@ -368,6 +378,13 @@ impl Config {
                 format_duration(MAX_RETENTION)
             ));
         }
+        if self.stale_after.is_zero() || self.stale_after > MAX_RETENTION {
+            return err(format!(
+                "--stale-after {} is outside 1s..={}",
+                format_duration(self.stale_after),
+                format_duration(MAX_RETENTION)
+            ));
+        }
         if self.max_connections == 0 || self.max_connections_per_ip == 0 {
             return err("--max-connections and --max-connections-per-ip must be at least 1".into());
         }
@@ -439,6 +456,11 @@ impl Config {
         }
     }
 
+    /// The stale period in milliseconds.
+    pub fn stale_after_ms(&self) -> u64 {
+        u64::try_from(self.stale_after.as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Retention in milliseconds.
     pub fn retention_ms(&self) -> u64 {
         u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX)
@@ -465,6 +487,7 @@ impl Config {
             key: self.key.clone(),
             retention: Some(format_duration(self.retention)),
             retention_important: Some(format_duration(self.retention_important)),
+            stale_after: Some(format_duration(self.stale_after)),
             max_envelope: Some(ByteSize(self.max_envelope as u64)),
             inbox_max_messages: Some(self.inbox_max_messages),
             inbox_max_bytes: Some(ByteSize(self.inbox_max_bytes)),
@@ -569,6 +592,11 @@ pub struct Cli {
     /// --important`) are kept, with a unit (at least --retention) [default: 30d]
     #[arg(long, env = "HUSH_RETENTION_IMPORTANT", value_name = "DURATION", value_parser = parse_retention_arg)]
     pub retention_important: Option<Retention>,
+
+    /// A device not seen for this long is reported stale to its peers, who
+    /// stop encrypting to it (with a unit, e.g. 30d) [default: 30d]
+    #[arg(long, env = "HUSH_STALE_AFTER", value_name = "DURATION", value_parser = parse_retention_arg)]
+    pub stale_after: Option<Retention>,
 
     /// Largest envelope accepted, bytes (K/M suffixes allowed), at most 64K
     /// [default: 64K]
@@ -720,6 +748,9 @@ pub struct FileConfig {
     /// See `--retention-important` (a string such as `"30d"`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retention_important: Option<String>,
+    /// See `--stale-after` (a string such as `"30d"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_after: Option<String>,
     /// See `--max-envelope` (an integer, or a string with a suffix).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_envelope: Option<ByteSize>,

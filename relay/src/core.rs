@@ -49,6 +49,23 @@ pub struct CoreConfig {
     pub push_window: u64,
     /// Blob (history archive) limits and lifetime.
     pub blobs: BlobLimits,
+    /// A device not seen (authenticated) for this long is stale, ms.
+    pub stale_after_ms: u64,
+}
+
+/// Default of [`CoreConfig::stale_after_ms`]: 30 days.
+pub const DEFAULT_STALE_AFTER_MS: u64 = 30 * 24 * 60 * 60 * 1000;
+
+impl CoreConfig {
+    /// How coarsely last-seen times are written: an hour
+    /// ([`crate::store::LAST_SEEN_GRANULARITY_MS`]), or an eighth of the
+    /// stale period if that is shorter, so that a device in use never
+    /// looks stale.
+    pub fn last_seen_granularity_ms(&self) -> u64 {
+        crate::store::LAST_SEEN_GRANULARITY_MS
+            .min(self.stale_after_ms / 8)
+            .max(1)
+    }
 }
 
 impl CoreConfig {
@@ -66,6 +83,7 @@ impl CoreConfig {
                 .max(hush_protocol::limits::MAX_BATCH as u32),
             push_window: DEFAULT_PUSH_WINDOW,
             blobs: c.blob_limits(),
+            stale_after_ms: c.stale_after_ms(),
         }
     }
 }
@@ -330,6 +348,10 @@ impl From<StoreError> for Refuse {
             StoreError::StoreFull => {
                 Refuse(ErrorCode::StoreFull, "the relay's store is full".into())
             }
+            StoreError::DeviceRemoved => Refuse(
+                ErrorCode::DeviceRemoved,
+                "this device was removed by its user".into(),
+            ),
         }
     }
 }
@@ -455,8 +477,9 @@ impl<S: Store + ?Sized> RelayCore<S> {
                 .map_err(Refuse::from),
             (Request::FetchPrekeys { device: target }, Some(_)) => self.fetch_prekeys(&target),
             (Request::PublishDeviceList { list }, Some(device)) => {
-                self.publish_device_list(&device, &list)
+                self.publish_device_list(&device, &list, now_ms)
             }
+            (Request::FetchDeviceLeases { user }, Some(_)) => self.device_leases(&user, now_ms),
             (
                 request @ (Request::BlobPut { .. }
                 | Request::BlobStatus { .. }
@@ -513,7 +536,7 @@ impl<S: Store + ?Sized> RelayCore<S> {
             return refuse(ErrorCode::BadAuth, "no challenge: send Hello first");
         };
         let Some(record) = self.store.device(&device)? else {
-            return refuse(ErrorCode::UnknownDevice, "device is not registered");
+            return self.unknown_or_removed(&device);
         };
         let message = auth_challenge_bytes(&challenge, &device);
         if !verify(&record.registration.signing_key, &message, signature) {
@@ -567,6 +590,16 @@ impl<S: Store + ?Sized> RelayCore<S> {
     ) -> Result<Response, Refuse> {
         let inbox = self.store.inbox_state(&device)?;
         let left = self.store.one_time_prekeys_left(&device)?;
+        // The lease: a read, and a write at most once per granularity.
+        let previous =
+            self.store
+                .touch_device(&device, now_ms, self.config.last_seen_granularity_ms())?;
+        if let Some(last_seen_ms) = previous
+            && now_ms.saturating_sub(last_seen_ms) >= self.config.stale_after_ms
+        {
+            // Sent after the Authenticated answer (that goes first).
+            actions.push(Action::Send(ServerFrame::Retired { last_seen_ms }));
+        }
         session.state = SessionState::Authenticated { device };
         session.acked = inbox.acked;
         session.delivered = inbox.acked;
@@ -1030,9 +1063,20 @@ impl<S: Store + ?Sized> RelayCore<S> {
         }
     }
 
+    /// The refusal for a device with no registration: removed, or unknown.
+    fn unknown_or_removed<T>(&self, device: &DeviceId) -> Result<T, Refuse> {
+        if self.store.device_removed(device)?.is_some() {
+            return refuse(
+                ErrorCode::DeviceRemoved,
+                "this device was removed by its user",
+            );
+        }
+        refuse(ErrorCode::UnknownDevice, "device is not registered")
+    }
+
     fn fetch_prekeys(&self, target: &DeviceId) -> Result<Response, Refuse> {
         if self.store.device(target)?.is_none() {
-            return refuse(ErrorCode::UnknownDevice, "device is not registered");
+            return self.unknown_or_removed(target);
         }
         match self.store.take_prekey_bundle(target)? {
             Some(bundle) => Ok(Response::Prekeys(bundle)),
@@ -1044,6 +1088,7 @@ impl<S: Store + ?Sized> RelayCore<S> {
         &self,
         publisher: &DeviceId,
         list: &SignedDeviceList,
+        now_ms: u64,
     ) -> Result<Response, Refuse> {
         let Some(record) = self.store.device(publisher)? else {
             return refuse(ErrorCode::UnknownDevice, "device is not registered");
@@ -1072,8 +1117,79 @@ impl<S: Store + ?Sized> RelayCore<S> {
                 );
             }
         }
+        let previous = self.store.device_list(&list.list.user)?;
         let version = self.store.publish_device_list(list)?;
+        if let Some(previous) = previous {
+            self.remove_dropped(&previous, list, now_ms)?;
+        }
         Ok(Response::DeviceListPublished { version })
+    }
+
+    /// The devices `previous` named that the newer `list` drops are removed
+    /// (inbox and prekeys freed, authentication refused from now on) if
+    /// they are registered to the list's user.
+    fn remove_dropped(
+        &self,
+        previous: &SignedDeviceList,
+        list: &SignedDeviceList,
+        now_ms: u64,
+    ) -> Result<(), Refuse> {
+        let user = list.list.user;
+        for entry in &previous.list.devices {
+            if list.list.devices.iter().any(|e| e.device == entry.device) {
+                continue;
+            }
+            let Some(record) = self.store.device(&entry.device)? else {
+                continue;
+            };
+            if record.registration.user != user {
+                continue;
+            }
+            if self.store.remove_device(&entry.device, now_ms)? {
+                Metrics::add(&self.metrics.devices_removed_total, 1);
+                tracing::info!(device = %short_id(&entry.device), "device removed by its user");
+            }
+        }
+        Ok(())
+    }
+
+    /// `FetchDeviceLeases`: the stored signed list and the relay's lease of
+    /// each listed device (one read per entry, at most
+    /// `MAX_DEVICES_PER_USER`).
+    fn device_leases(
+        &self,
+        user: &hush_protocol::UserKey,
+        now_ms: u64,
+    ) -> Result<Response, Refuse> {
+        let Some(list) = self.store.device_list(user)? else {
+            return refuse(ErrorCode::UnknownDevice, "no device list for this user");
+        };
+        let mut leases = Vec::with_capacity(list.list.devices.len());
+        for entry in &list.list.devices {
+            let seen = self.store.device_last_seen(&entry.device)?;
+            leases.push(hush_protocol::DeviceLease {
+                device: entry.device,
+                last_seen_ms: seen.unwrap_or(0),
+                // Not registered here (or removed): nothing will read it.
+                stale: seen.is_none_or(|t| now_ms.saturating_sub(t) >= self.config.stale_after_ms),
+            });
+        }
+        Ok(Response::DeviceLeases { list, leases })
+    }
+
+    /// Count stale and removed devices into their gauges. Walks the
+    /// devices: called from the retention loop, never per scrape.
+    pub fn refresh_leases(&self, now_ms: u64) {
+        let before = now_ms.saturating_sub(self.config.stale_after_ms);
+        match self.store.lease_counts(before, &|_| true) {
+            Ok(c) => {
+                self.metrics.devices_stale.store(c.stale, Ordering::Relaxed);
+                self.metrics
+                    .devices_removed
+                    .store(c.removed, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!("counting device leases failed: {e}"),
+        }
     }
 
     /// Sample the stored-envelope total into the inbox-depth gauge.

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Every refusal code, in wire order (index = position in this list).
-const ALL_CODES: [ErrorCode; 20] = [
+const ALL_CODES: [ErrorCode; 21] = [
     ErrorCode::UnknownDevice,
     ErrorCode::BadAuth,
     ErrorCode::TooLarge,
@@ -32,6 +32,7 @@ const ALL_CODES: [ErrorCode; 20] = [
     ErrorCode::RegistrationLimit,
     ErrorCode::BlobLimit,
     ErrorCode::UnknownBlob,
+    ErrorCode::DeviceRemoved,
 ];
 
 /// The label value of a refusal code (`kind="…"`).
@@ -57,6 +58,7 @@ pub fn code_label(code: ErrorCode) -> &'static str {
         ErrorCode::RegistrationLimit => "registration_limit",
         ErrorCode::BlobLimit => "blob_limit",
         ErrorCode::UnknownBlob => "unknown_blob",
+        ErrorCode::DeviceRemoved => "device_removed",
     }
 }
 
@@ -222,6 +224,13 @@ pub struct Metrics {
     pub blob_bytes_received_total: AtomicU64,
     /// Bytes sent in `BlobChunk` answers.
     pub blob_bytes_sent_total: AtomicU64,
+    /// Registered devices not seen for the stale period (sampled by the
+    /// retention loop).
+    pub devices_stale: AtomicU64,
+    /// Device ids removed by their users, ever (sampled by the retention loop).
+    pub devices_removed: AtomicU64,
+    /// Devices removed by this relay process since it started.
+    pub devices_removed_total: AtomicU64,
     /// Refusals by code.
     refusals: [AtomicU64; ALL_CODES.len()],
 }
@@ -263,6 +272,9 @@ impl Metrics {
             blob_bytes_received_total: AtomicU64::new(0),
             blob_bytes_sent_total: AtomicU64::new(0),
             sync_catch_up_seconds: Histogram::new(SYNC_BOUNDS),
+            devices_stale: AtomicU64::new(0),
+            devices_removed: AtomicU64::new(0),
+            devices_removed_total: AtomicU64::new(0),
             refusals: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -397,6 +409,24 @@ impl Metrics {
             "hush_inbox_depth",
             "Envelopes stored across all inboxes.",
             i64::try_from(Self::get(&self.inbox_depth)).unwrap_or(i64::MAX),
+        );
+        gauge(
+            &mut out,
+            "hush_devices_stale",
+            "Registered devices not seen for the stale period (--stale-after).",
+            i64::try_from(Self::get(&self.devices_stale)).unwrap_or(i64::MAX),
+        );
+        gauge(
+            &mut out,
+            "hush_devices_removed",
+            "Devices removed by their users (ids remembered by the store).",
+            i64::try_from(Self::get(&self.devices_removed)).unwrap_or(i64::MAX),
+        );
+        counter(
+            &mut out,
+            "hush_devices_removed_total",
+            "Devices removed by their users through this relay process.",
+            Self::get(&self.devices_removed_total),
         );
         counter(
             &mut out,

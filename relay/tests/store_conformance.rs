@@ -124,6 +124,9 @@ conformance!(
     store_cap_refuses_past_the_cap_until_acks_free_space,
     store_cap_is_freed_by_purge_and_ignores_duplicates,
     device_cap_refuses_the_extra_device_of_a_user,
+    last_seen_is_written_coarsely,
+    removing_a_device_frees_its_inbox_and_prekeys_and_refuses_it,
+    lease_counts_count_stale_and_removed_devices,
 );
 
 type Make<S> = dyn Fn(StoreLimits) -> Made<S>;
@@ -1660,4 +1663,109 @@ fn redb_counts_blobs_again_after_reopen() {
         Err(StoreError::StoreFull)
     ));
     s.blob_put(&put(2, 8, 0, 10, b"x"), &l, BLOB_NOW).unwrap();
+}
+
+// ---- device lifecycle ------------------------------------------------------
+
+fn last_seen_is_written_coarsely<S: Store>(make: &Make<S>) {
+    let s = make(StoreLimits::default());
+    s.register_device(&reg(R), 10).unwrap();
+    // Registration counts as seen.
+    assert_eq!(s.device_last_seen(&dev(R)).unwrap(), Some(10));
+    // Within the granularity: reported, not written.
+    assert_eq!(s.touch_device(&dev(R), 500, 1_000).unwrap(), Some(10));
+    assert_eq!(s.device_last_seen(&dev(R)).unwrap(), Some(10));
+    // Past it: written.
+    assert_eq!(s.touch_device(&dev(R), 1_010, 1_000).unwrap(), Some(10));
+    assert_eq!(s.device_last_seen(&dev(R)).unwrap(), Some(1_010));
+    assert_eq!(s.touch_device(&dev(R), 1_500, 1_000).unwrap(), Some(1_010));
+    assert_eq!(s.device_last_seen(&dev(R)).unwrap(), Some(1_010));
+    // A clock that steps back writes nothing.
+    assert_eq!(s.touch_device(&dev(R), 5, 1_000).unwrap(), Some(1_010));
+    assert_eq!(s.device_last_seen(&dev(R)).unwrap(), Some(1_010));
+    // Unknown devices are not invented.
+    assert_eq!(s.touch_device(&dev(A), 5_000, 0).unwrap(), None);
+    assert_eq!(s.device_last_seen(&dev(A)).unwrap(), None);
+}
+
+/// A second device of `reg(n)`'s user.
+fn sibling(n: u8, device: u8) -> DeviceRegistration {
+    DeviceRegistration {
+        device: dev(device),
+        ..reg(n)
+    }
+}
+
+fn removing_a_device_frees_its_inbox_and_prekeys_and_refuses_it<S: Store>(make: &Make<S>) {
+    let limits = StoreLimits {
+        max_devices_per_user: 2,
+        ..StoreLimits::default()
+    };
+    let s = with_devices(make, limits, &[A]);
+    s.register_device(&sibling(A, R), 1).unwrap();
+    s.register_device(&reg(B), 1).unwrap();
+    s.commit(&[env(B, R, 1), env(B, R, 2), env(B, A, 3)])
+        .unwrap();
+    s.publish_prekeys(&dev(R), &spk(1), &[otk(1), otk(2)])
+        .unwrap();
+    let before = s.stored_bytes().unwrap();
+    assert_eq!(s.total_depth().unwrap(), 3);
+    // The user is at its cap.
+    assert!(matches!(
+        s.register_device(&sibling(A, 77), 2),
+        Err(StoreError::DeviceLimit { .. })
+    ));
+
+    assert!(s.remove_device(&dev(R), 50).unwrap());
+    assert!(
+        !s.remove_device(&dev(R), 60).unwrap(),
+        "removal is idempotent"
+    );
+    assert!(!s.remove_device(&dev(99), 60).unwrap(), "unknown: nothing");
+    assert_eq!(s.device_removed(&dev(R)).unwrap(), Some(50));
+    assert_eq!(s.device_removed(&dev(A)).unwrap(), None);
+    // Inbox freed: nothing to pull, counters and totals back down.
+    assert_eq!(s.device(&dev(R)).unwrap(), None);
+    assert_eq!(s.inbox_state(&dev(R)).unwrap(), InboxState::default());
+    assert!(seqs_of(&*s, R, 0).is_empty());
+    assert_eq!(s.total_depth().unwrap(), 1);
+    assert_eq!(
+        s.stored_bytes().unwrap(),
+        before - 2 * stored_cost(16),
+        "the removed inbox's bytes are released"
+    );
+    // Prekeys gone; the device is refused as a recipient and at registration.
+    assert!(matches!(
+        s.take_prekey_bundle(&dev(R)),
+        Err(StoreError::UnknownDevice)
+    ));
+    assert_eq!(s.one_time_prekeys_left(&dev(R)).unwrap(), 0);
+    assert_eq!(
+        s.commit(&[env(B, R, 4)]).unwrap(),
+        vec![refused(Refusal::UnknownRecipient)]
+    );
+    assert!(matches!(
+        s.register_device(&sibling(A, R), 70),
+        Err(StoreError::DeviceRemoved)
+    ));
+    assert_eq!(s.device_last_seen(&dev(R)).unwrap(), None);
+    // Its slot is free for a new device of the user; the others are untouched.
+    s.register_device(&sibling(A, 77), 80).unwrap();
+    assert_eq!(seqs_of(&*s, A, 0), vec![1]);
+}
+
+fn lease_counts_count_stale_and_removed_devices<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[A, B, R]);
+    let all = |_: &DeviceId| true;
+    assert_eq!(s.lease_counts(1, &all).unwrap().stale, 0);
+    assert_eq!(s.lease_counts(2, &all).unwrap().stale, 3);
+    s.touch_device(&dev(B), 5_000, 0).unwrap();
+    let c = s.lease_counts(2_000, &all).unwrap();
+    assert_eq!((c.stale, c.removed), (2, 0));
+    s.remove_device(&dev(R), 6_000).unwrap();
+    let c = s.lease_counts(2_000, &all).unwrap();
+    assert_eq!((c.stale, c.removed), (1, 1));
+    let not_a = |d: &DeviceId| *d != dev(A);
+    let c = s.lease_counts(2_000, &not_a).unwrap();
+    assert_eq!((c.stale, c.removed), (0, 1));
 }

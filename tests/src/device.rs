@@ -604,6 +604,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::BlobPut { .. } => "BlobPut",
         Request::BlobStatus { .. } => "BlobStatus",
         Request::BlobGet { .. } => "BlobGet",
+        Request::FetchDeviceLeases { .. } => "FetchDeviceLeases",
     }
 }
 

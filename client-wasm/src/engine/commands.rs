@@ -12,6 +12,7 @@ use hush_protocol::{ConversationId, DeviceId, MessageId};
 impl Engine {
     pub(crate) fn on_command(&mut self, now: u64, c: Command) -> Result<(), ClientError> {
         match c {
+            Command::RemoveDevice { device } => self.remove_own_device(now, device)?,
             Command::SendText { conversation, text } if self.is_group(&conversation) => {
                 self.group_command(now, Command::SendText { conversation, text })?;
             }

@@ -111,6 +111,7 @@ impl Engine {
                 self.link.one_time_left = one_time_prekeys_left;
                 self.publish_prekeys_if_needed(now)?;
             }
+            ServerFrame::Retired { last_seen_ms } => self.on_retired(last_seen_ms),
             ServerFrame::Closing { code, .. } => {
                 if code != ErrorCode::ShuttingDown && code != ErrorCode::Replaced {
                     self.event(Event::Warning(format!(
@@ -176,6 +177,14 @@ impl Engine {
                     self.set_own_list(now, list);
                 }
             }
+            (Pending::FetchDeviceList(user), Response::DeviceLeases { list, leases }) => {
+                let again = self.list_fetch_done(&user);
+                self.on_device_list(now, user, list.clone())?;
+                self.note_leases(user, &list, leases);
+                if again {
+                    self.fetch_list(now, user);
+                }
+            }
             (Pending::FetchDeviceList(user), Response::DeviceList(list)) => {
                 let again = self.list_fetch_done(&user);
                 self.on_device_list(now, user, list)?;
@@ -206,6 +215,8 @@ impl Engine {
                         self.device.registered = false;
                         self.touch(Dirty::Device);
                     }
+                    // Removed by its user: the relay will never take it back.
+                    ErrorCode::DeviceRemoved => self.on_removed(),
                     code => self.event(Event::Warning(format!("authentication refused: {code:?}"))),
                 }
                 self.drop_connection(now);
@@ -390,7 +401,7 @@ impl Engine {
     /// adds us and publish it.
     fn ensure_listed(&mut self, now: u64) -> Result<(), ClientError> {
         let me = self.device.device;
-        if self.own.known.contains(&me) {
+        if self.own.known.contains(&me) || self.lifecycle.removed {
             return Ok(());
         }
         let base_version = self
@@ -422,8 +433,9 @@ impl Engine {
     pub(crate) fn fetch_list(&mut self, now: u64, user: UserKey) {
         if self.link.ready && self.link.fetching_lists.insert(user) {
             self.link.list_fetch_sent.insert(user, now);
+            // The list with the relay's leases (see `lifecycle`).
             self.request(
-                Request::FetchDeviceList { user },
+                Request::FetchDeviceLeases { user },
                 Pending::FetchDeviceList(user),
             );
         }
@@ -564,6 +576,7 @@ impl Engine {
             return Ok(());
         }
         if user == self.user_key() {
+            self.check_dropped(&list);
             if list.list.version >= self.own.known.version() {
                 let changed = self.own.known.list.as_ref() != Some(&list);
                 self.set_own_list(now, list);

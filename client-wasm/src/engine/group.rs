@@ -981,15 +981,23 @@ impl Engine {
         let mut targets = Vec::new();
         for u in &users {
             if let Some(c) = self.contacts.get(u) {
-                targets.extend(c.known.devices().map(|e| send::new_target(e.device, true)));
+                // Devices the relay reports stale get nothing new.
+                let stale = self.stale_targets(u);
+                targets.extend(
+                    c.known
+                        .devices()
+                        .filter(|e| !stale.contains(&e.device))
+                        .map(|e| send::new_target(e.device, true)),
+                );
             }
         }
         let my_device = self.device.device;
+        let stale_mine = self.stale_targets(&me);
         targets.extend(
             self.own
                 .known
                 .devices()
-                .filter(|e| e.device != my_device)
+                .filter(|e| e.device != my_device && !stale_mine.contains(&e.device))
                 .map(|e| send::new_target(e.device, false)),
         );
         if let Some(entry) = self.outbox.get_mut(id) {

@@ -15,6 +15,7 @@ mod conn;
 mod group;
 pub mod history_transfer;
 mod inspect;
+mod lifecycle;
 mod pull;
 mod recv;
 mod send;
@@ -40,6 +41,7 @@ pub use group::{
     MAX_UNKNOWN_GROUP_STREAMS, group_history, group_order_key, group_order_prefix,
 };
 pub use inspect::{Backlog, OpenGap};
+pub use lifecycle::DeviceInfo;
 
 /// Timing and size knobs. The defaults are the product's; tests and the
 /// simulator shorten some of them.
@@ -275,6 +277,15 @@ pub enum Command {
         /// The text (at most [`crate::payload::MAX_TEXT_BYTES`] bytes).
         text: String,
     },
+    /// Remove another device of this user: publish a signed list without
+    /// it. Peers stop encrypting to it once they hold the list, and the
+    /// relay frees its inbox and refuses it (see docs/CLIENT.md "Device
+    /// lifecycle"). [`Event::DevicesChanged`] follows once the relay
+    /// stored the list.
+    RemoveDevice {
+        /// The device (not this one).
+        device: DeviceId,
+    },
 }
 
 /// The direct answer to a command.
@@ -454,6 +465,16 @@ pub enum Event {
         device: DeviceId,
         /// Messages in the archive.
         messages: u64,
+    },
+    /// This device was removed by its user: the relay refuses it from now
+    /// on and nothing new is encrypted to it. The app should stop using it.
+    Removed,
+    /// The relay says this device had not been seen for its stale period:
+    /// peers stopped encrypting to it meanwhile, so messages sent then
+    /// never reached it. It syncs what its inbox still holds.
+    Retired {
+        /// When the relay had last seen it (ms since the Unix epoch).
+        last_seen_ms: u64,
     },
 }
 
@@ -651,6 +672,8 @@ pub struct Engine {
     pub(crate) groups: group::GroupState,
     /// History transfer to or from a newly linked device.
     pub(crate) history: history_transfer::Transfer,
+    /// Leases, removal, retirement (in memory; see `lifecycle`).
+    pub(crate) lifecycle: lifecycle::Lifecycle,
 }
 
 impl std::fmt::Debug for Engine {
@@ -718,6 +741,7 @@ impl Engine {
             open_budgets: recv::OpenBudgets::default(),
             groups: group::GroupState::default(),
             history: history_transfer::Transfer::default(),
+            lifecycle: lifecycle::Lifecycle::default(),
         }
     }
 

@@ -167,12 +167,16 @@ impl Engine {
         if !contact_ready || !own_ready {
             return false;
         }
+        // Devices the relay reports stale get nothing new (see `lifecycle`).
+        let stale_theirs = self.stale_targets(&user);
+        let stale_mine = self.stale_targets(&me);
         let mut targets: Vec<Target> = self
             .contacts
             .get(&user)
             .map(|c| {
                 c.known
                     .devices()
+                    .filter(|e| !stale_theirs.contains(&e.device))
                     .map(|e| new_target(e.device, true))
                     .collect()
             })
@@ -182,7 +186,7 @@ impl Engine {
             self.own
                 .known
                 .devices()
-                .filter(|e| e.device != my_device)
+                .filter(|e| e.device != my_device && !stale_mine.contains(&e.device))
                 .map(|e| new_target(e.device, false)),
         );
         let deadline = now.saturating_add(self.cfg.send_deadline_ms);

@@ -59,6 +59,10 @@ struct FakeRelay {
     /// Clear the important flag of envelopes before storing them (a relay
     /// downgrading a message's retention class).
     strip_important: bool,
+    /// Devices whose lease the relay reports stale (true or not).
+    pub(super) stale_devices: BTreeSet<DeviceId>,
+    /// Leases for these devices are added to every answer (not in the list).
+    pub(super) extra_leases: Vec<DeviceId>,
 }
 
 impl FakeRelay {
@@ -73,6 +77,49 @@ impl FakeRelay {
                 },
             )]
         };
+        if let Request::FetchDeviceLeases { user } = f.request {
+            // Answered like FetchDeviceList, with a lease per device.
+            let inner = ClientFrame {
+                request_id: id,
+                request: Request::FetchDeviceList { user },
+            };
+            return self
+                .handle(who, inner)
+                .into_iter()
+                .map(|(to, frame)| match frame {
+                    ServerFrame::Response {
+                        request_id,
+                        response: Response::DeviceList(list),
+                    } => {
+                        let mut leases: Vec<hush_protocol::DeviceLease> = list
+                            .list
+                            .devices
+                            .iter()
+                            .map(|e| hush_protocol::DeviceLease {
+                                device: e.device,
+                                last_seen_ms: T0,
+                                stale: self.stale_devices.contains(&e.device),
+                            })
+                            .collect();
+                        leases.extend(self.extra_leases.iter().map(|d| {
+                            hush_protocol::DeviceLease {
+                                device: *d,
+                                last_seen_ms: T0,
+                                stale: false,
+                            }
+                        }));
+                        (
+                            to,
+                            ServerFrame::Response {
+                                request_id,
+                                response: Response::DeviceLeases { list, leases },
+                            },
+                        )
+                    }
+                    other => (to, other),
+                })
+                .collect();
+        }
         match f.request {
             Request::Hello { .. } => resp(Response::Challenge { challenge: [1; 32] }),
             Request::Register { registration, .. } => {
@@ -262,6 +309,7 @@ impl FakeRelay {
                 resp(Response::Acked { up_to })
             }
             Request::Ping => resp(Response::Pong { relay_time_ms: 0 }),
+            Request::FetchDeviceLeases { .. } => Vec::new(),
             Request::BlobPut {
                 blob,
                 offset,
@@ -2033,3 +2081,6 @@ fn relay_stripping_the_important_flag_is_rejected() {
     assert!(net.messages(b).is_empty());
     assert!(net.clients[b].engine.counters().rejected > before);
 }
+
+#[path = "tests_lifecycle.rs"]
+mod lifecycle_tests;

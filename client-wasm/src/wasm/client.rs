@@ -611,6 +611,50 @@ impl Client {
         Ok(list.into())
     }
 
+    /// This user's devices from the newest signed list, with the relay's
+    /// (unsigned) lease of each: when it was last seen and whether it is
+    /// stale (no new messages are encrypted to a stale device).
+    #[wasm_bindgen(unchecked_return_type = "DeviceInfo[]")]
+    pub fn devices(&self) -> Result<JsValue, JsValue> {
+        let list = self.engine(|e| {
+            e.own_devices()
+                .into_iter()
+                .map(|d| {
+                    convert::Obj::new()
+                        .set("device", d.device.to_hex())
+                        .set("self", d.this_device)
+                        .set(
+                            "lastSeenMs",
+                            d.last_seen_ms
+                                .map_or(JsValue::NULL, |t| JsValue::from_f64(t as f64)),
+                        )
+                        .set("stale", d.stale)
+                        .build()
+                })
+                .collect::<Array>()
+        })?;
+        Ok(list.into())
+    }
+
+    /// Remove another device of this user (by its id in hex): publishes a
+    /// signed device list without it. Resolves once the list is queued; a
+    /// `devices` event follows when the relay stored it.
+    #[wasm_bindgen(js_name = removeDevice, unchecked_return_type = "Promise<void>")]
+    pub fn remove_device(
+        &self,
+        #[wasm_bindgen(unchecked_param_type = "string")] device: JsValue,
+    ) -> Promise {
+        let parsed = string_arg(&device, "the device id").and_then(|text| {
+            hush_protocol::DeviceId::from_hex(text.trim())
+                .map_err(|_| Failure::new("invalid_argument", "not a device id (32 hex digits)"))
+        });
+        let done = parsed.map(|device| self.command(Command::RemoveDevice { device }));
+        promise(async move {
+            done?.await?;
+            Ok(JsValue::UNDEFINED)
+        })
+    }
+
     /// Where this device stands: connection state, identity, outbox.
     #[wasm_bindgen(unchecked_return_type = "Status")]
     pub fn status(&self) -> Result<JsValue, JsValue> {

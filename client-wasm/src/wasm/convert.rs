@@ -550,6 +550,13 @@ pub(crate) fn event(e: &Event, names: &dyn ContactNames) -> (&'static str, JsVal
                 .num("messages", *messages)
                 .build(),
         ),
+        Event::Removed => ("device_removed", Obj::event("device_removed").build()),
+        Event::Retired { last_seen_ms } => (
+            "retired",
+            Obj::event("retired")
+                .num("lastSeenMs", *last_seen_ms)
+                .build(),
+        ),
         Event::Warning(message) => (
             "warning",
             Obj::event("warning")

@@ -178,6 +178,10 @@ export interface HistoryEvent { type: "history"; done: number; total: number }
 export interface HistoryExportEvent { type: "history_export"; device: string }
 /** The history archive for a new device was uploaded and offered to it. */
 export interface HistoryExportedEvent { type: "history_exported"; device: string; messages: number }
+/** This device was removed by its user: the relay refuses it from now on. */
+export interface DeviceRemovedEvent { type: "device_removed" }
+/** The relay had not seen this device for its stale period: messages sent meanwhile did not reach it. */
+export interface RetiredEvent { type: "retired"; lastSeenMs: number }
 /** A failure; `fatal: false` means the client rebuilt itself from storage and carries on. */
 export interface ErrorEvent { type: "error"; code: HushErrorCode; message: string; fatal: boolean }
 
@@ -185,7 +189,7 @@ export type HushEvent =
   | MessageEvent | MessagesEvent | StateEvent | RemovedEvent | ReadEvent | ProgressEvent | GapEvent
   | RotationEvent | ConnectionEvent | ContactEvent | DevicesEvent | LinkedEvent
   | WarningEvent | ErrorEvent | RelayMisbehaviourEvent | GroupEvent
-  | HistoryEvent | HistoryExportEvent | HistoryExportedEvent;
+  | HistoryEvent | HistoryExportEvent | HistoryExportedEvent | DeviceRemovedEvent | RetiredEvent;
 
 export interface HushEventMap {
   message: MessageEvent;
@@ -207,10 +211,14 @@ export interface HushEventMap {
   history: HistoryEvent;
   history_export: HistoryExportEvent;
   history_exported: HistoryExportedEvent;
+  device_removed: DeviceRemovedEvent;
+  retired: RetiredEvent;
   "*": HushEvent;
 }
 export type HushEventType = keyof HushEventMap;
 
+/** One device of this user: `stale` and `lastSeenMs` are the relay's word (unsigned). */
+export interface DeviceInfo { device: string; self: boolean; lastSeenMs: number | null; stale: boolean }
 export interface Conversation { conversation: string; name: string; user: string; devices: number }
 
 export interface Status {

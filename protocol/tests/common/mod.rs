@@ -26,7 +26,7 @@ pub const MAX_CT_SINGLE: usize = 8 * 1024;
 pub const MAX_CT_BATCH: usize = 1024;
 
 /// Every error code, in declaration (= wire index) order.
-pub const ALL_ERROR_CODES: [ErrorCode; 20] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 21] = [
     ErrorCode::UnknownDevice,
     ErrorCode::BadAuth,
     ErrorCode::TooLarge,
@@ -47,6 +47,7 @@ pub const ALL_ERROR_CODES: [ErrorCode; 20] = [
     ErrorCode::RegistrationLimit,
     ErrorCode::BlobLimit,
     ErrorCode::UnknownBlob,
+    ErrorCode::DeviceRemoved,
 ];
 
 pub fn device() -> impl Strategy<Value = DeviceId> {
@@ -297,6 +298,7 @@ pub fn request() -> impl Strategy<Value = Request> {
         blob_id().prop_map(|blob| Request::BlobStatus { blob }),
         (blob_id(), wide_u64(), 0..=MAX_BLOB_CHUNK as u32)
             .prop_map(|(blob, offset, max)| Request::BlobGet { blob, offset, max }),
+        user().prop_map(|user| Request::FetchDeviceLeases { user }),
     ]
 }
 
@@ -424,6 +426,24 @@ pub fn response() -> impl Strategy<Value = Response> {
                     bytes
                 }
             ),
+        (
+            signed_device_list(),
+            vec(
+                (device(), wide_u64(), any::<bool>()),
+                0..=MAX_DEVICES_PER_USER
+            )
+        )
+            .prop_map(|(list, leases)| Response::DeviceLeases {
+                list,
+                leases: leases
+                    .into_iter()
+                    .map(|(device, last_seen_ms, stale)| hush_protocol::DeviceLease {
+                        device,
+                        last_seen_ms,
+                        stale
+                    })
+                    .collect()
+            }),
     ]
 }
 
@@ -440,6 +460,7 @@ pub fn server_frame() -> impl Strategy<Value = ServerFrame> {
         wide_u32().prop_map(|one_time_prekeys_left| ServerFrame::PrekeysLow {
             one_time_prekeys_left
         }),
+        wide_u64().prop_map(|last_seen_ms| ServerFrame::Retired { last_seen_ms }),
     ]
 }
 

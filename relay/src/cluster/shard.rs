@@ -277,6 +277,54 @@ impl Store for ShardedStore {
         self.user_store(user).device_list(user)
     }
 
+    // A device's registration lives on its shard and, for the per-user
+    // count, on its user's shard: last-seen times live on the device's
+    // shard only, removal clears both.
+    fn touch_device(
+        &self,
+        device: &DeviceId,
+        now_ms: u64,
+        granularity_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.device_store(device)
+            .touch_device(device, now_ms, granularity_ms)
+    }
+
+    fn device_last_seen(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
+        self.device_store(device).device_last_seen(device)
+    }
+
+    fn remove_device(&self, device: &DeviceId, now_ms: u64) -> Result<bool, StoreError> {
+        let device_i = self.map.index_of(device.as_bytes());
+        let record = self.shards[device_i].device(device)?;
+        if let Some(record) = &record {
+            let user_i = self.map.index_of(record.registration.user.as_bytes());
+            if user_i != device_i {
+                self.shards[user_i].remove_device(device, now_ms)?;
+            }
+        }
+        self.shards[device_i].remove_device(device, now_ms)
+    }
+
+    fn device_removed(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
+        self.device_store(device).device_removed(device)
+    }
+
+    fn lease_counts(
+        &self,
+        stale_before_ms: u64,
+        owns: &(dyn Fn(&DeviceId) -> bool + Sync),
+    ) -> Result<crate::store::LeaseCounts, StoreError> {
+        let mut total = crate::store::LeaseCounts::default();
+        for (i, s) in self.shards.iter().enumerate() {
+            let mine = |d: &DeviceId| self.map.index_of(d.as_bytes()) == i && owns(d);
+            let c = s.lease_counts(stale_before_ms, &mine)?;
+            total.stale = total.stale.saturating_add(c.stale);
+            total.removed = total.removed.saturating_add(c.removed);
+        }
+        Ok(total)
+    }
+
     fn total_depth(&self) -> Result<u64, StoreError> {
         self.shards
             .iter()

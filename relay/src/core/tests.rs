@@ -95,6 +95,7 @@ fn default_config() -> CoreConfig {
         send_burst: 32,
         push_window: DEFAULT_PUSH_WINDOW,
         blobs: crate::store::BlobLimits::default(),
+        stale_after_ms: crate::core::DEFAULT_STALE_AFTER_MS,
     }
 }
 
@@ -1170,3 +1171,6 @@ fn blob_limits_refuse_oversized_and_too_many_blobs() {
         ErrorCode::UnknownBlob
     );
 }
+
+#[path = "tests_lifecycle.rs"]
+mod lifecycle;

@@ -235,6 +235,7 @@ impl RelayHandle {
         // Expired envelopes go before anyone can pull them.
         purge_pass(&store, clock.as_ref(), &metrics).await?;
         core.refresh_depth();
+        core.refresh_leases(clock.now_ms());
 
         let (endpoint, quic_addr, ws_listener) = bind_quic_and_ws(&config, server_config).await?;
         let ws_addr = match &ws_listener {
@@ -434,7 +435,11 @@ impl RelayHandle {
         )
         .await?;
         let shared = Arc::clone(&self.shared);
-        let _ = tokio::task::spawn_blocking(move || shared.core.refresh_depth()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            shared.core.refresh_depth();
+            shared.core.refresh_leases(shared.clock.now_ms());
+        })
+        .await;
         Ok(expired)
     }
 
@@ -523,7 +528,11 @@ async fn purge_loop(shared: Arc<Shared>, every: Duration, mut shutdown: watch::R
             tracing::error!("retention purge failed: {e}");
         }
         let s = Arc::clone(&shared);
-        let _ = tokio::task::spawn_blocking(move || s.core.refresh_depth()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            s.core.refresh_depth();
+            s.core.refresh_leases(s.clock.now_ms());
+        })
+        .await;
     }
 }
 

@@ -59,9 +59,57 @@ struct Tables {
     stored: u64,
     /// Blobs with their committed bytes.
     blobs: BTreeMap<BlobId, (BlobMeta, Vec<u8>)>,
+    /// Last-seen time of registered devices that authenticated since
+    /// registering (the others count from `registered_at_ms`).
+    last_seen: BTreeMap<DeviceId, u64>,
+    /// Removed device ids → when.
+    removed: BTreeMap<DeviceId, u64>,
 }
 
 impl Tables {
+    /// Delete everything of `d`'s inbox up to `up_to` (clamped to its
+    /// head) and return the acked cursor now in force.
+    fn ack_to(&mut self, d: DeviceId, up_to: u64) -> u64 {
+        let t = self;
+        let mut state = t.state(&d);
+        let target = up_to.min(state.head);
+        if target <= state.acked {
+            return state.acked;
+        }
+        let seqs: Vec<u64> = t
+            .inbox
+            .range((d, 0)..=(d, target))
+            .map(|(&(_, seq), _)| seq)
+            .collect();
+        let mut first_expiry = None;
+        for seq in seqs {
+            if let Some(row) = t.inbox.remove(&(d, seq)) {
+                first_expiry.get_or_insert(row.expires_at_ms);
+                rules::release(&mut state, row.bytes.len() as u64);
+                t.stored = t
+                    .stored
+                    .saturating_sub(super::stored_cost(row.bytes.len() as u64));
+            }
+        }
+        if let Some(old) = first_expiry {
+            t.purge_queue.remove(&(old, d));
+            if let Some(new) = t.oldest_expiry(d) {
+                t.purge_queue.insert((new, d));
+            }
+        }
+        let tombs: Vec<u64> = t
+            .tombstones
+            .range((d, 0)..=(d, target))
+            .map(|(&(_, seq), _)| seq)
+            .collect();
+        for seq in tombs {
+            t.tombstones.remove(&(d, seq));
+        }
+        state.acked = target;
+        t.meta.insert(d, state);
+        target
+    }
+
     fn state(&self, device: &DeviceId) -> InboxState {
         self.meta.get(device).copied().unwrap_or_default()
     }
@@ -194,6 +242,9 @@ impl Store for MemoryStore {
         now_ms: u64,
     ) -> Result<DeviceRecord, StoreError> {
         let mut t = self.lock()?;
+        if t.removed.contains_key(&registration.device) {
+            return Err(StoreError::DeviceRemoved);
+        }
         if let Some(record) = t.devices.get(&registration.device) {
             if record.registration == *registration {
                 return Ok(record.clone());
@@ -322,50 +373,82 @@ impl Store for MemoryStore {
     }
 
     fn ack(&self, device: &DeviceId, up_to: u64) -> Result<u64, StoreError> {
-        let mut guard = self.lock()?;
-        let t = &mut *guard;
-        let d = *device;
-        let mut state = t.state(device);
-        let target = up_to.min(state.head);
-        if target <= state.acked {
-            return Ok(state.acked);
-        }
-        let seqs: Vec<u64> = t
-            .inbox
-            .range((d, 0)..=(d, target))
-            .map(|(&(_, seq), _)| seq)
-            .collect();
-        let mut first_expiry = None;
-        for seq in seqs {
-            if let Some(row) = t.inbox.remove(&(d, seq)) {
-                first_expiry.get_or_insert(row.expires_at_ms);
-                rules::release(&mut state, row.bytes.len() as u64);
-                t.stored = t
-                    .stored
-                    .saturating_sub(super::stored_cost(row.bytes.len() as u64));
-            }
-        }
-        if let Some(old) = first_expiry {
-            t.purge_queue.remove(&(old, d));
-            if let Some(new) = t.oldest_expiry(d) {
-                t.purge_queue.insert((new, d));
-            }
-        }
-        let tombs: Vec<u64> = t
-            .tombstones
-            .range((d, 0)..=(d, target))
-            .map(|(&(_, seq), _)| seq)
-            .collect();
-        for seq in tombs {
-            t.tombstones.remove(&(d, seq));
-        }
-        state.acked = target;
-        t.meta.insert(d, state);
-        Ok(target)
+        Ok(self.lock()?.ack_to(*device, up_to))
     }
 
     fn inbox_state(&self, device: &DeviceId) -> Result<InboxState, StoreError> {
         Ok(self.lock()?.state(device))
+    }
+
+    fn touch_device(
+        &self,
+        device: &DeviceId,
+        now_ms: u64,
+        granularity_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let mut t = self.lock()?;
+        let Some(record) = t.devices.get(device) else {
+            return Ok(None);
+        };
+        let previous = t
+            .last_seen
+            .get(device)
+            .copied()
+            .unwrap_or(record.registered_at_ms);
+        if now_ms >= previous.saturating_add(granularity_ms) {
+            t.last_seen.insert(*device, now_ms);
+        }
+        Ok(Some(previous))
+    }
+
+    fn device_last_seen(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
+        let t = self.lock()?;
+        Ok(t.devices.get(device).map(|r| {
+            t.last_seen
+                .get(device)
+                .copied()
+                .unwrap_or(r.registered_at_ms)
+        }))
+    }
+
+    fn remove_device(&self, device: &DeviceId, now_ms: u64) -> Result<bool, StoreError> {
+        let mut guard = self.lock()?;
+        let t = &mut *guard;
+        let d = *device;
+        if t.removed.contains_key(&d) || !t.devices.contains_key(&d) {
+            return Ok(false);
+        }
+        t.ack_to(d, u64::MAX);
+        t.meta.remove(&d);
+        t.tombstones.retain(|(owner, _), _| *owner != d);
+        t.signed_prekeys.remove(&d);
+        t.one_time_prekeys.retain(|(owner, _), _| *owner != d);
+        t.devices.remove(&d);
+        t.last_seen.remove(&d);
+        t.removed.insert(d, now_ms);
+        Ok(true)
+    }
+
+    fn device_removed(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
+        Ok(self.lock()?.removed.get(device).copied())
+    }
+
+    fn lease_counts(
+        &self,
+        stale_before_ms: u64,
+        owns: &(dyn Fn(&DeviceId) -> bool + Sync),
+    ) -> Result<super::LeaseCounts, StoreError> {
+        let t = self.lock()?;
+        let stale = t
+            .devices
+            .iter()
+            .filter(|(d, r)| {
+                owns(d)
+                    && t.last_seen.get(d).copied().unwrap_or(r.registered_at_ms) < stale_before_ms
+            })
+            .count() as u64;
+        let removed = t.removed.keys().filter(|d| owns(d)).count() as u64;
+        Ok(super::LeaseCounts { stale, removed })
     }
 
     fn blob_put(

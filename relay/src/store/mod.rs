@@ -381,7 +381,23 @@ pub enum StoreError {
     /// [`blob_cost`]).
     #[error("the relay's store is full")]
     StoreFull,
+    /// The device was removed by its user ([`Store::remove_device`]): it may
+    /// not register again.
+    #[error("device removed")]
+    DeviceRemoved,
 }
+
+/// Device counts for the lifecycle gauges ([`Store::lease_counts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LeaseCounts {
+    /// Registered devices last seen before the stale threshold.
+    pub stale: u64,
+    /// Devices removed by their users (remembered ids).
+    pub removed: u64,
+}
+
+/// Default write granularity of [`Store::touch_device`]: an hour.
+pub const LAST_SEEN_GRANULARITY_MS: u64 = 60 * 60 * 1000;
 
 /// The relay's storage. All methods are synchronous and may block on disk;
 /// async callers run them on a blocking thread. Every mutating method is
@@ -519,6 +535,46 @@ pub trait Store: Send + Sync + 'static {
     /// Delete blobs with `expires_at_ms ≤ now_ms` and all their bytes,
     /// oldest expiry first, at most `max` blobs per call; returns how many.
     fn purge_blobs(&self, now_ms: u64, max: usize) -> Result<u64, StoreError>;
+
+    /// Note that `device` authenticated at `now_ms`: its last-seen time is
+    /// written only if the stored one is at least `granularity_ms` older
+    /// (so most connects cost a read, not a durable write). Returns the
+    /// last-seen time stored before this call — the registration time if
+    /// it never authenticated since — or `None` if the device is not
+    /// registered (nothing is written then).
+    fn touch_device(
+        &self,
+        device: &DeviceId,
+        now_ms: u64,
+        granularity_ms: u64,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// A registered device's last-seen time (see [`Store::touch_device`]).
+    fn device_last_seen(&self, device: &DeviceId) -> Result<Option<u64>, StoreError>;
+
+    /// Remove a device for good, in one durable transaction: delete its
+    /// inbox (envelopes, tombstones, counters), its prekeys, its last-seen
+    /// time and its registration (freeing its slot in its user's device
+    /// count), and remember its id as removed at `now_ms`. From then on
+    /// [`Store::register_device`] of that id fails with
+    /// [`StoreError::DeviceRemoved`] and commits to it are refused as
+    /// [`Refusal::UnknownRecipient`]. Returns whether a registered device
+    /// was removed now (false if it was unknown or removed already).
+    fn remove_device(&self, device: &DeviceId, now_ms: u64) -> Result<bool, StoreError>;
+
+    /// When `device` was removed, if it was.
+    fn device_removed(&self, device: &DeviceId) -> Result<Option<u64>, StoreError>;
+
+    /// Registered devices last seen before `stale_before_ms`, and removed
+    /// devices, counting only ids `owns` accepts (a sharded store counts
+    /// each device on its own shard once). Walks the devices: the caller
+    /// runs it from the periodic maintenance loop, never per request or per
+    /// scrape.
+    fn lease_counts(
+        &self,
+        stale_before_ms: u64,
+        owns: &(dyn Fn(&DeviceId) -> bool + Sync),
+    ) -> Result<LeaseCounts, StoreError>;
 
     /// One small step of segment compaction (see `docs/STORAGE.md` §4):
     /// move at most about `budget` bytes of live records out of a mostly

@@ -197,12 +197,14 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
             .transpose()?;
         if let Some(other) = stored
             && other != FORMAT_VERSION
+            && other != FORMAT_VERSION_PREVIOUS
             && other != FORMAT_VERSION_UPGRADABLE
         {
             return Err(StoreError::Backend(format!(
                 "unsupported store format {other} (this relay reads format \
-                 {FORMAT_VERSION} and upgrades format {FORMAT_VERSION_UPGRADABLE}; there \
-                 is no conversion from others: start from an empty data directory)"
+                 {FORMAT_VERSION} and upgrades format {FORMAT_VERSION_PREVIOUS} and format \
+                 {FORMAT_VERSION_UPGRADABLE}; there is no conversion from others: start \
+                 from an empty data directory)"
             )));
         }
         if stored != Some(FORMAT_VERSION) {
@@ -228,6 +230,17 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
     txn.open_table(BLOB_CHUNKS)?;
     txn.open_table(BLOB_OWNERS)?;
     txn.open_table(BLOB_EXPIRY)?;
+    let mut seen = txn.open_table(DEVICE_SEEN)?;
+    txn.open_table(REMOVED_DEVICES)?;
+    if stored.is_some_and(|v| v != FORMAT_VERSION) {
+        // Formats 3 and 4 kept no last-seen time: every device counts as
+        // seen when it registered until it authenticates again.
+        for item in devices.range::<&[u8; 16]>(..)? {
+            let (k, v) = item?;
+            let record = decode_device(DeviceId(*k.value()), v.value())?;
+            seen.insert(k.value(), record.registered_at_ms)?;
+        }
+    }
     if stored == Some(FORMAT_VERSION_UPGRADABLE) {
         for item in devices.range::<&[u8; 16]>(..)? {
             let (k, v) = item?;
@@ -241,7 +254,7 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
         // user's list (version + 1, with proofs) when a fetch finds none.
         lists.retain(|_, _| false)?;
     }
-    drop((devices, user_devices, lists));
+    drop((devices, user_devices, lists, seen));
     if stored == Some(FORMAT_VERSION) {
         txn.abort()?;
     } else {
@@ -345,7 +358,11 @@ impl RedbStore {
         let segments = Segments::open(
             segment_dir(path),
             segment_bytes,
-            &[FORMAT_VERSION, FORMAT_VERSION_UPGRADABLE],
+            &[
+                FORMAT_VERSION,
+                FORMAT_VERSION_PREVIOUS,
+                FORMAT_VERSION_UPGRADABLE,
+            ],
             &rows,
         )?;
         let blob_bytes = blobs::counted(&db.begin_read()?)?;
@@ -1039,8 +1056,11 @@ impl Store for RedbStore {
     ) -> Result<DeviceRecord, StoreError> {
         let max = self.limits.max_devices_per_user;
         self.write(|txn| {
-            let mut devices = txn.open_table(DEVICES)?;
             let key = registration.device.as_bytes();
+            if txn.open_table(REMOVED_DEVICES)?.get(key)?.is_some() {
+                return Err(StoreError::DeviceRemoved);
+            }
+            let mut devices = txn.open_table(DEVICES)?;
             let existing = devices
                 .get(key)?
                 .map(|g| decode_device(registration.device, g.value()))
@@ -1072,6 +1092,7 @@ impl Store for RedbStore {
                     };
                     devices.insert(key, encode_device(&record).as_slice())?;
                     user_devices.insert(&user_device_key(user, &registration.device), ())?;
+                    txn.open_table(DEVICE_SEEN)?.insert(key, now_ms)?;
                     Ok((record, Changed::Yes))
                 }
             }
@@ -1302,6 +1323,134 @@ impl Store for RedbStore {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(INBOX_META)?;
         load_state(&meta, device)
+    }
+
+    fn touch_device(
+        &self,
+        device: &DeviceId,
+        now_ms: u64,
+        granularity_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        // A read first: most connects find a recent value and write nothing.
+        let Some(previous) = self.device_last_seen(device)? else {
+            return Ok(None);
+        };
+        if now_ms < previous.saturating_add(granularity_ms) {
+            return Ok(Some(previous));
+        }
+        self.write(|txn| {
+            let key = device.as_bytes();
+            if txn.open_table(DEVICES)?.get(key)?.is_none() {
+                // Removed since the read.
+                return Ok((None, Changed::No));
+            }
+            let mut seen = txn.open_table(DEVICE_SEEN)?;
+            let stored = seen.get(key)?.map(|g| g.value()).unwrap_or(previous);
+            if now_ms < stored.saturating_add(granularity_ms) {
+                return Ok((Some(stored), Changed::No));
+            }
+            seen.insert(key, now_ms)?;
+            Ok((Some(stored), Changed::Yes))
+        })
+    }
+
+    fn device_last_seen(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let key = device.as_bytes();
+        if let Some(g) = txn.open_table(DEVICE_SEEN)?.get(key)? {
+            return Ok(Some(g.value()));
+        }
+        let devices = txn.open_table(DEVICES)?;
+        let found = devices
+            .get(key)?
+            .map(|g| decode_device(*device, g.value()))
+            .transpose()?;
+        Ok(found.map(|r| r.registered_at_ms))
+    }
+
+    fn remove_device(&self, device: &DeviceId, now_ms: u64) -> Result<bool, StoreError> {
+        let mut cost = 0u64;
+        let removed = self.write_with(Durability::Immediate, |txn, freed| {
+            let key = device.as_bytes();
+            let mut removed = txn.open_table(REMOVED_DEVICES)?;
+            if removed.get(key)?.is_some() {
+                return Ok((false, Changed::No));
+            }
+            let mut devices = txn.open_table(DEVICES)?;
+            let Some(record) = devices
+                .get(key)?
+                .map(|g| decode_device(*device, g.value()))
+                .transpose()?
+            else {
+                return Ok((false, Changed::No));
+            };
+            // The inbox: every stored envelope and tombstone, then its counters.
+            let mut meta = txn.open_table(INBOX_META)?;
+            let mut state = load_state(&meta, device)?;
+            if state.head > state.acked {
+                let mut inbox = txn.open_table(INBOX)?;
+                let mut queue = txn.open_table(PURGE_QUEUE)?;
+                let mut released = Released::new();
+                delete_acked(
+                    &mut inbox,
+                    &mut queue,
+                    device,
+                    state.head,
+                    &mut state,
+                    &mut released,
+                )?;
+                cost = release_segments(&mut txn.open_table(SEGMENTS)?, &released, freed)?;
+            }
+            let (lo, hi) = (inbox_key(device, 0), inbox_key(device, u64::MAX));
+            txn.open_table(TOMBSTONES)?
+                .retain_in::<&InboxKey, _>(&lo..=&hi, |_, _| false)?;
+            meta.remove(key)?;
+            // Prekeys.
+            txn.open_table(SIGNED_PREKEYS)?.remove(key)?;
+            let (lo, hi) = (otk_key(device, 0), otk_key(device, u32::MAX));
+            txn.open_table(ONE_TIME_PREKEYS)?
+                .retain_in::<&OtkKey, _>(&lo..=&hi, |_, _| false)?;
+            // The registration and its slot.
+            devices.remove(key)?;
+            txn.open_table(USER_DEVICES)?
+                .remove(&user_device_key(&record.registration.user, device))?;
+            txn.open_table(DEVICE_SEEN)?.remove(key)?;
+            removed.insert(key, now_ms)?;
+            Ok((true, Changed::Yes))
+        })?;
+        self.uncount(cost);
+        Ok(removed)
+    }
+
+    fn device_removed(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let found = txn
+            .open_table(REMOVED_DEVICES)?
+            .get(device.as_bytes())?
+            .map(|g| g.value());
+        Ok(found)
+    }
+
+    fn lease_counts(
+        &self,
+        stale_before_ms: u64,
+        owns: &(dyn Fn(&DeviceId) -> bool + Sync),
+    ) -> Result<super::LeaseCounts, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut counts = super::LeaseCounts::default();
+        for item in txn.open_table(DEVICE_SEEN)?.iter()? {
+            let (k, v) = item?;
+            if v.value() < stale_before_ms && owns(&DeviceId(*k.value())) {
+                counts.stale += 1;
+            }
+        }
+        for item in txn.open_table(REMOVED_DEVICES)?.iter()? {
+            let (k, _) = item?;
+            if owns(&DeviceId(*k.value())) {
+                counts.removed += 1;
+            }
+        }
+        Ok(counts)
     }
 
     fn purge_expired(&self, now_ms: u64, max: usize) -> Result<PurgeStats, StoreError> {
@@ -1574,6 +1723,41 @@ mod tests {
         let txn = store.db.begin_write().unwrap();
         f(&txn);
         txn.commit().unwrap();
+    }
+
+    /// A format-4 file (no `device_seen`, no `removed_devices`) is upgraded
+    /// on open: every device counts as seen at its registration, so none is
+    /// reported stale for longer than it really was away.
+    #[test]
+    fn format_4_files_are_upgraded_with_last_seen_from_registration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        {
+            let store = RedbStore::open(&path, StoreLimits::default()).unwrap();
+            store.register_device(&registration(1), 7).unwrap();
+            store.touch_device(&DeviceId([1; 16]), 9_000, 0).unwrap();
+            poke(&store, |txn| {
+                assert!(txn.delete_table(DEVICE_SEEN).unwrap());
+                assert!(txn.delete_table(REMOVED_DEVICES).unwrap());
+                let mut info = txn.open_table(INFO).unwrap();
+                info.insert(FORMAT_KEY, 4u32.to_be_bytes().as_slice())
+                    .unwrap();
+            });
+        }
+        let store = RedbStore::open(&path, StoreLimits::default()).unwrap();
+        assert_eq!(store.device_last_seen(&DeviceId([1; 16])).unwrap(), Some(7));
+        assert_eq!(store.device_removed(&DeviceId([1; 16])).unwrap(), None);
+        assert!(store.remove_device(&DeviceId([1; 16]), 10).unwrap());
+        let txn = store.db.begin_read().unwrap();
+        let format = txn
+            .open_table(INFO)
+            .unwrap()
+            .get(FORMAT_KEY)
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        assert_eq!(format, FORMAT_VERSION.to_be_bytes());
     }
 
     /// A format-3 file (no `user_devices` table) is upgraded on open: its

@@ -64,14 +64,27 @@ pub(crate) const BLOB_OWNERS: TableDefinition<&[u8; 32], ()> = TableDefinition::
 /// `expires_at` (u64 BE) `‖ blob` → `()`: blobs by expiry, for the purge.
 pub(crate) const BLOB_EXPIRY: TableDefinition<&[u8; 24], ()> = TableDefinition::new("blob_expiry");
 
+/// `device` → last-seen time (ms, relay clock) of every registered device,
+/// written at registration and then at most once per
+/// `LAST_SEEN_GRANULARITY_MS` by authentication (format 5).
+pub(crate) const DEVICE_SEEN: TableDefinition<&[u8; 16], u64> = TableDefinition::new("device_seen");
+/// `device` → when it was removed (ms): removed device ids, refused at
+/// registration for good (format 5).
+pub(crate) const REMOVED_DEVICES: TableDefinition<&[u8; 16], u64> =
+    TableDefinition::new("removed_devices");
+
 /// Name → value: the file format version (`"format"` → u32 BE).
 pub(crate) const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info");
 
 /// Key of the format version in [`INFO`].
 pub(crate) const FORMAT_KEY: &str = "format";
 /// The layout described in `docs/STORAGE.md`.
-pub(crate) const FORMAT_VERSION: u32 = 4;
+pub(crate) const FORMAT_VERSION: u32 = 5;
 /// The previous format, upgraded in place on open: the same tables without
+/// [`DEVICE_SEEN`] (filled from [`DEVICES`]' registration times) and
+/// [`REMOVED_DEVICES`] (empty).
+pub(crate) const FORMAT_VERSION_PREVIOUS: u32 = 4;
+/// The format before that, upgraded in place on open too: format 4 without
 /// [`USER_DEVICES`], which the upgrade fills from [`DEVICES`].
 pub(crate) const FORMAT_VERSION_UPGRADABLE: u32 = 3;
 

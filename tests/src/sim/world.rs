@@ -400,6 +400,7 @@ impl World {
             send_burst: 64,
             push_window: hush_relay::core::DEFAULT_PUSH_WINDOW,
             blobs: hush_relay::store::BlobLimits::default(),
+            stale_after_ms: hush_relay::core::DEFAULT_STALE_AFTER_MS,
         };
         let store = Arc::new(MemoryStore::new(StoreLimits::default()));
         let core = RelayCore::new(store.clone(), config, Arc::new(Metrics::new()));

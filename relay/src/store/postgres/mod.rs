@@ -221,6 +221,38 @@ impl Store for PgStore {
         Ok(self.pool.block(|| self.totals_async())??.0)
     }
 
+    fn touch_device(
+        &self,
+        device: &DeviceId,
+        now_ms: u64,
+        granularity_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.pool
+            .block(|| self.touch_device_async(device, now_ms, granularity_ms))?
+    }
+
+    fn device_last_seen(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
+        self.pool.block(|| self.device_last_seen_async(device))?
+    }
+
+    fn remove_device(&self, device: &DeviceId, now_ms: u64) -> Result<bool, StoreError> {
+        self.pool
+            .block(|| self.remove_device_async(device, now_ms))?
+    }
+
+    fn device_removed(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
+        self.pool.block(|| self.device_removed_async(device))?
+    }
+
+    fn lease_counts(
+        &self,
+        stale_before_ms: u64,
+        owns: &(dyn Fn(&DeviceId) -> bool + Sync),
+    ) -> Result<super::LeaseCounts, StoreError> {
+        self.pool
+            .block(|| self.lease_counts_async(stale_before_ms, owns))?
+    }
+
     fn stored_bytes(&self) -> Result<u64, StoreError> {
         Ok(self.pool.block(|| self.totals_async())??.1)
     }

@@ -65,6 +65,16 @@ impl PgStore {
                     &[&user],
                 )
                 .await?;
+                if tx
+                    .query_opt(
+                        "SELECT 1 FROM hush_removed_devices WHERE device = $1",
+                        &[&device],
+                    )
+                    .await?
+                    .is_some()
+                {
+                    return Err(StoreError::DeviceRemoved.into());
+                }
                 if let Some(record) = load_device(tx, &registration.device).await? {
                     if record.registration == *registration {
                         return Ok(record);
@@ -84,7 +94,8 @@ impl PgStore {
                 let inserted = tx
                     .execute(
                         "INSERT INTO hush_devices (device, user_key, signing_key, agreement_key, \
-                         user_signature, registered_at_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+                         user_signature, registered_at_ms, last_seen_ms) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $6) \
                          ON CONFLICT (device) DO NOTHING",
                         &[
                             &device,
@@ -112,6 +123,175 @@ impl PgStore {
                     registration: registration.clone(),
                     registered_at_ms: from_db(db_u64(now_ms)),
                 })
+            })
+            .await
+    }
+
+    pub(super) async fn touch_device_async(
+        &self,
+        device: &DeviceId,
+        now_ms: u64,
+        granularity_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        // A read first: most connects find a recent value and write nothing.
+        let Some(previous) = self.device_last_seen_async(device).await? else {
+            return Ok(None);
+        };
+        if now_ms < previous.saturating_add(granularity_ms) {
+            return Ok(Some(previous));
+        }
+        let d = device.as_bytes().as_slice();
+        let (now, threshold) = (
+            db_u64(now_ms),
+            db_u64(now_ms.saturating_sub(granularity_ms)),
+        );
+        self.pool
+            .with_client(async |c| {
+                c.execute(
+                    "UPDATE hush_devices SET last_seen_ms = $2 \
+                     WHERE device = $1 AND last_seen_ms <= $3",
+                    &[&d, &now, &threshold],
+                )
+                .await?;
+                Ok::<_, TxError>(Some(previous))
+            })
+            .await
+    }
+
+    pub(super) async fn device_last_seen_async(
+        &self,
+        device: &DeviceId,
+    ) -> Result<Option<u64>, StoreError> {
+        let d = device.as_bytes().as_slice();
+        self.pool
+            .with_client(async |c| {
+                Ok::<_, TxError>(
+                    c.query_opt(
+                        "SELECT last_seen_ms FROM hush_devices WHERE device = $1",
+                        &[&d],
+                    )
+                    .await?
+                    .map(|row| from_db(row.get(0))),
+                )
+            })
+            .await
+    }
+
+    pub(super) async fn remove_device_async(
+        &self,
+        device: &DeviceId,
+        now_ms: u64,
+    ) -> Result<bool, StoreError> {
+        let d = device.as_bytes().as_slice();
+        let stripe = self.next_stripe();
+        self.pool
+            .transaction(IsolationLevel::ReadCommitted, false, async |tx| {
+                // The device row serialises this with registration and sends
+                // (which lock the inbox row below).
+                let Some(row) = tx
+                    .query_opt(
+                        "SELECT user_key FROM hush_devices WHERE device = $1 FOR UPDATE",
+                        &[&d],
+                    )
+                    .await?
+                else {
+                    return Ok(false);
+                };
+                let _user: Vec<u8> = row.get(0);
+                tx.query_opt(
+                    "SELECT 1 FROM hush_inboxes WHERE device = $1 FOR UPDATE",
+                    &[&d],
+                )
+                .await?;
+                let gone = tx
+                    .query_one(
+                        "WITH d AS (DELETE FROM hush_envelopes WHERE device = $1 \
+                         RETURNING octet_length(body) AS len) \
+                         SELECT count(*), coalesce(sum(len), 0)::bigint FROM d",
+                        &[&d],
+                    )
+                    .await?;
+                let (count, bytes) = (from_db(gone.get(0)), from_db(gone.get(1)));
+                if count > 0 {
+                    let cost =
+                        bytes.saturating_add(count.saturating_mul(super::super::stored_cost(0)));
+                    tx.execute(
+                        "UPDATE hush_totals SET depth = depth - $2, stored = stored - $3 \
+                         WHERE stripe = $1",
+                        &[&stripe, &db_u64(count), &db_u64(cost)],
+                    )
+                    .await?;
+                }
+                for sql in [
+                    "DELETE FROM hush_tombstones WHERE device = $1",
+                    "DELETE FROM hush_inboxes WHERE device = $1",
+                    "DELETE FROM hush_signed_prekeys WHERE device = $1",
+                    "DELETE FROM hush_one_time_prekeys WHERE device = $1",
+                    "DELETE FROM hush_devices WHERE device = $1",
+                ] {
+                    tx.execute(sql, &[&d]).await?;
+                }
+                tx.execute(
+                    "INSERT INTO hush_removed_devices (device, removed_at_ms) VALUES ($1, $2) \
+                     ON CONFLICT (device) DO NOTHING",
+                    &[&d, &db_u64(now_ms)],
+                )
+                .await?;
+                Ok::<_, TxError>(true)
+            })
+            .await
+    }
+
+    pub(super) async fn device_removed_async(
+        &self,
+        device: &DeviceId,
+    ) -> Result<Option<u64>, StoreError> {
+        let d = device.as_bytes().as_slice();
+        self.pool
+            .with_client(async |c| {
+                Ok::<_, TxError>(
+                    c.query_opt(
+                        "SELECT removed_at_ms FROM hush_removed_devices WHERE device = $1",
+                        &[&d],
+                    )
+                    .await?
+                    .map(|row| from_db(row.get(0))),
+                )
+            })
+            .await
+    }
+
+    pub(super) async fn lease_counts_async(
+        &self,
+        stale_before_ms: u64,
+        owns: &(dyn Fn(&DeviceId) -> bool + Sync),
+    ) -> Result<super::super::LeaseCounts, StoreError> {
+        let before = db_u64(stale_before_ms);
+        self.pool
+            .with_client(async |c| {
+                // The index on last_seen_ms finds the stale rows; only those
+                // are read.
+                let mut counts = super::super::LeaseCounts::default();
+                for row in c
+                    .query(
+                        "SELECT device FROM hush_devices WHERE last_seen_ms < $1",
+                        &[&before],
+                    )
+                    .await?
+                {
+                    if owns(&DeviceId(super::array(row.get(0), "device id")?)) {
+                        counts.stale += 1;
+                    }
+                }
+                for row in c
+                    .query("SELECT device FROM hush_removed_devices", &[])
+                    .await?
+                {
+                    if owns(&DeviceId(super::array(row.get(0), "device id")?)) {
+                        counts.removed += 1;
+                    }
+                }
+                Ok::<_, TxError>(counts)
             })
             .await
     }

@@ -22,9 +22,15 @@ CREATE TABLE IF NOT EXISTS hush_devices (
     signing_key      bytea  NOT NULL,
     agreement_key    bytea  NOT NULL,
     user_signature   bytea  NOT NULL,
-    registered_at_ms bigint NOT NULL
+    registered_at_ms bigint NOT NULL,
+    last_seen_ms     bigint NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS hush_devices_user ON hush_devices (user_key);
+CREATE INDEX IF NOT EXISTS hush_devices_seen ON hush_devices (last_seen_ms);
+CREATE TABLE IF NOT EXISTS hush_removed_devices (
+    device        bytea  PRIMARY KEY,
+    removed_at_ms bigint NOT NULL
+);
 CREATE TABLE IF NOT EXISTS hush_users (
     user_key bytea PRIMARY KEY
 );

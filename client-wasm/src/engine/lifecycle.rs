@@ -1,0 +1,192 @@
+//! Device lifecycle: the relay's leases (last seen, stale), removing one of
+//! this user's devices, and being removed or retired.
+//!
+//! Leases come with the signed list (`FetchDeviceLeases`) but are the
+//! relay's word, unsigned. They are only ever used to *narrow* the signed
+//! list: a stale device gets no new envelopes, unless every listed device of
+//! its user is stale (then all of them get it: a relay cannot make a message
+//! go to nobody). A device the newest signed list drops gets nothing
+//! whatever its lease says. Leases live in memory only: every list fetch
+//! brings fresh ones, and until one arrives nobody is treated as stale.
+
+use super::{Dirty, Engine, Event};
+use crate::error::ClientError;
+use crate::sig;
+use hush_protocol::{DeviceId, DeviceLease, DeviceList, SignedDeviceList, UserKey};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Lifecycle state (in memory).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Lifecycle {
+    /// Per user: the relay's lease of each device of the list it came with.
+    pub leases: BTreeMap<UserKey, BTreeMap<DeviceId, DeviceLease>>,
+    /// This device was removed by its user (the relay refused its
+    /// authentication with `DeviceRemoved`, or a newer signed list of its
+    /// user dropped it): it never adds itself back.
+    pub removed: bool,
+    /// The relay told this device it had been stale (its last-seen time then).
+    pub retired_last_seen_ms: Option<u64>,
+}
+
+/// One device of a user's signed list, with the relay's (unsigned) lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The device.
+    pub device: DeviceId,
+    /// Whether it is the device running this engine.
+    pub this_device: bool,
+    /// When the relay last saw it (ms), if a lease was fetched.
+    pub last_seen_ms: Option<u64>,
+    /// The relay reports it stale (no new envelopes go to it).
+    pub stale: bool,
+}
+
+impl Engine {
+    /// A fetched list came with leases: keep those of the list's devices
+    /// if the list verifies (one lease per device; others are ignored).
+    pub(crate) fn note_leases(
+        &mut self,
+        user: UserKey,
+        list: &SignedDeviceList,
+        leases: Vec<DeviceLease>,
+    ) {
+        if sig::verify_device_list(list, &user).is_err() {
+            return;
+        }
+        let listed: BTreeSet<DeviceId> = list.list.devices.iter().map(|e| e.device).collect();
+        let mut kept = BTreeMap::new();
+        for lease in leases {
+            if listed.contains(&lease.device) {
+                kept.entry(lease.device).or_insert(lease);
+            }
+        }
+        let was_stale: BTreeSet<DeviceId> = self.stale_targets(&user);
+        self.lifecycle.leases.insert(user, kept);
+        if was_stale != self.stale_targets(&user) {
+            let devices = self.devices_of(&user);
+            self.event(Event::DevicesChanged { user, devices });
+        }
+    }
+
+    /// The listed devices of `user` that get no new envelopes because the
+    /// relay reports them stale: empty if every listed device is stale.
+    pub(crate) fn stale_targets(&self, user: &UserKey) -> BTreeSet<DeviceId> {
+        let Some(leases) = self.lifecycle.leases.get(user) else {
+            return BTreeSet::new();
+        };
+        let listed = self.devices_of(user);
+        let stale: BTreeSet<DeviceId> = listed
+            .iter()
+            .filter(|d| leases.get(d).is_some_and(|l| l.stale))
+            .copied()
+            .collect();
+        if stale.len() == listed.len() {
+            BTreeSet::new()
+        } else {
+            stale
+        }
+    }
+
+    /// The devices of `user`'s newest verified list (this user's own
+    /// included) with the relay's leases, in list order.
+    pub fn device_infos(&self, user: &UserKey) -> Vec<DeviceInfo> {
+        let leases = self.lifecycle.leases.get(user);
+        let excluded = self.stale_targets(user);
+        self.devices_of(user)
+            .into_iter()
+            .map(|device| {
+                let lease = leases.and_then(|l| l.get(&device));
+                DeviceInfo {
+                    device,
+                    this_device: device == self.device.device,
+                    last_seen_ms: lease.map(|l| l.last_seen_ms),
+                    stale: excluded.contains(&device),
+                }
+            })
+            .collect()
+    }
+
+    /// This user's devices (see [`Engine::device_infos`]).
+    pub fn own_devices(&self) -> Vec<DeviceInfo> {
+        self.device_infos(&self.user_key())
+    }
+
+    /// Whether this device was removed by its user: the relay refuses it,
+    /// and nothing new is encrypted to it.
+    pub fn removed(&self) -> bool {
+        self.lifecycle.removed
+    }
+
+    /// When the relay had last seen this device before telling it that it
+    /// had been stale (retired), if it did in this session.
+    pub fn retired_last_seen_ms(&self) -> Option<u64> {
+        self.lifecycle.retired_last_seen_ms
+    }
+
+    /// `Command::RemoveDevice`: sign and publish this user's list without
+    /// `device`. Checked first: not this device, and listed.
+    pub(crate) fn remove_own_device(
+        &mut self,
+        now: u64,
+        device: DeviceId,
+    ) -> Result<(), ClientError> {
+        if device == self.device.device {
+            return Err(ClientError::NotAllowed(
+                "a device cannot remove itself; remove it from another device",
+            ));
+        }
+        // The newest list this device knows or is publishing.
+        let base: Option<DeviceList> = match (&self.own.to_publish, &self.own.known.list) {
+            (Some(p), Some(k)) if p.list.version >= k.list.version => Some(p.list.clone()),
+            (_, Some(k)) => Some(k.list.clone()),
+            (Some(p), None) => Some(p.list.clone()),
+            (None, None) => None,
+        };
+        let Some(base) = base else {
+            return Err(ClientError::Unknown("device"));
+        };
+        if !base.devices.iter().any(|e| e.device == device) {
+            return Err(ClientError::Unknown("device"));
+        }
+        let list = DeviceList {
+            user: self.user_key(),
+            version: base.version.saturating_add(1),
+            devices: base
+                .devices
+                .into_iter()
+                .filter(|e| e.device != device)
+                .collect(),
+        };
+        self.own.to_publish = Some(sig::sign_device_list(&self.device.user, list)?);
+        self.touch(Dirty::Own);
+        let _ = now;
+        self.publish_own_list();
+        Ok(())
+    }
+
+    /// A newer verified list of this user dropped this device, which it
+    /// was on before: its user removed it.
+    pub(crate) fn check_dropped(&mut self, list: &SignedDeviceList) {
+        let me = self.device.device;
+        if self.own.known.contains(&me)
+            && list.list.version > self.own.known.version()
+            && !list.list.devices.iter().any(|e| e.device == me)
+        {
+            self.on_removed();
+        }
+    }
+
+    /// This device was removed by its user.
+    pub(crate) fn on_removed(&mut self) {
+        if !self.lifecycle.removed {
+            self.lifecycle.removed = true;
+            self.event(Event::Removed);
+        }
+    }
+
+    /// `ServerFrame::Retired`: this device had been stale.
+    pub(crate) fn on_retired(&mut self, last_seen_ms: u64) {
+        self.lifecycle.retired_last_seen_ms = Some(last_seen_ms);
+        self.event(Event::Retired { last_seen_ms });
+    }
+}
