@@ -1362,6 +1362,7 @@ function renderDevices() {
     const item = document.createElement("li");
     item.dataset.testid = "device";
     item.dataset.device = d.device;
+    item.dataset.self = String(d.self);
     const id = document.createElement("code");
     id.textContent = d.device.slice(0, 12) + "…";
     id.title = d.device;
