@@ -358,7 +358,7 @@ async function enter(client) {
     refreshConversations();
   });
   client.on("history", onHistory);
-  client.on("device_removed", () => notice("This browser was removed from your account: it receives nothing new.", "error"));
+  client.on("device_removed", onThisDeviceRemoved);
   client.on("retired", () => notice("This browser had been away long enough to be retired: messages sent meanwhile did not reach it.", "info"));
   client.on("warning", (ev) => console.warn("hush:", ev.message));
   for (const kind of ["messages", "state", "removed", "read", "gap", "connection", "devices", "linked", "error"]) {
@@ -411,6 +411,9 @@ function setConnection(s) {
   pill.dataset.state = s;
   let text = CONNECTION_TEXT[s] ?? s;
   if (s === "offline") text = state.offline ? "Offline (paused)" : "Offline, retrying…";
+  // The relay refuses a removed device for good: no retrying to show.
+  if (state.removed) text = "Removed from this account";
+  pill.dataset.removed = String(state.removed === true);
   // Which transport won the race (WebTransport or the WebSocket fallback).
   let transport = null;
   try {
@@ -426,6 +429,23 @@ function setConnection(s) {
     finishProgress();
     scheduleMarkRead();
   }
+}
+
+/**
+ * This browser was removed by another device of its user: the relay will
+ * refuse every connection from now on, so stop trying and say so.
+ */
+function onThisDeviceRemoved() {
+  state.removed = true;
+  state.offline = true;
+  try {
+    state.client.setOnline(false);
+  } catch {
+    // A closed client does not connect anyway.
+  }
+  show($("offline-toggle"), false);
+  setConnection(state.connection);
+  notice("This browser was removed from your account: it receives nothing new.", "error");
 }
 
 function renderOfflineToggle() {

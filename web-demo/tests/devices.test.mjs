@@ -107,6 +107,12 @@ test("a user removes a linked device from the devices panel", { timeout: 55_000 
     null,
     { timeout: MS },
   );
+  // It stops connecting (the relay would refuse it every time) and says so
+  // instead of "retrying".
+  await other.waitForSelector("[data-testid=connection][data-removed=true]", { timeout: MS });
+  assert.equal((await other.textContent("[data-testid=connection]")).trim(), "Removed from this account");
+  assert.equal(await other.isVisible("[data-testid=offline-toggle]"), false);
+  assert.equal(await other.evaluate(() => window.hushDemo.client.status().online), false);
   await h.screenshot(other, "52-this-device-removed");
 
   // Bob writes (his copy of Alice's list may still name the removed
