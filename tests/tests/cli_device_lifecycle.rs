@@ -15,7 +15,7 @@
 
 use hush_tests::RelayProcess;
 use hush_tests::cli::{Hush, metric, of_type, pair, texts};
-use hush_tests::wait::wait_until;
+use hush_tests::wait::{wait_until, wait_until_async};
 use std::time::Duration;
 
 fn refusals(relay: &RelayProcess, kind: &str) -> f64 {
@@ -124,9 +124,10 @@ async fn a_stale_device_is_skipped_and_told_it_was_retired() {
         .unwrap()
         .to_string();
 
-    // alice2 stays away past the stale period (the gauge, refreshed by
-    // the retention loop, shows it).
-    wait_until(Duration::from_secs(20), "a stale device", || {
+    // alice2 stays away past the stale period. The gauge, refreshed by the
+    // retention loop, counts stale devices (bob, idle too, may be the first
+    // it counts), and alice's list marks alice2 stale.
+    wait_until(Duration::from_secs(20), "the stale-device gauge", || {
         metric(&relay, "hush_devices_stale")
             .ok()
             .flatten()
@@ -134,12 +135,24 @@ async fn a_stale_device_is_skipped_and_told_it_was_retired() {
     })
     .await
     .unwrap();
-    let listed = device_lines(&alice.run_ok(&["device", "list", "--json"]).await.unwrap());
-    let a2 = listed
-        .iter()
-        .find(|d| d["device"] == alice2_id.as_str())
-        .unwrap();
-    assert_eq!(a2["stale"], true, "{listed:?}");
+    let listed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    wait_until_async(Duration::from_secs(20), "alice2 listed stale", || {
+        let (alice, listed, alice2_id) = (&alice, listed.clone(), alice2_id.clone());
+        async move {
+            let Ok(out) = alice.run_ok(&["device", "list", "--json"]).await else {
+                return false;
+            };
+            let lines = device_lines(&out);
+            let stale = lines
+                .iter()
+                .any(|d| d["device"] == alice2_id.as_str() && d["stale"] == true);
+            *listed.lock().unwrap() = lines;
+            stale
+        }
+    })
+    .await
+    .unwrap();
+    let listed = listed.lock().unwrap().clone();
     let me = listed.iter().find(|d| d["this_device"] == true).unwrap();
     assert_eq!(me["stale"], false);
 
