@@ -318,3 +318,40 @@ fn retired_and_removed_are_counted() {
     let reloaded = Engine::load(records, [7; 32], net.cfg.clone()).unwrap();
     assert!(reloaded.removed());
 }
+
+/// The user's own other devices get the notice too: with the relay serving
+/// the old list, a2 still learns that a1 removed a3 and seals nothing more
+/// to it.
+#[test]
+fn the_users_other_devices_get_the_removal_notice() {
+    let mut net = Net::new();
+    let a1 = net.create("alice");
+    let a2 = net.join(a1);
+    let a3 = net.join(a1);
+    net.advance(2_000);
+    let b = net.create("bob");
+    let conv = net.befriend(a1, b);
+    net.advance(2_000);
+    // a2 fetches its user's list again (it was linked before a3).
+    net.disconnect(a2);
+    net.connect(a2);
+    net.advance(1_000);
+    let alice = net.clients[a1].engine.user_key();
+    let (a2d, a3d) = (
+        net.clients[a2].engine.device_id(),
+        net.clients[a3].engine.device_id(),
+    );
+    assert!(net.clients[a2].engine.devices_of(&alice).contains(&a3d));
+    let old = net.relay.lists[&alice].clone();
+    net.relay.served_lists.insert(alice, old);
+
+    net.command(a1, Command::RemoveDevice { device: a3d });
+    net.advance(1_000);
+    let e = &net.clients[a2].engine;
+    assert!(!e.devices_of(&alice).contains(&a3d), "a2 still lists a3");
+    assert_eq!(e.counters().list_notices, 1);
+    let to_a3 = sealed_to(&net, a2d, a3d);
+    net.send(a2, conv, "from a2 after the removal");
+    net.advance(1_000);
+    assert_eq!(sealed_to(&net, a2d, a3d), to_a3, "a2 sealed to a3");
+}
