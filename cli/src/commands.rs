@@ -576,6 +576,9 @@ fn report_gaps(d: &Cli, style: Style) {
 /// `hush listen`.
 pub async fn listen(home: &Home, style: Style, stop: StopSignal) -> Result<(), CliError> {
     let mut d = open(home)?;
+    if d.engine().removed() {
+        return Err(CliError::DeviceRemoved);
+    }
     let mut printer = Printer::new(style, true);
     catch_up(&mut d, &mut printer)?;
     requeue_failed(&mut d, &mut printer).await?;
@@ -590,9 +593,13 @@ pub async fn listen(home: &Home, style: Style, stop: StopSignal) -> Result<(), C
                 Instant::now() + CONNECT_BUDGET,
                 &mut stop,
                 &mut printer,
-                |v| v.connected,
+                |v| v.connected || v.engine.removed(),
             )
             .await?;
+        if d.engine().removed() {
+            d.shutdown().await;
+            return Err(CliError::DeviceRemoved);
+        }
         match outcome {
             Outcome::Done => break,
             Outcome::Stopped => return Ok(()),
@@ -608,9 +615,15 @@ pub async fn listen(home: &Home, style: Style, stop: StopSignal) -> Result<(), C
         // Connected (or trying): run until the connection drops.
         let outcome = d
             .run_until(forever, &mut stop, &mut printer, |v| {
-                !v.connected && v.ever_connected
+                (!v.connected && v.ever_connected) || v.engine.removed()
             })
             .await?;
+        // Removed by its user (the relay cut the session, or refused it):
+        // nothing will ever connect again.
+        if d.engine().removed() {
+            d.shutdown().await;
+            return Err(CliError::DeviceRemoved);
+        }
         if outcome != Outcome::Done {
             break;
         }
@@ -619,8 +632,14 @@ pub async fn listen(home: &Home, style: Style, stop: StopSignal) -> Result<(), C
             err_line("connection to the relay lost; reconnecting…");
         }
         let outcome = d
-            .run_until(forever, &mut stop, &mut printer, |v| v.connected)
+            .run_until(forever, &mut stop, &mut printer, |v| {
+                v.connected || v.engine.removed()
+            })
             .await?;
+        if d.engine().removed() {
+            d.shutdown().await;
+            return Err(CliError::DeviceRemoved);
+        }
         if outcome != Outcome::Done {
             break;
         }
@@ -811,6 +830,10 @@ pub fn status(home: &Home, style: Style) -> Result<(), CliError> {
                     "sync_latency_ms_total": counters.sync_latency_ms_total,
                     "last_sync_latency_ms": counters.last_sync_latency_ms,
                     "average_sync_latency_ms": counters.sync_latency_ms_total.checked_div(counters.syncs),
+                    "list_notices": counters.list_notices,
+                    "old_lists_ignored": counters.old_lists_ignored,
+                    "retired": counters.retired,
+                    "removed": counters.removed,
                 },
             });
             out_line(&v.to_string());
@@ -911,6 +934,13 @@ pub fn status(home: &Home, style: Style) -> Result<(), CliError> {
                     .checked_div(counters.syncs)
                     .unwrap_or(0),
                 counters.last_sync_latency_ms
+            ));
+            out_line(&format!(
+                "devices: {} device-list notice(s), {} older list(s) ignored, retired {} time(s), removed {}",
+                counters.list_notices,
+                counters.old_lists_ignored,
+                counters.retired,
+                if counters.removed > 0 { "yes" } else { "no" }
             ));
         }
     }

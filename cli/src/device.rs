@@ -137,7 +137,9 @@ async fn remove(home: &crate::home::Home, id: &str) -> Result<(), CliError> {
         )));
     }
     out_line(&format!("device {} removed", device.to_hex()));
-    settle(&mut d, FLUSH, &mut sink).await?;
+    // Hand the new list to every contact device and this user's other
+    // devices (engine `announce_removal`) before exiting.
+    settle(&mut d, DEVICE_BOUND, &mut sink).await?;
     d.shutdown().await;
     Ok(())
 }

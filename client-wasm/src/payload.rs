@@ -11,7 +11,7 @@
 //! receipts and resend requests are all padded ciphertext.
 
 use crate::error::ClientError;
-use hush_protocol::{ConversationId, DeviceId, MessageId};
+use hush_protocol::{ConversationId, DeviceId, MessageId, SignedDeviceList};
 use serde::{Deserialize, Serialize};
 
 /// Longest chat text in bytes (keeps every padded payload inside one envelope).
@@ -247,6 +247,17 @@ pub enum Body {
     /// the device that made its link code for the user's history (sent with
     /// its `LinkHello` unless the user declined).
     HistoryRequest,
+    /// Position 22 (control). "My user's device list changed (a device was
+    /// removed): here is the new list, signed by the user." Sent by the
+    /// removing device to every device of every contact and to its own
+    /// other devices once the relay accepted the list. The receiver
+    /// verifies it and keeps it if newer than the one it holds, so a relay
+    /// cannot make it keep encrypting to the removed device by serving the
+    /// older list (docs/SECURITY.md "Device removal reaches contacts").
+    DeviceListChanged {
+        /// The user's new signed list (the sender's user only).
+        list: SignedDeviceList,
+    },
 }
 
 /// Most causal references in one group message.
@@ -356,6 +367,9 @@ impl Body {
             Body::GroupResend { ids, .. } | Body::GroupUnavailable { ids, .. } => {
                 too_long(ids.len())
             }
+            Body::DeviceListChanged { list } => {
+                list.list.devices.len() > hush_protocol::limits::MAX_DEVICES_PER_USER
+            }
             Body::Reserved16 | Body::Reserved17 | Body::Reserved18 | Body::Reserved19 => true,
         };
         if bad {
@@ -416,6 +430,58 @@ mod tests {
         assert!(big.encode().is_err());
         assert!(Payload::decode(&[9, 1, 2]).is_err());
         assert!(Payload::decode(&[]).is_err());
+    }
+
+    /// Golden bytes of `Body::DeviceListChanged` (position 22): docs/PROTOCOL.md
+    /// §7.6 gives this layout.
+    #[test]
+    fn device_list_changed_golden_bytes() {
+        use hush_protocol::{DeviceEntry, DeviceList, UserKey};
+        let p = Payload {
+            id: MessageId([0x11; 16]),
+            body: Body::DeviceListChanged {
+                list: SignedDeviceList {
+                    list: DeviceList {
+                        user: UserKey([0x01; 32]),
+                        version: 300,
+                        devices: vec![DeviceEntry {
+                            device: DeviceId([0x02; 16]),
+                            signing_key: [0x03; 32],
+                            agreement_key: [0x04; 32],
+                            membership_signature: [0x05; 64],
+                        }],
+                    },
+                    signature: [0x06; 64],
+                },
+            },
+        };
+        let mut want = vec![PAYLOAD_VERSION];
+        want.extend([0x11; 16]); // logical id
+        want.push(22); // Body position 22
+        want.extend([0x01; 32]); // user
+        want.extend([0xAC, 0x02]); // version 300 (varint)
+        want.push(1); // one device
+        want.extend([0x02; 16]); // device
+        want.extend([0x03; 32]); // signing key
+        want.extend([0x04; 32]); // agreement key
+        want.push(0x40); // membership signature: 64 bytes
+        want.extend([0x05; 64]);
+        want.push(0x40); // user signature: 64 bytes
+        want.extend([0x06; 64]);
+        assert_eq!(p.encode().unwrap(), want);
+        assert_eq!(Payload::decode(&want).unwrap(), p);
+
+        // More devices than a list may hold: refused both ways.
+        let Body::DeviceListChanged { mut list } = p.body.clone() else {
+            unreachable!()
+        };
+        let entry = list.list.devices[0].clone();
+        list.list.devices = vec![entry; hush_protocol::limits::MAX_DEVICES_PER_USER + 1];
+        let big = Payload {
+            id: p.id,
+            body: Body::DeviceListChanged { list },
+        };
+        assert!(big.encode().is_err());
     }
 
     #[test]

@@ -223,11 +223,21 @@ pub struct Counters {
     pub sync_latency_ms_total: u64,
     /// Connect → caught up of the latest sync, ms.
     pub last_sync_latency_ms: u64,
+    /// Device lists a contact (or this user's other device) sent after
+    /// removing a device that were newer than the one held, and kept.
+    pub list_notices: u64,
+    /// Device lists the relay served that were older than the one held
+    /// (a relay hiding a removal, or lagging): ignored.
+    pub old_lists_ignored: u64,
+    /// `Retired` notices: the relay had counted this device stale.
+    pub retired: u64,
+    /// Times this device learned its user had removed it (0 or 1).
+    pub removed: u64,
 }
 
 /// Counters added after the first release, all at the end: a record written
 /// by an older build lacks them.
-const COUNTERS_ADDED: usize = 10;
+const COUNTERS_ADDED: usize = 14;
 
 impl Counters {
     /// Decode `s/counters`, also as written by an older build with fewer

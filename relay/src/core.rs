@@ -249,6 +249,10 @@ pub enum Action {
     /// The session drained its inbox: from now on, call [`RelayCore::pump`]
     /// whenever this device's inbox gains envelopes.
     Live(DeviceId),
+    /// This device was removed by its user (an accepted device list
+    /// dropped it): close its open connection on this node, telling it
+    /// `DeviceRemoved`.
+    Evict(DeviceId),
     /// Close the connection after sending what precedes this action.
     Close {
         /// Why.
@@ -477,7 +481,7 @@ impl<S: Store + ?Sized> RelayCore<S> {
                 .map_err(Refuse::from),
             (Request::FetchPrekeys { device: target }, Some(_)) => self.fetch_prekeys(&target),
             (Request::PublishDeviceList { list }, Some(device)) => {
-                self.publish_device_list(&device, &list, now_ms)
+                self.publish_device_list(&device, &list, now_ms, &mut actions)
             }
             (Request::FetchDeviceLeases { user }, Some(_)) => self.device_leases(&user, now_ms),
             (
@@ -1089,6 +1093,7 @@ impl<S: Store + ?Sized> RelayCore<S> {
         publisher: &DeviceId,
         list: &SignedDeviceList,
         now_ms: u64,
+        actions: &mut Vec<Action>,
     ) -> Result<Response, Refuse> {
         let Some(record) = self.store.device(publisher)? else {
             return refuse(ErrorCode::UnknownDevice, "device is not registered");
@@ -1117,40 +1122,15 @@ impl<S: Store + ?Sized> RelayCore<S> {
                 );
             }
         }
-        let previous = self.store.device_list(&list.list.user)?;
-        let version = self.store.publish_device_list(list)?;
-        if let Some(previous) = previous {
-            self.remove_dropped(&previous, list, now_ms)?;
+        // The list and the removal of the devices it drops, in one
+        // transaction (see `Store::publish_device_list_removing`).
+        let (version, removed) = self.store.publish_device_list_removing(list, now_ms)?;
+        for device in removed {
+            Metrics::add(&self.metrics.devices_removed_total, 1);
+            tracing::info!(device = %short_id(&device), "device removed by its user");
+            actions.push(Action::Evict(device));
         }
         Ok(Response::DeviceListPublished { version })
-    }
-
-    /// The devices `previous` named that the newer `list` drops are removed
-    /// (inbox and prekeys freed, authentication refused from now on) if
-    /// they are registered to the list's user.
-    fn remove_dropped(
-        &self,
-        previous: &SignedDeviceList,
-        list: &SignedDeviceList,
-        now_ms: u64,
-    ) -> Result<(), Refuse> {
-        let user = list.list.user;
-        for entry in &previous.list.devices {
-            if list.list.devices.iter().any(|e| e.device == entry.device) {
-                continue;
-            }
-            let Some(record) = self.store.device(&entry.device)? else {
-                continue;
-            };
-            if record.registration.user != user {
-                continue;
-            }
-            if self.store.remove_device(&entry.device, now_ms)? {
-                Metrics::add(&self.metrics.devices_removed_total, 1);
-                tracing::info!(device = %short_id(&entry.device), "device removed by its user");
-            }
-        }
-        Ok(())
     }
 
     /// `FetchDeviceLeases`: the stored signed list and the relay's lease of

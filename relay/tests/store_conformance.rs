@@ -127,6 +127,7 @@ conformance!(
     last_seen_is_written_coarsely,
     removing_a_device_frees_its_inbox_and_prekeys_and_refuses_it,
     lease_counts_count_stale_and_removed_devices,
+    a_list_dropping_devices_removes_them_in_the_same_transaction,
 );
 
 type Make<S> = dyn Fn(StoreLimits) -> Made<S>;
@@ -1768,4 +1769,55 @@ fn lease_counts_count_stale_and_removed_devices<S: Store>(make: &Make<S>) {
     let not_a = |d: &DeviceId| *d != dev(A);
     let c = s.lease_counts(2_000, &not_a).unwrap();
     assert_eq!((c.stale, c.removed), (0, 1));
+}
+
+/// `publish_device_list_removing`: the newer list is stored and every
+/// device the previous list named that it drops, registered to the list's
+/// user, is removed with it (inbox freed, refused from then on); a device
+/// of another user the old list named is left alone; a stale list changes
+/// nothing at all (neither the list nor any registration).
+fn a_list_dropping_devices_removes_them_in_the_same_transaction<S: Store>(make: &Make<S>) {
+    let s = with_devices(make, StoreLimits::default(), &[A, B]);
+    s.register_device(&sibling(A, R), 1).unwrap();
+    s.register_device(&sibling(A, R2), 1).unwrap();
+    s.commit(&[env(B, R, 1), env(B, R2, 2)]).unwrap();
+    let user = UserKey([A; 32]);
+    // The first list removes nothing (there was none before).
+    let v1 = device_list(A, 1, &[A, R, R2, B]);
+    assert_eq!(
+        s.publish_device_list_removing(&v1, 10).unwrap(),
+        (1, Vec::new())
+    );
+    assert_eq!(s.device_list(&user).unwrap(), Some(v1.clone()));
+
+    // A stale list: refused, and nothing is removed.
+    let stale = device_list(A, 1, &[A]);
+    assert!(matches!(
+        s.publish_device_list_removing(&stale, 20),
+        Err(StoreError::StaleDeviceList { stored: 1 })
+    ));
+    assert!(s.device(&dev(R)).unwrap().is_some());
+    assert_eq!(s.device_removed(&dev(R)).unwrap(), None);
+
+    // v2 drops R and B (B is another user's device: not removed).
+    let v2 = device_list(A, 2, &[A, R2]);
+    let (version, removed) = s.publish_device_list_removing(&v2, 30).unwrap();
+    assert_eq!(version, 2);
+    assert_eq!(removed, vec![dev(R)]);
+    assert_eq!(s.device_list(&user).unwrap(), Some(v2.clone()));
+    assert_eq!(s.device(&dev(R)).unwrap(), None);
+    assert_eq!(s.device_removed(&dev(R)).unwrap(), Some(30));
+    assert!(seqs_of(&*s, R, 0).is_empty());
+    assert!(s.device(&dev(B)).unwrap().is_some());
+    assert_eq!(s.device_removed(&dev(B)).unwrap(), None);
+    assert_eq!(seqs_of(&*s, R2, 0), vec![1]);
+    assert!(matches!(
+        s.register_device(&sibling(A, R), 40),
+        Err(StoreError::DeviceRemoved)
+    ));
+    // Dropping an already removed device again removes nothing more.
+    let v3 = device_list(A, 3, &[A]);
+    let (_, removed) = s.publish_device_list_removing(&v3, 50).unwrap();
+    assert_eq!(removed, vec![dev(R2)]);
+    assert_eq!(s.device_removed(&dev(R)).unwrap(), Some(30));
 }

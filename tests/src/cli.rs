@@ -313,6 +313,42 @@ impl Background {
         wait_until(bound, what, || cond(&self.json())).await
     }
 
+    /// Wait (bounded) for the command to exit on its own; returns the
+    /// status and stderr. On timeout it is killed and an error returned.
+    pub async fn wait_exit(&mut self, bound: Duration) -> Result<(ExitStatus, String)> {
+        let Some(mut child) = self.child.take() else {
+            return Err(HarnessError::Process("not running".into()));
+        };
+        let mut status = None;
+        let waited = wait_until(bound, "hush to exit", || match child.try_wait() {
+            Ok(Some(s)) => {
+                status = Some(s);
+                true
+            }
+            Ok(None) => false,
+            Err(_) => true,
+        })
+        .await;
+        if let Err(e) = waited {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+        let status = match status {
+            Some(s) => s,
+            None => child.wait()?,
+        };
+        if let Some(h) = self.out.take() {
+            let _ = h.join();
+        }
+        let stderr = self
+            .err
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        Ok((status, stderr))
+    }
+
     /// SIGTERM, wait for the exit (bounded); returns the status and stderr.
     pub async fn stop(&mut self) -> Result<(ExitStatus, String)> {
         let Some(mut child) = self.child.take() else {

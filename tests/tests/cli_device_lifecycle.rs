@@ -6,6 +6,12 @@
 //! the inbox depth shows its queued envelopes freed), and its
 //! authentication is refused with `DeviceRemoved`.
 //!
+//! At once: a contact running a long-lived client whose copy of alice's
+//! list is still fresh (it will not re-fetch it for minutes) gets the new
+//! list from alice herself when she removes a device, and its next send
+//! seals nothing to the removed device. A removed device's `hush listen`
+//! is cut by the relay and exits with "removed".
+//!
 //! Stale: on a relay with a 3 s `--stale-after`, a device not seen for
 //! longer is listed stale, senders stop encrypting to it, and when it
 //! returns it is told it was retired.
@@ -13,10 +19,17 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use hush_cli::driver::{Discard, Driver, cli_engine_config, now_ms, os_seed};
+use hush_cli::{CertCheck, RelayTarget};
+use hush_client::{Command, ContactCode, Engine, MemoryStorage, MessageState, Reply};
 use hush_tests::RelayProcess;
 use hush_tests::cli::{Hush, metric, of_type, pair, texts};
 use hush_tests::wait::{wait_until, wait_until_async};
 use std::time::Duration;
+use tokio::time::Instant;
+
+/// Bound of every wait of the in-process client.
+const BOUND: Duration = Duration::from_secs(30);
 
 fn refusals(relay: &RelayProcess, kind: &str) -> f64 {
     metric(relay, &format!("hush_refusals_total{{kind=\"{kind}\"}}"))
@@ -72,16 +85,24 @@ async fn a_removed_device_gets_nothing_and_is_refused() {
     let listed = device_lines(&alice.run_ok(&["device", "list", "--json"]).await.unwrap());
     assert_eq!(listed.len(), 2);
     assert!(!listed.iter().any(|d| d["device"] == alice3_id.as_str()));
-    // The relay freed its inbox: the removal counted, the depth went down.
+    // The relay freed its inbox: the removal counted, and once every
+    // remaining device has read what it was sent (the removal notices,
+    // their receipts) nothing is left anywhere: alice3's queued envelope
+    // is gone with its inbox.
     assert_eq!(
         metric(&relay, "hush_devices_removed_total").unwrap(),
         Some(1.0)
     );
-    let depth_after = metric(&relay, "hush_inbox_depth").unwrap().unwrap();
-    assert!(
-        depth_after < depth_before,
-        "inbox not freed: {depth_before} → {depth_after}"
-    );
+    // (In this order: each one's receipts go to those that sync after it;
+    // receipts themselves are not receipted.)
+    alice2.run_ok(&["sync"]).await.unwrap();
+    bob.run_ok(&["sync"]).await.unwrap();
+    alice.run_ok(&["sync"]).await.unwrap();
+    wait_until(Duration::from_secs(20), "every inbox empty", || {
+        metric(&relay, "hush_inbox_depth").ok().flatten() == Some(0.0)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("inbox not freed (depth was {depth_before}): {e}"));
 
     // Messages after the removal: none is sealed to alice3 (the relay
     // would refuse it as UnknownDevice), every other device gets them.
@@ -175,4 +196,167 @@ async fn a_stale_device_is_skipped_and_told_it_was_retired() {
         !texts(&out.messages()).contains(&"while away".to_string()),
         "a stale device was encrypted to"
     );
+}
+
+/// Run the in-process client until `cond` holds (bounded); panics if not.
+async fn drive_until(
+    d: &mut Driver<MemoryStorage>,
+    what: &str,
+    cond: impl FnMut(&hush_cli::driver::View<'_>) -> bool,
+) {
+    let mut stop = None;
+    let outcome = d
+        .run_until(Instant::now() + BOUND, &mut stop, &mut Discard, cond)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        hush_cli::driver::Outcome::Done,
+        "in-process client: {what}"
+    );
+}
+
+/// Attack setting: bob runs a long-lived client whose copy of alice's list
+/// is fresh and stays so (he would not re-fetch it for ten minutes), so a
+/// relay hiding the removal would have him keep sealing to alice3. alice
+/// removes alice3 with `hush device remove`, which hands the new signed list
+/// to bob's device at once: his next send seals nothing to alice3 (the relay
+/// would refuse such an envelope as `UnknownDevice`, counted), with no
+/// refresh period waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_contact_that_has_not_refreshed_seals_nothing_to_a_removed_device() {
+    let relay = RelayProcess::spawn_temp(&[]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Hush::new(dir.path(), "alice").unwrap();
+    alice.init(&relay, "alice").await.unwrap();
+    let alice3 = link(dir.path(), &relay, &alice, "alice3").await;
+    let alice3_id = alice3.status().await.unwrap()["device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let target = RelayTarget {
+        addr: relay.quic_addr().to_string(),
+        cert: CertCheck::Pinned(CertCheck::parse_hash(&hex::encode(relay.cert_sha256())).unwrap()),
+        transport: hush_cli::Transport::Quic,
+    };
+    let cfg = hush_client::EngineConfig {
+        device_list_fresh_ms: 600_000,
+        device_list_max_age_ms: 600_000,
+        ..cli_engine_config()
+    };
+    let (engine, step) = Engine::create(
+        now_ms(),
+        os_seed().unwrap(),
+        &target.addr,
+        "bob",
+        cfg.clone(),
+    )
+    .unwrap();
+    let mut bob = Driver::new(engine, MemoryStorage::new(), cfg, target);
+    bob.start(step, &mut Discard).await.unwrap();
+    drive_until(&mut bob, "bob settles", |v| v.settled()).await;
+    let mut bob_code = bob.engine().contact_code();
+    bob_code.name = "bob".into();
+    alice
+        .add_contact("bob", &bob_code.to_text().unwrap())
+        .await
+        .unwrap();
+    let alice_code = ContactCode::parse(&alice.code().await.unwrap()).unwrap();
+    let alice_user = alice_code.user;
+    bob.command(Command::AddContact { code: alice_code }, &mut Discard)
+        .await
+        .unwrap();
+    let conversation = bob.engine().conversation_with(&alice_user);
+
+    // bob writes alice (both her devices), which fetches her list once.
+    let send = |text: &str| Command::SendText {
+        conversation,
+        text: text.into(),
+    };
+    let Some(Reply::Message(first)) = bob
+        .command(send("before removal"), &mut Discard)
+        .await
+        .unwrap()
+    else {
+        panic!("no message id");
+    };
+    drive_until(&mut bob, "the first message stored", |v| {
+        v.engine.message_state(&first) == Some(MessageState::Stored)
+    })
+    .await;
+    let alice3_dev = hush_protocol::DeviceId::from_hex(&alice3_id).unwrap();
+    assert!(bob.engine().devices_of(&alice_user).contains(&alice3_dev));
+    // alice reads it (and so holds a session with bob's device).
+    assert!(texts(&alice.sync_messages().await.unwrap()).contains(&"before removal".to_string()));
+
+    let unknown_before = refusals(&relay, "unknown_device");
+    alice
+        .run_ok(&["device", "remove", &alice3_id])
+        .await
+        .unwrap();
+    // bob, connected all along, learns it from alice's notice.
+    drive_until(&mut bob, "bob gets alice's new list", |v| {
+        !v.engine.devices_of(&alice_user).contains(&alice3_dev)
+    })
+    .await;
+    assert_eq!(bob.engine().counters().list_notices, 1);
+
+    let Some(Reply::Message(second)) = bob
+        .command(send("after removal"), &mut Discard)
+        .await
+        .unwrap()
+    else {
+        panic!("no message id");
+    };
+    drive_until(&mut bob, "the second message stored", |v| {
+        v.engine.message_state(&second) == Some(MessageState::Stored) && v.settled()
+    })
+    .await;
+    assert_eq!(
+        refusals(&relay, "unknown_device"),
+        unknown_before,
+        "bob sealed to the removed device"
+    );
+    assert!(texts(&alice.sync_messages().await.unwrap()).contains(&"after removal".to_string()));
+    bob.shutdown().await;
+}
+
+/// A removed device with an open session (`hush listen`) is cut at once by
+/// the relay (`Closing` with `DeviceRemoved`), and `listen` exits non-zero
+/// saying it was removed, rather than reconnecting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_devices_listen_is_cut_and_exits() {
+    let relay = RelayProcess::spawn_temp(&[]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let alice = Hush::new(dir.path(), "alice").unwrap();
+    alice.init(&relay, "alice").await.unwrap();
+    let alice3 = link(dir.path(), &relay, &alice, "alice3").await;
+    let alice3_id = alice3.status().await.unwrap()["device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let synced = || {
+        metric(&relay, "hush_sync_sessions_finished_total")
+            .unwrap()
+            .unwrap_or(0.0)
+    };
+    let before = synced();
+    let mut listen = alice3.spawn(&["listen", "--json"]).unwrap();
+    wait_until(BOUND, "alice3's listen caught up", || synced() > before)
+        .await
+        .unwrap();
+
+    alice
+        .run_ok(&["device", "remove", &alice3_id])
+        .await
+        .unwrap();
+    let (status, stderr) = listen.wait_exit(Duration::from_secs(20)).await.unwrap();
+    assert!(!status.success(), "listen exited successfully: {stderr}");
+    assert!(stderr.contains("removed"), "{stderr}");
+    // It was cut, not refused at a reconnection: no `DeviceRemoved`
+    // refusal of an authentication was needed.
+    assert_eq!(refusals(&relay, "device_removed"), 0.0);
+    let status = alice3.run(&["status", "--json"]).await.unwrap();
+    assert!(status.stdout.contains("\"removed\":1"), "{}", status.stdout);
 }

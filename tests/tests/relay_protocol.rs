@@ -1030,3 +1030,38 @@ async fn settings_also_come_from_the_environment() {
         Some(ErrorCode::Quota)
     );
 }
+
+/// A removed device's open connection is cut at once: when the relay
+/// accepts a list that drops it, the device's live connection gets
+/// `Closing{DeviceRemoved}` and is closed (it does not keep pulling or
+/// sending until it happens to reconnect), and a new connection is refused
+/// with `DeviceRemoved`.
+#[tokio::test]
+async fn a_removed_devices_open_connection_is_closed_with_device_removed() {
+    let relay = relay(&[]).await;
+    let (a1, mut phone) = registered(&relay, 95).await;
+    let a2 = a1.another_device(96);
+    let mut laptop = TestDevice::register_new(&a2, relay.target()).await.unwrap();
+    let both = a1.signed_device_list(1, vec![a1.device_entry(), a2.device_entry()]);
+    assert_eq!(phone.publish_device_list(both).await.unwrap(), 1);
+    assert!(laptop.ping().await.is_ok());
+
+    let without = a1.signed_device_list(2, vec![a1.device_entry()]);
+    assert_eq!(phone.publish_device_list(without).await.unwrap(), 2);
+    match laptop.next_frame(PROMPT).await {
+        Ok(ServerFrame::Closing { code, .. }) => assert_eq!(code, ErrorCode::DeviceRemoved),
+        other => panic!("expected Closing{{DeviceRemoved}}, got {other:?}"),
+    }
+    laptop
+        .closed(PROMPT)
+        .await
+        .expect("the removed device's connection closes");
+    // The publisher's connection is untouched.
+    assert!(phone.ping().await.is_ok());
+    let again = TestDevice::login(&a2, relay.target()).await;
+    assert_eq!(
+        refusal_code(&again),
+        Some(ErrorCode::DeviceRemoved),
+        "{again:?}"
+    );
+}

@@ -113,7 +113,10 @@ impl Engine {
             }
             ServerFrame::Retired { last_seen_ms } => self.on_retired(last_seen_ms),
             ServerFrame::Closing { code, .. } => {
-                if code != ErrorCode::ShuttingDown && code != ErrorCode::Replaced {
+                if code == ErrorCode::DeviceRemoved {
+                    // Removed while connected: the relay cut this session.
+                    self.on_removed();
+                } else if code != ErrorCode::ShuttingDown && code != ErrorCode::Replaced {
                     self.event(Event::Warning(format!(
                         "relay closed the connection: {code:?}"
                     )));
@@ -174,7 +177,12 @@ impl Engine {
                 if version >= v
                     && let Some(list) = self.own.to_publish.take()
                 {
-                    self.set_own_list(now, list);
+                    let before: Vec<DeviceId> =
+                        self.own.known.devices().map(|e| e.device).collect();
+                    self.set_own_list(now, list.clone());
+                    // A removal: contacts and this user's other devices get
+                    // the list itself, not only the relay's word for it.
+                    self.announce_removal(now, &before, &list)?;
                 }
             }
             (Pending::FetchDeviceList(user), Response::DeviceLeases { list, leases }) => {
@@ -552,7 +560,7 @@ impl Engine {
         Some(last.saturating_add(delay))
     }
 
-    fn on_device_list(
+    pub(crate) fn on_device_list(
         &mut self,
         now: u64,
         user: UserKey,
@@ -586,6 +594,7 @@ impl Engine {
             } else {
                 self.own.known.fetched_ms = Some(now);
                 self.touch(Dirty::Own);
+                self.note_old_list(&user, list.list.version);
             }
             self.ensure_listed(now)?;
         } else {
@@ -595,10 +604,14 @@ impl Engine {
             c.known.fetched_ms = Some(now);
             let newer = list.list.version >= c.known.version();
             let changed = newer && c.known.list.as_ref() != Some(&list);
+            let served = list.list.version;
             if newer {
                 c.known.list = Some(list);
             }
             self.touch(Dirty::Contact(user));
+            if !newer {
+                self.note_old_list(&user, served);
+            }
             self.schedule_list_retry(now, user);
             if changed {
                 let devices = self.devices_of(&user);

@@ -11,6 +11,7 @@
 
 use super::{Dirty, Engine, Event};
 use crate::error::ClientError;
+use crate::payload::Body;
 use crate::sig;
 use hush_protocol::{DeviceId, DeviceLease, DeviceList, SignedDeviceList, UserKey};
 use std::collections::{BTreeMap, BTreeSet};
@@ -180,6 +181,8 @@ impl Engine {
     pub(crate) fn on_removed(&mut self) {
         if !self.lifecycle.removed {
             self.lifecycle.removed = true;
+            self.counters.removed = self.counters.removed.saturating_add(1);
+            self.touch(Dirty::Counters);
             self.event(Event::Removed);
         }
     }
@@ -187,6 +190,94 @@ impl Engine {
     /// `ServerFrame::Retired`: this device had been stale.
     pub(crate) fn on_retired(&mut self, last_seen_ms: u64) {
         self.lifecycle.retired_last_seen_ms = Some(last_seen_ms);
+        self.counters.retired = self.counters.retired.saturating_add(1);
+        self.touch(Dirty::Counters);
         self.event(Event::Retired { last_seen_ms });
+    }
+
+    /// The relay accepted `list`, this user's list that replaced one naming
+    /// `before`. If it drops a device, every device of every contact and
+    /// this user's other remaining devices get the signed list in their
+    /// control stream (`Body::DeviceListChanged`): they stop encrypting to
+    /// the removed device as soon as it arrives, whatever list the relay
+    /// serves them afterwards.
+    pub(crate) fn announce_removal(
+        &mut self,
+        now: u64,
+        before: &[DeviceId],
+        list: &SignedDeviceList,
+    ) -> Result<(), ClientError> {
+        let kept: BTreeSet<DeviceId> = list.list.devices.iter().map(|e| e.device).collect();
+        if before.iter().all(|d| kept.contains(d)) {
+            return Ok(());
+        }
+        let me = self.device.device;
+        let mut to: BTreeSet<DeviceId> = kept.into_iter().filter(|d| *d != me).collect();
+        for c in self.contacts.values() {
+            to.extend(c.known.devices().map(|e| e.device));
+        }
+        for d in to {
+            self.queue_control(now, d, Body::DeviceListChanged { list: list.clone() })?;
+        }
+        Ok(())
+    }
+
+    /// `Body::DeviceListChanged` from a device of `from`: a list of that
+    /// user (never of another), verified like a fetched one, kept if newer
+    /// than the one held. The relay is asked too (for fresh leases); an
+    /// older list it serves afterwards is ignored and counted.
+    pub(crate) fn on_list_notice(
+        &mut self,
+        now: u64,
+        from: UserKey,
+        list: SignedDeviceList,
+    ) -> Result<(), ClientError> {
+        if list.list.user != from || sig::verify_device_list(&list, &from).is_err() {
+            self.reject();
+            return Ok(());
+        }
+        let held = if from == self.user_key() {
+            self.own.known.version()
+        } else if let Some(c) = self.contacts.get(&from) {
+            c.known.version()
+        } else {
+            return Ok(());
+        };
+        if list.list.version > held {
+            self.counters.list_notices = self.counters.list_notices.saturating_add(1);
+            self.touch(Dirty::Counters);
+            self.on_device_list(now, from, list)?;
+        }
+        if self.link.fetching_lists.contains(&from) {
+            self.link.refetch_lists.insert(from);
+        } else {
+            self.fetch_list(now, from);
+        }
+        Ok(())
+    }
+
+    /// The relay served a list of `user` older than the one held (`held`):
+    /// it is ignored; counted and reported, since an honest relay only
+    /// does so while it lags behind a publication.
+    pub(crate) fn note_old_list(&mut self, user: &UserKey, served: u64) {
+        let held = self.devices_version(user);
+        if served >= held {
+            return;
+        }
+        self.counters.old_lists_ignored = self.counters.old_lists_ignored.saturating_add(1);
+        self.touch(Dirty::Counters);
+        self.event(Event::Warning(format!(
+            "the relay served an older device list (version {served}) than the \
+             one held (version {held}); it is ignored"
+        )));
+    }
+
+    /// The version of `user`'s newest verified list held (0: none).
+    pub(crate) fn devices_version(&self, user: &UserKey) -> u64 {
+        if *user == self.user_key() {
+            self.own.known.version()
+        } else {
+            self.contacts.get(user).map_or(0, |c| c.known.version())
+        }
     }
 }

@@ -876,6 +876,8 @@ impl Engine {
             e.active.insert((local, id));
         }
         e.rebuild_sent_index();
+        // A removed device stays removed across restarts.
+        e.lifecycle.removed = e.counters.removed > 0;
         // Written before parking was bounded, or under larger bounds: the
         // excess goes with the first step's batch.
         e.rebuild_parked_index();
@@ -1063,9 +1065,10 @@ impl Engine {
         }
     }
 
-    /// While offline, when the driver should dial.
+    /// While offline, when the driver should dial. Never once this device
+    /// was removed by its user: the relay refuses it for good.
     pub fn connect_at(&self) -> Option<u64> {
-        (!self.link.connected).then_some(self.reconnect_at)
+        (!self.link.connected && !self.lifecycle.removed).then_some(self.reconnect_at)
     }
 
     /// Handle one input at time `now_ms` (ms since the Unix epoch, the

@@ -926,6 +926,7 @@ impl Engine {
                 conversation,
                 next_seq,
             } => self.on_not_yet_sent(d, conversation, next_seq),
+            Body::DeviceListChanged { list } => self.on_list_notice(now, user, list)?,
             body @ (Body::GroupResend { .. } | Body::GroupUnavailable { .. }) => {
                 self.group_control(now, d, body)?
             }

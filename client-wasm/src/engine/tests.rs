@@ -63,6 +63,9 @@ struct FakeRelay {
     pub(super) stale_devices: BTreeSet<DeviceId>,
     /// Leases for these devices are added to every answer (not in the list).
     pub(super) extra_leases: Vec<DeviceId>,
+    /// Serve this list of the user to every fetch instead of the stored one
+    /// (a relay hiding a newer list, e.g. a removal).
+    pub(super) served_lists: BTreeMap<UserKey, SignedDeviceList>,
 }
 
 impl FakeRelay {
@@ -184,7 +187,11 @@ impl FakeRelay {
                     ServerFrame::error(id, hush_protocol::ErrorCode::UnknownDevice, "none"),
                 )]
             }
-            Request::FetchDeviceList { user } => match self.lists.get(&user) {
+            Request::FetchDeviceList { user } => match self
+                .served_lists
+                .get(&user)
+                .or_else(|| self.lists.get(&user))
+            {
                 Some(l) => {
                     self.list_fetches.push((who, user));
                     resp(Response::DeviceList(l.clone()))

@@ -204,3 +204,154 @@ fn a_retired_notice_becomes_an_event() {
             .any(|e| matches!(e, Event::Retired { last_seen_ms } if *last_seen_ms == T0 - 1))
     );
 }
+
+/// Attack: after a1 removes a2, a hostile relay (colluding with a2) keeps
+/// serving the old list, which names a2, to everyone. Bob gets the new list
+/// from a1 itself (`DeviceListChanged`, signed by Alice), so neither his
+/// next send (his cached list still fresh, no refresh) nor a later one
+/// (after a fetch that returns the old list) is sealed to a2.
+#[test]
+fn a_relay_serving_the_old_list_after_a_removal_gets_nothing_sealed_to_it() {
+    let (mut net, a1, a2, b, conv) = alice_twice_and_bob();
+    let (a1d, a2d, bd) = (
+        net.clients[a1].engine.device_id(),
+        net.clients[a2].engine.device_id(),
+        net.clients[b].engine.device_id(),
+    );
+    let alice = net.clients[a1].engine.user_key();
+    net.send(b, conv, "before removal");
+    net.advance(1_000);
+    assert!(sealed_to(&net, bd, a2d) >= 1, "a2 is reached before");
+    let old = net.relay.lists[&alice].clone();
+    net.relay.served_lists.insert(alice, old.clone());
+
+    net.command(a1, Command::RemoveDevice { device: a2d });
+    net.advance(1_000);
+    assert!(net.relay.lists[&alice].list.version > old.list.version);
+    let bob = &net.clients[b].engine;
+    assert!(!bob.devices_of(&alice).contains(&a2d), "bob still lists a2");
+    assert!(bob.devices_of(&alice).contains(&a1d));
+    assert_eq!(bob.counters().list_notices, 1);
+
+    // At once, with bob's cached list still fresh.
+    let b_to_a2 = sealed_to(&net, bd, a2d);
+    net.send(b, conv, "right after removal");
+    net.advance(1_000);
+    assert_eq!(sealed_to(&net, bd, a2d), b_to_a2, "sealed to a2 at once");
+
+    // And after bob re-fetched the list, which the relay answers with the
+    // old one: ignored, counted, warned about.
+    past_list_freshness(&mut net);
+    net.send(b, conv, "later");
+    net.advance(2_000);
+    assert_eq!(sealed_to(&net, bd, a2d), b_to_a2, "sealed to a2 later");
+    let bob = &net.clients[b].engine;
+    assert!(bob.counters().old_lists_ignored >= 1);
+    assert!(!bob.devices_of(&alice).contains(&a2d));
+    assert!(
+        net.clients[b]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Warning(w) if w.contains("older device list")))
+    );
+    let texts: Vec<String> = net.messages(a1).into_iter().map(|m| m.text).collect();
+    assert!(
+        texts.contains(&"right after removal".to_string()),
+        "{texts:?}"
+    );
+    assert!(texts.contains(&"later".to_string()), "{texts:?}");
+    // Bob's list of alice survives a restart (it is stored).
+    let records = net.clients[b].storage.load_state().unwrap();
+    let reloaded = Engine::load(records, [7; 32], net.cfg.clone()).unwrap();
+    assert!(!reloaded.devices_of(&alice).contains(&a2d));
+}
+
+/// Attack: a contact sends a `DeviceListChanged` that is not its user's
+/// signed list: another user's list (Bob passing on Alice's list), or its
+/// own list with a bumped version, emptied, without a valid signature (to
+/// make Alice stop writing to him). Both are rejected and change nothing.
+#[test]
+fn a_device_list_notice_that_is_not_the_senders_signed_list_is_rejected() {
+    let (mut net, a1, _a2, b, _conv) = alice_twice_and_bob();
+    let a1d = net.clients[a1].engine.device_id();
+    let bob = net.clients[b].engine.user_key();
+    let alice = net.clients[a1].engine.user_key();
+    let alice_list = net.relay.lists[&alice].clone();
+    let mut forged = net.relay.lists[&bob].clone();
+    forged.list.version += 5;
+    forged.list.devices.clear();
+    let rejected = net.clients[a1].engine.counters().rejected;
+    let bob_version = net.clients[a1].engine.devices_version(&bob);
+    let now = net.now;
+    for list in [alice_list, forged] {
+        net.clients[b]
+            .engine
+            .queue_control(now, a1d, crate::payload::Body::DeviceListChanged { list })
+            .unwrap();
+    }
+    net.advance(2_000);
+    let e = &net.clients[a1].engine;
+    assert_eq!(e.counters().rejected, rejected + 2);
+    assert_eq!(e.counters().list_notices, 0);
+    assert_eq!(e.devices_version(&bob), bob_version);
+    assert!(!e.devices_of(&bob).is_empty());
+}
+
+/// `Retired` and removal are counted (and the count survives a restart).
+#[test]
+fn retired_and_removed_are_counted() {
+    let (mut net, a1, a2, _b, _conv) = alice_twice_and_bob();
+    net.clients[a1]
+        .queue
+        .push_back(ServerFrame::Retired { last_seen_ms: 1 });
+    net.settle();
+    assert_eq!(net.clients[a1].engine.counters().retired, 1);
+    let a2d = net.clients[a2].engine.device_id();
+    net.command(a1, Command::RemoveDevice { device: a2d });
+    net.advance(1_000);
+    net.disconnect(a2);
+    net.connect(a2);
+    net.advance(1_000);
+    assert!(net.clients[a2].engine.removed());
+    assert_eq!(net.clients[a2].engine.counters().removed, 1);
+    let records = net.clients[a2].storage.load_state().unwrap();
+    let reloaded = Engine::load(records, [7; 32], net.cfg.clone()).unwrap();
+    assert!(reloaded.removed());
+}
+
+/// The user's own other devices get the notice too: with the relay serving
+/// the old list, a2 still learns that a1 removed a3 and seals nothing more
+/// to it.
+#[test]
+fn the_users_other_devices_get_the_removal_notice() {
+    let mut net = Net::new();
+    let a1 = net.create("alice");
+    let a2 = net.join(a1);
+    let a3 = net.join(a1);
+    net.advance(2_000);
+    let b = net.create("bob");
+    let conv = net.befriend(a1, b);
+    net.advance(2_000);
+    // a2 fetches its user's list again (it was linked before a3).
+    net.disconnect(a2);
+    net.connect(a2);
+    net.advance(1_000);
+    let alice = net.clients[a1].engine.user_key();
+    let (a2d, a3d) = (
+        net.clients[a2].engine.device_id(),
+        net.clients[a3].engine.device_id(),
+    );
+    assert!(net.clients[a2].engine.devices_of(&alice).contains(&a3d));
+    let old = net.relay.lists[&alice].clone();
+    net.relay.served_lists.insert(alice, old);
+
+    net.command(a1, Command::RemoveDevice { device: a3d });
+    net.advance(1_000);
+    let e = &net.clients[a2].engine;
+    assert!(!e.devices_of(&alice).contains(&a3d), "a2 still lists a3");
+    assert_eq!(e.counters().list_notices, 1);
+    let to_a3 = sealed_to(&net, a2d, a3d);
+    net.send(a2, conv, "from a2 after the removal");
+    net.advance(1_000);
+    assert_eq!(sealed_to(&net, a2d, a3d), to_a3, "a2 sealed to a3");
+}

@@ -621,6 +621,10 @@ pub(crate) fn counters(c: &Counters) -> JsValue {
         .num("syncs", c.syncs)
         .num("syncLatencyMsTotal", c.sync_latency_ms_total)
         .num("lastSyncLatencyMs", c.last_sync_latency_ms)
+        .num("listNotices", c.list_notices)
+        .num("oldListsIgnored", c.old_lists_ignored)
+        .num("retired", c.retired)
+        .num("removed", c.removed)
         .build()
 }
 

@@ -306,6 +306,48 @@ impl Store for ShardedStore {
         self.shards[device_i].remove_device(device, now_ms)
     }
 
+    // Atomic when every dropped device lives on the user's shard (one
+    // transaction there). Otherwise the devices are removed first, each on
+    // its shards, and the list is stored last on the user's shard: a crash
+    // in between leaves the dropped devices removed under the old list
+    // (nothing is sent to a removed device: sends to it are refused) until
+    // the publishing client, which keeps its unconfirmed list, publishes it
+    // again; never a stored list with a dropped device still registered.
+    fn publish_device_list_removing(
+        &self,
+        list: &SignedDeviceList,
+        now_ms: u64,
+    ) -> Result<(u64, Vec<DeviceId>), StoreError> {
+        let user = list.list.user;
+        let user_i = self.map.index_of(user.as_bytes());
+        let previous = self.shards[user_i].device_list(&user)?;
+        if let Some(p) = &previous
+            && p.list.version >= list.list.version
+        {
+            return Err(StoreError::StaleDeviceList {
+                stored: p.list.version,
+            });
+        }
+        let dropped = crate::store::dropped_devices(previous.as_ref(), list);
+        if dropped
+            .iter()
+            .all(|d| self.map.index_of(d.as_bytes()) == user_i)
+        {
+            return self.shards[user_i].publish_device_list_removing(list, now_ms);
+        }
+        let mut removed = Vec::new();
+        for d in dropped {
+            let ours = self
+                .device(&d)?
+                .is_some_and(|r| r.registration.user == user);
+            if ours && self.remove_device(&d, now_ms)? {
+                removed.push(d);
+            }
+        }
+        let version = self.shards[user_i].publish_device_list(list)?;
+        Ok((version, removed))
+    }
+
     fn device_removed(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
         self.device_store(device).device_removed(device)
     }
@@ -563,5 +605,64 @@ mod tests {
             store.device_list(&UserKey([user; 32])).expect("read"),
             Some(list)
         );
+    }
+
+    /// A list dropping devices that live on other shards than the user's:
+    /// they are removed on every shard holding them, the list is stored on
+    /// the user's shard, and the returned set names them.
+    #[test]
+    fn a_list_dropping_devices_on_other_shards_removes_them_everywhere() {
+        let (store, shards) = two_shards(StoreLimits::default());
+        let map = store.map().clone();
+        let user = 7u8;
+        let user_key = UserKey([user; 32]);
+        let user_shard = map.user_shard(&user_key);
+        let other = 1 - user_shard;
+        let near = device_on(&map, user_shard, 0);
+        let far = device_on(&map, other, 0);
+        let far2 = device_on(
+            &map,
+            other,
+            u32::from_be_bytes(far.0[..4].try_into().expect("4")) + 1,
+        );
+        for d in [near, far, far2] {
+            store.register_device(&reg(d, user), 1).expect("register");
+        }
+        let entry = |d: DeviceId| hush_protocol::DeviceEntry {
+            device: d,
+            signing_key: [1; 32],
+            agreement_key: [2; 32],
+            membership_signature: [4; 64],
+        };
+        let list = |version: u64, devices: &[DeviceId]| SignedDeviceList {
+            list: DeviceList {
+                user: user_key,
+                version,
+                devices: devices.iter().map(|d| entry(*d)).collect(),
+            },
+            signature: [0; 64],
+        };
+        let v1 = list(1, &[near, far, far2]);
+        assert_eq!(
+            store.publish_device_list_removing(&v1, 5).expect("v1"),
+            (1, Vec::new())
+        );
+        let v2 = list(2, &[near, far2]);
+        let (version, removed) = store.publish_device_list_removing(&v2, 9).expect("v2");
+        assert_eq!((version, removed), (2, vec![far]));
+        assert_eq!(store.device_list(&user_key).expect("read"), Some(v2));
+        assert_eq!(store.device(&far).expect("read"), None);
+        assert_eq!(store.device_removed(&far).expect("read"), Some(9));
+        for s in &shards {
+            assert_eq!(s.device(&far).expect("read"), None, "left on a shard");
+        }
+        assert!(store.device(&far2).expect("read").is_some());
+        assert!(store.device(&near).expect("read").is_some());
+        // Stale: nothing changes.
+        assert!(matches!(
+            store.publish_device_list_removing(&list(2, &[near]), 10),
+            Err(StoreError::StaleDeviceList { stored: 2 })
+        ));
+        assert!(store.device(&far2).expect("read").is_some());
     }
 }

@@ -161,6 +161,8 @@ fn a_newer_list_dropping_a_device_frees_its_inbox_and_refuses_it() {
     );
     assert_eq!(core.store().total_depth().unwrap(), 0);
     assert_eq!(Metrics::get(&core.metrics().devices_removed_total), 1);
+    // The connection layer is told to cut the removed device's session.
+    assert!(a.contains(&Action::Evict(a2.id)), "{a:?}");
 
     let (s, a) = auth_at(&core, &a2, NOW + 1);
     assert_eq!(error_code(&a), ErrorCode::DeviceRemoved);

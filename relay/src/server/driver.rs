@@ -14,6 +14,7 @@
 //! the authentication deadline and shutdown.
 
 use super::Shared;
+use super::hub::Displaced;
 use super::writer::{CommitRequest, CommitResult, WriterMsg};
 use crate::cluster::limits::Limit;
 
@@ -71,6 +72,8 @@ pub enum DriverEnd {
     PeerClosed,
     /// A newer connection of the same device took over.
     Replaced,
+    /// The device's user removed it while it was connected.
+    Removed,
     /// The relay is shutting down.
     ShuttingDown,
     /// The relay closed the connection over a protocol violation.
@@ -102,7 +105,7 @@ struct Conn {
     pending: VecDeque<(SendTicket, oneshot::Receiver<CommitResult>)>,
     device: Option<DeviceId>,
     inbox: Option<watch::Receiver<u64>>,
-    replaced: Option<oneshot::Receiver<()>>,
+    replaced: Option<oneshot::Receiver<Displaced>>,
     /// Notices that other devices ran this device's one-time prekeys low.
     prekeys_low: Option<watch::Receiver<Option<u32>>>,
     /// The merged ack of the last `Pull`, applied after its page was sent
@@ -165,14 +168,15 @@ async fn next_commit(
     }
 }
 
-/// True when a newer connection claimed the device.
-async fn wait_replaced(rx: &mut Option<oneshot::Receiver<()>>) -> bool {
+/// Why the hub told this connection to close (a newer connection claimed
+/// the device, or the device was removed); `None` if the hub dropped it.
+async fn wait_replaced(rx: &mut Option<oneshot::Receiver<Displaced>>) -> Option<Displaced> {
     let Some(r) = rx.as_mut() else {
         return std::future::pending().await;
     };
-    let replaced = r.await.is_ok();
+    let why = r.await.ok();
     *rx = None;
-    replaced
+    why
 }
 
 /// The count of a new `PrekeysLow` notice for this device.
@@ -248,8 +252,10 @@ impl Conn {
                     }
                 }
                 replaced = wait_replaced(&mut self.replaced), if draining.is_none() => {
-                    if replaced {
-                        draining = Some(DriverEnd::Replaced);
+                    match replaced {
+                        Some(Displaced::Replaced) => draining = Some(DriverEnd::Replaced),
+                        Some(Displaced::Removed) => draining = Some(DriverEnd::Removed),
+                        None => {}
                     }
                 }
                 changed = shutdown.changed(), if draining.is_none() => {
@@ -693,6 +699,11 @@ impl Conn {
                 Action::Live(device) => {
                     tracing::trace!(device = %short_id(&device), "live");
                 }
+                Action::Evict(device) => {
+                    if self.shared.hub.evict(&device) {
+                        tracing::debug!(device = %short_id(&device), "removed device's connection closed");
+                    }
+                }
                 Action::Close { code, reason } => {
                     return Flow::End(DriverEnd::Refused { code, reason });
                 }
@@ -710,6 +721,10 @@ impl Conn {
             DriverEnd::Replaced => ServerFrame::closing(
                 ErrorCode::Replaced,
                 "a newer connection of this device took over",
+            ),
+            DriverEnd::Removed => ServerFrame::closing(
+                ErrorCode::DeviceRemoved,
+                "this device was removed by its user",
             ),
             DriverEnd::ShuttingDown => ServerFrame::closing(
                 ErrorCode::ShuttingDown,

@@ -28,9 +28,18 @@ struct Entry {
     owner: Option<Owner>,
 }
 
+/// Why a connection is told to close by the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Displaced {
+    /// A newer connection of the same device took over.
+    Replaced,
+    /// The device's user removed it (a newer device list dropped it).
+    Removed,
+}
+
 struct Owner {
     conn_id: u64,
-    closer: oneshot::Sender<()>,
+    closer: oneshot::Sender<Displaced>,
     /// The cluster bus has delivered this connection's own claim back: every
     /// claim the bus delivers from now on was made after it.
     confirmed: bool,
@@ -57,8 +66,9 @@ impl std::fmt::Debug for DeviceHub {
 pub struct Claim {
     /// Changes whenever the device's inbox gains envelopes.
     pub inbox: watch::Receiver<u64>,
-    /// Fires when a newer connection claims the same device.
-    pub replaced: oneshot::Receiver<()>,
+    /// Fires when a newer connection claims the same device, or when the
+    /// device is removed.
+    pub replaced: oneshot::Receiver<Displaced>,
     /// Changes when other devices' fetches ran the device's one-time
     /// prekey pool low; holds how many are left.
     pub prekeys_low: watch::Receiver<Option<u32>>,
@@ -109,7 +119,7 @@ impl DeviceHub {
             confirmed: false,
         };
         if let Some(old) = entry.owner.replace(new) {
-            let _ = old.closer.send(());
+            let _ = old.closer.send(Displaced::Replaced);
         }
         Claim {
             inbox: entry.inbox.subscribe(),
@@ -117,6 +127,24 @@ impl DeviceHub {
             prekeys_low: entry.prekeys_low.subscribe(),
             published: None,
         }
+    }
+
+    /// The device was removed by its user: its connection on this node, if
+    /// any, is told to close (it then says `DeviceRemoved`). Returns whether
+    /// there was one.
+    pub fn evict(&self, device: &DeviceId) -> bool {
+        let mut map = self.lock();
+        let Some(entry) = map.get_mut(device) else {
+            return false;
+        };
+        let Some(owner) = entry.owner.take() else {
+            return false;
+        };
+        let _ = owner.closer.send(Displaced::Removed);
+        if entry.inbox.receiver_count() == 0 {
+            map.remove(device);
+        }
+        true
     }
 
     /// Connection `conn_id` is gone (and has dropped its [`Claim`]): end its
@@ -190,7 +218,7 @@ impl DeviceHub {
             return false;
         }
         if let Some(old) = entry.owner.take() {
-            let _ = old.closer.send(());
+            let _ = old.closer.send(Displaced::Replaced);
         }
         if entry.inbox.receiver_count() == 0 {
             map.remove(device);

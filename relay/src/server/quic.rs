@@ -65,6 +65,8 @@ pub mod close_code {
     pub const AUTH_TIMEOUT: u32 = 4;
     /// The peer opened no stream in time.
     pub const NO_STREAM: u32 = 5;
+    /// The device was removed by its user while connected.
+    pub const REMOVED: u32 = 6;
     /// No application protocol was negotiated.
     pub const UNSUPPORTED_ALPN: u32 = 0x10;
 }
@@ -252,6 +254,7 @@ pub(crate) fn close_for(end: &DriverEnd) -> Option<(u32, &'static [u8])> {
     Some(match end {
         DriverEnd::PeerClosed => (close_code::OK, b"bye"),
         DriverEnd::Replaced => (close_code::REPLACED, b"replaced by a newer connection"),
+        DriverEnd::Removed => (close_code::REMOVED, b"device removed by its user"),
         DriverEnd::ShuttingDown => (close_code::SHUTTING_DOWN, b"relay shutting down"),
         DriverEnd::Refused { .. } => (close_code::PROTOCOL, b"protocol violation"),
         DriverEnd::AuthTimeout => (close_code::AUTH_TIMEOUT, b"authentication timed out"),

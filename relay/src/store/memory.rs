@@ -69,6 +69,22 @@ struct Tables {
 impl Tables {
     /// Delete everything of `d`'s inbox up to `up_to` (clamped to its
     /// head) and return the acked cursor now in force.
+    /// Remove a device for good (see `Store::remove_device`).
+    fn remove(&mut self, d: DeviceId, now_ms: u64) -> bool {
+        if self.removed.contains_key(&d) || !self.devices.contains_key(&d) {
+            return false;
+        }
+        self.ack_to(d, u64::MAX);
+        self.meta.remove(&d);
+        self.tombstones.retain(|(owner, _), _| *owner != d);
+        self.signed_prekeys.remove(&d);
+        self.one_time_prekeys.retain(|(owner, _), _| *owner != d);
+        self.devices.remove(&d);
+        self.last_seen.remove(&d);
+        self.removed.insert(d, now_ms);
+        true
+    }
+
     fn ack_to(&mut self, d: DeviceId, up_to: u64) -> u64 {
         let t = self;
         let mut state = t.state(&d);
@@ -412,21 +428,37 @@ impl Store for MemoryStore {
     }
 
     fn remove_device(&self, device: &DeviceId, now_ms: u64) -> Result<bool, StoreError> {
+        Ok(self.lock()?.remove(*device, now_ms))
+    }
+
+    fn publish_device_list_removing(
+        &self,
+        list: &SignedDeviceList,
+        now_ms: u64,
+    ) -> Result<(u64, Vec<DeviceId>), StoreError> {
         let mut guard = self.lock()?;
         let t = &mut *guard;
-        let d = *device;
-        if t.removed.contains_key(&d) || !t.devices.contains_key(&d) {
-            return Ok(false);
+        let user = list.list.user;
+        let previous = match t.device_lists.get(&user) {
+            Some(stored) if stored.list.version >= list.list.version => {
+                return Err(StoreError::StaleDeviceList {
+                    stored: stored.list.version,
+                });
+            }
+            stored => stored.cloned(),
+        };
+        t.device_lists.insert(user, list.clone());
+        let mut removed = Vec::new();
+        for d in super::dropped_devices(previous.as_ref(), list) {
+            let ours = t
+                .devices
+                .get(&d)
+                .is_some_and(|r| r.registration.user == user);
+            if ours && t.remove(d, now_ms) {
+                removed.push(d);
+            }
         }
-        t.ack_to(d, u64::MAX);
-        t.meta.remove(&d);
-        t.tombstones.retain(|(owner, _), _| *owner != d);
-        t.signed_prekeys.remove(&d);
-        t.one_time_prekeys.retain(|(owner, _), _| *owner != d);
-        t.devices.remove(&d);
-        t.last_seen.remove(&d);
-        t.removed.insert(d, now_ms);
-        Ok(true)
+        Ok((list.list.version, removed))
     }
 
     fn device_removed(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {

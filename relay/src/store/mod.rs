@@ -562,6 +562,21 @@ pub trait Store: Send + Sync + 'static {
     /// was removed now (false if it was unknown or removed already).
     fn remove_device(&self, device: &DeviceId, now_ms: u64) -> Result<bool, StoreError>;
 
+    /// Store a user's newer signed device list (as
+    /// [`Store::publish_device_list`]) and, in the same durable transaction,
+    /// remove (as [`Store::remove_device`]) every device the previously
+    /// stored list named that this one drops and that is registered to the
+    /// list's user. Returns the version and the devices removed now. A crash
+    /// leaves both done or neither, so a dropped device is never left
+    /// registered under a stored list that drops it. (A sharded store whose
+    /// devices live on other shards than their user's list removes them
+    /// first and stores the list last: see `ShardedStore`.)
+    fn publish_device_list_removing(
+        &self,
+        list: &SignedDeviceList,
+        now_ms: u64,
+    ) -> Result<(u64, Vec<DeviceId>), StoreError>;
+
     /// When `device` was removed, if it was.
     fn device_removed(&self, device: &DeviceId) -> Result<Option<u64>, StoreError>;
 
@@ -584,4 +599,21 @@ pub trait Store: Send + Sync + 'static {
         let _ = budget;
         Ok(false)
     }
+}
+
+/// The devices `previous` names that `list` does not (in `previous`'s order).
+pub(crate) fn dropped_devices(
+    previous: Option<&SignedDeviceList>,
+    list: &SignedDeviceList,
+) -> Vec<DeviceId> {
+    previous
+        .map(|p| {
+            p.list
+                .devices
+                .iter()
+                .map(|e| e.device)
+                .filter(|d| !list.list.devices.iter().any(|e| e.device == *d))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -1371,55 +1371,50 @@ impl Store for RedbStore {
     fn remove_device(&self, device: &DeviceId, now_ms: u64) -> Result<bool, StoreError> {
         let mut cost = 0u64;
         let removed = self.write_with(Durability::Immediate, |txn, freed| {
-            let key = device.as_bytes();
-            let mut removed = txn.open_table(REMOVED_DEVICES)?;
-            if removed.get(key)?.is_some() {
-                return Ok((false, Changed::No));
-            }
-            let mut devices = txn.open_table(DEVICES)?;
-            let Some(record) = devices
-                .get(key)?
-                .map(|g| decode_device(*device, g.value()))
-                .transpose()?
-            else {
-                return Ok((false, Changed::No));
-            };
-            // The inbox: every stored envelope and tombstone, then its counters.
-            let mut meta = txn.open_table(INBOX_META)?;
-            let mut state = load_state(&meta, device)?;
-            if state.head > state.acked {
-                let mut inbox = txn.open_table(INBOX)?;
-                let mut queue = txn.open_table(PURGE_QUEUE)?;
-                let mut released = Released::new();
-                delete_acked(
-                    &mut inbox,
-                    &mut queue,
-                    device,
-                    state.head,
-                    &mut state,
-                    &mut released,
-                )?;
-                cost = release_segments(&mut txn.open_table(SEGMENTS)?, &released, freed)?;
-            }
-            let (lo, hi) = (inbox_key(device, 0), inbox_key(device, u64::MAX));
-            txn.open_table(TOMBSTONES)?
-                .retain_in::<&InboxKey, _>(&lo..=&hi, |_, _| false)?;
-            meta.remove(key)?;
-            // Prekeys.
-            txn.open_table(SIGNED_PREKEYS)?.remove(key)?;
-            let (lo, hi) = (otk_key(device, 0), otk_key(device, u32::MAX));
-            txn.open_table(ONE_TIME_PREKEYS)?
-                .retain_in::<&OtkKey, _>(&lo..=&hi, |_, _| false)?;
-            // The registration and its slot.
-            devices.remove(key)?;
-            txn.open_table(USER_DEVICES)?
-                .remove(&user_device_key(&record.registration.user, device))?;
-            txn.open_table(DEVICE_SEEN)?.remove(key)?;
-            removed.insert(key, now_ms)?;
-            Ok((true, Changed::Yes))
+            let removed = remove_in(txn, device, None, now_ms, freed, &mut cost)?;
+            let changed = if removed { Changed::Yes } else { Changed::No };
+            Ok((removed, changed))
         })?;
         self.uncount(cost);
         Ok(removed)
+    }
+
+    fn publish_device_list_removing(
+        &self,
+        list: &SignedDeviceList,
+        now_ms: u64,
+    ) -> Result<(u64, Vec<DeviceId>), StoreError> {
+        let user = list.list.user;
+        let version = list.list.version;
+        let encoded = encode_device_list(list)?;
+        let mut cost = 0u64;
+        let done = self.write_with(Durability::Immediate, |txn, freed| {
+            let previous = {
+                let mut lists = txn.open_table(DEVICE_LISTS)?;
+                let stored = lists
+                    .get(user.as_bytes())?
+                    .map(|g| decode_device_list(user, g.value()))
+                    .transpose()?;
+                if let Some(stored) = &stored
+                    && stored.list.version >= version
+                {
+                    return Err(StoreError::StaleDeviceList {
+                        stored: stored.list.version,
+                    });
+                }
+                lists.insert(user.as_bytes(), encoded.as_slice())?;
+                stored
+            };
+            let mut removed = Vec::new();
+            for d in super::dropped_devices(previous.as_ref(), list) {
+                if remove_in(txn, &d, Some(&user), now_ms, freed, &mut cost)? {
+                    removed.push(d);
+                }
+            }
+            Ok(((version, removed), Changed::Yes))
+        })?;
+        self.uncount(cost);
+        Ok(done)
     }
 
     fn device_removed(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
@@ -1698,6 +1693,72 @@ where
         n += 1;
     }
     Ok(n)
+}
+
+/// Remove `device` for good inside `txn` (see `Store::remove_device`): only
+/// if registered, not removed already, and (with `user`) registered to that
+/// user. Freed segment bytes are added to `cost`.
+fn remove_in(
+    txn: &WriteTransaction,
+    device: &DeviceId,
+    user: Option<&UserKey>,
+    now_ms: u64,
+    freed: &mut Vec<u32>,
+    cost: &mut u64,
+) -> Result<bool, StoreError> {
+    let key = device.as_bytes();
+    let mut removed = txn.open_table(REMOVED_DEVICES)?;
+    if removed.get(key)?.is_some() {
+        return Ok(false);
+    }
+    let mut devices = txn.open_table(DEVICES)?;
+    let Some(record) = devices
+        .get(key)?
+        .map(|g| decode_device(*device, g.value()))
+        .transpose()?
+    else {
+        return Ok(false);
+    };
+    if user.is_some_and(|u| *u != record.registration.user) {
+        return Ok(false);
+    }
+    // The inbox: every stored envelope and tombstone, then its counters.
+    let mut meta = txn.open_table(INBOX_META)?;
+    let mut state = load_state(&meta, device)?;
+    if state.head > state.acked {
+        let mut inbox = txn.open_table(INBOX)?;
+        let mut queue = txn.open_table(PURGE_QUEUE)?;
+        let mut released = Released::new();
+        delete_acked(
+            &mut inbox,
+            &mut queue,
+            device,
+            state.head,
+            &mut state,
+            &mut released,
+        )?;
+        *cost = cost.saturating_add(release_segments(
+            &mut txn.open_table(SEGMENTS)?,
+            &released,
+            freed,
+        )?);
+    }
+    let (lo, hi) = (inbox_key(device, 0), inbox_key(device, u64::MAX));
+    txn.open_table(TOMBSTONES)?
+        .retain_in::<&InboxKey, _>(&lo..=&hi, |_, _| false)?;
+    meta.remove(key)?;
+    // Prekeys.
+    txn.open_table(SIGNED_PREKEYS)?.remove(key)?;
+    let (lo, hi) = (otk_key(device, 0), otk_key(device, u32::MAX));
+    txn.open_table(ONE_TIME_PREKEYS)?
+        .retain_in::<&OtkKey, _>(&lo..=&hi, |_, _| false)?;
+    // The registration and its slot.
+    devices.remove(key)?;
+    txn.open_table(USER_DEVICES)?
+        .remove(&user_device_key(&record.registration.user, device))?;
+    txn.open_table(DEVICE_SEEN)?.remove(key)?;
+    removed.insert(key, now_ms)?;
+    Ok(true)
 }
 
 #[cfg(test)]

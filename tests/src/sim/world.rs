@@ -1345,6 +1345,24 @@ impl World {
                     }
                 }
                 Action::Live(_) => self.pump(c),
+                Action::Evict(device) => {
+                    let open: Vec<u64> = self
+                        .conns
+                        .iter()
+                        .filter(|(_, x)| {
+                            x.alive && x.session.as_ref().and_then(|s| s.device()) == Some(device)
+                        })
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for k in open {
+                        self.send_to_client(
+                            k,
+                            ServerFrame::closing(ErrorCode::DeviceRemoved, "removed"),
+                        );
+                        let t = self.conns.get(&k).map_or(self.now, |x| x.to_client_at) + 1;
+                        self.at(t, Ev::CloseConn(k));
+                    }
+                }
                 Action::Close { .. } => {
                     let t = self.conns.get(&c).map_or(self.now, |x| x.to_client_at) + 1;
                     self.at(t, Ev::CloseConn(c));

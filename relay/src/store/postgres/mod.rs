@@ -240,6 +240,15 @@ impl Store for PgStore {
             .block(|| self.remove_device_async(device, now_ms))?
     }
 
+    fn publish_device_list_removing(
+        &self,
+        list: &SignedDeviceList,
+        now_ms: u64,
+    ) -> Result<(u64, Vec<DeviceId>), StoreError> {
+        self.pool
+            .block(|| self.publish_device_list_removing_async(list, now_ms))?
+    }
+
     fn device_removed(&self, device: &DeviceId) -> Result<Option<u64>, StoreError> {
         self.pool.block(|| self.device_removed_async(device))?
     }

@@ -182,62 +182,69 @@ impl PgStore {
         device: &DeviceId,
         now_ms: u64,
     ) -> Result<bool, StoreError> {
-        let d = device.as_bytes().as_slice();
         let stripe = self.next_stripe();
         self.pool
             .transaction(IsolationLevel::ReadCommitted, false, async |tx| {
-                // The device row serialises this with registration and sends
-                // (which lock the inbox row below).
-                let Some(row) = tx
-                    .query_opt(
-                        "SELECT user_key FROM hush_devices WHERE device = $1 FOR UPDATE",
-                        &[&d],
-                    )
-                    .await?
-                else {
-                    return Ok(false);
-                };
-                let _user: Vec<u8> = row.get(0);
-                tx.query_opt(
-                    "SELECT 1 FROM hush_inboxes WHERE device = $1 FOR UPDATE",
-                    &[&d],
+                remove_in_tx(tx, device, None, now_ms, stripe).await
+            })
+            .await
+    }
+
+    /// `Store::publish_device_list_removing`: the list and the removals in
+    /// one transaction. The user's list row is locked first (as
+    /// `publish_device_list_async` does), then each dropped device's row.
+    pub(super) async fn publish_device_list_removing_async(
+        &self,
+        list: &SignedDeviceList,
+        now_ms: u64,
+    ) -> Result<(u64, Vec<DeviceId>), StoreError> {
+        let user = list.list.user.as_bytes().as_slice();
+        let encoded = encode_device_list(list)?;
+        let version = list.list.version;
+        let stripe = self.next_stripe();
+        self.pool
+            .transaction(IsolationLevel::ReadCommitted, false, async |tx| {
+                // A first publication of the user inserts the row; a
+                // concurrent one is serialised by the primary key.
+                tx.execute(
+                    "INSERT INTO hush_device_lists (user_key, version, list) \
+                     VALUES ($1, 0, $2) ON CONFLICT (user_key) DO NOTHING",
+                    &[&user, &Vec::<u8>::new()],
                 )
                 .await?;
-                let gone = tx
+                let row = tx
                     .query_one(
-                        "WITH d AS (DELETE FROM hush_envelopes WHERE device = $1 \
-                         RETURNING octet_length(body) AS len) \
-                         SELECT count(*), coalesce(sum(len), 0)::bigint FROM d",
-                        &[&d],
+                        "SELECT version, list FROM hush_device_lists WHERE user_key = $1 \
+                         FOR UPDATE",
+                        &[&user],
                     )
                     .await?;
-                let (count, bytes) = (from_db(gone.get(0)), from_db(gone.get(1)));
-                if count > 0 {
-                    let cost =
-                        bytes.saturating_add(count.saturating_mul(super::super::stored_cost(0)));
-                    tx.execute(
-                        "UPDATE hush_totals SET depth = depth - $2, stored = stored - $3 \
-                         WHERE stripe = $1",
-                        &[&stripe, &db_u64(count), &db_u64(cost)],
-                    )
-                    .await?;
-                }
-                for sql in [
-                    "DELETE FROM hush_tombstones WHERE device = $1",
-                    "DELETE FROM hush_inboxes WHERE device = $1",
-                    "DELETE FROM hush_signed_prekeys WHERE device = $1",
-                    "DELETE FROM hush_one_time_prekeys WHERE device = $1",
-                    "DELETE FROM hush_devices WHERE device = $1",
-                ] {
-                    tx.execute(sql, &[&d]).await?;
+                let raw: Vec<u8> = row.get(1);
+                let previous = if raw.is_empty() {
+                    None
+                } else {
+                    Some(decode_device_list(list.list.user, &raw)?)
+                };
+                if let Some(old) = &previous
+                    && old.list.version >= version
+                {
+                    return Err(StoreError::StaleDeviceList {
+                        stored: old.list.version,
+                    }
+                    .into());
                 }
                 tx.execute(
-                    "INSERT INTO hush_removed_devices (device, removed_at_ms) VALUES ($1, $2) \
-                     ON CONFLICT (device) DO NOTHING",
-                    &[&d, &db_u64(now_ms)],
+                    "UPDATE hush_device_lists SET version = $2, list = $3 WHERE user_key = $1",
+                    &[&user, &db_u64(version), &encoded],
                 )
                 .await?;
-                Ok::<_, TxError>(true)
+                let mut removed = Vec::new();
+                for d in super::super::dropped_devices(previous.as_ref(), list) {
+                    if remove_in_tx(tx, &d, Some(&list.list.user), now_ms, stripe).await? {
+                        removed.push(d);
+                    }
+                }
+                Ok::<_, TxError>((version, removed))
             })
             .await
     }
@@ -513,4 +520,70 @@ impl PgStore {
             })
             .await
     }
+}
+
+/// Remove `device` for good inside `tx` (see `Store::remove_device`): only
+/// if registered and (with `user`) registered to that user.
+async fn remove_in_tx(
+    tx: &tokio_postgres::Transaction<'_>,
+    device: &DeviceId,
+    user: Option<&UserKey>,
+    now_ms: u64,
+    stripe: i16,
+) -> Result<bool, TxError> {
+    let d = device.as_bytes().as_slice();
+    // The device row serialises this with registration and sends (which
+    // lock the inbox row below).
+    let Some(row) = tx
+        .query_opt(
+            "SELECT user_key FROM hush_devices WHERE device = $1 FOR UPDATE",
+            &[&d],
+        )
+        .await?
+    else {
+        return Ok(false);
+    };
+    let owner: Vec<u8> = row.get(0);
+    if user.is_some_and(|u| u.as_bytes().as_slice() != owner.as_slice()) {
+        return Ok(false);
+    }
+    tx.query_opt(
+        "SELECT 1 FROM hush_inboxes WHERE device = $1 FOR UPDATE",
+        &[&d],
+    )
+    .await?;
+    let gone = tx
+        .query_one(
+            "WITH d AS (DELETE FROM hush_envelopes WHERE device = $1 \
+             RETURNING octet_length(body) AS len) \
+             SELECT count(*), coalesce(sum(len), 0)::bigint FROM d",
+            &[&d],
+        )
+        .await?;
+    let (count, bytes) = (from_db(gone.get(0)), from_db(gone.get(1)));
+    if count > 0 {
+        let cost = bytes.saturating_add(count.saturating_mul(super::super::stored_cost(0)));
+        tx.execute(
+            "UPDATE hush_totals SET depth = depth - $2, stored = stored - $3 \
+             WHERE stripe = $1",
+            &[&stripe, &db_u64(count), &db_u64(cost)],
+        )
+        .await?;
+    }
+    for sql in [
+        "DELETE FROM hush_tombstones WHERE device = $1",
+        "DELETE FROM hush_inboxes WHERE device = $1",
+        "DELETE FROM hush_signed_prekeys WHERE device = $1",
+        "DELETE FROM hush_one_time_prekeys WHERE device = $1",
+        "DELETE FROM hush_devices WHERE device = $1",
+    ] {
+        tx.execute(sql, &[&d]).await?;
+    }
+    tx.execute(
+        "INSERT INTO hush_removed_devices (device, removed_at_ms) VALUES ($1, $2) \
+         ON CONFLICT (device) DO NOTHING",
+        &[&d, &db_u64(now_ms)],
+    )
+    .await?;
+    Ok(true)
 }
