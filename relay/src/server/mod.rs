@@ -516,7 +516,22 @@ async fn purge_pass(
     Ok(total)
 }
 
+/// How often the retention loop recounts stale and removed devices: an
+/// eighth of `--stale-after` (so a device shows stale at most that late),
+/// at most every [`LEASE_RECOUNT_MAX`]. The count walks every registered
+/// device, so it must not run on every purge pass (every few seconds) on a
+/// relay with millions of devices; the depth gauge, read from a counter,
+/// still does.
+fn lease_recount_every(stale_after_ms: u64) -> Duration {
+    Duration::from_millis(stale_after_ms / 8).min(LEASE_RECOUNT_MAX)
+}
+
+/// The longest pause between two recounts of the device-lease gauges.
+const LEASE_RECOUNT_MAX: Duration = Duration::from_secs(600);
+
 async fn purge_loop(shared: Arc<Shared>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let recount = lease_recount_every(shared.core.config().stale_after_ms);
+    let mut last_recount = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -527,10 +542,16 @@ async fn purge_loop(shared: Arc<Shared>, every: Duration, mut shutdown: watch::R
         {
             tracing::error!("retention purge failed: {e}");
         }
+        let recount_now = last_recount.elapsed() >= recount;
+        if recount_now {
+            last_recount = tokio::time::Instant::now();
+        }
         let s = Arc::clone(&shared);
         let _ = tokio::task::spawn_blocking(move || {
             s.core.refresh_depth();
-            s.core.refresh_leases(s.clock.now_ms());
+            if recount_now {
+                s.core.refresh_leases(s.clock.now_ms());
+            }
         })
         .await;
     }
@@ -632,5 +653,21 @@ async fn bind_quic_and_ws(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_recounts_follow_the_stale_period_but_not_every_pass() {
+        // The default 30 days: once every ten minutes, not every 5 s pass.
+        assert_eq!(
+            lease_recount_every(30 * 24 * 3600 * 1000),
+            LEASE_RECOUNT_MAX
+        );
+        // A short period: an eighth of it, so staleness shows promptly.
+        assert_eq!(lease_recount_every(3_000), Duration::from_millis(375));
     }
 }
