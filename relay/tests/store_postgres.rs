@@ -185,6 +185,105 @@ fn concurrent_commits_from_two_nodes_to_one_inbox_get_contiguous_unique_seqs() {
     assert_eq!(stores[1].total_depth().unwrap(), total + 4 * BATCHES);
 }
 
+/// Two nodes commit large batches to the same 12 inboxes at once. Each batch
+/// is big enough to be split over several transactions (lanes) on several
+/// connections, so up to eight transactions for overlapping inboxes are in
+/// flight together. Per inbox the seqs are unique and gap-free, each batch's
+/// envelopes to one inbox got consecutive seqs in batch order, a pull returns
+/// every envelope once in seq order, and a retry of every batch is recognised
+/// as duplicates with the original seqs.
+#[test]
+fn concurrent_split_batches_from_two_nodes_keep_each_inbox_ordered_and_complete() {
+    const BATCHES: u64 = 6;
+    const PER_BATCH: u64 = 600;
+    const INBOXES: u8 = 12;
+    let (_db, stores) = nodes(2);
+    for n in 1..=2 {
+        stores[0].register_device(&reg(n), 1).unwrap();
+    }
+    for n in 0..INBOXES {
+        stores[0].register_device(&reg(20 + n), 1).unwrap();
+    }
+    // Uneven shares: inbox 20 gets a third of each batch.
+    let batch_of = |from: u8, b: u64| -> Vec<NewEnvelope> {
+        (0..PER_BATCH)
+            .map(|i| {
+                let to = if i % 3 == 0 {
+                    20
+                } else {
+                    20 + (i % u64::from(INBOXES)) as u8
+                };
+                env(from, to, b * PER_BATCH + i)
+            })
+            .collect()
+    };
+    let results: Vec<Vec<(Vec<NewEnvelope>, Vec<CommitOutcome>)>> = std::thread::scope(|s| {
+        let threads: Vec<_> = [1u8, 2]
+            .into_iter()
+            .enumerate()
+            .map(|(i, from)| {
+                let store = &stores[i];
+                s.spawn(move || {
+                    (0..BATCHES)
+                        .map(|b| {
+                            let batch = batch_of(from, b);
+                            let outcomes = store.commit(&batch).unwrap();
+                            (batch, outcomes)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let mut per_inbox: std::collections::BTreeMap<DeviceId, Vec<u64>> = Default::default();
+    for (batch, outcomes) in results.iter().flatten() {
+        assert_eq!(batch.len(), outcomes.len());
+        // Within the batch, per inbox: consecutive seqs in batch order.
+        let mut last: std::collections::BTreeMap<DeviceId, u64> = Default::default();
+        for (e, o) in batch.iter().zip(outcomes) {
+            let CommitOutcome::Stored { seq } = *o else {
+                panic!("unexpected {o:?}");
+            };
+            if let Some(prev) = last.insert(e.recipient, seq) {
+                assert_eq!(seq, prev + 1, "batch order broken in {:?}", e.recipient);
+            }
+            per_inbox.entry(e.recipient).or_default().push(seq);
+        }
+    }
+    let mut total = 0;
+    for (device, mut seqs) in per_inbox {
+        seqs.sort_unstable();
+        let n = seqs.len() as u64;
+        total += n;
+        assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "seqs of {device:?}");
+        let page = stores[1].pull(&device, 0, usize::MAX, usize::MAX).unwrap();
+        assert_eq!(
+            page.envelopes.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (1..=n).collect::<Vec<_>>()
+        );
+        let state = stores[0].inbox_state(&device).unwrap();
+        assert_eq!((state.head, state.depth), (n, n));
+    }
+    assert_eq!(total, 2 * BATCHES * PER_BATCH);
+    assert_eq!(stores[1].total_depth().unwrap(), total);
+    // Retries (on the other node) change nothing and get the original seqs.
+    for (i, runs) in results.iter().enumerate() {
+        for (batch, outcomes) in runs {
+            let again = stores[1 - i].commit(batch).unwrap();
+            let expected: Vec<_> = outcomes
+                .iter()
+                .map(|o| match *o {
+                    CommitOutcome::Stored { seq } => CommitOutcome::Duplicate { seq },
+                    other => other,
+                })
+                .collect();
+            assert_eq!(again, expected);
+        }
+    }
+    assert_eq!(stores[0].total_depth().unwrap(), total);
+}
+
 /// The connection of a commit in flight is terminated by the server: the
 /// commit fails with a typed error (no panic, nothing acknowledged), the store
 /// reconnects by itself, and the client's retry with the same ids stores each
@@ -272,6 +371,109 @@ fn a_commit_whose_connection_is_killed_fails_and_its_retry_does_not_duplicate() 
     );
     let state = store.inbox_state(&DeviceId([9; 16])).unwrap();
     assert_eq!((state.head, state.depth), (4, 4));
+}
+
+/// A large batch is split over several transactions; the one for inbox 30 is
+/// held on its row lock and its connection is killed while the others
+/// commit. The commit fails as a whole (nobody is acknowledged), and the
+/// retry stores the killed lane's envelopes once and answers the others,
+/// which had committed, as duplicates with their original seqs: nothing is
+/// lost or stored twice.
+#[test]
+fn a_split_commit_with_one_lane_killed_fails_and_its_retry_loses_and_duplicates_nothing() {
+    const PER_INBOX: u64 = 100;
+    let c = cluster();
+    let (db, stores) = nodes(1);
+    let store = &stores[0];
+    for n in 30..34 {
+        store.register_device(&reg(n), 1).unwrap();
+    }
+    let batch: Vec<_> = (0..4 * PER_INBOX)
+        .map(|i| env(1, 30 + (i % 4) as u8, i))
+        .collect();
+    let locker = c
+        .psql_command(&db)
+        .env("PGAPPNAME", "hush-test-locker")
+        .arg("-c")
+        .arg(
+            "BEGIN; SELECT 1 FROM hush_inboxes WHERE device = '\\x1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e' \
+             FOR UPDATE; SELECT pg_sleep(30); COMMIT;",
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut locker = KillOnDrop(locker);
+    wait_until_blocking(
+        Duration::from_secs(20),
+        "the locker to hold the row",
+        || {
+            c.psql(
+                &db,
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'hush-test-locker' \
+             AND wait_event = 'PgSleep' AND datname = current_database()",
+            )
+            .is_ok_and(|n| n == "1")
+        },
+    )
+    .unwrap();
+    let blocked = "SELECT count(*) FROM pg_stat_activity WHERE application_name = \
+                   'hush-relay' AND wait_event_type = 'Lock' AND datname = current_database()";
+    let result = std::thread::scope(|s| {
+        let commit = s.spawn(|| store.commit(&batch));
+        wait_until_blocking(
+            Duration::from_secs(20),
+            "one lane to wait on the lock",
+            || c.psql(&db, blocked).is_ok_and(|n| n == "1"),
+        )
+        .unwrap();
+        // The other lanes commit meanwhile.
+        wait_until_blocking(Duration::from_secs(20), "the other lanes to commit", || {
+            (31..34).all(|n| {
+                store
+                    .inbox_state(&DeviceId([n; 16]))
+                    .is_ok_and(|s| s.head == PER_INBOX)
+            })
+        })
+        .unwrap();
+        let killed = c
+            .psql(
+                &db,
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = 'hush-relay' AND wait_event_type = 'Lock' \
+                 AND datname = current_database()) t",
+            )
+            .unwrap();
+        assert_eq!(killed, "1");
+        commit.join().unwrap()
+    });
+    match result {
+        Err(StoreError::Backend(msg)) => assert!(msg.contains("postgres"), "{msg}"),
+        other => panic!("the commit with a killed lane must fail, got {other:?}"),
+    }
+    c.psql(
+        &db,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'hush-test-locker' AND datname = current_database()",
+    )
+    .unwrap();
+    let _ = locker.0.wait();
+    assert_eq!(store.inbox_state(&DeviceId([30; 16])).unwrap().head, 0);
+    let retry = store.commit(&batch).unwrap();
+    for (i, (e, o)) in batch.iter().zip(&retry).enumerate() {
+        let seq = i as u64 / 4 + 1;
+        let expected = if e.recipient == DeviceId([30; 16]) {
+            CommitOutcome::Stored { seq }
+        } else {
+            CommitOutcome::Duplicate { seq }
+        };
+        assert_eq!(*o, expected, "envelope {i}");
+    }
+    for n in 30..34 {
+        let state = store.inbox_state(&DeviceId([n; 16])).unwrap();
+        assert_eq!((state.head, state.depth), (PER_INBOX, PER_INBOX));
+    }
+    assert_eq!(store.total_depth().unwrap(), 4 * PER_INBOX);
 }
 
 /// A primary without a synchronous standby is refused unless explicitly

@@ -1,8 +1,10 @@
 //! The PostgreSQL [`Store`]: any number of relay nodes share one PostgreSQL
 //! cluster and keep no state of their own.
 //!
-//! Every mutating call is one transaction at `READ COMMITTED`; it is
-//! acknowledged only after PostgreSQL committed it on the primary and (with
+//! Every mutating call is one transaction at `READ COMMITTED` (a large
+//! commit group is several, one per lane of disjoint inboxes, see
+//! `commit`); it is acknowledged only after PostgreSQL committed it on the
+//! primary and (with
 //! `synchronous_commit = on`, which every connection sets, and a
 //! `synchronous_standby_names` on the server) on a synchronous standby.
 //! [`PgStore::open`] refuses a cluster without a synchronous standby unless

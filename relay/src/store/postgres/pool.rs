@@ -239,6 +239,42 @@ impl Pool {
         }
     }
 
+    /// Run `body` on one connection that it drives itself: the body sends
+    /// its own `BEGIN` and `COMMIT`, pipelined with its statements (see
+    /// `commit.rs`). After any error the connection is rolled back before it
+    /// is reused (a `ROLLBACK` outside a transaction is harmless), or dropped
+    /// when it is broken or the rollback fails. Serialization failures and
+    /// deadlocks are retried like in [`Pool::transaction`].
+    pub(crate) async fn pipelined<T>(
+        &self,
+        mut body: impl AsyncFnMut(&Client) -> Result<T, TxError>,
+    ) -> Result<T, StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let client = self.get().await?;
+            let error = match body(&client).await {
+                Ok(v) => {
+                    self.put(client);
+                    return Ok(v);
+                }
+                Err(e) => e,
+            };
+            let broken = matches!(&error, TxError::Pg(e) if connection_broken(e));
+            if broken || client.batch_execute("ROLLBACK").await.is_err() {
+                drop(client);
+                self.clear();
+            } else {
+                self.put(client);
+            }
+            match error {
+                TxError::Store(e) => return Err(e),
+                TxError::Pg(e) if !broken && retryable(&e) && attempt <= CONFLICT_RETRIES => {}
+                TxError::Pg(e) => return Err(backend(&e)),
+            }
+        }
+    }
+
     /// Run a query outside a transaction (schema checks, settings).
     pub(crate) async fn with_client<T>(
         &self,
