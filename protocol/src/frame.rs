@@ -657,8 +657,14 @@ impl ServerFrame {
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, ProtocolError> {
-    // Reserve the length prefix and the version byte, then append the body.
-    let mut out = vec![0, 0, 0, 0, PROTOCOL_VERSION];
+    // Reserve the length prefix and the version byte, then append the body
+    // into a vector of the exact final size: a page of envelopes grown from
+    // empty would be copied through a series of ever larger allocations.
+    let size = postcard::experimental::serialized_size(value)
+        .map_err(|_| ProtocolError::Malformed("unencodable value"))?;
+    too_large("frame", size.saturating_add(1), MAX_FRAME_LEN)?;
+    let mut out = Vec::with_capacity(5 + size);
+    out.extend_from_slice(&[0, 0, 0, 0, PROTOCOL_VERSION]);
     let out_vec = postcard::to_extend(value, core::mem::take(&mut out))
         .map_err(|_| ProtocolError::Malformed("unencodable value"))?;
     out = out_vec;
@@ -753,6 +759,11 @@ pub fn decode_server_frame(bytes: &[u8]) -> Result<ServerFrame, ProtocolError> {
 #[derive(Debug, Default)]
 pub struct FrameBuffer {
     buf: Vec<u8>,
+    /// Bytes of `buf` before this were already returned as frames. Taking
+    /// a frame only moves this mark; the consumed prefix is dropped once,
+    /// when more bytes arrive, so a read holding many frames costs one
+    /// move of its incomplete tail instead of one move per frame.
+    start: usize,
 }
 
 impl FrameBuffer {
@@ -763,16 +774,25 @@ impl FrameBuffer {
 
     /// Append bytes received from the transport.
     pub fn extend(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
+    }
+
+    /// The bytes not yet returned as frames.
+    fn pending(&self) -> &[u8] {
+        self.buf.get(self.start..).unwrap_or_default()
     }
 
     /// Bytes buffered and not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.pending().len()
     }
 
     fn peek_len(&self) -> Result<Option<usize>, ProtocolError> {
-        let Some(prefix) = self.buf.get(..4) else {
+        let Some(prefix) = self.pending().get(..4) else {
             return Ok(None);
         };
         let mut b = [0u8; 4];
@@ -788,37 +808,41 @@ impl FrameBuffer {
     /// How many more bytes are needed before the next frame is complete
     /// (a transport can read exactly that much).
     pub fn wanted(&self) -> Result<usize, ProtocolError> {
+        let buffered = self.buffered();
         Ok(match self.peek_len()? {
-            None => 4 - self.buf.len(),
-            Some(len) => (4 + len).saturating_sub(self.buf.len()),
+            None => 4 - buffered,
+            Some(len) => (4 + len).saturating_sub(buffered),
         })
+    }
+
+    /// The next complete frame body (version byte + payload) in place, and
+    /// consumes it; `None` until it is complete.
+    fn take_body(&mut self) -> Result<Option<&[u8]>, ProtocolError> {
+        let Some(len) = self.peek_len()? else {
+            return Ok(None);
+        };
+        let at = self.start;
+        let Some(body) = self.buf.get(at + 4..at + 4 + len) else {
+            return Ok(None);
+        };
+        self.start = at + 4 + len;
+        Ok(Some(body))
     }
 
     /// The next complete frame body (version byte + payload), if any.
     pub fn next_body(&mut self) -> Result<Option<Vec<u8>>, ProtocolError> {
-        let Some(len) = self.peek_len()? else {
-            return Ok(None);
-        };
-        if self.buf.len() < 4 + len {
-            return Ok(None);
-        }
-        let body = self.buf[4..4 + len].to_vec();
-        self.buf.drain(..4 + len);
-        Ok(Some(body))
+        Ok(self.take_body()?.map(<[u8]>::to_vec))
     }
 
-    /// The next complete request, if any.
+    /// The next complete request, if any (decoded in place, without copying
+    /// the body first).
     pub fn next_client_frame(&mut self) -> Result<Option<ClientFrame>, ProtocolError> {
-        self.next_body()?
-            .map(|b| decode_client_body(&b))
-            .transpose()
+        self.take_body()?.map(decode_client_body).transpose()
     }
 
     /// The next complete relay frame, if any.
     pub fn next_server_frame(&mut self) -> Result<Option<ServerFrame>, ProtocolError> {
-        self.next_body()?
-            .map(|b| decode_server_body(&b))
-            .transpose()
+        self.take_body()?.map(decode_server_body).transpose()
     }
 }
 

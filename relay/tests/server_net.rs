@@ -252,6 +252,125 @@ fn page_seqs(f: &ServerFrame) -> (Vec<u64>, u64) {
     }
 }
 
+/// Sends that arrive in one read go to the commit writer together and come
+/// back as one answer, which the relay splits among the requests. A hostile
+/// client packs, into ONE write, sends that the relay must answer
+/// differently: a good one, one to an unregistered device, a replay of the
+/// first, one request mixing a forged-sender envelope with a good one, a
+/// `Ping` between them, and a last good one. Every request must get exactly
+/// its own outcomes (a refused or duplicate envelope must never borrow a
+/// neighbour's "stored"), and only the good envelopes may be stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_read_together_get_their_own_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = start(&dir).await;
+    let cert = relay.cert_der();
+    let (alice, bob, stranger) = (Device::new(1), Device::new(2), Device::new(9));
+    let mut ca = Client::connect(relay.quic_addr(), &cert).await;
+    alice.register(&mut ca).await;
+    let mut cb = Client::connect(relay.quic_addr(), &cert).await;
+    bob.register(&mut cb).await;
+
+    let mut forged = alice.envelope_to(&bob, 7);
+    forged.header.sender_device = bob.id;
+    let requests = vec![
+        Request::Send {
+            envelopes: vec![alice.envelope_to(&bob, 1)],
+        },
+        Request::Send {
+            envelopes: vec![alice.envelope_to(&stranger, 2)],
+        },
+        Request::Send {
+            envelopes: vec![alice.envelope_to(&bob, 1)],
+        },
+        Request::Send {
+            envelopes: vec![forged, alice.envelope_to(&bob, 3)],
+        },
+        Request::Ping,
+        Request::Send {
+            envelopes: vec![alice.envelope_to(&bob, 4)],
+        },
+    ];
+    let mut bytes = Vec::new();
+    for (i, request) in requests.into_iter().enumerate() {
+        let frame = hush_protocol::ClientFrame {
+            request_id: 100 + i as u32,
+            request,
+        };
+        bytes.extend(hush_protocol::encode_client_frame(&frame).unwrap());
+    }
+    ca.write_raw(&bytes).await;
+
+    let mut answers = std::collections::BTreeMap::new();
+    while answers.len() < 6 {
+        match ca.next_frame().await.expect("an answer") {
+            ServerFrame::Response {
+                request_id,
+                response,
+            } => {
+                assert!(
+                    answers.insert(request_id, response).is_none(),
+                    "one answer per request"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let outcomes = |id: u32| match answers.get(&id) {
+        Some(Response::Sent { outcomes }) => outcomes.clone(),
+        other => panic!("request {id}: {other:?}"),
+    };
+    let stored = |o: &SendOutcome| match o {
+        SendOutcome::Stored {
+            seq,
+            duplicate,
+            message_id,
+            ..
+        } => Some((*seq, *duplicate, *message_id)),
+        SendOutcome::Refused { .. } => None,
+    };
+    let refused = |o: &SendOutcome| match o {
+        SendOutcome::Refused { error, .. } => Some(error.code),
+        SendOutcome::Stored { .. } => None,
+    };
+    let id_of = |n: u64| alice.envelope_to(&bob, n).header.message_id;
+
+    let first = outcomes(100);
+    assert_eq!(first.len(), 1);
+    assert_eq!(stored(&first[0]), Some((1, false, id_of(1))));
+    let unknown = outcomes(101);
+    assert_eq!(unknown.len(), 1);
+    assert_eq!(refused(&unknown[0]), Some(ErrorCode::UnknownDevice));
+    let replay = outcomes(102);
+    assert_eq!(replay.len(), 1);
+    assert_eq!(stored(&replay[0]), Some((1, true, id_of(1))), "a duplicate");
+    let mixed = outcomes(103);
+    assert_eq!(mixed.len(), 2);
+    assert_eq!(refused(&mixed[0]), Some(ErrorCode::Forbidden));
+    assert_eq!(stored(&mixed[1]), Some((2, false, id_of(3))));
+    assert!(
+        matches!(answers.get(&104), Some(Response::Pong { .. })),
+        "ping: {:?}",
+        answers.get(&104)
+    );
+    let last = outcomes(105);
+    assert_eq!(last.len(), 1);
+    assert_eq!(stored(&last[0]), Some((3, false, id_of(4))));
+
+    let m = relay.metrics();
+    assert_eq!(hush_relay::Metrics::get(&m.envelopes_stored_total), 3);
+    let f = cb
+        .request(Request::Pull {
+            after: 0,
+            limit: 200,
+            ack: 0,
+        })
+        .await;
+    let (seqs, remaining) = page_seqs(&f);
+    assert_eq!(seqs, vec![1, 2, 3]);
+    assert_eq!(remaining, 0);
+}
+
 /// A pull's merged ack is applied after its page is sent, but the page is
 /// the one acking first would give, the connection's acks apply in order,
 /// and a later request on the connection sees them applied.

@@ -23,7 +23,7 @@ use crate::cluster::limits::Limit;
 const CLAIM_PUBLISH_BOUND: Duration = Duration::from_secs(2);
 use crate::core::{Action, DeferredAck, SendTicket, Session, short_id};
 use crate::metrics::Metrics;
-use crate::store::StoreError;
+use crate::store::{CommitOutcome, NewEnvelope, StoreError};
 use hush_protocol::{
     ClientFrame, DeviceId, ErrorCode, FrameBuffer, Request, Response, ServerFrame,
 };
@@ -47,6 +47,10 @@ pub const PREKEYS_LOW_MARK: u32 = 10;
 /// `Send` requests of one connection that may await their commit at once;
 /// beyond this the driver stops reading (backpressure).
 pub const MAX_IN_FLIGHT_SENDS: usize = 16;
+/// Envelopes of one connection staged for the writer before they are handed
+/// over even though more frames are buffered (the writer's group bound is
+/// far above this; this only keeps one hand-off from growing without limit).
+const MAX_STAGED_ENVELOPES: usize = 256;
 /// Bound on writing the last frames of a closing connection.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Read buffer size.
@@ -94,15 +98,35 @@ enum Flow {
     End(DriverEnd),
 }
 
+/// `Send`s handed to the writer as one request: their tickets, each with
+/// its count of envelopes (in commit order), and the one answer.
+struct InFlight {
+    tickets: Vec<(SendTicket, usize)>,
+    rx: oneshot::Receiver<CommitResult>,
+}
+
+/// `Send`s validated but not yet handed to the writer.
+#[derive(Default)]
+struct Staged {
+    envelopes: Vec<NewEnvelope>,
+    tickets: Vec<(SendTicket, usize)>,
+}
+
 struct Conn {
     shared: Arc<Shared>,
     peer: Peer,
     conn_id: u64,
     session: Session,
     frames: FrameBuffer,
-    /// `Send`s waiting for the writer, in the order they were queued (the
-    /// writer answers in that order).
-    pending: VecDeque<(SendTicket, oneshot::Receiver<CommitResult>)>,
+    /// Batches of `Send`s waiting for the writer, in the order they were
+    /// queued (the writer answers in that order).
+    pending: VecDeque<InFlight>,
+    /// `Send` requests in `pending` (what [`MAX_IN_FLIGHT_SENDS`] bounds).
+    in_flight: usize,
+    /// Validated `Send`s of the frames being processed, not yet handed to
+    /// the writer: the frames of one read go to it as one request (one
+    /// queue message and one wake-up, one answer to wait for).
+    staged: Staged,
     device: Option<DeviceId>,
     inbox: Option<watch::Receiver<u64>>,
     replaced: Option<oneshot::Receiver<Displaced>>,
@@ -135,6 +159,8 @@ where
         conn_id,
         frames: FrameBuffer::new(),
         pending: VecDeque::new(),
+        in_flight: 0,
+        staged: Staged::default(),
         device: None,
         inbox: None,
         replaced: None,
@@ -157,14 +183,50 @@ where
 }
 
 /// The next commit answer, in queue order (pending forever if none).
-async fn next_commit(
-    pending: &mut VecDeque<(SendTicket, oneshot::Receiver<CommitResult>)>,
-) -> CommitResult {
+async fn next_commit(pending: &mut VecDeque<InFlight>) -> CommitResult {
     match pending.front_mut() {
-        Some((_, rx)) => rx
+        Some(batch) => (&mut batch.rx)
             .await
             .unwrap_or_else(|_| Err(StoreError::Backend("commit writer stopped".into()))),
         None => std::future::pending().await,
+    }
+}
+
+/// Split one writer answer among the `Send`s it covers (each ticket with its
+/// count of envelopes, in commit order) and build their `Sent` frames.
+fn finish_batch(
+    core: &crate::core::RelayCore<dyn crate::store::Store>,
+    tickets: Vec<(SendTicket, usize)>,
+    result: CommitResult,
+    frames: &mut Vec<ServerFrame>,
+) {
+    match result {
+        Ok(outcomes) if tickets.len() == 1 => {
+            if let Some((ticket, _)) = tickets.into_iter().next() {
+                frames.push(core.finish_send(ticket, Ok(outcomes)));
+            }
+        }
+        Ok(outcomes) => {
+            let expected: usize = tickets.iter().map(|(_, n)| n).sum();
+            if outcomes.len() != expected {
+                let msg = format!("writer returned {} outcomes for {expected}", outcomes.len());
+                for (ticket, _) in tickets {
+                    frames.push(core.finish_send(ticket, Err(StoreError::Backend(msg.clone()))));
+                }
+                return;
+            }
+            let mut rest = outcomes.into_iter();
+            for (ticket, n) in tickets {
+                let mine: Vec<CommitOutcome> = rest.by_ref().take(n).collect();
+                frames.push(core.finish_send(ticket, Ok(mine)));
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            for (ticket, _) in tickets {
+                frames.push(core.finish_send(ticket, Err(StoreError::Backend(msg.clone()))));
+            }
+        }
     }
 }
 
@@ -225,24 +287,27 @@ impl Conn {
                 self.farewell(&end, writer).await;
                 return end;
             }
-            let reading = draining.is_none() && self.pending.len() < MAX_IN_FLIGHT_SENDS;
+            let reading = draining.is_none() && self.in_flight < MAX_IN_FLIGHT_SENDS;
             tokio::select! {
                 result = next_commit(&mut self.pending) => {
-                    let Some((ticket, _)) = self.pending.pop_front() else { continue };
-                    let mut frames = vec![self.shared.core.finish_send(ticket, result)];
+                    let Some(batch) = self.pending.pop_front() else { continue };
+                    self.in_flight = self.in_flight.saturating_sub(batch.tickets.len());
+                    let mut frames = Vec::with_capacity(batch.tickets.len());
+                    finish_batch(&self.shared.core, batch.tickets, result, &mut frames);
                     // One group commit usually makes several of this
                     // connection's sends durable at once: answer every one
                     // that is already done (in order) with one write, so
                     // their acks share packets instead of one each.
-                    while let Some(result) = self.pending.front_mut().and_then(|(_, rx)| match rx.try_recv() {
+                    while let Some(result) = self.pending.front_mut().and_then(|b| match b.rx.try_recv() {
                         Ok(result) => Some(result),
                         Err(oneshot::error::TryRecvError::Empty) => None,
                         Err(oneshot::error::TryRecvError::Closed) => {
                             Some(Err(StoreError::Backend("commit writer stopped".into())))
                         }
                     }) {
-                        let Some((ticket, _)) = self.pending.pop_front() else { break };
-                        frames.push(self.shared.core.finish_send(ticket, result));
+                        let Some(batch) = self.pending.pop_front() else { break };
+                        self.in_flight = self.in_flight.saturating_sub(batch.tickets.len());
+                        finish_batch(&self.shared.core, batch.tickets, result, &mut frames);
                     }
                     // While draining the peer may be gone; keep answering the rest.
                     if let Err(e) = write_frames(writer, &frames).await
@@ -335,14 +400,29 @@ impl Conn {
                 return self.execute(actions, writer).await;
             }
             let (actions, deferred) = match self.frames.next_client_frame() {
-                Ok(Some(frame)) => self.handle(frame).await,
-                Ok(None) => return Flow::Continue,
+                Ok(Some(frame)) => {
+                    // Sends stay staged only while sends follow each other:
+                    // anything else (which may wait on the store) lets them
+                    // go to the writer first.
+                    if !matches!(frame.request, Request::Send { .. }) {
+                        self.flush_staged().await;
+                    }
+                    self.handle(frame).await
+                }
+                Ok(None) => {
+                    self.flush_staged().await;
+                    return Flow::Continue;
+                }
                 Err(e) => {
                     tracing::debug!(conn = self.conn_id, "malformed frame: {e}");
+                    self.flush_staged().await;
                     (self.shared.core.malformed(&e), None)
                 }
             };
             let flow = self.execute(actions, writer).await;
+            if self.staged.envelopes.len() >= MAX_STAGED_ENVELOPES {
+                self.flush_staged().await;
+            }
             // The page is on its way; now delete what the pull acknowledged
             // (even if the connection just failed: the device has those
             // envelopes).
@@ -350,9 +430,34 @@ impl Conn {
                 self.start_ack(ack).await;
             }
             if let Flow::End(end) = flow {
+                self.flush_staged().await;
                 return Flow::End(end);
             }
         }
+    }
+
+    /// Hand the staged `Send`s to the writer as one request.
+    async fn flush_staged(&mut self) {
+        if self.staged.tickets.is_empty() {
+            return;
+        }
+        let Staged { envelopes, tickets } = std::mem::take(&mut self.staged);
+        let (tx, rx) = oneshot::channel();
+        let request = CommitRequest {
+            envelopes,
+            sends: tickets.len(),
+            reply: tx,
+            queued_at: std::time::Instant::now(),
+        };
+        if let Err(tokio::sync::mpsc::error::SendError(WriterMsg::Commit(refused))) =
+            self.shared.commits.send(WriterMsg::Commit(request)).await
+        {
+            let _ = refused
+                .reply
+                .send(Err(StoreError::Backend("relay is shutting down".into())));
+        }
+        self.in_flight += tickets.len();
+        self.pending.push_back(InFlight { tickets, rx });
     }
 
     /// Before authentication: the declared length of the incomplete frame
@@ -660,21 +765,16 @@ impl Conn {
                         return Flow::End(end);
                     }
                 }
-                Action::Commit(pending) => {
-                    let (tx, rx) = oneshot::channel();
-                    let request = CommitRequest {
-                        envelopes: pending.envelopes,
-                        reply: tx,
-                        queued_at: std::time::Instant::now(),
-                    };
-                    if let Err(tokio::sync::mpsc::error::SendError(WriterMsg::Commit(refused))) =
-                        self.shared.commits.send(WriterMsg::Commit(request)).await
-                    {
-                        let _ = refused
-                            .reply
-                            .send(Err(StoreError::Backend("relay is shutting down".into())));
+                Action::Commit(mut pending) => {
+                    // Handed to the writer by `flush_staged`, with the other
+                    // sends of the same read.
+                    let n = pending.envelopes.len();
+                    if self.staged.envelopes.is_empty() {
+                        self.staged.envelopes = pending.envelopes;
+                    } else {
+                        self.staged.envelopes.append(&mut pending.envelopes);
                     }
-                    self.pending.push_back((pending.ticket, rx));
+                    self.staged.tickets.push((pending.ticket, n));
                 }
                 Action::Authenticated(device) => {
                     let mut claim = self.shared.hub.claim(device, self.conn_id);

@@ -41,10 +41,18 @@ pub const QUEUE_DEPTH: usize = 1024;
 pub type CommitResult = Result<Vec<CommitOutcome>, StoreError>;
 
 /// One connection's envelopes, and where to send their outcomes.
+///
+/// A connection hands over the `Send`s of one read together (one queue
+/// message, one wake-up of this thread, one answer): `envelopes` is theirs
+/// in order, and the answer carries one outcome per envelope in the same
+/// order, for the connection to split among its requests.
 #[derive(Debug)]
 pub struct CommitRequest {
-    /// Validated envelopes of one `Send`.
+    /// Validated envelopes of one or more `Send`s, in request order.
     pub envelopes: Vec<NewEnvelope>,
+    /// How many `Send` requests they came from (for
+    /// [`Metrics::send_durable_seconds`], which counts requests).
+    pub sends: usize,
     /// Receives one outcome per envelope, after the commit is durable.
     pub reply: oneshot::Sender<CommitResult>,
     /// When the request was queued for the writer (for
@@ -173,13 +181,19 @@ fn commit_group(
     hub: &DeviceHub,
     metrics: &Metrics,
 ) {
-    let mut batch = Vec::with_capacity(count);
+    let mut batch = Vec::new();
     let mut replies = Vec::with_capacity(group.len());
     let mut queued = Vec::with_capacity(group.len());
     for mut r in group {
         replies.push((r.envelopes.len(), r.reply));
-        queued.push(r.queued_at);
-        batch.append(&mut r.envelopes);
+        queued.push((r.queued_at, r.sends));
+        if batch.is_empty() {
+            // The first request's vector becomes the batch: no copy.
+            batch = std::mem::take(&mut r.envelopes);
+            batch.reserve(count.saturating_sub(batch.len()));
+        } else {
+            batch.append(&mut r.envelopes);
+        }
     }
     let recipients: Vec<DeviceId> = batch.iter().map(|e| e.recipient).collect();
     let started = Instant::now();
@@ -193,10 +207,11 @@ fn commit_group(
         .observe_duration(done.saturating_duration_since(started));
     Metrics::add(&metrics.commit_batches_total, 1);
     metrics.commit_batch_size.observe(count as f64);
-    for at in queued {
-        metrics
-            .send_durable_seconds
-            .observe_duration(done.saturating_duration_since(at));
+    for (at, sends) in queued {
+        let waited = done.saturating_duration_since(at);
+        for _ in 0..sends {
+            metrics.send_durable_seconds.observe_duration(waited);
+        }
     }
 
     match result {
@@ -257,6 +272,7 @@ mod tests {
         let (reply, rx) = oneshot::channel();
         let msg = WriterMsg::Commit(CommitRequest {
             envelopes: vec![env],
+            sends: 1,
             reply,
             queued_at: Instant::now(),
         });
