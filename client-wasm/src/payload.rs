@@ -175,7 +175,8 @@ pub enum Body {
         next_seq: u64,
     },
     /// Position 12. A group chat message (chat kind, in the group's
-    /// stream). Its causal position is `(depth, id)`.
+    /// stream). No longer sent (`GroupMessage` carries the group too);
+    /// still decoded, from older local state. Its causal position is `(depth, id)`.
     GroupText {
         /// The text.
         text: String,
@@ -188,7 +189,8 @@ pub enum Body {
         refs: Vec<GroupRef>,
     },
     /// Position 13. A membership or name change (chat kind, in the group's
-    /// stream), ordered like a group message.
+    /// stream), ordered like a group message. No longer sent (see
+    /// `GroupChange`); still decoded, from older local state.
     GroupControl {
         /// What changes.
         op: GroupOp,
@@ -219,12 +221,47 @@ pub enum Body {
         /// The messages.
         ids: Vec<MessageId>,
     },
-    /// Position 16, reserved (never sent; refused).
-    Reserved16,
-    /// Position 17, reserved (never sent; refused).
-    Reserved17,
-    /// Position 18, reserved (never sent; refused).
-    Reserved18,
+    /// Position 16. A group chat message naming its group inside the
+    /// ciphertext: what is sent instead of `GroupText`, whose stream's
+    /// clear conversation id is a pseudonym (docs/PROTOCOL.md, "Group
+    /// streams"). Fields as in `GroupText`.
+    GroupMessage {
+        /// The group.
+        group: ConversationId,
+        /// The text.
+        text: String,
+        /// Sender's clock when written (display only).
+        sent_at_ms: u64,
+        /// Lamport depth: one more than the deepest of `refs`.
+        depth: u64,
+        /// Causal references (at most [`MAX_GROUP_REFS`]).
+        refs: Vec<GroupRef>,
+    },
+    /// Position 17. A membership or name change naming its group: what is
+    /// sent instead of `GroupControl`. Fields as in `GroupControl`.
+    GroupChange {
+        /// The group.
+        group: ConversationId,
+        /// What changes.
+        op: GroupOp,
+        /// The group as the author sees it after the change.
+        snapshot: Option<GroupSnapshot>,
+        /// Sender's clock when written (display only).
+        sent_at_ms: u64,
+        /// Lamport depth.
+        depth: u64,
+        /// Causal references.
+        refs: Vec<GroupRef>,
+    },
+    /// Position 18. Delete-for-everyone of an earlier group message of the
+    /// same user (chat kind, in the group's streams): `Recall` naming its
+    /// group.
+    GroupRecall {
+        /// The group.
+        group: ConversationId,
+        /// The message recalled.
+        target: MessageId,
+    },
     /// Position 19, reserved (never sent; refused).
     Reserved19,
     /// Position 20 (control, own devices only). "Your history is in this
@@ -309,7 +346,88 @@ impl Body {
                 | Body::Recall { .. }
                 | Body::GroupText { .. }
                 | Body::GroupControl { .. }
+                | Body::GroupMessage { .. }
+                | Body::GroupChange { .. }
+                | Body::GroupRecall { .. }
         )
+    }
+
+    /// A group stream item in the form the engine keeps: the group named
+    /// inside (positions 16–18) is split off and the item becomes the
+    /// older variant with the same fields (`GroupText`, `GroupControl`,
+    /// `Recall`). Other bodies come back unchanged with `None`.
+    pub fn split_group(self) -> (Option<ConversationId>, Body) {
+        match self {
+            Body::GroupMessage {
+                group,
+                text,
+                sent_at_ms,
+                depth,
+                refs,
+            } => (
+                Some(group),
+                Body::GroupText {
+                    text,
+                    sent_at_ms,
+                    depth,
+                    refs,
+                },
+            ),
+            Body::GroupChange {
+                group,
+                op,
+                snapshot,
+                sent_at_ms,
+                depth,
+                refs,
+            } => (
+                Some(group),
+                Body::GroupControl {
+                    op,
+                    snapshot,
+                    sent_at_ms,
+                    depth,
+                    refs,
+                },
+            ),
+            Body::GroupRecall { group, target } => (Some(group), Body::Recall { target }),
+            other => (None, other),
+        }
+    }
+
+    /// The inverse of [`Body::split_group`]: the form sent in `group`'s
+    /// streams (`GroupText`, `GroupControl` and `Recall` gain the group).
+    pub fn with_group(self, group: ConversationId) -> Body {
+        match self {
+            Body::GroupText {
+                text,
+                sent_at_ms,
+                depth,
+                refs,
+            } => Body::GroupMessage {
+                group,
+                text,
+                sent_at_ms,
+                depth,
+                refs,
+            },
+            Body::GroupControl {
+                op,
+                snapshot,
+                sent_at_ms,
+                depth,
+                refs,
+            } => Body::GroupChange {
+                group,
+                op,
+                snapshot,
+                sent_at_ms,
+                depth,
+                refs,
+            },
+            Body::Recall { target } => Body::GroupRecall { group, target },
+            other => other,
+        }
     }
 
     /// Whether the sender expects a delivery receipt (and re-sends the tail of
@@ -323,7 +441,7 @@ impl Body {
         let too_long = |n: usize| n > MAX_LIST;
         let bad = match self {
             Body::Text { text, .. } => text.len() > MAX_TEXT_BYTES,
-            Body::Recall { .. } | Body::LinkHello { .. } => false,
+            Body::Recall { .. } | Body::LinkHello { .. } | Body::GroupRecall { .. } => false,
             Body::Receipt { delivered, read } => too_long(delivered.len()) || too_long(read.len()),
             Body::ReadSync { ids, .. } | Body::DeleteSync { ids, .. } => too_long(ids.len()),
             Body::ResendRequest { seqs, .. } | Body::ResendUnavailable { seqs, .. } => {
@@ -335,10 +453,13 @@ impl Body {
             | Body::NotYetSent { .. }
             | Body::HistoryOffer { .. }
             | Body::HistoryRequest => false,
-            Body::GroupText { text, refs, .. } => {
+            Body::GroupText { text, refs, .. } | Body::GroupMessage { text, refs, .. } => {
                 text.len() > MAX_TEXT_BYTES || refs.len() > MAX_GROUP_REFS
             }
             Body::GroupControl {
+                op, snapshot, refs, ..
+            }
+            | Body::GroupChange {
                 op, snapshot, refs, ..
             } => {
                 refs.len() > MAX_GROUP_REFS
@@ -356,7 +477,7 @@ impl Body {
             Body::GroupResend { ids, .. } | Body::GroupUnavailable { ids, .. } => {
                 too_long(ids.len())
             }
-            Body::Reserved16 | Body::Reserved17 | Body::Reserved18 | Body::Reserved19 => true,
+            Body::Reserved19 => true,
         };
         if bad {
             return Err(ClientError::Protocol(
