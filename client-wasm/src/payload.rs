@@ -539,6 +539,86 @@ mod tests {
         assert!(Payload::decode(&[]).is_err());
     }
 
+    /// docs/PROTOCOL.md "Group streams": the bytes of the group variants
+    /// and the pseudonym derivation (the vector was computed with an
+    /// independent HKDF-SHA256).
+    #[test]
+    fn group_variants_and_stream_ids_golden_vectors() {
+        let id = MessageId([0xaa; 16]);
+        let group = ConversationId([0x11; 16]);
+        let r = GroupRef {
+            id: MessageId([0xbb; 16]),
+            device: DeviceId([0xcc; 16]),
+        };
+        let hex16 = |b: u8| hex::encode([b; 16]);
+        let message = Payload {
+            id,
+            body: Body::GroupMessage {
+                group,
+                text: "hi".into(),
+                sent_at_ms: 1000,
+                depth: 3,
+                refs: vec![r],
+            },
+        };
+        let want = format!(
+            "01{}10{}026869e8070301{}{}",
+            hex16(0xaa),
+            hex16(0x11),
+            hex16(0xbb),
+            hex16(0xcc)
+        );
+        assert_eq!(hex::encode(message.encode().unwrap()), want);
+        assert_eq!(
+            Payload::decode(&hex::decode(&want).unwrap()).unwrap(),
+            message
+        );
+        let change = Payload {
+            id,
+            body: Body::GroupChange {
+                group,
+                op: GroupOp::Rename { name: "x".into() },
+                snapshot: None,
+                sent_at_ms: 1000,
+                depth: 4,
+                refs: Vec::new(),
+            },
+        };
+        let want = format!("01{}11{}040178 00e8070400", hex16(0xaa), hex16(0x11)).replace(' ', "");
+        assert_eq!(hex::encode(change.encode().unwrap()), want);
+        let recall = Payload {
+            id,
+            body: Body::GroupRecall {
+                group,
+                target: MessageId([0xdd; 16]),
+            },
+        };
+        let want = format!("01{}12{}{}", hex16(0xaa), hex16(0x11), hex16(0xdd));
+        assert_eq!(hex::encode(recall.encode().unwrap()), want);
+        // The older variant still decodes (local state of earlier builds),
+        // and splits into the same form.
+        let (named, body) = message.body.clone().split_group();
+        assert_eq!(named, Some(group));
+        let legacy = Payload { id, body };
+        let bytes = legacy.encode().unwrap();
+        assert_eq!(bytes.get(17), Some(&0x0c));
+        assert_eq!(Payload::decode(&bytes).unwrap(), legacy);
+        assert_eq!(legacy.body.with_group(group), message.body);
+        // Position 19 stays reserved.
+        let mut reserved = hex::decode(format!("01{}13", hex16(0xaa))).unwrap();
+        assert!(Payload::decode(&reserved).is_err());
+        reserved.truncate(17);
+        assert!(Payload::decode(&reserved).is_err());
+
+        let (a, b) = (DeviceId([0x22; 16]), DeviceId([0x33; 16]));
+        let ab = crate::engine::group_stream(&group, &a, &b).unwrap();
+        assert_eq!(hex::encode(ab.0), "c3a77534305cedeb1d589ea2fce1f997");
+        let ba = crate::engine::group_stream(&group, &b, &a).unwrap();
+        assert_eq!(hex::encode(ba.0), "52eb62911a00357fd74f766a995fd488");
+        let other = crate::engine::group_stream(&ConversationId([0x12; 16]), &a, &b).unwrap();
+        assert_ne!(other, ab);
+    }
+
     #[test]
     fn ranges_compress() {
         assert_eq!(
