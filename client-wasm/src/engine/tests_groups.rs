@@ -1106,3 +1106,65 @@ fn a_group_stream_cannot_carry_another_groups_message() {
     net.advance(2_000);
     assert_eq!(group_texts(&net, b, &g2), vec!["in two", "after"]);
 }
+
+/// The relay's expiry notices name a group stream by its pseudonym. A
+/// hostile relay claims 1,000 future seqs of Alice's group stream to Bob
+/// expired: Bob asks Alice by the pseudonym, Alice maps it back to her
+/// stream of the group and answers "not yet sent", Bob reports the relay
+/// (under the group's id) and Alice's next group messages still show.
+#[test]
+fn a_forged_expiry_of_a_group_stream_is_refuted_by_its_sender() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    net.befriend_all(&[a, b]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b]);
+    net.advance(2_000);
+    say(&mut net, a, g, "one");
+    net.advance(2_000);
+    let ad = net.clients[a].engine.device_id();
+    let bd = net.clients[b].engine.device_id();
+    let stream = group_stream(&g, &ad, &bd).unwrap();
+    let next = net.clients[a].engine.sent_through(&bd, &g) + 1;
+    assert!(next > 2, "alice's stream to bob is in use");
+    net.relay.forged_truncation = Some((
+        bd,
+        hush_protocol::Truncation {
+            oldest_retained: 1,
+            dropped_count: 1_000,
+            dropped: vec![hush_protocol::DroppedRange {
+                sender: ad,
+                conversation: stream,
+                first_seq: next,
+                last_seq: next + 999,
+            }],
+        },
+    ));
+    net.disconnect(b);
+    net.advance(120_000);
+    assert!(
+        net.relay.forged_truncation.is_none(),
+        "the notice was served"
+    );
+    say(&mut net, a, g, "two");
+    say(&mut net, a, g, "three");
+    net.advance(2_000);
+    assert_eq!(group_texts(&net, b, &g), vec!["one", "two", "three"]);
+    let c = net.clients[b].engine.counters();
+    assert_eq!(c.unrecoverable, 0);
+    assert_eq!(c.relay_claims_refuted, 1_000);
+    let reports: Vec<_> = net.clients[b]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RelayMisbehaviour {
+                conversation,
+                from_device,
+                ..
+            } => Some((*conversation, *from_device)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reports, vec![(g, ad)]);
+}
