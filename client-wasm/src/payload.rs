@@ -175,7 +175,8 @@ pub enum Body {
         next_seq: u64,
     },
     /// Position 12. A group chat message (chat kind, in the group's
-    /// stream). Its causal position is `(depth, id)`.
+    /// stream). No longer sent (`GroupMessage` carries the group too);
+    /// still decoded, from older local state. Its causal position is `(depth, id)`.
     GroupText {
         /// The text.
         text: String,
@@ -188,7 +189,8 @@ pub enum Body {
         refs: Vec<GroupRef>,
     },
     /// Position 13. A membership or name change (chat kind, in the group's
-    /// stream), ordered like a group message.
+    /// stream), ordered like a group message. No longer sent (see
+    /// `GroupChange`); still decoded, from older local state.
     GroupControl {
         /// What changes.
         op: GroupOp,
@@ -219,12 +221,47 @@ pub enum Body {
         /// The messages.
         ids: Vec<MessageId>,
     },
-    /// Position 16, reserved (never sent; refused).
-    Reserved16,
-    /// Position 17, reserved (never sent; refused).
-    Reserved17,
-    /// Position 18, reserved (never sent; refused).
-    Reserved18,
+    /// Position 16. A group chat message naming its group inside the
+    /// ciphertext: what is sent instead of `GroupText`, whose stream's
+    /// clear conversation id is a pseudonym (docs/PROTOCOL.md, "Group
+    /// streams"). Fields as in `GroupText`.
+    GroupMessage {
+        /// The group.
+        group: ConversationId,
+        /// The text.
+        text: String,
+        /// Sender's clock when written (display only).
+        sent_at_ms: u64,
+        /// Lamport depth: one more than the deepest of `refs`.
+        depth: u64,
+        /// Causal references (at most [`MAX_GROUP_REFS`]).
+        refs: Vec<GroupRef>,
+    },
+    /// Position 17. A membership or name change naming its group: what is
+    /// sent instead of `GroupControl`. Fields as in `GroupControl`.
+    GroupChange {
+        /// The group.
+        group: ConversationId,
+        /// What changes.
+        op: GroupOp,
+        /// The group as the author sees it after the change.
+        snapshot: Option<GroupSnapshot>,
+        /// Sender's clock when written (display only).
+        sent_at_ms: u64,
+        /// Lamport depth.
+        depth: u64,
+        /// Causal references.
+        refs: Vec<GroupRef>,
+    },
+    /// Position 18. Delete-for-everyone of an earlier group message of the
+    /// same user (chat kind, in the group's streams): `Recall` naming its
+    /// group.
+    GroupRecall {
+        /// The group.
+        group: ConversationId,
+        /// The message recalled.
+        target: MessageId,
+    },
     /// Position 19, reserved (never sent; refused).
     Reserved19,
     /// Position 20 (control, own devices only). "Your history is in this
@@ -320,7 +357,88 @@ impl Body {
                 | Body::Recall { .. }
                 | Body::GroupText { .. }
                 | Body::GroupControl { .. }
+                | Body::GroupMessage { .. }
+                | Body::GroupChange { .. }
+                | Body::GroupRecall { .. }
         )
+    }
+
+    /// A group stream item in the form the engine keeps: the group named
+    /// inside (positions 16–18) is split off and the item becomes the
+    /// older variant with the same fields (`GroupText`, `GroupControl`,
+    /// `Recall`). Other bodies come back unchanged with `None`.
+    pub fn split_group(self) -> (Option<ConversationId>, Body) {
+        match self {
+            Body::GroupMessage {
+                group,
+                text,
+                sent_at_ms,
+                depth,
+                refs,
+            } => (
+                Some(group),
+                Body::GroupText {
+                    text,
+                    sent_at_ms,
+                    depth,
+                    refs,
+                },
+            ),
+            Body::GroupChange {
+                group,
+                op,
+                snapshot,
+                sent_at_ms,
+                depth,
+                refs,
+            } => (
+                Some(group),
+                Body::GroupControl {
+                    op,
+                    snapshot,
+                    sent_at_ms,
+                    depth,
+                    refs,
+                },
+            ),
+            Body::GroupRecall { group, target } => (Some(group), Body::Recall { target }),
+            other => (None, other),
+        }
+    }
+
+    /// The inverse of [`Body::split_group`]: the form sent in `group`'s
+    /// streams (`GroupText`, `GroupControl` and `Recall` gain the group).
+    pub fn with_group(self, group: ConversationId) -> Body {
+        match self {
+            Body::GroupText {
+                text,
+                sent_at_ms,
+                depth,
+                refs,
+            } => Body::GroupMessage {
+                group,
+                text,
+                sent_at_ms,
+                depth,
+                refs,
+            },
+            Body::GroupControl {
+                op,
+                snapshot,
+                sent_at_ms,
+                depth,
+                refs,
+            } => Body::GroupChange {
+                group,
+                op,
+                snapshot,
+                sent_at_ms,
+                depth,
+                refs,
+            },
+            Body::Recall { target } => Body::GroupRecall { group, target },
+            other => other,
+        }
     }
 
     /// Whether the sender expects a delivery receipt (and re-sends the tail of
@@ -334,7 +452,7 @@ impl Body {
         let too_long = |n: usize| n > MAX_LIST;
         let bad = match self {
             Body::Text { text, .. } => text.len() > MAX_TEXT_BYTES,
-            Body::Recall { .. } | Body::LinkHello { .. } => false,
+            Body::Recall { .. } | Body::LinkHello { .. } | Body::GroupRecall { .. } => false,
             Body::Receipt { delivered, read } => too_long(delivered.len()) || too_long(read.len()),
             Body::ReadSync { ids, .. } | Body::DeleteSync { ids, .. } => too_long(ids.len()),
             Body::ResendRequest { seqs, .. } | Body::ResendUnavailable { seqs, .. } => {
@@ -346,10 +464,13 @@ impl Body {
             | Body::NotYetSent { .. }
             | Body::HistoryOffer { .. }
             | Body::HistoryRequest => false,
-            Body::GroupText { text, refs, .. } => {
+            Body::GroupText { text, refs, .. } | Body::GroupMessage { text, refs, .. } => {
                 text.len() > MAX_TEXT_BYTES || refs.len() > MAX_GROUP_REFS
             }
             Body::GroupControl {
+                op, snapshot, refs, ..
+            }
+            | Body::GroupChange {
                 op, snapshot, refs, ..
             } => {
                 refs.len() > MAX_GROUP_REFS
@@ -370,7 +491,7 @@ impl Body {
             Body::DeviceListChanged { list } => {
                 list.list.devices.len() > hush_protocol::limits::MAX_DEVICES_PER_USER
             }
-            Body::Reserved16 | Body::Reserved17 | Body::Reserved18 | Body::Reserved19 => true,
+            Body::Reserved19 => true,
         };
         if bad {
             return Err(ClientError::Protocol(
@@ -482,6 +603,86 @@ mod tests {
             body: Body::DeviceListChanged { list },
         };
         assert!(big.encode().is_err());
+    }
+
+    /// docs/PROTOCOL.md "Group streams": the bytes of the group variants
+    /// and the pseudonym derivation (the vector was computed with an
+    /// independent HKDF-SHA256).
+    #[test]
+    fn group_variants_and_stream_ids_golden_vectors() {
+        let id = MessageId([0xaa; 16]);
+        let group = ConversationId([0x11; 16]);
+        let r = GroupRef {
+            id: MessageId([0xbb; 16]),
+            device: DeviceId([0xcc; 16]),
+        };
+        let hex16 = |b: u8| hex::encode([b; 16]);
+        let message = Payload {
+            id,
+            body: Body::GroupMessage {
+                group,
+                text: "hi".into(),
+                sent_at_ms: 1000,
+                depth: 3,
+                refs: vec![r],
+            },
+        };
+        let want = format!(
+            "01{}10{}026869e8070301{}{}",
+            hex16(0xaa),
+            hex16(0x11),
+            hex16(0xbb),
+            hex16(0xcc)
+        );
+        assert_eq!(hex::encode(message.encode().unwrap()), want);
+        assert_eq!(
+            Payload::decode(&hex::decode(&want).unwrap()).unwrap(),
+            message
+        );
+        let change = Payload {
+            id,
+            body: Body::GroupChange {
+                group,
+                op: GroupOp::Rename { name: "x".into() },
+                snapshot: None,
+                sent_at_ms: 1000,
+                depth: 4,
+                refs: Vec::new(),
+            },
+        };
+        let want = format!("01{}11{}040178 00e8070400", hex16(0xaa), hex16(0x11)).replace(' ', "");
+        assert_eq!(hex::encode(change.encode().unwrap()), want);
+        let recall = Payload {
+            id,
+            body: Body::GroupRecall {
+                group,
+                target: MessageId([0xdd; 16]),
+            },
+        };
+        let want = format!("01{}12{}{}", hex16(0xaa), hex16(0x11), hex16(0xdd));
+        assert_eq!(hex::encode(recall.encode().unwrap()), want);
+        // The older variant still decodes (local state of earlier builds),
+        // and splits into the same form.
+        let (named, body) = message.body.clone().split_group();
+        assert_eq!(named, Some(group));
+        let legacy = Payload { id, body };
+        let bytes = legacy.encode().unwrap();
+        assert_eq!(bytes.get(17), Some(&0x0c));
+        assert_eq!(Payload::decode(&bytes).unwrap(), legacy);
+        assert_eq!(legacy.body.with_group(group), message.body);
+        // Position 19 stays reserved.
+        let mut reserved = hex::decode(format!("01{}13", hex16(0xaa))).unwrap();
+        assert!(Payload::decode(&reserved).is_err());
+        reserved.truncate(17);
+        assert!(Payload::decode(&reserved).is_err());
+
+        let (a, b) = (DeviceId([0x22; 16]), DeviceId([0x33; 16]));
+        let ab = crate::engine::group_stream(&group, &a, &b).unwrap();
+        assert_eq!(hex::encode(ab.0), "c3a77534305cedeb1d589ea2fce1f997");
+        let ba = crate::engine::group_stream(&group, &b, &a).unwrap();
+        assert_eq!(hex::encode(ba.0), "52eb62911a00357fd74f766a995fd488");
+        let other = crate::engine::group_stream(&ConversationId([0x12; 16]), &a, &b).unwrap();
+        assert_ne!(other, ab);
     }
 
     #[test]

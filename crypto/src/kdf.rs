@@ -11,6 +11,7 @@
 //! | [`chain_step`] (KDF_CK) | HMAC-SHA256(CK, `0x01`) = MK, HMAC-SHA256(CK, `0x02`) = CK′ | — |
 //! | [`next_seed`] | HMAC-SHA256(seed, `0x03`) | — |
 //! | [`reseed_chain`] | HKDF-SHA256, salt = seed, IKM = DH(E, peer ratchet key) | `hush-reseed-v1` ‖ gen ‖ E |
+//! | [`group_stream_id`] | HKDF-SHA256, salt = 32 zero bytes, IKM = group id (16) → 16 bytes | `hush-group-stream-v1` ‖ sender device ‖ recipient device |
 //! | [`message_keys`] | none: MK is the ChaCha20-Poly1305 key; the nonce is random per message and sent in front of the ciphertext | — |
 
 use crate::CryptoError;
@@ -26,6 +27,8 @@ pub const X3DH_INFO: &[u8] = b"hush-x3dh-v1";
 pub const RATCHET_INFO: &[u8] = b"hush-ratchet-v1";
 /// HKDF info label prefix for sender-side chain reseeds.
 pub const RESEED_INFO: &[u8] = b"hush-reseed-v1";
+/// HKDF info label prefix for a group stream's conversation id.
+pub const GROUP_STREAM_INFO: &[u8] = b"hush-group-stream-v1";
 /// Former HKDF info label that expanded a message key into an AEAD key and
 /// nonce. Message keys are now used directly (see `message_keys`); nothing
 /// derives with this label any more.
@@ -62,6 +65,28 @@ pub(crate) fn hkdf(
     Hkdf::<Sha256>::new(Some(salt), ikm)
         .expand_multi_info(info, out)
         .map_err(|_| CryptoError::Internal("hkdf output length"))
+}
+
+/// The conversation id a group's stream from `sender` to `recipient` (device
+/// ids) carries in clear: HKDF-SHA256 with the group id as input key material,
+/// a zero salt, and `GROUP_STREAM_INFO ‖ sender ‖ recipient` as info, cut to
+/// 16 bytes. Without the group id the result is unlinkable to the group and
+/// to the same group's other device pairs; the label keeps it apart from
+/// every other id (one-to-one and control conversations are SHA-256 of other
+/// labels).
+pub fn group_stream_id(
+    group: &[u8; 16],
+    sender: &[u8; 16],
+    recipient: &[u8; 16],
+) -> Result<[u8; 16], CryptoError> {
+    let mut out = [0u8; 16];
+    hkdf(
+        &[0u8; 32],
+        group,
+        &[GROUP_STREAM_INFO, sender, recipient],
+        &mut out,
+    )?;
+    Ok(out)
 }
 
 /// SHA-256 initial hash value (FIPS 180-4 §5.3.3).

@@ -86,7 +86,7 @@ pub use identity::{
 };
 #[allow(deprecated)]
 pub use kdf::MESSAGE_INFO;
-pub use kdf::{RATCHET_INFO, RESEED_INFO, X3DH_INFO};
+pub use kdf::{GROUP_STREAM_INFO, RATCHET_INFO, RESEED_INFO, X3DH_INFO, group_stream_id};
 #[allow(deprecated)]
 pub use padding::LARGE_BUCKET_STEP;
 pub use padding::{MIN_BUCKET, PADME_THRESHOLD, pad, padded_len, unpad};

@@ -12,7 +12,9 @@
 //!   not take a name that is already used.
 //! - A hostile member's group name cannot drive the victim's terminal.
 //! - The relay (logging at trace) stores and logs no group name, new name
-//!   or text, through create, add, rename and remove; `listen --json`
+//!   or text, and not the group id (which would tell it who is in the
+//!   group), through create, add, rename and remove, while it does hold
+//!   the streams' pseudonyms; `listen --json`
 //!   prints group messages with the group in `conversation` and the sender
 //!   in `from`, under the new name after a rename; a member who leaves is
 //!   no longer listed by the others.
@@ -422,6 +424,17 @@ fn encodings(marker: &str) -> Vec<Vec<u8>> {
     ]
 }
 
+/// A group id as raw bytes, as lower and upper case hex, and as a
+/// Debug-printed byte list.
+fn id_encodings(id: &[u8; 16]) -> Vec<Vec<u8>> {
+    vec![
+        id.to_vec(),
+        hex::encode(id).into_bytes(),
+        hex::encode_upper(id).into_bytes(),
+        format!("{:?}", &id[..]).into_bytes(),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_sees_no_group_name_change_or_text_and_listen_names_the_group() {
     let mut relay = RelayProcess::spawn_temp_with_env(&[], &[("RUST_LOG", "trace")])
@@ -497,6 +510,20 @@ async fn the_relay_sees_no_group_name_change_or_text_and_listen_names_the_group(
     let groups = of_type(&list.json_lines(), "group");
     assert_eq!(groups.len(), 1, "{groups:?}");
     assert_eq!(groups[0]["name"], renamed.as_str());
+    let group_id: [u8; 16] = hex::decode(groups[0]["id"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let device = |status: serde_json::Value| -> [u8; 16] {
+        hex::decode(status["device"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap()
+    };
+    let alice_device = device(alice.status().await.unwrap());
+    let bob_device = device(bob.status().await.unwrap());
+    // What alice's envelopes to bob carry instead of the group id.
+    let stream = hush_crypto::group_stream_id(&group_id, &alice_device, &bob_device).unwrap();
     assert_eq!(groups[0]["members"].as_array().unwrap().len(), 2);
     // bob leaves: he is no longer a member; alice learns it with her sync.
     bob.run_ok(&["group", "leave", &renamed]).await.unwrap();
@@ -525,6 +552,22 @@ async fn the_relay_sees_no_group_name_change_or_text_and_listen_names_the_group(
     let log = relay.log_bytes().unwrap();
     assert!(!log.is_empty(), "the relay logged at trace");
     blobs.push(("relay output".into(), log));
+    // The relay holds the streams' clear ids (the check below reads what
+    // it stores), never the group id: not raw, not as hex, not printed.
+    for enc in id_encodings(&group_id) {
+        for (what, bytes) in &blobs {
+            assert!(
+                !contains(bytes, &enc),
+                "{what} holds the group id ({})",
+                String::from_utf8_lossy(&enc)
+            );
+        }
+    }
+    let seen = |enc: &[u8]| blobs.iter().any(|(_, bytes)| contains(bytes, enc));
+    assert!(
+        seen(&stream) || seen(hex::encode(stream).as_bytes()),
+        "the relay's files and log hold alice's stream to bob"
+    );
     for marker in [&name, &renamed, &text1, &text2] {
         for enc in encodings(marker) {
             for (what, bytes) in &blobs {

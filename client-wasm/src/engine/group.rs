@@ -2,10 +2,16 @@
 //!
 //! A group message is one outbox entry fanned out to every device of every
 //! member (and this user's other devices), each copy sealed by the pairwise
-//! double ratchet and carried in that device pair's stream for the group
-//! (`(device, group id)`), so sender seqs, gap repair, re-sends and tail
-//! probes work exactly as in a one-to-one conversation. The relay sees
-//! envelopes to devices, never who is in a group or what changed.
+//! double ratchet and carried in that device pair's stream for the group,
+//! so sender seqs, gap repair, re-sends and tail probes work exactly as in a
+//! one-to-one conversation. The relay sees envelopes to devices, never who
+//! is in a group or what changed: a group stream's clear conversation id is
+//! a pseudonym, [`group_stream`] of (group, sender device, recipient
+//! device), which only holders of the group id can compute or link, and
+//! every group stream item names its group inside the ciphertext
+//! (`GroupMessage`, `GroupChange`, `GroupRecall`). Streams (seqs, receipts,
+//! resend requests, the relay's expiry notices) are keyed by the pseudonym;
+//! the outbox, history and the group state by the group id.
 //!
 //! On top of the per-stream order, every group message carries a causal
 //! position `(depth, id)`: `refs` names the heads the sender had displayed
@@ -54,6 +60,7 @@ const GKNOWN: &[u8] = b"s/gmsg/";
 const GHELD: &[u8] = b"s/gheld/";
 const GREAD: &[u8] = b"s/gread/";
 const GCOUNT: &[u8] = b"s/gcount";
+const GSTREAM: &[u8] = b"s/gstream/";
 const H_GORDER: &[u8] = b"h/gorder/";
 
 /// A group as the app sees it.
@@ -158,6 +165,7 @@ pub(crate) enum GDirty {
     Known(ConversationId, MessageId),
     Held(ConversationId, MessageId),
     Read(MessageId),
+    Stream(DeviceId, ConversationId),
     Counters,
 }
 
@@ -170,7 +178,23 @@ pub(crate) struct GroupState {
     /// Per own group message: members whose user read it.
     pub reads: BTreeMap<MessageId, BTreeSet<UserKey>>,
     pub counters: GroupCounters,
+    /// Incoming group streams: (sender device, pseudonym) → group.
+    pub streams: BTreeMap<(DeviceId, ConversationId), ConversationId>,
     pub dirty: BTreeSet<GDirty>,
+}
+
+/// The clear conversation id of `group`'s stream from device `from` to
+/// device `to` (docs/PROTOCOL.md, "Group streams").
+pub fn group_stream(
+    group: &ConversationId,
+    from: &DeviceId,
+    to: &DeviceId,
+) -> Result<ConversationId, ClientError> {
+    Ok(ConversationId(hush_crypto::group_stream_id(
+        group.as_bytes(),
+        from.as_bytes(),
+        to.as_bytes(),
+    )?))
 }
 
 fn gkey(prefix: &[u8], parts: &[&[u8]]) -> Vec<u8> {
@@ -316,6 +340,13 @@ impl GroupRecord {
     }
 }
 
+/// A payload as the engine keeps group items: the group named inside split
+/// off (see [`Body::split_group`]).
+fn split(p: Payload) -> (Option<ConversationId>, Payload) {
+    let (group, body) = p.body.split_group();
+    (group, Payload { id: p.id, body })
+}
+
 fn position(p: &Payload) -> Option<(GroupPosition, &[GroupRef])> {
     match &p.body {
         Body::GroupText { depth, refs, .. } | Body::GroupControl { depth, refs, .. } => Some((
@@ -438,6 +469,65 @@ impl Engine {
         self.groups.records.contains_key(c)
     }
 
+    /// The stream an item of chat conversation `conv` travels in to device
+    /// `d`: a group's pseudonym, else the conversation itself.
+    pub(crate) fn chat_stream(
+        &self,
+        conv: &ConversationId,
+        d: &DeviceId,
+    ) -> Result<ConversationId, ClientError> {
+        if self.is_group(conv) {
+            group_stream(conv, &self.device.device, d)
+        } else {
+            Ok(*conv)
+        }
+    }
+
+    /// The group whose stream from this device to `d` is `wire`.
+    pub(crate) fn out_group(&self, d: &DeviceId, wire: &ConversationId) -> Option<ConversationId> {
+        let me = self.device.device;
+        self.groups
+            .records
+            .keys()
+            .find(|g| group_stream(g, &me, d).is_ok_and(|c| c == *wire))
+            .copied()
+    }
+
+    /// The group whose stream from `d` to this device is `wire`, if known.
+    pub(crate) fn in_group(&self, d: &DeviceId, wire: &ConversationId) -> Option<ConversationId> {
+        if let Some(g) = self.groups.streams.get(&(*d, *wire)) {
+            return Some(*g);
+        }
+        let me = self.device.device;
+        self.groups
+            .records
+            .keys()
+            .find(|g| group_stream(g, d, &me).is_ok_and(|c| c == *wire))
+            .copied()
+    }
+
+    /// Remember that `wire` from `d` is a stream of a known group (checked
+    /// for every envelope of a stream not mapped yet that is not a
+    /// one-to-one conversation).
+    pub(crate) fn map_group_stream(&mut self, d: &DeviceId, wire: &ConversationId) {
+        if self.groups.streams.contains_key(&(*d, *wire)) || self.conversations.contains_key(wire) {
+            return;
+        }
+        if let Some(g) = self.in_group(d, wire) {
+            self.groups.streams.insert((*d, *wire), g);
+            self.gtouch(GDirty::Stream(*d, *wire));
+        }
+    }
+
+    /// For the app and diagnostics: a group stream's group, else `wire`.
+    pub(crate) fn stream_conversation(&self, d: &DeviceId, wire: ConversationId) -> ConversationId {
+        self.groups
+            .streams
+            .get(&(*d, wire))
+            .copied()
+            .unwrap_or(wire)
+    }
+
     fn gtouch(&mut self, d: GDirty) {
         self.groups.dirty.insert(d);
     }
@@ -480,6 +570,14 @@ impl Engine {
                     gkey(GREAD, &[id.as_bytes()]),
                     self.groups.reads.get(id).map(storage::encode).transpose()?,
                 ),
+                GDirty::Stream(d, c) => (
+                    gkey(GSTREAM, &[d.as_bytes(), c.as_bytes()]),
+                    self.groups
+                        .streams
+                        .get(&(*d, *c))
+                        .map(storage::encode)
+                        .transpose()?,
+                ),
                 GDirty::Counters => (
                     GCOUNT.to_vec(),
                     Some(storage::encode(&self.groups.counters)?),
@@ -508,6 +606,10 @@ impl Engine {
             let c = ConversationId(keys::arr(b, 0).ok_or_else(|| corrupt(k))?);
             let id = MessageId(keys::arr(b, 16).ok_or_else(|| corrupt(k))?);
             self.groups.held.insert((c, id), storage::decode(k, v)?);
+        } else if let Some(b) = k.strip_prefix(GSTREAM) {
+            let d = DeviceId(keys::arr(b, 0).ok_or_else(|| corrupt(k))?);
+            let c = ConversationId(keys::arr(b, 16).ok_or_else(|| corrupt(k))?);
+            self.groups.streams.insert((d, c), storage::decode(k, v)?);
         } else if let Some(b) = k.strip_prefix(GREAD) {
             let id = MessageId(keys::arr(b, 0).ok_or_else(|| corrupt(k))?);
             self.groups.reads.insert(id, storage::decode(k, v)?);
@@ -529,7 +631,7 @@ impl Engine {
     ) -> Option<bool> {
         let me = self.user_key();
         let peer_ok = *user == me || self.contacts.contains_key(user);
-        if self.groups.records.contains_key(conv) {
+        if self.groups.streams.contains_key(&(*d, *conv)) {
             return Some(peer_ok);
         }
         if self.conversations.contains_key(conv) {
@@ -547,7 +649,7 @@ impl Engine {
             .keys()
             .filter(|(dev, c)| {
                 !self.conversations.contains_key(c)
-                    && !self.groups.records.contains_key(c)
+                    && !self.groups.streams.contains_key(&(*dev, *c))
                     && *c != crate::codes::control_conversation(&my_device, dev)
             })
             .map(|(_, c)| c)
@@ -556,16 +658,41 @@ impl Engine {
     }
 
     /// A chat item of a stream that is not a one-to-one conversation, in
-    /// sender-seq order.
+    /// sender-seq order. `wire` is the stream's clear conversation id; the
+    /// group comes from inside the item, and must be the one `wire` is
+    /// derived from (a stream belongs to one group for good).
     pub(crate) fn group_deliver(
         &mut self,
         now: u64,
         d: DeviceId,
         user: UserKey,
-        conv: ConversationId,
+        wire: ConversationId,
         seq: u64,
         payload: Payload,
     ) -> Result<(), ClientError> {
+        let (named, payload) = split(payload);
+        let mapped = self.groups.streams.get(&(d, wire)).copied();
+        let conv = match (named, mapped) {
+            (Some(g), Some(m)) if g == m => g,
+            (Some(g), None) => {
+                let me = self.device.device;
+                if group_stream(&g, &d, &me)? != wire {
+                    self.gcount(|c| c.invalid_dropped += 1);
+                    return Ok(());
+                }
+                self.groups.streams.insert((d, wire), g);
+                self.gtouch(GDirty::Stream(d, wire));
+                g
+            }
+            (None, Some(m)) => m,
+            // An item kept from before group streams had pseudonyms, whose
+            // stream was the group id itself.
+            (None, None) if self.groups.records.contains_key(&wire) => wire,
+            _ => {
+                self.gcount(|c| c.invalid_dropped += 1);
+                return Ok(());
+            }
+        };
         match &payload.body {
             Body::GroupText { .. } | Body::GroupControl { .. } => {}
             Body::Recall { target } => {
@@ -900,7 +1027,7 @@ impl Engine {
                 &hush_crypto::open_at_rest(&self.device.at_rest.0, &o.sealed, id.as_bytes())
                     .unwrap_or_default(),
             )
-            .is_ok_and(|p| matches!(p.body, Body::GroupControl { .. }));
+            .is_ok_and(|p| matches!(p.body, Body::GroupControl { .. } | Body::GroupChange { .. }));
             if is_change {
                 continue;
             }
@@ -947,7 +1074,7 @@ impl Engine {
         let mut users = rec.members.clone();
         if let Ok(pt) =
             hush_crypto::open_at_rest(&self.device.at_rest.0, &entry.sealed, id.as_bytes())
-            && let Ok(p) = Payload::decode(&pt)
+            && let Ok(p) = Payload::decode(&pt).map(|p| split(p).1)
             && let Some((pos, _)) = position(&p)
         {
             let at = rec.members_at(&pos);
@@ -1233,7 +1360,7 @@ impl Engine {
     }
 
     /// The heads to name and the depth of the next message in `group`.
-    fn next_position(&self, group: &ConversationId) -> (u64, Vec<GroupRef>) {
+    pub(crate) fn next_position(&self, group: &ConversationId) -> (u64, Vec<GroupRef>) {
         let Some(r) = self.groups.records.get(group) else {
             return (1, Vec::new());
         };
@@ -1343,7 +1470,10 @@ impl Engine {
                         .and_then(|o| o.targets.iter().find(|t| t.device == d && !t.gone))
                         .and_then(|t| t.seq);
                     let sent = match seq {
-                        Some(s) => self.resend(now, d, group, s)?,
+                        Some(s) => {
+                            let wire = self.chat_stream(&group, &d)?;
+                            self.resend(now, d, wire, s)?
+                        }
                         None => false,
                     };
                     if !sent {

@@ -42,7 +42,8 @@ impl Backlog {
 pub struct OpenGap {
     /// The sending device.
     pub from_device: DeviceId,
-    /// The conversation (a device pair's control conversation if `control`).
+    /// The conversation (a device pair's control conversation if `control`;
+    /// for a group stream, the group).
     pub conversation: ConversationId,
     /// A control stream (receipts, syncs…) rather than a chat stream.
     pub control: bool,
@@ -92,7 +93,8 @@ impl Engine {
                     .count() as u64;
                 (missing > 0).then(|| OpenGap {
                     from_device: *d,
-                    conversation: *c,
+                    // A group stream is shown under its group.
+                    conversation: self.stream_conversation(d, *c),
                     control: *c == control_conversation(&me, d),
                     missing,
                     requested,

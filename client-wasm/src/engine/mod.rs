@@ -38,7 +38,7 @@ use zeroize::Zeroizing;
 pub use crate::state::{Counters, MessageState, Removal};
 pub use group::{
     GroupCounters, GroupInfo, GroupPosition, MAX_HELD_PER_DEVICE, MAX_HELD_TOTAL,
-    MAX_UNKNOWN_GROUP_STREAMS, group_history, group_order_key, group_order_prefix,
+    MAX_UNKNOWN_GROUP_STREAMS, group_history, group_order_key, group_order_prefix, group_stream,
 };
 pub use inspect::{Backlog, OpenGap};
 pub use lifecycle::DeviceInfo;

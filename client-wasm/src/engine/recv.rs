@@ -278,6 +278,7 @@ impl Engine {
         };
         let is_control = conv == control_conversation(&me, &d);
         if !is_control {
+            self.map_group_stream(&d, &conv);
             let known = if let Some(ok) = self.group_stream_allowed(&d, &user, &conv) {
                 ok
             } else if user == self.user_key() {
@@ -313,7 +314,7 @@ impl Engine {
             self.touch(Dirty::Counters);
             if !is_control {
                 self.event(Event::GapRecovered {
-                    conversation: conv,
+                    conversation: self.stream_conversation(&d, conv),
                     from_device: d,
                     count: 1,
                 });
@@ -957,7 +958,7 @@ impl Engine {
             self.counters.relay_claims_refuted.saturating_add(count);
         self.touch(Dirty::Counters);
         self.event(Event::RelayMisbehaviour {
-            conversation: conv,
+            conversation: self.stream_conversation(&d, conv),
             from_device: d,
             count,
         });
@@ -985,7 +986,7 @@ impl Engine {
     ) -> Result<(), ClientError> {
         let me = self.device.device;
         let allowed = conv == control_conversation(&me, &d)
-            || self.is_group(&conv)
+            || self.out_group(&d, &conv).is_some()
             || if user == self.user_key() {
                 self.conversations.contains_key(&conv)
             } else {
@@ -1102,7 +1103,7 @@ impl Engine {
             self.counters.unrecoverable = self.counters.unrecoverable.saturating_add(count);
             self.touch(Dirty::Counters);
             self.event(Event::Unrecoverable {
-                conversation: conv,
+                conversation: self.stream_conversation(&d, conv),
                 from_device: d,
                 count,
             });
@@ -1224,7 +1225,7 @@ impl Engine {
                 self.touch(Dirty::Counters);
                 if conv != control_conversation(&me, &d) {
                     self.event(Event::GapDetected {
-                        conversation: conv,
+                        conversation: self.stream_conversation(&d, conv),
                         from_device: d,
                         count: fresh.len() as u64,
                     });
@@ -1369,17 +1370,25 @@ impl Engine {
 
     /// Diagnostics: the highest sender seq from device `d` in `conv` up to
     /// which everything is delivered (or declared unrecoverable) here.
+    /// (For a group, the group id or the stream's pseudonym.)
     pub fn delivered_through(&self, d: &DeviceId, conv: &ConversationId) -> u64 {
+        let me = self.device.device;
+        let conv = match self.is_group(conv) {
+            true => super::group::group_stream(conv, d, &me).unwrap_or(*conv),
+            false => *conv,
+        };
         self.in_streams
-            .get(&(*d, *conv))
+            .get(&(*d, conv))
             .map_or(0, |s: &InStream| s.delivered)
     }
 
     /// Diagnostics: the highest sender seq this device assigned in its
     /// stream to device `d` in `conv`.
+    /// (For a group, the group id or the stream's pseudonym.)
     pub fn sent_through(&self, d: &DeviceId, conv: &ConversationId) -> u64 {
+        let conv = self.chat_stream(conv, d).unwrap_or(*conv);
         self.out_streams
-            .get(&(*d, *conv))
+            .get(&(*d, conv))
             .map_or(0, |s| s.next_seq.saturating_sub(1))
     }
 }

@@ -67,6 +67,13 @@ impl Engine {
         to: Option<DeviceId>,
     ) -> Result<(), ClientError> {
         let ack_eliciting = body.ack_eliciting();
+        // A group's stream items name the group inside: their clear
+        // conversation id is a pseudonym (see `group.rs`).
+        let body = if to.is_none() && self.is_group(&conversation) {
+            body.with_group(conversation)
+        } else {
+            body
+        };
         let payload = Payload { id, body }.encode()?;
         let sealed = seal_at_rest(
             &self.device.at_rest.0,
@@ -125,7 +132,10 @@ impl Engine {
                     continue;
                 };
                 let conv = match o.kind {
-                    EntryKind::Chat => o.conversation,
+                    EntryKind::Chat => match self.chat_stream(&o.conversation, &t.device) {
+                        Ok(c) => c,
+                        Err(_) => continue,
+                    },
                     EntryKind::Control => control_conversation(&me, &t.device),
                 };
                 if let Some(os) = self.out_streams.get_mut(&(t.device, conv))
@@ -347,7 +357,7 @@ impl Engine {
             return Ok(());
         };
         let conv = match entry.kind {
-            EntryKind::Chat => entry.conversation,
+            EntryKind::Chat => self.chat_stream(&entry.conversation, &d)?,
             EntryKind::Control => control_conversation(&self.device.device, &d),
         };
         let ack_eliciting = entry.ack_eliciting;
@@ -458,6 +468,7 @@ impl Engine {
                         continue;
                     };
                     let conv = entry.conversation;
+                    let kind = entry.kind;
                     let ack_eliciting = entry.ack_eliciting;
                     let Some(t) = entry.targets.iter_mut().find(|t| t.device == d) else {
                         continue;
@@ -475,8 +486,11 @@ impl Engine {
                     self.touch(Dirty::Outbox(id));
                     if ack_eliciting {
                         // Control entries already carry their stream's
-                        // (control) conversation.
-                        let stream_conv = conv;
+                        // (control) conversation; a group's is per device.
+                        let stream_conv = match kind {
+                            EntryKind::Chat => self.chat_stream(&conv, &d)?,
+                            EntryKind::Control => conv,
+                        };
                         let base = self.cfg.probe_base_ms;
                         if let Some(os) = self.out_streams.get_mut(&(d, stream_conv))
                             && os.probe_at.is_none()
@@ -639,7 +653,10 @@ impl Engine {
             for t in &o.targets {
                 if let Some(seq) = t.seq {
                     let conv = match o.kind {
-                        EntryKind::Chat => o.conversation,
+                        EntryKind::Chat => match self.chat_stream(&o.conversation, &t.device) {
+                            Ok(c) => c,
+                            Err(_) => continue,
+                        },
                         EntryKind::Control => control_conversation(&self.device.device, &t.device),
                     };
                     if let Some(os) = self.out_streams.get_mut(&(t.device, conv))

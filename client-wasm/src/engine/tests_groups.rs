@@ -3,6 +3,7 @@
 //! attacks a hostile member or stranger can try.
 
 use super::*;
+use crate::engine::group::group_stream;
 
 impl Net {
     fn create_group(&mut self, i: usize, name: &str, members: &[usize]) -> ConversationId {
@@ -133,13 +134,18 @@ fn info(net: &Net, i: usize, g: &ConversationId) -> super::group::GroupInfo {
     net.clients[i].engine.group(g).expect("group known")
 }
 
-/// Envelopes the relay stored for device `to` in conversation `conv`.
-fn envelopes_to(net: &Net, to: DeviceId, conv: &ConversationId) -> usize {
+/// Envelopes the relay stored for device `to` in group `g`'s streams (each
+/// under the pseudonym of its device pair).
+fn envelopes_to(net: &Net, to: DeviceId, g: &ConversationId) -> usize {
     net.relay
         .seen_bytes
         .iter()
         .filter_map(|b| Envelope::from_bytes(b).ok())
-        .filter(|e| e.header.recipient_device == to && e.header.conversation_id == *conv)
+        .filter(|e| {
+            e.header.recipient_device == to
+                && e.header.conversation_id
+                    == group_stream(g, &e.header.sender_device, &to).unwrap()
+        })
         .count()
 }
 
@@ -476,6 +482,7 @@ fn removed_member_gets_nothing_sent_after_the_removal() {
     net.advance(2_000);
     let cd = net.clients[c].engine.device_id();
     let before = envelopes_to(&net, cd, &g);
+    assert!(before > 0, "carol got the group before her removal");
     say(&mut net, a, g, "secret from a");
     say(&mut net, b, g, "secret from b");
     net.advance(5_000);
@@ -577,11 +584,13 @@ fn a_member_cannot_impersonate_another_member() {
         .filter(|e| {
             e.header.sender_device == cd
                 && e.header.recipient_device == bd
-                && e.header.conversation_id == g
+                && e.header.conversation_id == group_stream(&g, &cd, &bd).unwrap()
         })
         .collect();
     assert!(!forged.is_empty());
     for (n, e) in forged.iter_mut().enumerate() {
+        // Carol knows the group id: she puts Alice's stream to Bob in too.
+        e.header.conversation_id = group_stream(&g, &ad, &bd).unwrap();
         e.header.sender_device = ad;
         e.header.sender_seq = 50 + n as u64;
         e.header.message_id = MessageId([0x42 + n as u8; 16]);
@@ -756,10 +765,11 @@ fn a_removed_member_cannot_open_copies_the_relay_redirects_to_it() {
         .filter(|e| {
             e.header.sender_device == ad
                 && e.header.recipient_device == bd
-                && e.header.conversation_id == g
+                && e.header.conversation_id == group_stream(&g, &ad, &bd).unwrap()
         })
         .map(|mut e| {
             e.header.recipient_device = cd;
+            e.header.conversation_id = group_stream(&g, &ad, &cd).unwrap();
             e
         })
         .collect();
@@ -919,4 +929,242 @@ fn a_later_members_receipt_is_announced_though_the_overall_state_stays() {
     );
     net.advance(3_000);
     assert_eq!(read_events(&net), 2);
+}
+
+/// What the relay sees of a group: it stores every envelope (the test's
+/// relay records them all). No clear header carries the group id (nor does
+/// any envelope byte string), and the copies of one group message to
+/// different devices carry different conversation ids, each used by one
+/// (sender device, recipient device) pair only and unlike every one-to-one
+/// or control conversation id, so the relay cannot tell which envelopes
+/// belong to one group, nor that two pairs share a group.
+#[test]
+fn the_relay_cannot_link_group_envelopes_to_the_group_or_to_each_other() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let b2 = net.join(b);
+    let c = net.create("carol");
+    let d = net.create("dave");
+    net.advance(2_000);
+    net.befriend_all(&[a, b, c, d]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b, c]);
+    net.advance(2_000);
+    let m = say(&mut net, a, g, "one message, many copies");
+    say(&mut net, b, g, "from bob");
+    net.advance(2_000);
+    net.command(
+        c,
+        Command::AddMembers {
+            group: g,
+            members: vec![net.user(d)],
+        },
+    );
+    net.advance(3_000);
+    assert!(
+        info(&net, d, &g).active,
+        "{:?}",
+        net.clients[d].engine.group_counters()
+    );
+    say(&mut net, d, g, "dave joined");
+    let oops = say(&mut net, b, g, "oops");
+    net.command(
+        b,
+        Command::Recall {
+            conversation: g,
+            id: oops,
+        },
+    );
+    net.advance(3_000);
+    for i in [a, b, b2, c, d] {
+        assert!(
+            group_texts(&net, i, &g).contains(&"dave joined".to_string()),
+            "device {i}: {:?}",
+            group_texts(&net, i, &g)
+        );
+    }
+    assert!(
+        !group_texts(&net, a, &g).contains(&"oops".to_string()),
+        "the recall came through"
+    );
+
+    let envs: Vec<(Envelope, &Vec<u8>)> = net
+        .relay
+        .seen_bytes
+        .iter()
+        .filter_map(|b| Envelope::from_bytes(b).ok().map(|e| (e, b)))
+        .collect();
+    // Not in any header, and not anywhere in what the relay stores.
+    for (e, bytes) in &envs {
+        assert_ne!(e.header.conversation_id, g, "a clear group id");
+        assert!(
+            !bytes.windows(16).any(|w| w == g.as_bytes()),
+            "the group id in an envelope's bytes"
+        );
+    }
+    // Every group envelope is under its pair's pseudonym; each pseudonym
+    // belongs to one device pair.
+    let mut pairs: BTreeMap<ConversationId, BTreeSet<(DeviceId, DeviceId)>> = BTreeMap::new();
+    let mut group_envelopes = 0;
+    for (e, _) in &envs {
+        let h = &e.header;
+        pairs
+            .entry(h.conversation_id)
+            .or_default()
+            .insert((h.sender_device, h.recipient_device));
+        if h.conversation_id == group_stream(&g, &h.sender_device, &h.recipient_device).unwrap() {
+            group_envelopes += 1;
+        }
+    }
+    assert!(group_envelopes >= 20, "{group_envelopes} group envelopes");
+    let devices: Vec<DeviceId> = [a, b, b2, c, d]
+        .iter()
+        .map(|i| net.clients[*i].engine.device_id())
+        .collect();
+    let mut streams = BTreeSet::new();
+    for s in &devices {
+        for r in devices.iter().filter(|r| *r != s) {
+            let id = group_stream(&g, s, r).unwrap();
+            assert!(streams.insert(id), "two pairs share a group stream id");
+            if let Some(p) = pairs.get(&id) {
+                assert_eq!(p.len(), 1, "a group stream id used by several pairs");
+            }
+            assert_ne!(id, crate::codes::control_conversation(s, r));
+        }
+    }
+    for i in [a, b, c, d] {
+        for j in [a, b, c, d].into_iter().filter(|j| *j != i) {
+            let one_to_one = crate::codes::conversation_between(&net.user(i), &net.user(j));
+            assert!(!streams.contains(&one_to_one));
+        }
+    }
+    // The copies of Alice's one message: one per device, all different.
+    let copies: BTreeSet<ConversationId> = envs
+        .iter()
+        .filter(|(e, _)| e.header.message_id == m)
+        .map(|(e, _)| e.header.conversation_id)
+        .collect();
+    let copy_count = envs
+        .iter()
+        .filter(|(e, _)| e.header.message_id == m)
+        .count();
+    assert!(copies.len() >= 3, "{copies:?}");
+    assert_eq!(
+        copies.len(),
+        copy_count,
+        "two copies share a conversation id"
+    );
+}
+
+/// A member cannot slip a message of one group into another group's
+/// stream: the group named inside must be the one the stream's pseudonym
+/// is derived from.
+#[test]
+fn a_group_stream_cannot_carry_another_groups_message() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let c = net.create("carol");
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    let g1 = net.create_group(a, "one", &[b, c]);
+    let g2 = net.create_group(c, "two", &[b]);
+    net.advance(2_000);
+    say(&mut net, c, g1, "in one");
+    say(&mut net, c, g2, "in two");
+    net.advance(2_000);
+    let invalid = net.clients[b].engine.group_counters().invalid_dropped;
+    // Carol's modified client queues a message naming group two into
+    // group one's streams.
+    let now = net.now;
+    let e = &mut net.clients[c].engine;
+    let (depth, refs) = e.next_position(&g2);
+    let id = e.mint_id(now);
+    e.queue(
+        now,
+        id,
+        g1,
+        crate::payload::Body::GroupMessage {
+            group: g2,
+            text: "smuggled".into(),
+            sent_at_ms: now,
+            depth,
+            refs,
+        },
+        None,
+    )
+    .unwrap();
+    net.input(c, Input::Tick);
+    net.advance(3_000);
+    assert!(net.clients[b].engine.group_counters().invalid_dropped > invalid);
+    for g in [g1, g2] {
+        assert!(!group_texts(&net, b, &g).contains(&"smuggled".to_string()));
+    }
+    // The streams still work.
+    say(&mut net, c, g2, "after");
+    net.advance(2_000);
+    assert_eq!(group_texts(&net, b, &g2), vec!["in two", "after"]);
+}
+
+/// The relay's expiry notices name a group stream by its pseudonym. A
+/// hostile relay claims 1,000 future seqs of Alice's group stream to Bob
+/// expired: Bob asks Alice by the pseudonym, Alice maps it back to her
+/// stream of the group and answers "not yet sent", Bob reports the relay
+/// (under the group's id) and Alice's next group messages still show.
+#[test]
+fn a_forged_expiry_of_a_group_stream_is_refuted_by_its_sender() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    net.befriend_all(&[a, b]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b]);
+    net.advance(2_000);
+    say(&mut net, a, g, "one");
+    net.advance(2_000);
+    let ad = net.clients[a].engine.device_id();
+    let bd = net.clients[b].engine.device_id();
+    let stream = group_stream(&g, &ad, &bd).unwrap();
+    let next = net.clients[a].engine.sent_through(&bd, &g) + 1;
+    assert!(next > 2, "alice's stream to bob is in use");
+    net.relay.forged_truncation = Some((
+        bd,
+        hush_protocol::Truncation {
+            oldest_retained: 1,
+            dropped_count: 1_000,
+            dropped: vec![hush_protocol::DroppedRange {
+                sender: ad,
+                conversation: stream,
+                first_seq: next,
+                last_seq: next + 999,
+            }],
+        },
+    ));
+    net.disconnect(b);
+    net.advance(120_000);
+    assert!(
+        net.relay.forged_truncation.is_none(),
+        "the notice was served"
+    );
+    say(&mut net, a, g, "two");
+    say(&mut net, a, g, "three");
+    net.advance(2_000);
+    assert_eq!(group_texts(&net, b, &g), vec!["one", "two", "three"]);
+    let c = net.clients[b].engine.counters();
+    assert_eq!(c.unrecoverable, 0);
+    assert_eq!(c.relay_claims_refuted, 1_000);
+    let reports: Vec<_> = net.clients[b]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::RelayMisbehaviour {
+                conversation,
+                from_device,
+                ..
+            } => Some((*conversation, *from_device)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reports, vec![(g, ad)]);
 }
