@@ -472,17 +472,29 @@ export async function openConversation(page, name) {
   await page.waitForFunction((n) => document.querySelector("[data-testid=chat-title]")?.textContent === n, name, { timeout: UI_MS });
 }
 
-/** Type and send one message; resolves to its message element's id. */
+/**
+ * Type and send one message; resolves to its message element's id.
+ *
+ * The new message is the outgoing one with this text whose id was not shown
+ * before: counting outgoing messages would miss it when the page trims its
+ * oldest shown message (it keeps at most a few hundred) at the same time.
+ */
 export async function sendText(page, text) {
-  const before = await page.locator("[data-testid=message][data-direction=out]").count();
+  const before = await page.$$eval("[data-testid=message][data-direction=out]", (els) => els.map((e) => e.dataset.id));
   await page.fill("[data-testid=composer]", text);
   await page.click("[data-testid=send]");
-  await page.waitForFunction(
-    (n) => document.querySelectorAll("[data-testid=message][data-direction=out]").length > n,
-    before,
+  const handle = await page.waitForFunction(
+    ({ before, text }) => {
+      const seen = new Set(before);
+      const mine = [...document.querySelectorAll("[data-testid=message][data-direction=out]")].filter(
+        (e) => !seen.has(e.dataset.id) && e.querySelector("[data-testid=message-text]")?.textContent === text,
+      );
+      return mine.length > 0 ? mine[mine.length - 1].dataset.id : null;
+    },
+    { before, text },
     { timeout: UI_MS },
   );
-  return page.locator("[data-testid=message][data-direction=out]").last().getAttribute("data-id");
+  return handle.jsonValue();
 }
 
 /** Wait until the message with this text has one of these states. */
