@@ -585,12 +585,17 @@ impl Engine {
         }
         if user == self.user_key() {
             self.check_dropped(&list);
-            if list.list.version >= self.own.known.version() {
+            let held = self.own.known.version();
+            if list.list.version >= held {
                 let changed = self.own.known.list.as_ref() != Some(&list);
-                self.set_own_list(now, list);
+                let before: Vec<DeviceId> = self.own.known.devices().map(|e| e.device).collect();
+                self.set_own_list(now, list.clone());
                 if changed {
                     self.warn_contested(&user);
                 }
+                // Whoever removed a device, every remaining one passes
+                // the notice on.
+                self.forward_list(now, held, &before, &list)?;
             } else {
                 self.own.known.fetched_ms = Some(now);
                 self.touch(Dirty::Own);

@@ -207,12 +207,49 @@ impl Engine {
         before: &[DeviceId],
         list: &SignedDeviceList,
     ) -> Result<(), ClientError> {
-        let kept: BTreeSet<DeviceId> = list.list.devices.iter().map(|e| e.device).collect();
-        if before.iter().all(|d| kept.contains(d)) {
+        if before
+            .iter()
+            .all(|d| list.list.devices.iter().any(|e| e.device == *d))
+        {
             return Ok(());
         }
+        self.send_list_notice(now, list)
+    }
+
+    /// A newer list of this user arrived (from the relay or in a notice)
+    /// replacing the held one of version `held`, which named `before`. If
+    /// it may hide a removal — it drops a device, or skips versions that
+    /// could have added and removed one this device never saw — this
+    /// device passes the notice on as well: a relay must then withhold the
+    /// streams of every device of this user to a contact, with their
+    /// receipts, to keep a removal from it (SECURITY.md).
+    pub(crate) fn forward_list(
+        &mut self,
+        now: u64,
+        held: u64,
+        before: &[DeviceId],
+        list: &SignedDeviceList,
+    ) -> Result<(), ClientError> {
+        if self.lifecycle.removed || held == 0 || list.list.version <= held {
+            return Ok(());
+        }
+        if list.list.version == held.saturating_add(1) {
+            return self.announce_removal(now, before, list);
+        }
+        self.send_list_notice(now, list)
+    }
+
+    /// `list` in a `DeviceListChanged` notice to every device of every
+    /// contact and this user's other listed devices.
+    fn send_list_notice(&mut self, now: u64, list: &SignedDeviceList) -> Result<(), ClientError> {
         let me = self.device.device;
-        let mut to: BTreeSet<DeviceId> = kept.into_iter().filter(|d| *d != me).collect();
+        let mut to: BTreeSet<DeviceId> = list
+            .list
+            .devices
+            .iter()
+            .map(|e| e.device)
+            .filter(|d| *d != me)
+            .collect();
         for c in self.contacts.values() {
             to.extend(c.known.devices().map(|e| e.device));
         }

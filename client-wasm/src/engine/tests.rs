@@ -66,6 +66,9 @@ struct FakeRelay {
     /// Serve this list of the user to every fetch instead of the stored one
     /// (a relay hiding a newer list, e.g. a removal).
     pub(super) served_lists: BTreeMap<UserKey, SignedDeviceList>,
+    /// (sender, recipient) streams the relay acknowledges but never
+    /// delivers (a relay withholding everything one device sends another).
+    pub(super) withheld_streams: BTreeSet<(DeviceId, DeviceId)>,
 }
 
 impl FakeRelay {
@@ -229,6 +232,9 @@ impl FakeRelay {
                         0
                     } else {
                         self.dedup.insert(key);
+                        let withheld = self
+                            .withheld_streams
+                            .contains(&(h.sender_device, h.recipient_device));
                         let lose = self
                             .lose_next
                             .get_mut(&h.recipient_device)
@@ -243,6 +249,7 @@ impl FakeRelay {
                         let s = *head;
                         if let Some(n) = lose {
                             *n -= 1;
+                        } else if withheld {
                         } else {
                             self.inbox
                                 .entry(h.recipient_device)
@@ -418,6 +425,9 @@ struct Client {
     max_pulls_in_flight: usize,
     /// Sizes of the `s/out/…` records written (stream state of senders).
     out_record_sizes: Vec<usize>,
+    /// Kept offline: `advance` does not reconnect it (a device switched
+    /// off), until `connect`.
+    offline: bool,
 }
 
 /// The relay cursor durable in a store.
@@ -461,6 +471,7 @@ impl Net {
             queue: VecDeque::new(),
             events: step.events,
             crash_after_storage: false,
+            offline: false,
             crash_after_early: false,
             pulls: Vec::new(),
             pulls_in_flight: BTreeSet::new(),
@@ -586,6 +597,7 @@ impl Net {
     }
 
     fn connect(&mut self, i: usize) {
+        self.clients[i].offline = false;
         self.clients[i].connected = true;
         self.input(i, Input::Connected);
         self.settle();
@@ -596,6 +608,12 @@ impl Net {
         self.clients[i].queue.clear();
         self.clients[i].pulls_in_flight.clear();
         self.input(i, Input::Disconnected);
+    }
+
+    /// Disconnect and keep offline until `connect`.
+    fn switch_off(&mut self, i: usize) {
+        self.disconnect(i);
+        self.clients[i].offline = true;
     }
 
     fn command(&mut self, i: usize, c: Command) -> Option<Reply> {
@@ -624,6 +642,9 @@ impl Net {
         while self.now < end {
             self.now = (self.now + 250).min(end);
             for i in 0..self.clients.len() {
+                if self.clients[i].offline {
+                    continue;
+                }
                 if !self.clients[i].connected {
                     self.clients[i].connected = true;
                     self.input(i, Input::Connected);
