@@ -11,7 +11,7 @@ use hush_protocol::{Delivered, DeviceId, Envelope, ErrorCode, ServerFrame};
 use hush_tests::pg::PgCluster;
 use hush_tests::{
     ConnectOptions, DeviceIdentity, RelayProcess, RelayTarget, TestDevice, conversation,
-    make_envelope, stored, wait_until, wait_until_async,
+    make_envelope, refusal_code, stored, wait_until, wait_until_async,
 };
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -93,6 +93,54 @@ async fn two_relay_processes_push_across_nodes_and_the_newest_connection_wins() 
         .map(|d| d.seq)
         .collect();
     assert_eq!(seqs, (11..=15).collect::<Vec<u64>>());
+}
+
+/// A device list published on node A removes a device whose connection is
+/// on node B: B closes it at once with `DeviceRemoved` (word travels on the
+/// cluster bus), not only at its next authentication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_on_one_node_closes_the_devices_connection_on_another() {
+    let cluster = PgCluster::primary_only().unwrap();
+    let db = cluster.create_database().unwrap();
+    let url = cluster.url(&db);
+    let args = [
+        "--send-rate",
+        "0",
+        "--store",
+        url.as_str(),
+        "--allow-unreplicated",
+    ];
+    let node_a = RelayProcess::spawn_temp(&args).await.unwrap();
+    let node_b = RelayProcess::spawn_temp(&args).await.unwrap();
+    let a1 = DeviceIdentity::from_seed(41);
+    let a2 = a1.another_device(42);
+    let mut phone = TestDevice::register_new(&a1, node_a.target())
+        .await
+        .unwrap();
+    let mut laptop = TestDevice::register_new(&a2, node_b.target())
+        .await
+        .unwrap();
+    let both = a1.signed_device_list(1, vec![a1.device_entry(), a2.device_entry()]);
+    assert_eq!(phone.publish_device_list(both).await.unwrap(), 1);
+    assert!(laptop.ping().await.is_ok());
+
+    let without = a1.signed_device_list(2, vec![a1.device_entry()]);
+    assert_eq!(phone.publish_device_list(without).await.unwrap(), 2);
+    match laptop.next_frame(PROMPT).await {
+        Ok(ServerFrame::Closing { code, .. }) => assert_eq!(code, ErrorCode::DeviceRemoved),
+        other => panic!("expected Closing{{DeviceRemoved}} on node B, got {other:?}"),
+    }
+    laptop
+        .closed(PROMPT)
+        .await
+        .expect("the removed device's connection on node B closes");
+    assert!(phone.ping().await.is_ok(), "the publisher stays");
+    let again = TestDevice::login(&a2, node_b.target()).await;
+    assert_eq!(
+        refusal_code(&again),
+        Some(ErrorCode::DeviceRemoved),
+        "{again:?}"
+    );
 }
 
 /// How long the nodes may take to find the promoted standby.

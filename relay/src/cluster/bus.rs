@@ -15,6 +15,11 @@
 //!   authenticated as device `d`. Every node sees every claim in the same
 //!   order, its own included; see [`DeviceHub::apply_claim`] for how that
 //!   makes the newest connection win cluster-wide.
+//! - **removed** (channel [`PRESENCE_CHANNEL`] too): a node accepted a
+//!   device list that removed device `d`. Every node closes its connection
+//!   of `d`, if it has one, with `DeviceRemoved`, as the accepting node does
+//!   for its own; without this, a removed device's session on another node
+//!   would stay open until its next (refused) authentication.
 //!
 //! When a node's bus connection is lost and re-made, events may have been
 //! lost meanwhile: the node wakes every local device once
@@ -22,7 +27,8 @@
 //!
 //! Payloads are short ASCII strings (NOTIFY payloads must stay under 8000
 //! bytes): inbox moves are `<device hex>:<head>` items joined by `,`,
-//! batched by [`inbox_payloads`]; a claim is `<device hex>:<node hex>:<conn>`.
+//! batched by [`inbox_payloads`]; a claim is `<device hex>:<node hex>:<conn>`;
+//! a removal is `rm:<device hex>`.
 
 use crate::server::hub::DeviceHub;
 use hush_protocol::DeviceId;
@@ -72,6 +78,8 @@ pub enum ClusterEvent {
         /// The connection's id on that node.
         conn: u64,
     },
+    /// A node accepted a device list that removed this device.
+    Removed(DeviceId),
     /// Events may have been lost (the bus connection was re-made).
     Resync,
 }
@@ -90,6 +98,11 @@ pub fn apply(hub: &DeviceHub, me: NodeId, event: &ClusterEvent) {
                     node = node.0,
                     "a connection on another node replaced a local one"
                 );
+            }
+        }
+        ClusterEvent::Removed(device) => {
+            if hub.evict(device) {
+                tracing::debug!("a removed device's connection closed on word from the cluster");
             }
         }
         ClusterEvent::Resync => hub.wake_all(),
@@ -121,6 +134,14 @@ pub fn claim_payload(device: &DeviceId, node: NodeId, conn: u64) -> String {
     format!("{}:{:016x}:{conn}", device.to_hex(), node.0)
 }
 
+/// The prefix of a removal on [`PRESENCE_CHANNEL`].
+const REMOVED_PREFIX: &str = "rm:";
+
+/// The payload of a removal.
+pub fn removal_payload(device: &DeviceId) -> String {
+    format!("{REMOVED_PREFIX}{}", device.to_hex())
+}
+
 /// Parse a notification of `channel` (`None` for an unknown channel or a
 /// malformed payload, which is skipped).
 pub fn parse(channel: &str, payload: &str) -> Option<ClusterEvent> {
@@ -134,6 +155,9 @@ pub fn parse(channel: &str, payload: &str) -> Option<ClusterEvent> {
             Some(ClusterEvent::InboxMoved(moved))
         }
         PRESENCE_CHANNEL => {
+            if let Some(device) = payload.strip_prefix(REMOVED_PREFIX) {
+                return Some(ClusterEvent::Removed(DeviceId::from_hex(device).ok()?));
+            }
             let mut parts = payload.split(':');
             let device = DeviceId::from_hex(parts.next()?).ok()?;
             let node = NodeId(u64::from_str_radix(parts.next()?, 16).ok()?);
@@ -161,6 +185,12 @@ pub trait ClusterBus: Send + Sync + 'static {
         node: NodeId,
         conn: u64,
     ) -> Option<tokio::sync::oneshot::Receiver<()>>;
+
+    /// This node accepted a device list that removed `device` (its own
+    /// connection of it was closed already). Best effort: a removal lost on
+    /// the way leaves the device's connection on another node open until
+    /// it next authenticates, which the store then refuses.
+    fn publish_removed(&self, device: DeviceId);
 
     /// A local commit moved these inbox heads. A bus whose store already
     /// announces commits inside its transactions ignores this.
@@ -248,6 +278,13 @@ impl ClusterBus for MemoryBus {
         None
     }
 
+    fn publish_removed(&self, device: DeviceId) {
+        // Same payload and parsing as the PostgreSQL bus.
+        if let Some(event) = parse(PRESENCE_CHANNEL, &removal_payload(&device)) {
+            self.send(event);
+        }
+    }
+
     fn publish_inbox(&self, moved: &[(DeviceId, u64)]) {
         // Same batching and parsing as the PostgreSQL payloads.
         for payload in inbox_payloads(moved) {
@@ -316,6 +353,39 @@ mod tests {
             assert_eq!(parse(INBOX_CHANNEL, bad), None, "{bad}");
         }
         assert_eq!(parse("other", &p), None);
+        assert_eq!(
+            parse(PRESENCE_CHANNEL, &removal_payload(&dev(4))),
+            Some(ClusterEvent::Removed(dev(4)))
+        );
+        for bad in ["rm:", "rm:zz", &format!("rm:{}:1", dev(4).to_hex())] {
+            assert_eq!(parse(PRESENCE_CHANNEL, bad), None, "{bad}");
+        }
+    }
+
+    /// A removal published by one node closes the device's connection on
+    /// another, with `Removed` (not `Replaced`).
+    #[tokio::test]
+    async fn a_removal_on_one_node_closes_the_devices_connection_on_another() {
+        let bus = MemoryBus::new(64);
+        let (hub_a, hub_b) = (
+            Arc::new(DeviceHub::default()),
+            Arc::new(DeviceHub::default()),
+        );
+        let _ta = bus.attach(Arc::clone(&hub_a), NodeId(1));
+        let _tb = bus.attach(Arc::clone(&hub_b), NodeId(2));
+        let (d, other) = (dev(7), dev(8));
+        let mut on_b = hub_b.claim(d, 1);
+        let mut other_on_b = hub_b.claim(other, 2);
+        bus.publish_removed(d);
+        let why = tokio::time::timeout(std::time::Duration::from_secs(5), &mut on_b.replaced)
+            .await
+            .expect("the removed device's connection on B is closed")
+            .expect("closer sent");
+        assert!(matches!(why, crate::server::hub::Displaced::Removed));
+        assert!(
+            other_on_b.replaced.try_recv().is_err(),
+            "another device stays"
+        );
     }
 
     /// Two nodes on one bus: a commit on node A wakes the device's

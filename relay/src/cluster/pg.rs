@@ -220,6 +220,10 @@ impl ClusterBus for PgBus {
         Some(rx)
     }
 
+    fn publish_removed(&self, device: DeviceId) {
+        self.queue(0, PRESENCE_CHANNEL, bus::removal_payload(&device), None);
+    }
+
     fn publish_inbox(&self, moved: &[(DeviceId, u64)]) {
         if !self.notify_after_commit {
             return;

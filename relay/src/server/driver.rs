@@ -800,7 +800,7 @@ impl Conn {
                     tracing::trace!(device = %short_id(&device), "live");
                 }
                 Action::Evict(device) => {
-                    if self.shared.hub.evict(&device) {
+                    if self.shared.hub.removed(&device) {
                         tracing::debug!(device = %short_id(&device), "removed device's connection closed");
                     }
                 }

@@ -147,6 +147,17 @@ impl DeviceHub {
         true
     }
 
+    /// This node accepted a device list that removed `device`: close its
+    /// connection here and, in a cluster, on every other node. Returns
+    /// whether this node had one.
+    pub fn removed(&self, device: &DeviceId) -> bool {
+        let here = self.evict(device);
+        if let Some((_, bus)) = &self.cluster {
+            bus.publish_removed(*device);
+        }
+        here
+    }
+
     /// Connection `conn_id` is gone (and has dropped its [`Claim`]): end its
     /// ownership if it still owns the device, and forget the device once
     /// nobody watches it.
