@@ -213,6 +213,18 @@ async fn bench(rate: u64, secs: f64, tmp: &std::path::Path) -> Result<(), CliErr
         alice.stats().commits,
         bob.stats().commits,
     );
+    // Where a message's time goes: each side's store commits (durable,
+    // one fsync each) run in series with the relay's.
+    for (name, st) in [("alice", alice.stats()), ("bob", bob.stats())] {
+        let per = |d: Duration, n: u64| d.as_secs_f64() * 1000.0 / n.max(1) as f64;
+        println!(
+            "{name}: {} inputs, engine {:.3} ms per input; {} store commits of {:.3} ms each (on the commit thread)",
+            st.inputs,
+            per(st.handle, st.inputs),
+            st.commits,
+            per(st.apply, st.commits),
+        );
+    }
     println!("{host}");
     if lat.len() != total || receiver.unknown != 0 {
         return Err(bench_err(format!(
