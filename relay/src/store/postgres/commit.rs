@@ -17,12 +17,13 @@
 //! 1. Pipelined: `BEGIN` (nested-loop joins only, see [`BEGIN`]); lock the
 //!    inbox rows of the lane's recipients in device-id order (one
 //!    `SELECT … FOR UPDATE` probe per device, in sorted order); read the
-//!    dedup rows of its keys (one primary-key probe per key); and, when a store cap is set, the store-wide byte
-//!    total. Only registered devices have an inbox row, so the lock also
-//!    tells unknown recipients apart. Two transactions (lanes of other
-//!    nodes) committing to the same inbox queue on its row, and the second
-//!    then sees the first one's seqs and dedup rows (`READ COMMITTED` takes a
-//!    fresh snapshot per statement; the dedup read runs after the lock).
+//!    dedup rows of its keys (one primary-key probe per key); and, when a
+//!    store cap is set, the store-wide byte total. Only registered devices
+//!    have an inbox row, so the lock also tells unknown recipients apart.
+//!    Two transactions (lanes of other nodes) committing to the same inbox
+//!    queue on its row, and the second then sees the first one's seqs and
+//!    dedup rows (`READ COMMITTED` takes a fresh snapshot per statement;
+//!    the dedup read runs after the lock).
 //! 2. Decide each envelope in order with the rules the other stores use.
 //! 3. Pipelined: one multi-row `INSERT … SELECT FROM unnest(…)` each for
 //!    envelopes and dedup rows, one `UPDATE … FROM unnest(…)` for the inbox
