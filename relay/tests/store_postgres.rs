@@ -11,6 +11,9 @@
 use hush_protocol::{
     ConversationId, DeviceId, DeviceRegistration, MessageId, OneTimePrekey, SignedPrekey, UserKey,
 };
+use hush_relay::store::postgres::commit_statements::{
+    BEGIN, LOCK_INBOXES, READ_DEDUP, UPDATE_INBOXES,
+};
 use hush_relay::store::postgres::{PgOptions, PgStore};
 use hush_relay::store::{CommitOutcome, NewEnvelope, Store, StoreError, StoreLimits};
 use hush_tests::pg::PgCluster;
@@ -18,6 +21,7 @@ use hush_tests::wait_until_blocking;
 use std::collections::BTreeSet;
 use std::sync::OnceLock;
 use std::time::Duration;
+use tokio_postgres::types::Type;
 
 /// The replicated cluster of this binary (stopped by its reaper at exit).
 fn cluster() -> &'static PgCluster {
@@ -503,6 +507,139 @@ fn a_primary_without_a_synchronous_standby_is_refused_unless_allowed() {
     let (_db, stores) = nodes(1);
     assert!(stores[0].replicated());
     assert_eq!(stores[0].replication().sync_standbys, 1);
+}
+
+/// A large commit (a few thousand envelopes for a few thousand recipients)
+/// probes the primary keys once per row: its inbox lock, dedup lookup and
+/// counter update must not become hash joins over sequential scans of the
+/// whole `hush_inboxes` or `hush_dedup` table, which the planner prefers
+/// for arrays this large and whose cost grows with every registered device
+/// and every stored envelope. The statements run as a commit runs them:
+/// after its `BEGIN`, with binary arrays and their types, unnamed (planned
+/// with the values).
+#[test]
+fn a_large_commits_statements_probe_the_indexes_not_whole_tables() {
+    const ROWS: usize = 3500;
+    let c = cluster();
+    let (db, _stores) = nodes(1);
+    c.psql(
+        &db,
+        "INSERT INTO hush_inboxes (device) SELECT decode(md5(i::text), 'hex') \
+         FROM generate_series(1, 50000) AS i; \
+         INSERT INTO hush_dedup SELECT decode(md5((i % 16)::text), 'hex'), \
+         decode(md5((i % 64)::text), 'hex'), decode(md5(i::text), 'hex'), i, i \
+         FROM generate_series(1, 60000) AS i; ANALYZE hush_inboxes; ANALYZE hush_dedup",
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let plans: Vec<String> = rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&c.primary_url(&db), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let keys = client
+            .query_one(
+                "SELECT array_agg(recipient ORDER BY seq), array_agg(sender ORDER BY seq), \
+                 array_agg(message_id ORDER BY seq) FROM hush_dedup WHERE seq > 56500",
+                &[],
+            )
+            .await
+            .unwrap();
+        let to: Vec<Vec<u8>> = keys.get(0);
+        let from: Vec<Vec<u8>> = keys.get(1);
+        let ids: Vec<Vec<u8>> = keys.get(2);
+        assert_eq!(ids.len(), ROWS);
+        let devices: Vec<Vec<u8>> = client
+            .query_one(
+                "SELECT array_agg(device ORDER BY device) FROM \
+                 (SELECT device FROM hush_inboxes ORDER BY device LIMIT 3500) AS d",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let zeros = vec![0i64; ROWS];
+        let purge: Vec<Option<i64>> = vec![None; ROWS];
+        let explain = "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF)";
+        client.batch_execute(BEGIN).await.unwrap();
+        let mut plans = Vec::new();
+        for rows in [
+            client
+                .query_typed(
+                    &format!("{explain} {LOCK_INBOXES}"),
+                    &[(&devices, Type::BYTEA_ARRAY)],
+                )
+                .await
+                .unwrap(),
+            client
+                .query_typed(
+                    &format!("{explain} {READ_DEDUP}"),
+                    &[
+                        (&to, Type::BYTEA_ARRAY),
+                        (&from, Type::BYTEA_ARRAY),
+                        (&ids, Type::BYTEA_ARRAY),
+                    ],
+                )
+                .await
+                .unwrap(),
+            client
+                .query_typed(
+                    &format!("{explain} {UPDATE_INBOXES}"),
+                    &[
+                        (&devices, Type::BYTEA_ARRAY),
+                        (&zeros, Type::INT8_ARRAY),
+                        (&zeros, Type::INT8_ARRAY),
+                        (&zeros, Type::INT8_ARRAY),
+                        (&purge, Type::INT8_ARRAY),
+                    ],
+                )
+                .await
+                .unwrap(),
+        ] {
+            let lines: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            plans.push(lines.join("\n"));
+        }
+        client.batch_execute("ROLLBACK").await.unwrap();
+        drop(client);
+        let _ = conn.await;
+        plans
+    });
+    // Plans with their long array constants cut, for the failure message.
+    let short: Vec<String> = plans
+        .iter()
+        .map(|p| {
+            p.lines()
+                .map(|l| l.chars().take(120).collect::<String>())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .collect();
+    let [lock, dedup, update] = short.as_slice() else {
+        panic!("three plans: {short:?}");
+    };
+    let mut wrong = Vec::new();
+    for (name, plan, table) in [
+        ("inbox lock", lock, "hush_inboxes"),
+        ("dedup lookup", dedup, "hush_dedup"),
+        ("inbox update", update, "hush_inboxes"),
+    ] {
+        if plan.contains(&format!("Seq Scan on {table}"))
+            || !plan.contains(&format!("Index Scan using {table}_pkey"))
+        {
+            wrong.push(format!("{name} does not probe {table}_pkey:\n{plan}"));
+        }
+    }
+    // And the reads found every row (the top node's row count).
+    for (name, plan) in [("inbox lock", lock), ("dedup lookup", dedup)] {
+        let top = plan.lines().next().unwrap_or_default();
+        if !top.contains("actual rows=3500 ") {
+            wrong.push(format!("{name} did not find all 3500 rows:\n{plan}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n\n"));
 }
 
 /// A database written by a newer relay (higher schema version) is refused.

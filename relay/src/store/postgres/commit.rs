@@ -14,14 +14,16 @@
 //!
 //! **One lane's transaction**, in two round trips:
 //!
-//! 1. Pipelined: `BEGIN`; lock the inbox rows of the lane's recipients in
-//!    device-id order (`SELECT … ORDER BY device FOR UPDATE`); read the dedup
-//!    rows of its keys; and, when a store cap is set, the store-wide byte
-//!    total. Only registered devices have an inbox row, so the lock also
-//!    tells unknown recipients apart. Two transactions (lanes of other
-//!    nodes) committing to the same inbox queue on its row, and the second
-//!    then sees the first one's seqs and dedup rows (`READ COMMITTED` takes a
-//!    fresh snapshot per statement; the dedup read runs after the lock).
+//! 1. Pipelined: `BEGIN` (nested-loop joins only, see [`BEGIN`]); lock the
+//!    inbox rows of the lane's recipients in device-id order (one
+//!    `SELECT … FOR UPDATE` probe per device, in sorted order); read the
+//!    dedup rows of its keys (one primary-key probe per key); and, when a
+//!    store cap is set, the store-wide byte total. Only registered devices
+//!    have an inbox row, so the lock also tells unknown recipients apart.
+//!    Two transactions (lanes of other nodes) committing to the same inbox
+//!    queue on its row, and the second then sees the first one's seqs and
+//!    dedup rows (`READ COMMITTED` takes a fresh snapshot per statement;
+//!    the dedup read runs after the lock).
 //! 2. Decide each envelope in order with the rules the other stores use.
 //! 3. Pipelined: one multi-row `INSERT … SELECT FROM unnest(…)` each for
 //!    envelopes and dedup rows, one `UPDATE … FROM unnest(…)` for the inbox
@@ -49,11 +51,28 @@ pub(crate) const LANES: usize = 4;
 /// per-envelope work dominates.
 pub(crate) const SPLIT_MIN: usize = 256;
 
-const LOCK_INBOXES: &str = "SELECT device, head, acked, depth, bytes, purge_at FROM hush_inboxes \
-                            WHERE device = ANY($1) ORDER BY device FOR UPDATE";
-const READ_DEDUP: &str = "SELECT d.message_id, d.sender, d.recipient, d.seq FROM hush_dedup d \
-                          JOIN unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS k(r, s, m) \
-                          ON d.recipient = k.r AND d.sender = k.s AND d.message_id = k.m";
+/// Starts a lane's transaction. Joins are nested loops over the primary
+/// keys: for a batch of a few thousand rows the planner would otherwise
+/// hash the whole `hush_inboxes` table to update a few thousand of its
+/// rows, a cost that grows with every registered device.
+pub const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
+     SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+/// Locks the inbox rows of `$1` (sorted device ids) in that order, one
+/// primary-key probe each (`device = ANY($1)` becomes a sequential scan of
+/// the table for a few thousand ids).
+pub const LOCK_INBOXES: &str = "SELECT i.device, i.head, i.acked, i.depth, i.bytes, i.purge_at \
+     FROM unnest($1::bytea[]) AS k(device) \
+     CROSS JOIN LATERAL (SELECT x.device, x.head, x.acked, x.depth, x.bytes, x.purge_at \
+     FROM hush_inboxes x WHERE x.device = k.device LIMIT 1 FOR UPDATE) AS i";
+/// One primary-key probe per key. The `LIMIT 1` subquery (the key is
+/// unique, so it changes no result) keeps the planner from turning a large
+/// batch's lookup into a hash join over a sequential scan of the whole
+/// table, which it prefers for a few thousand keys and which grows with
+/// the table.
+pub const READ_DEDUP: &str = "SELECT d.message_id, d.sender, d.recipient, d.seq \
+     FROM unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS k(r, s, m) \
+     CROSS JOIN LATERAL (SELECT x.message_id, x.sender, x.recipient, x.seq FROM hush_dedup x \
+     WHERE x.recipient = k.r AND x.sender = k.s AND x.message_id = k.m LIMIT 1) AS d";
 const READ_STORED: &str = "SELECT coalesce(sum(stored), 0)::bigint FROM hush_totals";
 const INSERT_ENVELOPES: &str = "INSERT INTO hush_envelopes \
      (device, seq, expires_at_ms, sender, conversation, sender_seq, body) \
@@ -61,7 +80,9 @@ const INSERT_ENVELOPES: &str = "INSERT INTO hush_envelopes \
      $5::bytea[], $6::bigint[], $7::bytea[])";
 const INSERT_DEDUP: &str = "INSERT INTO hush_dedup (recipient, sender, message_id, seq, expires_at_ms) \
      SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::bigint[], $5::bigint[])";
-const UPDATE_INBOXES: &str = "UPDATE hush_inboxes AS i SET head = u.head, depth = u.depth, \
+/// Writes the new counters of the changed inboxes (one primary-key probe
+/// each: [`BEGIN`] rules out hash and merge joins).
+pub const UPDATE_INBOXES: &str = "UPDATE hush_inboxes AS i SET head = u.head, depth = u.depth, \
      bytes = u.bytes, purge_at = u.purge_at \
      FROM unnest($1::bytea[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
      AS u(device, head, depth, bytes, purge_at) WHERE i.device = u.device";
@@ -203,7 +224,7 @@ impl PgStore {
                     (&ids, Type::BYTEA_ARRAY),
                 ];
                 let (begun, locked, known, total) = tokio::join!(
-                    client.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED"),
+                    client.batch_execute(BEGIN),
                     client.query_typed(LOCK_INBOXES, &lock),
                     client.query_typed(READ_DEDUP, &keys),
                     maybe(capped.then(|| client.query_typed_one(READ_STORED, &[]))),

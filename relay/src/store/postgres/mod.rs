@@ -29,6 +29,12 @@ pub mod schema;
 
 pub use schema::{Replication, SCHEMA_VERSION};
 
+/// Statements of a commit, for the tests of their query plans.
+#[doc(hidden)]
+pub mod commit_statements {
+    pub use super::commit::{BEGIN, LOCK_INBOXES, READ_DEDUP, UPDATE_INBOXES};
+}
+
 use super::{
     BlobLimits, BlobMeta, BlobWrite, DeviceRecord, InboxPage, InboxState, NewEnvelope, PurgeStats,
     Store, StoreError, StoreLimits,
