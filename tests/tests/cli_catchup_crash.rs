@@ -5,9 +5,10 @@
 //! to the relay before the page is durable loses it if the process dies in
 //! between (the relay deletes what is acknowledged). Here the recipient's
 //! store hangs inside a commit in the middle of a backlog read in small
-//! pages, the driver goes on handling the pages that keep arriving (when
-//! pipelined), and then the process "dies": the driver is dropped and the
-//! hanging commit never lands. A new driver loaded from what the store
+//! pages (after a slow commit, so that it holds several pages handled while
+//! that one ran, when pipelined), the driver goes on handling the pages
+//! that keep arriving, and then the process "dies": the driver is dropped
+//! and the hanging commit never lands. A new driver loaded from what the store
 //! holds must then receive every message exactly once, in order, from the
 //! relay alone (the sender is not running, so nothing lost could be sent
 //! again). Run with commits awaited one by one and with commits pipelined.
@@ -32,7 +33,15 @@ const BOUND: Duration = Duration::from_secs(30);
 struct Disk {
     committed: Mutex<MemoryStorage>,
     applies: AtomicU64,
-    /// The commit (1-based count of non-empty applies) that hangs; 0: none.
+    /// The commit (1-based count of non-empty applies) that stalls until
+    /// released, so that the pages arriving meanwhile are handled and
+    /// queued, to be committed together in the next commit; 0: none.
+    stall_at: AtomicU64,
+    /// Told once the stalling commit is reached.
+    stalled: tokio::sync::Notify,
+    /// Released by the test: the stalling commit goes on.
+    stall_gate: (Mutex<bool>, Condvar),
+    /// The commit that hangs until the process is dead; 0: none.
     hang_at: AtomicU64,
     /// Told once the hanging commit is reached.
     reached: tokio::sync::Notify,
@@ -79,6 +88,14 @@ impl Storage for Crashy {
             return Ok(());
         }
         let n = disk.applies.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == disk.stall_at.load(Ordering::SeqCst) {
+            disk.stalled.notify_one();
+            let (lock, cv) = &disk.stall_gate;
+            let mut released = lock.lock().unwrap();
+            while !*released {
+                released = cv.wait(released).unwrap();
+            }
+        }
         if n == disk.hang_at.load(Ordering::SeqCst) {
             disk.reached.notify_one();
             let (lock, cv) = &disk.gate;
@@ -226,8 +243,12 @@ async fn killed_mid_catch_up(pipelined: bool) {
 
     // bob reads the backlog; a commit a few pages in hangs, then he dies.
     let conv = bob.engine().conversation_with(&alice_user);
-    disk.hang_at
-        .store(disk.applies.load(Ordering::SeqCst) + 6, Ordering::SeqCst);
+    // A few pages in, one commit stalls (the pages arriving meanwhile are
+    // handled and queued when pipelined); the next one, which holds them
+    // all, hangs until the process dies.
+    let first = disk.applies.load(Ordering::SeqCst);
+    disk.stall_at.store(first + 5, Ordering::SeqCst);
+    disk.hang_at.store(first + 6, Ordering::SeqCst);
     {
         let mut stop = None;
         let mut sink = Discard;
@@ -235,6 +256,17 @@ async fn killed_mid_catch_up(pipelined: bool) {
             v.settled() && v.engine.delivered_through(&from, &conv) >= MESSAGES as u64
         });
         tokio::pin!(run);
+        tokio::select! {
+            r = &mut run => panic!("the catch-up ended before the commit stalled: {r:?}"),
+            stalled = hush_tests::wait::within(BOUND, "the stalling commit", disk.stalled.notified()) => stalled.unwrap(),
+        }
+        // Bounded: the driver reads on while the commit is stalled.
+        let _ = tokio::time::timeout(Duration::from_millis(300), &mut run).await;
+        {
+            let (lock, cv) = &disk.stall_gate;
+            *lock.lock().unwrap() = true;
+            cv.notify_all();
+        }
         tokio::select! {
             r = &mut run => panic!("the catch-up ended before the commit hung: {r:?}"),
             hung = hush_tests::wait::within(BOUND, "the hanging commit", disk.reached.notified()) => hung.unwrap(),
