@@ -37,6 +37,16 @@ const OLDEST_FORMAT: u32 = 1;
 /// A native pack is closed before it grows past this: a 200-message page of
 /// 1 KiB messages in one conversation is one pack.
 pub const PACK_MAX_BYTES: usize = 256 * 1024;
+/// redb's page cache for this store. redb keeps every page a commit writes
+/// in its cache up to this bound (its default is 1 GiB), so with the default
+/// a catch-up of 100,000 messages grows the process by every page it writes,
+/// each one memory fresh from the operating system (a page fault and a
+/// zeroed page per 4 KiB or 2 MiB): on a small virtual machine that was the
+/// largest cost of a commit. Bounded, the pages written past the bound are
+/// dropped after their commit and their memory is reused by the next one.
+/// Reads are of the engine state (loaded once) and of recent history pages,
+/// which fit many times over.
+pub const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 fn backend<E: std::fmt::Display>(e: E) -> StorageError {
     StorageError::Backend(format!("redb: {e}"))
@@ -62,7 +72,10 @@ impl FileStorage {
     /// ([`StorageError::WrongKey`]). A store of an older, unsealed format is
     /// sealed under `unlock` in one transaction.
     pub fn open(path: impl AsRef<Path>, unlock: &Unlock) -> Result<Self, StorageError> {
-        let db = Database::create(path).map_err(backend)?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(backend)?;
         let mut rng = seal::rng()?;
         let txn = db.begin_write().map_err(backend)?;
         let key = {

@@ -112,10 +112,15 @@ pub trait Storage {
     }
 }
 
-/// Encode a record: format byte then postcard.
+/// Encode a record: format byte then postcard. The buffer is sized first
+/// (a pass that only counts), so a message record is one allocation rather
+/// than a doubling series of them with a copy each.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
-    postcard::to_extend(value, vec![RECORD_VERSION])
-        .map_err(|_| StorageError::Backend("record does not encode".into()))
+    let failed = |_| StorageError::Backend("record does not encode".into());
+    let size = postcard::experimental::serialized_size(value).map_err(failed)?;
+    let mut out = Vec::with_capacity(1 + size);
+    out.push(RECORD_VERSION);
+    postcard::to_extend(value, out).map_err(failed)
 }
 
 /// Decode a record, reporting the key on failure.
