@@ -425,9 +425,6 @@ struct Client {
     max_pulls_in_flight: usize,
     /// Sizes of the `s/out/…` records written (stream state of senders).
     out_record_sizes: Vec<usize>,
-    /// Kept offline: `advance` does not reconnect it (a device switched
-    /// off), until `connect`.
-    offline: bool,
 }
 
 /// The relay cursor durable in a store.
@@ -471,7 +468,6 @@ impl Net {
             queue: VecDeque::new(),
             events: step.events,
             crash_after_storage: false,
-            offline: false,
             crash_after_early: false,
             pulls: Vec::new(),
             pulls_in_flight: BTreeSet::new(),
@@ -597,7 +593,6 @@ impl Net {
     }
 
     fn connect(&mut self, i: usize) {
-        self.clients[i].offline = false;
         self.clients[i].connected = true;
         self.input(i, Input::Connected);
         self.settle();
@@ -608,12 +603,6 @@ impl Net {
         self.clients[i].queue.clear();
         self.clients[i].pulls_in_flight.clear();
         self.input(i, Input::Disconnected);
-    }
-
-    /// Disconnect and keep offline until `connect`.
-    fn switch_off(&mut self, i: usize) {
-        self.disconnect(i);
-        self.clients[i].offline = true;
     }
 
     fn command(&mut self, i: usize, c: Command) -> Option<Reply> {
@@ -642,9 +631,6 @@ impl Net {
         while self.now < end {
             self.now = (self.now + 250).min(end);
             for i in 0..self.clients.len() {
-                if self.clients[i].offline {
-                    continue;
-                }
                 if !self.clients[i].connected {
                     self.clients[i].connected = true;
                     self.input(i, Input::Connected);
