@@ -12,7 +12,7 @@ pub const MAX_ENVELOPE_LEN: usize = 64 * 1024;
 pub const MAX_BATCH: usize = 32;
 
 /// Most envelopes in one pulled page (the client may ask for fewer).
-pub const MAX_PAGE: u16 = 200;
+pub const MAX_PAGE: u16 = 1000;
 
 /// Byte budget of one page or push: the relay stops filling a page early
 /// rather than exceed it, so a page always fits in a frame.

@@ -620,7 +620,7 @@ fn send_batch_over_the_limit_is_refused_both_ways() {
 
 #[test]
 fn pull_limit_over_the_page_size_is_refused_both_ways() {
-    for limit in [MAX_PAGE + 1, 1000, u16::MAX] {
+    for limit in [MAX_PAGE + 1, 5000, u16::MAX] {
         let frame = cf(Request::Pull {
             after: 0,
             limit,

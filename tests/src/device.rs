@@ -400,6 +400,69 @@ impl TestDevice {
         }
     }
 
+    /// Drain the inbox after `after` the way the client syncs a backlog:
+    /// up to `depth` merged-ack pulls of `limit` in flight, each asking for
+    /// the next range while earlier pages are still on the way, each
+    /// acknowledging what arrived before it was written. Checks that seqs
+    /// arrive contiguous and in order; returns how many envelopes came.
+    /// The caller must not expect pushes meanwhile (drain offline inboxes).
+    pub async fn drain_pipelined(
+        &mut self,
+        mut after: u64,
+        limit: u16,
+        depth: usize,
+    ) -> Result<u64> {
+        let span = u64::from(limit.max(1));
+        let mut in_flight: std::collections::VecDeque<(u32, u64)> = Default::default();
+        let id = self
+            .write_request(Request::Pull {
+                after,
+                limit,
+                ack: after,
+            })
+            .await?;
+        in_flight.push_back((id, after));
+        let mut frontier = after + span;
+        let mut got = 0u64;
+        while let Some((want, asked)) = in_flight.pop_front() {
+            let page = match self.next_frame(Duration::from_secs(30)).await? {
+                ServerFrame::Response {
+                    request_id,
+                    response: Response::Page(page),
+                } if request_id == want => page,
+                other => return Err(HarnessError::Unexpected(Box::new(other))),
+            };
+            if asked != after {
+                return Err(HarnessError::Connection(format!(
+                    "page for seqs after {asked} arrived at cursor {after}"
+                )));
+            }
+            for d in &page.envelopes {
+                if d.seq != after + 1 {
+                    return Err(HarnessError::Connection(format!(
+                        "seq {} arrived after {after}",
+                        d.seq
+                    )));
+                }
+                after = d.seq;
+            }
+            got += page.envelopes.len() as u64;
+            let end = after + page.remaining;
+            while in_flight.len() < depth.max(1) && frontier < end {
+                let id = self
+                    .write_request(Request::Pull {
+                        after: frontier,
+                        limit,
+                        ack: after,
+                    })
+                    .await?;
+                in_flight.push_back((id, frontier));
+                frontier += span;
+            }
+        }
+        Ok(got)
+    }
+
     /// Read the whole inbox after `after` without acknowledging anything.
     pub async fn read_inbox(&mut self, after: u64) -> Result<Vec<Delivered>> {
         let mut out: Vec<Delivered> = Vec::new();

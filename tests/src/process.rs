@@ -47,6 +47,9 @@ pub struct RelayProcess {
     env: Vec<(String, String)>,
     log_path: PathBuf,
     child: Option<Child>,
+    /// The thread copying the child's stderr into the log: joined before a
+    /// failed start reads the log, so the relay's last words are in it.
+    stderr_copier: Option<std::thread::JoinHandle<()>>,
     quic_addr: SocketAddr,
     http_addr: SocketAddr,
     ws_addr: Option<SocketAddr>,
@@ -96,6 +99,7 @@ impl RelayProcess {
                 .collect(),
             log_path,
             child: None,
+            stderr_copier: None,
             quic_addr: unspecified,
             http_addr: unspecified,
             ws_addr: None,
@@ -329,7 +333,7 @@ impl RelayProcess {
         }
         if let Some(err) = child.stderr.take() {
             let log = log.clone();
-            std::thread::spawn(move || copy_stderr(err, log));
+            self.stderr_copier = Some(std::thread::spawn(move || copy_stderr(err, log)));
         }
         self.child = Some(child);
 
@@ -360,6 +364,11 @@ impl RelayProcess {
             }
             (waited, ..) => {
                 self.kill9()?;
+                // The process is gone, so its stderr reaches EOF: wait for
+                // the copy, or the log tail may miss why it exited.
+                if let Some(copier) = self.stderr_copier.take() {
+                    let _ = copier.join();
+                }
                 let why = match waited {
                     Err(e) => e.to_string(),
                     Ok(_) => "relay exited before it was listening".to_string(),

@@ -224,7 +224,7 @@ async fn limit_is_capped_and_zero_limit_still_progresses() {
         request_id: 1,
         request: Request::Pull {
             after: 0,
-            limit: 201,
+            limit: hush_protocol::limits::MAX_PAGE + 1,
             ack: 0,
         },
     };

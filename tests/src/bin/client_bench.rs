@@ -19,7 +19,7 @@
 //!    relay time.
 //!
 //! ```text
-//! cargo run --release -p hush-tests --bin client_bench -- [--messages N] [--size BYTES] [--window W] [--senders K] [--pause S] [--pipelined] [--pull-depth D]
+//! cargo run --release -p hush-tests --bin client_bench -- [--messages N] [--size BYTES] [--window W] [--senders K] [--pause S] [--pipelined] [--pull-depth D] [--page-limit P]
 //! ```
 //!
 //! Timed here, never in tests.
@@ -54,6 +54,8 @@ struct Args {
     pipelined: bool,
     /// Most pulls in flight during the catch-up (`EngineConfig::pull_depth`).
     pull_depth: u16,
+    /// Most envelopes per pulled page (`EngineConfig::page_limit`).
+    page_limit: u16,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -65,6 +67,7 @@ fn parse_args() -> Result<Args, String> {
         pause: 0,
         pipelined: false,
         pull_depth: cli_engine_config().pull_depth,
+        page_limit: cli_engine_config().page_limit,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -83,6 +86,10 @@ fn parse_args() -> Result<Args, String> {
             "--pull-depth" => {
                 a.pull_depth = u16::try_from(value("--pull-depth")?.max(1))
                     .map_err(|_| "--pull-depth is too large".to_string())?
+            }
+            "--page-limit" => {
+                a.page_limit = u16::try_from(value("--page-limit")?.max(1))
+                    .map_err(|_| "--page-limit is too large".to_string())?
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -302,6 +309,7 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
     let started = Instant::now();
     let catch_up_cfg = hush_client::EngineConfig {
         pull_depth: args.pull_depth,
+        page_limit: args.page_limit,
         ..cli_engine_config()
     };
     let mut bob2 = Driver::load(bob2_storage, catch_up_cfg, target.clone())?;
@@ -341,13 +349,14 @@ async fn bench(args: &Args, tmp: &std::path::Path) -> Result<(), CliError> {
     );
     let st = bob2.stats();
     println!(
-        "catch-up breakdown ({} commits, pull depth {}): {} inputs, engine {:.3} s; {} commits ({:.0} KiB each), storage {:.3} s on the commit thread, of which the driver waited {:.3} s; frame writes {:.3} s; rest (network, relay, waiting for frames) {:.3} s",
+        "catch-up breakdown ({} commits, pull depth {}, pages of up to {}): {} inputs, engine {:.3} s; {} commits ({:.0} KiB each), storage {:.3} s on the commit thread, of which the driver waited {:.3} s; frame writes {:.3} s; rest (network, relay, waiting for frames) {:.3} s",
         if args.pipelined {
             "pipelined"
         } else {
             "serial"
         },
         args.pull_depth,
+        args.page_limit,
         st.inputs,
         st.handle.as_secs_f64(),
         st.commits,

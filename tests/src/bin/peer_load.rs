@@ -25,7 +25,10 @@
 //!   consumer `fetch(200)` + one double-acked `AckAll` per page; Hush `Pull`
 //!   of 200 whose `ack` field acknowledges the previous page). `--runs` (3)
 //!   times; prints the median drain rate. Checks that every message was
-//!   drained exactly once and nothing is left unacknowledged.
+//!   drained exactly once and nothing is left unacknowledged. With
+//!   `--batched`, Hush drains as its client syncs a backlog instead (a
+//!   labelled extra row): pulls of `MAX_PAGE` envelopes, up to
+//!   `CLIENT_PULL_DEPTH` in flight, each acknowledging what came before it.
 //!
 //! The last line of stdout is `RESULT {json}` with the numbers, the server's
 //! version and configuration, and what the host did meanwhile (CPU steal,
@@ -51,6 +54,9 @@ const TARGETS: usize = 16;
 const PAGE: usize = 200;
 /// Envelopes per `Send` in Hush's batched ingest row.
 const HUSH_BATCH: usize = 32;
+/// Pulls in flight in Hush's client-sync catch-up row (the client's
+/// default `EngineConfig::pull_depth`).
+const CLIENT_PULL_DEPTH: usize = 3;
 /// Bound on a server's start-up.
 const STARTUP: Duration = Duration::from_secs(20);
 
@@ -125,7 +131,7 @@ impl Args {
             return Err("--producers, --inflight, --runs and --count must be at least 1".into());
         }
         if args.batched && args.system != System::Hush {
-            return Err("--batched is Hush's batched Send only".into());
+            return Err("--batched is for Hush only (batched Send, or the client's sync)".into());
         }
         Ok(args)
     }
@@ -987,22 +993,32 @@ async fn hush_catchup(args: &Args, relay: &RelayProcess) -> BenchResult<Measured
         let host = Host::now();
         let start = Instant::now();
         let mut drained = 0u64;
-        loop {
-            // `ack` acknowledges (and deletes) everything up to the previous
-            // page's last seq, in the same request.
-            let page = dev.pull(after, PAGE as u16, after).await?;
-            let Some(last) = page.envelopes.last().map(|d| d.seq) else {
-                break;
-            };
-            for d in &page.envelopes {
-                if d.seq != after + 1 {
-                    return Err(format!("hush: seq {} after {after}", d.seq).into());
+        if args.batched {
+            // As the client syncs: several pulls in flight, each checked
+            // for contiguous, ordered seqs. The last page's ack follows.
+            drained = dev
+                .drain_pipelined(after, hush_protocol::limits::MAX_PAGE, CLIENT_PULL_DEPTH)
+                .await?;
+            after += drained;
+            dev.ack(after).await?;
+        } else {
+            loop {
+                // `ack` acknowledges (and deletes) everything up to the
+                // previous page's last seq, in the same request.
+                let page = dev.pull(after, PAGE as u16, after).await?;
+                let Some(last) = page.envelopes.last().map(|d| d.seq) else {
+                    break;
+                };
+                for d in &page.envelopes {
+                    if d.seq != after + 1 {
+                        return Err(format!("hush: seq {} after {after}", d.seq).into());
+                    }
+                    after = d.seq;
                 }
-                after = d.seq;
-            }
-            drained += page.envelopes.len() as u64;
-            if last != after {
-                return Err("hush: page out of order".into());
+                drained += page.envelopes.len() as u64;
+                if last != after {
+                    return Err("hush: page out of order".into());
+                }
             }
         }
         let secs = start.elapsed().as_secs_f64();
@@ -1072,6 +1088,10 @@ async fn run() -> BenchResult<()> {
         (System::Redis, _) => "redis".to_string(),
         (System::Nats, _) => "nats".to_string(),
         (System::Hush, false) => "hush".to_string(),
+        (System::Hush, true) if args.job == "catchup" => format!(
+            "hush (client sync: pulls of {}, {CLIENT_PULL_DEPTH} in flight)",
+            hush_protocol::limits::MAX_PAGE
+        ),
         (System::Hush, true) => format!("hush (batched Send, {HUSH_BATCH}/request)"),
     };
     let (measured, server) = match args.system {

@@ -241,7 +241,7 @@ async fn run() -> BenchResult<()> {
             pull.preload_secs
         );
         println!(
-            "pull with merged acks, 3 pulls in flight (as the Hush client syncs): {:.0} envelopes/s ({:.2} s)",
+            "pull with merged acks, 3 pulls of 200 in flight: {:.0} envelopes/s ({:.2} s)",
             pull.count as f64 / pull.pipelined_secs,
             pull.pipelined_secs
         );
@@ -857,7 +857,7 @@ async fn pull_phase(dir: &Path, args: &Args) -> BenchResult<PullStats> {
     let refilled = preload(senders, &sender_ids, reader_id.device(), args).await?;
     let mut dev = TestDevice::login(&reader_id, target).await?;
     let start = Instant::now();
-    let got = pipelined_drain(&mut dev, after, 3).await?;
+    let got = dev.drain_pipelined(after, 200, 3).await?;
     let pipelined_secs = start.elapsed().as_secs_f64();
     if got != refilled {
         return Err(format!("pipelined pull got {got} of {refilled}").into());
@@ -902,60 +902,6 @@ async fn preload(
         stored += t.await??;
     }
     Ok(stored)
-}
-
-/// Drain the inbox after `after` with `depth` merged-ack pulls in flight,
-/// as the Hush client does during a backlog sync (relay seqs of an inbox are
-/// contiguous, so the next pages' starts are known); returns the envelopes
-/// received. Fails if a page is not the contiguous continuation.
-async fn pipelined_drain(dev: &mut TestDevice, mut after: u64, depth: usize) -> BenchResult<u64> {
-    use hush_protocol::{Response, ServerFrame};
-    let mut in_flight: std::collections::VecDeque<(u32, u64)> = Default::default();
-    let id = dev
-        .write_request(Request::Pull {
-            after,
-            limit: 200,
-            ack: after,
-        })
-        .await?;
-    in_flight.push_back((id, after));
-    let mut frontier = after + 200;
-    let mut got = 0u64;
-    while let Some((want, asked)) = in_flight.pop_front() {
-        let page = match dev.next_frame(Duration::from_secs(30)).await? {
-            ServerFrame::Response {
-                request_id,
-                response: Response::Page(page),
-            } if request_id == want => page,
-            ServerFrame::Push { envelopes } => {
-                return Err(format!("{} envelopes pushed during a pull", envelopes.len()).into());
-            }
-            _ => return Err("unexpected frame during a pull".into()),
-        };
-        if asked != after {
-            return Err(format!("page for {asked} arrived at cursor {after}").into());
-        }
-        for d in &page.envelopes {
-            if d.seq != after + 1 {
-                return Err(format!("seq {} after {after}", d.seq).into());
-            }
-            after = d.seq;
-        }
-        got += page.envelopes.len() as u64;
-        let end = after + page.remaining;
-        while in_flight.len() < depth && frontier < end {
-            let id = dev
-                .write_request(Request::Pull {
-                    after: frontier,
-                    limit: 200,
-                    ack: after,
-                })
-                .await?;
-            in_flight.push_back((id, frontier));
-            frontier += 200;
-        }
-    }
-    Ok(got)
 }
 
 /// The store's commit alone (no network, no other threads): what one group
