@@ -335,7 +335,8 @@ impl Engine {
             if let Some(st) = self.in_streams.get_mut(&(d, conv)) {
                 st.above.insert(seq);
             }
-            self.apply_control(now, d, user, payload)?;
+            let carrier = env.header.session_init.as_ref().map(|i| i.ephemeral);
+            self.apply_control(now, d, user, carrier, payload)?;
             self.advance(now, d, conv)?;
             if elicits {
                 self.schedule_receipt(now, d, conv);
@@ -526,11 +527,17 @@ impl Engine {
             let slot = self.sessions.entry(d).or_default();
             // Both sides initiated at once: both keep sending on the session
             // initiated by the lower device id; the other stays for opening.
-            let ours_pending = slot
-                .entries
-                .first()
-                .is_some_and(|e| e.initiator == me && e.session.needs_init_header().is_some());
-            if ours_pending && me < d {
+            // Whether ours was answered yet does not matter: the higher
+            // device moves to ours as soon as it answers it, so an init of
+            // its own that arrives after its answer (sealed before it saw
+            // ours, delayed in flight or retried after a cut) is stale. Had
+            // it replaced ours here, each side would seal on a session the
+            // other does not send on, and nothing from this device would
+            // open there again. A higher device that really needs a fresh
+            // session announces it with a `SessionReset` sealed on it
+            // (`on_session_reset` puts that one first).
+            let ours_first = slot.entries.first().is_some_and(|e| e.initiator == me);
+            if ours_first && me < d {
                 slot.entries.insert(1, entry);
             } else {
                 slot.entries.insert(0, entry);
@@ -613,16 +620,36 @@ impl Engine {
     }
 
     /// The peer could not answer the session we started with `ephemeral`
-    /// and sent this on a fresh session of its own: drop ours and re-send,
-    /// on the peer's session, everything it has not receipted. Ignored
-    /// unless that session is ours, never answered, and not the only one.
+    /// and sent this on a fresh session of its own (`carrier`, the one the
+    /// envelope named): that session goes first, as the peer now sends on
+    /// it (it may have come second if ours had been answered). Then drop
+    /// ours and re-send, on the peer's session, everything it has not
+    /// receipted; that part is ignored unless the named session is ours,
+    /// never answered, and not the only one.
     fn on_session_reset(
         &mut self,
         now: u64,
         d: DeviceId,
         ephemeral: [u8; 32],
+        carrier: Option<[u8; 32]>,
     ) -> Result<(), ClientError> {
         let me = self.device.device;
+        let Some(slot) = self.sessions.get_mut(&d) else {
+            return Ok(());
+        };
+        if let Some(c) = carrier
+            && let Some(p) = slot
+                .entries
+                .iter()
+                .position(|e| e.initiator == d && e.ephemeral == c)
+            && p > 0
+        {
+            let entry = slot.entries.remove(p);
+            let epoch = entry.session.epoch();
+            slot.entries.insert(0, entry);
+            self.touch(Dirty::Session(d));
+            self.event(Event::KeyRotation { device: d, epoch });
+        }
         let Some(slot) = self.sessions.get_mut(&d) else {
             return Ok(());
         };
@@ -849,11 +876,14 @@ impl Engine {
         });
     }
 
+    /// `carrier`: the X3DH ephemeral key of the peer's session the item
+    /// came on, if the envelope named one.
     fn apply_control(
         &mut self,
         now: u64,
         d: DeviceId,
         user: UserKey,
+        carrier: Option<[u8; 32]>,
         payload: Payload,
     ) -> Result<(), ClientError> {
         let own = user == self.user_key();
@@ -922,7 +952,9 @@ impl Engine {
                 chunks,
                 messages,
             } if own => self.on_history_offer(d, blob, &key, total_len, chunks, messages),
-            Body::SessionReset { ephemeral } => self.on_session_reset(now, d, ephemeral)?,
+            Body::SessionReset { ephemeral } => {
+                self.on_session_reset(now, d, ephemeral, carrier)?;
+            }
             Body::NotYetSent {
                 conversation,
                 next_seq,

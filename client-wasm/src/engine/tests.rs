@@ -425,6 +425,9 @@ struct Client {
     max_pulls_in_flight: usize,
     /// Sizes of the `s/out/…` records written (stream state of senders).
     out_record_sizes: Vec<usize>,
+    /// Hold this many of its next `Send` frames in the network (they reach
+    /// the relay at `release_held`, after anything sent meanwhile).
+    hold_sends: usize,
 }
 
 /// The relay cursor durable in a store.
@@ -441,6 +444,8 @@ struct Net {
     seed: u8,
     /// Configuration of engines created from here on.
     cfg: EngineConfig,
+    /// Frames held in the network (`Client::hold_sends`): sender, frame.
+    held: Vec<(usize, ClientFrame)>,
 }
 
 impl Net {
@@ -451,6 +456,7 @@ impl Net {
             now: T0,
             seed: 1,
             cfg: Self::cfg(),
+            held: Vec::new(),
         }
     }
 
@@ -473,6 +479,7 @@ impl Net {
             pulls_in_flight: BTreeSet::new(),
             max_pulls_in_flight: 0,
             out_record_sizes: Vec::new(),
+            hold_sends: 0,
         });
         self.clients.len() - 1
     }
@@ -522,16 +529,40 @@ impl Net {
         }
         let me = c.engine.device_id();
         for f in frames {
-            for (to, frame) in self.relay.handle(me, f) {
-                if let Some(t) = self
-                    .clients
-                    .iter_mut()
-                    .find(|c| c.engine.device_id() == to && c.connected)
-                {
-                    t.queue.push_back(frame);
-                }
+            let c = &mut self.clients[i];
+            if c.hold_sends > 0 && matches!(f.request, Request::Send { .. }) {
+                c.hold_sends -= 1;
+                self.held.push((i, f));
+                continue;
+            }
+            self.deliver_to_relay(me, f);
+        }
+    }
+
+    /// The relay handles a frame from `me`; its answers and pushes go to
+    /// the connected clients they are for.
+    fn deliver_to_relay(&mut self, me: DeviceId, f: ClientFrame) {
+        for (to, frame) in self.relay.handle(me, f) {
+            if let Some(t) = self
+                .clients
+                .iter_mut()
+                .find(|c| c.engine.device_id() == to && c.connected)
+            {
+                t.queue.push_back(frame);
             }
         }
+    }
+
+    /// Frames held in the network (`Client::hold_sends`) reach the relay
+    /// now, in the order they were sent; then the network settles.
+    fn release_held(&mut self) {
+        for (i, f) in std::mem::take(&mut self.held) {
+            if self.clients[i].connected {
+                let me = self.clients[i].engine.device_id();
+                self.deliver_to_relay(me, f);
+            }
+        }
+        self.settle();
     }
 
     fn input(&mut self, i: usize, input: Input) -> Option<Reply> {
