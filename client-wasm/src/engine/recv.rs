@@ -49,6 +49,15 @@ pub(crate) struct SessionRepair {
     pub fresh: std::collections::BTreeSet<DeviceId>,
 }
 
+/// Seqs above the highest seen that the relay reported expired and that
+/// were asked of the sender, still without an answer.
+fn claims_open(st: &InStream) -> bool {
+    st.requested
+        .range(st.highest.saturating_add(1)..)
+        .next()
+        .is_some()
+}
+
 /// Receiving chains remembered per sender device (the latest ones opened).
 const CHAIN_MARKS: usize = 4;
 
@@ -207,6 +216,15 @@ impl Engine {
                     .min(from.saturating_add(room as u64).saturating_sub(1));
                 if room > 0 && last >= from {
                     st.requested.extend(from..=last);
+                    // Asked again with the gap backoff until the sender
+                    // answers: this request can itself expire on the relay
+                    // while the sender is away, and nothing else would
+                    // bring those seqs back or report them lost.
+                    if st.request_at.is_none() {
+                        st.gap_since = Some(now);
+                        st.request_delay_ms = 0;
+                        st.request_at = Some(now.saturating_add(self.cfg.resend_retry_ms));
+                    }
                     self.touch(Dirty::In(key.0, key.1));
                     self.queue_control(
                         now,
@@ -704,7 +722,7 @@ impl Engine {
         }
         self.touch(Dirty::In(d, conv));
         if let Some(st) = self.in_streams.get_mut(&(d, conv)) {
-            if st.has_gap() {
+            if st.has_gap() || claims_open(st) {
                 if st.gap_since.is_none() {
                     st.gap_since = Some(now);
                     st.request_at = Some(now.saturating_add(self.cfg.gap_grace_ms));
@@ -1234,7 +1252,15 @@ impl Engine {
             let Some(st) = self.in_streams.get_mut(&(d, conv)) else {
                 continue;
             };
-            let missing: Vec<u64> = st.missing().take(MAX_SEQS_PER_REQUEST as usize).collect();
+            // Holes below the highest seq seen, then seqs above it that the
+            // relay reported expired and that were asked for without an
+            // answer yet.
+            let claimed = st.requested.range(st.highest.saturating_add(1)..).copied();
+            let missing: Vec<u64> = st
+                .missing()
+                .chain(claimed)
+                .take(MAX_SEQS_PER_REQUEST as usize)
+                .collect();
             if missing.is_empty() {
                 st.request_at = None;
                 st.gap_since = None;

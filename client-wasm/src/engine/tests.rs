@@ -428,6 +428,9 @@ struct Client {
     /// Hold this many of its next `Send` frames in the network (they reach
     /// the relay at `release_held`, after anything sent meanwhile).
     hold_sends: usize,
+    /// Kept offline: `advance` does not reconnect it (a device switched
+    /// off), until `connect`.
+    offline: bool,
 }
 
 /// The relay cursor durable in a store.
@@ -474,6 +477,7 @@ impl Net {
             queue: VecDeque::new(),
             events: step.events,
             crash_after_storage: false,
+            offline: false,
             crash_after_early: false,
             pulls: Vec::new(),
             pulls_in_flight: BTreeSet::new(),
@@ -624,6 +628,7 @@ impl Net {
     }
 
     fn connect(&mut self, i: usize) {
+        self.clients[i].offline = false;
         self.clients[i].connected = true;
         self.input(i, Input::Connected);
         self.settle();
@@ -634,6 +639,12 @@ impl Net {
         self.clients[i].queue.clear();
         self.clients[i].pulls_in_flight.clear();
         self.input(i, Input::Disconnected);
+    }
+
+    /// Disconnect and keep offline until `connect`.
+    fn switch_off(&mut self, i: usize) {
+        self.disconnect(i);
+        self.clients[i].offline = true;
     }
 
     fn command(&mut self, i: usize, c: Command) -> Option<Reply> {
@@ -662,6 +673,9 @@ impl Net {
         while self.now < end {
             self.now = (self.now + 250).min(end);
             for i in 0..self.clients.len() {
+                if self.clients[i].offline {
+                    continue;
+                }
                 if !self.clients[i].connected {
                     self.clients[i].connected = true;
                     self.input(i, Input::Connected);

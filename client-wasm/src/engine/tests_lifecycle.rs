@@ -417,3 +417,66 @@ fn a_notice_withheld_from_the_remover_reaches_contacts_through_the_users_other_d
         "{texts:?}"
     );
 }
+
+/// A message expires on the relay while its recipient is away; the
+/// recipient learns of it from the relay's expiry report and asks the
+/// sender, but that request expires too (the sender is away as well), and
+/// by the time the sender is back both have forgotten their outbox
+/// entries. The recipient must ask again until the sender answers, so the
+/// message is either re-sent or reported lost; before, it was asked once,
+/// and the message was gone without a report.
+#[test]
+fn a_lost_request_for_an_expired_message_is_asked_again_until_answered() {
+    let mut net = Net::new();
+    net.cfg.outbox_retention_ms = 90_000;
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    net.send(a, conv, "hello");
+    net.advance(2_000);
+    let (ad, bd) = (
+        net.clients[a].engine.device_id(),
+        net.clients[b].engine.device_id(),
+    );
+    // Bob is away; Alice's message (and every probe of it) expires on the
+    // relay before Bob reads it.
+    net.switch_off(b);
+    net.relay.withheld_streams.insert((ad, bd));
+    let lost = net.send(a, conv, "expired");
+    net.advance(5_000);
+    net.switch_off(a);
+    // Bob returns to the relay's report that Alice's seq 2 expired; his
+    // request for it expires too while Alice is away.
+    net.relay.withheld_streams.insert((bd, ad));
+    net.relay.forged_truncation = Some((
+        bd,
+        hush_protocol::Truncation {
+            oldest_retained: 1,
+            dropped_count: 1,
+            dropped: vec![hush_protocol::DroppedRange {
+                sender: ad,
+                conversation: conv,
+                first_seq: 2,
+                last_seq: 2,
+            }],
+        },
+    ));
+    net.connect(b);
+    net.advance(200_000);
+    assert!(
+        net.relay.forged_truncation.is_none(),
+        "the report was served"
+    );
+    // Alice comes back after both outboxes forgot.
+    net.relay.withheld_streams.clear();
+    net.connect(a);
+    net.advance(300_000);
+    let got = net.messages(b).iter().any(|r| r.id == lost);
+    let reported = net.clients[b].engine.counters().unrecoverable;
+    assert!(
+        got || reported == 1,
+        "bob neither has the message nor reports it lost"
+    );
+    assert!(!got, "alice forgot it");
+}
