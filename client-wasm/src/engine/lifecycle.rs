@@ -218,16 +218,11 @@ impl Engine {
 
     /// A newer list of this user arrived (from the relay or in a notice)
     /// replacing the held one of version `held`, which named `before`. If
-    /// it drops a device this device held, this device passes the notice
-    /// on as well: a relay must then withhold the streams of every such
-    /// device of this user to a contact, with their receipts, to keep a
-    /// removal from it (SECURITY.md).
-    ///
-    /// A list that only skips versions is not forwarded (a device that
-    /// never saw the removed device stays silent): forwarding those too
-    /// made the simulator find runs, with devices linked concurrently,
-    /// where a contact ended without a message it had been sent and
-    /// without reporting it lost (not yet understood; SECURITY.md).
+    /// it may hide a removal — it drops a device, or skips versions that
+    /// could have added and removed one this device never saw — this
+    /// device passes the notice on as well: a relay must then withhold the
+    /// streams of every device of this user to a contact, with their
+    /// receipts, to keep a removal from it (SECURITY.md).
     pub(crate) fn forward_list(
         &mut self,
         now: u64,
@@ -238,7 +233,10 @@ impl Engine {
         if self.lifecycle.removed || held == 0 || list.list.version <= held {
             return Ok(());
         }
-        self.announce_removal(now, before, list)
+        if list.list.version == held.saturating_add(1) {
+            return self.announce_removal(now, before, list);
+        }
+        self.send_list_notice(now, list)
     }
 
     /// `list` in a `DeviceListChanged` notice to every device of every

@@ -49,6 +49,15 @@ pub(crate) struct SessionRepair {
     pub fresh: std::collections::BTreeSet<DeviceId>,
 }
 
+/// Seqs above the highest seen that the relay reported expired and that
+/// were asked of the sender, still without an answer.
+fn claims_open(st: &InStream) -> bool {
+    st.requested
+        .range(st.highest.saturating_add(1)..)
+        .next()
+        .is_some()
+}
+
 /// Receiving chains remembered per sender device (the latest ones opened).
 const CHAIN_MARKS: usize = 4;
 
@@ -207,6 +216,15 @@ impl Engine {
                     .min(from.saturating_add(room as u64).saturating_sub(1));
                 if room > 0 && last >= from {
                     st.requested.extend(from..=last);
+                    // Asked again with the gap backoff until the sender
+                    // answers: this request can itself expire on the relay
+                    // while the sender is away, and nothing else would
+                    // bring those seqs back or report them lost.
+                    if st.request_at.is_none() {
+                        st.gap_since = Some(now);
+                        st.request_delay_ms = 0;
+                        st.request_at = Some(now.saturating_add(self.cfg.resend_retry_ms));
+                    }
                     self.touch(Dirty::In(key.0, key.1));
                     self.queue_control(
                         now,
@@ -335,7 +353,8 @@ impl Engine {
             if let Some(st) = self.in_streams.get_mut(&(d, conv)) {
                 st.above.insert(seq);
             }
-            self.apply_control(now, d, user, payload)?;
+            let carrier = env.header.session_init.as_ref().map(|i| i.ephemeral);
+            self.apply_control(now, d, user, carrier, payload)?;
             self.advance(now, d, conv)?;
             if elicits {
                 self.schedule_receipt(now, d, conv);
@@ -526,11 +545,17 @@ impl Engine {
             let slot = self.sessions.entry(d).or_default();
             // Both sides initiated at once: both keep sending on the session
             // initiated by the lower device id; the other stays for opening.
-            let ours_pending = slot
-                .entries
-                .first()
-                .is_some_and(|e| e.initiator == me && e.session.needs_init_header().is_some());
-            if ours_pending && me < d {
+            // Whether ours was answered yet does not matter: the higher
+            // device moves to ours as soon as it answers it, so an init of
+            // its own that arrives after its answer (sealed before it saw
+            // ours, delayed in flight or retried after a cut) is stale. Had
+            // it replaced ours here, each side would seal on a session the
+            // other does not send on, and nothing from this device would
+            // open there again. A higher device that really needs a fresh
+            // session announces it with a `SessionReset` sealed on it
+            // (`on_session_reset` puts that one first).
+            let ours_first = slot.entries.first().is_some_and(|e| e.initiator == me);
+            if ours_first && me < d {
                 slot.entries.insert(1, entry);
             } else {
                 slot.entries.insert(0, entry);
@@ -613,16 +638,36 @@ impl Engine {
     }
 
     /// The peer could not answer the session we started with `ephemeral`
-    /// and sent this on a fresh session of its own: drop ours and re-send,
-    /// on the peer's session, everything it has not receipted. Ignored
-    /// unless that session is ours, never answered, and not the only one.
+    /// and sent this on a fresh session of its own (`carrier`, the one the
+    /// envelope named): that session goes first, as the peer now sends on
+    /// it (it may have come second if ours had been answered). Then drop
+    /// ours and re-send, on the peer's session, everything it has not
+    /// receipted; that part is ignored unless the named session is ours,
+    /// never answered, and not the only one.
     fn on_session_reset(
         &mut self,
         now: u64,
         d: DeviceId,
         ephemeral: [u8; 32],
+        carrier: Option<[u8; 32]>,
     ) -> Result<(), ClientError> {
         let me = self.device.device;
+        let Some(slot) = self.sessions.get_mut(&d) else {
+            return Ok(());
+        };
+        if let Some(c) = carrier
+            && let Some(p) = slot
+                .entries
+                .iter()
+                .position(|e| e.initiator == d && e.ephemeral == c)
+            && p > 0
+        {
+            let entry = slot.entries.remove(p);
+            let epoch = entry.session.epoch();
+            slot.entries.insert(0, entry);
+            self.touch(Dirty::Session(d));
+            self.event(Event::KeyRotation { device: d, epoch });
+        }
         let Some(slot) = self.sessions.get_mut(&d) else {
             return Ok(());
         };
@@ -677,7 +722,7 @@ impl Engine {
         }
         self.touch(Dirty::In(d, conv));
         if let Some(st) = self.in_streams.get_mut(&(d, conv)) {
-            if st.has_gap() {
+            if st.has_gap() || claims_open(st) {
                 if st.gap_since.is_none() {
                     st.gap_since = Some(now);
                     st.request_at = Some(now.saturating_add(self.cfg.gap_grace_ms));
@@ -849,11 +894,14 @@ impl Engine {
         });
     }
 
+    /// `carrier`: the X3DH ephemeral key of the peer's session the item
+    /// came on, if the envelope named one.
     fn apply_control(
         &mut self,
         now: u64,
         d: DeviceId,
         user: UserKey,
+        carrier: Option<[u8; 32]>,
         payload: Payload,
     ) -> Result<(), ClientError> {
         let own = user == self.user_key();
@@ -922,7 +970,9 @@ impl Engine {
                 chunks,
                 messages,
             } if own => self.on_history_offer(d, blob, &key, total_len, chunks, messages),
-            Body::SessionReset { ephemeral } => self.on_session_reset(now, d, ephemeral)?,
+            Body::SessionReset { ephemeral } => {
+                self.on_session_reset(now, d, ephemeral, carrier)?;
+            }
             Body::NotYetSent {
                 conversation,
                 next_seq,
@@ -1202,7 +1252,15 @@ impl Engine {
             let Some(st) = self.in_streams.get_mut(&(d, conv)) else {
                 continue;
             };
-            let missing: Vec<u64> = st.missing().take(MAX_SEQS_PER_REQUEST as usize).collect();
+            // Holes below the highest seq seen, then seqs above it that the
+            // relay reported expired and that were asked for without an
+            // answer yet.
+            let claimed = st.requested.range(st.highest.saturating_add(1)..).copied();
+            let missing: Vec<u64> = st
+                .missing()
+                .chain(claimed)
+                .take(MAX_SEQS_PER_REQUEST as usize)
+                .collect();
             if missing.is_empty() {
                 st.request_at = None;
                 st.gap_since = None;

@@ -425,6 +425,12 @@ struct Client {
     max_pulls_in_flight: usize,
     /// Sizes of the `s/out/…` records written (stream state of senders).
     out_record_sizes: Vec<usize>,
+    /// Hold this many of its next `Send` frames in the network (they reach
+    /// the relay at `release_held`, after anything sent meanwhile).
+    hold_sends: usize,
+    /// Kept offline: `advance` does not reconnect it (a device switched
+    /// off), until `connect`.
+    offline: bool,
 }
 
 /// The relay cursor durable in a store.
@@ -441,6 +447,8 @@ struct Net {
     seed: u8,
     /// Configuration of engines created from here on.
     cfg: EngineConfig,
+    /// Frames held in the network (`Client::hold_sends`): sender, frame.
+    held: Vec<(usize, ClientFrame)>,
 }
 
 impl Net {
@@ -451,6 +459,7 @@ impl Net {
             now: T0,
             seed: 1,
             cfg: Self::cfg(),
+            held: Vec::new(),
         }
     }
 
@@ -468,11 +477,13 @@ impl Net {
             queue: VecDeque::new(),
             events: step.events,
             crash_after_storage: false,
+            offline: false,
             crash_after_early: false,
             pulls: Vec::new(),
             pulls_in_flight: BTreeSet::new(),
             max_pulls_in_flight: 0,
             out_record_sizes: Vec::new(),
+            hold_sends: 0,
         });
         self.clients.len() - 1
     }
@@ -522,16 +533,40 @@ impl Net {
         }
         let me = c.engine.device_id();
         for f in frames {
-            for (to, frame) in self.relay.handle(me, f) {
-                if let Some(t) = self
-                    .clients
-                    .iter_mut()
-                    .find(|c| c.engine.device_id() == to && c.connected)
-                {
-                    t.queue.push_back(frame);
-                }
+            let c = &mut self.clients[i];
+            if c.hold_sends > 0 && matches!(f.request, Request::Send { .. }) {
+                c.hold_sends -= 1;
+                self.held.push((i, f));
+                continue;
+            }
+            self.deliver_to_relay(me, f);
+        }
+    }
+
+    /// The relay handles a frame from `me`; its answers and pushes go to
+    /// the connected clients they are for.
+    fn deliver_to_relay(&mut self, me: DeviceId, f: ClientFrame) {
+        for (to, frame) in self.relay.handle(me, f) {
+            if let Some(t) = self
+                .clients
+                .iter_mut()
+                .find(|c| c.engine.device_id() == to && c.connected)
+            {
+                t.queue.push_back(frame);
             }
         }
+    }
+
+    /// Frames held in the network (`Client::hold_sends`) reach the relay
+    /// now, in the order they were sent; then the network settles.
+    fn release_held(&mut self) {
+        for (i, f) in std::mem::take(&mut self.held) {
+            if self.clients[i].connected {
+                let me = self.clients[i].engine.device_id();
+                self.deliver_to_relay(me, f);
+            }
+        }
+        self.settle();
     }
 
     fn input(&mut self, i: usize, input: Input) -> Option<Reply> {
@@ -593,6 +628,7 @@ impl Net {
     }
 
     fn connect(&mut self, i: usize) {
+        self.clients[i].offline = false;
         self.clients[i].connected = true;
         self.input(i, Input::Connected);
         self.settle();
@@ -603,6 +639,12 @@ impl Net {
         self.clients[i].queue.clear();
         self.clients[i].pulls_in_flight.clear();
         self.input(i, Input::Disconnected);
+    }
+
+    /// Disconnect and keep offline until `connect`.
+    fn switch_off(&mut self, i: usize) {
+        self.disconnect(i);
+        self.clients[i].offline = true;
     }
 
     fn command(&mut self, i: usize, c: Command) -> Option<Reply> {
@@ -631,6 +673,9 @@ impl Net {
         while self.now < end {
             self.now = (self.now + 250).min(end);
             for i in 0..self.clients.len() {
+                if self.clients[i].offline {
+                    continue;
+                }
                 if !self.clients[i].connected {
                     self.clients[i].connected = true;
                     self.input(i, Input::Connected);

@@ -417,3 +417,111 @@ fn a_notice_withheld_from_the_remover_reaches_contacts_through_the_users_other_d
         "{texts:?}"
     );
 }
+
+/// The same attack when Alice's other device (a2) was offline while a3 was
+/// linked and removed: a2 never listed a3, but the list it finds skips a
+/// version, which may hide a removal, so it passes the notice on as well.
+#[test]
+fn a_device_that_missed_the_link_and_the_removal_still_forwards_the_notice() {
+    let (mut net, a1, a2, b, conv) = alice_twice_and_bob();
+    let alice = net.clients[a1].engine.user_key();
+    net.switch_off(a2);
+    let without_a3 = net.relay.lists[&alice].clone();
+    let a3 = net.join(a1);
+    net.advance(2_000);
+    let (a1d, a3d, bd) = (
+        net.clients[a1].engine.device_id(),
+        net.clients[a3].engine.device_id(),
+        net.clients[b].engine.device_id(),
+    );
+    past_list_freshness(&mut net);
+    net.send(b, conv, "to all three");
+    net.advance(1_000);
+    assert!(sealed_to(&net, bd, a3d) >= 1, "bob reaches a3");
+    assert!(!net.clients[a2].engine.devices_of(&alice).contains(&a3d));
+    let a2_held = net.clients[a2].engine.devices_version(&alice);
+
+    // The relay shows a2 the list from before a3 (and Bob, who ignores it
+    // as older than his).
+    net.relay.served_lists.insert(alice, without_a3);
+    net.relay.withheld_streams.insert((a1d, bd));
+    net.command(a1, Command::RemoveDevice { device: a3d });
+    net.advance(1_000);
+    net.connect(a2);
+    net.advance(2_000);
+    let e = &net.clients[a2].engine;
+    assert!(
+        e.devices_version(&alice) >= a2_held + 2,
+        "a2 got the new list"
+    );
+    assert_eq!(e.counters().list_notices, 1, "from a1");
+    let bob = &net.clients[b].engine;
+    assert!(!bob.devices_of(&alice).contains(&a3d), "bob still lists a3");
+    let to_a3 = sealed_to(&net, bd, a3d);
+    net.send(b, conv, "after the removal");
+    net.advance(1_000);
+    assert_eq!(sealed_to(&net, bd, a3d), to_a3, "bob sealed to a3");
+}
+
+/// A message expires on the relay while its recipient is away; the
+/// recipient learns of it from the relay's expiry report and asks the
+/// sender, but that request expires too (the sender is away as well), and
+/// by the time the sender is back both have forgotten their outbox
+/// entries. The recipient must ask again until the sender answers, so the
+/// message is either re-sent or reported lost; before, it was asked once,
+/// and the message was gone without a report.
+#[test]
+fn a_lost_request_for_an_expired_message_is_asked_again_until_answered() {
+    let mut net = Net::new();
+    net.cfg.outbox_retention_ms = 90_000;
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    net.send(a, conv, "hello");
+    net.advance(2_000);
+    let (ad, bd) = (
+        net.clients[a].engine.device_id(),
+        net.clients[b].engine.device_id(),
+    );
+    // Bob is away; Alice's message (and every probe of it) expires on the
+    // relay before Bob reads it.
+    net.switch_off(b);
+    net.relay.withheld_streams.insert((ad, bd));
+    let lost = net.send(a, conv, "expired");
+    net.advance(5_000);
+    net.switch_off(a);
+    // Bob returns to the relay's report that Alice's seq 2 expired; his
+    // request for it expires too while Alice is away.
+    net.relay.withheld_streams.insert((bd, ad));
+    net.relay.forged_truncation = Some((
+        bd,
+        hush_protocol::Truncation {
+            oldest_retained: 1,
+            dropped_count: 1,
+            dropped: vec![hush_protocol::DroppedRange {
+                sender: ad,
+                conversation: conv,
+                first_seq: 2,
+                last_seq: 2,
+            }],
+        },
+    ));
+    net.connect(b);
+    net.advance(200_000);
+    assert!(
+        net.relay.forged_truncation.is_none(),
+        "the report was served"
+    );
+    // Alice comes back after both outboxes forgot.
+    net.relay.withheld_streams.clear();
+    net.connect(a);
+    net.advance(300_000);
+    let got = net.messages(b).iter().any(|r| r.id == lost);
+    let reported = net.clients[b].engine.counters().unrecoverable;
+    assert!(
+        got || reported == 1,
+        "bob neither has the message nor reports it lost"
+    );
+    assert!(!got, "alice forgot it");
+}

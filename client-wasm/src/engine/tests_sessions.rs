@@ -178,6 +178,11 @@ fn forged_unanswerable_session_inits_trigger_at_most_one_reset_per_interval() {
     net.advance(5_000);
     assert_eq!(texts_from(&net, bob, conv), vec!["hello", "still here"]);
     assert_eq!(texts_from(&net, alice, conv), vec!["me too"]);
+    // Both seal on Bob's fresh session (Alice's answered one no longer
+    // wins the tie-break against a session announced by a reset).
+    let bob_fresh = sending_session(&net, bob, ad);
+    assert!(bob_fresh.is_some());
+    assert_eq!(sending_session(&net, alice, bd), bob_fresh);
 }
 
 /// `n` forged copies of `template` (a real envelope from its sender), each
@@ -337,4 +342,155 @@ fn counters_written_before_the_skip_counter_still_load() {
     };
     let bytes = crate::storage::encode(&now).unwrap();
     assert_eq!(Counters::decode(b"s/counters", &bytes).unwrap(), now);
+}
+
+/// The session each side of a device pair seals on (its first entry), by
+/// the ephemeral key of the X3DH that started it.
+fn sending_session(net: &Net, i: usize, peer: DeviceId) -> Option<[u8; 32]> {
+    net.clients[i]
+        .engine
+        .sessions
+        .get(&peer)
+        .and_then(|s| s.entries.first())
+        .map(|e| e.ephemeral)
+}
+
+/// Both devices of a pair start a session at once, and the first envelope
+/// of the higher device's session is delayed in the network (a send in
+/// flight, or retried after a cut) until the lower device has already had
+/// an answer on its own session. The lower device used to take that late
+/// session as the one to send on, while the higher one had moved to the
+/// lower's: each sealed on a session the other did not send on, and
+/// everything the lower device sent from then on stayed undecryptable
+/// (the race the simulator found between a device and the one it had just
+/// linked). Both must converge on the lower device's session, with every
+/// message arriving exactly once.
+#[test]
+fn a_late_session_init_from_the_higher_device_does_not_split_the_pair() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let (ad, bd) = (
+        net.clients[a].engine.device_id(),
+        net.clients[b].engine.device_id(),
+    );
+    let (lo, hi, lod, hid) = if ad < bd {
+        (a, b, ad, bd)
+    } else {
+        (b, a, bd, ad)
+    };
+    assert!(sending_session(&net, lo, hid).is_none());
+    assert!(sending_session(&net, hi, lod).is_none());
+
+    // The higher device starts its session; its first envelope is held.
+    net.clients[hi].hold_sends = 1;
+    net.send(hi, conv, "hi-1");
+    let hi_own = sending_session(&net, hi, lod).expect("hi started a session");
+    assert_eq!(net.held.len(), 1, "hi's first envelope is in flight");
+    // The lower device starts its own; the higher one answers it, switches
+    // to it (lower id wins) and seals its next message there.
+    net.send(lo, conv, "lo-1");
+    let lo_own = sending_session(&net, lo, hid).expect("lo started a session");
+    assert_ne!(lo_own, hi_own);
+    assert_eq!(sending_session(&net, hi, lod), Some(lo_own));
+    net.send(hi, conv, "hi-2");
+    assert_eq!(
+        texts_from(&net, lo, conv),
+        Vec::<String>::new(),
+        "hi-2 waits for hi-1"
+    );
+    // Only now does the higher device's first envelope, with its X3DH,
+    // reach the relay and the lower device, which has had an answer on
+    // its own session by then.
+    net.release_held();
+    assert_eq!(texts_from(&net, lo, conv), vec!["hi-1", "hi-2"]);
+    assert_eq!(
+        sending_session(&net, lo, hid),
+        Some(lo_own),
+        "lo keeps its own"
+    );
+
+    net.send(lo, conv, "lo-2");
+    net.send(hi, conv, "hi-3");
+    net.advance(30_000);
+    assert_eq!(texts_from(&net, hi, conv), vec!["lo-1", "lo-2"]);
+    assert_eq!(texts_from(&net, lo, conv), vec!["hi-1", "hi-2", "hi-3"]);
+    assert_eq!(sending_session(&net, lo, hid), Some(lo_own));
+    assert_eq!(sending_session(&net, hi, lod), Some(lo_own));
+    for i in [lo, hi] {
+        let c = net.clients[i].engine.counters();
+        assert_eq!(c.rejected, 0, "client {i}: nothing undecryptable");
+        assert_eq!(c.unrecoverable, 0);
+    }
+}
+
+/// The lower device's session is established both ways when a forged init
+/// (naming a one-time prekey the higher device lacks) makes the higher one
+/// start a fresh session and announce it with a `SessionReset`. The lower
+/// device keeps its own session first against late inits from the higher
+/// one, so the reset itself must move it to the fresh session; else each
+/// side would seal on a session the other does not send on.
+#[test]
+fn a_reset_from_the_higher_device_moves_the_lower_one_to_its_fresh_session() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    let (ad, bd) = (
+        net.clients[a].engine.device_id(),
+        net.clients[b].engine.device_id(),
+    );
+    let (lo, hi, lod, hid) = if ad < bd {
+        (a, b, ad, bd)
+    } else {
+        (b, a, bd, ad)
+    };
+    net.send(lo, conv, "lo-1");
+    net.advance(2_000);
+    net.send(hi, conv, "hi-1");
+    net.advance(2_000);
+    let lo_own = sending_session(&net, lo, hid);
+    assert!(lo_own.is_some());
+    assert_eq!(sending_session(&net, hi, lod), lo_own);
+    let original = net
+        .relay
+        .seen_bytes
+        .iter()
+        .filter_map(|b| Envelope::from_bytes(b).ok())
+        .find(|e| e.header.sender_device == lod && e.header.recipient_device == hid)
+        .unwrap();
+    let mut e = original.clone();
+    let init = e.header.session_init.as_mut().unwrap();
+    init.one_time_prekey_id = Some(0x7000_0000);
+    init.ephemeral = [9; 32];
+    e.header.sender_seq = 1_000;
+    e.header.message_id = MessageId([9; 16]);
+    inject(&mut net, lod, vec![e]);
+    net.settle();
+    net.advance(2_000);
+    let hi_fresh = sending_session(&net, hi, lod);
+    assert!(hi_fresh.is_some());
+    assert_ne!(hi_fresh, lo_own, "hi started a fresh session");
+    assert_eq!(sending_session(&net, lo, hid), hi_fresh, "lo moved to it");
+    for n in 2..=4 {
+        net.send(lo, conv, &format!("lo-{n}"));
+        net.send(hi, conv, &format!("hi-{n}"));
+        net.advance(1_000);
+    }
+    net.advance(10_000);
+    assert_eq!(
+        texts_from(&net, hi, conv),
+        vec!["lo-1", "lo-2", "lo-3", "lo-4"]
+    );
+    assert_eq!(
+        texts_from(&net, lo, conv),
+        vec!["hi-1", "hi-2", "hi-3", "hi-4"]
+    );
+    assert_eq!(
+        sending_session(&net, lo, hid),
+        sending_session(&net, hi, lod)
+    );
 }
