@@ -222,7 +222,7 @@ impl PgCluster {
             // `initdb` and `pg_basebackup` ran with `--no-sync`: without
             // this, the kernel writes their ~100 MB of files back about 30 s
             // later (`vm.dirty_expire_centisecs`), in the middle of a
-            // benchmark, and every WAL flush waits behind that writeback.
+            // benchmark, where WAL flushes can queue behind that writeback.
             // A deployed server's files were flushed long ago.
             run(&mut Command::new("sync"))?;
         }
