@@ -494,7 +494,7 @@ fn stall_report(slow: &[(std::time::SystemTime, Duration)]) -> String {
     let n = groups.len();
     let shown: Vec<String> = groups
         .iter()
-        .take(12)
+        .take(30)
         .map(|(first, _, count, worst)| {
             format!(
                 "{} ({count} sends, worst {:.1} ms)",
