@@ -51,6 +51,20 @@ logging_collector = off
 log_min_messages = warning
 ";
 
+/// Settings added for benchmarks ([`PgCluster::start_durable`]): flushes as
+/// deployed, and a server log that says when checkpoints and autovacuum ran
+/// (timestamps in UTC to the millisecond), so a latency stall can be matched
+/// with what the servers were doing.
+const DURABLE_SETTINGS: &str = "
+fsync = on
+full_page_writes = on
+shared_buffers = 256MB
+log_checkpoints = on
+log_autovacuum_min_duration = 0
+log_line_prefix = '%m [%b] '
+log_timezone = 'UTC'
+";
+
 /// Where the PostgreSQL server binaries are, if anywhere.
 pub fn find_bindir() -> Option<PathBuf> {
     let from_pg_config = Command::new("pg_config")
@@ -115,6 +129,8 @@ pub struct PgCluster {
     databases: AtomicU32,
     /// `fsync = on` (benchmarks) instead of the tests' `fsync = off`.
     durable: bool,
+    /// More `postgresql.conf` lines for every server (benchmarks).
+    extra: String,
     // Last: removed after the servers stopped.
     dir: tempfile::TempDir,
 }
@@ -138,17 +154,23 @@ impl PgCluster {
 
     /// Start a primary, and a synchronous standby if `sync_standby`.
     pub fn start(sync_standby: bool) -> Result<PgCluster> {
-        PgCluster::start_with(sync_standby, false)
+        PgCluster::start_with(sync_standby, false, &[])
     }
 
     /// [`PgCluster::start`] with `fsync = on` and `full_page_writes = on`
     /// on every server, as a deployment runs: for benchmarks, whose
     /// numbers must include the flushes.
     pub fn start_durable(sync_standby: bool) -> Result<PgCluster> {
-        PgCluster::start_with(sync_standby, true)
+        PgCluster::start_with(sync_standby, true, &[])
     }
 
-    fn start_with(sync_standby: bool, durable: bool) -> Result<PgCluster> {
+    /// [`PgCluster::start_durable`] with more settings (`name = value`
+    /// lines) for every server, after the harness's own.
+    pub fn start_durable_with(sync_standby: bool, settings: &[String]) -> Result<PgCluster> {
+        PgCluster::start_with(sync_standby, true, settings)
+    }
+
+    fn start_with(sync_standby: bool, durable: bool, settings: &[String]) -> Result<PgCluster> {
         let bin =
             find_bindir().ok_or_else(|| pg_err("PostgreSQL server binaries not found (initdb)"))?;
         let as_postgres = running_as_root();
@@ -172,6 +194,7 @@ impl PgCluster {
             reaper: None,
             databases: AtomicU32::new(0),
             durable,
+            extra: settings.iter().map(|l| format!("{l}\n")).collect(),
             dir,
         };
         cluster.start_reaper()?;
@@ -194,6 +217,14 @@ impl PgCluster {
         cluster.start_server(&cluster.primary)?;
         if sync_standby {
             cluster.add_sync_standby()?;
+        }
+        if durable {
+            // `initdb` and `pg_basebackup` ran with `--no-sync`: without
+            // this, the kernel writes their ~100 MB of files back about 30 s
+            // later (`vm.dirty_expire_centisecs`), in the middle of a
+            // benchmark, where WAL flushes can queue behind that writeback.
+            // A deployed server's files were flushed long ago.
+            run(&mut Command::new("sync"))?;
         }
         Ok(cluster)
     }
@@ -260,9 +291,24 @@ impl PgCluster {
         cmd
     }
 
+    /// [`PgCluster::psql_command`] connected to the server on `port`
+    /// (the standby's, say).
+    pub fn psql_command_on(&self, port: u16, db: &str) -> Command {
+        let mut cmd = self.psql_command(db);
+        // The last `-p` wins.
+        cmd.arg("-p").arg(port.to_string());
+        cmd
+    }
+
     /// Run `sql` in `db` on the primary; returns the unaligned output.
     pub fn psql(&self, db: &str, sql: &str) -> Result<String> {
-        let out = self.psql_command(db).args(["-c", sql]).output()?;
+        self.psql_on(self.primary.port, db, sql)
+    }
+
+    /// Run `sql` in `db` on the server on `port`; returns the unaligned
+    /// output.
+    pub fn psql_on(&self, port: u16, db: &str, sql: &str) -> Result<String> {
+        let out = self.psql_command_on(port, db).args(["-c", sql]).output()?;
         if !out.status.success() {
             return Err(pg_err(format!(
                 "psql {sql:?}: {}",
@@ -270,6 +316,41 @@ impl PgCluster {
             )));
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// The primary's and (if any) the standby's server logs, in that order.
+    pub fn log_paths(&self) -> Vec<PathBuf> {
+        std::iter::once(&self.primary)
+            .chain(self.standby.as_ref())
+            .map(|s| s.log.clone())
+            .collect()
+    }
+
+    /// Let the servers settle: wait (up to `bound`) until the standby has
+    /// received, flushed and replayed everything the primary wrote, then
+    /// `CHECKPOINT` the primary and the standby (a restartpoint there), so
+    /// the next measurement starts without a backlog of replay or dirty
+    /// pages from earlier work. Returns how long it took. A benchmark that
+    /// settles measures the servers at rest, and must say so.
+    pub fn settle(&self, bound: Duration) -> Result<Duration> {
+        let start = std::time::Instant::now();
+        if let Some(standby) = &self.standby {
+            let caught_up = "SELECT count(*) FROM pg_stat_replication \
+                 WHERE flush_lsn = pg_current_wal_lsn() AND replay_lsn = pg_current_wal_lsn()";
+            wait_until_blocking(bound, "standby to replay everything", || {
+                self.psql("postgres", caught_up).is_ok_and(|n| n == "1")
+            })?;
+            self.psql("postgres", "CHECKPOINT")?;
+            // A standby's restartpoint can only start from a checkpoint
+            // record it replayed: the primary's, just written.
+            wait_until_blocking(bound, "standby to replay the checkpoint", || {
+                self.psql("postgres", caught_up).is_ok_and(|n| n == "1")
+            })?;
+            self.psql_on(standby.port, "postgres", "CHECKPOINT")?;
+        } else {
+            self.psql("postgres", "CHECKPOINT")?;
+        }
+        Ok(start.elapsed())
     }
 
     /// SIGKILL the primary's postmaster (its backends exit on their own).
@@ -382,13 +463,10 @@ impl PgCluster {
     /// Append the test settings (port, socket directory) to a server's
     /// configuration.
     fn configure(&self, server: &Server) -> Result<()> {
-        let durable = if self.durable {
-            "fsync = on\nfull_page_writes = on\nshared_buffers = 256MB\n"
-        } else {
-            ""
-        };
+        let durable = if self.durable { DURABLE_SETTINGS } else { "" };
         let conf = format!(
-            "{TEST_SETTINGS}{durable}port = {}\nunix_socket_directories = '{}'\n",
+            "{TEST_SETTINGS}{durable}{}port = {}\nunix_socket_directories = '{}'\n",
+            self.extra,
             server.port,
             self.dir.path().display()
         );

@@ -26,6 +26,21 @@
 //! relay's mean commit batch and commit duration (timed around the store's
 //! commit), CPU steal and iowait from `/proc/stat`, and CPU and I/O pressure
 //! from `/proc/pressure`. Numbers go into BENCHMARKS.md ("## Cluster").
+//!
+//! Before the setups, a disk probe times 2,000 single 8 KiB writes each
+//! followed by `fdatasync` in the data directory, then 1,000 pairs of them
+//! in series on two files (`--disk-probe N`, 0 to skip): the floor under
+//! every commit that waits for a flush, and for two.
+//!
+//! `--trace` samples `pg_stat_replication` on the primary every 100 ms (how
+//! far the standby's flush and replay are behind the primary's WAL) and
+//! which tables autovacuum is processing, and prints per phase the worst of
+//! it, the checkpoints, restartpoints and autovacuum runs the servers
+//! logged, and the slow acks (over 20 ms) with their UTC times.
+//! `--settle` waits before each latency phase until the standby has
+//! replayed everything, then runs `CHECKPOINT` on both servers: it measures
+//! the servers at rest and is reported as such. `--pg-setting 'NAME =
+//! VALUE'` (repeatable) adds a line to every server's `postgresql.conf`.
 
 use hush_protocol::{
     ClientFrame, DeviceId, Envelope, MessageId, Request, Response, SendOutcome, ServerFrame,
@@ -100,6 +115,10 @@ struct Args {
     latency_rates: Vec<u64>,
     latency: Duration,
     pull_count: u64,
+    disk_probe: usize,
+    trace: bool,
+    settle: bool,
+    pg_settings: Vec<String>,
 }
 
 impl Args {
@@ -111,6 +130,10 @@ impl Args {
             latency_rates: vec![10_000, 5_000],
             latency: Duration::from_secs(5),
             pull_count: 100_000,
+            disk_probe: 2_000,
+            trace: false,
+            settle: false,
+            pg_settings: Vec::new(),
         };
         let mut it = std::env::args().skip(1);
         while let Some(a) = it.next() {
@@ -137,11 +160,16 @@ impl Args {
                 }
                 "--latency-secs" => args.latency = Duration::from_secs_f64(value()?.parse()?),
                 "--pull-count" => args.pull_count = value()?.parse()?,
+                "--disk-probe" => args.disk_probe = value()?.parse()?,
+                "--trace" => args.trace = true,
+                "--settle" => args.settle = true,
+                "--pg-setting" => args.pg_settings.push(value()?),
                 "-h" | "--help" => {
                     println!(
                         "cluster_bench [--quick] [--setups redb,pg,pg-sync,two-nodes] \
                          [--senders N] [--ingest-secs S] [--latency-rates N,N] \
-                         [--latency-secs S] [--pull-count N]"
+                         [--latency-secs S] [--pull-count N] [--disk-probe N] [--trace] \
+                         [--settle] [--pg-setting 'NAME = VALUE']..."
                     );
                     std::process::exit(0);
                 }
@@ -207,6 +235,281 @@ impl HostMark {
     }
 }
 
+/// `t` as `YYYY-MM-DD HH:MM:SS.mmm` in UTC, the servers' log format.
+fn utc_stamp(t: std::time::SystemTime) -> String {
+    let ms = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1_000 % 60,
+        rem % 1_000
+    )
+}
+
+/// Latency of single 8 KiB writes each followed by `fdatasync`, in `dir`:
+/// the disk's own flush, which every commit waits for; then of two such
+/// flushes in series on two files, as a commit with a synchronous standby
+/// waits for the primary's WAL and then the standby's.
+fn disk_probe(dir: &Path, n: usize) -> BenchResult<String> {
+    use std::os::unix::fs::FileExt;
+    let pages = 2_048u64;
+    let open = |name: &str| -> BenchResult<(std::fs::File, PathBuf)> {
+        let path = dir.join(name);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        // Preallocated and flushed first, as a WAL segment is reused.
+        file.set_len(pages * 8_192)?;
+        file.sync_all()?;
+        Ok((file, path))
+    };
+    let (a, a_path) = open("disk-probe-a")?;
+    let (b, b_path) = open("disk-probe-b")?;
+    let page = [0x5au8; 8_192];
+    let flush = |file: &std::fs::File, i: u64| -> BenchResult<()> {
+        file.write_all_at(&page, (i % pages) * 8_192)?;
+        file.sync_data()?;
+        Ok(())
+    };
+    let mut one = Vec::with_capacity(n);
+    for i in 0..n as u64 {
+        let t = Instant::now();
+        flush(&a, i)?;
+        one.push(t.elapsed());
+    }
+    let mut two = Vec::with_capacity(n / 2);
+    for i in 0..(n / 2) as u64 {
+        let t = Instant::now();
+        flush(&a, i)?;
+        flush(&b, i)?;
+        two.push(t.elapsed());
+    }
+    drop((a, b));
+    std::fs::remove_file(&a_path)?;
+    std::fs::remove_file(&b_path)?;
+    let line = |lat: &mut Vec<Duration>| {
+        lat.sort();
+        let mean =
+            lat.iter().map(Duration::as_secs_f64).sum::<f64>() * 1000.0 / lat.len().max(1) as f64;
+        format!(
+            "mean {mean:.3} ms, p50 {:.3}, p90 {:.3}, p99 {:.3}, p99.9 {:.3}, max {:.3} ms",
+            percentile(lat, 0.50),
+            percentile(lat, 0.90),
+            percentile(lat, 0.99),
+            percentile(lat, 0.999),
+            lat.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        )
+    };
+    Ok(format!(
+        "disk: {n} × (8 KiB write + fdatasync): {}\n\
+         disk: {} × two of them in series on two files: {}",
+        line(&mut one),
+        n / 2,
+        line(&mut two)
+    ))
+}
+
+/// What the servers did, sampled every 100 ms by one `psql \watch` on the
+/// primary: UTC time; bytes of WAL the standby has not yet flushed and not
+/// yet replayed; autovacuum workers and the tables they process; the WAL
+/// segment the primary is writing.
+const TRACE_QUERY: &str = "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', \
+     'YYYY-MM-DD HH24:MI:SS.MS'), \
+     coalesce((SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint \
+     FROM pg_stat_replication LIMIT 1), -1), \
+     coalesce((SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint \
+     FROM pg_stat_replication LIMIT 1), -1), \
+     (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'), \
+     (SELECT coalesce(string_agg(datname || '/' || relid || ':' || phase, ' '), '') \
+     FROM pg_stat_progress_vacuum), \
+     pg_walfile_name(pg_current_wal_lsn())";
+
+/// A running `--trace` sampler and where it writes.
+struct Tracer {
+    child: std::process::Child,
+    out: PathBuf,
+    logs: Vec<PathBuf>,
+}
+
+/// One sample of [`TRACE_QUERY`].
+struct TraceSample {
+    at: String,
+    unflushed: i64,
+    unreplayed: i64,
+    autovacuum: u32,
+    vacuuming: String,
+    segment: String,
+}
+
+impl Tracer {
+    fn start(pg: &PgCluster, dir: &Path) -> BenchResult<Tracer> {
+        use std::io::Write;
+        let out = dir.join("trace.txt");
+        let mut child = pg
+            .psql_command("postgres")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::fs::File::create(&out)?)
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        if let Some(stdin) = child.stdin.as_mut() {
+            writeln!(stdin, "{TRACE_QUERY};")?;
+            writeln!(stdin, "\\watch 0.1")?;
+        }
+        Ok(Tracer {
+            child,
+            out,
+            logs: pg.log_paths(),
+        })
+    }
+
+    fn samples(&self, from: &str, to: &str) -> Vec<TraceSample> {
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('|').collect();
+                if f.len() != 6 {
+                    return None;
+                }
+                Some(TraceSample {
+                    at: f[0].to_string(),
+                    unflushed: f[1].parse().ok()?,
+                    unreplayed: f[2].parse().ok()?,
+                    autovacuum: f[3].parse().ok()?,
+                    vacuuming: f[4].to_string(),
+                    segment: f[5].to_string(),
+                })
+            })
+            .filter(|s| s.at.as_str() >= from && s.at.as_str() <= to)
+            .collect()
+    }
+
+    /// What the servers did between the UTC stamps `from` and `to`.
+    fn report(&self, from: &str, to: &str) -> String {
+        let samples = self.samples(from, to);
+        let mut out = String::new();
+        if !samples.is_empty() {
+            let max_unflushed = samples.iter().map(|s| s.unflushed).max().unwrap_or(0);
+            let max_unreplayed = samples.iter().map(|s| s.unreplayed).max().unwrap_or(0);
+            let start_unreplayed = samples.first().map_or(0, |s| s.unreplayed);
+            let caught_up = samples
+                .iter()
+                .find(|s| s.unreplayed == 0)
+                .map_or("never".to_string(), |s| s.at[11..].to_string());
+            let vacuum = samples.iter().filter(|s| s.autovacuum > 0).count();
+            let mut tables: Vec<&str> = samples
+                .iter()
+                .flat_map(|s| s.vacuuming.split(' '))
+                .filter(|t| !t.is_empty())
+                .collect();
+            tables.sort();
+            tables.dedup();
+            // When the primary moved to a new WAL segment (to within a
+            // sample): the standby's walreceiver opens the same segment as
+            // it receives it.
+            let switches: Vec<&str> = samples
+                .windows(2)
+                .filter(|w| w[0].segment != w[1].segment)
+                .map(|w| &w[1].at[11..])
+                .collect();
+            out.push_str(&format!(
+                "  trace ({} samples): standby unflushed WAL max {:.1} KiB; unreplayed WAL \
+                 {:.1} MiB at start, max {:.1} MiB, first zero at {caught_up}; autovacuum \
+                 running in {vacuum} samples [{}]; new WAL segment by {}\n",
+                samples.len(),
+                max_unflushed as f64 / 1024.0,
+                start_unreplayed as f64 / 1048576.0,
+                max_unreplayed as f64 / 1048576.0,
+                tables.join(" "),
+                switches.join(", ")
+            ));
+        }
+        for log in &self.logs {
+            let name = log
+                .file_name()
+                .map_or("log".into(), |n| n.to_string_lossy());
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            for line in text.lines() {
+                let logged = line.len() >= 23 && &line[..23] >= from && &line[..23] <= to;
+                let wanted = [
+                    "checkpoint",
+                    "restartpoint",
+                    "automatic vacuum",
+                    "automatic analyze",
+                ]
+                .iter()
+                .any(|w| line.contains(w));
+                if logged && wanted {
+                    let short: String = line.chars().take(220).collect();
+                    out.push_str(&format!("  {name}: {short}\n"));
+                }
+            }
+        }
+        out
+    }
+
+    fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Slow acks grouped into stalls (sends less than 100 ms apart): UTC time of
+/// the first send, how many, the worst latency.
+fn stall_report(slow: &[(std::time::SystemTime, Duration)]) -> String {
+    let mut slow = slow.to_vec();
+    slow.sort();
+    let mut groups: Vec<(
+        std::time::SystemTime,
+        std::time::SystemTime,
+        usize,
+        Duration,
+    )> = Vec::new();
+    for (t, lat) in slow {
+        match groups.last_mut() {
+            Some(g) if t.duration_since(g.1).unwrap_or_default() < Duration::from_millis(100) => {
+                g.1 = t;
+                g.2 += 1;
+                g.3 = g.3.max(lat);
+            }
+            _ => groups.push((t, t, 1, lat)),
+        }
+    }
+    let n = groups.len();
+    let shown: Vec<String> = groups
+        .iter()
+        .take(30)
+        .map(|(first, _, count, worst)| {
+            format!(
+                "{} ({count} sends, worst {:.1} ms)",
+                &utc_stamp(*first)[11..],
+                worst.as_secs_f64() * 1000.0
+            )
+        })
+        .collect();
+    format!(
+        "  acks over 20 ms: {n} stalls{}{}",
+        if n > 0 { ": " } else { "" },
+        shown.join(", ")
+    )
+}
+
 /// A running deployment: its relays and their databases.
 struct Deployment {
     relays: Vec<RelayHandle>,
@@ -221,29 +524,58 @@ impl Deployment {
         Ok(())
     }
 
-    /// Commits so far over all nodes: (count, batch sum, seconds sum).
-    fn commits(&self) -> (u64, f64, f64) {
-        self.relays.iter().fold((0, 0.0, 0.0), |(c, b, t), r| {
+    /// Commits so far over all nodes: count, batch sum, seconds sum, and
+    /// how many took at most each of [`COMMIT_BOUNDS`].
+    fn commits(&self) -> Commits {
+        self.relays.iter().fold(Commits::default(), |mut c, r| {
             let m = r.metrics();
-            (
-                c + m.commit_batch_size.count(),
-                b + m.commit_batch_size.sum(),
-                t + m.commit_latency_seconds.sum(),
-            )
+            c.count += m.commit_batch_size.count();
+            c.batch += m.commit_batch_size.sum();
+            c.secs += m.commit_latency_seconds.sum();
+            for (n, b) in c.at_most.iter_mut().zip(COMMIT_BOUNDS) {
+                *n += m.commit_latency_seconds.count_at_most(b);
+            }
+            c
         })
     }
 
-    fn commit_line(&self, before: (u64, f64, f64)) -> String {
+    fn commit_line(&self, before: Commits) -> String {
         let now = self.commits();
-        let commits = now.0 - before.0;
-        let batch = (now.1 - before.1) / commits.max(1) as f64;
-        let ms = (now.2 - before.2) * 1000.0 / commits.max(1) as f64;
+        let commits = now.count - before.count;
+        let batch = (now.batch - before.batch) / commits.max(1) as f64;
+        let ms = (now.secs - before.secs) * 1000.0 / commits.max(1) as f64;
+        let over: Vec<String> = COMMIT_BOUNDS
+            .iter()
+            .zip(now.at_most.iter().zip(before.at_most))
+            .map(|(b, (n, m))| {
+                let over = commits.saturating_sub(n - m);
+                format!(
+                    "{:.1}% over {} ms",
+                    100.0 * over as f64 / commits.max(1) as f64,
+                    b * 1000.0
+                )
+            })
+            .collect();
         format!(
             "{commits} commits, mean batch {batch:.1} envelopes, mean commit {ms:.2} ms \
-             ({:.1} µs/envelope)",
-            ms * 1000.0 / batch.max(1.0)
+             ({:.1} µs/envelope; {})",
+            ms * 1000.0 / batch.max(1.0),
+            over.join(", ")
         )
     }
+}
+
+/// Commit durations counted in the relay's histogram (bucket bounds), in
+/// seconds.
+const COMMIT_BOUNDS: [f64; 4] = [0.0025, 0.005, 0.01, 0.025];
+
+/// Commit counters summed over a deployment's nodes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Commits {
+    count: u64,
+    batch: f64,
+    secs: f64,
+    at_most: [u64; 4],
 }
 
 /// Per setup: the PostgreSQL cluster (if any) kept for all its phases.
@@ -255,11 +587,11 @@ struct SetupState {
 }
 
 impl SetupState {
-    fn new(setup: Setup, root: &Path) -> BenchResult<SetupState> {
+    fn new(setup: Setup, root: &Path, settings: &[String]) -> BenchResult<SetupState> {
         let pg = match setup {
             Setup::Redb => None,
-            Setup::Pg => Some(PgCluster::start_durable(false)?),
-            Setup::PgSync | Setup::TwoNodes => Some(PgCluster::start_durable(true)?),
+            Setup::Pg => Some(PgCluster::start_durable_with(false, settings)?),
+            Setup::PgSync | Setup::TwoNodes => Some(PgCluster::start_durable_with(true, settings)?),
         };
         Ok(SetupState {
             setup,
@@ -311,11 +643,32 @@ async fn run() -> BenchResult<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         temp.path().display()
     );
+    if args.disk_probe > 0 && args.setups.iter().any(|s| *s != Setup::Redb) {
+        let host = HostMark::now();
+        println!("{}", disk_probe(temp.path(), args.disk_probe)?);
+        println!("  {}", host.report());
+    }
     for setup in &args.setups {
         println!("\n## {}", setup.describe());
-        let mut state = SetupState::new(*setup, temp.path())?;
+        let mut state = SetupState::new(*setup, temp.path(), &args.pg_settings)?;
+        if !args.pg_settings.is_empty() && state.pg.is_some() {
+            println!("PostgreSQL settings added: {}", args.pg_settings.join("; "));
+        }
+        let tracer = match (&state.pg, args.trace) {
+            (Some(pg), true) => Some(Tracer::start(pg, temp.path())?),
+            _ => None,
+        };
+        let trace = |from: &str| {
+            if let Some(t) = &tracer {
+                print!(
+                    "{}",
+                    t.report(from, &utc_stamp(std::time::SystemTime::now()))
+                );
+            }
+        };
 
         let host = HostMark::now();
+        let from = utc_stamp(std::time::SystemTime::now());
         let d = state.deploy().await?;
         let before = d.commits();
         let (stored, secs) = ingest_phase(&d, &args).await?;
@@ -327,9 +680,22 @@ async fn run() -> BenchResult<()> {
         );
         d.shutdown().await?;
         println!("  {}", host.report());
+        trace(&from);
 
         for rate in &args.latency_rates {
+            if args.settle
+                && let Some(pg) = &state.pg
+            {
+                let from = utc_stamp(std::time::SystemTime::now());
+                let took = pg.settle(Duration::from_secs(120))?;
+                println!(
+                    "settled in {:.2} s (standby replayed everything; CHECKPOINT on both)",
+                    took.as_secs_f64()
+                );
+                trace(&from);
+            }
             let host = HostMark::now();
+            let from = utc_stamp(std::time::SystemTime::now());
             let d = state.deploy().await?;
             let (lat, before) = latency_phase(&d, &args, *rate).await?;
             println!(
@@ -350,9 +716,14 @@ async fn run() -> BenchResult<()> {
             );
             d.shutdown().await?;
             println!("  {}", host.report());
+            if tracer.is_some() {
+                println!("{}", stall_report(&lat.slow));
+            }
+            trace(&from);
         }
 
         let host = HostMark::now();
+        let from = utc_stamp(std::time::SystemTime::now());
         let d = state.deploy().await?;
         let pull = pull_phase(&d, &args).await?;
         println!(
@@ -367,6 +738,10 @@ async fn run() -> BenchResult<()> {
         );
         d.shutdown().await?;
         println!("  {}", host.report());
+        trace(&from);
+        if let Some(t) = tracer {
+            t.stop();
+        }
     }
     Ok(())
 }
@@ -525,6 +900,8 @@ struct LatencyStats {
     samples: usize,
     achieved_rate: f64,
     unanswered: u64,
+    /// Sends whose ack took over 20 ms: when sent, and the latency.
+    slow: Vec<(std::time::SystemTime, Duration)>,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -543,7 +920,7 @@ async fn latency_phase(
     d: &Deployment,
     args: &Args,
     rate: u64,
-) -> BenchResult<(LatencyStats, (u64, f64, f64))> {
+) -> BenchResult<(LatencyStats, Commits)> {
     let recipient = DeviceIdentity::from_seed(30_000);
     register_all(&d.targets, std::slice::from_ref(&recipient)).await?;
     let ids: Vec<_> = (0..LATENCY_CONNECTIONS)
@@ -554,12 +931,14 @@ async fn latency_phase(
     let total = warmup + args.latency;
 
     let samples: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::new()));
+    let slow: Arc<Mutex<Vec<(std::time::SystemTime, Duration)>>> = Arc::new(Mutex::new(Vec::new()));
     let answered = Arc::new(AtomicU64::new(0));
     let mut writers = Vec::new();
     let mut factories = Vec::new();
     let mut readers = Vec::new();
     let mut keep = Vec::new();
     let bench_start = Instant::now();
+    let bench_start_wall = std::time::SystemTime::now();
     for (i, (dev, id)) in devices.into_iter().zip(&ids).enumerate() {
         let (writer, mut reader, conn, endpoint) = dev.into_split();
         keep.push((conn, endpoint));
@@ -567,6 +946,7 @@ async fn latency_phase(
         writers.push((writer, Arc::clone(&started), 0u32));
         factories.push(EnvelopeFactory::new(id, i as u16));
         let samples = Arc::clone(&samples);
+        let slow = Arc::clone(&slow);
         let answered = Arc::clone(&answered);
         readers.push(tokio::spawn(async move {
             loop {
@@ -585,6 +965,11 @@ async fn latency_phase(
                             && let Ok(mut s) = samples.lock()
                         {
                             s.push(now - t0);
+                            if now - t0 > Duration::from_millis(20)
+                                && let Ok(mut slow) = slow.lock()
+                            {
+                                slow.push((bench_start_wall + (t0 - bench_start), now - t0));
+                            }
                         }
                     }
                 }
@@ -650,6 +1035,7 @@ async fn latency_phase(
             samples: s.len(),
             achieved_rate: measured_sent as f64 / args.latency.as_secs_f64(),
             unanswered: measured_sent.saturating_sub(s.len() as u64),
+            slow: slow.lock().map(|s| s.clone()).unwrap_or_default(),
         },
         mark,
     ))
