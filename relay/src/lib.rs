@@ -46,4 +46,14 @@ pub use server::{RelayHandle, StartOptions};
 /// a profile of the latency benchmark spent about an eighth of the writer's
 /// CPU in `malloc`/`free` and their consolidation. A binary opts in with
 /// `#[global_allocator] static ALLOC: hush_relay::Allocator = hush_relay::Allocator;`.
+///
+/// It is built without transparent huge pages (`no_thp`): mimalloc would
+/// otherwise ask the kernel for 2 MiB pages on its regions, and every
+/// region it returns after a burst and touches again is a fresh huge page
+/// the kernel zeroes whole. A profile of the client's catch-up had a sixth
+/// of all its samples in that zeroing; without it the catch-up took a third
+/// less time and the relay's durable ingest doubled on the 2-core benchmark
+/// host (BENCHMARKS.md).
+/// On a host whose THP mode is `always` (not `madvise`), set
+/// `MIMALLOC_ALLOW_THP=0` in the relay's environment as well (OPERATING.md).
 pub use mimalloc::MiMalloc as Allocator;

@@ -1122,7 +1122,7 @@ async fn pull_phase(d: &Deployment, args: &Args) -> BenchResult<PullStats> {
     let refilled = preload(senders, &sender_ids, reader_id.device(), args).await?;
     let mut dev = TestDevice::login(&reader_id, reader_target).await?;
     let start = Instant::now();
-    let got = pipelined_drain(&mut dev, after, 3).await?;
+    let got = dev.drain_pipelined(after, 200, 3).await?;
     let pipelined_secs = start.elapsed().as_secs_f64();
     if got != refilled {
         return Err(format!("pipelined pull got {got} of {refilled}").into());
@@ -1134,57 +1134,4 @@ async fn pull_phase(d: &Deployment, args: &Args) -> BenchResult<PullStats> {
         ack_secs,
         pipelined_secs,
     })
-}
-
-/// Drain the inbox after `after` with `depth` merged-ack pulls in flight;
-/// returns the envelopes received. Fails if a page is not the contiguous
-/// continuation.
-async fn pipelined_drain(dev: &mut TestDevice, mut after: u64, depth: usize) -> BenchResult<u64> {
-    let mut in_flight: std::collections::VecDeque<(u32, u64)> = Default::default();
-    let id = dev
-        .write_request(Request::Pull {
-            after,
-            limit: PAGE,
-            ack: after,
-        })
-        .await?;
-    in_flight.push_back((id, after));
-    let mut frontier = after + u64::from(PAGE);
-    let mut got = 0u64;
-    while let Some((want, asked)) = in_flight.pop_front() {
-        let page = loop {
-            match dev.next_frame(Duration::from_secs(30)).await? {
-                ServerFrame::Response {
-                    request_id,
-                    response: Response::Page(page),
-                } if request_id == want => break page,
-                // A push of what arrived while the reader logged in.
-                ServerFrame::Push { .. } => {}
-                _ => return Err("unexpected frame during a pull".into()),
-            }
-        };
-        if asked != after {
-            return Err(format!("page for {asked} arrived at cursor {after}").into());
-        }
-        for e in &page.envelopes {
-            if e.seq != after + 1 {
-                return Err(format!("seq {} after {after}", e.seq).into());
-            }
-            after = e.seq;
-        }
-        got += page.envelopes.len() as u64;
-        let end = after + page.remaining;
-        while in_flight.len() < depth && frontier < end {
-            let id = dev
-                .write_request(Request::Pull {
-                    after: frontier,
-                    limit: PAGE,
-                    ack: after,
-                })
-                .await?;
-            in_flight.push_back((id, frontier));
-            frontier += u64::from(PAGE);
-        }
-    }
-    Ok(got)
 }
