@@ -209,6 +209,9 @@ struct Record {
     name: &'static str,
     result: Result<Outcome, String>,
     took: Duration,
+    /// The build output's size and the disk's free space after the step, so a
+    /// run that fills the disk says which step grew it.
+    disk: String,
 }
 
 #[derive(Default)]
@@ -231,8 +234,15 @@ impl Steps {
             }
             Err(e) => println!("<== {name}: FAILED after {}: {e}", format_duration(took)),
         }
+        let disk = disk_report();
+        println!("    disk: {disk}");
         let failed = result.as_ref().err().cloned();
-        self.records.push(Record { name, result, took });
+        self.records.push(Record {
+            name,
+            result,
+            took,
+            disk,
+        });
         match failed {
             None => Ok(()),
             Some(e) => {
@@ -251,7 +261,10 @@ impl Steps {
             .unwrap_or(4)
             .max(4);
         println!("\n==> summary");
-        println!("  {:<width$}  {:<7}  {:>8}", "step", "result", "time");
+        println!(
+            "  {:<width$}  {:<7}  {:>8}  {:<34}",
+            "step", "result", "time", "disk after"
+        );
         for record in &self.records {
             let (result, note) = match &record.result {
                 Ok(Outcome::Passed) => ("ok", String::new()),
@@ -259,7 +272,11 @@ impl Steps {
                 Err(_) => ("FAILED", String::new()),
             };
             let time = format_duration(record.took);
-            let row = format!("  {:<width$}  {result:<7}  {time:>8}  {note}", record.name);
+            let disk = &record.disk;
+            let row = format!(
+                "  {:<width$}  {result:<7}  {time:>8}  {disk:<34}  {note}",
+                record.name
+            );
             println!("{}", row.trim_end());
         }
     }
@@ -279,6 +296,51 @@ impl Steps {
             println!("xtask: all {passed} {noun} passed, {skipped} skipped");
         }
     }
+}
+
+/// "target 3.2 GiB, 41.0 GiB free": the build output (Cargo's target directory
+/// and the fuzz crate's) and the free space on the clone's disk.
+fn disk_report() -> String {
+    let built = dir_bytes(&target_dir()) + dir_bytes(Path::new("fuzz/target"));
+    let free = match free_bytes() {
+        Some(bytes) => format!("{} free", format_gib(bytes)),
+        None => "free space unknown".to_string(),
+    };
+    format!("target {}, {free}", format_gib(built))
+}
+
+/// Bytes in the files under `dir` (0 if it does not exist); symlinks are not followed.
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+/// Free bytes on the disk holding the current directory, from POSIX `df -Pk`.
+fn free_bytes() -> Option<u64> {
+    let out = capture(Command::new("df").args(["-Pk", "."])).ok()?;
+    let line = out.lines().nth(1)?;
+    let kib: u64 = line.split_whitespace().nth(3)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn format_gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / (1024.0 * 1024.0 * 1024.0))
 }
 
 fn format_duration(d: Duration) -> String {
