@@ -303,9 +303,14 @@ impl RelayHandle {
             limits,
         });
 
-        let writer_task =
-            writer::start(commit_rx, Arc::clone(&store), hub, Arc::clone(&metrics))
-                .map_err(|e| RelayError::Internal(format!("starting the commit writer: {e}")))?;
+        let writer_task = writer::start(
+            commit_rx,
+            shared.commits.downgrade(),
+            Arc::clone(&store),
+            hub,
+            Arc::clone(&metrics),
+        )
+        .map_err(|e| RelayError::Internal(format!("starting the commit writer: {e}")))?;
         let accept_task = tokio::spawn(quic::accept_loop(
             endpoint.clone(),
             Arc::clone(&shared),

@@ -26,7 +26,8 @@ use crate::store::{CommitOutcome, NewEnvelope, Store, StoreError};
 use hush_protocol::DeviceId;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -68,18 +69,27 @@ pub enum WriterMsg {
     /// Stop taking requests; commit and answer those already queued, then
     /// end.
     Stop,
+    /// Look again whether compaction may run (sent by the clock task of
+    /// [`start`] while the [`CompactionPacer`] holds compaction back).
+    Wake,
 }
 
-/// Start the writer thread on `rx`. The returned task ends when the thread
-/// has ended: after a [`WriterMsg::Stop`] and the requests queued before it
-/// were answered, or once every sender is gone.
+/// Start the writer thread on `rx`; `wake` is a sender of the same queue,
+/// for the [`WriterMsg::Wake`]s of held-back compaction. The returned task
+/// ends when the thread has ended: after a [`WriterMsg::Stop`] and the
+/// requests queued before it were answered, or once every sender is gone.
+/// Until then it is the writer's clock: the thread itself never waits on a
+/// timer.
 pub fn start(
     rx: mpsc::Receiver<WriterMsg>,
+    wake: mpsc::WeakSender<WriterMsg>,
     store: Arc<dyn Store>,
     hub: Arc<DeviceHub>,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<JoinHandle<()>> {
-    let (done_tx, done_rx) = oneshot::channel::<()>();
+    let (done_tx, mut done_rx) = oneshot::channel::<()>();
+    let held_back = Arc::new(AtomicBool::new(false));
+    let held = Arc::clone(&held_back);
     std::thread::Builder::new()
         .name("hush-writer".into())
         .spawn(move || {
@@ -89,31 +99,125 @@ pub fn start(
             // database while this thread still held it ("already open").
             let done_tx = done_tx;
             let (rx, store, hub, metrics) = (rx, store, hub, metrics);
-            run(rx, store.as_ref(), &hub, &metrics);
+            run(rx, store.as_ref(), &hub, &metrics, &held);
             drop((store, hub, metrics));
             let _ = done_tx.send(());
         })?;
     // A panicking thread drops `done_tx`, which ends the wait as well.
     Ok(tokio::spawn(async move {
-        let _ = done_rx.await;
+        let mut clock = tokio::time::interval(COMPACT_QUIET);
+        clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = &mut done_rx => break,
+                _ = clock.tick() => {
+                    if held_back.swap(false, Ordering::AcqRel)
+                        && let Some(tx) = wake.upgrade()
+                    {
+                        // A full queue wakes the writer anyway.
+                        let _ = tx.try_send(WriterMsg::Wake);
+                    }
+                }
+            }
+        }
     }))
 }
 
-/// The writer thread's loop. Between commit groups, while no request is
-/// waiting, it runs segment compaction in small steps
-/// ([`Store::compact_step`]): a send that arrives meanwhile waits for at
-/// most one step. Compaction is looked for at start and after every group
-/// (acks make segments sparse; a relay that receives no sends does not grow,
-/// and compacts at its next send).
-fn run(mut rx: mpsc::Receiver<WriterMsg>, store: &dyn Store, hub: &DeviceHub, metrics: &Metrics) {
+/// How long the relay must have served no send and no pull before
+/// compaction steps run back to back.
+pub const COMPACT_QUIET: Duration = Duration::from_millis(50);
+
+/// While the relay is busy, compaction still gets one step whenever this
+/// long has passed since its last one, so a relay that is never quiet
+/// reclaims space all the same (at least 256 KiB of records looked at per
+/// interval).
+pub const COMPACT_AT_LEAST_EVERY: Duration = Duration::from_millis(100);
+
+/// When segment compaction may take a step.
+///
+/// Compaction is background work that competes with the relay's traffic
+/// for the CPU and the disk: on a small machine, compacting back to back
+/// while a device drains its backlog (each page's ack makes segments
+/// sparse) slowed that catch-up by a tenth. So it yields to traffic: steps
+/// run back to back only once no send or pull has been served for
+/// [`COMPACT_QUIET`], and otherwise one every [`COMPACT_AT_LEAST_EVERY`].
+/// Pure bookkeeping over a traffic counter and the caller's clock, so it is
+/// tested without threads or sleeps.
+#[derive(Debug)]
+struct CompactionPacer {
+    /// The traffic counter when last looked at, and since when it has had
+    /// that value.
+    seen: u64,
+    unchanged_since: Instant,
+    last_step: Option<Instant>,
+}
+
+impl CompactionPacer {
+    /// A pacer for a relay that has just started: it counts as quiet.
+    fn new(now: Instant, traffic: u64) -> CompactionPacer {
+        CompactionPacer {
+            seen: traffic,
+            unchanged_since: now.checked_sub(COMPACT_QUIET).unwrap_or(now),
+            last_step: None,
+        }
+    }
+
+    /// Whether a compaction step may run now, given the traffic counter
+    /// (sends and pulls served so far).
+    fn may_step(&mut self, now: Instant, traffic: u64) -> bool {
+        if traffic != self.seen {
+            self.seen = traffic;
+            self.unchanged_since = now;
+        }
+        let quiet = now.saturating_duration_since(self.unchanged_since) >= COMPACT_QUIET;
+        let overdue = self
+            .last_step
+            .is_none_or(|at| now.saturating_duration_since(at) >= COMPACT_AT_LEAST_EVERY);
+        quiet || overdue
+    }
+
+    /// A step ran at `now`.
+    fn stepped(&mut self, now: Instant) {
+        self.last_step = Some(now);
+    }
+}
+
+/// Sends and pulls the relay has served: what [`CompactionPacer`] watches.
+fn traffic(metrics: &Metrics) -> u64 {
+    Metrics::get(&metrics.sends_total).wrapping_add(metrics.pull_latency_seconds.count())
+}
+
+/// The writer's loop. Between commit groups, while no request is waiting
+/// and the [`CompactionPacer`] allows it, it runs segment compaction in
+/// small steps ([`Store::compact_step`]): a send that arrives meanwhile
+/// waits for at most one step. Compaction is looked for at start and after
+/// every group (acks make segments sparse; a relay that receives no sends
+/// does not grow, and compacts at its next send); a group after which the
+/// pacer holds compaction back raises `held_back`, and the clock task of
+/// [`start`] answers with a [`WriterMsg::Wake`] at its next tick.
+fn run(
+    mut rx: mpsc::Receiver<WriterMsg>,
+    store: &dyn Store,
+    hub: &DeviceHub,
+    metrics: &Metrics,
+    held_back: &AtomicBool,
+) {
     let mut compacting = true;
     let mut stopping = false;
+    let mut pacer = CompactionPacer::new(Instant::now(), traffic(metrics));
     loop {
         let msg = if compacting && !stopping {
             match rx.try_recv() {
                 Ok(msg) => msg,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    compacting = compact_step(store);
+                    let now = Instant::now();
+                    if pacer.may_step(now, traffic(metrics)) {
+                        compacting = compact_step(store);
+                        pacer.stepped(now);
+                    } else {
+                        compacting = false;
+                        held_back.store(true, Ordering::Release);
+                    }
                     continue;
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
@@ -132,6 +236,10 @@ fn run(mut rx: mpsc::Receiver<WriterMsg>, store: &dyn Store, hub: &DeviceHub, me
                 stopping = true;
                 continue;
             }
+            WriterMsg::Wake => {
+                compacting = true;
+                continue;
+            }
         };
         let mut count = first.envelopes.len();
         let mut group = vec![first];
@@ -145,6 +253,7 @@ fn run(mut rx: mpsc::Receiver<WriterMsg>, store: &dyn Store, hub: &DeviceHub, me
                     rx.close();
                     stopping = true;
                 }
+                Ok(WriterMsg::Wake) => {}
                 Err(_) => break,
             }
         }
@@ -305,6 +414,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let writer = start(
             rx,
+            tx.downgrade(),
             Arc::clone(&store),
             Arc::new(DeviceHub::default()),
             Arc::clone(&metrics),
@@ -335,5 +445,56 @@ mod tests {
         );
         let page = store.pull(&recipient, 0, 10, usize::MAX).expect("pull");
         assert_eq!(page.envelopes.len(), 2);
+    }
+
+    fn at(start: Instant, ms: u64) -> Instant {
+        start + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_quiet_relay_compacts_back_to_back() {
+        let t0 = Instant::now();
+        let mut pacer = CompactionPacer::new(t0, 7);
+        // Just started: quiet, and never stepped.
+        for ms in [0, 1, 2, 3] {
+            assert!(pacer.may_step(at(t0, ms), 7));
+            pacer.stepped(at(t0, ms));
+        }
+    }
+
+    #[test]
+    fn traffic_holds_compaction_to_one_step_per_interval() {
+        let t0 = Instant::now();
+        let mut pacer = CompactionPacer::new(t0, 0);
+        assert!(pacer.may_step(t0, 0));
+        pacer.stepped(t0);
+        // A pull every 10 ms: no step until the interval has passed.
+        let every = COMPACT_AT_LEAST_EVERY.as_millis() as u64;
+        let mut traffic = 0;
+        let mut steps = Vec::new();
+        for ms in (10..=3 * every).step_by(10) {
+            traffic += 1;
+            if pacer.may_step(at(t0, ms), traffic) {
+                pacer.stepped(at(t0, ms));
+                steps.push(ms);
+            }
+        }
+        assert_eq!(steps, vec![every, 2 * every, 3 * every]);
+    }
+
+    #[test]
+    fn compaction_resumes_back_to_back_once_traffic_stops() {
+        let t0 = Instant::now();
+        let mut pacer = CompactionPacer::new(t0, 0);
+        pacer.stepped(t0);
+        // Traffic seen at 10 ms, then none.
+        assert!(!pacer.may_step(at(t0, 10), 1));
+        let quiet = COMPACT_QUIET.as_millis() as u64;
+        assert!(!pacer.may_step(at(t0, 10 + quiet - 1), 1));
+        let resumed = at(t0, 10 + quiet);
+        assert!(pacer.may_step(resumed, 1));
+        pacer.stepped(resumed);
+        // Still quiet: the next step need not wait for the interval.
+        assert!(pacer.may_step(resumed + Duration::from_millis(1), 1));
     }
 }
