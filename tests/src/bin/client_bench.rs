@@ -14,12 +14,13 @@
 //!    connects and drains the whole backlog: pull, decrypt, order, store in
 //!    history, acknowledge. Each page's arrival sends the next pull before
 //!    the page is committed (an early frame), so the relay serves the next
-//!    page during the commit (`--pipelined`: the driver also decrypts the
-//!    next page during the commit). A breakdown shows engine, storage and
-//!    relay time.
+//!    page during the commit, and the driver decrypts the next page during
+//!    the commit, as the CLI does (`--serial`: each commit awaited before
+//!    the next input instead). A breakdown shows engine, storage and relay
+//!    time.
 //!
 //! ```text
-//! cargo run --release -p hush-tests --bin client_bench -- [--messages N] [--size BYTES] [--window W] [--senders K] [--pause S] [--pipelined] [--pull-depth D] [--page-limit P]
+//! cargo run --release -p hush-tests --bin client_bench -- [--messages N] [--size BYTES] [--window W] [--senders K] [--pause S] [--serial] [--pull-depth D] [--page-limit P]
 //! ```
 //!
 //! Timed here, never in tests.
@@ -49,8 +50,8 @@ struct Args {
     senders: usize,
     /// Seconds to pause before the catch-up (to attach a profiler).
     pause: usize,
-    /// Catch up handling further frames while a commit runs (for
-    /// comparison with the default: each commit awaited before the next).
+    /// Catch up handling further frames while a commit runs (the CLI's
+    /// default); `--serial` awaits each commit before the next input.
     pipelined: bool,
     /// Most pulls in flight during the catch-up (`EngineConfig::pull_depth`).
     pull_depth: u16,
@@ -65,7 +66,7 @@ fn parse_args() -> Result<Args, String> {
         window: 32,
         senders: 10,
         pause: 0,
-        pipelined: false,
+        pipelined: true,
         pull_depth: cli_engine_config().pull_depth,
         page_limit: cli_engine_config().page_limit,
     };
@@ -82,7 +83,7 @@ fn parse_args() -> Result<Args, String> {
             "--window" => a.window = value("--window")?.max(1),
             "--pause" => a.pause = value("--pause")?,
             "--senders" => a.senders = value("--senders")?.max(1),
-            "--pipelined" => a.pipelined = true,
+            "--serial" => a.pipelined = false,
             "--pull-depth" => {
                 a.pull_depth = u16::try_from(value("--pull-depth")?.max(1))
                     .map_err(|_| "--pull-depth is too large".to_string())?
