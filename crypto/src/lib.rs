@@ -14,8 +14,9 @@
 //! 3. `kdf` — every key derivation (HKDF-SHA256, HMAC-SHA256) with its
 //!    domain-separation label; the whole key hierarchy in one screen.
 //! 4. `aead` — ChaCha20-Poly1305 wrappers and the at-rest helper
-//!    ([`seal_at_rest`] / [`open_at_rest`]) the client uses for its outbox. On
-//!    wasm32 with `simd128` the AEAD is this crate's own RFC 8439 code
+//!    ([`seal_at_rest`] / [`open_at_rest`]) the client uses for its outbox.
+//!    Natively the AEAD is ring's; on
+//!    wasm32 with `simd128` it is this crate's own RFC 8439 code
 //!    (`aead/`: 4-way ChaCha20 and Poly1305 over a lane type), checked on the
 //!    running build by [`self_test`].
 //! 5. `padding` — [`pad`] / [`unpad`]: ISO/IEC 7816-4 padding to power-of-two
