@@ -387,6 +387,13 @@ impl Store for ShardedStore {
         Ok(more)
     }
 
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        for s in &self.shards {
+            s.checkpoint()?;
+        }
+        Ok(())
+    }
+
     // Blobs live on the first shard: they are few (one per history
     // transfer), and one place keeps the per-device blob limits exact.
     fn blob_put(

@@ -260,6 +260,10 @@ fn run(
         commit_group(group, count, store, hub, metrics);
         compacting = true;
     }
+    if let Err(e) = store.checkpoint() {
+        // Nothing is lost: the next open replays the segment log.
+        tracing::warn!("the store's last checkpoint failed: {e}");
+    }
     tracing::debug!("commit writer stopped");
 }
 

@@ -599,6 +599,15 @@ pub trait Store: Send + Sync + 'static {
         let _ = budget;
         Ok(false)
     }
+
+    /// Make every commit so far durable in the store's own index, so the
+    /// next open has nothing to recover (the redb store's envelope commits
+    /// sync only their segment log; see `docs/STORAGE.md` §5). Called when
+    /// the relay stops; stores whose every commit is durable have nothing
+    /// to do.
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The devices `previous` names that `list` does not (in `previous`'s order).

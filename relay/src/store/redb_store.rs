@@ -1,12 +1,18 @@
 //! The relay's durable [`Store`]: one redb file for the index and metadata,
 //! plus append-only segment files for the envelope bodies.
 //!
-//! Every mutating call is exactly one write transaction committed with
-//! [`Durability::Immediate`]: when it returns `Ok`, the change is on disk and
-//! survives `kill -9`; when it fails, nothing of it is visible. A commit first
-//! appends the batch's envelopes to the active segment file and syncs it,
-//! then commits the redb transaction whose small `inbox` rows point at them
-//! (see the private `segments` module for why and how). Reads run in read
+//! Every mutating call is exactly one write transaction: when it returns
+//! `Ok`, the change survives `kill -9` and power loss; when it fails, nothing
+//! of it is visible. A commit first appends the batch's envelopes and a
+//! trailer (its commit record) to the active segment file and syncs it, then
+//! commits the redb transaction whose small `inbox` rows point at them (see
+//! the private `segments` module for why and how). That redb commit is made
+//! without a sync of its own ([`Durability::None`]): the synced batch is the
+//! durable copy, and opening the store commits again any batch whose index
+//! commit a crash undid ([`RedbStore::recovered_at_open`]). One sync per
+//! send, not two; a durable redb commit (a checkpoint) every
+//! [`CHECKPOINT_ENVELOPES`] or [`CHECKPOINT_INTERVAL`] bounds that replay.
+//! Other writes commit with [`Durability::Immediate`]. Reads run in read
 //! transactions on an MVCC snapshot and never wait for the writer. redb
 //! allows one writer at a time, which is why [`Store::commit`] takes a whole
 //! batch: the caller's group commit turns many concurrent sends into one
@@ -22,7 +28,8 @@ use super::keys::{
 use super::rules::{self, PageBudget};
 pub use super::segments::DEFAULT_SEGMENT_BYTES;
 use super::segments::{
-    Append, BodyRef, RECORD_HEADER_LEN, ReadError, SEGMENT_HEADER_LEN, Segments,
+    Append, BATCH_ENTRY_LEN, BATCH_HEADER_LEN, BodyRef, LogTail, LoggedBatch, LoggedFields,
+    RECORD_HEADER_LEN, ReadError, SEGMENT_HEADER_LEN, Segments,
 };
 use super::tables::SegmentInfo;
 use super::tables::*;
@@ -89,6 +96,10 @@ pub struct RedbStore {
     stored: AtomicU64,
     /// Progress of segment compaction.
     compaction: std::sync::Mutex<Compaction>,
+    /// Envelopes the open recovered from the segment log.
+    recovered: AtomicU64,
+    /// When the index was last committed durably.
+    checkpoint: std::sync::Mutex<Checkpoint>,
 }
 
 /// Where segment compaction stands (in memory only: after a restart it
@@ -121,6 +132,38 @@ fn worth_compacting(info: &SegmentInfo) -> bool {
 
 /// One ack in this many is committed with an fsync (see `RedbStore::write_with`).
 pub const DURABLE_ACK_EVERY: u64 = 32;
+
+/// Envelopes whose index rows are committed without a sync, at most, before
+/// an envelope commit is made durable (a checkpoint). Their batches are
+/// durable in the segment log all along; this bounds what the next open
+/// replays, and what a checkpoint writes: redb writes every page the commits
+/// since the last durable one changed, about 300 bytes per envelope, while
+/// sends wait (`BENCHMARKS.md`: a checkpoint after 100,000 took ~50 ms).
+pub const CHECKPOINT_ENVELOPES: u64 = 131_072;
+
+/// Longest time between two durable commits while envelopes arrive (see
+/// [`CHECKPOINT_ENVELOPES`]).
+pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A batch found in the segment log, being committed again at open.
+struct Replay<'a> {
+    /// Its segment.
+    id: u32,
+    /// The batch.
+    batch: &'a LoggedBatch,
+    /// The segment before `id`, when this batch is the first of a segment
+    /// that has no row yet.
+    rolled_from: Option<u32>,
+}
+
+/// Envelopes committed since the last durable commit.
+#[derive(Debug)]
+struct Checkpoint {
+    /// Envelopes stored by commits without a sync since then.
+    envelopes: u64,
+    /// When the last durable commit finished.
+    at: std::time::Instant,
+}
 
 /// Snapshots a pull tries before a missing segment is an error.
 const PULL_ATTEMPTS: usize = 3;
@@ -198,13 +241,14 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
         if let Some(other) = stored
             && other != FORMAT_VERSION
             && other != FORMAT_VERSION_PREVIOUS
+            && other != FORMAT_VERSION_OLDER
             && other != FORMAT_VERSION_UPGRADABLE
         {
             return Err(StoreError::Backend(format!(
                 "unsupported store format {other} (this relay reads format \
-                 {FORMAT_VERSION} and upgrades format {FORMAT_VERSION_PREVIOUS} and format \
-                 {FORMAT_VERSION_UPGRADABLE}; there is no conversion from others: start \
-                 from an empty data directory)"
+                 {FORMAT_VERSION} and upgrades format {FORMAT_VERSION_PREVIOUS}, format \
+                 {FORMAT_VERSION_OLDER} and format {FORMAT_VERSION_UPGRADABLE}; there is no \
+                 conversion from others: start from an empty data directory)"
             )));
         }
         if stored != Some(FORMAT_VERSION) {
@@ -232,7 +276,7 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
     txn.open_table(BLOB_EXPIRY)?;
     let mut seen = txn.open_table(DEVICE_SEEN)?;
     txn.open_table(REMOVED_DEVICES)?;
-    if stored.is_some_and(|v| v != FORMAT_VERSION) {
+    if stored.is_some_and(|v| v == FORMAT_VERSION_OLDER || v == FORMAT_VERSION_UPGRADABLE) {
         // Formats 3 and 4 kept no last-seen time: every device counts as
         // seen when it registered until it authenticates again.
         for item in devices.range::<&[u8; 16]>(..)? {
@@ -355,12 +399,13 @@ impl RedbStore {
             let txn = db.begin_read()?;
             segment_rows(&txn.open_table(SEGMENTS)?)?
         };
-        let segments = Segments::open(
+        let (segments, tail) = Segments::open(
             segment_dir(path),
             segment_bytes,
             &[
                 FORMAT_VERSION,
                 FORMAT_VERSION_PREVIOUS,
+                FORMAT_VERSION_OLDER,
                 FORMAT_VERSION_UPGRADABLE,
             ],
             &rows,
@@ -370,14 +415,108 @@ impl RedbStore {
             sum.saturating_add(info.live_bytes)
                 .saturating_add(info.live.saturating_mul(INDEX_BYTES_PER_ENVELOPE))
         });
-        Ok(RedbStore {
+        let store = RedbStore {
             db,
             limits,
             segments,
             acks: AtomicU64::new(0),
             stored: AtomicU64::new(stored),
             compaction: std::sync::Mutex::new(Compaction::default()),
-        })
+            recovered: AtomicU64::new(0),
+            checkpoint: std::sync::Mutex::new(Checkpoint {
+                envelopes: 0,
+                at: std::time::Instant::now(),
+            }),
+        };
+        store.replay_log(&tail, rows.last_key_value().map(|(&id, _)| id))?;
+        Ok(store)
+    }
+
+    /// Commit again the batches that the segment log holds past the durable
+    /// end (`docs/STORAGE.md` §5): envelope commits sync only their
+    /// segment, so after a crash the index may lack the last of them. Each
+    /// whole batch is committed again with the seqs its records carry, and
+    /// a checkpoint makes them durable;
+    /// what follows the last whole batch was never acknowledged and is cut
+    /// off, and an unlisted segment without a whole batch is removed.
+    fn replay_log(&self, tail: &[LogTail], last_row: Option<u32>) -> Result<(), StoreError> {
+        let mut previous = last_row;
+        let mut replayed = 0usize;
+        for (i, t) in tail.iter().enumerate() {
+            let (batches, end) = self.segments.read_log(t)?;
+            if t.unlisted && batches.is_empty() {
+                // Nothing whole in it, so nothing after it either.
+                for rest in tail.get(i..).unwrap_or_default() {
+                    self.segments.cut_log(rest.id, SEGMENT_HEADER_LEN, true)?;
+                }
+                break;
+            }
+            for (n, batch) in batches.iter().enumerate() {
+                let envelopes: Vec<NewEnvelope> = batch
+                    .records
+                    .iter()
+                    .map(|r| NewEnvelope {
+                        recipient: r.device,
+                        sender: r.fields.sender,
+                        message_id: r.fields.message_id,
+                        conversation: r.fields.conversation,
+                        sender_seq: r.fields.sender_seq,
+                        bytes: r.envelope.clone(),
+                        expires_at_ms: r.fields.expires_at_ms,
+                    })
+                    .collect();
+                let rolled_from = if t.unlisted && n == 0 { previous } else { None };
+                let replay = Replay {
+                    id: t.id,
+                    batch,
+                    rolled_from,
+                };
+                self.commit_batch(&envelopes, Some(replay))?;
+                replayed += envelopes.len();
+            }
+            self.segments.cut_log(t.id, end, false)?;
+            previous = Some(t.id);
+        }
+        self.recovered.store(replayed as u64, Ordering::Release);
+        if replayed > 0 {
+            self.checkpoint()?;
+            tracing::info!(
+                envelopes = replayed,
+                "recovered envelopes from the segment log that the index had not durably committed"
+            );
+        }
+        Ok(())
+    }
+
+    /// How many envelopes opening the store recovered from the segment log
+    /// (their batches were synced, but the index commits naming them had not
+    /// been made durable when the store last closed; `docs/STORAGE.md` §5).
+    pub fn recovered_at_open(&self) -> u64 {
+        self.recovered.load(Ordering::Acquire)
+    }
+
+    /// Commit the index durably now, so the next open has nothing to
+    /// replay and segments freed since the last durable commit are deleted.
+    /// The writer calls this when it stops; envelope commits take one by
+    /// themselves every [`CHECKPOINT_ENVELOPES`] or [`CHECKPOINT_INTERVAL`].
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        // An empty transaction, committed durably: redb persists every
+        // commit before it with it.
+        self.write_with(Durability::Immediate, |_, _| Ok(((), Changed::Yes)))
+    }
+
+    /// The durability of the next envelope commit: none (its batch is
+    /// synced in the segment log) unless a checkpoint is due.
+    fn envelope_durability(&self) -> Durability {
+        let c = self
+            .checkpoint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if c.envelopes >= CHECKPOINT_ENVELOPES || c.at.elapsed() >= CHECKPOINT_INTERVAL {
+            Durability::Immediate
+        } else {
+            Durability::None
+        }
     }
 
     /// Take `cost` off the running store-cap count once the transaction
@@ -680,7 +819,9 @@ impl RedbStore {
 
     /// [`RedbStore::write`] with a chosen durability, for transactions that
     /// may free segments: `f` lists in its second argument the segments whose
-    /// rows it removed. Only acknowledgements use [`Durability::None`]: losing
+    /// rows it removed. Envelope commits use [`Durability::None`] (their
+    /// batches are synced in the segment log, replayed on open), and so do
+    /// acknowledgements: losing
     /// one in a crash re-delivers envelopes the device already has, which
     /// clients drop by sender seq, so an ack need not wait for an fsync. Every
     /// [`DURABLE_ACK_EVERY`]th ack (and any other write) is durable, which
@@ -725,11 +866,246 @@ impl RedbStore {
         }
         earlier.append(&mut freed);
         if durable && changed == Changed::Yes {
+            let mut c = self
+                .checkpoint
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            c.envelopes = 0;
+            c.at = std::time::Instant::now();
+        }
+        if durable && changed == Changed::Yes {
             self.segments.delete(&earlier);
         } else {
             self.segments.defer(earlier);
         }
         Ok(out)
+    }
+
+    /// Commit `batch` as [`Store::commit`] does, or, with `replay`, commit
+    /// again a batch found whole in the segment log past the durable end
+    /// (its records are on disk: each must get the seq its record carries,
+    /// and the store's limits do not apply, as they did when it was first
+    /// stored). A fresh batch is appended with its trailer and synced, and
+    /// its index is committed without a sync of its own unless a checkpoint
+    /// is due ([`RedbStore::envelope_durability`]); a replayed one is
+    /// committed without a sync, and the replay ends with a checkpoint.
+    fn commit_batch(
+        &self,
+        batch: &[NewEnvelope],
+        replay: Option<Replay<'_>>,
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let limits = if replay.is_some() {
+            StoreLimits {
+                max_inbox_messages: u64::MAX,
+                max_inbox_bytes: u64::MAX,
+                max_store_bytes: u64::MAX,
+                ..self.limits
+            }
+        } else {
+            self.limits
+        };
+        // An upper bound of the batch's bytes (records and trailer), to
+        // decide whether it still fits in the active segment.
+        let upper: u64 = batch
+            .iter()
+            .map(|e| (RECORD_HEADER_LEN + BATCH_ENTRY_LEN) as u64 + e.bytes.len() as u64)
+            .sum::<u64>()
+            + BATCH_HEADER_LEN as u64;
+        let mut written: Option<Append> = None;
+        // One commit at a time from the choice of segment offset to the
+        // recording of the new end (redb's write lock ends at its commit).
+        let _commit = self.segments.lock_commits();
+        // Only commits (under the lock) add to the count; acks and purges
+        // may lower it meanwhile, which only makes this check stricter.
+        let stored = self.stored.load(Ordering::Acquire);
+        let mut added = 0u64;
+        // A replayed batch needs no sync either: until the replay's final
+        // checkpoint, the log still holds it.
+        let durability = if replay.is_some() {
+            Durability::None
+        } else {
+            self.envelope_durability()
+        };
+        let outcomes = self.write_with(durability, |txn, freed| {
+            let mut append = match &replay {
+                Some(r) => self.segments.begin_replay(r.id, r.batch, r.rolled_from)?,
+                None => self.segments.begin_append(upper, FORMAT_VERSION)?,
+            };
+            let devices = txn.open_table(DEVICES)?;
+            let mut inbox = txn.open_table(INBOX)?;
+            let mut dedup = txn.open_table(DEDUP)?;
+            let mut batches = txn.open_table(DEDUP_BATCHES)?;
+            let mut queue = txn.open_table(PURGE_QUEUE)?;
+            let mut meta = txn.open_table(INBOX_META)?;
+            let mut states = StateCache::new(&mut meta);
+            // Devices are never deleted: one lookup per recipient per batch.
+            let mut known: HashMap<DeviceId, bool> = HashMap::new();
+            let mut created: Vec<(u64, DedupKey)> = Vec::new();
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for env in batch {
+                let dk = dedup_key(&env.sender, &env.recipient, &env.message_id);
+                let is_known = match known.get(&env.recipient) {
+                    Some(&k) => k,
+                    None => {
+                        let k = devices.get(env.recipient.as_bytes())?.is_some();
+                        known.insert(env.recipient, k);
+                        k
+                    }
+                };
+                // The seq this envelope gets if it is stored.
+                let tentative = if is_known {
+                    states.get(env.recipient)?.state.head.saturating_add(1)
+                } else {
+                    0
+                };
+                let entry = DedupEntry {
+                    seq: tentative,
+                    expires_at_ms: env.expires_at_ms,
+                };
+                // One B-tree operation for the usual case: insert the entry
+                // and learn whether one was there. A duplicate (rare) gets
+                // its original entry back.
+                let previous = dedup
+                    .insert(&dk, encode_dedup(&entry).as_slice())?
+                    .map(|g| decode_dedup(g.value()))
+                    .transpose()?;
+                if let Some(original) = previous {
+                    dedup.insert(&dk, encode_dedup(&original).as_slice())?;
+                    outcomes.push(CommitOutcome::Duplicate { seq: original.seq });
+                    continue;
+                }
+                if !is_known {
+                    dedup.remove(&dk)?;
+                    outcomes.push(CommitOutcome::Refused(Refusal::UnknownRecipient));
+                    continue;
+                }
+                let len = env.bytes.len() as u64;
+                let cached = states.get(env.recipient)?;
+                if let Err(refusal) = rules::admit(&cached.state, len, &limits)
+                    .and_then(|()| rules::admit_store(stored.saturating_add(added), len, &limits))
+                {
+                    dedup.remove(&dk)?;
+                    outcomes.push(CommitOutcome::Refused(refusal));
+                    continue;
+                }
+                let seq = rules::assign(&mut cached.state, len)
+                    .filter(|&seq| seq == tentative)
+                    .ok_or_else(|| StoreError::Backend("inbox seq space exhausted".into()))?;
+                cached.first_expiry.get_or_insert(env.expires_at_ms);
+                let header = InboxRowHeader {
+                    expires_at_ms: env.expires_at_ms,
+                    sender: env.sender,
+                    conversation: env.conversation,
+                    sender_seq: env.sender_seq,
+                };
+                let body = append.push_logged(
+                    &env.recipient,
+                    seq,
+                    &env.bytes,
+                    LoggedFields {
+                        sender: env.sender,
+                        message_id: env.message_id,
+                        conversation: env.conversation,
+                        sender_seq: env.sender_seq,
+                        expires_at_ms: env.expires_at_ms,
+                    },
+                )?;
+                let row = encode_inbox_row(&InboxRow { header, body });
+                inbox.insert(&inbox_key(&env.recipient, seq), row.as_slice())?;
+                created.push((env.expires_at_ms, dk));
+                added = added.saturating_add(stored_cost(len));
+                outcomes.push(CommitOutcome::Stored { seq });
+            }
+            if created.is_empty() {
+                return Ok((outcomes, Changed::No));
+            }
+            states.flush(&mut queue)?;
+            // The batch's dedup entries, oldest first, in lists of bounded
+            // size keyed by their first entry. A fresh dedup key is in no
+            // list yet, so these keys are new.
+            created.sort_unstable();
+            for list in created.chunks(DEDUP_BATCH_MAX) {
+                if let Some(&(expires_at_ms, dk)) = list.first() {
+                    let key = dedup_expiry_key(expires_at_ms, &dk);
+                    if batches
+                        .insert(&key, encode_dedup_batch(list).as_slice())?
+                        .is_some()
+                    {
+                        return Err(corrupt("dedup batch list (key reused)"));
+                    }
+                }
+            }
+            // The segment's row: its new live rows and committed end. A
+            // previous active segment that no row references any more goes.
+            let mut segs = txn.open_table(SEGMENTS)?;
+            let key = append.id.to_be_bytes();
+            let mut info = segs
+                .get(&key)?
+                .map(|g| decode_segment(g.value()))
+                .transpose()?
+                .unwrap_or_default();
+            // The trailer closes the batch: a replay takes only whole ones.
+            append.seal_batch();
+            info.live += created.len() as u64;
+            info.live_bytes += append.record_bytes();
+            info.end = append.end();
+            segs.insert(&key, encode_segment(&info).as_slice())?;
+            if let Some(previous) = append.rolled_from {
+                let pk = previous.to_be_bytes();
+                let dead = segs
+                    .get(&pk)?
+                    .map(|g| decode_segment(g.value()))
+                    .transpose()?
+                    .is_some_and(|p| p.live == 0);
+                if dead {
+                    segs.remove(&pk)?;
+                    freed.push(previous);
+                }
+            }
+            // The bodies are durable before the rows that point at them
+            // commit: a crash in between leaves only bytes past the
+            // committed end, which the next open cuts off.
+            append.write_and_sync()?;
+            written = Some(append);
+            Ok((outcomes, Changed::Yes))
+        });
+        let outcomes = match outcomes {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                if let Some(append) = written {
+                    append.abandon();
+                }
+                return Err(e);
+            }
+        };
+        if let Some(append) = written {
+            self.segments.finish_append(append);
+            self.stored.fetch_add(added, Ordering::AcqRel);
+            if matches!(durability, Durability::None) {
+                let stored = outcomes
+                    .iter()
+                    .filter(|o| matches!(o, CommitOutcome::Stored { .. }))
+                    .count() as u64;
+                let mut c = self
+                    .checkpoint
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                c.envelopes = c.envelopes.saturating_add(stored);
+            }
+        }
+        if replay.is_some()
+            && outcomes
+                .iter()
+                .any(|o| !matches!(o, CommitOutcome::Stored { .. }))
+        {
+            return Err(corrupt(
+                "envelope log (a replayed envelope was not stored again)",
+            ));
+        }
+        Ok(outcomes)
     }
 
     /// One attempt at [`Store::pull`]; `None` if a segment the snapshot
@@ -1110,156 +1486,7 @@ impl Store for RedbStore {
     }
 
     fn commit(&self, batch: &[NewEnvelope]) -> Result<Vec<CommitOutcome>, StoreError> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        let limits = self.limits;
-        // An upper bound of the records' bytes, to decide whether the batch
-        // still fits in the active segment.
-        let upper: u64 = batch
-            .iter()
-            .map(|e| RECORD_HEADER_LEN as u64 + e.bytes.len() as u64)
-            .sum();
-        let mut written: Option<Append> = None;
-        // One commit at a time from the choice of segment offset to the
-        // recording of the new end (redb's write lock ends at its commit).
-        let _commit = self.segments.lock_commits();
-        // Only commits (under the lock) add to the count; acks and purges
-        // may lower it meanwhile, which only makes this check stricter.
-        let stored = self.stored.load(Ordering::Acquire);
-        let mut added = 0u64;
-        let outcomes = self.write_with(Durability::Immediate, |txn, freed| {
-            let mut append = self.segments.begin_append(upper, FORMAT_VERSION)?;
-            let devices = txn.open_table(DEVICES)?;
-            let mut inbox = txn.open_table(INBOX)?;
-            let mut dedup = txn.open_table(DEDUP)?;
-            let mut batches = txn.open_table(DEDUP_BATCHES)?;
-            let mut queue = txn.open_table(PURGE_QUEUE)?;
-            let mut meta = txn.open_table(INBOX_META)?;
-            let mut states = StateCache::new(&mut meta);
-            // Devices are never deleted: one lookup per recipient per batch.
-            let mut known: HashMap<DeviceId, bool> = HashMap::new();
-            let mut created: Vec<(u64, DedupKey)> = Vec::new();
-            let mut outcomes = Vec::with_capacity(batch.len());
-            for env in batch {
-                let dk = dedup_key(&env.sender, &env.recipient, &env.message_id);
-                let is_known = match known.get(&env.recipient) {
-                    Some(&k) => k,
-                    None => {
-                        let k = devices.get(env.recipient.as_bytes())?.is_some();
-                        known.insert(env.recipient, k);
-                        k
-                    }
-                };
-                // The seq this envelope gets if it is stored.
-                let tentative = if is_known {
-                    states.get(env.recipient)?.state.head.saturating_add(1)
-                } else {
-                    0
-                };
-                let entry = DedupEntry {
-                    seq: tentative,
-                    expires_at_ms: env.expires_at_ms,
-                };
-                // One B-tree operation for the usual case: insert the entry
-                // and learn whether one was there. A duplicate (rare) gets
-                // its original entry back.
-                let previous = dedup
-                    .insert(&dk, encode_dedup(&entry).as_slice())?
-                    .map(|g| decode_dedup(g.value()))
-                    .transpose()?;
-                if let Some(original) = previous {
-                    dedup.insert(&dk, encode_dedup(&original).as_slice())?;
-                    outcomes.push(CommitOutcome::Duplicate { seq: original.seq });
-                    continue;
-                }
-                if !is_known {
-                    dedup.remove(&dk)?;
-                    outcomes.push(CommitOutcome::Refused(Refusal::UnknownRecipient));
-                    continue;
-                }
-                let len = env.bytes.len() as u64;
-                let cached = states.get(env.recipient)?;
-                if let Err(refusal) = rules::admit(&cached.state, len, &limits)
-                    .and_then(|()| rules::admit_store(stored.saturating_add(added), len, &limits))
-                {
-                    dedup.remove(&dk)?;
-                    outcomes.push(CommitOutcome::Refused(refusal));
-                    continue;
-                }
-                let seq = rules::assign(&mut cached.state, len)
-                    .filter(|&seq| seq == tentative)
-                    .ok_or_else(|| StoreError::Backend("inbox seq space exhausted".into()))?;
-                cached.first_expiry.get_or_insert(env.expires_at_ms);
-                let header = InboxRowHeader {
-                    expires_at_ms: env.expires_at_ms,
-                    sender: env.sender,
-                    conversation: env.conversation,
-                    sender_seq: env.sender_seq,
-                };
-                let body = append.push(&env.recipient, seq, &env.bytes)?;
-                let row = encode_inbox_row(&InboxRow { header, body });
-                inbox.insert(&inbox_key(&env.recipient, seq), row.as_slice())?;
-                created.push((env.expires_at_ms, dk));
-                added = added.saturating_add(stored_cost(len));
-                outcomes.push(CommitOutcome::Stored { seq });
-            }
-            if created.is_empty() {
-                return Ok((outcomes, Changed::No));
-            }
-            states.flush(&mut queue)?;
-            // The batch's dedup entries, oldest first, in lists of bounded
-            // size keyed by their first entry. A fresh dedup key is in no
-            // list yet, so these keys are new.
-            created.sort_unstable();
-            for list in created.chunks(DEDUP_BATCH_MAX) {
-                if let Some(&(expires_at_ms, dk)) = list.first() {
-                    let key = dedup_expiry_key(expires_at_ms, &dk);
-                    if batches
-                        .insert(&key, encode_dedup_batch(list).as_slice())?
-                        .is_some()
-                    {
-                        return Err(corrupt("dedup batch list (key reused)"));
-                    }
-                }
-            }
-            // The segment's row: its new live rows and committed end. A
-            // previous active segment that no row references any more goes.
-            let mut segs = txn.open_table(SEGMENTS)?;
-            let key = append.id.to_be_bytes();
-            let mut info = segs
-                .get(&key)?
-                .map(|g| decode_segment(g.value()))
-                .transpose()?
-                .unwrap_or_default();
-            info.live += created.len() as u64;
-            info.live_bytes += append.bytes();
-            info.end = append.end();
-            segs.insert(&key, encode_segment(&info).as_slice())?;
-            if let Some(previous) = append.rolled_from {
-                let pk = previous.to_be_bytes();
-                let dead = segs
-                    .get(&pk)?
-                    .map(|g| decode_segment(g.value()))
-                    .transpose()?
-                    .is_some_and(|p| p.live == 0);
-                if dead {
-                    segs.remove(&pk)?;
-                    freed.push(previous);
-                }
-            }
-            // The bodies are durable before the rows that point at them
-            // commit: a crash in between leaves only bytes past the
-            // committed end, which the next open cuts off.
-            append.write_and_sync()?;
-            written = Some(append);
-            Ok((outcomes, Changed::Yes))
-        })?;
-        if let Some(append) = written {
-            self.segments.finish_append(append);
-            self.stored.fetch_add(added, Ordering::AcqRel);
-        }
-        Ok(outcomes)
+        self.commit_batch(batch, None)
     }
 
     fn pull(
@@ -1633,6 +1860,10 @@ impl Store for RedbStore {
 
     fn compact_step(&self, budget: u64) -> Result<bool, StoreError> {
         self.compact(budget)
+    }
+
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        RedbStore::checkpoint(self)
     }
 
     fn blob_put(
@@ -2270,7 +2501,12 @@ mod tests {
         store.ack(&d, 2).unwrap();
         assert_eq!(segment_files(&store), vec![1, 2, 3, 4]);
         store.check_consistency().unwrap();
+        // An envelope commit syncs its segment, not the index (unless a
+        // checkpoint is due), so the files stay until the next durable
+        // commit.
         store.commit(&[envelope(d, 5, 10)]).unwrap();
+        assert_eq!(segment_files(&store), vec![1, 2, 3, 4]);
+        store.checkpoint().unwrap();
         assert_eq!(segment_files(&store), vec![3, 4]);
         store.check_consistency().unwrap();
         // The active segment (4, now also holding seq 5) is kept even when
@@ -2291,8 +2527,11 @@ mod tests {
         let store = RedbStore::open_with_segment_size(&path, StoreLimits::default(), 4096).unwrap();
         assert_eq!(segment_files(&store), vec![4]);
         // A new batch that does not fit rolls; the empty active segment
-        // goes in the same commit.
+        // loses its row in the same commit, and its file goes with the
+        // next durable one.
         store.commit(&[envelope(d, 6, 4000)]).unwrap();
+        assert_eq!(segment_files(&store), vec![4, 5]);
+        store.checkpoint().unwrap();
         assert_eq!(segment_files(&store), vec![5]);
         assert_eq!(bodies(&store, &d), vec![(6, vec![6u8; 4000])]);
         store.check_consistency().unwrap();
@@ -2383,6 +2622,7 @@ mod tests {
             assert!(reader.join().unwrap() > 0);
         });
         store.commit(&[envelope(d, 201, 10)]).unwrap();
+        store.checkpoint().unwrap();
         assert!(
             segment_files(&store).len() <= 3,
             "{:?}",
@@ -2418,11 +2658,13 @@ mod tests {
             t.insert(&key, encode_segment(&bad).as_slice()).unwrap();
         });
         assert!(store.check_consistency().is_err());
-        // A committed end before the last record.
+        // A committed end before the last record's end (the batch's
+        // trailer follows it).
+        let last_end = row_of(&store, &d, 2).body.record_end();
         poke(&store, |txn| {
             let mut t = txn.open_table(SEGMENTS).unwrap();
             let bad = SegmentInfo {
-                end: good.end - 1,
+                end: last_end - 1,
                 ..good
             };
             t.insert(&key, encode_segment(&bad).as_slice()).unwrap();
@@ -2473,5 +2715,148 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    /// A crash image in `to`: the index file as it was right after its last
+    /// durable commit (`index`, read then) and the segment files as they
+    /// are on disk now, which is what a power cut leaves when envelope
+    /// commits have synced their segments but not the index since.
+    fn crash_image(index: &[u8], store: &RedbStore, to: &Path) -> PathBuf {
+        let path = to.join("crashed.redb");
+        std::fs::write(&path, index).unwrap();
+        let segs = segment_dir(&path);
+        std::fs::create_dir_all(&segs).unwrap();
+        for entry in std::fs::read_dir(store.segment_dir()).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), segs.join(entry.file_name())).unwrap();
+        }
+        path
+    }
+
+    /// Index rows in a raw redb file, read without the store.
+    fn raw_inbox_rows(path: &Path) -> u64 {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_read().unwrap();
+        txn.open_table(INBOX).unwrap().len().unwrap()
+    }
+
+    /// What [`bodies`] returns: seq and envelope of each stored envelope.
+    type Inbox = Vec<(u64, Vec<u8>)>;
+
+    /// Commits after the last durable one, with rolls into segments the
+    /// index has no row for, and an ack: returns the crash image's index
+    /// and what each inbox held before the ack.
+    fn commits_past_a_checkpoint(
+        store: &RedbStore,
+        path: &Path,
+        a: DeviceId,
+        b: DeviceId,
+    ) -> (Vec<u8>, Inbox, Inbox) {
+        store
+            .commit(&[envelope(a, 1, 100), envelope(b, 2, 100)])
+            .unwrap();
+        store.checkpoint().unwrap();
+        let index = std::fs::read(path).unwrap();
+        for m in 3..=10 {
+            assert!(matches!(
+                store.commit(&[envelope(a, m, 3000)]).unwrap()[..],
+                [CommitOutcome::Stored { .. }]
+            ));
+        }
+        store
+            .commit(&[envelope(b, 11, 50), envelope(a, 12, 50)])
+            .unwrap();
+        let (want_a, want_b) = (bodies(store, &a), bodies(store, &b));
+        assert_eq!(want_a.len(), 10);
+        store.ack(&a, 3).unwrap();
+        (index, want_a, want_b)
+    }
+
+    #[test]
+    fn commits_the_index_lost_are_replayed_from_the_segment_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = RedbStore::open_with_segment_size(&path, StoreLimits::default(), 8192).unwrap();
+        let (a, b) = (DeviceId([1; 16]), DeviceId([2; 16]));
+        store.register_device(&registration(1), 1).unwrap();
+        store.register_device(&registration(2), 1).unwrap();
+        let (index, want_a, want_b) = commits_past_a_checkpoint(&store, &path, a, b);
+        let crashed = crash_image(&index, &store, dir.path());
+        let files = segment_files(&store);
+        assert!(files.len() >= 4, "{files:?}");
+        // The index alone knows only the two envelopes before the checkpoint.
+        assert_eq!(raw_inbox_rows(&crashed), 2);
+        let store =
+            RedbStore::open_with_segment_size(&crashed, StoreLimits::default(), 8192).unwrap();
+        // Every envelope whose commit returned is back, under its seq; the
+        // ack was lost with the index, so seqs 1..3 are delivered again.
+        assert_eq!(bodies(&store, &a), want_a);
+        assert_eq!(bodies(&store, &b), want_b);
+        assert_eq!(segment_files(&store), files);
+        store.check_consistency().unwrap();
+        // Dedup entries came back too: a retry is a duplicate of its
+        // original seq, and new envelopes continue the inbox.
+        let a5 = want_a.iter().position(|(_, body)| body[0] == 5).unwrap();
+        assert_eq!(
+            store.commit(&[envelope(a, 5, 3000)]).unwrap(),
+            vec![CommitOutcome::Duplicate { seq: want_a[a5].0 }]
+        );
+        assert_eq!(
+            store.commit(&[envelope(a, 13, 10)]).unwrap(),
+            vec![CommitOutcome::Stored { seq: 11 }]
+        );
+        store.check_consistency().unwrap();
+        // A second open replays nothing more (the replay was durable).
+        drop(store);
+        let store =
+            RedbStore::open_with_segment_size(&crashed, StoreLimits::default(), 8192).unwrap();
+        assert_eq!(bodies(&store, &a).len(), 11);
+        store.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn a_batch_torn_by_the_crash_is_cut_off_and_its_retry_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = RedbStore::open_with_segment_size(&path, StoreLimits::default(), 8192).unwrap();
+        let (a, b) = (DeviceId([1; 16]), DeviceId([2; 16]));
+        store.register_device(&registration(1), 1).unwrap();
+        store.register_device(&registration(2), 1).unwrap();
+        let (index, want_a, want_b) = commits_past_a_checkpoint(&store, &path, a, b);
+        let crashed = crash_image(&index, &store, dir.path());
+        // The last batch (b's 11 and a's 12) lost its last bytes: its
+        // trailer is incomplete, so it was never acknowledged.
+        let last = *segment_files(&store).last().unwrap();
+        let seg = super::super::segments::segment_path(&segment_dir(&crashed), last);
+        let len = std::fs::metadata(&seg).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(len - 10)
+            .unwrap();
+        let store =
+            RedbStore::open_with_segment_size(&crashed, StoreLimits::default(), 8192).unwrap();
+        assert_eq!(bodies(&store, &a), want_a[..9].to_vec());
+        assert_eq!(bodies(&store, &b), want_b[..1].to_vec());
+        store.check_consistency().unwrap();
+        // The torn batch's bytes are gone, and its retry is stored anew
+        // under the seq it had.
+        let row = row_of(&store, &a, 9);
+        assert_eq!(
+            std::fs::metadata(&seg).unwrap().len(),
+            row.body.record_end() + (BATCH_HEADER_LEN + BATCH_ENTRY_LEN) as u64
+        );
+        assert_eq!(
+            store
+                .commit(&[envelope(b, 11, 50), envelope(a, 12, 50)])
+                .unwrap(),
+            vec![
+                CommitOutcome::Stored { seq: 2 },
+                CommitOutcome::Stored { seq: 10 }
+            ]
+        );
+        assert_eq!(bodies(&store, &a), want_a);
+        store.check_consistency().unwrap();
     }
 }

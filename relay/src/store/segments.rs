@@ -8,13 +8,21 @@
 //! the relay's ingest bottleneck; appending them to a file is a `memcpy`, a
 //! checksum and one `pwrite` per batch.
 //!
-//! Rules that keep this crash-safe (`docs/STORAGE.md` §5):
+//! The segments are also the log of envelope commits: each batch ends with a
+//! trailer (magic, record count, the batch's start offset, CRC, and per
+//! record what the index needs besides the record), so a batch is whole or
+//! it is not, and the redb commit of a batch need not be synced. Rules that
+//! keep this crash-safe (`docs/STORAGE.md` §5):
 //!
 //! - bytes are written and `fdatasync`ed **before** the redb commit that
-//!   points at them, so a committed index row never points at lost bytes;
-//! - the committed length of every segment is kept in redb (`segments` table),
-//!   so bytes past it (a batch whose commit never happened) are cut off when
-//!   the store opens, and nothing ever reads them;
+//!   points at them, so a committed index row never points at lost bytes,
+//!   and a batch is acknowledged only after both;
+//! - the committed length of every segment is kept in redb (`segments` table):
+//!   on open, the whole batches past the durable length are committed again
+//!   ([`parse_log`], [`Segments::read_log`]), and what follows the last of
+//!   them (a batch whose sync never finished) is cut off and never read;
+//! - a batch whose redb commit failed is cut off at once ([`Append::abandon`]),
+//!   and a failed write or sync stops all further commits until a reopen;
 //! - a segment file is deleted only after a **durable** commit removed its
 //!   last index row, so a crash can never bring back rows whose file is gone.
 //!
@@ -24,7 +32,7 @@
 
 use super::StoreError;
 use super::tables::{SegmentInfo, corrupt};
-use hush_protocol::DeviceId;
+use hush_protocol::{ConversationId, DeviceId, MessageId};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
@@ -48,6 +56,15 @@ pub(crate) const RECORD_HEADER_LEN: usize = 36;
 /// Where the checksum sits in a record header (it covers the 32 bytes before
 /// it and the envelope after it).
 const CRC_AT: usize = 32;
+/// First bytes of a batch trailer: the commit record that closes each
+/// batch of envelopes appended by [`Append::seal_batch`].
+pub(crate) const BATCH_MAGIC: [u8; 4] = *b"HBAT";
+/// Bytes of a batch trailer before its entries: magic 4 ‖ count u32 ‖
+/// start u64 ‖ crc32 u32.
+pub(crate) const BATCH_HEADER_LEN: usize = 20;
+/// Bytes of one trailer entry: sender 16 ‖ message id 16 ‖ conversation 16
+/// ‖ sender seq u64 ‖ expires_at_ms u64.
+pub(crate) const BATCH_ENTRY_LEN: usize = 64;
 /// Largest gap between two records that [`Segments::read_many`] reads over
 /// rather than issuing another read: copying a page more costs about what a
 /// system call does, copying the other inboxes' records between two of one
@@ -96,6 +113,51 @@ pub(crate) struct ScannedRecord {
     pub body: BodyRef,
     /// The envelope, checked against the record's CRC.
     pub envelope: Vec<u8>,
+}
+
+/// What the index needs of an envelope besides its record: the fields of a
+/// [`super::NewEnvelope`] that the record header does not carry. A batch
+/// trailer lists one per record, so a batch whose index commit was lost in a
+/// crash can be committed again from the segment alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LoggedFields {
+    /// Sending device.
+    pub sender: DeviceId,
+    /// The envelope's message id.
+    pub message_id: MessageId,
+    /// Its conversation.
+    pub conversation: ConversationId,
+    /// Its sender seq.
+    pub sender_seq: u64,
+    /// When it is purged if still unacknowledged.
+    pub expires_at_ms: u64,
+}
+
+/// One envelope of a [`LoggedBatch`].
+#[derive(Debug)]
+pub(crate) struct LoggedRecord {
+    /// Its inbox.
+    pub device: DeviceId,
+    /// Its seq.
+    pub seq: u64,
+    /// Where its record is.
+    pub body: BodyRef,
+    /// The envelope.
+    pub envelope: Vec<u8>,
+    /// The rest of what its index row and dedup entry need.
+    pub fields: LoggedFields,
+}
+
+/// A whole batch found past a segment's durably committed end: its records
+/// and trailer are all intact, and the trailer names where the batch began.
+#[derive(Debug)]
+pub(crate) struct LoggedBatch {
+    /// Where its first record begins.
+    pub start: u64,
+    /// One past its trailer.
+    pub end: u64,
+    /// Its envelopes, in the order they were appended.
+    pub records: Vec<LoggedRecord>,
 }
 
 /// Why a record could not be read.
@@ -157,6 +219,24 @@ pub(crate) struct Segments {
     /// The last batch's buffer, reused so a commit does not fault in
     /// megabytes of fresh memory.
     spare: Mutex<Vec<u8>>,
+    /// Raised when a batch's bytes may be on disk in a state the store
+    /// cannot vouch for (see [`Append::write_and_sync`]): every later
+    /// commit fails until a restart recovers the log.
+    poisoned: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A segment whose bytes past `from` may hold batches that were synced but
+/// whose index commit was not durable when the store last closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LogTail {
+    /// The segment.
+    pub id: u32,
+    /// Its durably committed end (the header's end for a segment that has
+    /// no `segments` row yet).
+    pub from: u64,
+    /// Whether it has no `segments` row (a roll whose commit was not
+    /// durable).
+    pub unlisted: bool,
 }
 
 /// Path of segment `id` in `dir`.
@@ -255,6 +335,18 @@ pub(crate) struct Append {
     buf: Vec<u8>,
     /// The previous active segment, when this batch starts a new one.
     pub rolled_from: Option<u32>,
+    /// Trailer entries of the records pushed with [`Append::push_logged`].
+    entries: Vec<LoggedFields>,
+    /// Bytes of the records pushed (headers and envelopes, no trailer).
+    record_bytes: u64,
+    /// Records of a batch being replayed from the log (already on disk, in
+    /// order): pushes check against them instead of writing.
+    replay: Option<std::collections::VecDeque<(DeviceId, u64, BodyRef)>>,
+    /// End of the replayed batch (its trailer's end).
+    replay_end: u64,
+    /// The store's poison flag, raised when the batch's bytes cannot be
+    /// taken back after a failed commit.
+    poisoned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Append {
@@ -265,42 +357,269 @@ impl Append {
         seq: u64,
         envelope: &[u8],
     ) -> Result<BodyRef, StoreError> {
+        if let Some(expected) = self.replay.as_mut() {
+            // Replaying: the record is on disk already and must be the
+            // next one of the batch, under the seq the index assigns again.
+            return match expected.pop_front() {
+                Some((d, s, body))
+                    if d == *device && s == seq && body.len as usize == envelope.len() =>
+                {
+                    self.record_bytes += body.record_len();
+                    Ok(body)
+                }
+                _ => Err(corrupt(&format!(
+                    "segment {} log (a replayed envelope for seq {seq} does not match its record)",
+                    self.id
+                ))),
+            };
+        }
         let offset = self.end();
         let len = encode_record(&mut self.buf, device, seq, envelope)?;
-        Ok(BodyRef {
+        let body = BodyRef {
             segment: self.id,
             offset,
             len,
-        })
+        };
+        self.record_bytes += body.record_len();
+        Ok(body)
+    }
+
+    /// [`Append::push`] for an envelope of a new batch, noting what its
+    /// trailer needs to replay it.
+    pub(crate) fn push_logged(
+        &mut self,
+        device: &DeviceId,
+        seq: u64,
+        envelope: &[u8],
+        fields: LoggedFields,
+    ) -> Result<BodyRef, StoreError> {
+        let body = self.push(device, seq, envelope)?;
+        if self.replay.is_none() {
+            self.entries.push(fields);
+        }
+        Ok(body)
+    }
+
+    /// Close the batch with its trailer (when it has logged records). Call
+    /// after the last push, before [`Append::end`] is recorded.
+    pub(crate) fn seal_batch(&mut self) {
+        if self.replay.is_some() || self.entries.is_empty() {
+            return;
+        }
+        encode_trailer(&mut self.buf, self.start, &self.entries);
+        self.entries.clear();
     }
 
     /// The segment's length once this batch is written.
     pub(crate) fn end(&self) -> u64 {
+        if self.replay.is_some() {
+            return self.replay_end;
+        }
         self.start + self.buf.len() as u64
     }
 
-    /// Bytes of the batch's records.
-    pub(crate) fn bytes(&self) -> u64 {
-        self.buf.len() as u64
+    /// Bytes of the batch's records (what their index rows count as live;
+    /// the trailer is never live).
+    pub(crate) fn record_bytes(&self) -> u64 {
+        self.record_bytes
     }
 
     /// Write the batch at the segment's committed end and make it (and the
-    /// file's new length) durable.
+    /// file's new length) durable. A replayed batch is on disk already.
     pub(crate) fn write_and_sync(&self) -> Result<(), StoreError> {
-        write_all_at(&self.file, &self.buf, self.start)
-            .map_err(|e| io("writing envelope segment", e))?;
-        self.file
-            .sync_data()
-            .map_err(|e| io("syncing envelope segment", e))
+        if self.replay.is_some() {
+            return Ok(());
+        }
+        let done = write_all_at(&self.file, &self.buf, self.start)
+            .map_err(|e| io("writing envelope segment", e))
+            .and_then(|()| {
+                self.file
+                    .sync_data()
+                    .map_err(|e| io("syncing envelope segment", e))
+            });
+        if done.is_err() {
+            // After a failed fdatasync the kernel may have dropped the
+            // pages and will not report it again: nothing written from now
+            // on could be trusted to be durable.
+            self.poisoned
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        done
+    }
+
+    /// The batch's index commit failed after its bytes were written: cut
+    /// them off, so a replay after a crash does not find a batch whose seqs
+    /// were handed out again. If that fails too, the store refuses further
+    /// commits (a restart replays the batch, which is harmless then: its
+    /// senders retry, and the retries are duplicates).
+    pub(crate) fn abandon(&self) {
+        if self.replay.is_some() {
+            return;
+        }
+        let undone = self
+            .file
+            .set_len(self.start)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = undone {
+            tracing::error!(segment = self.id, "could not cut off a failed batch: {e}");
+            self.poisoned
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+/// Append a batch trailer for a batch that began at `start` with one entry
+/// per record.
+fn encode_trailer(buf: &mut Vec<u8>, start: u64, entries: &[LoggedFields]) {
+    let count = u32::try_from(entries.len()).unwrap_or(u32::MAX);
+    let mut head = [0u8; BATCH_HEADER_LEN];
+    head[..4].copy_from_slice(&BATCH_MAGIC);
+    head[4..8].copy_from_slice(&count.to_be_bytes());
+    head[8..16].copy_from_slice(&start.to_be_bytes());
+    let at = buf.len();
+    buf.extend_from_slice(&head);
+    for e in entries.iter().take(count as usize) {
+        buf.extend_from_slice(e.sender.as_bytes());
+        buf.extend_from_slice(e.message_id.as_bytes());
+        buf.extend_from_slice(e.conversation.as_bytes());
+        buf.extend_from_slice(&e.sender_seq.to_be_bytes());
+        buf.extend_from_slice(&e.expires_at_ms.to_be_bytes());
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&buf[at..at + 16]);
+    crc.update(&buf[at + BATCH_HEADER_LEN..]);
+    let sum = crc.finalize().to_be_bytes();
+    buf[at + 16..at + BATCH_HEADER_LEN].copy_from_slice(&sum);
+}
+
+/// Bytes of a trailer with `count` entries.
+fn trailer_len(count: u32) -> u64 {
+    BATCH_HEADER_LEN as u64 + u64::from(count) * BATCH_ENTRY_LEN as u64
+}
+
+/// Parse the whole batches in `bytes`, which are a segment's contents from
+/// offset `base` (a batch boundary) to its end. Stops at the first thing
+/// that is not a whole, intact batch whose trailer names where it began:
+/// bytes of a batch whose write a crash interrupted, or the leftover of a
+/// batch that a later, shorter one overwrote. Returns the batches and where
+/// the last one ends (`base` if none).
+pub(crate) fn parse_log(segment: u32, base: u64, bytes: &[u8]) -> (Vec<LoggedBatch>, u64) {
+    let mut batches = Vec::new();
+    let mut at = 0usize;
+    let mut valid = base;
+    'batches: loop {
+        let start = base + at as u64;
+        let mut pending: Vec<(DeviceId, u64, BodyRef, Vec<u8>)> = Vec::new();
+        loop {
+            let Some(magic) = bytes.get(at..at + 4) else {
+                break 'batches;
+            };
+            if magic == RECORD_MAGIC {
+                let Some(head) = bytes.get(at..at + RECORD_HEADER_LEN) else {
+                    break 'batches;
+                };
+                let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+                let mut device = [0u8; 16];
+                device.copy_from_slice(&head[8..24]);
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&head[24..32]);
+                let (device, seq) = (DeviceId(device), u64::from_be_bytes(seq));
+                let Some(record) = bytes.get(at..at + RECORD_HEADER_LEN + len as usize) else {
+                    break 'batches;
+                };
+                let Ok(envelope) = decode_record(record, &device, seq, len) else {
+                    break 'batches;
+                };
+                let body = BodyRef {
+                    segment,
+                    offset: base + at as u64,
+                    len,
+                };
+                pending.push((device, seq, body, envelope));
+                at += record.len();
+            } else if magic == BATCH_MAGIC {
+                let Some(head) = bytes.get(at..at + BATCH_HEADER_LEN) else {
+                    break 'batches;
+                };
+                let count = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+                let mut from = [0u8; 8];
+                from.copy_from_slice(&head[8..16]);
+                let stored_crc = u32::from_be_bytes([head[16], head[17], head[18], head[19]]);
+                let total = trailer_len(count) as usize;
+                let Some(entries) = bytes.get(at + BATCH_HEADER_LEN..at + total) else {
+                    break 'batches;
+                };
+                let mut crc = crc32fast::Hasher::new();
+                crc.update(&head[..16]);
+                crc.update(entries);
+                if crc.finalize() != stored_crc
+                    || u64::from_be_bytes(from) != start
+                    || count as usize != pending.len()
+                    || pending.is_empty()
+                {
+                    break 'batches;
+                }
+                let records = pending
+                    .drain(..)
+                    .zip(entries.chunks_exact(BATCH_ENTRY_LEN))
+                    .map(|((device, seq, body, envelope), e)| LoggedRecord {
+                        device,
+                        seq,
+                        body,
+                        envelope,
+                        fields: decode_entry(e),
+                    })
+                    .collect();
+                at += total;
+                valid = base + at as u64;
+                batches.push(LoggedBatch {
+                    start,
+                    end: valid,
+                    records,
+                });
+                continue 'batches;
+            } else {
+                break 'batches;
+            }
+        }
+    }
+    (batches, valid)
+}
+
+/// One trailer entry (exactly [`BATCH_ENTRY_LEN`] bytes).
+fn decode_entry(e: &[u8]) -> LoggedFields {
+    let mut ids = [[0u8; 16]; 3];
+    for (i, id) in ids.iter_mut().enumerate() {
+        if let Some(b) = e.get(i * 16..i * 16 + 16) {
+            id.copy_from_slice(b);
+        }
+    }
+    let word = |at: usize| {
+        let mut b = [0u8; 8];
+        if let Some(src) = e.get(at..at + 8) {
+            b.copy_from_slice(src);
+        }
+        u64::from_be_bytes(b)
+    };
+    LoggedFields {
+        sender: DeviceId(ids[0]),
+        message_id: MessageId(ids[1]),
+        conversation: ConversationId(ids[2]),
+        sender_seq: word(48),
+        expires_at_ms: word(56),
     }
 }
 
 impl Segments {
-    /// Open the segment directory `dir` (creating it), given the committed
-    /// `segments` rows: remove segment files no row mentions (a roll that
-    /// never committed, or a dead segment whose deletion a crash interrupted),
-    /// check each remaining file's header, and cut every file back to its
-    /// committed end (bytes past it were never acknowledged).
+    /// Open the segment directory `dir` (creating it), given the durably
+    /// committed `segments` rows: remove segment files no row mentions that
+    /// cannot be part of the log (a dead segment whose deletion a crash
+    /// interrupted), check each remaining file's header, and cut every
+    /// sealed segment back to its committed end (bytes past it were never
+    /// acknowledged). The active segment and the files after it (rolls whose
+    /// commit was not durable) are returned as the [`LogTail`] to replay:
+    /// the store commits their whole batches again and then calls
+    /// [`Segments::cut_log`].
     /// A file's header may name any of `formats` (segments written before
     /// an in-place format upgrade keep the version they were written with).
     pub(crate) fn open(
@@ -308,32 +627,28 @@ impl Segments {
         max_bytes: u64,
         formats: &[u32],
         rows: &BTreeMap<u32, SegmentInfo>,
-    ) -> Result<Segments, StoreError> {
+    ) -> Result<(Segments, Vec<LogTail>), StoreError> {
         std::fs::create_dir_all(&dir).map_err(|e| io("creating the segment directory", e))?;
+        let last_row = rows.last_key_value().map(|(&id, _)| id);
         let entries = std::fs::read_dir(&dir).map_err(|e| io("listing segments", e))?;
+        let mut unlisted = std::collections::BTreeSet::new();
         for entry in entries {
             let entry = entry.map_err(|e| io("listing segments", e))?;
             if let Some(id) = segment_id(&entry.file_name())
                 && !rows.contains_key(&id)
             {
-                std::fs::remove_file(entry.path())
-                    .map_err(|e| io("removing an unreferenced segment", e))?;
+                if last_row.is_none_or(|last| id > last) {
+                    unlisted.insert(id);
+                } else {
+                    std::fs::remove_file(entry.path())
+                        .map_err(|e| io("removing an unreferenced segment", e))?;
+                }
             }
         }
         let mut handles = HashMap::new();
+        let mut tail = Vec::new();
         for (&id, info) in rows {
-            let path = segment_path(&dir, id);
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(|e| io(&format!("opening segment {id}"), e))?;
-            let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
-            read_exact_at(&file, &mut header, 0)
-                .map_err(|_| corrupt(&format!("segment {id} header")))?;
-            if !formats.iter().any(|&f| header == segment_header(id, f)) {
-                return Err(corrupt(&format!("segment {id} header")));
-            }
+            let file = open_checked(&dir, id, formats)?;
             let len = file
                 .metadata()
                 .map_err(|e| io(&format!("reading segment {id}"), e))?
@@ -344,16 +659,40 @@ impl Segments {
                     info.end
                 )));
             }
-            if len > info.end {
+            if Some(id) == last_row {
+                // Only the active segment stays open; readers open the
+                // others on demand (a relay may hold more segments than it
+                // may open files).
+                handles.insert(id, Arc::new(file));
+                tail.push(LogTail {
+                    id,
+                    from: info.end,
+                    unlisted: false,
+                });
+            } else if len > info.end {
                 file.set_len(info.end)
                     .and_then(|()| file.sync_data())
                     .map_err(|e| io(&format!("truncating segment {id}"), e))?;
             }
-            // Only the active segment stays open; readers open the others
-            // on demand (a relay may hold more segments than it may open
-            // files).
-            if rows.last_key_value().map(|(&last, _)| last) == Some(id) {
+        }
+        // The rolls after the last row, as long as their ids follow on; a
+        // file past a gap cannot hold anything that was acknowledged (a
+        // segment is created only after the one before it).
+        let mut next = last_row.map_or(Some(1), |l| l.checked_add(1));
+        for id in unlisted {
+            if Some(id) == next {
+                let file = open_checked(&dir, id, formats)?;
                 handles.insert(id, Arc::new(file));
+                tail.push(LogTail {
+                    id,
+                    from: SEGMENT_HEADER_LEN,
+                    unlisted: true,
+                });
+                next = id.checked_add(1);
+            } else {
+                tracing::warn!(segment = id, "removing a segment file that follows a gap");
+                std::fs::remove_file(segment_path(&dir, id))
+                    .map_err(|e| io("removing an unreferenced segment", e))?;
             }
         }
         let active = match rows.last_key_value() {
@@ -370,15 +709,90 @@ impl Segments {
             }
             None => None,
         };
-        Ok(Segments {
-            dir,
-            max_bytes: max_bytes.max(SEGMENT_HEADER_LEN + 1),
-            handles: RwLock::new(handles),
-            active: Mutex::new(active),
-            commit_lock: Mutex::new(()),
-            pending: Mutex::new(Vec::new()),
-            spare: Mutex::new(Vec::new()),
+        Ok((
+            Segments {
+                dir,
+                max_bytes: max_bytes.max(SEGMENT_HEADER_LEN + 1),
+                handles: RwLock::new(handles),
+                active: Mutex::new(active),
+                commit_lock: Mutex::new(()),
+                pending: Mutex::new(Vec::new()),
+                spare: Mutex::new(Vec::new()),
+                poisoned: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            },
+            tail,
+        ))
+    }
+
+    /// The whole batches in `tail`'s segment past its durable end, and
+    /// where the last of them ends.
+    pub(crate) fn read_log(&self, tail: &LogTail) -> Result<(Vec<LoggedBatch>, u64), StoreError> {
+        let file = self.handle(tail.id).map_err(StoreError::from)?;
+        let len = file
+            .metadata()
+            .map_err(|e| io(&format!("reading segment {}", tail.id), e))?
+            .len();
+        let size = usize::try_from(len.saturating_sub(tail.from))
+            .map_err(|_| corrupt(&format!("segment {} (length)", tail.id)))?;
+        let mut bytes = vec![0u8; size];
+        read_exact_at(&file, &mut bytes, tail.from)
+            .map_err(|e| io(&format!("reading segment {}", tail.id), e))?;
+        Ok(parse_log(tail.id, tail.from, &bytes))
+    }
+
+    /// Start replaying `batch` of segment `id` (the next batch of the log,
+    /// beginning at the segment's current end). `rolled_from` is the
+    /// segment before it when the batch is the first of an unlisted one.
+    pub(crate) fn begin_replay(
+        &self,
+        id: u32,
+        batch: &LoggedBatch,
+        rolled_from: Option<u32>,
+    ) -> Result<Append, StoreError> {
+        let file = self.handle(id).map_err(StoreError::from)?;
+        Ok(Append {
+            id,
+            file,
+            start: batch.start,
+            buf: Vec::new(),
+            rolled_from,
+            entries: Vec::new(),
+            record_bytes: 0,
+            replay: Some(
+                batch
+                    .records
+                    .iter()
+                    .map(|r| (r.device, r.seq, r.body))
+                    .collect(),
+            ),
+            replay_end: batch.end,
+            poisoned: Arc::clone(&self.poisoned),
         })
+    }
+
+    /// The replay is over: cut `id` back to `end` (what lies past it is not
+    /// a whole batch), or remove it if it is an unlisted segment that held
+    /// none.
+    pub(crate) fn cut_log(&self, id: u32, end: u64, remove: bool) -> Result<(), StoreError> {
+        if remove {
+            self.handles
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+            return std::fs::remove_file(segment_path(&self.dir, id))
+                .map_err(|e| io("removing an empty segment", e));
+        }
+        let file = self.handle(id).map_err(StoreError::from)?;
+        let len = file
+            .metadata()
+            .map_err(|e| io(&format!("reading segment {id}"), e))?
+            .len();
+        if len > end {
+            file.set_len(end)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| io(&format!("truncating segment {id}"), e))?;
+        }
+        Ok(())
     }
 
     /// Serialise commits (see `commit_lock`); hold the guard until after
@@ -400,6 +814,13 @@ impl Segments {
     /// new file has its header and directory entry synced, but no `segments`
     /// row until the commit adds it.
     pub(crate) fn begin_append(&self, upper: u64, format: u32) -> Result<Append, StoreError> {
+        if self.poisoned.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Backend(
+                "envelope segments are in an unknown state after a failed write or sync; \
+                 restart the relay to recover them from the log"
+                    .into(),
+            ));
+        }
         let active = self
             .active
             .lock()
@@ -419,6 +840,11 @@ impl Segments {
                     start: a.end,
                     buf,
                     rolled_from: None,
+                    entries: Vec::new(),
+                    record_bytes: 0,
+                    replay: None,
+                    replay_end: 0,
+                    poisoned: Arc::clone(&self.poisoned),
                 })
             }
             other => {
@@ -436,6 +862,11 @@ impl Segments {
                     start: SEGMENT_HEADER_LEN,
                     buf,
                     rolled_from: previous,
+                    entries: Vec::new(),
+                    record_bytes: 0,
+                    replay: None,
+                    replay_end: 0,
+                    poisoned: Arc::clone(&self.poisoned),
                 })
             }
         }
@@ -588,7 +1019,7 @@ impl Segments {
 
     /// Read the records of segment `id` from `from` (a record boundary) up
     /// to about `budget` bytes (at least one record), not past the
-    /// committed `end`, checking each one. Returns them and the offset of
+    /// committed `end`, checking each one and stepping over batch trailers. Returns them and the offset of
     /// the next record.
     pub(crate) fn scan(
         &self,
@@ -607,6 +1038,16 @@ impl Segments {
                 return Err(corrupt(&format!("segment {id} (record at {at})")));
             }
             read_exact_at(&file, &mut head, at).map_err(|e| io("reading a segment", e))?;
+            if head[..4] == BATCH_MAGIC {
+                // A batch trailer: nothing an index row points at.
+                let count = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+                let next = at.saturating_add(trailer_len(count));
+                if next > end {
+                    return Err(corrupt(&format!("segment {id} (trailer at {at})")));
+                }
+                at = next;
+                continue;
+            }
             let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
             let mut device = [0u8; 16];
             device.copy_from_slice(&head[8..24]);
@@ -677,6 +1118,22 @@ impl Segments {
             }
         }
     }
+}
+
+/// Open segment `id` in `dir` for reading and writing and check that its
+/// header names it and one of `formats`.
+fn open_checked(dir: &Path, id: u32, formats: &[u32]) -> Result<File, StoreError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(segment_path(dir, id))
+        .map_err(|e| io(&format!("opening segment {id}"), e))?;
+    let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
+    read_exact_at(&file, &mut header, 0).map_err(|_| corrupt(&format!("segment {id} header")))?;
+    if !formats.iter().any(|&f| header == segment_header(id, f)) {
+        return Err(corrupt(&format!("segment {id} header")));
+    }
+    Ok(file)
 }
 
 /// Make the directory's entries (a new segment file) durable.
@@ -774,5 +1231,136 @@ mod tests {
         assert_eq!(segment_id(std::ffi::OsStr::new(".seg")), None);
         let p = segment_path(Path::new("d"), 3);
         assert_eq!(segment_id(p.file_name().unwrap()), Some(3));
+    }
+
+    fn fields(n: u8) -> LoggedFields {
+        LoggedFields {
+            sender: DeviceId([n; 16]),
+            message_id: MessageId([n.wrapping_add(1); 16]),
+            conversation: ConversationId([n.wrapping_add(2); 16]),
+            sender_seq: u64::from(n) << 40 | 7,
+            expires_at_ms: u64::from(n) << 20 | 9,
+        }
+    }
+
+    /// A batch of `seqs` for device 7 at `start`, each with an envelope of
+    /// `len` bytes, closed with its trailer.
+    fn batch(start: u64, seqs: &[u64], len: usize) -> Vec<u8> {
+        let d = DeviceId([7; 16]);
+        let mut buf = Vec::new();
+        let mut entries = Vec::new();
+        for &seq in seqs {
+            encode_record(&mut buf, &d, seq, &vec![seq as u8; len]).unwrap();
+            entries.push(fields(seq as u8));
+        }
+        encode_trailer(&mut buf, start, &entries);
+        buf
+    }
+
+    #[test]
+    fn the_log_parses_whole_batches_and_stops_at_anything_else() {
+        let base = SEGMENT_HEADER_LEN;
+        let first = batch(base, &[1, 2], 30);
+        let second_at = base + first.len() as u64;
+        // A batch whose commit failed, then overwritten by a shorter one at
+        // the same place: the leftover's trailer names the same start, not
+        // where the leftover begins.
+        let long = batch(second_at, &[3, 4, 5], 30);
+        let short = batch(second_at, &[3], 30);
+        let mut log = first.clone();
+        log.extend_from_slice(&long);
+        log[first.len()..first.len() + short.len()].copy_from_slice(&short);
+        let (batches, end) = parse_log(4, base, &log);
+        assert_eq!(batches.len(), 2);
+        assert_eq!(end, second_at + short.len() as u64);
+        assert_eq!(batches[0].start, base);
+        assert_eq!(batches[1].start, second_at);
+        let seqs: Vec<u64> = batches[0].records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![1, 2]);
+        let r = &batches[1].records[0];
+        assert_eq!((r.seq, r.envelope.clone()), (3, vec![3u8; 30]));
+        assert_eq!(r.fields, fields(3));
+        assert_eq!(
+            r.body,
+            BodyRef {
+                segment: 4,
+                offset: second_at,
+                len: 30
+            }
+        );
+        // A flipped bit anywhere in the second batch ends the log after the
+        // first; anywhere in the first, before it.
+        let two = [first.clone(), short.clone()].concat();
+        for i in 0..two.len() {
+            let mut bad = two.clone();
+            bad[i] ^= 0x04;
+            let (batches, end) = parse_log(4, base, &bad);
+            if i < first.len() {
+                assert!(batches.is_empty(), "flip at {i}");
+                assert_eq!(end, base);
+            } else {
+                assert_eq!(batches.len(), 1, "flip at {i}");
+                assert_eq!(end, second_at);
+            }
+        }
+        // Cut anywhere: only whole batches count.
+        for cut in 0..two.len() {
+            let (batches, _) = parse_log(4, base, &two[..cut]);
+            let whole = usize::from(cut >= first.len()) + usize::from(cut == two.len());
+            assert_eq!(batches.len(), whole, "cut at {cut}");
+        }
+        // A trailer that names another start, or counts other records.
+        let moved = [first.clone(), batch(second_at + 1, &[3], 30)].concat();
+        assert_eq!(parse_log(4, base, &moved).0.len(), 1);
+        let mut miscounted = first.clone();
+        let mut records = Vec::new();
+        encode_record(&mut records, &DeviceId([7; 16]), 3, &[3u8; 30]).unwrap();
+        miscounted.extend_from_slice(&records);
+        encode_trailer(&mut miscounted, second_at, &[fields(3), fields(4)]);
+        assert_eq!(parse_log(4, base, &miscounted).0.len(), 1);
+        // Records without a trailer (a compaction copy whose commit failed)
+        // are not a batch either.
+        assert_eq!(parse_log(4, base, &records).0.len(), 0);
+    }
+
+    #[test]
+    fn an_abandoned_batch_is_cut_off_and_a_poisoned_log_refuses_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segs, tail) =
+            Segments::open(dir.path().join("e"), 1 << 20, &[6], &BTreeMap::new()).unwrap();
+        assert!(tail.is_empty());
+        let mut append = segs.begin_append(1000, 6).unwrap();
+        let body = append
+            .push_logged(&DeviceId([7; 16]), 1, b"ciphertext", fields(1))
+            .unwrap();
+        append.seal_batch();
+        append.write_and_sync().unwrap();
+        let path = segment_path(segs.dir(), append.id);
+        let len = || std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len(), append.end());
+        assert_eq!(append.record_bytes(), body.record_len());
+        assert_eq!(
+            append.end(),
+            SEGMENT_HEADER_LEN + body.record_len() + trailer_len(1)
+        );
+        // Its index commit failed: the batch is cut off, so a replay after
+        // a crash cannot find it.
+        append.abandon();
+        assert_eq!(len(), SEGMENT_HEADER_LEN);
+        let (batches, end) = segs
+            .read_log(&LogTail {
+                id: append.id,
+                from: SEGMENT_HEADER_LEN,
+                unlisted: true,
+            })
+            .unwrap();
+        assert!(batches.is_empty());
+        assert_eq!(end, SEGMENT_HEADER_LEN);
+        // A log in an unknown state refuses every further batch.
+        append
+            .poisoned
+            .store(true, std::sync::atomic::Ordering::Release);
+        let refused = segs.begin_append(10, 6).unwrap_err();
+        assert!(refused.to_string().contains("restart"), "{refused}");
     }
 }

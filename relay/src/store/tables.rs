@@ -79,11 +79,17 @@ pub(crate) const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info
 /// Key of the format version in [`INFO`].
 pub(crate) const FORMAT_KEY: &str = "format";
 /// The layout described in `docs/STORAGE.md`.
-pub(crate) const FORMAT_VERSION: u32 = 5;
-/// The previous format, upgraded in place on open: the same tables without
-/// [`DEVICE_SEEN`] (filled from [`DEVICES`]' registration times) and
-/// [`REMOVED_DEVICES`] (empty).
-pub(crate) const FORMAT_VERSION_PREVIOUS: u32 = 4;
+pub(crate) const FORMAT_VERSION: u32 = 6;
+/// The previous format, upgraded in place on open: the same tables, but
+/// every envelope commit was durable in redb and segments hold no batch
+/// trailers. Nothing to convert; once format 6 has written, a relay that
+/// reads only format 5 must not open the store (it would cut off batches
+/// that only the log holds), so the version is raised.
+pub(crate) const FORMAT_VERSION_PREVIOUS: u32 = 5;
+/// Format 4, upgraded in place on open: format 5 without [`DEVICE_SEEN`]
+/// (filled from [`DEVICES`]' registration times) and [`REMOVED_DEVICES`]
+/// (empty).
+pub(crate) const FORMAT_VERSION_OLDER: u32 = 4;
 /// The format before that, upgraded in place on open too: format 4 without
 /// [`USER_DEVICES`], which the upgrade fills from [`DEVICES`].
 pub(crate) const FORMAT_VERSION_UPGRADABLE: u32 = 3;
