@@ -165,15 +165,22 @@ impl CompactionPacer {
     /// Whether a compaction step may run now, given the traffic counter
     /// (sends and pulls served so far).
     fn may_step(&mut self, now: Instant, traffic: u64) -> bool {
-        if traffic != self.seen {
-            self.seen = traffic;
-            self.unchanged_since = now;
-        }
-        let quiet = now.saturating_duration_since(self.unchanged_since) >= COMPACT_QUIET;
+        let quiet = self.is_quiet(now, traffic);
         let overdue = self
             .last_step
             .is_none_or(|at| now.saturating_duration_since(at) >= COMPACT_AT_LEAST_EVERY);
         quiet || overdue
+    }
+
+    /// Whether no send and no pull has been served for [`COMPACT_QUIET`],
+    /// given the traffic counter now. Also when the writer may take a
+    /// checkpoint: it blocks sends while it writes out the store's index.
+    fn is_quiet(&mut self, now: Instant, traffic: u64) -> bool {
+        if traffic != self.seen {
+            self.seen = traffic;
+            self.unchanged_since = now;
+        }
+        now.saturating_duration_since(self.unchanged_since) >= COMPACT_QUIET
     }
 
     /// A step ran at `now`.
@@ -195,6 +202,14 @@ fn traffic(metrics: &Metrics) -> u64 {
 /// does not grow, and compacts at its next send); a group after which the
 /// pacer holds compaction back raises `held_back`, and the clock task of
 /// [`start`] answers with a [`WriterMsg::Wake`] at its next tick.
+///
+/// Once compaction has nothing to do, the first quiet moment after a commit
+/// group takes a store checkpoint ([`Store::checkpoint`]): the redb store
+/// commits sends without syncing its index (the segment log is the durable
+/// copy), and a checkpoint, which writes that index out, blocks sends for as
+/// long as it takes. Taken while the relay is quiet, it does not delay
+/// anyone, and the log an open would replay stays short; under steady
+/// traffic the store takes one by itself at its bound.
 fn run(
     mut rx: mpsc::Receiver<WriterMsg>,
     store: &dyn Store,
@@ -203,30 +218,47 @@ fn run(
     held_back: &AtomicBool,
 ) {
     let mut compacting = true;
+    // Commit groups since the last checkpoint.
+    let mut dirty = false;
     let mut stopping = false;
     let mut pacer = CompactionPacer::new(Instant::now(), traffic(metrics));
     loop {
-        let msg = if compacting && !stopping {
+        let ready = if (compacting || dirty) && !stopping {
             match rx.try_recv() {
-                Ok(msg) => msg,
+                Ok(msg) => Some(msg),
                 Err(mpsc::error::TryRecvError::Empty) => {
                     let now = Instant::now();
-                    if pacer.may_step(now, traffic(metrics)) {
-                        compacting = compact_step(store);
-                        pacer.stepped(now);
-                    } else {
-                        compacting = false;
-                        held_back.store(true, Ordering::Release);
+                    let seen = traffic(metrics);
+                    if compacting {
+                        if pacer.may_step(now, seen) {
+                            compacting = compact_step(store);
+                            pacer.stepped(now);
+                        } else {
+                            compacting = false;
+                            held_back.store(true, Ordering::Release);
+                        }
+                        continue;
                     }
-                    continue;
+                    if pacer.is_quiet(now, seen) {
+                        checkpoint(store);
+                        dirty = false;
+                        continue;
+                    }
+                    // Not quiet yet: look again at the clock's next tick.
+                    held_back.store(true, Ordering::Release);
+                    None
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             }
         } else {
-            match rx.blocking_recv() {
+            None
+        };
+        let msg = match ready {
+            Some(msg) => msg,
+            None => match rx.blocking_recv() {
                 Some(msg) => msg,
                 None => break,
-            }
+            },
         };
         let first = match msg {
             WriterMsg::Commit(r) => r,
@@ -259,12 +291,21 @@ fn run(
         }
         commit_group(group, count, store, hub, metrics);
         compacting = true;
+        dirty = true;
     }
-    if let Err(e) = store.checkpoint() {
-        // Nothing is lost: the next open replays the segment log.
-        tracing::warn!("the store's last checkpoint failed: {e}");
-    }
+    checkpoint(store);
     tracing::debug!("commit writer stopped");
+}
+
+/// Take a store checkpoint; a failure is logged and loses nothing (the next
+/// open replays the segment log, and the store takes another at its bound).
+fn checkpoint(store: &dyn Store) {
+    let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.checkpoint()));
+    match done {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("store checkpoint failed: {e}"),
+        Err(_) => tracing::error!("store checkpoint panicked"),
+    }
 }
 
 /// One compaction step; whether to try another. A failure is logged and
@@ -449,6 +490,60 @@ mod tests {
         );
         let page = store.pull(&recipient, 0, 10, usize::MAX).expect("pull");
         assert_eq!(page.envelopes.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_writer_checkpoints_the_store_by_itself() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let redb = Arc::new(
+            crate::store::redb_store::RedbStore::open(
+                dir.path().join("s.redb"),
+                Default::default(),
+            )
+            .expect("open"),
+        );
+        let store: Arc<dyn Store> = redb.clone();
+        let recipient = DeviceId([1; 16]);
+        store
+            .register_device(
+                &DeviceRegistration {
+                    device: recipient,
+                    user: UserKey([2; 32]),
+                    signing_key: [3; 32],
+                    agreement_key: [4; 32],
+                    user_signature: [5; 64],
+                },
+                0,
+            )
+            .expect("register");
+        assert!(!redb.needs_checkpoint());
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let writer = start(
+            rx,
+            tx.downgrade(),
+            Arc::clone(&store),
+            Arc::new(DeviceHub::default()),
+            Arc::new(Metrics::new()),
+        )
+        .expect("writer thread starts");
+        let (msg, reply) = request(envelope(recipient, 1));
+        tx.send(msg).await.expect("writer takes requests");
+        assert!(matches!(
+            reply.await.expect("answered").expect("committed")[..],
+            [CommitOutcome::Stored { seq: 1 }]
+        ));
+        // The send's index commit was not durable; with no traffic after
+        // it, the writer makes it so (the store alone would wait for its
+        // next send past the bound).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while redb.needs_checkpoint() {
+            assert!(Instant::now() < deadline, "no checkpoint while quiet");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tx.send(WriterMsg::Stop)
+            .await
+            .expect("writer takes the stop");
+        writer.await.expect("writer ends after the stop");
     }
 
     fn at(start: Instant, ms: u64) -> Instant {

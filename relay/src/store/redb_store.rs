@@ -161,6 +161,8 @@ struct Replay<'a> {
 struct Checkpoint {
     /// Envelopes stored by commits without a sync since then.
     envelopes: u64,
+    /// Whether any commit without a sync happened since then.
+    dirty: bool,
     /// When the last durable commit finished.
     at: std::time::Instant,
 }
@@ -425,6 +427,7 @@ impl RedbStore {
             recovered: AtomicU64::new(0),
             checkpoint: std::sync::Mutex::new(Checkpoint {
                 envelopes: 0,
+                dirty: false,
                 at: std::time::Instant::now(),
             }),
         };
@@ -495,11 +498,25 @@ impl RedbStore {
         self.recovered.load(Ordering::Acquire)
     }
 
+    /// Whether commits made since the last durable one wait for a
+    /// checkpoint (their batches are durable in the segment log meanwhile).
+    pub fn needs_checkpoint(&self) -> bool {
+        self.checkpoint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .dirty
+    }
+
     /// Commit the index durably now, so the next open has nothing to
     /// replay and segments freed since the last durable commit are deleted.
     /// The writer calls this when it stops; envelope commits take one by
     /// themselves every [`CHECKPOINT_ENVELOPES`] or [`CHECKPOINT_INTERVAL`].
     pub fn checkpoint(&self) -> Result<(), StoreError> {
+        if !self.needs_checkpoint() {
+            // Everything is durable already (a durable commit also deletes
+            // the segments waiting for one).
+            return Ok(());
+        }
         // An empty transaction, committed durably: redb persists every
         // commit before it with it.
         self.write_with(Durability::Immediate, |_, _| Ok(((), Changed::Yes)))
@@ -865,13 +882,18 @@ impl RedbStore {
             return Err(e);
         }
         earlier.append(&mut freed);
-        if durable && changed == Changed::Yes {
+        if changed == Changed::Yes {
             let mut c = self
                 .checkpoint
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            c.envelopes = 0;
-            c.at = std::time::Instant::now();
+            if durable {
+                c.envelopes = 0;
+                c.dirty = false;
+                c.at = std::time::Instant::now();
+            } else {
+                c.dirty = true;
+            }
         }
         if durable && changed == Changed::Yes {
             self.segments.delete(&earlier);
