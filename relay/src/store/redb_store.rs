@@ -131,7 +131,12 @@ fn worth_compacting(info: &SegmentInfo) -> bool {
 }
 
 /// One ack in this many is committed with an fsync (see `RedbStore::write_with`).
-pub const DURABLE_ACK_EVERY: u64 = 32;
+/// Few, because a durable commit also writes out every index page the sends
+/// since the last one changed (their commits are not synced, §5 of
+/// `docs/STORAGE.md`): an ack early in a catch-up that did that held the
+/// drain for the checkpoint of the whole backlog. The relay's writer
+/// checkpoints when quiet, so acks rarely need to.
+pub const DURABLE_ACK_EVERY: u64 = 1024;
 
 /// Envelopes whose index rows are committed without a sync, at most, before
 /// an envelope commit is made durable (a checkpoint). Their batches are
@@ -2074,6 +2079,54 @@ mod tests {
         assert_eq!(format, FORMAT_VERSION.to_be_bytes());
     }
 
+    /// A format-5 file has format 6's tables; opening it rewrites only the
+    /// version (last-seen times stay as they are), keeps its envelopes, and
+    /// cuts off what a format-5 crash left past a segment's end: records
+    /// without a trailer, never acknowledged.
+    #[test]
+    fn format_5_files_are_upgraded_by_their_version_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let d = DeviceId([1; 16]);
+        let seg;
+        let end;
+        {
+            let store = RedbStore::open(&path, StoreLimits::default()).unwrap();
+            store.register_device(&registration(1), 7).unwrap();
+            store.touch_device(&d, 9_000, 0).unwrap();
+            store.commit(&[envelope(d, 1, 100)]).unwrap();
+            store.checkpoint().unwrap();
+            seg = super::super::segments::segment_path(store.segment_dir(), 1);
+            end = std::fs::metadata(&seg).unwrap().len();
+            poke(&store, |txn| {
+                let mut info = txn.open_table(INFO).unwrap();
+                info.insert(FORMAT_KEY, 5u32.to_be_bytes().as_slice())
+                    .unwrap();
+            });
+        }
+        let mut leftover = Vec::new();
+        super::super::segments::encode_record(&mut leftover, &d, 2, &[2u8; 100]).unwrap();
+        let mut file = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        std::io::Write::write_all(&mut file, &leftover).unwrap();
+        drop(file);
+        let store = RedbStore::open(&path, StoreLimits::default()).unwrap();
+        assert_eq!(store.recovered_at_open(), 0);
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), end);
+        assert_eq!(bodies(&store, &d), vec![(1, vec![1u8; 100])]);
+        assert_eq!(store.device_last_seen(&d).unwrap(), Some(9_000));
+        store.check_consistency().unwrap();
+        let txn = store.db.begin_read().unwrap();
+        let format = txn
+            .open_table(INFO)
+            .unwrap()
+            .get(FORMAT_KEY)
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        assert_eq!(format, FORMAT_VERSION.to_be_bytes());
+    }
+
     /// A format-3 file (no `user_devices` table) is upgraded on open: its
     /// existing devices count against the cap at once, so a user cannot
     /// slip past it by having registered before the upgrade.
@@ -2833,6 +2886,33 @@ mod tests {
         let store =
             RedbStore::open_with_segment_size(&crashed, StoreLimits::default(), 8192).unwrap();
         assert_eq!(bodies(&store, &a).len(), 11);
+        store.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn a_roll_cut_short_before_its_header_ends_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = RedbStore::open_with_segment_size(&path, StoreLimits::default(), 8192).unwrap();
+        let (a, b) = (DeviceId([1; 16]), DeviceId([2; 16]));
+        store.register_device(&registration(1), 1).unwrap();
+        store.register_device(&registration(2), 1).unwrap();
+        let (index, want_a, want_b) = commits_past_a_checkpoint(&store, &path, a, b);
+        let crashed = crash_image(&index, &store, dir.path());
+        let files = segment_files(&store);
+        // The kill came between creating the next segment and writing its
+        // header; a file after it cannot be part of the log either.
+        let last = *files.last().unwrap();
+        let segs = segment_dir(&crashed);
+        let empty = super::super::segments::segment_path(&segs, last + 1);
+        std::fs::write(&empty, b"").unwrap();
+        let after = super::super::segments::segment_path(&segs, last + 2);
+        std::fs::copy(super::super::segments::segment_path(&segs, last), &after).unwrap();
+        let store =
+            RedbStore::open_with_segment_size(&crashed, StoreLimits::default(), 8192).unwrap();
+        assert_eq!(bodies(&store, &a), want_a);
+        assert_eq!(bodies(&store, &b), want_b);
+        assert_eq!(segment_files(&store), files);
         store.check_consistency().unwrap();
     }
 

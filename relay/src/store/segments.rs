@@ -678,21 +678,36 @@ impl Segments {
         // The rolls after the last row, as long as their ids follow on; a
         // file past a gap cannot hold anything that was acknowledged (a
         // segment is created only after the one before it).
+        // A roll's file whose header is not all there was cut short by the
+        // crash before any batch in it was synced (a batch's sync covers the
+        // header written before it), so it holds nothing acknowledged: it
+        // ends the log like a gap.
         let mut next = last_row.map_or(Some(1), |l| l.checked_add(1));
         for id in unlisted {
-            if Some(id) == next {
-                let file = open_checked(&dir, id, formats)?;
-                handles.insert(id, Arc::new(file));
-                tail.push(LogTail {
-                    id,
-                    from: SEGMENT_HEADER_LEN,
-                    unlisted: true,
-                });
-                next = id.checked_add(1);
+            let opened = if Some(id) == next {
+                open_checked(&dir, id, formats).ok()
             } else {
-                tracing::warn!(segment = id, "removing a segment file that follows a gap");
-                std::fs::remove_file(segment_path(&dir, id))
-                    .map_err(|e| io("removing an unreferenced segment", e))?;
+                None
+            };
+            match opened {
+                Some(file) => {
+                    handles.insert(id, Arc::new(file));
+                    tail.push(LogTail {
+                        id,
+                        from: SEGMENT_HEADER_LEN,
+                        unlisted: true,
+                    });
+                    next = id.checked_add(1);
+                }
+                None => {
+                    tracing::warn!(
+                        segment = id,
+                        "removing a segment file without a row that cannot hold a whole batch"
+                    );
+                    std::fs::remove_file(segment_path(&dir, id))
+                        .map_err(|e| io("removing an unreferenced segment", e))?;
+                    next = None;
+                }
             }
         }
         let active = match rows.last_key_value() {
