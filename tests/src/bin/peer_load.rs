@@ -1122,6 +1122,14 @@ async fn run() -> BenchResult<()> {
                 "catchup" => hush_catchup(&args, &relay).await,
                 other => Err(format!("unknown job {other}").into()),
             };
+            if let Err(e) = &m {
+                // What the relay said about it, before its log goes with
+                // its temp dir.
+                eprintln!(
+                    "peer_load: hush run failed ({e}); the relay's log ends with:\n{}",
+                    relay.log_tail(40)
+                );
+            }
             relay.terminate().await?;
             (m?, described)
         }
