@@ -9,6 +9,11 @@
 //! previous round, which must come back as duplicates with their original
 //! seqs: the dedup table survives the crash along with the inbox.
 //!
+//! The child of the first test also takes checkpoints on a second thread
+//! in a loop, as the relay's writer does, so kills also land while a
+//! checkpoint holds the index and acknowledged batches are in the segment
+//! log alone.
+//!
 //! A second test does the same with small segments while the child also
 //! acknowledges two of the three inboxes after every batch and runs segment
 //! compaction between batches, so kills land in the middle of compactions:
@@ -47,6 +52,8 @@ const MAX_BATCHES: u64 = 20_000;
 const MAX_KILL_DELAY_MS: u64 = 60;
 /// Shortest delay before a kill in the compaction test.
 const MIN_COMPACT_KILL_DELAY_MS: u64 = 40;
+/// Pause between the checkpoints of the first test's child.
+const CHECKPOINT_EVERY_MS: u64 = 5;
 /// Bound on waiting for a child to open the store.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -122,7 +129,16 @@ fn registration(n: u64) -> DeviceRegistration {
 
 fn child(path: &Path, compacting: bool) {
     let round: u64 = std::env::var(ROUND_ENV).unwrap().parse().unwrap();
-    let store = open(path, compacting);
+    let store = std::sync::Arc::new(open(path, compacting));
+    if !compacting {
+        let store = std::sync::Arc::clone(&store);
+        std::thread::spawn(move || {
+            loop {
+                store.checkpoint().unwrap();
+                std::thread::sleep(Duration::from_millis(CHECKPOINT_EVERY_MS));
+            }
+        });
+    }
     for r in 0..RECIPIENTS {
         store.register_device(&registration(10 + r), 0).unwrap();
     }
@@ -153,6 +169,14 @@ fn child(path: &Path, compacting: bool) {
         let batch: Vec<_> = idxs.iter().map(|&i| envelope(round, i)).collect();
         let outcomes = store.commit(&batch).unwrap();
         report(round, &idxs, &outcomes);
+        if !compacting {
+            writeln!(
+                std::io::stdout().lock(),
+                "AHEAD {}",
+                store.logged_ahead_total()
+            )
+            .unwrap();
+        }
         if compacting {
             for r in 0..RECIPIENTS {
                 if 10 + r != KEPT {
@@ -387,6 +411,7 @@ fn parent(compacting: bool) {
     let mut duplicates = 0;
     let mut compactions = 0u64;
     let mut recovered = 0u64;
+    let mut ahead = 0u64;
     let started = Instant::now();
     for round in 0..ROUNDS {
         // The compaction test's children first need a few segments to fill
@@ -402,9 +427,13 @@ fn parent(compacting: bool) {
         if was_running {
             killed_mid_run += 1;
         }
+        let mut ahead_in_round = 0;
         for line in &lines {
             if let Some(n) = line.strip_prefix("COMPACTED ") {
                 compactions += n.parse::<u64>().unwrap();
+            }
+            if let Some(n) = line.strip_prefix("AHEAD ") {
+                ahead_in_round = n.parse::<u64>().unwrap();
             }
             let Some((msg, rep)) = parse(line) else {
                 continue;
@@ -421,12 +450,14 @@ fn parent(compacting: bool) {
                 }
             }
         }
+        ahead += ahead_in_round;
         recovered += verify(&path, compacting, round, &reported);
     }
     eprintln!(
         "crash test: {ROUNDS} rounds in {:?}, {} envelopes reported, {duplicates} retries \
          deduplicated, {killed_mid_run} children killed mid-run, {compactions} compaction \
-         steps, {recovered} envelopes recovered from the segment log",
+         steps, {recovered} envelopes recovered from the segment log, {ahead} acknowledged \
+         while a checkpoint held the index",
         started.elapsed(),
         reported.len(),
     );
@@ -441,6 +472,10 @@ fn parent(compacting: bool) {
         assert!(
             recovered > 0,
             "no kill left anything for the log to recover"
+        );
+        assert!(
+            ahead > 0,
+            "no send went to the log alone during a checkpoint"
         );
     }
     assert!(

@@ -394,6 +394,10 @@ impl Store for ShardedStore {
         Ok(())
     }
 
+    fn checkpoint_due(&self) -> bool {
+        self.shards.iter().any(|s| s.checkpoint_due())
+    }
+
     // Blobs live on the first shard: they are few (one per history
     // transfer), and one place keeps the per-device blob limits exact.
     fn blob_put(

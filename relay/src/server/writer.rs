@@ -99,7 +99,7 @@ pub fn start(
             // database while this thread still held it ("already open").
             let done_tx = done_tx;
             let (rx, store, hub, metrics) = (rx, store, hub, metrics);
-            run(rx, store.as_ref(), &hub, &metrics, &held);
+            run(rx, &store, &hub, &metrics, &held);
             drop((store, hub, metrics));
             let _ = done_tx.send(());
         })?;
@@ -203,20 +203,24 @@ fn traffic(metrics: &Metrics) -> u64 {
 /// pacer holds compaction back raises `held_back`, and the clock task of
 /// [`start`] answers with a [`WriterMsg::Wake`] at its next tick.
 ///
-/// Once compaction has nothing to do, the first quiet moment after a commit
-/// group takes a store checkpoint ([`Store::checkpoint`]): the redb store
-/// commits sends without syncing its index (the segment log is the durable
-/// copy), and a checkpoint, which writes that index out, blocks sends for as
-/// long as it takes. Taken while the relay is quiet, it does not delay
-/// anyone, and the log an open would replay stays short; under steady
-/// traffic the store takes one by itself at its bound.
+/// Store checkpoints ([`Store::checkpoint`]): the redb store commits sends
+/// without syncing its index (the segment log is the durable copy), and a
+/// checkpoint writes that index out. Once the store says one is due
+/// ([`Store::checkpoint_due`]), a thread of its own takes it while this one
+/// goes on committing: the store sends those batches to its log alone
+/// meanwhile and indexes them when the checkpoint is done, so their inboxes'
+/// live sessions are woken then, not before (a pull would not see them
+/// yet). And once compaction has nothing to do, the first quiet moment after
+/// a commit group takes one here, so the log an open would replay stays
+/// short.
 fn run(
     mut rx: mpsc::Receiver<WriterMsg>,
-    store: &dyn Store,
-    hub: &DeviceHub,
+    store: &Arc<dyn Store>,
+    hub: &Arc<DeviceHub>,
     metrics: &Metrics,
     held_back: &AtomicBool,
 ) {
+    let mut background = Background::default();
     let mut compacting = true;
     // Commit groups since the last checkpoint.
     let mut dirty = false;
@@ -231,7 +235,7 @@ fn run(
                     let seen = traffic(metrics);
                     if compacting {
                         if pacer.may_step(now, seen) {
-                            compacting = compact_step(store);
+                            compacting = compact_step(store.as_ref());
                             pacer.stepped(now);
                         } else {
                             compacting = false;
@@ -239,8 +243,8 @@ fn run(
                         }
                         continue;
                     }
-                    if pacer.is_quiet(now, seen) {
-                        checkpoint(store);
+                    if pacer.is_quiet(now, seen) && !background.running() {
+                        checkpoint(store.as_ref());
                         dirty = false;
                         continue;
                     }
@@ -289,12 +293,85 @@ fn run(
                 Err(_) => break,
             }
         }
-        commit_group(group, count, store, hub, metrics);
+        commit_group(
+            group,
+            count,
+            store.as_ref(),
+            hub,
+            metrics,
+            &background.deferred,
+        );
         compacting = true;
         dirty = true;
+        if !background.running() && store.checkpoint_due() {
+            background.start(store, hub);
+        }
     }
-    checkpoint(store);
+    background.wait();
+    checkpoint(store.as_ref());
     tracing::debug!("commit writer stopped");
+}
+
+/// Inbox heads that commits moved, held back while a checkpoint runs on
+/// its thread (`Some`), to be announced when it is done.
+type Deferred = std::sync::Mutex<Option<Vec<(DeviceId, u64)>>>;
+
+/// The checkpoint thread, if one was started.
+#[derive(Default)]
+struct Background {
+    thread: Option<std::thread::JoinHandle<()>>,
+    deferred: Arc<Deferred>,
+}
+
+impl Background {
+    /// Whether a checkpoint is still running.
+    fn running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Take a checkpoint on a thread of its own; the inbox heads committed
+    /// meanwhile are announced when it is done.
+    fn start(&mut self, store: &Arc<dyn Store>, hub: &Arc<DeviceHub>) {
+        self.wait();
+        *lock(&self.deferred) = Some(Vec::new());
+        let (store, waker, deferred) = (
+            Arc::clone(store),
+            Arc::clone(hub),
+            Arc::clone(&self.deferred),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("hush-checkpoint".into())
+            .spawn(move || {
+                checkpoint(store.as_ref());
+                let heads = lock(&deferred).take().unwrap_or_default();
+                if !heads.is_empty() {
+                    waker.committed(&heads);
+                }
+            });
+        match spawned {
+            Ok(t) => self.thread = Some(t),
+            Err(e) => {
+                // The store takes an overdue checkpoint by itself.
+                tracing::warn!("could not start a checkpoint thread: {e}");
+                if let Some(heads) = lock(&self.deferred).take() {
+                    hub.committed(&heads);
+                }
+            }
+        }
+    }
+
+    /// Wait for a running checkpoint to end.
+    fn wait(&mut self) {
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("the checkpoint thread panicked");
+        }
+    }
+}
+
+fn lock(d: &Deferred) -> std::sync::MutexGuard<'_, Option<Vec<(DeviceId, u64)>>> {
+    d.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Take a store checkpoint; a failure is logged and loses nothing (the next
@@ -334,6 +411,7 @@ fn commit_group(
     store: &dyn Store,
     hub: &DeviceHub,
     metrics: &Metrics,
+    deferred: &Deferred,
 ) {
     let mut batch = Vec::new();
     let mut replies = Vec::with_capacity(group.len());
@@ -379,7 +457,16 @@ fn commit_group(
                 }
             }
             let heads: Vec<(DeviceId, u64)> = heads.into_iter().collect();
-            hub.committed(&heads);
+            // While a checkpoint runs, the store may hold these envelopes
+            // in its log alone: their sessions are woken when it is done.
+            let mut held = lock(deferred);
+            match held.as_mut() {
+                Some(later) => later.extend(heads),
+                None => {
+                    drop(held);
+                    hub.committed(&heads);
+                }
+            }
             let mut rest = outcomes.into_iter();
             for (n, reply) in replies {
                 let mine: Vec<CommitOutcome> = rest.by_ref().take(n).collect();
@@ -544,6 +631,74 @@ mod tests {
             .await
             .expect("writer takes the stop");
         writer.await.expect("writer ends after the stop");
+    }
+
+    fn commit_one(store: &dyn Store, hub: &DeviceHub, deferred: &Deferred, env: NewEnvelope) {
+        let (reply, _answer) = oneshot::channel();
+        let request = CommitRequest {
+            envelopes: vec![env],
+            sends: 1,
+            reply,
+            queued_at: Instant::now(),
+        };
+        commit_group(vec![request], 1, store, hub, &Metrics::new(), deferred);
+    }
+
+    #[test]
+    fn sessions_hear_of_commits_made_during_a_checkpoint_when_it_ends() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::redb_store::RedbStore::open(
+                dir.path().join("s.redb"),
+                Default::default(),
+            )
+            .expect("open"),
+        );
+        let recipient = DeviceId([1; 16]);
+        store
+            .register_device(
+                &DeviceRegistration {
+                    device: recipient,
+                    user: UserKey([2; 32]),
+                    signing_key: [3; 32],
+                    agreement_key: [4; 32],
+                    user_signature: [5; 64],
+                },
+                0,
+            )
+            .expect("register");
+        let hub = Arc::new(DeviceHub::default());
+        let mut session = hub.claim(recipient, 1);
+        // While a checkpoint runs, a commit's heads wait.
+        let held: Deferred = std::sync::Mutex::new(Some(Vec::new()));
+        commit_one(store.as_ref(), &hub, &held, envelope(recipient, 1));
+        assert!(!session.inbox.has_changed().expect("hub alive"));
+        assert_eq!(lock(&held).as_deref(), Some(&[(recipient, 1)][..]));
+        // A checkpoint thread announces them when it is done, or, if it
+        // ended before the commit looked, the commit does: in both orders
+        // the session hears of seq 2.
+        for n in 2..=40u8 {
+            let mut background = Background::default();
+            background.start(&store, &hub);
+            commit_one(
+                store.as_ref(),
+                &hub,
+                &background.deferred,
+                envelope(recipient, n),
+            );
+            background.wait();
+            assert!(lock(&background.deferred).is_none());
+            assert!(session.inbox.has_changed().expect("hub alive"));
+            assert_eq!(*session.inbox.borrow_and_update(), u64::from(n));
+        }
+        assert_eq!(
+            store
+                .pull(&recipient, 0, 100, usize::MAX)
+                .expect("pull")
+                .envelopes
+                .len(),
+            40
+        );
     }
 
     fn at(start: Instant, ms: u64) -> Instant {

@@ -608,6 +608,14 @@ pub trait Store: Send + Sync + 'static {
     fn checkpoint(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Whether a [`Store::checkpoint`] is due, for the relay's writer to
+    /// take one on another thread (the redb store goes on committing sends
+    /// to its segment log meanwhile). Stores whose every commit is durable
+    /// never need one.
+    fn checkpoint_due(&self) -> bool {
+        false
+    }
 }
 
 /// The devices `previous` names that `list` does not (in `previous`'s order).

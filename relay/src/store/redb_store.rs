@@ -28,8 +28,8 @@ use super::keys::{
 use super::rules::{self, PageBudget};
 pub use super::segments::DEFAULT_SEGMENT_BYTES;
 use super::segments::{
-    Append, BATCH_ENTRY_LEN, BATCH_HEADER_LEN, BodyRef, LogTail, LoggedBatch, LoggedFields,
-    RECORD_HEADER_LEN, ReadError, SEGMENT_HEADER_LEN, Segments,
+    Append, BATCH_ENTRY_LEN, BATCH_HEADER_LEN, BodyRef, LogTail, LoggedFields, RECORD_HEADER_LEN,
+    ReadError, SEGMENT_HEADER_LEN, Segments,
 };
 use super::tables::SegmentInfo;
 use super::tables::*;
@@ -100,7 +100,12 @@ pub struct RedbStore {
     recovered: AtomicU64,
     /// When the index was last committed durably.
     checkpoint: std::sync::Mutex<Checkpoint>,
+    /// Send batches in the log that a running checkpoint keeps out of the
+    /// index for now ([`ahead`]).
+    ahead: std::sync::Mutex<ahead::Ahead>,
 }
+
+mod ahead;
 
 /// Where segment compaction stands (in memory only: after a restart it
 /// starts over, and records already moved are simply no longer live).
@@ -150,12 +155,17 @@ pub const CHECKPOINT_ENVELOPES: u64 = 131_072;
 /// [`CHECKPOINT_ENVELOPES`]).
 pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// A batch found in the segment log, being committed again at open.
-struct Replay<'a> {
+/// A batch in the segment log past the index's end, being committed to the
+/// index with the seqs its records carry: found at open (§5 of
+/// `docs/STORAGE.md`), or appended while a checkpoint held the index
+/// ([`ahead`]).
+struct Replay {
     /// Its segment.
     id: u32,
-    /// The batch.
-    batch: &'a LoggedBatch,
+    /// Its records (inbox, seq, where), in order.
+    records: std::collections::VecDeque<(DeviceId, u64, BodyRef)>,
+    /// Where its first record begins, and one past its trailer.
+    span: (u64, u64),
     /// The segment before `id`, when this batch is the first of a segment
     /// that has no row yet.
     rolled_from: Option<u32>,
@@ -435,6 +445,7 @@ impl RedbStore {
                 dirty: false,
                 at: std::time::Instant::now(),
             }),
+            ahead: std::sync::Mutex::new(ahead::Ahead::default()),
         };
         store.replay_log(&tail, rows.last_key_value().map(|(&id, _)| id))?;
         Ok(store)
@@ -476,7 +487,12 @@ impl RedbStore {
                 let rolled_from = if t.unlisted && n == 0 { previous } else { None };
                 let replay = Replay {
                     id: t.id,
-                    batch,
+                    records: batch
+                        .records
+                        .iter()
+                        .map(|r| (r.device, r.seq, r.body))
+                        .collect(),
+                    span: (batch.start, batch.end),
                     rolled_from,
                 };
                 self.commit_batch(&envelopes, Some(replay))?;
@@ -514,27 +530,50 @@ impl RedbStore {
 
     /// Commit the index durably now, so the next open has nothing to
     /// replay and segments freed since the last durable commit are deleted.
-    /// The writer calls this when it stops; envelope commits take one by
-    /// themselves every [`CHECKPOINT_ENVELOPES`] or [`CHECKPOINT_INTERVAL`].
+    /// Sends are not held up meanwhile: while it runs, their batches go to
+    /// the segment log alone and are committed to the index once it is done
+    /// ([`ahead`]). The relay's writer takes one on another thread when
+    /// [`RedbStore::checkpoint_due`], when it is quiet, and when it stops.
+    /// Returns at once if another checkpoint is running.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
-        if !self.needs_checkpoint() {
-            // Everything is durable already (a durable commit also deletes
-            // the segments waiting for one).
-            return Ok(());
+        {
+            let mut ahead = self.ahead();
+            if ahead.checkpointing || !self.needs_checkpoint() {
+                // Everything is durable already (a durable commit also
+                // deletes the segments waiting for one), or about to be.
+                return Ok(());
+            }
+            ahead.checkpointing = true;
         }
         // An empty transaction, committed durably: redb persists every
         // commit before it with it.
-        self.write_with(Durability::Immediate, |_, _| Ok(((), Changed::Yes)))
+        let done = self.write_with(Durability::Immediate, |_, _| Ok(((), Changed::Yes)));
+        let mut ahead = self.ahead();
+        let drained = self.drain_ahead(&mut ahead);
+        ahead.checkpointing = false;
+        done.and(drained)
+    }
+
+    /// Whether a checkpoint is due: [`CHECKPOINT_ENVELOPES`] envelopes or
+    /// [`CHECKPOINT_INTERVAL`] since the last one. If nobody takes it, the
+    /// envelope commit at twice the bound does, holding sends meanwhile.
+    pub fn checkpoint_due(&self) -> bool {
+        let c = self
+            .checkpoint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.dirty && (c.envelopes >= CHECKPOINT_ENVELOPES || c.at.elapsed() >= CHECKPOINT_INTERVAL)
     }
 
     /// The durability of the next envelope commit: none (its batch is
-    /// synced in the segment log) unless a checkpoint is due.
+    /// synced in the segment log) unless a checkpoint is overdue (twice
+    /// the bound: nobody took it, as the relay's writer does on time).
     fn envelope_durability(&self) -> Durability {
         let c = self
             .checkpoint
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if c.envelopes >= CHECKPOINT_ENVELOPES || c.at.elapsed() >= CHECKPOINT_INTERVAL {
+        if c.envelopes >= 2 * CHECKPOINT_ENVELOPES || c.at.elapsed() >= 2 * CHECKPOINT_INTERVAL {
             Durability::Immediate
         } else {
             Durability::None
@@ -564,6 +603,12 @@ impl RedbStore {
     /// the step, so sends wait for at most one step. Returns whether
     /// anything was done (call again until it returns `false`).
     pub fn compact(&self, budget: u64) -> Result<bool, StoreError> {
+        // Compaction appends to the active segment and moves its end: not
+        // while batches are in the log ahead of the index (see [`ahead`]).
+        let ahead = self.ahead();
+        if ahead.checkpointing {
+            return Ok(false);
+        }
         let _commit = self.segments.lock_commits();
         let mut state = self
             .compaction
@@ -919,12 +964,13 @@ impl RedbStore {
     fn commit_batch(
         &self,
         batch: &[NewEnvelope],
-        replay: Option<Replay<'_>>,
+        replay: Option<Replay>,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let limits = if replay.is_some() {
+        let replaying = replay.is_some();
+        let limits = if replaying {
             StoreLimits {
                 max_inbox_messages: u64::MAX,
                 max_inbox_bytes: u64::MAX,
@@ -934,13 +980,19 @@ impl RedbStore {
         } else {
             self.limits
         };
-        // An upper bound of the batch's bytes (records and trailer), to
-        // decide whether it still fits in the active segment.
-        let upper: u64 = batch
-            .iter()
-            .map(|e| (RECORD_HEADER_LEN + BATCH_ENTRY_LEN) as u64 + e.bytes.len() as u64)
-            .sum::<u64>()
-            + BATCH_HEADER_LEN as u64;
+        // A fresh batch waits for no checkpoint: while one runs, it goes to
+        // the log alone. Otherwise no checkpoint starts before this commit
+        // is done (the lock is held to the end).
+        let _ahead = if replaying {
+            None
+        } else {
+            let mut ahead = self.ahead();
+            if ahead.checkpointing {
+                return self.commit_ahead(&mut ahead, batch);
+            }
+            Some(ahead)
+        };
+        let upper = ahead::batch_upper_bound(batch);
         let mut written: Option<Append> = None;
         // One commit at a time from the choice of segment offset to the
         // recording of the new end (redb's write lock ends at its commit).
@@ -951,14 +1003,16 @@ impl RedbStore {
         let mut added = 0u64;
         // A replayed batch needs no sync either: until the replay's final
         // checkpoint, the log still holds it.
-        let durability = if replay.is_some() {
+        let durability = if replaying {
             Durability::None
         } else {
             self.envelope_durability()
         };
         let outcomes = self.write_with(durability, |txn, freed| {
-            let mut append = match &replay {
-                Some(r) => self.segments.begin_replay(r.id, r.batch, r.rolled_from)?,
+            let mut append = match replay {
+                Some(r) => self
+                    .segments
+                    .begin_replay(r.id, r.records, r.span, r.rolled_from)?,
                 None => self.segments.begin_append(upper, FORMAT_VERSION)?,
             };
             let devices = txn.open_table(DEVICES)?;
@@ -1123,7 +1177,7 @@ impl RedbStore {
                 c.envelopes = c.envelopes.saturating_add(stored);
             }
         }
-        if replay.is_some()
+        if replaying
             && outcomes
                 .iter()
                 .any(|o| !matches!(o, CommitOutcome::Stored { .. }))
@@ -1891,6 +1945,10 @@ impl Store for RedbStore {
 
     fn checkpoint(&self) -> Result<(), StoreError> {
         RedbStore::checkpoint(self)
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        RedbStore::checkpoint_due(self)
     }
 
     fn blob_put(
@@ -2959,6 +3017,207 @@ mod tests {
             ]
         );
         assert_eq!(bodies(&store, &a), want_a);
+        store.check_consistency().unwrap();
+    }
+
+    /// What a checkpoint does around the commits it lets through: raise the
+    /// flag, (commit durably,) then index what the log got meanwhile. The
+    /// durable commit itself is left out so the test decides what happens
+    /// while it "runs".
+    fn hold_index(store: &RedbStore) {
+        store.ahead().checkpointing = true;
+    }
+
+    fn release_index(store: &RedbStore) {
+        let mut ahead = store.ahead();
+        store.drain_ahead(&mut ahead).unwrap();
+        ahead.checkpointing = false;
+    }
+
+    #[test]
+    fn sends_during_a_checkpoint_are_logged_acked_and_indexed_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let limits = StoreLimits {
+            max_inbox_messages: 8,
+            ..StoreLimits::default()
+        };
+        let store = RedbStore::open_with_segment_size(&path, limits, 8192).unwrap();
+        let (a, b, stranger) = (DeviceId([1; 16]), DeviceId([2; 16]), DeviceId([3; 16]));
+        store.register_device(&registration(1), 1).unwrap();
+        store.register_device(&registration(2), 1).unwrap();
+        store
+            .commit(&[envelope(a, 1, 100), envelope(b, 2, 100)])
+            .unwrap();
+        hold_index(&store);
+        // Decided as the index would: seqs continue each inbox, a retry of
+        // an indexed envelope or of one in the log is a duplicate of its
+        // seq, strangers are refused, and the quota counts the log too.
+        let mut got = Vec::new();
+        for m in 3..=9 {
+            got.extend(store.commit(&[envelope(a, m, 3000)]).unwrap());
+        }
+        let seqs: Vec<CommitOutcome> = (2..=8).map(|seq| CommitOutcome::Stored { seq }).collect();
+        assert_eq!(got, seqs);
+        assert!(segment_files(&store).len() >= 3, "the log rolled");
+        assert_eq!(
+            store
+                .commit(&[
+                    envelope(a, 1, 100),
+                    envelope(a, 4, 3000),
+                    envelope(stranger, 20, 10),
+                    envelope(b, 21, 10),
+                    envelope(b, 21, 10),
+                    envelope(a, 22, 10),
+                    envelope(a, 23, 10),
+                ])
+                .unwrap(),
+            vec![
+                CommitOutcome::Duplicate { seq: 1 },
+                CommitOutcome::Duplicate { seq: 3 },
+                CommitOutcome::Refused(Refusal::UnknownRecipient),
+                CommitOutcome::Stored { seq: 2 },
+                CommitOutcome::Duplicate { seq: 2 },
+                CommitOutcome::Refused(Refusal::QuotaMessages),
+                CommitOutcome::Refused(Refusal::QuotaMessages),
+            ]
+        );
+        assert_eq!(store.ahead_of_index(), 8);
+        // Not in the index yet: pulls see what was there before, and
+        // compaction waits.
+        assert_eq!(bodies(&store, &a).len(), 1);
+        assert_eq!(bodies(&store, &b).len(), 1);
+        assert!(!store.compact(COMPACT_STEP_BYTES).unwrap());
+        release_index(&store);
+        assert_eq!(store.ahead_of_index(), 0);
+        let want_a: Inbox = std::iter::once((1, vec![1u8; 100]))
+            .chain((3..=9u8).map(|m| (u64::from(m) - 1, vec![m; 3000])))
+            .collect();
+        assert_eq!(bodies(&store, &a), want_a);
+        assert_eq!(
+            bodies(&store, &b),
+            vec![(1, vec![2; 100]), (2, vec![21; 10])]
+        );
+        store.check_consistency().unwrap();
+        // The index continues where the log left it.
+        assert_eq!(
+            store
+                .commit(&[envelope(b, 30, 10), envelope(a, 4, 3000)])
+                .unwrap(),
+            vec![
+                CommitOutcome::Stored { seq: 3 },
+                CommitOutcome::Duplicate { seq: 3 }
+            ]
+        );
+        store.checkpoint().unwrap();
+        drop(store);
+        let store = RedbStore::open_with_segment_size(&path, limits, 8192).unwrap();
+        assert_eq!(store.recovered_at_open(), 0);
+        assert_eq!(bodies(&store, &a), want_a);
+        store.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn a_crash_while_the_log_is_ahead_of_the_index_loses_no_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = RedbStore::open_with_segment_size(&path, StoreLimits::default(), 8192).unwrap();
+        let (a, b) = (DeviceId([1; 16]), DeviceId([2; 16]));
+        store.register_device(&registration(1), 1).unwrap();
+        store.register_device(&registration(2), 1).unwrap();
+        store
+            .commit(&[envelope(a, 1, 100), envelope(b, 2, 100)])
+            .unwrap();
+        store.checkpoint().unwrap();
+        // The index as the checkpoint left it on disk; the process dies
+        // before the batches acknowledged meanwhile reach it.
+        let index = std::fs::read(&path).unwrap();
+        hold_index(&store);
+        let mut acked = 0;
+        for m in 3..=10 {
+            let out = store.commit(&[envelope(a, m, 3000), envelope(b, m + 100, 10)]);
+            acked += out
+                .unwrap()
+                .iter()
+                .filter(|o| matches!(o, CommitOutcome::Stored { .. }))
+                .count();
+        }
+        assert_eq!(acked, 16);
+        let crashed = crash_image(&index, &store, dir.path());
+        drop(store);
+        let store =
+            RedbStore::open_with_segment_size(&crashed, StoreLimits::default(), 8192).unwrap();
+        assert_eq!(store.recovered_at_open(), 16);
+        let got_a = bodies(&store, &a);
+        assert_eq!(got_a.len(), 9);
+        assert!(
+            got_a
+                .iter()
+                .enumerate()
+                .all(|(i, (seq, _))| *seq == i as u64 + 1)
+        );
+        assert_eq!(bodies(&store, &b).len(), 9);
+        store.check_consistency().unwrap();
+    }
+
+    #[test]
+    fn checkpoints_racing_sends_lose_and_repeat_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = std::sync::Arc::new(
+            RedbStore::open_with_segment_size(&path, StoreLimits::default(), 64 * 1024).unwrap(),
+        );
+        let devices: Vec<DeviceId> = (1..=3u8).map(|n| DeviceId([n; 16])).collect();
+        for n in 1..=3u8 {
+            store.register_device(&registration(n), 1).unwrap();
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checkpoints = {
+            let (store, stop) = (std::sync::Arc::clone(&store), std::sync::Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut n = 0u32;
+                while !stop.load(Ordering::Acquire) {
+                    store.checkpoint().unwrap();
+                    n += 1;
+                    std::thread::yield_now();
+                }
+                n
+            })
+        };
+        let mut want: HashMap<DeviceId, u64> = HashMap::new();
+        // At least 600 sends, and on until some went to the log while a
+        // checkpoint held the index.
+        let mut m = 0u32;
+        while m < 600 || (store.logged_ahead_total() == 0 && m < 20_000) {
+            m += 1;
+            // Every tenth send is a retry of the one before it.
+            let id = if m.is_multiple_of(10) { m - 1 } else { m };
+            let to = devices[id as usize % 3];
+            match store.commit(&[envelope(to, id, 200)]).unwrap()[..] {
+                [CommitOutcome::Stored { seq }] => {
+                    assert!(id == m, "retry {m} stored again");
+                    let head = want.entry(to).or_insert(0);
+                    *head += 1;
+                    assert_eq!(seq, *head);
+                }
+                [CommitOutcome::Duplicate { .. }] => assert!(id != m),
+                ref other => panic!("{other:?}"),
+            }
+        }
+        assert!(store.logged_ahead_total() > 0);
+        stop.store(true, Ordering::Release);
+        let ran = checkpoints.join().unwrap();
+        assert!(ran > 0);
+        store.checkpoint().unwrap();
+        for d in &devices {
+            let got = bodies(&store, d);
+            assert_eq!(got.len() as u64, want[d]);
+            assert!(
+                got.iter()
+                    .enumerate()
+                    .all(|(i, (seq, _))| *seq == i as u64 + 1)
+            );
+        }
         store.check_consistency().unwrap();
     }
 }

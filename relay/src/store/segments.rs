@@ -418,6 +418,11 @@ impl Append {
         self.start + self.buf.len() as u64
     }
 
+    /// Where the batch begins in its segment.
+    pub(crate) fn start(&self) -> u64 {
+        self.start
+    }
+
     /// Bytes of the batch's records (what their index rows count as live;
     /// the trailer is never live).
     pub(crate) fn record_bytes(&self) -> u64 {
@@ -755,34 +760,40 @@ impl Segments {
         Ok(parse_log(tail.id, tail.from, &bytes))
     }
 
-    /// Start replaying `batch` of segment `id` (the next batch of the log,
-    /// beginning at the segment's current end). `rolled_from` is the
+    /// Start replaying a batch of segment `id` whose records (inbox, seq,
+    /// where) are on disk already:
+    /// the next batch of the log past the index's end, found at open or
+    /// appended while a checkpoint held the index, from `start` to `end`.
+    /// `rolled_from` is the
     /// segment before it when the batch is the first of an unlisted one.
     pub(crate) fn begin_replay(
         &self,
         id: u32,
-        batch: &LoggedBatch,
+        records: std::collections::VecDeque<(DeviceId, u64, BodyRef)>,
+        (start, end): (u64, u64),
         rolled_from: Option<u32>,
     ) -> Result<Append, StoreError> {
         let file = self.handle(id).map_err(StoreError::from)?;
         Ok(Append {
             id,
             file,
-            start: batch.start,
+            start,
             buf: Vec::new(),
             rolled_from,
             entries: Vec::new(),
             record_bytes: 0,
-            replay: Some(
-                batch
-                    .records
-                    .iter()
-                    .map(|r| (r.device, r.seq, r.body))
-                    .collect(),
-            ),
-            replay_end: batch.end,
+            replay: Some(records),
+            replay_end: end,
             poisoned: Arc::clone(&self.poisoned),
         })
+    }
+
+    /// Refuse every later commit until a restart: a batch that was
+    /// acknowledged from the log could not be committed to the index, and
+    /// only the replay at the next open can put it back in order.
+    pub(crate) fn poison(&self) {
+        self.poisoned
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// The replay is over: cut `id` back to `end` (what lies past it is not

@@ -1,0 +1,241 @@
+//! Envelope commits that go on while a checkpoint holds the index.
+//!
+//! A checkpoint (a durable redb commit, [`RedbStore::checkpoint`]) writes
+//! out every index page that the commits since the last one changed: about
+//! 300 bytes per envelope, ~50 ms after 100,000 envelopes on the reference
+//! host (`BENCHMARKS.md`), and redb's one write lock is held all that time.
+//! A send does not need that lock to be durable: its batch and the batch's
+//! trailer in the segment log are the durable copy, from which an open after
+//! a crash commits the index rows again (`docs/STORAGE.md` §5).
+//!
+//! So while a checkpoint runs, a send commit is decided here against a read
+//! snapshot of the index plus what was appended meanwhile (dedup, known
+//! recipient, quotas, the next seq of each inbox), appended with its trailer
+//! and synced, and acknowledged: the log is **ahead** of the index. When the
+//! checkpoint has committed, the batches are committed to the index by the
+//! same replay path the open uses, each envelope under the seq its record
+//! carries; pulls see them from then on. Nothing else commits envelopes or
+//! moves a segment's end meanwhile: the normal send path and compaction hold
+//! [`Ahead`]'s lock for their whole commit, and the checkpoint takes it to
+//! start and to finish.
+//!
+//! A crash at any point leaves what a crash between two log-synced commits
+//! leaves: whole batches past the index's durable end, which the next open
+//! replays. If committing a batch to the index fails after its ack, the log
+//! is poisoned: every later commit fails until a restart, whose replay puts
+//! the batch back in order.
+
+use super::*;
+use std::collections::VecDeque;
+
+/// What was appended to the log while a checkpoint held the index.
+#[derive(Default)]
+pub(super) struct Ahead {
+    /// A checkpoint holds (or is about to take) redb's write lock: send
+    /// commits go to the log alone.
+    pub(super) checkpointing: bool,
+    /// Batches appended and synced meanwhile, in log order.
+    pending: Vec<Pending>,
+    /// The inbox states those batches leave.
+    states: HashMap<DeviceId, InboxState>,
+    /// Their dedup keys, with the seq each got.
+    dedup: HashMap<DedupKey, u64>,
+    /// What they count against the store cap.
+    added: u64,
+    /// Envelopes acknowledged from the log alone since the store opened.
+    total: u64,
+}
+
+impl std::fmt::Debug for Ahead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ahead")
+            .field("checkpointing", &self.checkpointing)
+            .field("pending_batches", &self.pending.len())
+            .field("pending_envelopes", &self.dedup.len())
+            .finish()
+    }
+}
+
+/// One batch in the log that the index does not have yet.
+struct Pending {
+    replay: Replay,
+    envelopes: Vec<NewEnvelope>,
+}
+
+impl RedbStore {
+    /// The lock over [`Ahead`].
+    pub(super) fn ahead(&self) -> std::sync::MutexGuard<'_, Ahead> {
+        self.ahead
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// [`Store::commit`] while a checkpoint holds the index: decide each
+    /// envelope as the index commit would, append the stored ones with
+    /// their trailer and sync them, and queue the batch for the index.
+    pub(super) fn commit_ahead(
+        &self,
+        ahead: &mut Ahead,
+        batch: &[NewEnvelope],
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
+        let _commit = self.segments.lock_commits();
+        let txn = self.db.begin_read()?;
+        let devices = txn.open_table(DEVICES)?;
+        let dedup = txn.open_table(DEDUP)?;
+        let meta = txn.open_table(INBOX_META)?;
+        let stored = self
+            .stored
+            .load(Ordering::Acquire)
+            .saturating_add(ahead.added);
+        let mut append = self
+            .segments
+            .begin_append(batch_upper_bound(batch), FORMAT_VERSION)?;
+        // This batch's changes, merged into `ahead` only once it is synced.
+        let mut states: HashMap<DeviceId, InboxState> = HashMap::new();
+        let mut keys: HashMap<DedupKey, u64> = HashMap::new();
+        let mut known: HashMap<DeviceId, bool> = HashMap::new();
+        let mut added = 0u64;
+        let mut records = VecDeque::new();
+        let mut kept = Vec::new();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for env in batch {
+            let dk = dedup_key(&env.sender, &env.recipient, &env.message_id);
+            let earlier = match keys.get(&dk).or_else(|| ahead.dedup.get(&dk)) {
+                Some(&seq) => Some(seq),
+                None => dedup
+                    .get(&dk)?
+                    .map(|g| decode_dedup(g.value()))
+                    .transpose()?
+                    .map(|e| e.seq),
+            };
+            if let Some(seq) = earlier {
+                outcomes.push(CommitOutcome::Duplicate { seq });
+                continue;
+            }
+            let is_known = match known.get(&env.recipient) {
+                Some(&k) => k,
+                None => {
+                    let k = devices.get(env.recipient.as_bytes())?.is_some();
+                    known.insert(env.recipient, k);
+                    k
+                }
+            };
+            if !is_known {
+                outcomes.push(CommitOutcome::Refused(Refusal::UnknownRecipient));
+                continue;
+            }
+            let state = match states.entry(env.recipient) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let s = match ahead.states.get(&env.recipient) {
+                        Some(&s) => s,
+                        None => load_state(&meta, &env.recipient)?,
+                    };
+                    v.insert(s)
+                }
+            };
+            let len = env.bytes.len() as u64;
+            if let Err(refusal) = rules::admit(state, len, &self.limits)
+                .and_then(|()| rules::admit_store(stored.saturating_add(added), len, &self.limits))
+            {
+                outcomes.push(CommitOutcome::Refused(refusal));
+                continue;
+            }
+            let seq = rules::assign(state, len)
+                .ok_or_else(|| StoreError::Backend("inbox seq space exhausted".into()))?;
+            let body = append.push_logged(
+                &env.recipient,
+                seq,
+                &env.bytes,
+                LoggedFields {
+                    sender: env.sender,
+                    message_id: env.message_id,
+                    conversation: env.conversation,
+                    sender_seq: env.sender_seq,
+                    expires_at_ms: env.expires_at_ms,
+                },
+            )?;
+            records.push_back((env.recipient, seq, body));
+            kept.push(env.clone());
+            keys.insert(dk, seq);
+            added = added.saturating_add(stored_cost(len));
+            outcomes.push(CommitOutcome::Stored { seq });
+        }
+        if kept.is_empty() {
+            // Nothing appended: a segment the append may have created is
+            // created again by the next one.
+            return Ok(outcomes);
+        }
+        append.seal_batch();
+        // A failed write or sync poisons the log (see
+        // `Append::write_and_sync`): nothing of this batch was acknowledged.
+        append.write_and_sync()?;
+        let replay = Replay {
+            id: append.id,
+            records,
+            span: (append.start(), append.end()),
+            rolled_from: append.rolled_from,
+        };
+        self.segments.finish_append(append);
+        ahead.pending.push(Pending {
+            replay,
+            envelopes: kept,
+        });
+        ahead.states.extend(states);
+        ahead.dedup.extend(keys);
+        ahead.added = ahead.added.saturating_add(added);
+        ahead.total = ahead.total.saturating_add(ahead_count(&outcomes));
+        Ok(outcomes)
+    }
+
+    /// The checkpoint has committed: commit the batches appended meanwhile
+    /// to the index, in log order, with the seqs their records carry. A
+    /// failure poisons the log (their senders hold acks; the next open
+    /// replays them).
+    pub(super) fn drain_ahead(&self, ahead: &mut Ahead) -> Result<(), StoreError> {
+        let pending = std::mem::take(&mut ahead.pending);
+        ahead.states.clear();
+        ahead.dedup.clear();
+        ahead.added = 0;
+        for p in pending {
+            if let Err(e) = self.commit_batch(&p.envelopes, Some(p.replay)) {
+                self.segments.poison();
+                tracing::error!(
+                    "acknowledged envelopes could not be committed to the index ({e}); \
+                     refusing commits until a restart recovers them from the log"
+                );
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Envelopes the log holds that the index does not have yet (sends
+    /// acknowledged while a checkpoint runs).
+    pub fn ahead_of_index(&self) -> u64 {
+        self.ahead().dedup.len() as u64
+    }
+
+    /// Envelopes acknowledged from the log alone (while a checkpoint held
+    /// the index) since the store opened.
+    pub fn logged_ahead_total(&self) -> u64 {
+        self.ahead().total
+    }
+}
+
+fn ahead_count(outcomes: &[CommitOutcome]) -> u64 {
+    outcomes
+        .iter()
+        .filter(|o| matches!(o, CommitOutcome::Stored { .. }))
+        .count() as u64
+}
+
+/// An upper bound of a batch's bytes in the log (records and trailer), to
+/// decide whether it still fits in the active segment.
+pub(super) fn batch_upper_bound(batch: &[NewEnvelope]) -> u64 {
+    batch
+        .iter()
+        .map(|e| (RECORD_HEADER_LEN + BATCH_ENTRY_LEN) as u64 + e.bytes.len() as u64)
+        .sum::<u64>()
+        + BATCH_HEADER_LEN as u64
+}
