@@ -548,9 +548,7 @@ impl RedbStore {
         // An empty transaction, committed durably: redb persists every
         // commit before it with it.
         let done = self.write_with(Durability::Immediate, |_, _| Ok(((), Changed::Yes)));
-        let mut ahead = self.ahead();
-        let drained = self.drain_ahead(&mut ahead);
-        ahead.checkpointing = false;
+        let drained = self.drain_ahead();
         done.and(drained)
     }
 
@@ -3029,9 +3027,7 @@ mod tests {
     }
 
     fn release_index(store: &RedbStore) {
-        let mut ahead = store.ahead();
-        store.drain_ahead(&mut ahead).unwrap();
-        ahead.checkpointing = false;
+        store.drain_ahead().unwrap();
     }
 
     #[test]

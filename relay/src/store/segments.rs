@@ -903,11 +903,22 @@ impl Segments {
     /// serialises commits from [`Segments::begin_append`] to here.
     pub(crate) fn finish_append(&self, append: Append) {
         let end = append.end();
-        *self.active.lock().unwrap_or_else(PoisonError::into_inner) = Some(Active {
-            id: append.id,
-            file: append.file,
-            end,
-        });
+        let mut active = self.active.lock().unwrap_or_else(PoisonError::into_inner);
+        // A replayed batch may lie behind batches already appended past it
+        // (those acknowledged while a checkpoint held the index): the end
+        // never moves back.
+        let behind = append.replay.is_some()
+            && active
+                .as_ref()
+                .is_some_and(|a| (a.id, a.end) >= (append.id, end));
+        if !behind {
+            *active = Some(Active {
+                id: append.id,
+                file: append.file,
+                end,
+            });
+        }
+        drop(active);
         // Keep the buffer unless one huge batch made it unusually large.
         if append.buf.capacity() <= SPARE_MAX {
             *self.spare.lock().unwrap_or_else(PoisonError::into_inner) = append.buf;

@@ -35,7 +35,7 @@ pub(super) struct Ahead {
     /// commits go to the log alone.
     pub(super) checkpointing: bool,
     /// Batches appended and synced meanwhile, in log order.
-    pending: Vec<Pending>,
+    pending: VecDeque<Pending>,
     /// The inbox states those batches leave.
     states: HashMap<DeviceId, InboxState>,
     /// Their dedup keys, with the seq each got.
@@ -44,6 +44,21 @@ pub(super) struct Ahead {
     added: u64,
     /// Envelopes acknowledged from the log alone since the store opened.
     total: u64,
+}
+
+/// Batches the drain indexes one lock at a time before it holds the lock
+/// for the rest (see [`RedbStore::drain_ahead`]).
+const DRAIN_TURNS: usize = 4096;
+
+impl Ahead {
+    /// The log is drained (or poisoned): sends commit to the index again.
+    fn close(&mut self) {
+        self.pending.clear();
+        self.states.clear();
+        self.dedup.clear();
+        self.added = 0;
+        self.checkpointing = false;
+    }
 }
 
 impl std::fmt::Debug for Ahead {
@@ -60,6 +75,9 @@ impl std::fmt::Debug for Ahead {
 struct Pending {
     replay: Replay,
     envelopes: Vec<NewEnvelope>,
+    /// What it counts against the store cap (part of [`Ahead::added`]
+    /// until it is indexed).
+    added: u64,
 }
 
 impl RedbStore {
@@ -177,9 +195,10 @@ impl RedbStore {
             rolled_from: append.rolled_from,
         };
         self.segments.finish_append(append);
-        ahead.pending.push(Pending {
+        ahead.pending.push_back(Pending {
             replay,
             envelopes: kept,
+            added,
         });
         ahead.states.extend(states);
         ahead.dedup.extend(keys);
@@ -189,17 +208,52 @@ impl RedbStore {
     }
 
     /// The checkpoint has committed: commit the batches appended meanwhile
-    /// to the index, in log order, with the seqs their records carry. A
-    /// failure poisons the log (their senders hold acks; the next open
-    /// replays them).
-    pub(super) fn drain_ahead(&self, ahead: &mut Ahead) -> Result<(), StoreError> {
-        let pending = std::mem::take(&mut ahead.pending);
-        ahead.states.clear();
-        ahead.dedup.clear();
-        ahead.added = 0;
-        for p in pending {
-            if let Err(e) = self.commit_batch(&p.envelopes, Some(p.replay)) {
+    /// to the index, in log order, with the seqs their records carry, then
+    /// let sends commit to the index again.
+    ///
+    /// The lock over [`Ahead`] is taken for one batch at a time, so sends
+    /// go on to the log meanwhile instead of waiting for the whole backlog
+    /// (each replay and each send append still take the segments' commit
+    /// lock in turn). The overlay of states and dedup keys stays until the
+    /// log is drained: what it holds is in the index or in the log, and it
+    /// is the newer of the two. Indexing a batch costs no sync, so the drain
+    /// outpaces sends, which each wait for one; should it not, it holds the
+    /// lock for the rest after [`DRAIN_TURNS`] batches.
+    ///
+    /// A failure poisons the log (the batches' senders hold acks; the next
+    /// open replays them).
+    pub(super) fn drain_ahead(&self) -> Result<(), StoreError> {
+        let mut turns = 0usize;
+        loop {
+            let mut ahead = self.ahead();
+            let Some(next) = ahead.pending.pop_front() else {
+                ahead.close();
+                return Ok(());
+            };
+            turns += 1;
+            let result = if turns > DRAIN_TURNS {
+                // Hold the lock to the end: no send is appended meanwhile.
+                let mut result = self.commit_batch(&next.envelopes, Some(next.replay));
+                while result.is_ok()
+                    && let Some(p) = ahead.pending.pop_front()
+                {
+                    result = self.commit_batch(&p.envelopes, Some(p.replay));
+                }
+                result
+            } else {
+                drop(ahead);
+                let added = next.added;
+                let result = self.commit_batch(&next.envelopes, Some(next.replay));
+                if result.is_ok() {
+                    // Counted by the store now.
+                    let mut ahead = self.ahead();
+                    ahead.added = ahead.added.saturating_sub(added);
+                }
+                result
+            };
+            if let Err(e) = result {
                 self.segments.poison();
+                self.ahead().close();
                 tracing::error!(
                     "acknowledged envelopes could not be committed to the index ({e}); \
                      refusing commits until a restart recovers them from the log"
@@ -207,7 +261,6 @@ impl RedbStore {
                 return Err(e);
             }
         }
-        Ok(())
     }
 
     /// Envelopes the log holds that the index does not have yet (sends
