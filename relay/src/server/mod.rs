@@ -615,6 +615,46 @@ async fn cert_loop(
     }
 }
 
+/// Kernel buffer asked for on each side of the relay's UDP socket.
+///
+/// One socket carries every QUIC connection. With the kernel's default
+/// receive buffer (208 KiB on Linux), datagrams that arrive while the
+/// relay's endpoint task waits for a CPU are dropped once it is full, and
+/// QUIC only resends them after a loss timer: 64 connections sending at
+/// full rate to a busy 2-core relay lost ~28,000 datagrams in 10 s, which
+/// put their ack p99 at ~88 ms (`BENCHMARKS.md`). Linux caps the request at
+/// `net.core.rmem_max` / `wmem_max`; OPERATING.md says how to raise those.
+pub const UDP_BUFFER_BYTES: usize = 8 << 20;
+
+/// The relay's UDP socket, bound to `addr`, with [`UDP_BUFFER_BYTES`] of
+/// kernel buffer asked for (what the kernel grants is logged).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // As std binds: `[::]` also takes IPv4 where the system allows it.
+        let _ = socket.set_only_v6(false);
+    }
+    // Best effort: a smaller buffer still works, only with more loss.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    let (recv, send) = (socket.recv_buffer_size(), socket.send_buffer_size());
+    tracing::debug!(?recv, ?send, "UDP socket buffers");
+    if let Ok(granted) = recv
+        && granted < UDP_BUFFER_BYTES
+    {
+        tracing::info!(
+            granted,
+            asked = UDP_BUFFER_BYTES,
+            "the kernel granted a smaller UDP receive buffer than asked for; \
+             raise net.core.rmem_max for busy relays (docs/OPERATING.md)"
+        );
+    }
+    Ok(socket.into())
+}
+
 /// Tries at finding an ephemeral port number free on both UDP and TCP.
 const SAME_PORT_TRIES: usize = 16;
 
@@ -631,7 +671,15 @@ async fn bind_quic_and_ws(
     let mut tries = 0;
     loop {
         tries += 1;
-        let endpoint = quinn::Endpoint::server(server_config.clone(), config.listen)
+        let endpoint = udp_socket(config.listen)
+            .and_then(|socket| {
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(server_config.clone()),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
             .map_err(net("QUIC", config.listen))?;
         let quic_addr = endpoint.local_addr().map_err(net("QUIC", config.listen))?;
         let ws_at = match config.ws_listen {
@@ -664,6 +712,26 @@ async fn bind_quic_and_ws(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_udp_socket_gets_the_largest_buffer_the_kernel_allows() {
+        let socket = socket2::Socket::from(
+            udp_socket(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind on loopback"),
+        );
+        let max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .expect("rmem_max")
+            .trim()
+            .parse()
+            .expect("a number");
+        // Linux reports twice what it grants (the rest is its bookkeeping).
+        let granted = socket.recv_buffer_size().expect("SO_RCVBUF") / 2;
+        assert!(
+            granted >= UDP_BUFFER_BYTES.min(max),
+            "granted {granted}, rmem_max {max}"
+        );
+        assert!(socket.nonblocking().expect("O_NONBLOCK"));
+    }
 
     #[test]
     fn device_recounts_follow_the_stale_period_but_not_every_pass() {
