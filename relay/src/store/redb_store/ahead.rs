@@ -14,10 +14,12 @@
 //! and synced, and acknowledged: the log is **ahead** of the index. When the
 //! checkpoint has committed, the batches are committed to the index by the
 //! same replay path the open uses, each envelope under the seq its record
-//! carries; pulls see them from then on. Nothing else commits envelopes or
-//! moves a segment's end meanwhile: the normal send path and compaction hold
-//! [`Ahead`]'s lock for their whole commit, and the checkpoint takes it to
-//! start and to finish.
+//! carries. A pull (or inbox count) of an inbox that has envelopes in the
+//! log alone waits until they are indexed, so a read never misses what was
+//! acknowledged; reads of other inboxes and sends do not wait. Nothing else
+//! commits envelopes or moves a segment's end meanwhile: the normal send
+//! path and compaction hold [`Ahead`]'s lock for their whole commit, and the
+//! checkpoint takes it to start and then once per batch it indexes.
 //!
 //! A crash at any point leaves what a crash between two log-synced commits
 //! leaves: whole batches past the index's durable end, which the next open
@@ -228,6 +230,7 @@ impl RedbStore {
             let mut ahead = self.ahead();
             let Some(next) = ahead.pending.pop_front() else {
                 ahead.close();
+                self.indexed.notify_all();
                 return Ok(());
             };
             turns += 1;
@@ -254,12 +257,27 @@ impl RedbStore {
             if let Err(e) = result {
                 self.segments.poison();
                 self.ahead().close();
+                self.indexed.notify_all();
                 tracing::error!(
                     "acknowledged envelopes could not be committed to the index ({e}); \
                      refusing commits until a restart recovers them from the log"
                 );
                 return Err(e);
             }
+        }
+    }
+
+    /// Wait until no envelope of `device`'s inbox is in the log alone, so a
+    /// read sees everything acknowledged to its senders. Only reads of an
+    /// inbox that received sends during a checkpoint wait, for at most the
+    /// rest of that checkpoint and its drain.
+    pub(super) fn wait_indexed(&self, device: &DeviceId) {
+        let mut ahead = self.ahead();
+        while ahead.states.contains_key(device) {
+            ahead = self
+                .indexed
+                .wait(ahead)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
     }
 
