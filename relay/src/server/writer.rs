@@ -1,14 +1,15 @@
 //! Group commit: the one thread that writes envelopes to the store.
 //!
-//! redb runs one write transaction at a time and every durable commit costs
-//! two syncs (the envelope segment's `fdatasync`, then redb's commit; see
-//! `docs/STORAGE.md` §4), so committing each `Send` separately would cap the
-//! relay at a few thousand sends per second whatever the number of clients.
+//! redb runs one write transaction at a time and every commit of sends costs
+//! a sync (the envelope segment's `fdatasync`; see `docs/STORAGE.md` §4), so
+//! committing each `Send` separately would cap the relay at a few thousand
+//! sends per second whatever the number of clients.
 //! Instead connections queue their validated envelopes here; the writer
 //! takes the first request, drains whatever else is already queued (up to
-//! [`MAX_GROUP_ENVELOPES`]), commits all of it in ONE durable transaction,
+//! [`MAX_GROUP_ENVELOPES`]), commits all of it in ONE transaction (durable once it returns),
 //! then answers every request and wakes the live sessions of the inboxes
-//! that grew. Nobody is acknowledged before the commit returned. There is no
+//! that grew (while a checkpoint runs, once it is done; see [`run`]).
+//! Nobody is acknowledged before the commit returned. There is no
 //! artificial delay: while one transaction is being synced, the next group
 //! accumulates by itself.
 //!
