@@ -8,7 +8,7 @@
 //! takes the first request, drains whatever else is already queued (up to
 //! [`MAX_GROUP_ENVELOPES`]), commits all of it in ONE transaction (durable once it returns),
 //! then answers every request and wakes the live sessions of the inboxes
-//! that grew (while a checkpoint runs, once it is done; see [`run`]).
+//! that grew (while a checkpoint runs, once it is done; see `run`).
 //! Nobody is acknowledged before the commit returned. There is no
 //! artificial delay: while one transaction is being synced, the next group
 //! accumulates by itself.

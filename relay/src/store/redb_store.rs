@@ -535,7 +535,7 @@ impl RedbStore {
     /// replay and segments freed since the last durable commit are deleted.
     /// Sends are not held up meanwhile: while it runs, their batches go to
     /// the segment log alone and are committed to the index once it is done
-    /// ([`ahead`]). The relay's writer takes one on another thread when
+    /// (`docs/STORAGE.md` §4). The relay's writer takes one on another thread when
     /// [`RedbStore::checkpoint_due`], when it is quiet, and when it stops.
     /// Returns at once if another checkpoint is running.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
