@@ -52,12 +52,18 @@ log_min_messages = warning
 ";
 
 /// Settings added for benchmarks ([`PgCluster::start_durable`]): flushes as
-/// deployed, and a server log that says when checkpoints and autovacuum ran
-/// (timestamps in UTC to the millisecond), so a latency stall can be matched
-/// with what the servers were doing.
+/// deployed, the WAL settings `docs/OPERATING.md` recommends for a cluster
+/// behind Hush (new WAL segments created without writing 16 MB of zeros on
+/// the commit path, a burst's worth kept for reuse, no checkpoint forced in
+/// the middle of a burst), and a server log that says when checkpoints and
+/// autovacuum ran (timestamps in UTC to the millisecond), so a latency stall
+/// can be matched with what the servers were doing.
 const DURABLE_SETTINGS: &str = "
 fsync = on
 full_page_writes = on
+wal_init_zero = off
+min_wal_size = 2GB
+max_wal_size = 8GB
 shared_buffers = 256MB
 log_checkpoints = on
 log_autovacuum_min_duration = 0

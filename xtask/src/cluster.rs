@@ -149,6 +149,7 @@ pub fn cluster(args: &[String]) -> Result {
     let conf = format!(
         "\nlisten_addresses = '127.0.0.1'\nport = {p_port}\nunix_socket_directories = '{}'\n\
          wal_level = replica\nmax_wal_senders = 4\nsynchronous_commit = on\n\
+         wal_init_zero = off\nmin_wal_size = 2GB\nmax_wal_size = 8GB\n\
          synchronous_standby_names = 'FIRST 1 (standby1)'\n",
         root.display()
     );

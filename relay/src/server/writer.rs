@@ -71,7 +71,7 @@ pub enum WriterMsg {
     /// end.
     Stop,
     /// Look again whether compaction may run (sent by the clock task of
-    /// [`start`] while the [`CompactionPacer`] holds compaction back).
+    /// [`start`] while the `CompactionPacer` holds compaction back).
     Wake,
 }
 

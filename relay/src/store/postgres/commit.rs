@@ -31,16 +31,17 @@
 //!    statement that fails aborts the transaction, so the `COMMIT` behind it
 //!    rolls back; the failure is reported and nothing is acknowledged.
 //!
-//! Statements are sent with their parameter types (`query_typed`), so none
-//! costs a separate prepare round trip.
+//! The statements are prepared once per connection when it opens
+//! ([`PREPARED`]), so a commit neither parses nor plans them again, and
+//! none costs a prepare round trip.
 
 use super::super::rules;
 use super::super::{CommitOutcome, InboxState, NewEnvelope, Refusal, StoreError, stored_cost};
-use super::pool::TxError;
+use super::pool::{Conn, Prepare, TxError};
 use super::{PgStore, bits_to_db, db_u64, from_db};
 use hush_protocol::{DeviceId, MessageId};
 use std::collections::BTreeMap;
-use tokio_postgres::Client;
+use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 
 /// Most transactions one commit runs at once (each on its own connection).
@@ -88,6 +89,83 @@ pub const UPDATE_INBOXES: &str = "UPDATE hush_inboxes AS i SET head = u.head, de
      AS u(device, head, depth, bytes, purge_at) WHERE i.device = u.device";
 const UPDATE_TOTALS: &str =
     "UPDATE hush_totals SET depth = depth + $2, stored = stored + $3 WHERE stripe = $1";
+
+/// The statements every commit runs, prepared on each connection of the
+/// store's pool when it opens.
+pub(crate) const PREPARED: &[Prepare] = &[
+    (LOCK_INBOXES, &[Type::BYTEA_ARRAY]),
+    (
+        READ_DEDUP,
+        &[Type::BYTEA_ARRAY, Type::BYTEA_ARRAY, Type::BYTEA_ARRAY],
+    ),
+    (
+        INSERT_ENVELOPES,
+        &[
+            Type::BYTEA_ARRAY,
+            Type::INT8_ARRAY,
+            Type::INT8_ARRAY,
+            Type::BYTEA_ARRAY,
+            Type::BYTEA_ARRAY,
+            Type::INT8_ARRAY,
+            Type::BYTEA_ARRAY,
+        ],
+    ),
+    (
+        INSERT_DEDUP,
+        &[
+            Type::BYTEA_ARRAY,
+            Type::BYTEA_ARRAY,
+            Type::BYTEA_ARRAY,
+            Type::INT8_ARRAY,
+            Type::INT8_ARRAY,
+        ],
+    ),
+    (
+        UPDATE_INBOXES,
+        &[
+            Type::BYTEA_ARRAY,
+            Type::INT8_ARRAY,
+            Type::INT8_ARRAY,
+            Type::INT8_ARRAY,
+            Type::INT8_ARRAY,
+        ],
+    ),
+    (UPDATE_TOTALS, &[Type::INT2, Type::INT8, Type::INT8]),
+];
+
+/// Parameters with their types, as `query_typed` takes them.
+type Typed<'a> = (&'a (dyn ToSql + Sync), Type);
+
+/// Run `sql` with `params`: as the connection's prepared statement when it
+/// has one (no parse, no planning), else as an unnamed typed statement.
+async fn query(
+    client: &Conn,
+    sql: &'static str,
+    params: &[Typed<'_>],
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    match client.prepared(sql) {
+        Some(statement) => {
+            let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+            client.query(statement, &values).await
+        }
+        None => client.query_typed(sql, params).await,
+    }
+}
+
+/// [`query`] for a statement that returns no rows: the rows it changed.
+async fn execute(
+    client: &Conn,
+    sql: &'static str,
+    params: &[Typed<'_>],
+) -> Result<u64, tokio_postgres::Error> {
+    match client.prepared(sql) {
+        Some(statement) => {
+            let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(v, _)| *v).collect();
+            client.execute(statement, &values).await
+        }
+        None => client.execute_typed(sql, params).await,
+    }
+}
 
 /// The counters of one locked inbox plus its purge queue position.
 #[derive(Debug, Clone, Copy)]
@@ -215,18 +293,18 @@ impl PgStore {
         let capped = limits.max_store_bytes != u64::MAX;
         let stripe = self.next_stripe();
         self.pool
-            .pipelined(async |client: &Client| {
+            .pipelined(async |client: &Conn| {
                 // Round trip 1: begin, lock, read.
-                let lock: [(&(dyn ToSql + Sync), Type); 1] = [(&recipients, Type::BYTEA_ARRAY)];
-                let keys: [(&(dyn ToSql + Sync), Type); 3] = [
+                let lock: [Typed; 1] = [(&recipients, Type::BYTEA_ARRAY)];
+                let keys: [Typed; 3] = [
                     (&to, Type::BYTEA_ARRAY),
                     (&senders, Type::BYTEA_ARRAY),
                     (&ids, Type::BYTEA_ARRAY),
                 ];
                 let (begun, locked, known, total) = tokio::join!(
                     client.batch_execute(BEGIN),
-                    client.query_typed(LOCK_INBOXES, &lock),
-                    client.query_typed(READ_DEDUP, &keys),
+                    query(client, LOCK_INBOXES, &lock),
+                    query(client, READ_DEDUP, &keys),
                     maybe(capped.then(|| client.query_typed_one(READ_STORED, &[]))),
                 );
                 begun?;
@@ -323,7 +401,7 @@ impl PgStore {
                 let (added_depth, added_cost) = (db_u64(added_depth), db_u64(added_cost));
 
                 // Round trip 2: write and commit.
-                let envelopes: [(&(dyn ToSql + Sync), Type); 7] = [
+                let envelopes: [Typed; 7] = [
                     (&ins.device, Type::BYTEA_ARRAY),
                     (&ins.seq, Type::INT8_ARRAY),
                     (&ins.expires, Type::INT8_ARRAY),
@@ -332,30 +410,30 @@ impl PgStore {
                     (&ins.sender_seq, Type::INT8_ARRAY),
                     (&ins.body, Type::BYTEA_ARRAY),
                 ];
-                let dedup_rows: [(&(dyn ToSql + Sync), Type); 5] = [
+                let dedup_rows: [Typed; 5] = [
                     (&ins.device, Type::BYTEA_ARRAY),
                     (&ins.sender, Type::BYTEA_ARRAY),
                     (&ins.message_id, Type::BYTEA_ARRAY),
                     (&ins.seq, Type::INT8_ARRAY),
                     (&ins.expires, Type::INT8_ARRAY),
                 ];
-                let counters: [(&(dyn ToSql + Sync), Type); 5] = [
+                let counters: [Typed; 5] = [
                     (&devices, Type::BYTEA_ARRAY),
                     (&heads, Type::INT8_ARRAY),
                     (&depths, Type::INT8_ARRAY),
                     (&bytes, Type::INT8_ARRAY),
                     (&purge, Type::INT8_ARRAY),
                 ];
-                let totals: [(&(dyn ToSql + Sync), Type); 3] = [
+                let totals: [Typed; 3] = [
                     (&stripe, Type::INT2),
                     (&added_depth, Type::INT8),
                     (&added_cost, Type::INT8),
                 ];
                 let (e, d, c, t, committed) = tokio::join!(
-                    client.execute_typed(INSERT_ENVELOPES, &envelopes),
-                    client.execute_typed(INSERT_DEDUP, &dedup_rows),
-                    client.execute_typed(UPDATE_INBOXES, &counters),
-                    client.execute_typed(UPDATE_TOTALS, &totals),
+                    execute(client, INSERT_ENVELOPES, &envelopes),
+                    execute(client, INSERT_DEDUP, &dedup_rows),
+                    execute(client, UPDATE_INBOXES, &counters),
+                    execute(client, UPDATE_TOTALS, &totals),
                     client.batch_execute("COMMIT"),
                 );
                 // A failed statement made the COMMIT a rollback: report the

@@ -81,7 +81,7 @@ impl PgStore {
     /// check replication: without a synchronous standby this fails unless
     /// `options.allow_unreplicated`.
     pub fn open(url: &str, limits: StoreLimits, options: PgOptions) -> Result<PgStore, StoreError> {
-        let pool = Pool::new(url, options.max_idle_connections)?;
+        let pool = Pool::new(url, options.max_idle_connections, commit::PREPARED)?;
         pool.block(|| schema::migrate(&pool))??;
         let replication = pool.block(|| schema::replication(&pool))??;
         if !replication.is_synchronous() && !options.allow_unreplicated {

@@ -18,7 +18,8 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, Config, IsolationLevel, NoTls, Transaction};
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Config, IsolationLevel, NoTls, Statement, Transaction};
 
 /// Times a transaction is retried after a serialization failure or deadlock.
 const CONFLICT_RETRIES: u32 = 5;
@@ -83,8 +84,48 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
 pub(crate) struct Pool {
     runtime: Option<tokio::runtime::Runtime>,
     config: Config,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<Conn>>,
     max_idle: usize,
+    prepare: &'static [Prepare],
+}
+
+/// A statement every connection prepares when it opens: its text and its
+/// parameter types.
+pub(crate) type Prepare = (&'static str, &'static [Type]);
+
+/// A pooled connection and the statements prepared on it.
+///
+/// Why prepare: an unnamed statement is parsed and planned again on every
+/// execution. The commit path runs the same six statements for every group
+/// it commits, so planning them once per connection takes that work off
+/// every acknowledged send (the plans do not depend on the values: every
+/// key is reached through its primary key, see `commit.rs`).
+pub(crate) struct Conn {
+    client: Client,
+    prepared: Vec<(&'static str, Statement)>,
+}
+
+impl Conn {
+    /// The statement prepared for `sql`, if `sql` is in the pool's list.
+    pub(crate) fn prepared(&self, sql: &str) -> Option<&Statement> {
+        self.prepared
+            .iter()
+            .find(|(text, _)| *text == sql)
+            .map(|(_, statement)| statement)
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -98,8 +139,13 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// A pool for `url` (a libpq-style URL or key=value string, possibly
-    /// multi-host) keeping at most `max_idle` idle connections.
-    pub(crate) fn new(url: &str, max_idle: usize) -> Result<Pool, StoreError> {
+    /// multi-host) keeping at most `max_idle` idle connections, each with
+    /// the statements of `prepare` prepared.
+    pub(crate) fn new(
+        url: &str,
+        max_idle: usize,
+        prepare: &'static [Prepare],
+    ) -> Result<Pool, StoreError> {
         let mut config: Config = url
             .parse()
             .map_err(|e| StoreError::Backend(format!("bad postgres url: {e}")))?;
@@ -120,6 +166,7 @@ impl Pool {
             config,
             idle: Mutex::new(Vec::new()),
             max_idle: max_idle.max(1),
+            prepare,
         })
     }
 
@@ -145,7 +192,7 @@ impl Pool {
     }
 
     /// An idle connection, or a new one.
-    async fn get(&self) -> Result<Client, StoreError> {
+    async fn get(&self) -> Result<Conn, StoreError> {
         loop {
             let next = match self.idle.lock() {
                 Ok(mut idle) => idle.pop(),
@@ -169,10 +216,28 @@ impl Pool {
             .batch_execute("SET synchronous_commit = on")
             .await
             .map_err(|e| backend(&e))?;
-        Ok(client)
+        Ok(Conn {
+            client,
+            prepared: Vec::new(),
+        })
     }
 
-    fn put(&self, client: Client) {
+    /// Prepare the pool's statements on `conn` unless it has them (the
+    /// first time it runs a [`Pool::pipelined`] body: the schema exists
+    /// by then, which it may not when the first connection opens).
+    async fn prepare(&self, conn: &mut Conn) -> Result<(), tokio_postgres::Error> {
+        if conn.prepared.len() == self.prepare.len() {
+            return Ok(());
+        }
+        conn.prepared.clear();
+        for &(sql, types) in self.prepare {
+            let statement = conn.client.prepare_typed(sql, types).await?;
+            conn.prepared.push((sql, statement));
+        }
+        Ok(())
+    }
+
+    fn put(&self, client: Conn) {
         if client.is_closed() {
             return;
         }
@@ -247,13 +312,17 @@ impl Pool {
     /// deadlocks are retried like in [`Pool::transaction`].
     pub(crate) async fn pipelined<T>(
         &self,
-        mut body: impl AsyncFnMut(&Client) -> Result<T, TxError>,
+        mut body: impl AsyncFnMut(&Conn) -> Result<T, TxError>,
     ) -> Result<T, StoreError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let client = self.get().await?;
-            let error = match body(&client).await {
+            let mut client = self.get().await?;
+            let ran = match self.prepare(&mut client).await {
+                Ok(()) => body(&client).await,
+                Err(e) => Err(TxError::Pg(e)),
+            };
+            let error = match ran {
                 Ok(v) => {
                     self.put(client);
                     return Ok(v);
