@@ -359,6 +359,42 @@ impl PgCluster {
         Ok(start.elapsed())
     }
 
+    /// Run the servers in as a deployment that has been through its first
+    /// checkpoints: write `segments` WAL segments' worth of WAL (a small
+    /// logical message and a segment switch each), then [`PgCluster::settle`],
+    /// whose checkpoint and restartpoint keep those segments for reuse (up
+    /// to `min_wal_size`). A freshly initialised server has none, so every
+    /// segment it fills until its first checkpoint is created on the commit
+    /// path of some transaction; a server that has run for a while renames
+    /// an old one instead. Returns how long it took and how many segment
+    /// files each server (primary, then standby) then holds.
+    pub fn run_in(&self, segments: u32, bound: Duration) -> Result<(Duration, Vec<usize>)> {
+        let start = std::time::Instant::now();
+        self.psql(
+            "postgres",
+            &format!(
+                "DO $$ BEGIN FOR i IN 1..{segments} LOOP \
+                 PERFORM pg_logical_emit_message(false, 'hush', 'run-in'); \
+                 PERFORM pg_switch_wal(); END LOOP; END $$"
+            ),
+        )?;
+        self.settle(bound.saturating_sub(start.elapsed()))?;
+        let took = start.elapsed();
+        let mut files = Vec::new();
+        for server in std::iter::once(&self.primary).chain(self.standby.as_ref()) {
+            let segment_files = std::fs::read_dir(server.data.join("pg_wal"))?
+                .filter_map(|e| e.ok())
+                .filter(|e| {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    name.len() == 24 && name.bytes().all(|b| b.is_ascii_hexdigit())
+                })
+                .count();
+            files.push(segment_files);
+        }
+        Ok((took, files))
+    }
+
     /// SIGKILL the primary's postmaster (its backends exit on their own).
     /// The standby, if any, keeps running, unpromoted.
     pub fn kill_primary(&mut self) -> Result<()> {

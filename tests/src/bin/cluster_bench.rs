@@ -37,6 +37,12 @@
 //! which tables autovacuum is processing, and prints per phase the worst of
 //! it, the checkpoints, restartpoints and autovacuum runs the servers
 //! logged, and the slow acks (over 20 ms) with their UTC times.
+//! Each PostgreSQL cluster is run in before it is measured
+//! ([`PgCluster::run_in`]: [`RUN_IN_SEGMENTS`] WAL segments written, then a
+//! checkpoint on both servers), so that, as on servers that have been
+//! running, the WAL segments the benchmark fills are recycled ones rather
+//! than files created on the commit path; `--fresh` measures servers just
+//! out of `initdb` instead (BENCHMARKS.md has both).
 //! `--settle` waits before each latency phase until the standby has
 //! replayed everything, then runs `CHECKPOINT` on both servers: it measures
 //! the servers at rest and is reported as such. `--pg-setting 'NAME =
@@ -77,6 +83,10 @@ const INGEST_RECIPIENTS: usize = 16;
 const LATENCY_CONNECTIONS: usize = 16;
 /// Pull page size.
 const PAGE: u16 = 200;
+/// WAL segments (16 MiB each) a cluster is run in with: more than one
+/// setup's phases fill (~600 MiB of ingest, the latency phases and the
+/// pull's preload), fewer than `min_wal_size = 2GB` keeps for reuse.
+const RUN_IN_SEGMENTS: u32 = 96;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Setup {
@@ -118,6 +128,7 @@ struct Args {
     disk_probe: usize,
     trace: bool,
     settle: bool,
+    fresh: bool,
     pg_settings: Vec<String>,
 }
 
@@ -133,6 +144,7 @@ impl Args {
             disk_probe: 2_000,
             trace: false,
             settle: false,
+            fresh: false,
             pg_settings: Vec::new(),
         };
         let mut it = std::env::args().skip(1);
@@ -163,13 +175,14 @@ impl Args {
                 "--disk-probe" => args.disk_probe = value()?.parse()?,
                 "--trace" => args.trace = true,
                 "--settle" => args.settle = true,
+                "--fresh" => args.fresh = true,
                 "--pg-setting" => args.pg_settings.push(value()?),
                 "-h" | "--help" => {
                     println!(
                         "cluster_bench [--quick] [--setups redb,pg,pg-sync,two-nodes] \
                          [--senders N] [--ingest-secs S] [--latency-rates N,N] \
                          [--latency-secs S] [--pull-count N] [--disk-probe N] [--trace] \
-                         [--settle] [--pg-setting 'NAME = VALUE']..."
+                         [--settle] [--fresh] [--pg-setting 'NAME = VALUE']..."
                     );
                     std::process::exit(0);
                 }
@@ -653,6 +666,20 @@ async fn run() -> BenchResult<()> {
         let mut state = SetupState::new(*setup, temp.path(), &args.pg_settings)?;
         if !args.pg_settings.is_empty() && state.pg.is_some() {
             println!("PostgreSQL settings added: {}", args.pg_settings.join("; "));
+        }
+        if let Some(pg) = &state.pg {
+            if args.fresh {
+                println!("servers fresh from initdb (--fresh): no WAL segment to reuse yet");
+            } else {
+                let (took, files) = pg.run_in(RUN_IN_SEGMENTS, Duration::from_secs(300))?;
+                let files: Vec<String> = files.iter().map(|n| n.to_string()).collect();
+                println!(
+                    "servers run in: {RUN_IN_SEGMENTS} WAL segments written, then a checkpoint \
+                     on each server ({:.1} s); segment files in pg_wal: {}",
+                    took.as_secs_f64(),
+                    files.join(" / ")
+                );
+            }
         }
         let tracer = match (&state.pg, args.trace) {
             (Some(pg), true) => Some(Tracer::start(pg, temp.path())?),
