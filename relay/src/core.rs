@@ -193,6 +193,69 @@ pub struct Session {
     /// caught up (its first page with nothing remaining).
     sync_started: bool,
     sync_finished: bool,
+    /// The page a catching-up device will most likely ask for next: set by
+    /// a page that left envelopes behind, taken by the caller that reads it
+    /// ahead (see [`ReadAhead`]).
+    next_page: Option<NextPage>,
+}
+
+/// Where the next page of a catch-up starts, and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextPage {
+    /// The device whose inbox it is.
+    pub device: DeviceId,
+    /// The last seq of the page just served.
+    pub after: u64,
+    /// The page size that was asked for (clamped to the protocol's limit).
+    pub limit: usize,
+}
+
+impl NextPage {
+    /// The page an authenticated `Pull { after, limit, ack }` of `device`
+    /// reads: its merged ack deletes everything up to `ack` first.
+    pub fn of_pull(device: DeviceId, after: u64, limit: u16, ack: u64) -> NextPage {
+        NextPage {
+            device,
+            after: after.max(ack),
+            limit: usize::from(limit.clamp(1, MAX_PAGE)),
+        }
+    }
+}
+
+/// A page read before it was asked for.
+///
+/// A device catching up asks for one page, acknowledges it and asks for the
+/// next one: without reading ahead, the store read of page n+1 starts only
+/// once page n crossed the network and the device answered, so every round
+/// trip pays it in full. The caller reads the [`NextPage`] a page leaves
+/// behind while that page is on its way, and hands the result to
+/// [`RelayCore::handle_deferring_ack`] with the next request.
+///
+/// It is used only for a `Pull` of exactly that device, start and size, and
+/// only if more envelopes followed it when it was read. An inbox only gains
+/// envelopes above its head, and loses envelopes only to acks at or below
+/// the page's start, to expiry and to the device's removal; so such a page
+/// is what a read now would return, save envelopes that expired or a
+/// removal that happened in the time between (the page then reaches the
+/// device that was entitled to it a moment earlier). Its `remaining` may
+/// undercount what arrived meanwhile; it is progress information, and the
+/// next page counts again. A page that ended the inbox is read again
+/// instead: new envelopes may belong in it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadAhead {
+    /// Which page this is.
+    pub at: NextPage,
+    /// The page, decoded.
+    envelopes: Vec<Delivered>,
+    remaining: u64,
+    truncated: Option<hush_protocol::Truncation>,
+}
+
+impl ReadAhead {
+    /// Whether a `Pull` reading the page `at` gets exactly this page.
+    fn answers(&self, at: NextPage) -> bool {
+        self.at == at && self.remaining > 0
+    }
 }
 
 impl Session {
@@ -208,7 +271,14 @@ impl Session {
             opened_at_ms: now_ms,
             sync_started: false,
             sync_finished: false,
+            next_page: None,
         }
+    }
+
+    /// Take the page this session will most likely ask for next, if its
+    /// last page left envelopes behind (see [`ReadAhead`]).
+    pub fn take_next_page(&mut self) -> Option<NextPage> {
+        self.next_page.take()
     }
 
     /// The authentication state.
@@ -840,40 +910,80 @@ impl<S: Store + ?Sized> RelayCore<S> {
             let cursor = self.store.ack(&device, ack)?;
             session.acked = session.acked.max(cursor);
         }
-        self.read_page(session, device, after, after, limit, actions)
+        self.read_page(
+            session,
+            NextPage::of_pull(device, after, limit, 0),
+            after,
+            actions,
+            None,
+        )
     }
 
-    /// The page of a `Pull`: envelopes above `read_after`, with `after` as
+    /// The page of a `Pull`: envelopes above `at.after`, with `after` as
     /// the delivered cursor if the page is empty.
     fn read_page(
         &self,
         session: &mut Session,
-        device: DeviceId,
+        at: NextPage,
         after: u64,
-        read_after: u64,
-        limit: u16,
         actions: &mut Vec<Action>,
+        ahead: Option<ReadAhead>,
     ) -> Result<Response, Refuse> {
-        let limit = usize::from(limit.clamp(1, MAX_PAGE));
-        let page = self
-            .store
-            .pull(&device, read_after, limit, MAX_PAGE_BYTES)?;
-        let envelopes = decode_stored(page.envelopes)?;
+        let device = at.device;
+        let page = match ahead {
+            Some(ahead) if ahead.answers(at) => {
+                Metrics::add(&self.metrics.read_ahead_used_total, 1);
+                ahead
+            }
+            other => {
+                if other.is_some() {
+                    Metrics::add(&self.metrics.read_ahead_wasted_total, 1);
+                }
+                self.read_page_at(at)?
+            }
+        };
         if page.truncated.is_some() {
             Metrics::add(&self.metrics.truncations_total, 1);
         }
-        session.delivered = envelopes.last().map_or(after, |d| d.seq);
+        session.delivered = page.envelopes.last().map_or(after, |d| d.seq);
         session.window_full = false;
+        session.next_page = match page.envelopes.last() {
+            Some(last) if page.remaining > 0 => Some(NextPage {
+                after: last.seq,
+                ..at
+            }),
+            _ => None,
+        };
         let was_live = session.live;
         session.live = page.remaining == 0;
         if session.live && !was_live {
             actions.push(Action::Live(device));
         }
         Ok(Response::Page(Page {
-            envelopes,
+            envelopes: page.envelopes,
             remaining: page.remaining,
             truncated: page.truncated,
         }))
+    }
+
+    /// Read the page `at` describes ahead of its `Pull` (see [`ReadAhead`]);
+    /// `None` if the read failed (the `Pull` then reads again and reports
+    /// the failure).
+    pub fn read_ahead(&self, at: NextPage) -> Option<ReadAhead> {
+        self.read_page_at(at).ok()
+    }
+
+    /// Read the page `at` describes, as a `Pull` does.
+    fn read_page_at(&self, at: NextPage) -> Result<ReadAhead, Refuse> {
+        let page = self
+            .store
+            .pull(&at.device, at.after, at.limit, MAX_PAGE_BYTES)?;
+        Ok(ReadAhead {
+            at,
+            envelopes: decode_stored(page.envelopes)?,
+            remaining: page.remaining,
+            truncated: page.truncated,
+        })
     }
 
     /// [`RelayCore::handle`], except that the merged acknowledgement of an
@@ -886,20 +996,28 @@ impl<S: Store + ?Sized> RelayCore<S> {
     /// read above `max(after, ack)` instead, which skips exactly those; the
     /// session's acknowledged cursor moves as the ack will move it. Other
     /// requests go to `handle` unchanged.
+    ///
+    /// `ahead` is a page read ahead for this session; an authenticated
+    /// `Pull` it answers (see [`ReadAhead`]) is served from it instead of
+    /// the store. Otherwise it is dropped.
     pub fn handle_deferring_ack(
         &self,
         session: &mut Session,
         frame: ClientFrame,
         now_ms: u64,
         challenge: [u8; 32],
+        ahead: Option<ReadAhead>,
     ) -> (Vec<Action>, Option<DeferredAck>) {
         let (Request::Pull { after, limit, ack }, Some(device)) =
             (&frame.request, session.device())
         else {
+            if ahead.is_some() {
+                Metrics::add(&self.metrics.read_ahead_wasted_total, 1);
+            }
             return (self.handle(session, frame, now_ms, challenge), None);
         };
         let (after, limit, ack) = (*after, *limit, *ack);
-        if ack == 0 {
+        if ack == 0 && ahead.is_none() {
             return (self.handle(session, frame, now_ms, challenge), None);
         }
         let id = frame.request_id;
@@ -911,7 +1029,13 @@ impl<S: Store + ?Sized> RelayCore<S> {
             .and_then(|state| {
                 // The cursor the ack will leave (the head only grows meanwhile).
                 session.acked = session.acked.max(state.acked).max(ack.min(state.head));
-                let r = self.read_page(session, device, after, after.max(ack), limit, &mut actions);
+                let r = self.read_page(
+                    session,
+                    NextPage::of_pull(device, after, limit, ack),
+                    after,
+                    &mut actions,
+                    ahead,
+                );
                 self.note_sync(session, now_ms);
                 r
             });
@@ -924,7 +1048,8 @@ impl<S: Store + ?Sized> RelayCore<S> {
                         response,
                     }),
                 );
-                (actions, Some(DeferredAck { device, up_to: ack }))
+                let deferred = (ack > 0).then_some(DeferredAck { device, up_to: ack });
+                (actions, deferred)
             }
             Err(Refuse(code, message)) => {
                 // Nothing was sent: apply nothing either, as `handle` would

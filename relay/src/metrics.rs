@@ -186,6 +186,12 @@ pub struct Metrics {
     pub inbox_depth: AtomicU64,
     /// Pages that reported expired envelopes (`truncated`).
     pub truncations_total: AtomicU64,
+    /// Pages served from a read ahead of their `Pull`.
+    pub read_ahead_used_total: AtomicU64,
+    /// Pages read ahead that no `Pull` asked for (read again, or never).
+    pub read_ahead_wasted_total: AtomicU64,
+    /// Reads ahead not started because the relay held its most already.
+    pub read_ahead_skipped_total: AtomicU64,
     /// Envelopes removed by retention.
     pub expired_total: AtomicU64,
     /// Connections currently open.
@@ -255,6 +261,9 @@ impl Metrics {
             pull_latency_seconds: Histogram::new(LATENCY_BOUNDS),
             inbox_depth: AtomicU64::new(0),
             truncations_total: AtomicU64::new(0),
+            read_ahead_used_total: AtomicU64::new(0),
+            read_ahead_wasted_total: AtomicU64::new(0),
+            read_ahead_skipped_total: AtomicU64::new(0),
             expired_total: AtomicU64::new(0),
             connections: AtomicI64::new(0),
             connections_total: AtomicU64::new(0),
@@ -433,6 +442,24 @@ impl Metrics {
             "hush_truncations_total",
             "Pages that reported envelopes expired unread.",
             Self::get(&self.truncations_total),
+        );
+        counter(
+            &mut out,
+            "hush_read_ahead_used_total",
+            "Catch-up pages served from a read ahead of their Pull.",
+            Self::get(&self.read_ahead_used_total),
+        );
+        counter(
+            &mut out,
+            "hush_read_ahead_wasted_total",
+            "Catch-up pages read ahead that no Pull asked for.",
+            Self::get(&self.read_ahead_wasted_total),
+        );
+        counter(
+            &mut out,
+            "hush_read_ahead_skipped_total",
+            "Reads ahead not started: the relay held its most already.",
+            Self::get(&self.read_ahead_skipped_total),
         );
         counter(
             &mut out,

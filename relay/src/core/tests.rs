@@ -810,7 +810,7 @@ fn deferred_ack_pull_answers_like_the_acking_pull() {
         };
         let expected = acking.handle(&mut s1, req(9, request.clone()), NOW, [0; 32]);
         let (actions, deferred) =
-            deferring.handle_deferring_ack(&mut s2, req(9, request), NOW, [0; 32]);
+            deferring.handle_deferring_ack(&mut s2, req(9, request), NOW, [0; 32], None);
         assert_eq!(actions, expected, "after {after} ack {ack}");
         if let ServerFrame::Response {
             response: Response::Page(p),
@@ -853,9 +853,107 @@ fn deferred_ack_pull_answers_like_the_acking_pull() {
         ack: 5,
     };
     let (actions, deferred) =
-        deferring.handle_deferring_ack(&mut fresh, req(3, pull), NOW, [0; 32]);
+        deferring.handle_deferring_ack(&mut fresh, req(3, pull), NOW, [0; 32], None);
     assert_eq!(error_code(&actions), ErrorCode::NotAuthenticated);
     assert_eq!(deferred, None);
+}
+
+/// A `Pull` of `limit` above `after` with merged ack `ack`, through the
+/// deferring path with `ahead`; returns the page, and applies the ack.
+fn pull_ahead(
+    core: &RelayCore<MemoryStore>,
+    s: &mut Session,
+    (after, limit, ack): (u64, u16, u64),
+    ahead: Option<ReadAhead>,
+) -> Page {
+    let request = Request::Pull { after, limit, ack };
+    let (actions, deferred) = core.handle_deferring_ack(s, req(9, request), NOW, [0; 32], ahead);
+    if let Some(d) = deferred {
+        core.apply_ack(d).unwrap();
+    }
+    match frame(&actions) {
+        ServerFrame::Response {
+            response: Response::Page(p),
+            ..
+        } => p.clone(),
+        other => panic!("expected a page, got {other:?}"),
+    }
+}
+
+fn seqs(page: &Page) -> Vec<u64> {
+    page.envelopes.iter().map(|d| d.seq).collect()
+}
+
+/// A page read ahead answers the `Pull` of exactly that page, as the store
+/// would, even with envelopes arriving in between (they follow it); a
+/// `Pull` of any other page, and a `Pull` of a page that ended the inbox
+/// when it was read (new envelopes may belong in it), read the store again.
+#[test]
+fn a_page_read_ahead_answers_only_the_pull_it_was_read_for() {
+    let core = core_with(default_config());
+    let (alice, bob) = (Device::new(1, 50), Device::new(2, 51));
+    let mut a = register(&core, &alice, [1; 32]);
+    let mut b = register(&core, &bob, [2; 32]);
+    let first: Vec<_> = (1..=8).map(|i| envelope(&alice, &bob, i, 100)).collect();
+    send(&core, &mut a, first, NOW);
+    let used = || core.metrics().read_ahead_used_total.load(Ordering::Relaxed);
+    let wasted = || {
+        core.metrics()
+            .read_ahead_wasted_total
+            .load(Ordering::Relaxed)
+    };
+
+    // Page 1..=3 leaves envelopes behind: the next page is 4..=6.
+    let page = pull_ahead(&core, &mut b, (0, 3, 0), None);
+    assert_eq!((seqs(&page), page.remaining), (vec![1, 2, 3], 5));
+    let next = b.take_next_page().expect("a page left envelopes behind");
+    assert_eq!(b.take_next_page(), None, "taken once");
+    let ahead = core.read_ahead(next).expect("read");
+    // Two more arrive after the read; they follow the page.
+    let late: Vec<_> = (9..=10).map(|i| envelope(&alice, &bob, i, 100)).collect();
+    send(&core, &mut a, late, NOW);
+    let page = pull_ahead(&core, &mut b, (3, 3, 3), Some(ahead));
+    assert_eq!(seqs(&page), vec![4, 5, 6]);
+    assert_eq!((used(), wasted()), (1, 0));
+    assert!(!b.is_live());
+
+    // A read ahead of 7..=9, but the device asks for 4..=6 again (say it
+    // lost the page): the store answers, and the read ahead is wasted.
+    let next = b.take_next_page().expect("more behind 6");
+    assert_eq!(next.after, 6);
+    let ahead = core.read_ahead(next).expect("read");
+    let page = pull_ahead(&core, &mut b, (3, 3, 3), Some(ahead));
+    assert_eq!(seqs(&page), vec![4, 5, 6]);
+    assert_eq!((used(), wasted()), (1, 1));
+    // Same start but another size: not the page either.
+    let ahead = core
+        .read_ahead(b.take_next_page().expect("more"))
+        .expect("read");
+    let page = pull_ahead(&core, &mut b, (6, 2, 6), Some(ahead));
+    assert_eq!(seqs(&page), vec![7, 8]);
+    assert_eq!((used(), wasted()), (1, 2));
+
+    // The last page, 9..=10, ended the inbox when read ahead; one more
+    // arrives, and the Pull reads the store again and gets it too.
+    let next = b.take_next_page().expect("more behind 8");
+    let ahead = core
+        .read_ahead(NextPage { limit: 3, ..next })
+        .expect("read");
+    send(&core, &mut a, vec![envelope(&alice, &bob, 11, 100)], NOW);
+    let page = pull_ahead(&core, &mut b, (8, 3, 8), Some(ahead));
+    assert_eq!((seqs(&page), page.remaining), (vec![9, 10, 11], 0));
+    assert_eq!((used(), wasted()), (1, 3));
+    assert!(b.is_live());
+    assert_eq!(b.take_next_page(), None, "nothing left behind");
+
+    // Another device's session cannot be served bob's page (9 of 9..=11).
+    let stolen = core
+        .read_ahead(NextPage::of_pull(bob.id, 0, 1, 0))
+        .expect("read");
+    assert_eq!(stolen.at.device, bob.id);
+    let page = pull_ahead(&core, &mut a, (0, 1, 0), Some(stolen));
+    assert!(page.envelopes.is_empty(), "alice's own inbox is empty");
+    assert_eq!((used(), wasted()), (1, 4));
 }
 
 /// The message of the error answer in `actions`.

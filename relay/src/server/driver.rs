@@ -10,7 +10,8 @@
 //! reading and framing bytes, time, randomness, running store calls off the
 //! async threads, handing envelopes to the group-commit writer, applying a
 //! `Pull`'s merged acknowledgement after its page was sent (one at a time,
-//! in order), waking on inbox changes, replacement by a newer connection,
+//! in order), reading a catching-up device's next page while the current
+//! one is on its way (see [`crate::core::ReadAhead`]), waking on inbox changes, replacement by a newer connection,
 //! the authentication deadline and shutdown.
 
 use super::Shared;
@@ -21,7 +22,7 @@ use crate::cluster::limits::Limit;
 /// Longest an authentication waits for its claim to reach the cluster bus
 /// (a bus that is down does not keep devices from connecting).
 const CLAIM_PUBLISH_BOUND: Duration = Duration::from_secs(2);
-use crate::core::{Action, DeferredAck, SendTicket, Session, short_id};
+use crate::core::{Action, DeferredAck, NextPage, ReadAhead, SendTicket, Session, short_id};
 use crate::metrics::Metrics;
 use crate::store::{CommitOutcome, NewEnvelope, StoreError};
 use hush_protocol::{
@@ -32,7 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 
 /// A connection must authenticate within this time (`Hello` then `Auth` or
 /// `Register`: two round trips).
@@ -53,6 +54,14 @@ pub const MAX_IN_FLIGHT_SENDS: usize = 16;
 const MAX_STAGED_ENVELOPES: usize = 256;
 /// Bound on writing the last frames of a closing connection.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pages the relay holds read ahead at once, over all connections: with
+/// pages of at most `MAX_PAGE_BYTES` (2 MiB) plus one envelope, about
+/// 70 MiB at most. Beyond it, catch-ups simply read when asked.
+pub const MAX_READS_AHEAD: usize = 32;
+/// A page read ahead that no `Pull` asked for within this time is dropped,
+/// so a device that stops pulling does not hold one of the relay's
+/// [`MAX_READS_AHEAD`].
+const READ_AHEAD_KEPT: Duration = Duration::from_secs(2);
 /// Read buffer size.
 const READ_CHUNK: usize = 16 * 1024;
 /// Read size before authentication: one maximal pre-authentication frame.
@@ -105,6 +114,15 @@ struct InFlight {
     rx: oneshot::Receiver<CommitResult>,
 }
 
+/// A page being read ahead of its `Pull`, holding one of the relay's
+/// [`MAX_READS_AHEAD`] until it is used or dropped.
+struct Ahead {
+    at: NextPage,
+    task: tokio::task::JoinHandle<Option<ReadAhead>>,
+    until: tokio::time::Instant,
+    _permit: OwnedSemaphorePermit,
+}
+
 /// `Send`s validated but not yet handed to the writer.
 #[derive(Default)]
 struct Staged {
@@ -136,6 +154,8 @@ struct Conn {
     /// (at most one at a time, so a connection's acks apply in order), and
     /// the seq it acknowledges up to.
     ack_task: Option<(u64, tokio::task::JoinHandle<()>)>,
+    /// The next page of a catch-up, read while the last one is on its way.
+    ahead: Option<Ahead>,
 }
 
 /// Serve one connection until it ends; returns why it ended. The caller
@@ -166,6 +186,7 @@ where
         replaced: None,
         prekeys_low: None,
         ack_task: None,
+        ahead: None,
     };
     let end = conn.run(reader, writer).await;
     conn.shared.core.end_session(&conn.session);
@@ -180,6 +201,14 @@ where
     }
     let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, writer.shutdown()).await;
     end
+}
+
+/// Sleep until `deadline`, or forever if there is none.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next commit answer, in queue order (pending forever if none).
@@ -344,6 +373,10 @@ impl Conn {
                         Metrics::add(&self.shared.metrics.prekeys_low_notices_total, 1);
                     }
                 }
+                _ = sleep_until_some(self.ahead.as_ref().map(|a| a.until)) => {
+                    self.ahead = None;
+                    Metrics::add(&self.shared.metrics.read_ahead_wasted_total, 1);
+                }
                 _ = tokio::time::sleep_until(auth_deadline), if draining.is_none() && self.device.is_none() => {
                     let frame = ServerFrame::closing(ErrorCode::NotAuthenticated, "authentication timed out");
                     let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, write_frame(writer, &frame)).await;
@@ -419,6 +452,8 @@ impl Conn {
                     (self.shared.core.malformed(&e), None)
                 }
             };
+            // The next page of a catch-up is read while this one is written.
+            self.start_read_ahead();
             let flow = self.execute(actions, writer).await;
             if self.staged.envelopes.len() >= MAX_STAGED_ENVELOPES {
                 self.flush_staged().await;
@@ -476,6 +511,51 @@ impl Conn {
         }
         let declared = (self.frames.buffered() + wanted).saturating_sub(4);
         (declared > PREAUTH_MAX_FRAME_LEN).then_some(declared)
+    }
+
+    /// Start reading the page the session's last `Pull` left behind, if
+    /// it left one and the relay holds fewer than [`MAX_READS_AHEAD`].
+    fn start_read_ahead(&mut self) {
+        let Some(at) = self.session.take_next_page() else {
+            return;
+        };
+        let Ok(permit) = Arc::clone(&self.shared.reads_ahead).try_acquire_owned() else {
+            Metrics::add(&self.shared.metrics.read_ahead_skipped_total, 1);
+            return;
+        };
+        let shared = Arc::clone(&self.shared);
+        let task = tokio::task::spawn_blocking(move || shared.core.read_ahead(at));
+        if self.ahead.is_some() {
+            Metrics::add(&self.shared.metrics.read_ahead_wasted_total, 1);
+        }
+        self.ahead = Some(Ahead {
+            at,
+            task,
+            until: tokio::time::Instant::now() + READ_AHEAD_KEPT,
+            _permit: permit,
+        });
+    }
+
+    /// The page read ahead for `frame`, if it is a `Pull` of that page
+    /// (waiting for the read if it is still running). A read ahead of
+    /// another page is dropped unread; the core counts it as wasted.
+    async fn take_read_ahead(&mut self, frame: &ClientFrame) -> Option<ReadAhead> {
+        let Request::Pull { after, limit, ack } = frame.request else {
+            return None;
+        };
+        let ahead = self.ahead.take()?;
+        let device = self.session.device()?;
+        if ahead.at != NextPage::of_pull(device, after, limit, ack) {
+            Metrics::add(&self.shared.metrics.read_ahead_wasted_total, 1);
+            return None;
+        }
+        match ahead.task.await {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::error!("read-ahead task failed: {e}");
+                None
+            }
+        }
     }
 
     /// Wait for the deferred ack in flight, if any.
@@ -698,6 +778,7 @@ impl Conn {
             self.finish_ack().await;
         }
         let started = Instant::now();
+        let ahead = self.take_read_ahead(&frame).await;
         let shared = Arc::clone(&self.shared);
         let mut session = self.session.clone();
         let request_id = frame.request_id;
@@ -705,7 +786,7 @@ impl Conn {
             let (actions, deferred) =
                 shared
                     .core
-                    .handle_deferring_ack(&mut session, frame, now, challenge);
+                    .handle_deferring_ack(&mut session, frame, now, challenge, ahead);
             (session, actions, deferred)
         })
         .await;

@@ -55,6 +55,9 @@ pub(crate) struct Shared {
     /// requesting and per target device per minute: in memory, or shared
     /// by the nodes of a cluster.
     pub(crate) limits: Arc<dyn crate::cluster::limits::RateLimits>,
+    /// Pages read ahead of their `Pull`, over all connections (see
+    /// [`driver::MAX_READS_AHEAD`]).
+    pub(crate) reads_ahead: Arc<tokio::sync::Semaphore>,
 }
 
 /// Optional parts a caller can plug into the relay.
@@ -301,6 +304,7 @@ impl RelayHandle {
                 config.max_connections_per_ip,
             ),
             limits,
+            reads_ahead: Arc::new(tokio::sync::Semaphore::new(driver::MAX_READS_AHEAD)),
         });
 
         let writer_task = writer::start(
