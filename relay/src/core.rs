@@ -252,8 +252,9 @@ pub struct ReadAhead {
 }
 
 impl ReadAhead {
-    /// Whether a `Pull` reading the page `at` gets exactly this page.
-    fn answers(&self, at: NextPage) -> bool {
+    /// Whether a `Pull` reading the page `at` (see [`NextPage::of_pull`])
+    /// gets exactly this page.
+    pub fn answers(&self, at: NextPage) -> bool {
         self.at == at && self.remaining > 0
     }
 }
@@ -998,8 +999,9 @@ impl<S: Store + ?Sized> RelayCore<S> {
     /// requests go to `handle` unchanged.
     ///
     /// `ahead` is a page read ahead for this session; an authenticated
-    /// `Pull` it answers (see [`ReadAhead`]) is served from it instead of
-    /// the store. Otherwise it is dropped.
+    /// `Pull` it answers (see [`ReadAhead::answers`]) is served from it
+    /// without touching the store, so a caller may run that on an async
+    /// thread. Otherwise it is dropped.
     pub fn handle_deferring_ack(
         &self,
         session: &mut Session,
@@ -1017,28 +1019,38 @@ impl<S: Store + ?Sized> RelayCore<S> {
             return (self.handle(session, frame, now_ms, challenge), None);
         };
         let (after, limit, ack) = (*after, *limit, *ack);
+        let at = NextPage::of_pull(device, after, limit, ack);
+        let ahead = match ahead {
+            Some(ahead) if ahead.answers(at) => Some(ahead),
+            Some(_) => {
+                Metrics::add(&self.metrics.read_ahead_wasted_total, 1);
+                None
+            }
+            None => None,
+        };
         if ack == 0 && ahead.is_none() {
             return (self.handle(session, frame, now_ms, challenge), None);
         }
         let id = frame.request_id;
         let mut actions = Vec::new();
-        let result = self
-            .store
-            .inbox_state(&device)
-            .map_err(Refuse::from)
-            .and_then(|state| {
-                // The cursor the ack will leave (the head only grows meanwhile).
-                session.acked = session.acked.max(state.acked).max(ack.min(state.head));
-                let r = self.read_page(
-                    session,
-                    NextPage::of_pull(device, after, limit, ack),
-                    after,
-                    &mut actions,
-                    ahead,
-                );
-                self.note_sync(session, now_ms);
-                r
-            });
+        // The cursor the ack will leave (the head only grows meanwhile). A
+        // page read ahead holds envelopes above `at.after`, which is at
+        // least the ack, so the head is above the ack and the ack itself is
+        // that cursor: served from memory, this touches no store.
+        let acked = match ahead {
+            Some(_) => Ok(ack),
+            None => self
+                .store
+                .inbox_state(&device)
+                .map(|state| state.acked.max(ack.min(state.head)))
+                .map_err(Refuse::from),
+        };
+        let result = acked.and_then(|acked| {
+            session.acked = session.acked.max(acked);
+            let r = self.read_page(session, at, after, &mut actions, ahead);
+            self.note_sync(session, now_ms);
+            r
+        });
         match result {
             Ok(response) => {
                 actions.insert(

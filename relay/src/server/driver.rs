@@ -537,25 +537,31 @@ impl Conn {
     }
 
     /// The page read ahead for `frame`, if it is a `Pull` of that page
-    /// (waiting for the read if it is still running). A read ahead of
-    /// another page is dropped unread; the core counts it as wasted.
+    /// (waiting for the read if it is still running) and the page answers
+    /// it (see [`ReadAhead::answers`]). Otherwise the read is dropped, and
+    /// counted as wasted.
     async fn take_read_ahead(&mut self, frame: &ClientFrame) -> Option<ReadAhead> {
         let Request::Pull { after, limit, ack } = frame.request else {
             return None;
         };
         let ahead = self.ahead.take()?;
-        let device = self.session.device()?;
-        if ahead.at != NextPage::of_pull(device, after, limit, ack) {
-            Metrics::add(&self.shared.metrics.read_ahead_wasted_total, 1);
-            return None;
-        }
-        match ahead.task.await {
-            Ok(page) => page,
-            Err(e) => {
-                tracing::error!("read-ahead task failed: {e}");
-                None
+        let at = NextPage::of_pull(self.session.device()?, after, limit, ack);
+        let page = if ahead.at == at {
+            match ahead.task.await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!("read-ahead task failed: {e}");
+                    None
+                }
             }
+        } else {
+            None
+        };
+        let usable = page.filter(|p| p.answers(at));
+        if usable.is_none() {
+            Metrics::add(&self.shared.metrics.read_ahead_wasted_total, 1);
         }
+        usable
     }
 
     /// Wait for the deferred ack in flight, if any.
@@ -778,7 +784,22 @@ impl Conn {
             self.finish_ack().await;
         }
         let started = Instant::now();
-        let ahead = self.take_read_ahead(&frame).await;
+        if let Some(ahead) = self.take_read_ahead(&frame).await {
+            // Served from memory without touching the store: no blocking
+            // thread, no hand-off there and back.
+            let answer = self.shared.core.handle_deferring_ack(
+                &mut self.session,
+                frame,
+                now,
+                challenge,
+                Some(ahead),
+            );
+            self.shared
+                .metrics
+                .pull_latency_seconds
+                .observe_duration(started.elapsed());
+            return answer;
+        }
         let shared = Arc::clone(&self.shared);
         let mut session = self.session.clone();
         let request_id = frame.request_id;
@@ -786,7 +807,7 @@ impl Conn {
             let (actions, deferred) =
                 shared
                     .core
-                    .handle_deferring_ack(&mut session, frame, now, challenge, ahead);
+                    .handle_deferring_ack(&mut session, frame, now, challenge, None);
             (session, actions, deferred)
         })
         .await;
