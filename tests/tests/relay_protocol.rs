@@ -252,6 +252,82 @@ async fn a_catch_up_read_ahead_loses_and_repeats_nothing_while_senders_send() {
     assert!(used >= 5.0, "pages served from reads ahead: {used}");
 }
 
+/// While a device catches up, the relay holds its merged acks back and
+/// deletes up to 1,000 envelopes at once. Nothing acknowledged is lost or
+/// redelivered for it: the held ack is applied when the connection ends,
+/// and before any request that reads at or below it.
+#[tokio::test]
+async fn acks_held_during_a_catch_up_apply_before_lower_reads_and_at_the_end() {
+    let relay = relay(&[]).await;
+    let (a, mut sender) = registered(&relay, 50).await;
+    let (b, mut inbox) = registered(&relay, 51).await;
+    let conv = conversation(5);
+    let all: Vec<_> = (1..=1500)
+        .map(|i| make_envelope(a.device(), b.device(), conv, i, b"held"))
+        .collect();
+    for chunk in all.chunks(32) {
+        sender.send(chunk.to_vec()).await.unwrap();
+    }
+    // Pages up to 700; the merged acks reach 600, below the relay's bound.
+    let mut after = 0;
+    while after < 700 {
+        let page = inbox.pull(after, 100, after).await.unwrap();
+        after = page.envelopes.last().unwrap().seq;
+    }
+    assert_eq!(after, 700);
+    // The connection ends: its held ack (600) is applied.
+    inbox.close();
+    drop(inbox);
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    wait_until_async(
+        PROMPT,
+        "the held ack applied at the connection's end",
+        || {
+            let (target, b, acked) = (relay.target(), b.clone(), acked.clone());
+            async move {
+                let Ok(dev) = TestDevice::login(&b, target).await else {
+                    return false;
+                };
+                let now = dev.auth_ok().map_or(0, |ok| ok.acked);
+                acked.store(now, std::sync::atomic::Ordering::Relaxed);
+                dev.close();
+                now == 600
+            }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}; acked {acked:?}"));
+
+    // A new connection: pages up to 900, acks held at 800. A read from
+    // below them (as after a lost page) sees them applied first.
+    let mut inbox = TestDevice::login(&b, relay.target()).await.unwrap();
+    let mut after = 600;
+    while after < 900 {
+        let page = inbox.pull(after, 100, after).await.unwrap();
+        assert_eq!(page.envelopes.first().unwrap().seq, after + 1);
+        after = page.envelopes.last().unwrap().seq;
+    }
+    let from_start = inbox.pull(0, 100, 0).await.unwrap();
+    assert_eq!(
+        from_start.envelopes.first().map(|d| d.seq),
+        Some(801),
+        "acks up to 800 applied before the read"
+    );
+    // The rest, to the end: everything arrives once, in order.
+    let mut got = Vec::new();
+    let mut after = 900;
+    loop {
+        let page = inbox.pull(after, 100, after).await.unwrap();
+        let Some(last) = page.envelopes.last().map(|d| d.seq) else {
+            break;
+        };
+        got.extend(seqs(&page.envelopes));
+        after = last;
+    }
+    assert_eq!(got, (901..=1500).collect::<Vec<_>>());
+    assert_eq!(inbox.ack(1500).await.unwrap(), 1500);
+}
+
 #[tokio::test]
 async fn acks_are_clamped_to_the_head_and_never_move_back() {
     let relay = relay(&[]).await;

@@ -62,6 +62,10 @@ pub const MAX_READS_AHEAD: usize = 32;
 /// so a device that stops pulling does not hold one of the relay's
 /// [`MAX_READS_AHEAD`].
 const READ_AHEAD_KEPT: Duration = Duration::from_secs(2);
+/// Envelopes a catching-up connection acknowledges before its acks are
+/// applied: acks are cumulative, so one deletion of this many costs one
+/// write transaction instead of one per page.
+pub const ACKS_HELD: u64 = 1000;
 /// Read buffer size.
 const READ_CHUNK: usize = 16 * 1024;
 /// Read size before authentication: one maximal pre-authentication frame.
@@ -154,6 +158,11 @@ struct Conn {
     /// (at most one at a time, so a connection's acks apply in order), and
     /// the seq it acknowledges up to.
     ack_task: Option<(u64, tokio::task::JoinHandle<()>)>,
+    /// The merged ack of the last `Pull` of a catch-up, held back until
+    /// [`ACKS_HELD`] envelopes are acknowledged (see [`Conn::start_ack`]).
+    held_ack: Option<DeferredAck>,
+    /// The highest ack handed to an ack task on this connection.
+    ack_handed: u64,
     /// The next page of a catch-up, read while the last one is on its way.
     ahead: Option<Ahead>,
 }
@@ -186,6 +195,8 @@ where
         replaced: None,
         prekeys_low: None,
         ack_task: None,
+        held_ack: None,
+        ack_handed: 0,
         ahead: None,
     };
     let end = conn.run(reader, writer).await;
@@ -564,8 +575,17 @@ impl Conn {
         usable
     }
 
-    /// Wait for the deferred ack in flight, if any.
+    /// Apply every ack of this connection: hand over the one held back, if
+    /// any, and wait for the ack in flight.
     async fn finish_ack(&mut self) {
+        if let Some(held) = self.held_ack.take() {
+            self.hand_over_ack(held).await;
+        }
+        self.wait_ack_task().await;
+    }
+
+    /// Wait for the ack in flight, if any.
+    async fn wait_ack_task(&mut self) {
         if let Some((_, task)) = self.ack_task.take()
             && let Err(e) = task.await
         {
@@ -573,17 +593,37 @@ impl Conn {
         }
     }
 
-    /// Apply a `Pull`'s merged ack on a blocking thread, after the previous
-    /// one finished. Nobody waits for it: a failed ack only means the
-    /// envelopes are delivered again, which clients expect.
+    /// A `Pull`'s merged ack, after its page was sent. Nobody waits for it:
+    /// a failed ack only means the envelopes are delivered again, which
+    /// clients expect.
+    ///
+    /// While the device catches up, the ack is held back until it covers
+    /// [`ACKS_HELD`] envelopes beyond the last one applied: being
+    /// cumulative, the newest ack replaces the held one. A live session's
+    /// acks, and anything that must see the acks applied (a request that
+    /// reads at or below them, the end of the connection), apply it at once.
+    /// Until then those envelopes stay stored and count against the inbox's
+    /// quota; a relay that stops loses nothing but delivers them again, as
+    /// it does for acks not yet synced to disk.
     async fn start_ack(&mut self, ack: DeferredAck) {
-        self.finish_ack().await;
+        if !self.session.is_live() && ack.up_to < self.ack_handed.saturating_add(ACKS_HELD) {
+            self.held_ack = Some(ack);
+            return;
+        }
+        self.held_ack = None;
+        self.hand_over_ack(ack).await;
+    }
+
+    /// Apply `ack` on a blocking thread, after the previous one finished.
+    async fn hand_over_ack(&mut self, ack: DeferredAck) {
+        self.wait_ack_task().await;
         let shared = Arc::clone(&self.shared);
         let task = tokio::task::spawn_blocking(move || {
             if let Err(e) = shared.core.apply_ack(ack) {
                 tracing::error!(device = %short_id(&ack.device), "deferred ack failed: {e}");
             }
         });
+        self.ack_handed = self.ack_handed.max(ack.up_to);
         self.ack_task = Some((ack.up_to, task));
     }
 
@@ -773,10 +813,13 @@ impl Conn {
         // usual next page: its `after` or its own ack is at least that
         // high), whose page cannot contain what that ack deletes, so it
         // need not wait for the deletion.
-        let reads_above_pending = match (&frame.request, &self.ack_task) {
-            (Request::Pull { after, ack, .. }, Some((pending, _))) => {
-                (*after).max(*ack) >= *pending
-            }
+        let pending = self
+            .ack_task
+            .as_ref()
+            .map(|(up_to, _)| *up_to)
+            .max(self.held_ack.map(|a| a.up_to));
+        let reads_above_pending = match (&frame.request, pending) {
+            (Request::Pull { after, ack, .. }, Some(pending)) => (*after).max(*ack) >= pending,
             (Request::Pull { .. }, None) => true,
             _ => false,
         };
