@@ -11,12 +11,14 @@
 //! most msgs/s any relay on quinn could reach in job B on this host.
 //!
 //! ```text
-//! cargo run --release -p hush-tests --bin quic_floor -- [--bytes N] [--pages P] [--runs R]
+//! cargo run --release -p hush-tests --bin quic_floor -- [--bytes N] [--pages P] [--runs R] [--fresh]
 //! ```
 //!
 //! Defaults: 225,000 bytes (a page of 200 envelopes of 1 KiB with their
-//! headers and framing), 500 pages (one drain of 100,000), 3 runs. Timed
-//! here, never in tests.
+//! headers and framing), 500 pages (one drain of 100,000), 3 runs on one
+//! connection; `--fresh` gives every run a new connection of the same two
+//! (by then warm) processes, as job B's reader connects only to drain.
+//! Timed here, never in tests.
 
 use hush_protocol::ALPN_HUSH;
 use hush_relay::server::quic::server_config;
@@ -38,6 +40,8 @@ struct Args {
     bytes: usize,
     pages: usize,
     runs: usize,
+    /// A new connection for every run (the processes stay warm).
+    fresh: bool,
 }
 
 fn parse() -> BenchResult<Args> {
@@ -45,6 +49,7 @@ fn parse() -> BenchResult<Args> {
         bytes: 225_000,
         pages: 500,
         runs: 3,
+        fresh: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -55,6 +60,7 @@ fn parse() -> BenchResult<Args> {
             "--bytes" => args.bytes = value()?,
             "--pages" => args.pages = value()?,
             "--runs" => args.runs = value()?,
+            "--fresh" => args.fresh = true,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -159,9 +165,8 @@ async fn client(args: &Args) -> BenchResult<()> {
             ALPN_HUSH,
             Duration::from_secs(30),
         )?);
-        let conn = endpoint
-            .connect(([127, 0, 0, 1], port).into(), "localhost")?
-            .await?;
+        let server_addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut conn = endpoint.connect(server_addr, "localhost")?.await?;
         println!(
             "quic_floor: {} round trips of a small request and {} bytes back, {} runs \
              (server: the relay's TLS and transport config, separate process)",
@@ -169,6 +174,10 @@ async fn client(args: &Args) -> BenchResult<()> {
         );
         let mut rates = Vec::new();
         for run in 1..=args.runs {
+            if args.fresh && run > 1 {
+                conn.close(0u32.into(), b"next run");
+                conn = endpoint.connect(server_addr, "localhost")?.await?;
+            }
             let mut times = drain(&conn, args.bytes, args.pages).await?;
             let total: Duration = times.iter().sum();
             times.sort();
