@@ -328,6 +328,47 @@ async fn acks_held_during_a_catch_up_apply_before_lower_reads_and_at_the_end() {
     assert_eq!(inbox.ack(1500).await.unwrap(), 1500);
 }
 
+/// A device that stops pulling in the middle of a catch-up, and stays
+/// connected, still gets its held ack applied: here the inbox is full, and
+/// the sender's envelope is accepted once the held ack freed room, while
+/// the device sits idle.
+#[tokio::test]
+async fn a_held_ack_is_applied_while_the_device_idles_mid_catch_up() {
+    let relay = relay(&["--inbox-max-messages", "300"]).await;
+    let (a, mut sender) = registered(&relay, 60).await;
+    let (b, mut inbox) = registered(&relay, 61).await;
+    let conv = conversation(6);
+    let all: Vec<_> = (1..=301)
+        .map(|i| make_envelope(a.device(), b.device(), conv, i, b"idle"))
+        .collect();
+    for chunk in all[..300].chunks(32) {
+        for o in sender.send(chunk.to_vec()).await.unwrap() {
+            assert!(stored(&o).is_some(), "{o:?}");
+        }
+    }
+    let page = inbox.pull(0, 100, 0).await.unwrap();
+    assert_eq!(page.remaining, 200);
+    // Acknowledges 1..=100 (held: the device is catching up), then idles.
+    let page = inbox.pull(100, 100, 100).await.unwrap();
+    assert_eq!(page.envelopes.first().map(|d| d.seq), Some(101));
+    let last = all[300].clone();
+    let sender = tokio::sync::Mutex::new(sender);
+    let shared = &sender;
+    wait_until_async(PROMPT, "room freed by the held ack", || {
+        let last = last.clone();
+        async move {
+            let o = shared.lock().await.send_one(last).await;
+            o.is_ok_and(|o| stored(&o).is_some())
+        }
+    })
+    .await
+    .unwrap();
+    // Still the same connection, still mid-way: the next page follows on.
+    let page = inbox.pull(200, 100, 200).await.unwrap();
+    assert_eq!(page.envelopes.first().map(|d| d.seq), Some(201));
+    drop(b);
+}
+
 #[tokio::test]
 async fn acks_are_clamped_to_the_head_and_never_move_back() {
     let relay = relay(&[]).await;

@@ -66,6 +66,9 @@ const READ_AHEAD_KEPT: Duration = Duration::from_secs(2);
 /// applied: acks are cumulative, so one deletion of this many costs one
 /// write transaction instead of one per page.
 pub const ACKS_HELD: u64 = 1000;
+/// Longest an ack is held back: a device that stops pulling mid-way (an
+/// app sent to the background) gets its acks applied anyway.
+const ACK_HELD_FOR: Duration = Duration::from_secs(1);
 /// Read buffer size.
 const READ_CHUNK: usize = 16 * 1024;
 /// Read size before authentication: one maximal pre-authentication frame.
@@ -161,6 +164,8 @@ struct Conn {
     /// The merged ack of the last `Pull` of a catch-up, held back until
     /// [`ACKS_HELD`] envelopes are acknowledged (see [`Conn::start_ack`]).
     held_ack: Option<DeferredAck>,
+    /// When the held ack is applied at the latest.
+    held_until: Option<tokio::time::Instant>,
     /// The highest ack handed to an ack task on this connection.
     ack_handed: u64,
     /// The next page of a catch-up, read while the last one is on its way.
@@ -196,6 +201,7 @@ where
         prekeys_low: None,
         ack_task: None,
         held_ack: None,
+        held_until: None,
         ack_handed: 0,
         ahead: None,
     };
@@ -382,6 +388,12 @@ impl Conn {
                             return end;
                         }
                         Metrics::add(&self.shared.metrics.prekeys_low_notices_total, 1);
+                    }
+                }
+                _ = sleep_until_some(self.held_until) => {
+                    self.held_until = None;
+                    if let Some(held) = self.held_ack.take() {
+                        self.hand_over_ack(held).await;
                     }
                 }
                 _ = sleep_until_some(self.ahead.as_ref().map(|a| a.until)) => {
@@ -578,6 +590,7 @@ impl Conn {
     /// Apply every ack of this connection: hand over the one held back, if
     /// any, and wait for the ack in flight.
     async fn finish_ack(&mut self) {
+        self.held_until = None;
         if let Some(held) = self.held_ack.take() {
             self.hand_over_ack(held).await;
         }
@@ -598,19 +611,24 @@ impl Conn {
     /// clients expect.
     ///
     /// While the device catches up, the ack is held back until it covers
-    /// [`ACKS_HELD`] envelopes beyond the last one applied: being
-    /// cumulative, the newest ack replaces the held one. A live session's
-    /// acks, and anything that must see the acks applied (a request that
-    /// reads at or below them, the end of the connection), apply it at once.
+    /// [`ACKS_HELD`] envelopes beyond the last one applied, for at most
+    /// [`ACK_HELD_FOR`]: being cumulative, the newest ack replaces the held
+    /// one. A live session's acks, and anything that must see the acks
+    /// applied (a request that reads at or below them, the end of the
+    /// connection), apply it at once.
     /// Until then those envelopes stay stored and count against the inbox's
     /// quota; a relay that stops loses nothing but delivers them again, as
     /// it does for acks not yet synced to disk.
     async fn start_ack(&mut self, ack: DeferredAck) {
         if !self.session.is_live() && ack.up_to < self.ack_handed.saturating_add(ACKS_HELD) {
+            if self.held_ack.is_none() {
+                self.held_until = Some(tokio::time::Instant::now() + ACK_HELD_FOR);
+            }
             self.held_ack = Some(ack);
             return;
         }
         self.held_ack = None;
+        self.held_until = None;
         self.hand_over_ack(ack).await;
     }
 
