@@ -217,3 +217,191 @@ async fn failed_commits(pipelined: bool) {
     alice.shutdown().await;
     relay.shutdown().await.unwrap();
 }
+
+/// The durable delivery state of the message `id` in `conv`.
+fn stored_state(
+    storage: &MemoryStorage,
+    conv: &hush_protocol::ConversationId,
+    id: &hush_protocol::MessageId,
+) -> Option<MessageState> {
+    hush_client::history(storage, conv, None, 1000)
+        .ok()?
+        .into_iter()
+        .find(|e| e.record.id == *id)
+        .and_then(|e| e.state)
+}
+
+/// Run `d` in short turns until `until` holds (at most [`BOUND`]).
+async fn turn_until<S: Storage + Send + 'static>(
+    d: &mut Driver<S>,
+    mut until: impl FnMut(&Driver<S>) -> bool,
+) -> bool {
+    let end = Instant::now() + BOUND;
+    let mut stop = None;
+    while !until(d) {
+        if Instant::now() >= end {
+            return false;
+        }
+        if d.run_until(
+            Instant::now() + Duration::from_millis(20),
+            &mut stop,
+            &mut Discard,
+            |_| false,
+        )
+        .await
+        .is_err()
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// A message's `Stored` notice is lazy: its commit waits for the next send
+/// and rides along in that send's commit, and is never shown before it is
+/// durable. A crash while it waits loses nothing: the reloaded engine sends
+/// the message again, the relay's dedup answers `Stored` again, and the
+/// recipient shows it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+async fn lazy_delivery_notices_join_the_next_commit_and_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayHandle::start(
+        Config::default_for(dir.path().join("relay")),
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
+    let target = RelayTarget {
+        addr: relay.quic_addr().to_string(),
+        cert: CertCheck::Pinned(CertCheck::parse_hash(&relay.cert_sha256_hex()).unwrap()),
+        transport: hush_cli::Transport::Quic,
+    };
+    let mut alice = device(MemoryStorage::new(), "alice", &target, 200)
+        .await
+        .unwrap();
+    let mut bob = device(MemoryStorage::new(), "bob", &target, 200)
+        .await
+        .unwrap();
+    let bob_code = code_named(&bob, "bob");
+    alice
+        .command(
+            Command::AddContact {
+                code: bob_code.clone(),
+            },
+            &mut Discard,
+        )
+        .await
+        .unwrap();
+    assert_eq!(settle(&mut alice).await.unwrap(), Outcome::Done);
+    bob.command(
+        Command::AddContact {
+            code: code_named(&alice, "alice"),
+        },
+        &mut Discard,
+    )
+    .await
+    .unwrap();
+    assert_eq!(settle(&mut bob).await.unwrap(), Outcome::Done);
+    // bob offline: no receipts, only the relay's answers reach alice.
+    bob.shutdown().await;
+    alice.set_lazy_commit(Duration::from_secs(3600));
+    let conversation = alice.engine().conversation_with(&bob_code.user);
+    let send = |text: &str| Command::SendText {
+        conversation,
+        text: text.into(),
+    };
+    let id_of = |r: Option<Reply>| match r {
+        Some(Reply::Message(id)) => id,
+        other => panic!("unexpected reply {other:?}"),
+    };
+
+    // m0's Stored notice is handled but waits, neither durable nor shown.
+    let m0 = id_of(alice.command(send("m0"), &mut Discard).await.unwrap());
+    assert!(turn_until(&mut alice, |d| d.lazy_pending() > 0).await);
+    assert_eq!(
+        alice.engine().message_state(&m0),
+        Some(MessageState::Stored)
+    );
+    assert_eq!(
+        stored_state(&alice.storage(), &conversation, &m0),
+        Some(MessageState::Sending)
+    );
+    // The next send's commit takes it along: one commit for both.
+    let commits = alice.stats().commits;
+    let m1 = id_of(alice.command(send("m1"), &mut Discard).await.unwrap());
+    assert_eq!(alice.stats().commits, commits + 1);
+    assert_eq!(alice.lazy_pending(), 0);
+    assert_eq!(
+        stored_state(&alice.storage(), &conversation, &m0),
+        Some(MessageState::Stored)
+    );
+
+    // A caller waiting for the state gets it durable at once.
+    let mut stop = None;
+    let outcome = alice
+        .run_until(Instant::now() + BOUND, &mut stop, &mut Discard, |v| {
+            v.engine.message_state(&m1) == Some(MessageState::Stored)
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Done);
+    assert_eq!(
+        stored_state(&alice.storage(), &conversation, &m1),
+        Some(MessageState::Stored)
+    );
+
+    // m2's notice waits when alice's process dies.
+    let m2 = id_of(alice.command(send("m2"), &mut Discard).await.unwrap());
+    assert!(turn_until(&mut alice, |d| d.lazy_pending() > 0).await);
+    let storage = alice.into_storage().unwrap();
+    assert_eq!(
+        stored_state(&storage, &conversation, &m2),
+        Some(MessageState::Sending)
+    );
+    let cfg = hush_client::EngineConfig {
+        page_limit: 200,
+        ..cli_engine_config()
+    };
+    let mut alice = Driver::load(storage, cfg, target.clone()).unwrap();
+    let mut stop = None;
+    let outcome = alice
+        .run_until(Instant::now() + BOUND, &mut stop, &mut Discard, |v| {
+            v.settled() && v.engine.message_state(&m2) == Some(MessageState::Stored)
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Done);
+    assert_eq!(
+        stored_state(&alice.storage(), &conversation, &m2),
+        Some(MessageState::Stored)
+    );
+
+    // bob gets each message once, in order.
+    let mut bob = Driver::load(
+        bob.into_storage().unwrap(),
+        hush_client::EngineConfig {
+            page_limit: 200,
+            ..cli_engine_config()
+        },
+        target.clone(),
+    )
+    .unwrap();
+    let from = alice.engine().device_id();
+    let conv = bob.engine().conversation_with(&alice.engine().user_key());
+    let mut stop = None;
+    let outcome = bob
+        .run_until(Instant::now() + BOUND, &mut stop, &mut Discard, |v| {
+            v.settled() && v.engine.delivered_through(&from, &conv) >= 3
+        })
+        .await
+        .unwrap();
+    assert_eq!(outcome, Outcome::Done);
+    let history = hush_client::history(&*bob.storage(), &conv, None, 1000).unwrap();
+    let texts: Vec<&str> = history.iter().map(|e| e.record.text.as_str()).collect();
+    assert_eq!(texts, ["m0", "m1", "m2"]);
+
+    bob.shutdown().await;
+    alice.shutdown().await;
+    relay.shutdown().await.unwrap();
+}
