@@ -43,7 +43,7 @@ use hush_client::{
     Command, ConnectionState, Engine, EngineConfig, Event, Input, Reply, Step, Storage,
     StorageError, StorageOp,
 };
-use hush_protocol::{ClientFrame, Request, ServerFrame, encode_client_frame};
+use hush_protocol::{ClientFrame, ServerFrame, encode_client_frame};
 use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -59,19 +59,12 @@ const MAX_BATCH_INPUTS: usize = 64;
 /// Consecutive rebuilds from storage (no successful commit in between)
 /// before giving up.
 const MAX_REBUILDS: u32 = 5;
-/// Longest a lazy step waits for company before it is committed alone.
-///
-/// A step is lazy when all that waits on its commit is a change of a sent
-/// message's delivery state (the relay stored it, a device received it)
-/// and acknowledgements to the relay. Such a step gains nothing from its
-/// own sync: the next step with something urgent (a message to send or to
-/// show) takes it into its commit. While sending, that halves the syncs: a
-/// message's `Stored` notice arrives about when the next message is sent,
-/// and its commit would otherwise hold that message back by a whole sync.
-/// Nothing is lost by the wait: until the commit the notice is not shown
-/// and the acknowledgement not sent, so a crash meanwhile leaves the relay
-/// to deliver again what the engine drops as a repeat, and a sent message
-/// to be confirmed again when it is retransmitted.
+/// Longest a lazy step ([`Step::is_lazy`]: only delivery-state notices, ratchet epochs and
+/// acknowledgements to the relay wait on it) waits for a step with
+/// something urgent, whose commit it then joins, before it is committed
+/// alone. While sending, that halves the syncs: a message's `Stored`
+/// notice arrives about when the next message is sent, and its own commit
+/// would hold that message back.
 pub const LAZY_COMMIT: Duration = Duration::from_millis(20);
 
 /// Milliseconds since the Unix epoch (the engine's clock).
@@ -211,17 +204,7 @@ struct Pending {
 
 impl Pending {
     fn new(step: Step) -> Pending {
-        let lazy = step.reply.is_none()
-            && !step.close
-            && step.early_frames.is_empty()
-            && step
-                .frames
-                .iter()
-                .all(|f| matches!(f.request, Request::Ack { .. }))
-            && step
-                .events
-                .iter()
-                .all(|e| matches!(e, Event::MessageState { .. }));
+        let lazy = step.is_lazy();
         Pending {
             storage: step.storage,
             early: step.early_frames,

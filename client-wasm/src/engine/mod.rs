@@ -512,6 +512,36 @@ pub struct Step {
     pub close: bool,
 }
 
+impl Step {
+    /// Nothing that waits on this step's commit is urgent: its only outputs
+    /// are delivery-state changes of sent messages (`MessageState` events),
+    /// ratchet epochs (`KeyRotation`: a contact's receipt usually turns the
+    /// ratchet) and cumulative acknowledgements to the relay (`Ack`
+    /// frames). A
+    /// driver may hold such a step back for a few milliseconds and commit
+    /// it with the next step that has something urgent (a message to send
+    /// or to show, a reply), saving it a sync of its own: while a user
+    /// sends, each message's `Stored` notice arrives about when the next
+    /// message is sent. Holding it back is as safe as a crash before its
+    /// commit: the notice is not shown and the acknowledgement not sent
+    /// until the commit, so the relay delivers again what the engine then
+    /// drops as a repeat, and an unconfirmed send is confirmed again when
+    /// it is retransmitted.
+    pub fn is_lazy(&self) -> bool {
+        self.reply.is_none()
+            && !self.close
+            && self.early_frames.is_empty()
+            && self
+                .frames
+                .iter()
+                .all(|f| matches!(f.request, hush_protocol::Request::Ack { .. }))
+            && self
+                .events
+                .iter()
+                .all(|e| matches!(e, Event::MessageState { .. } | Event::KeyRotation { .. }))
+    }
+}
+
 /// Records changed during a step (written at its end).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Dirty {

@@ -431,6 +431,8 @@ struct Client {
     /// Kept offline: `advance` does not reconnect it (a device switched
     /// off), until `connect`.
     offline: bool,
+    /// Every step handled: whether it was lazy, its events, its frames.
+    steps: Vec<(bool, Vec<Event>, Vec<Request>)>,
 }
 
 /// The relay cursor durable in a store.
@@ -484,6 +486,7 @@ impl Net {
             max_pulls_in_flight: 0,
             out_record_sizes: Vec::new(),
             hold_sends: 0,
+            steps: Vec::new(),
         });
         self.clients.len() - 1
     }
@@ -574,6 +577,15 @@ impl Net {
             self.clients[i].pulls_in_flight.remove(request_id);
         }
         let mut step = self.clients[i].engine.handle(self.now, input).unwrap();
+        self.clients[i].steps.push((
+            step.is_lazy(),
+            step.events.clone(),
+            step.early_frames
+                .iter()
+                .chain(&step.frames)
+                .map(|f| f.request.clone())
+                .collect(),
+        ));
         // Early frames leave before the step's storage is durable.
         let had_early = !step.early_frames.is_empty();
         self.transmit(i, std::mem::take(&mut step.early_frames), true);
@@ -2143,3 +2155,55 @@ fn relay_stripping_the_important_flag_is_rejected() {
 
 #[path = "tests_lifecycle.rs"]
 mod lifecycle_tests;
+
+/// Only steps on which nothing urgent waits are lazy: the relay's `Stored`
+/// answer and a contact's receipt (state changes, acks to the relay); never
+/// a send, a received message or a reply.
+#[test]
+fn only_delivery_notices_and_relay_acks_are_lazy() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.settle();
+    net.clients[a].steps.clear();
+    net.clients[b].steps.clear();
+    let mut ids = Vec::new();
+    for text in ["one", "two", "three"] {
+        ids.push(net.send(a, conv, text));
+        net.settle();
+        net.advance(10_000);
+        net.settle();
+    }
+    for id in &ids {
+        assert_eq!(
+            net.clients[a].engine.message_state(id),
+            Some(MessageState::Delivered)
+        );
+    }
+    let notice = |e: &Event, want: MessageState| matches!(e, Event::MessageState { id: m, state, .. } if ids.contains(m) && *state == want);
+    let mut seen = (false, false, false, false);
+    for (lazy, events, frames) in &net.clients[a].steps {
+        let sends = frames.iter().any(|f| matches!(f, Request::Send { .. }));
+        if sends {
+            assert!(!lazy, "a step that sends is not lazy");
+            seen.0 = true;
+        }
+        if events.iter().any(|e| notice(e, MessageState::Stored)) {
+            assert!(*lazy, "the Stored notice is lazy: {events:?} {frames:?}");
+            seen.1 = true;
+        }
+        if events.iter().any(|e| notice(e, MessageState::Delivered)) {
+            // bob's receipt turns the ratchet: a `KeyRotation` comes along.
+            assert!(*lazy, "the receipt is lazy: {events:?} {frames:?}");
+            seen.2 = true;
+        }
+    }
+    for (lazy, events, _) in &net.clients[b].steps {
+        if events.iter().any(|e| matches!(e, Event::Message(_))) {
+            assert!(!lazy, "a received message is not lazy");
+            seen.3 = true;
+        }
+    }
+    assert_eq!(seen, (true, true, true, true));
+}

@@ -19,6 +19,10 @@
 //! so a transaction never commits after an earlier one failed. During a
 //! backlog sync the engine puts the next page's `Pull` in `early_frames`:
 //! the relay serves page n+1 and the loop decrypts it while page n commits.
+//! A lazy step ([`Step::is_lazy`]: only delivery-state notices, ratchet epochs and
+//! acknowledgements to the relay wait on it) that finds nothing in flight
+//! waits up to [`LAZY_COMMIT_MS`] for a step with something urgent and
+//! joins its transaction, instead of costing one of its own.
 //!
 //! If the engine or the storage fails, nothing more of the affected steps
 //! is performed: the connection is dropped and the engine is rebuilt from
@@ -47,6 +51,11 @@ use wasm_bindgen_futures::spawn_local;
 
 /// The longest delay `setTimeout` accepts (2^31 − 1 ms, about 24.8 days).
 const MAX_TIMEOUT_MS: u64 = i32::MAX as u64;
+/// Longest a lazy step ([`Step::is_lazy`]) waits for a step with something
+/// urgent, whose transaction it then joins, before it is committed alone:
+/// while the user sends, a message's `Stored` notice no longer costs an
+/// IndexedDB transaction of its own ahead of the next message.
+const LAZY_COMMIT_MS: u32 = 20;
 /// Consecutive engine rebuilds after which the client gives up (storage
 /// that fails every write, e.g. an exhausted quota, would otherwise loop).
 const MAX_REBUILDS: u32 = 6;
@@ -94,6 +103,8 @@ pub(crate) enum Msg {
     SetOnline(bool),
     /// Stop: close the connection and the database, then acknowledge.
     Close(oneshot::Sender<()>),
+    /// Lazy steps waited long enough ([`LAZY_COMMIT_MS`]).
+    LazyDue,
 }
 
 /// Event listeners: `(type, function)`; type `"*"` receives every event.
@@ -237,6 +248,8 @@ struct Owed {
     /// Where a command's answer goes.
     answer: Option<oneshot::Sender<CommandResult>>,
     close: bool,
+    /// Nothing urgent waits on this step ([`Step::is_lazy`]).
+    lazy: bool,
 }
 
 impl Owed {
@@ -278,9 +291,11 @@ pub(crate) struct Driver {
     /// (in order).
     inflight: Option<Commit>,
     committing: Vec<Owed>,
-    /// Steps handled since `inflight` began (empty while nothing is in
-    /// flight).
+    /// Steps handled since `inflight` began, or lazy steps waiting for
+    /// company while nothing is in flight.
     waiting: Waiting,
+    /// Commits the waiting lazy steps alone when it fires.
+    lazy_timer: Option<Timeout>,
     /// Devices whose history export failed in this session (not retried
     /// until the client is opened again).
     export_failed: std::collections::BTreeSet<hush_protocol::DeviceId>,
@@ -317,6 +332,7 @@ impl Driver {
             inflight: None,
             committing: Vec::new(),
             waiting: Waiting::default(),
+            lazy_timer: None,
             export_failed: std::collections::BTreeSet::new(),
         }
     }
@@ -385,6 +401,12 @@ impl Driver {
                     }
                 }
                 Msg::SetOnline(on) => self.set_online(on).await,
+                Msg::LazyDue => {
+                    self.lazy_timer = None;
+                    if self.inflight.is_none() && !self.waiting.steps.is_empty() {
+                        self.begin_waiting().await;
+                    }
+                }
                 Msg::Close(done) => {
                     // Everything handled so far is committed (or failed)
                     // and its events delivered before the database closes.
@@ -510,6 +532,7 @@ impl Driver {
 
     /// Queue a handled step behind the steps before it.
     async fn accept(&mut self, step: Step, answer: Option<oneshot::Sender<CommandResult>>) {
+        let lazy = step.is_lazy();
         let Step {
             storage,
             early_frames,
@@ -529,10 +552,11 @@ impl Driver {
             reply,
             answer,
             close,
+            lazy,
         };
         self.waiting.steps.push((owed, storage));
         if self.inflight.is_none() {
-            self.begin_waiting().await;
+            self.begin_unless_lazy().await;
         }
         if close {
             // The engine counts the connection as gone: perform this step
@@ -541,11 +565,27 @@ impl Driver {
         }
     }
 
+    /// Nothing is in flight: commit the waiting steps, unless all of them
+    /// are lazy; then they wait for company, at most [`LAZY_COMMIT_MS`].
+    async fn begin_unless_lazy(&mut self) {
+        if self.waiting.steps.iter().all(|(owed, _)| owed.lazy) {
+            if self.lazy_timer.is_none() && !self.waiting.steps.is_empty() {
+                let tx = self.tx.clone();
+                self.lazy_timer = Some(Timeout::new(LAZY_COMMIT_MS, move || {
+                    let _ = tx.unbounded_send(Msg::LazyDue);
+                }));
+            }
+            return;
+        }
+        self.begin_waiting().await;
+    }
+
     /// Nothing is in flight (every step before the waiting ones is
     /// durable): perform the waiting steps that wrote nothing, and commit
     /// the rest in one transaction.
     async fn begin_waiting(&mut self) {
         debug_assert!(self.inflight.is_none());
+        self.lazy_timer = None; // cancels it: the steps go now
         let mut steps = std::mem::take(&mut self.waiting.steps).into_iter();
         let mut batch: Vec<StorageOp> = Vec::new();
         let mut covered = Vec::new();
@@ -603,7 +643,7 @@ impl Driver {
                     self.perform(owed);
                 }
                 if !self.waiting.steps.is_empty() {
-                    self.begin_waiting().await;
+                    self.begin_unless_lazy().await;
                 }
             }
             Err(e) => {
@@ -619,9 +659,18 @@ impl Driver {
     /// Wait until every handled step is committed and performed (or
     /// abandoned by a failure).
     async fn settle(&mut self) {
-        while let Some(commit) = self.inflight.take() {
-            let result = commit.await;
-            self.committed(result).await;
+        loop {
+            if self.inflight.is_none() {
+                if self.waiting.steps.is_empty() {
+                    return;
+                }
+                // Lazy steps too: everything handled is committed.
+                self.begin_waiting().await;
+            }
+            if let Some(commit) = self.inflight.take() {
+                let result = commit.await;
+                self.committed(result).await;
+            }
         }
     }
 
