@@ -10,7 +10,12 @@
 //!
 //! ```text
 //! cargo run --release -p hush-tests --bin e2e_latency_bench -- [--rate N] [--secs S]
+//!     [--relay-dir DIR] [--client-dir DIR]
 //! ```
+//!
+//! `--relay-dir` and `--client-dir` put the relay's store or the two
+//! clients' stores in a fresh directory under `DIR` instead of under
+//! `$TMPDIR` (e.g. one side on tmpfs, to see what its syncs cost).
 //!
 //! Targets (BENCHMARKS.md): p50 ≤ 1 ms, p99 ≤ 5 ms. Timed here, never in tests.
 
@@ -108,8 +113,13 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-async fn bench(rate: u64, secs: f64, tmp: &std::path::Path) -> Result<(), CliError> {
-    let mut config = Config::default_for(tmp.join("relay"));
+async fn bench(
+    rate: u64,
+    secs: f64,
+    relay_dir: &std::path::Path,
+    client_dir: &std::path::Path,
+) -> Result<(), CliError> {
+    let mut config = Config::default_for(relay_dir.join("relay"));
     config.http = None;
     config.send_rate = 0;
     let relay = RelayHandle::start(config, Arc::new(SystemClock))
@@ -120,8 +130,8 @@ async fn bench(rate: u64, secs: f64, tmp: &std::path::Path) -> Result<(), CliErr
         cert: CertCheck::Pinned(CertCheck::parse_hash(&relay.cert_sha256_hex())?),
         transport: hush_cli::Transport::Quic,
     };
-    let mut alice = new_user(tmp, "alice", &target).await?;
-    let mut bob = new_user(tmp, "bob", &target).await?;
+    let mut alice = new_user(client_dir, "alice", &target).await?;
+    let mut bob = new_user(client_dir, "bob", &target).await?;
     let mut alice_code = alice.engine().contact_code();
     alice_code.name = "alice".into();
     let mut bob_code = bob.engine().contact_code();
@@ -239,25 +249,48 @@ async fn bench(rate: u64, secs: f64, tmp: &std::path::Path) -> Result<(), CliErr
     Ok(())
 }
 
-fn parse_args() -> Result<(u64, f64), String> {
-    let (mut rate, mut secs) = (1_000u64, 10.0f64);
+/// The command line.
+struct Args {
+    rate: u64,
+    secs: f64,
+    relay_dir: Option<std::path::PathBuf>,
+    client_dir: Option<std::path::PathBuf>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        rate: 1_000,
+        secs: 10.0,
+        relay_dir: None,
+        client_dir: None,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
-            "--rate" => rate = value.parse().map_err(|_| "--rate needs a number")?,
-            "--secs" => secs = value.parse().map_err(|_| "--secs needs a number")?,
+            "--rate" => args.rate = value.parse().map_err(|_| "--rate needs a number")?,
+            "--secs" => args.secs = value.parse().map_err(|_| "--secs needs a number")?,
+            "--relay-dir" => args.relay_dir = Some(value.into()),
+            "--client-dir" => args.client_dir = Some(value.into()),
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    if rate == 0 || secs <= 0.0 {
+    if args.rate == 0 || args.secs <= 0.0 {
         return Err("--rate and --secs must be positive".into());
     }
-    Ok((rate, secs))
+    Ok(args)
+}
+
+/// A fresh directory under `parent`, or under `$TMPDIR`.
+fn fresh_dir(parent: Option<&std::path::Path>) -> std::io::Result<tempfile::TempDir> {
+    match parent {
+        Some(p) => tempfile::tempdir_in(p),
+        None => tempfile::tempdir(),
+    }
 }
 
 fn main() -> std::process::ExitCode {
-    let (rate, secs) = match parse_args() {
+    let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("e2e_latency_bench: {e}");
@@ -275,8 +308,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = match tempfile::tempdir() {
-        Ok(tmp) => runtime.block_on(bench(rate, secs, tmp.path())),
+    let dirs = fresh_dir(args.relay_dir.as_deref())
+        .and_then(|r| fresh_dir(args.client_dir.as_deref()).map(|c| (r, c)));
+    let result = match dirs {
+        Ok((relay, client)) => {
+            runtime.block_on(bench(args.rate, args.secs, relay.path(), client.path()))
+        }
         Err(e) => Err(bench_err(e)),
     };
     match result {
