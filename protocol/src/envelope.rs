@@ -157,6 +157,15 @@ impl EnvelopeHeader {
 
     /// Parse a header from the front of `bytes`; returns it and its length.
     pub fn parse(bytes: &[u8]) -> Result<(EnvelopeHeader, usize), ProtocolError> {
+        Self::parse_keeping(bytes, true)
+    }
+
+    /// [`EnvelopeHeader::parse`]; with `keep_ratchet` false the ratchet
+    /// header is checked but left out (empty), so nothing is allocated.
+    fn parse_keeping(
+        bytes: &[u8],
+        keep_ratchet: bool,
+    ) -> Result<(EnvelopeHeader, usize), ProtocolError> {
         let mut r = Reader { bytes, pos: 0 };
         let version = r.u8()?;
         if version != ENVELOPE_VERSION {
@@ -180,7 +189,12 @@ impl EnvelopeHeader {
                 max: MAX_RATCHET_HEADER_LEN,
             });
         }
-        let ratchet = r.take(ratchet_len)?.to_vec();
+        let ratchet = r.take(ratchet_len)?;
+        let ratchet = if keep_ratchet {
+            ratchet.to_vec()
+        } else {
+            Vec::new()
+        };
         let session_init = if flags & FLAG_SESSION_INIT != 0 {
             let initiator_identity = r.array()?;
             let ephemeral = r.array()?;
@@ -257,6 +271,22 @@ impl Envelope {
 
     /// Decode an envelope, checking the size limit before anything else.
     pub fn from_bytes(bytes: &[u8]) -> Result<Envelope, ProtocolError> {
+        let (header, ciphertext) = Self::split(bytes, true)?;
+        Ok(Envelope {
+            header,
+            ciphertext: ciphertext.to_vec(),
+        })
+    }
+
+    /// Whether `bytes` decode as an envelope ([`Envelope::from_bytes`]
+    /// would succeed), checked without allocating: the relay checks stored
+    /// envelopes this way and sends their bytes on as they are.
+    pub fn check_bytes(bytes: &[u8]) -> Result<(), ProtocolError> {
+        Self::split(bytes, false).map(|_| ())
+    }
+
+    /// The size limit, the header, and the ciphertext that follows it.
+    fn split(bytes: &[u8], keep_ratchet: bool) -> Result<(EnvelopeHeader, &[u8]), ProtocolError> {
         if bytes.len() > MAX_ENVELOPE_LEN {
             return Err(ProtocolError::TooLarge {
                 what: "envelope",
@@ -264,17 +294,14 @@ impl Envelope {
                 max: MAX_ENVELOPE_LEN,
             });
         }
-        let (header, used) = EnvelopeHeader::parse(bytes)?;
+        let (header, used) = EnvelopeHeader::parse_keeping(bytes, keep_ratchet)?;
         let ciphertext = bytes.get(used..).unwrap_or_default();
         if ciphertext.len() < MIN_CIPHERTEXT_LEN {
             return Err(ProtocolError::Truncated {
                 needed: MIN_CIPHERTEXT_LEN - ciphertext.len(),
             });
         }
-        Ok(Envelope {
-            header,
-            ciphertext: ciphertext.to_vec(),
-        })
+        Ok((header, ciphertext))
     }
 
     /// The header's bytes: the AEAD's associated data.

@@ -15,6 +15,9 @@
 //! - [`frame`] — requests ([`ClientFrame`]) and replies/pushes ([`ServerFrame`]),
 //!   encoded with postcard inside a length-prefixed, versioned frame, and the
 //!   incremental [`FrameBuffer`] that splits a byte stream into frames.
+//! - [`raw`] — the same page and push frames written straight from stored
+//!   envelope bytes ([`RawDelivered`]), so the relay never decodes an
+//!   envelope only to encode it again.
 //! - [`error`] — [`ProtocolError`] for local decode failures and [`ErrorCode`]
 //!   for the typed refusals the relay sends back.
 //!
@@ -28,6 +31,7 @@ pub mod error;
 pub mod frame;
 pub mod ids;
 pub mod limits;
+pub mod raw;
 
 pub use envelope::{Envelope, EnvelopeHeader, SessionInitHeader};
 pub use error::{ErrorCode, ProtocolError, WireError};
@@ -38,6 +42,7 @@ pub use frame::{
     decode_client_frame, decode_server_frame, encode_client_frame, encode_server_frame,
 };
 pub use ids::{BlobId, ConversationId, DeviceId, MessageId, UserKey};
+pub use raw::{RawDelivered, encode_page_frame, encode_push_frame};
 
 /// The protocol version carried in every frame and envelope header.
 pub const PROTOCOL_VERSION: u8 = 1;

@@ -21,8 +21,9 @@ use crate::store::{BlobLimits, BlobWrite, CommitOutcome, NewEnvelope, Refusal, S
 use ed25519_dalek::{Signature, VerifyingKey};
 use hush_protocol::limits::{MAX_BLOB_CHUNK, MAX_PAGE, MAX_PAGE_BYTES};
 use hush_protocol::{
-    AuthOk, ClientFrame, Delivered, DeviceId, Envelope, ErrorCode, MessageId, Page, ProtocolError,
-    Request, Response, SendOutcome, ServerFrame, SignedDeviceList, WireError, auth_challenge_bytes,
+    AuthOk, ClientFrame, DeviceId, Envelope, ErrorCode, MessageId, Page, ProtocolError,
+    RawDelivered, Request, Response, SendOutcome, ServerFrame, SignedDeviceList, Truncation,
+    WireError, auth_challenge_bytes,
 };
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -245,8 +246,8 @@ impl NextPage {
 pub struct ReadAhead {
     /// Which page this is.
     pub at: NextPage,
-    /// The page, decoded.
-    envelopes: Vec<Delivered>,
+    /// The page, in the form it was stored in.
+    envelopes: Vec<RawDelivered>,
     remaining: u64,
     truncated: Option<hush_protocol::Truncation>,
 }
@@ -306,11 +307,89 @@ impl Session {
     }
 }
 
+/// A frame for one connection.
+///
+/// Pages and pushes keep their envelopes as the bytes the store holds
+/// ([`RawDelivered`], checked to decode) and are encoded straight from them
+/// (`hush_protocol::raw`): the relay never decodes an envelope only to
+/// encode it again. Everything else is a [`ServerFrame`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outbound {
+    /// Any frame, as a value.
+    Frame(ServerFrame),
+    /// `ServerFrame::Response` carrying `Response::Page`.
+    Page {
+        /// Echo of the `Pull`'s request id.
+        request_id: u32,
+        /// The page, as stored.
+        page: RawPage,
+    },
+    /// `ServerFrame::Push`, as stored.
+    Push(Vec<RawDelivered>),
+}
+
+/// A page read from an inbox, its envelopes as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawPage {
+    /// In relay-seq order.
+    pub envelopes: Vec<RawDelivered>,
+    /// Envelopes still stored after this page.
+    pub remaining: u64,
+    /// Tombstones of envelopes purged unread above the page's start.
+    pub truncated: Option<Truncation>,
+}
+
+impl Outbound {
+    /// The complete frame, length prefix included.
+    pub fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        match self {
+            Outbound::Frame(frame) => hush_protocol::encode_server_frame(frame),
+            Outbound::Page { request_id, page } => hush_protocol::encode_page_frame(
+                *request_id,
+                &page.envelopes,
+                page.remaining,
+                page.truncated.as_ref(),
+            ),
+            Outbound::Push(envelopes) => hush_protocol::encode_push_frame(envelopes),
+        }
+    }
+
+    /// The frame as a value, its envelopes decoded: what a client decodes
+    /// from [`Outbound::encode`]'s bytes (the simulator and tests use it).
+    pub fn to_frame(&self) -> Result<ServerFrame, ProtocolError> {
+        let decode = |raw: &[RawDelivered]| {
+            raw.iter()
+                .map(RawDelivered::decode)
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(match self {
+            Outbound::Frame(frame) => frame.clone(),
+            Outbound::Page { request_id, page } => ServerFrame::Response {
+                request_id: *request_id,
+                response: Response::Page(Page {
+                    envelopes: decode(&page.envelopes)?,
+                    remaining: page.remaining,
+                    truncated: page.truncated.clone(),
+                }),
+            },
+            Outbound::Push(envelopes) => ServerFrame::Push {
+                envelopes: decode(envelopes)?,
+            },
+        })
+    }
+}
+
+impl From<ServerFrame> for Outbound {
+    fn from(frame: ServerFrame) -> Outbound {
+        Outbound::Frame(frame)
+    }
+}
+
 /// What the caller must do after [`RelayCore::handle`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Send this frame to the connection.
-    Send(ServerFrame),
+    Send(Outbound),
     /// Commit these envelopes (possibly batched with other connections'),
     /// then pass the outcome to [`RelayCore::finish_send`] and send its frame.
     Commit(PendingSend),
@@ -520,7 +599,19 @@ impl<S: Store + ?Sized> RelayCore<S> {
             (Request::Pull { after, limit, ack }, Some(device)) => {
                 let r = self.pull(session, device, after, limit, ack, &mut actions);
                 self.note_sync(session, now_ms);
-                r
+                match r {
+                    Ok(page) => {
+                        actions.insert(
+                            0,
+                            Action::Send(Outbound::Page {
+                                request_id: id,
+                                page,
+                            }),
+                        );
+                        return actions;
+                    }
+                    Err(e) => Err(e),
+                }
             }
             (Request::Ack { up_to }, Some(device)) => match self.store.ack(&device, up_to) {
                 Ok(cursor) => {
@@ -529,7 +620,7 @@ impl<S: Store + ?Sized> RelayCore<S> {
                         request_id: id,
                         response: Response::Acked { up_to: cursor },
                     };
-                    actions.push(Action::Send(frame));
+                    actions.push(Action::Send(frame.into()));
                     if session.live && session.window_full {
                         actions.extend(self.pump(session));
                     }
@@ -570,14 +661,20 @@ impl<S: Store + ?Sized> RelayCore<S> {
         match result {
             Ok(response) => actions.insert(
                 0,
-                Action::Send(ServerFrame::Response {
-                    request_id: id,
-                    response,
-                }),
+                Action::Send(
+                    ServerFrame::Response {
+                        request_id: id,
+                        response,
+                    }
+                    .into(),
+                ),
             ),
             Err(Refuse(code, message)) => {
                 self.metrics.refused(code);
-                actions.insert(0, Action::Send(ServerFrame::error(id, code, message)));
+                actions.insert(
+                    0,
+                    Action::Send(ServerFrame::error(id, code, message).into()),
+                );
             }
         }
         actions
@@ -589,7 +686,7 @@ impl<S: Store + ?Sized> RelayCore<S> {
         let code = err.code();
         self.metrics.refused(code);
         vec![
-            Action::Send(ServerFrame::error(0, code, err.to_string())),
+            Action::Send(ServerFrame::error(0, code, err.to_string()).into()),
             Action::Close {
                 code,
                 reason: "malformed frame".into(),
@@ -673,7 +770,7 @@ impl<S: Store + ?Sized> RelayCore<S> {
             && now_ms.saturating_sub(last_seen_ms) >= self.config.stale_after_ms
         {
             // Sent after the Authenticated answer (that goes first).
-            actions.push(Action::Send(ServerFrame::Retired { last_seen_ms }));
+            actions.push(Action::Send(ServerFrame::Retired { last_seen_ms }.into()));
         }
         session.state = SessionState::Authenticated { device };
         session.acked = inbox.acked;
@@ -781,7 +878,9 @@ impl<S: Store + ?Sized> RelayCore<S> {
             batch_len: batch.len(),
         };
         if batch.is_empty() {
-            return Ok(Action::Send(self.finish_send(ticket, Ok(Vec::new()))));
+            return Ok(Action::Send(
+                self.finish_send(ticket, Ok(Vec::new())).into(),
+            ));
         }
         Ok(Action::Commit(PendingSend {
             envelopes: batch,
@@ -906,7 +1005,7 @@ impl<S: Store + ?Sized> RelayCore<S> {
         limit: u16,
         ack: u64,
         actions: &mut Vec<Action>,
-    ) -> Result<Response, Refuse> {
+    ) -> Result<RawPage, Refuse> {
         if ack > 0 {
             let cursor = self.store.ack(&device, ack)?;
             session.acked = session.acked.max(cursor);
@@ -929,7 +1028,7 @@ impl<S: Store + ?Sized> RelayCore<S> {
         after: u64,
         actions: &mut Vec<Action>,
         ahead: Option<ReadAhead>,
-    ) -> Result<Response, Refuse> {
+    ) -> Result<RawPage, Refuse> {
         let device = at.device;
         let page = match ahead {
             Some(ahead) if ahead.answers(at) => {
@@ -946,11 +1045,11 @@ impl<S: Store + ?Sized> RelayCore<S> {
         if page.truncated.is_some() {
             Metrics::add(&self.metrics.truncations_total, 1);
         }
-        session.delivered = page.envelopes.last().map_or(after, |d| d.seq);
+        session.delivered = page.envelopes.last().map_or(after, RawDelivered::seq);
         session.window_full = false;
         session.next_page = match page.envelopes.last() {
             Some(last) if page.remaining > 0 => Some(NextPage {
-                after: last.seq,
+                after: last.seq(),
                 ..at
             }),
             _ => None,
@@ -960,11 +1059,11 @@ impl<S: Store + ?Sized> RelayCore<S> {
         if session.live && !was_live {
             actions.push(Action::Live(device));
         }
-        Ok(Response::Page(Page {
+        Ok(RawPage {
             envelopes: page.envelopes,
             remaining: page.remaining,
             truncated: page.truncated,
-        }))
+        })
     }
 
     /// Read the page `at` describes ahead of its `Pull` (see [`ReadAhead`]);
@@ -981,7 +1080,7 @@ impl<S: Store + ?Sized> RelayCore<S> {
             .pull(&at.device, at.after, at.limit, MAX_PAGE_BYTES)?;
         Ok(ReadAhead {
             at,
-            envelopes: decode_stored(page.envelopes)?,
+            envelopes: check_stored(page.envelopes)?,
             remaining: page.remaining,
             truncated: page.truncated,
         })
@@ -1052,12 +1151,12 @@ impl<S: Store + ?Sized> RelayCore<S> {
             r
         });
         match result {
-            Ok(response) => {
+            Ok(page) => {
                 actions.insert(
                     0,
-                    Action::Send(ServerFrame::Response {
+                    Action::Send(Outbound::Page {
                         request_id: id,
-                        response,
+                        page,
                     }),
                 );
                 let deferred = (ack > 0).then_some(DeferredAck { device, up_to: ack });
@@ -1068,7 +1167,7 @@ impl<S: Store + ?Sized> RelayCore<S> {
                 // have failed before or at the ack.
                 self.metrics.refused(code);
                 (
-                    vec![Action::Send(ServerFrame::error(id, code, message))],
+                    vec![Action::Send(ServerFrame::error(id, code, message).into())],
                     None,
                 )
             }
@@ -1106,7 +1205,7 @@ impl<S: Store + ?Sized> RelayCore<S> {
                 Err(e) => {
                     let Refuse(code, msg) = Refuse::from(e);
                     self.metrics.refused(code);
-                    actions.push(Action::Send(ServerFrame::error(0, code, msg)));
+                    actions.push(Action::Send(ServerFrame::error(0, code, msg).into()));
                     session.live = false;
                     break;
                 }
@@ -1116,18 +1215,21 @@ impl<S: Store + ?Sized> RelayCore<S> {
                 // must see the tombstones, which only a Pull carries.
                 session.live = false;
                 self.metrics.refused(ErrorCode::ExpiredCursor);
-                actions.push(Action::Send(ServerFrame::error(
-                    0,
-                    ErrorCode::ExpiredCursor,
-                    "envelopes expired before delivery; pull to resynchronise",
-                )));
+                actions.push(Action::Send(
+                    ServerFrame::error(
+                        0,
+                        ErrorCode::ExpiredCursor,
+                        "envelopes expired before delivery; pull to resynchronise",
+                    )
+                    .into(),
+                ));
                 break;
             }
-            let envelopes = match decode_stored(page.envelopes) {
+            let envelopes = match check_stored(page.envelopes) {
                 Ok(e) => e,
                 Err(Refuse(code, msg)) => {
                     self.metrics.refused(code);
-                    actions.push(Action::Send(ServerFrame::error(0, code, msg)));
+                    actions.push(Action::Send(ServerFrame::error(0, code, msg).into()));
                     session.live = false;
                     break;
                 }
@@ -1135,8 +1237,8 @@ impl<S: Store + ?Sized> RelayCore<S> {
             let Some(last) = envelopes.last() else {
                 break;
             };
-            session.delivered = last.seq;
-            actions.push(Action::Send(ServerFrame::Push { envelopes }));
+            session.delivered = last.seq();
+            actions.push(Action::Send(Outbound::Push(envelopes)));
             if page.remaining == 0 {
                 break;
             }
@@ -1317,21 +1419,17 @@ impl<S: Store + ?Sized> RelayCore<S> {
     }
 }
 
-/// Stored bytes back to envelopes. They were validated on the way in, so a
-/// failure means the store returned something it was never given.
-fn decode_stored(stored: Vec<crate::store::StoredEnvelope>) -> Result<Vec<Delivered>, Refuse> {
+/// Check that stored envelopes decode, keeping their bytes as they are.
+/// They were validated on the way in, so a failure means the store returned
+/// something it was never given: refused here rather than sent on.
+fn check_stored(stored: Vec<crate::store::StoredEnvelope>) -> Result<Vec<RawDelivered>, Refuse> {
     stored
         .into_iter()
         .map(|s| {
-            Envelope::from_bytes(&s.bytes)
-                .map(|envelope| Delivered {
-                    seq: s.seq,
-                    envelope,
-                })
-                .map_err(|e| {
-                    tracing::error!(seq = s.seq, "stored envelope does not decode: {e}");
-                    Refuse(ErrorCode::Internal, "stored envelope unreadable".into())
-                })
+            RawDelivered::new(s.seq, s.bytes).map_err(|e| {
+                tracing::error!(seq = s.seq, "stored envelope does not decode: {e}");
+                Refuse(ErrorCode::Internal, "stored envelope unreadable".into())
+            })
         })
         .collect()
 }

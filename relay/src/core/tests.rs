@@ -107,9 +107,12 @@ fn req(request_id: u32, request: Request) -> ClientFrame {
 }
 
 /// The single frame of a reply.
-fn frame(actions: &[Action]) -> &ServerFrame {
+/// The first action's frame, as the device decodes it from the wire.
+fn frame(actions: &[Action]) -> ServerFrame {
     match actions.first() {
-        Some(Action::Send(f)) => f,
+        Some(Action::Send(f)) => {
+            hush_protocol::decode_server_frame(&f.encode().expect("encodes")).expect("decodes")
+        }
         other => panic!("expected a frame first, got {other:?}"),
     }
 }
@@ -126,7 +129,7 @@ fn challenge_of(actions: &[Action]) -> [u8; 32] {
         ServerFrame::Response {
             response: Response::Challenge { challenge },
             ..
-        } => *challenge,
+        } => challenge,
         other => panic!("expected a challenge, got {other:?}"),
     }
 }
@@ -194,7 +197,7 @@ fn send(
     assert_eq!(actions.len(), 1);
     let reply = match actions.remove(0) {
         Action::Commit(p) => core.finish_send(p.ticket, core.store().commit(&p.envelopes)),
-        Action::Send(f) => f,
+        Action::Send(f) => f.to_frame().expect("decodes"),
         other => panic!("unexpected {other:?}"),
     };
     match reply {
@@ -238,8 +241,8 @@ fn pushed_seqs(actions: &[Action]) -> Vec<u64> {
     actions
         .iter()
         .flat_map(|a| match a {
-            Action::Send(ServerFrame::Push { envelopes }) => {
-                envelopes.iter().map(|d| d.seq).collect::<Vec<_>>()
+            Action::Send(Outbound::Push(envelopes)) => {
+                envelopes.iter().map(|d| d.seq()).collect::<Vec<_>>()
             }
             _ => Vec::new(),
         })
@@ -612,6 +615,85 @@ fn pull_acks_pages_goes_live_and_pushes_contiguously_within_the_window() {
     assert_eq!(core.store().inbox_state(&bob.id).unwrap().depth, 0);
 }
 
+/// A stored envelope that no longer decodes (the store handed back bytes it
+/// was never given) is refused with `Internal`, on a pull and on a push,
+/// instead of being sent on; the envelopes around it still page normally.
+#[test]
+fn a_stored_envelope_that_does_not_decode_is_refused_not_sent() {
+    let core = core_with(default_config());
+    let alice = Device::new(1, 50);
+    let bob = Device::new(2, 60);
+    let mut sa = register(&core, &alice, [1; 32]);
+    let mut sb = register(&core, &bob, [2; 32]);
+    send(&core, &mut sa, vec![envelope(&alice, &bob, 1, 50)], NOW);
+    let good = envelope(&alice, &bob, 2, 50);
+    let corrupt = NewEnvelope {
+        recipient: bob.id,
+        sender: alice.id,
+        message_id: good.header.message_id,
+        conversation: good.header.conversation_id,
+        sender_seq: 2,
+        bytes: vec![0xEE; 120],
+        expires_at_ms: NOW + 60_000,
+    };
+    core.store().commit(std::slice::from_ref(&corrupt)).unwrap();
+
+    let a = core.handle(
+        &mut sb,
+        req(
+            3,
+            Request::Pull {
+                after: 0,
+                limit: 200,
+                ack: 0,
+            },
+        ),
+        NOW,
+        [0; 32],
+    );
+    assert_eq!(error_code(&a), ErrorCode::Internal);
+    // The envelope before it still comes alone, and the session goes on.
+    let a = core.handle(
+        &mut sb,
+        req(
+            4,
+            Request::Pull {
+                after: 0,
+                limit: 1,
+                ack: 0,
+            },
+        ),
+        NOW,
+        [0; 32],
+    );
+    match frame(&a) {
+        ServerFrame::Response {
+            response: Response::Page(p),
+            ..
+        } => {
+            assert_eq!(
+                p.envelopes.iter().map(|d| d.seq).collect::<Vec<_>>(),
+                vec![1]
+            );
+        }
+        other => panic!("expected a page, got {other:?}"),
+    }
+
+    // Live: a corrupt envelope committed after the inbox drained is not pushed.
+    let (_, _) = pull(&core, &mut sb, 2, 2);
+    assert!(sb.is_live());
+    let later = NewEnvelope {
+        sender_seq: 3,
+        message_id: envelope(&alice, &bob, 3, 50).header.message_id,
+        ..corrupt
+    };
+    core.store().commit(std::slice::from_ref(&later)).unwrap();
+    let a = core.pump(&mut sb);
+    assert!(pushed_seqs(&a).is_empty(), "{a:?}");
+    assert_eq!(error_code(&a), ErrorCode::Internal);
+    assert!(!sb.is_live());
+}
+
 #[test]
 fn prekeys_and_device_lists() {
     let core = core_with(default_config());
@@ -729,7 +811,7 @@ fn prekeys_and_device_lists() {
         [0; 32],
     );
     assert!(
-        matches!(frame(&a), ServerFrame::Response { response: Response::DeviceList(l), .. } if *l == list)
+        matches!(frame(&a), ServerFrame::Response { response: Response::DeviceList(l), .. } if l == list)
     );
     // Republishing the same version is stale.
     let a = core.handle(
@@ -1081,7 +1163,7 @@ fn committed_of(actions: &[Action]) -> u64 {
         ServerFrame::Response {
             response: Response::BlobStored { committed, .. },
             ..
-        } => *committed,
+        } => committed,
         other => panic!("expected BlobStored, got {other:?}"),
     }
 }
@@ -1109,7 +1191,7 @@ fn chunk_of(actions: &[Action]) -> (u64, Vec<u8>) {
                 committed, bytes, ..
             },
             ..
-        } => (*committed, bytes.clone()),
+        } => (committed, bytes.clone()),
         other => panic!("expected BlobChunk, got {other:?}"),
     }
 }
@@ -1143,8 +1225,8 @@ fn blobs_upload_resume_and_download_by_a_device_that_knows_the_id() {
                 },
             ..
         } => {
-            assert_eq!((*total_len, *committed), (10, 5));
-            assert_eq!(*expires_at_ms, NOW + crate::store::BLOB_TTL_MS);
+            assert_eq!((total_len, committed), (10, 5));
+            assert_eq!(expires_at_ms, NOW + crate::store::BLOB_TTL_MS);
         }
         other => panic!("{other:?}"),
     }

@@ -31,7 +31,7 @@ fn stale_config(stale_after_ms: u64) -> CoreConfig {
 
 fn retired(actions: &[Action]) -> Option<u64> {
     actions.iter().find_map(|a| match a {
-        Action::Send(ServerFrame::Retired { last_seen_ms }) => Some(*last_seen_ms),
+        Action::Send(Outbound::Frame(ServerFrame::Retired { last_seen_ms })) => Some(*last_seen_ms),
         _ => None,
     })
 }
@@ -93,7 +93,7 @@ fn fetched_leases_annotate_the_signed_list_with_stale_devices() {
             response: Response::DeviceLeases { list: got, leases },
             ..
         } => {
-            assert_eq!(got, &list, "the signed list as stored");
+            assert_eq!(got, list, "the signed list as stored");
             assert_eq!(leases.len(), 2);
             assert_eq!(leases[0].device, a1.id);
             assert!(!leases[0].stale);

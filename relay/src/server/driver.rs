@@ -22,7 +22,9 @@ use crate::cluster::limits::Limit;
 /// Longest an authentication waits for its claim to reach the cluster bus
 /// (a bus that is down does not keep devices from connecting).
 const CLAIM_PUBLISH_BOUND: Duration = Duration::from_secs(2);
-use crate::core::{Action, DeferredAck, NextPage, ReadAhead, SendTicket, Session, short_id};
+use crate::core::{
+    Action, DeferredAck, NextPage, Outbound, ReadAhead, SendTicket, Session, short_id,
+};
 use crate::metrics::Metrics;
 use crate::store::{CommitOutcome, NewEnvelope, StoreError};
 use hush_protocol::{
@@ -384,7 +386,7 @@ impl Conn {
                 left = prekeys_ran_low(&mut self.prekeys_low), if draining.is_none() => {
                     if let Some(left) = left {
                         let frame = ServerFrame::PrekeysLow { one_time_prekeys_left: left };
-                        if let Err(end) = write_frame(writer, &frame).await {
+                        if let Err(end) = write_frame(writer, &Outbound::Frame(frame)).await {
                             return end;
                         }
                         Metrics::add(&self.shared.metrics.prekeys_low_notices_total, 1);
@@ -402,7 +404,7 @@ impl Conn {
                 }
                 _ = tokio::time::sleep_until(auth_deadline), if draining.is_none() && self.device.is_none() => {
                     let frame = ServerFrame::closing(ErrorCode::NotAuthenticated, "authentication timed out");
-                    let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, write_frame(writer, &frame)).await;
+                    let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, write_frame(writer, &Outbound::Frame(frame))).await;
                     return DriverEnd::AuthTimeout;
                 }
                 // Until the peer authenticates it gets only a small read at a
@@ -447,7 +449,7 @@ impl Conn {
                     ),
                 );
                 let actions = vec![
-                    Action::Send(error),
+                    Action::Send(error.into()),
                     Action::Close {
                         code: ErrorCode::TooLarge,
                         reason: "oversized frame before authentication".into(),
@@ -678,7 +680,9 @@ impl Conn {
                 let code = actions
                     .iter()
                     .find_map(|a| match a {
-                        Action::Send(ServerFrame::Error { error, .. }) => Some(error.code),
+                        Action::Send(Outbound::Frame(ServerFrame::Error { error, .. })) => {
+                            Some(error.code)
+                        }
                         _ => None,
                     })
                     .unwrap_or(ErrorCode::BadAuth);
@@ -692,10 +696,10 @@ impl Conn {
             let took_one_time = actions.iter().any(|a| {
                 matches!(
                     a,
-                    Action::Send(ServerFrame::Response {
+                    Action::Send(Outbound::Frame(ServerFrame::Response {
                         response: Response::Prekeys(bundle),
                         ..
-                    }) if bundle.one_time_prekey.is_some()
+                    })) if bundle.one_time_prekey.is_some()
                 )
             });
             if took_one_time {
@@ -744,7 +748,7 @@ impl Conn {
                     wait,
                 );
                 Some(vec![
-                    Action::Send(frame),
+                    Action::Send(frame.into()),
                     Action::Close {
                         code: ErrorCode::RegistrationLimit,
                         reason: "registration limit".into(),
@@ -758,7 +762,7 @@ impl Conn {
                         "too many prekey fetches from this device".into(),
                         wait,
                     );
-                    return Some(vec![Action::Send(frame)]);
+                    return Some(vec![Action::Send(frame.into())]);
                 }
                 let target = Limit::PrekeyTarget(*target);
                 if let Err(wait) = self.shared.limits.take(target, now).await {
@@ -769,7 +773,7 @@ impl Conn {
                         "too many prekey fetches for this device".into(),
                         wait,
                     );
-                    return Some(vec![Action::Send(frame)]);
+                    return Some(vec![Action::Send(frame.into())]);
                 }
                 None
             }
@@ -806,11 +810,14 @@ impl Conn {
         {
             tracing::error!("system randomness unavailable");
             let actions = vec![
-                Action::Send(ServerFrame::error(
-                    frame.request_id,
-                    ErrorCode::Internal,
-                    "relay cannot make a challenge",
-                )),
+                Action::Send(
+                    ServerFrame::error(
+                        frame.request_id,
+                        ErrorCode::Internal,
+                        "relay cannot make a challenge",
+                    )
+                    .into(),
+                ),
                 Action::Close {
                     code: ErrorCode::Internal,
                     reason: "randomness unavailable".into(),
@@ -886,7 +893,7 @@ impl Conn {
             Err(e) => {
                 tracing::error!("request task failed: {e}");
                 let error = ServerFrame::error(request_id, ErrorCode::Internal, "internal error");
-                (vec![Action::Send(error)], None)
+                (vec![Action::Send(error.into())], None)
             }
         }
     }
@@ -995,22 +1002,28 @@ impl Conn {
             ),
             _ => return,
         };
-        let _ = tokio::time::timeout(FINAL_WRITE_TIMEOUT, write_frame(writer, &frame)).await;
+        let _ = tokio::time::timeout(
+            FINAL_WRITE_TIMEOUT,
+            write_frame(writer, &Outbound::Frame(frame)),
+        )
+        .await;
     }
 }
 
 /// Encode and write one frame.
-async fn write_frame<W>(writer: &mut W, frame: &ServerFrame) -> Result<(), DriverEnd>
+async fn write_frame<W>(writer: &mut W, frame: &Outbound) -> Result<(), DriverEnd>
 where
     W: AsyncWrite + Unpin + Send,
 {
-    write_frames(writer, std::slice::from_ref(frame)).await
+    write_bytes(writer, &or_internal(frame.encode())?).await
 }
 
-/// Encode a frame; a frame the core should never have built becomes an
+/// An encoded frame; a frame the core should never have built becomes an
 /// `Internal` error frame.
-fn encode_frame(frame: &ServerFrame) -> Result<Vec<u8>, DriverEnd> {
-    match hush_protocol::encode_server_frame(frame) {
+fn or_internal(
+    encoded: Result<Vec<u8>, hush_protocol::ProtocolError>,
+) -> Result<Vec<u8>, DriverEnd> {
+    match encoded {
         Ok(b) => Ok(b),
         Err(e) => {
             // Only a bug can get here (the core builds frames within limits).
@@ -1027,18 +1040,27 @@ async fn write_frames<W>(writer: &mut W, frames: &[ServerFrame]) -> Result<(), D
 where
     W: AsyncWrite + Unpin + Send,
 {
+    let encode = |frame| or_internal(hush_protocol::encode_server_frame(frame));
     let bytes = match frames {
-        [one] => encode_frame(one)?,
+        [one] => encode(one)?,
         many => {
             let mut all = Vec::new();
             for frame in many {
-                all.extend_from_slice(&encode_frame(frame)?);
+                all.extend_from_slice(&encode(frame)?);
             }
             all
         }
     };
+    write_bytes(writer, &bytes).await
+}
+
+/// One write and one flush.
+async fn write_bytes<W>(writer: &mut W, bytes: &[u8]) -> Result<(), DriverEnd>
+where
+    W: AsyncWrite + Unpin + Send,
+{
     writer
-        .write_all(&bytes)
+        .write_all(bytes)
         .await
         .map_err(|e| DriverEnd::Transport(e.to_string()))?;
     writer

@@ -8,7 +8,7 @@ use hush_client::{
 };
 use hush_protocol::{
     ClientFrame, ConversationId, DeviceId, ErrorCode, MessageId, Response, ServerFrame, UserKey,
-    encode_client_frame,
+    decode_server_frame, encode_client_frame,
 };
 use hush_relay::Metrics;
 use hush_relay::core::{Action, CoreConfig, PendingSend, RelayCore, Session};
@@ -1318,7 +1318,15 @@ impl World {
     fn relay_actions(&mut self, c: u64, actions: Vec<Action>) {
         for a in actions {
             match a {
-                Action::Send(f) => self.send_to_client(c, f),
+                // Through the relay's own encoder and the client's decoder,
+                // so pages and pushes written from stored bytes are what the
+                // client reads.
+                Action::Send(f) => match f.encode().and_then(|b| decode_server_frame(&b)) {
+                    Ok(f) => self.send_to_client(c, f),
+                    Err(e) => self
+                        .leaks
+                        .push(format!("relay frame does not round-trip: {e}")),
+                },
                 Action::Commit(p) => {
                     let d = self.rng.range(1, 3);
                     let epoch = self.relay_epoch;
