@@ -184,7 +184,7 @@ pub(crate) async fn drive<R, W>(
 ) -> DriverEnd
 where
     R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send,
+    W: FrameSink,
 {
     let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let now = shared.clock.now_ms();
@@ -317,7 +317,7 @@ impl Conn {
     async fn run<R, W>(&mut self, reader: &mut R, writer: &mut W) -> DriverEnd
     where
         R: AsyncRead + Unpin + Send,
-        W: AsyncWrite + Unpin + Send,
+        W: FrameSink,
     {
         let auth_deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
         let mut shutdown = self.shared.shutdown.clone();
@@ -428,7 +428,7 @@ impl Conn {
     /// Handle every complete frame in the buffer.
     async fn process_frames<W>(&mut self, writer: &mut W) -> Flow
     where
-        W: AsyncWrite + Unpin + Send,
+        W: FrameSink,
     {
         loop {
             if self.device.is_none()
@@ -901,7 +901,7 @@ impl Conn {
     /// Push newly committed envelopes to a live session.
     async fn pump<W>(&mut self, writer: &mut W) -> Flow
     where
-        W: AsyncWrite + Unpin + Send,
+        W: FrameSink,
     {
         // Mark the change seen BEFORE reading the store: a commit landing
         // after this point triggers another wake-up.
@@ -926,7 +926,7 @@ impl Conn {
 
     async fn execute<W>(&mut self, actions: Vec<Action>, writer: &mut W) -> Flow
     where
-        W: AsyncWrite + Unpin + Send,
+        W: FrameSink,
     {
         for action in actions {
             match action {
@@ -985,7 +985,7 @@ impl Conn {
     /// The last frame of a connection the relay ends.
     async fn farewell<W>(&mut self, end: &DriverEnd, writer: &mut W)
     where
-        W: AsyncWrite + Unpin + Send,
+        W: FrameSink,
     {
         let frame = match end {
             DriverEnd::Replaced => ServerFrame::closing(
@@ -1010,12 +1010,37 @@ impl Conn {
     }
 }
 
+/// Where a connection's frames go: the stream of the transport it came on.
+///
+/// A frame is built in a buffer of its own and not used again, so a
+/// transport that can take the buffer as it is should: a QUIC stream keeps
+/// it as one chunk of its send queue, where `write_all` would first copy it
+/// into chunks of its own (a page is ~225 KB). Others copy.
+pub(crate) trait FrameSink: AsyncWrite + Unpin + Send {
+    /// Queue `bytes` on the stream, all of them.
+    fn send_owned(&mut self, bytes: Vec<u8>) -> impl Future<Output = std::io::Result<()>> + Send {
+        async move { self.write_all(&bytes).await }
+    }
+}
+
+impl FrameSink for quinn::SendStream {
+    async fn send_owned(&mut self, bytes: Vec<u8>) -> std::io::Result<()> {
+        self.write_chunk(bytes.into())
+            .await
+            .map_err(std::io::Error::from)
+    }
+}
+
+impl FrameSink for wtransport::SendStream {}
+
+impl<T: AsyncWrite + Send> FrameSink for tokio::io::WriteHalf<T> {}
+
 /// Encode and write one frame.
 async fn write_frame<W>(writer: &mut W, frame: &Outbound) -> Result<(), DriverEnd>
 where
-    W: AsyncWrite + Unpin + Send,
+    W: FrameSink,
 {
-    write_bytes(writer, &or_internal(frame.encode())?).await
+    write_bytes(writer, or_internal(frame.encode())?).await
 }
 
 /// An encoded frame; a frame the core should never have built becomes an
@@ -1038,7 +1063,7 @@ fn or_internal(
 /// Write frames back to back with one write and one flush.
 async fn write_frames<W>(writer: &mut W, frames: &[ServerFrame]) -> Result<(), DriverEnd>
 where
-    W: AsyncWrite + Unpin + Send,
+    W: FrameSink,
 {
     let encode = |frame| or_internal(hush_protocol::encode_server_frame(frame));
     let bytes = match frames {
@@ -1051,16 +1076,16 @@ where
             all
         }
     };
-    write_bytes(writer, &bytes).await
+    write_bytes(writer, bytes).await
 }
 
 /// One write and one flush.
-async fn write_bytes<W>(writer: &mut W, bytes: &[u8]) -> Result<(), DriverEnd>
+async fn write_bytes<W>(writer: &mut W, bytes: Vec<u8>) -> Result<(), DriverEnd>
 where
-    W: AsyncWrite + Unpin + Send,
+    W: FrameSink,
 {
     writer
-        .write_all(bytes)
+        .send_owned(bytes)
         .await
         .map_err(|e| DriverEnd::Transport(e.to_string()))?;
     writer
