@@ -252,6 +252,10 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
+    fn local_reads(&self) -> bool {
+        true
+    }
+
     fn register_device(
         &self,
         registration: &DeviceRegistration,

@@ -616,6 +616,14 @@ pub trait Store: Send + Sync + 'static {
     fn checkpoint_due(&self) -> bool {
         false
     }
+
+    /// Whether a page is read from this machine's memory or files, normally
+    /// in well under a millisecond: the connection driver then reads a
+    /// catch-up's next page on the connection's own task rather than on a
+    /// blocking thread. Stores that read over the network keep `false`.
+    fn local_reads(&self) -> bool {
+        false
+    }
 }
 
 /// The devices `previous` names that `list` does not (in `previous`'s order).

@@ -1956,6 +1956,10 @@ impl Store for RedbStore {
         RedbStore::checkpoint_due(self)
     }
 
+    fn local_reads(&self) -> bool {
+        true
+    }
+
     fn blob_put(
         &self,
         put: &super::BlobWrite<'_>,
