@@ -30,6 +30,10 @@
 //!   labelled extra row): pulls of `MAX_PAGE` envelopes, up to
 //!   `CLIENT_PULL_DEPTH` in flight, each acknowledging what came before it.
 //!
+//! `--mark-drains` prints each drain's start and end on `CLOCK_MONOTONIC` to
+//! stderr (`DRAIN <start> <end>`), to cut a `perf record -k CLOCK_MONOTONIC`
+//! profile down to the drains.
+//!
 //! The last line of stdout is `RESULT {json}` with the numbers, the server's
 //! version and configuration, and what the host did meanwhile (CPU steal,
 //! CPU and I/O pressure).
@@ -79,6 +83,8 @@ struct Args {
     runs: usize,
     redis_bin: PathBuf,
     nats_bin: PathBuf,
+    /// Print each catch-up drain's start and end ([`Drain`]).
+    mark_drains: bool,
 }
 
 impl Args {
@@ -94,6 +100,7 @@ impl Args {
             runs: 3,
             redis_bin: PathBuf::from("redis-server"),
             nats_bin: PathBuf::from("nats-server"),
+            mark_drains: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(a) = it.next() {
@@ -116,11 +123,12 @@ impl Args {
                 "--runs" => args.runs = value()?.parse()?,
                 "--redis-server" => args.redis_bin = PathBuf::from(value()?),
                 "--nats-server" => args.nats_bin = PathBuf::from(value()?),
+                "--mark-drains" => args.mark_drains = true,
                 "-h" | "--help" => {
                     println!(
                         "peer_load --system redis|nats|hush --job ingest|catchup [--producers N] \
                          [--inflight N] [--batched] [--secs S] [--count N] [--runs N] \
-                         [--redis-server PATH] [--nats-server PATH]"
+                         [--redis-server PATH] [--nats-server PATH] [--mark-drains]"
                     );
                     std::process::exit(0);
                 }
@@ -135,6 +143,40 @@ impl Args {
         }
         Ok(args)
     }
+}
+
+/// The clock of one catch-up drain. With `--mark-drains` it also prints
+/// `DRAIN <start> <end>` to stderr, in seconds of `CLOCK_MONOTONIC`, the
+/// clock `perf record -k CLOCK_MONOTONIC` stamps its samples with: so a
+/// profile of the whole run can be cut down to the drains with
+/// `perf report --time <start>,<end>` (the queue filling is left out).
+struct Drain {
+    start: Instant,
+    mark: Option<String>,
+}
+
+impl Drain {
+    fn start(mark: bool) -> Drain {
+        Drain {
+            start: Instant::now(),
+            mark: mark.then(monotonic),
+        }
+    }
+
+    /// Seconds since the start.
+    fn finish(self) -> f64 {
+        let secs = self.start.elapsed().as_secs_f64();
+        if let Some(start) = self.mark {
+            eprintln!("DRAIN {start} {}", monotonic());
+        }
+        secs
+    }
+}
+
+/// `CLOCK_MONOTONIC` now, as seconds with nanoseconds.
+fn monotonic() -> String {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    format!("{}.{:09}", t.tv_sec, t.tv_nsec)
 }
 
 #[tokio::main]
@@ -514,7 +556,7 @@ async fn redis_catchup(args: &Args, client: &redis::Client) -> BenchResult<Measu
         // The consumer connects only now: it was offline while the queue filled.
         let mut consumer = redis_conn(client).await?;
         let host = Host::now();
-        let start = Instant::now();
+        let drain = Drain::start(args.mark_drains);
         let mut drained = 0u64;
         let mut last = (0u64, 0u64);
         loop {
@@ -555,7 +597,7 @@ async fn redis_catchup(args: &Args, client: &redis::Client) -> BenchResult<Measu
                 return Err(format!("redis: XACK acked {acked} of {}", ids.len()).into());
             }
         }
-        let secs = start.elapsed().as_secs_f64();
+        let secs = drain.finish();
         let host = host.since();
         let pending: redis::Value = redis::cmd("XPENDING")
             .arg(&key)
@@ -710,7 +752,7 @@ async fn nats_catchup(args: &Args, url: &str) -> BenchResult<Measured> {
         let mut consumer: jetstream::consumer::PullConsumer =
             js.get_stream("CATCHUP").await?.get_consumer("c").await?;
         let host = Host::now();
-        let start = Instant::now();
+        let drain = Drain::start(args.mark_drains);
         let mut drained = 0u64;
         let mut last_seq = 0u64;
         loop {
@@ -735,7 +777,7 @@ async fn nats_catchup(args: &Args, url: &str) -> BenchResult<Measured> {
             }
             drained += n;
         }
-        let secs = start.elapsed().as_secs_f64();
+        let secs = drain.finish();
         let host = host.since();
         let info = consumer.info().await?;
         if drained != args.count || info.num_ack_pending != 0 || info.num_pending != 0 {
@@ -991,7 +1033,7 @@ async fn hush_catchup(args: &Args, relay: &RelayProcess) -> BenchResult<Measured
         // The reader connects only now: it was offline while the queue filled.
         let mut dev = TestDevice::login(&reader, relay.target()).await?;
         let host = Host::now();
-        let start = Instant::now();
+        let drain = Drain::start(args.mark_drains);
         let mut drained = 0u64;
         if args.batched {
             // As the client syncs: several pulls in flight, each checked
@@ -1021,7 +1063,7 @@ async fn hush_catchup(args: &Args, relay: &RelayProcess) -> BenchResult<Measured
                 }
             }
         }
-        let secs = start.elapsed().as_secs_f64();
+        let secs = drain.finish();
         let host = host.since();
         dev.close();
         let left = hush_count(relay, &reader).await?;
