@@ -200,7 +200,8 @@ fn main() -> ExitCode {
 /// connection driver, socket reads and page handling hop between worker
 /// threads, and each hop is a wake-up on the two cores the server shares.
 /// That overhead was in every system's drain rate (by hand, single-threaded
-/// drains went ~10% faster for NATS and Hush, unchanged for Redis). The
+/// drains went ~14% faster for NATS and ~17% for Hush, unchanged for
+/// Redis; BENCHMARKS.md, "Peers"). The
 /// ingest job's 64 producers keep the multi-threaded runtime.
 fn runtime_for(job: &str) -> BenchResult<tokio::runtime::Runtime> {
     let mut builder = if job == "catchup" {
