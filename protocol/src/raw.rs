@@ -20,6 +20,8 @@
 //! varint and sequence layout (postcard wire format 1.0, which the protocol
 //! is specified on), not on the variant numbering of the frame types.
 
+use bytes::Bytes;
+
 use crate::envelope::Envelope;
 use crate::error::ProtocolError;
 use crate::frame::{Delivered, Page, Response, ServerFrame, Truncation, encode_server_frame};
@@ -32,12 +34,15 @@ use crate::limits::{MAX_FRAME_LEN, MAX_PAGE};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawDelivered {
     seq: u64,
-    bytes: Vec<u8>,
+    /// Shared with the buffer it was read into (a slice of a segment read
+    /// in the relay), so keeping it costs no copy.
+    bytes: Bytes,
 }
 
 impl RawDelivered {
     /// Check that `bytes` decode as an envelope and keep them as they are.
-    pub fn new(seq: u64, bytes: Vec<u8>) -> Result<RawDelivered, ProtocolError> {
+    pub fn new(seq: u64, bytes: impl Into<Bytes>) -> Result<RawDelivered, ProtocolError> {
+        let bytes = bytes.into();
         Envelope::check_bytes(&bytes)?;
         Ok(RawDelivered { seq, bytes })
     }

@@ -297,7 +297,7 @@ fn commit_assigns_contiguous_seqs_per_inbox<S: Store>(make: &Make<S>) {
     let got: Vec<(u64, Vec<u8>)> = page
         .envelopes
         .into_iter()
-        .map(|e| (e.seq, e.bytes))
+        .map(|e| (e.seq, e.bytes.to_vec()))
         .collect();
     assert_eq!(
         got,

@@ -368,7 +368,7 @@ impl Store for MemoryStore {
                 }
                 envelopes.push(StoredEnvelope {
                     seq,
-                    bytes: row.bytes.clone(),
+                    bytes: row.bytes.clone().into(),
                 });
             }
             dropped.extend(

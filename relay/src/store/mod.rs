@@ -237,8 +237,10 @@ pub enum Refusal {
 pub struct StoredEnvelope {
     /// Its relay seq.
     pub seq: u64,
-    /// The envelope bytes as the sender sent them.
-    pub bytes: Vec<u8>,
+    /// The envelope bytes as the sender sent them (a shared slice of what
+    /// the store read, so a page reaches the frame without a copy per
+    /// envelope).
+    pub bytes: bytes::Bytes,
 }
 
 /// A page read from an inbox.

@@ -2464,7 +2464,7 @@ mod tests {
             .unwrap()
             .envelopes
             .into_iter()
-            .map(|e| (e.seq, e.bytes))
+            .map(|e| (e.seq, e.bytes.to_vec()))
             .collect()
     }
 

@@ -32,6 +32,7 @@
 
 use super::StoreError;
 use super::tables::{SegmentInfo, corrupt};
+use bytes::Bytes;
 use hush_protocol::{ConversationId, DeviceId, MessageId};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -293,6 +294,14 @@ pub(crate) fn decode_record(
     seq: u64,
     len: u32,
 ) -> Result<Vec<u8>, StoreError> {
+    check_record(record, device, seq, len)?;
+    Ok(record.get(RECORD_HEADER_LEN..).unwrap_or_default().to_vec())
+}
+
+/// Check the record of `(device, seq)` with an envelope of `len` bytes
+/// (magic, length, device, seq, CRC): on success the envelope is
+/// `record[RECORD_HEADER_LEN..]`.
+fn check_record(record: &[u8], device: &DeviceId, seq: u64, len: u32) -> Result<(), StoreError> {
     let bad = || corrupt(&format!("envelope record (seq {seq})"));
     let head: [u8; RECORD_HEADER_LEN] = record
         .get(..RECORD_HEADER_LEN)
@@ -320,7 +329,7 @@ pub(crate) fn decode_record(
     if crc.finalize() != stored_crc {
         return Err(bad());
     }
-    Ok(body.to_vec())
+    Ok(())
 }
 
 /// One batch's records, built inside the commit transaction and written by
@@ -955,7 +964,7 @@ impl Segments {
         body: &BodyRef,
         device: &DeviceId,
         seq: u64,
-    ) -> Result<Vec<u8>, ReadError> {
+    ) -> Result<Bytes, ReadError> {
         let mut out = self.read_many(device, &[(seq, *body)])?;
         out.pop()
             .ok_or_else(|| ReadError::Store(corrupt("envelope record")))
@@ -965,14 +974,14 @@ impl Segments {
     /// where its record is), in order. Records that lie close together in
     /// one segment (an inbox's envelopes are appended in seq order, mixed
     /// with other inboxes') are fetched with one positional read, so a page
-    /// costs a few system calls rather than one per envelope.
+    /// costs a few system calls rather than one per envelope. Each envelope
+    /// is a slice of its run's buffer: nothing is copied after the read.
     pub(crate) fn read_many(
         &self,
         device: &DeviceId,
         items: &[(u64, BodyRef)],
-    ) -> Result<Vec<Vec<u8>>, ReadError> {
+    ) -> Result<Vec<Bytes>, ReadError> {
         let mut out = Vec::with_capacity(items.len());
-        let mut span = Vec::new();
         let mut i = 0;
         while let Some(&(_, first)) = items.get(i) {
             // Extend the run while the next record follows closely.
@@ -992,8 +1001,7 @@ impl Segments {
             let file = self.handle(first.segment)?;
             let len = usize::try_from(end - first.offset)
                 .map_err(|_| corrupt("inbox row (record length)"))?;
-            span.clear();
-            span.resize(len, 0);
+            let mut span = vec![0; len];
             read_exact_at(&file, &mut span, first.offset).map_err(|e| {
                 if e.kind() == ErrorKind::UnexpectedEof {
                     corrupt("envelope record past the end of its segment")
@@ -1001,15 +1009,18 @@ impl Segments {
                     io("reading envelopes", e)
                 }
             })?;
+            let span = Bytes::from(span);
             for &(seq, body) in items.get(i..j).unwrap_or_default() {
                 let at = usize::try_from(body.offset - first.offset)
                     .map_err(|_| corrupt("inbox row (offset)"))?;
                 let rec_len = usize::try_from(body.record_len())
                     .map_err(|_| corrupt("inbox row (record length)"))?;
+                let end = at.saturating_add(rec_len);
                 let record = span
-                    .get(at..at.saturating_add(rec_len))
+                    .get(at..end)
                     .ok_or_else(|| corrupt("envelope record"))?;
-                out.push(decode_record(record, device, seq, body.len)?);
+                check_record(record, device, seq, body.len)?;
+                out.push(span.slice(at + RECORD_HEADER_LEN..end));
             }
             i = j;
         }

@@ -70,7 +70,7 @@ impl PgStore {
                         }
                         envelopes.push(StoredEnvelope {
                             seq: from_db(row.get(0)),
-                            bytes,
+                            bytes: bytes.into(),
                         });
                     }
                     for row in tx
