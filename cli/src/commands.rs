@@ -208,6 +208,7 @@ pub async fn init(
             drop(driver);
             // Nothing reached the relay: undo, so `init` can be retried.
             let _ = std::fs::remove_file(home.db_path());
+            let _ = std::fs::remove_file(FileStorage::journal_path(home.db_path()));
             let _ = std::fs::remove_file(home.dir().join(crate::home::RELAY_FILE));
             let why = printer
                 .warnings

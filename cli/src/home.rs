@@ -1,5 +1,6 @@
 //! The home directory of one device: `client.redb` (the engine's store,
-//! every value sealed), `store.key` (the store's key, unless a passphrase
+//! every value sealed) and `client.redb-journal` (its recent batches,
+//! sealed too), `store.key` (the store's key, unless a passphrase
 //! or a key file elsewhere is used) and `relay.json` (where the relay is
 //! and which certificate it must present).
 //!

@@ -64,7 +64,12 @@ async fn a_wide_home_and_its_files_are_tightened_on_every_open() {
     set_mode(&notes, 0o644);
 
     alice.init(&relay, "alice").await.unwrap();
-    for f in ["client.redb", "relay.json", "store.key"] {
+    for f in [
+        "client.redb",
+        "client.redb-journal",
+        "relay.json",
+        "store.key",
+    ] {
         assert!(alice.home().join(f).is_file(), "{f}");
     }
     assert_private(alice.home());

@@ -41,6 +41,7 @@ async fn unreachable_relay_is_reported_and_the_message_stays_in_the_outbox() {
         out.stderr
     );
     assert!(!carol.home().join("client.redb").exists());
+    assert!(!carol.home().join("client.redb-journal").exists());
 
     // A device whose relay went away: send fails, the message is kept.
     let mut relay = RelayProcess::spawn_temp(&[]).await.unwrap();
@@ -102,6 +103,7 @@ async fn wrong_certificate_hash_is_a_mismatch_naming_both_hashes() {
     );
     assert!(out.stderr.contains(&expected), "stderr: {}", out.stderr);
     assert!(!dave.home().join("client.redb").exists());
+    assert!(!dave.home().join("client.redb-journal").exists());
 
     // A malformed hash is a usage error, not a connection attempt.
     let out = dave

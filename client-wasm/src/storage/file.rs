@@ -1,17 +1,35 @@
-//! The native file-backed [`Storage`]: one redb database file.
+//! The native file-backed [`Storage`]: one redb database file and its
+//! [`journal`](super::journal).
 //!
-//! redb gives exactly the contract the engine needs: a batch is one write
-//! transaction committed with immediate durability (fsync before `apply`
-//! returns), pages are checksummed, and a file left by a crash mid-commit is
-//! repaired on the next open (the last committed transaction wins; a torn
-//! tail is discarded). A file that is not a redb database, or holds a
-//! different format, is a typed [`StorageError`], never a panic.
+//! redb gives the contract the engine needs: a batch is one write
+//! transaction, pages are checksummed, and a file left by a crash mid-commit
+//! is repaired on the next open (the last durable transaction wins). A
+//! batch is durable before `apply` returns in one of two ways:
+//!
+//! - a small batch (a send, a receipt, a message: almost every batch) is
+//!   appended to the journal and synced, then committed to redb without a
+//!   sync of its own. One synced append costs about half of a durable redb
+//!   commit, which rewrites and syncs 5–10 scattered pages for even a
+//!   one-message batch. Every [`CHECKPOINT_BATCHES`] batches or
+//!   [`CHECKPOINT_BYTES`] of journal, and when the store is closed, redb is
+//!   committed durably (a checkpoint) and the journal emptied;
+//! - a large batch (a catch-up page) is committed to redb durably, as it
+//!   would gain nothing from being written twice; that commit is a
+//!   checkpoint too.
+//!
+//! Every commit records in redb the number of the last journal record it
+//! includes (`meta` key `journal`), so opening the store replays exactly
+//! the records after the last durable commit, in order, and a record
+//! missing from that order is [`StorageError::Corrupt`]. A file that is not
+//! a redb database, or holds a different format, is a typed
+//! [`StorageError`], never a panic.
 //!
 //! Every value is sealed ([`super::seal`]) under the store's data key; the
 //! `meta` table holds the seal header (what seals the key, and a check
 //! value), so a wrong key or passphrase is [`StorageError::WrongKey`] at
 //! open.
 
+use super::journal::{self, Journal};
 use super::pack::{self, Write};
 use super::seal::{self, Header, StoreKey, Unlock};
 use super::{Storage, StorageOp};
@@ -24,14 +42,26 @@ const INFO: TableDefinition<&str, u32> = TableDefinition::new("info");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const FORMAT_KEY: &str = "format";
 const SEAL_KEY: &str = "seal";
+/// `meta` key of the last journal record the redb file includes (u64 LE).
+const JOURNAL_KEY: &str = "journal";
+/// Batches journaled between two checkpoints at most.
+pub const CHECKPOINT_BATCHES: u32 = 1024;
+/// Journal bytes past which the next batch is followed by a checkpoint.
+pub const CHECKPOINT_BYTES: u64 = 4 << 20;
+/// A batch whose sealed values take more than this is committed to redb
+/// durably instead of journaled: its pages are many anyway, and it would
+/// be written twice.
+pub const JOURNAL_MAX_BATCH: usize = 64 * 1024;
 /// Version of the file layout this build reads and writes. 2: history is
 /// packed (see [`super::pack`]). 3: every value is sealed and `meta` holds
 /// the seal header. A format-1 or -2 file (plaintext values) is upgraded on
 /// open: every record is sealed in the same transaction that raises the
 /// version, so a crash leaves either the old plaintext store or the sealed
 /// one, never a mix. A format-1 file's per-key history records stay per key
-/// and are read alongside packs.
-pub const FILE_FORMAT: u32 = 3;
+/// and are read alongside packs. 4: the store has a journal beside it, which
+/// a build that does not know it would ignore (losing the batches in it), so
+/// the version is raised; a format-3 file is upgraded by raising it.
+pub const FILE_FORMAT: u32 = 4;
 /// The oldest format this build opens (and migrates).
 const OLDEST_FORMAT: u32 = 1;
 /// A native pack is closed before it grows past this: a 200-message page of
@@ -57,6 +87,15 @@ pub struct FileStorage {
     db: Database,
     key: StoreKey,
     rng: hush_crypto::OsRng,
+    journal: Journal,
+    /// The last journal record number used (in redb, durably or not).
+    seq: u64,
+    /// Batches journaled since the last checkpoint.
+    journaled: u32,
+    /// A journaled batch could not be committed to redb, or a checkpoint
+    /// failed: every later `apply` fails until the store is opened again,
+    /// which replays the journal.
+    poisoned: bool,
 }
 
 impl std::fmt::Debug for FileStorage {
@@ -72,6 +111,7 @@ impl FileStorage {
     /// ([`StorageError::WrongKey`]). A store of an older, unsealed format is
     /// sealed under `unlock` in one transaction.
     pub fn open(path: impl AsRef<Path>, unlock: &Unlock) -> Result<Self, StorageError> {
+        let path = path.as_ref();
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create(path)
@@ -90,12 +130,18 @@ impl FileStorage {
                 .transpose()?;
             match (stored, header) {
                 (Some(FILE_FORMAT), Some(header)) => unlock.open(&header)?,
-                (Some(FILE_FORMAT), None) => {
+                (Some(3), Some(header)) => {
+                    // Sealed already: only the journal is new.
+                    let key = unlock.open(&header)?;
+                    info.insert(FORMAT_KEY, FILE_FORMAT).map_err(backend)?;
+                    key
+                }
+                (Some(3 | FILE_FORMAT), None) => {
                     return Err(StorageError::Corrupt {
                         key: "store seal header (missing)".into(),
                     });
                 }
-                (Some(old), _) if (OLDEST_FORMAT..FILE_FORMAT).contains(&old) => {
+                (Some(old), _) if (OLDEST_FORMAT..3).contains(&old) => {
                     let (key, header) = unlock.create(&mut rng)?;
                     let mut plain = Vec::new();
                     for row in records.iter().map_err(backend)? {
@@ -130,13 +176,135 @@ impl FileStorage {
                 }
             }
         };
+        let durable = journal_seq(&txn)?;
         txn.commit().map_err(backend)?;
-        Ok(FileStorage { db, key, rng })
+        let (journal, entries) = Journal::open(&journal::path_for(path))?;
+        let mut storage = FileStorage {
+            db,
+            key,
+            rng,
+            journal,
+            seq: durable,
+            journaled: 0,
+            poisoned: false,
+        };
+        storage.replay(durable, entries)?;
+        Ok(storage)
+    }
+
+    /// Commit the journal's records after `durable` (the last one the redb
+    /// file has), in order, in one durable transaction, and empty the
+    /// journal.
+    fn replay(&mut self, durable: u64, entries: Vec<journal::Entry>) -> Result<(), StorageError> {
+        if entries.iter().all(|e| e.seq <= durable) {
+            // Nothing redb lacks (a checkpoint whose emptying failed).
+            if self.journal.len() > 0 {
+                self.journal.clear()?;
+            }
+            return Ok(());
+        }
+        let mut next = durable.saturating_add(1);
+        let txn = self.db.begin_write().map_err(backend)?;
+        {
+            let mut table = txn.open_table(RECORDS).map_err(backend)?;
+            for entry in entries.iter().filter(|e| e.seq > durable) {
+                if entry.seq != next {
+                    return Err(StorageError::Corrupt {
+                        key: format!(
+                            "journal (record {} where {next} was due; the store holds {durable})",
+                            entry.seq
+                        ),
+                    });
+                }
+                for (key, value) in &entry.writes {
+                    match value {
+                        Some(v) => table.insert(key.as_slice(), v.as_slice()),
+                        None => table.remove(key.as_slice()),
+                    }
+                    .map_err(backend)?;
+                }
+                next = next.saturating_add(1);
+            }
+        }
+        self.seq = next.saturating_sub(1);
+        set_journal_seq(&txn, self.seq)?;
+        txn.commit().map_err(backend)?;
+        if self.journal.len() > 0 {
+            self.journal.clear()?;
+        }
+        Ok(())
+    }
+
+    /// Make every journaled batch durable in redb and empty the journal.
+    /// `apply` does this by itself every so often and the store does it
+    /// when dropped; a caller may do it before copying the file.
+    pub fn checkpoint(&mut self) -> Result<(), StorageError> {
+        self.usable()?;
+        if self.journaled == 0 && self.journal.len() == 0 {
+            return Ok(());
+        }
+        // An empty transaction committed durably makes every commit before
+        // it durable with it.
+        let mut txn = self.db.begin_write().map_err(backend)?;
+        txn.set_durability(Durability::Immediate).map_err(backend)?;
+        set_journal_seq(&txn, self.seq)?;
+        if let Err(e) = txn.commit() {
+            self.poisoned = true;
+            return Err(backend(e));
+        }
+        self.journaled = 0;
+        // Should this fail, the records stay, and a replay skips them.
+        self.journal.clear()
+    }
+
+    /// The journal beside a store at `db` (to remove it with the store).
+    pub fn journal_path(db: impl AsRef<Path>) -> std::path::PathBuf {
+        journal::path_for(db.as_ref())
+    }
+
+    fn usable(&self) -> Result<(), StorageError> {
+        if self.poisoned {
+            return Err(StorageError::Backend(
+                "an earlier commit failed after its batch was journaled; \
+                 open the store again to recover it"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     fn open_value(&self, key: &[u8], sealed: &[u8]) -> Result<Vec<u8>, StorageError> {
         seal::open(&self.key, key, sealed)
     }
+}
+
+impl Drop for FileStorage {
+    fn drop(&mut self) {
+        // Leaves a file that needs no replay; a failure here is what a
+        // crash leaves, which the next open recovers from.
+        let _ = self.checkpoint();
+    }
+}
+
+fn journal_seq(txn: &redb::WriteTransaction) -> Result<u64, StorageError> {
+    let meta = txn.open_table(META).map_err(backend)?;
+    let seq = meta.get(JOURNAL_KEY).map_err(backend)?;
+    match seq {
+        None => Ok(0),
+        Some(g) => <[u8; 8]>::try_from(g.value())
+            .map(u64::from_le_bytes)
+            .map_err(|_| StorageError::Corrupt {
+                key: "store journal position".into(),
+            }),
+    }
+}
+
+fn set_journal_seq(txn: &redb::WriteTransaction, seq: u64) -> Result<(), StorageError> {
+    txn.open_table(META)
+        .map_err(backend)?
+        .insert(JOURNAL_KEY, seq.to_le_bytes().as_slice())
+        .map_err(backend)?;
+    Ok(())
 }
 
 impl Storage for FileStorage {
@@ -198,45 +366,99 @@ impl Storage for FileStorage {
         if batch.is_empty() {
             return Ok(());
         }
+        self.usable()?;
+        // History pairs become one pack per conversation (see `pack`).
+        // In key order: neighbouring inserts land in the same B-tree
+        // pages. The sort is stable, so several writes of one key keep
+        // their order; only the last one is applied, as it alone would
+        // count (a batch of several steps rewrites the cursor, sessions
+        // and streams once per step).
+        let mut ordered = pack::pack_batch(batch, PACK_MAX_BYTES);
+        ordered.sort_by(|a, b| a.key().cmp(b.key()));
+        let mut writes: Vec<(&[u8], Option<Vec<u8>>)> = Vec::with_capacity(ordered.len());
+        for (i, write) in ordered.iter().enumerate() {
+            let last_of_key = ordered
+                .get(i + 1)
+                .is_none_or(|next| next.key() != write.key());
+            if !last_of_key {
+                continue;
+            }
+            writes.push(match write {
+                Write::Put(key, value) => (
+                    *key,
+                    Some(seal::seal(&self.key, &mut self.rng, key, value)?),
+                ),
+                Write::PutOwned(key, value) => (
+                    key.as_slice(),
+                    Some(seal::seal(&self.key, &mut self.rng, key, value)?),
+                ),
+                Write::Delete(key) => (*key, None),
+            });
+        }
+        let size: usize = writes
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum();
+        if size > JOURNAL_MAX_BATCH {
+            return self.commit(&writes, Durability::Immediate);
+        }
+        let seq = self.seq.saturating_add(1);
+        let refs: Vec<(&[u8], Option<&[u8]>)> =
+            writes.iter().map(|(k, v)| (*k, v.as_deref())).collect();
+        if let Err(e) = self.journal.append(seq, &refs) {
+            // After a failed sync the kernel may have dropped the pages and
+            // will not say so again: trust nothing more of this file.
+            self.poisoned = true;
+            return Err(e);
+        }
+        self.seq = seq;
+        self.journaled = self.journaled.saturating_add(1);
+        if let Err(e) = self.commit(&writes, Durability::None) {
+            // Durable in the journal but not in redb: only a replay can
+            // put the two back in step.
+            self.poisoned = true;
+            return Err(e);
+        }
+        if self.journaled >= CHECKPOINT_BATCHES || self.journal.len() >= CHECKPOINT_BYTES {
+            // The batch is durable whatever happens here; a failed
+            // checkpoint fails the next `apply` instead.
+            let _ = self.checkpoint();
+        }
+        Ok(())
+    }
+}
+
+impl FileStorage {
+    /// One redb transaction with `writes` and the journal position.
+    fn commit(
+        &mut self,
+        writes: &[(&[u8], Option<Vec<u8>>)],
+        durability: Durability,
+    ) -> Result<(), StorageError> {
         let mut txn = self.db.begin_write().map_err(backend)?;
-        txn.set_durability(Durability::Immediate).map_err(backend)?;
+        txn.set_durability(durability).map_err(backend)?;
         {
             let mut table = txn.open_table(RECORDS).map_err(backend)?;
-            // History pairs become one pack per conversation (see `pack`).
-            // In key order: neighbouring inserts land in the same B-tree
-            // pages. The sort is stable, so several writes of one key keep
-            // their order; only the last one is applied, as it alone would
-            // count (a batch of several steps rewrites the cursor, sessions
-            // and streams once per step).
-            let mut ordered = pack::pack_batch(batch, PACK_MAX_BYTES);
-            ordered.sort_by(|a, b| a.key().cmp(b.key()));
-            let last_of_key = |i: usize| {
-                ordered
-                    .get(i + 1)
-                    .is_none_or(|next| next.key() != ordered[i].key())
-            };
-            for (i, write) in ordered.iter().enumerate() {
-                if !last_of_key(i) {
-                    continue;
+            for (key, value) in writes {
+                match value {
+                    Some(v) => table.insert(*key, v.as_slice()).map(|_| ()),
+                    None => table.remove(*key).map(|_| ()),
                 }
-                match write {
-                    Write::Put(key, value) => {
-                        let sealed = seal::seal(&self.key, &mut self.rng, key, value)?;
-                        table.insert(*key, sealed.as_slice()).map_err(backend)?;
-                    }
-                    Write::PutOwned(key, value) => {
-                        let sealed = seal::seal(&self.key, &mut self.rng, key, value)?;
-                        table
-                            .insert(key.as_slice(), sealed.as_slice())
-                            .map_err(backend)?;
-                    }
-                    Write::Delete(key) => {
-                        table.remove(*key).map_err(backend)?;
-                    }
-                }
+                .map_err(backend)?;
             }
         }
-        txn.commit().map_err(backend)
+        set_journal_seq(&txn, self.seq)?;
+        txn.commit().map_err(backend)?;
+        if matches!(durability, Durability::Immediate) {
+            // Everything journaled so far is durable in redb now.
+            self.journaled = 0;
+            if self.journal.len() > 0 {
+                // The batch is durable: should this fail, the records stay
+                // and a replay skips them.
+                let _ = self.journal.clear();
+            }
+        }
+        Ok(())
     }
 }
 
@@ -586,6 +808,11 @@ mod tests {
             s.apply(&ops).unwrap();
             assert_eq!(texts(&s, &c, None, 10), vec!["zebra-quartz-marmalade"]);
             assert_eq!(s.get(b"s/identity").unwrap(), Some(secret.to_vec()));
+            // Both batches are in the journal too, sealed as in redb.
+            let journal = std::fs::read(FileStorage::journal_path(&path)).unwrap();
+            assert!(journal.len() > 100, "{}", journal.len());
+            assert!(!contains(&journal, b"zebra-quartz"));
+            assert!(!contains(&journal, &secret[..16]));
         }
         let bytes = std::fs::read(&path).unwrap();
         assert!(!contains(&bytes, b"zebra-quartz"));
@@ -707,6 +934,180 @@ mod tests {
             Err(StorageError::Corrupt { key }) if key == keys::printable(b"s/session/new")
         ));
         assert!(matches!(s.load_state(), Err(StorageError::Corrupt { .. })));
+    }
+
+    fn put(key: &str, value: &str) -> StorageOp {
+        StorageOp::Put {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+        }
+    }
+
+    fn delete(key: &str) -> StorageOp {
+        StorageOp::Delete {
+            key: key.as_bytes().to_vec(),
+        }
+    }
+
+    /// Bytes of whole records in the journal of the store at `db`.
+    fn journal_len(db: &Path) -> u64 {
+        let bytes = std::fs::read(FileStorage::journal_path(db)).unwrap();
+        super::journal::decode_all(&bytes).1 as u64
+    }
+
+    /// A store with `s/a` = 1 made durable, the redb file as that left it,
+    /// then three journaled batches: returns the file, the store and what
+    /// it holds.
+    fn journaled_past_a_checkpoint(
+        path: &Path,
+    ) -> (Vec<u8>, FileStorage, Vec<crate::storage::Record>) {
+        let mut s = FileStorage::open(path, &unlock()).unwrap();
+        s.apply(&[put("s/a", "1")]).unwrap();
+        s.checkpoint().unwrap();
+        assert_eq!(journal_len(path), 0);
+        let then = std::fs::read(path).unwrap();
+        s.apply(&[put("s/a", "2"), put("s/b", "x")]).unwrap();
+        s.apply(&[delete("s/b"), put("s/c", "y")]).unwrap();
+        s.apply(&[put("s/d", "z")]).unwrap();
+        assert!(journal_len(path) > 0);
+        let want = s.load_state().unwrap();
+        assert_eq!(want.len(), 3, "{want:?}");
+        (then, s, want)
+    }
+
+    /// What a crash right after the last durable commit can leave: the redb
+    /// file as it was then, and the journal (each batch synced in it before
+    /// `apply` returned) as `journal` holds it.
+    fn crash_image(then: &[u8], journal: &[u8], dir: &Path) -> std::path::PathBuf {
+        let path = dir.join("crashed.redb");
+        std::fs::write(&path, then).unwrap();
+        std::fs::write(FileStorage::journal_path(&path), journal).unwrap();
+        path
+    }
+
+    #[test]
+    fn journaled_batches_come_back_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        let (then, s, want) = journaled_past_a_checkpoint(&path);
+        let journal = std::fs::read(FileStorage::journal_path(&path)).unwrap();
+        let crashed = crash_image(&then, &journal, dir.path());
+        // The redb file alone holds only what the checkpoint made durable.
+        let alone = dir.path().join("alone.redb");
+        std::fs::write(&alone, &then).unwrap();
+        assert_eq!(raw_rows(&alone).1.len(), 1);
+        let reopened = FileStorage::open(&crashed, &unlock()).unwrap();
+        assert_eq!(reopened.load_state().unwrap(), want);
+        // The replay is durable in redb, and the journal empty.
+        assert_eq!(journal_len(&crashed), 0);
+        drop(reopened);
+        assert_eq!(raw_rows(&crashed).1.len(), 3);
+        drop(s);
+    }
+
+    #[test]
+    fn a_torn_last_batch_is_dropped_and_the_ones_before_it_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        let (then, mut s, _) = journaled_past_a_checkpoint(&path);
+        let two = journal_len(&path) as usize;
+        let before = s.load_state().unwrap();
+        s.apply(&[put("s/e", "torn")]).unwrap();
+        let three = std::fs::read(FileStorage::journal_path(&path)).unwrap();
+        let whole = super::journal::decode_all(&three).1;
+        assert!(whole > two + 1);
+        // The third record cut short, or its end zeros (never written in
+        // the space the journal had zeroed ahead).
+        let mut zeroed = three.clone();
+        zeroed[whole - 5..whole].fill(0);
+        for image in [
+            three[..two + 1].to_vec(),
+            three[..whole - 1].to_vec(),
+            zeroed,
+        ] {
+            let crashed = crash_image(&then, &image, dir.path());
+            let mut reopened = FileStorage::open(&crashed, &unlock()).unwrap();
+            assert_eq!(reopened.load_state().unwrap(), before);
+            // The store goes on from there: the next batch gets the torn
+            // one's number, and is kept.
+            reopened.apply(&[put("s/f", "after")]).unwrap();
+            drop(reopened);
+            let again = FileStorage::open(&crashed, &unlock()).unwrap();
+            assert_eq!(again.get(b"s/f").unwrap(), Some(b"after".to_vec()));
+            assert_eq!(again.get(b"s/e").unwrap(), None);
+        }
+        drop(s);
+    }
+
+    #[test]
+    fn a_journal_with_a_batch_missing_is_a_typed_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        let (then, s, _) = journaled_past_a_checkpoint(&path);
+        drop(s);
+        // Durable up to record 1: records 2 and 4, without 3.
+        let mut journal = super::journal::encode(2, &[(b"s/x", Some(b"sealed?"))]).unwrap();
+        journal.extend(super::journal::encode(4, &[(b"s/y", None)]).unwrap());
+        let crashed = crash_image(&then, &journal, dir.path());
+        match FileStorage::open(&crashed, &unlock()) {
+            Err(StorageError::Corrupt { key }) => assert!(key.contains("journal"), "{key}"),
+            other => panic!("expected a corrupt journal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn checkpoints_empty_the_journal_and_large_batches_skip_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        let mut s = FileStorage::open(&path, &unlock()).unwrap();
+        for i in 0..CHECKPOINT_BATCHES - 1 {
+            s.apply(&[put("s/n", &i.to_string())]).unwrap();
+        }
+        assert!(journal_len(&path) > 0);
+        s.apply(&[put("s/n", "last")]).unwrap();
+        assert_eq!(
+            journal_len(&path),
+            0,
+            "a checkpoint every {CHECKPOINT_BATCHES}"
+        );
+        s.apply(&[put("s/small", "1")]).unwrap();
+        assert!(journal_len(&path) > 0);
+        let big = "b".repeat(JOURNAL_MAX_BATCH + 1);
+        s.apply(&[put("h/big", &big)]).unwrap();
+        assert_eq!(journal_len(&path), 0, "a large batch is a checkpoint");
+        s.apply(&[put("s/small", "2")]).unwrap();
+        drop(s);
+        assert_eq!(journal_len(&path), 0, "closing is a checkpoint");
+        let rows = raw_rows(&path).1;
+        assert_eq!(rows.len(), 3);
+        let s = FileStorage::open(&path, &unlock()).unwrap();
+        assert_eq!(s.get(b"s/small").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(s.get(b"s/n").unwrap(), Some(b"last".to_vec()));
+        assert_eq!(s.get(b"h/big").unwrap(), Some(big.into_bytes()));
+    }
+
+    #[test]
+    fn a_format_3_store_opens_without_sealing_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        {
+            let mut s = FileStorage::open(&path, &unlock()).unwrap();
+            s.apply(&[put("s/a", "kept")]).unwrap();
+        }
+        let sealed_before = raw_rows(&path).1;
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(INFO).unwrap().insert(FORMAT_KEY, 3).unwrap();
+            txn.commit().unwrap();
+        }
+        {
+            let s = FileStorage::open(&path, &unlock()).unwrap();
+            assert_eq!(s.get(b"s/a").unwrap(), Some(b"kept".to_vec()));
+        }
+        let (format, rows) = raw_rows(&path);
+        assert_eq!(format, Some(FILE_FORMAT));
+        assert_eq!(rows, sealed_before);
     }
 
     #[test]

@@ -21,7 +21,8 @@
 //! and in IndexedDB only keys (ids and positions) are in the clear.
 //! Implementations: [`memory::MemoryStorage`] (tests, simulator) and, natively,
 //! [`file::FileStorage`] (a redb database: crash-safe, checksummed pages,
-//! repaired on open after a crash).
+//! repaired on open after a crash; small batches are made durable in a
+//! [`journal`] beside it first).
 
 pub mod keys;
 pub mod memory;
@@ -30,6 +31,8 @@ pub mod seal;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod file;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod journal;
 
 use crate::error::StorageError;
 use crate::state::{HistoryRecord, MessageState, Tombstone};
