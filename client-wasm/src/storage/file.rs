@@ -7,10 +7,13 @@
 //! batch is durable before `apply` returns in one of two ways:
 //!
 //! - a small batch (a send, a receipt, a message: almost every batch) is
-//!   appended to the journal and synced, then committed to redb without a
-//!   sync of its own. One synced append costs about half of a durable redb
-//!   commit, which rewrites and syncs 5–10 scattered pages for even a
-//!   one-message batch. Every [`CHECKPOINT_BATCHES`] batches or
+//!   appended to the journal and synced, and committed to redb without a
+//!   sync of its own while that sync runs (on the journal's sync thread:
+//!   the device's flush and the commit's CPU overlap). One synced append
+//!   costs about half of a durable redb commit, which rewrites and syncs
+//!   5–10 scattered pages for even a one-message batch. A failed sync or
+//!   commit poisons the store, reads included, until it is opened again.
+//!   Every [`CHECKPOINT_BATCHES`] batches or
 //!   [`CHECKPOINT_BYTES`] of journal, and when the store is closed, redb is
 //!   committed durably (a checkpoint) and the journal emptied;
 //! - a large batch (a catch-up page) is committed to redb durably, as it
@@ -265,8 +268,8 @@ impl FileStorage {
     fn usable(&self) -> Result<(), StorageError> {
         if self.poisoned {
             return Err(StorageError::Backend(
-                "an earlier commit failed after its batch was journaled; \
-                 open the store again to recover it"
+                "an earlier commit failed (its journal sync or its redb commit); \
+                 open the store again to recover what is durable"
                     .into(),
             ));
         }
@@ -309,6 +312,7 @@ fn set_journal_seq(txn: &redb::WriteTransaction, seq: u64) -> Result<(), Storage
 
 impl Storage for FileStorage {
     fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<super::Record>, StorageError> {
+        self.usable()?;
         let txn = self.db.begin_read().map_err(backend)?;
         let table = txn.open_table(RECORDS).map_err(backend)?;
         let mut out = Vec::new();
@@ -328,6 +332,7 @@ impl Storage for FileStorage {
         before: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<super::Record>, StorageError> {
+        self.usable()?;
         let txn = self.db.begin_read().map_err(backend)?;
         let table = txn.open_table(RECORDS).map_err(backend)?;
         let upper = match (before, super::keys::prefix_end(prefix)) {
@@ -353,6 +358,7 @@ impl Storage for FileStorage {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.usable()?;
         let txn = self.db.begin_read().map_err(backend)?;
         let table = txn.open_table(RECORDS).map_err(backend)?;
         table
@@ -405,7 +411,16 @@ impl Storage for FileStorage {
         let seq = self.seq.saturating_add(1);
         let refs: Vec<(&[u8], Option<&[u8]>)> =
             writes.iter().map(|(k, v)| (*k, v.as_deref())).collect();
-        if let Err(e) = self.journal.append(seq, &refs) {
+        // The redb commit (no sync of its own) runs while the journal's
+        // sync is under way: the batch is durable, and `apply` returns,
+        // once both are done. Nobody reads the store meanwhile (`apply`
+        // holds it mutably), and should the sync fail the store is
+        // poisoned, reads included, so the undurable rows are never seen.
+        let db = &self.db;
+        let (appended, indexed) = self.journal.append_during(seq, &refs, || {
+            commit_rows(db, &writes, seq, Durability::None)
+        });
+        if let Err(e) = appended {
             // After a failed sync the kernel may have dropped the pages and
             // will not say so again: trust nothing more of this file.
             self.poisoned = true;
@@ -413,7 +428,7 @@ impl Storage for FileStorage {
         }
         self.seq = seq;
         self.journaled = self.journaled.saturating_add(1);
-        if let Err(e) = self.commit(&writes, Durability::None) {
+        if let Some(Err(e)) = indexed {
             // Durable in the journal but not in redb: only a replay can
             // put the two back in step.
             self.poisoned = true;
@@ -435,20 +450,7 @@ impl FileStorage {
         writes: &[(&[u8], Option<Vec<u8>>)],
         durability: Durability,
     ) -> Result<(), StorageError> {
-        let mut txn = self.db.begin_write().map_err(backend)?;
-        txn.set_durability(durability).map_err(backend)?;
-        {
-            let mut table = txn.open_table(RECORDS).map_err(backend)?;
-            for (key, value) in writes {
-                match value {
-                    Some(v) => table.insert(*key, v.as_slice()).map(|_| ()),
-                    None => table.remove(*key).map(|_| ()),
-                }
-                .map_err(backend)?;
-            }
-        }
-        set_journal_seq(&txn, self.seq)?;
-        txn.commit().map_err(backend)?;
+        commit_rows(&self.db, writes, self.seq, durability)?;
         if matches!(durability, Durability::Immediate) {
             // Everything journaled so far is durable in redb now.
             self.journaled = 0;
@@ -460,6 +462,29 @@ impl FileStorage {
         }
         Ok(())
     }
+}
+
+/// One redb transaction with `writes` and journal position `seq`.
+fn commit_rows(
+    db: &Database,
+    writes: &[(&[u8], Option<Vec<u8>>)],
+    seq: u64,
+    durability: Durability,
+) -> Result<(), StorageError> {
+    let mut txn = db.begin_write().map_err(backend)?;
+    txn.set_durability(durability).map_err(backend)?;
+    {
+        let mut table = txn.open_table(RECORDS).map_err(backend)?;
+        for (key, value) in writes {
+            match value {
+                Some(v) => table.insert(*key, v.as_slice()).map(|_| ()),
+                None => table.remove(*key).map(|_| ()),
+            }
+            .map_err(backend)?;
+        }
+    }
+    set_journal_seq(&txn, seq)?;
+    txn.commit().map_err(backend)
 }
 
 #[cfg(test)]

@@ -42,6 +42,7 @@ use crate::error::StorageError;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
 
 const MAGIC: u32 = 0x314A_5348;
 const HEAD_LEN: usize = 12;
@@ -69,11 +70,69 @@ pub(crate) struct Entry {
 
 /// The journal file, open for appending.
 pub(crate) struct Journal {
-    file: File,
+    file: Arc<File>,
     /// Bytes of whole records.
     len: u64,
     /// The file's length: zeros from `len` to here.
     allocated: u64,
+    /// The thread that syncs appended records while the caller goes on
+    /// (started with the first append; `None` if it could not be).
+    syncer: Option<Syncer>,
+}
+
+/// A thread that syncs the journal on request, so that the caller's own
+/// work on a batch (its redb commit) overlaps the device's flush instead
+/// of following it. On the reference host the sync of a one-message
+/// record is 0.14–0.17 ms of waiting on the disk and the redb commit
+/// 0.045 ms of CPU; a wake-up each way costs a few microseconds.
+struct Syncer {
+    /// One message per sync wanted; dropped to stop the thread.
+    start: Option<mpsc::SyncSender<()>>,
+    /// One result per sync done.
+    done: mpsc::Receiver<std::io::Result<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn spawn(file: Arc<File>) -> std::io::Result<Syncer> {
+        let (start, wanted) = mpsc::sync_channel::<()>(1);
+        let (report, done) = mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("hush-journal-sync".into())
+            .spawn(move || {
+                while wanted.recv().is_ok() {
+                    if report.send(file.sync_data()).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Syncer {
+            start: Some(start),
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    /// Sync on the thread while `meanwhile` runs here; `None` if the
+    /// thread is gone (the caller then syncs by itself).
+    fn sync_during<T>(&self, meanwhile: impl FnOnce() -> T) -> Option<(std::io::Result<()>, T)> {
+        self.start.as_ref()?.send(()).ok()?;
+        let out = meanwhile();
+        let synced = self
+            .done
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the journal's sync thread stopped")));
+        Some((synced, out))
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.start = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn io(what: &str, e: std::io::Error) -> StorageError {
@@ -104,9 +163,10 @@ impl Journal {
         file.read_to_end(&mut bytes).map_err(|e| io("reading", e))?;
         let (entries, whole) = decode_all(&bytes);
         let journal = Journal {
-            file,
+            file: Arc::new(file),
             len: whole as u64,
             allocated: bytes.len() as u64,
+            syncer: None,
         };
         if bytes
             .get(whole..)
@@ -139,12 +199,30 @@ impl Journal {
 
     /// Append batch `seq` and sync it: when this returns, the batch is
     /// durable.
+    #[cfg(test)]
     pub(crate) fn append(
         &mut self,
         seq: u64,
         writes: &[(&[u8], Option<&[u8]>)],
     ) -> Result<(), StorageError> {
-        let record = encode(seq, writes)?;
+        self.append_during(seq, writes, || ()).0
+    }
+
+    /// Append batch `seq` and sync it, running `meanwhile` while the sync
+    /// is under way; returns the append's result (`Ok` once the batch is
+    /// durable) and what `meanwhile` returned. `meanwhile` runs only if the
+    /// record was written: if the append fails before its sync, it is
+    /// `None`.
+    pub(crate) fn append_during<T>(
+        &mut self,
+        seq: u64,
+        writes: &[(&[u8], Option<&[u8]>)],
+        meanwhile: impl FnOnce() -> T,
+    ) -> (Result<(), StorageError>, Option<T>) {
+        let record = match encode(seq, writes) {
+            Ok(r) => r,
+            Err(e) => return (Err(e), None),
+        };
         let end = self.len + record.len() as u64;
         // Past the zeroed space: zero some more in the same sync.
         let allocated = if end > self.allocated {
@@ -152,13 +230,40 @@ impl Journal {
         } else {
             self.allocated
         };
-        write_all_at(&self.file, &record, self.len)
+        if let Err(e) = write_all_at(&self.file, &record, self.len)
             .and_then(|()| self.zero(end.max(self.allocated), allocated))
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| io("appending", e))?;
+        {
+            return (Err(io("appending", e)), None);
+        }
+        if self.syncer.is_none() {
+            // Without the thread, the sync runs here, after `meanwhile`.
+            self.syncer = Syncer::spawn(Arc::clone(&self.file)).ok();
+        }
+        let (synced, out) = match self.syncer.as_ref() {
+            Some(syncer) => match syncer.sync_during(meanwhile) {
+                Some(done) => done,
+                None => {
+                    self.syncer = None;
+                    return (
+                        Err(io(
+                            "appending",
+                            std::io::Error::other("the journal's sync thread stopped"),
+                        )),
+                        None,
+                    );
+                }
+            },
+            None => {
+                let out = meanwhile();
+                (self.file.sync_data(), out)
+            }
+        };
+        if let Err(e) = synced {
+            return (Err(io("syncing", e)), Some(out));
+        }
         self.len = end;
         self.allocated = allocated;
-        Ok(())
+        (Ok(()), Some(out))
     }
 
     /// Empty the journal (everything in it is durable in redb now).
@@ -414,5 +519,28 @@ mod tests {
         let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![1, 2]);
         assert_eq!(entries[1].writes, vec![(b"k3".to_vec(), None)]);
+    }
+
+    #[test]
+    fn work_done_during_the_sync_sees_the_record_written_and_its_result_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let (mut j, _) = Journal::open(&path).unwrap();
+        for seq in 1..=3u64 {
+            let key = seq.to_le_bytes();
+            let (done, out) =
+                j.append_during(seq, &[(key.as_slice(), Some(b"v".as_slice()))], || {
+                    // The record is in the file (written before the sync began).
+                    let (entries, _) = decode_all(&std::fs::read(&path).unwrap());
+                    entries.len()
+                });
+            done.unwrap();
+            assert_eq!(out, Some(seq as usize));
+        }
+        // The sync thread stops with the journal.
+        drop(j);
+        let (_, entries) = Journal::open(&path).unwrap();
+        let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
     }
 }
