@@ -2164,7 +2164,7 @@ mod tests {
             store.commit(&[envelope(d, 1, 100)]).unwrap();
             store.checkpoint().unwrap();
             seg = super::super::segments::segment_path(store.segment_dir(), 1);
-            end = std::fs::metadata(&seg).unwrap().len();
+            end = segment_end(&store, 1);
             poke(&store, |txn| {
                 let mut info = txn.open_table(INFO).unwrap();
                 info.insert(FORMAT_KEY, 5u32.to_be_bytes().as_slice())
@@ -2173,8 +2173,8 @@ mod tests {
         }
         let mut leftover = Vec::new();
         super::super::segments::encode_record(&mut leftover, &d, 2, &[2u8; 100]).unwrap();
-        let mut file = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
-        std::io::Write::write_all(&mut file, &leftover).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &leftover, end).unwrap();
         drop(file);
         let store = RedbStore::open(&path, StoreLimits::default()).unwrap();
         assert_eq!(store.recovered_at_open(), 0);
@@ -2468,6 +2468,23 @@ mod tests {
             .collect()
     }
 
+    /// Segment `seg`'s committed end, as the index has it (the file runs
+    /// on past it: the active segment is zero-filled ahead).
+    fn segment_end(store: &RedbStore, seg: u32) -> u64 {
+        let txn = store.db.begin_read().unwrap();
+        segment_rows(&txn.open_table(SEGMENTS).unwrap()).unwrap()[&seg].end
+    }
+
+    /// Write `bytes` into segment `seg` of `dir` at `at`, as a crash
+    /// mid-write leaves them.
+    fn write_at(dir: &Path, seg: u32, bytes: &[u8], at: u64) {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(super::super::segments::segment_path(dir, seg))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, bytes, at).unwrap();
+    }
+
     /// The index row of `(d, seq)`.
     fn row_of(store: &RedbStore, d: &DeviceId, seq: u64) -> InboxRow {
         let txn = store.db.begin_read().unwrap();
@@ -2491,12 +2508,7 @@ mod tests {
                 ])
                 .unwrap();
             let seg = row_of(&store, &d, 1).body.segment;
-            let len = std::fs::metadata(super::super::segments::segment_path(
-                store.segment_dir(),
-                seg,
-            ))
-            .unwrap()
-            .len();
+            let len = segment_end(&store, seg);
             // A crash between the segment sync and the redb commit: the next
             // batch's records (seqs 4 and 5) are on disk, durable, and no
             // index row refers to them. Then a torn half record after them.
@@ -2509,24 +2521,7 @@ mod tests {
             append.push(&d, 5, &[0xAB; 100]).unwrap();
             append.write_and_sync().unwrap();
             let end = append.end();
-            let f = std::fs::OpenOptions::new()
-                .append(true)
-                .open(super::super::segments::segment_path(
-                    store.segment_dir(),
-                    seg,
-                ))
-                .unwrap();
-            std::io::Write::write_all(&mut &f, &[0x48, 0x45, 0x4E]).unwrap();
-            drop(f);
-            assert_eq!(
-                std::fs::metadata(super::super::segments::segment_path(
-                    store.segment_dir(),
-                    seg
-                ))
-                .unwrap()
-                .len(),
-                end + 3
-            );
+            write_at(store.segment_dir(), seg, &[0x48, 0x45, 0x4E], end);
             (len, seg)
         };
         // Reopen: the tail past the committed end is gone, the committed
@@ -2997,7 +2992,7 @@ mod tests {
         // trailer is incomplete, so it was never acknowledged.
         let last = *segment_files(&store).last().unwrap();
         let seg = super::super::segments::segment_path(&segment_dir(&crashed), last);
-        let len = std::fs::metadata(&seg).unwrap().len();
+        let len = segment_end(&store, last);
         std::fs::OpenOptions::new()
             .write(true)
             .open(&seg)

@@ -29,6 +29,11 @@
 //! Every record carries its device, seq, length and a CRC-32, so a damaged or
 //! misplaced record is reported as a [`StoreError`], never read as something
 //! else and never a panic.
+//!
+//! The active segment is kept zero-filled a little way past its end by the
+//! small batches of a quiet relay ([`ZERO_AHEAD`], [`ZERO_AHEAD_BATCH`]), so
+//! their syncs write no new file length; zeros are no record, so the log ends
+//! at them.
 
 use super::StoreError;
 use super::tables::{SegmentInfo, corrupt};
@@ -77,6 +82,16 @@ const MAX_READ_SPAN: u64 = 1024 * 1024;
 const MAX_OPEN_SEGMENTS: usize = 256;
 /// Largest batch buffer kept for the next commit.
 const SPARE_MAX: usize = 32 * 1024 * 1024;
+/// The active segment is kept zero-filled this far ahead of its end, a
+/// step at a time, by batches of at most [`ZERO_AHEAD_BATCH`] bytes.
+const ZERO_AHEAD: u64 = 1024 * 1024;
+/// Batches up to this size write into zeroed space: their `fdatasync` then
+/// writes no new file length (and allocates no block), which on the
+/// reference host makes the sync of a one-envelope batch 0.17–0.18 ms
+/// instead of 0.22–0.24 ms. Larger batches, which come only under load and
+/// whose sync costs more than that difference anyway, extend the file as
+/// they go, so the zeros never double the bytes written at high rates.
+const ZERO_AHEAD_BATCH: usize = 64 * 1024;
 /// File name extension of segment files.
 const SEGMENT_EXT: &str = "seg";
 
@@ -198,6 +213,8 @@ struct Active {
     file: Arc<File>,
     /// Committed length.
     end: u64,
+    /// The file is zeros from `end` up to here (at least `end`).
+    zeroed: u64,
 }
 
 /// The segment files of one store.
@@ -356,6 +373,11 @@ pub(crate) struct Append {
     /// The store's poison flag, raised when the batch's bytes cannot be
     /// taken back after a failed commit.
     poisoned: Arc<std::sync::atomic::AtomicBool>,
+    /// The file is zeros from `start` up to here; [`Append::write_and_sync`]
+    /// moves it on.
+    zeroed: u64,
+    /// How far zeros may go ahead: the segment's roll size.
+    zero_limit: u64,
 }
 
 impl Append {
@@ -440,11 +462,20 @@ impl Append {
 
     /// Write the batch at the segment's committed end and make it (and the
     /// file's new length) durable. A replayed batch is on disk already.
-    pub(crate) fn write_and_sync(&self) -> Result<(), StoreError> {
+    /// A small batch past the zeroed space zeroes the next
+    /// [`ZERO_AHEAD`] in the same sync (see [`ZERO_AHEAD_BATCH`]).
+    pub(crate) fn write_and_sync(&mut self) -> Result<(), StoreError> {
         if self.replay.is_some() {
             return Ok(());
         }
+        let end = self.end();
+        let zero_to = if self.buf.len() <= ZERO_AHEAD_BATCH && end > self.zeroed {
+            (end.div_ceil(ZERO_AHEAD).saturating_add(1) * ZERO_AHEAD).min(self.zero_limit.max(end))
+        } else {
+            end
+        };
         let done = write_all_at(&self.file, &self.buf, self.start)
+            .and_then(|()| write_zeros(&self.file, end.max(self.zeroed), zero_to))
             .map_err(|e| io("writing envelope segment", e))
             .and_then(|()| {
                 self.file
@@ -457,6 +488,8 @@ impl Append {
             // on could be trusted to be durable.
             self.poisoned
                 .store(true, std::sync::atomic::Ordering::Release);
+        } else {
+            self.zeroed = self.zeroed.max(zero_to);
         }
         done
     }
@@ -730,10 +763,13 @@ impl Segments {
                     .get(&id)
                     .cloned()
                     .ok_or_else(|| corrupt("segment table"))?;
+                // What lies past the end is unknown until the replay cuts
+                // it off: zero again from the end.
                 Some(Active {
                     id,
                     file,
                     end: info.end,
+                    zeroed: info.end,
                 })
             }
             None => None,
@@ -794,6 +830,8 @@ impl Segments {
             replay: Some(records),
             replay_end: end,
             poisoned: Arc::clone(&self.poisoned),
+            zeroed: end,
+            zero_limit: end,
         })
     }
 
@@ -880,9 +918,16 @@ impl Segments {
                     replay: None,
                     replay_end: 0,
                     poisoned: Arc::clone(&self.poisoned),
+                    zeroed: a.zeroed.max(a.end),
+                    zero_limit: self.max_bytes,
                 })
             }
             other => {
+                if let Some(a) = other.as_ref().filter(|a| a.zeroed > a.end) {
+                    // The sealed segment keeps no zeros past its end (a
+                    // crash before this lands is cut back at open).
+                    let _ = a.file.set_len(a.end);
+                }
                 let previous = other.map(|a| a.id);
                 let id = match previous {
                     Some(p) => p
@@ -902,6 +947,8 @@ impl Segments {
                     replay: None,
                     replay_end: 0,
                     poisoned: Arc::clone(&self.poisoned),
+                    zeroed: SEGMENT_HEADER_LEN,
+                    zero_limit: self.max_bytes,
                 })
             }
         }
@@ -921,10 +968,17 @@ impl Segments {
                 .as_ref()
                 .is_some_and(|a| (a.id, a.end) >= (append.id, end));
         if !behind {
+            // A replayed batch says nothing of what lies past it.
+            let zeroed = if append.replay.is_some() {
+                end
+            } else {
+                append.zeroed.max(end)
+            };
             *active = Some(Active {
                 id: append.id,
                 file: append.file,
                 end,
+                zeroed,
             });
         }
         drop(active);
@@ -1209,6 +1263,18 @@ fn write_all_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
 }
 
+/// Write zeros over `from..to` (nothing if `to <= from`).
+fn write_zeros(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut at = from;
+    while at < to {
+        let n = usize::try_from(to - at).map_or(ZEROS.len(), |n| n.min(ZEROS.len()));
+        write_all_at(file, &ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 #[cfg(windows)]
 fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
     use std::os::windows::fs::FileExt;
@@ -1385,7 +1451,12 @@ mod tests {
         append.write_and_sync().unwrap();
         let path = segment_path(segs.dir(), append.id);
         let len = || std::fs::metadata(&path).unwrap().len();
-        assert_eq!(len(), append.end());
+        // A small batch: the file is zero-filled ahead of it, up to the
+        // segment's size here.
+        assert_eq!(len(), ZERO_AHEAD);
+        let bytes = std::fs::read(&path).unwrap();
+        let end = usize::try_from(append.end()).unwrap();
+        assert!(bytes[end..].iter().all(|&b| b == 0));
         assert_eq!(append.record_bytes(), body.record_len());
         assert_eq!(
             append.end(),
@@ -1410,5 +1481,72 @@ mod tests {
             .store(true, std::sync::atomic::Ordering::Release);
         let refused = segs.begin_append(10, 6).unwrap_err();
         assert!(refused.to_string().contains("restart"), "{refused}");
+    }
+
+    /// Small batches write into the zeros ahead of the end and move them
+    /// on a step at a time; a large batch extends the file by itself; a
+    /// roll leaves the sealed segment without zeros; and the log parses
+    /// the batches and stops at the zeros.
+    #[test]
+    fn small_batches_write_into_zeros_kept_ahead_of_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segs, _) =
+            Segments::open(dir.path().join("z"), 8 << 20, &[6], &BTreeMap::new()).unwrap();
+        let d = DeviceId([7; 16]);
+        let seq = std::cell::Cell::new(0u64);
+        let batch = |size: usize| {
+            let mut append = segs.begin_append(size as u64 + 200, 6).unwrap();
+            seq.set(seq.get() + 1);
+            let n = seq.get();
+            append
+                .push_logged(&d, n, &vec![9u8; size], fields(n as u8))
+                .unwrap();
+            append.seal_batch();
+            append.write_and_sync().unwrap();
+            let (id, end) = (append.id, append.end());
+            segs.finish_append(append);
+            (id, end)
+        };
+        let len = |id: u32| {
+            std::fs::metadata(segment_path(segs.dir(), id))
+                .unwrap()
+                .len()
+        };
+        // Zeros from the end of the batch to the step after the next.
+        let (id, first) = batch(16_000);
+        assert_eq!(len(id), 2 * ZERO_AHEAD);
+        // Small batches inside the zeroed space leave the length alone.
+        // A batch of 16,000 bytes takes 16,120 (record header and trailer).
+        let mut end = first;
+        while end + 16_120 <= 2 * ZERO_AHEAD {
+            end = batch(16_000).1;
+            assert_eq!(len(id), 2 * ZERO_AHEAD);
+        }
+        // Past it, the next steps are zeroed.
+        end = batch(16_000).1;
+        assert!(end > 2 * ZERO_AHEAD);
+        assert_eq!(len(id), end.div_ceil(ZERO_AHEAD) * ZERO_AHEAD + ZERO_AHEAD);
+        // A large batch past the zeros writes no zeros after itself.
+        let before = len(id);
+        let big = usize::try_from(before - end).unwrap() + ZERO_AHEAD_BATCH;
+        let (same, big_end) = batch(big);
+        assert_eq!(same, id);
+        assert_eq!(len(id), big_end);
+        // The log: every batch, then the zeros end it.
+        let (batches, parsed_end) = segs
+            .read_log(&LogTail {
+                id,
+                from: SEGMENT_HEADER_LEN,
+                unlisted: false,
+            })
+            .unwrap();
+        assert_eq!(batches.len() as u64, seq.get());
+        assert_eq!(parsed_end, big_end);
+        // A batch that rolls cuts the sealed segment back to its end.
+        let small_end = batch(16_000).1;
+        assert!(len(id) > small_end);
+        let (next, _) = batch(5 << 20);
+        assert_eq!(next, id + 1);
+        assert_eq!(len(id), small_end);
     }
 }
