@@ -803,6 +803,53 @@ mod tests {
         hay.windows(needle.len()).any(|w| w == needle)
     }
 
+    /// A batch whose journal sync fails was already committed to redb
+    /// (the commit runs during the sync): the store refuses reads as well
+    /// as writes from then on, so those rows are never read as durable,
+    /// and opening it again recovers what is durable.
+    #[test]
+    fn a_failed_sync_poisons_reads_too_until_the_store_is_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        {
+            let mut s = FileStorage::open(&path, &unlock()).unwrap();
+            s.apply(&[StorageOp::Put {
+                key: b"s/a".to_vec(),
+                value: b"kept".to_vec(),
+            }])
+            .unwrap();
+            s.journal.fail_next_sync = true;
+            let failed = s.apply(&[StorageOp::Put {
+                key: b"s/b".to_vec(),
+                value: b"unsure".to_vec(),
+            }]);
+            assert!(failed.is_err());
+            for read in [
+                s.get(b"s/a").map(|_| ()),
+                s.get(b"s/b").map(|_| ()),
+                s.scan_prefix(b"s/").map(|_| ()),
+                s.scan_back(b"s/", None, 10).map(|_| ()),
+            ] {
+                let e = read.unwrap_err();
+                assert!(e.to_string().contains("open the store again"), "{e}");
+            }
+            let later = s.apply(&[StorageOp::Put {
+                key: b"s/c".to_vec(),
+                value: b"refused".to_vec(),
+            }]);
+            assert!(later.is_err());
+        }
+        let mut s = FileStorage::open(&path, &unlock()).unwrap();
+        assert_eq!(s.get(b"s/a").unwrap(), Some(b"kept".to_vec()));
+        assert_eq!(s.get(b"s/c").unwrap(), None);
+        s.apply(&[StorageOp::Put {
+            key: b"s/d".to_vec(),
+            value: b"works".to_vec(),
+        }])
+        .unwrap();
+        assert_eq!(s.get(b"s/d").unwrap(), Some(b"works".to_vec()));
+    }
+
     #[test]
     fn the_file_holds_no_secret_and_no_text() {
         let dir = tempfile::tempdir().unwrap();

@@ -78,6 +78,9 @@ pub(crate) struct Journal {
     /// The thread that syncs appended records while the caller goes on
     /// (started with the first append; `None` if it could not be).
     syncer: Option<Syncer>,
+    /// Tests: report the next sync as failed.
+    #[cfg(test)]
+    pub(crate) fail_next_sync: bool,
 }
 
 /// A thread that syncs the journal on request, so that the caller's own
@@ -167,6 +170,8 @@ impl Journal {
             len: whole as u64,
             allocated: bytes.len() as u64,
             syncer: None,
+            #[cfg(test)]
+            fail_next_sync: false,
         };
         if bytes
             .get(whole..)
@@ -257,6 +262,12 @@ impl Journal {
                 let out = meanwhile();
                 (self.file.sync_data(), out)
             }
+        };
+        #[cfg(test)]
+        let synced = if std::mem::take(&mut self.fail_next_sync) {
+            Err(std::io::Error::other("injected sync failure"))
+        } else {
+            synced
         };
         if let Err(e) = synced {
             return (Err(io("syncing", e)), Some(out));
