@@ -128,7 +128,7 @@ pub use sig::verify_device_list;
 pub use state::{Counters, HistoryRecord, MessageState, Removal, Tombstone};
 pub use storage::memory::MemoryStorage;
 pub use storage::seal::{KdfParams, StoreKey, Unlock};
-pub use storage::{HistoryEntry, Storage, StorageOp, history};
+pub use storage::{HistoryEntry, Storage, StorageOp, Syncing, history};
 
 #[cfg(not(target_arch = "wasm32"))]
 pub use storage::file::FileStorage;

@@ -500,7 +500,14 @@ pub struct Step {
     pub early_frames: Vec<ClientFrame>,
     /// Frames to send, in order, once `storage` is durable.
     pub frames: Vec<ClientFrame>,
-    /// Events for the app, in order.
+    /// Events for the app, in order. A driver may deliver them once
+    /// `storage` is *stored* (readable, kept through a crash of the app)
+    /// rather than durable when the step handled a relay frame and they are
+    /// only [`Event::Message`], [`Event::MessageState`],
+    /// [`Event::KeyRotation`] and [`Event::SyncProgress`]: the `frames`,
+    /// acknowledgements included, still wait for durability, so a power
+    /// loss makes the relay deliver those envelopes again. The native
+    /// driver does ([`crate::Storage::apply_stored`]).
     pub events: Vec<Event>,
     /// The answer to a command.
     pub reply: Option<Reply>,

@@ -35,7 +35,7 @@
 use super::journal::{self, Journal};
 use super::pack::{self, Write};
 use super::seal::{self, Header, StoreKey, Unlock};
-use super::{Storage, StorageOp};
+use super::{Storage, StorageOp, Syncing};
 use crate::error::StorageError;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
@@ -95,10 +95,13 @@ pub struct FileStorage {
     seq: u64,
     /// Batches journaled since the last checkpoint.
     journaled: u32,
-    /// A journaled batch could not be committed to redb, or a checkpoint
-    /// failed: every later `apply` fails until the store is opened again,
-    /// which replays the journal.
+    /// A journaled batch could not be committed to redb, its sync failed,
+    /// or a checkpoint failed: every later call fails until the store is
+    /// opened again, which replays the journal.
     poisoned: bool,
+    /// The sync of the last journaled batch, if nobody waited for it yet
+    /// ([`Storage::apply_stored`] returns before it ends).
+    syncing: Option<journal::SyncWait>,
 }
 
 impl std::fmt::Debug for FileStorage {
@@ -190,6 +193,7 @@ impl FileStorage {
             seq: durable,
             journaled: 0,
             poisoned: false,
+            syncing: None,
         };
         storage.replay(durable, entries)?;
         Ok(storage)
@@ -242,7 +246,7 @@ impl FileStorage {
     /// `apply` does this by itself every so often and the store does it
     /// when dropped; a caller may do it before copying the file.
     pub fn checkpoint(&mut self) -> Result<(), StorageError> {
-        self.usable()?;
+        self.synced()?;
         if self.journaled == 0 && self.journal.len() == 0 {
             return Ok(());
         }
@@ -265,8 +269,23 @@ impl FileStorage {
         journal::path_for(db.as_ref())
     }
 
+    /// Wait for the sync of the last batch, if it is still running; a
+    /// failed one poisons the store.
+    fn synced(&mut self) -> Result<(), StorageError> {
+        self.usable()?;
+        if let Some(wait) = self.syncing.take()
+            && let Err(e) = wait.wait()
+        {
+            // After a failed sync the kernel may have dropped the pages and
+            // will not say so again: trust nothing more of this file.
+            self.poisoned = true;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     fn usable(&self) -> Result<(), StorageError> {
-        if self.poisoned {
+        if self.poisoned || self.syncing.as_ref().is_some_and(journal::SyncWait::failed) {
             return Err(StorageError::Backend(
                 "an earlier commit failed (its journal sync or its redb commit); \
                  open the store again to recover what is durable"
@@ -369,10 +388,35 @@ impl Storage for FileStorage {
     }
 
     fn apply(&mut self, batch: &[StorageOp]) -> Result<(), StorageError> {
-        if batch.is_empty() {
-            return Ok(());
+        // Dropping the `Syncing` is fine: `synced` waits for the same sync.
+        let _stored = self.apply_stored(batch)?;
+        self.synced()?;
+        if self.journaled >= CHECKPOINT_BATCHES || self.journal.len() >= CHECKPOINT_BYTES {
+            // The batch is durable whatever happens here; a failed
+            // checkpoint fails the next call instead.
+            let _ = self.checkpoint();
         }
-        self.usable()?;
+        Ok(())
+    }
+
+    /// Seal the batch, append it to the journal, start the journal's sync,
+    /// and commit the batch to redb (without a sync of its own) while the
+    /// sync runs; return then. The batch is readable and kept by a crash of
+    /// the process from here; it survives a power loss once the returned
+    /// [`Syncing`] says so. Should that sync fail, the store is poisoned,
+    /// reads included, until it is opened again (which replays what is
+    /// durable). A batch waits for the sync of the one before it.
+    fn apply_stored(&mut self, batch: &[StorageOp]) -> Result<Syncing, StorageError> {
+        self.synced()?;
+        if batch.is_empty() {
+            return Ok(Syncing::done());
+        }
+        if self.journaled >= CHECKPOINT_BATCHES || self.journal.len() >= CHECKPOINT_BYTES {
+            // Due since the last batch (whose sync nobody waited for then).
+            // A failure that leaves the store unusable is caught below.
+            let _ = self.checkpoint();
+            self.usable()?;
+        }
         // History pairs become one pack per conversation (see `pack`).
         // In key order: neighbouring inserts land in the same B-tree
         // pages. The sort is stable, so several writes of one key keep
@@ -406,40 +450,34 @@ impl Storage for FileStorage {
             .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
             .sum();
         if size > JOURNAL_MAX_BATCH {
-            return self.commit(&writes, Durability::Immediate);
+            self.commit(&writes, Durability::Immediate)?;
+            return Ok(Syncing::done());
         }
         let seq = self.seq.saturating_add(1);
         let refs: Vec<(&[u8], Option<&[u8]>)> =
             writes.iter().map(|(k, v)| (*k, v.as_deref())).collect();
-        // The redb commit (no sync of its own) runs while the journal's
-        // sync is under way: the batch is durable, and `apply` returns,
-        // once both are done. Nobody reads the store meanwhile (`apply`
-        // holds it mutably), and should the sync fail the store is
-        // poisoned, reads included, so the undurable rows are never seen.
         let db = &self.db;
-        let (appended, indexed) = self.journal.append_during(seq, &refs, || {
+        let (appended, indexed) = self.journal.append_started(seq, &refs, || {
             commit_rows(db, &writes, seq, Durability::None)
         });
-        if let Err(e) = appended {
-            // After a failed sync the kernel may have dropped the pages and
-            // will not say so again: trust nothing more of this file.
-            self.poisoned = true;
-            return Err(e);
-        }
+        let wait = match appended {
+            Ok(wait) => wait,
+            Err(e) => {
+                // A record may be half written: trust nothing more of it.
+                self.poisoned = true;
+                return Err(e);
+            }
+        };
         self.seq = seq;
         self.journaled = self.journaled.saturating_add(1);
+        self.syncing = Some(wait.clone());
         if let Some(Err(e)) = indexed {
-            // Durable in the journal but not in redb: only a replay can
-            // put the two back in step.
+            // In the journal but not in redb: only a replay can put the
+            // two back in step.
             self.poisoned = true;
             return Err(e);
         }
-        if self.journaled >= CHECKPOINT_BATCHES || self.journal.len() >= CHECKPOINT_BYTES {
-            // The batch is durable whatever happens here; a failed
-            // checkpoint fails the next `apply` instead.
-            let _ = self.checkpoint();
-        }
-        Ok(())
+        Ok(Syncing::new(move || wait.wait()))
     }
 }
 
@@ -848,6 +886,45 @@ mod tests {
         }])
         .unwrap();
         assert_eq!(s.get(b"s/d").unwrap(), Some(b"works".to_vec()));
+    }
+
+    /// `apply_stored` returns with the batch readable and its sync under
+    /// way; `wait` reports the sync. A failed sync refuses reads from then
+    /// on, whoever waits for it, and a reopen recovers what is durable.
+    #[test]
+    fn a_stored_batch_is_readable_at_once_and_a_failed_sync_still_poisons() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        {
+            let mut s = FileStorage::open(&path, &unlock()).unwrap();
+            let stored = s
+                .apply_stored(&[StorageOp::Put {
+                    key: b"s/a".to_vec(),
+                    value: b"first".to_vec(),
+                }])
+                .unwrap();
+            assert_eq!(s.get(b"s/a").unwrap(), Some(b"first".to_vec()));
+            stored.wait().unwrap();
+            s.journal.fail_next_sync = true;
+            let stored = s
+                .apply_stored(&[StorageOp::Put {
+                    key: b"s/b".to_vec(),
+                    value: b"unsure".to_vec(),
+                }])
+                .unwrap();
+            let e = stored.wait().unwrap_err();
+            assert!(e.to_string().contains("syncing"), "{e}");
+            let e = s.get(b"s/a").unwrap_err();
+            assert!(e.to_string().contains("open the store again"), "{e}");
+            assert!(
+                s.apply_stored(&[StorageOp::Delete {
+                    key: b"s/a".to_vec()
+                }])
+                .is_err()
+            );
+        }
+        let s = FileStorage::open(&path, &unlock()).unwrap();
+        assert_eq!(s.get(b"s/a").unwrap(), Some(b"first".to_vec()));
     }
 
     #[test]

@@ -42,7 +42,7 @@ use crate::error::StorageError;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
 
 const MAGIC: u32 = 0x314A_5348;
 const HEAD_LEN: usize = 12;
@@ -89,44 +89,89 @@ pub(crate) struct Journal {
 /// record is 0.14–0.17 ms of waiting on the disk and the redb commit
 /// 0.045 ms of CPU; a wake-up each way costs a few microseconds.
 struct Syncer {
-    /// One message per sync wanted; dropped to stop the thread.
-    start: Option<mpsc::SyncSender<()>>,
-    /// One result per sync done.
-    done: mpsc::Receiver<std::io::Result<()>>,
+    /// One slot per sync wanted; dropped to stop the thread.
+    start: Option<mpsc::SyncSender<Arc<SyncSlot>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Syncer {
     fn spawn(file: Arc<File>) -> std::io::Result<Syncer> {
-        let (start, wanted) = mpsc::sync_channel::<()>(1);
-        let (report, done) = mpsc::sync_channel(1);
+        let (start, wanted) = mpsc::sync_channel::<Arc<SyncSlot>>(1);
         let thread = std::thread::Builder::new()
             .name("hush-journal-sync".into())
             .spawn(move || {
-                while wanted.recv().is_ok() {
-                    if report.send(file.sync_data()).is_err() {
-                        break;
-                    }
+                while let Ok(slot) = wanted.recv() {
+                    slot.finish(file.sync_data());
                 }
             })?;
         Ok(Syncer {
             start: Some(start),
-            done,
             thread: Some(thread),
         })
     }
 
-    /// Sync on the thread while `meanwhile` runs here; `None` if the
-    /// thread is gone (the caller then syncs by itself).
-    fn sync_during<T>(&self, meanwhile: impl FnOnce() -> T) -> Option<(std::io::Result<()>, T)> {
-        self.start.as_ref()?.send(()).ok()?;
-        let out = meanwhile();
-        let synced = self
-            .done
-            .recv()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the journal's sync thread stopped")));
-        Some((synced, out))
+    /// Ask the thread to sync and fill `slot`; false if the thread is gone.
+    fn request(&self, slot: &Arc<SyncSlot>) -> bool {
+        self.start
+            .as_ref()
+            .is_some_and(|s| s.send(Arc::clone(slot)).is_ok())
     }
+}
+
+/// The outcome of one sync, filled in by whoever ran it.
+#[derive(Debug)]
+struct SyncSlot {
+    result: Mutex<Option<Result<(), String>>>,
+    filled: Condvar,
+    /// Tests: report the sync as failed whatever it returned.
+    #[cfg(test)]
+    fail: bool,
+}
+
+impl SyncSlot {
+    fn finish(&self, synced: std::io::Result<()>) {
+        #[cfg(test)]
+        let synced = if self.fail {
+            Err(std::io::Error::other("injected sync failure"))
+        } else {
+            synced
+        };
+        let mut result = self.result.lock().unwrap_or_else(PoisonError::into_inner);
+        *result = Some(synced.map_err(|e| e.to_string()));
+        self.filled.notify_all();
+    }
+}
+
+/// A record appended and handed to the sync: [`SyncWait::wait`] returns
+/// once it is durable (or the sync failed). Clones wait for the same sync.
+#[derive(Debug, Clone)]
+pub(crate) struct SyncWait(Arc<SyncSlot>);
+
+impl SyncWait {
+    /// Block until the sync ended; its result.
+    pub(crate) fn wait(&self) -> Result<(), StorageError> {
+        let mut result = self.0.result.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(done) = result.as_ref() {
+                return done.clone().map_err(syncing);
+            }
+            result = self
+                .0
+                .filled
+                .wait(result)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// The sync ended and failed (without waiting).
+    pub(crate) fn failed(&self) -> bool {
+        let result = self.0.result.lock().unwrap_or_else(PoisonError::into_inner);
+        matches!(result.as_ref(), Some(Err(_)))
+    }
+}
+
+fn syncing(e: String) -> StorageError {
+    StorageError::Backend(format!("journal: syncing: {e}"))
 }
 
 impl Drop for Syncer {
@@ -210,20 +255,22 @@ impl Journal {
         seq: u64,
         writes: &[(&[u8], Option<&[u8]>)],
     ) -> Result<(), StorageError> {
-        self.append_during(seq, writes, || ()).0
+        self.append_started(seq, writes, || ()).0?.wait()
     }
 
-    /// Append batch `seq` and sync it, running `meanwhile` while the sync
-    /// is under way; returns the append's result (`Ok` once the batch is
-    /// durable) and what `meanwhile` returned. `meanwhile` runs only if the
-    /// record was written: if the append fails before its sync, it is
-    /// `None`.
-    pub(crate) fn append_during<T>(
+    /// Append batch `seq` and start its sync, running `meanwhile` while the
+    /// sync is under way; returns without waiting for the sync: the
+    /// [`SyncWait`] says when the batch is durable. `meanwhile` runs only
+    /// if the record was written: if the append fails before its sync, it
+    /// is `None`. The record counts as appended from here on (the next one
+    /// follows it); should its sync fail, the caller must use the file no
+    /// more (see [`super::file::FileStorage`]'s poisoning).
+    pub(crate) fn append_started<T>(
         &mut self,
         seq: u64,
         writes: &[(&[u8], Option<&[u8]>)],
         meanwhile: impl FnOnce() -> T,
-    ) -> (Result<(), StorageError>, Option<T>) {
+    ) -> (Result<SyncWait, StorageError>, Option<T>) {
         let record = match encode(seq, writes) {
             Ok(r) => r,
             Err(e) => return (Err(e), None),
@@ -240,41 +287,27 @@ impl Journal {
         {
             return (Err(io("appending", e)), None);
         }
-        if self.syncer.is_none() {
-            // Without the thread, the sync runs here, after `meanwhile`.
-            self.syncer = Syncer::spawn(Arc::clone(&self.file)).ok();
-        }
-        let (synced, out) = match self.syncer.as_ref() {
-            Some(syncer) => match syncer.sync_during(meanwhile) {
-                Some(done) => done,
-                None => {
-                    self.syncer = None;
-                    return (
-                        Err(io(
-                            "appending",
-                            std::io::Error::other("the journal's sync thread stopped"),
-                        )),
-                        None,
-                    );
-                }
-            },
-            None => {
-                let out = meanwhile();
-                (self.file.sync_data(), out)
-            }
-        };
-        #[cfg(test)]
-        let synced = if std::mem::take(&mut self.fail_next_sync) {
-            Err(std::io::Error::other("injected sync failure"))
-        } else {
-            synced
-        };
-        if let Err(e) = synced {
-            return (Err(io("syncing", e)), Some(out));
-        }
         self.len = end;
         self.allocated = allocated;
-        (Ok(()), Some(out))
+        let slot = Arc::new(SyncSlot {
+            result: Mutex::new(None),
+            filled: Condvar::new(),
+            #[cfg(test)]
+            fail: std::mem::take(&mut self.fail_next_sync),
+        });
+        if self.syncer.is_none() {
+            self.syncer = Syncer::spawn(Arc::clone(&self.file)).ok();
+        }
+        let requested = self.syncer.as_ref().is_some_and(|s| s.request(&slot));
+        if !requested {
+            // Without the thread, the sync runs here, after `meanwhile`.
+            self.syncer = None;
+        }
+        let out = meanwhile();
+        if !requested {
+            slot.finish(self.file.sync_data());
+        }
+        (Ok(SyncWait(slot)), Some(out))
     }
 
     /// Empty the journal (everything in it is durable in redb now).
@@ -540,12 +573,12 @@ mod tests {
         for seq in 1..=3u64 {
             let key = seq.to_le_bytes();
             let (done, out) =
-                j.append_during(seq, &[(key.as_slice(), Some(b"v".as_slice()))], || {
+                j.append_started(seq, &[(key.as_slice(), Some(b"v".as_slice()))], || {
                     // The record is in the file (written before the sync began).
                     let (entries, _) = decode_all(&std::fs::read(&path).unwrap());
                     entries.len()
                 });
-            done.unwrap();
+            done.unwrap().wait().unwrap();
             assert_eq!(out, Some(seq as usize));
         }
         // The sync thread stops with the journal.

@@ -109,9 +109,58 @@ pub trait Storage {
     /// Apply a batch atomically and durably.
     fn apply(&mut self, batch: &[StorageOp]) -> Result<(), StorageError>;
 
+    /// Apply a batch atomically and return once it is *stored*: readable
+    /// here and kept if the app crashes, though a power loss or an OS
+    /// crash may still undo it until [`Syncing::wait`] returns `Ok`. A
+    /// failed wait counts as a failed `apply` (the driver rebuilds the
+    /// engine from storage), and the store may refuse every call until it
+    /// is opened again.
+    ///
+    /// Why: a driver may show what a batch stored that the relay will
+    /// deliver again unless it is acknowledged — incoming messages — as
+    /// soon as it is stored, and send the acknowledgement once it is
+    /// durable; a power loss in between costs a redelivery, not a message.
+    /// The default is [`Storage::apply`], durable at once.
+    fn apply_stored(&mut self, batch: &[StorageOp]) -> Result<Syncing, StorageError> {
+        self.apply(batch).map(|()| Syncing::done())
+    }
+
     /// Every engine record (the `s/` namespace), for [`crate::Engine::load`].
     fn load_state(&self) -> Result<Vec<Record>, StorageError> {
         self.scan_prefix(keys::STATE)
+    }
+}
+
+/// The durability of a batch [`Storage::apply_stored`] stored: wait for it
+/// before doing anything that must outlive a power loss (acknowledging
+/// envelopes to the relay, sending, answering a command).
+#[must_use = "a stored batch is not durable until `wait` returns"]
+pub struct Syncing(Option<Box<dyn FnOnce() -> Result<(), StorageError> + Send>>);
+
+impl Syncing {
+    /// Already durable.
+    pub fn done() -> Syncing {
+        Syncing(None)
+    }
+
+    /// Durable once `wait` returns `Ok` (it blocks until the sync ends).
+    pub fn new(wait: impl FnOnce() -> Result<(), StorageError> + Send + 'static) -> Syncing {
+        Syncing(Some(Box::new(wait)))
+    }
+
+    /// Block until the batch is durable, or its sync failed.
+    pub fn wait(self) -> Result<(), StorageError> {
+        self.0.map_or(Ok(()), |wait| wait())
+    }
+}
+
+impl std::fmt::Debug for Syncing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Syncing(pending)"
+        } else {
+            "Syncing(done)"
+        })
     }
 }
 
