@@ -182,6 +182,9 @@ pub struct DriverStats {
     /// Time inside `Storage::apply` (on the commit thread: it overlaps
     /// with the engine's work and the relay's).
     pub apply: Duration,
+    /// Of `apply`, the time until the batch was stored (readable, kept if
+    /// the app crashes; the rest is its sync).
+    pub stored: Duration,
     /// Time the driver waited with nothing to do but a commit.
     pub commit_wait: Duration,
     /// Bytes of keys and values committed.
@@ -259,8 +262,9 @@ fn shown_once_stored(step: &Step, from_relay: bool) -> bool {
         })
 }
 
-/// What a commit thread returns: the result and the time `apply` took.
-type CommitResult = (Result<(), StorageError>, Duration);
+/// What a commit thread returns: the result, the time until the batch was
+/// stored and the time until it was durable.
+type CommitResult = (Result<(), StorageError>, Duration, Duration);
 
 /// A commit running on the blocking pool and the steps it makes durable.
 struct Commit {
@@ -650,13 +654,14 @@ impl<S: Storage + Send + 'static> Driver<S> {
             // The store is unlocked once the batch is stored: the sink may
             // read it while the sync runs.
             let applied = lock(&storage).apply_stored(&ops);
+            let stored = started.elapsed();
             let result = applied.and_then(|syncing| {
                 if let Some(tx) = stored_tx {
                     let _ = tx.send(());
                 }
                 syncing.wait()
             });
-            (result, started.elapsed())
+            (result, stored, started.elapsed())
         });
         self.commit = Some(Commit {
             task,
@@ -693,11 +698,13 @@ impl<S: Storage + Send + 'static> Driver<S> {
             return Ok(None);
         };
         let failure = match joined {
-            Ok((Ok(()), took)) => {
+            Ok((Ok(()), stored, took)) => {
+                self.stats.stored += stored;
                 self.stats.apply += took;
                 None
             }
-            Ok((Err(e), took)) => {
+            Ok((Err(e), stored, took)) => {
+                self.stats.stored += stored;
                 self.stats.apply += took;
                 Some(e.to_string())
             }

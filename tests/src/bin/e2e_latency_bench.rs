@@ -230,11 +230,12 @@ async fn bench(
     for (name, st) in [("alice", alice.stats()), ("bob", bob.stats())] {
         let per = |d: Duration, n: u64| d.as_secs_f64() * 1000.0 / n.max(1) as f64;
         println!(
-            "{name}: {} inputs, engine {:.3} ms per input; {} store commits of {:.3} ms each (on the commit thread)",
+            "{name}: {} inputs, engine {:.3} ms per input; {} store commits of {:.3} ms each, stored after {:.3} ms (on the commit thread)",
             st.inputs,
             per(st.handle, st.inputs),
             st.commits,
             per(st.apply, st.commits),
+            per(st.stored, st.commits),
         );
     }
     println!("{host}");
