@@ -1204,6 +1204,42 @@ mod tests {
         }
     }
 
+    /// After a checkpoint the journal is written from its start again,
+    /// over records redb already has; a crash then leaves new records
+    /// followed by old ones, and a reopen replays the new ones only.
+    #[test]
+    fn batches_written_over_an_emptied_journal_come_back_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        let mut s = FileStorage::open(&path, &unlock()).unwrap();
+        // Values of one length: every record has the same size, so the new
+        // records end exactly where an old, whole one begins.
+        for i in 0..CHECKPOINT_BATCHES {
+            s.apply(&[put("s/n", &format!("{i:05}"))]).unwrap();
+        }
+        assert_eq!(journal_len(&path), 0, "the last one was a checkpoint");
+        let old = std::fs::read(FileStorage::journal_path(&path)).unwrap();
+        // redb as that checkpoint left it.
+        let then = std::fs::read(&path).unwrap();
+        s.apply(&[put("s/n", "10000")]).unwrap();
+        s.apply(&[put("s/n", "10001")]).unwrap();
+        s.apply(&[put("s/m", "later")]).unwrap();
+        let journal = std::fs::read(FileStorage::journal_path(&path)).unwrap();
+        let (entries, whole) = super::journal::decode_all(&journal);
+        assert_eq!(entries.len(), 3, "the new records only");
+        assert_ne!(
+            journal[whole..whole + 64],
+            [0u8; 64],
+            "old records follow the new ones"
+        );
+        assert_eq!(journal[whole..whole + 64], old[whole..whole + 64]);
+        drop(s);
+        let crashed = crash_image(&then, &journal, dir.path());
+        let s = FileStorage::open(&crashed, &unlock()).unwrap();
+        assert_eq!(s.get(b"s/n").unwrap(), Some(b"10001".to_vec()));
+        assert_eq!(s.get(b"s/m").unwrap(), Some(b"later".to_vec()));
+    }
+
     #[test]
     fn checkpoints_empty_the_journal_and_large_batches_skip_it() {
         let dir = tempfile::tempdir().unwrap();
