@@ -28,12 +28,14 @@
 //! Values are the sealed bytes redb stores ([`super::seal`]); keys are the
 //! same clear keys as in redb. A record is appended and synced before the
 //! next one starts, so a crash can tear only the last record: reading stops
-//! at the first record that is cut short or fails its checks, and the open
-//! zeroes the file from there. Reading also stops at a record whose seq is
+//! at the first record that is cut short or fails its checks, and the next
+//! append is written over it. Reading also stops at a record whose seq is
 //! not above the one before it: emptying the journal starts writing at the
 //! beginning again without erasing what the last pass left (see
 //! [`Journal::clear`]), and those records all have lower seqs than the new
 //! ones. A seq that jumps ahead is read, and the store reports the gap.
+//! So nothing after the last whole record needs erasing, at an open or
+//! when the journal is emptied: what lies there is either torn or older.
 //!
 //! The file is kept longer than its records, zero-filled past them
 //! ([`PREALLOC`] at a time): an append that does not change the file's
@@ -200,8 +202,8 @@ pub fn path_for(db: &Path) -> PathBuf {
 
 impl Journal {
     /// Open (or create) the journal at `path` and read the records it
-    /// holds. A torn last record is zeroed, durably, so the next append
-    /// follows the last whole record.
+    /// holds. The next append follows the last whole record, over whatever
+    /// lies after it (a torn record, or older ones), which is never read.
     pub(crate) fn open(path: &Path) -> Result<(Journal, Vec<Entry>), StorageError> {
         let mut options = OpenOptions::new();
         options.read(true).write(true).create(true).truncate(false);
@@ -222,15 +224,6 @@ impl Journal {
             #[cfg(test)]
             fail_next_sync: false,
         };
-        if bytes
-            .get(whole..)
-            .is_some_and(|tail| tail.iter().any(|&b| b != 0))
-        {
-            journal
-                .zero(whole as u64, bytes.len() as u64)
-                .and_then(|()| journal.file.sync_data())
-                .map_err(|e| io("zeroing a torn record", e))?;
-        }
         Ok((journal, entries))
     }
 
@@ -571,7 +564,7 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_tail_is_cut_when_the_journal_opens() {
+    fn a_torn_tail_is_not_read_and_the_next_append_replaces_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j");
         {
@@ -590,11 +583,12 @@ mod tests {
         drop(file);
         let (mut j, entries) = Journal::open(&path).unwrap();
         assert_eq!(entries.len(), 1);
-        // Zeros from the last whole record on.
-        let bytes = std::fs::read(&path).unwrap();
+        // The next record goes right after the last whole one, over the
+        // torn bytes, which the open left as they were.
         let first = usize::try_from(j.len()).unwrap();
-        assert!(bytes[first..].iter().all(|&b| b == 0));
         assert!(first > 0);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes[first..].iter().any(|&b| b != 0));
         j.append(2, &[(b"k3".as_slice(), None)]).unwrap();
         drop(j);
         let (_, entries) = Journal::open(&path).unwrap();
