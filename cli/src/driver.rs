@@ -24,10 +24,10 @@
 //! n); steps handled meanwhile are committed together as one transaction
 //! when the running commit ends, and each step's early frames still wait for
 //! every step before it. Replies, and events other than those above, still
-//! wait for their commit. A step that only changes a sent message's delivery state and
-//! acknowledges envelopes to the relay is lazy: it waits up to
-//! [`LAZY_COMMIT`] for a step with something urgent and is committed with
-//! it, instead of costing a sync of its own.
+//! wait for their commit. A step that only changes a sent message's
+//! delivery state and acknowledges envelopes to the relay is lazy: it waits
+//! up to [`LAZY_COMMIT`] for a step with something urgent and is committed
+//! with it, instead of costing a sync of its own.
 //! [`Driver::set_pipelined`]`(false)` makes it wait for each commit before
 //! the next input instead: on a 2-core machine a catch-up of 100,000
 //! messages took 0.92–0.96 s that way against 0.81–0.85 s pipelined
