@@ -1180,6 +1180,38 @@ impl<S: Store + ?Sized> RelayCore<S> {
         self.store.ack(&ack.device, ack.up_to)
     }
 
+    /// Push `fresh` — envelopes just committed to the session's inbox, in
+    /// seq order, the first one right after what it was last sent — as
+    /// [`RelayCore::pump`] would have read them from the store, without
+    /// reading the store. `None` if that is not exactly what `pump` would
+    /// do (not live, not contiguous, more than the push window takes):
+    /// then call `pump`.
+    pub fn push_fresh(
+        &self,
+        session: &mut Session,
+        fresh: Vec<RawDelivered>,
+    ) -> Option<Vec<Action>> {
+        session.device()?;
+        let first = fresh.first()?.seq();
+        let contiguous = fresh.iter().zip(first..).all(|(e, seq)| e.seq() == seq);
+        let outstanding = session.delivered.saturating_sub(session.acked);
+        let room = self.config.push_window.saturating_sub(outstanding);
+        if !session.live
+            || first != session.delivered.saturating_add(1)
+            || !contiguous
+            || fresh.len() as u64 > room.min(u64::from(MAX_PAGE))
+        {
+            return None;
+        }
+        let bytes: usize = fresh.iter().map(|e| e.bytes().len()).sum();
+        if bytes > MAX_PAGE_BYTES {
+            return None;
+        }
+        session.window_full = false;
+        session.delivered = fresh.last()?.seq();
+        Some(vec![Action::Send(Outbound::Push(fresh))])
+    }
+
     /// Push what was committed to a live session's inbox since it was last
     /// served, in relay-seq order, up to the push window. Call it whenever
     /// the device's inbox gains envelopes; it is cheap and idempotent.

@@ -615,6 +615,64 @@ fn pull_acks_pages_goes_live_and_pushes_contiguously_within_the_window() {
     assert_eq!(core.store().inbox_state(&bob.id).unwrap().depth, 0);
 }
 
+/// Envelopes a commit just stored are pushed from memory exactly as `pump`
+/// would push them from the store (same seqs, same window), and anything
+/// `pump` would treat otherwise is left to it.
+#[test]
+fn fresh_envelopes_are_pushed_as_the_store_would_push_them_or_not_at_all() {
+    let mut config = default_config();
+    config.push_window = 3;
+    let core = core_with(config);
+    let alice = Device::new(1, 50);
+    let bob = Device::new(2, 60);
+    let mut sa = register(&core, &alice, [1; 32]);
+    let mut sb = register(&core, &bob, [2; 32]);
+    let stored = |after: u64, n: usize| -> Vec<RawDelivered> {
+        core.store()
+            .pull(&bob.id, after, n, MAX_PAGE_BYTES)
+            .unwrap()
+            .envelopes
+            .into_iter()
+            .map(|s| RawDelivered::new(s.seq, s.bytes).unwrap())
+            .collect()
+    };
+    send(
+        &core,
+        &mut sa,
+        (1..=2).map(|i| envelope(&alice, &bob, i, 50)).collect(),
+        NOW,
+    );
+    // Not live yet: nothing from memory.
+    assert!(core.push_fresh(&mut sb, stored(0, 1)).is_none());
+    let (page, _) = pull(&core, &mut sb, 0, 0);
+    assert_eq!(page.envelopes.len(), 2);
+    send(
+        &core,
+        &mut sa,
+        (3..=6).map(|i| envelope(&alice, &bob, i, 50)).collect(),
+        NOW,
+    );
+    // Two unacknowledged already: room for one.
+    assert!(
+        core.push_fresh(&mut sb, stored(2, 2)).is_none(),
+        "past the window"
+    );
+    assert!(
+        core.push_fresh(&mut sb, stored(3, 1)).is_none(),
+        "a gap before it"
+    );
+    assert!(core.push_fresh(&mut sb, Vec::new()).is_none());
+    let a = core.push_fresh(&mut sb, stored(2, 1)).unwrap();
+    assert_eq!(pushed_seqs(&a), vec![3]);
+    assert_eq!(sb.delivered(), 3);
+    assert!(
+        core.pump(&mut sb).is_empty(),
+        "window full, as after a pump"
+    );
+    let a = core.handle(&mut sb, req(11, Request::Ack { up_to: 3 }), NOW, [0; 32]);
+    assert_eq!(pushed_seqs(&a), vec![4, 5, 6]);
+}
+
 /// A stored envelope that no longer decodes (the store handed back bytes it
 /// was never given) is refused with `Internal`, on a pull and on a push,
 /// instead of being sent on; the envelopes around it still page normally.

@@ -952,8 +952,20 @@ impl Conn {
     {
         // Mark the change seen BEFORE reading the store: a commit landing
         // after this point triggers another wake-up.
-        if let Some(rx) = self.inbox.as_mut() {
-            rx.borrow_and_update();
+        let head = self.inbox.as_mut().map_or(0, |rx| *rx.borrow_and_update());
+        // What this node just committed came with the wake-up: push it from
+        // memory, with no store read and no hop to a blocking thread (about
+        // 60 µs of the ~100 µs a push took on the reference host). Anything
+        // else (a backlog, a full window, another node's commit) reads the
+        // store.
+        if let Some(device) = self.device
+            && let Some(fresh) =
+                self.shared
+                    .hub
+                    .fresh_after(&device, self.session.delivered(), head)
+            && let Some(actions) = self.shared.core.push_fresh(&mut self.session, fresh)
+        {
+            return self.execute(actions, writer).await;
         }
         let shared = Arc::clone(&self.shared);
         let mut session = self.session.clone();

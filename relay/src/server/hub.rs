@@ -15,13 +15,23 @@
 //! ([`DeviceHub::wake_all`]).
 
 use crate::cluster::bus::{ClusterBus, NodeId};
-use hush_protocol::DeviceId;
-use std::collections::HashMap;
+use hush_protocol::{DeviceId, RawDelivered};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, watch};
 
+/// Envelopes kept per watched device for [`DeviceHub::fresh_after`].
+const FRESH_MAX: usize = 64;
+/// Their bytes at most, per device.
+const FRESH_MAX_BYTES: usize = 256 * 1024;
+
 struct Entry {
     inbox: watch::Sender<u64>,
+    /// The envelopes this node's last commits added to the inbox, oldest
+    /// first, contiguous in seq, while a connection watches it: its push
+    /// takes them from here instead of reading them back from the store.
+    fresh: VecDeque<RawDelivered>,
+    fresh_bytes: usize,
     /// The one-time prekeys left after the last fetch that took the pool
     /// to or below the low-water mark (see [`DeviceHub::prekeys_low`]).
     prekeys_low: watch::Sender<Option<u32>>,
@@ -110,6 +120,8 @@ impl DeviceHub {
         let mut map = self.lock();
         let entry = map.entry(device).or_insert_with(|| Entry {
             inbox: watch::Sender::new(0),
+            fresh: VecDeque::new(),
+            fresh_bytes: 0,
             prekeys_low: watch::Sender::new(None),
             owner: None,
         });
@@ -185,6 +197,75 @@ impl DeviceHub {
                 }
             });
         }
+    }
+
+    /// A commit of this node stored these envelopes (seq and bytes, in seq
+    /// order per device): keep them for the devices a connection watches,
+    /// then wake it as [`DeviceHub::committed`] does. Call it only once the
+    /// store serves them (not while a checkpoint holds them in its log
+    /// alone).
+    pub fn committed_fresh(
+        &self,
+        heads: &[(DeviceId, u64)],
+        fresh: impl IntoIterator<Item = (DeviceId, u64, Vec<u8>)>,
+    ) {
+        {
+            let mut map = self.lock();
+            for (device, seq, bytes) in fresh {
+                let Some(entry) = map.get_mut(&device) else {
+                    continue;
+                };
+                if entry.inbox.receiver_count() == 0 {
+                    continue;
+                }
+                if entry
+                    .fresh
+                    .back()
+                    .is_some_and(|last| last.seq().saturating_add(1) != seq)
+                {
+                    // Not contiguous (another node's commit in between):
+                    // start over from this one.
+                    entry.fresh.clear();
+                    entry.fresh_bytes = 0;
+                }
+                let Ok(raw) = RawDelivered::new(seq, bytes) else {
+                    continue;
+                };
+                entry.fresh_bytes += raw.bytes().len();
+                entry.fresh.push_back(raw);
+                while entry.fresh.len() > FRESH_MAX || entry.fresh_bytes > FRESH_MAX_BYTES {
+                    match entry.fresh.pop_front() {
+                        Some(old) => entry.fresh_bytes -= old.bytes().len(),
+                        None => break,
+                    }
+                }
+            }
+        }
+        self.committed(heads);
+    }
+
+    /// The envelopes kept for `device` from seq `after + 1` up to `head`,
+    /// if it holds every one of them; forgets those at or below `after`.
+    /// `None` sends the caller to the store.
+    pub fn fresh_after(
+        &self,
+        device: &DeviceId,
+        after: u64,
+        head: u64,
+    ) -> Option<Vec<RawDelivered>> {
+        let mut map = self.lock();
+        let entry = map.get_mut(device)?;
+        while entry.fresh.front().is_some_and(|e| e.seq() <= after) {
+            if let Some(old) = entry.fresh.pop_front() {
+                entry.fresh_bytes -= old.bytes().len();
+            }
+        }
+        let first = entry.fresh.front()?.seq();
+        let last = entry.fresh.back()?.seq();
+        if first != after.saturating_add(1) || last < head {
+            return None;
+        }
+        Some(entry.fresh.iter().cloned().collect())
     }
 
     /// A commit of this node moved these inbox heads: wake the local
@@ -287,6 +368,70 @@ impl DeviceHub {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A valid envelope's bytes for `device`, numbered `n`.
+    fn envelope_bytes(device: DeviceId, n: u8) -> Vec<u8> {
+        use hush_protocol::{ConversationId, Envelope, EnvelopeHeader, MessageId};
+        Envelope {
+            header: EnvelopeHeader {
+                message_id: MessageId::new(1_700_000_000_000, [n; 10]),
+                sender_device: DeviceId([9; 16]),
+                recipient_device: device,
+                conversation_id: ConversationId([4; 16]),
+                sender_seq: u64::from(n),
+                sent_at_ms: 1_700_000_000_000,
+                ratchet: vec![1; 40],
+                session_init: None,
+                important: false,
+            },
+            ciphertext: vec![n; 48],
+        }
+        .to_bytes()
+        .unwrap()
+    }
+
+    fn seqs(fresh: Option<Vec<RawDelivered>>) -> Option<Vec<u64>> {
+        fresh.map(|f| f.iter().map(RawDelivered::seq).collect())
+    }
+
+    /// The envelopes of this node's commits are kept for a watched device,
+    /// in order, bounded, and handed out only as a whole run from right
+    /// after what the connection was sent up to the head it was woken for.
+    #[tokio::test]
+    async fn fresh_envelopes_are_kept_for_watched_devices_as_whole_runs() {
+        let hub = DeviceHub::default();
+        let watched = DeviceId([1; 16]);
+        let unwatched = DeviceId([2; 16]);
+        let _claim = hub.claim(watched, 1);
+        let fresh = |d: DeviceId, seqs: std::ops::RangeInclusive<u8>| {
+            seqs.map(move |n| (d, u64::from(n), envelope_bytes(d, n)))
+                .collect::<Vec<_>>()
+        };
+        hub.committed_fresh(
+            &[(watched, 3), (unwatched, 3)],
+            fresh(watched, 1..=3)
+                .into_iter()
+                .chain(fresh(unwatched, 1..=3)),
+        );
+        assert_eq!(seqs(hub.fresh_after(&watched, 0, 3)), Some(vec![1, 2, 3]));
+        assert_eq!(seqs(hub.fresh_after(&unwatched, 0, 3)), None);
+        // What was sent is forgotten; the rest is still there.
+        assert_eq!(seqs(hub.fresh_after(&watched, 1, 3)), Some(vec![2, 3]));
+        // Not from right after what was sent, or short of the head: the store.
+        assert_eq!(seqs(hub.fresh_after(&watched, 0, 3)), None);
+        assert_eq!(seqs(hub.fresh_after(&watched, 1, 4)), None);
+        // A commit that does not follow on (another node's in between)
+        // starts the run over.
+        hub.committed_fresh(&[(watched, 5)], fresh(watched, 5..=5));
+        assert_eq!(seqs(hub.fresh_after(&watched, 3, 5)), None);
+        assert_eq!(seqs(hub.fresh_after(&watched, 4, 5)), Some(vec![5]));
+        // Bounded: only the newest are kept.
+        hub.committed_fresh(&[(watched, 200)], fresh(watched, 6..=200));
+        assert_eq!(seqs(hub.fresh_after(&watched, 5, 200)), None);
+        let kept = seqs(hub.fresh_after(&watched, 200 - FRESH_MAX as u64, 200)).unwrap();
+        assert_eq!(kept.len(), FRESH_MAX);
+        assert_eq!(kept.last(), Some(&200));
+    }
 
     #[tokio::test]
     async fn newer_claim_replaces_older_and_notifications_reach_the_owner() {

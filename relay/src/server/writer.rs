@@ -465,7 +465,16 @@ fn commit_group(
                 Some(later) => later.extend(heads),
                 None => {
                     drop(held);
-                    hub.committed(&heads);
+                    // The envelopes go along, so a live recipient's push
+                    // need not read them back from the store.
+                    let fresh = batch
+                        .into_iter()
+                        .zip(&outcomes)
+                        .filter_map(|(e, o)| match o {
+                            CommitOutcome::Stored { seq } => Some((e.recipient, *seq, e.bytes)),
+                            _ => None,
+                        });
+                    hub.committed_fresh(&heads, fresh);
                 }
             }
             let mut rest = outcomes.into_iter();
