@@ -5,7 +5,11 @@
 //! committed seq: the group-commit writer bumps it after every durable
 //! commit, and a live connection wakes up, marks the value seen, then reads
 //! the store. Marking before reading means a commit can never slip between
-//! the two unnoticed. Presence is one owner per device: a newer connection
+//! the two unnoticed. The writer also leaves the envelopes it just
+//! committed here for a watched device ([`DeviceHub::committed_fresh`]),
+//! so that the connection can push them without reading them back
+//! ([`DeviceHub::fresh_after`]); it reads the store whenever they are not
+//! exactly the run it owes. Presence is one owner per device: a newer connection
 //! claims the device and the previous owner is told to close (`Replaced`).
 //!
 //! In a cluster (see [`crate::cluster`]) the same hub also takes remote
