@@ -21,6 +21,7 @@
 use crate::cluster::bus::{ClusterBus, NodeId};
 use hush_protocol::{DeviceId, RawDelivered};
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, watch};
 
@@ -28,14 +29,72 @@ use tokio::sync::{oneshot, watch};
 const FRESH_MAX: usize = 64;
 /// Their bytes at most, per device.
 const FRESH_MAX_BYTES: usize = 256 * 1024;
+/// Their bytes at most, all devices together: past it, pushes read the
+/// store (as they would anyway), and memory stays bounded whatever is sent
+/// to how many connected devices.
+const FRESH_TOTAL_MAX_BYTES: usize = 32 << 20;
+
+/// The envelopes a node's last commits added to one watched inbox.
+struct Fresh {
+    /// Oldest first, contiguous in seq.
+    envelopes: VecDeque<RawDelivered>,
+    bytes: usize,
+    /// The bytes of every device's, shared by the hub.
+    total: Arc<AtomicUsize>,
+}
+
+impl Fresh {
+    fn push(&mut self, raw: RawDelivered) {
+        if self
+            .envelopes
+            .back()
+            .is_some_and(|last| last.seq().saturating_add(1) != raw.seq())
+        {
+            // Not contiguous (another node's commit in between): start
+            // over from this one.
+            self.take();
+        }
+        let len = raw.bytes().len();
+        if self.total.load(Ordering::Relaxed).saturating_add(len) > FRESH_TOTAL_MAX_BYTES {
+            // A gap from here on: the run is no longer whole.
+            self.take();
+            return;
+        }
+        self.bytes += len;
+        self.total.fetch_add(len, Ordering::Relaxed);
+        self.envelopes.push_back(raw);
+        while self.envelopes.len() > FRESH_MAX || self.bytes > FRESH_MAX_BYTES {
+            self.pop();
+        }
+    }
+
+    fn pop(&mut self) {
+        if let Some(old) = self.envelopes.pop_front() {
+            let len = old.bytes().len();
+            self.bytes -= len;
+            self.total.fetch_sub(len, Ordering::Relaxed);
+        }
+    }
+
+    fn take(&mut self) -> VecDeque<RawDelivered> {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.bytes = 0;
+        std::mem::take(&mut self.envelopes)
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        self.take();
+    }
+}
 
 struct Entry {
     inbox: watch::Sender<u64>,
-    /// The envelopes this node's last commits added to the inbox, oldest
-    /// first, contiguous in seq, while a connection watches it: its push
-    /// takes them from here instead of reading them back from the store.
-    fresh: VecDeque<RawDelivered>,
-    fresh_bytes: usize,
+    /// The envelopes this node's last commits added to the inbox while a
+    /// connection watches it: its push takes them from here instead of
+    /// reading them back from the store.
+    fresh: Fresh,
     /// The one-time prekeys left after the last fetch that took the pool
     /// to or below the low-water mark (see [`DeviceHub::prekeys_low`]).
     prekeys_low: watch::Sender<Option<u32>>,
@@ -63,6 +122,8 @@ struct Owner {
 #[derive(Default)]
 pub struct DeviceHub {
     devices: Mutex<HashMap<DeviceId, Entry>>,
+    /// Bytes of every device's fresh envelopes ([`FRESH_TOTAL_MAX_BYTES`]).
+    fresh_total: Arc<AtomicUsize>,
     /// In a cluster: this node and the bus its claims and commits go to.
     cluster: Option<(NodeId, Arc<dyn ClusterBus>)>,
 }
@@ -104,6 +165,7 @@ impl DeviceHub {
     pub fn clustered(node: NodeId, bus: Arc<dyn ClusterBus>) -> DeviceHub {
         DeviceHub {
             devices: Mutex::default(),
+            fresh_total: Arc::default(),
             cluster: Some((node, bus)),
         }
     }
@@ -124,8 +186,11 @@ impl DeviceHub {
         let mut map = self.lock();
         let entry = map.entry(device).or_insert_with(|| Entry {
             inbox: watch::Sender::new(0),
-            fresh: VecDeque::new(),
-            fresh_bytes: 0,
+            fresh: Fresh {
+                envelopes: VecDeque::new(),
+                bytes: 0,
+                total: Arc::clone(&self.fresh_total),
+            },
             prekeys_low: watch::Sender::new(None),
             owner: None,
         });
@@ -222,35 +287,21 @@ impl DeviceHub {
                 if entry.inbox.receiver_count() == 0 {
                     continue;
                 }
-                if entry
-                    .fresh
-                    .back()
-                    .is_some_and(|last| last.seq().saturating_add(1) != seq)
-                {
-                    // Not contiguous (another node's commit in between):
-                    // start over from this one.
-                    entry.fresh.clear();
-                    entry.fresh_bytes = 0;
-                }
-                let Ok(raw) = RawDelivered::new(seq, bytes) else {
-                    continue;
-                };
-                entry.fresh_bytes += raw.bytes().len();
-                entry.fresh.push_back(raw);
-                while entry.fresh.len() > FRESH_MAX || entry.fresh_bytes > FRESH_MAX_BYTES {
-                    match entry.fresh.pop_front() {
-                        Some(old) => entry.fresh_bytes -= old.bytes().len(),
-                        None => break,
-                    }
+                match RawDelivered::new(seq, bytes) {
+                    Ok(raw) => entry.fresh.push(raw),
+                    // Read from the store, which refuses it in its turn.
+                    Err(_) => drop(entry.fresh.take()),
                 }
             }
         }
         self.committed(heads);
     }
 
-    /// The envelopes kept for `device` from seq `after + 1` up to `head`,
-    /// if it holds every one of them; forgets those at or below `after`.
-    /// `None` sends the caller to the store.
+    /// Take the envelopes kept for `device`: `Some` if they run from seq
+    /// `after + 1` to `head` or beyond, without a gap; `None` sends the
+    /// caller to the store. Either way none are kept any more (the store
+    /// has them all), so a device that stops taking them holds no memory
+    /// past its next wake-up.
     pub fn fresh_after(
         &self,
         device: &DeviceId,
@@ -258,18 +309,14 @@ impl DeviceHub {
         head: u64,
     ) -> Option<Vec<RawDelivered>> {
         let mut map = self.lock();
-        let entry = map.get_mut(device)?;
-        while entry.fresh.front().is_some_and(|e| e.seq() <= after) {
-            if let Some(old) = entry.fresh.pop_front() {
-                entry.fresh_bytes -= old.bytes().len();
-            }
+        let mut run = map.get_mut(device)?.fresh.take();
+        drop(map);
+        while run.front().is_some_and(|e| e.seq() <= after) {
+            run.pop_front();
         }
-        let first = entry.fresh.front()?.seq();
-        let last = entry.fresh.back()?.seq();
-        if first != after.saturating_add(1) || last < head {
-            return None;
-        }
-        Some(entry.fresh.iter().cloned().collect())
+        let first = run.front()?.seq();
+        let last = run.back()?.seq();
+        (first == after.saturating_add(1) && last >= head).then(|| run.into())
     }
 
     /// A commit of this node moved these inbox heads: wake the local
@@ -373,8 +420,9 @@ impl DeviceHub {
 mod tests {
     use super::*;
 
-    /// A valid envelope's bytes for `device`, numbered `n`.
-    fn envelope_bytes(device: DeviceId, n: u8) -> Vec<u8> {
+    /// A valid envelope's bytes for `device`, numbered `n`, with `len`
+    /// bytes of ciphertext.
+    fn envelope_bytes(device: DeviceId, n: u8, len: usize) -> Vec<u8> {
         use hush_protocol::{ConversationId, Envelope, EnvelopeHeader, MessageId};
         Envelope {
             header: EnvelopeHeader {
@@ -388,53 +436,91 @@ mod tests {
                 session_init: None,
                 important: false,
             },
-            ciphertext: vec![n; 48],
+            ciphertext: vec![n; len],
         }
         .to_bytes()
         .unwrap()
+    }
+
+    fn fresh(
+        d: DeviceId,
+        seqs: std::ops::RangeInclusive<u64>,
+        len: usize,
+    ) -> Vec<(DeviceId, u64, Vec<u8>)> {
+        seqs.map(move |n| (d, n, envelope_bytes(d, n as u8, len)))
+            .collect()
     }
 
     fn seqs(fresh: Option<Vec<RawDelivered>>) -> Option<Vec<u64>> {
         fresh.map(|f| f.iter().map(RawDelivered::seq).collect())
     }
 
-    /// The envelopes of this node's commits are kept for a watched device,
-    /// in order, bounded, and handed out only as a whole run from right
-    /// after what the connection was sent up to the head it was woken for.
+    /// The envelopes of this node's commits are kept for a watched device
+    /// only, bounded, and handed out once, as a whole run from right after
+    /// what the connection was sent to the head it was woken for; whatever
+    /// is not such a run sends it to the store, and is not kept either.
     #[tokio::test]
-    async fn fresh_envelopes_are_kept_for_watched_devices_as_whole_runs() {
+    async fn fresh_envelopes_are_kept_for_watched_devices_and_taken_once() {
         let hub = DeviceHub::default();
         let watched = DeviceId([1; 16]);
         let unwatched = DeviceId([2; 16]);
-        let _claim = hub.claim(watched, 1);
-        let fresh = |d: DeviceId, seqs: std::ops::RangeInclusive<u8>| {
-            seqs.map(move |n| (d, u64::from(n), envelope_bytes(d, n)))
-                .collect::<Vec<_>>()
-        };
+        let claim = hub.claim(watched, 1);
         hub.committed_fresh(
             &[(watched, 3), (unwatched, 3)],
-            fresh(watched, 1..=3)
+            fresh(watched, 1..=3, 48)
                 .into_iter()
-                .chain(fresh(unwatched, 1..=3)),
+                .chain(fresh(unwatched, 1..=3, 48)),
         );
-        assert_eq!(seqs(hub.fresh_after(&watched, 0, 3)), Some(vec![1, 2, 3]));
         assert_eq!(seqs(hub.fresh_after(&unwatched, 0, 3)), None);
-        // What was sent is forgotten; the rest is still there.
-        assert_eq!(seqs(hub.fresh_after(&watched, 1, 3)), Some(vec![2, 3]));
-        // Not from right after what was sent, or short of the head: the store.
-        assert_eq!(seqs(hub.fresh_after(&watched, 0, 3)), None);
-        assert_eq!(seqs(hub.fresh_after(&watched, 1, 4)), None);
+        assert!(hub.fresh_total.load(Ordering::Relaxed) > 0);
+        assert_eq!(seqs(hub.fresh_after(&watched, 0, 3)), Some(vec![1, 2, 3]));
+        assert_eq!(hub.fresh_total.load(Ordering::Relaxed), 0, "taken");
+        assert_eq!(seqs(hub.fresh_after(&watched, 3, 3)), None);
+        // What was sent already is dropped from the run.
+        hub.committed_fresh(&[(watched, 6)], fresh(watched, 4..=6, 48));
+        assert_eq!(seqs(hub.fresh_after(&watched, 4, 6)), Some(vec![5, 6]));
+        // Short of the head, or not right after what was sent: the store,
+        // and nothing is kept.
+        hub.committed_fresh(&[(watched, 7)], fresh(watched, 7..=7, 48));
+        assert_eq!(seqs(hub.fresh_after(&watched, 6, 8)), None);
+        assert_eq!(seqs(hub.fresh_after(&watched, 6, 7)), None);
+        hub.committed_fresh(&[(watched, 9)], fresh(watched, 9..=9, 48));
+        assert_eq!(seqs(hub.fresh_after(&watched, 7, 9)), None);
         // A commit that does not follow on (another node's in between)
         // starts the run over.
-        hub.committed_fresh(&[(watched, 5)], fresh(watched, 5..=5));
-        assert_eq!(seqs(hub.fresh_after(&watched, 3, 5)), None);
-        assert_eq!(seqs(hub.fresh_after(&watched, 4, 5)), Some(vec![5]));
-        // Bounded: only the newest are kept.
-        hub.committed_fresh(&[(watched, 200)], fresh(watched, 6..=200));
-        assert_eq!(seqs(hub.fresh_after(&watched, 5, 200)), None);
+        hub.committed_fresh(&[(watched, 11)], fresh(watched, 9..=9, 48));
+        hub.committed_fresh(&[(watched, 11)], fresh(watched, 11..=11, 48));
+        assert_eq!(seqs(hub.fresh_after(&watched, 10, 11)), Some(vec![11]));
+        // Bounded per device: only the newest are kept.
+        hub.committed_fresh(&[(watched, 200)], fresh(watched, 12..=200, 48));
         let kept = seqs(hub.fresh_after(&watched, 200 - FRESH_MAX as u64, 200)).unwrap();
         assert_eq!(kept.len(), FRESH_MAX);
         assert_eq!(kept.last(), Some(&200));
+        // A device's envelopes go with its entry.
+        hub.committed_fresh(&[(watched, 201)], fresh(watched, 201..=201, 48));
+        assert!(hub.fresh_total.load(Ordering::Relaxed) > 0);
+        drop(claim);
+        hub.release(watched, 1);
+        assert_eq!(hub.fresh_total.load(Ordering::Relaxed), 0);
+    }
+
+    /// All devices together keep at most [`FRESH_TOTAL_MAX_BYTES`]: past
+    /// it, a device's run is dropped (its pushes read the store).
+    #[tokio::test]
+    async fn fresh_envelopes_are_bounded_across_devices() {
+        let hub = DeviceHub::default();
+        let per_device = FRESH_MAX_BYTES / FRESH_MAX;
+        let devices = FRESH_TOTAL_MAX_BYTES / FRESH_MAX_BYTES + 8;
+        let mut claims = Vec::new();
+        for i in 0..devices {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            let d = DeviceId(id);
+            claims.push(hub.claim(d, 1));
+            hub.committed_fresh(&[(d, 64)], fresh(d, 1..=64, per_device - 200));
+            assert!(hub.fresh_total.load(Ordering::Relaxed) <= FRESH_TOTAL_MAX_BYTES);
+        }
+        assert!(hub.fresh_total.load(Ordering::Relaxed) > FRESH_TOTAL_MAX_BYTES / 2);
     }
 
     #[tokio::test]
