@@ -459,6 +459,9 @@ mod shown_once_stored {
     struct Gated {
         inner: Arc<Mutex<MemoryStorage>>,
         gate: Arc<Gate>,
+        /// Store without waiting where asked (`try_apply_stored`), as the
+        /// native file store does, so that the driver stores on its task.
+        inline: bool,
     }
 
     impl Storage for Gated {
@@ -481,6 +484,13 @@ mod shown_once_stored {
 
         fn apply(&mut self, batch: &[StorageOp]) -> Result<(), StorageError> {
             lock(&self.inner).apply(batch)
+        }
+
+        fn try_apply_stored(
+            &mut self,
+            batch: &[StorageOp],
+        ) -> Option<Result<Syncing, StorageError>> {
+            self.inline.then(|| self.apply_stored(batch))
         }
 
         fn apply_stored(&mut self, batch: &[StorageOp]) -> Result<Syncing, StorageError> {
@@ -562,18 +572,30 @@ mod shown_once_stored {
         name: &str,
         target: &hush_cli::RelayTarget,
         gate: &Arc<Gate>,
+        inline: bool,
     ) -> Result<(Driver<Gated>, Arc<Mutex<MemoryStorage>>), CliError> {
         let inner = Arc::new(Mutex::new(MemoryStorage::new()));
         let storage = Gated {
             inner: Arc::clone(&inner),
             gate: Arc::clone(gate),
+            inline,
         };
         Ok((device(storage, name, target, 200).await?, inner))
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[allow(clippy::unwrap_used, clippy::panic)]
     async fn a_message_is_shown_once_stored_and_acknowledged_only_once_durable() {
+        shown_once_stored_then_lost(false).await;
+    }
+
+    /// The same, with bob's store storing on the driver's task.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stored_on_the_drivers_task_likewise() {
+        shown_once_stored_then_lost(true).await;
+    }
+
+    #[allow(clippy::unwrap_used, clippy::panic)]
+    async fn shown_once_stored_then_lost(inline: bool) {
         let dir = tempfile::tempdir().unwrap();
         let (relay, target) = start_relay(dir.path()).await;
         // alice's gated sync is never released: it ends after its hold.
@@ -581,8 +603,8 @@ mod shown_once_stored {
         // bob's waits (up to 10 s) for his app to be shown the message.
         let (release_tx, release_rx) = mpsc::channel();
         let bob_gate = Gate::new(Duration::from_secs(10), Some(release_rx));
-        let (mut alice, _) = gated("alice", &target, &alice_gate).await.unwrap();
-        let (mut bob, bob_store) = gated("bob", &target, &bob_gate).await.unwrap();
+        let (mut alice, _) = gated("alice", &target, &alice_gate, inline).await.unwrap();
+        let (mut bob, bob_store) = gated("bob", &target, &bob_gate, inline).await.unwrap();
         let bob_code = introduce(&mut alice, &mut bob).await;
 
         let conversation = alice.engine().conversation_with(&bob_code.user);
@@ -644,6 +666,12 @@ mod shown_once_stored {
             "bob was shown the message only after its sync (or never)"
         );
         assert_eq!(bob_gate.failed.load(Ordering::SeqCst), 1);
+        // A store that does not offer it is never stored into on the
+        // driver's task; one that does is, for bob's incoming message.
+        assert_eq!(bob.stats().stored_inline > 0, inline);
+        if !inline {
+            assert_eq!(alice.stats().stored_inline, 0);
+        }
         assert!(bob.stats().rebuilds >= 1, "the failed sync was not noticed");
         let texts: Vec<&str> = bob_watch.seen.iter().map(|s| s.text.as_str()).collect();
         assert_eq!(

@@ -284,6 +284,11 @@ impl FileStorage {
         Ok(())
     }
 
+    /// Time to fold the journal into redb durably (see the module docs).
+    fn checkpoint_due(&self) -> bool {
+        self.journaled >= CHECKPOINT_BATCHES || self.journal.len() >= CHECKPOINT_BYTES
+    }
+
     fn usable(&self) -> Result<(), StorageError> {
         if self.poisoned || self.syncing.as_ref().is_some_and(journal::SyncWait::failed) {
             return Err(StorageError::Backend(
@@ -391,7 +396,7 @@ impl Storage for FileStorage {
         // Dropping the `Syncing` is fine: `synced` waits for the same sync.
         let _stored = self.apply_stored(batch)?;
         self.synced()?;
-        if self.journaled >= CHECKPOINT_BATCHES || self.journal.len() >= CHECKPOINT_BYTES {
+        if self.checkpoint_due() {
             // The batch is durable whatever happens here; a failed
             // checkpoint fails the next call instead.
             let _ = self.checkpoint();
@@ -411,7 +416,7 @@ impl Storage for FileStorage {
         if batch.is_empty() {
             return Ok(Syncing::done());
         }
-        if self.journaled >= CHECKPOINT_BATCHES || self.journal.len() >= CHECKPOINT_BYTES {
+        if self.checkpoint_due() {
             // Due since the last batch (whose sync nobody waited for then).
             // A failure that leaves the store unusable is caught below.
             let _ = self.checkpoint();
@@ -477,7 +482,33 @@ impl Storage for FileStorage {
             self.poisoned = true;
             return Err(e);
         }
-        Ok(Syncing::new(move || wait.wait()))
+        let notify = wait.clone();
+        Ok(Syncing::notifying(
+            move || wait.wait(),
+            move |call| notify.when_ended(call),
+        ))
+    }
+
+    /// Stores now when that waits for nothing: the previous batch's sync
+    /// has ended, no checkpoint is due, and the batch (sealed, so each
+    /// value grows by [`seal::OVERHEAD`]) goes to the journal.
+    fn try_apply_stored(&mut self, batch: &[StorageOp]) -> Option<Result<Syncing, StorageError>> {
+        if self.syncing.as_ref().is_some_and(|w| !w.ended()) || self.checkpoint_due() {
+            return None;
+        }
+        let sealed: usize = batch
+            .iter()
+            .map(|op| match op {
+                StorageOp::Put { key, value } => key.len() + value.len() + seal::OVERHEAD,
+                StorageOp::Delete { key } => key.len(),
+            })
+            .sum();
+        // Packing adds a little per message: stay well clear of the bound
+        // past which `apply_stored` commits to redb durably instead.
+        if sealed > JOURNAL_MAX_BATCH / 2 {
+            return None;
+        }
+        Some(self.apply_stored(batch))
     }
 }
 
@@ -925,6 +956,63 @@ mod tests {
         }
         let s = FileStorage::open(&path, &unlock()).unwrap();
         assert_eq!(s.get(b"s/a").unwrap(), Some(b"first".to_vec()));
+    }
+
+    /// `try_apply_stored` stores only what waits for nothing: not while
+    /// the previous batch's sync runs, not when a checkpoint is due, not a
+    /// batch too large for the journal; what it stores is readable at once
+    /// and its `Syncing` calls back once the sync has ended.
+    #[test]
+    fn storing_without_waiting_refuses_what_would_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.redb");
+        let put = |key: &[u8], len: usize| StorageOp::Put {
+            key: key.to_vec(),
+            value: vec![7; len],
+        };
+        let mut s = FileStorage::open(&path, &unlock()).unwrap();
+        let mut syncing = s.try_apply_stored(&[put(b"s/a", 10)]).unwrap().unwrap();
+        assert_eq!(s.get(b"s/a").unwrap(), Some(vec![7; 10]));
+        let (tx, rx) = std::sync::mpsc::channel();
+        assert!(syncing.when_ended(Box::new(move || {
+            let _ = tx.send(());
+        })));
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        syncing.wait().unwrap();
+        // Still running: the next batch would wait for it.
+        s.syncing = Some(journal::SyncWait::pending_for_tests());
+        assert!(s.try_apply_stored(&[put(b"s/b", 10)]).is_none());
+        s.syncing = None;
+        // Too large for the journal: redb commits it durably, a wait.
+        assert!(
+            s.try_apply_stored(&[put(b"s/big", JOURNAL_MAX_BATCH)])
+                .is_none()
+        );
+        // A checkpoint is due: a wait too.
+        s.journaled = CHECKPOINT_BATCHES;
+        assert!(s.try_apply_stored(&[put(b"s/c", 10)]).is_none());
+        assert_eq!(s.get(b"s/b").unwrap(), None);
+        assert_eq!(s.get(b"s/big").unwrap(), None);
+        assert_eq!(s.get(b"s/c").unwrap(), None);
+        // What the blocking call then does: checkpoint, store, sync.
+        s.apply_stored(&[put(b"s/c", 10)]).unwrap().wait().unwrap();
+        assert_eq!(s.journaled, 1);
+        let mut syncing = s.try_apply_stored(&[put(b"s/d", 10)]).unwrap().unwrap();
+        syncing.wait().unwrap();
+        // An ended sync calls back at once.
+        let called = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c = std::sync::Arc::clone(&called);
+        syncing = s.try_apply_stored(&[put(b"s/e", 10)]).unwrap().unwrap();
+        s.syncing.clone().unwrap().wait().unwrap();
+        assert!(syncing.when_ended(Box::new(move || {
+            c.store(true, std::sync::atomic::Ordering::SeqCst);
+        })));
+        assert!(called.load(std::sync::atomic::Ordering::SeqCst));
+        drop(s);
+        let s = FileStorage::open(&path, &unlock()).unwrap();
+        for key in [b"s/a".as_slice(), b"s/c", b"s/d", b"s/e"] {
+            assert_eq!(s.get(key).unwrap(), Some(vec![7; 10]), "{key:?}");
+        }
     }
 
     #[test]

@@ -127,11 +127,27 @@ impl Syncer {
 /// The outcome of one sync, filled in by whoever ran it.
 #[derive(Debug)]
 struct SyncSlot {
-    result: Mutex<Option<Result<(), String>>>,
+    result: Mutex<SlotState>,
     filled: Condvar,
     /// Tests: report the sync as failed whatever it returned.
     #[cfg(test)]
     fail: bool,
+}
+
+/// A sync's result once it ended, and who to call then.
+#[derive(Default)]
+struct SlotState {
+    result: Option<Result<(), String>>,
+    then: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for SlotState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotState")
+            .field("result", &self.result)
+            .field("then", &self.then.len())
+            .finish()
+    }
 }
 
 impl SyncSlot {
@@ -142,9 +158,14 @@ impl SyncSlot {
         } else {
             synced
         };
-        let mut result = self.result.lock().unwrap_or_else(PoisonError::into_inner);
-        *result = Some(synced.map_err(|e| e.to_string()));
+        let mut state = self.result.lock().unwrap_or_else(PoisonError::into_inner);
+        state.result = Some(synced.map_err(|e| e.to_string()));
+        let then = std::mem::take(&mut state.then);
+        drop(state);
         self.filled.notify_all();
+        for call in then {
+            call();
+        }
     }
 }
 
@@ -156,23 +177,51 @@ pub(crate) struct SyncWait(Arc<SyncSlot>);
 impl SyncWait {
     /// Block until the sync ended; its result.
     pub(crate) fn wait(&self) -> Result<(), StorageError> {
-        let mut result = self.0.result.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut state = self.0.result.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            if let Some(done) = result.as_ref() {
+            if let Some(done) = state.result.as_ref() {
                 return done.clone().map_err(syncing);
             }
-            result = self
+            state = self
                 .0
                 .filled
-                .wait(result)
+                .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
     }
 
+    /// Tests: a sync that never ends.
+    #[cfg(test)]
+    pub(crate) fn pending_for_tests() -> SyncWait {
+        SyncWait(Arc::new(SyncSlot {
+            result: Mutex::new(SlotState::default()),
+            filled: Condvar::new(),
+            fail: false,
+        }))
+    }
+
+    /// The sync ended, well or not (without waiting).
+    pub(crate) fn ended(&self) -> bool {
+        let state = self.0.result.lock().unwrap_or_else(PoisonError::into_inner);
+        state.result.is_some()
+    }
+
+    /// Call `then` once the sync has ended (now, if it has): on the thread
+    /// that ran it, so `then` must only hand the news on.
+    pub(crate) fn when_ended(&self, then: Box<dyn FnOnce() + Send>) {
+        let mut state = self.0.result.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.result.is_none() {
+            state.then.push(then);
+            return;
+        }
+        drop(state);
+        then();
+    }
+
     /// The sync ended and failed (without waiting).
     pub(crate) fn failed(&self) -> bool {
-        let result = self.0.result.lock().unwrap_or_else(PoisonError::into_inner);
-        matches!(result.as_ref(), Some(Err(_)))
+        let state = self.0.result.lock().unwrap_or_else(PoisonError::into_inner);
+        matches!(state.result.as_ref(), Some(Err(_)))
     }
 }
 
@@ -287,7 +336,7 @@ impl Journal {
         self.len = end;
         self.allocated = allocated;
         let slot = Arc::new(SyncSlot {
-            result: Mutex::new(None),
+            result: Mutex::new(SlotState::default()),
             filled: Condvar::new(),
             #[cfg(test)]
             fail: std::mem::take(&mut self.fail_next_sync),

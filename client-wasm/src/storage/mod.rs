@@ -125,6 +125,20 @@ pub trait Storage {
         self.apply(batch).map(|()| Syncing::done())
     }
 
+    /// [`Storage::apply_stored`], but only if storing needs no wait: not for
+    /// an earlier batch's sync, a checkpoint, or a write too large for the
+    /// journal. `None` (the default) when it might, and nothing was done:
+    /// call `apply_stored` where blocking is allowed.
+    ///
+    /// Why: an async driver can then store a small batch on its own task,
+    /// and show what it holds at once, instead of handing it to a thread
+    /// and being woken back: two thread hand-offs on the path of every
+    /// incoming message.
+    fn try_apply_stored(&mut self, batch: &[StorageOp]) -> Option<Result<Syncing, StorageError>> {
+        let _ = batch;
+        None
+    }
+
     /// Every engine record (the `s/` namespace), for [`crate::Engine::load`].
     fn load_state(&self) -> Result<Vec<Record>, StorageError> {
         self.scan_prefix(keys::STATE)
@@ -135,28 +149,76 @@ pub trait Storage {
 /// before doing anything that must outlive a power loss (acknowledging
 /// envelopes to the relay, sending, answering a command).
 #[must_use = "a stored batch is not durable until `wait` returns"]
-pub struct Syncing(Option<Box<dyn FnOnce() -> Result<(), StorageError> + Send>>);
+pub struct Syncing {
+    wait: Option<Box<dyn FnOnce() -> Result<(), StorageError> + Send>>,
+    notify: Option<Notify>,
+}
+
+/// Registers a call for when a sync has ended (see [`Syncing::when_ended`]).
+type Notify = Box<dyn FnOnce(Box<dyn FnOnce() + Send>) + Send>;
 
 impl Syncing {
     /// Already durable.
     pub fn done() -> Syncing {
-        Syncing(None)
+        Syncing {
+            wait: None,
+            notify: None,
+        }
     }
 
     /// Durable once `wait` returns `Ok` (it blocks until the sync ends).
     pub fn new(wait: impl FnOnce() -> Result<(), StorageError> + Send + 'static) -> Syncing {
-        Syncing(Some(Box::new(wait)))
+        Syncing {
+            wait: Some(Box::new(wait)),
+            notify: None,
+        }
+    }
+
+    /// Like [`Syncing::new`], and `notify(call)` calls `call` once the
+    /// sync has ended (at once if it has), so that a caller need not block
+    /// a thread in `wait` to learn of it.
+    pub fn notifying(
+        wait: impl FnOnce() -> Result<(), StorageError> + Send + 'static,
+        notify: impl FnOnce(Box<dyn FnOnce() + Send>) + Send + 'static,
+    ) -> Syncing {
+        Syncing {
+            wait: Some(Box::new(wait)),
+            notify: Some(Box::new(notify)),
+        }
+    }
+
+    /// Have `call` called once the sync has ended, on whichever thread
+    /// ends it (so `call` must only hand the news on); [`Syncing::wait`]
+    /// then returns without blocking. False, and `call` dropped, if this
+    /// sync cannot notify: wait for it on a thread instead.
+    pub fn when_ended(&mut self, call: Box<dyn FnOnce() + Send>) -> bool {
+        if self.wait.is_none() {
+            call();
+            return true;
+        }
+        match self.notify.take() {
+            Some(notify) => {
+                notify(call);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Durable already: [`Syncing::wait`] would return `Ok` at once.
+    pub fn is_done(&self) -> bool {
+        self.wait.is_none()
     }
 
     /// Block until the batch is durable, or its sync failed.
     pub fn wait(self) -> Result<(), StorageError> {
-        self.0.map_or(Ok(()), |wait| wait())
+        self.wait.map_or(Ok(()), |wait| wait())
     }
 }
 
 impl std::fmt::Debug for Syncing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
+        f.write_str(if self.wait.is_some() {
             "Syncing(pending)"
         } else {
             "Syncing(done)"

@@ -230,12 +230,25 @@ async fn bench(
     for (name, st) in [("alice", alice.stats()), ("bob", bob.stats())] {
         let per = |d: Duration, n: u64| d.as_secs_f64() * 1000.0 / n.max(1) as f64;
         println!(
-            "{name}: {} inputs, engine {:.3} ms per input; {} store commits of {:.3} ms each, stored after {:.3} ms (on the commit thread)",
+            "{name}: {} inputs, engine {:.3} ms per input; {} store commits ({} stored on the driver's task) of {:.3} ms each, stored after {:.3} ms",
             st.inputs,
             per(st.handle, st.inputs),
             st.commits,
+            st.stored_inline,
             per(st.apply, st.commits),
             per(st.stored, st.commits),
+        );
+        let q = |l: &hush_cli::driver::Latencies, q: f64| {
+            l.quantile(q).map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+        };
+        println!(
+            "{name}: from the engine's step, events shown after p50 {:.3} / p90 {:.3} ms ({} steps), frames sent after p50 {:.3} / p90 {:.3} ms ({} steps)",
+            q(&st.shown_after, 0.5),
+            q(&st.shown_after, 0.9),
+            st.shown_after.count(),
+            q(&st.sent_after, 0.5),
+            q(&st.sent_after, 0.9),
+            st.sent_after.count(),
         );
     }
     println!("{host}");
