@@ -177,7 +177,8 @@ pub struct DriverStats {
     pub inputs: u64,
     /// Time inside `Engine::handle`.
     pub handle: Duration,
-    /// Storage batches committed.
+    /// Storage batches committed (a batch with nothing to store skips
+    /// the store and is not counted).
     pub commits: u64,
     /// Of `commits`, those stored on the driver's own task (they waited
     /// for nothing; see `Storage::try_apply_stored`).
@@ -721,12 +722,22 @@ impl<S: Storage + Send + 'static> Driver<S> {
         // Other batches (the user's own sends among them) keep the
         // blocking pool: their work is longer and nothing is shown early.
         let started = std::time::Instant::now();
-        let inline = if show_stored {
+        let ops_empty = ops.is_empty();
+        let inline = if show_stored && !ops_empty {
             lock(&storage).try_apply_stored(&ops)
         } else {
             None
         };
-        let task = if let Some(applied) = inline {
+        let task = if ops_empty {
+            // Nothing to store (an idle turn's tick, say): every earlier
+            // batch is durable already, as commits run one at a time, so
+            // the steps are performed on the next turn without a trip to
+            // the blocking pool.
+            if let Some(tx) = stored_tx {
+                let _ = tx.send(());
+            }
+            tokio::spawn(async { (Ok(()), Duration::ZERO, Duration::ZERO) })
+        } else if let Some(applied) = inline {
             self.stats.stored_inline += 1;
             let stored_in = started.elapsed();
             match applied {
@@ -761,7 +772,9 @@ impl<S: Storage + Send + 'static> Driver<S> {
             steps,
             stored,
         });
-        self.stats.commits += 1;
+        if !ops_empty {
+            self.stats.commits += 1;
+        }
         if let Some(reason) = self.write_frames(&early).await {
             // The connection is gone; the engine is told by the caller's
             // loop (this runs inside input handling).
