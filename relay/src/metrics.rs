@@ -481,7 +481,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP hush_connections_refused_total Connections refused before their handshake, by bound."
+            "# HELP hush_connections_refused_total Connection attempts refused before their handshake, by bound."
         );
         let _ = writeln!(out, "# TYPE hush_connections_refused_total counter");
         let _ = writeln!(

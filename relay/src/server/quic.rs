@@ -94,6 +94,51 @@ pub fn server_config(material: &CertMaterial) -> Result<quinn::ServerConfig, Rel
     Ok(config)
 }
 
+/// How many refused connection attempts [`RecentRefusals`] remembers.
+const RECENT_REFUSALS: usize = 1024;
+
+/// The connection attempts refused most recently, so that each attempt is
+/// counted once.
+///
+/// A client whose refusal reaches it later than its retransmission timer
+/// sends its Initial packet again, and each copy arrives as a new
+/// `Incoming` with the same address and original destination connection
+/// id. Counting every copy would make the refusal metrics count packets,
+/// inflated by exactly the load that makes refusals slow. The set is
+/// bounded (oldest forgotten first), so a flood cannot grow it; a copy
+/// arriving after more than [`RECENT_REFUSALS`] other refusals is counted
+/// again.
+struct RecentRefusals {
+    order: std::collections::VecDeque<(SocketAddr, quinn::ConnectionId)>,
+    seen: std::collections::HashSet<(SocketAddr, quinn::ConnectionId)>,
+    capacity: usize,
+}
+
+impl RecentRefusals {
+    fn new(capacity: usize) -> Self {
+        Self {
+            order: std::collections::VecDeque::with_capacity(capacity),
+            seen: std::collections::HashSet::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    /// Records a refusal of the attempt `(remote, cid)`; true when that
+    /// attempt was not refused recently.
+    fn first(&mut self, remote: SocketAddr, cid: quinn::ConnectionId) -> bool {
+        if !self.seen.insert((remote, cid)) {
+            return false;
+        }
+        if self.order.len() == self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.seen.remove(&oldest);
+        }
+        self.order.push_back((remote, cid));
+        true
+    }
+}
+
 /// Accept connections until shutdown, then give the open ones `grace` to
 /// finish their pending work and say goodbye.
 pub(crate) async fn accept_loop(
@@ -103,6 +148,7 @@ pub(crate) async fn accept_loop(
     grace: Duration,
 ) {
     let mut connections = JoinSet::new();
+    let mut refusals = RecentRefusals::new(RECENT_REFUSALS);
     loop {
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
@@ -116,7 +162,9 @@ pub(crate) async fn accept_loop(
                                 ConnRefusal::Total => &shared.metrics.connections_refused_total,
                                 ConnRefusal::PerAddress => &shared.metrics.connections_refused_per_ip_total,
                             };
-                            counter.fetch_add(1, Ordering::Relaxed);
+                            if refusals.first(incoming.remote_address(), incoming.orig_dst_cid()) {
+                                counter.fetch_add(1, Ordering::Relaxed);
+                            }
                             incoming.refuse();
                             continue;
                         }
@@ -260,4 +308,26 @@ pub(crate) fn close_for(end: &DriverEnd) -> Option<(u32, &'static [u8])> {
         DriverEnd::AuthTimeout => (close_code::AUTH_TIMEOUT, b"authentication timed out"),
         DriverEnd::Transport(_) => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retransmitted_initial_is_counted_once_within_the_window() {
+        let mut recent = RecentRefusals::new(2);
+        let a: SocketAddr = ([127, 0, 0, 1], 1000).into();
+        let b: SocketAddr = ([127, 0, 0, 1], 1001).into();
+        let cid = |n: u8| quinn::ConnectionId::new(&[n; 8]);
+        assert!(recent.first(a, cid(1)));
+        assert!(!recent.first(a, cid(1)), "the same attempt again");
+        assert!(recent.first(b, cid(1)), "another address");
+        assert!(recent.first(a, cid(2)), "another attempt");
+        // Capacity 2: the first attempt has been forgotten, and only it.
+        assert!(!recent.first(a, cid(2)));
+        assert!(recent.first(a, cid(1)));
+        assert_eq!(recent.order.len(), 2);
+        assert_eq!(recent.seen.len(), 2);
+    }
 }
