@@ -665,12 +665,12 @@ async fn read_frames(
     received: Arc<AtomicU64>,
 ) {
     let mut buffer = FrameBuffer::new();
-    let mut chunk = vec![0u8; READ_CHUNK];
     let reason = loop {
-        match recv.read(&mut chunk).await {
-            Ok(Some(n)) => {
-                received.fetch_add(n as u64, Ordering::Relaxed);
-                buffer.extend(chunk.get(..n).unwrap_or_default());
+        // quinn's own buffers, in order: copied once, into the frame buffer.
+        match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                received.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                buffer.extend(&chunk.bytes);
                 loop {
                     match buffer.next_server_frame() {
                         Ok(Some(frame)) => {

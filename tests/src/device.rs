@@ -98,8 +98,10 @@ impl FrameWriter {
 pub struct FrameReader {
     recv: quinn::RecvStream,
     buf: FrameBuffer,
-    chunk: Vec<u8>,
 }
+
+/// Most bytes taken from quinn in one read.
+const READ_CHUNK: usize = 256 * 1024;
 
 impl FrameReader {
     /// The next frame from the relay (unbounded: wrap it in
@@ -109,8 +111,9 @@ impl FrameReader {
             if let Some(frame) = self.buf.next_server_frame()? {
                 return Ok(frame);
             }
-            match self.recv.read(&mut self.chunk).await {
-                Ok(Some(n)) => self.buf.extend(&self.chunk[..n]),
+            // quinn's own buffers, in order: copied once, into the frame buffer.
+            match self.recv.read_chunk(READ_CHUNK, true).await {
+                Ok(Some(chunk)) => self.buf.extend(&chunk.bytes),
                 Ok(None) => {
                     return Err(HarnessError::Connection("relay finished the stream".into()));
                 }
@@ -216,7 +219,6 @@ impl TestDevice {
             reader: FrameReader {
                 recv,
                 buf: FrameBuffer::new(),
-                chunk: vec![0; 64 * 1024],
             },
             pushes: VecDeque::new(),
             prekeys_low: VecDeque::new(),
