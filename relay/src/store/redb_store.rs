@@ -155,7 +155,14 @@ pub const CHECKPOINT_ENVELOPES: u64 = 131_072;
 
 /// Longest time between two durable commits while envelopes arrive (see
 /// [`CHECKPOINT_ENVELOPES`]).
-pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+///
+/// A checkpoint runs beside the sends, but its one `fdatasync` of every
+/// index page since the last one shares the disk with the sends' segment
+/// syncs, which wait behind it: at 10,000 sends/s a checkpoint every 10 s
+/// (~30 MB) held them 70–170 ms once a run on a slower disk, every 2 s
+/// about 20 ms (`BENCHMARKS.md`, "Peers", "Latest"). Fast ingest reaches
+/// [`CHECKPOINT_ENVELOPES`] first either way.
+pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A batch in the segment log past the index's end, being committed to the
 /// index with the seqs its records carry: found at open (§5 of
