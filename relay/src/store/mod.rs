@@ -18,11 +18,14 @@
 //! into one transaction) is the caller's job: [`Store::commit`] takes a batch.
 //!
 //! The redb file's tables, the segment files and their byte layouts are
-//! specified in `docs/STORAGE.md`.
+//! specified in `docs/STORAGE.md`. The redb file is opened on `paced_file`,
+//! redb's file backend syncing as it writes, so that a checkpoint reaches
+//! the disk in slices instead of holding the sends' syncs behind it.
 
 mod blobs;
 mod keys;
 pub mod memory;
+mod paced_file;
 pub mod postgres;
 pub mod redb_store;
 mod rules;
