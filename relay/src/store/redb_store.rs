@@ -25,7 +25,7 @@ use super::keys::{
     dedup_key, inbox_key, otk_key, queue_key, queue_upper, split_inbox_key, split_otk_key,
     split_queue_key,
 };
-use super::paced_file::PacedFile;
+use super::paced_file::{PacedFile, Pacing};
 use super::rules::{self, PageBudget};
 pub use super::segments::DEFAULT_SEGMENT_BYTES;
 use super::segments::{
@@ -84,6 +84,9 @@ enum Changed {
 /// `&self` and are safe to call from many threads.
 pub struct RedbStore {
     db: Database,
+    /// Whether `hush.redb` is written in synced slices (off for large
+    /// checkpoints).
+    pacing: std::sync::Arc<Pacing>,
     limits: StoreLimits,
     /// The envelope bodies.
     segments: Segments,
@@ -161,10 +164,17 @@ pub const CHECKPOINT_ENVELOPES: u64 = 131_072;
 /// since the last one share the disk with the sends' segment syncs, which
 /// wait behind what was written before them: at 10,000 sends/s a
 /// checkpoint every 10 s (~30 MB) held them 70–170 ms once a run on a
-/// slower disk, every 2 s about 20 ms (`BENCHMARKS.md`, "Peers", "Latest"),
-/// and written in synced slices (`PacedFile`) about 1 ms. Fast ingest
-/// reaches [`CHECKPOINT_ENVELOPES`] first either way.
+/// slower disk, every 2 s about 20 ms (`BENCHMARKS.md`, "Peers"), and
+/// written in synced slices ([`PACED_CHECKPOINT_ENVELOPES`]) about 1 ms.
+/// Fast ingest reaches [`CHECKPOINT_ENVELOPES`] first either way.
 pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Checkpoints of fewer envelopes than this (about 10 MB of index pages:
+/// below ~16,000 sends/s with [`CHECKPOINT_INTERVAL`]) write `hush.redb`
+/// in synced slices, so the sends' segment syncs never wait behind the
+/// whole checkpoint; larger ones, under heavy ingest, in one go (see the
+/// private `paced_file` module for both measurements).
+pub const PACED_CHECKPOINT_ENVELOPES: u64 = 32_768;
 
 /// A batch in the segment log past the index's end, being committed to the
 /// index with the seqs its records carry: found at open (§5 of
@@ -421,7 +431,8 @@ impl RedbStore {
         segment_bytes: u64,
     ) -> Result<RedbStore, StoreError> {
         let path = path.as_ref();
-        let db = Database::builder().create_with_backend(PacedFile::open(path)?)?;
+        let pacing = Pacing::new();
+        let db = Database::builder().create_with_backend(PacedFile::open(path, pacing.clone())?)?;
         init_tables(&db)?;
         let rows = {
             let txn = db.begin_read()?;
@@ -445,6 +456,7 @@ impl RedbStore {
         });
         let store = RedbStore {
             db,
+            pacing,
             limits,
             segments,
             acks: AtomicU64::new(0),
@@ -557,9 +569,19 @@ impl RedbStore {
             }
             ahead.checkpointing = true;
         }
+        // A large checkpoint (heavy ingest) is written in one go: see
+        // `Pacing`.
+        let envelopes = self
+            .checkpoint
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .envelopes;
+        let sliced = envelopes < PACED_CHECKPOINT_ENVELOPES;
+        self.pacing.slice(sliced);
         // An empty transaction, committed durably: redb persists every
         // commit before it with it.
         let done = self.write_with(Durability::Immediate, |_, _| Ok(((), Changed::Yes)));
+        self.pacing.slice(true);
         let drained = self.drain_ahead();
         done.and(drained)
     }
