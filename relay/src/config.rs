@@ -33,6 +33,27 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default bound on connections open at once from one address (an IPv6
 /// /64 counts as one address).
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+/// The connection threads of a relay not told `--workers`: one per core
+/// but one, and at least one.
+///
+/// The commit writer is a thread of its own that every durable send passes
+/// through. With a connection thread on every core it has to win a core
+/// from them exactly when sends pile up (at full ingest on two cores it
+/// waited for one 28 % of its time), and on a small machine the hand-offs
+/// between connection threads cost more than the extra thread brings. On
+/// the two-core benchmark host one thread drained a backlog ~10 % faster
+/// and more steadily, answered one-at-a-time sends ~4 % faster, and took
+/// concurrent sends at the same rate (BENCHMARKS.md, "Connection threads").
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_sub(1)
+        .max(1)
+}
+
+/// Most connection threads `--workers` accepts: far beyond any core count
+/// that helps, low enough that a typo cannot exhaust the process's threads.
+pub const MAX_WORKERS: usize = 1024;
 /// Default registrations (new devices) per address per hour.
 pub const DEFAULT_MAX_REGISTRATIONS_PER_IP_HOUR: u32 = 20;
 /// Default `FetchPrekeys` per requesting device per minute.
@@ -100,6 +121,12 @@ pub struct Config {
     pub demo: bool,
     /// Connections open at once; more are refused before their handshake.
     pub max_connections: usize,
+    /// Threads that run the connections (QUIC, WebTransport, WebSocket,
+    /// HTTP); `None` = [`default_workers`]. Read by the binary when it
+    /// builds its runtime: a relay started inside another program runs on
+    /// that program's runtime. The commit writer and the checkpoint have
+    /// their own threads either way.
+    pub workers: Option<usize>,
     /// Connections open at once from one address (IPv6: one /64).
     pub max_connections_per_ip: usize,
     /// Registrations (new devices) per address per hour (0 = unlimited).
@@ -200,6 +227,7 @@ impl Config {
             max_blob_bytes_per_device: BlobLimits::default().max_blob_bytes_per_device,
             demo: false,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            workers: None,
             max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
             max_registrations_per_ip_hour: DEFAULT_MAX_REGISTRATIONS_PER_IP_HOUR,
             prekey_fetches_per_device_minute: DEFAULT_PREKEY_FETCHES_PER_DEVICE_MINUTE,
@@ -305,6 +333,9 @@ impl Config {
         if let Some(v) = pick!(max_connections_per_ip) {
             c.max_connections_per_ip = v;
         }
+        if let Some(v) = pick!(workers) {
+            c.workers = Some(v);
+        }
         if let Some(v) = pick!(max_registrations_per_ip_hour) {
             c.max_registrations_per_ip_hour = v;
         }
@@ -387,6 +418,11 @@ impl Config {
         }
         if self.max_connections == 0 || self.max_connections_per_ip == 0 {
             return err("--max-connections and --max-connections-per-ip must be at least 1".into());
+        }
+        if let Some(n) = self.workers
+            && !(1..=MAX_WORKERS).contains(&n)
+        {
+            return err(format!("--workers {n} is outside 1..={MAX_WORKERS}"));
         }
         if self.inbox_max_messages == 0 {
             return err("--inbox-max-messages must be at least 1".into());
@@ -500,6 +536,7 @@ impl Config {
             demo: Some(self.demo),
             max_connections: Some(self.max_connections),
             max_connections_per_ip: Some(self.max_connections_per_ip),
+            workers: self.workers,
             max_registrations_per_ip_hour: Some(self.max_registrations_per_ip_hour),
             prekey_fetches_per_device_minute: Some(self.prekey_fetches_per_device_minute),
             prekey_fetches_per_target_minute: Some(self.prekey_fetches_per_target_minute),
@@ -667,6 +704,12 @@ pub struct Cli {
     #[arg(long, env = "HUSH_MAX_CONNECTIONS_PER_IP", value_name = "N")]
     pub max_connections_per_ip: Option<usize>,
 
+    /// Threads that run the connections [default: one per core but one, at
+    /// least one]. The commit writer and the checkpoint have threads of
+    /// their own besides.
+    #[arg(long, env = "HUSH_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
+
     /// Registrations (new devices) per address per hour, 0 = unlimited
     /// [default: 20].
     #[arg(long, env = "HUSH_MAX_REGISTRATIONS_PER_IP_HOUR", value_name = "N")]
@@ -787,6 +830,9 @@ pub struct FileConfig {
     /// See `--max-connections-per-ip`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connections_per_ip: Option<usize>,
+    /// See `--workers`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
     /// See `--max-registrations-per-ip-hour`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_registrations_per_ip_hour: Option<u32>,
@@ -1106,6 +1152,25 @@ mod tests {
             StoreSpec::redact("postgresql://u:secret@h/db?password=x"),
             "postgresql://u:***@h/db?password=***"
         );
+    }
+
+    #[test]
+    fn workers_from_flag_and_file_bounded() {
+        let c = Config::parse_from(["hush-relay", "--dev-cert"]).unwrap();
+        assert_eq!(c.workers, None, "one per core unless asked");
+        let c = Config::parse_from(["hush-relay", "--dev-cert", "--workers", "1"]).unwrap();
+        assert_eq!(c.workers, Some(1));
+        let f = FileConfig::parse(&c.to_toml()).unwrap();
+        assert_eq!(f.workers, Some(1));
+        let f = FileConfig::parse("workers = 3\n").unwrap();
+        assert_eq!(f.workers, Some(3));
+        for bad in ["0", "1025"] {
+            let e = Config::parse_from(["hush-relay", "--dev-cert", "--workers", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--workers"), "{bad}: {e}");
+        }
+        assert!(Config::parse_from(["hush-relay", "--dev-cert", "--workers", "x"]).is_err());
     }
 
     #[test]

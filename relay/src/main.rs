@@ -35,6 +35,11 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            config
+                .workers
+                .unwrap_or_else(hush_relay::config::default_workers),
+        )
         .enable_all()
         .build()
     {

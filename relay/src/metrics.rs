@@ -413,6 +413,15 @@ impl Metrics {
                 replicated,
             );
         }
+        // Rendered on the runtime that serves `/metrics`: the relay's own.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            gauge(
+                &mut out,
+                "hush_runtime_workers",
+                "Threads that run the connections (--workers).",
+                i64::try_from(runtime.metrics().num_workers()).unwrap_or(i64::MAX),
+            );
+        }
         gauge(
             &mut out,
             "hush_inbox_depth",

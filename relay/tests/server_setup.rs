@@ -115,6 +115,7 @@ fn help_documents_every_option_and_its_variable() {
         ("--send-rate", "HUSH_SEND_RATE"),
         ("--demo", "HUSH_DEMO"),
         ("--config", "HUSH_CONFIG"),
+        ("--workers", "HUSH_WORKERS"),
     ] {
         assert!(out.contains(flag), "{flag} missing from --help");
         assert!(out.contains(var), "{var} missing from --help");
@@ -226,9 +227,10 @@ async fn operator_certificate_files_are_served() {
     relay.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn binary_prints_its_addresses_and_exits_cleanly_on_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
+/// Start the binary on loopback with a development certificate, an HTTP
+/// listener and `extra` flags, in `dir`; returns it with its four startup
+/// lines (QUIC, HTTP and WebSocket addresses, certificate hash).
+async fn start_binary(dir: &std::path::Path, extra: &[&str]) -> (std::process::Child, Vec<String>) {
     let mut child = Command::new(BIN)
         .args([
             "--listen",
@@ -236,9 +238,10 @@ async fn binary_prints_its_addresses_and_exits_cleanly_on_sigterm() {
             "--http",
             "127.0.0.1:0",
             "--dev-cert",
-            "--data",
         ])
-        .arg(dir.path())
+        .args(extra)
+        .arg("--data")
+        .arg(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -256,6 +259,13 @@ async fn binary_prints_its_addresses_and_exits_cleanly_on_sigterm() {
     )
     .await
     .unwrap();
+    (child, lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_prints_its_addresses_and_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, lines) = start_binary(dir.path(), &[]).await;
     assert!(
         lines[0].starts_with("hush-relay listening on 127.0.0.1:"),
         "{lines:?}"
@@ -292,4 +302,39 @@ async fn binary_prints_its_addresses_and_exits_cleanly_on_sigterm() {
     .unwrap()
     .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// `--workers N` sets how many threads run the connections: the binary's
+/// runtime reports exactly N in `/metrics`, and the relay answers on them.
+/// Without the flag it runs one per core but one (at least one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_flag_sets_the_connection_threads() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (flag, n) in [
+        (None, cores.saturating_sub(1).max(1)),
+        (Some(1), 1),
+        (Some(3), 3),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let count = flag.map(|f: usize| f.to_string());
+        let extra: Vec<&str> = match &count {
+            Some(c) => vec!["--workers", c],
+            None => Vec::new(),
+        };
+        let (mut child, lines) = start_binary(dir.path(), &extra).await;
+        let http: std::net::SocketAddr = lines[1]
+            .strip_prefix("http on ")
+            .unwrap_or_else(|| panic!("no http line in {lines:?}"))
+            .parse()
+            .unwrap();
+        let (status, _, body) = http_get(http, "GET /metrics HTTP/1.1").await;
+        assert_eq!(status, 200, "the relay answers with --workers {flag:?}");
+        assert!(
+            body.lines()
+                .any(|l| l == format!("hush_runtime_workers {n}")),
+            "--workers {flag:?} on {cores} cores: {body}"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }

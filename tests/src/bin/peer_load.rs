@@ -36,7 +36,10 @@
 //!
 //! `--mark-drains` prints each drain's start and end on `CLOCK_MONOTONIC` to
 //! stderr (`DRAIN <start> <end>`), to cut a `perf record -k CLOCK_MONOTONIC`
-//! profile down to the drains.
+//! profile down to the drains. `--relay-arg ARG` (repeatable) hands ARG to
+//! the relay after the benchmark's own flags, to compare its settings (for
+//! example `--relay-arg --workers --relay-arg 1`); the flags are printed with
+//! the results.
 //!
 //! The last line of stdout is `RESULT {json}` with the numbers, the server's
 //! version and configuration, and what the host did meanwhile (CPU steal,
@@ -89,6 +92,9 @@ struct Args {
     nats_bin: PathBuf,
     /// Print each catch-up drain's start and end ([`Drain`]).
     mark_drains: bool,
+    /// Flags given to the relay after [`HUSH_FLAGS`] (`--relay-arg`, repeated),
+    /// to compare its settings; printed with the results.
+    relay_args: Vec<String>,
 }
 
 impl Args {
@@ -105,6 +111,7 @@ impl Args {
             redis_bin: PathBuf::from("redis-server"),
             nats_bin: PathBuf::from("nats-server"),
             mark_drains: false,
+            relay_args: Vec::new(),
         };
         let mut it = std::env::args().skip(1);
         while let Some(a) = it.next() {
@@ -128,11 +135,13 @@ impl Args {
                 "--redis-server" => args.redis_bin = PathBuf::from(value()?),
                 "--nats-server" => args.nats_bin = PathBuf::from(value()?),
                 "--mark-drains" => args.mark_drains = true,
+                "--relay-arg" => args.relay_args.push(value()?),
                 "-h" | "--help" => {
                     println!(
                         "peer_load --system redis|nats|hush --job ingest|catchup [--producers N] \
                          [--inflight N] [--batched] [--secs S] [--count N] [--runs N] \
-                         [--redis-server PATH] [--nats-server PATH] [--mark-drains]"
+                         [--redis-server PATH] [--nats-server PATH] [--mark-drains] \
+                         [--relay-arg ARG]..."
                     );
                     std::process::exit(0);
                 }
@@ -394,13 +403,18 @@ const HUSH_FLAGS: &[&str] = &[
     "0",
 ];
 
-async fn start_hush() -> BenchResult<(RelayProcess, String)> {
-    let relay = RelayProcess::spawn_temp(HUSH_FLAGS).await?;
+async fn start_hush(extra: &[String]) -> BenchResult<(RelayProcess, String)> {
+    let flags: Vec<&str> = HUSH_FLAGS
+        .iter()
+        .copied()
+        .chain(extra.iter().map(String::as_str))
+        .collect();
+    let relay = RelayProcess::spawn_temp(&flags).await?;
     let bin = hush_tests::bin_path("hush-relay")?;
     let described = format!(
         "{} | default store (redb index + segment files, group commit, fdatasync before every ack); flags: {}",
         version_of(&bin),
-        HUSH_FLAGS.join(" ")
+        flags.join(" ")
     );
     Ok((relay, described))
 }
@@ -1179,7 +1193,7 @@ async fn run(args: Args) -> BenchResult<()> {
             (m, described)
         }
         System::Hush => {
-            let (mut relay, described) = start_hush().await?;
+            let (mut relay, described) = start_hush(&args.relay_args).await?;
             let m = match args.job.as_str() {
                 "ingest" => hush_ingest(&args, &relay).await,
                 "catchup" => hush_catchup(&args, &relay).await,
