@@ -41,9 +41,10 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 /// from them exactly when sends pile up (at full ingest on two cores it
 /// waited for one 28 % of its time), and on a small machine the hand-offs
 /// between connection threads cost more than the extra thread brings. On
-/// the two-core benchmark host one thread drained a backlog ~10 % faster
-/// and more steadily, answered one-at-a-time sends ~4 % faster, and took
-/// concurrent sends at the same rate (BENCHMARKS.md, "Connection threads").
+/// the two-core benchmark host one thread instead of two drained a backlog
+/// faster and more steadily (397k–454k msgs/s against 349k–425k),
+/// answered one-at-a-time sends ~4 % faster, and took concurrent sends at
+/// the same rate (BENCHMARKS.md, "Latest: connection threads").
 pub fn default_workers() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get())
