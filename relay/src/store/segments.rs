@@ -472,6 +472,13 @@ impl Append {
     /// A small batch past the zeroed space zeroes the next
     /// [`ZERO_AHEAD`] in the same sync (see [`ZERO_AHEAD_BATCH`]).
     pub(crate) fn write_and_sync(&mut self) -> Result<(), StoreError> {
+        self.write()?;
+        self.sync()
+    }
+
+    /// The first half of [`Append::write_and_sync`]: the batch's bytes (and
+    /// any zeros ahead) into the file, not yet durable.
+    pub(crate) fn write(&mut self) -> Result<(), StoreError> {
         if self.replay.is_some() {
             return Ok(());
         }
@@ -483,22 +490,38 @@ impl Append {
         };
         let done = write_all_at(&self.file, &self.buf, self.start)
             .and_then(|()| write_zeros(&self.file, end.max(self.zeroed), zero_to))
-            .map_err(|e| io("writing envelope segment", e))
-            .and_then(|()| {
-                self.file
-                    .sync_data()
-                    .map_err(|e| io("syncing envelope segment", e))
-            });
-        if done.is_err() {
-            // After a failed fdatasync the kernel may have dropped the
-            // pages and will not report it again: nothing written from now
-            // on could be trusted to be durable.
-            self.poisoned
-                .store(true, std::sync::atomic::Ordering::Release);
-        } else {
-            self.zeroed = self.zeroed.max(zero_to);
+            .map_err(|e| io("writing envelope segment", e));
+        match done {
+            Ok(()) => self.zeroed = self.zeroed.max(zero_to),
+            Err(_) => self.poison(),
         }
         done
+    }
+
+    /// The second half of [`Append::write_and_sync`]: make what
+    /// [`Append::write`] wrote durable. Takes `&self` and touches only the
+    /// file, so it may run on another thread while the commit's index rows
+    /// are built (`RedbStore::commit_batch`).
+    pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        if self.replay.is_some() {
+            return Ok(());
+        }
+        let done = self
+            .file
+            .sync_data()
+            .map_err(|e| io("syncing envelope segment", e));
+        if done.is_err() {
+            self.poison();
+        }
+        done
+    }
+
+    /// After a failed write or fdatasync the kernel may have dropped the
+    /// pages and will not report it again: nothing written from now on
+    /// could be trusted to be durable.
+    fn poison(&self) {
+        self.poisoned
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// The batch's index commit failed after its bytes were written: cut
@@ -516,8 +539,7 @@ impl Append {
             .and_then(|()| self.file.sync_data());
         if let Err(e) = undone {
             tracing::error!(segment = self.id, "could not cut off a failed batch: {e}");
-            self.poisoned
-                .store(true, std::sync::atomic::Ordering::Release);
+            self.poison();
         }
     }
 }

@@ -39,7 +39,10 @@
 //! profile down to the drains. `--relay-arg ARG` (repeatable) hands ARG to
 //! the relay after the benchmark's own flags, to compare its settings (for
 //! example `--relay-arg --workers --relay-arg 1`); the flags are printed with
-//! the results.
+//! the results. `--relay-metrics` prints, after a Hush run, the relay's
+//! group-commit counters from its `/metrics` to stderr (commits, envelopes,
+//! time in commits, time from queueing to durable), to see whether the
+//! writer is the bound.
 //!
 //! The last line of stdout is `RESULT {json}` with the numbers, the server's
 //! version and configuration, and what the host did meanwhile (CPU steal,
@@ -95,6 +98,8 @@ struct Args {
     /// Flags given to the relay after [`HUSH_FLAGS`] (`--relay-arg`, repeated),
     /// to compare its settings; printed with the results.
     relay_args: Vec<String>,
+    /// Print the relay's group-commit metrics after a Hush run.
+    relay_metrics: bool,
 }
 
 impl Args {
@@ -112,6 +117,7 @@ impl Args {
             nats_bin: PathBuf::from("nats-server"),
             mark_drains: false,
             relay_args: Vec::new(),
+            relay_metrics: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(a) = it.next() {
@@ -136,12 +142,13 @@ impl Args {
                 "--nats-server" => args.nats_bin = PathBuf::from(value()?),
                 "--mark-drains" => args.mark_drains = true,
                 "--relay-arg" => args.relay_args.push(value()?),
+                "--relay-metrics" => args.relay_metrics = true,
                 "-h" | "--help" => {
                     println!(
                         "peer_load --system redis|nats|hush --job ingest|catchup [--producers N] \
                          [--inflight N] [--batched] [--secs S] [--count N] [--runs N] \
                          [--redis-server PATH] [--nats-server PATH] [--mark-drains] \
-                         [--relay-arg ARG]..."
+                         [--relay-arg ARG]... [--relay-metrics]"
                     );
                     std::process::exit(0);
                 }
@@ -417,6 +424,21 @@ async fn start_hush(extra: &[String]) -> BenchResult<(RelayProcess, String)> {
         flags.join(" ")
     );
     Ok((relay, described))
+}
+
+/// The relay's group-commit sums and counts (no histogram buckets), to
+/// stderr.
+fn print_commit_metrics(relay: &RelayProcess) {
+    match relay.http_get("/metrics") {
+        Ok((_, text)) => text
+            .lines()
+            .filter(|l| {
+                (l.starts_with("hush_commit") || l.starts_with("hush_send_durable"))
+                    && !l.contains("_bucket")
+            })
+            .for_each(|l| eprintln!("{l}")),
+        Err(e) => eprintln!("peer_load: no relay metrics: {e}"),
+    }
 }
 
 /// Latency percentiles in ms of unsorted samples in µs.
@@ -1206,6 +1228,9 @@ async fn run(args: Args) -> BenchResult<()> {
                     "peer_load: hush run failed ({e}); the relay's log ends with:\n{}",
                     relay.log_tail(40)
                 );
+            }
+            if args.relay_metrics {
+                print_commit_metrics(&relay);
             }
             relay.terminate().await?;
             (m?, described)
