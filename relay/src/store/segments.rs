@@ -233,7 +233,9 @@ pub(crate) struct Segments {
     /// need them, at most `MAX_OPEN_SEGMENTS`); readers keep using a handle
     /// after its file is unlinked.
     handles: RwLock<HashMap<u32, Arc<File>>>,
-    /// Changed only by the commit (under `commit_lock`).
+    /// Changed only by the commit (under `commit_lock`) and by replays at
+    /// open: a replay during a checkpoint's drain lies behind it and leaves
+    /// it alone ([`Segments::finish_append`]).
     active: Mutex<Option<Active>>,
     /// Held by a commit from choosing where its batch goes until the active
     /// segment's new end is recorded, which outlasts redb's write lock.
@@ -474,6 +476,12 @@ impl Append {
     pub(crate) fn write_and_sync(&mut self) -> Result<(), StoreError> {
         self.write()?;
         self.sync()
+    }
+
+    /// Whether this batch is a replay of records already in the log (its
+    /// write and sync do nothing).
+    pub(crate) fn replaying(&self) -> bool {
+        self.replay.is_some()
     }
 
     /// The first half of [`Append::write_and_sync`]: the batch's bytes (and
@@ -1011,8 +1019,9 @@ impl Segments {
             });
         }
         drop(active);
-        // Keep the buffer unless one huge batch made it unusually large.
-        if append.buf.capacity() <= SPARE_MAX {
+        // Keep the buffer unless one huge batch made it unusually large (a
+        // replay has none: it must not replace the appends' buffer).
+        if append.replay.is_none() && append.buf.capacity() <= SPARE_MAX {
             *self.spare.lock().unwrap_or_else(PoisonError::into_inner) = append.buf;
         }
     }

@@ -214,9 +214,10 @@ impl RedbStore {
     /// let sends commit to the index again.
     ///
     /// The lock over [`Ahead`] is taken for one batch at a time, so sends
-    /// go on to the log meanwhile instead of waiting for the whole backlog
-    /// (each replay and each send append still take the segments' commit
-    /// lock in turn). The overlay of states and dedup keys stays until the
+    /// go on to the log meanwhile instead of waiting for the whole backlog.
+    /// A replay does not take the segments' commit lock either (it chooses
+    /// no offset and moves no end; see `RedbStore::commit_batch`), so a
+    /// send's append and sync run while a batch is indexed. The overlay of states and dedup keys stays until the
     /// log is drained: what it holds is in the index or in the log, and it
     /// is the newer of the two. Indexing a batch costs no sync, so the drain
     /// outpaces sends, which each wait for one; should it not, it holds the
