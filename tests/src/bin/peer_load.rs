@@ -32,7 +32,10 @@
 //!
 //! The catch-up job's load generator runs on a single-threaded runtime (one
 //! consumer, one connection), the ingest job's on a multi-threaded one; see
-//! [`runtime_for`].
+//! [`runtime_for`]. `--readers N` (Hush only, not in the peer table) queues
+//! the catch-up's messages for N offline devices instead of one and drains
+//! them all at once, each on its own connection (then on a multi-threaded
+//! runtime): how a relay serves many devices coming back together.
 //!
 //! `--mark-drains` prints each drain's start and end on `CLOCK_MONOTONIC` to
 //! stderr (`DRAIN <start> <end>`), to cut a `perf record -k CLOCK_MONOTONIC`
@@ -100,6 +103,9 @@ struct Args {
     relay_args: Vec<String>,
     /// Print the relay's group-commit metrics after a Hush run.
     relay_metrics: bool,
+    /// Offline devices draining their inboxes at once in Hush's catch-up
+    /// job (`--readers N`, default 1, the peer table's job B).
+    readers: usize,
 }
 
 impl Args {
@@ -118,6 +124,7 @@ impl Args {
             mark_drains: false,
             relay_args: Vec::new(),
             relay_metrics: false,
+            readers: 1,
         };
         let mut it = std::env::args().skip(1);
         while let Some(a) = it.next() {
@@ -143,12 +150,18 @@ impl Args {
                 "--mark-drains" => args.mark_drains = true,
                 "--relay-arg" => args.relay_args.push(value()?),
                 "--relay-metrics" => args.relay_metrics = true,
+                "--readers" => {
+                    args.readers = value()?.parse()?;
+                    if !(1..=64).contains(&args.readers) {
+                        return Err("--readers takes 1 to 64".into());
+                    }
+                }
                 "-h" | "--help" => {
                     println!(
                         "peer_load --system redis|nats|hush --job ingest|catchup [--producers N] \
                          [--inflight N] [--batched] [--secs S] [--count N] [--runs N] \
                          [--redis-server PATH] [--nats-server PATH] [--mark-drains] \
-                         [--relay-arg ARG]... [--relay-metrics]"
+                         [--relay-arg ARG]... [--relay-metrics] [--readers N]"
                     );
                     std::process::exit(0);
                 }
@@ -160,6 +173,9 @@ impl Args {
         }
         if args.batched && args.system != System::Hush {
             return Err("--batched is for Hush only (batched Send, or the client's sync)".into());
+        }
+        if args.readers > 1 && (args.system != System::Hush || args.job != "catchup") {
+            return Err("--readers is for --system hush --job catchup".into());
         }
         Ok(args)
     }
@@ -200,7 +216,7 @@ fn monotonic() -> String {
 }
 
 fn main() -> ExitCode {
-    match Args::parse().and_then(|args| runtime_for(&args.job)?.block_on(run(args))) {
+    match Args::parse().and_then(|args| runtime_for(&args.job, args.readers)?.block_on(run(args))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("peer_load: {e}");
@@ -218,9 +234,10 @@ fn main() -> ExitCode {
 /// That overhead was in every system's drain rate (by hand, single-threaded
 /// drains went ~14% faster for NATS and ~17% for Hush, unchanged for
 /// Redis; BENCHMARKS.md, "Peers"). The
-/// ingest job's 64 producers keep the multi-threaded runtime.
-fn runtime_for(job: &str) -> BenchResult<tokio::runtime::Runtime> {
-    let mut builder = if job == "catchup" {
+/// ingest job's 64 producers keep the multi-threaded runtime, and so do
+/// several catch-up readers (`--readers`).
+fn runtime_for(job: &str, readers: usize) -> BenchResult<tokio::runtime::Runtime> {
+    let mut builder = if job == "catchup" && readers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
@@ -1061,8 +1078,11 @@ async fn hush_ingest(args: &Args, relay: &RelayProcess) -> BenchResult<Measured>
 }
 
 async fn hush_catchup(args: &Args, relay: &RelayProcess) -> BenchResult<Measured> {
-    let reader = DeviceIdentity::from_seed(40_000);
-    register(relay, 40_000..40_001).await?;
+    let readers: Vec<DeviceIdentity> = (0..args.readers as u64)
+        .map(|i| DeviceIdentity::from_seed(40_000 + i))
+        .collect();
+    register(relay, 40_000..40_000 + args.readers as u64).await?;
+    let inboxes: Vec<DeviceId> = readers.iter().map(DeviceIdentity::device).collect();
     let senders: Vec<DeviceIdentity> = (0..args.producers as u64)
         .map(|i| DeviceIdentity::from_seed(41_000 + i))
         .collect();
@@ -1070,67 +1090,93 @@ async fn hush_catchup(args: &Args, relay: &RelayProcess) -> BenchResult<Measured
         TestDevice::register_new(s, relay.target()).await?.close();
     }
     let mut runs = Vec::new();
-    let mut after = 0u64;
+    let mut after = vec![0u64; readers.len()];
     for _ in 0..args.runs {
         let mut producers = Vec::new();
         for s in &senders {
             producers.push((s.clone(), TestDevice::login(s, relay.target()).await?));
         }
-        let ((queued, _), _) = hush_produce(
-            producers,
-            &[reader.device()],
-            16,
-            1,
-            Duration::ZERO,
-            Some(args.count),
-        )
-        .await?;
+        let ((queued, _), _) =
+            hush_produce(producers, &inboxes, 16, 1, Duration::ZERO, Some(args.count)).await?;
         if queued != args.count {
             return Err(format!("hush: queued {queued} of {}", args.count).into());
         }
-        // The reader connects only now: it was offline while the queue filled.
-        let mut dev = TestDevice::login(&reader, relay.target()).await?;
+        // What each inbox holds (the producers spread the count over them).
+        let mut expected = Vec::with_capacity(readers.len());
+        for r in &readers {
+            expected.push(hush_count(relay, r).await?);
+        }
+        // The readers connect only now: they were offline while the queues
+        // filled. Each drains its own inbox, all at once.
+        let mut devs = Vec::with_capacity(readers.len());
+        for r in &readers {
+            devs.push(TestDevice::login(r, relay.target()).await?);
+        }
         let host = Host::now();
         let drain = Drain::start(args.mark_drains);
+        let tasks: Vec<_> = devs
+            .into_iter()
+            .zip(after.iter().copied())
+            .map(|(dev, from)| tokio::spawn(hush_drain(dev, from, args.batched)))
+            .collect();
         let mut drained = 0u64;
-        if args.batched {
-            // As the client syncs: several pulls in flight, each checked
-            // for contiguous, ordered seqs. The last page's ack follows.
-            drained = dev
-                .drain_pipelined(after, hush_protocol::limits::MAX_PAGE, CLIENT_PULL_DEPTH)
-                .await?;
-            after += drained;
-            dev.ack(after).await?;
-        } else {
-            loop {
-                // `ack` acknowledges (and deletes) everything up to the
-                // previous page's last seq, in the same request.
-                let page = dev.pull(after, PAGE as u16, after).await?;
-                let Some(last) = page.envelopes.last().map(|d| d.seq) else {
-                    break;
-                };
-                for d in &page.envelopes {
-                    if d.seq != after + 1 {
-                        return Err(format!("hush: seq {} after {after}", d.seq).into());
-                    }
-                    after = d.seq;
-                }
-                drained += page.envelopes.len() as u64;
-                if last != after {
-                    return Err("hush: page out of order".into());
-                }
+        for (i, task) in tasks.into_iter().enumerate() {
+            let (n, last) = task.await.map_err(|e| format!("hush: drain task: {e}"))??;
+            if n != expected[i] {
+                return Err(format!("hush: reader {i} drained {n} of {}", expected[i]).into());
             }
+            drained += n;
+            after[i] = last;
         }
         let secs = drain.finish();
         let host = host.since();
-        dev.close();
-        let left = hush_count(relay, &reader).await?;
+        let mut left = 0;
+        for r in &readers {
+            left += hush_count(relay, r).await?;
+        }
         if drained != args.count || left != 0 {
             return Err(format!("hush: drained {drained} of {}, {left} left", args.count).into());
         }
         runs.push((drained, secs, host));
     }
     Ok(Measured::catchup(runs))
+}
+
+/// Drain one inbox past `after`, acknowledging as it goes; returns how many
+/// envelopes came and the last seq. Every page is checked for contiguous,
+/// ordered seqs.
+async fn hush_drain(mut dev: TestDevice, mut after: u64, batched: bool) -> BenchResult<(u64, u64)> {
+    let mut drained = 0u64;
+    if batched {
+        // As the client syncs: several pulls in flight, each checked
+        // for contiguous, ordered seqs. The last page's ack follows.
+        drained = dev
+            .drain_pipelined(after, hush_protocol::limits::MAX_PAGE, CLIENT_PULL_DEPTH)
+            .await?;
+        after += drained;
+        dev.ack(after).await?;
+    } else {
+        loop {
+            // `ack` acknowledges (and deletes) everything up to the
+            // previous page's last seq, in the same request.
+            let page = dev.pull(after, PAGE as u16, after).await?;
+            let Some(last) = page.envelopes.last().map(|d| d.seq) else {
+                break;
+            };
+            for d in &page.envelopes {
+                if d.seq != after + 1 {
+                    return Err(format!("hush: seq {} after {after}", d.seq).into());
+                }
+                after = d.seq;
+            }
+            drained += page.envelopes.len() as u64;
+            if last != after {
+                return Err("hush: page out of order".into());
+            }
+        }
+    }
+    dev.close();
+    Ok((drained, after))
 }
 
 // ---------------------------------------------------------------- results
