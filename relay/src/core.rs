@@ -394,7 +394,9 @@ pub enum Action {
     /// then pass the outcome to [`RelayCore::finish_send`] and send its frame.
     Commit(PendingSend),
     /// The connection now acts as this device (a newer connection of the
-    /// same device replaces older ones).
+    /// same device replaces older ones). Comes before the `AuthOk` it
+    /// answers, so the connection claims the device before the client
+    /// hears it is in.
     Authenticated(DeviceId),
     /// The session drained its inbox: from now on, call [`RelayCore::pump`]
     /// whenever this device's inbox gains envelopes.
@@ -659,8 +661,11 @@ impl<S: Store + ?Sized> RelayCore<S> {
             },
         };
         match result {
+            // The answer goes first, after only the claim of a device just
+            // authenticated: the connection owns the device (and waited for
+            // the one it displaced) before `AuthOk` reports its cursor.
             Ok(response) => actions.insert(
-                0,
+                usize::from(matches!(actions.first(), Some(Action::Authenticated(_)))),
                 Action::Send(
                     ServerFrame::Response {
                         request_id: id,
@@ -780,7 +785,7 @@ impl<S: Store + ?Sized> RelayCore<S> {
             session.sync_started = true;
             Metrics::add(&self.metrics.sync_sessions_started_total, 1);
         }
-        actions.push(Action::Authenticated(device));
+        actions.insert(0, Action::Authenticated(device));
         Ok(Response::Authenticated(AuthOk {
             device,
             inbox_head: inbox.head,
@@ -899,6 +904,36 @@ impl<S: Store + ?Sized> RelayCore<S> {
                 .sync_catch_up_seconds
                 .observe(ms as f64 / 1000.0);
         }
+    }
+
+    /// The device's displaced connection applied its last acks after
+    /// `session` authenticated: read the cursor again and move the session,
+    /// and the `AuthOk` still queued in `actions`, up to it. Without this a
+    /// device that reconnects at once would be told, and sent again, what
+    /// it acknowledged on the connection it just left.
+    pub fn reread_acked(
+        &self,
+        session: &mut Session,
+        actions: &mut [Action],
+    ) -> Result<(), StoreError> {
+        let Some(device) = session.device() else {
+            return Ok(());
+        };
+        let inbox = self.store.inbox_state(&device)?;
+        session.acked = session.acked.max(inbox.acked);
+        session.delivered = session.delivered.max(inbox.acked);
+        for action in actions.iter_mut() {
+            if let Action::Send(Outbound::Frame(ServerFrame::Response {
+                response: Response::Authenticated(ok),
+                ..
+            })) = action
+                && ok.device == device
+            {
+                ok.acked = ok.acked.max(session.acked);
+                ok.inbox_head = ok.inbox_head.max(inbox.head);
+            }
+        }
+        Ok(())
     }
 
     /// The connection of `session` ended: a sync that started but never

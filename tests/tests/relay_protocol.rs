@@ -369,6 +369,54 @@ async fn a_held_ack_is_applied_while_the_device_idles_mid_catch_up() {
     drop(b);
 }
 
+/// A device that leaves mid catch-up and reconnects at once, or whose new
+/// connection displaces one still open, is told the ack it just sent: the
+/// old connection held that ack back (the device was catching up), and
+/// the new one waits for it to be applied before answering `AuthOk`. The
+/// pages that follow start right after it.
+#[tokio::test]
+async fn a_reconnecting_device_is_told_the_acks_its_last_connection_sent() {
+    let relay = relay(&[]).await;
+    let (a, mut sender) = registered(&relay, 62).await;
+    let (b, mut inbox) = registered(&relay, 63).await;
+    let conv = conversation(7);
+    let all: Vec<_> = (1..=120)
+        .map(|i| make_envelope(a.device(), b.device(), conv, i, b"again"))
+        .collect();
+    for chunk in all.chunks(30) {
+        for o in sender.send(chunk.to_vec()).await.unwrap() {
+            assert!(stored(&o).is_some(), "{o:?}");
+        }
+    }
+    let mut acked = 0;
+    for round in 0..10u64 {
+        // Acknowledge the last page with the next pull (held back: more
+        // remains), then reconnect at once.
+        let page = inbox.pull(acked, 10, acked).await.unwrap();
+        assert_eq!(page.envelopes.first().map(|d| d.seq), Some(acked + 1));
+        let last = page.envelopes.last().map(|d| d.seq).unwrap();
+        let page = inbox.pull(last, 1, last).await.unwrap();
+        assert_eq!(page.envelopes.first().map(|d| d.seq), Some(last + 1));
+        acked = last;
+        let old = if round % 2 == 0 {
+            // The old connection stays open: the new one displaces it.
+            Some(inbox)
+        } else {
+            drop(inbox);
+            None
+        };
+        inbox = TestDevice::login(&b, relay.target()).await.unwrap();
+        assert_eq!(
+            inbox.auth_ok().map(|ok| ok.acked),
+            Some(acked),
+            "round {round}: AuthOk reports the ack the last connection sent"
+        );
+        drop(old);
+    }
+    let page = inbox.pull(acked, 200, acked).await.unwrap();
+    assert_eq!(seqs(&page.envelopes), (acked + 1..=120).collect::<Vec<_>>());
+}
+
 #[tokio::test]
 async fn acks_are_clamped_to_the_head_and_never_move_back() {
     let relay = relay(&[]).await;

@@ -106,10 +106,11 @@ fn req(request_id: u32, request: Request) -> ClientFrame {
     }
 }
 
-/// The single frame of a reply.
-/// The first action's frame, as the device decodes it from the wire.
+/// The answer's frame, as the device decodes it from the wire: the first
+/// action, or the second after the claim of a device just authenticated.
 fn frame(actions: &[Action]) -> ServerFrame {
-    match actions.first() {
+    let skip = usize::from(matches!(actions.first(), Some(Action::Authenticated(_))));
+    match actions.get(skip) {
         Some(Action::Send(f)) => {
             hush_protocol::decode_server_frame(&f.encode().expect("encodes")).expect("decodes")
         }
@@ -1412,3 +1413,58 @@ fn blob_limits_refuse_oversized_and_too_many_blobs() {
 
 #[path = "tests_lifecycle.rs"]
 mod lifecycle;
+
+#[test]
+fn the_claim_precedes_auth_ok_and_a_late_ack_moves_its_cursor() {
+    let core = core_with(default_config());
+    let alice = Device::new(1, 50);
+    let bob = Device::new(2, 60);
+    let mut sa = register(&core, &alice, [1; 32]);
+    register(&core, &bob, [2; 32]);
+    send(
+        &core,
+        &mut sa,
+        (1..=3).map(|i| envelope(&alice, &bob, i, 50)).collect(),
+        NOW,
+    );
+    // Bob's new connection authenticates while his old one still holds an
+    // ack of 1..=2 it has not applied.
+    let mut s = core.new_session(NOW);
+    let c = challenge_of(&core.handle(
+        &mut s,
+        req(1, Request::Hello { device: bob.id }),
+        NOW,
+        [3; 32],
+    ));
+    let mut actions = core.handle(
+        &mut s,
+        req(
+            2,
+            Request::Auth {
+                signature: bob.sign_challenge(&c),
+            },
+        ),
+        NOW,
+        [0; 32],
+    );
+    assert_eq!(actions.first(), Some(&Action::Authenticated(bob.id)));
+    let acked_in = |actions: &[Action]| match frame(actions) {
+        ServerFrame::Response {
+            response: Response::Authenticated(ok),
+            ..
+        } => (ok.acked, ok.inbox_head),
+        other => panic!("expected AuthOk, got {other:?}"),
+    };
+    assert_eq!(acked_in(&actions), (0, 3));
+    // The old connection's ack lands; the new one reads the cursor again.
+    assert_eq!(core.store().ack(&bob.id, 2).unwrap(), 2);
+    core.reread_acked(&mut s, &mut actions).unwrap();
+    assert_eq!(acked_in(&actions), (2, 3));
+    assert_eq!((s.acked, s.delivered), (2, 2));
+    // Live pushes start after the cursor, not at what was acknowledged.
+    let (page, _) = pull(&core, &mut s, 2, 0);
+    assert_eq!(
+        page.envelopes.iter().map(|d| d.seq).collect::<Vec<_>>(),
+        vec![3]
+    );
+}

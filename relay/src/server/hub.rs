@@ -99,6 +99,10 @@ struct Entry {
     /// to or below the low-water mark (see [`DeviceHub::prekeys_low`]).
     prekeys_low: watch::Sender<Option<u32>>,
     owner: Option<Owner>,
+    /// Held by the connection that owns the device until the acks it
+    /// received are applied: the next connection waits for it before it
+    /// reports the device's ack cursor (see [`Claim::acks`]).
+    acks: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Why a connection is told to close by the hub.
@@ -150,6 +154,12 @@ pub struct Claim {
     /// In a cluster: completes once the claim is in the bus's order (see
     /// [`ClusterBus::publish_claim`]).
     pub published: Option<oneshot::Receiver<()>>,
+    /// The device's ack lane. The connection locks it once it owns the
+    /// device and unlocks it when it ends, after the acks it received are
+    /// applied; a newer connection that finds it locked waits (bounded),
+    /// then reads the ack cursor again, so its `AuthOk` does not report
+    /// a cursor that the connection it displaced was about to move.
+    pub acks: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl DeviceHub {
@@ -193,6 +203,7 @@ impl DeviceHub {
             },
             prekeys_low: watch::Sender::new(None),
             owner: None,
+            acks: Arc::default(),
         });
         let new = Owner {
             conn_id,
@@ -207,6 +218,7 @@ impl DeviceHub {
             replaced: rx,
             prekeys_low: entry.prekeys_low.subscribe(),
             published: None,
+            acks: Arc::clone(&entry.acks),
         }
     }
 
