@@ -301,6 +301,11 @@ impl Session {
         self.live
     }
 
+    /// Highest relay seq acknowledged (on this connection or before it).
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
     /// Highest relay seq delivered on this connection.
     pub fn delivered(&self) -> u64 {
         self.delivered
@@ -906,19 +911,22 @@ impl<S: Store + ?Sized> RelayCore<S> {
         }
     }
 
-    /// The device's displaced connection applied its last acks after
-    /// `session` authenticated: read the cursor again and move the session,
-    /// and the `AuthOk` still queued in `actions`, up to it. Without this a
-    /// device that reconnects at once would be told, and sent again, what
-    /// it acknowledged on the connection it just left.
-    pub fn reread_acked(
+    /// A `session` just authenticated, whose device acknowledged up to
+    /// `up_to` on an earlier connection that may not have applied it yet:
+    /// apply it, and move the session and the `AuthOk` still queued in
+    /// `actions` to the cursor. Without this a device that reconnects at
+    /// once would be told, and sent again, what it acknowledged on the
+    /// connection it just left.
+    pub fn adopt_ack(
         &self,
         session: &mut Session,
+        up_to: u64,
         actions: &mut [Action],
     ) -> Result<(), StoreError> {
         let Some(device) = session.device() else {
             return Ok(());
         };
+        self.store.ack(&device, up_to)?;
         let inbox = self.store.inbox_state(&device)?;
         session.acked = session.acked.max(inbox.acked);
         session.delivered = session.delivered.max(inbox.acked);

@@ -1415,7 +1415,7 @@ fn blob_limits_refuse_oversized_and_too_many_blobs() {
 mod lifecycle;
 
 #[test]
-fn the_claim_precedes_auth_ok_and_a_late_ack_moves_its_cursor() {
+fn the_claim_precedes_auth_ok_and_an_adopted_ack_moves_its_cursor() {
     let core = core_with(default_config());
     let alice = Device::new(1, 50);
     let bob = Device::new(2, 60);
@@ -1456,9 +1456,10 @@ fn the_claim_precedes_auth_ok_and_a_late_ack_moves_its_cursor() {
         other => panic!("expected AuthOk, got {other:?}"),
     };
     assert_eq!(acked_in(&actions), (0, 3));
-    // The old connection's ack lands; the new one reads the cursor again.
-    assert_eq!(core.store().ack(&bob.id, 2).unwrap(), 2);
-    core.reread_acked(&mut s, &mut actions).unwrap();
+    // The old connection received an ack of 1..=2 it has not applied: the
+    // new one applies it and reports the cursor it moved to.
+    core.adopt_ack(&mut s, 2, &mut actions).unwrap();
+    assert_eq!(core.store().inbox_state(&bob.id).unwrap().acked, 2);
     assert_eq!(acked_in(&actions), (2, 3));
     assert_eq!((s.acked, s.delivered), (2, 2));
     // Live pushes start after the cursor, not at what was acknowledged.

@@ -56,11 +56,6 @@ pub const MAX_IN_FLIGHT_SENDS: usize = 16;
 const MAX_STAGED_ENVELOPES: usize = 256;
 /// Bound on writing the last frames of a closing connection.
 const FINAL_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest a new connection of a device waits for the connection it
-/// displaced to apply its last acks before answering `AuthOk` (the answer
-/// then reports the cursor as it is, and the device is sent again what the
-/// late acks cover).
-const ACKS_LANE_BOUND: Duration = Duration::from_secs(2);
 /// Pages the relay holds read ahead at once, over all connections: with
 /// pages of at most `MAX_PAGE_BYTES` (2 MiB) plus one envelope, about
 /// 70 MiB at most. Beyond it, catch-ups simply read when asked.
@@ -189,9 +184,6 @@ struct Conn {
     ahead: Option<Ahead>,
     /// Whether reads ahead run on this task (see [`Conn::start_read_ahead`]).
     read_inline: bool,
-    /// The device's ack lane, locked while this connection owns the device
-    /// and its acks may still be unapplied (see [`super::hub::Claim::acks`]).
-    acks_lane: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 /// Serve one connection until it ends; returns why it ended. The caller
@@ -228,13 +220,11 @@ where
         ack_handed: 0,
         ahead: None,
         read_inline,
-        acks_lane: None,
     };
     let end = conn.run(reader, writer).await;
     conn.shared.core.end_session(&conn.session);
     // The last deferred ack lands before the connection counts as ended.
     conn.finish_ack().await;
-    conn.acks_lane = None;
     conn.inbox = None;
     conn.replaced = None;
     conn.prekeys_low = None;
@@ -352,13 +342,6 @@ impl Conn {
             draining = Some(DriverEnd::ShuttingDown);
         }
         loop {
-            if draining.is_some() && self.acks_lane.is_some() {
-                // No more requests, so no more acks: apply the last ones
-                // and let a connection that displaced this one go on,
-                // before answering the sends still in flight.
-                self.finish_ack().await;
-                self.acks_lane = None;
-            }
             if let Some(end) = &draining
                 && self.pending.is_empty()
             {
@@ -508,6 +491,12 @@ impl Conn {
                     (self.shared.core.malformed(&e), None)
                 }
             };
+            if let Some(ack) = deferred {
+                // Noted before the page goes out: a device that reconnects
+                // once it has the page finds its ack adopted even if this
+                // connection never gets to apply it.
+                self.shared.hub.saw_ack(&ack.device, ack.up_to);
+            }
             // The next page of a catch-up is read while this one is written:
             // on a blocking thread, started first; or, when reads are local,
             // here, once this page is queued on the transport, whose own
@@ -653,58 +642,44 @@ impl Conn {
         usable
     }
 
-    /// Lock the device's ack lane. If the connection this one displaced
-    /// still holds it, wait for it (at most [`ACKS_LANE_BOUND`]) to apply
-    /// the acks it received, then read the ack cursor again for the
-    /// session and its queued `AuthOk` (`rest`).
-    async fn take_acks_lane(
-        &mut self,
-        lane: Arc<tokio::sync::Mutex<()>>,
-        rest: &mut VecDeque<Action>,
-    ) {
-        self.acks_lane = match lane.clone().try_lock_owned() {
-            Ok(guard) => Some(guard),
-            Err(_) => {
-                let guard = tokio::time::timeout(ACKS_LANE_BOUND, lane.lock_owned())
-                    .await
-                    .ok();
-                if guard.is_none() {
-                    tracing::debug!(
-                        conn = self.conn_id,
-                        "displaced connection still applying acks"
-                    );
+    /// Apply the ack an earlier connection of the device received but may
+    /// not have applied (`seen`, see [`super::hub::Claim::acks_seen`]), if
+    /// it is beyond the cursor the session read, and report the cursor
+    /// again in the session and its queued `AuthOk` (`rest`).
+    async fn adopt_acks_seen(&mut self, seen: u64, rest: &mut VecDeque<Action>) {
+        if seen <= self.session.acked() {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        let mut session = self.session.clone();
+        let mut queued = std::mem::take(rest);
+        let adopted = tokio::task::spawn_blocking(move || {
+            let result = shared
+                .core
+                .adopt_ack(&mut session, seen, queued.make_contiguous());
+            (session, queued, result)
+        })
+        .await;
+        match adopted {
+            Ok((session, queued, result)) => {
+                *rest = queued;
+                match result {
+                    Ok(()) => self.session = session,
+                    // The old connection still applies it; this one is
+                    // sent those envelopes again, which clients expect.
+                    Err(e) => tracing::warn!("applying an earlier connection's ack failed: {e}"),
                 }
-                let shared = Arc::clone(&self.shared);
-                let mut session = self.session.clone();
-                let mut queued = std::mem::take(rest);
-                let reread = tokio::task::spawn_blocking(move || {
-                    let result = shared
-                        .core
-                        .reread_acked(&mut session, queued.make_contiguous());
-                    (session, queued, result)
-                })
-                .await;
-                match reread {
-                    Ok((session, queued, result)) => {
-                        *rest = queued;
-                        match result {
-                            Ok(()) => self.session = session,
-                            Err(e) => tracing::warn!("reading the ack cursor again failed: {e}"),
-                        }
-                    }
-                    // The queued answers went with the task: end the
-                    // connection rather than leave it without an `AuthOk`.
-                    Err(e) => {
-                        tracing::error!("ack cursor task failed: {e}");
-                        rest.push_back(Action::Close {
-                            code: ErrorCode::Internal,
-                            reason: "internal error".into(),
-                        });
-                    }
-                }
-                guard
             }
-        };
+            // The queued answers went with the task: end the connection
+            // rather than leave it without an `AuthOk`.
+            Err(e) => {
+                tracing::error!("ack task failed: {e}");
+                rest.push_back(Action::Close {
+                    code: ErrorCode::Internal,
+                    reason: "internal error".into(),
+                });
+            }
+        }
     }
 
     /// Apply every ack of this connection: hand over the one held back, if
@@ -1088,7 +1063,7 @@ impl Conn {
                     self.inbox = Some(claim.inbox);
                     self.replaced = Some(claim.replaced);
                     self.prekeys_low = Some(claim.prekeys_low);
-                    self.take_acks_lane(claim.acks, &mut actions).await;
+                    self.adopt_acks_seen(claim.acks_seen, &mut actions).await;
                     // Proven: the connection may now have full-size frames
                     // in flight.
                     if let Some(conn) = &self.peer.connection {

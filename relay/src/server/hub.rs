@@ -99,10 +99,9 @@ struct Entry {
     /// to or below the low-water mark (see [`DeviceHub::prekeys_low`]).
     prekeys_low: watch::Sender<Option<u32>>,
     owner: Option<Owner>,
-    /// Held by the connection that owns the device until the acks it
-    /// received are applied: the next connection waits for it before it
-    /// reports the device's ack cursor (see [`Claim::acks`]).
-    acks: Arc<tokio::sync::Mutex<()>>,
+    /// The highest ack a connection of the device on this node received
+    /// (see [`Claim::acks_seen`]).
+    acks_seen: u64,
 }
 
 /// Why a connection is told to close by the hub.
@@ -154,12 +153,14 @@ pub struct Claim {
     /// In a cluster: completes once the claim is in the bus's order (see
     /// [`ClusterBus::publish_claim`]).
     pub published: Option<oneshot::Receiver<()>>,
-    /// The device's ack lane. The connection locks it once it owns the
-    /// device and unlocks it when it ends, after the acks it received are
-    /// applied; a newer connection that finds it locked waits (bounded),
-    /// then reads the ack cursor again, so its `AuthOk` does not report
-    /// a cursor that the connection it displaced was about to move.
-    pub acks: Arc<tokio::sync::Mutex<()>>,
+    /// The highest ack the device's earlier connections on this node
+    /// received (as `Pull`s' merged acks, noted by [`DeviceHub::saw_ack`]).
+    /// A connection applies such an ack only after the page it came with,
+    /// and holds it back during a catch-up; the connection it displaced may
+    /// not have applied it yet, or be stuck writing to a peer that is gone.
+    /// The new connection applies it itself before its `AuthOk` reports the
+    /// cursor (acks are cumulative, so applying one twice changes nothing).
+    pub acks_seen: u64,
 }
 
 impl DeviceHub {
@@ -203,7 +204,7 @@ impl DeviceHub {
             },
             prekeys_low: watch::Sender::new(None),
             owner: None,
-            acks: Arc::default(),
+            acks_seen: 0,
         });
         let new = Owner {
             conn_id,
@@ -218,7 +219,7 @@ impl DeviceHub {
             replaced: rx,
             prekeys_low: entry.prekeys_low.subscribe(),
             published: None,
-            acks: Arc::clone(&entry.acks),
+            acks_seen: entry.acks_seen,
         }
     }
 
@@ -263,6 +264,14 @@ impl DeviceHub {
             if entry.owner.is_none() && entry.inbox.receiver_count() == 0 {
                 map.remove(&device);
             }
+        }
+    }
+
+    /// A connection of `device` received an ack up to `up_to`, which it
+    /// applies later (see [`Claim::acks_seen`]).
+    pub fn saw_ack(&self, device: &DeviceId, up_to: u64) {
+        if let Some(entry) = self.lock().get_mut(device) {
+            entry.acks_seen = entry.acks_seen.max(up_to);
         }
     }
 
