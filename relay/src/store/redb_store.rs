@@ -2065,12 +2065,20 @@ impl Store for RedbStore {
         now_ms: u64,
     ) -> Result<super::BlobMeta, StoreError> {
         // Under the commit lock, like envelope commits: the store-cap count
-        // does not grow between the check and the commit.
+        // does not grow between the check and the commit. It includes the
+        // sends a running checkpoint keeps in the log alone (counted in
+        // `ahead`, taken first as every commit does; it can only fall
+        // while the commit lock is held, as the drain indexes them).
+        let ahead = self.ahead();
         let _commit = self.segments.lock_commits();
         let room = super::blobs::StoreRoom {
-            stored: self.stored.load(Ordering::Acquire),
+            stored: self
+                .stored
+                .load(Ordering::Acquire)
+                .saturating_add(ahead.added()),
             max: self.limits.max_store_bytes,
         };
+        drop(ahead);
         let (meta, cost) = self.write(|txn| blobs::put(txn, put, limits, now_ms, room))?;
         if cost.added > 0 {
             self.stored.fetch_add(cost.added, Ordering::AcqRel);
@@ -3201,6 +3209,53 @@ mod tests {
 
     fn release_index(store: &RedbStore) {
         store.drain_ahead().unwrap();
+    }
+
+    /// The store cap counts the sends a checkpoint keeps in the log alone
+    /// when it admits a blob, as it does when it admits envelopes.
+    #[test]
+    fn a_blob_is_refused_when_sends_ahead_of_the_index_filled_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let limits = StoreLimits {
+            max_store_bytes: 64 * 1024,
+            ..StoreLimits::default()
+        };
+        let store = RedbStore::open_with_segment_size(&path, limits, 1 << 20).unwrap();
+        let a = DeviceId([1; 16]);
+        store.register_device(&registration(1), 1).unwrap();
+        let blob = |id: u8| super::super::BlobWrite {
+            owner: a,
+            blob: hush_protocol::BlobId([id; 16]),
+            offset: 0,
+            total_len: 16 * 1024,
+            bytes: &[7; 16 * 1024],
+        };
+        let blob_limits = super::super::BlobLimits::default();
+        hold_index(&store);
+        let mut stored = 0;
+        for m in 1..=12 {
+            let got = store.commit(&[envelope(a, m, 4000)]).unwrap();
+            if got == [CommitOutcome::Stored { seq: u64::from(m) }] {
+                stored += 1;
+            }
+        }
+        assert!(stored >= 8, "{stored} envelopes fit the cap");
+        assert!(store.ahead_of_index() > 0, "they wait in the log");
+        assert!(matches!(
+            store.blob_put(&blob(1), &blob_limits, 1),
+            Err(StoreError::StoreFull)
+        ));
+        // Indexed, the same envelopes count the same.
+        release_index(&store);
+        assert!(matches!(
+            store.blob_put(&blob(1), &blob_limits, 1),
+            Err(StoreError::StoreFull)
+        ));
+        // Acknowledged, they free the room.
+        store.ack(&a, u64::MAX).unwrap();
+        store.blob_put(&blob(1), &blob_limits, 1).unwrap();
+        store.check_consistency().unwrap();
     }
 
     #[test]

@@ -53,6 +53,11 @@ pub(super) struct Ahead {
 const DRAIN_TURNS: usize = 4096;
 
 impl Ahead {
+    /// What the batches in the log alone count against the store cap.
+    pub(super) fn added(&self) -> u64 {
+        self.added
+    }
+
     /// The log is drained (or poisoned): sends commit to the index again.
     fn close(&mut self) {
         self.pending.clear();
