@@ -667,8 +667,9 @@ impl<S: Store + ?Sized> RelayCore<S> {
         };
         match result {
             // The answer goes first, after only the claim of a device just
-            // authenticated: the connection owns the device (and waited for
-            // the one it displaced) before `AuthOk` reports its cursor.
+            // authenticated: the connection owns the device (and adopted
+            // the acks of the one it displaced) before `AuthOk` reports its
+            // cursor.
             Ok(response) => actions.insert(
                 usize::from(matches!(actions.first(), Some(Action::Authenticated(_)))),
                 Action::Send(
