@@ -10,6 +10,8 @@
 //!   text message, garbage, broken WebSocket framing, a bad signature —
 //!   each refused with a typed error frame and/or close code, while another
 //!   device keeps being served;
+//! - a device whose old connection is stuck writing to it reconnects and
+//!   is told the ack it sent there;
 //! - the connection limit per address applies to WebSockets too;
 //! - the `hush` CLI with `--transport ws`, and with `--transport auto`
 //!   against a relay whose UDP port is closed.
@@ -17,14 +19,15 @@
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use hush_protocol::{ErrorCode, Request, ServerFrame};
+use hush_protocol::{ErrorCode, Request, Response, ServerFrame};
 use hush_relay::clock::SystemClock;
 use hush_relay::config::Config;
 use hush_relay::server::RelayHandle;
 use hush_tests::cli::{Hush, metric};
-use hush_tests::ws::WsDevice;
+use hush_tests::ws::{WsDevice, WsEvent};
 use hush_tests::{
-    DeviceIdentity, RelayProcess, TestDevice, conversation, make_envelope, refusal_code, stored,
+    DeviceIdentity, RelayProcess, TestDevice, conversation, make_envelope, make_envelope_sized,
+    refusal_code, stored,
 };
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
@@ -374,6 +377,66 @@ fn raw_plain_ws(http: std::net::SocketAddr, bytes: &[u8]) -> Option<u16> {
 
 /// `--max-connections-per-ip` counts WebSockets: the third from one
 /// address is refused before TLS, and freeing one makes room.
+/// A device whose old connection is stuck writing pages to a peer that no
+/// longer reads (a phone that moved networks mid catch-up) reconnects, and
+/// its new connection is told the ack it sent on the old one: the relay
+/// applies that ack for the new connection instead of waiting for the old
+/// one, which holds it back (the device was catching up) and cannot get to
+/// it while its write is blocked.
+#[tokio::test]
+async fn a_reconnect_adopts_the_ack_of_a_connection_stuck_writing() {
+    let relay = relay(&["--inbox-max-bytes", "64MiB"]).await;
+    let (a, mut sender) = ws_device(&relay, 30).await;
+    let (b, mut old) = ws_device(&relay, 31).await;
+    let conv = conversation(3);
+    let big: Vec<_> = (1..=200)
+        .map(|i| make_envelope_sized(a.device(), b.device(), conv, i, 60 * 1024, 7))
+        .collect();
+    for chunk in big.chunks(16) {
+        let id = sender
+            .write_request(Request::Send {
+                envelopes: chunk.to_vec(),
+            })
+            .await
+            .unwrap();
+        match sender.next_event(PROMPT).await.unwrap() {
+            WsEvent::Frame(frame) => match *frame {
+                ServerFrame::Response {
+                    request_id,
+                    response: Response::Sent { outcomes },
+                } if request_id == id => {
+                    assert!(outcomes.iter().all(|o| stored(o).is_some()), "{outcomes:?}");
+                }
+                other => panic!("expected Sent, got {other:?}"),
+            },
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+    let page = old.pull(0, 10, 0).await.unwrap();
+    assert_eq!(page.envelopes.last().map(|d| d.seq), Some(10));
+    // Acknowledge 1..=10 with the next pull (held back: more remains), and
+    // ask for the same 2 MiB page again and again without reading: the
+    // relay's writes fill the socket buffers and block.
+    for _ in 0..16 {
+        old.write_request(Request::Pull {
+            after: 10,
+            limit: 1000,
+            ack: 10,
+        })
+        .await
+        .unwrap();
+    }
+    let mut new = TestDevice::login(&b, relay.target()).await.unwrap();
+    assert_eq!(
+        new.auth_ok().map(|ok| ok.acked),
+        Some(10),
+        "AuthOk reports the ack the stuck connection received"
+    );
+    let page = new.pull(10, 5, 10).await.unwrap();
+    assert_eq!(page.envelopes.first().map(|d| d.seq), Some(11));
+    drop(old);
+}
+
 #[tokio::test]
 async fn connection_limit_per_address_applies_to_websockets() {
     let relay = relay(&["--max-connections-per-ip", "2"]).await;
