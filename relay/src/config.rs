@@ -83,6 +83,10 @@ pub struct Config {
     pub store: Vec<StoreSpec>,
     /// Start on a PostgreSQL primary without a synchronous standby.
     pub allow_unreplicated: bool,
+    /// Stop the process (exit status 3) when the store refuses every send
+    /// until a restart ([`crate::store::Store::failure`]), so that its
+    /// supervisor restarts it; otherwise keep serving reads.
+    pub exit_on_store_failure: bool,
     /// Address of the HTTP listener (health, metrics, certificate hash), if any.
     pub http: Option<SocketAddr>,
     /// Generate (and renew) a short-lived self-signed certificate in the data dir.
@@ -210,6 +214,7 @@ impl Config {
             data_dir,
             store: Vec::new(),
             allow_unreplicated: false,
+            exit_on_store_failure: true,
             http: None,
             dev_cert: false,
             cert: None,
@@ -280,6 +285,7 @@ impl Config {
             .map(|s| StoreSpec::parse(s).map_err(|e| RelayError::Config(format!("--store: {e}"))))
             .collect::<Result<_, _>>()?;
         c.allow_unreplicated = pick!(allow_unreplicated).unwrap_or(false);
+        c.exit_on_store_failure = pick!(exit_on_store_failure).unwrap_or(true);
         c.http = pick!(http);
         c.dev_cert = pick!(dev_cert).unwrap_or(false);
         c.cert = pick!(cert);
@@ -518,6 +524,7 @@ impl Config {
             store: (!self.store.is_empty())
                 .then(|| self.store.iter().map(StoreSpec::to_spec_string).collect()),
             allow_unreplicated: self.allow_unreplicated.then_some(true),
+            exit_on_store_failure: Some(self.exit_on_store_failure),
             http: self.http,
             dev_cert: Some(self.dev_cert),
             cert: self.cert.clone(),
@@ -592,6 +599,22 @@ pub struct Cli {
         value_parser = BoolishValueParser::new()
     )]
     pub allow_unreplicated: Option<bool>,
+
+    /// When the store's log fails a write or sync (a full disk, an I/O
+    /// error) it refuses every send until the relay restarts, which recovers
+    /// every acknowledged envelope: stop the process then (exit status 3)
+    /// for its supervisor to restart it; with false, keep serving reads
+    /// while /healthz answers 503 [default: true]
+    #[arg(
+        long,
+        env = "HUSH_EXIT_ON_STORE_FAILURE",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = BoolishValueParser::new()
+    )]
+    pub exit_on_store_failure: Option<bool>,
 
     /// Address of the HTTP listener for /healthz, /metrics, /certificate.sha256,
     /// /relay.json (where pages dial and which certificate hash to pin) and,
@@ -774,6 +797,9 @@ pub struct FileConfig {
     /// See `--allow-unreplicated`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_unreplicated: Option<bool>,
+    /// See `--exit-on-store-failure`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_on_store_failure: Option<bool>,
     /// See `--http`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<SocketAddr>,
@@ -1080,6 +1106,21 @@ mod tests {
         assert_eq!(f.retention.as_deref(), Some("30d"));
         assert_eq!(f.data, Some(PathBuf::from("/var/lib/hush")));
         assert_eq!(f.dev_cert, Some(true));
+    }
+
+    #[test]
+    fn a_failed_store_stops_the_relay_unless_told_otherwise() {
+        let c = Config::parse_from(["hush-relay", "--dev-cert"]).unwrap();
+        assert!(c.exit_on_store_failure);
+        let f = FileConfig::parse(&c.to_toml()).unwrap();
+        assert_eq!(f.exit_on_store_failure, Some(true));
+        let c = Config::parse_from(["hush-relay", "--dev-cert", "--exit-on-store-failure=false"])
+            .unwrap();
+        assert!(!c.exit_on_store_failure);
+        let f = FileConfig::parse(&c.to_toml()).unwrap();
+        assert_eq!(f.exit_on_store_failure, Some(false));
+        let f = FileConfig::parse("exit-on-store-failure = false\n").unwrap();
+        assert_eq!(f.exit_on_store_failure, Some(false));
     }
 
     #[test]

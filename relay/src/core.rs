@@ -1492,6 +1492,17 @@ impl<S: Store + ?Sized> RelayCore<S> {
         if let Ok(depth) = self.store.total_depth() {
             self.metrics.inbox_depth.store(depth, Ordering::Relaxed);
         }
+        self.store_failure();
+    }
+
+    /// Why the store refuses every commit until a restart, if it does
+    /// ([`Store::failure`]); also sets `hush_store_failed`.
+    pub fn store_failure(&self) -> Option<String> {
+        let failure = self.store.failure();
+        self.metrics
+            .store_failed
+            .store(i64::from(failure.is_some()), Ordering::Relaxed);
+        failure
     }
 }
 

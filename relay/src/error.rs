@@ -45,4 +45,8 @@ pub enum RelayError {
     /// A background task ended unexpectedly.
     #[error("internal: {0}")]
     Internal(String),
+    /// The store refuses every send until a restart; the relay stopped so
+    /// that its supervisor restarts it (`--exit-on-store-failure`).
+    #[error("stopped because the store failed: {0}")]
+    StoreFailed(String),
 }

@@ -143,6 +143,9 @@ pub struct HttpState {
     pub cert: Arc<CertState>,
     /// Called (on a blocking thread) before rendering metrics, to sample gauges.
     pub refresh_metrics: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Why the relay cannot serve sends until it is restarted, if it cannot
+    /// (`GET /healthz` then answers 503 with the reason).
+    pub failure: Option<Arc<dyn Fn() -> Option<String> + Send + Sync>>,
     /// Served for other paths when set.
     pub static_files: Option<Arc<dyn StaticFiles>>,
 }
@@ -310,7 +313,10 @@ async fn route(head: &str, state: &HttpState) -> Reply {
     }
     let path = target.split(['?', '#']).next().unwrap_or("/");
     match path {
-        "/healthz" => Reply::text("200 OK", "ok\n"),
+        "/healthz" => match state.failure.as_ref().and_then(|failure| failure()) {
+            None => Reply::text("200 OK", "ok\n"),
+            Some(why) => Reply::text("503 Service Unavailable", format!("failed: {why}\n")),
+        },
         "/metrics" => {
             if let Some(refresh) = &state.refresh_metrics {
                 let refresh = Arc::clone(refresh);

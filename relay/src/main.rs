@@ -3,7 +3,9 @@
 //! Prints, once listening, `hush-relay listening on <addr>`, `http on <addr>`
 //! (when enabled) and `certificate sha256: <hex>` on stdout — scripts parse
 //! these to find ephemeral ports — and logs to stderr (`RUST_LOG`, default
-//! `info`). Stops gracefully on SIGTERM or Ctrl-C and exits 0.
+//! `info`). Stops gracefully on SIGTERM or Ctrl-C and exits 0; exits 2 on a
+//! bad configuration, and 3 after stopping because the store failed
+//! (`--exit-on-store-failure`).
 
 use clap::Parser;
 use hush_relay::config::Cli;
@@ -53,12 +55,21 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hush-relay: {e}");
-            ExitCode::FAILURE
+            match e {
+                RelayError::StoreFailed(_) => ExitCode::from(STORE_FAILED_EXIT),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
 
+/// Exit status after stopping because the store failed (see
+/// `--exit-on-store-failure`): a supervisor restarts the relay, and the
+/// restart recovers every acknowledged envelope from the log.
+const STORE_FAILED_EXIT: u8 = 3;
+
 async fn run(config: Config) -> Result<(), RelayError> {
+    let exit_on_store_failure = config.exit_on_store_failure;
     let relay = RelayHandle::start(config, Arc::new(SystemClock)).await?;
     // Watch SIGTERM before announcing the addresses: whoever reads them may
     // signal at once.
@@ -71,8 +82,27 @@ async fn run(config: Config) -> Result<(), RelayError> {
         println!("websocket on {addr}");
     }
     println!("certificate sha256: {}", relay.cert_sha256_hex());
-    wait_for_stop_signal(term).await;
-    relay.shutdown().await
+    let failed = if exit_on_store_failure {
+        tokio::select! {
+            () = wait_for_stop_signal(term) => None,
+            why = relay.store_failed() => Some(why),
+        }
+    } else {
+        wait_for_stop_signal(term).await;
+        None
+    };
+    match failed {
+        None => relay.shutdown().await,
+        Some(why) => {
+            tracing::error!("stopping: {why}");
+            // The exit status says why the relay stopped, whatever else the
+            // failed store makes the shutdown report.
+            if let Err(e) = relay.shutdown().await {
+                tracing::error!("shutting down after the store failed: {e}");
+            }
+            Err(RelayError::StoreFailed(why))
+        }
+    }
 }
 
 /// The SIGTERM watch (none off Unix).

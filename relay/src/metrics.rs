@@ -212,6 +212,9 @@ pub struct Metrics {
     /// Whether the store's commits wait for a synchronous standby: 1 or 0
     /// for PostgreSQL, -1 (not reported) for a local store.
     pub store_replicated: AtomicI64,
+    /// 1 while the store refuses every commit until a restart
+    /// ([`crate::store::Store::failure`]; sampled).
+    pub store_failed: AtomicI64,
     /// WebSocket connections upgraded (also counted in `connections_total`).
     pub websocket_connections_total: AtomicU64,
     /// WebSocket connections closed for breaking the WebSocket protocol
@@ -273,6 +276,7 @@ impl Metrics {
             http_dropped_total: AtomicU64::new(0),
             prekeys_low_notices_total: AtomicU64::new(0),
             store_replicated: AtomicI64::new(-1),
+            store_failed: AtomicI64::new(0),
             websocket_connections_total: AtomicU64::new(0),
             websocket_violations_total: AtomicU64::new(0),
             sync_sessions_started_total: AtomicU64::new(0),
@@ -422,6 +426,12 @@ impl Metrics {
                 i64::try_from(runtime.metrics().num_workers()).unwrap_or(i64::MAX),
             );
         }
+        gauge(
+            &mut out,
+            "hush_store_failed",
+            "1 if the store refuses every send until the relay is restarted (a failed write or sync of its log).",
+            self.store_failed.load(Ordering::Relaxed),
+        );
         gauge(
             &mut out,
             "hush_inbox_depth",

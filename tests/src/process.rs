@@ -57,6 +57,9 @@ pub struct RelayProcess {
     starts: u32,
     // Declared last: removed only after `Drop` has killed the process.
     temp: Option<tempfile::TempDir>,
+    /// `RLIMIT_FSIZE` for the process, in bytes, if any (see
+    /// [`RelayProcess::spawn_temp_with_file_size_limit`]).
+    file_size_limit: Option<u64>,
 }
 
 impl std::fmt::Debug for RelayProcess {
@@ -86,10 +89,20 @@ impl RelayProcess {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<RelayProcess> {
+        let mut relay = Self::unstarted(data_dir, extra_args, env)?;
+        relay.start(([127, 0, 0, 1], 0).into()).await?;
+        Ok(relay)
+    }
+
+    /// The process's settings, before its first start.
+    fn unstarted(
+        data_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<RelayProcess> {
         std::fs::create_dir_all(data_dir)?;
-        let log_path = data_dir.with_extension("log");
         let unspecified: SocketAddr = ([127, 0, 0, 1], 0).into();
-        let mut relay = RelayProcess {
+        Ok(RelayProcess {
             bin: bin_path("hush-relay")?,
             data_dir: data_dir.to_path_buf(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
@@ -97,7 +110,7 @@ impl RelayProcess {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            log_path,
+            log_path: data_dir.with_extension("log"),
             child: None,
             stderr_copier: None,
             quic_addr: unspecified,
@@ -106,9 +119,8 @@ impl RelayProcess {
             cert_sha256: [0; 32],
             starts: 0,
             temp: None,
-        };
-        relay.start(unspecified).await?;
-        Ok(relay)
+            file_size_limit: None,
+        })
     }
 
     /// Start a relay in a fresh temporary directory (data in `data/`, log in
@@ -129,6 +141,30 @@ impl RelayProcess {
         let mut relay = Self::spawn_with_env(&temp.path().join("data"), extra_args, env).await?;
         relay.temp = Some(temp);
         Ok(relay)
+    }
+
+    /// [`RelayProcess::spawn_temp`] for a relay that may write no file past
+    /// about `bytes` (its `RLIMIT_FSIZE`, set by `sh`'s `ulimit -f`, with
+    /// `SIGXFSZ` ignored): a write beyond it fails with `EFBIG`, as a full
+    /// disk fails one with `ENOSPC`, while the rest of the machine goes on.
+    /// [`RelayProcess::clear_file_size_limit`] lifts it for the next start.
+    pub async fn spawn_temp_with_file_size_limit(
+        extra_args: &[&str],
+        bytes: u64,
+    ) -> Result<RelayProcess> {
+        let temp = tempfile::Builder::new()
+            .prefix("hush-relay-test")
+            .tempdir()?;
+        let mut relay = Self::unstarted(&temp.path().join("data"), extra_args, &[])?;
+        relay.temp = Some(temp);
+        relay.file_size_limit = Some(bytes);
+        relay.start(([127, 0, 0, 1], 0).into()).await?;
+        Ok(relay)
+    }
+
+    /// Start later processes without the file size limit.
+    pub fn clear_file_size_limit(&mut self) {
+        self.file_size_limit = None;
     }
 
     /// Keep the temporary directory (data and log) after the test, for a
@@ -229,7 +265,7 @@ impl RelayProcess {
     /// Ask the process to shut down gracefully (SIGTERM) and wait for it to
     /// exit, at most [`SHUTDOWN_BOUND`].
     pub async fn terminate(&mut self) -> Result<ExitStatus> {
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.as_ref() else {
             return Err(HarnessError::Process("relay is not running".into()));
         };
         let status = Command::new("kill")
@@ -240,16 +276,24 @@ impl RelayProcess {
                 "kill -TERM failed: {status}"
             )));
         }
+        self.wait_exit(SHUTDOWN_BOUND, "relay exit after SIGTERM")
+            .await
+    }
+
+    /// Wait for the process to exit by itself, at most `bound` (then it is
+    /// killed and `what` names the timeout in the error).
+    pub async fn wait_exit(&mut self, bound: Duration, what: &str) -> Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            return Err(HarnessError::Process("relay is not running".into()));
+        };
         let mut exit = None;
-        let waited = wait_until(SHUTDOWN_BOUND, "relay exit after SIGTERM", || {
-            match child.try_wait() {
-                Ok(Some(s)) => {
-                    exit = Some(s);
-                    true
-                }
-                Ok(None) => false,
-                Err(_) => true,
+        let waited = wait_until(bound, what, || match child.try_wait() {
+            Ok(Some(s)) => {
+                exit = Some(s);
+                true
             }
+            Ok(None) => false,
+            Err(_) => true,
         })
         .await;
         if let Err(e) = waited {
@@ -311,7 +355,20 @@ impl RelayProcess {
         if let Ok(mut f) = log.lock() {
             writeln!(f, "=== harness: start #{}: {}", self.starts, args.join(" "))?;
         }
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = match self.file_size_limit {
+            None => Command::new(&self.bin),
+            Some(bytes) => {
+                // `exec` keeps the pid: signals and waits reach the relay.
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!(
+                        "trap '' XFSZ; ulimit -f {}; exec \"$0\" \"$@\"",
+                        bytes.div_ceil(512).max(1)
+                    ))
+                    .arg(&self.bin);
+                sh
+            }
+        };
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

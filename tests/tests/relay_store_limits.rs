@@ -3,12 +3,13 @@
 //! `StoreFull` while the recipient keeps pulling and acknowledging (which
 //! gives the space back), and one user cannot register more than
 //! `--max-devices-per-user` devices. Plus, on an in-process relay whose
-//! store rolls small segments, the commit writer's segment compaction.
+//! store rolls small segments, the commit writer's segment compaction; and
+//! a relay whose disk fails a write of its envelope log.
 
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use hush_protocol::ErrorCode;
+use hush_protocol::{Envelope, ErrorCode, SendOutcome};
 use hush_relay::store::redb_store::RedbStore;
 use hush_relay::store::{StoreLimits, stored_cost};
 use hush_relay::{Config, RelayHandle, StartOptions, SystemClock};
@@ -122,6 +123,166 @@ async fn the_eleventh_device_of_a_user_is_refused() {
     TestDevice::register_new(&DeviceIdentity::from_seed(99), relay.target())
         .await
         .expect("another user's device registers");
+}
+
+/// Files the relay with a failing disk may write: past about this size a
+/// write fails (`RLIMIT_FSIZE`), as on a disk that filled up under the relay
+/// (its `--max-store-bytes` reserves a share of the free space, but another
+/// program may take the rest).
+const DISK_LIMIT: u64 = 4 * 1024 * 1024;
+/// Each send of the tests that fill it: a few dozen reach the limit.
+const LARGE_ENVELOPE: usize = 48 * 1024;
+
+/// The failing-disk tests' sender and recipient.
+fn failing_disk_devices() -> (DeviceIdentity, DeviceIdentity) {
+    (DeviceIdentity::from_seed(21), DeviceIdentity::from_seed(22))
+}
+
+fn large_envelope(a: &DeviceIdentity, b: &DeviceIdentity, seq: u64) -> Envelope {
+    make_envelope_sized(
+        a.device(),
+        b.device(),
+        conversation(2),
+        seq,
+        LARGE_ENVELOPE,
+        seq as u8,
+    )
+}
+
+/// The code of a send's refusal, whether it came as a `Refused` outcome or
+/// as an error answer.
+fn send_refusal(result: &hush_tests::Result<SendOutcome>) -> Option<ErrorCode> {
+    match result {
+        Ok(outcome) => refused(outcome).map(|e| e.code),
+        Err(e) => e.code(),
+    }
+}
+
+/// Register the two devices, then send large envelopes one per `Send` until
+/// the relay's log fails a write (at most four times [`DISK_LIMIT`]).
+/// Returns the sends it acknowledged (relay seq, envelope) and the refused
+/// one, after checking that the refusal is `Internal`.
+async fn send_until_the_log_fails(relay: &RelayProcess) -> (Vec<(u64, Envelope)>, Envelope) {
+    let (a, b) = failing_disk_devices();
+    let mut sender = TestDevice::register_new(&a, relay.target()).await.unwrap();
+    TestDevice::register_new(&b, relay.target())
+        .await
+        .unwrap()
+        .close();
+    let bound = 4 * DISK_LIMIT / LARGE_ENVELOPE as u64;
+    let mut accepted = Vec::new();
+    for seq in 1..=bound {
+        let env = large_envelope(&a, &b, seq);
+        let result = sender.send_one(env.clone()).await;
+        match result.as_ref().ok().and_then(stored) {
+            Some((relay_seq, duplicate)) => {
+                assert!(!duplicate);
+                accepted.push((relay_seq, env));
+            }
+            None => {
+                assert_eq!(
+                    send_refusal(&result),
+                    Some(ErrorCode::Internal),
+                    "{result:?}"
+                );
+                assert!(!accepted.is_empty(), "the first sends fit below the limit");
+                sender.close();
+                return (accepted, env);
+            }
+        }
+    }
+    panic!("no write failed below four times the limit");
+}
+
+/// After a restart on a working disk: `/healthz` is ok again, the recipient
+/// pulls exactly the acknowledged envelopes, intact and in order, and the
+/// refused one is accepted now, after them.
+async fn check_recovered(relay: &RelayProcess, accepted: &[(u64, Envelope)], refused: &Envelope) {
+    let (a, b) = failing_disk_devices();
+    assert_eq!(relay.http_get("/healthz").unwrap(), (200, "ok\n".into()));
+    let (_, metrics) = relay.http_get("/metrics").unwrap();
+    assert!(metrics.contains("\nhush_store_failed 0\n"), "{metrics}");
+    let mut recipient = TestDevice::login(&b, relay.target()).await.unwrap();
+    let inbox = recipient.read_inbox(0).await.unwrap();
+    assert_eq!(
+        inbox.len(),
+        accepted.len(),
+        "every acknowledged envelope, no other"
+    );
+    for (got, (seq, env)) in inbox.iter().zip(accepted) {
+        assert_eq!(got.seq, *seq);
+        assert_eq!(got.envelope, *env);
+    }
+    let mut sender = TestDevice::login(&a, relay.target()).await.unwrap();
+    let outcome = sender.send_one(refused.clone()).await.unwrap();
+    let (seq, duplicate) = stored(&outcome).expect("stored after the restart");
+    assert!(!duplicate, "the refused send was never stored");
+    let last = accepted.last().map_or(0, |(s, _)| *s);
+    assert!(seq > last);
+    let tail = recipient.read_inbox(last).await.unwrap();
+    assert_eq!(tail.len(), 1);
+    assert_eq!(tail[0].envelope, *refused);
+}
+
+/// The relay's envelope log fails a write: the relay refuses that send
+/// (nothing it writes can be trusted to be durable any more), stops with
+/// exit status 3 so that its supervisor restarts it, and a restart on a
+/// working disk recovers every envelope it acknowledged before.
+#[tokio::test]
+async fn a_failed_log_write_stops_the_relay_and_a_restart_recovers_what_it_acknowledged() {
+    let mut relay =
+        RelayProcess::spawn_temp_with_file_size_limit(&["--send-rate", "0"], DISK_LIMIT)
+            .await
+            .expect("relay process starts");
+    let (accepted, refused_env) = send_until_the_log_fails(&relay).await;
+    let status = relay
+        .wait_exit(PROMPT, "relay exit after its store failed")
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(3), "{}", relay.log_tail(20));
+    let log = String::from_utf8_lossy(&relay.log_bytes().unwrap()).into_owned();
+    assert!(log.contains("stopped because the store failed"), "{log}");
+
+    relay.clear_file_size_limit();
+    relay.restart().await.unwrap();
+    check_recovered(&relay, &accepted, &refused_env).await;
+}
+
+/// The same failure with `--exit-on-store-failure=false`: the relay stays
+/// up, `GET /healthz` answers 503 with the reason and `hush_store_failed`
+/// is 1, every later send is refused, and devices still pull what it
+/// acknowledged. A restart on a working disk recovers everything.
+#[tokio::test]
+async fn a_relay_told_not_to_exit_reports_its_failed_store_and_serves_reads() {
+    let mut relay = RelayProcess::spawn_temp_with_file_size_limit(
+        &["--send-rate", "0", "--exit-on-store-failure=false"],
+        DISK_LIMIT,
+    )
+    .await
+    .expect("relay process starts");
+    assert_eq!(relay.http_get("/healthz").unwrap(), (200, "ok\n".into()));
+    let (accepted, refused_env) = send_until_the_log_fails(&relay).await;
+    let (a, b) = failing_disk_devices();
+
+    let (status, body) = relay.http_get("/healthz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("restarted"), "{body}");
+    let (_, metrics) = relay.http_get("/metrics").unwrap();
+    assert!(metrics.contains("\nhush_store_failed 1\n"), "{metrics}");
+    let mut later = TestDevice::login(&a, relay.target()).await.unwrap();
+    let small = make_envelope_sized(a.device(), b.device(), conversation(2), 10_000, 512, 7);
+    let again = later.send_one(small).await;
+    assert_eq!(send_refusal(&again), Some(ErrorCode::Internal), "{again:?}");
+    later.close();
+    let mut recipient = TestDevice::login(&b, relay.target()).await.unwrap();
+    let inbox = recipient.read_inbox(0).await.unwrap();
+    assert_eq!(inbox.len(), accepted.len());
+    assert!(relay.is_running());
+    recipient.close();
+
+    relay.clear_file_size_limit();
+    relay.restart().await.unwrap();
+    check_recovered(&relay, &accepted, &refused_env).await;
 }
 
 /// The pinning attack against a running relay: one envelope its recipient

@@ -80,6 +80,9 @@ impl std::fmt::Debug for StartOptions {
     }
 }
 
+/// How often [`RelayHandle::store_failed`] looks at the store.
+pub const STORE_FAILURE_POLL: Duration = Duration::from_millis(200);
+
 /// A running relay.
 pub struct RelayHandle {
     quic_addr: SocketAddr,
@@ -371,6 +374,7 @@ impl RelayHandle {
                 }
             };
             let refresh_shared = Arc::clone(&shared);
+            let failure_shared = Arc::clone(&shared);
             let state = Arc::new(HttpState {
                 quic_addr,
                 ws_addr,
@@ -378,6 +382,7 @@ impl RelayHandle {
                 metrics: Arc::clone(&metrics),
                 cert: Arc::clone(&cert),
                 refresh_metrics: Some(Arc::new(move || refresh_shared.core.refresh_depth())),
+                failure: Some(Arc::new(move || failure_shared.core.store_failure())),
                 static_files,
             });
             background.push(tokio::spawn(crate::http::serve(
@@ -450,6 +455,21 @@ impl RelayHandle {
         })
         .await;
         Ok(expired)
+    }
+
+    /// Resolves once the store refuses every send until a restart
+    /// ([`crate::store::Store::failure`]), with the reason. Looked at every
+    /// [`STORE_FAILURE_POLL`] (an atomic flag; `/healthz` reports the same
+    /// at once).
+    pub async fn store_failed(&self) -> String {
+        let mut every = tokio::time::interval(STORE_FAILURE_POLL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            every.tick().await;
+            if let Some(why) = self.shared.core.store_failure() {
+                return why;
+            }
+        }
     }
 
     /// Stop gracefully: refuse new connections, answer pending sends, tell

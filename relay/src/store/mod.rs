@@ -629,6 +629,17 @@ pub trait Store: Send + Sync + 'static {
     fn local_reads(&self) -> bool {
         false
     }
+
+    /// Why this store refuses every commit until the relay restarts, if it
+    /// does: after a failed write or sync of its log nothing it writes can
+    /// be trusted to be durable, and only the replay at the next open puts
+    /// the log and the index back in order (docs/STORAGE.md §5). Reported by
+    /// `GET /healthz` (503) and the `hush_store_failed` gauge, so that a
+    /// supervisor restarts the relay instead of leaving it refusing sends.
+    /// Stores that recover by themselves keep `None`.
+    fn failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The devices `previous` names that `list` does not (in `previous`'s order).

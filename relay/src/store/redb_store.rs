@@ -2058,6 +2058,15 @@ impl Store for RedbStore {
         true
     }
 
+    fn failure(&self) -> Option<String> {
+        self.segments.failed().then(|| {
+            "a write or sync of the envelope log failed (disk full or an I/O error?); \
+             sends are refused until the relay is restarted, which recovers every \
+             acknowledged envelope from the log"
+                .to_string()
+        })
+    }
+
     fn blob_put(
         &self,
         put: &super::BlobWrite<'_>,

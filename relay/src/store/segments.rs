@@ -528,8 +528,7 @@ impl Append {
     /// pages and will not report it again: nothing written from now on
     /// could be trusted to be durable.
     fn poison(&self) {
-        self.poisoned
-            .store(true, std::sync::atomic::Ordering::Release);
+        mark_failed(&self.poisoned, "a segment write or sync failed");
     }
 
     /// The batch's index commit failed after its bytes were written: cut
@@ -549,6 +548,18 @@ impl Append {
             tracing::error!(segment = self.id, "could not cut off a failed batch: {e}");
             self.poison();
         }
+    }
+}
+
+/// Set the log's failed flag; the first time, say so in the relay's log
+/// (once: every later commit is refused with the same error, and
+/// `/healthz` and `hush_store_failed` report it).
+fn mark_failed(flag: &std::sync::atomic::AtomicBool, why: &str) {
+    if !flag.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        tracing::error!(
+            "envelope segments failed ({why}): refusing sends until the relay is restarted, \
+             which recovers every acknowledged envelope from the log"
+        );
     }
 }
 
@@ -876,8 +887,16 @@ impl Segments {
     /// acknowledged from the log could not be committed to the index, and
     /// only the replay at the next open can put it back in order.
     pub(crate) fn poison(&self) {
-        self.poisoned
-            .store(true, std::sync::atomic::Ordering::Release);
+        mark_failed(
+            &self.poisoned,
+            "an acknowledged batch could not be committed to the index",
+        );
+    }
+
+    /// Whether commits are refused until a restart (see
+    /// [`Segments::poison`] and `Append::poison`).
+    pub(crate) fn failed(&self) -> bool {
+        self.poisoned.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The replay is over: cut `id` back to `end` (what lies past it is not
@@ -1513,10 +1532,11 @@ mod tests {
             .unwrap();
         assert!(batches.is_empty());
         assert_eq!(end, SEGMENT_HEADER_LEN);
-        // A log in an unknown state refuses every further batch.
-        append
-            .poisoned
-            .store(true, std::sync::atomic::Ordering::Release);
+        // A log in an unknown state refuses every further batch, and says
+        // so (what `/healthz` reports).
+        assert!(!segs.failed());
+        append.poison();
+        assert!(segs.failed());
         let refused = segs.begin_append(10, 6).unwrap_err();
         assert!(refused.to_string().contains("restart"), "{refused}");
     }
