@@ -600,9 +600,10 @@ pub struct Cli {
     )]
     pub allow_unreplicated: Option<bool>,
 
-    /// When the store's log fails a write or sync (a full disk, an I/O
-    /// error) it refuses every send until the relay restarts, which recovers
-    /// every acknowledged envelope: stop the process then (exit status 3)
+    /// When the store's log fails a write or sync, or its index file a write
+    /// (a full disk, an I/O error), it refuses every send until the relay
+    /// restarts, which recovers every acknowledged envelope: stop the
+    /// process then (exit status 3)
     /// for its supervisor to restart it; with false, keep serving reads
     /// while /healthz answers 503 [default: true]
     #[arg(

@@ -429,7 +429,7 @@ impl Metrics {
         gauge(
             &mut out,
             "hush_store_failed",
-            "1 if the store refuses every send until the relay is restarted (a failed write or sync of its log).",
+            "1 if the store refuses every send until the relay is restarted (a failed write of its log or index).",
             self.store_failed.load(Ordering::Relaxed),
         );
         gauge(

@@ -4,7 +4,7 @@
 //! gives the space back), and one user cannot register more than
 //! `--max-devices-per-user` devices. Plus, on an in-process relay whose
 //! store rolls small segments, the commit writer's segment compaction; and
-//! a relay whose disk fails a write of its envelope log.
+//! a relay whose disk fails a write of its envelope log or of its index.
 
 // Test code: a failed expectation is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -132,22 +132,35 @@ async fn the_eleventh_device_of_a_user_is_refused() {
 const DISK_LIMIT: u64 = 4 * 1024 * 1024;
 /// Each send of the tests that fill it: a few dozen reach the limit.
 const LARGE_ENVELOPE: usize = 48 * 1024;
+/// The limit for the index file's test: it starts at about 1 MiB.
+const SMALL_DISK_LIMIT: u64 = 1536 * 1024;
+/// Longer than the relay needs without traffic before it checkpoints its
+/// index (50 ms).
+const QUIET: Duration = Duration::from_millis(80);
 
 /// The failing-disk tests' sender and recipient.
 fn failing_disk_devices() -> (DeviceIdentity, DeviceIdentity) {
     (DeviceIdentity::from_seed(21), DeviceIdentity::from_seed(22))
 }
 
-fn large_envelope(a: &DeviceIdentity, b: &DeviceIdentity, seq: u64) -> Envelope {
-    make_envelope_sized(
-        a.device(),
-        b.device(),
-        conversation(2),
-        seq,
-        LARGE_ENVELOPE,
-        seq as u8,
-    )
+/// How the failing-disk tests fill the disk.
+#[derive(Clone, Copy)]
+struct Filling {
+    /// Encoded size of each envelope (one per `Send`).
+    size: usize,
+    /// Most sends before the test gives up.
+    bound: u64,
+    /// After this many sends, a pause long enough for the relay to see no
+    /// traffic and checkpoint its index (`None`: no pauses).
+    pause_every: Option<u64>,
 }
+
+/// Large envelopes back to back: the envelope log reaches the limit first.
+const FILL_THE_LOG: Filling = Filling {
+    size: LARGE_ENVELOPE,
+    bound: 4 * DISK_LIMIT / LARGE_ENVELOPE as u64,
+    pause_every: None,
+};
 
 /// The code of a send's refusal, whether it came as a `Refused` outcome or
 /// as an error answer.
@@ -158,21 +171,33 @@ fn send_refusal(result: &hush_tests::Result<SendOutcome>) -> Option<ErrorCode> {
     }
 }
 
-/// Register the two devices, then send large envelopes one per `Send` until
-/// the relay's log fails a write (at most four times [`DISK_LIMIT`]).
-/// Returns the sends it acknowledged (relay seq, envelope) and the refused
-/// one, after checking that the refusal is `Internal`.
-async fn send_until_the_log_fails(relay: &RelayProcess) -> (Vec<(u64, Envelope)>, Envelope) {
+/// Register the two devices, then send envelopes one per `Send` as
+/// `filling` says until the relay's store fails a write. Returns the sends
+/// it acknowledged (relay seq, envelope) and the refused one, after
+/// checking that the refusal is `Internal`.
+async fn send_until_a_write_fails(
+    relay: &RelayProcess,
+    filling: Filling,
+) -> (Vec<(u64, Envelope)>, Envelope) {
     let (a, b) = failing_disk_devices();
     let mut sender = TestDevice::register_new(&a, relay.target()).await.unwrap();
     TestDevice::register_new(&b, relay.target())
         .await
         .unwrap()
         .close();
-    let bound = 4 * DISK_LIMIT / LARGE_ENVELOPE as u64;
     let mut accepted = Vec::new();
-    for seq in 1..=bound {
-        let env = large_envelope(&a, &b, seq);
+    for seq in 1..=filling.bound {
+        if filling.pause_every.is_some_and(|n| seq % n == 0) {
+            tokio::time::sleep(QUIET).await;
+        }
+        let env = make_envelope_sized(
+            a.device(),
+            b.device(),
+            conversation(2),
+            seq,
+            filling.size,
+            seq as u8,
+        );
         let result = sender.send_one(env.clone()).await;
         match result.as_ref().ok().and_then(stored) {
             Some((relay_seq, duplicate)) => {
@@ -191,7 +216,7 @@ async fn send_until_the_log_fails(relay: &RelayProcess) -> (Vec<(u64, Envelope)>
             }
         }
     }
-    panic!("no write failed below four times the limit");
+    panic!("no write failed in {} sends", filling.bound);
 }
 
 /// After a restart on a working disk: `/healthz` is ok again, the recipient
@@ -224,17 +249,15 @@ async fn check_recovered(relay: &RelayProcess, accepted: &[(u64, Envelope)], ref
     assert_eq!(tail[0].envelope, *refused);
 }
 
-/// The relay's envelope log fails a write: the relay refuses that send
-/// (nothing it writes can be trusted to be durable any more), stops with
-/// exit status 3 so that its supervisor restarts it, and a restart on a
-/// working disk recovers every envelope it acknowledged before.
-#[tokio::test]
-async fn a_failed_log_write_stops_the_relay_and_a_restart_recovers_what_it_acknowledged() {
-    let mut relay =
-        RelayProcess::spawn_temp_with_file_size_limit(&["--send-rate", "0"], DISK_LIMIT)
-            .await
-            .expect("relay process starts");
-    let (accepted, refused_env) = send_until_the_log_fails(&relay).await;
+/// Fill a relay started under `limit` as `filling` says until a write
+/// fails; then the relay must stop by itself with exit status 3, its log
+/// naming the failure (`log_says`), and a restart on a working disk must
+/// recover every envelope it acknowledged.
+async fn fails_stops_and_recovers(limit: u64, filling: Filling, log_says: &str) {
+    let mut relay = RelayProcess::spawn_temp_with_file_size_limit(&["--send-rate", "0"], limit)
+        .await
+        .expect("relay process starts");
+    let (accepted, refused_env) = send_until_a_write_fails(&relay, filling).await;
     let status = relay
         .wait_exit(PROMPT, "relay exit after its store failed")
         .await
@@ -242,10 +265,35 @@ async fn a_failed_log_write_stops_the_relay_and_a_restart_recovers_what_it_ackno
     assert_eq!(status.code(), Some(3), "{}", relay.log_tail(20));
     let log = String::from_utf8_lossy(&relay.log_bytes().unwrap()).into_owned();
     assert!(log.contains("stopped because the store failed"), "{log}");
+    assert!(log.contains(log_says), "{log}");
 
     relay.clear_file_size_limit();
     relay.restart().await.unwrap();
     check_recovered(&relay, &accepted, &refused_env).await;
+}
+
+/// The relay's envelope log fails a write: the relay refuses that send
+/// (nothing it writes can be trusted to be durable any more), stops with
+/// exit status 3 so that its supervisor restarts it, and a restart on a
+/// working disk recovers every envelope it acknowledged before.
+#[tokio::test]
+async fn a_failed_log_write_stops_the_relay_and_a_restart_recovers_what_it_acknowledged() {
+    fails_stops_and_recovers(DISK_LIMIT, FILL_THE_LOG, "envelope segments failed").await;
+}
+
+/// The index file (`hush.redb`) fails a write instead: small envelopes,
+/// with pauses in which the relay checkpoints its index, make it outgrow
+/// the limit before the envelope log does. redb then refuses every later
+/// operation on the file until it is opened again, so the relay stops just
+/// the same, and a restart recovers everything it acknowledged.
+#[tokio::test]
+async fn a_failed_index_write_stops_the_relay_and_a_restart_recovers_what_it_acknowledged() {
+    let filling = Filling {
+        size: 300,
+        bound: 20_000,
+        pause_every: Some(50),
+    };
+    fails_stops_and_recovers(SMALL_DISK_LIMIT, filling, "the index file failed").await;
 }
 
 /// The same failure with `--exit-on-store-failure=false`: the relay stays
@@ -261,7 +309,7 @@ async fn a_relay_told_not_to_exit_reports_its_failed_store_and_serves_reads() {
     .await
     .expect("relay process starts");
     assert_eq!(relay.http_get("/healthz").unwrap(), (200, "ok\n".into()));
-    let (accepted, refused_env) = send_until_the_log_fails(&relay).await;
+    let (accepted, refused_env) = send_until_a_write_fails(&relay, FILL_THE_LOG).await;
     let (a, b) = failing_disk_devices();
 
     let (status, body) = relay.http_get("/healthz").unwrap();

@@ -111,6 +111,10 @@ pub struct RedbStore {
     ahead: std::sync::Mutex<ahead::Ahead>,
     /// Signalled when the log's backlog has been indexed.
     indexed: std::sync::Condvar,
+    /// A transaction of the index failed on the file (an I/O error): redb
+    /// then refuses every later operation on it until it is opened again,
+    /// so the store reports a [`Store::failure`].
+    index_failed: std::sync::atomic::AtomicBool,
 }
 
 mod ahead;
@@ -530,6 +534,7 @@ impl RedbStore {
             }),
             ahead: std::sync::Mutex::new(ahead::Ahead::default()),
             indexed: std::sync::Condvar::new(),
+            index_failed: std::sync::atomic::AtomicBool::new(false),
         };
         store.replay_log(&tail, rows.last_key_value().map(|(&id, _)| id))?;
         Ok(store)
@@ -991,13 +996,33 @@ impl RedbStore {
     /// after this one if it is durable, otherwise after the next durable one
     /// (which persists this one too). Were the file deleted earlier, a crash
     /// could revert the transaction and leave rows pointing at nothing.
+    /// Note a failure of the index file: after an I/O error redb answers
+    /// every later operation with `PreviousIo` until it is opened again.
+    fn note_index_error(&self, e: &redb::StorageError) {
+        if matches!(
+            e,
+            redb::StorageError::Io(_) | redb::StorageError::PreviousIo
+        ) && !self.index_failed.swap(true, Ordering::AcqRel)
+        {
+            tracing::error!(
+                "the index file failed ({e}): refusing sends until the relay is restarted, \
+                 which recovers every acknowledged envelope from the segment log"
+            );
+        }
+    }
+
     fn write_with<T>(
         &self,
         durability: Durability,
         f: impl FnOnce(&WriteTransaction, &mut Vec<u32>) -> Result<(T, Changed), StoreError>,
     ) -> Result<T, StoreError> {
         let durable = !matches!(durability, Durability::None);
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write().map_err(|e| {
+            if let redb::TransactionError::Storage(s) = &e {
+                self.note_index_error(s);
+            }
+            StoreError::from(e)
+        })?;
         txn.set_durability(durability)?;
         // Taken inside the transaction: whatever was freed before it began
         // becomes durable with it.
@@ -1016,7 +1041,12 @@ impl RedbStore {
             }
         };
         let done = match changed {
-            Changed::Yes => txn.commit().map_err(StoreError::from),
+            Changed::Yes => txn.commit().map_err(|e| {
+                if let redb::CommitError::Storage(s) = &e {
+                    self.note_index_error(s);
+                }
+                StoreError::from(e)
+            }),
             Changed::No => txn.abort().map_err(StoreError::from),
         };
         if let Err(e) = done {
@@ -2059,12 +2089,17 @@ impl Store for RedbStore {
     }
 
     fn failure(&self) -> Option<String> {
-        self.segments.failed().then(|| {
-            "a write or sync of the envelope log failed (disk full or an I/O error?); \
-             sends are refused until the relay is restarted, which recovers every \
-             acknowledged envelope from the log"
-                .to_string()
-        })
+        let what = if self.segments.failed() {
+            "a write or sync of the envelope log failed"
+        } else if self.index_failed.load(Ordering::Acquire) {
+            "a write or read of the index file failed"
+        } else {
+            return None;
+        };
+        Some(format!(
+            "{what} (disk full or an I/O error?); sends are refused until the relay is \
+             restarted, which recovers every acknowledged envelope from the log"
+        ))
     }
 
     fn blob_put(
