@@ -30,6 +30,7 @@
 
 use crate::error::CliError;
 use futures_util::{SinkExt as _, StreamExt as _};
+use hush_protocol::limits::MAX_UDP_PAYLOAD;
 use hush_protocol::{ALPN_HUSH, FrameBuffer, ServerFrame};
 use rustls::DigitallySignedStruct;
 use rustls::SignatureScheme;
@@ -327,8 +328,24 @@ fn client_config(
         .map_err(|e| CliError::Transport(format!("idle timeout: {e}")))?;
     transport.max_idle_timeout(Some(idle));
     transport.keep_alive_interval(Some(KEEP_ALIVE));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    transport.mtu_discovery_config(Some(mtu));
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// A client endpoint on `local` that receives datagrams up to
+/// [`MAX_UDP_PAYLOAD`], as the relay does.
+fn endpoint(local: SocketAddr) -> Result<quinn::Endpoint, CliError> {
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| CliError::Transport(format!("largest UDP payload: {e}")))?;
+    let socket = std::net::UdpSocket::bind(local)
+        .map_err(|e| CliError::Transport(format!("UDP socket: {e}")))?;
+    quinn::Endpoint::new(config, None, socket, Arc::new(quinn::TokioRuntime))
+        .map_err(|e| CliError::Transport(format!("UDP socket: {e}")))
 }
 
 /// What the reader task hands the driver.
@@ -599,8 +616,7 @@ async fn connect_quic(target: &RelayTarget, bound: Duration) -> Result<Conn, Cli
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
-        let mut endpoint = quinn::Endpoint::client(local)
-            .map_err(|e| CliError::Transport(format!("UDP socket: {e}")))?;
+        let mut endpoint = endpoint(local)?;
         endpoint.set_default_client_config(config);
         let connecting = endpoint
             .connect(remote, &host)

@@ -41,6 +41,24 @@ pub const MAX_RATCHET_HEADER_LEN: usize = 96;
 /// `BlobGet` may ask for).
 pub const MAX_BLOB_CHUNK: usize = 1024 * 1024;
 
+/// The largest UDP payload a native QUIC endpoint of Hush (the relay, the
+/// `hush` client) receives, and the most its path MTU discovery probes
+/// for. Internet paths settle at about 1,452 bytes as before; loopback and
+/// jumbo-frame networks carry several 1 KiB envelopes per datagram instead
+/// of one, which is what most of QUIC's per-message cost scales with
+/// (packet protection, acknowledgements, system calls).
+///
+/// Why 6 KiB and not the 65,527 QUIC allows: quinn hands the kernel up to
+/// 10 datagrams in one segmentation-offload send, and Linux refuses a send
+/// of more than 64 KiB in all. With 16 KiB datagrams every full send of a
+/// page was refused and lost, and catch-up fell to less than half; 10 × 6
+/// KiB stays below the limit.
+pub const MAX_UDP_PAYLOAD: u16 = 6 * 1024;
+
+// Ten datagrams (quinn's most per send) with their IPv6 and UDP headers
+// fit in one offloaded send of at most 65,535 bytes.
+const _: () = assert!(10 * (MAX_UDP_PAYLOAD as usize + 48) <= 65_535);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -196,7 +196,7 @@ impl TestDevice {
     ) -> Result<TestDevice> {
         let config = client_config(target.cert_sha256, &options.alpn, options.idle_timeout)?;
         let bind: SocketAddr = ([127, 0, 0, 1], 0).into();
-        let mut endpoint = quinn::Endpoint::client(bind)?;
+        let mut endpoint = crate::tls::client_endpoint(bind)?;
         endpoint.set_default_client_config(config);
         let connecting = endpoint
             .connect(target.addr, "localhost")

@@ -48,6 +48,20 @@ pub fn client_config(
         .map_err(|e| HarnessError::Connect(format!("idle timeout: {e}")))?;
     transport.max_idle_timeout(Some(idle));
     transport.keep_alive_interval(Some(idle_timeout / 3));
+    transport.mtu_discovery_config(Some(hush_relay::server::quic::mtu_discovery()));
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// A client endpoint bound to `bind`, with the endpoint settings the relay
+/// and Hush's native clients use (the largest UDP payload they receive).
+pub fn client_endpoint(bind: std::net::SocketAddr) -> Result<quinn::Endpoint> {
+    let config = hush_relay::server::quic::endpoint_config()
+        .map_err(|e| HarnessError::Connect(e.to_string()))?;
+    Ok(quinn::Endpoint::new(
+        config,
+        None,
+        std::net::UdpSocket::bind(bind)?,
+        Arc::new(quinn::TokioRuntime),
+    )?)
 }

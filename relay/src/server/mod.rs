@@ -695,10 +695,11 @@ async fn bind_quic_and_ws(
     let mut tries = 0;
     loop {
         tries += 1;
+        let endpoint_config = quic::endpoint_config()?;
         let endpoint = udp_socket(config.listen)
             .and_then(|socket| {
                 quinn::Endpoint::new(
-                    quinn::EndpointConfig::default(),
+                    endpoint_config.clone(),
                     Some(server_config.clone()),
                     socket,
                     Arc::new(quinn::TokioRuntime),

@@ -15,6 +15,7 @@ use super::driver::{DriverEnd, Peer, drive};
 use super::guard::{ConnPermit, ConnRefusal};
 use crate::error::RelayError;
 use crate::tls::CertMaterial;
+use hush_protocol::limits::MAX_UDP_PAYLOAD;
 use hush_protocol::{ALPN_H3, ALPN_HUSH};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -83,7 +84,26 @@ pub fn transport_config() -> Result<quinn::TransportConfig, RelayError> {
     // small window until the peer authenticates, then two maximal frames'
     // worth (the driver raises it).
     t.receive_window(quinn::VarInt::from_u32(PREAUTH_RECEIVE_WINDOW));
+    t.mtu_discovery_config(Some(mtu_discovery()));
     Ok(t)
+}
+
+/// Path MTU discovery up to [`MAX_UDP_PAYLOAD`] (quinn's default stops at
+/// 1,452 bytes, one 1 KiB envelope per packet even on loopback).
+pub fn mtu_discovery() -> quinn::MtuDiscoveryConfig {
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_UDP_PAYLOAD);
+    mtu
+}
+
+/// The endpoint settings of the relay (and of the test harness's clients):
+/// datagrams up to [`MAX_UDP_PAYLOAD`] are received, and the peer is told so.
+pub fn endpoint_config() -> Result<quinn::EndpointConfig, RelayError> {
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| RelayError::Config(format!("largest UDP payload: {e}")))?;
+    Ok(config)
 }
 
 /// A quinn server config for `material`.

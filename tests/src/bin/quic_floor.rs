@@ -140,7 +140,7 @@ async fn serve() -> BenchResult<()> {
     let material = parse_pem(cert.as_bytes(), key.as_bytes())?;
     let hash = cert_sha256(material.chain.first().ok_or("no certificate")?.as_ref());
     let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        hush_relay::server::quic::endpoint_config()?,
         Some(server_config(&material)?),
         udp_socket()?,
         Arc::new(quinn::TokioRuntime),
@@ -239,7 +239,7 @@ impl Server {
     /// A client endpoint of its own (a UDP socket, as each of `peer_load`'s
     /// devices has) and a connection from it.
     async fn connect(&self) -> BenchResult<(quinn::Endpoint, quinn::Connection)> {
-        let mut endpoint = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
+        let mut endpoint = hush_tests::tls::client_endpoint(([127, 0, 0, 1], 0).into())?;
         endpoint.set_default_client_config(client_config(
             self.cert_sha256,
             ALPN_HUSH,
