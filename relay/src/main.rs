@@ -36,15 +36,7 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            config
-                .workers
-                .unwrap_or_else(hush_relay::config::default_workers),
-        )
-        .enable_all()
-        .build()
-    {
+    let runtime = match hush_relay::server::runtime(&config) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("hush-relay: cannot start the runtime: {e}");
@@ -74,14 +66,7 @@ async fn run(config: Config) -> Result<(), RelayError> {
     // Watch SIGTERM before announcing the addresses: whoever reads them may
     // signal at once.
     let term = watch_term();
-    println!("hush-relay listening on {}", relay.quic_addr());
-    if let Some(addr) = relay.http_addr() {
-        println!("http on {addr}");
-    }
-    if let Some(addr) = relay.ws_addr() {
-        println!("websocket on {addr}");
-    }
-    println!("certificate sha256: {}", relay.cert_sha256_hex());
+    relay.announce();
     let failed = if exit_on_store_failure {
         tokio::select! {
             () = wait_for_stop_signal(term) => None,

@@ -143,6 +143,19 @@ impl RelayProcess {
         Ok(relay)
     }
 
+    /// [`RelayProcess::spawn_temp`] of another binary that takes the relay's
+    /// flags and prints its lines (the benchmarks' `relay_memory`).
+    pub async fn spawn_temp_of(bin: &Path, extra_args: &[&str]) -> Result<RelayProcess> {
+        let temp = tempfile::Builder::new()
+            .prefix("hush-relay-test")
+            .tempdir()?;
+        let mut relay = Self::unstarted(&temp.path().join("data"), extra_args, &[])?;
+        relay.bin = bin.to_path_buf();
+        relay.temp = Some(temp);
+        relay.start(([127, 0, 0, 1], 0).into()).await?;
+        Ok(relay)
+    }
+
     /// [`RelayProcess::spawn_temp`] for a relay that may write no file past
     /// about `bytes` (its `RLIMIT_FSIZE`, set by `sh`'s `ulimit -f`, with
     /// `SIGXFSZ` ignored): a write beyond it fails with `EFBIG`, as a full

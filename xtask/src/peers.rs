@@ -6,7 +6,11 @@
 //! (durable ingest, 64 producers, 1 and 16 messages in flight, plus Hush's
 //! batched `Send` as a labelled extra row) and job B (offline catch-up of
 //! 100,000, median of 3; pages of 200 one at a time for every system, plus
-//! Hush draining as its client syncs as a labelled extra row). Every row is its own `peer_load` process, which
+//! Hush draining as its client syncs as a labelled extra row). A last
+//! extra row runs job A at 16 in flight against `relay_memory`, the same
+//! relay on the in-memory store: not durable, it is the ceiling any store
+//! could reach on the host, and its distance to Hush's row is what the
+//! durable store costs. Every row is its own `peer_load` process, which
 //! starts its server on 127.0.0.1 with a data directory in a temp dir and
 //! stops it on the way out. Prints a table with the host's CPU steal and
 //! CPU/I/O pressure beside each row, then the ratios Hush/peer and which
@@ -54,32 +58,41 @@ pub fn bench_peers(extra: &[String]) -> Result {
         "hush-tests",
         "--bin",
         "peer_load",
+        "--bin",
+        "relay_memory",
     ]))?;
     let release = target_dir().join("release");
     let load = release.join("peer_load");
     let relay = release.join("hush-relay");
 
-    let plan: Vec<(&str, &str, u64, bool)> = vec![
-        ("redis", "ingest", 1, false),
-        ("nats", "ingest", 1, false),
-        ("hush", "ingest", 1, false),
-        ("redis", "ingest", 16, false),
-        ("nats", "ingest", 16, false),
-        ("hush", "ingest", 16, false),
-        ("hush", "ingest", 4, true),
-        ("redis", "catchup", 1, false),
-        ("nats", "catchup", 1, false),
-        ("hush", "catchup", 1, false),
-        ("hush", "catchup", 1, true),
+    // (system, job, in flight, batched, on the in-memory store)
+    let plan: Vec<(&str, &str, u64, bool, bool)> = vec![
+        ("redis", "ingest", 1, false, false),
+        ("nats", "ingest", 1, false, false),
+        ("hush", "ingest", 1, false, false),
+        ("redis", "ingest", 16, false, false),
+        ("nats", "ingest", 16, false, false),
+        ("hush", "ingest", 16, false, false),
+        ("hush", "ingest", 4, true, false),
+        ("redis", "catchup", 1, false, false),
+        ("nats", "catchup", 1, false, false),
+        ("hush", "catchup", 1, false, false),
+        ("hush", "catchup", 1, true, false),
+        ("hush", "ingest", 16, false, true),
     ];
     let mut rows = Vec::new();
-    for (system, job, inflight, batched) in plan {
+    for (system, job, inflight, batched, memory) in plan {
         println!(
             "\n==> peers: {system} {job}{}",
             if job == "ingest" {
                 format!(
-                    ", {inflight} in flight{}",
-                    if batched { ", batched" } else { "" }
+                    ", {inflight} in flight{}{}",
+                    if batched { ", batched" } else { "" },
+                    if memory {
+                        ", in-memory store (ceiling)"
+                    } else {
+                        ""
+                    }
                 )
             } else if batched {
                 ", as the client syncs".to_string()
@@ -99,6 +112,9 @@ pub fn bench_peers(extra: &[String]) -> Result {
             .stderr(Stdio::inherit());
         if batched {
             cmd.arg("--batched");
+        }
+        if memory {
+            cmd.arg("--memory-store");
         }
         let out = capture(&mut cmd)?;
         let line = out
@@ -300,12 +316,13 @@ fn report(rows: &[Row]) {
         println!("{}", format_row(r));
     }
     println!("\nServers:");
-    let mut seen = Vec::new();
+    // One line per server setup (Hush's in-memory ceiling is its own).
+    let mut seen: Vec<&str> = Vec::new();
     for r in rows {
-        let name = r.system.split(' ').next().unwrap_or_default().to_string();
-        if !seen.contains(&name) {
+        if !seen.contains(&r.server.as_str()) {
+            let name = r.system.split(' ').next().unwrap_or_default();
             println!("- {name}: {}", r.server);
-            seen.push(name);
+            seen.push(&r.server);
         }
     }
     println!("\n## Ratios Hush / peer\n");
@@ -362,6 +379,20 @@ fn report(rows: &[Row]) {
             rd.p99,
             n.p99,
             met(h.p99 < rd.p99 && h.p99 < n.p99)
+        );
+    }
+    // The ceiling: the same relay with nothing durable (extra row).
+    if let (Some(h), Some(rd), Some(m)) = (
+        find(rows, "hush", "ingest", 16),
+        find(rows, "redis", "ingest", 16),
+        rows.iter()
+            .find(|r| r.job == "ingest" && r.system.contains("in-memory store")),
+    ) {
+        println!(
+            "- A, 16 in flight, {} (extra row): {:.2}x Redis; Hush's durable store runs at {:.0}% of it",
+            m.system,
+            ratio(m.rate, rd.rate),
+            100.0 * ratio(h.rate, m.rate)
         );
     }
     if let (Some(h), Some(rd), Some(n)) = (

@@ -135,6 +135,20 @@ fn create_data_dir(dir: &Path) -> Result<(), RelayError> {
     Ok(())
 }
 
+/// The multi-threaded runtime a relay process runs on: `--workers`
+/// connection threads, by default one per core but one (the group-commit
+/// writer has its own thread; see [`crate::config::default_workers`]).
+pub fn runtime(config: &Config) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(
+            config
+                .workers
+                .unwrap_or_else(crate::config::default_workers),
+        )
+        .enable_all()
+        .build()
+}
+
 impl RelayHandle {
     /// Open the store in the data directory, bind, and start serving.
     /// Returns once the QUIC (and HTTP) sockets are listening.
@@ -432,6 +446,21 @@ impl RelayHandle {
     /// Hex SHA-256 of [`RelayHandle::cert_der`].
     pub fn cert_sha256_hex(&self) -> String {
         self.cert.get().sha256_hex.clone()
+    }
+
+    /// Print, on stdout, the lines that scripts and the test harness parse
+    /// to find a started relay: `hush-relay listening on <addr>`, `http on
+    /// <addr>` and `websocket on <addr>` (when enabled) and `certificate
+    /// sha256: <hex>`, in that order.
+    pub fn announce(&self) {
+        println!("hush-relay listening on {}", self.quic_addr());
+        if let Some(addr) = self.http_addr() {
+            println!("http on {addr}");
+        }
+        if let Some(addr) = self.ws_addr() {
+            println!("websocket on {addr}");
+        }
+        println!("certificate sha256: {}", self.cert_sha256_hex());
     }
 
     /// The relay's metrics.

@@ -47,6 +47,11 @@
 //! time in commits, time from queueing to durable), to see whether the
 //! writer is the bound.
 //!
+//! `--memory-store` (Hush only) runs the relay with its store replaced by
+//! the in-memory one (the `relay_memory` binary beside this one): nothing
+//! durable, a labelled extra row that shows what the durable store costs
+//! and what any store could reach on this host.
+//!
 //! The last line of stdout is `RESULT {json}` with the numbers, the server's
 //! version and configuration, and what the host did meanwhile (CPU steal,
 //! CPU and I/O pressure).
@@ -106,6 +111,9 @@ struct Args {
     /// Offline devices draining their inboxes at once in Hush's catch-up
     /// job (`--readers N`, default 1, the peer table's job B).
     readers: usize,
+    /// Run Hush on the in-memory store (`relay_memory`): a ceiling, not
+    /// durable.
+    memory_store: bool,
 }
 
 impl Args {
@@ -125,6 +133,7 @@ impl Args {
             relay_args: Vec::new(),
             relay_metrics: false,
             readers: 1,
+            memory_store: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(a) = it.next() {
@@ -150,6 +159,7 @@ impl Args {
                 "--mark-drains" => args.mark_drains = true,
                 "--relay-arg" => args.relay_args.push(value()?),
                 "--relay-metrics" => args.relay_metrics = true,
+                "--memory-store" => args.memory_store = true,
                 "--readers" => {
                     args.readers = value()?.parse()?;
                     if !(1..=64).contains(&args.readers) {
@@ -161,7 +171,7 @@ impl Args {
                         "peer_load --system redis|nats|hush --job ingest|catchup [--producers N] \
                          [--inflight N] [--batched] [--secs S] [--count N] [--runs N] \
                          [--redis-server PATH] [--nats-server PATH] [--mark-drains] \
-                         [--relay-arg ARG]... [--relay-metrics] [--readers N]"
+                         [--relay-arg ARG]... [--relay-metrics] [--readers N] [--memory-store]"
                     );
                     std::process::exit(0);
                 }
@@ -173,6 +183,9 @@ impl Args {
         }
         if args.batched && args.system != System::Hush {
             return Err("--batched is for Hush only (batched Send, or the client's sync)".into());
+        }
+        if args.memory_store && args.system != System::Hush {
+            return Err("--memory-store is for Hush only".into());
         }
         if args.readers > 1 && (args.system != System::Hush || args.job != "catchup") {
             return Err("--readers is for --system hush --job catchup".into());
@@ -427,17 +440,37 @@ const HUSH_FLAGS: &[&str] = &[
     "0",
 ];
 
-async fn start_hush(extra: &[String]) -> BenchResult<(RelayProcess, String)> {
+/// Start the release relay (or, with `memory_store`, `relay_memory`: the
+/// same relay on the in-memory store) with [`HUSH_FLAGS`] and `extra`.
+async fn start_hush(extra: &[String], memory_store: bool) -> BenchResult<(RelayProcess, String)> {
     let flags: Vec<&str> = HUSH_FLAGS
         .iter()
         .copied()
         .chain(extra.iter().map(String::as_str))
         .collect();
-    let relay = RelayProcess::spawn_temp(&flags).await?;
-    let bin = hush_tests::bin_path("hush-relay")?;
+    let relay_bin = hush_tests::bin_path("hush-relay")?;
+    let (relay, store) = if memory_store {
+        let bin = std::env::current_exe()?.with_file_name("relay_memory");
+        if !bin.exists() {
+            return Err(format!(
+                "--memory-store needs {} (cargo build --release -p hush-tests --bin relay_memory)",
+                bin.display()
+            )
+            .into());
+        }
+        (
+            RelayProcess::spawn_temp_of(&bin, &flags).await?,
+            "in-memory store (MemoryStore: nothing written, nothing synced; a ceiling, never a relay to run)",
+        )
+    } else {
+        (
+            RelayProcess::spawn_temp(&flags).await?,
+            "default store (redb index + segment files, group commit, fdatasync before every ack)",
+        )
+    };
     let described = format!(
-        "{} | default store (redb index + segment files, group commit, fdatasync before every ack); flags: {}",
-        version_of(&bin),
+        "{} | {store}; flags: {}",
+        version_of(&relay_bin),
         flags.join(" ")
     );
     Ok((relay, described))
@@ -1230,6 +1263,10 @@ impl Measured {
 
 async fn run(args: Args) -> BenchResult<()> {
     let label = match (args.system, args.batched) {
+        (System::Hush, _) if args.memory_store => format!(
+            "hush{} on the in-memory store (ceiling, not durable)",
+            if args.batched { ", batched" } else { "" }
+        ),
         (System::Redis, _) => "redis".to_string(),
         (System::Nats, _) => "nats".to_string(),
         (System::Hush, false) => "hush".to_string(),
@@ -1261,7 +1298,7 @@ async fn run(args: Args) -> BenchResult<()> {
             (m, described)
         }
         System::Hush => {
-            let (mut relay, described) = start_hush(&args.relay_args).await?;
+            let (mut relay, described) = start_hush(&args.relay_args, args.memory_store).await?;
             let m = match args.job.as_str() {
                 "ingest" => hush_ingest(&args, &relay).await,
                 "catchup" => hush_catchup(&args, &relay).await,
