@@ -88,6 +88,45 @@ pub fn since(start: Option<HostSample>) -> String {
     }
 }
 
+/// A process's CPU time so far, user and system over all its threads, in
+/// seconds (`/proc/PID/stat`, Linux): what a server spent on a job, apart
+/// from the load generator sharing its cores.
+pub fn process_cpu_secs(pid: u32) -> std::io::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    // The fields after the command name (which may hold spaces and
+    // parentheses) start at `state`: utime and stime are the 12th and 13th.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| bad("no command name in /proc/PID/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> std::io::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| bad("short /proc/PID/stat"))
+    };
+    let hz = rustix::param::clock_ticks_per_second().max(1) as f64;
+    Ok((ticks(11)? + ticks(12)?) as f64 / hz)
+}
+
+/// One `kB` line of `/proc/PID/status` (`"VmRSS"`, or `"VmHWM"` for the
+/// peak), in KiB.
+pub fn process_status_kib(pid: u32, field: &str) -> std::io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("no {field} in /proc/{pid}/status"),
+            )
+        })
+}
+
 /// The first two fields of a `schedstat` file: ns on a CPU, ns waiting for
 /// one.
 fn parse_schedstat(stat: &str) -> Option<(u64, u64)> {
@@ -181,6 +220,32 @@ mod tests {
             a.until(&b),
             "host: CPU steal 10%, iowait 10%, I/O pressure 25%"
         );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_process_cpu_time_and_memory_are_read_from_proc() {
+        let me = std::process::id();
+        let before = process_cpu_secs(me).unwrap();
+        // Burn some CPU on this thread until the counter (in clock ticks)
+        // has moved, bounded by a generous wall-clock limit.
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while process_cpu_secs(me).unwrap() <= before
+            && start.elapsed() < std::time::Duration::from_secs(10)
+        {
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+        assert!(process_cpu_secs(me).unwrap() > before);
+        let rss = process_status_kib(me, "VmRSS").unwrap();
+        let peak = process_status_kib(me, "VmHWM").unwrap();
+        assert!(rss > 0 && peak >= rss, "VmRSS {rss} KiB, VmHWM {peak} KiB");
+        // `VmRSS` must not match a longer field name that starts with it.
+        assert!(process_status_kib(me, "VmRS").is_err());
+        assert!(process_status_kib(me, "NoSuchField").is_err());
+        assert!(process_cpu_secs(u32::MAX).is_err());
     }
 
     #[test]

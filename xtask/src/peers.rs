@@ -40,6 +40,12 @@ struct Row {
     steal: f64,
     cpu: f64,
     io: f64,
+    /// CPU µs per message of the server (all threads) and of the load
+    /// generator, over the measured interval (`None` if unreadable).
+    server_cpu_us: Option<f64>,
+    client_cpu_us: Option<f64>,
+    /// The server's peak resident memory over its run.
+    server_rss_mib: Option<f64>,
     server: String,
 }
 
@@ -234,6 +240,11 @@ fn field<'a>(json: &'a str, key: &str) -> Option<&'a str> {
     rest.split([',', '}']).next()
 }
 
+/// A number that may be absent or `null`.
+fn opt_num(json: &str, key: &str) -> Option<f64> {
+    field(json, key).and_then(|v| v.trim().parse().ok())
+}
+
 fn num(json: &str, key: &str) -> f64 {
     field(json, key)
         .and_then(|v| v.trim().parse().ok())
@@ -258,6 +269,9 @@ fn parse_row(json: &str) -> Result<Row> {
         steal: num(json, "steal_pct"),
         cpu: num(json, "cpu_pressure_pct"),
         io: num(json, "io_pressure_pct"),
+        server_cpu_us: opt_num(json, "server_cpu_us_per_msg"),
+        client_cpu_us: opt_num(json, "client_cpu_us_per_msg"),
+        server_rss_mib: opt_num(json, "server_peak_rss_mib"),
         server: field(json, "server")
             .unwrap_or_default()
             .replace("\\\"", "\""),
@@ -295,6 +309,26 @@ fn format_row(r: &Row) -> String {
     }
 }
 
+/// A row of the "where the two cores went" table.
+fn format_cpu_row(r: &Row) -> String {
+    let show = |v: Option<f64>, digits: usize| match v {
+        Some(v) => format!("{v:.digits$}"),
+        None => "n/a".to_string(),
+    };
+    let job = if r.job == "ingest" {
+        format!("A, {:>2} in flight", r.inflight)
+    } else {
+        "B, catch-up    ".to_string()
+    };
+    format!(
+        "| {job} | {:<34} | {:>6} | {:>6} | {:>7} |",
+        r.system,
+        show(r.server_cpu_us, 1),
+        show(r.client_cpu_us, 1),
+        show(r.server_rss_mib, 0)
+    )
+}
+
 fn find<'a>(rows: &'a [Row], system: &str, job: &str, inflight: u64) -> Option<&'a Row> {
     rows.iter()
         .find(|r| r.system == system && r.job == job && (job != "ingest" || r.inflight == inflight))
@@ -315,14 +349,30 @@ fn report(rows: &[Row]) {
     for r in rows {
         println!("{}", format_row(r));
     }
-    println!("\nServers:");
-    // One line per server setup (Hush's in-memory ceiling is its own).
-    let mut seen: Vec<&str> = Vec::new();
+    println!("\n## Where the two cores went\n");
+    println!(
+        "CPU per message over each row's measured interval (all the server's threads; the \
+         load generator, one process for every system), and the server's peak resident memory \
+         over its whole run."
+    );
+    println!();
+    println!(
+        "| job | system | server CPU µs/msg | load generator CPU µs/msg | server peak RSS MiB |"
+    );
+    println!("|---|---|---:|---:|---:|");
     for r in rows {
-        if !seen.contains(&r.server.as_str()) {
-            let name = r.system.split(' ').next().unwrap_or_default();
+        println!("{}", format_cpu_row(r));
+    }
+    println!("\nServers:");
+    // One line per server setup (Hush's in-memory ceiling is its own);
+    // each run's port and temp dir differ, so its first run stands for it.
+    let mut seen: Vec<(&str, bool)> = Vec::new();
+    for r in rows {
+        let name = r.system.split(' ').next().unwrap_or_default();
+        let setup = (name, r.server.contains("in-memory store"));
+        if !seen.contains(&setup) {
             println!("- {name}: {}", r.server);
-            seen.push(&r.server);
+            seen.push(setup);
         }
     }
     println!("\n## Ratios Hush / peer\n");
@@ -438,5 +488,18 @@ mod tests {
         assert_eq!(r.p99, 4.0);
         assert_eq!(r.cpu, 12.5);
         assert_eq!(r.server, "x | say \"hi\"");
+        assert_eq!(r.server_cpu_us, None);
+    }
+
+    #[test]
+    fn reads_cpu_and_memory_and_tolerates_null() {
+        let line = r#"{"client_cpu_us_per_msg":4.5,"inflight":16,"job":"ingest","rate":1.0,"server":"s","server_cpu_us_per_msg":12.34,"server_peak_rss_mib":null,"system":"redis"}"#;
+        let r = parse_row(line).unwrap();
+        assert_eq!(r.server_cpu_us, Some(12.34));
+        assert_eq!(r.client_cpu_us, Some(4.5));
+        assert_eq!(r.server_rss_mib, None);
+        let row = format_cpu_row(&r);
+        assert!(row.contains("|   12.3 |    4.5 |"), "{row}");
+        assert!(row.ends_with("|     n/a |"), "{row}");
     }
 }

@@ -23,7 +23,7 @@
 //! CPU ≤ 5% of a core.
 
 use hush_tests::device::ConnectOptions;
-use hush_tests::host::{HostSample, since};
+use hush_tests::host::{HostSample, process_cpu_secs, process_status_kib, since};
 use hush_tests::{DeviceIdentity, RelayProcess, RelayTarget, TestDevice};
 use std::error::Error;
 use std::io::{BufRead, BufReader};
@@ -154,26 +154,6 @@ impl Drop for Workers {
     }
 }
 
-fn rss_kib(pid: u32) -> BenchResult<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| "no VmRSS".into())
-}
-
-/// The process's user + system CPU time in clock ticks.
-fn cpu_ticks(pid: u32) -> BenchResult<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start at state.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or("bad stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = f.get(11).ok_or("short stat")?.parse()?;
-    let stime: u64 = f.get(12).ok_or("short stat")?.parse()?;
-    Ok(utime + stime)
-}
-
 async fn run() -> BenchResult<()> {
     let devices: u64 = arg("--devices", 10_000)?;
     let workers: u64 = arg("--workers", 4)?.max(1);
@@ -191,7 +171,7 @@ async fn run() -> BenchResult<()> {
     ])
     .await?;
     let pid = relay.pid().ok_or("relay has no pid")?;
-    let rss_empty = rss_kib(pid)?;
+    let rss_empty = process_status_kib(pid, "VmRSS")?;
     let target = relay.target();
     let exe = std::env::current_exe()?;
     let cert = hex::encode(target.cert_sha256);
@@ -252,14 +232,13 @@ async fn run() -> BenchResult<()> {
     // Idle window: only keep-alives flow.
     let host = HostSample::now();
     let t0 = Instant::now();
-    let cpu0 = cpu_ticks(pid)?;
+    let cpu0 = process_cpu_secs(pid)?;
     tokio::time::sleep(idle).await;
-    let cpu1 = cpu_ticks(pid)?;
+    let cpu1 = process_cpu_secs(pid)?;
     let wall = t0.elapsed().as_secs_f64();
     let host = since(host);
-    let rss = rss_kib(pid)?;
-    let hz = rustix::param::clock_ticks_per_second() as f64;
-    let cpu_share = 100.0 * (cpu1 - cpu0) as f64 / hz / wall;
+    let rss = process_status_kib(pid, "VmRSS")?;
+    let cpu_share = 100.0 * (cpu1 - cpu0) / wall;
     // Every device must still be connected at the end of the window.
     for c in &mut children.0 {
         drop(c.stdin.take());
@@ -281,8 +260,8 @@ async fn run() -> BenchResult<()> {
     );
     println!(
         "relay CPU while idle: {:.2} s over {wall:.1} s ({:.1} µs per device per second)",
-        (cpu1 - cpu0) as f64 / hz,
-        1e6 * (cpu1 - cpu0) as f64 / hz / wall / devices.max(1) as f64,
+        cpu1 - cpu0,
+        1e6 * (cpu1 - cpu0) / wall / devices.max(1) as f64,
     );
     println!(
         "relay RSS: {:.1} MiB with {devices} idle devices ({:.1} MiB before any; {:.1} KiB per device); CPU while idle {cpu_share:.2}% of a core over {wall:.0} s",

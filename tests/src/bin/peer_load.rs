@@ -54,11 +54,16 @@
 //!
 //! The last line of stdout is `RESULT {json}` with the numbers, the server's
 //! version and configuration, and what the host did meanwhile (CPU steal,
-//! CPU and I/O pressure).
+//! CPU and I/O pressure). It also gives the CPU time per message of the
+//! server (all its threads) and of this load generator over the measured
+//! interval, and the server's peak resident memory over its run: on two
+//! cores shared by both sides, a rate alone does not say which side's CPU
+//! bounds it, nor what holding the messages cost the server.
 
 use async_nats::jetstream;
 use futures_util::StreamExt;
 use hush_protocol::{DeviceId, Envelope, MessageId, Request, Response, SendOutcome, ServerFrame};
+use hush_tests::host::{process_cpu_secs, process_status_kib};
 use hush_tests::{DeviceIdentity, RelayProcess, TestDevice, conversation, make_envelope_sized};
 use std::collections::HashMap;
 use std::error::Error;
@@ -261,12 +266,42 @@ fn runtime_for(job: &str, readers: usize) -> BenchResult<tokio::runtime::Runtime
 /// What the host did over a measured interval: CPU steal (`/proc/stat`) and
 /// the shares of wall time in which some task waited for a CPU or for I/O
 /// (`/proc/pressure/{cpu,io}`, "some").
+///
+/// It also reads the CPU time of the server under test (all its threads)
+/// and of this load generator over the same interval: on two shared cores
+/// that is where each message's CPU went, on either side of the socket.
 #[derive(Debug, Clone, Copy)]
 struct Host {
     ticks: [u64; 8],
     cpu_us: u64,
     io_us: u64,
+    /// CPU seconds so far of the server ([`SERVER_PID`]) and of this
+    /// process.
+    server_cpu: Option<f64>,
+    own_cpu: Option<f64>,
     at: Instant,
+}
+
+/// The server under test, once it runs (one server per `peer_load` run).
+static SERVER_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// What the host did over a measured interval ([`Host::since`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Reading {
+    steal_pct: f64,
+    cpu_pressure_pct: f64,
+    io_pressure_pct: f64,
+    /// CPU seconds the server used meanwhile (all threads).
+    server_cpu_s: Option<f64>,
+    /// CPU seconds the load generator used meanwhile.
+    client_cpu_s: Option<f64>,
+}
+
+impl Reading {
+    /// Microseconds of CPU per message of `cpu_s`, over `msgs` messages.
+    fn per_msg_us(cpu_s: Option<f64>, msgs: u64) -> Option<f64> {
+        cpu_s.filter(|_| msgs > 0).map(|s| s * 1e6 / msgs as f64)
+    }
 }
 
 fn psi_total(kind: &str) -> u64 {
@@ -297,12 +332,14 @@ impl Host {
             ticks,
             cpu_us: psi_total("cpu"),
             io_us: psi_total("io"),
+            server_cpu: SERVER_PID.get().and_then(|&pid| process_cpu_secs(pid).ok()),
+            own_cpu: process_cpu_secs(std::process::id()).ok(),
             at: Instant::now(),
         }
     }
 
-    /// (steal %, CPU pressure %, I/O pressure %) since `self`.
-    fn since(&self) -> (f64, f64, f64) {
+    /// What happened since `self`.
+    fn since(&self) -> Reading {
         let later = Host::now();
         let d: Vec<u64> = later
             .ticks
@@ -319,7 +356,14 @@ impl Host {
         let wall = later.at.duration_since(self.at).as_micros().max(1) as f64;
         let cpu = 100.0 * later.cpu_us.saturating_sub(self.cpu_us) as f64 / wall;
         let io = 100.0 * later.io_us.saturating_sub(self.io_us) as f64 / wall;
-        (steal, cpu, io)
+        let spent = |a: Option<f64>, b: Option<f64>| Some((b? - a?).max(0.0));
+        Reading {
+            steal_pct: steal,
+            cpu_pressure_pct: cpu,
+            io_pressure_pct: io,
+            server_cpu_s: spent(self.server_cpu, later.server_cpu),
+            client_cpu_s: spent(self.own_cpu, later.own_cpu),
+        }
     }
 }
 
@@ -1222,11 +1266,11 @@ struct Measured {
     latency_ms: Option<(f64, f64, f64)>,
     /// Catch-up: every run's msgs/s.
     rates: Vec<f64>,
-    host: (f64, f64, f64),
+    host: Reading,
 }
 
 impl Measured {
-    fn ingest(acked: u64, secs: f64, lat: Vec<u32>, host: (f64, f64, f64)) -> Self {
+    fn ingest(acked: u64, secs: f64, lat: Vec<u32>, host: Reading) -> Self {
         Measured {
             msgs: acked,
             secs,
@@ -1238,7 +1282,7 @@ impl Measured {
     }
 
     /// The median run by rate.
-    fn catchup(runs: Vec<(u64, f64, (f64, f64, f64))>) -> Self {
+    fn catchup(runs: Vec<(u64, f64, Reading)>) -> Self {
         let mut rates: Vec<(f64, usize)> = runs
             .iter()
             .enumerate()
@@ -1276,29 +1320,37 @@ async fn run(args: Args) -> BenchResult<()> {
         ),
         (System::Hush, true) => format!("hush (batched Send, {HUSH_BATCH}/request)"),
     };
-    let (measured, server) = match args.system {
+    // The server's peak resident memory over the whole run, read before it
+    // stops: what holding the job's messages cost it.
+    let peak_rss = |pid: u32| process_status_kib(pid, "VmHWM").ok();
+    let (measured, server, peak_rss_kib) = match args.system {
         System::Redis => {
-            let (_guard, port, described) = start_redis(&args.redis_bin).await?;
+            let (guard, port, described) = start_redis(&args.redis_bin).await?;
+            let _ = SERVER_PID.set(guard.child.id());
             let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
             let m = match args.job.as_str() {
                 "ingest" => redis_ingest(&args, &client).await?,
                 "catchup" => redis_catchup(&args, &client).await?,
                 other => return Err(format!("unknown job {other}").into()),
             };
-            (m, described)
+            (m, described, peak_rss(guard.child.id()))
         }
         System::Nats => {
-            let (_guard, port, described) = start_nats(&args.nats_bin).await?;
+            let (guard, port, described) = start_nats(&args.nats_bin).await?;
+            let _ = SERVER_PID.set(guard.child.id());
             let url = format!("nats://127.0.0.1:{port}");
             let m = match args.job.as_str() {
                 "ingest" => nats_ingest(&args, &url).await?,
                 "catchup" => nats_catchup(&args, &url).await?,
                 other => return Err(format!("unknown job {other}").into()),
             };
-            (m, described)
+            (m, described, peak_rss(guard.child.id()))
         }
         System::Hush => {
             let (mut relay, described) = start_hush(&args.relay_args, args.memory_store).await?;
+            if let Some(pid) = relay.pid() {
+                let _ = SERVER_PID.set(pid);
+            }
             let m = match args.job.as_str() {
                 "ingest" => hush_ingest(&args, &relay).await,
                 "catchup" => hush_catchup(&args, &relay).await,
@@ -1315,8 +1367,9 @@ async fn run(args: Args) -> BenchResult<()> {
             if args.relay_metrics {
                 print_commit_metrics(&relay);
             }
+            let rss = relay.pid().and_then(peak_rss);
             relay.terminate().await?;
-            (m?, described)
+            (m?, described, rss)
         }
     };
     let (p50, p99, p999) = measured.latency_ms.unwrap_or((0.0, 0.0, 0.0));
@@ -1333,9 +1386,12 @@ async fn run(args: Args) -> BenchResult<()> {
         "p50_ms": p50,
         "p99_ms": p99,
         "p999_ms": p999,
-        "steal_pct": measured.host.0,
-        "cpu_pressure_pct": measured.host.1,
-        "io_pressure_pct": measured.host.2,
+        "steal_pct": measured.host.steal_pct,
+        "cpu_pressure_pct": measured.host.cpu_pressure_pct,
+        "io_pressure_pct": measured.host.io_pressure_pct,
+        "server_cpu_us_per_msg": Reading::per_msg_us(measured.host.server_cpu_s, measured.msgs),
+        "client_cpu_us_per_msg": Reading::per_msg_us(measured.host.client_cpu_s, measured.msgs),
+        "server_peak_rss_mib": peak_rss_kib.map(|k| k as f64 / 1024.0),
         "server": server,
     });
     println!("RESULT {result}");
