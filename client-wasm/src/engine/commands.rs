@@ -189,7 +189,7 @@ impl Engine {
                 o.retry_at = now;
                 o.retry_delay_ms = 0;
                 let key = (o.local_seq, o.id);
-                self.active.insert(key);
+                self.activate(key);
                 self.touch(Dirty::Outbox(id));
                 self.set_state(&id, MessageState::Sending);
             }

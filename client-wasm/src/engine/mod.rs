@@ -7,8 +7,10 @@
 //!
 //! Submodules: [`conn`](self) (connection, auth, relay requests, device lists,
 //! prekeys), `send` (outbox, fan-out, sealing, retries, re-sends, tail
-//! probes), `recv` (pull/push, decryption, dedup, ordering, control items,
-//! receipts, gap repair) and `commands` (what the app asks for).
+//! probes), `outbox_index` (which outbox entries an input must look at, so
+//! an input's cost does not grow with the messages in flight), `recv`
+//! (pull/push, decryption, dedup, ordering, control items, receipts, gap
+//! repair) and `commands` (what the app asks for).
 
 mod commands;
 mod conn;
@@ -16,6 +18,7 @@ mod group;
 pub mod history_transfer;
 mod inspect;
 mod lifecycle;
+mod outbox_index;
 mod pull;
 mod recv;
 mod send;
@@ -668,6 +671,9 @@ pub struct Engine {
     pub(crate) outbox: BTreeMap<MessageId, OutboxEntry>,
     /// Outbox entries that still need work, in creation order.
     pub(crate) active: BTreeSet<(u64, MessageId)>,
+    /// Which of `active` an input must look at, and their timers (derived;
+    /// rebuilt at load).
+    pub(crate) outbox_index: outbox_index::OutboxIndex,
     pub(crate) tombs: BTreeMap<MessageId, Tombstone>,
     /// Recalls by (conversation, author user, message): when applied (ms).
     pub(crate) recalls: BTreeMap<(ConversationId, UserKey, MessageId), u64>,
@@ -753,6 +759,7 @@ impl Engine {
             held: BTreeMap::new(),
             outbox: BTreeMap::new(),
             active: BTreeSet::new(),
+            outbox_index: outbox_index::OutboxIndex::default(),
             tombs: BTreeMap::new(),
             recalls: BTreeMap::new(),
             mine: BTreeMap::new(),
@@ -910,7 +917,8 @@ impl Engine {
             .map(|o| (o.local_seq, o.id))
             .collect::<Vec<_>>()
         {
-            e.active.insert((local, id));
+            // Indexed at the first input (see `outbox_index`).
+            e.activate((local, id));
         }
         e.rebuild_sent_index();
         // A removed device stays removed across restarts.
@@ -1135,7 +1143,9 @@ impl Engine {
             self.housekeeping(now);
             self.housekeeping_at = now.saturating_add(60_000);
         }
-        self.check_deadlines(now);
+        self.reindex_touched(now);
+        let due = self.outbox_index.pop_due(now);
+        self.check_deadlines(now, &due);
         if self.link.ready {
             self.maybe_refresh_lists(now);
             if self.parked_refresh_at().is_some_and(|t| now >= t) {
@@ -1170,6 +1180,7 @@ impl Engine {
             self.last_state = Some(state);
             step.events.push(Event::Connection(state));
         }
+        self.reindex_touched(now);
         step.wake_at = self.next_wake(now);
         step.connect_at = self.connect_at();
         Ok(step)
@@ -1224,27 +1235,15 @@ impl Engine {
         // a gap request before the sync drained) is retried at the next
         // input or the next future timer, never in a busy loop.
         let mut times: Vec<u64> = vec![self.housekeeping_at];
-        // A `Sending` entry always has work left, so it is in `active`:
-        // this costs the entries in progress, not the whole outbox.
-        times.extend(
-            self.active
-                .iter()
-                .filter_map(|(_, id)| self.outbox.get(id))
-                .filter(|o| o.state == MessageState::Sending)
-                .map(|o| o.deadline_ms),
-        );
+        // Deadlines of messages still sending, and retry times while
+        // connected: the first ahead, from the index (not a walk of
+        // everything unconfirmed; see `outbox_index`).
+        times.extend(self.outbox_index.next_after(now, self.link.ready));
         if self.link.ready {
             times.extend(self.link.ack_due);
             times.extend(self.receipts.values().map(|r| r.due_ms));
             times.extend(self.in_streams.values().filter_map(|s| s.request_at));
             times.extend(self.out_streams.values().filter_map(|s| s.probe_at));
-            times.extend(
-                self.active
-                    .iter()
-                    .filter_map(|(_, id)| self.outbox.get(id))
-                    .filter(|o| send::wants_transmission(o))
-                    .map(|o| o.retry_at),
-            );
             times.extend(
                 self.lists_refreshed_at
                     .map(|t| t.saturating_add(self.cfg.device_list_max_age_ms)),
@@ -1268,6 +1267,9 @@ impl Engine {
 
     /// Mark a record to be written at the end of the step.
     pub(crate) fn touch(&mut self, d: Dirty) {
+        if let Dirty::Outbox(id) = d {
+            self.outbox_index.touch(id);
+        }
         self.dirty.insert(d);
     }
 

@@ -46,6 +46,18 @@ pub(crate) fn wants_transmission(o: &OutboxEntry) -> bool {
     needs_work(o)
 }
 
+/// An active entry's timers for the index: its deadline while a chat
+/// message is sending (unless it waits for the contact's first device),
+/// and its retry time while that lies ahead.
+fn entry_times(now: u64, o: &OutboxEntry) -> (Option<u64>, Option<u64>) {
+    let deadline = (o.kind == EntryKind::Chat
+        && o.state == MessageState::Sending
+        && o.deadline_ms != WAITING_FOR_DEVICES)
+        .then_some(o.deadline_ms);
+    let retry = (wants_transmission(o) && o.retry_at > now).then_some(o.retry_at);
+    (deadline, retry)
+}
+
 fn rank(s: MessageState) -> u8 {
     match s {
         MessageState::Failed | MessageState::Sending | MessageState::RecipientInboxFull => 0,
@@ -117,7 +129,7 @@ impl Engine {
             important: false,
         };
         self.outbox.insert(id, entry);
-        self.active.insert((local_seq, id));
+        self.activate((local_seq, id));
         self.touch(Dirty::Outbox(id));
         Ok(())
     }
@@ -252,13 +264,22 @@ impl Engine {
     }
 
     /// Seal what can be sealed and transmit what is due, in creation order.
+    ///
+    /// Visits the entries of the index's `ready` set, not all of `active`:
+    /// an entry waiting only for the relay's answer costs nothing here
+    /// (see `outbox_index`).
     pub(crate) fn pump_outbox(&mut self, now: u64) -> Result<(), ClientError> {
         if !self.link.ready {
             return Ok(());
         }
+        self.reindex_touched(now);
         let mut batch: Vec<(MessageId, DeviceId, Envelope)> = Vec::new();
-        let ids: Vec<(u64, MessageId)> = self.active.iter().copied().collect();
-        for (local, id) in ids {
+        let ids = self.outbox_index.ready();
+        for (local, id) in ids.iter().copied() {
+            #[cfg(test)]
+            {
+                self.outbox_index.visits += 1;
+            }
             let resolved = self.outbox.get(&id).is_some_and(|o| o.resolved);
             if !resolved && !self.resolve(now, &id) {
                 continue;
@@ -272,7 +293,7 @@ impl Engine {
                     .map(|(i, _)| i)
                     .collect(),
                 None => {
-                    self.active.remove(&(local, id));
+                    self.deactivate((local, id));
                     continue;
                 }
             };
@@ -345,7 +366,71 @@ impl Engine {
             }
             self.request(Request::Send { envelopes }, Pending::Send(items));
         }
+        // Now that what was sent is in flight, park what has nothing left
+        // to do until an answer, a reconnect or its retry time.
+        for key in ids {
+            self.park_if_idle(now, key);
+        }
         Ok(())
+    }
+
+    /// Put an entry into `active` (it has work left), to be indexed before
+    /// the index is next used.
+    pub(crate) fn activate(&mut self, key: (u64, MessageId)) {
+        self.active.insert(key);
+        self.outbox_index.touch(key.1);
+    }
+
+    /// Take an entry out of `active` and the index.
+    pub(crate) fn deactivate(&mut self, key: (u64, MessageId)) {
+        self.active.remove(&key);
+        self.outbox_index.forget(&key.1);
+    }
+
+    /// Index the entries changed since the index last looked: each is
+    /// ready for the pump, with its timers as they are now; or out of the
+    /// index if it left `active`.
+    pub(crate) fn reindex_touched(&mut self, now: u64) {
+        for id in self.outbox_index.take_touched() {
+            match self.outbox.get(&id) {
+                Some(o) if self.active.contains(&(o.local_seq, o.id)) => {
+                    let key = (o.local_seq, o.id);
+                    let (deadline, retry) = entry_times(now, o);
+                    self.outbox_index.set_times(key, deadline, retry);
+                    self.outbox_index.mark_ready(key);
+                }
+                _ => self.outbox_index.forget(&id),
+            }
+        }
+    }
+
+    /// After the pump's visit: if nothing is left to do for the entry
+    /// until its answer, a reconnect or its retry time, the pump skips it
+    /// until then (see `outbox_index`).
+    fn park_if_idle(&mut self, now: u64, key: (u64, MessageId)) {
+        let Some(o) = self
+            .outbox
+            .get(&key.1)
+            .filter(|_| self.active.contains(&key))
+        else {
+            self.outbox_index.forget(&key.1);
+            return;
+        };
+        let sealed = o.resolved && !o.targets.iter().any(|t| !t.gone && t.seq.is_none());
+        let nothing_due = o.state == MessageState::Failed
+            || now < o.retry_at
+            || !o.targets.iter().any(|t| {
+                !t.gone
+                    && !t.stored
+                    && t.tx.is_some()
+                    && !self.link.in_flight.contains(&(o.id, t.device))
+            });
+        let (deadline, retry) = entry_times(now, o);
+        let idle = sealed && nothing_due;
+        self.outbox_index.set_times(key, deadline, retry);
+        if idle {
+            self.outbox_index.park(key);
+        }
     }
 
     /// Assign the next sender seq of the target's stream and seal.
@@ -559,7 +644,7 @@ impl Engine {
                 o.retry_at = at;
                 let key = (o.local_seq, o.id);
                 if o.state != MessageState::Failed {
-                    self.active.insert(key);
+                    self.activate(key);
                 }
             }
             self.touch(Dirty::Outbox(*id));
@@ -574,6 +659,8 @@ impl Engine {
                 o.retry_at = now;
                 o.retry_delay_ms = 0;
             }
+            // Every entry is looked at again, with its new retry time.
+            self.outbox_index.touch(id);
         }
     }
 
@@ -610,10 +697,14 @@ impl Engine {
                 }
             }
         }
+        // Only a change of membership goes to the index: the pump settles
+        // every entry it visits, and that alone must not make it ready.
         if needs {
-            self.active.insert(key);
-        } else {
-            self.active.remove(&key);
+            if !self.active.contains(&key) {
+                self.activate(key);
+            }
+        } else if self.active.contains(&key) {
+            self.deactivate(key);
         }
         let _ = now;
     }
@@ -649,7 +740,7 @@ impl Engine {
 
     fn remove_entry(&mut self, id: &MessageId) {
         if let Some(o) = self.outbox.remove(id) {
-            self.active.remove(&(o.local_seq, o.id));
+            self.deactivate((o.local_seq, o.id));
             for t in &o.targets {
                 if let Some(seq) = t.seq {
                     let conv = match o.kind {
@@ -673,9 +764,15 @@ impl Engine {
     /// Chat messages not confirmed by the relay in time become `Failed`,
     /// except those still waiting for the contact's first device: they stay
     /// `Sending`, and their deadline restarts when they fan out.
-    pub(crate) fn check_deadlines(&mut self, now: u64) {
-        let due: Vec<(MessageId, bool)> = self
-            .active
+    ///
+    /// `due` are the entries whose timers came due (`OutboxIndex::pop_due`):
+    /// an entry whose deadline passed has one of them.
+    pub(crate) fn check_deadlines(
+        &mut self,
+        now: u64,
+        due: &std::collections::BTreeSet<(u64, MessageId)>,
+    ) {
+        let due: Vec<(MessageId, bool)> = due
             .iter()
             .filter_map(|(_, id)| self.outbox.get(id))
             .filter(|o| {
@@ -796,7 +893,8 @@ impl Engine {
                 o.deadline_ms = deadline;
                 revived = true;
             }
-            self.active.insert((o.local_seq, o.id));
+            let key = (o.local_seq, o.id);
+            self.activate(key);
         }
         if revived {
             self.set_state(&id, MessageState::Sending);
@@ -887,7 +985,9 @@ impl Engine {
                 {
                     newly = !t.delivered;
                     t.delivered = true;
-                    self.dirty.insert(Dirty::Outbox(id));
+                }
+                if newly {
+                    self.touch(Dirty::Outbox(id));
                 }
                 let before = self.outbox.get(&id).map(|o| o.state);
                 self.settle(now, &id);

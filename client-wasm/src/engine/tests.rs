@@ -2207,3 +2207,76 @@ fn only_delivery_notices_and_relay_acks_are_lazy() {
     }
     assert_eq!(seen, (true, true, true, true));
 }
+
+#[test]
+fn an_input_does_not_walk_the_messages_waiting_for_the_relay() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    // The relay holds alice's sends: every message stays in flight.
+    net.clients[a].hold_sends = usize::MAX;
+    for n in 0..1_000 {
+        net.send(a, conv, &format!("m{n}"));
+    }
+    assert_eq!(net.clients[a].engine.unsent(), 1_000);
+    let visits = |net: &Net| net.clients[a].engine.outbox_index.visits;
+    let before = visits(&net);
+    for n in 0..100 {
+        net.send(a, conv, &format!("late{n}"));
+    }
+    net.advance(1_000);
+    let per_send = (visits(&net) - before) as f64 / 100.0;
+    // A walk of everything in flight would visit over a thousand entries
+    // per input; each new message is visited when queued, sealed and sent.
+    assert!(per_send <= 4.0, "{per_send} entries visited per send");
+    // The deadline still fires for every held message, from the index.
+    assert_eq!(net.clients[a].engine.outbox_index.indexed(), 1_100);
+    // Released, everything arrives once and is confirmed.
+    net.clients[a].hold_sends = 0;
+    net.release_held();
+    net.advance(2_000);
+    assert_eq!(net.messages(b).len(), 1_100);
+    assert_eq!(net.clients[a].engine.unsent(), 0);
+    assert_eq!(net.clients[a].engine.outbox_index.indexed(), 0);
+}
+
+#[test]
+fn held_messages_fail_at_their_deadline_and_a_retry_sends_them() {
+    let mut net = Net::new();
+    net.cfg.send_deadline_ms = 10_000;
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let conv = net.befriend(a, b);
+    net.advance(2_000);
+    net.clients[a].hold_sends = usize::MAX;
+    let ids: Vec<MessageId> = (0..50)
+        .map(|n| net.send(a, conv, &format!("m{n}")))
+        .collect();
+    net.advance(9_000);
+    assert!(
+        ids.iter()
+            .all(|id| net.clients[a].engine.message_state(id) == Some(MessageState::Sending))
+    );
+    net.advance(2_000);
+    assert!(
+        ids.iter()
+            .all(|id| net.clients[a].engine.message_state(id) == Some(MessageState::Failed)),
+        "every held message fails at its deadline"
+    );
+    // The connection that lost them drops; retried, they go out on the
+    // next one.
+    net.held.clear();
+    net.clients[a].hold_sends = 0;
+    net.disconnect(a);
+    for id in &ids {
+        net.command(a, Command::Retry { id: *id });
+    }
+    net.advance(2_000);
+    assert_eq!(net.messages(b).len(), 50);
+    assert!(
+        ids.iter()
+            .all(|id| net.clients[a].engine.message_state(id) != Some(MessageState::Failed))
+    );
+}
