@@ -8,7 +8,9 @@
 //! the `Event::Message` to its sink (once bob's store holds it: the native
 //! driver shows an incoming message once stored and acknowledges it once
 //! durable).
-//! Prints p50/p99/p99.9/max and the host's CPU steal and I/O pressure.
+//! Prints p50/p99/p99.9/max and the host's CPU steal and I/O pressure, and
+//! for a stall (messages over 100 ms) when they were sent and how many of
+//! the relay's commits took over 10 ms, 100 ms and 1 s.
 //!
 //! ```text
 //! cargo run --release -p hush-tests --bin e2e_latency_bench -- [--rate N] [--secs S]
@@ -83,7 +85,14 @@ struct Receiver {
     sent: Sent,
     latencies: Vec<Duration>,
     unknown: usize,
+    /// When the run started, and the messages slower than [`SLOW`]: when
+    /// each was sent (seconds into the run), to place a stall in time.
+    start: Instant,
+    slow: Vec<f64>,
 }
+
+/// A message slower than this is a stall, not queueing behind syncs.
+const SLOW: Duration = Duration::from_millis(100);
 
 impl Sink<FileStorage> for Receiver {
     fn batch(&mut self, b: Batch<'_, FileStorage>) -> Result<(), CliError> {
@@ -98,7 +107,14 @@ impl Sink<FileStorage> for Receiver {
             {
                 let n: Option<usize> = record.text.get(..8).and_then(|s| s.parse().ok());
                 match n.and_then(|n| sent.get(n).copied().flatten()) {
-                    Some(t0) => self.latencies.push(now.duration_since(t0)),
+                    Some(t0) => {
+                        let took = now.duration_since(t0);
+                        if took > SLOW {
+                            self.slow
+                                .push(t0.saturating_duration_since(self.start).as_secs_f64());
+                        }
+                        self.latencies.push(took);
+                    }
                     None => self.unknown += 1,
                 }
             }
@@ -148,6 +164,8 @@ async fn bench(
         sent: sent.clone(),
         latencies: Vec::with_capacity(total),
         unknown: 0,
+        start: Instant::now(),
+        slow: Vec::new(),
     };
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let body = "x".repeat(100);
@@ -251,6 +269,25 @@ async fn bench(
             st.sent_after.count(),
         );
     }
+    // A stall (seconds, not milliseconds): was it the relay's store?
+    let m = relay.metrics();
+    let commits = m.commit_latency_seconds.count();
+    let over = |s: f64| commits.saturating_sub(m.commit_latency_seconds.count_at_most(s));
+    let first = receiver.slow.iter().copied().fold(f64::INFINITY, f64::min);
+    let last = receiver.slow.iter().copied().fold(0.0, f64::max);
+    println!(
+        "stalls: {} messages over {} ms{}; relay: {commits} commits, over 10 ms {}, over 100 ms {}, over 1 s {}",
+        receiver.slow.len(),
+        SLOW.as_millis(),
+        if receiver.slow.is_empty() {
+            String::new()
+        } else {
+            format!(" (sent {first:.1}–{last:.1} s into the run)")
+        },
+        over(0.01),
+        over(0.1),
+        over(1.0),
+    );
     println!("{host}");
     if lat.len() != total || receiver.unknown != 0 {
         return Err(bench_err(format!(
