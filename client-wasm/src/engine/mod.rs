@@ -8,7 +8,8 @@
 //! Submodules: [`conn`](self) (connection, auth, relay requests, device lists,
 //! prekeys), `send` (outbox, fan-out, sealing, retries, re-sends, tail
 //! probes), `outbox_index` (which outbox entries an input must look at, so
-//! an input's cost does not grow with the messages in flight), `recv`
+//! an input's cost does not grow with the messages in flight), `timers`
+//! (the stream records' timers by due time), `recv`
 //! (pull/push, decryption, dedup, ordering, control items, receipts, gap
 //! repair) and `commands` (what the app asks for).
 
@@ -24,6 +25,7 @@ mod recv;
 mod send;
 #[cfg(test)]
 mod tests;
+mod timers;
 
 use crate::codes::{ContactCode, LinkCode, conversation_between};
 use crate::error::ClientError;
@@ -674,6 +676,8 @@ pub struct Engine {
     /// Which of `active` an input must look at, and their timers (derived;
     /// rebuilt at load).
     pub(crate) outbox_index: outbox_index::OutboxIndex,
+    /// The stream records' timers by due time (derived; rebuilt at load).
+    pub(crate) stream_timers: timers::StreamTimers,
     pub(crate) tombs: BTreeMap<MessageId, Tombstone>,
     /// Recalls by (conversation, author user, message): when applied (ms).
     pub(crate) recalls: BTreeMap<(ConversationId, UserKey, MessageId), u64>,
@@ -760,6 +764,7 @@ impl Engine {
             outbox: BTreeMap::new(),
             active: BTreeSet::new(),
             outbox_index: outbox_index::OutboxIndex::default(),
+            stream_timers: timers::StreamTimers::default(),
             tombs: BTreeMap::new(),
             recalls: BTreeMap::new(),
             mine: BTreeMap::new(),
@@ -921,6 +926,10 @@ impl Engine {
             e.activate((local, id));
         }
         e.rebuild_sent_index();
+        // The streams' timers, indexed at the first input.
+        let t = &mut e.stream_timers;
+        t.touched_in.extend(e.in_streams.keys().copied());
+        t.touched_out.extend(e.out_streams.keys().copied());
         // A removed device stays removed across restarts.
         e.lifecycle.removed = e.counters.removed > 0;
         // Written before parking was bounded, or under larger bounds: the
@@ -1181,6 +1190,7 @@ impl Engine {
             step.events.push(Event::Connection(state));
         }
         self.reindex_touched(now);
+        self.reindex_streams();
         step.wake_at = self.next_wake(now);
         step.connect_at = self.connect_at();
         Ok(step)
@@ -1242,8 +1252,9 @@ impl Engine {
         if self.link.ready {
             times.extend(self.link.ack_due);
             times.extend(self.receipts.values().map(|r| r.due_ms));
-            times.extend(self.in_streams.values().filter_map(|s| s.request_at));
-            times.extend(self.out_streams.values().filter_map(|s| s.probe_at));
+            // From the timer index, not a walk of every stream.
+            times.extend(self.stream_timers.gaps.next_after(now));
+            times.extend(self.stream_timers.probes.next_after(now));
             times.extend(
                 self.lists_refreshed_at
                     .map(|t| t.saturating_add(self.cfg.device_list_max_age_ms)),
@@ -1265,10 +1276,30 @@ impl Engine {
         times.into_iter().filter(|&t| t > now).min()
     }
 
+    /// Bring the stream timers up to date with the streams changed since
+    /// they were last read (see `timers`).
+    pub(crate) fn reindex_streams(&mut self) {
+        for k in std::mem::take(&mut self.stream_timers.touched_in) {
+            let at = self.in_streams.get(&k).and_then(|s| s.request_at);
+            self.stream_timers.gaps.set(k, at);
+        }
+        for k in std::mem::take(&mut self.stream_timers.touched_out) {
+            let at = self.out_streams.get(&k).and_then(|s| s.probe_at);
+            self.stream_timers.probes.set(k, at);
+        }
+    }
+
     /// Mark a record to be written at the end of the step.
     pub(crate) fn touch(&mut self, d: Dirty) {
-        if let Dirty::Outbox(id) = d {
-            self.outbox_index.touch(id);
+        match d {
+            Dirty::Outbox(id) => self.outbox_index.touch(id),
+            Dirty::In(dev, conv) => {
+                self.stream_timers.touched_in.insert((dev, conv));
+            }
+            Dirty::Out(dev, conv) => {
+                self.stream_timers.touched_out.insert((dev, conv));
+            }
+            _ => {}
         }
         self.dirty.insert(d);
     }

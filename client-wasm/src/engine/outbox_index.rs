@@ -23,38 +23,31 @@
 //!   Entries that wait for something outside themselves (a device list, a
 //!   session) are never parked, so they are looked at on every input as
 //!   before.
-//! - two timer sets: each active chat entry's deadline while it is
-//!   `Sending`, and each active entry's retry time while that lies ahead.
-//!   The deadline check takes the timers that are due instead of testing
-//!   every entry, and the next wake-up is the first timer ahead.
+//! - two timer sets ([`super::timers::Timers`]): each active chat entry's
+//!   deadline while it is `Sending`, and each active entry's retry time
+//!   while that lies ahead. The deadline check takes the timers that are
+//!   due instead of testing every entry, and the next wake-up is the first
+//!   timer ahead.
 //!
 //! So an input costs the entries it changes plus those that wait for
 //! something, not the entries in flight. Nothing here is stored: loading
 //! the engine rebuilds it from the outbox.
 
+use super::timers::Timers;
 use hush_protocol::MessageId;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// An entry of `Engine::active`: (local seq, id), in creation order.
 pub(crate) type Key = (u64, MessageId);
 
-/// The timers of one entry as they are in the index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Times {
-    local: u64,
-    deadline: Option<u64>,
-    retry: Option<u64>,
-}
-
 /// See the module docs.
 #[derive(Debug, Default)]
 pub(crate) struct OutboxIndex {
     ready: BTreeSet<Key>,
-    /// (time, local seq, id).
-    deadlines: BTreeSet<(u64, u64, MessageId)>,
-    /// (time, local seq, id).
-    retries: BTreeSet<(u64, u64, MessageId)>,
-    times: BTreeMap<MessageId, Times>,
+    deadlines: Timers<Key>,
+    retries: Timers<Key>,
+    /// The local seq of every indexed entry, to drop one known by id alone.
+    locals: BTreeMap<MessageId, u64>,
     /// Entries changed since the index last looked (see
     /// [`OutboxIndex::touch`]).
     touched: BTreeSet<MessageId>,
@@ -62,8 +55,6 @@ pub(crate) struct OutboxIndex {
     #[cfg(test)]
     pub(crate) visits: u64,
 }
-
-const LOWEST_ID: MessageId = MessageId([0; 16]);
 
 impl OutboxIndex {
     /// The entry changed: look at it again before the index is next used.
@@ -91,63 +82,35 @@ impl OutboxIndex {
         self.ready.iter().copied().collect()
     }
 
-    /// Set the entry's deadline and retry timer (`None`: it has none).
+    /// Index the entry, with its deadline and retry timer (`None`: it has
+    /// none).
     pub(crate) fn set_times(&mut self, key: Key, deadline: Option<u64>, retry: Option<u64>) {
-        let (local, id) = key;
-        let new = Times {
-            local,
-            deadline,
-            retry,
-        };
-        if self.times.get(&id) == Some(&new) {
-            return;
-        }
-        self.remove_timers(&id);
-        if let Some(at) = deadline {
-            self.deadlines.insert((at, local, id));
-        }
-        if let Some(at) = retry {
-            self.retries.insert((at, local, id));
-        }
-        self.times.insert(id, new);
+        self.locals.insert(key.1, key.0);
+        self.deadlines.set(key, deadline);
+        self.retries.set(key, retry);
     }
 
     /// The entry left `active` (or the outbox): drop it from the index.
     pub(crate) fn forget(&mut self, id: &MessageId) {
-        if let Some(t) = self.remove_timers(id) {
-            self.ready.remove(&(t.local, *id));
+        if let Some(local) = self.locals.remove(id) {
+            let key = (local, *id);
+            self.deadlines.set(key, None);
+            self.retries.set(key, None);
+            self.ready.remove(&key);
         }
-    }
-
-    fn remove_timers(&mut self, id: &MessageId) -> Option<Times> {
-        let old = self.times.remove(id)?;
-        if let Some(at) = old.deadline {
-            self.deadlines.remove(&(at, old.local, *id));
-        }
-        if let Some(at) = old.retry {
-            self.retries.remove(&(at, old.local, *id));
-        }
-        Some(old)
     }
 
     /// Take every timer due at `now`: the entries they belong to become
     /// ready, and are returned (in creation order) for the deadline check.
     pub(crate) fn pop_due(&mut self, now: u64) -> BTreeSet<Key> {
-        let bound = (now.saturating_add(1), 0, LOWEST_ID);
         let mut due = BTreeSet::new();
-        let later = self.deadlines.split_off(&bound);
-        for (_, local, id) in std::mem::replace(&mut self.deadlines, later) {
-            if let Some(t) = self.times.get_mut(&id) {
-                t.deadline = None;
-            }
-            due.insert((local, id));
+        for key in self.deadlines.due(now) {
+            self.deadlines.set(key, None);
+            due.insert(key);
         }
-        let later = self.retries.split_off(&bound);
-        for (_, local, id) in std::mem::replace(&mut self.retries, later) {
-            if let Some(t) = self.times.get_mut(&id) {
-                t.retry = None;
-            }
-            due.insert((local, id));
+        for key in self.retries.due(now) {
+            self.retries.set(key, None);
+            due.insert(key);
         }
         self.ready.extend(due.iter().copied());
         due
@@ -156,18 +119,15 @@ impl OutboxIndex {
     /// The first deadline after `now`, and with `retries` the first retry
     /// time too.
     pub(crate) fn next_after(&self, now: u64, retries: bool) -> Option<u64> {
-        let bound = (now.saturating_add(1), 0, LOWEST_ID);
-        let deadline = self.deadlines.range(bound..).next().map(|t| t.0);
-        let retry = retries
-            .then(|| self.retries.range(bound..).next().map(|t| t.0))
-            .flatten();
+        let deadline = self.deadlines.next_after(now);
+        let retry = retries.then(|| self.retries.next_after(now)).flatten();
         deadline.into_iter().chain(retry).min()
     }
 
-    /// Entries the index holds timers for (tests).
+    /// Entries the index holds (tests).
     #[cfg(test)]
     pub(crate) fn indexed(&self) -> usize {
-        self.times.len()
+        self.locals.len()
     }
 }
 

@@ -1241,15 +1241,13 @@ impl Engine {
         if !self.link.live {
             return Ok(());
         }
-        let due: Vec<(DeviceId, ConversationId)> = self
-            .in_streams
-            .iter()
-            .filter(|(_, s)| s.request_at.is_some_and(|t| now >= t))
-            .map(|(k, _)| *k)
-            .collect();
+        // The due streams from the timer index (see `timers`).
+        self.reindex_streams();
+        let due = self.stream_timers.gaps.due(now);
         let me = self.device.device;
         for (d, conv) in due {
             let Some(st) = self.in_streams.get_mut(&(d, conv)) else {
+                self.stream_timers.gaps.set((d, conv), None);
                 continue;
             };
             // Holes below the highest seq seen, then seqs above it that the

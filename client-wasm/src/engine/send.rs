@@ -907,14 +907,12 @@ impl Engine {
 
     /// Re-send the tail of streams whose receipt is overdue.
     pub(crate) fn run_probes(&mut self, now: u64) -> Result<(), ClientError> {
-        let due: Vec<(DeviceId, ConversationId)> = self
-            .out_streams
-            .iter()
-            .filter(|(_, s)| s.probe_at.is_some_and(|t| now >= t))
-            .map(|(k, _)| *k)
-            .collect();
+        // The due streams from the timer index (see `timers`).
+        self.reindex_streams();
+        let due = self.stream_timers.probes.due(now);
         for (d, conv) in due {
             let Some(os) = self.out_streams.get(&(d, conv)) else {
+                self.stream_timers.probes.set((d, conv), None);
                 continue;
             };
             let receipted = os.receipted;

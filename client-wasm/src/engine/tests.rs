@@ -855,11 +855,7 @@ fn crash_after_storing_before_ack_redelivers_and_dedups() {
 
 #[test]
 fn lost_message_is_requested_and_resent_in_order() {
-    let mut net = Net::new();
-    let a = net.create("alice");
-    let b = net.create("bob");
-    let conv = net.befriend(a, b);
-    net.advance(2_000);
+    let (mut net, a, b, conv) = alice_and_bob(Net::new());
     let bd = net.clients[b].engine.device_id();
     net.relay.lose_next.insert(bd, 1);
     let m1 = net.send(a, conv, "one");
@@ -2208,15 +2204,30 @@ fn only_delivery_notices_and_relay_acks_are_lazy() {
     assert_eq!(seen, (true, true, true, true));
 }
 
-#[test]
-fn an_input_does_not_walk_the_messages_waiting_for_the_relay() {
+/// alice and bob, contacts, with alice's send deadline `deadline_ms` and
+/// every `Send` of hers from here on held by the network (the relay never
+/// answers them).
+fn pair_holding_sends(deadline_ms: u64) -> (Net, usize, usize, ConversationId) {
     let mut net = Net::new();
+    net.cfg.send_deadline_ms = deadline_ms;
+    let (mut net, a, b, conv) = alice_and_bob(net);
+    net.clients[a].hold_sends = usize::MAX;
+    (net, a, b, conv)
+}
+
+/// alice and bob on `net`, contacts, settled for two seconds.
+fn alice_and_bob(mut net: Net) -> (Net, usize, usize, ConversationId) {
     let a = net.create("alice");
     let b = net.create("bob");
     let conv = net.befriend(a, b);
     net.advance(2_000);
-    // The relay holds alice's sends: every message stays in flight.
-    net.clients[a].hold_sends = usize::MAX;
+    (net, a, b, conv)
+}
+
+#[test]
+fn an_input_does_not_walk_the_messages_waiting_for_the_relay() {
+    let (mut net, a, b, conv) = pair_holding_sends(EngineConfig::default().send_deadline_ms);
+    // Every message of alice's stays in flight.
     for n in 0..1_000 {
         net.send(a, conv, &format!("m{n}"));
     }
@@ -2244,13 +2255,7 @@ fn an_input_does_not_walk_the_messages_waiting_for_the_relay() {
 
 #[test]
 fn held_messages_fail_at_their_deadline_and_a_retry_sends_them() {
-    let mut net = Net::new();
-    net.cfg.send_deadline_ms = 10_000;
-    let a = net.create("alice");
-    let b = net.create("bob");
-    let conv = net.befriend(a, b);
-    net.advance(2_000);
-    net.clients[a].hold_sends = usize::MAX;
+    let (mut net, a, b, conv) = pair_holding_sends(10_000);
     let ids: Vec<MessageId> = (0..50)
         .map(|n| net.send(a, conv, &format!("m{n}")))
         .collect();
@@ -2279,4 +2284,82 @@ fn held_messages_fail_at_their_deadline_and_a_retry_sends_them() {
         ids.iter()
             .all(|id| net.clients[a].engine.message_state(id) != Some(MessageState::Failed))
     );
+}
+
+/// Drive client `i` by its own wake-ups only (no periodic ticks): jump to
+/// each time its step asks to be woken, until `done` holds or the time
+/// passes `limit`. Returns the time `done` first held.
+fn run_on_wakeups(net: &mut Net, i: usize, limit: u64, done: impl Fn(&Net) -> bool) -> Option<u64> {
+    for _ in 0..100 {
+        if done(net) {
+            return Some(net.now);
+        }
+        let now = net.now;
+        let wake = net.clients[i]
+            .engine
+            .handle(now, Input::Tick)
+            .unwrap()
+            .wake_at?;
+        if wake > limit {
+            return None;
+        }
+        net.now = wake;
+        net.input(i, Input::Tick);
+        net.settle();
+    }
+    None
+}
+
+#[test]
+fn a_gap_request_and_a_tail_probe_go_out_when_their_timers_wake_the_engine() {
+    let (mut net, a, b, conv) = alice_and_bob(Net::new());
+    let bd = net.clients[b].engine.device_id();
+    net.relay.lose_next.insert(bd, 1);
+    net.send(a, conv, "one");
+    net.send(a, conv, "two");
+    // bob holds "two" and waits for "one": his request is due after the
+    // grace period, and his engine wakes for it then.
+    let gap = net.clients[b]
+        .engine
+        .in_streams
+        .values()
+        .filter_map(|s| s.request_at)
+        .min()
+        .expect("a gap timer");
+    let recovered = run_on_wakeups(&mut net, b, gap + 60_000, |n| n.messages(b).len() == 2);
+    assert_eq!(
+        recovered,
+        Some(gap),
+        "the gap is repaired when its timer is due"
+    );
+    // alice's "one" and "two" now wait for bob's receipt, which never
+    // comes while he is offline: her tail probe goes out when due.
+    net.switch_off(b);
+    let probe = net.clients[a]
+        .engine
+        .out_streams
+        .values()
+        .filter_map(|s| s.probe_at)
+        .min()
+        .expect("a probe timer");
+    let probes = net.clients[a].engine.counters().probes;
+    let probed = run_on_wakeups(&mut net, a, probe + 60_000, |n| {
+        n.clients[a].engine.counters().probes > probes
+    });
+    assert_eq!(
+        probed,
+        Some(probe),
+        "the probe goes out when its timer is due"
+    );
+}
+
+#[test]
+fn a_held_message_fails_when_its_deadline_wakes_the_engine() {
+    let (mut net, a, _, conv) = pair_holding_sends(10_000);
+    let sent_at = net.now;
+    let id = net.send(a, conv, "held");
+    let failed = run_on_wakeups(&mut net, a, sent_at + 120_000, |n| {
+        n.clients[a].engine.message_state(&id) == Some(MessageState::Failed)
+    });
+    assert_eq!(failed, Some(sent_at + 10_000));
 }
