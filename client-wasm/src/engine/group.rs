@@ -28,6 +28,7 @@
 //! member at its position is skipped. A message counts only if its author is
 //! a member at its position.
 
+use super::timers::Timers;
 use super::{Command, Engine, Event, Reply, send};
 use crate::error::ClientError;
 use crate::payload::{
@@ -175,6 +176,10 @@ pub(crate) struct GroupState {
     pub records: BTreeMap<ConversationId, GroupRecord>,
     pub known: BTreeMap<(ConversationId, MessageId), Known>,
     pub held: BTreeMap<(ConversationId, MessageId), Held>,
+    /// `held`'s request times by due time (derived; see `super::timers`),
+    /// and the held messages changed since they were last indexed.
+    pub held_timers: Timers<(ConversationId, MessageId)>,
+    pub held_touched: BTreeSet<(ConversationId, MessageId)>,
     /// Per own group message: members whose user read it.
     pub reads: BTreeMap<MessageId, BTreeSet<UserKey>>,
     pub counters: GroupCounters,
@@ -529,7 +534,19 @@ impl Engine {
     }
 
     fn gtouch(&mut self, d: GDirty) {
+        if let GDirty::Held(conv, id) = d {
+            self.groups.held_touched.insert((conv, id));
+        }
         self.groups.dirty.insert(d);
+    }
+
+    /// Bring `held_timers` up to date with the held messages changed since
+    /// they were last read.
+    pub(crate) fn reindex_held(&mut self) {
+        for k in std::mem::take(&mut self.groups.held_touched) {
+            let at = self.groups.held.get(&k).map(|h| h.request_at);
+            self.groups.held_timers.set(k, at);
+        }
     }
 
     fn gcount(&mut self, f: impl FnOnce(&mut GroupCounters)) {
@@ -606,6 +623,7 @@ impl Engine {
             let c = ConversationId(keys::arr(b, 0).ok_or_else(|| corrupt(k))?);
             let id = MessageId(keys::arr(b, 16).ok_or_else(|| corrupt(k))?);
             self.groups.held.insert((c, id), storage::decode(k, v)?);
+            self.groups.held_touched.insert((c, id));
         } else if let Some(b) = k.strip_prefix(GSTREAM) {
             let d = DeviceId(keys::arr(b, 0).ok_or_else(|| corrupt(k))?);
             let c = ConversationId(keys::arr(b, 16).ok_or_else(|| corrupt(k))?);
@@ -1538,13 +1556,9 @@ impl Engine {
     /// Ask author devices for the predecessors held messages wait for;
     /// give up on the ones that never come.
     pub(crate) fn group_timers(&mut self, now: u64) -> Result<(), ClientError> {
-        let due: Vec<(ConversationId, MessageId)> = self
-            .groups
-            .held
-            .iter()
-            .filter(|(_, h)| now >= h.request_at)
-            .map(|(k, _)| *k)
-            .collect();
+        // The due ones from the timer index, not a walk of every held one.
+        self.reindex_held();
+        let due = self.groups.held_timers.due(now);
         if due.is_empty() {
             return Ok(());
         }
@@ -1554,6 +1568,7 @@ impl Engine {
         let mut touched: BTreeSet<ConversationId> = BTreeSet::new();
         for (conv, id) in due {
             let Some(h) = self.groups.held.get(&(conv, id)) else {
+                self.groups.held_timers.set((conv, id), None);
                 continue;
             };
             let missing: Vec<GroupRef> = position(&h.payload)
@@ -1628,9 +1643,9 @@ impl Engine {
         Ok(())
     }
 
-    /// The next time a held message wants a request.
-    pub(crate) fn group_wake(&self) -> Option<u64> {
-        self.groups.held.values().map(|h| h.request_at).min()
+    /// The next time after `now` a held message wants a request.
+    pub(crate) fn group_wake(&self, now: u64) -> Option<u64> {
+        self.groups.held_timers.next_after(now)
     }
 }
 

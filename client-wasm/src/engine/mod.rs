@@ -1191,6 +1191,7 @@ impl Engine {
         }
         self.reindex_touched(now);
         self.reindex_streams();
+        self.reindex_held();
         step.wake_at = self.next_wake(now);
         step.connect_at = self.connect_at();
         Ok(step)
@@ -1269,7 +1270,7 @@ impl Engine {
                     .map(|t| t.saturating_add(self.cfg.device_list_wait_ms)),
             );
             times.extend(self.link.prekey_failures.values().map(|f| f.0));
-            times.extend(self.group_wake());
+            times.extend(self.group_wake(now));
         } else if !self.link.connected {
             times.push(self.reconnect_at);
         }

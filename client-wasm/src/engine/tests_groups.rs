@@ -373,6 +373,37 @@ fn held_message_is_released_when_its_predecessor_arrives_after_a_resend() {
 }
 
 #[test]
+fn a_held_group_message_asks_for_its_predecessor_when_its_timer_wakes_the_engine() {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let c = net.create("carol");
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b, c]);
+    net.advance(2_000);
+    let cd = net.clients[c].engine.device_id();
+    net.relay.lose_next.insert(cd, 1);
+    say(&mut net, a, g, "question?");
+    say(&mut net, b, g, "answer");
+    let due = net.clients[c]
+        .engine
+        .groups
+        .held
+        .values()
+        .map(|h| h.request_at)
+        .min()
+        .expect("the answer is held");
+    // Driven by her own wake-ups alone, Carol asks for the question when
+    // the held answer's timer is due, and shows both then.
+    let shown = run_on_wakeups(&mut net, c, due + 60_000, |n| {
+        group_texts(n, c, &g).len() == 2
+    });
+    assert_eq!(shown, Some(due));
+    assert_eq!(group_texts(&net, c, &g), vec!["question?", "answer"]);
+}
+
+#[test]
 fn held_messages_survive_a_restart() {
     let mut net = Net::new();
     let a = net.create("alice");

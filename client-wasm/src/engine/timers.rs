@@ -10,7 +10,8 @@
 //! mirrors those fields, kept current the same way the outbox index is
 //! (`outbox_index`): every change to a stream record goes through
 //! `Engine::touch`, which notes the stream, and the noted streams are
-//! indexed again before the timers are read.
+//! indexed again before the timers are read. Held group messages' request
+//! times use the same [`Timers`] (`group::GroupState::held_timers`).
 
 use hush_protocol::{ConversationId, DeviceId};
 use std::collections::{BTreeMap, BTreeSet};
