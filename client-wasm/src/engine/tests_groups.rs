@@ -38,6 +38,26 @@ impl Net {
 }
 
 /// Texts of a group in the group order, as device `i` shows them.
+/// alice, bob and carol, all contacts, settled.
+fn alice_bob_carol() -> (Net, usize, usize, usize) {
+    let mut net = Net::new();
+    let a = net.create("alice");
+    let b = net.create("bob");
+    let c = net.create("carol");
+    net.befriend_all(&[a, b, c]);
+    net.advance(2_000);
+    (net, a, b, c)
+}
+
+/// alice, bob and carol, all contacts, in a group named `name` that
+/// alice created, settled.
+fn alice_bob_carol_in_a_group(name: &str) -> (Net, usize, usize, usize, ConversationId) {
+    let (mut net, a, b, c) = alice_bob_carol();
+    let g = net.create_group(a, name, &[b, c]);
+    net.advance(2_000);
+    (net, a, b, c, g)
+}
+
 fn group_texts(net: &Net, i: usize, g: &ConversationId) -> Vec<String> {
     let e = &net.clients[i].engine;
     let texts: BTreeMap<MessageId, String> = net.clients[i]
@@ -84,14 +104,7 @@ fn say(net: &mut Net, i: usize, g: ConversationId, text: &str) -> MessageId {
 
 #[test]
 fn group_create_send_receive_between_online_devices() {
-    let mut net = Net::new();
-    let a = net.create("alice");
-    let b = net.create("bob");
-    let c = net.create("carol");
-    net.befriend_all(&[a, b, c]);
-    net.advance(2_000);
-    let g = net.create_group(a, "trip", &[b, c]);
-    net.advance(2_000);
+    let (mut net, a, b, c, g) = alice_bob_carol_in_a_group("trip");
     for i in [a, b, c] {
         let info = net.clients[i].engine.group(&g).expect("group known");
         assert_eq!(info.name, "trip");
@@ -342,14 +355,7 @@ fn multi_device_members_get_every_message_once_in_the_same_order() {
 
 #[test]
 fn held_message_is_released_when_its_predecessor_arrives_after_a_resend() {
-    let mut net = Net::new();
-    let a = net.create("alice");
-    let b = net.create("bob");
-    let c = net.create("carol");
-    net.befriend_all(&[a, b, c]);
-    net.advance(2_000);
-    let g = net.create_group(a, "g", &[b, c]);
-    net.advance(2_000);
+    let (mut net, a, b, c, g) = alice_bob_carol_in_a_group("g");
     let cd = net.clients[c].engine.device_id();
     // The relay loses Alice's question to Carol; Bob answers it.
     net.relay.lose_next.insert(cd, 1);
@@ -374,14 +380,7 @@ fn held_message_is_released_when_its_predecessor_arrives_after_a_resend() {
 
 #[test]
 fn a_held_group_message_asks_for_its_predecessor_when_its_timer_wakes_the_engine() {
-    let mut net = Net::new();
-    let a = net.create("alice");
-    let b = net.create("bob");
-    let c = net.create("carol");
-    net.befriend_all(&[a, b, c]);
-    net.advance(2_000);
-    let g = net.create_group(a, "g", &[b, c]);
-    net.advance(2_000);
+    let (mut net, a, b, c, g) = alice_bob_carol_in_a_group("g");
     let cd = net.clients[c].engine.device_id();
     net.relay.lose_next.insert(cd, 1);
     say(&mut net, a, g, "question?");
@@ -405,14 +404,7 @@ fn a_held_group_message_asks_for_its_predecessor_when_its_timer_wakes_the_engine
 
 #[test]
 fn held_messages_survive_a_restart() {
-    let mut net = Net::new();
-    let a = net.create("alice");
-    let b = net.create("bob");
-    let c = net.create("carol");
-    net.befriend_all(&[a, b, c]);
-    net.advance(2_000);
-    let g = net.create_group(a, "g", &[b, c]);
-    net.advance(2_000);
+    let (mut net, a, b, c, g) = alice_bob_carol_in_a_group("g");
     let cd = net.clients[c].engine.device_id();
     net.relay.lose_next.insert(cd, 1);
     say(&mut net, a, g, "first");
@@ -493,14 +485,7 @@ fn two_senders_interleaving_with_losses_give_one_order_everywhere() {
 
 #[test]
 fn removed_member_gets_nothing_sent_after_the_removal() {
-    let mut net = Net::new();
-    let a = net.create("alice");
-    let b = net.create("bob");
-    let c = net.create("carol");
-    net.befriend_all(&[a, b, c]);
-    net.advance(2_000);
-    let g = net.create_group(a, "g", &[b, c]);
-    net.advance(2_000);
+    let (mut net, a, b, c, g) = alice_bob_carol_in_a_group("g");
     say(&mut net, b, g, "hello");
     net.advance(2_000);
     net.command(
@@ -590,14 +575,7 @@ fn a_non_members_group_message_is_ignored() {
 
 #[test]
 fn a_member_cannot_impersonate_another_member() {
-    let mut net = Net::new();
-    let a = net.create("alice");
-    let b = net.create("bob");
-    let c = net.create("carol");
-    net.befriend_all(&[a, b, c]);
-    net.advance(2_000);
-    let g = net.create_group(a, "g", &[b, c]);
-    net.advance(2_000);
+    let (mut net, a, b, c, g) = alice_bob_carol_in_a_group("g");
     say(&mut net, c, g, "carol speaking");
     net.advance(2_000);
     let (ad, bd, cd) = (
@@ -642,14 +620,7 @@ fn a_member_cannot_impersonate_another_member() {
 
 #[test]
 fn only_the_author_can_recall_a_group_message() {
-    let mut net = Net::new();
-    let a = net.create("alice");
-    let b = net.create("bob");
-    let c = net.create("carol");
-    net.befriend_all(&[a, b, c]);
-    net.advance(2_000);
-    let g = net.create_group(a, "g", &[b, c]);
-    net.advance(2_000);
+    let (mut net, a, b, c, g) = alice_bob_carol_in_a_group("g");
     let m1 = say(&mut net, a, g, "mine");
     let m2 = say(&mut net, b, g, "bob's");
     net.advance(2_000);
@@ -756,14 +727,7 @@ fn a_hostile_member_cannot_grow_held_messages_without_bound() {
 /// and nothing of them is shown or stored.
 #[test]
 fn a_removed_member_cannot_open_copies_the_relay_redirects_to_it() {
-    let mut net = Net::new();
-    let a = net.create("alice");
-    let b = net.create("bob");
-    let c = net.create("carol");
-    net.befriend_all(&[a, b, c]);
-    net.advance(2_000);
-    let g = net.create_group(a, "g", &[b, c]);
-    net.advance(2_000);
+    let (mut net, a, b, c, g) = alice_bob_carol_in_a_group("g");
     say(&mut net, a, g, "before");
     net.advance(2_000);
     net.command(
@@ -893,14 +857,7 @@ fn deleting_a_group_message_syncs_to_the_users_other_devices_only() {
 /// them instead of showing the second member as unread for ever.
 #[test]
 fn a_later_members_receipt_is_announced_though_the_overall_state_stays() {
-    let mut net = Net::new();
-    let a = net.create("alice");
-    let b = net.create("bob");
-    let c = net.create("carol");
-    net.befriend_all(&[a, b, c]);
-    net.advance(2_000);
-    let g = net.create_group(a, "g", &[b, c]);
-    net.advance(2_000);
+    let (mut net, a, b, c, g) = alice_bob_carol_in_a_group("g");
     let ad = net.clients[a].engine.device_id();
     let m = say(&mut net, a, g, "read me");
     net.advance(3_000);
@@ -1093,12 +1050,7 @@ fn the_relay_cannot_link_group_envelopes_to_the_group_or_to_each_other() {
 /// is derived from.
 #[test]
 fn a_group_stream_cannot_carry_another_groups_message() {
-    let mut net = Net::new();
-    let a = net.create("alice");
-    let b = net.create("bob");
-    let c = net.create("carol");
-    net.befriend_all(&[a, b, c]);
-    net.advance(2_000);
+    let (mut net, a, b, c) = alice_bob_carol();
     let g1 = net.create_group(a, "one", &[b, c]);
     let g2 = net.create_group(c, "two", &[b]);
     net.advance(2_000);
