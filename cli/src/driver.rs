@@ -1242,6 +1242,8 @@ impl<S: Storage + Send + 'static> Driver<S> {
                 self.outstanding.remove(request_id);
             }
             ServerFrame::Push { .. }
+            | ServerFrame::EarlyPush { .. }
+            | ServerFrame::Durable { .. }
             | ServerFrame::Closing { .. }
             | ServerFrame::PrekeysLow { .. }
             | ServerFrame::Retired { .. } => {}

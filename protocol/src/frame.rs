@@ -303,6 +303,13 @@ pub enum Request {
         /// The user.
         user: UserKey,
     },
+    /// Position 15. Ask for early pushes on this connection: from now on
+    /// the relay may push an envelope as soon as its commit has written it,
+    /// while the commit's sync is still running ([`ServerFrame::EarlyPush`]),
+    /// and says with [`ServerFrame::Durable`] once it is durable. A live
+    /// recipient then stores a message while the relay syncs it, one sync
+    /// sooner. Answer: [`Response::EarlyPushes`]. See docs/PROTOCOL.md §8.5.
+    EarlyPushes,
 }
 
 /// The relay's lease of one listed device: when it last authenticated and
@@ -369,6 +376,22 @@ pub enum ServerFrame {
         /// When the relay had last seen it before this connection, ms since
         /// the Unix epoch.
         last_seen_ms: u64,
+    },
+    /// Position 6. Envelopes written to this device's inbox whose commit
+    /// may not be durable yet (only after [`Request::EarlyPushes`]). The
+    /// device may store and show them, but must not count them in its
+    /// cursor or acknowledge them before a [`ServerFrame::Durable`] covers
+    /// them: if the relay stops before the commit is durable, it may give
+    /// the same seqs to other envelopes.
+    EarlyPush {
+        /// In relay-seq order, contiguous with what was pulled or pushed before.
+        envelopes: Vec<Delivered>,
+    },
+    /// Position 7. Everything pushed to this connection up to relay seq
+    /// `through` is durable (only after [`Request::EarlyPushes`]).
+    Durable {
+        /// Highest durable relay seq among those pushed.
+        through: u64,
     },
 }
 
@@ -537,6 +560,8 @@ pub enum Response {
         /// At most [`MAX_DEVICES_PER_USER`] leases.
         leases: Vec<DeviceLease>,
     },
+    /// Position 14. Answer to `EarlyPushes`: early pushes are on.
+    EarlyPushes,
 }
 
 fn too_large(what: &'static str, len: usize, max: usize) -> Result<(), ProtocolError> {
@@ -600,7 +625,7 @@ impl ServerFrame {
     /// Check the limits postcard cannot express.
     pub fn validate(&self) -> Result<(), ProtocolError> {
         match self {
-            ServerFrame::Push { envelopes } => {
+            ServerFrame::Push { envelopes } | ServerFrame::EarlyPush { envelopes } => {
                 too_large("push", envelopes.len(), usize::from(MAX_PAGE))
             }
             ServerFrame::Response { response, .. } => match response {
@@ -636,7 +661,9 @@ impl ServerFrame {
                 too_large("text", error.message.len(), MAX_TEXT_LEN)
             }
             ServerFrame::Closing { reason, .. } => too_large("text", reason.len(), MAX_TEXT_LEN),
-            ServerFrame::PrekeysLow { .. } | ServerFrame::Retired { .. } => Ok(()),
+            ServerFrame::PrekeysLow { .. }
+            | ServerFrame::Retired { .. }
+            | ServerFrame::Durable { .. } => Ok(()),
         }
     }
 

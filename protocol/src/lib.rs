@@ -42,7 +42,7 @@ pub use frame::{
     decode_client_frame, decode_server_frame, encode_client_frame, encode_server_frame,
 };
 pub use ids::{BlobId, ConversationId, DeviceId, MessageId, UserKey};
-pub use raw::{RawDelivered, encode_page_frame, encode_push_frame};
+pub use raw::{RawDelivered, encode_early_push_frame, encode_page_frame, encode_push_frame};
 
 /// The protocol version carried in every frame and envelope header.
 pub const PROTOCOL_VERSION: u8 = 1;

@@ -100,6 +100,18 @@ pub fn encode_push_frame(raw: &[RawDelivered]) -> Result<Vec<u8>, ProtocolError>
     )
 }
 
+/// The frame `ServerFrame::EarlyPush { envelopes }` with `envelopes`
+/// decoded from `raw`, encoded as [`encode_server_frame`] does.
+pub fn encode_early_push_frame(raw: &[RawDelivered]) -> Result<Vec<u8>, ProtocolError> {
+    splice(
+        &ServerFrame::EarlyPush {
+            envelopes: Vec::new(),
+        },
+        raw,
+        0,
+    )
+}
+
 /// Encode `empty` (a frame whose envelope list is empty and is followed by
 /// `after_len` bytes of other fields) with `raw` in that list.
 fn splice(

@@ -531,6 +531,7 @@ fn all_requests() -> Vec<Request> {
         Request::FetchDeviceLeases {
             user: UserKey([0; 32]),
         },
+        Request::EarlyPushes,
     ]
 }
 
@@ -567,6 +568,7 @@ fn request_variant_indexes_match_the_doc_table() {
             "BlobStatus",
             "BlobGet",
             "FetchDeviceLeases",
+            "EarlyPushes",
         ],
     );
 }
@@ -644,6 +646,7 @@ fn all_responses() -> Vec<Response> {
             },
             leases: Vec::new(),
         },
+        Response::EarlyPushes,
     ]
 }
 
@@ -679,6 +682,7 @@ fn response_variant_indexes_match_the_doc_table() {
             "BlobState",
             "BlobChunk",
             "DeviceLeases",
+            "EarlyPushes",
         ],
     );
 }
@@ -702,6 +706,10 @@ fn server_frame_variant_indexes_match_the_doc_table() {
             one_time_prekeys_left: 0,
         },
         ServerFrame::Retired { last_seen_ms: 0 },
+        ServerFrame::EarlyPush {
+            envelopes: Vec::new(),
+        },
+        ServerFrame::Durable { through: 0 },
     ];
     let rows: Vec<(u8, String)> = frames
         .into_iter()
@@ -719,6 +727,8 @@ fn server_frame_variant_indexes_match_the_doc_table() {
             "Closing",
             "PrekeysLow",
             "Retired",
+            "EarlyPush",
+            "Durable",
         ],
     );
 }

@@ -10,7 +10,8 @@ use common::*;
 use hush_protocol::limits::MAX_PAGE;
 use hush_protocol::{
     Delivered, Envelope, Page, ProtocolError, RawDelivered, Response, ServerFrame,
-    decode_server_frame, encode_page_frame, encode_push_frame, encode_server_frame,
+    decode_server_frame, encode_early_push_frame, encode_page_frame, encode_push_frame,
+    encode_server_frame,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -39,6 +40,15 @@ proptest! {
         let raw = raw(&envelopes);
         let bytes = encode_push_frame(&raw).unwrap();
         let frame = ServerFrame::Push { envelopes };
+        prop_assert_eq!(&bytes, &encode_server_frame(&frame).unwrap());
+        prop_assert_eq!(decode_server_frame(&bytes).unwrap(), frame);
+    }
+
+    #[test]
+    fn a_raw_early_push_is_the_typed_early_push(envelopes in vec(delivered(), 0..=24)) {
+        let raw = raw(&envelopes);
+        let bytes = encode_early_push_frame(&raw).unwrap();
+        let frame = ServerFrame::EarlyPush { envelopes };
         prop_assert_eq!(&bytes, &encode_server_frame(&frame).unwrap());
         prop_assert_eq!(decode_server_frame(&bytes).unwrap(), frame);
     }

@@ -1000,7 +1000,7 @@ fn malformed_bodies_are_malformed() {
         );
     }
     let server_cases: Vec<(&str, Vec<u8>)> = vec![
-        ("unknown server frame variant", vec![7]),
+        ("unknown server frame variant", vec![60]),
         ("unknown response variant", vec![0, 1, 60]),
         ("unknown error code", vec![1, 0, 60, 0, 0]),
         ("bad option tag", vec![1, 0, 0, 0, 2]),

@@ -220,6 +220,7 @@ fn request(w: &mut W, r: &Request) {
             w.varint(14);
             w.raw(&user.0);
         }
+        Request::EarlyPushes => w.varint(15),
     }
 }
 
@@ -350,6 +351,7 @@ fn response(w: &mut W, r: &Response) {
                 w.bool(l.stale);
             });
         }
+        Response::EarlyPushes => w.varint(14),
     }
 }
 
@@ -386,6 +388,14 @@ fn server_frame(w: &mut W, f: &ServerFrame) {
         ServerFrame::Retired { last_seen_ms } => {
             w.varint(5);
             w.varint(*last_seen_ms);
+        }
+        ServerFrame::EarlyPush { envelopes } => {
+            w.varint(6);
+            w.seq(envelopes, delivered);
+        }
+        ServerFrame::Durable { through } => {
+            w.varint(7);
+            w.varint(*through);
         }
     }
 }

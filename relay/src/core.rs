@@ -187,6 +187,12 @@ pub struct Session {
     acked: u64,
     /// The last push stopped because the window was full.
     window_full: bool,
+    /// The device asked for early pushes (`Request::EarlyPushes`).
+    early: bool,
+    /// Highest relay seq pushed early on this connection (0: none).
+    early_through: u64,
+    /// Highest relay seq this connection was told is durable.
+    durable_told: u64,
     bucket: TokenBucket,
     /// When the connection opened (relay clock), for the sync histogram.
     opened_at_ms: u64,
@@ -269,6 +275,9 @@ impl Session {
             delivered: 0,
             acked: 0,
             window_full: false,
+            early: false,
+            early_through: 0,
+            durable_told: 0,
             bucket: TokenBucket::new(config.send_rate, config.send_burst, now_ms),
             opened_at_ms: now_ms,
             sync_started: false,
@@ -310,6 +319,18 @@ impl Session {
     pub fn delivered(&self) -> u64 {
         self.delivered
     }
+
+    /// Whether the device asked for early pushes.
+    pub fn wants_early(&self) -> bool {
+        self.early
+    }
+
+    /// Whether everything the inbox holds up to `head` was already pushed
+    /// early on this connection, so that a wake-up for `head` needs no read
+    /// of the store.
+    pub fn pushed_early_through(&self, head: u64) -> bool {
+        self.early_through >= head && self.delivered >= head
+    }
 }
 
 /// A frame for one connection.
@@ -331,6 +352,8 @@ pub enum Outbound {
     },
     /// `ServerFrame::Push`, as stored.
     Push(Vec<RawDelivered>),
+    /// `ServerFrame::EarlyPush`, as written (its commit not yet durable).
+    EarlyPush(Vec<RawDelivered>),
 }
 
 /// A page read from an inbox, its envelopes as stored.
@@ -356,6 +379,7 @@ impl Outbound {
                 page.truncated.as_ref(),
             ),
             Outbound::Push(envelopes) => hush_protocol::encode_push_frame(envelopes),
+            Outbound::EarlyPush(envelopes) => hush_protocol::encode_early_push_frame(envelopes),
         }
     }
 
@@ -378,6 +402,9 @@ impl Outbound {
                 }),
             },
             Outbound::Push(envelopes) => ServerFrame::Push {
+                envelopes: decode(envelopes)?,
+            },
+            Outbound::EarlyPush(envelopes) => ServerFrame::EarlyPush {
                 envelopes: decode(envelopes)?,
             },
         })
@@ -406,6 +433,11 @@ pub enum Action {
     /// The session drained its inbox: from now on, call [`RelayCore::pump`]
     /// whenever this device's inbox gains envelopes.
     Live(DeviceId),
+    /// The device asked for early pushes: from now on, hand this session
+    /// the envelopes of its inbox as soon as their commit has written them
+    /// ([`RelayCore::push_fresh`] with `early`), and follow them with
+    /// [`RelayCore::durable_notice`].
+    EarlyPushes(DeviceId),
     /// This device was removed by its user (an accepted device list
     /// dropped it): close its open connection on this node, telling it
     /// `DeviceRemoved`.
@@ -653,6 +685,11 @@ impl<S: Store + ?Sized> RelayCore<S> {
                 self.publish_device_list(&device, &list, now_ms, &mut actions)
             }
             (Request::FetchDeviceLeases { user }, Some(_)) => self.device_leases(&user, now_ms),
+            (Request::EarlyPushes, Some(device)) => {
+                session.early = true;
+                actions.push(Action::EarlyPushes(device));
+                Ok(Response::EarlyPushes)
+            }
             (
                 request @ (Request::BlobPut { .. }
                 | Request::BlobStatus { .. }
@@ -1090,6 +1127,11 @@ impl<S: Store + ?Sized> RelayCore<S> {
             Metrics::add(&self.metrics.truncations_total, 1);
         }
         session.delivered = page.envelopes.last().map_or(after, RawDelivered::seq);
+        // A page is read from the store, so all of it is durable; the
+        // device forgets what was pushed early when it pulls (see
+        // docs/PROTOCOL.md §8.5), and the pushes start again from here.
+        session.early_through = 0;
+        session.durable_told = session.delivered;
         session.window_full = false;
         session.next_page = match page.envelopes.last() {
             Some(last) if page.remaining > 0 => Some(NextPage {
@@ -1229,13 +1271,19 @@ impl<S: Store + ?Sized> RelayCore<S> {
     /// [`RelayCore::pump`] would have read them from the store, without
     /// reading the store. `None` if that is not exactly what `pump` would
     /// do (not live, not contiguous, more than the push window takes):
-    /// then call `pump`.
+    /// then call `pump`. With `early`, `fresh` was written but its commit
+    /// may not be durable yet: it goes out as `EarlyPush`, and only to a
+    /// session that asked for early pushes.
     pub fn push_fresh(
         &self,
         session: &mut Session,
         fresh: Vec<RawDelivered>,
+        early: bool,
     ) -> Option<Vec<Action>> {
         session.device()?;
+        if early && !session.early {
+            return None;
+        }
         let first = fresh.first()?.seq();
         let contiguous = fresh.iter().zip(first..).all(|(e, seq)| e.seq() == seq);
         let outstanding = session.delivered.saturating_sub(session.acked);
@@ -1253,7 +1301,27 @@ impl<S: Store + ?Sized> RelayCore<S> {
         }
         session.window_full = false;
         session.delivered = fresh.last()?.seq();
+        if early {
+            session.early_through = session.delivered;
+            return Some(vec![Action::Send(Outbound::EarlyPush(fresh))]);
+        }
         Some(vec![Action::Send(Outbound::Push(fresh))])
+    }
+
+    /// Tell a session that asked for early pushes how far what it was
+    /// pushed early is durable, now that the inbox's durable head is
+    /// `head`: `Some(Durable)` when that moved. Never claims more than was
+    /// pushed on this connection.
+    pub fn durable_notice(&self, session: &mut Session, head: u64) -> Option<Action> {
+        if !session.early || session.early_through <= session.durable_told {
+            return None;
+        }
+        let through = head.min(session.early_through).min(session.delivered);
+        if through <= session.durable_told {
+            return None;
+        }
+        session.durable_told = through;
+        Some(Action::Send(ServerFrame::Durable { through }.into()))
     }
 
     /// Push what was committed to a live session's inbox since it was last

@@ -670,6 +670,7 @@ fn request_name(request: &Request) -> &'static str {
         Request::BlobStatus { .. } => "BlobStatus",
         Request::BlobGet { .. } => "BlobGet",
         Request::FetchDeviceLeases { .. } => "FetchDeviceLeases",
+        Request::EarlyPushes => "EarlyPushes",
     }
 }
 

@@ -2,7 +2,8 @@
 //! 127.0.0.1, real QUIC, one fresh relay per test.
 //!
 //! Covers registration and authentication (and their refusals), sending with
-//! per-envelope outcomes, paging with merged acknowledgements, live push,
+//! per-envelope outcomes, paging with merged acknowledgements, live and
+//! early push,
 //! deduplication of retries, quotas and size limits, malformed frames,
 //! replaced connections, prekeys, device lists and graceful shutdown.
 
@@ -10,7 +11,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use hush_protocol::{
-    Delivered, DeviceId, ErrorCode, OneTimePrekey, Request, ServerFrame, SignedPrekey,
+    Delivered, DeviceId, ErrorCode, OneTimePrekey, Request, Response, ServerFrame, SignedPrekey,
     auth_challenge_bytes, encode_client_frame,
 };
 use hush_tests::{
@@ -526,6 +527,64 @@ async fn live_push_after_catching_up() {
     assert_eq!(back.auth_ok().unwrap().acked, 7);
     let rest = back.read_inbox(0).await.unwrap();
     assert_eq!(seqs(&rest), vec![8, 9, 10]);
+}
+
+/// A device that asked for early pushes gets every envelope once, in seq
+/// order, as `EarlyPush` or `Push`; each `Durable` covers only what it was
+/// pushed, and in the end covers everything; acks and a reconnect then work
+/// as with plain pushes.
+#[tokio::test]
+async fn early_pushes_are_contiguous_and_confirmed_durable() {
+    let relay = relay(&[]).await;
+    let (a, mut sender) = registered(&relay, 30).await;
+    let (b, mut inbox) = registered(&relay, 31).await;
+    assert_eq!(
+        inbox.request(Request::EarlyPushes).await.unwrap(),
+        Response::EarlyPushes
+    );
+    assert_eq!(inbox.pull(0, 200, 0).await.unwrap().remaining, 0);
+    let conv = conversation(8);
+    let sent: Vec<_> = (1..=30u64)
+        .map(|i| make_envelope(a.device(), b.device(), conv, i, b"early"))
+        .collect();
+    for e in &sent {
+        assert!(stored(&sender.send_one(e.clone()).await.unwrap()).is_some());
+    }
+    let mut got: Vec<Delivered> = Vec::new();
+    let (mut durable, mut early) = (0u64, 0usize);
+    while durable < 30 {
+        let pushed = got.last().map_or(0, |d| d.seq);
+        match inbox.next_frame(PROMPT).await.unwrap() {
+            ServerFrame::EarlyPush { envelopes } => {
+                early += envelopes.len();
+                got.extend(envelopes);
+            }
+            ServerFrame::Push { envelopes } => {
+                durable = durable.max(envelopes.last().map_or(0, |d| d.seq));
+                got.extend(envelopes);
+            }
+            ServerFrame::Durable { through } => {
+                assert!(through <= pushed, "durable {through}, pushed {pushed}");
+                assert!(through > durable, "durable {through} again");
+                durable = through;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        seqs(&got),
+        (1..=30).collect::<Vec<_>>(),
+        "each once, in order"
+    );
+    for (d, e) in got.iter().zip(&sent) {
+        assert_eq!(&d.envelope, e);
+    }
+    eprintln!("{early} of 30 envelopes were pushed early");
+    assert_eq!(inbox.ack(30).await.unwrap(), 30);
+    drop(inbox);
+    let mut back = TestDevice::login(&b, relay.target()).await.unwrap();
+    assert_eq!(back.auth_ok().unwrap().acked, 30);
+    assert!(back.read_inbox(0).await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

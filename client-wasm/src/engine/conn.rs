@@ -102,7 +102,9 @@ impl Engine {
                     self.on_error(now, p, error)?;
                 }
             }
-            ServerFrame::Push { envelopes } => self.on_push(now, envelopes)?,
+            ServerFrame::Push { envelopes } => self.on_push(now, envelopes, false)?,
+            ServerFrame::EarlyPush { envelopes } => self.on_push(now, envelopes, true)?,
+            ServerFrame::Durable { through } => self.on_durable(now, through),
             ServerFrame::PrekeysLow {
                 one_time_prekeys_left,
             } => {
@@ -153,6 +155,7 @@ impl Engine {
                 self.on_sent(now, items, outcomes)?
             }
             (Pending::Ack, Response::Acked { .. }) => {}
+            (Pending::EarlyPushes, Response::EarlyPushes) => {}
             (
                 Pending::PublishPrekeys { signed, one_time },
                 Response::PrekeysPublished {
@@ -237,7 +240,8 @@ impl Engine {
                 // Resynchronise from scratch on a fresh connection.
                 self.drop_connection(now);
             }
-            Pending::Ack => {}
+            // A relay without early pushes: plain pushes work as before.
+            Pending::Ack | Pending::EarlyPushes => {}
             Pending::PublishPrekeys { .. } => {
                 self.link.publishing_prekeys = false;
             }
@@ -314,6 +318,9 @@ impl Engine {
         self.publish_own_list();
         // Always on (re)connect: devices may have been linked meanwhile.
         self.refresh_lists(now, false);
+        if self.cfg.early_pushes {
+            self.request(Request::EarlyPushes, Pending::EarlyPushes);
+        }
         self.send_pull();
         self.reset_transmissions(now);
         Ok(())

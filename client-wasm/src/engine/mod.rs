@@ -134,6 +134,12 @@ pub struct EngineConfig {
     /// Bytes per blob request of a history transfer (upload and download;
     /// at most `MAX_BLOB_CHUNK`).
     pub history_piece_bytes: u32,
+    /// Ask the relay for early pushes on every connection: a message to
+    /// this device, while it is connected, arrives while the relay is still
+    /// syncing it, so this device stores it during that sync instead of
+    /// after it (docs/PROTOCOL.md §8.5). Nothing is acknowledged or counted
+    /// in the cursor before the relay says it is durable.
+    pub early_pushes: bool,
 }
 
 /// A day in ms.
@@ -173,6 +179,7 @@ impl Default for EngineConfig {
             open_budget_refill_ms: 15_000,
             open_cheap_skip: 4,
             history_piece_bytes: history_transfer::PIECE_BYTES as u32,
+            early_pushes: true,
         }
     }
 }
@@ -599,6 +606,7 @@ pub(crate) enum Pending {
     BlobPut,
     BlobStatus,
     BlobGet,
+    EarlyPushes,
 }
 
 /// Transient per-connection state (lost on disconnect, rebuilt on connect).
@@ -653,6 +661,11 @@ pub(crate) struct Link {
     pub connected_at_ms: u64,
     /// This connection has caught up once (counted in `Counters::syncs`).
     pub caught_up: bool,
+    /// Highest relay seq taken from an `EarlyPush` on this connection
+    /// since its last pull (0: none): above the cursor until a `Durable`
+    /// (or a plain push) covers it. Forgotten with the connection, and at
+    /// every pull: what was stored early comes again and is a duplicate.
+    pub early_through: u64,
 }
 
 /// The engine. See the crate docs for the driver contract.
@@ -687,6 +700,9 @@ pub struct Engine {
     pub(crate) parked: BTreeMap<u64, Parked>,
     /// Parked envelopes by sender device (derived; rebuilt at load).
     pub(crate) parked_by_device: BTreeMap<DeviceId, BTreeSet<u64>>,
+    /// Envelopes taken from early pushes since this engine was loaded
+    /// (diagnostics, not stored).
+    pub(crate) early_taken: u64,
     /// Envelope bytes parked now (derived; rebuilt at load).
     pub(crate) parked_bytes: usize,
     pub(crate) receipts: BTreeMap<DeviceId, PendingReceipt>,
@@ -771,6 +787,7 @@ impl Engine {
             links: BTreeMap::new(),
             parked: BTreeMap::new(),
             parked_by_device: BTreeMap::new(),
+            early_taken: 0,
             parked_bytes: 0,
             receipts: BTreeMap::new(),
             link: Link::default(),
@@ -1074,6 +1091,12 @@ impl Engine {
     /// The quality counters (duplicates, out-of-order, gaps…).
     pub fn counters(&self) -> Counters {
         self.counters
+    }
+
+    /// Envelopes taken from the relay's early pushes since this engine was
+    /// created or loaded (diagnostics; see `EngineConfig::early_pushes`).
+    pub fn early_pushes_taken(&self) -> u64 {
+        self.early_taken
     }
 
     /// The first time a connection catches up (its backlog drained): count

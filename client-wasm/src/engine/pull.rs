@@ -126,6 +126,9 @@ impl Engine {
     /// Start a sync from the cursor (after authenticating, or when pushes
     /// showed a hole): one pull; the first page tells how many follow.
     pub(crate) fn send_pull(&mut self) {
+        // The relay starts its pushes again from the page's end; what was
+        // taken early above the cursor comes again (a duplicate then).
+        self.link.early_through = 0;
         self.link.pull_frontier = self.cursor.through;
         self.link.ack_due = None;
         self.pump_pulls(false);

@@ -158,13 +158,27 @@ impl Engine {
         &mut self,
         now: u64,
         envelopes: Vec<Delivered>,
+        early: bool,
     ) -> Result<(), ClientError> {
         for d in envelopes {
+            let top = self.cursor.through.max(self.link.early_through);
             if d.seq <= self.cursor.through {
                 self.count_duplicate();
                 continue;
             }
-            if d.seq != self.cursor.through.saturating_add(1) {
+            if d.seq <= top {
+                // Taken from an early push on this connection: a plain
+                // push of it says it is durable now. The relay never gives
+                // a seq to two envelopes while it runs, so this is the
+                // envelope already stored.
+                if !early {
+                    self.cursor.through = d.seq;
+                    self.touch(Dirty::Cursor);
+                }
+                self.count_duplicate();
+                continue;
+            }
+            if d.seq != top.saturating_add(1) {
                 // A hole in relay seqs: never acknowledge past it; pull instead.
                 self.link.live = false;
                 if self.link.pulls.is_empty() {
@@ -173,9 +187,36 @@ impl Engine {
                 break;
             }
             self.process(now, d.seq, &d.envelope, false)?;
-            self.cursor.through = d.seq;
-            self.touch(Dirty::Cursor);
+            if early {
+                // Stored and shown, but not counted or acknowledged before
+                // the relay says it is durable: a relay that dies first may
+                // give this seq to another envelope (docs/PROTOCOL.md §8.5).
+                self.link.early_through = d.seq;
+                self.early_taken = self.early_taken.saturating_add(1);
+            } else {
+                self.cursor.through = d.seq;
+                self.touch(Dirty::Cursor);
+            }
         }
+        self.schedule_ack(now);
+        Ok(())
+    }
+
+    /// The relay says what it pushed early up to `through` is durable.
+    /// Capped at what this connection took early: a claim beyond it never
+    /// moves the cursor past envelopes this device does not hold.
+    pub(crate) fn on_durable(&mut self, now: u64, through: u64) {
+        let through = through.min(self.link.early_through);
+        if through > self.cursor.through {
+            self.cursor.through = through;
+            self.touch(Dirty::Cursor);
+            self.schedule_ack(now);
+        }
+    }
+
+    /// Acknowledge the cursor at once once a batch is due, else within the
+    /// ack window.
+    fn schedule_ack(&mut self, now: u64) {
         if self.link.live {
             let unacked = self.cursor.through.saturating_sub(self.link.acked_sent);
             if unacked >= self.cfg.ack_batch {
@@ -184,7 +225,6 @@ impl Engine {
                 self.link.ack_due = Some(now.saturating_add(self.cfg.ack_window_ms));
             }
         }
-        Ok(())
     }
 
     /// The relay says envelopes expired unread. Its claim only speeds up
@@ -1325,6 +1365,13 @@ impl Engine {
             },
         ) {
             self.parked_bytes = self.parked_bytes.saturating_sub(old.envelope.len());
+            // Another envelope had this seq: one taken from an early push
+            // whose relay restarted before it was durable. Its sender sends
+            // it again (the relay never acknowledged it).
+            for set in self.parked_by_device.values_mut() {
+                set.remove(&relay_seq);
+            }
+            self.parked_by_device.retain(|_, set| !set.is_empty());
         }
         self.parked_by_device
             .entry(d)

@@ -56,6 +56,17 @@ struct FakeRelay {
     pub(super) lose_blob_gets: BTreeSet<usize>,
     /// Refuse sends to these devices with `Quota` (their inbox is full).
     full_inboxes: BTreeSet<DeviceId>,
+    /// Push early (docs/PROTOCOL.md §8.5): a stored envelope goes at once
+    /// as `EarlyPush` to a recipient that asked for it, while its
+    /// `Durable`, the sender's `Sent` and every other push wait for
+    /// [`FakeRelay::sync`] (or are lost to [`FakeRelay::crash`]).
+    early_pushes: bool,
+    /// Devices whose connection asked for early pushes.
+    early_asked: BTreeSet<DeviceId>,
+    /// Stored but not synced yet: recipient, seq, dedup key.
+    unsynced: Vec<(DeviceId, u64, (DeviceId, DeviceId, MessageId))>,
+    /// Frames that go out once the sync is done.
+    held_answers: Vec<(DeviceId, ServerFrame)>,
     /// Clear the important flag of envelopes before storing them (a relay
     /// downgrading a message's retention class).
     strip_important: bool,
@@ -251,6 +262,9 @@ impl FakeRelay {
                             *n -= 1;
                         } else if withheld {
                         } else {
+                            if self.early_pushes {
+                                self.unsynced.push((h.recipient_device, s, key));
+                            }
                             self.inbox
                                 .entry(h.recipient_device)
                                 .or_default()
@@ -273,6 +287,19 @@ impl FakeRelay {
                     });
                 }
                 let mut out = resp(Response::Sent { outcomes });
+                if self.early_pushes {
+                    // Only early pushes leave before the sync.
+                    self.held_answers.append(&mut out);
+                    for (d, del) in pushes {
+                        let envelopes = vec![del];
+                        if self.early_asked.contains(&d) {
+                            out.push((d, ServerFrame::EarlyPush { envelopes }));
+                        } else {
+                            self.held_answers.push((d, ServerFrame::Push { envelopes }));
+                        }
+                    }
+                    return out;
+                }
                 for (d, del) in pushes {
                     out.push((
                         d,
@@ -323,6 +350,10 @@ impl FakeRelay {
                 resp(Response::Acked { up_to })
             }
             Request::Ping => resp(Response::Pong { relay_time_ms: 0 }),
+            Request::EarlyPushes => {
+                self.early_asked.insert(who);
+                resp(Response::EarlyPushes)
+            }
             Request::FetchDeviceLeases { .. } => Vec::new(),
             Request::BlobPut {
                 blob,
@@ -388,6 +419,38 @@ impl FakeRelay {
                 )],
             },
         }
+    }
+
+    /// The sync of everything stored since the last one is done: `Durable`
+    /// to the devices pushed early, then the answers and pushes held.
+    fn sync(&mut self) -> Vec<(DeviceId, ServerFrame)> {
+        let mut heads: BTreeMap<DeviceId, u64> = BTreeMap::new();
+        for (d, seq, _) in self.unsynced.drain(..) {
+            let h = heads.entry(d).or_default();
+            *h = (*h).max(seq);
+        }
+        let mut out: Vec<(DeviceId, ServerFrame)> = heads
+            .into_iter()
+            .filter(|(d, _)| self.early_asked.contains(d))
+            .map(|(d, through)| (d, ServerFrame::Durable { through }))
+            .collect();
+        out.append(&mut self.held_answers);
+        out
+    }
+
+    /// The relay dies before the sync: what was stored since the last one
+    /// is gone (its seqs are given out again), and so are the answers held.
+    fn crash(&mut self) {
+        for (d, seq, key) in std::mem::take(&mut self.unsynced) {
+            if let Some(inbox) = self.inbox.get_mut(&d) {
+                inbox.remove(&seq);
+            }
+            let head = self.head.entry(d).or_default();
+            *head = (*head).min(seq - 1);
+            self.dedup.remove(&key);
+        }
+        self.held_answers.clear();
+        self.early_asked.clear();
     }
 
     fn ack(&mut self, who: DeviceId, up_to: u64) {
@@ -549,13 +612,37 @@ impl Net {
     /// The relay handles a frame from `me`; its answers and pushes go to
     /// the connected clients they are for.
     fn deliver_to_relay(&mut self, me: DeviceId, f: ClientFrame) {
-        for (to, frame) in self.relay.handle(me, f) {
+        let frames = self.relay.handle(me, f);
+        self.route(frames);
+    }
+
+    /// Queue the relay's frames for the connected clients they are for.
+    fn route(&mut self, frames: Vec<(DeviceId, ServerFrame)>) {
+        for (to, frame) in frames {
             if let Some(t) = self
                 .clients
                 .iter_mut()
                 .find(|c| c.engine.device_id() == to && c.connected)
             {
                 t.queue.push_back(frame);
+            }
+        }
+    }
+
+    /// The relay's sync is done: its `Durable`s, answers and pushes go out.
+    fn relay_sync(&mut self) {
+        let frames = self.relay.sync();
+        self.route(frames);
+        self.settle();
+    }
+
+    /// The relay dies before its sync and comes back: every connection
+    /// ends.
+    fn relay_crash(&mut self) {
+        self.relay.crash();
+        for i in 0..self.clients.len() {
+            if self.clients[i].connected {
+                self.disconnect(i);
             }
         }
     }
@@ -1731,15 +1818,8 @@ impl Net {
             request_id: 1,
             request: Request::Send { envelopes },
         };
-        for (to, frame) in self.relay.handle(from, frame) {
-            if let Some(t) = self
-                .clients
-                .iter_mut()
-                .find(|c| c.engine.device_id() == to && c.connected)
-            {
-                t.queue.push_back(frame);
-            }
-        }
+        let frames = self.relay.handle(from, frame);
+        self.route(frames);
         self.settle();
     }
 }
@@ -1885,6 +1965,8 @@ mod sessions;
 #[path = "tests_devices.rs"]
 mod devices;
 
+#[path = "tests_early.rs"]
+mod early;
 #[path = "tests_groups.rs"]
 mod groups;
 #[path = "tests_history.rs"]

@@ -299,6 +299,7 @@ pub fn request() -> impl Strategy<Value = Request> {
         (blob_id(), wide_u64(), 0..=MAX_BLOB_CHUNK as u32)
             .prop_map(|(blob, offset, max)| Request::BlobGet { blob, offset, max }),
         user().prop_map(|user| Request::FetchDeviceLeases { user }),
+        Just(Request::EarlyPushes),
     ]
 }
 
@@ -444,6 +445,7 @@ pub fn response() -> impl Strategy<Value = Response> {
                     })
                     .collect()
             }),
+        Just(Response::EarlyPushes),
     ]
 }
 
@@ -461,6 +463,8 @@ pub fn server_frame() -> impl Strategy<Value = ServerFrame> {
             one_time_prekeys_left
         }),
         wide_u64().prop_map(|last_seen_ms| ServerFrame::Retired { last_seen_ms }),
+        vec(delivered(), 0..=24).prop_map(|envelopes| ServerFrame::EarlyPush { envelopes }),
+        wide_u64().prop_map(|through| ServerFrame::Durable { through }),
     ]
 }
 

@@ -239,10 +239,18 @@ fn pull(
 }
 
 fn pushed_seqs(actions: &[Action]) -> Vec<u64> {
+    seqs_sent(actions, false)
+}
+
+/// The seqs of the envelopes pushed (`early`: pushed early) by `actions`.
+fn seqs_sent(actions: &[Action], early: bool) -> Vec<u64> {
     actions
         .iter()
         .flat_map(|a| match a {
-            Action::Send(Outbound::Push(envelopes)) => {
+            Action::Send(Outbound::Push(envelopes)) if !early => {
+                envelopes.iter().map(|d| d.seq()).collect::<Vec<_>>()
+            }
+            Action::Send(Outbound::EarlyPush(envelopes)) if early => {
                 envelopes.iter().map(|d| d.seq()).collect::<Vec<_>>()
             }
             _ => Vec::new(),
@@ -628,15 +636,7 @@ fn fresh_envelopes_are_pushed_as_the_store_would_push_them_or_not_at_all() {
     let bob = Device::new(2, 60);
     let mut sa = register(&core, &alice, [1; 32]);
     let mut sb = register(&core, &bob, [2; 32]);
-    let stored = |after: u64, n: usize| -> Vec<RawDelivered> {
-        core.store()
-            .pull(&bob.id, after, n, MAX_PAGE_BYTES)
-            .unwrap()
-            .envelopes
-            .into_iter()
-            .map(|s| RawDelivered::new(s.seq, s.bytes).unwrap())
-            .collect()
-    };
+    let stored = |after: u64, n: usize| stored_raw(&core, &bob.id, after, n);
     send(
         &core,
         &mut sa,
@@ -644,7 +644,7 @@ fn fresh_envelopes_are_pushed_as_the_store_would_push_them_or_not_at_all() {
         NOW,
     );
     // Not live yet: nothing from memory.
-    assert!(core.push_fresh(&mut sb, stored(0, 1)).is_none());
+    assert!(core.push_fresh(&mut sb, stored(0, 1), false).is_none());
     let (page, _) = pull(&core, &mut sb, 0, 0);
     assert_eq!(page.envelopes.len(), 2);
     send(
@@ -655,15 +655,15 @@ fn fresh_envelopes_are_pushed_as_the_store_would_push_them_or_not_at_all() {
     );
     // Two unacknowledged already: room for one.
     assert!(
-        core.push_fresh(&mut sb, stored(2, 2)).is_none(),
+        core.push_fresh(&mut sb, stored(2, 2), false).is_none(),
         "past the window"
     );
     assert!(
-        core.push_fresh(&mut sb, stored(3, 1)).is_none(),
+        core.push_fresh(&mut sb, stored(3, 1), false).is_none(),
         "a gap before it"
     );
-    assert!(core.push_fresh(&mut sb, Vec::new()).is_none());
-    let a = core.push_fresh(&mut sb, stored(2, 1)).unwrap();
+    assert!(core.push_fresh(&mut sb, Vec::new(), false).is_none());
+    let a = core.push_fresh(&mut sb, stored(2, 1), false).unwrap();
     assert_eq!(pushed_seqs(&a), vec![3]);
     assert_eq!(sb.delivered(), 3);
     assert!(
@@ -672,6 +672,86 @@ fn fresh_envelopes_are_pushed_as_the_store_would_push_them_or_not_at_all() {
     );
     let a = core.handle(&mut sb, req(11, Request::Ack { up_to: 3 }), NOW, [0; 32]);
     assert_eq!(pushed_seqs(&a), vec![4, 5, 6]);
+}
+
+/// Up to `n` envelopes of `device`'s inbox after `after`, as a commit hands
+/// them to the hub.
+fn stored_raw(
+    core: &RelayCore<MemoryStore>,
+    device: &DeviceId,
+    after: u64,
+    n: usize,
+) -> Vec<RawDelivered> {
+    core.store()
+        .pull(device, after, n, MAX_PAGE_BYTES)
+        .unwrap()
+        .envelopes
+        .into_iter()
+        .map(|s| RawDelivered::new(s.seq, s.bytes).unwrap())
+        .collect()
+}
+
+fn early_seqs(actions: &[Action]) -> Vec<u64> {
+    seqs_sent(actions, true)
+}
+
+fn durable_through(action: Option<Action>) -> Option<u64> {
+    match action {
+        Some(Action::Send(Outbound::Frame(ServerFrame::Durable { through }))) => Some(through),
+        _ => None,
+    }
+}
+
+/// Early pushes go only to a session that asked; `Durable` never claims
+/// more than was pushed early on the connection, nor more than is durable;
+/// a pull starts the count again from its page.
+#[test]
+fn early_pushes_only_when_asked_and_durable_notices_never_claim_more_than_was_pushed() {
+    let core = core_with(default_config());
+    let alice = Device::new(1, 50);
+    let bob = Device::new(2, 60);
+    let mut sa = register(&core, &alice, [1; 32]);
+    let mut sb = register(&core, &bob, [2; 32]);
+    let written = |after: u64, n: usize| stored_raw(&core, &bob.id, after, n);
+    let (page, _) = pull(&core, &mut sb, 0, 0);
+    assert!(page.envelopes.is_empty());
+    send(
+        &core,
+        &mut sa,
+        (1..=3).map(|i| envelope(&alice, &bob, i, 50)).collect(),
+        NOW,
+    );
+    // Not asked for: no early push, and no notice.
+    assert!(core.push_fresh(&mut sb, written(0, 1), true).is_none());
+    assert_eq!(durable_through(core.durable_notice(&mut sb, 3)), None);
+    let a = core.handle(&mut sb, req(20, Request::EarlyPushes), NOW, [0; 32]);
+    assert!(matches!(
+        frame(&a),
+        ServerFrame::Response {
+            response: Response::EarlyPushes,
+            ..
+        }
+    ));
+    assert!(a.contains(&Action::EarlyPushes(bob.id)));
+    assert!(sb.wants_early());
+    let a = core.push_fresh(&mut sb, written(0, 2), true).unwrap();
+    assert_eq!(early_seqs(&a), vec![1, 2]);
+    assert!(sb.pushed_early_through(2));
+    assert!(!sb.pushed_early_through(3));
+    // Durable up to 1 only: the notice says 1.
+    assert_eq!(durable_through(core.durable_notice(&mut sb, 1)), Some(1));
+    assert_eq!(
+        durable_through(core.durable_notice(&mut sb, 1)),
+        None,
+        "once"
+    );
+    // The head is past what was pushed: capped at 2.
+    assert_eq!(durable_through(core.durable_notice(&mut sb, 3)), Some(2));
+    // A pull starts again from its page, which is all durable.
+    let (page, _) = pull(&core, &mut sb, 0, 0);
+    assert_eq!(seqs(&page), vec![1, 2, 3]);
+    assert!(!sb.pushed_early_through(3));
+    assert_eq!(durable_through(core.durable_notice(&mut sb, 3)), None);
 }
 
 /// A stored envelope that no longer decodes (the store handed back bytes it

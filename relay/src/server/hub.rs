@@ -95,6 +95,11 @@ struct Entry {
     /// connection watches it: its push takes them from here instead of
     /// reading them back from the store.
     fresh: Fresh,
+    /// The owner asked for early pushes ([`DeviceHub::enable_early`]).
+    early_on: bool,
+    /// The envelopes this node's commits wrote to the inbox before their
+    /// sync (only while `early_on`): [`DeviceHub::early_after`].
+    early: Fresh,
     /// The one-time prekeys left after the last fetch that took the pool
     /// to or below the low-water mark (see [`DeviceHub::prekeys_low`]).
     prekeys_low: watch::Sender<Option<u32>>,
@@ -127,6 +132,9 @@ pub struct DeviceHub {
     devices: Mutex<HashMap<DeviceId, Entry>>,
     /// Bytes of every device's fresh envelopes ([`FRESH_TOTAL_MAX_BYTES`]).
     fresh_total: Arc<AtomicUsize>,
+    /// Devices whose owner asked for early pushes: while none did, a commit
+    /// skips [`DeviceHub::written_early`]'s lookups.
+    early_owners: AtomicUsize,
     /// In a cluster: this node and the bus its claims and commits go to.
     cluster: Option<(NodeId, Arc<dyn ClusterBus>)>,
 }
@@ -177,6 +185,7 @@ impl DeviceHub {
         DeviceHub {
             devices: Mutex::default(),
             fresh_total: Arc::default(),
+            early_owners: AtomicUsize::new(0),
             cluster: Some((node, bus)),
         }
     }
@@ -202,6 +211,12 @@ impl DeviceHub {
                 bytes: 0,
                 total: Arc::clone(&self.fresh_total),
             },
+            early_on: false,
+            early: Fresh {
+                envelopes: VecDeque::new(),
+                bytes: 0,
+                total: Arc::clone(&self.fresh_total),
+            },
             prekeys_low: watch::Sender::new(None),
             owner: None,
             acks_seen: 0,
@@ -214,6 +229,8 @@ impl DeviceHub {
         if let Some(old) = entry.owner.replace(new) {
             let _ = old.closer.send(Displaced::Replaced);
         }
+        // A new owner starts without early pushes until it asks.
+        self.end_early(entry);
         Claim {
             inbox: entry.inbox.subscribe(),
             replaced: rx,
@@ -234,6 +251,7 @@ impl DeviceHub {
         let Some(owner) = entry.owner.take() else {
             return false;
         };
+        self.end_early(entry);
         let _ = owner.closer.send(Displaced::Removed);
         if entry.inbox.receiver_count() == 0 {
             map.remove(device);
@@ -260,6 +278,7 @@ impl DeviceHub {
         if let Some(entry) = map.get_mut(&device) {
             if entry.owner.as_ref().is_some_and(|o| o.conn_id == conn_id) {
                 entry.owner = None;
+                self.end_early(entry);
             }
             if entry.owner.is_none() && entry.inbox.receiver_count() == 0 {
                 map.remove(&device);
@@ -340,6 +359,88 @@ impl DeviceHub {
         (first == after.saturating_add(1) && last >= head).then(|| run.into())
     }
 
+    /// Connection `conn_id`, the device's owner, asked for early pushes:
+    /// from now on [`DeviceHub::written_early`] keeps the envelopes written
+    /// to its inbox for it. Returns whether it is still the owner.
+    pub fn enable_early(&self, device: &DeviceId, conn_id: u64) -> bool {
+        let mut map = self.lock();
+        let Some(entry) = map.get_mut(device) else {
+            return false;
+        };
+        if entry.owner.as_ref().is_none_or(|o| o.conn_id != conn_id) {
+            return false;
+        }
+        if !entry.early_on {
+            entry.early_on = true;
+            self.early_owners.fetch_add(1, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// The owner of `entry` changed or left: no early pushes until the
+    /// next one asks.
+    fn end_early(&self, entry: &mut Entry) {
+        if entry.early_on {
+            entry.early_on = false;
+            self.early_owners.fetch_sub(1, Ordering::Relaxed);
+        }
+        drop(entry.early.take());
+    }
+
+    /// Whether any owner asked for early pushes (a commit with nobody to
+    /// tell skips [`DeviceHub::written_early`]).
+    pub fn any_early(&self) -> bool {
+        self.early_owners.load(Ordering::Relaxed) > 0
+    }
+
+    /// A commit of this node has written these envelopes (seq and bytes,
+    /// in seq order per device) and is syncing them: keep them for the
+    /// devices whose owner asked for early pushes, and wake those owners
+    /// (the inbox's durable head does not move). Nothing may call it for a
+    /// commit whose failure would let the store hand the same seqs to
+    /// other envelopes while it runs on (see `Store::commit_early`).
+    pub fn written_early<'a>(&self, written: impl IntoIterator<Item = (DeviceId, u64, &'a [u8])>) {
+        let mut woken: Vec<DeviceId> = Vec::new();
+        let mut map = self.lock();
+        for (device, seq, bytes) in written {
+            let Some(entry) = map.get_mut(&device) else {
+                continue;
+            };
+            if !entry.early_on {
+                continue;
+            }
+            match RawDelivered::new(seq, bytes.to_vec()) {
+                Ok(raw) => entry.early.push(raw),
+                // The durable push reads it from the store, which refuses
+                // it in its turn.
+                Err(_) => drop(entry.early.take()),
+            }
+            if woken.last() != Some(&device) {
+                woken.push(device);
+            }
+        }
+        woken.sort_unstable();
+        woken.dedup();
+        for device in woken {
+            if let Some(entry) = map.get(&device) {
+                entry.inbox.send_modify(|_| {});
+            }
+        }
+    }
+
+    /// Take the envelopes written early for `device`: `Some` if they run
+    /// from seq `after + 1` without a gap (possibly ending below the
+    /// durable head). Either way none are kept any more.
+    pub fn early_after(&self, device: &DeviceId, after: u64) -> Option<Vec<RawDelivered>> {
+        let mut map = self.lock();
+        let mut run = map.get_mut(device)?.early.take();
+        drop(map);
+        while run.front().is_some_and(|e| e.seq() <= after) {
+            run.pop_front();
+        }
+        (run.front()?.seq() == after.saturating_add(1)).then(|| run.into())
+    }
+
     /// A commit of this node moved these inbox heads: wake the local
     /// connections, and in a cluster tell the other nodes.
     pub fn committed(&self, heads: &[(DeviceId, u64)]) {
@@ -384,6 +485,7 @@ impl DeviceHub {
         if let Some(old) = entry.owner.take() {
             let _ = old.closer.send(Displaced::Replaced);
         }
+        self.end_early(entry);
         if entry.inbox.receiver_count() == 0 {
             map.remove(device);
         }
@@ -474,6 +576,41 @@ mod tests {
 
     fn seqs(fresh: Option<Vec<RawDelivered>>) -> Option<Vec<u64>> {
         fresh.map(|f| f.iter().map(RawDelivered::seq).collect())
+    }
+
+    fn written(fresh: &[(DeviceId, u64, Vec<u8>)]) -> impl Iterator<Item = (DeviceId, u64, &[u8])> {
+        fresh.iter().map(|(d, s, b)| (*d, *s, b.as_slice()))
+    }
+
+    /// Envelopes written early are kept only for the owner that asked for
+    /// them, wake it without moving the durable head, are handed out once
+    /// as a run from right after what was sent, and are no longer kept
+    /// once a newer connection claims the device.
+    #[tokio::test]
+    async fn early_envelopes_are_kept_only_for_an_owner_that_asked() {
+        let hub = DeviceHub::default();
+        let d = DeviceId([1; 16]);
+        let mut claim = hub.claim(d, 1);
+        assert!(!hub.any_early());
+        hub.written_early(written(&fresh(d, 1..=2, 48)));
+        assert_eq!(seqs(hub.early_after(&d, 0)), None, "not asked for");
+        assert!(!hub.enable_early(&d, 2), "only the owner may ask");
+        assert!(hub.enable_early(&d, 1));
+        assert!(hub.any_early());
+        claim.inbox.borrow_and_update();
+        hub.written_early(written(&fresh(d, 1..=3, 48)));
+        assert!(claim.inbox.has_changed().unwrap(), "the owner is woken");
+        assert_eq!(*claim.inbox.borrow_and_update(), 0, "durable head unmoved");
+        assert_eq!(seqs(hub.early_after(&d, 1)), Some(vec![2, 3]));
+        assert_eq!(seqs(hub.early_after(&d, 3)), None, "taken once");
+        hub.written_early(written(&fresh(d, 5..=5, 48)));
+        assert_eq!(seqs(hub.early_after(&d, 3)), None, "not right after");
+        // A newer connection has not asked: nothing is kept for it.
+        let _newer = hub.claim(d, 2);
+        assert!(!hub.any_early());
+        hub.written_early(written(&fresh(d, 6..=6, 48)));
+        assert_eq!(seqs(hub.early_after(&d, 5)), None);
+        assert_eq!(hub.fresh_total.load(Ordering::Relaxed), 0);
     }
 
     /// The envelopes of this node's commits are kept for a watched device

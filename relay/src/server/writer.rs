@@ -227,6 +227,9 @@ fn run(
     let mut dirty = false;
     let mut stopping = false;
     let mut pacer = CompactionPacer::new(Instant::now(), traffic(metrics));
+    // Set once a commit failed after its envelopes were pushed early and
+    // the store itself does not refuse commits: every later one is refused.
+    let mut halted: Option<String> = None;
     loop {
         let ready = if (compacting || dirty) && !stopping {
             match rx.try_recv() {
@@ -301,6 +304,7 @@ fn run(
             hub,
             metrics,
             &background.deferred,
+            &mut halted,
         );
         compacting = true;
         dirty = true;
@@ -413,7 +417,14 @@ fn commit_group(
     hub: &DeviceHub,
     metrics: &Metrics,
     deferred: &Deferred,
+    halted: &mut Option<String>,
 ) {
+    if let Some(why) = halted.as_ref() {
+        for r in group {
+            let _ = r.reply.send(Err(StoreError::Backend(why.clone())));
+        }
+        return;
+    }
     let mut batch = Vec::new();
     let mut replies = Vec::with_capacity(group.len());
     let mut queued = Vec::with_capacity(group.len());
@@ -432,8 +443,28 @@ fn commit_group(
     let started = Instant::now();
     // A panic in the store must not take the writer (and every later send)
     // down with it: it becomes this group's error.
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.commit(&batch)))
-        .unwrap_or_else(|_| Err(StoreError::Backend("commit panicked".into())));
+    // Live recipients that asked for early pushes get the envelopes once
+    // they are written, while the store syncs them (docs/PROTOCOL.md §8.5).
+    let mut announced = false;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if hub.any_early() {
+            store.commit_early(&batch, &mut |outcomes: &[CommitOutcome]| {
+                announced = true;
+                hub.written_early(batch.iter().zip(outcomes).filter_map(|(e, o)| match o {
+                    CommitOutcome::Stored { seq } => Some((e.recipient, *seq, e.bytes.as_slice())),
+                    _ => None,
+                }));
+            })
+        } else {
+            store.commit(&batch)
+        }
+    }))
+    .unwrap_or_else(|_| Err(StoreError::Backend("commit panicked".into())));
+    if announced && result.is_err() && store.failure().is_none() {
+        // The store broke its promise to refuse further commits (a panic
+        // part-way, say): the writer refuses them itself.
+        *halted = Some("a commit failed after its envelopes were pushed early".into());
+    }
     let done = Instant::now();
     metrics
         .commit_latency_seconds
@@ -651,11 +682,19 @@ mod tests {
             reply,
             queued_at: Instant::now(),
         };
-        commit_group(vec![request], 1, store, hub, &Metrics::new(), deferred);
+        commit_group(
+            vec![request],
+            1,
+            store,
+            hub,
+            &Metrics::new(),
+            deferred,
+            &mut None,
+        );
     }
 
-    #[test]
-    fn sessions_hear_of_commits_made_during_a_checkpoint_when_it_ends() {
+    /// A redb store in a temporary directory, with one registered device.
+    fn store_with_recipient() -> (tempfile::TempDir, Arc<dyn Store>, DeviceId) {
         let dir = tempfile::tempdir().expect("temp dir");
         let store: Arc<dyn Store> = Arc::new(
             crate::store::redb_store::RedbStore::open(
@@ -677,6 +716,51 @@ mod tests {
                 0,
             )
             .expect("register");
+        (dir, store, recipient)
+    }
+
+    /// A commit hands what it wrote to the hub for an owner that asked for
+    /// early pushes, then moves the durable head; without one asking, the
+    /// hub keeps nothing.
+    #[test]
+    fn a_commit_hands_its_envelopes_to_owners_that_asked_for_early_pushes() {
+        let (_dir, store, recipient) = store_with_recipient();
+        let valid = |n: u8| {
+            let mut e = envelope(recipient, n);
+            e.bytes = hush_protocol::Envelope {
+                header: hush_protocol::EnvelopeHeader {
+                    message_id: e.message_id,
+                    sender_device: e.sender,
+                    recipient_device: recipient,
+                    conversation_id: e.conversation,
+                    sender_seq: e.sender_seq,
+                    sent_at_ms: 1_700_000_000_000,
+                    ratchet: vec![1; 40],
+                    session_init: None,
+                    important: false,
+                },
+                ciphertext: vec![n; 64],
+            }
+            .to_bytes()
+            .expect("encodes");
+            e
+        };
+        let hub = Arc::new(DeviceHub::default());
+        let mut session = hub.claim(recipient, 1);
+        let none: Deferred = std::sync::Mutex::new(None);
+        commit_one(store.as_ref(), &hub, &none, valid(1));
+        assert_eq!(*session.inbox.borrow_and_update(), 1);
+        assert!(hub.early_after(&recipient, 0).is_none(), "nobody asked");
+        assert!(hub.enable_early(&recipient, 1));
+        commit_one(store.as_ref(), &hub, &none, valid(2));
+        let early = hub.early_after(&recipient, 1).expect("handed over");
+        assert_eq!(early.iter().map(|e| e.seq()).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(*session.inbox.borrow_and_update(), 2, "then durable");
+    }
+
+    #[test]
+    fn sessions_hear_of_commits_made_during_a_checkpoint_when_it_ends() {
+        let (_dir, store, recipient) = store_with_recipient();
         let hub = Arc::new(DeviceHub::default());
         let mut session = hub.claim(recipient, 1);
         // While a checkpoint runs, a commit's heads wait.

@@ -204,6 +204,10 @@ pub struct NewEnvelope {
     pub expires_at_ms: u64,
 }
 
+/// Told a batch's outcomes once its envelopes are written, before they are
+/// durable ([`Store::commit_early`]).
+pub type Written<'a> = &'a mut dyn FnMut(&[CommitOutcome]);
+
 /// The fate of one [`NewEnvelope`] in a committed batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {
@@ -431,6 +435,26 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::purge_expired`] passes the envelope's `expires_at_ms` (acking
     /// does not remove it), so a late retry still gets the original seq.
     fn commit(&self, batch: &[NewEnvelope]) -> Result<Vec<CommitOutcome>, StoreError>;
+
+    /// [`Store::commit`], calling `written` with the batch's outcomes (one
+    /// per input, in order) once its envelopes are written and while the
+    /// commit makes them durable, so that live recipients can be pushed
+    /// them early (docs/PROTOCOL.md §8.5). `written` is called at most
+    /// once, and not at all by a store that cannot tell that moment (the
+    /// default) or for a batch it commits some other way.
+    ///
+    /// A store that called `written` and then fails the commit must refuse
+    /// every later commit until it is opened again ([`Store::failure`]):
+    /// otherwise it would hand the seqs it announced to other envelopes
+    /// while recipients hold the announced ones under them.
+    fn commit_early(
+        &self,
+        batch: &[NewEnvelope],
+        written: Written<'_>,
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
+        let _ = written;
+        self.commit(batch)
+    }
 
     /// Read up to `limit` envelopes with seq > `after` from `device`'s inbox,
     /// stopping early once `max_bytes` would be exceeded.

@@ -584,7 +584,7 @@ impl RedbStore {
                     span: (batch.start, batch.end),
                     rolled_from,
                 };
-                self.commit_batch(&envelopes, Some(replay))?;
+                self.commit_batch(&envelopes, Some(replay), None)?;
                 replayed += envelopes.len();
             }
             self.segments.cut_log(t.id, end, false)?;
@@ -1083,10 +1083,15 @@ impl RedbStore {
     /// its index is committed without a sync of its own unless a checkpoint
     /// is due ([`RedbStore::envelope_durability`]); a replayed one is
     /// committed without a sync, and the replay ends with a checkpoint.
+    ///
+    /// `written`, if given, hears the outcomes once the batch's bytes are
+    /// written and before their sync ([`Store::commit_early`]); a failure
+    /// after that refuses every later commit.
     fn commit_batch(
         &self,
         batch: &[NewEnvelope],
         replay: Option<Replay>,
+        written: Option<super::Written<'_>>,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -1115,6 +1120,8 @@ impl RedbStore {
             Some(ahead)
         };
         let upper = ahead::batch_upper_bound(batch);
+        let mut announce = written;
+        let mut announced = false;
         let mut written: Option<Append> = None;
         // One commit at a time from the choice of segment offset to the
         // recording of the new end (redb's write lock ends at its commit).
@@ -1269,6 +1276,10 @@ impl RedbStore {
             // in between leaves only bytes past the committed end, which the
             // next open cuts off. The rows are built meanwhile.
             append.write()?;
+            if let Some(tell) = announce.take() {
+                announced = true;
+                tell(&outcomes);
+            }
             let (synced, indexed) = beside_sync(&append, rows.len(), || {
                 for (key, row) in &rows {
                     inbox.insert(key, row.as_slice())?;
@@ -1287,6 +1298,11 @@ impl RedbStore {
             Err(e) => {
                 if let Some(append) = written {
                     append.abandon();
+                }
+                if announced {
+                    // Its seqs were announced: they must not go to other
+                    // envelopes while this process runs.
+                    self.segments.poison();
                 }
                 return Err(e);
             }
@@ -1696,7 +1712,15 @@ impl Store for RedbStore {
     }
 
     fn commit(&self, batch: &[NewEnvelope]) -> Result<Vec<CommitOutcome>, StoreError> {
-        self.commit_batch(batch, None)
+        self.commit_batch(batch, None, None)
+    }
+
+    fn commit_early(
+        &self,
+        batch: &[NewEnvelope],
+        written: super::Written<'_>,
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
+        self.commit_batch(batch, None, Some(written))
     }
 
     fn pull(
@@ -2594,6 +2618,50 @@ mod tests {
             bytes: vec![(m % 251) as u8; len],
             expires_at_ms: 1_000 + u64::from(m),
         }
+    }
+
+    /// Index rows of every inbox, read straight from the file's last
+    /// commit (no store lock taken).
+    fn inbox_rows(store: &RedbStore) -> usize {
+        let txn = store.db.begin_read().unwrap();
+        txn.open_table(INBOX).unwrap().iter().unwrap().count()
+    }
+
+    /// `commit_early` hands over the outcomes once the batch is written and
+    /// before its index commits (so before anything can read it), exactly
+    /// the outcomes the commit returns; a batch that stores nothing new is
+    /// not announced.
+    #[test]
+    fn an_early_commit_announces_its_outcomes_before_they_can_be_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(dir.path().join("s.redb"), StoreLimits::default()).unwrap();
+        store.register_device(&registration(1), 7).unwrap();
+        let d = DeviceId([1; 16]);
+        let mut heard = Vec::new();
+        let mut rows_then = None;
+        let out = store
+            .commit_early(&[envelope(d, 1, 100), envelope(d, 2, 100)], &mut |o| {
+                heard = o.to_vec();
+                rows_then = Some(inbox_rows(&store));
+            })
+            .unwrap();
+        assert_eq!(
+            out,
+            vec![
+                CommitOutcome::Stored { seq: 1 },
+                CommitOutcome::Stored { seq: 2 }
+            ]
+        );
+        assert_eq!(heard, out);
+        assert_eq!(rows_then, Some(0), "announced before the index commit");
+        assert_eq!(inbox_rows(&store), 2);
+        assert_eq!(bodies(&store, &d).len(), 2);
+        let mut called = false;
+        let again = store
+            .commit_early(&[envelope(d, 1, 100)], &mut |_| called = true)
+            .unwrap();
+        assert_eq!(again, vec![CommitOutcome::Duplicate { seq: 1 }]);
+        assert!(!called, "a repeat writes nothing and announces nothing");
     }
 
     fn segment_files(store: &RedbStore) -> Vec<u32> {

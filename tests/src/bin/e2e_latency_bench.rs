@@ -14,8 +14,12 @@
 //!
 //! ```text
 //! cargo run --release -p hush-tests --bin e2e_latency_bench -- [--rate N] [--secs S]
-//!     [--relay-dir DIR] [--client-dir DIR]
+//!     [--relay-dir DIR] [--client-dir DIR] [--early on|off]
 //! ```
+//!
+//! `--early off` has the clients not ask for early pushes (docs/PROTOCOL.md
+//! §8.5), so the relay pushes each message only once its commit is durable:
+//! the same binary measures both ways.
 //!
 //! `--relay-dir` and `--client-dir` put the relay's store or the two
 //! clients' stores in a fresh directory under `DIR` instead of under
@@ -57,8 +61,10 @@ async fn new_user(
     dir: &std::path::Path,
     name: &str,
     target: &RelayTarget,
+    early: bool,
 ) -> Result<Dev, CliError> {
-    let cfg = cli_engine_config();
+    let mut cfg = cli_engine_config();
+    cfg.early_pushes = early;
     let storage = FileStorage::open(
         dir.join(format!("{name}.redb")),
         &Unlock::Key(StoreKey::generate()?),
@@ -134,6 +140,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 async fn bench(
     rate: u64,
     secs: f64,
+    early: bool,
     relay_dir: &std::path::Path,
     client_dir: &std::path::Path,
 ) -> Result<(), CliError> {
@@ -148,8 +155,8 @@ async fn bench(
         cert: CertCheck::Pinned(CertCheck::parse_hash(&relay.cert_sha256_hex())?),
         transport: hush_cli::Transport::Quic,
     };
-    let mut alice = new_user(client_dir, "alice", &target).await?;
-    let mut bob = new_user(client_dir, "bob", &target).await?;
+    let mut alice = new_user(client_dir, "alice", &target, early).await?;
+    let mut bob = new_user(client_dir, "bob", &target, early).await?;
     let mut alice_code = alice.engine().contact_code();
     alice_code.name = "alice".into();
     let mut bob_code = bob.engine().contact_code();
@@ -243,6 +250,11 @@ async fn bench(
         alice.stats().commits,
         bob.stats().commits,
     );
+    println!(
+        "bob: early pushes {}, {} envelopes taken from them (before the relay's commit was durable)",
+        if early { "asked for" } else { "off" },
+        bob.engine().early_pushes_taken(),
+    );
     // Where a message's time goes: each side's store commits (durable,
     // one fsync each) run in series with the relay's.
     for (name, st) in [("alice", alice.stats()), ("bob", bob.stats())] {
@@ -308,6 +320,7 @@ struct Args {
     secs: f64,
     relay_dir: Option<std::path::PathBuf>,
     client_dir: Option<std::path::PathBuf>,
+    early: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -316,6 +329,7 @@ fn parse_args() -> Result<Args, String> {
         secs: 10.0,
         relay_dir: None,
         client_dir: None,
+        early: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -325,6 +339,13 @@ fn parse_args() -> Result<Args, String> {
             "--secs" => args.secs = value.parse().map_err(|_| "--secs needs a number")?,
             "--relay-dir" => args.relay_dir = Some(value.into()),
             "--client-dir" => args.client_dir = Some(value.into()),
+            "--early" => {
+                args.early = match value.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err("--early needs on or off".into()),
+                }
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -364,9 +385,13 @@ fn main() -> std::process::ExitCode {
     let dirs = fresh_dir(args.relay_dir.as_deref())
         .and_then(|r| fresh_dir(args.client_dir.as_deref()).map(|c| (r, c)));
     let result = match dirs {
-        Ok((relay, client)) => {
-            runtime.block_on(bench(args.rate, args.secs, relay.path(), client.path()))
-        }
+        Ok((relay, client)) => runtime.block_on(bench(
+            args.rate,
+            args.secs,
+            args.early,
+            relay.path(),
+            client.path(),
+        )),
         Err(e) => Err(bench_err(e)),
     };
     match result {

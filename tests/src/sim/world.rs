@@ -1353,6 +1353,9 @@ impl World {
                     }
                 }
                 Action::Live(_) => self.pump(c),
+                // The simulated relay commits at once (no sync to overlap),
+                // so it pushes nothing early.
+                Action::EarlyPushes(_) => {}
                 Action::Evict(device) => {
                     let open: Vec<u64> = self
                         .conns

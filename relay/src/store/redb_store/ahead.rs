@@ -242,17 +242,17 @@ impl RedbStore {
             turns += 1;
             let result = if turns > DRAIN_TURNS {
                 // Hold the lock to the end: no send is appended meanwhile.
-                let mut result = self.commit_batch(&next.envelopes, Some(next.replay));
+                let mut result = self.commit_batch(&next.envelopes, Some(next.replay), None);
                 while result.is_ok()
                     && let Some(p) = ahead.pending.pop_front()
                 {
-                    result = self.commit_batch(&p.envelopes, Some(p.replay));
+                    result = self.commit_batch(&p.envelopes, Some(p.replay), None);
                 }
                 result
             } else {
                 drop(ahead);
                 let added = next.added;
-                let result = self.commit_batch(&next.envelopes, Some(next.replay));
+                let result = self.commit_batch(&next.envelopes, Some(next.replay), None);
                 if result.is_ok() {
                     // Counted by the store now.
                     let mut ahead = self.ahead();
