@@ -9,7 +9,11 @@
 //! committed here for a watched device ([`DeviceHub::committed_fresh`]),
 //! so that the connection can push them without reading them back
 //! ([`DeviceHub::fresh_after`]); it reads the store whenever they are not
-//! exactly the run it owes. Presence is one owner per device: a newer connection
+//! exactly the run it owes. For an owner that asked for early pushes
+//! (docs/PROTOCOL.md §8.5) the writer also leaves what a commit has written
+//! before its sync ([`DeviceHub::written_early`]), waking the connection
+//! without moving the head; the connection pushes it as `EarlyPush` and
+//! says `Durable` once the head passes it. Presence is one owner per device: a newer connection
 //! claims the device and the previous owner is told to close (`Replaced`).
 //!
 //! In a cluster (see [`crate::cluster`]) the same hub also takes remote
