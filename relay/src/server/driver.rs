@@ -1013,6 +1013,7 @@ impl Conn {
     where
         W: FrameSink,
     {
+        let mut from_memory = false;
         if let Some(device) = self.device
             && let Some(run) = self
                 .shared
@@ -1024,15 +1025,18 @@ impl Conn {
                 .shared
                 .core
                 .push_fresh(&mut self.session, run, !durable)
-                && let Flow::End(end) = self.execute(actions, writer).await
             {
-                return Flow::End(end);
+                from_memory = true;
+                if let Flow::End(end) = self.execute(actions, writer).await {
+                    return Flow::End(end);
+                }
             }
         }
-        // Everything up to the durable head went out early: no store read.
-        if !self.session.pushed_early_through(head)
-            && let Flow::End(end) = self.pump_durable(head, writer).await
-        {
+        // Everything up to the durable head went out from memory, now or
+        // early before: no store read.
+        let covered = self.session.pushed_early_through(head)
+            || (from_memory && self.session.delivered() >= head);
+        if !covered && let Flow::End(end) = self.pump_durable(head, writer).await {
             return Flow::End(end);
         }
         match self.shared.core.durable_notice(&mut self.session, head) {
