@@ -239,7 +239,7 @@ pub fn quic_server_config(
 
 /// Write `bytes` to `path` atomically (temporary file + rename); `private`
 /// files get mode 0600 on Unix.
-fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<(), RelayError> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8], private: bool) -> Result<(), RelayError> {
     use std::io::Write as _;
     let tmp = path.with_extension("tmp");
     let err = |source| RelayError::File {

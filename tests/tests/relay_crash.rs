@@ -440,3 +440,55 @@ async fn crash_test(seed: u64) {
         .check_consistency()
         .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
 }
+
+/// A device connected when the relay was killed learns of the restart from
+/// its next packet: the restarted relay keeps its stateless-reset key in the
+/// data directory, so it answers the unknown connection with a reset the
+/// device can verify. Without the kept key the device could only wait out
+/// its idle timeout (60 s here), and would see `TimedOut`, not `Reset`.
+#[tokio::test]
+async fn a_device_of_a_killed_relay_is_reset_by_the_restarted_one() {
+    let mut relay = RelayProcess::spawn_temp(&[]).await.unwrap();
+    let key_file = relay
+        .data_dir()
+        .join(hush_relay::server::quic::RESET_KEY_FILE);
+    let key = std::fs::read(&key_file).unwrap();
+    assert_eq!(key.len(), 32);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "readable by others: {mode:o}");
+    }
+    let options = ConnectOptions {
+        idle_timeout: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(60),
+        ..ConnectOptions::default()
+    };
+    let id = DeviceIdentity::from_seed(70);
+    let mut dev = TestDevice::connect_with(&id, relay.target(), options)
+        .await
+        .unwrap();
+    dev.register().await.unwrap();
+    let addr = relay.quic_addr();
+    relay.restart().await.unwrap();
+    assert_eq!(relay.quic_addr(), addr, "restarted on the same port");
+    assert_eq!(std::fs::read(&key_file).unwrap(), key, "the same key");
+    // The next packet reaches the new process, which resets the connection.
+    let bound = Duration::from_secs(20);
+    let t0 = std::time::Instant::now();
+    let pinged = within(bound, "a ping to the restarted relay", dev.ping()).await;
+    assert!(
+        !matches!(pinged, Ok(Ok(_))),
+        "answered on a dead connection"
+    );
+    let reason = dev.closed(bound).await.unwrap();
+    eprintln!("reset noticed after {:?}", t0.elapsed());
+    assert!(
+        matches!(reason, quinn::ConnectionError::Reset),
+        "closed by {reason:?}, not by a reset"
+    );
+    // And it gets in again at once.
+    let mut back = TestDevice::login(&id, relay.target()).await.unwrap();
+    back.ping().await.unwrap();
+}

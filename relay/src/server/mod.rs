@@ -724,7 +724,7 @@ async fn bind_quic_and_ws(
     let mut tries = 0;
     loop {
         tries += 1;
-        let endpoint_config = quic::endpoint_config()?;
+        let endpoint_config = quic::relay_endpoint_config(&config.data_dir)?;
         let endpoint = udp_socket(config.listen)
             .and_then(|socket| {
                 quinn::Endpoint::new(

@@ -106,6 +106,73 @@ pub fn endpoint_config() -> Result<quinn::EndpointConfig, RelayError> {
     Ok(config)
 }
 
+/// The file in the data directory that keeps the key of the relay's
+/// stateless resets across restarts (32 random bytes, mode 0600).
+pub const RESET_KEY_FILE: &str = "quic-reset.key";
+
+/// [`endpoint_config`] for the relay, with the key of its stateless resets
+/// kept in `data_dir` ([`RESET_KEY_FILE`]).
+///
+/// Why: after a crash, the restarted relay no longer knows its clients'
+/// connections. With a fresh key (quinn's default), the packets clients
+/// send on them get a reset the clients cannot verify, so each client waits
+/// out its idle timeout (30 s) before it reconnects, and meanwhile nothing
+/// it sends or is sent gets through. With the same key the reset carries the
+/// token the client was given when it connected: its next packet (a send,
+/// or at the latest its keep-alive) ends the connection at once, and it
+/// reconnects. If the key cannot be read or stored, the relay warns and
+/// uses a fresh one, as before.
+pub fn relay_endpoint_config(
+    data_dir: &std::path::Path,
+) -> Result<quinn::EndpointConfig, RelayError> {
+    let key = match reset_key(data_dir) {
+        Ok(key) => key,
+        Err(e) => {
+            tracing::warn!("stateless reset key not kept across restarts: {e}");
+            return endpoint_config();
+        }
+    };
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+    // Connection ids carry a keyed check that a relay verifies before it
+    // answers a packet it has no connection for: with a key of its own per
+    // process, the restarted relay would drop the old ids' packets
+    // unanswered. Derived from the same secret.
+    let tag = ring::hmac::sign(&reset, b"hush relay connection id key");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(tag.as_ref().get(..8).unwrap_or(&[0; 8]));
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(std::sync::Arc::new(reset));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            as Box<dyn quinn::ConnectionIdGenerator>
+    });
+    config
+        .max_udp_payload_size(MAX_UDP_PAYLOAD)
+        .map_err(|e| RelayError::Config(format!("largest UDP payload: {e}")))?;
+    Ok(config)
+}
+
+/// The stored reset key, or a new one stored now. A file of the wrong size
+/// is replaced (the clients' connections of the last run then time out, as
+/// they would have without a stored key).
+fn reset_key(data_dir: &std::path::Path) -> Result<[u8; 32], RelayError> {
+    let path = data_dir.join(RESET_KEY_FILE);
+    if let Ok(bytes) = std::fs::read(&path)
+        && let Ok(key) = <[u8; 32]>::try_from(bytes.as_slice())
+    {
+        return Ok(key);
+    }
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| RelayError::Internal(format!("randomness: {e}")))?;
+    std::fs::create_dir_all(data_dir).map_err(|source| RelayError::File {
+        what: "data directory",
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    crate::tls::write_file(&path, &key, true)?;
+    Ok(key)
+}
+
 /// A quinn server config for `material`.
 pub fn server_config(material: &CertMaterial) -> Result<quinn::ServerConfig, RelayError> {
     let crypto = crate::tls::quic_server_config(material)?;
