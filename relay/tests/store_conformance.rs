@@ -1821,3 +1821,19 @@ fn a_list_dropping_devices_removes_them_in_the_same_transaction<S: Store>(make: 
     assert_eq!(removed, vec![dev(R2)]);
     assert_eq!(s.device_removed(&dev(R)).unwrap(), Some(30));
 }
+
+/// The simulator's model of a relay that died between a commit's write and
+/// its sync: a restored snapshot forgets the commit, so the same seq goes
+/// to the next envelope and the forgotten one is no duplicate.
+#[test]
+fn memory_snapshot_restore_forgets_everything_after_it() {
+    let s = with_devices(&make_memory, StoreLimits::default(), &[1, 2, 3]);
+    assert_eq!(s.commit(&[env(1, 2, 1)]).unwrap(), vec![stored(1)]);
+    let before = s.snapshot().unwrap();
+    assert_eq!(s.commit(&[env(1, 2, 2)]).unwrap(), vec![stored(2)]);
+    s.restore(before).unwrap();
+    assert_eq!(seqs_of(&*s, 2, 0), vec![1]);
+    assert_eq!(s.commit(&[env(3, 2, 7)]).unwrap(), vec![stored(2)]);
+    assert_eq!(s.commit(&[env(1, 2, 2)]).unwrap(), vec![stored(3)]);
+    assert_eq!(s.inbox_state(&dev(2)).unwrap().head, 3);
+}

@@ -42,6 +42,14 @@ fn simulated_runs_keep_every_invariant() {
             "no crash between an early pull and its step's commit: {report:?}"
         );
         assert!(
+            report.early_pushed > 0 && report.early_lost > 0,
+            "no early push was ever lost to a relay death before its sync: {report:?}"
+        );
+        assert!(
+            report.durable_forged > 0,
+            "no durable claim was ever forged: {report:?}"
+        );
+        assert!(
             report.probes > 0 && report.resent > 0,
             "no re-send ever happened: {report:?}"
         );

@@ -40,7 +40,7 @@ struct Row {
 type DedupKey = (MessageId, DeviceId, DeviceId);
 
 /// The tables, as ordered maps keyed like their redb counterparts.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Tables {
     devices: BTreeMap<DeviceId, DeviceRecord>,
     meta: BTreeMap<DeviceId, InboxState>,
@@ -212,6 +212,16 @@ impl Tables {
     }
 }
 
+/// What [`MemoryStore::snapshot`] copied.
+pub struct MemorySnapshot(Tables);
+
+impl std::fmt::Debug for MemorySnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Like the store itself: the envelopes stay out of logs.
+        f.debug_struct("MemorySnapshot").finish_non_exhaustive()
+    }
+}
+
 /// The in-memory store.
 #[derive(Default)]
 pub struct MemoryStore {
@@ -240,6 +250,22 @@ impl MemoryStore {
     /// The limits this store enforces.
     pub fn limits(&self) -> StoreLimits {
         self.limits
+    }
+
+    /// A copy of everything the store holds, to put back with
+    /// [`MemoryStore::restore`]. The simulator uses the pair to model a
+    /// relay whose commit was written but not yet synced when it died: the
+    /// restart finds the store as it was before that commit, and hands the
+    /// same seqs to other envelopes.
+    pub fn snapshot(&self) -> Result<MemorySnapshot, StoreError> {
+        Ok(MemorySnapshot(self.lock()?.clone()))
+    }
+
+    /// Put back what [`MemoryStore::snapshot`] copied, dropping every
+    /// change made since.
+    pub fn restore(&self, snapshot: MemorySnapshot) -> Result<(), StoreError> {
+        *self.lock()? = snapshot.0;
+        Ok(())
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Tables>, StoreError> {

@@ -57,6 +57,13 @@ pub struct Report {
     pub probes: u64,
     /// Relay restarts injected.
     pub relay_restarts: u64,
+    /// Envelopes the relay pushed early (written, not yet synced).
+    pub early_pushed: u64,
+    /// …of which the relay died before their commit's sync, so its restart
+    /// gave their seqs to other envelopes.
+    pub early_lost: u64,
+    /// `Durable` notices the relay forged to claim more than it had synced.
+    pub durable_forged: u64,
     /// Envelopes the relay withheld (fault injection).
     pub withheld: u64,
     /// Truncated pages seen.
@@ -173,6 +180,9 @@ fn add(total: &mut Report, r: &Report) {
     total.resent += r.resent;
     total.probes += r.probes;
     total.relay_restarts += r.relay_restarts;
+    total.early_pushed += r.early_pushed;
+    total.early_lost += r.early_lost;
+    total.durable_forged += r.durable_forged;
     total.withheld += r.withheld;
     total.truncations += r.truncations;
     total.events += r.events;

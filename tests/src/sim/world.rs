@@ -13,8 +13,8 @@ use hush_protocol::{
 use hush_relay::Metrics;
 use hush_relay::core::{Action, CoreConfig, PendingSend, RelayCore, Session};
 use hush_relay::store::memory::MemoryStore;
-use hush_relay::store::{Store, StoreLimits};
-use std::collections::{BTreeMap, BTreeSet};
+use hush_relay::store::{CommitOutcome, Store, StoreError, StoreLimits};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 /// Every message text starts with this; the relay must never see it.
@@ -79,6 +79,13 @@ pub struct Scenario {
     pub forge_bp: u64,
     /// A group scenario (see [`GroupPlan`]); `None` for one-to-one only.
     pub group: Option<GroupPlan>,
+    /// The relay commits as the real one on redb does: a commit is first
+    /// written, pushed early to the recipients that asked for early pushes,
+    /// and only 2–4 ms later durable (the sender's ack, the recipients'
+    /// `Durable`); reads see it only then. Half of the relay restarts of
+    /// such a scenario fall between a write and its sync, so the restarted
+    /// relay hands the early-pushed seqs to other envelopes.
+    pub relay_sync: bool,
 }
 
 /// The group workload: the first user creates a group with every user but
@@ -121,6 +128,7 @@ impl Scenario {
             pull_depth: EngineConfig::default().pull_depth,
             forge_bp: 0,
             group: None,
+            relay_sync: false,
         };
         // Drawn from their own generator, so the rest of the scenario of a
         // seed is what it was before these knobs existed.
@@ -134,6 +142,7 @@ impl Scenario {
         if f.range(0, 1) == 1 {
             s.forge_bp = f.range(500, 3_000);
         }
+        s.relay_sync = SeededRng::new(seed ^ 0xea51_70c5).range(0, 1) == 1;
 
         match family {
             0 => {
@@ -314,6 +323,16 @@ struct PendingStep {
     events: Vec<Event>,
 }
 
+/// A commit the relay wrote but has not synced: its envelopes may have
+/// been pushed early; a relay death now undoes it.
+struct Unsynced {
+    c: u64,
+    pending: PendingSend,
+    result: Result<Vec<CommitOutcome>, StoreError>,
+    /// Envelopes of it pushed early.
+    early: u64,
+}
+
 struct Conn {
     node: usize,
     session: Option<Session>,
@@ -340,8 +359,13 @@ enum Ev {
     Recall(usize),
     Delete(usize),
     Read(usize),
+    /// The relay's unsynced commit of this relay epoch becomes durable
+    /// ([`Scenario::relay_sync`]).
+    Synced(u64),
     Cut,
-    RelayDown(u64),
+    /// The relay dies for this long; `true`: it may wait for the next
+    /// commit's unsynced window to die in.
+    RelayDown(u64, bool),
     RelayUp,
     Crash(usize),
     Offline(usize, u64),
@@ -365,6 +389,12 @@ pub struct World {
     pub store: Arc<MemoryStore>,
     relay_up: bool,
     relay_epoch: u64,
+    /// The commit written but not yet synced ([`Scenario::relay_sync`]).
+    unsynced: Option<Unsynced>,
+    /// Commits waiting for it: the relay writes one batch at a time.
+    commit_queue: VecDeque<(u64, PendingSend)>,
+    /// A relay death (for this long) waiting for the next write.
+    death_pending: Option<u64>,
     conns: BTreeMap<u64, Conn>,
     next_conn: u64,
     faults: bool,
@@ -382,6 +412,18 @@ pub struct World {
     pub group_sent: Vec<GroupSent>,
     /// Users removed from the group (by a member's command).
     pub removed_users: BTreeSet<usize>,
+    /// (device, relay seq, sender, message id) of every envelope handed to
+    /// a device, after the relay's mangling.
+    handed: BTreeSet<(DeviceId, u64, DeviceId, MessageId)>,
+    /// (device, relay seq) of every envelope the relay withheld from a
+    /// device (a device may acknowledge past those: it detects the loss
+    /// from the sender's stream instead).
+    withheld: BTreeSet<(DeviceId, u64)>,
+    /// Users added by a member that had already been removed, unknown to
+    /// it (a relay withheld the removal): whether the add counts depends on
+    /// where the concurrent removal sorts, so devices that order the
+    /// removal first skip the add (`docs/CLIENT.md`, groups, "Limits").
+    pub contested_users: BTreeSet<usize>,
     /// Counters for the report.
     pub report: super::Report,
     text_counter: usize,
@@ -415,6 +457,9 @@ impl World {
             store,
             relay_up: true,
             relay_epoch: 0,
+            unsynced: None,
+            commit_queue: VecDeque::new(),
+            death_pending: None,
             conns: BTreeMap::new(),
             next_conn: 1,
             faults: false,
@@ -425,6 +470,9 @@ impl World {
             group: None,
             group_sent: Vec::new(),
             removed_users: BTreeSet::new(),
+            handed: BTreeSet::new(),
+            withheld: BTreeSet::new(),
+            contested_users: BTreeSet::new(),
             report: super::Report::default(),
             text_counter: 0,
             trace: std::env::var("HUSH_SIM_TRACE").is_ok(),
@@ -641,7 +689,7 @@ impl World {
         for _ in 0..self.scenario.relay_restarts {
             let t = self.rng.range(start, end);
             let down = self.rng.range(100, 20 * SECOND);
-            self.at(t, Ev::RelayDown(down));
+            self.at(t, Ev::RelayDown(down, true));
         }
         for _ in 0..self.scenario.offline_spells {
             let t = self.rng.range(start, end);
@@ -796,7 +844,7 @@ impl World {
             }
             Ev::ToRelay(c, frame) => {
                 if self.relay_up && self.conns.get(&c).is_some_and(|x| x.alive) {
-                    self.relay_handle(c, frame);
+                    self.relay_handle(c, frame)?;
                 }
             }
             Ev::ToClient(c, frame) => {
@@ -807,12 +855,23 @@ impl World {
                 if !conn.alive || self.nodes[i].conn != Some(c) {
                     return Ok(());
                 }
-                let frame = self.mangle(frame);
+                let device = self.nodes[i].engine.device_id();
+                let frame = self.mangle(frame, device);
+                self.note_received(device, &frame);
                 self.drive(i, Input::Frame(frame))?;
             }
             Ev::Commit(epoch, c, pending) => {
                 if epoch == self.relay_epoch && self.relay_up {
-                    self.commit(c, pending);
+                    if self.scenario.relay_sync {
+                        self.write(c, pending)?;
+                    } else {
+                        self.commit(c, pending);
+                    }
+                }
+            }
+            Ev::Synced(epoch) => {
+                if epoch == self.relay_epoch && self.relay_up {
+                    self.synced()?;
                 }
             }
             Ev::CloseConn(c) => self.cut(c),
@@ -893,6 +952,9 @@ impl World {
                     .group(&g)
                     .is_some_and(|x| x.active && !x.members.contains(&key));
                 if ok {
+                    if self.removed_users.contains(&self.nodes[i].user) {
+                        self.contested_users.insert(last);
+                    }
                     self.command(
                         i,
                         Command::AddMembers {
@@ -985,11 +1047,27 @@ impl World {
                     self.cut(k);
                 }
             }
-            Ev::RelayDown(down) => {
+            Ev::RelayDown(down, may_wait) => {
+                if may_wait
+                    && self.scenario.relay_sync
+                    && self.unsynced.is_none()
+                    && self.death_pending.is_none()
+                    && self.rng.range(0, 1) == 1
+                {
+                    // Die in the next commit's window between write and sync.
+                    self.death_pending = Some(down);
+                    return Ok(());
+                }
                 if self.faults && self.relay_up {
                     self.report.relay_restarts += 1;
                     self.relay_up = false;
                     self.relay_epoch += 1;
+                    // A commit written but not synced is gone: the restarted
+                    // relay finds the store as it was before it.
+                    if let Some(lost) = self.unsynced.take() {
+                        self.report.early_lost += lost.early;
+                    }
+                    self.commit_queue.clear();
                     let all: Vec<u64> = self.conns.keys().copied().collect();
                     for c in all {
                         self.cut(c);
@@ -1303,16 +1381,82 @@ impl World {
         }
     }
 
-    fn relay_handle(&mut self, c: u64, frame: ClientFrame) {
+    /// Remember which envelope a device was handed under which relay seq.
+    fn note_received(&mut self, device: DeviceId, frame: &ServerFrame) {
+        let envelopes = match frame {
+            ServerFrame::Push { envelopes } | ServerFrame::EarlyPush { envelopes } => envelopes,
+            ServerFrame::Response {
+                response: Response::Page(page),
+                ..
+            } => &page.envelopes,
+            _ => return,
+        };
+        for d in envelopes {
+            let h = &d.envelope.header;
+            self.handed
+                .insert((device, d.seq, h.sender_device, h.message_id));
+        }
+    }
+
+    /// Relay-level exactly-once: an acknowledgement deletes only envelopes
+    /// the device was handed under that very seq, or that the relay
+    /// withheld from it (a hostile relay's choice: the device finds the
+    /// gap in the sender's stream and asks for a resend). A device that counted an
+    /// early push before it was durable would ack past a seq the restarted
+    /// relay gave to another envelope, which it never received.
+    fn check_ack(&self, c: u64, frame: &ClientFrame) -> Result<(), Violation> {
+        let up_to = match frame.request {
+            hush_protocol::Request::Ack { up_to } => up_to,
+            hush_protocol::Request::Pull { ack, .. } => ack,
+            _ => return Ok(()),
+        };
+        let Some(device) = self
+            .conns
+            .get(&c)
+            .and_then(|x| x.session.as_ref())
+            .and_then(|s| s.device())
+        else {
+            return Ok(());
+        };
+        let sim = |e: StoreError| Violation::Engine(format!("sim relay store: {e}"));
+        let acked = self.store.inbox_state(&device).map_err(sim)?.acked;
+        if up_to <= acked {
+            return Ok(());
+        }
+        let page = self
+            .store
+            .pull(&device, acked, usize::MAX, usize::MAX)
+            .map_err(sim)?;
+        for e in page.envelopes.iter().filter(|e| e.seq <= up_to) {
+            let env = hush_protocol::Envelope::from_bytes(&e.bytes)
+                .map_err(|e| Violation::Engine(format!("sim relay: stored envelope: {e}")))?;
+            let h = &env.header;
+            if !self
+                .handed
+                .contains(&(device, e.seq, h.sender_device, h.message_id))
+                && !self.withheld.contains(&(device, e.seq))
+            {
+                return Err(Violation::Invariant(format!(
+                    "device {device:?} acknowledged relay seq {} (up to {up_to}) without ever being handed its envelope {:?}",
+                    e.seq, h.message_id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn relay_handle(&mut self, c: u64, frame: ClientFrame) -> Result<(), Violation> {
+        self.check_ack(c, &frame)?;
         let challenge = self.rng.bytes();
         let Some(mut session) = self.conns.get_mut(&c).and_then(|x| x.session.take()) else {
-            return;
+            return Ok(());
         };
         let actions = self.core.handle(&mut session, frame, self.now, challenge);
         if let Some(conn) = self.conns.get_mut(&c) {
             conn.session = Some(session);
         }
         self.relay_actions(c, actions);
+        Ok(())
     }
 
     fn relay_actions(&mut self, c: u64, actions: Vec<Action>) {
@@ -1353,8 +1497,8 @@ impl World {
                     }
                 }
                 Action::Live(_) => self.pump(c),
-                // The simulated relay commits at once (no sync to overlap),
-                // so it pushes nothing early.
+                // The session itself remembers that it asked; `write`
+                // pushes to such sessions (`Scenario::relay_sync`).
                 Action::EarlyPushes(_) => {}
                 Action::Evict(device) => {
                     let open: Vec<u64> = self
@@ -1398,8 +1542,133 @@ impl World {
             let bytes = e.bytes.clone();
             self.scan(&bytes, "stored envelope");
         }
-        let recipients: BTreeSet<DeviceId> = p.envelopes.iter().map(|e| e.recipient).collect();
         let result = self.store.commit(&p.envelopes);
+        self.committed(c, p, result);
+    }
+
+    /// [`Scenario::relay_sync`]: write a commit (its outcomes decided, its
+    /// envelopes pushed early to the sessions that asked) without making it
+    /// visible; [`World::synced`] makes it durable 2–4 ms later.
+    fn write(&mut self, c: u64, p: PendingSend) -> Result<(), Violation> {
+        if self.unsynced.is_some() {
+            self.commit_queue.push_back((c, p));
+            return Ok(());
+        }
+        for e in &p.envelopes {
+            let bytes = e.bytes.clone();
+            self.scan(&bytes, "stored envelope");
+        }
+        let sim = |e: StoreError| Violation::Engine(format!("sim relay store: {e}"));
+        // Decide the outcomes, then put the store back: reads (pulls,
+        // pumps) must not see the commit before its sync, as the real
+        // relay's index does not.
+        let before = self.store.snapshot().map_err(sim)?;
+        let result = self.store.commit(&p.envelopes);
+        self.store.restore(before).map_err(sim)?;
+        let mut runs: BTreeMap<DeviceId, Vec<hush_protocol::RawDelivered>> = BTreeMap::new();
+        if let Ok(outcomes) = &result {
+            for (e, o) in p.envelopes.iter().zip(outcomes) {
+                if let CommitOutcome::Stored { seq } = o {
+                    let raw = hush_protocol::RawDelivered::new(*seq, e.bytes.clone())
+                        .map_err(|e| Violation::Engine(format!("sim relay: {e}")))?;
+                    runs.entry(e.recipient).or_default().push(raw);
+                }
+            }
+        }
+        let mut early = 0;
+        // When the last early push reaches its device.
+        let mut arrive = self.now;
+        let live: Vec<(u64, DeviceId)> = self
+            .conns
+            .iter()
+            .filter(|(_, x)| x.alive)
+            .filter_map(|(k, x)| {
+                let s = x.session.as_ref()?;
+                let d = s.device()?;
+                (s.wants_early() && runs.contains_key(&d)).then_some((*k, d))
+            })
+            .collect();
+        for (k, d) in live {
+            let Some(mut session) = self.conns.get_mut(&k).and_then(|x| x.session.take()) else {
+                continue;
+            };
+            let run: Vec<_> = runs
+                .get(&d)
+                .map(|r| {
+                    r.iter()
+                        .filter(|e| e.seq() > session.delivered())
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            let n = run.len() as u64;
+            let actions = self.core.push_fresh(&mut session, run, true);
+            if let Some(conn) = self.conns.get_mut(&k) {
+                conn.session = Some(session);
+            }
+            if let Some(actions) = actions {
+                early += n;
+                self.relay_actions(k, actions);
+                if let Some(conn) = self.conns.get(&k) {
+                    arrive = arrive.max(conn.to_client_at);
+                }
+            }
+        }
+        self.report.early_pushed += early;
+        self.unsynced = Some(Unsynced {
+            c,
+            pending: p,
+            result,
+            early,
+        });
+        let mut synced_at = self.now + self.rng.range(2, 4);
+        if self.faults
+            && let Some(down) = self.death_pending.take()
+        {
+            // The relay dies once its early pushes have reached their
+            // devices, before its sync (the real relay's sync is slower
+            // than a push over loopback; the simulated network is slower).
+            synced_at = synced_at.max(arrive + 1);
+            self.at(arrive.max(self.now + 1), Ev::RelayDown(down, false));
+        }
+        self.at(synced_at, Ev::Synced(self.relay_epoch));
+        Ok(())
+    }
+
+    /// The unsynced commit is durable: apply it for reads, answer its
+    /// sender, push to its recipients and tell early sessions.
+    fn synced(&mut self) -> Result<(), Violation> {
+        let Some(u) = self.unsynced.take() else {
+            return Ok(());
+        };
+        let applied = self.store.commit(&u.pending.envelopes);
+        let same = match (&applied, &u.result) {
+            (Ok(a), Ok(b)) => a == b,
+            (Err(_), Err(_)) => true,
+            _ => false,
+        };
+        if !same {
+            return Err(Violation::Engine(format!(
+                "sim relay: a commit's outcomes changed between its write and its sync: {:?} then {:?}",
+                u.result, applied
+            )));
+        }
+        self.committed(u.c, u.pending, u.result);
+        if let Some((c, p)) = self.commit_queue.pop_front() {
+            self.write(c, p)?;
+        }
+        Ok(())
+    }
+
+    /// A commit is durable: answer its sender, push to its recipients'
+    /// live sessions and tell those that took it early.
+    fn committed(
+        &mut self,
+        c: u64,
+        p: PendingSend,
+        result: Result<Vec<CommitOutcome>, StoreError>,
+    ) {
+        let recipients: BTreeSet<DeviceId> = p.envelopes.iter().map(|e| e.recipient).collect();
         let frame = self.core.finish_send(p.ticket, result);
         if self.conns.get(&c).is_some_and(|x| x.alive) {
             self.send_to_client(c, frame);
@@ -1417,12 +1686,31 @@ impl World {
             .collect();
         for k in live {
             self.pump(k);
+            self.durable_notice(k);
+        }
+    }
+
+    /// Tell a session what of its early pushes is durable now.
+    fn durable_notice(&mut self, k: u64) {
+        let Some(mut session) = self.conns.get_mut(&k).and_then(|x| x.session.take()) else {
+            return;
+        };
+        let head = session
+            .device()
+            .and_then(|d| self.store.inbox_state(&d).ok())
+            .map_or(0, |s| s.head);
+        let notice = self.core.durable_notice(&mut session, head);
+        if let Some(conn) = self.conns.get_mut(&k) {
+            conn.session = Some(session);
+        }
+        if let Some(action) = notice {
+            self.relay_actions(k, vec![action]);
         }
     }
 
     /// Relay misbehaviour on the way to a client: withhold, duplicate or
     /// swap envelopes inside pages and pushes.
-    fn mangle(&mut self, frame: ServerFrame) -> ServerFrame {
+    fn mangle(&mut self, frame: ServerFrame, device: DeviceId) -> ServerFrame {
         let (w, d, r) = if self.faults {
             (
                 self.scenario.withhold_bp,
@@ -1437,6 +1725,7 @@ impl World {
             for e in envs.drain(..) {
                 if world.chance(w) {
                     world.report.withheld += 1;
+                    world.withheld.insert((device, e.seq));
                     continue;
                 }
                 if world.chance(d) {
@@ -1454,6 +1743,20 @@ impl World {
             ServerFrame::Push { mut envelopes } => {
                 fix(&mut envelopes, self);
                 ServerFrame::Push { envelopes }
+            }
+            ServerFrame::EarlyPush { mut envelopes } => {
+                fix(&mut envelopes, self);
+                ServerFrame::EarlyPush { envelopes }
+            }
+            ServerFrame::Durable { through }
+                if self.faults && self.chance(self.scenario.forge_bp) =>
+            {
+                // A hostile relay claims more is durable than is: the
+                // client holds the claim to what it was pushed early.
+                self.report.durable_forged += 1;
+                ServerFrame::Durable {
+                    through: through.saturating_add(1_000),
+                }
             }
             ServerFrame::Response {
                 request_id,
@@ -1517,6 +1820,10 @@ fn trace_input(i: &Input) -> String {
         }
         Input::Frame(ServerFrame::Push { envelopes }) => format!(
             "Push(seqs {:?})",
+            envelopes.iter().map(|d| d.seq).collect::<Vec<_>>()
+        ),
+        Input::Frame(ServerFrame::EarlyPush { envelopes }) => format!(
+            "EarlyPush(seqs {:?})",
             envelopes.iter().map(|d| d.seq).collect::<Vec<_>>()
         ),
         Input::Frame(f) => {
