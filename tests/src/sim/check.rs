@@ -27,8 +27,9 @@
 //! 9. Exactly once to every member: a message reaches every device of every
 //!    user who was a member when it was written (and the author's other
 //!    devices), unless that user or the author was removed during the run,
-//!    or was added by a member already removed (the add then races the
-//!    removal: devices that sort the removal first skip it).
+//!    or its add raced the adder's removal (added by a member already
+//!    removed, or removed by one that had not seen the add: devices that
+//!    sort the removal first skip the add).
 //! 10. Removal: a user removed before the sender wrote a message never
 //!     shows it.
 

@@ -419,11 +419,15 @@ pub struct World {
     /// device (a device may acknowledge past those: it detects the loss
     /// from the sender's stream instead).
     withheld: BTreeSet<(DeviceId, u64)>,
-    /// Users added by a member that had already been removed, unknown to
-    /// it (a relay withheld the removal): whether the add counts depends on
-    /// where the concurrent removal sorts, so devices that order the
-    /// removal first skip the add (`docs/CLIENT.md`, groups, "Limits").
+    /// Users whose add races the adder's own removal: added by a member
+    /// already removed without knowing it (a relay withheld the removal),
+    /// or removed by a member that had not seen the add yet. Whether the
+    /// add counts depends on where the concurrent removal sorts, so devices
+    /// that order the removal first skip the add (`docs/CLIENT.md`,
+    /// groups, "Limits").
     pub contested_users: BTreeSet<usize>,
+    /// Who added the last user (the group plan's one add).
+    added_by: Option<usize>,
     /// Counters for the report.
     pub report: super::Report,
     text_counter: usize,
@@ -473,6 +477,7 @@ impl World {
             handed: BTreeSet::new(),
             withheld: BTreeSet::new(),
             contested_users: BTreeSet::new(),
+            added_by: None,
             report: super::Report::default(),
             text_counter: 0,
             trace: std::env::var("HUSH_SIM_TRACE").is_ok(),
@@ -955,6 +960,7 @@ impl World {
                     if self.removed_users.contains(&self.nodes[i].user) {
                         self.contested_users.insert(last);
                     }
+                    self.added_by = Some(self.nodes[i].user);
                     self.command(
                         i,
                         Command::AddMembers {
@@ -985,6 +991,16 @@ impl World {
                     && let Some(key) = self.user_key(v)
                 {
                     self.removed_users.insert(v);
+                    // The victim added the last user, and this device has
+                    // not seen that add yet: the two changes are concurrent.
+                    let last = users - 1;
+                    if self.added_by == Some(v)
+                        && self
+                            .user_key(last)
+                            .is_some_and(|key| !info.members.contains(&key))
+                    {
+                        self.contested_users.insert(last);
+                    }
                     self.command(
                         i,
                         Command::RemoveMembers {
