@@ -1523,7 +1523,11 @@ impl Engine {
                                 refs.iter().any(|r| r.id == id && r.device == d)
                             })
                         });
-                    if named && !self.groups.known.contains_key(&(group, id)) {
+                    // One held here is no longer the author's to declare
+                    // lost (it waits for its own predecessors).
+                    let have = self.groups.known.contains_key(&(group, id))
+                        || self.groups.held.contains_key(&(group, id));
+                    if named && !have {
                         self.mark_unavailable(group, id, d);
                         any = true;
                     }
@@ -1535,6 +1539,19 @@ impl Engine {
             _ => {}
         }
         Ok(())
+    }
+
+    /// `id` is held here below `depth`: a message at `depth` that names it
+    /// waits for it to be released rather than asking for it or giving up
+    /// on it. Depths strictly fall along such waits, so no set of held
+    /// messages can wait for one another in a cycle; a held "predecessor"
+    /// at or above `depth` is not a real one and is treated as missing.
+    fn waits_here(&self, group: ConversationId, id: MessageId, depth: u64) -> bool {
+        self.groups
+            .held
+            .get(&(group, id))
+            .and_then(|h| position(&h.payload))
+            .is_some_and(|(p, _)| p.depth < depth)
     }
 
     fn mark_unavailable(&mut self, group: ConversationId, id: MessageId, d: DeviceId) {
@@ -1571,10 +1588,17 @@ impl Engine {
                 self.groups.held_timers.set((conv, id), None);
                 continue;
             };
+            // A predecessor held here is not missing: it waits for its own
+            // predecessors, and its own timer asks for them. Asking its
+            // author again would only bring an "unavailable" once our
+            // receipt has covered it, and that answer would drop it.
             let missing: Vec<GroupRef> = position(&h.payload)
-                .map(|(_, refs)| {
+                .map(|(pos, refs)| {
                     refs.iter()
-                        .filter(|r| !self.groups.known.contains_key(&(conv, r.id)))
+                        .filter(|r| {
+                            !self.groups.known.contains_key(&(conv, r.id))
+                                && !self.waits_here(conv, r.id, pos.depth)
+                        })
                         .copied()
                         .collect()
                 })

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::engine::group::group_stream;
+use crate::payload::{Body, GroupRef, Payload};
 
 impl Net {
     fn create_group(&mut self, i: usize, name: &str, members: &[usize]) -> ConversationId {
@@ -400,6 +401,82 @@ fn a_held_group_message_asks_for_its_predecessor_when_its_timer_wakes_the_engine
     });
     assert_eq!(shown, Some(due));
     assert_eq!(group_texts(&net, c, &g), vec!["question?", "answer"]);
+}
+
+#[test]
+fn a_held_predecessor_is_waited_for_not_asked_for_again() {
+    let (mut net, a, b, c, g) = alice_bob_carol_in_a_group("g");
+    let cd = net.clients[c].engine.device_id();
+    // Carol loses Alice's first message, and Alice goes offline before
+    // anyone asks her for it.
+    net.relay.lose_next.insert(cd, 1);
+    say(&mut net, a, g, "x");
+    net.advance(500);
+    net.switch_off(a);
+    // Bob's two replies reach Carol: "y" waits for "x", "z" for "y". Her
+    // receipt covers both on Bob's stream, so Bob no longer keeps them
+    // for re-sending to her.
+    say(&mut net, b, g, "y");
+    net.advance(500);
+    say(&mut net, b, g, "z");
+    net.advance(30_000);
+    assert!(group_texts(&net, c, &g).is_empty(), "both wait for x");
+    assert_eq!(net.clients[c].engine.group_counters().held, 2);
+    // Asking Bob for "y", which Carol holds, would bring "unavailable"
+    // and drop it; she asks only Alice, for "x".
+    assert_eq!(net.clients[c].engine.group_counters().refs_unavailable, 0);
+    net.connect(a);
+    net.advance(120_000);
+    for i in [a, b, c] {
+        assert_eq!(group_texts(&net, i, &g), vec!["x", "y", "z"], "device {i}");
+    }
+    assert_eq!(group_events(&net, c, &g), vec!["x", "y", "z"]);
+    assert_eq!(net.clients[c].engine.group_counters().refs_unavailable, 0);
+}
+
+/// A hostile member writes two messages that each name the other as a
+/// predecessor at the same depth. Neither waits for the other as a held
+/// predecessor (only a lower depth can be one), so the cycle cannot hold
+/// them for good: after the give-up time neither is held any more.
+#[test]
+fn held_messages_naming_each_other_cannot_wait_forever() {
+    let (mut net, _a, b, c, g) = alice_bob_carol_in_a_group("g");
+    say(&mut net, b, g, "hello");
+    net.advance(2_000);
+    let bd = net.clients[b].engine.device_id();
+    let cd = net.clients[c].engine.device_id();
+    let bob = net.user(b);
+    let wire = group_stream(&g, &bd, &cd).unwrap();
+    let (one, two) = (MessageId([0x11; 16]), MessageId([0x22; 16]));
+    let item = |id: MessageId, other: MessageId| Payload {
+        id,
+        body: Body::GroupText {
+            text: format!("{}", id.0[0]),
+            sent_at_ms: 0,
+            depth: 7,
+            refs: vec![GroupRef {
+                id: other,
+                device: bd,
+            }],
+        },
+    };
+    let now = net.now;
+    let e = &mut net.clients[c].engine;
+    e.group_deliver(now, bd, bob, wire, 100, item(one, two))
+        .unwrap();
+    e.group_deliver(now, bd, bob, wire, 101, item(two, one))
+        .unwrap();
+    assert_eq!(e.groups.held.len(), 2);
+    // The give-up is checked when a held message's request timer fires,
+    // whose backoff has reached 8 minutes by then.
+    net.advance(20 * Net::cfg().resend_retry_ms);
+    let e = &net.clients[c].engine;
+    assert!(e.groups.held.is_empty(), "the cycle was broken");
+    // The lower position is released first, once its partner is given up
+    // on; the other then names a shown message at its own depth, which no
+    // honest writer does, and is dropped as invalid.
+    assert_eq!(group_texts(&net, c, &g), vec!["hello", "17"]);
+    assert_eq!(e.group_counters().invalid_dropped, 1);
 }
 
 #[test]
