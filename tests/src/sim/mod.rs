@@ -100,8 +100,9 @@ pub fn run_group(seed: u64) -> Result<Report, Violation> {
 
 /// The seeds a test should run: `HUSH_SIM_SEED=<seed>` replays one seed;
 /// otherwise `HUSH_SIM_SEEDS=<n>` (default `default_count`) seeds derived
-/// from `base`.
-pub fn seeds(base: u64, default_count: u64) -> Vec<u64> {
+/// from `base`, followed by `regressions`: seeds outside the default set
+/// that once failed, kept so every run replays them.
+pub fn seeds(base: u64, default_count: u64, regressions: &[u64]) -> Vec<u64> {
     if let Some(seed) = std::env::var("HUSH_SIM_SEED")
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -113,7 +114,13 @@ pub fn seeds(base: u64, default_count: u64) -> Vec<u64> {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(default_count);
     let mut rng = SeededRng::new(base);
-    (0..count).map(|_| rng.next_u64()).collect()
+    let mut seeds: Vec<u64> = (0..count).map(|_| rng.next_u64()).collect();
+    for seed in regressions {
+        if !seeds.contains(seed) {
+            seeds.push(*seed);
+        }
+    }
+    seeds
 }
 
 /// Run `seeds` on every core; return the failures (seed, what failed) and a
