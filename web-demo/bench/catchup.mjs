@@ -22,6 +22,8 @@
 //    (calls and bytes; adds overhead, so not for timed runs).
 //    The CPU line (Linux) is the CPU time this Chromium used during the
 //    catch-up: on a busy machine it moves much less than the wall time.
+//    The line after it splits the CPU of every process the bench started
+//    (the relay included) by kind: renderer, network service, browser...
 //    --profile also samples the page's CPU (Chrome DevTools profiler) and
 //    prints where the main thread's time went.
 //
@@ -123,11 +125,27 @@ function chromiumCpu() {
     };
     let all = 0;
     let renderer = 0;
+    // Per kind of process: the relay (a child of this script too, so
+    // apart from Chromium's), Chromium's browser process (IndexedDB's
+    // backend runs there or in the storage service), and each `--type`
+    // (with its utility sub-type: the network service carries the
+    // WebTransport session).
+    const kinds = {};
     for (const [pid, f] of stat) {
       if (pid === process.pid || !ours(pid)) continue;
-      all += (Number(f[11]) + Number(f[12])) / tick;
+      const secs = (Number(f[11]) + Number(f[12])) / tick;
       let cmd = "";
       try { cmd = readFileSync(`/proc/${pid}/cmdline`, "utf8"); } catch {}
+      // Chromium rewrites its children's command lines as one string.
+      const args = cmd.split(/[\0 ]/);
+      const kind = args[0].endsWith("hush-relay")
+        ? "relay"
+        : (args.find((a) => a.startsWith("--utility-sub-type="))?.slice(19).replace(/\.mojom\.\w+$/, "") ??
+          args.find((a) => a.startsWith("--type="))?.slice(7) ??
+          "browser");
+      kinds[kind] = (kinds[kind] ?? 0) + secs;
+      if (kind === "relay") continue;
+      all += secs;
       if (cmd.includes("--type=renderer")) {
         const t = readFileSync(`/proc/${pid}/task/${pid}/schedstat`, "utf8");
         renderer += Number(t.split(" ")[0]) / 1e9;
@@ -136,7 +154,7 @@ function chromiumCpu() {
     // The whole machine's CPU ticks: the hypervisor's steal share says how
     // much of the CPU another tenant took meanwhile.
     const ticks = readFileSync("/proc/stat", "utf8").split("\n")[0].trim().split(/\s+/).slice(1).map(Number);
-    return { all, renderer, ticks };
+    return { all, renderer, kinds, ticks };
   } catch {
     return null;
   }
@@ -147,7 +165,13 @@ function cpuLine(thread, cpu0, cpu1) {
   const d = cpu1.ticks.map((t, i) => t - (cpu0.ticks[i] ?? 0));
   const total = d.reduce((a, b) => a + b, 0) || 1;
   const steal = Math.round((100 * (d[7] ?? 0)) / total);
-  return `  CPU: renderer ${thread} ${(cpu1.renderer - cpu0.renderer).toFixed(2)} s, all of Chromium ${(cpu1.all - cpu0.all).toFixed(2)} s (host: CPU steal ${steal}%, load average ${loadavg().map((l) => l.toFixed(2)).join(" ")})`;
+  const kinds = Object.keys(cpu1.kinds)
+    .map((k) => [k, cpu1.kinds[k] - (cpu0.kinds[k] ?? 0)])
+    .filter(([, v]) => v >= 0.005)
+    .sort((a, b) => b[1] - a[1])
+    .map(([k, v]) => `${k} ${v.toFixed(2)}`)
+    .join(", ");
+  return `  CPU: renderer ${thread} ${(cpu1.renderer - cpu0.renderer).toFixed(2)} s, all of Chromium ${(cpu1.all - cpu0.all).toFixed(2)} s (host: CPU steal ${steal}%, load average ${loadavg().map((l) => l.toFixed(2)).join(" ")})\n  CPU by process (s): ${kinds}`;
 }
 
 /** Self time per function (ms) from a DevTools CPU profile, largest first. */
