@@ -1614,27 +1614,28 @@ impl Engine {
             };
             let expired = now >= h.since_ms.saturating_add(wait);
             let delay = h.request_delay_ms;
-            if expired {
+            if expired && !known_group {
+                // Its group never became known here.
                 touched.insert(conv);
-                if known_group {
-                    for r in missing {
-                        self.mark_unavailable(conv, r.id, r.device);
-                    }
-                } else {
-                    // Its group never became known here.
-                    self.groups.held.remove(&(conv, id));
-                    self.gtouch(GDirty::Held(conv, id));
-                    self.gcount(|c| c.invalid_dropped += 1);
-                }
+                self.groups.held.remove(&(conv, id));
+                self.gtouch(GDirty::Held(conv, id));
+                self.gcount(|c| c.invalid_dropped += 1);
                 continue;
             }
             for r in missing {
-                if r.device == my_device || self.peer(&r.device).is_none() {
+                if expired || r.device == my_device || self.peer(&r.device).is_none() {
                     self.mark_unavailable(conv, r.id, r.device);
                     touched.insert(conv);
                 } else {
                     asks.entry((r.device, conv)).or_default().insert(r.id);
                 }
+            }
+            // Released below once nothing it names is missing. Until then,
+            // and past its give-up while it waits for predecessors held
+            // here (which have give-ups of their own), it looks again after
+            // the next delay, not on every step.
+            if expired {
+                touched.insert(conv);
             }
             let next = self.next_delay(
                 delay,

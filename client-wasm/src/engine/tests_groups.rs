@@ -434,6 +434,68 @@ fn a_held_predecessor_is_waited_for_not_asked_for_again() {
     assert_eq!(net.clients[c].engine.group_counters().refs_unavailable, 0);
 }
 
+/// A held message whose give-up comes while its predecessor is still held
+/// here (that one arrived later and waits for its own predecessor) keeps
+/// waiting, with its timer set ahead: it is not looked at again on every
+/// step, and all are shown in order in the end.
+#[test]
+fn a_message_past_its_give_up_waits_for_a_held_predecessor_on_a_timer() {
+    let mut net = Net::new();
+    let [a, b, c, d] = ["alice", "bob", "carol", "dave"].map(|n| net.create(n));
+    net.befriend_all(&[a, b, c, d]);
+    net.advance(2_000);
+    let g = net.create_group(a, "g", &[b, c, d]);
+    net.advance(2_000);
+    let cd = net.clients[c].engine.device_id();
+    // Carol loses Alice's "x"; Alice goes offline. Carol loses Bob's "y"
+    // too, and Bob goes offline. Dave's "z" names "y".
+    net.relay.lose_next.insert(cd, 1);
+    say(&mut net, a, g, "x");
+    net.advance(500);
+    net.switch_off(a);
+    net.relay.lose_next.insert(cd, 1);
+    say(&mut net, b, g, "y");
+    net.advance(500);
+    net.switch_off(b);
+    say(&mut net, d, g, "z");
+    net.advance(300_000);
+    assert_eq!(net.clients[c].engine.groups.held.len(), 1, "z waits for y");
+    // Bob comes back and re-sends "y", which waits for "x": "z"'s give-up
+    // comes about five minutes before "y"'s.
+    net.connect(b);
+    let give_up = 10 * Net::cfg().resend_retry_ms;
+    let mut z_expired_while_y_held = false;
+    for _ in 0..(3_600_000 / 250) {
+        net.advance(250);
+        let now = net.now;
+        let e = &net.clients[c].engine;
+        // After every step no held message's timer is behind the clock.
+        assert!(
+            e.groups.held.values().all(|h| h.request_at > now),
+            "a held message left due at {now}"
+        );
+        let expired = e
+            .groups
+            .held
+            .values()
+            .filter(|h| h.since_ms.saturating_add(give_up) <= now)
+            .count();
+        if e.groups.held.len() == 2 && expired == 1 {
+            z_expired_while_y_held = true;
+        }
+        if e.groups.held.is_empty() {
+            break;
+        }
+    }
+    assert!(z_expired_while_y_held, "z's give-up came while y was held");
+    assert_eq!(group_texts(&net, c, &g), vec!["y", "z"]);
+    net.connect(a);
+    net.advance(600_000);
+    for i in [a, b, c, d] {
+        assert_eq!(group_texts(&net, i, &g), vec!["x", "y", "z"], "device {i}");
+    }
+}
+
 /// A hostile member writes two messages that each name the other as a
 /// predecessor at the same depth. Neither waits for the other as a held
 /// predecessor (only a lower depth can be one), so the cycle cannot hold
