@@ -835,8 +835,37 @@ fn show(cmd: &Command) -> String {
     line
 }
 
+/// Variables `cargo run` sets for xtask itself (its own manifest, package
+/// name and version, ...). They must not reach a nested build: ring's build
+/// script declares `rerun-if-env-changed` for them, so a build started from
+/// here with them and one started from a shell (or by the test harness)
+/// without them would each rebuild ring and everything above it (rustls,
+/// quinn, the relay), two to three minutes on two cores, every time they
+/// alternate.
+fn is_package_var(key: &str) -> bool {
+    const SET_BY_CARGO_RUN: &[&str] = &[
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+    ];
+    SET_BY_CARGO_RUN.contains(&key) || key.starts_with("CARGO_PKG_")
+}
+
+/// Every child is started through this: see [`is_package_var`].
+fn without_package_vars(cmd: &mut Command) -> &mut Command {
+    for (key, _) in env::vars_os() {
+        if is_package_var(&key.to_string_lossy()) {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
+}
+
 /// Runs a command with inherited output; an error names the command and its status.
 fn run(cmd: &mut Command) -> Result {
+    let cmd = without_package_vars(cmd);
     let shown = show(cmd);
     println!("$ {shown}");
     let status = cmd
@@ -851,7 +880,8 @@ fn run(cmd: &mut Command) -> Result {
 
 /// Whether a command runs and exits 0, its output discarded.
 fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null())
+    without_package_vars(cmd)
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|status| status.success())
@@ -859,6 +889,7 @@ fn succeeds(cmd: &mut Command) -> bool {
 
 /// A command's standard output; an error if it cannot run or exits non-zero.
 fn capture(cmd: &mut Command) -> Result<String> {
+    let cmd = without_package_vars(cmd);
     let shown = show(cmd);
     let out = cmd
         .output()
@@ -957,6 +988,38 @@ mod tests {
                 manifest.contains(&format!("name = \"{package}\"")),
                 "{dir}/Cargo.toml is not package {package}"
             );
+        }
+    }
+
+    #[test]
+    fn only_the_package_variables_are_kept_from_children() {
+        for key in [
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_MANIFEST_DIR",
+        ] {
+            assert!(is_package_var(key), "{key}");
+        }
+        // Cargo's own configuration must still reach nested builds.
+        for key in [
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_PROFILE_RELEASE_DEBUG",
+            "CARGO",
+        ] {
+            assert!(!is_package_var(key), "{key}");
+        }
+        let mut cmd = Command::new("true");
+        without_package_vars(&mut cmd);
+        // Run by `cargo test`, this process has some (CARGO_MANIFEST_DIR
+        // at least): each is removed, and nothing else is touched.
+        let ours = env::vars_os()
+            .filter(|(key, _)| is_package_var(&key.to_string_lossy()))
+            .count();
+        assert!(ours > 0);
+        assert_eq!(cmd.get_envs().count(), ours);
+        for (key, value) in cmd.get_envs() {
+            assert!(value.is_none() && is_package_var(&key.to_string_lossy()));
         }
     }
 
