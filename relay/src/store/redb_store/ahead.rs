@@ -48,8 +48,8 @@ pub(super) struct Ahead {
     total: u64,
 }
 
-/// Batches the drain indexes one lock at a time before it holds the lock
-/// for the rest (see [`RedbStore::drain_ahead`]).
+/// Runs of batches ([`take_run`]) the drain indexes one lock at a time
+/// before it holds the lock for the rest (see [`RedbStore::drain_ahead`]).
 const DRAIN_TURNS: usize = 4096;
 
 impl Ahead {
@@ -218,15 +218,17 @@ impl RedbStore {
     /// to the index, in log order, with the seqs their records carry, then
     /// let sends commit to the index again.
     ///
-    /// The lock over [`Ahead`] is taken for one batch at a time, so sends
-    /// go on to the log meanwhile instead of waiting for the whole backlog.
+    /// Batches that lie back to back in one segment are indexed together,
+    /// in one transaction ([`take_run`]). The lock over [`Ahead`] is taken
+    /// for one such run at a time, so sends go on to the log meanwhile
+    /// instead of waiting for the whole backlog.
     /// A replay does not take the segments' commit lock either (it chooses
     /// no offset and moves no end; see `RedbStore::commit_batch`), so a
     /// send's append and sync run while a batch is indexed. The overlay of states and dedup keys stays until the
     /// log is drained: what it holds is in the index or in the log, and it
     /// is the newer of the two. Indexing a batch costs no sync, so the drain
     /// outpaces sends, which each wait for one; should it not, it holds the
-    /// lock for the rest after [`DRAIN_TURNS`] batches.
+    /// lock for the rest after [`DRAIN_TURNS`] runs.
     ///
     /// A failure poisons the log (the batches' senders hold acks; the next
     /// open replays them).
@@ -234,7 +236,7 @@ impl RedbStore {
         let mut turns = 0usize;
         loop {
             let mut ahead = self.ahead();
-            let Some(next) = ahead.pending.pop_front() else {
+            let Some(next) = take_run(&mut ahead.pending) else {
                 ahead.close();
                 self.indexed.notify_all();
                 return Ok(());
@@ -244,7 +246,7 @@ impl RedbStore {
                 // Hold the lock to the end: no send is appended meanwhile.
                 let mut result = self.commit_batch(&next.envelopes, Some(next.replay), None);
                 while result.is_ok()
-                    && let Some(p) = ahead.pending.pop_front()
+                    && let Some(p) = take_run(&mut ahead.pending)
                 {
                     result = self.commit_batch(&p.envelopes, Some(p.replay), None);
                 }
@@ -300,6 +302,43 @@ impl RedbStore {
     }
 }
 
+/// The next batches of `pending` that lie back to back in one segment, as
+/// one batch of at most [`RUN_ENVELOPES`] envelopes (or one larger batch):
+/// indexing them in one transaction copies each index page they touch
+/// once, where a transaction per batch copied it once per batch. A replay
+/// checks each record against the log in order, so records taken in log
+/// order from adjacent batches replay as they would one by one; the
+/// segment row ends up at the last one's end either way.
+fn take_run(pending: &mut VecDeque<Pending>) -> Option<Pending> {
+    take_run_of(pending, RUN_ENVELOPES)
+}
+
+/// [`take_run`] with its bound as a parameter (for tests).
+fn take_run_of(pending: &mut VecDeque<Pending>, max: usize) -> Option<Pending> {
+    let mut run = pending.pop_front()?;
+    while let Some(next) = pending.front() {
+        let adjacent = next.replay.id == run.replay.id
+            && next.replay.span.0 == run.replay.span.1
+            && next.replay.rolled_from.is_none();
+        if !adjacent || run.envelopes.len() + next.envelopes.len() > max {
+            break;
+        }
+        let Some(next) = pending.pop_front() else {
+            break;
+        };
+        run.replay.records.extend(next.replay.records);
+        run.replay.span.1 = next.replay.span.1;
+        run.envelopes.extend(next.envelopes);
+        run.added = run.added.saturating_add(next.added);
+    }
+    Some(run)
+}
+
+/// Most envelopes [`take_run`] joins into one index transaction: a few
+/// milliseconds of indexing, so the drain still gives up the lock over
+/// [`Ahead`] often.
+const RUN_ENVELOPES: usize = 4096;
+
 fn ahead_count(outcomes: &[CommitOutcome]) -> u64 {
     outcomes
         .iter()
@@ -315,4 +354,92 @@ pub(super) fn batch_upper_bound(batch: &[NewEnvelope]) -> u64 {
         .map(|e| (RECORD_HEADER_LEN + BATCH_ENTRY_LEN) as u64 + e.bytes.len() as u64)
         .sum::<u64>()
         + BATCH_HEADER_LEN as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::segments::BodyRef;
+    use hush_protocol::{ConversationId, MessageId};
+
+    /// A batch of `n` envelopes of segment `id` from `start` to `end`.
+    fn batch(id: u32, (start, end): (u64, u64), rolled_from: Option<u32>, n: u8) -> Pending {
+        let device = DeviceId([n; 16]);
+        let records = (0..n)
+            .map(|i| {
+                let body = BodyRef {
+                    segment: id,
+                    offset: start + u64::from(i),
+                    len: 1,
+                };
+                (device, u64::from(i), body)
+            })
+            .collect();
+        let envelopes = (0..n)
+            .map(|i| NewEnvelope {
+                recipient: device,
+                sender: device,
+                message_id: MessageId([i; 16]),
+                conversation: ConversationId([0; 16]),
+                sender_seq: u64::from(i),
+                bytes: vec![i],
+                expires_at_ms: 0,
+            })
+            .collect();
+        Pending {
+            replay: Replay {
+                id,
+                records,
+                span: (start, end),
+                rolled_from,
+            },
+            envelopes,
+            added: u64::from(n),
+        }
+    }
+
+    fn spans(runs: &[Pending]) -> Vec<(u32, (u64, u64), usize, u64)> {
+        runs.iter()
+            .map(|r| (r.replay.id, r.replay.span, r.envelopes.len(), r.added))
+            .collect()
+    }
+
+    #[test]
+    fn batches_back_to_back_in_one_segment_are_indexed_as_one() {
+        let mut pending: VecDeque<Pending> = [
+            batch(1, (100, 200), None, 2),
+            batch(1, (200, 300), None, 3),
+            // A roll: the next segment starts a run of its own.
+            batch(2, (32, 90), Some(1), 1),
+            batch(2, (90, 150), None, 2),
+            // A gap (not the next batch of the log) ends a run.
+            batch(2, (160, 170), None, 1),
+            // So does the bound on envelopes per run.
+            batch(2, (170, 180), None, 4),
+            batch(2, (180, 190), None, 3),
+        ]
+        .into_iter()
+        .collect();
+        let mut runs = Vec::new();
+        while let Some(run) = take_run_of(&mut pending, 6) {
+            runs.push(run);
+        }
+        assert_eq!(
+            spans(&runs),
+            vec![
+                (1, (100, 300), 5, 5),
+                (2, (32, 150), 3, 3),
+                (2, (160, 180), 5, 5),
+                (2, (180, 190), 3, 3),
+            ]
+        );
+        // The records and envelopes stay in log order, and a run keeps the
+        // roll of its first batch.
+        let first: Vec<u64> = runs[0].replay.records.iter().map(|r| r.1).collect();
+        assert_eq!(first, vec![0, 1, 0, 1, 2]);
+        let senders: Vec<u8> = runs[0].envelopes.iter().map(|e| e.sender.0[0]).collect();
+        assert_eq!(senders, vec![2, 2, 3, 3, 3]);
+        assert_eq!(runs[1].replay.rolled_from, Some(1));
+        assert_eq!(runs[0].replay.rolled_from, None);
+    }
 }
