@@ -118,6 +118,7 @@ pub struct RedbStore {
 }
 
 mod ahead;
+mod runs;
 
 /// Where segment compaction stands (in memory only: after a restart it
 /// starts over, and records already moved are simply no longer live).
@@ -342,14 +343,16 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
             .transpose()?;
         if let Some(other) = stored
             && other != FORMAT_VERSION
+            && other != FORMAT_VERSION_SINGLE_ROWS
             && other != FORMAT_VERSION_PREVIOUS
             && other != FORMAT_VERSION_OLDER
             && other != FORMAT_VERSION_UPGRADABLE
         {
             return Err(StoreError::Backend(format!(
                 "unsupported store format {other} (this relay reads format \
-                 {FORMAT_VERSION} and upgrades format {FORMAT_VERSION_PREVIOUS}, format \
-                 {FORMAT_VERSION_OLDER} and format {FORMAT_VERSION_UPGRADABLE}; there is no \
+                 {FORMAT_VERSION} and upgrades format {FORMAT_VERSION_SINGLE_ROWS}, format \
+                 {FORMAT_VERSION_PREVIOUS}, format {FORMAT_VERSION_OLDER} and format \
+                 {FORMAT_VERSION_UPGRADABLE}; there is no \
                  conversion from others: start from an empty data directory)"
             )));
         }
@@ -507,6 +510,7 @@ impl RedbStore {
             segment_bytes,
             &[
                 FORMAT_VERSION,
+                FORMAT_VERSION_SINGLE_ROWS,
                 FORMAT_VERSION_PREVIOUS,
                 FORMAT_VERSION_OLDER,
                 FORMAT_VERSION_UPGRADABLE,
@@ -751,15 +755,12 @@ impl RedbStore {
         let mut emptied = false;
         self.write_with(Durability::Immediate, |txn, freed| {
             let mut inbox = txn.open_table(INBOX)?;
-            // The records an index row still points at.
+            // The records an index entry still points at; each run is read
+            // and written back once.
+            let mut edits = runs::Edits::default();
             let mut live = Vec::new();
             for rec in &records {
-                let key = inbox_key(&rec.device, rec.seq);
-                let row = inbox
-                    .get(&key)?
-                    .map(|g| decode_inbox_row(g.value()))
-                    .transpose()?;
-                if let Some(row) = row
+                if let Some(row) = edits.get(&inbox, &rec.device, rec.seq)?
                     && row.body == rec.body
                 {
                     live.push((rec, row.header));
@@ -774,10 +775,11 @@ impl RedbStore {
             for (rec, header) in live {
                 let body = append.push(&rec.device, rec.seq, &rec.envelope)?;
                 let row = encode_inbox_row(&InboxRow { header, body });
-                inbox.insert(&inbox_key(&rec.device, rec.seq), row.as_slice())?;
+                edits.set(&inbox, &rec.device, rec.seq, &row)?;
                 moved.0 += 1;
                 moved.1 += rec.body.record_len();
             }
+            edits.write(&mut inbox)?;
             let mut segs = txn.open_table(SEGMENTS)?;
             let mut released = Released::new();
             released.insert(id, moved);
@@ -865,10 +867,12 @@ impl RedbStore {
             }
             let (lo, hi) = (inbox_key(&device, 0), inbox_key(&device, u64::MAX));
             let (mut next, mut bytes) = (base.saturating_add(1), 0u64);
-            for row in inbox.range::<&InboxKey>(&lo..=&hi)? {
-                let (k, v) = row?;
-                let (_, seq) = split_inbox_key(k.value());
-                let row = decode_inbox_row(v.value())?;
+            let mut entries = Vec::new();
+            runs::visit(&inbox, &device, 0, u64::MAX, |seq, row| {
+                entries.push((seq, row));
+                Ok(true)
+            })?;
+            for (seq, row) in entries {
                 if seq != next {
                     return broken(format!("inbox row {seq} where {next} was due"));
                 }
@@ -912,7 +916,7 @@ impl RedbStore {
                 }
             }
         }
-        if rows_total != inbox.len()? {
+        if rows_total != runs::count_all(&inbox)? {
             return broken("inbox rows without counters".into());
         }
         // Live counts match the rows; only the active segment may be empty;
@@ -1162,8 +1166,10 @@ impl RedbStore {
             // Devices are never deleted: one lookup per recipient per batch.
             let mut known: HashMap<DeviceId, bool> = HashMap::new();
             let mut created: Vec<(u64, DedupKey)> = Vec::new();
-            // Index rows are inserted while the batch's bytes are synced.
-            let mut rows: Vec<(InboxKey, [u8; INBOX_ROW_LEN])> = Vec::with_capacity(batch.len());
+            // Index entries are inserted while the batch's bytes are synced,
+            // one run per recipient: its envelopes of this batch have
+            // consecutive seqs (see `runs`).
+            let mut rows: BTreeMap<DeviceId, (u64, Vec<u8>)> = BTreeMap::new();
             let mut outcomes = Vec::with_capacity(batch.len());
             for env in batch {
                 let dk = dedup_key(&env.sender, &env.recipient, &env.message_id);
@@ -1233,10 +1239,13 @@ impl RedbStore {
                         expires_at_ms: env.expires_at_ms,
                     },
                 )?;
-                rows.push((
-                    inbox_key(&env.recipient, seq),
-                    encode_inbox_row(&InboxRow { header, body }),
-                ));
+                let (first, entries) = rows
+                    .entry(env.recipient)
+                    .or_insert_with(|| (seq, Vec::new()));
+                if first.saturating_add((entries.len() / INBOX_ROW_LEN) as u64) != seq {
+                    return Err(StoreError::Backend("inbox run with a gap".into()));
+                }
+                entries.extend_from_slice(&encode_inbox_row(&InboxRow { header, body }));
                 created.push((env.expires_at_ms, dk));
                 added = added.saturating_add(stored_cost(len));
                 outcomes.push(CommitOutcome::Stored { seq });
@@ -1280,9 +1289,9 @@ impl RedbStore {
                 announced = true;
                 tell(&outcomes);
             }
-            let (synced, indexed) = beside_sync(&append, rows.len(), || {
-                for (key, row) in &rows {
-                    inbox.insert(key, row.as_slice())?;
+            let (synced, indexed) = beside_sync(&append, created.len(), || {
+                for (device, (first, entries)) in &rows {
+                    runs::insert(&mut inbox, device, *first, entries)?;
                 }
                 states.flush(&mut queue)?;
                 insert_dedup_batches(&mut batches, &mut created)
@@ -1355,18 +1364,15 @@ impl RedbStore {
         let start = after.max(base);
         let mut envelopes = Vec::new();
         if start < state.head {
-            let (lo, hi) = (inbox_key(device, start + 1), inbox_key(device, state.head));
             let mut budget = PageBudget::new(limit, max_bytes);
             let mut refs = Vec::new();
-            for item in inbox.range::<&InboxKey>(&lo..=&hi)? {
-                let (k, v) = item?;
-                let (_, seq) = split_inbox_key(k.value());
-                let row = decode_inbox_row(v.value())?;
+            runs::visit(&inbox, device, start + 1, state.head, |seq, row| {
                 if !budget.take(row.body.len as usize) {
-                    break;
+                    return Ok(false);
                 }
                 refs.push((seq, row.body));
-            }
+                Ok(true)
+            })?;
             let bodies = match self.segments.read_many(device, &refs) {
                 Ok(b) => b,
                 Err(ReadError::Gone(_)) => return Ok(None),
@@ -1429,14 +1435,12 @@ fn oldest_expiry<T>(inbox: &T, device: &DeviceId) -> Result<Option<u64>, StoreEr
 where
     T: ReadableTable<&'static [u8; 24], &'static [u8]>,
 {
-    let (lo, hi) = (inbox_key(device, 0), inbox_key(device, u64::MAX));
-    match inbox.range::<&InboxKey>(&lo..=&hi)?.next() {
-        Some(item) => {
-            let (_, v) = item?;
-            Ok(Some(decode_inbox_row(v.value())?.header.expires_at_ms))
-        }
-        None => Ok(None),
-    }
+    let mut oldest = None;
+    runs::visit(inbox, device, 0, u64::MAX, |_, row| {
+        oldest = Some(row.header.expires_at_ms);
+        Ok(false)
+    })?;
+    Ok(oldest)
 }
 
 /// One inbox as a commit batch sees it.
@@ -1504,27 +1508,14 @@ fn delete_acked(
     state: &mut InboxState,
     released: &mut Released,
 ) -> Result<(), StoreError> {
-    let (lo, hi) = (inbox_key(device, 0), inbox_key(device, up_to));
     let mut first_expiry = None;
-    let (mut count, mut bytes, mut corrupt_row) = (0u64, 0u64, false);
-    // One pass that removes every row of the range (the predicate keeps
-    // none) and measures them on the way; a row that does not decode fails
-    // the whole transaction below.
-    inbox.retain_in::<&InboxKey, _>(&lo..=&hi, |_, v| {
-        match decode_inbox_row(v) {
-            Ok(row) => {
-                first_expiry.get_or_insert(row.header.expires_at_ms);
-                count += 1;
-                bytes += u64::from(row.body.len);
-                note_release(released, &row.body);
-            }
-            Err(_) => corrupt_row = true,
-        }
-        false
+    let (mut count, mut bytes) = (0u64, 0u64);
+    runs::remove_through(inbox, device, up_to, |_, row| {
+        first_expiry.get_or_insert(row.header.expires_at_ms);
+        count += 1;
+        bytes += u64::from(row.body.len);
+        note_release(released, &row.body);
     })?;
-    if corrupt_row {
-        return Err(corrupt("inbox row"));
-    }
     rules::release_many(state, count, bytes);
     // The oldest row changed: move the inbox in the purge queue.
     if let Some(old) = first_expiry {
@@ -1545,24 +1536,27 @@ fn purge_inbox(
     now_ms: u64,
     budget: u64,
 ) -> Result<u64, StoreError> {
-    let (lo, hi) = (inbox_key(device, 0), inbox_key(device, u64::MAX));
     let mut due = Vec::new();
     let mut next_expiry = None;
-    for item in tables.inbox.range::<&InboxKey>(&lo..=&hi)? {
-        let (k, v) = item?;
-        let row = decode_inbox_row(v.value())?;
+    runs::visit(&*tables.inbox, device, 0, u64::MAX, |seq, row| {
         if row.header.expires_at_ms > now_ms || due.len() as u64 >= budget {
             next_expiry = Some(row.header.expires_at_ms);
-            break;
+            return Ok(false);
         }
-        let (_, seq) = split_inbox_key(k.value());
         due.push((seq, row));
-    }
+        Ok(true)
+    })?;
     let mut state = load_state(&*tables.meta, device)?;
     let purged = due.len() as u64;
+    if let Some(&(last, _)) = due.last() {
+        let mut removed = 0u64;
+        runs::remove_through(tables.inbox, device, last, |_, _| removed += 1)?;
+        if removed != purged {
+            return Err(corrupt("inbox runs (purge)"));
+        }
+    }
     for (seq, row) in due {
         let key = inbox_key(device, seq);
-        tables.inbox.remove(&key)?;
         tables
             .tombs
             .insert(&key, encode_tombstone(&row.header.tombstone()).as_slice())?;
@@ -2173,9 +2167,15 @@ impl Store for RedbStore {
     }
 
     fn total_depth(&self) -> Result<u64, StoreError> {
-        // redb keeps each table's entry count in its header: O(1).
+        // The sum of the inbox counters, one small row per inbox (the
+        // `inbox` table's own entry count is of runs, not envelopes).
         let txn = self.db.begin_read()?;
-        Ok(txn.open_table(INBOX)?.len()?)
+        let meta = txn.open_table(INBOX_META)?;
+        let mut depth = 0u64;
+        for item in meta.range::<&[u8; 16]>(..)? {
+            depth = depth.saturating_add(decode_state(item?.1.value())?.depth);
+        }
+        Ok(depth)
     }
 }
 
@@ -2285,6 +2285,20 @@ mod tests {
         txn.commit().unwrap();
     }
 
+    /// The file says it is in the current format (an upgrade wrote it).
+    fn assert_current_format(store: &RedbStore) {
+        let txn = store.db.begin_read().unwrap();
+        let format = txn
+            .open_table(INFO)
+            .unwrap()
+            .get(FORMAT_KEY)
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        assert_eq!(format, FORMAT_VERSION.to_be_bytes());
+    }
+
     /// A format-4 file (no `device_seen`, no `removed_devices`) is upgraded
     /// on open: every device counts as seen at its registration, so none is
     /// reported stale for longer than it really was away.
@@ -2308,16 +2322,7 @@ mod tests {
         assert_eq!(store.device_last_seen(&DeviceId([1; 16])).unwrap(), Some(7));
         assert_eq!(store.device_removed(&DeviceId([1; 16])).unwrap(), None);
         assert!(store.remove_device(&DeviceId([1; 16]), 10).unwrap());
-        let txn = store.db.begin_read().unwrap();
-        let format = txn
-            .open_table(INFO)
-            .unwrap()
-            .get(FORMAT_KEY)
-            .unwrap()
-            .unwrap()
-            .value()
-            .to_vec();
-        assert_eq!(format, FORMAT_VERSION.to_be_bytes());
+        assert_current_format(&store);
     }
 
     /// A format-5 file has format 6's tables; opening it rewrites only the
@@ -2356,16 +2361,59 @@ mod tests {
         assert_eq!(bodies(&store, &d), vec![(1, vec![1u8; 100])]);
         assert_eq!(store.device_last_seen(&d).unwrap(), Some(9_000));
         store.check_consistency().unwrap();
+        assert_current_format(&store);
+    }
+
+    /// A format-6 file keeps one `inbox` row per envelope, and each reads
+    /// as a run of one: opening it raises only the version, and its
+    /// envelopes pull, ack and purge beside the runs that new commits add.
+    #[test]
+    fn format_6_files_read_their_single_rows_as_runs_of_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let d = DeviceId([1; 16]);
+        let all = |ms: std::ops::RangeInclusive<u32>| -> Vec<(u64, Vec<u8>)> {
+            ms.map(|m| (u64::from(m), vec![(m % 251) as u8; 100]))
+                .collect()
+        };
+        {
+            let store = RedbStore::open(&path, StoreLimits::default()).unwrap();
+            store.register_device(&registration(1), 7).unwrap();
+            let batch: Vec<_> = (1..=3).map(|m| envelope(d, m, 100)).collect();
+            store.commit(&batch).unwrap();
+            store.checkpoint().unwrap();
+            // The batch's run, split into the rows format 6 wrote.
+            poke(&store, |txn| {
+                let mut t = txn.open_table(INBOX).unwrap();
+                let run = t
+                    .remove(&inbox_key(&d, 1))
+                    .unwrap()
+                    .unwrap()
+                    .value()
+                    .to_vec();
+                assert_eq!(run.len(), 3 * INBOX_ROW_LEN);
+                for (i, row) in run.chunks(INBOX_ROW_LEN).enumerate() {
+                    t.insert(&inbox_key(&d, 1 + i as u64), row).unwrap();
+                }
+                let mut info = txn.open_table(INFO).unwrap();
+                info.insert(FORMAT_KEY, 6u32.to_be_bytes().as_slice())
+                    .unwrap();
+            });
+        }
+        let store = RedbStore::open(&path, StoreLimits::default()).unwrap();
+        store.check_consistency().unwrap();
+        assert_eq!(bodies(&store, &d), all(1..=3));
+        let batch: Vec<_> = (4..=5).map(|m| envelope(d, m, 100)).collect();
+        store.commit(&batch).unwrap();
+        assert_eq!(bodies(&store, &d), all(1..=5));
+        store.ack(&d, 1).unwrap();
+        // Seqs 2 and 3 expire at 1_002 and 1_003.
+        assert_eq!(store.purge_expired(1_003, 10).unwrap().expired, 2);
+        assert_eq!(bodies(&store, &d), all(4..=5));
+        store.check_consistency().unwrap();
+        assert_current_format(&store);
         let txn = store.db.begin_read().unwrap();
-        let format = txn
-            .open_table(INFO)
-            .unwrap()
-            .get(FORMAT_KEY)
-            .unwrap()
-            .unwrap()
-            .value()
-            .to_vec();
-        assert_eq!(format, FORMAT_VERSION.to_be_bytes());
+        assert_eq!(txn.open_table(INBOX).unwrap().len().unwrap(), 1);
     }
 
     /// A format-3 file (no `user_devices` table) is upgraded on open: its
@@ -2426,18 +2474,8 @@ mod tests {
         let page = store.pull(&DeviceId([1; 16]), 0, 10, usize::MAX).unwrap();
         assert_eq!(page.envelopes[0].bytes, vec![5; 40]);
         store.check_consistency().unwrap();
-        let txn = store.db.begin_read().unwrap();
-        let format = txn
-            .open_table(INFO)
-            .unwrap()
-            .get(FORMAT_KEY)
-            .unwrap()
-            .unwrap()
-            .value()
-            .to_vec();
-        assert_eq!(format, FORMAT_VERSION.to_be_bytes());
+        assert_current_format(&store);
         // Other formats are still refused.
-        drop(txn);
         poke(&store, |txn| {
             let mut info = txn.open_table(INFO).unwrap();
             info.insert(FORMAT_KEY, 2u32.to_be_bytes().as_slice())
@@ -2620,11 +2658,11 @@ mod tests {
         }
     }
 
-    /// Index rows of every inbox, read straight from the file's last
+    /// Index entries of every inbox, read straight from the file's last
     /// commit (no store lock taken).
     fn inbox_rows(store: &RedbStore) -> usize {
         let txn = store.db.begin_read().unwrap();
-        txn.open_table(INBOX).unwrap().iter().unwrap().count()
+        runs::count_all(&txn.open_table(INBOX).unwrap()).unwrap() as usize
     }
 
     /// `commit_early` hands over the outcomes once the batch is written and
@@ -2707,7 +2745,7 @@ mod tests {
     fn row_of(store: &RedbStore, d: &DeviceId, seq: u64) -> InboxRow {
         let txn = store.db.begin_read().unwrap();
         let t = txn.open_table(INBOX).unwrap();
-        decode_inbox_row(t.get(&inbox_key(d, seq)).unwrap().unwrap().value()).unwrap()
+        runs::get(&t, d, seq).unwrap().unwrap()
     }
 
     /// A batch large enough to build its rows while another thread syncs
@@ -3099,11 +3137,11 @@ mod tests {
             let mut t = txn.open_table(SEGMENTS).unwrap();
             t.insert(&key, encode_segment(&good).as_slice()).unwrap();
             let mut t = txn.open_table(INBOX).unwrap();
-            let mut row =
-                decode_inbox_row(t.get(&inbox_key(&d, 2)).unwrap().unwrap().value()).unwrap();
+            let mut row = runs::get(&t, &d, 2).unwrap().unwrap();
             row.body.segment = seg + 7;
-            t.insert(&inbox_key(&d, 2), encode_inbox_row(&row).as_slice())
-                .unwrap();
+            let mut edits = runs::Edits::default();
+            edits.set(&t, &d, 2, &encode_inbox_row(&row)).unwrap();
+            edits.write(&mut t).unwrap();
         });
         assert!(store.check_consistency().is_err());
     }
@@ -3157,11 +3195,11 @@ mod tests {
         path
     }
 
-    /// Index rows in a raw redb file, read without the store.
+    /// Index entries in a raw redb file, read without the store.
     fn raw_inbox_rows(path: &Path) -> u64 {
         let db = Database::create(path).unwrap();
         let txn = db.begin_read().unwrap();
-        txn.open_table(INBOX).unwrap().len().unwrap()
+        runs::count_all(&txn.open_table(INBOX).unwrap()).unwrap()
     }
 
     /// What [`bodies`] returns: seq and envelope of each stored envelope.

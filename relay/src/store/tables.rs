@@ -17,8 +17,9 @@ use hush_protocol::{
 };
 use redb::TableDefinition;
 
-/// `device ‖ seq` → [`InboxRow`] (64 bytes: header fields and where the
-/// envelope's record lies in the segment files).
+/// `device ‖ first seq` → a run of n ≥ 1 [`InboxRow`]s (n × 64 bytes: header
+/// fields and where each envelope's record lies in the segment files), for
+/// the seqs `first..first + n` (format 7; see the private `runs` module).
 pub(crate) const INBOX: TableDefinition<&InboxKey, &[u8]> = TableDefinition::new("inbox");
 /// `segment id` → [`SegmentInfo`] (24 bytes): one row per segment file that
 /// may hold live envelopes; the highest id is the active (appended) one.
@@ -79,7 +80,13 @@ pub(crate) const INFO: TableDefinition<&str, &[u8]> = TableDefinition::new("info
 /// Key of the format version in [`INFO`].
 pub(crate) const FORMAT_KEY: &str = "format";
 /// The layout described in `docs/STORAGE.md`.
-pub(crate) const FORMAT_VERSION: u32 = 6;
+pub(crate) const FORMAT_VERSION: u32 = 7;
+/// Format 6, upgraded in place on open: one [`INBOX`] row per envelope. Such
+/// a row is a run of one in format 7, so there is nothing to convert; once
+/// format 7 has written runs, a relay that reads only format 6 must not open
+/// the store (it would read a run as a damaged row), so the version is
+/// raised.
+pub(crate) const FORMAT_VERSION_SINGLE_ROWS: u32 = 6;
 /// The previous format, upgraded in place on open: the same tables, but
 /// every envelope commit was durable in redb and segments hold no batch
 /// trailers. Nothing to convert; once format 6 has written, a relay that
