@@ -1,7 +1,8 @@
 //! An in-memory [`Store`] with the same semantics as the redb one.
 //!
-//! Its maps mirror the redb tables one for one (same keys, same orders, the
-//! same purge queue and dedup batch lists), and it shares the quota, page and
+//! Its maps mirror the redb tables (same keys, same orders, the same purge
+//! queue; dedup entries dropped in the order the redb store's dedup runs
+//! drop them), and it shares the quota, page and
 //! truncation rules with the redb store, so the conformance suite holds both
 //! to identical answers. It counts `remaining` by scanning rather than from
 //! the counters, which makes it an independent check of the redb store's
@@ -12,7 +13,6 @@
 
 use super::blobs;
 use super::rules::{self, PageBudget};
-use super::tables::DEDUP_BATCH_MAX;
 use super::tombstones::{self, Tombstone};
 use super::{
     BlobLimits, BlobMeta, BlobWrite, CommitOutcome, DeviceRecord, InboxPage, InboxState,
@@ -47,8 +47,10 @@ struct Tables {
     inbox: BTreeMap<(DeviceId, u64), Row>,
     /// → (seq, expires_at_ms)
     dedup: BTreeMap<DedupKey, (u64, u64)>,
-    /// Each commit's new dedup entries, oldest first, keyed by the first.
-    dedup_batches: BTreeMap<(u64, DedupKey), Vec<(u64, DedupKey)>>,
+    /// Every dedup entry as (expires_at_ms, sender, recipient, message id):
+    /// the order in which the purge drops them, as the redb store's dedup
+    /// runs do.
+    dedup_expiry: BTreeSet<(u64, DeviceId, DeviceId, MessageId)>,
     /// (expiry of the oldest stored envelope, device) per non-empty inbox.
     purge_queue: BTreeSet<(u64, DeviceId)>,
     tombstones: BTreeMap<(DeviceId, u64), Tombstone>,
@@ -180,31 +182,6 @@ impl Tables {
         purged
     }
 
-    /// Drop the expired entries of one dedup list (at most `budget`) and keep
-    /// the rest under its new first entry; returns (looked at, removed).
-    fn purge_dedup_batch(
-        &mut self,
-        list: Vec<(u64, DedupKey)>,
-        now_ms: u64,
-        budget: u64,
-    ) -> (u64, u64) {
-        let (due, rest) = rules::split_due_dedup(list, now_ms, budget);
-        let looked = due.len() as u64;
-        let mut removed = 0u64;
-        for (expires_at_ms, dk) in due {
-            if let Some(&(_, e)) = self.dedup.get(&dk)
-                && e == expires_at_ms
-            {
-                self.dedup.remove(&dk);
-                removed += 1;
-            }
-        }
-        if let Some(&first) = rest.first() {
-            self.dedup_batches.insert(first, rest);
-        }
-        (looked, removed)
-    }
-
     fn count_otks(&self, device: DeviceId) -> u64 {
         self.one_time_prekeys
             .range((device, 0)..=(device, u32::MAX))
@@ -323,7 +300,6 @@ impl Store for MemoryStore {
         let mut guard = self.lock()?;
         let t = &mut *guard;
         let mut outcomes = Vec::with_capacity(batch.len());
-        let mut created = Vec::new();
         for env in batch {
             let dk = (env.message_id, env.sender, env.recipient);
             if let Some(&(seq, _)) = t.dedup.get(&dk) {
@@ -359,15 +335,10 @@ impl Store for MemoryStore {
                 },
             );
             t.dedup.insert(dk, (seq, env.expires_at_ms));
+            t.dedup_expiry
+                .insert((env.expires_at_ms, env.sender, env.recipient, env.message_id));
             t.stored = t.stored.saturating_add(super::stored_cost(len));
-            created.push((env.expires_at_ms, dk));
             outcomes.push(CommitOutcome::Stored { seq });
-        }
-        created.sort_unstable();
-        for list in created.chunks(DEDUP_BATCH_MAX) {
-            if let Some(&first) = list.first() {
-                t.dedup_batches.insert(first, list.to_vec());
-            }
         }
         Ok(outcomes)
     }
@@ -623,18 +594,17 @@ impl Store for MemoryStore {
             t.purge_queue.remove(&(expiry, device));
             stats.expired += t.purge_inbox(device, now_ms, max - stats.expired);
         }
-        let mut looked = 0u64;
-        while looked < max {
-            let Some((&key, _)) = t.dedup_batches.first_key_value() else {
+        while stats.dedup_removed < max {
+            let Some(&first) = t.dedup_expiry.first() else {
                 break;
             };
-            if key.0 > now_ms {
+            let (expires_at_ms, sender, recipient, id) = first;
+            if expires_at_ms > now_ms {
                 break;
             }
-            let list = t.dedup_batches.remove(&key).unwrap_or_default();
-            let (l, removed) = t.purge_dedup_batch(list, now_ms, max - looked);
-            looked += l;
-            stats.dedup_removed += removed;
+            t.dedup_expiry.remove(&first);
+            t.dedup.remove(&(id, sender, recipient));
+            stats.dedup_removed += 1;
         }
         Ok(stats)
     }

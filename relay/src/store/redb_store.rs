@@ -118,6 +118,7 @@ pub struct RedbStore {
 }
 
 mod ahead;
+mod dedup_runs;
 mod runs;
 
 /// Where segment compaction stands (in memory only: after a restart it
@@ -219,26 +220,42 @@ fn beside_sync<R>(
     })
 }
 
-/// Record a commit's new dedup entries for their expiry: oldest first, in
-/// lists of bounded size keyed by their first entry. A fresh dedup key is
-/// in no list yet, so these keys are new.
-fn insert_dedup_batches(
-    batches: &mut Table<&DedupExpiryKey, &[u8]>,
-    created: &mut [(u64, DedupKey)],
-) -> Result<(), StoreError> {
-    created.sort_unstable();
-    for list in created.chunks(DEDUP_BATCH_MAX) {
-        if let Some(&(expires_at_ms, dk)) = list.first() {
-            let key = dedup_expiry_key(expires_at_ms, &dk);
-            if batches
-                .insert(&key, encode_dedup_batch(list).as_slice())?
-                .is_some()
-            {
-                return Err(corrupt("dedup batch list (key reused)"));
-            }
+/// Format 6's per-envelope dedup table, read while it still holds entries:
+/// a format 6 file's entries stay in it until they expire (purged as
+/// before), and format 7 writes only `dedup_runs`. Empty (every new file,
+/// and every upgraded one after one retention period), it costs no lookup.
+struct LegacyDedup<T> {
+    table: Option<T>,
+}
+
+impl<T> LegacyDedup<T>
+where
+    T: ReadableTable<&'static DedupKey, &'static [u8]> + ReadableTableMetadata,
+{
+    fn new(table: T) -> Result<Self, StoreError> {
+        let live = table.len()? > 0;
+        Ok(LegacyDedup {
+            table: live.then_some(table),
+        })
+    }
+
+    /// The seq of a format 6 dedup entry.
+    fn lookup(&self, dk: &DedupKey) -> Result<Option<u64>, StoreError> {
+        match &self.table {
+            Some(t) => Ok(t
+                .get(dk)?
+                .map(|g| decode_dedup(g.value()))
+                .transpose()?
+                .map(|e| e.seq)),
+            None => Ok(None),
         }
     }
-    Ok(())
+}
+
+impl<'t> LegacyDedup<Table<'t, &'static DedupKey, &'static [u8]>> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        LegacyDedup::new(txn.open_table(DEDUP)?)
+    }
 }
 
 /// A batch in the segment log past the index's end, being committed to the
@@ -367,6 +384,8 @@ fn init_tables(db: &Database) -> Result<(), StoreError> {
     txn.open_table(SEGMENTS)?;
     txn.open_table(DEDUP)?;
     txn.open_table(DEDUP_BATCHES)?;
+    txn.open_table(DEDUP_RUNS)?;
+    txn.open_table(DEDUP_RUN_QUEUE)?;
     txn.open_table(INBOX_META)?;
     let devices = txn.open_table(DEVICES)?;
     let mut user_devices = txn.open_table(USER_DEVICES)?;
@@ -950,6 +969,12 @@ impl RedbStore {
         if actual_queue != expected_queue {
             return broken("purge queue differs from the oldest envelopes".into());
         }
+        if let Err(what) = dedup_runs::check(
+            &txn.open_table(DEDUP_RUNS)?,
+            &txn.open_table(DEDUP_RUN_QUEUE)?,
+        )? {
+            return broken(what);
+        }
         let dedup = txn.open_table(DEDUP)?;
         let batches = txn.open_table(DEDUP_BATCHES)?;
         let mut listed = 0u64;
@@ -1158,21 +1183,21 @@ impl RedbStore {
             };
             let devices = txn.open_table(DEVICES)?;
             let mut inbox = txn.open_table(INBOX)?;
-            let mut dedup = txn.open_table(DEDUP)?;
-            let mut batches = txn.open_table(DEDUP_BATCHES)?;
+            let mut dedup = dedup_runs::Tables::open(txn)?;
+            let legacy = LegacyDedup::open(txn)?;
             let mut queue = txn.open_table(PURGE_QUEUE)?;
             let mut meta = txn.open_table(INBOX_META)?;
             let mut states = StateCache::new(&mut meta);
             // Devices are never deleted: one lookup per recipient per batch.
             let mut known: HashMap<DeviceId, bool> = HashMap::new();
-            let mut created: Vec<(u64, DedupKey)> = Vec::new();
+            // The dedup entries this batch adds (see `dedup_runs`).
+            let mut created = dedup_runs::Batch::default();
             // Index entries are inserted while the batch's bytes are synced,
             // one run per recipient: its envelopes of this batch have
             // consecutive seqs (see `runs`).
             let mut rows: BTreeMap<DeviceId, (u64, Vec<u8>)> = BTreeMap::new();
             let mut outcomes = Vec::with_capacity(batch.len());
             for env in batch {
-                let dk = dedup_key(&env.sender, &env.recipient, &env.message_id);
                 let is_known = match known.get(&env.recipient) {
                     Some(&k) => k,
                     None => {
@@ -1187,24 +1212,22 @@ impl RedbStore {
                 } else {
                     0
                 };
-                let entry = DedupEntry {
-                    seq: tentative,
-                    expires_at_ms: env.expires_at_ms,
+                let earlier = match created.find(
+                    dedup.runs(),
+                    &env.sender,
+                    &env.recipient,
+                    &env.message_id,
+                )? {
+                    Some(seq) => Some(seq),
+                    None => {
+                        legacy.lookup(&dedup_key(&env.sender, &env.recipient, &env.message_id))?
+                    }
                 };
-                // One B-tree operation for the usual case: insert the entry
-                // and learn whether one was there. A duplicate (rare) gets
-                // its original entry back.
-                let previous = dedup
-                    .insert(&dk, encode_dedup(&entry).as_slice())?
-                    .map(|g| decode_dedup(g.value()))
-                    .transpose()?;
-                if let Some(original) = previous {
-                    dedup.insert(&dk, encode_dedup(&original).as_slice())?;
-                    outcomes.push(CommitOutcome::Duplicate { seq: original.seq });
+                if let Some(seq) = earlier {
+                    outcomes.push(CommitOutcome::Duplicate { seq });
                     continue;
                 }
                 if !is_known {
-                    dedup.remove(&dk)?;
                     outcomes.push(CommitOutcome::Refused(Refusal::UnknownRecipient));
                     continue;
                 }
@@ -1213,7 +1236,6 @@ impl RedbStore {
                 if let Err(refusal) = rules::admit(&cached.state, len, &limits)
                     .and_then(|()| rules::admit_store(stored.saturating_add(added), len, &limits))
                 {
-                    dedup.remove(&dk)?;
                     outcomes.push(CommitOutcome::Refused(refusal));
                     continue;
                 }
@@ -1246,7 +1268,15 @@ impl RedbStore {
                     return Err(StoreError::Backend("inbox run with a gap".into()));
                 }
                 entries.extend_from_slice(&encode_inbox_row(&InboxRow { header, body }));
-                created.push((env.expires_at_ms, dk));
+                created.push(
+                    &env.sender,
+                    &env.recipient,
+                    dedup_runs::Entry {
+                        id: *env.message_id.as_bytes(),
+                        seq,
+                        expires_at_ms: env.expires_at_ms,
+                    },
+                );
                 added = added.saturating_add(stored_cost(len));
                 outcomes.push(CommitOutcome::Stored { seq });
             }
@@ -1294,7 +1324,7 @@ impl RedbStore {
                     runs::insert(&mut inbox, device, *first, entries)?;
                 }
                 states.flush(&mut queue)?;
-                insert_dedup_batches(&mut batches, &mut created)
+                created.write(&mut dedup)
             });
             synced?;
             // From here on a failure must cut the written batch off again.
@@ -1943,11 +1973,16 @@ impl Store for RedbStore {
             }
             cost = release_segments(&mut txn.open_table(SEGMENTS)?, &released, freed)?;
 
-            // Dedup entries, by the lists their commits wrote.
+            // Dedup entries: by their runs, then format 6's by the lists
+            // their commits wrote.
+            let (removed, mut looked) = dedup_runs::Tables::open(txn)?.purge(now_ms, max)?;
+            if looked > 0 {
+                changed = Changed::Yes;
+            }
+            stats.dedup_removed += removed;
             let mut dedup = txn.open_table(DEDUP)?;
             let mut batches = txn.open_table(DEDUP_BATCHES)?;
             let hi = dedup_expiry_upper(now_ms);
-            let mut looked = 0u64;
             while looked < max {
                 let Some((key, list)) = first_due_batch(&batches, &hi)? else {
                     break;
@@ -2367,6 +2402,8 @@ mod tests {
     /// A format-6 file keeps one `inbox` row per envelope, and each reads
     /// as a run of one: opening it raises only the version, and its
     /// envelopes pull, ack and purge beside the runs that new commits add.
+    /// Its per-envelope dedup entries still answer retries until they
+    /// expire, and are purged as before.
     #[test]
     fn format_6_files_read_their_single_rows_as_runs_of_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -2395,6 +2432,40 @@ mod tests {
                 for (i, row) in run.chunks(INBOX_ROW_LEN).enumerate() {
                     t.insert(&inbox_key(&d, 1 + i as u64), row).unwrap();
                 }
+                // The dedup entries as format 6 kept them: a row each, and
+                // one list for the commit.
+                let sender = DeviceId([0xEE; 16]);
+                let runs = txn.open_table(DEDUP_RUNS).unwrap();
+                let entries = dedup_runs::entries_of(&runs, &sender, &d).unwrap();
+                drop(runs);
+                assert_eq!(entries.len(), 3);
+                txn.open_table(DEDUP_RUNS)
+                    .unwrap()
+                    .retain(|_, _| false)
+                    .unwrap();
+                txn.open_table(DEDUP_RUN_QUEUE)
+                    .unwrap()
+                    .retain(|_, _| false)
+                    .unwrap();
+                let mut dedup = txn.open_table(DEDUP).unwrap();
+                let mut list = Vec::new();
+                for e in entries.values() {
+                    let dk = dedup_key(&sender, &d, &hush_protocol::MessageId(e.id));
+                    let entry = DedupEntry {
+                        seq: e.seq,
+                        expires_at_ms: e.expires_at_ms,
+                    };
+                    dedup.insert(&dk, encode_dedup(&entry).as_slice()).unwrap();
+                    list.push((e.expires_at_ms, dk));
+                }
+                list.sort_unstable();
+                txn.open_table(DEDUP_BATCHES)
+                    .unwrap()
+                    .insert(
+                        &dedup_expiry_key(list[0].0, &list[0].1),
+                        encode_dedup_batch(&list).as_slice(),
+                    )
+                    .unwrap();
                 let mut info = txn.open_table(INFO).unwrap();
                 info.insert(FORMAT_KEY, 6u32.to_be_bytes().as_slice())
                     .unwrap();
@@ -2403,17 +2474,39 @@ mod tests {
         let store = RedbStore::open(&path, StoreLimits::default()).unwrap();
         store.check_consistency().unwrap();
         assert_eq!(bodies(&store, &d), all(1..=3));
-        let batch: Vec<_> = (4..=5).map(|m| envelope(d, m, 100)).collect();
-        store.commit(&batch).unwrap();
+        // A retry of a format 6 envelope is still a duplicate.
+        let batch: Vec<_> = [2, 4, 5].map(|m| envelope(d, m, 100)).to_vec();
+        assert_eq!(
+            store.commit(&batch).unwrap(),
+            vec![
+                CommitOutcome::Duplicate { seq: 2 },
+                CommitOutcome::Stored { seq: 4 },
+                CommitOutcome::Stored { seq: 5 },
+            ]
+        );
         assert_eq!(bodies(&store, &d), all(1..=5));
         store.ack(&d, 1).unwrap();
-        // Seqs 2 and 3 expire at 1_002 and 1_003.
-        assert_eq!(store.purge_expired(1_003, 10).unwrap().expired, 2);
-        assert_eq!(bodies(&store, &d), all(4..=5));
+        // Seqs 2 and 3 expire at 1_002 and 1_003, and so do the format 6
+        // dedup entries of 1, 2 and 3.
+        assert_eq!(
+            store.purge_expired(1_003, 10).unwrap(),
+            PurgeStats {
+                expired: 2,
+                dedup_removed: 3,
+            }
+        );
+        assert_eq!(
+            store.commit(&[envelope(d, 2, 100)]).unwrap(),
+            vec![CommitOutcome::Stored { seq: 6 }]
+        );
+        let mut expect = all(4..=5);
+        expect.push((6, vec![2; 100]));
+        assert_eq!(bodies(&store, &d), expect);
         store.check_consistency().unwrap();
         assert_current_format(&store);
         let txn = store.db.begin_read().unwrap();
-        assert_eq!(txn.open_table(INBOX).unwrap().len().unwrap(), 1);
+        assert_eq!(txn.open_table(INBOX).unwrap().len().unwrap(), 2);
+        assert_eq!(txn.open_table(DEDUP).unwrap().len().unwrap(), 0);
     }
 
     /// A format-3 file (no `user_devices` table) is upgraded on open: its
@@ -2808,13 +2901,13 @@ mod tests {
             vec![CommitOutcome::Duplicate { seq: 1 }]
         );
         let txn = store.db.begin_read().unwrap();
-        let expiry = txn.open_table(DEDUP_BATCHES).unwrap();
-        let listed: usize = expiry
-            .iter()
-            .unwrap()
-            .map(|e| decode_dedup_batch(e.unwrap().1.value()).unwrap().len())
-            .sum();
-        assert_eq!(listed, 1 + n as usize);
+        let listed = dedup_runs::check(
+            &txn.open_table(DEDUP_RUNS).unwrap(),
+            &txn.open_table(DEDUP_RUN_QUEUE).unwrap(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(listed, 1 + u64::from(n));
     }
 
     #[test]

@@ -31,6 +31,15 @@ pub(crate) const DEDUP: TableDefinition<&DedupKey, &[u8]> = TableDefinition::new
 /// oldest first, so purge finds them without a per-envelope index.
 pub(crate) const DEDUP_BATCHES: TableDefinition<&DedupExpiryKey, &[u8]> =
     TableDefinition::new("dedup_batches");
+/// `sender ‖ recipient ‖ first message id` → n × (message id ‖ seq ‖
+/// expires_at) (32·n bytes, ids ascending): the dedup entries of one pair in
+/// one commit (format 7; see the private `dedup_runs` module). Format 6's
+/// [`DEDUP`] and [`DEDUP_BATCHES`] are still read and purged, never written.
+pub(crate) const DEDUP_RUNS: TableDefinition<&[u8; 48], &[u8]> = TableDefinition::new("dedup_runs");
+/// `earliest expires_at ‖ dedup run key` → `()`: each [`DEDUP_RUNS`] row at
+/// the expiry of its earliest entry, for the purge.
+pub(crate) const DEDUP_RUN_QUEUE: TableDefinition<&DedupExpiryKey, ()> =
+    TableDefinition::new("dedup_run_queue");
 /// `device` → [`InboxState`] (32 bytes).
 pub(crate) const INBOX_META: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("inbox_meta");
 /// `device` → [`DeviceRecord`] (168 bytes).
@@ -281,7 +290,8 @@ pub(crate) struct DedupEntry {
     pub expires_at_ms: u64,
 }
 
-/// `seq u64 ‖ expires_at u64`.
+/// `seq u64 ‖ expires_at u64` (format 6 wrote these; tests build them).
+#[cfg(test)]
 pub(crate) fn encode_dedup(entry: &DedupEntry) -> [u8; 16] {
     let mut v = [0u8; 16];
     v[..8].copy_from_slice(&entry.seq.to_be_bytes());
@@ -297,10 +307,6 @@ pub(crate) fn decode_dedup(bytes: &[u8]) -> Result<DedupEntry, StoreError> {
         expires_at_ms: r.u64()?,
     })
 }
-
-/// Most entries in one [`DEDUP_BATCHES`] value; a larger commit writes
-/// several lists.
-pub(crate) const DEDUP_BATCH_MAX: usize = 1024;
 
 /// Bytes of one entry of a dedup batch list.
 const DEDUP_BATCH_ENTRY_LEN: usize = 56;

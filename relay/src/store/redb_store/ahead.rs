@@ -106,7 +106,8 @@ impl RedbStore {
         let _commit = self.segments.lock_commits();
         let txn = self.db.begin_read()?;
         let devices = txn.open_table(DEVICES)?;
-        let dedup = txn.open_table(DEDUP)?;
+        let dedup = txn.open_table(DEDUP_RUNS)?;
+        let legacy = LegacyDedup::new(txn.open_table(DEDUP)?)?;
         let meta = txn.open_table(INBOX_META)?;
         let stored = self
             .stored
@@ -127,11 +128,13 @@ impl RedbStore {
             let dk = dedup_key(&env.sender, &env.recipient, &env.message_id);
             let earlier = match keys.get(&dk).or_else(|| ahead.dedup.get(&dk)) {
                 Some(&seq) => Some(seq),
-                None => dedup
-                    .get(&dk)?
-                    .map(|g| decode_dedup(g.value()))
-                    .transpose()?
-                    .map(|e| e.seq),
+                None => {
+                    match dedup_runs::lookup(&dedup, &env.sender, &env.recipient, &env.message_id)?
+                    {
+                        Some(seq) => Some(seq),
+                        None => legacy.lookup(&dk)?,
+                    }
+                }
             };
             if let Some(seq) = earlier {
                 outcomes.push(CommitOutcome::Duplicate { seq });
