@@ -1,12 +1,13 @@
-// A device that was away comes back to a backlog of 500 messages: the page
-// shows sync progress, ends with all of them in order, and keeps them
-// across a reload.
+// A device that was away comes back to a backlog of 1,200 messages (more
+// than one page of 1,000, so the sync takes several steps): the page shows
+// sync progress, ends with all of them in order, and keeps them across a
+// reload.
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import * as h from "./harness.mjs";
 
-const COUNT = 500;
+const COUNT = 1200;
 
 let relay;
 let demo;
