@@ -175,6 +175,7 @@ where
 }
 
 /// The highest message id stored for the pair: every id above it is new.
+#[cfg(test)]
 pub(crate) fn highest<T>(
     table: &T,
     sender: &DeviceId,
@@ -198,6 +199,19 @@ where
     }
 }
 
+/// The pair's last row (key and value): the one that holds its highest id,
+/// and that a commit's fresh entries fill first.
+pub(crate) fn last_row<T>(
+    table: &T,
+    sender: &DeviceId,
+    recipient: &DeviceId,
+) -> Result<Option<(RunKey, Vec<u8>)>, StoreError>
+where
+    T: ReadableTable<&'static RunKey, &'static [u8]>,
+{
+    row_at_or_below(table, sender, recipient, &[0xFF; 16])
+}
+
 /// The two tables, opened in one write transaction.
 pub(crate) struct Tables<'t> {
     runs: RunsTable<'t>,
@@ -212,7 +226,7 @@ impl<'t> Tables<'t> {
         })
     }
 
-    /// Read access for [`lookup`] and [`highest`].
+    /// Read access for [`lookup`] and [`last_row`].
     pub(crate) fn runs(&self) -> &RunsTable<'t> {
         &self.runs
     }
@@ -241,20 +255,50 @@ impl<'t> Tables<'t> {
     }
 
     /// Add a commit's new entries of one pair: ids not stored for it yet,
-    /// distinct. `highest` is the pair's highest stored id before them
-    /// ([`highest`]). Entries above it make new rows; one at or below it
+    /// distinct. `last` is the pair's last row before them ([`last_row`]),
+    /// which holds its highest stored id. Entries above it fill the pair's last row, then make
+    /// new rows; one at or below it
     /// (an id older than the pair's newest, rare) joins the row whose range
     /// it falls in or borders, which is rewritten.
     pub(crate) fn add(
         &mut self,
         sender: &DeviceId,
         recipient: &DeviceId,
-        highest: Option<[u8; 16]>,
+        last: Option<(RunKey, Vec<u8>)>,
         mut new: Vec<Entry>,
     ) -> Result<(), StoreError> {
+        let last = match last {
+            Some((key, bytes)) => Some((key, decode(&bytes)?)),
+            None => None,
+        };
+        let highest = last
+            .as_ref()
+            .and_then(|(_, entries)| entries.last())
+            .map(|e| e.id);
         new.sort_unstable_by_key(|e| e.id);
         let split = new.partition_point(|e| highest.is_some_and(|h| e.id <= h));
-        let (inside, fresh) = new.split_at(split);
+        let (inside, mut fresh) = new.split_at(split);
+        // Fresh entries fill the pair's last row first (its ids are all
+        // below them): one rewrite instead of a new row and its queue entry,
+        // which at a few envelopes per commit is most of the work. Its queue
+        // entry moves only if a fresh entry expires before all of its own.
+        if !fresh.is_empty()
+            && let Some((key, mut entries)) = last
+        {
+            let room = RUN_MAX.saturating_sub(entries.len()).min(fresh.len());
+            if room > 0 {
+                let (join, rest) = fresh.split_at(room);
+                let before = earliest(&entries);
+                entries.extend_from_slice(join);
+                let after = earliest(&entries);
+                self.runs.insert(&key, encode(&entries).as_slice())?;
+                if after != before {
+                    self.queue.remove(&queue_key(before, &key))?;
+                    self.queue.insert(&queue_key(after, &key), ())?;
+                }
+                fresh = rest;
+            }
+        }
         if !fresh.is_empty() {
             self.put(sender, recipient, fresh)?;
         }
@@ -369,6 +413,8 @@ pub(crate) struct Batch {
 
 /// A pair's part of a [`Batch`].
 struct Pair {
+    /// The pair's last row before this batch, read once.
+    last: Option<(RunKey, Vec<u8>)>,
     highest: Option<[u8; 16]>,
     entries: Vec<Entry>,
 }
@@ -389,10 +435,18 @@ impl Batch {
         use std::collections::hash_map::Entry as Slot;
         let pair = match self.pairs.entry((*sender, *recipient)) {
             Slot::Occupied(o) => o.into_mut(),
-            Slot::Vacant(v) => v.insert(Pair {
-                highest: highest(table, sender, recipient)?,
-                entries: Vec::new(),
-            }),
+            Slot::Vacant(v) => {
+                let last = last_row(table, sender, recipient)?;
+                let highest = match &last {
+                    Some((_, bytes)) => Some(entry_at(bytes, count(bytes)? - 1)?.id),
+                    None => None,
+                };
+                v.insert(Pair {
+                    last,
+                    highest,
+                    entries: Vec::new(),
+                })
+            }
         };
         let key = id.as_bytes();
         if pair.entries.last().is_some_and(|last| *key <= last.id)
@@ -413,6 +467,7 @@ impl Batch {
             .pairs
             .entry((*sender, *recipient))
             .or_insert_with(|| Pair {
+                last: None,
                 highest: None,
                 entries: Vec::new(),
             });
@@ -445,7 +500,7 @@ impl Batch {
             .collect();
         pairs.sort_unstable_by_key(|(k, _)| *k);
         for ((sender, recipient), pair) in pairs {
-            tables.add(&sender, &recipient, pair.highest, pair.entries)?;
+            tables.add(&sender, &recipient, pair.last, pair.entries)?;
         }
         Ok(())
     }
@@ -587,9 +642,9 @@ mod tests {
             .collect()
     }
 
-    /// Ids above the pair's highest make new rows; older ids join the row
-    /// whose range they fall in or border, below the first row too; every id
-    /// is then found, and ids never added are not.
+    /// Ids above the pair's highest fill its last row; older ids join the
+    /// row whose range they fall in or border, below the first row too;
+    /// every id is then found, and ids never added are not.
     #[test]
     fn entries_are_found_wherever_they_were_added() {
         with_tables(|t| {
@@ -598,15 +653,42 @@ mod tests {
                 .unwrap();
             let top = highest(t.runs(), &S, &R).unwrap();
             assert_eq!(top, Some(id(20)));
-            t.add(&S, &R, top, vec![entry(30, 6), entry(40, 6)])
+            // Fresh ids fill the last row.
+            t.add(
+                &S,
+                &R,
+                last_row(t.runs(), &S, &R).unwrap(),
+                vec![entry(22, 6)],
+            )
+            .unwrap();
+            assert_eq!(t.runs.len().unwrap(), 1);
+            // A second row (as a full last row would make).
+            t.add(&S, &R, None, vec![entry(30, 6), entry(40, 6)])
                 .unwrap();
             assert_eq!(t.runs.len().unwrap(), 2);
             // 15 falls inside the first row, 25 between the rows, 5 below both.
-            let top = highest(t.runs(), &S, &R).unwrap();
-            t.add(&S, &R, top, vec![entry(15, 7), entry(25, 7), entry(5, 7)])
-                .unwrap();
+            assert_eq!(highest(t.runs(), &S, &R).unwrap(), Some(id(40)));
+            t.add(
+                &S,
+                &R,
+                last_row(t.runs(), &S, &R).unwrap(),
+                vec![entry(15, 7), entry(25, 7), entry(5, 7)],
+            )
+            .unwrap();
             assert_eq!(t.runs.len().unwrap(), 2);
-            assert_eq!(ids(t), vec![5, 10, 15, 20, 25, 30, 40]);
+            // A fresh entry that expires before the last row's others moves
+            // that row in the queue (`with_tables` checks the queue).
+            t.add(
+                &S,
+                &R,
+                last_row(t.runs(), &S, &R).unwrap(),
+                vec![entry(41, 1)],
+            )
+            .unwrap();
+            assert_eq!(t.runs.len().unwrap(), 2);
+            assert_eq!(t.purge(1, 10).unwrap(), (1, 1));
+            assert_eq!(ids(t), vec![5, 10, 15, 20, 22, 25, 30, 40]);
+            assert_eq!(seq_of(t, 22), Some(220));
             for n in [5, 10, 15, 20, 25, 30, 40] {
                 assert_eq!(seq_of(t, n), Some(u64::from(n) * 10), "{n}");
             }
@@ -616,7 +698,15 @@ mod tests {
             // Another pair is separate.
             assert_eq!(lookup(t.runs(), &R, &S, &MessageId(id(10))).unwrap(), None);
             // An id that is already there is a broken caller, not a panic.
-            assert!(t.add(&S, &R, Some(id(40)), vec![entry(10, 9)]).is_err());
+            assert!(
+                t.add(
+                    &S,
+                    &R,
+                    last_row(t.runs(), &S, &R).unwrap(),
+                    vec![entry(10, 9)]
+                )
+                .is_err()
+            );
         });
     }
 
@@ -632,6 +722,22 @@ mod tests {
             }
             assert_eq!(ids(t).len(), 251);
             assert_eq!(seq_of(t, 200), Some(2000));
+            // The last row (123 entries) takes five more; the rest start
+            // a row of their own.
+            let more: Vec<Entry> = (0..10u8)
+                .map(|n| {
+                    let mut e = entry(n, 5);
+                    e.id[14] = 1;
+                    e
+                })
+                .collect();
+            t.add(&S, &R, last_row(t.runs(), &S, &R).unwrap(), more)
+                .unwrap();
+            assert_eq!(t.runs.len().unwrap(), 3);
+            for item in t.runs.range::<&RunKey>(..).unwrap() {
+                assert!(count(item.unwrap().1.value()).unwrap() <= RUN_MAX);
+            }
+            assert_eq!(ids(t).len(), 261);
         });
     }
 
@@ -688,7 +794,13 @@ mod tests {
         {
             let mut t = Tables::open(&txn).unwrap();
             t.add(&S, &R, None, vec![entry(1, 5), entry(3, 5)]).unwrap();
-            t.add(&S, &R, Some(id(3)), vec![entry(4, 5)]).unwrap();
+            t.add(
+                &S,
+                &R,
+                last_row(&t.runs, &S, &R).unwrap(),
+                vec![entry(4, 5)],
+            )
+            .unwrap();
         }
         txn.commit().unwrap();
         assert_eq!(checked(&db).unwrap(), Ok(3));
