@@ -10,6 +10,7 @@
 //! environment.
 
 use crate::error::RelayError;
+use crate::store::redb_store::DEFAULT_SEGMENT_BYTES;
 use crate::store::{BlobLimits, StoreLimits, StoreSpec};
 use clap::Parser;
 use clap::builder::BoolishValueParser;
@@ -64,6 +65,12 @@ pub const DEFAULT_PREKEY_FETCHES_PER_TARGET_MINUTE: u32 = 10;
 /// Smallest `--max-envelope` accepted: a header with a short ratchet header
 /// and an empty payload must still fit.
 pub const MIN_MAX_ENVELOPE: usize = 256;
+/// Smallest `--segment-bytes`: below this, segment files and their
+/// compaction copies multiply for little gain.
+pub const MIN_SEGMENT_BYTES: u64 = 1 << 20;
+/// Largest `--segment-bytes`: a segment is reclaimed whole, so a larger one
+/// could pin that much disk for one unacknowledged envelope.
+pub const MAX_SEGMENT_BYTES: u64 = 1 << 30;
 /// Default `--stale-after`: 30 days.
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Longest retention accepted (10 years): keeps expiry arithmetic far from overflow.
@@ -114,6 +121,11 @@ pub struct Config {
     /// `store::stored_cost`); `None` = a share of the data directory's
     /// free space, resolved when the relay starts.
     pub max_store_bytes: Option<u64>,
+    /// Size at which the redb store closes its active envelope log segment
+    /// and starts a new one (`--segment-bytes`). Space comes back a whole
+    /// segment at a time, so smaller segments return it sooner, at the cost
+    /// of more files and more compaction copies.
+    pub segment_bytes: u64,
     /// Most devices one user may register.
     pub max_devices_per_user: u32,
     /// Largest blob (history archive) one device may upload.
@@ -227,6 +239,7 @@ impl Config {
             inbox_max_bytes: limits.max_inbox_bytes,
             send_rate: DEFAULT_SEND_RATE,
             max_store_bytes: None,
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
             max_devices_per_user: limits.max_devices_per_user,
             max_blob_bytes: BlobLimits::default().max_blob_bytes,
             max_blobs_per_device: BlobLimits::default().max_blobs_per_device,
@@ -320,6 +333,9 @@ impl Config {
         }
         if let Some(v) = pick!(max_store_bytes) {
             c.max_store_bytes = Some(v.0);
+        }
+        if let Some(v) = pick!(segment_bytes) {
+            c.segment_bytes = v.0;
         }
         if let Some(v) = pick!(max_devices_per_user) {
             c.max_devices_per_user = v;
@@ -451,6 +467,12 @@ impl Config {
                 self.max_envelope
             ));
         }
+        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&self.segment_bytes) {
+            return err(format!(
+                "--segment-bytes {} is outside {MIN_SEGMENT_BYTES}..={MAX_SEGMENT_BYTES} bytes",
+                self.segment_bytes
+            ));
+        }
         Ok(())
     }
 
@@ -537,6 +559,7 @@ impl Config {
             inbox_max_bytes: Some(ByteSize(self.inbox_max_bytes)),
             send_rate: Some(self.send_rate),
             max_store_bytes: self.max_store_bytes.map(ByteSize),
+            segment_bytes: Some(ByteSize(self.segment_bytes)),
             max_devices_per_user: Some(self.max_devices_per_user),
             max_blob_bytes: Some(ByteSize(self.max_blob_bytes)),
             max_blobs_per_device: Some(self.max_blobs_per_device),
@@ -684,6 +707,12 @@ pub struct Cli {
     /// store already holds, at start]
     #[arg(long, env = "HUSH_MAX_STORE_BYTES", value_name = "SIZE", value_parser = parse_size_arg)]
     pub max_store_bytes: Option<ByteSize>,
+
+    /// Size at which the envelope log (redb store) starts a new segment
+    /// file (K/M/G suffixes, 1M..=1G); space comes back a segment at a time
+    /// [default: 64M]
+    #[arg(long, env = "HUSH_SEGMENT_BYTES", value_name = "SIZE", value_parser = parse_size_arg)]
+    pub segment_bytes: Option<ByteSize>,
 
     /// Most devices one user may register [default: 10]
     #[arg(long, env = "HUSH_MAX_DEVICES_PER_USER", value_name = "N")]
@@ -837,6 +866,9 @@ pub struct FileConfig {
     /// See `--max-store-bytes` (an integer, or a string with a suffix).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_store_bytes: Option<ByteSize>,
+    /// See `--segment-bytes` (an integer, or a string with a suffix).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segment_bytes: Option<ByteSize>,
     /// See `--max-devices-per-user`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_devices_per_user: Option<u32>,
@@ -1220,6 +1252,7 @@ mod tests {
     fn store_and_device_caps_from_flags_file_and_defaults() {
         let c = Config::parse_from(["hush-relay", "--dev-cert"]).unwrap();
         assert_eq!(c.max_store_bytes, None);
+        assert_eq!(c.segment_bytes, DEFAULT_SEGMENT_BYTES);
         assert_eq!(c.max_devices_per_user, 10);
         assert_eq!(c.store_limits().max_store_bytes, u64::MAX);
         let c = Config::parse_from([
@@ -1229,9 +1262,12 @@ mod tests {
             "2G",
             "--max-devices-per-user",
             "3",
+            "--segment-bytes",
+            "8M",
         ])
         .unwrap();
         assert_eq!(c.max_store_bytes, Some(2 << 30));
+        assert_eq!(c.segment_bytes, 8 << 20);
         let limits = c.store_limits();
         assert_eq!(
             (limits.max_store_bytes, limits.max_devices_per_user),
@@ -1240,6 +1276,7 @@ mod tests {
         let f = FileConfig::parse(&c.to_toml()).unwrap();
         assert_eq!(f.max_store_bytes, Some(ByteSize(2 << 30)));
         assert_eq!(f.max_devices_per_user, Some(3));
+        assert_eq!(f.segment_bytes, Some(ByteSize(8 << 20)));
         let f = FileConfig::parse("max-store-bytes = \"10G\"\nmax-devices-per-user = 4\n").unwrap();
         assert_eq!(f.max_store_bytes, Some(ByteSize(10 << 30)));
         let mut c = Config::default_for(PathBuf::from("x"));
@@ -1258,5 +1295,17 @@ mod tests {
                 .to_string()
                 .contains("--max-store-bytes")
         );
+        c.max_store_bytes = None;
+        for bad in [MIN_SEGMENT_BYTES - 1, MAX_SEGMENT_BYTES + 1] {
+            c.segment_bytes = bad;
+            assert!(
+                c.validate()
+                    .unwrap_err()
+                    .to_string()
+                    .contains("--segment-bytes")
+            );
+        }
+        c.segment_bytes = MIN_SEGMENT_BYTES;
+        assert!(c.validate().is_ok());
     }
 }

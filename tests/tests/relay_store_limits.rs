@@ -134,6 +134,9 @@ const DISK_LIMIT: u64 = 4 * 1024 * 1024;
 const LARGE_ENVELOPE: usize = 48 * 1024;
 /// The limit for the index file's test: it starts at about 1 MiB.
 const SMALL_DISK_LIMIT: u64 = 1536 * 1024;
+/// The index test's envelope log segments: each file stays below the limit.
+const SMALL_SEGMENTS: u64 = 1024 * 1024;
+const _: () = assert!(SMALL_SEGMENTS < SMALL_DISK_LIMIT);
 /// Longer than the relay needs without traffic before it checkpoints its
 /// index (50 ms).
 const QUIET: Duration = Duration::from_millis(80);
@@ -249,12 +252,13 @@ async fn check_recovered(relay: &RelayProcess, accepted: &[(u64, Envelope)], ref
     assert_eq!(tail[0].envelope, *refused);
 }
 
-/// Fill a relay started under `limit` as `filling` says until a write
-/// fails; then the relay must stop by itself with exit status 3, its log
-/// naming the failure (`log_says`), and a restart on a working disk must
-/// recover every envelope it acknowledged.
-async fn fails_stops_and_recovers(limit: u64, filling: Filling, log_says: &str) {
-    let mut relay = RelayProcess::spawn_temp_with_file_size_limit(&["--send-rate", "0"], limit)
+/// Fill a relay started under `limit` (and with `args`) as `filling` says
+/// until a write fails; then the relay must stop by itself with exit status
+/// 3, its log naming the failure (`log_says`), and a restart on a working
+/// disk must recover every envelope it acknowledged.
+async fn fails_stops_and_recovers(limit: u64, args: &[&str], filling: Filling, log_says: &str) {
+    let args: Vec<&str> = ["--send-rate", "0"].iter().chain(args).copied().collect();
+    let mut relay = RelayProcess::spawn_temp_with_file_size_limit(&args, limit)
         .await
         .expect("relay process starts");
     let (accepted, refused_env) = send_until_a_write_fails(&relay, filling).await;
@@ -278,22 +282,29 @@ async fn fails_stops_and_recovers(limit: u64, filling: Filling, log_says: &str) 
 /// working disk recovers every envelope it acknowledged before.
 #[tokio::test]
 async fn a_failed_log_write_stops_the_relay_and_a_restart_recovers_what_it_acknowledged() {
-    fails_stops_and_recovers(DISK_LIMIT, FILL_THE_LOG, "envelope segments failed").await;
+    fails_stops_and_recovers(DISK_LIMIT, &[], FILL_THE_LOG, "envelope segments failed").await;
 }
 
-/// The index file (`hush.redb`) fails a write instead: small envelopes,
-/// with pauses in which the relay checkpoints its index, make it outgrow
-/// the limit before the envelope log does. redb then refuses every later
-/// operation on the file until it is opened again, so the relay stops just
-/// the same, and a restart recovers everything it acknowledged.
+/// The index file (`hush.redb`) fails a write instead: the envelope log
+/// rolls segments smaller than the limit, so only the index can outgrow
+/// it, which small envelopes with pauses in which the relay checkpoints
+/// its index make it do. redb then refuses every later operation on the
+/// file until it is opened again, so the relay stops just the same, and a
+/// restart recovers everything it acknowledged.
 #[tokio::test]
 async fn a_failed_index_write_stops_the_relay_and_a_restart_recovers_what_it_acknowledged() {
     let filling = Filling {
         size: 300,
-        bound: 20_000,
+        bound: 40_000,
         pause_every: Some(50),
     };
-    fails_stops_and_recovers(SMALL_DISK_LIMIT, filling, "the index file failed").await;
+    fails_stops_and_recovers(
+        SMALL_DISK_LIMIT,
+        &["--segment-bytes", &SMALL_SEGMENTS.to_string()],
+        filling,
+        "the index file failed",
+    )
+    .await;
 }
 
 /// The same failure with `--exit-on-store-failure=false`: the relay stays

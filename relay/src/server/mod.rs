@@ -166,6 +166,7 @@ impl RelayHandle {
         create_data_dir(&config.data_dir)?;
         let mut limits = config.store_limits();
         let auto_cap = config.max_store_bytes.is_none();
+        let segment_bytes = config.segment_bytes;
         match config.store_spec() {
             StoreSpec::Redb(dir) => {
                 create_data_dir(&dir)?;
@@ -175,7 +176,7 @@ impl RelayHandle {
                         limits.max_store_bytes =
                             crate::store::redb_store::default_max_store_bytes(&path)?;
                     }
-                    RedbStore::open(path, limits)
+                    RedbStore::open_with_segment_size(path, limits, segment_bytes)
                 })
                 .await
                 .map_err(|e| RelayError::Internal(format!("opening store: {e}")))??;

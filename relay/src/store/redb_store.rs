@@ -506,8 +506,8 @@ impl RedbStore {
     }
 
     /// [`RedbStore::open`] with segments rolled at `segment_bytes` instead of
-    /// [`DEFAULT_SEGMENT_BYTES`] (small segments let tests exercise rolling
-    /// and deletion). The segment files live in [`segment_dir`]`(path)`.
+    /// [`DEFAULT_SEGMENT_BYTES`] (the relay's `--segment-bytes`; small
+    /// segments also let tests exercise rolling and deletion). The segment files live in [`segment_dir`]`(path)`.
     /// Bytes past a segment's committed end (a batch that was being written
     /// when the relay died, never acknowledged) are cut off here, and segment
     /// files that no row references any more are deleted.
