@@ -2,14 +2,17 @@
 //!
 //! The test binary re-executes itself as a child process (selected by the
 //! `HUSH_STORE_CRASH_CHILD` variable) that commits batches in a loop and
-//! prints each outcome only after `commit` returned. The parent kills it with
+//! prints each outcome only once its commit was answered. The parent kills it with
 //! SIGKILL after a random short delay, reopens the file, and checks that every
 //! reported envelope is there exactly once with the right bytes and that each
 //! inbox is gap-free. Each round's child first retries messages of the
 //! previous round, which must come back as duplicates with their original
 //! seqs: the dedup table survives the crash along with the inbox.
 //!
-//! The child of the first test also takes checkpoints on a second thread
+//! The first test's child commits as the relay's writer does
+//! (`Store::commit_then`): each batch's segment sync runs behind its commit
+//! while the next batch is committed, and a batch is reported only once it
+//! is answered. It also takes checkpoints on a second thread
 //! in a loop, as the relay's writer does, so kills also land while a
 //! checkpoint holds the index and acknowledged batches are in the segment
 //! log alone.
@@ -142,22 +145,12 @@ fn child(path: &Path, compacting: bool) {
     for r in 0..RECIPIENTS {
         store.register_device(&registration(10 + r), 0).unwrap();
     }
-    let mut out = std::io::stdout().lock();
-    // Leading newline: the test harness may have left a partial line.
-    writeln!(out, "\nREADY").unwrap();
-    out.flush().unwrap();
-    let mut report = |round: u64, idxs: &[u64], outcomes: &[CommitOutcome]| {
-        for (idx, outcome) in idxs.iter().zip(outcomes) {
-            let (kind, seq) = match outcome {
-                CommitOutcome::Stored { seq } => ("S", *seq),
-                CommitOutcome::Duplicate { seq } => ("D", *seq),
-                CommitOutcome::Refused(r) => panic!("refused: {r:?}"),
-            };
-            writeln!(out, "OUT {round} {idx} {kind} {seq}").unwrap();
-        }
-        // Reported only now that the commit returned, and flushed at once.
+    {
+        let mut out = std::io::stdout().lock();
+        // Leading newline: the test harness may have left a partial line.
+        writeln!(out, "\nREADY").unwrap();
         out.flush().unwrap();
-    };
+    }
     if round > 0 {
         let idxs: Vec<u64> = (0..RETRIES).collect();
         let batch: Vec<_> = idxs.iter().map(|&i| envelope(round - 1, i)).collect();
@@ -167,8 +160,18 @@ fn child(path: &Path, compacting: bool) {
     for b in 0..MAX_BATCHES {
         let idxs: Vec<u64> = (b * BATCH..(b + 1) * BATCH).collect();
         let batch: Vec<_> = idxs.iter().map(|&i| envelope(round, i)).collect();
-        let outcomes = store.commit(&batch).unwrap();
-        report(round, &idxs, &outcomes);
+        if compacting {
+            let outcomes = store.commit(&batch).unwrap();
+            report(round, &idxs, &outcomes);
+        } else {
+            // As the relay's writer commits: the next batch goes while this
+            // one's sync runs behind it, and it is reported once answered.
+            store.commit_then(
+                batch,
+                None,
+                Box::new(move |_, outcomes| report(round, &idxs, &outcomes.unwrap())),
+            );
+        }
         if !compacting {
             writeln!(
                 std::io::stdout().lock(),
@@ -192,6 +195,21 @@ fn child(path: &Path, compacting: bool) {
             }
         }
     }
+}
+
+/// Print a batch's outcomes: only once its commit was answered, and
+/// flushed at once.
+fn report(round: u64, idxs: &[u64], outcomes: &[CommitOutcome]) {
+    let mut out = std::io::stdout().lock();
+    for (idx, outcome) in idxs.iter().zip(outcomes) {
+        let (kind, seq) = match outcome {
+            CommitOutcome::Stored { seq } => ("S", *seq),
+            CommitOutcome::Duplicate { seq } => ("D", *seq),
+            CommitOutcome::Refused(r) => panic!("refused: {r:?}"),
+        };
+        writeln!(out, "OUT {round} {idx} {kind} {seq}").unwrap();
+    }
+    out.flush().unwrap();
 }
 
 // ---- parent ------------------------------------------------------------

@@ -6,12 +6,14 @@
 //! sends per second whatever the number of clients.
 //! Instead connections queue their validated envelopes here; the writer
 //! takes the first request, drains whatever else is already queued (up to
-//! [`MAX_GROUP_ENVELOPES`]), commits all of it in ONE transaction (durable once it returns),
-//! then answers every request and wakes the live sessions of the inboxes
-//! that grew (while a checkpoint runs, once it is done; see `run`).
-//! Nobody is acknowledged before the commit returned. There is no
-//! artificial delay: while one transaction is being synced, the next group
-//! accumulates by itself.
+//! [`MAX_GROUP_ENVELOPES`]), and commits all of it in ONE transaction
+//! ([`Store::commit_then`]). Once that commit is durable, every request is
+//! answered and the live sessions of the inboxes that grew are woken (while
+//! a checkpoint runs, once it is done; see `run`). Nobody is acknowledged
+//! before the commit is durable. The redb store makes it durable behind
+//! the commit, on its sync thread, which also sends the answers: the writer
+//! commits the next group meanwhile. There is no artificial delay: while
+//! one group is being synced, the next accumulates by itself.
 //!
 //! The writer is a dedicated OS thread, not an async task that hands each
 //! commit to the blocking pool: a handoff costs two cross-thread wake-ups
@@ -23,7 +25,7 @@
 use super::hub::DeviceHub;
 use crate::metrics::Metrics;
 use crate::store::redb_store::COMPACT_STEP_BYTES;
-use crate::store::{CommitOutcome, NewEnvelope, Store, StoreError};
+use crate::store::{CommitOutcome, NewEnvelope, Store, StoreError, Then};
 use hush_protocol::DeviceId;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -218,10 +220,11 @@ fn run(
     mut rx: mpsc::Receiver<WriterMsg>,
     store: &Arc<dyn Store>,
     hub: &Arc<DeviceHub>,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
     held_back: &AtomicBool,
 ) {
     let mut background = Background::default();
+    let unanswered = Arc::new(Unanswered::default());
     let mut compacting = true;
     // Commit groups since the last checkpoint.
     let mut dirty = false;
@@ -229,7 +232,7 @@ fn run(
     let mut pacer = CompactionPacer::new(Instant::now(), traffic(metrics));
     // Set once a commit failed after its envelopes were pushed early and
     // the store itself does not refuse commits: every later one is refused.
-    let mut halted: Option<String> = None;
+    let mut halted = Halt::default();
     loop {
         let ready = if (compacting || dirty) && !stopping {
             match rx.try_recv() {
@@ -297,15 +300,13 @@ fn run(
                 Err(_) => break,
             }
         }
-        commit_group(
-            group,
-            count,
-            store.as_ref(),
-            hub,
-            metrics,
-            &background.deferred,
-            &mut halted,
-        );
+        let answer = Answer {
+            hub: Arc::clone(hub),
+            metrics: Arc::clone(metrics),
+            deferred: Arc::clone(&background.deferred),
+            unanswered: Arc::clone(&unanswered),
+        };
+        commit_group(group, count, store.as_ref(), answer, &mut halted);
         compacting = true;
         dirty = true;
         if !background.running() && store.checkpoint_due() {
@@ -314,7 +315,94 @@ fn run(
     }
     background.wait();
     checkpoint(store.as_ref());
+    // Groups whose syncs run behind their commits are answered by the
+    // store's sync thread: the writer has ended once they all were.
+    unanswered.wait();
     tracing::debug!("commit writer stopped");
+}
+
+/// Commit groups whose answers are still owed (the store answers them once
+/// their syncs are done, [`Store::commit_then`]).
+#[derive(Default)]
+struct Unanswered {
+    count: std::sync::Mutex<usize>,
+    zero: std::sync::Condvar,
+}
+
+impl Unanswered {
+    fn add(&self) {
+        *self
+            .count
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+    }
+
+    fn done(&self) {
+        let mut n = self
+            .count
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.zero.notify_all();
+        }
+    }
+
+    fn wait(&self) {
+        let mut n = self
+            .count
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *n > 0 {
+            n = self
+                .zero
+                .wait(n)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+}
+
+/// Whether the writer refuses every commit: set once a commit failed after
+/// its envelopes were pushed early while the store itself goes on taking
+/// commits (it broke its promise to refuse them; see
+/// [`Store::commit_early`]).
+#[derive(Default)]
+struct Halt {
+    why: Option<String>,
+    /// Raised by a group's answer: it failed after its early push.
+    failed_early: Arc<AtomicBool>,
+}
+
+/// What answering a commit group needs: it may happen on the store's sync
+/// thread, after the writer has gone on to the next group.
+struct Answer {
+    hub: Arc<DeviceHub>,
+    metrics: Arc<Metrics>,
+    deferred: Arc<Deferred>,
+    unanswered: Arc<Unanswered>,
+}
+
+/// The requests of one commit group, to be answered once. Dropped
+/// unanswered (the store panicked, or dropped the group), each gets an
+/// error rather than silence.
+struct Replies {
+    replies: Vec<(usize, oneshot::Sender<CommitResult>)>,
+    unanswered: Arc<Unanswered>,
+}
+
+impl Replies {
+    fn error(&mut self, msg: &str) {
+        for (_, reply) in self.replies.drain(..) {
+            let _ = reply.send(Err(StoreError::Backend(msg.to_owned())));
+        }
+    }
+}
+
+impl Drop for Replies {
+    fn drop(&mut self) {
+        self.error("the commit ended without an answer");
+        self.unanswered.done();
+    }
 }
 
 /// Inbox heads that commits moved, held back while a checkpoint runs on
@@ -414,22 +502,31 @@ fn commit_group(
     group: Vec<CommitRequest>,
     count: usize,
     store: &dyn Store,
-    hub: &DeviceHub,
-    metrics: &Metrics,
-    deferred: &Deferred,
-    halted: &mut Option<String>,
+    answer: Answer,
+    halted: &mut Halt,
 ) {
-    if let Some(why) = halted.as_ref() {
+    if halted.why.is_none()
+        && halted.failed_early.load(Ordering::Acquire)
+        && store.failure().is_none()
+    {
+        halted.why = Some("a commit failed after its envelopes were pushed early".into());
+    }
+    answer.unanswered.add();
+    let mut replies = Replies {
+        replies: Vec::with_capacity(group.len()),
+        unanswered: Arc::clone(&answer.unanswered),
+    };
+    if let Some(why) = halted.why.as_ref() {
         for r in group {
-            let _ = r.reply.send(Err(StoreError::Backend(why.clone())));
+            replies.replies.push((r.envelopes.len(), r.reply));
         }
+        replies.error(why);
         return;
     }
     let mut batch = Vec::new();
-    let mut replies = Vec::with_capacity(group.len());
     let mut queued = Vec::with_capacity(group.len());
     for mut r in group {
-        replies.push((r.envelopes.len(), r.reply));
+        replies.replies.push((r.envelopes.len(), r.reply));
         queued.push((r.queued_at, r.sends));
         if batch.is_empty() {
             // The first request's vector becomes the batch: no copy.
@@ -439,94 +536,115 @@ fn commit_group(
             batch.append(&mut r.envelopes);
         }
     }
-    let recipients: Vec<DeviceId> = batch.iter().map(|e| e.recipient).collect();
     let started = Instant::now();
-    // A panic in the store must not take the writer (and every later send)
-    // down with it: it becomes this group's error.
+    let hub = Arc::clone(&answer.hub);
+    let metrics = Arc::clone(&answer.metrics);
     // Live recipients that asked for early pushes get the envelopes once
     // they are written, while the store syncs them (docs/PROTOCOL.md §8.5).
-    let mut announced = false;
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let announced = Arc::new(AtomicBool::new(false));
+    let then: Then = {
+        let announced = Arc::clone(&announced);
+        let failed_early = Arc::clone(&halted.failed_early);
+        Box::new(move |batch, result| {
+            if announced.load(Ordering::Acquire) && result.is_err() {
+                failed_early.store(true, Ordering::Release);
+            }
+            answer.finish(batch, result, count, replies, queued);
+        })
+    };
+    // A panic in the store must not take the writer (and every later send)
+    // down with it: the group's requests get an error (`Replies`).
+    let committed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         if hub.any_early() {
-            store.commit_early(&batch, &mut |outcomes: &[CommitOutcome]| {
-                announced = true;
+            let mut tell = |batch: &[NewEnvelope], outcomes: &[CommitOutcome]| {
+                announced.store(true, Ordering::Release);
                 hub.written_early(batch.iter().zip(outcomes).filter_map(|(e, o)| match o {
                     CommitOutcome::Stored { seq } => Some((e.recipient, *seq, e.bytes.as_slice())),
                     _ => None,
                 }));
-            })
+            };
+            store.commit_then(batch, Some(&mut tell), then);
         } else {
-            store.commit(&batch)
+            store.commit_then(batch, None, then);
         }
-    }))
-    .unwrap_or_else(|_| Err(StoreError::Backend("commit panicked".into())));
-    if announced && result.is_err() && store.failure().is_none() {
-        // The store broke its promise to refuse further commits (a panic
-        // part-way, say): the writer refuses them itself.
-        *halted = Some("a commit failed after its envelopes were pushed early".into());
+    }));
+    if committed.is_err() {
+        tracing::error!("group commit of {count} envelopes panicked");
+        if announced.load(Ordering::Acquire) {
+            halted.failed_early.store(true, Ordering::Release);
+        }
     }
-    let done = Instant::now();
     metrics
         .commit_latency_seconds
-        .observe_duration(done.saturating_duration_since(started));
+        .observe_duration(started.elapsed());
     Metrics::add(&metrics.commit_batches_total, 1);
     metrics.commit_batch_size.observe(count as f64);
-    for (at, sends) in queued {
-        let waited = done.saturating_duration_since(at);
-        for _ in 0..sends {
-            metrics.send_durable_seconds.observe_duration(waited);
-        }
-    }
+}
 
-    match result {
-        Ok(outcomes) if outcomes.len() == count => {
-            // Wake the live sessions first: the commit is durable already.
-            let mut heads: HashMap<DeviceId, u64> = HashMap::new();
-            for (device, outcome) in recipients.iter().zip(&outcomes) {
-                if let CommitOutcome::Stored { seq } = outcome {
-                    let head = heads.entry(*device).or_insert(0);
-                    *head = (*head).max(*seq);
-                }
-            }
-            let heads: Vec<(DeviceId, u64)> = heads.into_iter().collect();
-            // While a checkpoint runs, the store may hold these envelopes
-            // in its log alone: their sessions are woken when it is done.
-            let mut held = lock(deferred);
-            match held.as_mut() {
-                Some(later) => later.extend(heads),
-                None => {
-                    drop(held);
-                    // The envelopes go along, so a live recipient's push
-                    // need not read them back from the store.
-                    let fresh = batch
-                        .into_iter()
-                        .zip(&outcomes)
-                        .filter_map(|(e, o)| match o {
-                            CommitOutcome::Stored { seq } => Some((e.recipient, *seq, e.bytes)),
-                            _ => None,
-                        });
-                    hub.committed_fresh(&heads, fresh);
-                }
-            }
-            let mut rest = outcomes.into_iter();
-            for (n, reply) in replies {
-                let mine: Vec<CommitOutcome> = rest.by_ref().take(n).collect();
-                // A connection that went away no longer needs its answer.
-                let _ = reply.send(Ok(mine));
+impl Answer {
+    /// Answer a group once its outcomes are final (durable, or failed):
+    /// wake the live sessions of the inboxes that grew, then the senders.
+    fn finish(
+        self,
+        batch: Vec<NewEnvelope>,
+        result: CommitResult,
+        count: usize,
+        mut replies: Replies,
+        queued: Vec<(Instant, usize)>,
+    ) {
+        let done = Instant::now();
+        for (at, sends) in queued {
+            let waited = done.saturating_duration_since(at);
+            for _ in 0..sends {
+                self.metrics.send_durable_seconds.observe_duration(waited);
             }
         }
-        Ok(outcomes) => {
-            let msg = format!("store returned {} outcomes for {count}", outcomes.len());
-            tracing::error!("{msg}");
-            for (_, reply) in replies {
-                let _ = reply.send(Err(StoreError::Backend(msg.clone())));
+        match result {
+            Ok(outcomes) if outcomes.len() == count => {
+                // Wake the live sessions first: the commit is durable already.
+                let mut heads: HashMap<DeviceId, u64> = HashMap::new();
+                for (env, outcome) in batch.iter().zip(&outcomes) {
+                    if let CommitOutcome::Stored { seq } = outcome {
+                        let head = heads.entry(env.recipient).or_insert(0);
+                        *head = (*head).max(*seq);
+                    }
+                }
+                let heads: Vec<(DeviceId, u64)> = heads.into_iter().collect();
+                // While a checkpoint runs, the store may hold these envelopes
+                // in its log alone: their sessions are woken when it is done.
+                let mut held = lock(&self.deferred);
+                match held.as_mut() {
+                    Some(later) => later.extend(heads),
+                    None => {
+                        drop(held);
+                        // The envelopes go along, so a live recipient's push
+                        // need not read them back from the store.
+                        let fresh = batch
+                            .into_iter()
+                            .zip(&outcomes)
+                            .filter_map(|(e, o)| match o {
+                                CommitOutcome::Stored { seq } => Some((e.recipient, *seq, e.bytes)),
+                                _ => None,
+                            });
+                        self.hub.committed_fresh(&heads, fresh);
+                    }
+                }
+                let mut rest = outcomes.into_iter();
+                for (n, reply) in replies.replies.drain(..) {
+                    let mine: Vec<CommitOutcome> = rest.by_ref().take(n).collect();
+                    // A connection that went away no longer needs its answer.
+                    let _ = reply.send(Ok(mine));
+                }
             }
-        }
-        Err(e) => {
-            let msg = e.to_string();
-            tracing::error!("group commit of {count} envelopes failed: {msg}");
-            for (_, reply) in replies {
-                let _ = reply.send(Err(StoreError::Backend(msg.clone())));
+            Ok(outcomes) => {
+                let msg = format!("store returned {} outcomes for {count}", outcomes.len());
+                tracing::error!("{msg}");
+                replies.error(&msg);
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::error!("group commit of {count} envelopes failed: {msg}");
+                replies.error(&msg);
             }
         }
     }
@@ -674,23 +792,31 @@ mod tests {
         writer.await.expect("writer ends after the stop");
     }
 
-    fn commit_one(store: &dyn Store, hub: &DeviceHub, deferred: &Deferred, env: NewEnvelope) {
-        let (reply, _answer) = oneshot::channel();
+    /// Commit one envelope as the writer does, and wait for its answer.
+    fn commit_one(
+        store: &dyn Store,
+        hub: &Arc<DeviceHub>,
+        deferred: &Arc<Deferred>,
+        env: NewEnvelope,
+    ) {
+        let (reply, answer) = oneshot::channel();
         let request = CommitRequest {
             envelopes: vec![env],
             sends: 1,
             reply,
             queued_at: Instant::now(),
         };
-        commit_group(
-            vec![request],
-            1,
-            store,
-            hub,
-            &Metrics::new(),
-            deferred,
-            &mut None,
-        );
+        let answer_to = Answer {
+            hub: Arc::clone(hub),
+            metrics: Arc::new(Metrics::new()),
+            deferred: Arc::clone(deferred),
+            unanswered: Arc::new(Unanswered::default()),
+        };
+        commit_group(vec![request], 1, store, answer_to, &mut Halt::default());
+        answer
+            .blocking_recv()
+            .expect("answered")
+            .expect("committed");
     }
 
     /// A redb store in a temporary directory, with one registered device.
@@ -747,7 +873,7 @@ mod tests {
         };
         let hub = Arc::new(DeviceHub::default());
         let mut session = hub.claim(recipient, 1);
-        let none: Deferred = std::sync::Mutex::new(None);
+        let none: Arc<Deferred> = Arc::new(std::sync::Mutex::new(None));
         commit_one(store.as_ref(), &hub, &none, valid(1));
         assert_eq!(*session.inbox.borrow_and_update(), 1);
         assert!(hub.early_after(&recipient, 0).is_none(), "nobody asked");
@@ -764,7 +890,7 @@ mod tests {
         let hub = Arc::new(DeviceHub::default());
         let mut session = hub.claim(recipient, 1);
         // While a checkpoint runs, a commit's heads wait.
-        let held: Deferred = std::sync::Mutex::new(Some(Vec::new()));
+        let held: Arc<Deferred> = Arc::new(std::sync::Mutex::new(Some(Vec::new())));
         commit_one(store.as_ref(), &hub, &held, envelope(recipient, 1));
         assert!(!session.inbox.has_changed().expect("hub alive"));
         assert_eq!(lock(&held).as_deref(), Some(&[(recipient, 1)][..]));

@@ -204,9 +204,13 @@ pub struct NewEnvelope {
     pub expires_at_ms: u64,
 }
 
-/// Told a batch's outcomes once its envelopes are written, before they are
-/// durable ([`Store::commit_early`]).
-pub type Written<'a> = &'a mut dyn FnMut(&[CommitOutcome]);
+/// Told a batch (as committed) and its outcomes once its envelopes are
+/// written, before they are durable ([`Store::commit_early`]).
+pub type Written<'a> = &'a mut dyn FnMut(&[NewEnvelope], &[CommitOutcome]);
+
+/// What [`Store::commit_then`] calls once a batch's outcomes are final: the
+/// batch back, and one outcome per envelope (durable) or the error.
+pub type Then = Box<dyn FnOnce(Vec<NewEnvelope>, Result<Vec<CommitOutcome>, StoreError>) + Send>;
 
 /// The fate of one [`NewEnvelope`] in a committed batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -454,6 +458,21 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<CommitOutcome>, StoreError> {
         let _ = written;
         self.commit(batch)
+    }
+
+    /// [`Store::commit_early`] (or, without `written`, [`Store::commit`])
+    /// that answers through `then`, with the batch back and its outcomes,
+    /// once they are durable. A store that syncs behind its commits (the
+    /// redb store) returns as soon as the batch is committed, so the
+    /// caller can commit the next while this one syncs, and calls `then`
+    /// later from another thread; `then`s come in commit order. The
+    /// default commits in line and calls `then` before it returns.
+    fn commit_then(&self, batch: Vec<NewEnvelope>, written: Option<Written<'_>>, then: Then) {
+        let result = match written {
+            Some(w) => self.commit_early(&batch, w),
+            None => self.commit(&batch),
+        };
+        then(batch, result);
     }
 
     /// Read up to `limit` envelopes with seq > `after` from `device`'s inbox,

@@ -16,7 +16,10 @@
 //! transactions on an MVCC snapshot and never wait for the writer. redb
 //! allows one writer at a time, which is why [`Store::commit`] takes a whole
 //! batch: the caller's group commit turns many concurrent sends into one
-//! segment sync and one redb commit. The tables, the segment files and their
+//! segment sync and one redb commit. Through [`Store::commit_then`] that
+//! sync runs behind the commit on a thread of its own, and the batch is
+//! answered once it is done, while the writer commits the next one (the
+//! private `behind` module says what waits for it meanwhile). The tables, the segment files and their
 //! byte layouts are specified in `docs/STORAGE.md` (see also the private
 //! `tables` module).
 
@@ -83,6 +86,11 @@ enum Changed {
 /// The redb-backed store. Cheap to share behind an `Arc`; all methods take
 /// `&self` and are safe to call from many threads.
 pub struct RedbStore {
+    /// The segment syncs of send commits, run behind them on a thread of
+    /// their own ([`behind`]); `None` if that thread could not be started
+    /// (sends then sync in line). First, so that it finishes what is
+    /// queued before anything else is released.
+    behind: Option<behind::Behind>,
     db: Database,
     /// Whether `hush.redb` is written in synced slices (off for large
     /// checkpoints).
@@ -118,6 +126,7 @@ pub struct RedbStore {
 }
 
 mod ahead;
+mod behind;
 mod dedup_runs;
 mod runs;
 
@@ -284,6 +293,9 @@ struct Checkpoint {
     /// When the last durable commit finished.
     at: std::time::Instant,
 }
+
+/// A send commit whose sync runs behind it: its generation and segment.
+type Behind<'a> = (behind::Ticket<'a>, crate::store::segments::LaterSync);
 
 /// Snapshots a pull tries before a missing segment is an error.
 const PULL_ATTEMPTS: usize = 3;
@@ -542,6 +554,7 @@ impl RedbStore {
                 .saturating_add(info.live.saturating_mul(INDEX_BYTES_PER_ENVELOPE))
         });
         let store = RedbStore {
+            behind: behind::Behind::start(),
             db,
             pacing,
             limits,
@@ -655,6 +668,9 @@ impl RedbStore {
                 // deletes the segments waiting for one), or about to be.
                 return Ok(());
             }
+            // Sends decided against the index while it runs (`ahead`) must
+            // not rest on bytes whose sync is still in flight.
+            self.drain_behind()?;
             ahead.checkpointing = true;
         }
         // A large checkpoint (heavy ingest) is written in one go: see
@@ -683,6 +699,19 @@ impl RedbStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         c.dirty && (c.envelopes >= CHECKPOINT_ENVELOPES || c.at.elapsed() >= CHECKPOINT_INTERVAL)
+    }
+
+    /// Wait until what a read transaction begun before this call sees is
+    /// durable: send commits whose syncs run behind them ([`behind`]) are
+    /// visible before that.
+    fn settle(&self) -> Result<(), StoreError> {
+        self.behind.as_ref().map_or(Ok(()), behind::Behind::settle)
+    }
+
+    /// Wait until no sync runs behind a commit (call holding redb's write
+    /// lock, so none starts meanwhile).
+    fn drain_behind(&self) -> Result<(), StoreError> {
+        self.behind.as_ref().map_or(Ok(()), behind::Behind::drain)
     }
 
     /// The durability of the next envelope commit: none (its batch is
@@ -1069,6 +1098,15 @@ impl RedbStore {
                 return Err(e);
             }
         };
+        // A durable commit persists every commit before it: their
+        // batches' syncs, run behind them, must be done first.
+        if durable
+            && changed == Changed::Yes
+            && let Err(e) = self.drain_behind()
+        {
+            self.segments.defer(earlier);
+            return Err(e);
+        }
         let done = match changed {
             Changed::Yes => txn.commit().map_err(|e| {
                 if let redb::CommitError::Storage(s) = &e {
@@ -1122,8 +1160,25 @@ impl RedbStore {
         replay: Option<Replay>,
         written: Option<super::Written<'_>>,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
+        self.commit_batch_behind(batch, replay, written, false)
+            .map(|(outcomes, _)| outcomes)
+    }
+
+    /// [`RedbStore::commit_batch`]; with `behind`, a fresh batch committed
+    /// without a sync of the index is not synced here either: it comes
+    /// back with the generation its commit got and its segment, for
+    /// [`behind`] to sync, and its outcomes hold only once that is done.
+    /// (A batch that cannot go that way, such as one during a checkpoint,
+    /// is synced here and comes back with `None`.)
+    fn commit_batch_behind(
+        &self,
+        batch: &[NewEnvelope],
+        replay: Option<Replay>,
+        written: Option<super::Written<'_>>,
+        behind: bool,
+    ) -> Result<(Vec<CommitOutcome>, Option<Behind<'_>>), StoreError> {
         if batch.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
         let replaying = replay.is_some();
         let limits = if replaying {
@@ -1144,7 +1199,7 @@ impl RedbStore {
         } else {
             let mut ahead = self.ahead();
             if ahead.checkpointing {
-                return self.commit_ahead(&mut ahead, batch);
+                return self.commit_ahead(&mut ahead, batch).map(|o| (o, None));
             }
             Some(ahead)
         };
@@ -1174,6 +1229,12 @@ impl RedbStore {
         } else {
             self.envelope_durability()
         };
+        // The sync runs behind the commit, or here.
+        let pipe = self
+            .behind
+            .as_ref()
+            .filter(|_| behind && !replaying && matches!(durability, Durability::None));
+        let mut ticket = None;
         let outcomes = self.write_with(durability, |txn, freed| {
             let mut append = match replay {
                 Some(r) => self
@@ -1181,6 +1242,12 @@ impl RedbStore {
                     .begin_replay(r.id, r.records, r.span, r.rolled_from)?,
                 None => self.segments.begin_append(upper, FORMAT_VERSION)?,
             };
+            if append.rolled_from.is_some() && !replaying {
+                // A whole batch in this new segment behind a torn one in
+                // the last (a crash before its sync) could not be
+                // replayed: the last one's syncs finish first.
+                self.drain_behind()?;
+            }
             let devices = txn.open_table(DEVICES)?;
             let mut inbox = txn.open_table(INBOX)?;
             let mut dedup = dedup_runs::Tables::open(txn)?;
@@ -1317,7 +1384,19 @@ impl RedbStore {
             append.write()?;
             if let Some(tell) = announce.take() {
                 announced = true;
-                tell(&outcomes);
+                tell(batch, &outcomes);
+            }
+            if let Some(pipe) = pipe {
+                // Visible once committed, durable once `pipe` synced it:
+                // reads wait for its generation meanwhile (`behind`).
+                ticket = Some(pipe.issue()?);
+                written = Some(append);
+                for (device, (first, entries)) in &rows {
+                    runs::insert(&mut inbox, device, *first, entries)?;
+                }
+                states.flush(&mut queue)?;
+                created.write(&mut dedup)?;
+                return Ok((outcomes, Changed::Yes));
             }
             let (synced, indexed) = beside_sync(&append, created.len(), || {
                 for (device, (first, entries)) in &rows {
@@ -1346,7 +1425,11 @@ impl RedbStore {
                 return Err(e);
             }
         };
+        let mut queued = None;
         if let Some(append) = written {
+            if let Some(t) = ticket.take() {
+                queued = Some((t, append.sync_later()));
+            }
             self.segments.finish_append(append);
             self.stored.fetch_add(added, Ordering::AcqRel);
             if matches!(durability, Durability::None) {
@@ -1370,7 +1453,7 @@ impl RedbStore {
                 "envelope log (a replayed envelope was not stored again)",
             ));
         }
-        Ok(outcomes)
+        Ok((outcomes, queued))
     }
 
     /// One attempt at [`Store::pull`]; `None` if a segment the snapshot
@@ -1384,6 +1467,8 @@ impl RedbStore {
         max_bytes: usize,
     ) -> Result<Option<InboxPage>, StoreError> {
         let txn = self.db.begin_read()?;
+        // Nothing a device is handed may be taken back by a crash.
+        self.settle()?;
         let meta = txn.open_table(INBOX_META)?;
         let inbox = txn.open_table(INBOX)?;
         let state = load_state(&meta, device)?;
@@ -1747,6 +1832,38 @@ impl Store for RedbStore {
         self.commit_batch(batch, None, Some(written))
     }
 
+    fn commit_then(
+        &self,
+        batch: Vec<NewEnvelope>,
+        written: Option<super::Written<'_>>,
+        then: super::Then,
+    ) {
+        let Some(pipe) = self.behind.as_ref() else {
+            let result = match written {
+                Some(w) => self.commit_early(&batch, w),
+                None => self.commit(&batch),
+            };
+            return then(batch, result);
+        };
+        pipe.wait_room();
+        let (result, queued) = match self.commit_batch_behind(&batch, None, written, true) {
+            Ok((outcomes, queued)) => (Ok(outcomes), queued),
+            Err(e) => (Err(e), None),
+        };
+        match queued {
+            Some((ticket, sync)) => ticket.queue(
+                Some(sync),
+                Box::new(move |synced| then(batch, synced.and(result))),
+            ),
+            // Synced in line (or failed): answered in turn all the same,
+            // after the commits still syncing before it.
+            None => match pipe.issue() {
+                Ok(ticket) => ticket.queue(None, Box::new(move |_| then(batch, result))),
+                Err(_) => then(batch, result),
+            },
+        }
+    }
+
     fn pull(
         &self,
         device: &DeviceId,
@@ -1810,6 +1927,7 @@ impl Store for RedbStore {
     fn inbox_state(&self, device: &DeviceId) -> Result<InboxState, StoreError> {
         self.wait_indexed(device);
         let txn = self.db.begin_read()?;
+        self.settle()?;
         let meta = txn.open_table(INBOX_META)?;
         load_state(&meta, device)
     }
@@ -2205,6 +2323,7 @@ impl Store for RedbStore {
         // The sum of the inbox counters, one small row per inbox (the
         // `inbox` table's own entry count is of runs, not envelopes).
         let txn = self.db.begin_read()?;
+        self.settle()?;
         let meta = txn.open_table(INBOX_META)?;
         let mut depth = 0u64;
         for item in meta.range::<&[u8; 16]>(..)? {
@@ -2299,7 +2418,7 @@ fn remove_in(
 mod tests {
     use super::*;
 
-    fn registration(n: u8) -> DeviceRegistration {
+    pub(super) fn registration(n: u8) -> DeviceRegistration {
         DeviceRegistration {
             device: DeviceId([n; 16]),
             user: UserKey([n; 32]),
@@ -2771,7 +2890,7 @@ mod tests {
         let mut heard = Vec::new();
         let mut rows_then = None;
         let out = store
-            .commit_early(&[envelope(d, 1, 100), envelope(d, 2, 100)], &mut |o| {
+            .commit_early(&[envelope(d, 1, 100), envelope(d, 2, 100)], &mut |_, o| {
                 heard = o.to_vec();
                 rows_then = Some(inbox_rows(&store));
             })
@@ -2789,7 +2908,7 @@ mod tests {
         assert_eq!(bodies(&store, &d).len(), 2);
         let mut called = false;
         let again = store
-            .commit_early(&[envelope(d, 1, 100)], &mut |_| called = true)
+            .commit_early(&[envelope(d, 1, 100)], &mut |_, _| called = true)
             .unwrap();
         assert_eq!(again, vec![CommitOutcome::Duplicate { seq: 1 }]);
         assert!(!called, "a repeat writes nothing and announces nothing");

@@ -514,14 +514,16 @@ impl Append {
         if self.replay.is_some() {
             return Ok(());
         }
-        let done = self
-            .file
-            .sync_data()
-            .map_err(|e| io("syncing envelope segment", e));
-        if done.is_err() {
-            self.poison();
+        self.sync_later().sync()
+    }
+
+    /// What [`Append::sync`] needs, to sync the batch after its index
+    /// commit on another thread (`redb_store::behind`).
+    pub(crate) fn sync_later(&self) -> LaterSync {
+        LaterSync {
+            file: Arc::clone(&self.file),
+            poisoned: Arc::clone(&self.poisoned),
         }
-        done
     }
 
     /// After a failed write or fdatasync the kernel may have dropped the
@@ -549,6 +551,67 @@ impl Append {
             self.poison();
         }
     }
+}
+
+/// A written batch's segment file, to be made durable later
+/// ([`Append::sync_later`]).
+#[derive(Debug, Clone)]
+pub(crate) struct LaterSync {
+    file: Arc<File>,
+    poisoned: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LaterSync {
+    /// Whether `other` syncs the same file (one `fdatasync` serves both).
+    pub(crate) fn same_file(&self, other: &LaterSync) -> bool {
+        Arc::ptr_eq(&self.file, &other.file)
+    }
+
+    /// `fdatasync` the file: everything written to it before this call is
+    /// durable when it returns `Ok`. A failure poisons the log, as
+    /// [`Append::sync`]'s does.
+    pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        let done = self
+            .file
+            .sync_data()
+            .map_err(|e| io("syncing envelope segment", e));
+        if done.is_err() {
+            mark_failed(&self.poisoned, "a segment write or sync failed");
+        }
+        done
+    }
+}
+
+/// A [`LaterSync`] of a new file at `path` (for tests of the sync thread).
+#[cfg(test)]
+pub(crate) fn later_sync_for_test(path: &Path) -> LaterSync {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("test file");
+    LaterSync {
+        file: Arc::new(file),
+        poisoned: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    }
+}
+
+/// A [`LaterSync`] whose sync fails (a pipe cannot be synced), and the
+/// poison flag it raises (for tests of the sync thread).
+#[cfg(test)]
+pub(crate) fn failing_sync_for_test(
+    _dir: &Path,
+) -> (LaterSync, Arc<std::sync::atomic::AtomicBool>) {
+    let (reader, _writer) = std::io::pipe().expect("pipe");
+    let fd: std::os::fd::OwnedFd = reader.into();
+    let poisoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    (
+        LaterSync {
+            file: Arc::new(File::from(fd)),
+            poisoned: Arc::clone(&poisoned),
+        },
+        poisoned,
+    )
 }
 
 /// Set the log's failed flag; the first time, say so in the relay's log
