@@ -44,8 +44,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 pub(crate) type Job = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
 /// Generations issued and not yet durable, at most, before a commit waits
-/// for the syncs to catch up: bounds the envelopes held for answers.
-pub const MAX_BEHIND: u64 = 64;
+/// for the syncs to catch up. One sync covers every generation queued when
+/// it starts, so a few in flight are enough to keep the writer busy; the
+/// bound keeps what waits for answers small (each group holds up to the
+/// writer's 4,096 envelopes) when the disk stalls.
+pub const MAX_BEHIND: u64 = 8;
 
 struct Entry {
     /// The segment to sync; `None` for a generation whose commit failed
@@ -593,6 +596,32 @@ mod tests {
                 (2, vec![CommitOutcome::Stored { seq: 2 }]),
             ]
         );
+    }
+
+    /// A disk that stalls holds at most [`MAX_BEHIND`] groups waiting for
+    /// answers: the next commit waits for room.
+    #[test]
+    fn commits_wait_once_max_behind_are_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path(), crate::store::segments::DEFAULT_SEGMENT_BYTES);
+        pipe(&store).hold(true);
+        let sender = {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                let answers: Vec<_> = (0..=MAX_BEHIND)
+                    .map(|n| send(&store, vec![envelope(n as u32, 10)]))
+                    .collect();
+                answers
+                    .into_iter()
+                    .filter(|a| a.recv().unwrap().is_ok())
+                    .count()
+            })
+        };
+        std::thread::sleep(BLOCKED);
+        assert!(!sender.is_finished());
+        assert_eq!(pipe(&store).in_flight(), MAX_BEHIND);
+        pipe(&store).hold(false);
+        assert_eq!(sender.join().unwrap(), MAX_BEHIND as usize + 1);
     }
 
     #[test]
