@@ -294,8 +294,8 @@ struct Checkpoint {
     at: std::time::Instant,
 }
 
-/// A send commit whose sync runs behind it: its generation and segment.
-type Behind<'a> = (behind::Ticket<'a>, crate::store::segments::LaterSync);
+/// A send commit whose sync runs behind it: its generation.
+type Behind<'a> = behind::Ticket<'a>;
 
 /// Snapshots a pull tries before a missing segment is an error.
 const PULL_ATTEMPTS: usize = 3;
@@ -1165,9 +1165,10 @@ impl RedbStore {
     }
 
     /// [`RedbStore::commit_batch`]; with `behind`, a fresh batch committed
-    /// without a sync of the index is not synced here either: it comes
-    /// back with the generation its commit got and its segment, for
-    /// [`behind`] to sync, and its outcomes hold only once that is done.
+    /// without a sync of the index is not synced here either: [`behind`]
+    /// syncs it from the moment it is written, it comes back with the
+    /// generation its commit got, and its outcomes hold only once the sync
+    /// is done.
     /// (A batch that cannot go that way, such as one during a checkpoint,
     /// is synced here and comes back with `None`.)
     fn commit_batch_behind(
@@ -1389,7 +1390,11 @@ impl RedbStore {
             if let Some(pipe) = pipe {
                 // Visible once committed, durable once `pipe` synced it:
                 // reads wait for its generation meanwhile (`behind`).
-                ticket = Some(pipe.issue()?);
+                let mut t = pipe.issue()?;
+                // The sync starts now, while the rows are inserted; the
+                // answer waits for the commit as well.
+                t.sync_now(append.sync_later());
+                ticket = Some(t);
                 written = Some(append);
                 for (device, (first, entries)) in &rows {
                     runs::insert(&mut inbox, device, *first, entries)?;
@@ -1427,9 +1432,7 @@ impl RedbStore {
         };
         let mut queued = None;
         if let Some(append) = written {
-            if let Some(t) = ticket.take() {
-                queued = Some((t, append.sync_later()));
-            }
+            queued = ticket.take();
             self.segments.finish_append(append);
             self.stored.fetch_add(added, Ordering::AcqRel);
             if matches!(durability, Durability::None) {
@@ -1851,8 +1854,8 @@ impl Store for RedbStore {
             Err(e) => (Err(e), None),
         };
         match queued {
-            Some((ticket, sync)) => ticket.queue(
-                Some(sync),
+            Some(ticket) => ticket.queue(
+                None,
                 Box::new(move |synced| then(batch, synced.and(result))),
             ),
             // Synced in line (or failed): answered in turn all the same,

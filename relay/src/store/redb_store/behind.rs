@@ -6,11 +6,12 @@
 //! are durable: after an `fdatasync` of the segment. Done in line, the
 //! commit writer sat idle through every one of those syncs, and under heavy
 //! ingest they were most of each group commit (`BENCHMARKS.md`). Here the
-//! writer hands the sync to a standing thread and goes on with the next
+//! writer hands the sync to a standing thread as soon as the batch is
+//! written, indexes and commits it meanwhile, and goes on with the next
 //! group at once; the thread takes every sync queued meanwhile and issues
 //! one `fdatasync` per file for all of them (each was queued after its
-//! batch was written, so one sync covers them all), then answers them in
-//! commit order.
+//! batch was written, so one sync covers them all), and answers each group,
+//! in commit order, once both its sync and its commit are done.
 //!
 //! Each such commit gets a generation before its index rows become
 //! visible, and the thread marks generations durable in order. What was
@@ -43,43 +44,49 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 /// commit failed (`Err`): the answers to its senders.
 pub(crate) type Job = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
-/// Generations issued and not yet durable, at most, before a commit waits
+/// Generations issued and not yet answered, at most, before a commit waits
 /// for the syncs to catch up. One sync covers every generation queued when
 /// it starts, so a few in flight are enough to keep the writer busy; the
 /// bound keeps what waits for answers small (each group holds up to the
 /// writer's 4,096 envelopes) when the disk stalls.
 pub const MAX_BEHIND: u64 = 8;
 
-struct Entry {
-    /// The segment to sync; `None` for a generation whose commit failed
-    /// (nothing to sync, but it must still pass in order).
-    sync: Option<LaterSync>,
-    job: Job,
-}
-
 #[derive(Default)]
 struct State {
     /// The last generation handed out.
     issued: u64,
-    /// Every generation up to this one is done (synced, or failed).
+    /// Every generation up to this one is durable (synced, or had nothing
+    /// to sync): what reads and durable commits wait for.
     durable: u64,
-    /// Generations whose commits are done, waiting for their sync.
-    queued: BTreeMap<u64, Entry>,
-    /// A sync failed: nothing after it is durable.
-    failed: bool,
-    /// The store is closing: the thread ends once the queue is empty.
+    /// Every generation up to this one was answered.
+    answered: u64,
+    /// Generations whose batches were written, with the segment to sync
+    /// (`None`: nothing to sync, as for a commit that failed first).
+    syncs: BTreeMap<u64, Option<LaterSync>>,
+    /// Generations whose commits are done, with their answers.
+    jobs: BTreeMap<u64, Job>,
+    /// The first generation whose sync failed: it and every one after it
+    /// fail.
+    failed_from: Option<u64>,
+    /// The store is closing: the thread ends once nothing more can move.
     closing: bool,
     /// Tests hold the syncs back, to act while commits are in flight.
     #[cfg(test)]
     held: bool,
 }
 
+impl State {
+    fn failed(&self) -> bool {
+        self.failed_from.is_some()
+    }
+}
+
 #[derive(Default)]
 struct Shared {
     state: Mutex<State>,
-    /// Wakes the sync thread: a generation was queued, or closing.
+    /// Wakes the sync thread: a sync or an answer was queued, or closing.
     work: Condvar,
-    /// Wakes waiters: `durable` moved.
+    /// Wakes waiters: `durable` or `answered` moved.
     settled: Condvar,
 }
 
@@ -101,7 +108,8 @@ impl std::fmt::Debug for Behind {
         f.debug_struct("Behind")
             .field("issued", &st.issued)
             .field("durable", &st.durable)
-            .field("failed", &st.failed)
+            .field("answered", &st.answered)
+            .field("failed", &st.failed())
             .finish_non_exhaustive()
     }
 }
@@ -111,14 +119,27 @@ impl std::fmt::Debug for Behind {
 pub(crate) struct Ticket<'a> {
     behind: &'a Behind,
     generation: Option<u64>,
+    /// Its sync was queued ([`Ticket::sync_now`]).
+    syncing: bool,
 }
 
 impl Ticket<'_> {
-    /// The commit is done: sync `sync` (if any), then run `job`, after the
-    /// jobs of every earlier generation.
+    /// The batch is written: its sync may start now, while the commit
+    /// indexes it. Its answer still waits for [`Ticket::queue`].
+    pub(crate) fn sync_now(&mut self, sync: LaterSync) {
+        if let (Some(g), false) = (self.generation, self.syncing) {
+            self.syncing = true;
+            self.behind.push(g, Some(Some(sync)), None);
+        }
+    }
+
+    /// The commit is done: sync `sync` (if any, and unless
+    /// [`Ticket::sync_now`] did), then run `job`, after the jobs of every
+    /// earlier generation.
     pub(crate) fn queue(mut self, sync: Option<LaterSync>, job: Job) {
         if let Some(g) = self.generation.take() {
-            self.behind.push(g, sync, job);
+            let sync = (!self.syncing).then_some(sync);
+            self.behind.push(g, sync, Some(job));
         }
     }
 }
@@ -126,7 +147,8 @@ impl Ticket<'_> {
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         if let Some(g) = self.generation.take() {
-            self.behind.push(g, None, Box::new(|_| {}));
+            let sync = (!self.syncing).then_some(None);
+            self.behind.push(g, sync, Some(Box::new(|_| {})));
         }
     }
 }
@@ -153,27 +175,33 @@ impl Behind {
     /// a read whose snapshot holds the commit then sees the generation.
     pub(crate) fn issue(&self) -> Result<Ticket<'_>, StoreError> {
         let mut st = self.shared.lock();
-        if st.failed {
+        if st.failed() {
             return Err(failed());
         }
         st.issued += 1;
         Ok(Ticket {
             behind: self,
             generation: Some(st.issued),
+            syncing: false,
         })
     }
 
-    fn push(&self, generation: u64, sync: Option<LaterSync>, job: Job) {
+    fn push(&self, generation: u64, sync: Option<Option<LaterSync>>, job: Option<Job>) {
         let mut st = self.shared.lock();
-        st.queued.insert(generation, Entry { sync, job });
+        if let Some(sync) = sync {
+            st.syncs.insert(generation, sync);
+        }
+        if let Some(job) = job {
+            st.jobs.insert(generation, job);
+        }
         drop(st);
         self.shared.work.notify_one();
     }
 
-    /// Wait until fewer than [`MAX_BEHIND`] generations are in flight.
+    /// Wait until fewer than [`MAX_BEHIND`] generations are unanswered.
     pub(crate) fn wait_room(&self) {
         let mut st = self.shared.lock();
-        while st.issued.saturating_sub(st.durable) >= MAX_BEHIND && !st.failed {
+        while st.issued.saturating_sub(st.answered) >= MAX_BEHIND && !st.failed() {
             st = self
                 .shared
                 .settled
@@ -187,14 +215,14 @@ impl Behind {
     pub(crate) fn settle(&self) -> Result<(), StoreError> {
         let mut st = self.shared.lock();
         let target = st.issued;
-        while st.durable < target && !st.failed {
+        while st.durable < target && !st.failed() {
             st = self
                 .shared
                 .settled
                 .wait(st)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        if st.failed { Err(failed()) } else { Ok(()) }
+        if st.failed() { Err(failed()) } else { Ok(()) }
     }
 
     /// [`Behind::settle`] for a durable commit: called holding redb's
@@ -211,11 +239,11 @@ impl Behind {
         self.shared.work.notify_one();
     }
 
-    /// Generations issued and not yet durable (for tests and metrics).
+    /// Generations issued and not yet answered (tests).
     #[cfg(test)]
     pub(crate) fn in_flight(&self) -> u64 {
         let st = self.shared.lock();
-        st.issued.saturating_sub(st.durable)
+        st.issued.saturating_sub(st.answered)
     }
 }
 
@@ -244,8 +272,25 @@ fn failed() -> StoreError {
     )
 }
 
-/// The sync thread: take the run of generations that come next, sync each
-/// file they wrote once, mark them durable, answer them in order.
+/// Sync each file in `syncs` once; whether all succeeded.
+fn sync_files(syncs: &[Option<LaterSync>]) -> bool {
+    let mut done: Vec<&LaterSync> = Vec::new();
+    for s in syncs.iter().flatten() {
+        if done.iter().any(|d| d.same_file(s)) {
+            continue;
+        }
+        if s.sync().is_err() {
+            return false;
+        }
+        done.push(s);
+    }
+    true
+}
+
+/// The sync thread. Two steps, as long as either can move: take the run
+/// of written generations that come next and sync each file they wrote
+/// once (they are durable then); answer, in order, the durable
+/// generations whose commits are done.
 fn run(shared: &Shared) {
     let mut st = shared.lock();
     loop {
@@ -254,63 +299,69 @@ fn run(shared: &Shared) {
             st = shared.work.wait(st).unwrap_or_else(PoisonError::into_inner);
             continue;
         }
-        let mut batch = Vec::new();
+        let mut syncs = Vec::new();
         let mut next = st.durable;
-        while let Some(entry) = st.queued.remove(&(next + 1)) {
-            batch.push(entry);
+        while let Some(sync) = st.syncs.remove(&(next + 1)) {
+            syncs.push(sync);
             next += 1;
         }
-        if batch.is_empty() {
+        if !syncs.is_empty() {
+            let first = st.durable + 1;
+            let already_failed = st.failed();
+            drop(st);
+            let ok = !already_failed && sync_files(&syncs);
+            st = shared.lock();
+            st.durable = next;
+            if !ok && st.failed_from.is_none() {
+                st.failed_from = Some(first);
+            }
+            shared.settled.notify_all();
+        }
+        let mut jobs = Vec::new();
+        while st.answered < st.durable {
+            let turn = st.answered + 1;
+            match st.jobs.remove(&turn) {
+                Some(job) => {
+                    st.answered += 1;
+                    jobs.push((st.answered, job));
+                }
+                None => break,
+            }
+        }
+        if !jobs.is_empty() {
+            let failed_from = st.failed_from;
+            drop(st);
+            shared.settled.notify_all();
+            for (generation, job) in jobs {
+                let result = match failed_from {
+                    Some(f) if generation >= f => Err(failed()),
+                    _ => Ok(()),
+                };
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || job(result)))
+                    .is_err()
+                {
+                    tracing::error!("answering a synced commit panicked");
+                }
+            }
+            st = shared.lock();
+            continue;
+        }
+        if syncs.is_empty() {
             if st.closing {
                 break;
             }
             st = shared.work.wait(st).unwrap_or_else(PoisonError::into_inner);
-            continue;
         }
-        let already_failed = st.failed;
-        drop(st);
-        let mut outcome = if already_failed { Err(()) } else { Ok(()) };
-        if outcome.is_ok() {
-            let mut synced: Vec<&LaterSync> = Vec::new();
-            for s in batch.iter().filter_map(|e| e.sync.as_ref()) {
-                if synced.iter().any(|d| d.same_file(s)) {
-                    continue;
-                }
-                if s.sync().is_err() {
-                    outcome = Err(());
-                    break;
-                }
-                synced.push(s);
-            }
-        }
-        st = shared.lock();
-        st.durable = next;
-        if outcome.is_err() {
-            st.failed = true;
-        }
-        drop(st);
-        shared.settled.notify_all();
-        for entry in batch {
-            let result = match outcome {
-                Ok(()) => Ok(()),
-                Err(()) => Err(failed()),
-            };
-            let job = entry.job;
-            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || job(result))).is_err()
-            {
-                tracing::error!("answering a synced commit panicked");
-            }
-        }
-        st = shared.lock();
     }
-    // Closing with generations whose turn never came (their predecessor
-    // was never queued): they are not known durable.
-    let left = std::mem::take(&mut st.queued);
-    st.failed = true;
+    // Closing with generations whose turn never came (one before them was
+    // never queued): they are not known durable.
+    let left = std::mem::take(&mut st.jobs);
+    st.syncs.clear();
+    let after = st.durable + 1;
+    st.failed_from.get_or_insert(after);
     drop(st);
     shared.settled.notify_all();
-    for (_, entry) in left {
-        let job = entry.job;
+    for (_, job) in left {
         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
             job(Err(StoreError::Backend(
                 "the store closed before this commit was synced".into(),
