@@ -173,12 +173,14 @@ pub struct Metrics {
     pub commit_batches_total: AtomicU64,
     /// Envelopes per group-commit transaction.
     pub commit_batch_size: Histogram,
-    /// Wall time of one group-commit transaction (durable).
+    /// The commit writer's time in one group commit. With the redb store
+    /// the group's segment sync runs behind it and is not included (see
+    /// `send_durable_seconds`).
     pub commit_latency_seconds: Histogram,
     /// Time from a `Send` being queued for the commit writer to its durable
     /// outcome: the wait behind the commit in progress plus its own group's
-    /// commit. The relay's share of a sender's ack latency; the rest is the
-    /// network and the two ends' QUIC stacks.
+    /// commit and sync. The relay's share of a sender's ack latency; the
+    /// rest is the network and the two ends' QUIC stacks.
     pub send_durable_seconds: Histogram,
     /// Wall time of serving one `Pull`.
     pub pull_latency_seconds: Histogram,
@@ -396,7 +398,7 @@ impl Metrics {
         self.commit_latency_seconds.render(
             &mut out,
             "hush_commit_latency_seconds",
-            "Duration of one durable group-commit transaction.",
+            "Commit writer time of one group commit (the redb store syncs behind it).",
         );
         self.send_durable_seconds.render(
             &mut out,
